@@ -1,0 +1,328 @@
+"""Load and save checkpoints in the released HF format (config.json, generation_config.json, safetensors shards).
+
+Tensors are read through a memory map of each safetensors file. When the file's dtype is the compute dtype, the
+parameter *is* the mapped memory (copy-on-write, nothing copied); otherwise each tensor is converted and its
+mapped pages are dropped at once, so peak memory stays near the size of the converted weights.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import shutil
+import struct
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from .config import ConfigError, GenerationConfig, ModelConfig, read_json
+from .model import DiffusionGemma
+
+DECODER = "model.decoder."
+ENCODER_TEXT = "model.encoder.language_model."
+VISION_PREFIXES = ("model.encoder.vision_tower.", "model.encoder.embed_vision.")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "chat_template.json", "tokenizer.model")
+
+_DTYPES = {
+    "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint dgemma cannot load. The message is one line naming the file and, where it applies, the tensor."""
+
+
+@dataclass
+class TensorRef:
+    file: Path
+    dtype: str
+    shape: list[int]
+    begin: int  # absolute byte offset in the file
+    end: int
+
+
+@dataclass
+class SafetensorsFile:
+    """One safetensors file: its parsed header and a lazily created read-only-ish (copy-on-write) map."""
+
+    path: Path
+    tensors: dict[str, TensorRef]
+    metadata: dict = field(default_factory=dict)
+    _mm: mmap.mmap | None = None
+
+    @classmethod
+    def open(cls, path: Path) -> SafetensorsFile:
+        if not path.is_file():
+            raise CheckpointError(f"{path}: file not found")
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{path}: not a safetensors file (too short)")
+            (n,) = struct.unpack("<Q", head)
+            if n > min(size - 8, 100 * 2**20):
+                raise CheckpointError(f"{path}: not a safetensors file (bad header length)")
+            try:
+                header = json.loads(f.read(n))
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                raise CheckpointError(f"{path}: not a safetensors file (header is not JSON)") from None
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{path}: not a safetensors file (header is not an object)")
+        metadata = header.pop("__metadata__", {}) or {}
+        tensors = {}
+        data_start = 8 + n
+        for name, info in header.items():
+            try:
+                dtype, shape, (b, e) = info["dtype"], list(info["shape"]), info["data_offsets"]
+            except (KeyError, TypeError, ValueError):
+                raise CheckpointError(f"{path}: tensor {name}: malformed header entry") from None
+            if dtype not in _DTYPES:
+                raise CheckpointError(f"{path}: tensor {name}: unsupported dtype {dtype}")
+            numel = 1
+            for d in shape:
+                numel *= d
+            if e - b != numel * _DTYPES[dtype].itemsize or b < 0:
+                raise CheckpointError(f"{path}: tensor {name}: byte range does not match shape {shape} {dtype}")
+            if data_start + e > size:
+                raise CheckpointError(f"{path}: tensor {name}: file is truncated (needs {data_start + e} bytes, "
+                                      f"has {size})")
+            tensors[name] = TensorRef(path, dtype, shape, data_start + b, data_start + e)
+        return cls(path, tensors, metadata)
+
+    def _map(self) -> mmap.mmap:
+        if self._mm is None:
+            with open(self.path, "rb") as f:
+                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        return self._mm
+
+    def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The tensor `name`, zero-copy when no conversion is needed."""
+        ref = self.tensors[name]
+        src_dtype = _DTYPES[ref.dtype]
+        mm = self._map()
+        count = (ref.end - ref.begin) // src_dtype.itemsize
+        if count == 0:
+            return torch.empty(ref.shape, dtype=dtype or src_dtype)
+        view = torch.frombuffer(mm, dtype=src_dtype, count=count, offset=ref.begin).view(ref.shape)
+        if dtype is None or dtype == src_dtype:
+            return view
+        out = view.to(dtype)
+        _drop_pages(mm, ref.begin, ref.end)
+        return out
+
+    def raw(self, name: str) -> torch.Tensor:
+        return self.get(name).clone()
+
+
+def _drop_pages(mm: mmap.mmap, begin: int, end: int) -> None:
+    """Release mapped pages we have converted and no longer need (keeps peak RSS near the converted size)."""
+    page = mmap.PAGESIZE
+    start = (begin + page - 1) // page * page
+    stop = end // page * page
+    if stop > start and hasattr(mm, "madvise"):
+        mm.madvise(mmap.MADV_DONTNEED, start, stop - start)
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: the model, its configs, and the source directory (tokenizer files live there)."""
+
+    model: DiffusionGemma
+    config: ModelConfig
+    generation: GenerationConfig
+    path: Path
+    passthrough: dict[str, tuple[SafetensorsFile, str]] = field(default_factory=dict)  # vision tensors kept as-is
+    vision_config: dict | None = None
+
+
+def _index_files(path: Path) -> dict[str, SafetensorsFile]:
+    """name -> file, for a single file or a sharded checkpoint."""
+    index_path = path / "model.safetensors.index.json"
+    single = path / "model.safetensors"
+    if index_path.is_file():
+        try:
+            index = read_json(index_path)
+        except ConfigError as e:
+            raise CheckpointError(str(e)) from None
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{index_path}: missing or empty weight_map")
+        files: dict[str, SafetensorsFile] = {}
+        out = {}
+        for name, fname in weight_map.items():
+            shard = path / str(fname)
+            if shard.name != fname or fname.startswith("."):
+                raise CheckpointError(f"{index_path}: shard name {fname!r} must be a plain file name")
+            if fname not in files:
+                files[fname] = SafetensorsFile.open(shard)
+            if name not in files[fname].tensors:
+                raise CheckpointError(f"{shard}: tensor {name} is listed in the index but missing from the shard")
+            out[name] = files[fname]
+        return out
+    if single.is_file():
+        f = SafetensorsFile.open(single)
+        return {name: f for name in f.tensors}
+    raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
+
+
+def _our_name(hf_name: str) -> str | None:
+    """Map a transformers tensor name to dgemma's parameter name; None for names we do not use."""
+    if hf_name.startswith(DECODER):
+        return hf_name[len(DECODER):]
+    if hf_name.startswith(ENCODER_TEXT):
+        rest = hf_name[len(ENCODER_TEXT):]
+        if rest.endswith(".layer_scalar"):
+            return rest[: -len("layer_scalar")] + "encoder_layer_scalar"
+        return "encoder:" + rest  # tied copy of a decoder weight; used only if the decoder copy is absent
+    return None
+
+
+def default_dtype(device: torch.device | str) -> torch.dtype:
+    # bf16 matmul is ~250x slower than fp32 on CPUs without AVX512-BF16, so the CPU computes in fp32.
+    return torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
+
+
+def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+         quiet: bool = False) -> Checkpoint:
+    """Load a checkpoint directory. Raises CheckpointError / ConfigError with a one-line message."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a directory")
+    dtype = dtype or default_dtype(device)
+    raw_config = read_json(path / "config.json")
+    config = ModelConfig.from_hf(raw_config, str(path / "config.json"))
+    gen_path = path / "generation_config.json"
+    gen_raw = read_json(gen_path) if gen_path.is_file() else {}
+    generation = GenerationConfig.from_hf(gen_raw, config.text, str(gen_path))
+
+    files = _index_files(path)
+    with torch.device("meta"):
+        model = DiffusionGemma(config.text, config.canvas_length)
+    expected = {k: v for k, v in model.state_dict().items()}
+    state: dict[str, torch.Tensor] = {}
+    tied: dict[str, str] = {}
+    passthrough: dict[str, tuple[SafetensorsFile, str]] = {}
+    ignored: list[str] = []
+    for hf_name, f in files.items():
+        if hf_name.startswith(VISION_PREFIXES):
+            passthrough[hf_name] = (f, hf_name)
+            continue
+        ours = _our_name(hf_name)
+        if ours is None:
+            if hf_name != "lm_head.weight":  # tied to the embeddings
+                ignored.append(hf_name)
+            continue
+        if ours.startswith("encoder:"):
+            tied[ours[len("encoder:"):]] = hf_name
+            continue
+        state[ours] = hf_name
+    for ours, hf_name in tied.items():
+        state.setdefault(ours, hf_name)
+    missing = [k for k in expected if k not in state]
+    if missing:
+        first = missing[0]
+        hf = (ENCODER_TEXT + first.replace("encoder_layer_scalar", "layer_scalar")
+              if first.endswith("encoder_layer_scalar") else DECODER + first)
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise CheckpointError(f"{path}: missing tensor {hf}{more}")
+    tensors = {}
+    for ours, hf_name in state.items():
+        if ours not in expected:
+            ignored.append(hf_name)
+            continue
+        f = files[hf_name]
+        ref = f.tensors[hf_name]
+        want = tuple(expected[ours].shape)
+        if tuple(ref.shape) != want:
+            raise CheckpointError(f"{f.path}: tensor {hf_name} has shape {tuple(ref.shape)}, expected {want}")
+        tensors[ours] = f.get(hf_name, dtype).to(device)
+    model.load_state_dict(tensors, strict=True, assign=True)
+    model.reset_rope(device)
+    model.eval()
+    if not quiet:
+        if passthrough:
+            print(f"dgemma: skipping the vision tower ({len(passthrough)} tensors); text only for now",
+                  file=sys.stderr)
+        if ignored:
+            print(f"dgemma: ignoring {len(ignored)} unknown tensors, e.g. {ignored[0]}", file=sys.stderr)
+    return Checkpoint(model, config, generation, path, passthrough, raw_config.get("vision_config"))
+
+
+def hf_state_dict(model: DiffusionGemma) -> dict[str, torch.Tensor]:
+    """dgemma parameter names -> the names transformers writes (tied encoder weights are stored once)."""
+    out = {}
+    for name, t in model.state_dict().items():
+        if name.endswith("encoder_layer_scalar"):
+            out[ENCODER_TEXT + name[: -len("encoder_layer_scalar")] + "layer_scalar"] = t
+        else:
+            out[DECODER + name] = t
+    return out
+
+
+def save(out_dir: str | Path, model: DiffusionGemma, config: ModelConfig, generation: GenerationConfig,
+         tokenizer_dir: str | Path | None = None, dtype: torch.dtype | None = None,
+         max_shard_bytes: int = 4 * 2**30, passthrough: dict | None = None, vision_config: dict | None = None) -> Path:
+    """Write a checkpoint that transformers' DiffusionGemmaForBlockDiffusion.from_pretrained loads.
+
+    Written into a temporary directory beside `out_dir` and renamed into place, so a failure leaves nothing
+    half-written."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: (v.to(dtype) if dtype else v).detach().contiguous().cpu() for k, v in hf_state_dict(model).items()}
+    for name, (f, src) in (passthrough or {}).items():
+        tensors[name] = f.raw(src)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        shards: list[dict[str, torch.Tensor]] = [{}]
+        size = 0
+        for name in sorted(tensors):
+            nbytes = tensors[name].numel() * tensors[name].element_size()
+            if shards[-1] and size + nbytes > max_shard_bytes:
+                shards.append({})
+                size = 0
+            shards[-1][name] = tensors[name]
+            size += nbytes
+        if len(shards) == 1:
+            save_file(shards[0], tmp / "model.safetensors", metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards):
+                fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, tmp / fname, metadata={"format": "pt"})
+                weight_map.update({k: fname for k in shard})
+            total = sum(t.numel() * t.element_size() for t in tensors.values())
+            (tmp / "model.safetensors.index.json").write_text(
+                json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        hf = config.to_hf()
+        if dtype is not None:
+            hf["dtype"] = str(dtype).replace("torch.", "")
+        if vision_config is not None:
+            hf["vision_config"] = vision_config
+        (tmp / "config.json").write_text(json.dumps(hf, indent=2))
+        (tmp / "generation_config.json").write_text(json.dumps(generation.to_hf(), indent=2))
+        if tokenizer_dir is not None:
+            for fname in TOKENIZER_FILES:
+                src = Path(tokenizer_dir) / fname
+                if src.is_file():
+                    shutil.copyfile(src, tmp / fname)
+        if out_dir.exists():
+            backup = out_dir.with_name(f".{out_dir.name}.old")
+            if backup.exists():
+                shutil.rmtree(backup)
+            os.replace(out_dir, backup)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(backup)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir

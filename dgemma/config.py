@@ -1,0 +1,333 @@
+"""Model and generation configs: small dataclasses that read the released HF files and validate."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+SLIDING = "sliding_attention"
+FULL = "full_attention"
+
+
+class ConfigError(ValueError):
+    """A config file or value that dgemma cannot use. The message names the file and the field."""
+
+
+def _require(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+@dataclass
+class TextConfig:
+    """The shared Gemma-4 text stack (encoder and decoder use the same weights)."""
+
+    vocab_size: int = 262_144
+    hidden_size: int = 2816
+    intermediate_size: int = 2112
+    num_hidden_layers: int = 30
+    num_attention_heads: int = 16
+    num_key_value_heads: int = 8
+    head_dim: int = 256
+    global_head_dim: int = 512
+    num_global_key_value_heads: int = 2
+    hidden_activation: str = "gelu_pytorch_tanh"
+    rms_norm_eps: float = 1e-6
+    sliding_window: int = 1024
+    layer_types: list[str] = field(default_factory=list)
+    sliding_rope_theta: float = 10_000.0
+    full_rope_theta: float = 1_000_000.0
+    full_partial_rotary_factor: float = 0.25
+    final_logit_softcapping: float | None = 30.0
+    num_experts: int = 128
+    top_k_experts: int = 8
+    moe_intermediate_size: int = 704
+    max_position_embeddings: int = 262_144
+    pad_token_id: int = 0
+    eos_token_id: list[int] = field(default_factory=lambda: [1])
+    bos_token_id: int = 2
+    initializer_range: float = 0.02
+
+    def __post_init__(self) -> None:
+        if not self.layer_types:
+            # Released pattern: five sliding layers, then one full layer.
+            self.layer_types = [FULL if (i + 1) % 6 == 0 else SLIDING for i in range(self.num_hidden_layers)]
+        if isinstance(self.eos_token_id, int):
+            self.eos_token_id = [self.eos_token_id]
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "head_dim", "global_head_dim", "num_global_key_value_heads",
+                     "sliding_window", "num_experts", "top_k_experts", "moe_intermediate_size"):
+            value = getattr(self, name)
+            _require(isinstance(value, int) and value > 0, f"text_config.{name} must be a positive integer, got {value!r}")
+        _require(len(self.layer_types) == self.num_hidden_layers,
+                 f"text_config.layer_types has {len(self.layer_types)} entries, expected num_hidden_layers="
+                 f"{self.num_hidden_layers}")
+        bad = sorted({t for t in self.layer_types if t not in (SLIDING, FULL)})
+        _require(not bad, f"text_config.layer_types has unknown types {bad}")
+        _require(self.layer_types[-1] == FULL, "text_config.layer_types: the last layer must be full_attention")
+        _require(self.top_k_experts <= self.num_experts,
+                 f"text_config.top_k_experts={self.top_k_experts} exceeds num_experts={self.num_experts}")
+        for heads_name in ("num_key_value_heads", "num_global_key_value_heads"):
+            heads = getattr(self, heads_name)
+            _require(self.num_attention_heads % heads == 0,
+                     f"text_config.num_attention_heads={self.num_attention_heads} is not a multiple of "
+                     f"{heads_name}={heads}")
+        _require(self.head_dim % 2 == 0 and self.global_head_dim % 2 == 0, "text_config: head dims must be even")
+        _require(0.0 < self.full_partial_rotary_factor <= 1.0,
+                 f"full_attention partial_rotary_factor must be in (0, 1], got {self.full_partial_rotary_factor}")
+        _require(self.hidden_activation == "gelu_pytorch_tanh",
+                 f"text_config.hidden_activation={self.hidden_activation!r} is not supported (gelu_pytorch_tanh)")
+        _require(0 <= self.pad_token_id < self.vocab_size, f"text_config.pad_token_id={self.pad_token_id} out of range")
+
+    def is_sliding(self, layer_idx: int) -> bool:
+        return self.layer_types[layer_idx] == SLIDING
+
+    def layer_head_dim(self, layer_idx: int) -> int:
+        return self.head_dim if self.is_sliding(layer_idx) else self.global_head_dim
+
+    def layer_kv_heads(self, layer_idx: int) -> int:
+        return self.num_key_value_heads if self.is_sliding(layer_idx) else self.num_global_key_value_heads
+
+    @property
+    def embed_scale(self) -> float:
+        return self.hidden_size**0.5
+
+    def num_parameters(self, active: bool = False) -> int:
+        """Parameter count of the text stack (embedding counted once; it is tied to the head)."""
+        h, n = self.hidden_size, 0
+        for i in range(self.num_hidden_layers):
+            hd, kv = self.layer_head_dim(i), self.layer_kv_heads(i)
+            attn = h * self.num_attention_heads * hd * 2 + h * kv * hd * (2 if self.is_sliding(i) else 1)
+            mlp = 3 * h * self.intermediate_size
+            experts = self.top_k_experts if active else self.num_experts
+            moe = experts * 3 * h * self.moe_intermediate_size + h * self.num_experts
+            n += attn + mlp + moe
+        return n + self.vocab_size * h + 3 * h * self.intermediate_size
+
+    @classmethod
+    def from_hf(cls, d: dict, where: str = "config.json") -> TextConfig:
+        _require(isinstance(d, dict), f"{where}: text_config must be an object")
+        if d.get("use_bidirectional_attention") == "all":
+            raise ConfigError(f"{where}: use_bidirectional_attention='all' (bidirectional encoder) is not supported")
+        layer_types = d.get("layer_types") or []
+        n_layers = d.get("num_hidden_layers", 30)
+        kv = d.get("num_key_value_heads", 4)
+        global_head_dim = d.get("global_head_dim", 512)
+        global_kv = d.get("num_global_key_value_heads") or kv
+        # transformers folds the full-attention overrides into per_layer_config on save.
+        per_layer = d.get("per_layer_config") or {}
+        overrides = [v for k, v in per_layer.items() if str(k).isdigit()]
+        if overrides:
+            global_head_dim = overrides[0].get("head_dim", global_head_dim)
+            global_kv = overrides[0].get("num_key_value_heads", global_kv)
+            for o in overrides:
+                _require(o.get("head_dim", global_head_dim) == global_head_dim
+                         and o.get("num_key_value_heads", global_kv) == global_kv,
+                         f"{where}: per_layer_config differs between full-attention layers; not supported")
+        rope = d.get("rope_parameters") or {}
+        sliding_rope = rope.get(SLIDING) or {}
+        full_rope = rope.get(FULL) or {}
+        _require(sliding_rope.get("rope_type", "default") == "default",
+                 f"{where}: sliding_attention rope_type {sliding_rope.get('rope_type')!r} is not supported")
+        _require(full_rope.get("rope_type", "proportional") == "proportional",
+                 f"{where}: full_attention rope_type {full_rope.get('rope_type')!r} is not supported")
+        _require(float(full_rope.get("factor", 1.0)) == 1.0, f"{where}: rope 'factor' other than 1.0 is not supported")
+        _require(not d.get("attention_bias", False), f"{where}: attention_bias=true is not supported")
+        try:
+            return cls(
+                vocab_size=d.get("vocab_size", 262_144),
+                hidden_size=d.get("hidden_size", 2304),
+                intermediate_size=d.get("intermediate_size", 9216),
+                num_hidden_layers=n_layers,
+                num_attention_heads=d.get("num_attention_heads", 8),
+                num_key_value_heads=kv,
+                head_dim=d.get("head_dim", 256),
+                global_head_dim=global_head_dim,
+                num_global_key_value_heads=global_kv,
+                hidden_activation=d.get("hidden_activation", "gelu_pytorch_tanh"),
+                rms_norm_eps=d.get("rms_norm_eps", 1e-6),
+                sliding_window=d.get("sliding_window", 512),
+                layer_types=list(layer_types),
+                sliding_rope_theta=float(sliding_rope.get("rope_theta", 10_000.0)),
+                full_rope_theta=float(full_rope.get("rope_theta", 1_000_000.0)),
+                full_partial_rotary_factor=float(full_rope.get("partial_rotary_factor", 0.25)),
+                final_logit_softcapping=d.get("final_logit_softcapping", 30.0),
+                num_experts=d.get("num_experts") or 0,
+                top_k_experts=d.get("top_k_experts") or 0,
+                moe_intermediate_size=d.get("moe_intermediate_size") or 0,
+                max_position_embeddings=d.get("max_position_embeddings", 131_072),
+                pad_token_id=d.get("pad_token_id", 0) if d.get("pad_token_id") is not None else 0,
+                eos_token_id=d.get("eos_token_id", 1) if d.get("eos_token_id") is not None else [1],
+                bos_token_id=d.get("bos_token_id", 2) if d.get("bos_token_id") is not None else 2,
+                initializer_range=d.get("initializer_range", 0.02),
+            )
+        except TypeError as e:  # a value of the wrong JSON type
+            raise ConfigError(f"{where}: bad text_config value ({e})") from None
+
+    def to_hf(self) -> dict:
+        full_layers = [i for i, t in enumerate(self.layer_types) if t == FULL]
+        return {
+            "model_type": "diffusion_gemma_text",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "per_layer_config": {
+                str(i): {"head_dim": self.global_head_dim, "num_key_value_heads": self.num_global_key_value_heads}
+                for i in full_layers
+            },
+            "hidden_activation": self.hidden_activation,
+            "rms_norm_eps": self.rms_norm_eps,
+            "sliding_window": self.sliding_window,
+            "layer_types": list(self.layer_types),
+            "rope_parameters": {
+                SLIDING: {"rope_type": "default", "rope_theta": self.sliding_rope_theta},
+                FULL: {"rope_type": "proportional", "rope_theta": self.full_rope_theta,
+                       "partial_rotary_factor": self.full_partial_rotary_factor},
+            },
+            "final_logit_softcapping": self.final_logit_softcapping,
+            "num_experts": self.num_experts,
+            "top_k_experts": self.top_k_experts,
+            "moe_intermediate_size": self.moe_intermediate_size,
+            "max_position_embeddings": self.max_position_embeddings,
+            "pad_token_id": self.pad_token_id,
+            "eos_token_id": self.eos_token_id[0] if len(self.eos_token_id) == 1 else list(self.eos_token_id),
+            "bos_token_id": self.bos_token_id,
+            "tie_word_embeddings": True,
+            "attention_bias": False,
+            "attention_dropout": 0.0,
+            "use_bidirectional_attention": None,
+            "initializer_range": self.initializer_range,
+        }
+
+
+@dataclass
+class ModelConfig:
+    """The whole checkpoint config: the text stack plus the canvas length."""
+
+    text: TextConfig
+    canvas_length: int = 256
+    extra: dict = field(default_factory=dict)  # top-level fields kept verbatim so a save round-trips
+
+    def __post_init__(self) -> None:
+        _require(isinstance(self.canvas_length, int) and self.canvas_length > 0,
+                 f"canvas_length must be a positive integer, got {self.canvas_length!r}")
+
+    @classmethod
+    def from_hf(cls, d: dict, where: str = "config.json") -> ModelConfig:
+        _require(isinstance(d, dict), f"{where}: expected a JSON object")
+        model_type = d.get("model_type")
+        _require(model_type == "diffusion_gemma",
+                 f"{where}: model_type is {model_type!r}, expected 'diffusion_gemma'")
+        _require("text_config" in d, f"{where}: missing text_config")
+        text = TextConfig.from_hf(d["text_config"], where)
+        extra = {k: v for k, v in d.items() if k not in ("text_config", "canvas_length", "vision_config")}
+        return cls(text=text, canvas_length=d.get("canvas_length", 256), extra=extra)
+
+    @classmethod
+    def load(cls, path: str | Path) -> ModelConfig:
+        path = Path(path)
+        return cls.from_hf(read_json(path), str(path))
+
+    def to_hf(self) -> dict:
+        d = {
+            "architectures": ["DiffusionGemmaForBlockDiffusion"],
+            "boi_token_id": 255_999,
+            "eoi_token_id": 258_882,
+            "image_token_id": 258_880,
+            "initializer_range": self.text.initializer_range,
+            "tie_word_embeddings": True,
+            "dtype": "float32",
+        }
+        d.update({k: v for k, v in self.extra.items() if k not in ("vision_config",)})
+        d.update({"model_type": "diffusion_gemma", "canvas_length": self.canvas_length, "text_config": self.text.to_hf()})
+        return d
+
+
+@dataclass
+class GenerationConfig:
+    """Sampler and loop settings; defaults are the released ones, overridden by generation_config.json."""
+
+    max_new_tokens: int | None = None  # None: until EOS or the context limit
+    max_denoising_steps: int = 48
+    entropy_bound: float = 0.1
+    t_min: float = 0.4
+    t_max: float = 0.8
+    stability_threshold: int = 1
+    confidence_threshold: float = 0.005
+    eos_token_id: list[int] = field(default_factory=lambda: [1])
+    pad_token_id: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.eos_token_id, int):
+            self.eos_token_id = [self.eos_token_id]
+        _require(self.max_new_tokens is None or (isinstance(self.max_new_tokens, int) and self.max_new_tokens > 0),
+                 f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        _require(isinstance(self.max_denoising_steps, int) and self.max_denoising_steps > 0,
+                 f"max_denoising_steps must be a positive integer, got {self.max_denoising_steps!r}")
+        _require(isinstance(self.entropy_bound, (int, float)) and math.isfinite(self.entropy_bound)
+                 and self.entropy_bound > 0, f"entropy_bound must be a number > 0, got {self.entropy_bound!r}")
+        _require(self.t_min >= 0 and self.t_max >= 0, f"t_min and t_max must be >= 0, got {self.t_min}, {self.t_max}")
+        _require(self.t_max > self.t_min, f"t_max must be greater than t_min, got t_max={self.t_max} t_min={self.t_min}")
+        _require(isinstance(self.stability_threshold, int) and self.stability_threshold >= 0,
+                 f"stability_threshold must be an integer >= 0, got {self.stability_threshold!r}")
+        _require(self.confidence_threshold > 0, f"confidence_threshold must be > 0, got {self.confidence_threshold}")
+
+    def temperature(self, steps_remaining: int) -> float:
+        """Linear schedule: t_max at the first step, falling toward t_min; `steps_remaining` runs N..1."""
+        return self.t_min + (self.t_max - self.t_min) * (steps_remaining / self.max_denoising_steps)
+
+    def replace(self, **overrides) -> GenerationConfig:
+        d = asdict(self)
+        d.update({k: v for k, v in overrides.items() if v is not None})
+        return GenerationConfig(**d)
+
+    @classmethod
+    def from_hf(cls, d: dict, text: TextConfig | None = None, where: str = "generation_config.json") -> GenerationConfig:
+        _require(isinstance(d, dict), f"{where}: expected a JSON object")
+        kwargs: dict = {}
+        for key in ("max_denoising_steps", "t_min", "t_max", "stability_threshold", "confidence_threshold"):
+            if d.get(key) is not None:
+                kwargs[key] = d[key]
+        sampler = d.get("sampler_config")
+        if isinstance(sampler, dict) and sampler.get("entropy_bound") is not None:
+            kwargs["entropy_bound"] = sampler["entropy_bound"]
+        eos = d.get("eos_token_id", text.eos_token_id if text else None)
+        if eos is not None:
+            kwargs["eos_token_id"] = eos
+        pad = d.get("pad_token_id", text.pad_token_id if text else None)
+        if pad is not None:
+            kwargs["pad_token_id"] = pad
+        if d.get("max_new_tokens") is not None:
+            kwargs["max_new_tokens"] = d["max_new_tokens"]
+        try:
+            return cls(**kwargs)
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
+
+    def to_hf(self) -> dict:
+        return {
+            "max_denoising_steps": self.max_denoising_steps,
+            "sampler_config": {"entropy_bound": float(self.entropy_bound), "_cls_name": "EntropyBoundSamplerConfig"},
+            "t_min": float(self.t_min),
+            "t_max": float(self.t_max),
+            "stability_threshold": self.stability_threshold,
+            "confidence_threshold": float(self.confidence_threshold),
+            "eos_token_id": self.eos_token_id[0] if len(self.eos_token_id) == 1 else list(self.eos_token_id),
+            "pad_token_id": self.pad_token_id,
+            "return_dict_in_generate": True,
+        }
+
+
+def read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"{path}: file not found")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None

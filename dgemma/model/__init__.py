@@ -1,0 +1,3 @@
+from .model import DiffusionGemma, Layer
+
+__all__ = ["DiffusionGemma", "Layer"]

@@ -1,0 +1,172 @@
+"""The DiffusionGemma text model: one shared Gemma-4 stack run in two modes.
+
+- encode(tokens, cache): causal over the cache plus the new tokens; appends their K/V to the cache.
+- denoise(canvas, cache, self_cond_logits): bidirectional over the cached K/V plus the canvas; reads the cache and
+  leaves it as it was. Returns soft-capped logits (B, C, V) in fp32.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..cache import KVCache
+from ..config import TextConfig
+from .attention import Attention
+from .layers import GatedMLP, RMSNorm, default_inv_freq, proportional_inv_freq, rope_cos_sin
+from .masks import decoder_mask, encoder_mask, sliding_kv_start
+from .moe import Experts, Router
+
+# (layer_idx, is_sliding, k, v) -> (keys, values) the layer attends over
+KVUpdate = Callable[[int, bool, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+class Layer(nn.Module):
+    """Attention, then the dense MLP and the MoE in parallel, post norms and the layer scalar.
+
+    The encoder and decoder share every weight; only the layer scalar is stored per mode (the released checkpoint
+    keeps both buffers)."""
+
+    def __init__(self, config: TextConfig, layer_idx: int):
+        super().__init__()
+        h, eps = config.hidden_size, config.rms_norm_eps
+        self.is_sliding = config.is_sliding(layer_idx)
+        self.layer_idx = layer_idx
+        self.self_attn = Attention(config, layer_idx)
+        self.mlp = GatedMLP(h, config.intermediate_size)
+        self.router = Router(config)
+        self.experts = Experts(config)
+        self.input_layernorm = RMSNorm(h, eps)
+        self.post_attention_layernorm = RMSNorm(h, eps)
+        self.pre_feedforward_layernorm = RMSNorm(h, eps)
+        self.post_feedforward_layernorm = RMSNorm(h, eps)
+        self.pre_feedforward_layernorm_2 = RMSNorm(h, eps)
+        self.post_feedforward_layernorm_1 = RMSNorm(h, eps)
+        self.post_feedforward_layernorm_2 = RMSNorm(h, eps)
+        self.register_buffer("layer_scalar", torch.ones(1))
+        self.register_buffer("encoder_layer_scalar", torch.ones(1))
+
+    def forward(self, x, cos, sin, mask, kv_update: KVUpdate, encoder: bool) -> torch.Tensor:
+        # 1. attention
+        q, k, v = self.self_attn.project(self.input_layernorm(x), cos, sin)
+        keys, values = kv_update(self.layer_idx, self.is_sliding, k, v)
+        x = x + self.post_attention_layernorm(self.self_attn.attend(q, keys, values, mask))
+        # 2. dense MLP and MoE in parallel; the router reads the residual itself
+        dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(x)))
+        flat = x.reshape(-1, x.shape[-1])  # (B*T, H)
+        weights, index = self.router(flat)
+        sparse = self.experts(self.pre_feedforward_layernorm_2(flat), weights, index).reshape(x.shape)
+        sparse = self.post_feedforward_layernorm_2(sparse)
+        # 3. post norm, residual, layer scalar
+        x = x + self.post_feedforward_layernorm(dense + sparse)
+        return x * (self.encoder_layer_scalar if encoder else self.layer_scalar)
+
+
+class SelfConditioning(GatedMLP):
+    """post_norm(canvas_embeds + MLP(pre_norm(signal))), with a scale-free post norm."""
+
+    def __init__(self, config: TextConfig):
+        super().__init__(config.hidden_size, config.intermediate_size)
+        self.pre_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, with_scale=False)
+
+    def forward(self, embeds: torch.Tensor, signal: torch.Tensor | None) -> torch.Tensor:
+        if signal is None:  # first step: the signal is zeros, and the MLP (no biases) maps zeros to zeros
+            return self.post_norm(embeds)
+        return self.post_norm(embeds + super().forward(self.pre_norm(signal)))
+
+
+class DiffusionGemma(nn.Module):
+    def __init__(self, config: TextConfig, canvas_length: int = 256):
+        super().__init__()
+        self.config = config
+        self.canvas_length = canvas_length
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList([Layer(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_conditioning = SelfConditioning(config)
+        self.reset_rope()
+
+    def reset_rope(self, device: torch.device | str | None = None) -> None:
+        """(Re)compute the RoPE frequency buffers; needed after building the model on the meta device."""
+        c = self.config
+        with torch.device(device or "cpu"):
+            sliding = default_inv_freq(c.head_dim, c.sliding_rope_theta)
+            full = proportional_inv_freq(c.global_head_dim, c.full_rope_theta, c.full_partial_rotary_factor)
+        self.register_buffer("sliding_inv_freq", sliding, persistent=False)
+        self.register_buffer("full_inv_freq", full, persistent=False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        w = self.embed_tokens.weight
+        return self.embed_tokens(tokens) * torch.tensor(self.config.embed_scale, dtype=w.dtype, device=w.device)
+
+    def soft_embed(self, logits: torch.Tensor) -> torch.Tensor:
+        """Self-conditioning signal: softmax(logits) @ E * sqrt(hidden). logits (B, C, V) -> (B, C, H)."""
+        w = self.embed_tokens.weight
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(w.dtype)
+        return (probs @ w) * torch.tensor(self.config.embed_scale, dtype=w.dtype, device=w.device)
+
+    def rope(self, positions: torch.Tensor) -> dict[bool, tuple[torch.Tensor, torch.Tensor]]:
+        """positions (T,) -> {is_sliding: (cos, sin)}."""
+        return {True: rope_cos_sin(positions, self.sliding_inv_freq, self.dtype),
+                False: rope_cos_sin(positions, self.full_inv_freq, self.dtype)}
+
+    def run_layers(self, x, positions, masks: dict[bool, torch.Tensor | None], kv_update: KVUpdate, encoder: bool):
+        """The shared stack. x (B, T, H); masks keyed by is_sliding. Returns the final-normed hidden states."""
+        rope = self.rope(positions)
+        for layer in self.layers:
+            cos, sin = rope[layer.is_sliding]
+            x = layer(x, cos, sin, masks[layer.is_sliding], kv_update, encoder)
+        return self.norm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Tied head with the final soft cap, in fp32. hidden (B, T, H) -> (B, T, V)."""
+        logits = F.linear(hidden, self.embed_tokens.weight).float()
+        cap = self.config.final_logit_softcapping
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    def encode(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Append `tokens` (B, T) to the cache, causally. Returns final hidden states (B, T, H)."""
+        T, L = tokens.shape[1], cache.length
+        cache.check_room(T)
+        window = self.config.sliding_window
+        starts = {True: sliding_kv_start(L, window), False: 0}
+        masks = {True: encoder_mask(cache.valid, L, T, starts[True], window),
+                 False: encoder_mask(cache.valid, L, T, 0, None)}
+        positions = torch.arange(L, L + T, device=tokens.device)
+        hidden = self.run_layers(self.embed(tokens), positions, masks, cache.writer(L, starts), encoder=True)
+        cache.length = L + T
+        return hidden
+
+    def denoise(self, canvas: torch.Tensor, cache: KVCache, self_cond_logits: torch.Tensor | None = None,
+                signal: torch.Tensor | None = None) -> torch.Tensor:
+        """One decoder pass over `canvas` (B, C) reading the cache. Returns logits (B, C, V) in fp32.
+
+        The self-conditioning signal comes from `self_cond_logits` (previous step's logits) or directly as
+        `signal` (B, C, H); with neither it is zeros."""
+        C, L = canvas.shape[1], cache.length
+        cache.check_room(C)
+        starts = {True: sliding_kv_start(L, self.config.sliding_window), False: 0}
+        masks = {s: decoder_mask(cache.valid, L, C, starts[s]) for s in (True, False)}
+        if self_cond_logits is not None:
+            signal = self.soft_embed(self_cond_logits)
+        x = self.self_conditioning(self.embed(canvas), signal)
+        positions = torch.arange(L, L + C, device=canvas.device)
+        hidden = self.run_layers(x, positions, masks, cache.writer(L, starts), encoder=False)
+        return self.logits(hidden)
+
+    def new_cache(self, batch_size: int, capacity: int) -> KVCache:
+        return KVCache(self.config, batch_size, capacity, self.dtype, self.device)

@@ -1,0 +1,66 @@
+"""The top-k mixture of experts that runs beside the dense MLP in every layer."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..config import TextConfig
+from .layers import RMSNorm, gelu_tanh
+
+
+class Router(nn.Module):
+    """Reads the residual: RMSNorm (no scale) * scale * hidden^-0.5 -> logits -> fp32 softmax -> top-k ->
+    renormalise -> * per_expert_scale."""
+
+    def __init__(self, config: TextConfig):
+        super().__init__()
+        self.top_k = config.top_k_experts
+        self.root_size = config.hidden_size**-0.5
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, with_scale=False)
+        self.proj = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+        self.scale = nn.Parameter(torch.ones(config.hidden_size))
+        self.per_expert_scale = nn.Parameter(torch.ones(config.num_experts))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (N, H) -> weights (N, k), expert indices (N, k)."""
+        scores = self.proj(self.norm(x) * self.scale * self.root_size)  # (N, E)
+        probs = F.softmax(scores, dim=-1, dtype=torch.float32)
+        weights, index = torch.topk(probs, k=self.top_k, dim=-1)
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights * self.per_expert_scale[index], index
+
+
+class Experts(nn.Module):
+    """Expert weights stored as 3-D tensors, in the released layout:
+    gate_up_proj (E, 2*I, H) and down_proj (E, H, I)."""
+
+    def __init__(self, config: TextConfig):
+        super().__init__()
+        e, h, i = config.num_experts, config.hidden_size, config.moe_intermediate_size
+        self.num_experts = e
+        self.gate_up_proj = nn.Parameter(torch.zeros(e, 2 * i, h))
+        self.down_proj = nn.Parameter(torch.zeros(e, h, i))
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """x (N, H); weights, index (N, k) -> (N, H).
+
+        Tokens are grouped per expert with one sort, so each expert runs one matmul over its tokens."""
+        N, k = index.shape
+        flat_expert = index.reshape(-1)  # (N*k,)
+        order = torch.argsort(flat_expert, stable=True)
+        token_of = order // k  # token each routed slot came from
+        counts = torch.bincount(flat_expert, minlength=self.num_experts).tolist()  # one host sync per layer
+        routed_w = weights.reshape(-1)[order]
+        out = torch.zeros_like(x)
+        start = 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            tok = token_of[start:start + n]
+            gate, up = F.linear(x[tok], self.gate_up_proj[e]).chunk(2, dim=-1)
+            y = F.linear(gelu_tanh(gate) * up, self.down_proj[e])
+            out.index_add_(0, tok, y * routed_w[start:start + n, None].to(y.dtype))
+            start += n
+        return out
