@@ -40,6 +40,21 @@ class KVCache:
         if self.length + num_tokens > self.capacity:
             raise CacheFullError(f"KV cache holds {self.capacity} slots; {self.length} used, {num_tokens} more needed")
 
+    def reserve(self, capacity: int) -> None:
+        """Grow the buffers to hold at least `capacity` slots (doubling, to keep reallocations rare)."""
+        if capacity <= self.capacity:
+            return
+        new_capacity = max(capacity, 2 * self.capacity)
+        for bufs in (self.k, self.v):
+            for i, old in enumerate(bufs):
+                new = old.new_zeros(old.shape[0], old.shape[1], new_capacity, old.shape[3])
+                new[:, :, : self.length] = old[:, :, : self.length]
+                bufs[i] = new
+        valid = self.valid.new_ones(self.batch_size, new_capacity)
+        valid[:, : self.capacity] = self.valid
+        self.valid = valid
+        self.capacity = new_capacity
+
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 

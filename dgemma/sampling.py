@@ -1,0 +1,71 @@
+"""The entropy-bound sampler, the temperature schedule and the stable-and-confident early stop.
+
+Random numbers are drawn in the reference's order and shapes, so a seed gives the reference's tokens:
+  canvas init: randint (B, C); per step: exponential (B*C, V) for the sample, then randint (B, C) for renoising.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .config import GenerationConfig
+
+
+def temperature(gen: GenerationConfig, steps_remaining: int, device: torch.device) -> torch.Tensor:
+    """Linear schedule t_min + (t_max - t_min) * n / N for n = N..1 (t_max at the first step).
+
+    Computed in fp32 tensor arithmetic, exactly as the reference does."""
+    n = torch.tensor(steps_remaining, dtype=torch.int32, device=device)
+    return gen.t_min + ((gen.t_max - gen.t_min) * (n / gen.max_denoising_steps))
+
+
+def token_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of softmax(logits) per position. (B, C, V) -> (B, C)."""
+    log_p = logits - logits.logsumexp(dim=-1, keepdim=True)
+    p = torch.softmax(log_p, dim=-1)
+    return -(log_p.clamp(min=torch.finfo(log_p.dtype).min) * p).sum(-1)
+
+
+def entropy_bound_accept(entropy: torch.Tensor, bound: float) -> torch.Tensor:
+    """Accept the largest lowest-entropy set whose entropy sum minus its max is <= bound.
+
+    Sorted ascending, the running max is the current element, so the test is cumsum - sorted <= bound. The
+    lowest-entropy position is always accepted. (B, C) -> bool (B, C)."""
+    sorted_entropy, order = torch.sort(entropy, dim=-1)
+    keep_sorted = (torch.cumsum(sorted_entropy, dim=-1) - sorted_entropy) <= bound
+    return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+
+
+def sample_tokens(logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One categorical sample per position, by the exponential race argmax(p / Exp(1)).
+
+    This is what torch.multinomial(p, 1) does internally, with the same draws, but without a host sync.
+    (B, C, V) -> (B, C)."""
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+    race = torch.empty_like(probs).exponential_(generator=generator)
+    return torch.argmax(probs / race, dim=-1)
+
+
+def random_tokens(shape: tuple[int, ...], vocab_size: int, generator: torch.Generator | None,
+                  device: torch.device) -> torch.Tensor:
+    """Uniform-state noise: tokens drawn uniformly from the whole vocabulary."""
+    return torch.randint(0, vocab_size, shape, generator=generator, device=device)
+
+
+class StableAndConfident:
+    """Stop a row when its argmax canvas has not changed for `stability_threshold` steps and the mean entropy of
+    its tempered logits is below `confidence_threshold`."""
+
+    def __init__(self, gen: GenerationConfig, batch_size: int, canvas_length: int, device: torch.device):
+        self.confidence_threshold = gen.confidence_threshold
+        self.history = torch.full((gen.stability_threshold, batch_size, canvas_length), -1, dtype=torch.long,
+                                  device=device)
+
+    def __call__(self, argmax_canvas: torch.Tensor, entropy: torch.Tensor) -> torch.Tensor:
+        if self.history.shape[0] == 0:
+            stable = torch.ones(argmax_canvas.shape[0], dtype=torch.bool, device=argmax_canvas.device)
+        else:
+            stable = (self.history == argmax_canvas[None]).all(dim=-1).all(dim=0)
+            self.history = torch.roll(self.history, shifts=-1, dims=0)
+            self.history[-1] = argmax_canvas
+        return stable & (entropy.mean(dim=-1) < self.confidence_threshold)
