@@ -55,14 +55,14 @@ def proportional_inv_freq(head_dim: int, theta: float, partial_rotary_factor: fl
 
 
 def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """positions (T,) -> cos, sin of shape (T, head_dim), the half-split layout used by rotate_half."""
-    freqs = positions.float()[:, None] * inv_freq.to(positions.device)[None, :]  # (T, hd/2)
-    emb = torch.cat([freqs, freqs], dim=-1)  # (T, hd)
+    """positions (T,) or (B, T) -> cos, sin of shape (..., T, head_dim), in the half-split layout."""
+    freqs = positions.float()[..., None] * inv_freq.to(positions.device)  # (..., T, hd/2)
+    emb = torch.cat([freqs, freqs], dim=-1)  # (..., T, hd)
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (B, T, nh, hd); cos/sin (T, hd)."""
+    """x (B, T, nh, hd); cos/sin (T, hd) or (B, T, hd)."""
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos[:, None, :] + rotated * sin[:, None, :]
+    return x * cos.unsqueeze(-2) + rotated * sin.unsqueeze(-2)

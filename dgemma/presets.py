@@ -1,0 +1,76 @@
+"""Model presets with random weights, for tests, benchmarks and training from scratch."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import FULL, SLIDING, GenerationConfig, ModelConfig, TextConfig
+from .model import DiffusionGemma
+
+
+def _layers(n: int, full_every: int) -> list[str]:
+    return [FULL if (i + 1) % full_every == 0 or i == n - 1 else SLIDING for i in range(n)]
+
+
+PRESETS: dict[str, dict] = {
+    # a few hundred thousand parameters: unit tests and smoke runs
+    "tiny": dict(text=dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=16, global_head_dim=32,
+                           num_global_key_value_heads=1, sliding_window=64, num_experts=4, top_k_experts=2,
+                           moe_intermediate_size=32, layer_types=_layers(2, 2), max_position_embeddings=8192),
+                 canvas_length=32),
+    # ~40M active parameters, canvas 256, 8 experts top-2, vocab 32k
+    "small": dict(text=dict(vocab_size=32_000, hidden_size=512, intermediate_size=1024, num_hidden_layers=8,
+                            num_attention_heads=8, num_key_value_heads=4, head_dim=64, global_head_dim=128,
+                            num_global_key_value_heads=2, sliding_window=512, num_experts=8, top_k_experts=2,
+                            moe_intermediate_size=384, layer_types=_layers(8, 4), max_position_embeddings=32_768),
+                  canvas_length=256),
+    # ~200M active parameters
+    "medium": dict(text=dict(vocab_size=32_000, hidden_size=1024, intermediate_size=2048, num_hidden_layers=12,
+                             num_attention_heads=16, num_key_value_heads=8, head_dim=64, global_head_dim=128,
+                             num_global_key_value_heads=2, sliding_window=1024, num_experts=16, top_k_experts=2,
+                             moe_intermediate_size=1024, layer_types=_layers(12, 6), max_position_embeddings=32_768),
+                   canvas_length=256),
+}
+
+
+def preset_config(name: str, **text_overrides) -> ModelConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+    spec = PRESETS[name]
+    text = dict(spec["text"])
+    canvas_length = text_overrides.pop("canvas_length", spec["canvas_length"])
+    text.update(text_overrides)
+    return ModelConfig(text=TextConfig(**text), canvas_length=canvas_length)
+
+
+@torch.no_grad()
+def init_weights(model: DiffusionGemma, std: float = 0.02, seed: int | None = 0) -> DiffusionGemma:
+    """Initialise like the reference: normal(0, std) for projections, embeddings and experts; ones for norm
+    scales, router scales and layer scalars."""
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    for name, p in model.named_parameters():
+        if p.ndim >= 2:
+            p.copy_(torch.randn(p.shape, generator=gen) * std)
+        else:
+            p.fill_(1.0)
+    for name, b in model.named_buffers():
+        if name.endswith("layer_scalar"):
+            b.fill_(1.0)
+    return model
+
+
+def random_model(config: ModelConfig, std: float = 0.02, seed: int | None = 0, device: str = "cpu",
+                 dtype: torch.dtype = torch.float32) -> DiffusionGemma:
+    model = DiffusionGemma(config.text, config.canvas_length)
+    init_weights(model, std, seed)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def default_generation(config: ModelConfig) -> GenerationConfig:
+    return GenerationConfig(eos_token_id=list(config.text.eos_token_id), pad_token_id=config.text.pad_token_id)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

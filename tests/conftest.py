@@ -1,0 +1,43 @@
+"""Shared fixtures: tiny random checkpoints written by the reference implementation (transformers)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+TINY_TEXT = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=16, global_head_dim=32, num_global_key_value_heads=1,
+                 sliding_window=8, num_experts=4, top_k_experts=2, moe_intermediate_size=32,
+                 layer_types=["sliding_attention", "full_attention", "full_attention"])
+TINY_VISION = dict(model_type="gemma4_vision", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                   num_attention_heads=2, num_key_value_heads=2, head_dim=16)
+
+
+def make_reference_checkpoint(path: Path, text: dict | None = None, canvas_length: int = 16, seed: int = 0,
+                              std: float = 0.02, vision: bool = True, generation: dict | None = None,
+                              max_shard_size: str | None = None) -> Path:
+    """Build a random DiffusionGemmaForBlockDiffusion with transformers and save it with save_pretrained."""
+    from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
+
+    text = dict(TINY_TEXT if text is None else text)
+    text.setdefault("initializer_range", std)
+    cfg = DiffusionGemmaConfig(text_config=text, canvas_length=canvas_length,
+                               vision_config=TINY_VISION if vision else None, initializer_range=std)
+    torch.manual_seed(seed)
+    model = DiffusionGemmaForBlockDiffusion(cfg).eval()
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(path, **kwargs)
+    if generation is not None:
+        gen_path = Path(path) / "generation_config.json"
+        gen = json.loads(gen_path.read_text())
+        gen.update(generation)
+        gen_path.write_text(json.dumps(gen))
+    return Path(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    return make_reference_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt")
