@@ -122,7 +122,7 @@ def generate(model: DiffusionGemma, prompts: list[list[int]], gen: GenerationCon
     tokens, valid = tokens.to(device), valid.to(device)
     # grown as canvases are committed, so an open-ended request does not reserve the whole context up front
     cache = model.new_cache(B, T + min(num_canvases, 4) * C)
-    cache.valid[:, :T] = valid
+    cache.set_left_padding(valid)
     model.encode(tokens, cache)
     prefill_seconds = time.perf_counter() - t0
 

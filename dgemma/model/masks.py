@@ -1,7 +1,8 @@
 """Attention masks, as named functions. All return bool tensors where True means "may attend".
 
 Slots are cache indices; a token's RoPE position equals its slot (left padding occupies slots too, and RoPE only
-sees position differences, so a left-padded row computes what the unpadded row would, up to rounding).
+sees position differences, so a left-padded row computes what the unpadded row would, up to rounding). Each row
+may have its own length: `starts` holds, per row, the slot where the new tokens go.
 """
 
 from __future__ import annotations
@@ -9,33 +10,35 @@ from __future__ import annotations
 import torch
 
 
-def encoder_mask(valid: torch.Tensor, q_start: int, q_len: int, kv_start: int, window: int | None) -> torch.Tensor:
-    """Causal mask for `q_len` new tokens at slots [q_start, q_start+q_len) over keys at [kv_start, q_start+q_len).
+def encoder_mask(valid: torch.Tensor, starts: torch.Tensor, q_len: int, kv_start: int, kv_end: int,
+                 window: int | None) -> torch.Tensor:
+    """Causal mask for `q_len` new tokens per row at slots [start, start+q_len), over keys [kv_start, kv_end).
 
     A query at slot q sees key s when s <= q, the key is not padding, and (sliding layers) s > q - window.
     A padding query also sees itself, so no row is empty (an empty row would put NaN into its K/V).
-    valid (B, capacity) -> mask (B, 1, q_len, kv_len).
+    valid (R, capacity), starts (R,) -> mask (R, 1, q_len, kv_end - kv_start).
     """
-    q = torch.arange(q_start, q_start + q_len, device=valid.device)[:, None]  # (T, 1)
-    s = torch.arange(kv_start, q_start + q_len, device=valid.device)[None, :]  # (1, S)
-    allowed = s <= q
+    q = (starts[:, None] + torch.arange(q_len, device=valid.device))[:, :, None]  # (R, T, 1)
+    s = torch.arange(kv_start, kv_end, device=valid.device)[None, None, :]  # (1, 1, S)
+    allowed = (s <= q) & valid[:, None, kv_start:kv_end]
     if window is not None:
         allowed = allowed & (s > q - window)
-    mask = allowed[None] & valid[:, None, kv_start:q_start + q_len]  # (B, T, S)
-    return (mask | (s == q)[None])[:, None]
+    return (allowed | (s == q))[:, None]
 
 
-def decoder_mask(valid: torch.Tensor, cache_len: int, canvas_len: int, kv_start: int) -> torch.Tensor | None:
-    """Bidirectional mask for a canvas at slots [cache_len, cache_len+canvas_len) over keys [kv_start, end).
+def decoder_mask(valid: torch.Tensor, starts: torch.Tensor, canvas_len: int, kv_start: int, kv_end: int,
+                 window: int | None) -> torch.Tensor:
+    """Bidirectional mask for each row's canvas at slots [start, start+canvas_len), over keys [kv_start, kv_end).
 
-    The canvas sees every non-padding cached key in range and all of itself. Returns None when nothing is masked,
-    so attention can take its unmasked fast path. valid (B, capacity) -> (B, 1, 1, S) or None.
-    """
-    keys_valid = valid[:, kv_start:cache_len]
-    if bool(keys_valid.all()):
-        return None
-    canvas = torch.ones(valid.shape[0], canvas_len, dtype=torch.bool, device=valid.device)
-    return torch.cat([keys_valid, canvas], dim=1)[:, None, None, :]
+    The canvas sees all of itself and every non-padding cached key before it; sliding layers see only the last
+    `window - 1` cached slots. valid (R, capacity), starts (R,) -> (R, 1, 1, S)."""
+    s = torch.arange(kv_start, kv_end, device=valid.device)[None, :]  # (1, S)
+    start = starts[:, None]  # (R, 1)
+    cached = (s < start) & valid[:, kv_start:kv_end]
+    if window is not None:
+        cached = cached & (s >= start - (window - 1))
+    canvas = (s >= start) & (s < start + canvas_len)
+    return (cached | canvas)[:, None, None, :]
 
 
 def sliding_kv_start(cache_len: int, window: int) -> int:

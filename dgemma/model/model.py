@@ -138,34 +138,56 @@ class DiffusionGemma(nn.Module):
             logits = torch.tanh(logits / cap) * cap
         return logits
 
-    def encode(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Append `tokens` (B, T) to the cache, causally. Returns final hidden states (B, T, H)."""
-        T, L = tokens.shape[1], cache.length
-        cache.check_room(T)
+    def _plan(self, cache: KVCache, rows: list[int] | None, num_new: int, encoder: bool):
+        """Positions, masks and the K/V writer for `num_new` tokens appended (or placed as scratch) per row."""
         window = self.config.sliding_window
-        starts = {True: sliding_kv_start(L, window), False: 0}
-        masks = {True: encoder_mask(cache.valid, L, T, starts[True], window),
-                 False: encoder_mask(cache.valid, L, T, 0, None)}
-        positions = torch.arange(L, L + T, device=tokens.device)
-        hidden = self.run_layers(self.embed(tokens), positions, masks, cache.writer(L, starts), encoder=True)
-        cache.length = L + T
+        lockstep = rows is None
+        rows_list = list(range(cache.batch_size)) if lockstep else rows
+        lengths = [cache.lengths[r] for r in rows_list]
+        cache.check_room(rows_list, num_new)
+        device = cache.device
+        if lockstep and len(set(lengths)) != 1:
+            raise ValueError("rows have different lengths; pass rows=")
+        kv_end = max(lengths) + num_new
+        kv_start = {True: min(sliding_kv_start(n, window) for n in lengths), False: 0}
+        starts = torch.tensor(lengths, device=device)
+        valid = cache.valid if lockstep else cache.valid[torch.tensor(rows_list, device=device)]
+        if encoder:
+            masks = {s: encoder_mask(valid, starts, num_new, kv_start[s], kv_end, window if s else None)
+                     for s in (True, False)}
+        elif lockstep and not cache.any_padding:
+            masks = {True: None, False: None}  # every key in range is visible: unmasked fast path
+        else:
+            masks = {s: decoder_mask(valid, starts, num_new, kv_start[s], kv_end, window if s else None)
+                     for s in (True, False)}
+        if lockstep:
+            positions = torch.arange(lengths[0], lengths[0] + num_new, device=device)  # (T,)
+            writer = cache.writer(None, lengths[0], kv_start, kv_end)
+        else:
+            positions = starts[:, None] + torch.arange(num_new, device=device)  # (R, T)
+            writer = cache.writer(rows_list, starts, kv_start, kv_end)
+        return positions, masks, writer, rows_list
+
+    def encode(self, tokens: torch.Tensor, cache: KVCache, rows: list[int] | None = None) -> torch.Tensor:
+        """Append `tokens` (R, T) to the cache rows `rows` (default: all rows, in lockstep), causally.
+        Returns final hidden states (R, T, H)."""
+        positions, masks, writer, rows_list = self._plan(cache, rows, tokens.shape[1], encoder=True)
+        hidden = self.run_layers(self.embed(tokens), positions, masks, writer, encoder=True)
+        for r in rows_list:
+            cache.lengths[r] += tokens.shape[1]
         return hidden
 
     def denoise(self, canvas: torch.Tensor, cache: KVCache, self_cond_logits: torch.Tensor | None = None,
-                signal: torch.Tensor | None = None) -> torch.Tensor:
-        """One decoder pass over `canvas` (B, C) reading the cache. Returns logits (B, C, V) in fp32.
+                signal: torch.Tensor | None = None, rows: list[int] | None = None) -> torch.Tensor:
+        """One decoder pass over `canvas` (R, C) reading the cache rows `rows`. Returns logits (R, C, V) in fp32.
 
         The self-conditioning signal comes from `self_cond_logits` (previous step's logits) or directly as
-        `signal` (B, C, H); with neither it is zeros."""
-        C, L = canvas.shape[1], cache.length
-        cache.check_room(C)
-        starts = {True: sliding_kv_start(L, self.config.sliding_window), False: 0}
-        masks = {s: decoder_mask(cache.valid, L, C, starts[s]) for s in (True, False)}
+        `signal` (R, C, H); with neither it is zeros."""
+        positions, masks, writer, _ = self._plan(cache, rows, canvas.shape[1], encoder=False)
         if self_cond_logits is not None:
             signal = self.soft_embed(self_cond_logits)
         x = self.self_conditioning(self.embed(canvas), signal)
-        positions = torch.arange(L, L + C, device=canvas.device)
-        hidden = self.run_layers(x, positions, masks, cache.writer(L, starts), encoder=False)
+        hidden = self.run_layers(x, positions, masks, writer, encoder=False)
         return self.logits(hidden)
 
     def new_cache(self, batch_size: int, capacity: int) -> KVCache:
