@@ -1,0 +1,82 @@
+"""Tiny tokenizer assets for tests and examples, built offline with the `tokenizers` library.
+
+Both tokenizers fit a test model with vocab_size 256 and share the Gemma ids 0=<pad>, 1=<eos>, 2=<bos>.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
+from tokenizers import Tokenizer as BackendTokenizer
+
+from .tokenizer import GEMMA4_CHAT_TEMPLATE
+
+BASE_SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>"]
+CHAT_SPECIAL_TOKENS = ["<|turn>", "<turn|>", "<|channel>", "<channel|>", "<|think|>"]
+# Bytes that never occur in valid UTF-8; leaving them out keeps the byte vocabulary at 243 entries.
+_NEVER_IN_UTF8 = {0xC0, 0xC1, *range(0xF5, 0x100)}
+
+
+def _special(tokens: list[str]) -> list[AddedToken]:
+    return [AddedToken(t, special=True, normalized=False) for t in tokens]
+
+
+def _finish(backend: BackendTokenizer, directory: Path, config: dict) -> Path:
+    backend.post_processor = processors.TemplateProcessing(single="<bos> $A", pair="<bos> $A $B",
+                                                           special_tokens=[("<bos>", 2)])
+    directory.mkdir(parents=True, exist_ok=True)
+    backend.save(str(directory / "tokenizer.json"))
+    config = {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", **config}
+    (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    return directory
+
+
+def write_test_tokenizer(directory) -> Path:
+    """Byte-level tokenizer (251 tokens) in which any text round-trips; returns the directory.
+
+    Ids: 0 <pad>, 1 <eos>, 2 <bos>, 3 <|turn>, 4 <turn|>, 5 <|channel>, 6 <channel|>, 7 <|think|>, then one token per
+    UTF-8 byte (GPT-2 byte-to-character map, no merges). tokenizer_config.json carries the Gemma 4 chat template.
+    """
+    specials = BASE_SPECIAL_TOKENS + CHAT_SPECIAL_TOKENS
+    byte_chars = pre_tokenizers.ByteLevel.alphabet()  # 256 printable stand-ins, one per byte
+    byte_to_char = {b: c for b, c in zip(_byte_order(), _gpt2_chars())}
+    assert set(byte_to_char.values()) == set(byte_chars)
+    vocab = {t: i for i, t in enumerate(specials)}
+    for b in range(256):
+        if b not in _NEVER_IN_UTF8:
+            vocab[byte_to_char[b]] = len(vocab)
+    backend = BackendTokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens(_special(specials))
+    return _finish(backend, Path(directory), {"chat_template": GEMMA4_CHAT_TEMPLATE})
+
+
+SUDOKU_SEPARATORS = ["\n", " ", "|", "-", "+", "."]
+
+
+def write_sudoku_tokenizer(directory) -> Path:
+    """Character-level WordLevel tokenizer for Sudoku grids (81 digits, "0" = blank); returns the directory.
+
+    Ids: 0 <pad>, 1 <eos>, 2 <bos>, 3..12 the digits "0".."9" (digit d is id d + 3), 13 "\\n", 14 " ", 15 "|",
+    16 "-", 17 "+", 18 ".", 19 <unk> (any other character). No chat template.
+    """
+    tokens = BASE_SPECIAL_TOKENS + [str(d) for d in range(10)] + SUDOKU_SEPARATORS + ["<unk>"]
+    backend = BackendTokenizer(models.WordLevel(vocab={t: i for i, t in enumerate(tokens)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # every character
+    backend.decoder = decoders.Fuse()  # WordLevel would otherwise join tokens with spaces
+    backend.add_special_tokens(_special(BASE_SPECIAL_TOKENS + ["<unk>"]))
+    return _finish(backend, Path(directory), {"unk_token": "<unk>"})
+
+
+def _byte_order() -> list[int]:
+    """Bytes in the order of the GPT-2 byte-to-unicode table (printable bytes first, then the rest)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    return printable + [b for b in range(256) if b not in printable]
+
+
+def _gpt2_chars() -> list[str]:
+    printable = _byte_order()[:188]
+    return [chr(b) for b in printable] + [chr(256 + n) for n in range(256 - len(printable))]
