@@ -1,0 +1,364 @@
+"""Tokenizer, chat template sandbox and thought-channel parsing, on the tiny offline tokenizers from dgemma.testing."""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+
+import pytest
+
+from dgemma.testing import write_sudoku_tokenizer, write_test_tokenizer
+from dgemma.tokenizer import (GEMMA4_CHAT_TEMPLATE, ThinkingStreamParser, Tokenizer, TokenizerError,
+                              split_thinking)
+
+TEXTS = ["", "hello world", " leading and trailing  ", "héllo wörld", "日本語 テキスト", "emoji 🎉👩‍👩‍👧 done",
+         "tabs\tand\nnewlines\r\n", "\x00\x01\x7f control", "a<b>c <|turn not a marker",
+         "Ω≈ç√∫˜µ≤≥÷"]
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory):
+    return write_test_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+@pytest.fixture(scope="module")
+def tok(tok_dir):
+    return Tokenizer.from_dir(tok_dir)
+
+
+def _copy_without_template(src, dst):
+    dst.mkdir()
+    (dst / "tokenizer.json").write_text((src / "tokenizer.json").read_text())
+    config = json.loads((src / "tokenizer_config.json").read_text())
+    config.pop("chat_template")
+    (dst / "tokenizer_config.json").write_text(json.dumps(config))
+    return dst
+
+
+# --- encode / decode --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_round_trip(tok, text):
+    ids = tok.encode(text)
+    assert all(0 <= i < 256 for i in ids)
+    assert tok.decode(ids, skip_special_tokens=False) == text
+
+
+def test_round_trip_random_unicode(tok):
+    rng = random.Random(0)
+    for _ in range(50):
+        text = "".join(chr(rng.choice([rng.randrange(32, 127), rng.randrange(0xA0, 0xD7FF),
+                                       rng.randrange(0xE000, 0x10FFFF)])) for _ in range(rng.randrange(1, 30)))
+        assert tok.decode(tok.encode(text), skip_special_tokens=False) == text
+
+
+def test_special_tokens(tok):
+    assert tok.vocab_size <= 256
+    assert (tok.pad_token_id, tok.eos_token_ids, tok.bos_token_id) == (0, [1], 2)
+    ids = [tok.token_id(t) for t in ["<|turn>", "<turn|>", "<|channel>", "<channel|>", "<|think|>"]]
+    assert ids == [3, 4, 5, 6, 7]
+    assert tok.token_id("<no such token>") is None
+    assert tok.encode("hi", add_special_tokens=True)[0] == 2
+    assert tok.encode("hi")[0] != 2
+    assert tok.encode("<|channel>thought\n")[0] == 5
+
+
+def test_decode_skips_special_tokens_by_default(tok):
+    ids = tok.encode("<|channel>thought\nhmm<channel|>42<turn|>")
+    assert tok.decode(ids) == "thought\nhmm42"
+    assert split_thinking(tok.decode(ids, skip_special_tokens=False)) == ("hmm", "42")
+
+
+def test_special_tokens_as_dicts_and_from_special_tokens_map(tmp_path, tok_dir):
+    d = _copy_without_template(tok_dir, tmp_path / "t")
+    (d / "tokenizer_config.json").write_text(json.dumps({"eos_token": {"content": "<turn|>", "special": True}}))
+    (d / "special_tokens_map.json").write_text(json.dumps({"bos_token": {"content": "<bos>"}, "pad_token": "<eos>"}))
+    t = Tokenizer.from_dir(d)
+    assert (t.bos_token_id, t.eos_token_ids, t.pad_token_id) == (2, [4], 1)
+
+
+def test_unknown_special_token_is_an_error(tmp_path, tok_dir):
+    d = _copy_without_template(tok_dir, tmp_path / "t")
+    (d / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<end_of_text>"}))
+    with pytest.raises(TokenizerError, match="eos_token '<end_of_text>' is not in the vocabulary"):
+        Tokenizer.from_dir(d)
+
+
+def test_sudoku_tokenizer(tmp_path):
+    t = Tokenizer.from_dir(write_sudoku_tokenizer(tmp_path))
+    grid = "530070000600195000098000060800060003400803001700020006060000280000419005000080079"
+    ids = t.encode(grid)
+    assert len(ids) == 81 and ids[:3] == [8, 6, 3]
+    assert all(i == int(c) + 3 for i, c in zip(ids, grid))
+    assert t.decode(ids) == grid
+    assert t.encode("1 2|\n") == [4, 14, 5, 15, 13]
+    assert t.decode(t.encode("1 2|\n")) == "1 2|\n"
+    assert t.encode("x") == [t.token_id("<unk>")]
+    assert (t.pad_token_id, t.eos_token_ids, t.bos_token_id, t.vocab_size) == (0, [1], 2, 20)
+    assert not t.has_chat_template
+
+
+# --- loading ----------------------------------------------------------------------------------------------------
+
+def test_missing_tokenizer_is_none(tmp_path):
+    assert Tokenizer.from_dir(tmp_path) is None
+
+
+def test_corrupt_tokenizer_json(tmp_path):
+    (tmp_path / "tokenizer.json").write_text('{"model": {"type": "BPE", "vocab": ')
+    with pytest.raises(TokenizerError, match="tokenizer.json") as info:
+        Tokenizer.from_dir(tmp_path)
+    assert str(tmp_path / "tokenizer.json") in str(info.value) and "\n" not in str(info.value)
+
+
+def test_corrupt_tokenizer_config(tmp_path, tok_dir):
+    d = _copy_without_template(tok_dir, tmp_path / "t")
+    (d / "tokenizer_config.json").write_text("{not json")
+    with pytest.raises(TokenizerError, match="tokenizer_config.json: not valid JSON"):
+        Tokenizer.from_dir(d)
+
+
+def test_template_that_does_not_compile(tmp_path, tok_dir):
+    d = _copy_without_template(tok_dir, tmp_path / "t")
+    (d / "chat_template.jinja").write_text("{% for m in messages %}{{ m.content }")
+    with pytest.raises(TokenizerError, match="chat_template.jinja: chat template does not compile"):
+        Tokenizer.from_dir(d)
+
+
+# --- chat template ----------------------------------------------------------------------------------------------
+
+def test_chat_template_plain(tok):
+    assert tok.has_chat_template and tok.chat_template_source.endswith("tokenizer_config.json")
+    prompt = tok.apply_chat_template([{"role": "user", "content": "Hi"}])
+    assert prompt == "<bos><|turn>user\nHi<turn|>\n<|turn>model\n"
+    assert tok.encode(prompt) == [2, 3, *tok.encode("user\nHi"), 4, *tok.encode("\n"), 3, *tok.encode("model\n")]
+    assert tok.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=False) == \
+        "<bos><|turn>user\nHi<turn|>\n"
+
+
+def test_chat_template_thinking_and_system(tok):
+    user = {"role": "user", "content": "Hi"}
+    system = {"role": "system", "content": "Be brief."}
+    assert tok.apply_chat_template([user], enable_thinking=True) == \
+        "<bos><|turn>system\n<|think|><turn|>\n<|turn>user\nHi<turn|>\n<|turn>model\n"
+    assert tok.apply_chat_template([system, user]) == \
+        "<bos><|turn>system\nBe brief.<turn|>\n<|turn>user\nHi<turn|>\n<|turn>model\n"
+    assert tok.apply_chat_template([system, user], enable_thinking=True) == \
+        "<bos><|turn>system\n<|think|>Be brief.<turn|>\n<|turn>user\nHi<turn|>\n<|turn>model\n"
+
+
+def test_chat_template_history(tok):
+    messages = [{"role": "user", "content": [{"type": "text", "text": "2+2?"}]},
+                {"role": "assistant", "content": "<|channel>thought\nadd<channel|>4"},
+                {"role": "user", "content": "and 3+3?"}]
+    assert tok.apply_chat_template(messages) == ("<bos><|turn>user\n2+2?<turn|>\n<|turn>model\n4<turn|>\n"
+                                                 "<|turn>user\nand 3+3?<turn|>\n<|turn>model\n")
+    with pytest.raises(TokenizerError, match="refused: unsupported message role tool"):
+        tok.apply_chat_template([{"role": "tool", "content": "x"}])
+    with pytest.raises(TokenizerError, match="list of dicts"):
+        tok.apply_chat_template(["hi"])
+
+
+def test_template_sources(tmp_path, tok_dir):
+    messages = [{"role": "user", "content": "Hi"}]
+    d = _copy_without_template(tok_dir, tmp_path / "t")
+    fallback = Tokenizer.from_dir(d)
+    assert not fallback.has_chat_template and fallback.chat_template_source == "builtin"
+    assert fallback.apply_chat_template(messages) == Tokenizer.from_dir(tok_dir).apply_chat_template(messages)
+
+    config = json.loads((d / "tokenizer_config.json").read_text())
+    config["chat_template"] = [{"name": "tool_use", "template": "TOOLS"},
+                               {"name": "default", "template": "CFG{{ messages[0].content }}{{ extra }}"}]
+    (d / "tokenizer_config.json").write_text(json.dumps(config))
+    t = Tokenizer.from_dir(d)
+    assert t.has_chat_template and t.apply_chat_template(messages, extra="!") == "CFGHi!"
+
+    (d / "chat_template.json").write_text(json.dumps({"chat_template": "JSON{{ bos_token }}"}))
+    assert Tokenizer.from_dir(d).apply_chat_template(messages) == "JSON<bos>"
+
+    (d / "chat_template.jinja").write_text("JINJA{% if enable_thinking %}T{% endif %}{{ add_generation_prompt }}")
+    t = Tokenizer.from_dir(d)
+    assert t.chat_template_source.endswith("chat_template.jinja")
+    assert t.apply_chat_template(messages, enable_thinking=True) == "JINJATTrue"
+
+    config["chat_template"] = [{"name": "tool_use", "template": "TOOLS"}]
+    (d / "tokenizer_config.json").write_text(json.dumps(config))
+    for name in ("chat_template.jinja", "chat_template.json"):
+        (d / name).unlink()
+    with pytest.raises(TokenizerError, match='no "default" template'):
+        Tokenizer.from_dir(d)
+
+
+def test_builtin_template_is_the_test_tokenizer_template(tok):
+    assert tok.chat_template.text == GEMMA4_CHAT_TEMPLATE
+
+
+MALICIOUS = {
+    "{{ ''.__class__.__mro__ }}": "blocked by the sandbox",
+    "{{ ''.__class__ }}": "blocked by the sandbox",
+    "{{ cycler.__init__.__globals__ }}": "blocked by the sandbox",
+    "{{ messages.append(1) }}": "blocked by the sandbox",
+    "{% set ns = namespace(_x=1) %}": "blocked by the sandbox",
+    "{{ raise_exception('boom') }}": "refused: boom",
+    "{% for i in range(10**9) %}x{% endfor %}": "went over a limit",
+    "{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}": "more than 1000000 steps",
+    "{% for i in range(99999) %}{{ 'abcdefghijk' }}{% endfor %}": "characters of output",
+    "{{ 'x' * 10**9 }}": "a value longer than",
+    "{{ 3 ** 100000000 }}": "a power over",
+    "{{ (10 ** 4000) ** 4000 }}": "a power over",
+    "{{ 'x'|center(1000000000) }}": "the argument 1000000000",
+    "{{ '%1000000000s' % 'x' }}": "huge width",
+    "{{ '{:>1000000000}'.format('x') }}": "huge width",
+    "{% set s = 'x' * 600000 %}{% set s = s ~ s %}": "a value longer than",
+    "{% set s %}{{ 'x' * 600000 }}{{ 'x' * 600000 }}{% endset %}": "a value longer than",
+    "{% set ns = namespace(s='x') %}{% for i in range(30) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}":
+        "a value longer than",
+    "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}": "RecursionError",
+    "{{ lipsum(n=100000) }}": "undefined",
+    "{{ 1 / 0 }}": "ZeroDivisionError",
+}
+
+
+@pytest.mark.parametrize("template", list(MALICIOUS))
+def test_malicious_templates(tmp_path, tok_dir, template):
+    d = _copy_without_template(tok_dir, tmp_path / "t")
+    (d / "chat_template.jinja").write_text(template)
+    t = Tokenizer.from_dir(d)
+    start = time.monotonic()
+    with pytest.raises(TokenizerError, match=MALICIOUS[template]) as info:
+        t.apply_chat_template([{"role": "user", "content": "hi"}])
+    assert time.monotonic() - start < 3.0
+    message = str(info.value)
+    assert message.startswith(str(d / "chat_template.jinja")) and "\n" not in message
+
+
+def test_template_features_hf_templates_use(tmp_path, tok_dir):
+    d = _copy_without_template(tok_dir, tmp_path / "t")
+    (d / "chat_template.jinja").write_text(
+        "{% set ns = namespace(n=0) %}{% for m in messages %}{% set ns.n = ns.n + 1 %}"
+        "{% if loop.last %}{% break %}{% endif %}{% endfor %}{{ ns.n }}|{{ messages|tojson }}|"
+        "{{ tools[0]['name'] }}|{{ dict(a=1)|tojson }}|{{ '%s-%d' % ('a', 3) }}|{{ 'a{}'.format('b') }}|"
+        "{{ '%*s' % (3, 'x') }}|{{ 2 ** 10 }}|{{ 'ab' * 2 }}{% generation %}|g{% endgeneration %}")
+    messages = [{"role": "user", "content": "é"}, {"role": "assistant", "content": "x"}]
+    out = Tokenizer.from_dir(d).apply_chat_template(messages, tools=[{"name": "calc"}])
+    assert out == '2|[{"role": "user", "content": "é"}, {"role": "assistant", "content": "x"}]|calc|{"a": 1}|a-3|ab|' \
+        '  x|1024|abab|g'
+
+
+def test_template_sees_plain_data_only(tmp_path, tok_dir):
+    class Rich:
+        def danger(self):
+            raise AssertionError("called")
+
+    d = _copy_without_template(tok_dir, tmp_path / "t")
+    (d / "chat_template.jinja").write_text("{{ messages[0].content }}{{ messages[0].content.danger() }}")
+    with pytest.raises(TokenizerError, match="has no attribute 'danger'"):
+        Tokenizer.from_dir(d).apply_chat_template([{"role": "user", "content": Rich()}])
+
+
+# --- thinking ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text, expected", [
+    ("plain answer", (None, "plain answer")),
+    ("plain answer<turn|>", (None, "plain answer")),
+    ("plain answer<eos>", (None, "plain answer")),
+    ("answer<turn|>\n<eos>junk", (None, "answer")),
+    ("<|channel>thought\nstep 1\nstep 2<channel|>The answer is 4.", ("step 1\nstep 2", "The answer is 4.")),
+    ("<|channel>thought\nhmm<channel|>4<turn|>", ("hmm", "4")),
+    ("<|channel>thought\nstill thinking", ("still thinking", "")),
+    ("<|channel>thought\n", ("", "")),
+    ("<|channel>thought", ("", "")),  # an opener cut short by the token budget
+    ("<|channel>thought\n<channel|>", ("", "")),
+    ("<|channel>hmm<channel|>x", ("hmm", "x")),
+    ("a < b and c <| d", (None, "a < b and c <| d")),
+    ("x <channel|>y", (None, "x y")),
+    ("<|channel>thought\na<channel|>b<|channel>thought\nc<channel|>d", ("ac", "bd")),
+    ("<|channel>thought\nr<turn|>after", ("r", "")),
+    ("<chan", (None, "<chan")),
+])
+def test_split_thinking(text, expected):
+    assert split_thinking(text) == expected
+
+
+STREAM_TEXTS = [
+    "<|channel>thought\nLet me think: 2 < 3 and <|x is not a marker.<channel|>Answer: <b>4</b><turn|>",
+    "no thinking at all <turn|",
+    "<|channel>thought\nunfinished <channel",
+    "<|channel>thoughtless<channel|>x<eos>",
+    "<<<|channel>thought\n<<channel|><<turn|>",
+    "a<|channel>thought\nb<channel|>c<|channel>thought\nd<channel|>e<turn|>ignored",
+]
+
+
+@pytest.mark.parametrize("text", STREAM_TEXTS)
+def test_stream_parser_matches_split_thinking(text):
+    reasoning, content = split_thinking(text)
+    rng = random.Random(text)
+    for trial in range(200):
+        cuts = sorted(rng.sample(range(1, len(text)), rng.randrange(0, min(len(text) - 1, 12))))
+        if trial == 0:
+            cuts = list(range(1, len(text)))  # one character at a time
+        chunks = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
+        parser = ThinkingStreamParser()
+        outs = [parser.feed(c) for c in chunks] + [parser.flush()]
+        # Output is append-only, so equal totals also mean no chunk ever emitted text that later became a marker.
+        assert "".join(r for r, _ in outs) == (reasoning or "")
+        assert "".join(c for _, c in outs) == content
+
+
+def test_stream_parser_holds_back_partial_markers():
+    parser = ThinkingStreamParser()
+    assert parser.feed("Hello <|chan") == ("", "Hello ")
+    assert parser.feed("nel>thou") == ("", "")
+    assert parser.feed("ght\nhmm<chan") == ("hmm", "")
+    assert parser.feed("nel|>ok<tu") == ("", "ok")
+    assert parser.feed("rn|>more") == ("", "")
+    assert parser.flush() == ("", "")
+
+
+# --- parity with transformers' renderer (the reference) ---------------------------------------------------------
+
+CHATML_WITH_TOOLS = """\
+{%- if tools %}
+{{- '<|im_start|>system\\n' }}
+{%- if messages[0].role == 'system' %}{{- messages[0].content + '\\n\\n' }}{%- endif %}
+{{- "# Tools\\n<tools>" }}
+{%- for tool in tools %}{{- "\\n" }}{{- tool | tojson }}{%- endfor %}
+{{- "\\n</tools><|im_end|>\\n" }}
+{%- elif messages[0].role == 'system' %}
+{{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}
+{%- endif %}
+{%- set ns = namespace(last_query_index=messages|length - 1) %}
+{%- for message in messages[::-1] %}
+{%- set index = (messages|length - 1) - loop.index0 %}
+{%- if message.role == "user" and message.content is string %}{%- set ns.last_query_index = index %}{%- break %}
+{%- endif %}
+{%- endfor %}
+{%- for message in messages %}
+{%- if message.role == "user" or (message.role == "system" and not loop.first) %}
+{{- '<|im_start|>' + message.role + '\\n' + message.content | trim + '<|im_end|>' + '\\n' }}
+{%- elif message.role == "assistant" %}
+{{- '<|im_start|>assistant\\n' }}{% generation %}{{ message.content }}{% endgeneration %}{{ '<|im_end|>\\n' }}
+{%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}
+{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}
+{%- endif %}
+{{- '[' ~ ns.last_query_index ~ ']' }}"""
+
+
+@pytest.mark.parametrize("template", [GEMMA4_CHAT_TEMPLATE, CHATML_WITH_TOOLS])
+@pytest.mark.parametrize("thinking", [False, True])
+def test_rendering_matches_transformers(tmp_path, tok_dir, template, thinking):
+    chat_template_utils = pytest.importorskip("transformers.utils.chat_template_utils")
+    d = _copy_without_template(tok_dir, tmp_path / "t")
+    (d / "chat_template.jinja").write_text(template)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "  2+2?  "},
+                {"role": "assistant", "content": "4"}, {"role": "user", "content": [{"type": "text", "text": "3+3?"}]}]
+    tools = [{"type": "function", "function": {"name": "add", "parameters": {"a": "é"}}}]
+    ours = Tokenizer.from_dir(d).apply_chat_template(messages, enable_thinking=thinking, tools=tools)
+    rendered, _ = chat_template_utils.render_jinja_template(
+        [messages], tools=tools, chat_template=template, add_generation_prompt=True, enable_thinking=thinking,
+        bos_token="<bos>", eos_token="<eos>")
+    assert ours == rendered[0]
