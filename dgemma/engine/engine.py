@@ -1,0 +1,234 @@
+"""The serving engine: continuous batching of block-diffusion requests on one background thread.
+
+One engine step:
+  1. drop cancelled requests (their rows are free at once);
+  2. admit waiting requests onto free cache rows and prefill them (encoder);
+  3. one batched denoising step for every running request (decoder; runner.py);
+  4. per request: report newly settled tokens and text; finish on EOS, a stop string, max_tokens or the context
+     limit; otherwise a request whose canvas is done commits it (encoder appends) and starts the next one.
+
+HTTP handlers talk to the engine only through `add_request` / `abort` (thread-safe) and the sink callback each
+request carries, which the engine calls from its thread.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+
+
+from ..config import ConfigError, GenerationConfig
+from ..model import DiffusionGemma
+from .detokenizer import TextStream
+from .request import Request, RequestError, RequestOutput, SamplingParams, Sink
+from .runner import ModelRunner
+from .scheduler import Scheduler, canvases_for
+
+log = logging.getLogger("dgemma.engine")
+
+
+@dataclass
+class Completion:
+    """A whole request's result, gathered from its outputs (Engine.generate)."""
+
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    denoising_steps: int
+    error: str | None = None
+
+
+class Engine:
+    def __init__(self, model: DiffusionGemma, generation: GenerationConfig, tokenizer=None, max_num_seqs: int = 8,
+                 max_model_len: int | None = None, max_waiting: int | None = None, prefill_budget: int = 4096):
+        cfg = model.config
+        self.model = model
+        self.generation = generation
+        self.tokenizer = tokenizer
+        self.max_num_seqs = max_num_seqs
+        self.max_model_len = min(max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        if self.max_model_len <= model.canvas_length:
+            raise ValueError(f"max_model_len={self.max_model_len} leaves no room for a prompt and a "
+                             f"{model.canvas_length}-token canvas")
+        self.prefill_budget = prefill_budget
+        self.runner = ModelRunner(model, max_num_seqs, self.max_model_len, generation.stability_threshold,
+                                  generation.confidence_threshold)
+        self.scheduler = Scheduler(max_num_seqs, max_waiting if max_waiting is not None else 8 * max_num_seqs)
+        self.num_steps = 0  # engine steps (batched decoder passes)
+        self._ids = itertools.count()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+
+    # -- called from any thread ------------------------------------------------------------------------------
+    def add_request(self, prompt: list[int], params: SamplingParams, sink: Sink,
+                    request_id: str | None = None) -> Request:
+        """Validate and queue a request. Raises RequestError (400) or QueueFullError (429)."""
+        V = self.model.config.vocab_size
+        if not isinstance(prompt, list) or not prompt:
+            raise RequestError("the prompt is empty", "prompt")
+        bad = next((t for t in prompt if not (isinstance(t, int) and not isinstance(t, bool) and 0 <= t < V)), None)
+        if bad is not None:
+            raise RequestError(f"token id {bad!r} is outside the vocabulary [0, {V})", "prompt")
+        if params.stop and self.tokenizer is None:
+            raise RequestError("stop strings need a model with a tokenizer", "stop")
+        try:
+            gen = params.generation_config(self.generation)
+        except ConfigError as e:
+            raise RequestError(str(e)) from None
+        C = self.model.canvas_length
+        max_canvases = canvases_for(len(prompt), params.max_tokens, C, self.max_model_len)
+        text = None
+        if self.tokenizer is not None:
+            text = TextStream(self.tokenizer.decode, params.skip_special_tokens, gen.eos_token_id, params.stop)
+        request = Request(request_id or f"req-{next(self._ids)}", prompt, params, gen, C, max_canvases,
+                          self.model.device, sink, text)
+        self.scheduler.add(request)
+        return request
+
+    def abort(self, request_id: str) -> None:
+        """Cancel a request; its cache row is freed before the next engine step."""
+        self.scheduler.abort(request_id)
+
+    def generate(self, prompt: list[int], params: SamplingParams, timeout: float | None = None) -> Completion:
+        """Blocking helper: run one request to the end (the engine thread must be running)."""
+        outputs: queue.Queue[RequestOutput] = queue.Queue()
+        request = self.add_request(prompt, params, outputs.put)
+        ids, text = [], []
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                out = outputs.get(timeout=wait)
+            except queue.Empty:
+                self.abort(request.request_id)
+                raise TimeoutError(f"request {request.request_id} did not finish in {timeout} s") from None
+            ids += out.token_ids
+            text.append(out.text)
+            if out.finished:
+                return Completion(ids, "".join(text), out.finish_reason, out.prompt_tokens, out.completion_tokens,
+                                  out.denoising_steps, out.error)
+
+    @property
+    def num_waiting(self) -> int:
+        return self.scheduler.num_waiting
+
+    @property
+    def num_running(self) -> int:
+        return self.scheduler.num_running
+
+    def start(self) -> Engine:
+        if self._thread is None:
+            self._stopping = False
+            self._thread = threading.Thread(target=self._loop, name="dgemma-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stopping = True
+        with self.scheduler.lock:
+            self.scheduler.wakeup.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    # -- engine thread -----------------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while not self._stopping:
+            self.scheduler.wait_for_work(timeout=0.5)
+            try:
+                self.step()
+            except Exception as e:  # noqa: BLE001 (keep serving; fail what was running)
+                log.error("engine step failed:\n%s", traceback.format_exc())
+                for request in list(self.scheduler.running.values()):
+                    self._finish(request, "error", error=f"internal error: {type(e).__name__}: {e}")
+
+    def step(self) -> None:
+        """One engine step (see the module docstring). Runs on the engine thread, or directly in tests."""
+        # 1. cancelled requests
+        running, waiting = self.scheduler.take_aborted()
+        for request in running + waiting:
+            self._report(request, [], "", finish_reason="abort")
+        # 2. admission and prefill
+        for request in self.scheduler.admit(self.prefill_budget):
+            try:
+                self.runner.prefill(request)
+            except Exception as e:  # noqa: BLE001 (a prompt that breaks prefill must not stop the others)
+                log.error("prefill failed:\n%s", traceback.format_exc())
+                self._finish(request, "error", error=f"prefill failed: {type(e).__name__}: {e}")
+        batch = sorted(self.scheduler.running.values(), key=lambda r: r.row)
+        if not batch:
+            return
+        # 3. one batched denoising step
+        results = self.runner.step(batch)
+        self.num_steps += 1
+        # 4. report, finish or commit
+        to_commit = []
+        for request, result in zip(batch, results):
+            if result.canvas_done:
+                request.committed += result.argmax
+                request.settled = []
+                request.canvas_index += 1
+            elif result.num_pinned > len(request.settled):
+                request.settled = result.argmax[: result.num_pinned]
+            ids, hit_eos = request.output_ids()
+            reason = None
+            if hit_eos:
+                reason = "stop"
+            elif len(ids) >= request.max_new or request.num_canvases_left == 0:
+                reason = "length"
+            text = ""
+            if request.text is not None:
+                text = request.text.update(ids, final=reason is not None)
+                if request.text.stopped:
+                    reason = "stop"
+            draft = None
+            if request.params.include_drafts and reason is None and not result.canvas_done:
+                draft = self._draft(request, result)
+                draft, request.last_draft = (None if draft == request.last_draft else draft), draft
+            if reason is not None:
+                self._finish(request, reason, ids, text)
+                continue
+            self._report(request, ids, text, draft=draft)
+            if result.canvas_done:
+                to_commit.append(request)
+        self.runner.commit(to_commit)
+
+    def _draft(self, request: Request, result) -> str:
+        rest = result.argmax[result.num_pinned:]
+        eos = set(request.gen.eos_token_id)
+        cut = next((i for i, t in enumerate(rest) if t in eos), len(rest))
+        if self.tokenizer is None:
+            return " ".join(map(str, rest[:cut]))
+        return self.tokenizer.decode(rest[:cut], request.params.skip_special_tokens)
+
+    def _finish(self, request: Request, reason: str, ids: list[int] | None = None, text: str = "",
+                error: str | None = None) -> None:
+        self.scheduler.finish(request)
+        self._report(request, ids if ids is not None else [], text, finish_reason=reason, error=error)
+
+    def _report(self, request: Request, ids: list[int], text: str, draft: str | None = None,
+                finish_reason: str | None = None, error: str | None = None) -> None:
+        new_ids = ids[request.num_reported:]
+        request.num_reported = max(request.num_reported, len(ids))
+        if not new_ids and not text and draft is None and finish_reason is None:
+            return
+        if new_ids and request.first_token_time is None:
+            request.first_token_time = time.perf_counter()
+        out = RequestOutput(request.request_id, new_ids, text, draft, finish_reason is not None, finish_reason,
+                            error, len(request.prompt), request.num_reported, request.denoising_steps)
+        if out.finished:
+            now = time.perf_counter()
+            out.latency = now - request.arrival
+            out.ttft = None if request.first_token_time is None else request.first_token_time - request.arrival
+        try:
+            request.sink(out)
+        except Exception:  # noqa: BLE001 (a broken sink, e.g. a closed event loop, must not stop the engine)
+            log.warning("dropping output for %s: its sink failed", request.request_id)
+            self.abort(request.request_id)

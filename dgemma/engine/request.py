@@ -1,0 +1,165 @@
+"""A request as the engine sees it: its sampling parameters, its per-request RNG and its progress.
+
+A request moves WAITING -> (prefill) DENOISING -> (commit, next canvas) ... -> FINISHED. Everything on the host;
+the per-row device state (canvas, argmax canvas, self-conditioning signal) lives in the runner.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from ..config import GenerationConfig
+from ..sampling import temperature
+from .detokenizer import TextStream
+
+
+class RequestError(ValueError):
+    """A request the engine cannot serve (bad parameter, too long for the context). The server answers 400."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass
+class SamplingParams:
+    """Per-request parameters. Diffusion parameters left as None take the checkpoint's generation config.
+
+    temperature (tau) scales both ends of the t_max -> t_min schedule: the step-n temperature is
+    tau * (t_min + (t_max - t_min) * n / N). tau = 1 is the checkpoint's schedule. tau = 0 is greedy: the sampled
+    token is the argmax; entropies, acceptance and self-conditioning still use the tau = 1 schedule.
+
+    pin_prefix: once a prefix of the canvas has settled (see runner.py) it is kept fixed for the rest of that
+    canvas, so it can be streamed before the canvas is committed and is never retracted.
+    """
+
+    max_tokens: int | None = None  # None: until EOS or the context limit
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    temperature: float = 1.0
+    max_denoising_steps: int | None = None
+    entropy_bound: float | None = None
+    t_min: float | None = None
+    t_max: float | None = None
+    pin_prefix: bool = True
+    include_drafts: bool = False
+    skip_special_tokens: bool = True
+
+    def __post_init__(self) -> None:
+        def check(ok: bool, param: str, message: str) -> None:
+            if not ok:
+                raise RequestError(f"{param} {message}", param)
+
+        check(self.max_tokens is None or (_is_int(self.max_tokens) and self.max_tokens > 0), "max_tokens",
+              f"must be a positive integer, got {self.max_tokens!r}")
+        check(isinstance(self.stop, list) and all(isinstance(s, str) and s for s in self.stop), "stop",
+              "must be a list of non-empty strings")
+        check(self.seed is None or _is_int(self.seed), "seed", f"must be an integer, got {self.seed!r}")
+        check(_is_num(self.temperature) and 0 <= self.temperature <= 2, "temperature",
+              f"must be in [0, 2], got {self.temperature!r}")
+        check(self.max_denoising_steps is None or (_is_int(self.max_denoising_steps)
+                                                   and 0 < self.max_denoising_steps <= 1024),
+              "max_denoising_steps", f"must be an integer in [1, 1024], got {self.max_denoising_steps!r}")
+        check(self.entropy_bound is None or (_is_num(self.entropy_bound) and self.entropy_bound > 0),
+              "entropy_bound", f"must be a number > 0, got {self.entropy_bound!r}")
+        for name in ("t_min", "t_max"):
+            value = getattr(self, name)
+            check(value is None or (_is_num(value) and 0 <= value <= 100), name,
+                  f"must be a number in [0, 100], got {value!r}")
+
+    def generation_config(self, base: GenerationConfig) -> GenerationConfig:
+        """The checkpoint's config with this request's overrides; tau scales the schedule (tau = 0 keeps it)."""
+        t_min = base.t_min if self.t_min is None else self.t_min
+        t_max = base.t_max if self.t_max is None else self.t_max
+        if t_max <= t_min:
+            raise RequestError(f"t_max ({t_max}) must be greater than t_min ({t_min})", "t_max")
+        gen = base.replace(max_denoising_steps=self.max_denoising_steps, entropy_bound=self.entropy_bound,
+                           t_min=t_min, t_max=t_max)
+        if self.temperature not in (0, 1):
+            gen = gen.replace(t_min=gen.t_min * self.temperature, t_max=gen.t_max * self.temperature)
+        return gen
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_num(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    DENOISING = "denoising"
+    FINISHED = "finished"
+
+
+@dataclass
+class RequestOutput:
+    """What the engine reports to a request's sink: new settled tokens and text, an optional draft, the end."""
+
+    request_id: str
+    token_ids: list[int]  # new output tokens since the last report
+    text: str  # new text since the last report ("" without a tokenizer)
+    draft: str | None = None  # include_drafts: the unsettled rest of the current canvas
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+    error: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    denoising_steps: int = 0
+    ttft: float | None = None  # seconds from arrival to the first output token (set when finished)
+    latency: float | None = None  # seconds from arrival to the end (set when finished)
+
+
+Sink = Callable[[RequestOutput], None]
+
+
+class Request:
+    def __init__(self, request_id: str, prompt: list[int], params: SamplingParams, gen: GenerationConfig,
+                 canvas_length: int, max_canvases: int, device: torch.device, sink: Sink,
+                 text: TextStream | None):
+        self.request_id = request_id
+        self.prompt = prompt
+        self.params = params
+        self.gen = gen
+        self.sink = sink
+        self.text = text
+        self.status = Status.WAITING
+        self.row: int | None = None
+        self.max_canvases = max_canvases
+        self.max_new = min(params.max_tokens or max_canvases * canvas_length, max_canvases * canvas_length)
+        self.seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
+        # One generator per request, on the model's device, so a seed gives the same draws whatever is batched.
+        self.generator = torch.Generator(device=device).manual_seed(self.seed)
+        # The temperature of each step, computed once with the offline loop's own fp32 arithmetic.
+        n_steps = gen.max_denoising_steps
+        self.temperatures = [float(temperature(gen, n, torch.device("cpu"))) for n in range(n_steps, 0, -1)]
+        self.greedy = params.temperature == 0
+        self.committed: list[int] = []  # tokens of committed canvases
+        self.settled: list[int] = []  # the settled prefix of the current canvas
+        self.num_reported = 0  # output tokens already sent to the sink
+        self.last_draft: str | None = None
+        self.canvas_index = 0
+        self.step = 0  # denoising steps done on the current canvas
+        self.denoising_steps = 0
+        self.arrival = time.perf_counter()
+        self.first_token_time: float | None = None
+
+    @property
+    def num_canvases_left(self) -> int:
+        return self.max_canvases - self.canvas_index
+
+    def output_ids(self) -> tuple[list[int], bool]:
+        """Tokens known so far (committed + settled prefix), cut at EOS and at max_new; and whether EOS was hit."""
+        ids = (self.committed + self.settled)[: self.max_new]
+        eos = set(self.gen.eos_token_id)
+        cut = next((i for i, t in enumerate(ids) if t in eos), None)
+        return (ids, False) if cut is None else (ids[: cut + 1], True)

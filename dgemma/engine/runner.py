@@ -1,0 +1,162 @@
+"""The model runner: the KV cache, the per-row denoising state, and one batched denoising step.
+
+One engine step runs one decoder pass over every denoising request, whatever its context length and its step
+within its canvas (`model.denoise(..., rows=...)`), then does the sampler's work for all rows at once. Per row
+it is exactly the offline loop of generate.py (steps 2a-2d), with the same random draws from the request's own
+generator, in the same order and shapes as a batch of one:
+  canvas init: randint (1, C); per step: exponential (1, C, V) for the sample, then randint (1, C) for renoising.
+
+Settled prefix (pin_prefix): a position has settled once it and every position before it have been accepted with
+entropy below the confidence threshold and an unchanged argmax for `stability_threshold` + 1 consecutive steps.
+Settled positions are pinned: the canvas and the argmax canvas keep their value for the rest of the canvas, so
+the settled prefix is final and can be streamed before the canvas is committed. With pinning off a row is
+token-for-token the offline loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..model import DiffusionGemma
+from ..sampling import entropy_bound_accept, random_tokens, token_entropy
+from .request import Request
+
+
+@dataclass
+class StepResult:
+    """Host view of one row after a step."""
+
+    canvas_done: bool  # stopped (stable and confident, or out of steps): commit the argmax canvas
+    num_pinned: int  # length of the settled prefix
+    argmax: list[int]  # (C,) the argmax canvas
+
+
+class ModelRunner:
+    def __init__(self, model: DiffusionGemma, max_num_seqs: int, max_model_len: int, stability_threshold: int,
+                 confidence_threshold: float):
+        self.model = model
+        self.device = model.device
+        self.canvas_length = C = model.canvas_length
+        self.vocab_size = model.config.vocab_size
+        self.stability_threshold = K = stability_threshold
+        self.confidence_threshold = confidence_threshold
+        S, H = max_num_seqs, model.config.hidden_size
+        self.cache = model.new_cache(S, max_model_len)
+        dev = self.device
+        # per-row state, indexed by cache row
+        self.canvas = torch.zeros(S, C, dtype=torch.long, device=dev)
+        self.argmax = torch.zeros(S, C, dtype=torch.long, device=dev)
+        self.signal = torch.zeros(S, C, H, dtype=model.dtype, device=dev)  # self-conditioning for the next step
+        self.history = torch.full((S, K, C), -1, dtype=torch.long, device=dev)  # last K argmax canvases
+        self.streak = torch.zeros(S, C, dtype=torch.long, device=dev)  # steps accepted, confident and unchanged
+        self.num_pinned = torch.zeros(S, dtype=torch.long, device=dev)
+        self.positions = torch.arange(C, device=dev)
+
+    def nbytes(self) -> int:
+        return self.cache.nbytes() + self.signal.numel() * self.signal.element_size()
+
+    @torch.inference_mode()
+    def prefill(self, request: Request) -> None:
+        """1. Encode the prompt into the request's (reset) row, then start its first canvas."""
+        row = request.row
+        self.cache.reset_row(row)
+        prompt = torch.tensor([request.prompt], dtype=torch.long, device=self.device)  # (1, T)
+        self.model.encode(prompt, self.cache, rows=[row])
+        self.start_canvases([request])
+
+    def start_canvases(self, requests: list[Request]) -> None:
+        """2a. A uniform random canvas per request, drawn from the request's generator."""
+        if not requests:
+            return
+        idx = self._index(requests)
+        canvas = torch.cat([random_tokens((1, self.canvas_length), self.vocab_size, r.generator, self.device)
+                            for r in requests])  # (R, C)
+        self.canvas[idx] = canvas
+        self.argmax[idx] = canvas
+        self.history[idx] = -1
+        self.streak[idx] = 0
+        self.num_pinned[idx] = 0
+        for r in requests:
+            r.step = 0
+
+    @torch.inference_mode()
+    def commit(self, requests: list[Request]) -> None:
+        """2d. The encoder appends each request's committed argmax canvas to its row; then a fresh canvas."""
+        if not requests:
+            return
+        rows = [r.row for r in requests]
+        self.model.encode(self.argmax[self._index(requests)], self.cache, rows=rows)
+        self.start_canvases(requests)
+
+    @torch.inference_mode()
+    def step(self, requests: list[Request]) -> list[StepResult]:
+        """2b. One denoising step for every request in `requests` (each at its own step and context length)."""
+        model, dev, C = self.model, self.device, self.canvas_length
+        rows = [r.row for r in requests]
+        idx = self._index(requests)
+        canvas, prev_argmax = self.canvas[idx], self.argmax[idx]  # (R, C)
+        signal = None
+        with_signal = [r.step > 0 for r in requests]
+        if any(with_signal):
+            # a row on its first step gets a zero signal, which the self-conditioning MLP maps to exactly zero
+            signal = self.signal[idx] * torch.tensor(with_signal, device=dev)[:, None, None].to(self.signal.dtype)
+
+        # i. decoder pass
+        logits = model.denoise(canvas, self.cache, signal=signal, rows=rows)  # (R, C, V) fp32
+        # ii. temper, each row at its own step of its own schedule
+        temps = torch.tensor([r.temperatures[r.step] for r in requests], dtype=torch.float32).to(dev)
+        logits = logits / temps[:, None, None]
+        # iii. sample (sampling.sample_tokens, one generator per row), accept, renoise
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+        race = torch.ones_like(probs)
+        for i, r in enumerate(requests):
+            if not r.greedy:
+                race[i].exponential_(generator=r.generator)
+        noise = torch.cat([random_tokens((1, C), self.vocab_size, r.generator, dev) for r in requests])  # (R, C)
+        argmax = torch.argmax(logits, dim=-1)
+        greedy = torch.tensor([r.greedy for r in requests], device=dev)[:, None]
+        sampled = torch.where(greedy, argmax, torch.argmax(probs / race, dim=-1))
+        entropy = token_entropy(logits)  # (R, C)
+        bounds = torch.tensor([r.gen.entropy_bound for r in requests], dtype=torch.float32).to(dev)
+        accepted = entropy_bound_accept(entropy, bounds[:, None])
+        canvas = torch.where(accepted, sampled, noise)
+
+        # settled prefix: pinned positions keep their value; new ones join once they settle
+        pin = torch.tensor([r.params.pin_prefix for r in requests], device=dev)
+        pinned = self.positions[None] < self.num_pinned[idx][:, None]  # (R, C)
+        argmax = torch.where(pinned, prev_argmax, argmax)
+        confident = accepted & (entropy < self.confidence_threshold)
+        streak = torch.where(confident, torch.where(argmax == prev_argmax, self.streak[idx] + 1, 1), 0)
+        settled = (streak > self.stability_threshold) | pinned
+        num_pinned = torch.where(pin, settled.long().cumprod(dim=-1).sum(dim=-1), 0)  # (R,)
+        pinned = self.positions[None] < num_pinned[:, None]
+        canvas = torch.where(pinned, argmax, canvas)
+
+        # iv. stable and confident (sampling.StableAndConfident), or out of steps
+        history = self.history[idx]  # (R, K, C)
+        if self.stability_threshold == 0:
+            stable = torch.ones(len(requests), dtype=torch.bool, device=dev)
+        else:
+            stable = (history == argmax[:, None]).all(dim=-1).all(dim=-1)
+            history = torch.cat([history[:, 1:], argmax[:, None]], dim=1)
+        last = torch.tensor([r.step + 1 >= r.gen.max_denoising_steps for r in requests], device=dev)
+        done = (stable & (entropy.mean(dim=-1) < self.confidence_threshold)) | last
+
+        self.canvas[idx] = canvas
+        self.argmax[idx] = argmax
+        self.history[idx] = history
+        self.streak[idx] = streak
+        self.num_pinned[idx] = num_pinned
+        self.signal[idx] = model.soft_embed(logits)
+        for r in requests:
+            r.step += 1
+            r.denoising_steps += 1
+        # The one host sync per step: the scheduler must know which rows finished their canvas, and the stream
+        # needs the settled tokens.
+        host = torch.cat([done[:, None].long(), num_pinned[:, None], argmax], dim=1).tolist()
+        return [StepResult(bool(h[0]), h[1], h[2:]) for h in host]
+
+    def _index(self, requests: list[Request]) -> torch.Tensor:
+        return torch.tensor([r.row for r in requests], device=self.device)

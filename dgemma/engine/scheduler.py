@@ -1,0 +1,119 @@
+"""Admission and cache-row bookkeeping for continuous batching.
+
+Each running request owns one KV-cache row of `max_model_len` slots for its whole life. A request is admitted
+only if its prompt plus its canvases fit in a row (checked up front, so nothing runs out of room midway), waits
+in a bounded FIFO queue for a free row, and gives the row back the moment it finishes or is cancelled.
+The scheduler is shared between the HTTP threads (add, abort) and the engine thread, so it holds a lock.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections import deque
+
+from .request import Request, RequestError, Status
+
+
+class QueueFullError(RuntimeError):
+    """The waiting queue is full; the server answers 429 with Retry-After."""
+
+
+def canvases_for(prompt_len: int, max_tokens: int | None, canvas_length: int, max_model_len: int) -> int:
+    """How many canvases a request needs; RequestError when its prompt and max_tokens do not fit in a row.
+
+    A canvas is the unit of cache use: max_tokens is rounded up to whole canvases. With max_tokens unset the
+    request may use every whole canvas that fits (it runs until EOS or the context limit)."""
+    room = max_model_len - prompt_len
+    if room <= 0:
+        raise RequestError(f"the prompt has {prompt_len} tokens, which fills the context of {max_model_len} tokens",
+                           "prompt")
+    if max_tokens is None:
+        n = room // canvas_length
+        if n == 0:
+            raise RequestError(f"the prompt has {prompt_len} tokens; with a {canvas_length}-token canvas that "
+                               f"leaves no room to generate within the context of {max_model_len} tokens",
+                               "prompt")
+        return n
+    n = math.ceil(max_tokens / canvas_length)
+    if prompt_len + n * canvas_length > max_model_len:
+        raise RequestError(f"the prompt has {prompt_len} tokens and max_tokens={max_tokens} needs {n} canvases "
+                           f"of {canvas_length} tokens: {prompt_len + n * canvas_length} tokens, more than the "
+                           f"context of {max_model_len}; lower max_tokens or shorten the prompt", "max_tokens")
+    return n
+
+
+class Scheduler:
+    def __init__(self, max_num_seqs: int, max_waiting: int):
+        self.max_waiting = max_waiting
+        self.waiting: deque[Request] = deque()
+        self.running: dict[int, Request] = {}  # row -> request
+        self.free_rows = list(range(max_num_seqs - 1, -1, -1))
+        self.aborted: set[str] = set()
+        self.lock = threading.Lock()
+        self.wakeup = threading.Condition(self.lock)
+
+    def add(self, request: Request) -> None:
+        with self.lock:
+            if len(self.waiting) >= self.max_waiting:
+                raise QueueFullError(f"the waiting queue is full ({self.max_waiting} requests); retry later")
+            self.waiting.append(request)
+            self.wakeup.notify()
+
+    def abort(self, request_id: str) -> None:
+        with self.lock:
+            self.aborted.add(request_id)
+            self.wakeup.notify()
+
+    def wait_for_work(self, timeout: float) -> None:
+        with self.lock:
+            if not self.waiting and not self.running and not self.aborted:
+                self.wakeup.wait(timeout)
+
+    def take_aborted(self) -> tuple[list[Request], list[Request]]:
+        """Remove aborted requests -> (those that held a row, those still waiting)."""
+        with self.lock:
+            if not self.aborted:
+                return [], []
+            ids, self.aborted = self.aborted, set()
+            running = [r for r in self.running.values() if r.request_id in ids]
+            for r in running:
+                self.release(r)
+            waiting = [r for r in self.waiting if r.request_id in ids]
+            self.waiting = deque(r for r in self.waiting if r.request_id not in ids)
+            return running, waiting
+
+    def admit(self, prefill_budget: int) -> list[Request]:
+        """Move waiting requests onto free rows, FIFO, up to about `prefill_budget` prompt tokens per engine step
+        (always at least one), so a burst of long prompts does not stall the requests already denoising."""
+        admitted: list[Request] = []
+        with self.lock:
+            budget = prefill_budget
+            while self.waiting and self.free_rows and (not admitted or budget >= len(self.waiting[0].prompt)):
+                request = self.waiting.popleft()
+                request.row = self.free_rows.pop()
+                request.status = Status.DENOISING
+                self.running[request.row] = request
+                budget -= len(request.prompt)
+                admitted.append(request)
+        return admitted
+
+    def release(self, request: Request) -> None:
+        """Give a finished or cancelled request's row back (caller holds the lock or is the engine thread)."""
+        if request.row is not None and self.running.get(request.row) is request:
+            del self.running[request.row]
+            self.free_rows.append(request.row)
+        request.row = None
+        request.status = Status.FINISHED
+
+    def finish(self, request: Request) -> None:
+        with self.lock:
+            self.release(request)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)

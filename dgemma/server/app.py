@@ -1,0 +1,169 @@
+"""The FastAPI app, the `dgemma serve` command and a helper that runs a server on a background thread.
+
+Endpoints: POST /v1/chat/completions, POST /v1/completions, GET /v1/models (behind the API key when one is set),
+GET /health, GET /metrics (Prometheus). Every error is answered in OpenAI's format.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hmac
+import logging
+import os
+import sys
+import threading
+import time
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .protocol import ChatCompletionRequest, CompletionRequest, error_body
+from .serving import APIError, Serving
+
+log = logging.getLogger("dgemma.server")
+
+
+def build_app(serving: Serving, api_key: str | None = None) -> FastAPI:
+    """The app over a started engine (the caller owns the engine's lifetime)."""
+    app = FastAPI(title="dgemma", docs_url=None, redoc_url=None)
+
+    def check_key(request: Request) -> None:
+        if not api_key:
+            return
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+            raise APIError(401, "missing or wrong API key (send Authorization: Bearer KEY)",
+                           code="invalid_api_key")
+
+    def respond(result) -> Response:
+        if isinstance(result, BaseModel):
+            return JSONResponse(result.model_dump())
+        return StreamingResponse(result, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, e: APIError):
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, e: RequestValidationError):
+        first = e.errors()[0] if e.errors() else {}
+        if first.get("type") == "json_invalid":
+            return JSONResponse(error_body(f"the body is not valid JSON: {first.get('ctx', {}).get('error', '')}",
+                                           "invalid_request_error"), status_code=400)
+        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+        # drop pydantic's union-branch names ("str", "list[int]") so the param is the field path
+        param = ".".join(x for x in loc if not any(c in x for c in "[]") and x not in ("str", "int", "float", "bool"))
+        message = f"{param or 'body'}: {first.get('msg', 'invalid value')}"
+        return JSONResponse(error_body(message, "invalid_request_error", param or None), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, e: StarletteHTTPException):
+        return JSONResponse(error_body(str(e.detail), "invalid_request_error"), status_code=e.status_code)
+
+    @app.exception_handler(Exception)
+    async def internal_error(_: Request, e: Exception):
+        log.exception("unhandled error")
+        return JSONResponse(error_body(f"internal error: {type(e).__name__}", "internal_error"), status_code=500)
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(check_key)])
+    async def chat_completions(body: ChatCompletionRequest, raw: Request):
+        return respond(await serving.chat(body, raw))
+
+    @app.post("/v1/completions", dependencies=[Depends(check_key)])
+    async def completions(body: CompletionRequest, raw: Request):
+        return respond(await serving.completion(body, raw))
+
+    @app.get("/v1/models", dependencies=[Depends(check_key)])
+    async def models():
+        return respond(serving.models())
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "running": serving.engine.num_running, "waiting": serving.engine.num_waiting}
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(serving.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    return app
+
+
+class ServerThread:
+    """uvicorn on a background thread (tests, benchmarks). port=0 picks a free port; `url` is known once started."""
+
+    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0):
+        import uvicorn
+
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
+                                                    timeout_graceful_shutdown=1))
+        self.thread = threading.Thread(target=self.server.run, name="dgemma-http", daemon=True)
+        self.url = ""
+
+    def start(self, timeout: float = 30.0) -> ServerThread:
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the HTTP server did not start")
+            time.sleep(0.02)
+        host, port = self.server.servers[0].sockets[0].getsockname()[:2]
+        self.url = f"http://{host}:{port}"
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+# -- dgemma serve ---------------------------------------------------------------------------------------------------
+def add_serve_parser(subparsers) -> argparse.ArgumentParser:
+    from ..cli import add_model_args
+
+    p = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching and streaming")
+    add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or set DGEMMA_API_KEY)")
+    p.add_argument("--served-model-name", default=None, help="model id in the API (default: the directory name)")
+    p.add_argument("--max-num-seqs", type=int, default=8, help="requests denoised together (KV-cache rows)")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="context per request, prompt + output (default: min(model limit, 8192))")
+    p.add_argument("--max-waiting", type=int, default=None, help="waiting-queue bound (default 8 x max-num-seqs)")
+    p.add_argument("--no-settled-prefix", action="store_true",
+                   help="do not pin and stream the settled prefix by default (text then streams per canvas)")
+    p.set_defaults(func=cmd_serve)
+    return p
+
+
+def cmd_serve(args) -> int:
+    import uvicorn
+
+    from ..cli import CLIError, load_runtime
+    from ..engine import Engine
+
+    for name in ("max_num_seqs", "port"):
+        if getattr(args, name) < (0 if name == "port" else 1):
+            raise CLIError(f"--{name.replace('_', '-')} must be positive")
+    ckpt, tokenizer = load_runtime(args)
+    text = ckpt.config.text
+    max_model_len = args.max_model_len or min(text.max_position_embeddings, 8192)
+    engine = Engine(ckpt.model, ckpt.generation, tokenizer, max_num_seqs=args.max_num_seqs,
+                    max_model_len=max_model_len, max_waiting=args.max_waiting)
+    name = args.served_model_name or ckpt.path.resolve().name
+    serving = Serving(engine, tokenizer, name, settled_prefix=not args.no_settled_prefix)
+    api_key = args.api_key or os.environ.get("DGEMMA_API_KEY") or None
+    app = build_app(serving, api_key)
+    print(f"dgemma serve: {name} on {ckpt.model.device}, {args.max_num_seqs} rows x {engine.max_model_len} tokens "
+          f"({engine.runner.nbytes() / 2**20:.0f} MiB of cache), http://{args.host}:{args.port}/v1"
+          + (", API key required" if api_key else ""), file=sys.stderr)
+    engine.start()
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    finally:
+        with contextlib.suppress(Exception):
+            engine.stop()
+    return 0

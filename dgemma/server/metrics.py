@@ -1,0 +1,44 @@
+"""Prometheus metrics of one server, in a registry of its own (several servers can live in one process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from ..engine import Engine
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
+
+
+class Metrics:
+    def __init__(self, engine: Engine):
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("dgemma_requests", "Finished requests by finish reason", ["finish_reason"],
+                                registry=r)
+        self.prompt_tokens = Counter("dgemma_prompt_tokens", "Prompt tokens of finished requests", registry=r)
+        self.generation_tokens = Counter("dgemma_generation_tokens", "Generated tokens of finished requests",
+                                         registry=r)
+        self.denoising_steps = Counter("dgemma_denoising_steps", "Decoder passes, summed over requests", registry=r)
+        Gauge("dgemma_requests_waiting", "Requests in the waiting queue", registry=r).set_function(
+            lambda: engine.num_waiting)
+        Gauge("dgemma_requests_running", "Requests holding a KV-cache row", registry=r).set_function(
+            lambda: engine.num_running)
+        Gauge("dgemma_engine_steps", "Batched denoising steps run by the engine", registry=r).set_function(
+            lambda: engine.num_steps)
+        self.ttft = Histogram("dgemma_time_to_first_token_seconds", "Arrival to the first output token",
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.e2e = Histogram("dgemma_e2e_request_latency_seconds", "Arrival to the end of the request",
+                             buckets=LATENCY_BUCKETS, registry=r)
+
+    def observe(self, finish_reason: str, prompt_tokens: int, completion_tokens: int, denoising_steps: int,
+                ttft: float | None, e2e: float) -> None:
+        self.requests.labels(finish_reason).inc()
+        self.prompt_tokens.inc(prompt_tokens)
+        self.generation_tokens.inc(completion_tokens)
+        self.denoising_steps.inc(denoising_steps)
+        if ttft is not None:
+            self.ttft.observe(ttft)
+        if e2e is not None:
+            self.e2e.observe(e2e)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

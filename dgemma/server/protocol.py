@@ -1,0 +1,126 @@
+"""The OpenAI-compatible wire format: request models (validated) and the response/chunk shapes.
+
+Requests are validated strictly (no "5" for 5, no 1.5 for an int) so a bad value is a 400 that names its field.
+Unknown fields (top_p, user, ...) are accepted and ignored, as OpenAI clients send many of them.
+Non-standard fields, all optional:
+  request: max_denoising_steps, entropy_bound, t_min, t_max (diffusion sampler), settled_prefix (pin and stream
+           the settled prefix; default: the server's setting), stream_options.include_drafts,
+           chat_template_kwargs (e.g. {"enable_thinking": true});
+  response: usage.denoising_steps, choices[0].delta.draft (drafts), choices[0].token_ids (completions).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+    include_drafts: bool = False
+
+
+class ChatMessage(_Body):
+    model_config = ConfigDict(extra="allow", strict=True)
+    role: str
+    content: str | list[dict[str, Any]] | None = None
+
+
+class _SamplingBody(_Body):
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    stop: str | list[str] | None = Field(None, max_length=16)
+    seed: int | None = Field(None, ge=-(2**63), lt=2**63)
+    temperature: float | None = Field(None, ge=0, le=2)
+    n: int = Field(1, ge=1, le=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_denoising_steps: int | None = Field(None, ge=1, le=1024)
+    entropy_bound: float | None = Field(None, gt=0, le=1e6)
+    t_min: float | None = Field(None, ge=0, le=100)
+    t_max: float | None = Field(None, gt=0, le=100)
+    settled_prefix: bool | None = None
+
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+
+class ChatCompletionRequest(_SamplingBody):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    chat_template_kwargs: dict[str, Any] | None = None
+
+
+class CompletionRequest(_SamplingBody):
+    prompt: str | list[int] = Field(min_length=1)
+
+
+# -- responses ----------------------------------------------------------------------------------------------------
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    denoising_steps: int
+
+
+class ChatMessageOut(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str | None
+    reasoning_content: str | None = None
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: ChatMessageOut
+    finish_reason: str | None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class CompletionChoice(BaseModel):
+    index: int = 0
+    text: str
+    logprobs: None = None
+    finish_reason: str | None
+    token_ids: list[int] | None = None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    owned_by: str = "dgemma"
+    max_model_len: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+def error_body(message: str, type_: str, param: str | None = None, code: str | int | None = None) -> dict:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}

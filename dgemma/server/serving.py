@@ -1,0 +1,262 @@
+"""Protocol -> engine: turn validated OpenAI requests into prompts and SamplingParams, and engine outputs into
+responses and SSE chunks. No model logic here; the engine does the work on its own thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request as HTTPRequest
+
+from ..engine import Engine, QueueFullError, RequestError, RequestOutput, SamplingParams
+from .metrics import Metrics
+from .protocol import (ChatChoice, ChatCompletionRequest, ChatCompletionResponse, ChatMessageOut, CompletionChoice,
+                       CompletionRequest, CompletionResponse, ModelCard, ModelList, StreamOptions, Usage, error_body)
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's format: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers
+
+    def body(self) -> dict:
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+class RequestStream:
+    """One engine request's outputs, delivered on the event loop. Aborts the request if dropped unfinished."""
+
+    def __init__(self, engine: Engine, prompt: list[int], params: SamplingParams, request_id: str, metrics: Metrics):
+        loop = asyncio.get_running_loop()
+        self.engine, self.request_id = engine, request_id
+        self.queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        self.finished = False
+        self.last_check = time.monotonic()
+
+        def sink(out: RequestOutput) -> None:  # engine thread
+            if out.finished:
+                metrics.observe(out.finish_reason, out.prompt_tokens, out.completion_tokens, out.denoising_steps,
+                                out.ttft, out.latency)
+            loop.call_soon_threadsafe(self.queue.put_nowait, out)
+
+        try:
+            engine.add_request(prompt, params, sink, request_id)
+        except RequestError as e:
+            raise APIError(400, str(e), param=e.param) from None
+        except QueueFullError as e:
+            raise APIError(429, str(e), "rate_limit_error", code="queue_full", headers={"Retry-After": "1"}) from None
+
+    async def next(self, raw: HTTPRequest) -> RequestOutput | None:
+        """The next output, or None (and the request aborted) once the client has gone away. The client is
+        checked at least every half second: starlette does not cancel a handler whose client disconnects."""
+        while True:
+            try:
+                out = await asyncio.wait_for(self.queue.get(), timeout=0.5)
+            except asyncio.TimeoutError:
+                out = None
+            now = time.monotonic()
+            if out is None or now - self.last_check > 0.5:
+                self.last_check = now
+                if await raw.is_disconnected():
+                    self.abort()
+                    return None
+            if out is not None:
+                self.finished = out.finished
+                return out
+
+    def abort(self) -> None:
+        if not self.finished:
+            self.engine.abort(self.request_id)
+            self.finished = True
+
+
+def sse(obj: dict | str) -> str:
+    return f"data: {obj if isinstance(obj, str) else json.dumps(obj, separators=(',', ':'))}\n\n"
+
+
+class Serving:
+    def __init__(self, engine: Engine, tokenizer, model_name: str, settled_prefix: bool = True):
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.settled_prefix = settled_prefix
+        self.metrics = Metrics(engine)
+
+    def models(self) -> ModelList:
+        return ModelList(data=[ModelCard(id=self.model_name, max_model_len=self.engine.max_model_len)])
+
+    def check_model(self, name: str) -> None:
+        if name != self.model_name:
+            raise APIError(404, f"the model {name!r} does not exist; this server serves {self.model_name!r}",
+                           param="model", code="model_not_found")
+
+    def params(self, body, max_tokens: int | None, skip_special_tokens: bool) -> SamplingParams:
+        options = body.stream_options or StreamOptions()
+        try:
+            return SamplingParams(
+                max_tokens=max_tokens, stop=body.stop_list(), seed=body.seed,
+                temperature=1.0 if body.temperature is None else body.temperature,
+                max_denoising_steps=body.max_denoising_steps, entropy_bound=body.entropy_bound, t_min=body.t_min,
+                t_max=body.t_max, pin_prefix=self.settled_prefix if body.settled_prefix is None else body.settled_prefix,
+                include_drafts=body.stream and options.include_drafts, skip_special_tokens=skip_special_tokens)
+        except RequestError as e:
+            raise APIError(400, str(e), param=e.param) from None
+
+    def usage(self, out: RequestOutput) -> Usage:
+        return Usage(prompt_tokens=out.prompt_tokens, completion_tokens=out.completion_tokens,
+                     total_tokens=out.prompt_tokens + out.completion_tokens, denoising_steps=out.denoising_steps)
+
+    # -- /v1/chat/completions ----------------------------------------------------------------------------------
+    async def chat(self, body: ChatCompletionRequest, raw: HTTPRequest):
+        self.check_model(body.model)
+        if self.tokenizer is None:
+            raise APIError(400, "this model has no tokenizer, so it cannot render chats; use /v1/completions with "
+                                "a prompt of token ids", param="messages")
+        from ..tokenizer import TokenizerError, ThinkingStreamParser, split_thinking
+
+        kwargs = dict(body.chat_template_kwargs or {})
+        thinking = bool(kwargs.pop("enable_thinking", False))
+        messages = [m.model_dump(exclude_none=True) for m in body.messages]
+        try:
+            text = await run_in_threadpool(self.tokenizer.apply_chat_template, messages, add_generation_prompt=True,
+                                           enable_thinking=thinking, **kwargs)
+        except (TokenizerError, TypeError) as e:
+            raise APIError(400, f"cannot render the chat template: {e}", param="messages") from None
+        prompt = self.tokenizer.encode(text, add_special_tokens=False)
+        # the thought channel markers are special tokens: keep them in the text and split on them
+        params = self.params(body, body.max_completion_tokens or body.max_tokens, skip_special_tokens=False)
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        try:
+            stream = RequestStream(self.engine, prompt, params, request_id, self.metrics)
+        except APIError as e:
+            if e.param == "prompt":
+                e.param = "messages"
+            raise
+        if body.stream:
+            return self._chat_chunks(stream, body, raw, ThinkingStreamParser())
+        text, out = await self._collect(stream, raw)
+        reasoning, content = split_thinking(text)
+        message = ChatMessageOut(content=content, reasoning_content=reasoning)
+        return ChatCompletionResponse(id=request_id, model=self.model_name, usage=self.usage(out),
+                                      choices=[ChatChoice(message=message, finish_reason=out.finish_reason)])
+
+    async def _chat_chunks(self, stream: RequestStream, body: ChatCompletionRequest, raw: HTTPRequest, parser) -> AsyncIterator[str]:
+        base = {"id": stream.request_id, "object": "chat.completion.chunk", "created": _now(), "model": self.model_name}
+
+        def chunk(delta: dict, finish_reason: str | None = None) -> str:
+            return sse(dict(base, choices=[{"index": 0, "delta": delta, "logprobs": None,
+                                            "finish_reason": finish_reason}]))
+
+        try:
+            yield chunk({"role": "assistant", "content": ""})
+            while True:
+                out = await stream.next(raw)
+                if out is None:
+                    return
+                reasoning, content = parser.feed(out.text)
+                if out.finished:
+                    tail_reasoning, tail_content = parser.flush()
+                    reasoning, content = reasoning + tail_reasoning, content + tail_content
+                if out.draft is not None:
+                    yield chunk({"draft": out.draft})
+                if reasoning:
+                    yield chunk({"reasoning_content": reasoning})
+                if content:
+                    yield chunk({"content": content})
+                if out.finished:
+                    if out.finish_reason == "error":
+                        yield sse(error_body(out.error or "internal error", "internal_error"))
+                    else:
+                        yield chunk({}, out.finish_reason)
+                        if (body.stream_options or StreamOptions()).include_usage:
+                            yield sse(dict(base, choices=[], usage=self.usage(out).model_dump()))
+                    yield sse("[DONE]")
+                    return
+        finally:
+            stream.abort()
+
+    # -- /v1/completions ---------------------------------------------------------------------------------------
+    async def completion(self, body: CompletionRequest, raw: HTTPRequest):
+        self.check_model(body.model)
+        if isinstance(body.prompt, str):
+            if self.tokenizer is None:
+                raise APIError(400, "this model has no tokenizer: send the prompt as a list of token ids",
+                               param="prompt")
+            prompt = self.tokenizer.encode(body.prompt, add_special_tokens=True)
+        else:
+            prompt = list(body.prompt)
+        params = self.params(body, body.max_tokens, skip_special_tokens=True)
+        request_id = f"cmpl-{uuid.uuid4().hex}"
+        stream = RequestStream(self.engine, prompt, params, request_id, self.metrics)
+        if body.stream:
+            return self._completion_chunks(stream, body, raw)
+        text, out = await self._collect(stream, raw)
+        ids = out.token_ids
+        if self.tokenizer is None:
+            text = self._ids_text(ids, 0, out.finish_reason)
+        choice = CompletionChoice(text=text, finish_reason=out.finish_reason, token_ids=ids)
+        return CompletionResponse(id=request_id, model=self.model_name, choices=[choice], usage=self.usage(out))
+
+    async def _completion_chunks(self, stream: RequestStream, body: CompletionRequest, raw: HTTPRequest) -> AsyncIterator[str]:
+        base = {"id": stream.request_id, "object": "text_completion", "created": _now(), "model": self.model_name}
+        sent = 0
+        try:
+            while True:
+                out = await stream.next(raw)
+                if out is None:
+                    return
+                text = out.text
+                if self.tokenizer is None:
+                    text = self._ids_text(out.token_ids, sent, out.finish_reason)
+                sent += len(out.token_ids)
+                if text or out.token_ids or out.finished or out.draft is not None:
+                    choice = {"index": 0, "text": text, "logprobs": None, "token_ids": out.token_ids,
+                              "finish_reason": out.finish_reason if out.finished else None}
+                    if out.draft is not None:
+                        choice["draft"] = out.draft
+                    if out.finish_reason == "error":
+                        yield sse(error_body(out.error or "internal error", "internal_error"))
+                    else:
+                        yield sse(dict(base, choices=[choice]))
+                if out.finished:
+                    if out.finish_reason != "error" and (body.stream_options or StreamOptions()).include_usage:
+                        yield sse(dict(base, choices=[], usage=self.usage(out).model_dump()))
+                    yield sse("[DONE]")
+                    return
+        finally:
+            stream.abort()
+
+    def _ids_text(self, ids: list[int], offset: int, finish_reason: str | None) -> str:
+        """Without a tokenizer the text is the token ids, space-separated (EOS left out, as text would)."""
+        eos = set(self.engine.generation.eos_token_id)
+        words = [str(t) for t in ids if t not in eos]
+        return "".join((" " if offset + i else "") + w for i, w in enumerate(words))
+
+    async def _collect(self, stream: RequestStream, raw: HTTPRequest) -> tuple[str, RequestOutput]:
+        """Gather a non-streamed request; the output returned carries all token ids and the usage."""
+        texts, ids = [], []
+        while True:
+            out = await stream.next(raw)
+            if out is None:
+                raise APIError(499, "the client closed the connection")
+            texts.append(out.text)
+            ids += out.token_ids
+            if out.finished:
+                break
+        if out.finish_reason == "error":
+            raise APIError(500, out.error or "internal error", "internal_error")
+        out.token_ids = ids
+        return "".join(texts), out
+
+
+def _now() -> int:
+    return int(time.time())

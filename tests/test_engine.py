@@ -1,0 +1,179 @@
+"""The serving engine on CPU with tiny random models: exactness against the offline loop, batch invariance,
+settled-prefix streaming, admission and cancellation. The engine is stepped directly (no thread) so every loop is
+bounded and deterministic."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dgemma.engine import Engine, QueueFullError, RequestError, SamplingParams
+from dgemma.engine.detokenizer import TextStream
+from dgemma.engine.scheduler import canvases_for
+from dgemma.generate import generate
+from dgemma.presets import default_generation, preset_config, random_model
+
+C = 16
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run ~10x faster on one intra-op thread, and far more steadily on a shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def model():
+    # std 0.1: at a low temperature (tau 0.05) the argmax settles within a canvas, so prefixes settle and pin
+    return random_model(preset_config("tiny", canvas_length=C, vocab_size=256), std=0.1, seed=0)
+
+
+@pytest.fixture(scope="module")
+def gen(model):
+    cfg = preset_config("tiny", canvas_length=C, vocab_size=256)
+    return default_generation(cfg).replace(max_denoising_steps=8)
+
+
+def run(engine: Engine, jobs: list[tuple[list[int], SamplingParams]], arrive_at: list[int] | None = None,
+        max_steps: int = 500) -> list[list]:
+    """Step the engine until all jobs finish; job i is added before step arrive_at[i]. -> outputs per job."""
+    outputs: list[list] = [[] for _ in jobs]
+    arrive_at = arrive_at or [0] * len(jobs)
+    for step in range(max_steps):
+        for i, (prompt, params) in enumerate(jobs):
+            if arrive_at[i] == step:
+                engine.add_request(prompt, params, outputs[i].append)
+        engine.step()
+        if all(o and o[-1].finished for o in outputs):
+            return outputs
+    raise AssertionError("the engine did not finish within the step budget")
+
+
+def tokens(outputs) -> list[int]:
+    return [t for o in outputs for t in o.token_ids]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_one_request_reproduces_offline_generate(model, gen, seed):
+    """Prefix pinning off: a request with seed S is token-exact with generate(..., Generator().manual_seed(S))."""
+    prompt = [5, 6, 7, 8, 9, 10, 11]
+    ref = generate(model, [prompt], gen.replace(max_new_tokens=40), generator=torch.Generator().manual_seed(seed))
+    engine = Engine(model, gen, max_num_seqs=2, max_model_len=256)
+    (out,) = run(engine, [(prompt, SamplingParams(max_tokens=40, seed=seed, pin_prefix=False))])
+    assert len(ref.token_ids[0]) > C  # more than one canvas: commits are covered
+    assert tokens(out) == ref.token_ids[0]
+    assert out[-1].finish_reason == ref.finish_reasons[0]
+    assert out[-1].denoising_steps == ref.stats.denoising_steps
+
+
+@pytest.mark.parametrize("pin", [False, True])
+def test_continuous_batching_matches_each_request_alone(model, gen, pin):
+    """Requests at different context lengths and denoising steps, arriving mid-flight, more than there are rows:
+    each gets the tokens it gets alone."""
+    jobs = [([5, 6, 7], SamplingParams(max_tokens=32, seed=1, pin_prefix=pin, temperature=0.05)),
+            ([9] * 20, SamplingParams(max_tokens=20, seed=2, pin_prefix=pin)),
+            ([3, 4], SamplingParams(max_tokens=17, seed=3, pin_prefix=pin, temperature=0.05, entropy_bound=1.0)),
+            ([7, 8, 9, 10, 11], SamplingParams(max_tokens=16, seed=4, pin_prefix=pin, max_denoising_steps=5)),
+            ([12] * 9, SamplingParams(max_tokens=12, seed=5, pin_prefix=pin, temperature=0.0))]
+    alone = [tokens(run(Engine(model, gen, max_num_seqs=1, max_model_len=256), [job])[0]) for job in jobs]
+    together = run(Engine(model, gen, max_num_seqs=3, max_model_len=256), jobs, arrive_at=[0, 0, 3, 5, 9])
+    assert [tokens(o) for o in together] == alone
+
+
+def test_settled_prefix_streams_before_commit_and_is_never_retracted(model, gen):
+    engine = Engine(model, gen, max_num_seqs=1, max_model_len=256)
+    reports = []  # (tokens reported so far, the request's committed tokens at that moment)
+    request = engine.add_request([5, 6, 7], SamplingParams(max_tokens=48, seed=1, temperature=0.05),
+                                 lambda o: reports.append((o, list(request.committed))))
+    for _ in range(200):
+        engine.step()
+        if reports and reports[-1][0].finished:
+            break
+    streamed = [t for o, _ in reports for t in o.token_ids]
+    # some tokens were reported before their canvas was committed
+    assert any(o.completion_tokens > len(committed) for o, committed in reports if o.token_ids)
+    # and every one of them is what the canvas committed in the end
+    final = (request.committed + request.settled)[: len(streamed)]
+    assert streamed == final and reports[-1][0].finish_reason in ("stop", "length")
+
+
+def test_same_seed_same_tokens_different_seed_different(model, gen):
+    engine = Engine(model, gen, max_num_seqs=3, max_model_len=256)
+    a, b, c = run(engine, [([5, 6], SamplingParams(max_tokens=16, seed=7)), ([5, 6], SamplingParams(max_tokens=16, seed=7)),
+                           ([5, 6], SamplingParams(max_tokens=16, seed=8))])
+    assert tokens(a) == tokens(b) != tokens(c)
+
+
+def test_admission_errors_name_the_field(model, gen):
+    engine = Engine(model, gen, max_num_seqs=1, max_model_len=64, max_waiting=1)
+    sink = [].append
+    cases = [([], SamplingParams(), "prompt"),
+             ([300], SamplingParams(), "prompt"),
+             ([5] * 64, SamplingParams(), "prompt"),
+             ([5] * 50, SamplingParams(), "prompt"),  # no room for one 16-token canvas
+             ([5] * 10, SamplingParams(max_tokens=60), "max_tokens"),  # 4 canvases: 10 + 64 > 64
+             ([5], SamplingParams(stop=["x"]), "stop"),  # no tokenizer
+             ([5], SamplingParams(t_min=0.9, t_max=0.5), "t_max")]
+    for prompt, params, param in cases:
+        with pytest.raises(RequestError) as e:
+            engine.add_request(prompt, params, sink)
+        assert e.value.param == param, str(e.value)
+    for field, value in [("max_tokens", 0), ("temperature", 2.5), ("temperature", True), ("seed", "1"),
+                         ("max_denoising_steps", 0), ("entropy_bound", -1.0), ("stop", [""])]:
+        with pytest.raises(RequestError) as e:
+            SamplingParams(**{field: value})
+        assert e.value.param == field
+    engine.add_request([5] * 10, SamplingParams(max_tokens=48), sink)  # 10 + 3 * 16 fits exactly... 58 <= 64
+    with pytest.raises(QueueFullError):
+        engine.add_request([5], SamplingParams(max_tokens=1), sink)
+
+
+def test_max_tokens_unset_runs_to_the_context_limit_not_a_fixed_cap():
+    assert canvases_for(3, None, 16, 256) == 15  # (256 - 3) // 16 canvases: 240 tokens
+    assert canvases_for(3, 17, 16, 256) == 2
+    with pytest.raises(RequestError):
+        canvases_for(250, None, 16, 256)
+
+
+def test_abort_frees_the_row_at_once(model, gen):
+    engine = Engine(model, gen, max_num_seqs=1, max_model_len=256)
+    outs_a, outs_b = [], []
+    a = engine.add_request([5, 6], SamplingParams(max_tokens=200, seed=0), outs_a.append)
+    engine.add_request([7, 8], SamplingParams(max_tokens=16, seed=0), outs_b.append)
+    engine.step()
+    assert engine.num_running == 1 and engine.num_waiting == 1
+    engine.abort(a.request_id)
+    engine.step()  # the aborted row is freed before admission, so b is admitted in the same step
+    assert outs_a[-1].finished and outs_a[-1].finish_reason == "abort"
+    assert engine.num_running == 1 and engine.scheduler.running[0].request_id != a.request_id
+    for _ in range(100):
+        if outs_b and outs_b[-1].finished:
+            break
+        engine.step()
+    assert outs_b[-1].finish_reason in ("stop", "length") and engine.num_running == 0
+
+
+def test_engine_thread_serves_blocking_requests(model, gen):
+    engine = Engine(model, gen, max_num_seqs=2, max_model_len=256).start()
+    try:
+        out = engine.generate([5, 6, 7], SamplingParams(max_tokens=20, seed=3), timeout=60)
+    finally:
+        engine.stop()
+    assert out.finish_reason in ("stop", "length") and out.completion_tokens == len(out.token_ids) <= 20
+
+
+def test_text_stream_holds_back_possible_stop_strings():
+    def decode(ids, skip_special_tokens):
+        return "".join(chr(i) for i in ids)
+
+    ts = TextStream(decode, True, [1], ["STOP"])
+    text = "".join(ts.update([ord(c) for c in s], final=False) for s in ["ab", "abcS", "abcST", "abcSTx", "abcSTxSTO"])
+    assert text == "abcSTx" and not ts.stopped
+    text += ts.update([ord(c) for c in "abcSTxSTOPzz"], final=False)
+    assert ts.stopped and text == "abcSTx"
+    ts = TextStream(decode, True, [1], [])
+    assert ts.update([104, 0xFFFD], final=False) == "h"  # an incomplete character waits
+    assert ts.update([104, 0xFFFD, 105, 1], final=True) == "\ufffdi"  # EOS never becomes text
