@@ -18,7 +18,7 @@ import time
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .protocol import ChatCompletionRequest, CompletionRequest, error_body
@@ -69,13 +69,20 @@ def build_app(serving: Serving, api_key: str | None = None) -> FastAPI:
         log.exception("unhandled error")
         return JSONResponse(error_body(f"internal error: {type(e).__name__}", "internal_error"), status_code=500)
 
+    async def parse(model: type[BaseModel], raw: Request):
+        # parsed here rather than by FastAPI so a body sent without Content-Type: application/json (curl -d) works
+        try:
+            return model.model_validate_json(await raw.body())
+        except ValidationError as e:
+            raise RequestValidationError(e.errors()) from None
+
     @app.post("/v1/chat/completions", dependencies=[Depends(check_key)])
-    async def chat_completions(body: ChatCompletionRequest, raw: Request):
-        return respond(await serving.chat(body, raw))
+    async def chat_completions(raw: Request):
+        return respond(await serving.chat(await parse(ChatCompletionRequest, raw), raw))
 
     @app.post("/v1/completions", dependencies=[Depends(check_key)])
-    async def completions(body: CompletionRequest, raw: Request):
-        return respond(await serving.completion(body, raw))
+    async def completions(raw: Request):
+        return respond(await serving.completion(await parse(CompletionRequest, raw), raw))
 
     @app.get("/v1/models", dependencies=[Depends(check_key)])
     async def models():
