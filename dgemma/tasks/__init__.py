@@ -1,0 +1,1 @@
+"""Tasks with their own data generators, checkers and CLI commands (Sudoku)."""

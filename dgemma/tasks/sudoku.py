@@ -1,0 +1,175 @@
+"""Sudoku as a block-diffusion task: the vocabulary, the model config, prompt formatting, training data, eval.
+
+The model reads `<bos>` and the 81 cells of the puzzle (digit tokens, "0" for an empty cell) and writes the 81
+digits of the solution and `<eos>`: exactly one canvas of 82 tokens, denoised in parallel.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..config import FULL, SLIDING, GenerationConfig, ModelConfig, TextConfig
+from ..train.batch import Example
+from .sudoku_puzzles import CELLS, generate_puzzles, is_solution, make_puzzle, shuffle_symmetry
+
+PAD, EOS, BOS = 0, 1, 2
+DIGIT0 = 3  # token id of "0"; digit d is DIGIT0 + d
+# The same ids as dgemma.testing.write_sudoku_tokenizer: separators for pretty-printed grids, and <unk> last.
+VOCAB = ["<pad>", "<eos>", "<bos>"] + [str(d) for d in range(10)] + ["\n", " ", "|", "-", "+", ".", "<unk>"]
+CANVAS_LENGTH = CELLS + 1  # the solution and its EOS
+
+# The shipped difficulty: 36 givens (45 empty cells), unique solution. Training draws 30-50 givens.
+GIVENS = 36
+TRAIN_GIVENS = (30, 50)
+HELDOUT_SEED = 20_240_601
+HELDOUT_SIZE = 1000
+ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "sudoku"
+
+
+def sudoku_config(hidden_size: int = 192, num_layers: int = 6) -> ModelConfig:
+    """A small DiffusionGemma for Sudoku. The sliding window covers the whole 164-token sequence, so the sliding
+    layers are full attention with full-width RoPE; the last layer is the required full-attention layer."""
+    heads = 6 if hidden_size % 6 == 0 else 4
+    text = TextConfig(
+        vocab_size=len(VOCAB), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers, num_attention_heads=heads, num_key_value_heads=heads // 2,
+        head_dim=hidden_size // heads, global_head_dim=2 * (hidden_size // heads), num_global_key_value_heads=1,
+        sliding_window=256, layer_types=[SLIDING] * (num_layers - 1) + [FULL],
+        num_experts=2, top_k_experts=1, moe_intermediate_size=hidden_size // 2,
+        max_position_embeddings=256, final_logit_softcapping=30.0,
+        pad_token_id=PAD, eos_token_id=[EOS], bos_token_id=BOS,
+    )
+    return ModelConfig(text=text, canvas_length=CANVAS_LENGTH)
+
+
+def sudoku_generation() -> GenerationConfig:
+    """Default sampler for Sudoku: one canvas, low temperature (a puzzle has one answer)."""
+    return GenerationConfig(max_new_tokens=CANVAS_LENGTH, max_denoising_steps=48, entropy_bound=0.1,
+                            t_min=0.4, t_max=0.8, stability_threshold=1, confidence_threshold=0.005,
+                            eos_token_id=[EOS], pad_token_id=PAD)
+
+
+# ---- formatting -------------------------------------------------------------------------------------------------
+
+def prompt_ids(puzzle: list[int]) -> list[int]:
+    return [BOS] + [DIGIT0 + d for d in puzzle]
+
+
+def response_ids(solution: list[int]) -> list[int]:
+    """Without the EOS (collation and the tokenizer's user add it)."""
+    return [DIGIT0 + d for d in solution]
+
+
+def decode_grid(ids: list[int]) -> list[int] | None:
+    """The first 81 generated ids as digits; None if any is not a digit 1-9."""
+    if len(ids) < CELLS:
+        return None
+    grid = [i - DIGIT0 for i in ids[:CELLS]]
+    return grid if all(1 <= d <= 9 for d in grid) else None
+
+
+def write_tokenizer(out_dir: str | Path) -> Path:
+    """tokenizer.json (+ tokenizer_config.json): one token per character; encoding with special tokens prepends
+    <bos>, so encode("5300700...") gives the model's prompt."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(VOCAB)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()  # WordLevel would otherwise join tokens with spaces
+    tok.add_special_tokens([AddedToken(t, special=True) for t in ("<pad>", "<eos>", "<bos>", "<unk>")])
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", pair="<bos> $A $B",
+                                                       special_tokens=[("<bos>", BOS)])
+    tok.save(str(out_dir / "tokenizer.json"))
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>",
+         "model_max_length": 256, "tokenizer_class": "PreTrainedTokenizerFast"}, indent=2))
+    return out_dir / "tokenizer.json"
+
+
+# ---- data -------------------------------------------------------------------------------------------------------
+
+def heldout_set(n: int = HELDOUT_SIZE, givens: int = GIVENS) -> list[tuple[list[int], list[int]]]:
+    """The fixed held-out puzzles (seeded; the training stream uses other seeds)."""
+    return generate_puzzles(n, givens, HELDOUT_SEED + givens)
+
+
+@dataclass
+class SudokuStream:
+    """An endless training stream: a pool of generated puzzles, each drawn through a random symmetry, while the
+    pool keeps growing with fresh puzzles. State is one random.Random, so a resumed run continues the stream."""
+
+    seed: int = 0
+    givens: tuple[int, int] = TRAIN_GIVENS
+    pool_size: int = 2000
+    fresh_per_batch: int = 2
+
+    def __post_init__(self) -> None:
+        self.rng = random.Random(self.seed)
+        self.pool: list[tuple[list[int], list[int]]] = []
+
+    def _fresh(self) -> None:
+        puzzle, solution = make_puzzle(self.rng, self.rng.randint(*self.givens))
+        if len(self.pool) < self.pool_size:
+            self.pool.append((puzzle, solution))
+        else:
+            self.pool[self.rng.randrange(self.pool_size)] = (puzzle, solution)
+
+    def next_batch(self, batch_size: int) -> list[Example]:
+        while len(self.pool) < min(self.pool_size, 4 * batch_size):
+            self._fresh()
+        for _ in range(self.fresh_per_batch):
+            self._fresh()
+        out = []
+        for _ in range(batch_size):
+            puzzle, solution = shuffle_symmetry(*self.rng.choice(self.pool), self.rng)
+            out.append(Example(prompt_ids(puzzle), response_ids(solution)))
+        return out
+
+    def state_dict(self) -> dict:
+        return {"rng": self.rng.getstate(), "pool": self.pool}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rng.setstate(_as_tuple(state["rng"]))
+        self.pool = [(list(p), list(s)) for p, s in state["pool"]]
+
+
+def _as_tuple(x):
+    return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+# ---- evaluation -------------------------------------------------------------------------------------------------
+
+@dataclass
+class SudokuScore:
+    solved: int
+    total: int
+    mean_steps: float  # denoising steps per canvas
+
+    @property
+    def solve_rate(self) -> float:
+        return self.solved / self.total if self.total else 0.0
+
+
+def evaluate(model, puzzles: list[tuple[list[int], list[int]]], gen: GenerationConfig, batch_size: int = 100,
+             seed: int = 0) -> SudokuScore:
+    """Solve every puzzle with `generate` (batched) and check the answers."""
+    from ..generate import generate
+
+    g = torch.Generator(device=model.device).manual_seed(seed)
+    solved, steps, canvases = 0, 0, 0
+    for i in range(0, len(puzzles), batch_size):
+        chunk = puzzles[i:i + batch_size]
+        out = generate(model, [prompt_ids(p) for p, _ in chunk], gen, generator=g)
+        for (puzzle, _), ids, row_steps in zip(chunk, out.token_ids, out.steps_per_canvas):
+            grid = decode_grid(ids)
+            solved += grid is not None and is_solution(puzzle, grid)
+            steps += sum(row_steps)
+            canvases += len(row_steps)
+    return SudokuScore(solved, len(puzzles), steps / max(canvases, 1))

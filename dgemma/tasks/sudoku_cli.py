@@ -1,0 +1,209 @@
+"""`dgemma sudoku train | eval | solve`: train the Sudoku model, measure it, use it.
+
+Also runnable without the main CLI: python -m dgemma.tasks.sudoku_cli <command> ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from . import sudoku as S
+
+
+class UsageError(Exception):
+    """Bad input: reported as one line, without a traceback."""
+
+
+def add_sudoku_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("sudoku", help="train, evaluate or run the Sudoku model",
+                              description="Sudoku with a small block-diffusion model: one canvas holds the solution.")
+    sub = p.add_subparsers(dest="sudoku_command", required=True)
+
+    t = sub.add_parser("train", help="train a Sudoku model from scratch (resumable)")
+    t.add_argument("--out", default="runs/sudoku", help="run directory (checkpoint, metrics, loss.png, model/)")
+    t.add_argument("--steps", type=int, default=6000)
+    t.add_argument("--batch-size", type=int, default=32)
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--warmup-steps", type=int, default=200)
+    t.add_argument("--weight-decay", type=float, default=1e-2)
+    t.add_argument("--hidden-size", type=int, default=192)
+    t.add_argument("--layers", type=int, default=6)
+    t.add_argument("--min-givens", type=int, default=S.TRAIN_GIVENS[0])
+    t.add_argument("--max-givens", type=int, default=S.TRAIN_GIVENS[1])
+    t.add_argument("--eval-every", type=int, default=500)
+    t.add_argument("--eval-puzzles", type=int, default=100, help="held-out puzzles per periodic eval")
+    t.add_argument("--eval-givens", default=str(S.GIVENS), help="comma-separated difficulties to eval on")
+    t.add_argument("--save-every", type=int, default=100)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    t.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
+    t.set_defaults(handler=run, func=run, sudoku_handler=cmd_train)
+
+    e = sub.add_parser("eval", help="solve rate and denoising steps on the held-out puzzles")
+    e.add_argument("--model", default=None, help=f"checkpoint directory (default: the shipped {S.ASSET_DIR})")
+    e.add_argument("--puzzles", type=int, default=S.HELDOUT_SIZE, help="how many held-out puzzles (max 1000)")
+    e.add_argument("--givens", type=int, default=S.GIVENS)
+    e.add_argument("--batch-size", type=int, default=100)
+    e.add_argument("--no-untrained", action="store_true", help="skip the untrained-model baseline")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--threads", type=int, default=None)
+    e.set_defaults(handler=run, func=run, sudoku_handler=cmd_eval)
+
+    s = sub.add_parser("solve", help="solve one puzzle given as 81 characters (0 or . for blanks)")
+    s.add_argument("puzzle")
+    s.add_argument("--model", default=None)
+    s.add_argument("--steps", type=int, default=None, help="max denoising steps")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(handler=run, func=run, sudoku_handler=cmd_solve)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    """Call the handler, turning expected errors into one-line messages."""
+    from ..checkpoint import CheckpointError
+    from ..config import ConfigError
+
+    try:
+        return args.sudoku_handler(args) or 0
+    except (UsageError, ValueError, ConfigError, CheckpointError, FileNotFoundError) as e:
+        print(f"dgemma sudoku: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("dgemma sudoku: interrupted", file=sys.stderr)
+        return 130
+
+
+def _threads(n: int | None) -> None:
+    if n is not None:
+        import torch
+
+        if n < 1:
+            raise UsageError(f"--threads must be >= 1, got {n}")
+        torch.set_num_threads(n)
+
+
+def _load_model(path: str | None):
+    from ..checkpoint import load
+
+    path = Path(path) if path else S.ASSET_DIR
+    if not (path / "config.json").is_file():
+        raise UsageError(f"{path}: no Sudoku model there (config.json missing); train one with `dgemma sudoku train`")
+    return load(path, quiet=True)
+
+
+def cmd_train(args) -> int:
+    from ..presets import init_weights
+    from ..model import DiffusionGemma
+    from ..train.objective import LossConfig
+    from ..train.trainer import TrainConfig, Trainer
+
+    _threads(args.threads)
+    if not 17 <= args.min_givens <= args.max_givens <= 80:
+        raise UsageError("need 17 <= --min-givens <= --max-givens <= 80")
+    try:
+        eval_givens = [int(g) for g in args.eval_givens.split(",") if g.strip()]
+    except ValueError:
+        raise UsageError(f"--eval-givens must be comma-separated integers, got {args.eval_givens!r}") from None
+    out = Path(args.out)
+    if (out / "checkpoint.pt").exists() and not args.resume:
+        raise UsageError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    if args.resume and not (out / "checkpoint.pt").exists():
+        raise UsageError(f"{out}/checkpoint.pt not found; nothing to resume")
+    config = S.sudoku_config(args.hidden_size, args.layers)
+    model = init_weights(DiffusionGemma(config.text, config.canvas_length), seed=args.seed)
+    # The encoder loss adds a second full pass over the solution and nothing the decoder needs: w_enc = 0.
+    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
+                      weight_decay=args.weight_decay, eval_every=args.eval_every, save_every=args.save_every,
+                      seed=args.seed, loss=LossConfig(w_enc=0.0))
+    data = S.SudokuStream(seed=args.seed + 1, givens=(args.min_givens, args.max_givens))
+    sets = {g: S.heldout_set(args.eval_puzzles, g) for g in eval_givens}
+    gen = S.sudoku_generation()
+
+    def eval_fn(m) -> dict:
+        metrics = {}
+        for g, puzzles in sets.items():
+            score = S.evaluate(m, puzzles, gen)
+            metrics[f"solve_rate_{g}"] = round(score.solve_rate, 4)
+            metrics[f"steps_{g}"] = round(score.mean_steps, 2)
+        return metrics
+
+    tok_dir = out / "tokenizer"
+    S.write_tokenizer(tok_dir)
+    trainer = Trainer(model, config, gen, cfg, data, out, eval_fn, tokenizer_dir=tok_dir, export_on_eval=True)
+    if args.resume:
+        trainer.load()
+        print(f"resumed {out} at step {trainer.step}", file=sys.stderr)
+    trainer.train()
+    trainer.export()
+    print(f"model written to {out / 'model'}")
+    return 0
+
+
+def _eval_line(label: str, score: S.SudokuScore, seconds: float) -> str:
+    return (f"{label:<28} solved {score.solved}/{score.total} ({100 * score.solve_rate:.1f}%)  "
+            f"mean denoising steps per canvas {score.mean_steps:.2f}  [{seconds:.0f}s]")
+
+
+def cmd_eval(args) -> int:
+    from ..presets import random_model
+
+    _threads(args.threads)
+    if not 1 <= args.puzzles <= S.HELDOUT_SIZE:
+        raise UsageError(f"--puzzles must be in [1, {S.HELDOUT_SIZE}], got {args.puzzles}")
+    ckpt = _load_model(args.model)
+    puzzles = S.heldout_set(args.puzzles, args.givens)
+    print(f"held-out set: {len(puzzles)} puzzles with {args.givens} givens ({81 - args.givens} empty cells), "
+          f"unique solutions, seed {S.HELDOUT_SEED + args.givens}")
+    gen = ckpt.generation
+    runs = [("default sampler", ckpt.model, gen),
+            ("48-step cap", ckpt.model, gen.replace(max_denoising_steps=48)),
+            ("1 step", ckpt.model, gen.replace(max_denoising_steps=1))]
+    if not args.no_untrained:
+        runs.append(("untrained model", random_model(ckpt.config, seed=args.seed), gen))
+    for label, model, g in runs:
+        t0 = time.perf_counter()
+        score = S.evaluate(model, puzzles, g, args.batch_size, args.seed)
+        label = f"{label} (cap {g.max_denoising_steps})"
+        print(_eval_line(label, score, time.perf_counter() - t0), flush=True)
+    return 0
+
+
+def cmd_solve(args) -> int:
+    import torch
+
+    from ..generate import generate
+    from .sudoku_puzzles import count_solutions, format_grid, is_solution, parse_grid, pretty
+
+    try:
+        puzzle = parse_grid(args.puzzle)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if count_solutions(puzzle, 1) == 0:
+        raise UsageError("this puzzle has no solution (its givens conflict or lead to a dead end)")
+    ckpt = _load_model(args.model)
+    gen = ckpt.generation if args.steps is None else ckpt.generation.replace(max_denoising_steps=args.steps)
+    out = generate(ckpt.model, [S.prompt_ids(puzzle)], gen, generator=torch.Generator().manual_seed(args.seed))
+    grid = S.decode_grid(out.token_ids[0])
+    steps = out.steps_per_canvas[0][0] if out.steps_per_canvas[0] else 0
+    if grid is None:
+        print(f"the model did not produce 81 digits ({steps} denoising steps)")
+        return 1
+    ok = is_solution(puzzle, grid)
+    print(pretty(grid))
+    print(format_grid(grid))
+    print(f"{'valid solution' if ok else 'NOT a valid solution'} after {steps} denoising steps")
+    return 0 if ok else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dgemma")
+    add_sudoku_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["sudoku", *(sys.argv[1:] if argv is None else argv)])
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

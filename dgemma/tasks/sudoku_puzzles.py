@@ -1,0 +1,212 @@
+"""Sudoku puzzles: a seeded generator of unique-solution puzzles, a solver and a checker. Pure Python.
+
+A grid is a list of 81 ints in row-major order; 0 is an empty cell.
+
+Generation (numbers reused in the code):
+  1. Fill an empty grid by randomised backtracking (fewest candidates first) -> a random solved grid.
+  2. Visit the cells in random order; blank each one unless the puzzle would then have more than one solution.
+     Stop at the requested number of givens.
+  3. If every cell was visited before reaching that number (rare below ~25 givens), start again.
+"""
+
+from __future__ import annotations
+
+import random
+
+CELLS = 81
+ALL = 0x3FE  # bits 1..9
+_ROW = [i // 9 for i in range(CELLS)]
+_COL = [i % 9 for i in range(CELLS)]
+_BOX = [(i // 27) * 3 + (i % 9) // 3 for i in range(CELLS)]
+PEERS = [sorted({j for j in range(CELLS) if j != i and (_ROW[i] == _ROW[j] or _COL[i] == _COL[j]
+                                                        or _BOX[i] == _BOX[j])}) for i in range(CELLS)]
+_BITS = {1 << d: d for d in range(1, 10)}
+
+
+def _candidates(grid: list[int]) -> tuple[list[int], list[int], list[int]] | None:
+    """Used-digit masks per row, column and box; None if a given conflicts with another."""
+    rows, cols, boxes = [0] * 9, [0] * 9, [0] * 9
+    for i, d in enumerate(grid):
+        if d:
+            bit = 1 << d
+            if (rows[_ROW[i]] | cols[_COL[i]] | boxes[_BOX[i]]) & bit:
+                return None
+            rows[_ROW[i]] |= bit
+            cols[_COL[i]] |= bit
+            boxes[_BOX[i]] |= bit
+    return rows, cols, boxes
+
+
+def _search(grid: list[int], rows, cols, boxes, limit: int, rng: random.Random | None, found: list) -> None:
+    """Depth-first search, fewest candidates first. Appends solutions to `found` until it holds `limit`."""
+    best, best_mask, best_n = -1, 0, 10
+    for i in range(CELLS):
+        if grid[i] == 0:
+            mask = ALL & ~(rows[_ROW[i]] | cols[_COL[i]] | boxes[_BOX[i]])
+            n = bin(mask).count("1")
+            if n < best_n:
+                best, best_mask, best_n = i, mask, n
+                if n <= 1:
+                    break
+    if best < 0:
+        found.append(list(grid))
+        return
+    if best_n == 0:
+        return
+    digits = [d for d in range(1, 10) if best_mask >> d & 1]
+    if rng is not None:
+        rng.shuffle(digits)
+    r, c, b = _ROW[best], _COL[best], _BOX[best]
+    for d in digits:
+        bit = 1 << d
+        grid[best] = d
+        rows[r] |= bit
+        cols[c] |= bit
+        boxes[b] |= bit
+        _search(grid, rows, cols, boxes, limit, rng, found)
+        rows[r] &= ~bit
+        cols[c] &= ~bit
+        boxes[b] &= ~bit
+        grid[best] = 0
+        if len(found) >= limit:
+            return
+
+
+def solve(puzzle: list[int], limit: int = 1, rng: random.Random | None = None) -> list[list[int]]:
+    """Up to `limit` solutions of `puzzle`."""
+    masks = _candidates(puzzle)
+    if masks is None:
+        return []
+    found: list[list[int]] = []
+    _search(list(puzzle), *masks, limit, rng, found)
+    return found
+
+
+def count_solutions(puzzle: list[int], limit: int = 2) -> int:
+    return len(solve(puzzle, limit))
+
+
+def is_solution(puzzle: list[int], grid: list[int]) -> bool:
+    """True when `grid` is a valid full Sudoku that keeps every given of `puzzle`."""
+    if len(grid) != CELLS or any(not (isinstance(d, int) and 1 <= d <= 9) for d in grid):
+        return False
+    if any(p and p != g for p, g in zip(puzzle, grid)):
+        return False
+    for group in range(9):
+        for key in (_ROW, _COL, _BOX):
+            if len({grid[i] for i in range(CELLS) if key[i] == group}) != 9:
+                return False
+    return True
+
+
+def random_solution(rng: random.Random) -> list[int]:
+    return solve([0] * CELLS, 1, rng)[0]
+
+
+def make_puzzle(rng: random.Random, givens: int) -> tuple[list[int], list[int]]:
+    """A puzzle with exactly `givens` filled cells and one solution, and that solution."""
+    if not 17 <= givens <= CELLS:
+        raise ValueError(f"givens must be in [17, 81], got {givens}")
+    while True:
+        # 1. a random solved grid
+        solution = random_solution(rng)
+        puzzle = list(solution)
+        # 2. blank cells while the solution stays unique
+        order = list(range(CELLS))
+        rng.shuffle(order)
+        filled = CELLS
+        for i in order:
+            if filled == givens:
+                break
+            puzzle[i] = 0
+            if count_solutions(puzzle, 2) == 1:
+                filled -= 1
+            else:
+                puzzle[i] = solution[i]
+        if filled == givens:
+            return puzzle, solution
+        # 3. dead end: start over
+
+
+def generate_puzzles(n: int, givens: int, seed: int) -> list[tuple[list[int], list[int]]]:
+    rng = random.Random(seed)
+    return [make_puzzle(rng, givens) for _ in range(n)]
+
+
+def shuffle_symmetry(puzzle: list[int], solution: list[int], rng: random.Random) -> tuple[list[int], list[int]]:
+    """Apply a random validity-preserving symmetry (relabel digits, permute bands/stacks and the rows/columns
+    inside them, transpose). A unique-solution puzzle stays unique, so this multiplies the training data cheaply."""
+    digits = list(range(1, 10))
+    rng.shuffle(digits)
+    relabel = [0] + digits
+
+    def axis() -> list[int]:
+        bands = [0, 1, 2]
+        rng.shuffle(bands)
+        out = []
+        for b in bands:
+            inner = [0, 1, 2]
+            rng.shuffle(inner)
+            out += [3 * b + r for r in inner]
+        return out
+
+    rows, cols, transpose = axis(), axis(), rng.random() < 0.5
+
+    def apply(grid: list[int]) -> list[int]:
+        out = [0] * CELLS
+        for r in range(9):
+            for c in range(9):
+                src = rows[r] * 9 + cols[c] if not transpose else cols[c] * 9 + rows[r]
+                out[r * 9 + c] = relabel[grid[src]]
+        return out
+
+    return apply(puzzle), apply(solution)
+
+
+def naked_singles_solve(puzzle: list[int]) -> list[int]:
+    """Fill cells that have one candidate, repeatedly. Returns the grid reached (zeros where it got stuck);
+    a measure of difficulty."""
+    grid = list(puzzle)
+    progress = True
+    while progress:
+        progress = False
+        for i in range(CELLS):
+            if grid[i] == 0:
+                used = 0
+                for j in PEERS[i]:
+                    used |= 1 << grid[j]
+                mask = ALL & ~used
+                if mask in _BITS:
+                    grid[i] = _BITS[mask]
+                    progress = True
+    return grid
+
+
+def parse_grid(text: str) -> list[int]:
+    """81 characters, digits 1-9 for givens and 0 or '.' for empty cells (whitespace ignored)."""
+    chars = [ch for ch in text if not ch.isspace()]
+    if len(chars) != CELLS:
+        raise ValueError(f"a Sudoku has 81 cells, got {len(chars)} characters")
+    grid = []
+    for ch in chars:
+        if ch == ".":
+            grid.append(0)
+        elif ch.isdigit():
+            grid.append(int(ch))
+        else:
+            raise ValueError(f"unexpected character {ch!r} in the grid (use digits 1-9 and 0 or '.' for blanks)")
+    return grid
+
+
+def format_grid(grid: list[int]) -> str:
+    return "".join(str(d) for d in grid)
+
+
+def pretty(grid: list[int]) -> str:
+    lines = []
+    for r in range(9):
+        if r and r % 3 == 0:
+            lines.append("------+-------+------")
+        row = [str(d) if d else "." for d in grid[9 * r:9 * r + 9]]
+        lines.append(" | ".join(" ".join(row[3 * k:3 * k + 3]) for k in range(3)))
+    return "\n".join(lines)

@@ -1,0 +1,150 @@
+"""The block-diffusion training objective (see /work/shared/TRAINING.md).
+
+Per example (numbers reused in the code):
+  1. Draw a noise level t ~ U(eps, 1 - eps).
+  2. Pick the scored canvas b uniformly among the example's canvases.
+  3. Corrupt canvas b with uniform-state noise at level t.
+  4. Encoder pass: the shared stack runs causally over the clean sequence; its K/V are what the decoder reads.
+     L_enc is next-token cross-entropy on the response (optionally on the prompt too).
+  5. Decoder mask: canvas b sees the prompt, the clean canvases before it and itself (sliding layers: the last
+     window - 1 context slots), the inference rule.
+  6. Self-conditioning in two passes: a first decoder pass with no signal and no gradient gives logits l1; per
+     example, with probability p, the signal is softmax(l1) @ E * sqrt(d) (raw logits, as every public recipe
+     does; inference uses tempered logits), otherwise zeros; the second pass runs with gradient.
+  7. L_dec is the mean cross-entropy of the second pass against the clean tokens over every position of canvas b
+     (corrupted or not, canvas padding included). L = w_dec * L_dec + w_enc * L_enc. The `reweighted` variant
+     weights each example's L_dec by 1 / (1 - t), clipped at `max_weight`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.nn import functional as F
+
+from ..model import DiffusionGemma
+from .batch import Batch
+from .corruption import sample_noise_level, uniform_corrupt
+from .masks import block_diffusion_decoder_mask, encoder_training_mask
+
+
+@dataclass
+class LossConfig:
+    w_dec: float = 1.0
+    w_enc: float = 1.0
+    eps: float = 1e-3
+    self_cond_prob: float = 0.5
+    reweighted: bool = False
+    max_weight: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.w_dec < 0 or self.w_enc < 0 or self.w_dec + self.w_enc == 0:
+            raise ValueError(f"loss weights must be >= 0 and not both 0, got w_dec={self.w_dec} w_enc={self.w_enc}")
+        if not 0.0 <= self.eps < 0.5:
+            raise ValueError(f"eps must be in [0, 0.5), got {self.eps}")
+        if not 0.0 <= self.self_cond_prob <= 1.0:
+            raise ValueError(f"self_cond_prob must be in [0, 1], got {self.self_cond_prob}")
+        if self.max_weight < 1.0:
+            raise ValueError(f"max_weight must be >= 1, got {self.max_weight}")
+
+
+@dataclass
+class LossOutput:
+    loss: torch.Tensor  # scalar with grad
+    dec_loss: float
+    enc_loss: float
+    dec_accuracy: float  # argmax accuracy of the second decoder pass on canvas b
+    tokens: int  # tokens the encoder ran over (throughput)
+
+
+def canvas_slots(starts: torch.Tensor, canvas_length: int) -> torch.Tensor:
+    """(B,) canvas start slots -> (B, C) slot of every canvas position."""
+    return starts[:, None] + torch.arange(canvas_length, device=starts.device)[None, :]
+
+
+EncoderKV = tuple[list[torch.Tensor], list[torch.Tensor]]
+
+
+def encoder_pass(model: DiffusionGemma, tokens: torch.Tensor) -> tuple[torch.Tensor, EncoderKV]:
+    """Causal pass over clean right-padded `tokens` (B, L) at positions 0..L-1. Returns the final hidden states
+    (B, L, H) and every layer's K and V (B, nkv, L, hd), which attention used as they are."""
+    L, device = tokens.shape[1], tokens.device
+    enc_k: list[torch.Tensor] = [None] * len(model.layers)  # type: ignore[list-item]
+    enc_v: list[torch.Tensor] = [None] * len(model.layers)  # type: ignore[list-item]
+
+    def record(layer_idx, is_sliding, k, v):
+        enc_k[layer_idx], enc_v[layer_idx] = k, v
+        return k, v
+
+    window = model.config.sliding_window
+    masks = {True: encoder_training_mask(L, window, device), False: encoder_training_mask(L, None, device)}
+    hidden = model.run_layers(model.embed(tokens), torch.arange(L, device=device), masks, record, encoder=True)
+    return hidden, (enc_k, enc_v)
+
+
+def decoder_pass(model: DiffusionGemma, enc_kv: EncoderKV, canvas: torch.Tensor, starts: torch.Tensor,
+                 signal: torch.Tensor | None) -> torch.Tensor:
+    """One decoder pass over `canvas` (B, C), whose row i sits at slots starts[i] + 0..C-1, reading the encoder's
+    K/V through the block-diffusion mask. `signal` (B, C, H) is the self-conditioning input (None: zeros).
+    -> logits (B, C, V); what model.denoise gives for the same canvas after encoding the first starts[i] tokens."""
+    enc_k, enc_v = enc_kv
+    L, C = enc_k[0].shape[2], canvas.shape[1]
+    window = model.config.sliding_window
+    masks = {True: block_diffusion_decoder_mask(starts, L, C, window),
+             False: block_diffusion_decoder_mask(starts, L, C, None)}
+
+    def read_encoder(layer_idx, is_sliding, k, v):
+        return torch.cat([enc_k[layer_idx], k], dim=2), torch.cat([enc_v[layer_idx], v], dim=2)
+
+    x = model.self_conditioning(model.embed(canvas), signal)
+    hidden = model.run_layers(x, canvas_slots(starts, C), masks, read_encoder, encoder=False)  # per-row RoPE
+    return model.logits(hidden)
+
+
+def block_diffusion_loss(model: DiffusionGemma, batch: Batch, cfg: LossConfig,
+                         generator: torch.Generator | None = None) -> LossOutput:
+    """The loss of one batch. All random draws come from `generator` (a CPU generator), in a fixed order, so a
+    restored generator state reproduces the step exactly."""
+    device, C, V = model.device, model.canvas_length, model.config.vocab_size
+    B = batch.size
+    cpu = batch.to("cpu")
+
+    # 1. noise level;  2. scored canvas;  3. corruption  (drawn on the CPU generator)
+    t = sample_noise_level(B, cfg.eps, generator)
+    b = (torch.rand(B, generator=generator) * cpu.num_canvases).long().clamp(max=cpu.num_canvases - 1)
+    starts = cpu.prompt_lengths + b * C  # (B,)
+    clean = torch.gather(cpu.tokens, 1, canvas_slots(starts, C))  # (B, C)
+    noisy, _ = uniform_corrupt(clean, t, V, generator=generator)
+    use_signal = torch.rand(B, generator=generator) < cfg.self_cond_prob  # (B,)
+    t, starts, clean, noisy, use_signal = (x.to(device) for x in (t, starts, clean, noisy, use_signal))
+
+    # 4. encoder pass over the clean sequence. Without an encoder loss only the context before the latest scored
+    # canvas is needed, and causality makes the truncated K/V identical.
+    tokens, enc_targets = batch.tokens.to(device), batch.enc_targets.to(device)
+    L = tokens.shape[1] if cfg.w_enc > 0 else int(starts.max())
+    tokens, enc_targets = tokens[:, :L], enc_targets[:, :L]
+    hidden, enc_kv = encoder_pass(model, tokens)
+    enc_loss = torch.zeros((), device=device)
+    if cfg.w_enc > 0:
+        sel = enc_targets[:, 1:]  # token j is predicted from hidden state j - 1
+        logits = model.logits(hidden[:, :-1][sel])  # (N, V)
+        enc_loss = F.cross_entropy(logits, tokens[:, 1:][sel])
+
+    # 5. (inside decoder_pass) the mask over [encoder keys ; canvas keys]
+    # 6. self-conditioning: first pass without signal or gradient, then the signal masked per example
+    with torch.no_grad():
+        first = decoder_pass(model, enc_kv, noisy, starts, None)
+        signal = model.soft_embed(first) * use_signal[:, None, None].to(model.dtype)  # (B, C, H)
+    logits = decoder_pass(model, enc_kv, noisy, starts, signal)  # (B, C, V)
+
+    # 7. loss
+    ce = F.cross_entropy(logits.reshape(-1, V), clean.reshape(-1), reduction="none").view(B, C)
+    if cfg.reweighted:
+        weight = (1.0 / (1.0 - t)).clamp(max=cfg.max_weight)
+        dec_loss = (ce * weight[:, None]).mean()
+    else:
+        dec_loss = ce.mean()
+    loss = cfg.w_dec * dec_loss + cfg.w_enc * enc_loss
+    accuracy = (logits.argmax(-1) == clean).float().mean()
+    return LossOutput(loss, float(dec_loss.detach()), float(enc_loss.detach()), float(accuracy), B * L)

@@ -1,0 +1,166 @@
+"""`dgemma train`: block-diffusion fine-tuning (full or LoRA) of a checkpoint, or training a preset from scratch."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+class UsageError(Exception):
+    """Bad input: reported as one line, without a traceback."""
+
+
+def add_train_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "train", help="fine-tune a model on JSONL data (full or LoRA)",
+        description="Block-diffusion training on JSONL lines {\"prompt\", \"response\"} or {\"messages\": [...]}. "
+                    "Writes <out>/checkpoint.pt (resumable), metrics.jsonl, loss.png and the exported model in "
+                    "<out>/model (LoRA merged; the adapter alone in <out>/adapter).")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="checkpoint directory to fine-tune")
+    src.add_argument("--preset", help="train a random-weight preset from scratch (tiny, small, medium)")
+    p.add_argument("--data", required=True, help="training data, JSONL")
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--tokenizer", help="directory with tokenizer.json (default: the --model directory)")
+    p.add_argument("--template", choices=("auto", "raw", "chat"), default="auto",
+                   help="how prompt/response pairs are formatted (auto: chat when the tokenizer has a template)")
+    p.add_argument("--eval-data", help="held-out JSONL (default: up to 5%% of --data, at most 200 examples)")
+    p.add_argument("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank (0: full training)")
+    p.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default 2 * rank)")
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=1.5e-4)
+    p.add_argument("--warmup-steps", type=int, default=100)
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--w-enc", type=float, default=1.0, help="weight of the encoder next-token loss")
+    p.add_argument("--w-dec", type=float, default=1.0, help="weight of the decoder denoising loss")
+    p.add_argument("--reweighted", action="store_true", help="weight the decoder loss by 1/(1-t), clipped at 10")
+    p.add_argument("--enc-on-prompt", action="store_true", help="encoder loss on the prompt tokens too")
+    p.add_argument("--eval-every", type=int, default=200)
+    p.add_argument("--save-every", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(handler=run, func=run, train_handler=cmd_train)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    """Call the handler, turning expected errors into one-line messages."""
+    from ..checkpoint import CheckpointError
+    from ..config import ConfigError
+
+    errors: tuple = (UsageError, ValueError, ConfigError, CheckpointError, FileNotFoundError)
+    try:
+        return args.train_handler(args) or 0
+    except errors as e:
+        print(f"dgemma train: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("dgemma train: interrupted; resume with --resume", file=sys.stderr)
+        return 130
+
+
+def _tokenizer(path: Path):
+    from ..tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(path)
+    if tok is None:
+        raise UsageError(f"{path}: no tokenizer.json (pass --tokenizer DIR)")
+    return tok
+
+
+def cmd_train(args) -> int:
+    import torch
+
+    from ..checkpoint import load
+    from ..presets import PRESETS, default_generation, preset_config, random_model
+    from .data import read_jsonl
+    from .lora import apply_lora
+    from .objective import LossConfig, block_diffusion_loss
+    from .trainer import CHECKPOINT, TrainConfig, Trainer
+    from .batch import collate
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UsageError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    out = Path(args.out)
+    if (out / CHECKPOINT).exists() and not args.resume:
+        raise UsageError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    if args.resume and not (out / CHECKPOINT).exists():
+        raise UsageError(f"{out / CHECKPOINT} not found; nothing to resume")
+    if args.lora_rank < 0:
+        raise UsageError(f"--lora-rank must be >= 0, got {args.lora_rank}")
+
+    # model, configs, tokenizer (training computes in fp32)
+    if args.model:
+        ckpt = load(args.model, device=device, dtype=torch.float32, quiet=True)
+        model, config, generation = ckpt.model, ckpt.config, ckpt.generation
+        tok_dir = Path(args.tokenizer or args.model)
+    else:
+        if args.preset not in PRESETS:
+            raise UsageError(f"unknown preset {args.preset!r}; choose from {', '.join(PRESETS)}")
+        if not args.tokenizer:
+            raise UsageError("--preset needs --tokenizer DIR (a directory with tokenizer.json)")
+        config = preset_config(args.preset)
+        model = random_model(config, seed=args.seed, device=device)
+        tok_dir = Path(args.tokenizer)
+    tokenizer = _tokenizer(tok_dir)
+    if tokenizer.vocab_size > config.text.vocab_size:
+        raise UsageError(f"the tokenizer has {tokenizer.vocab_size} tokens, the model only {config.text.vocab_size}")
+    if args.preset:
+        eos = tokenizer.eos_token_ids or config.text.eos_token_id
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else config.text.pad_token_id
+        config.text.eos_token_id, config.text.pad_token_id = list(eos), pad
+        generation = default_generation(config)
+    limit = config.text.max_position_embeddings
+    examples = read_jsonl(args.data, tokenizer, args.template, limit, config.canvas_length)
+    if args.eval_data:
+        eval_examples = read_jsonl(args.eval_data, tokenizer, args.template, limit, config.canvas_length)
+    else:
+        n_eval = min(200, len(examples) // 20)
+        eval_examples, examples = (examples[-n_eval:], examples[:-n_eval]) if n_eval else ([], examples)
+    if args.lora_rank:
+        apply_lora(model, args.lora_rank, args.lora_alpha)
+    model.train()
+
+    loss_cfg = LossConfig(w_dec=args.w_dec, w_enc=args.w_enc, reweighted=args.reweighted)
+    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
+                      weight_decay=args.weight_decay, eval_every=args.eval_every, save_every=args.save_every,
+                      seed=args.seed, enc_on_prompt=args.enc_on_prompt, loss=loss_cfg)
+    from .data import ShuffledExamples
+
+    data = ShuffledExamples(examples, seed=args.seed)
+
+    def eval_fn(m) -> dict:
+        """Mean loss on the held-out examples, with a fixed seed so steps compare."""
+        g = torch.Generator().manual_seed(1234)
+        totals, n = {"loss": 0.0, "dec_loss": 0.0, "enc_loss": 0.0}, 0
+        with torch.no_grad():
+            for i in range(0, len(eval_examples), cfg.batch_size):
+                chunk = eval_examples[i:i + cfg.batch_size]
+                batch = collate(chunk, config.canvas_length, config.text.eos_token_id[0], config.text.pad_token_id,
+                                cfg.enc_on_prompt)
+                o = block_diffusion_loss(m, batch, loss_cfg, g)
+                for k, v in (("loss", float(o.loss)), ("dec_loss", o.dec_loss), ("enc_loss", o.enc_loss)):
+                    totals[k] += v * len(chunk)
+                n += len(chunk)
+        return {k: round(v / n, 5) for k, v in totals.items()}
+
+    trainer = Trainer(model, config, generation, cfg, data, out, eval_fn if eval_examples else None,
+                      tokenizer_dir=tok_dir, base_model=args.model, quiet=args.quiet)
+    if args.resume:
+        trainer.load()
+        print(f"resumed {out} at step {trainer.step}", file=sys.stderr)
+    print(f"training on {len(examples)} examples ({len(eval_examples)} held out), "
+          f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable parameters, {device}",
+          file=sys.stderr)
+    trainer.train()
+    path = trainer.export()
+    print(f"model written to {path}")
+    return 0

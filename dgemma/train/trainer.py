@@ -1,0 +1,270 @@
+"""The training loop: AdamW, warmup + cosine, gradient clipping, periodic eval, resumable checkpoints, export.
+
+One step (numbers reused in the code):
+  1. Draw the next batch from the data source and collate it into canvases.
+  2. Compute the block-diffusion loss (objective.py), backpropagate, clip the gradient norm, step AdamW and the
+     learning-rate schedule.
+  3. Every `log_every` steps append a metrics line; every `eval_every` steps run the eval hook; every
+     `save_every` steps write the checkpoint.
+
+Checkpoint: <out>/checkpoint.pt holds the trainable parameters, the optimizer, the schedule, every random state
+(the objective's generator, torch's, Python's, the data source's) and the metric history. It is written to a
+temporary file and renamed into place, so a run killed at any moment (SIGKILL included) resumes from its last
+checkpoint with exactly the state it had then.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Protocol
+
+import torch
+
+from ..checkpoint import save as save_checkpoint_dir
+from ..config import GenerationConfig, ModelConfig
+from .batch import Example, collate
+from .lora import has_lora, merge_lora, save_adapter
+from .objective import LossConfig, block_diffusion_loss
+from .plot import plot_losses
+
+CHECKPOINT = "checkpoint.pt"
+
+
+class DataSource(Protocol):
+    def next_batch(self, batch_size: int) -> list[Example]: ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 8
+    lr: float = 1.5e-4
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 100
+    weight_decay: float = 1e-4
+    betas: tuple[float, float] = (0.95, 0.99)
+    grad_clip: float = 1.0
+    log_every: int = 10
+    eval_every: int = 200
+    save_every: int = 100
+    seed: int = 0
+    enc_on_prompt: bool = False  # encoder loss on the prompt too (NeMo) or the response only (Megatron)
+    loss: LossConfig = field(default_factory=LossConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.loss, dict):
+            self.loss = LossConfig(**self.loss)
+        self.betas = tuple(self.betas)
+        for name in ("steps", "batch_size", "log_every", "eval_every", "save_every"):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and value > 0):
+                raise ValueError(f"{name.replace('_', '-')} must be a positive integer, got {value!r}")
+        if not (isinstance(self.warmup_steps, int) and self.warmup_steps >= 0):
+            raise ValueError(f"warmup-steps must be an integer >= 0, got {self.warmup_steps!r}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a number > 0, got {self.lr}")
+        if not 0 < self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio must be in (0, 1], got {self.min_lr_ratio}")
+        if self.weight_decay < 0 or self.grad_clip <= 0:
+            raise ValueError("weight_decay must be >= 0 and grad_clip > 0")
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must be in [0, 1), got {self.betas}")
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup to 1, then cosine from 1 down to min_lr_ratio at the last step."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    span = max(1, cfg.steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+EvalFn = Callable[[torch.nn.Module], dict]
+
+
+class Trainer:
+    def __init__(self, model: torch.nn.Module, model_config: ModelConfig, generation: GenerationConfig,
+                 cfg: TrainConfig, data: DataSource, out_dir: str | Path, eval_fn: EvalFn | None = None,
+                 tokenizer_dir: str | Path | None = None, base_model: str | None = None, quiet: bool = False,
+                 export_on_eval: bool = False):
+        self.model, self.model_config, self.generation = model, model_config, generation
+        self.cfg, self.data, self.eval_fn = cfg, data, eval_fn
+        self.out_dir = Path(out_dir)
+        self.tokenizer_dir, self.base_model, self.quiet = tokenizer_dir, base_model, quiet
+        self.export_on_eval = export_on_eval  # keep <out>/model current, so a long run can be used at any time
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("the model has no trainable parameters")
+        # no weight decay on norms, scalars and other vectors
+        decay = [p for p in params if p.ndim >= 2]
+        no_decay = [p for p in params if p.ndim < 2]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg.lr, betas=cfg.betas)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg))
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.step = 0
+        self.history: list[dict] = []  # metric lines, also written to metrics.jsonl
+
+    # ---- checkpoints ------------------------------------------------------------------------------------------
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.out_dir / CHECKPOINT
+
+    def state_dict(self) -> dict:
+        return {
+            "step": self.step,
+            "model": trainable_state(self.model),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "generator": self.generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "python_rng": random.getstate(),
+            "data": self.data.state_dict(),
+            "history": self.history,
+            "train_config": asdict(self.cfg),
+            "model_config": self.model_config.to_hf(),
+        }
+
+    def save(self) -> Path:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_torch_save(self.state_dict(), self.checkpoint_path)
+        return self.checkpoint_path
+
+    def load(self, path: Path | None = None) -> None:
+        state = torch.load(path or self.checkpoint_path, map_location="cpu", weights_only=False)
+        if state["model_config"] != self.model_config.to_hf():
+            raise ValueError(f"{path or self.checkpoint_path}: the checkpoint was written for a different model")
+        params = dict(self.model.named_parameters())
+        missing = [n for n, p in params.items() if p.requires_grad and n not in state["model"]]
+        if missing:
+            raise ValueError(f"checkpoint lacks trainable tensor {missing[0]} (LoRA settings differ?)")
+        with torch.no_grad():
+            for name, t in state["model"].items():
+                params[name].copy_(t)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        random.setstate(state["python_rng"])
+        self.data.load_state_dict(state["data"])
+        self.history = state["history"]
+        self.step = state["step"]
+        # drop metric lines logged after this checkpoint (a killed run logs past its last save)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.out_dir / ".metrics.jsonl.tmp"
+        tmp.write_text("".join(json.dumps(line) + "\n" for line in self.history))
+        os.replace(tmp, self.out_dir / "metrics.jsonl")
+
+    def export(self, out_dir: str | Path | None = None) -> Path:
+        """Write the model in the released HF format (LoRA merged into a copy; training goes on unmerged)."""
+        out_dir = Path(out_dir) if out_dir is not None else self.out_dir / "model"
+        model = self.model
+        if has_lora(model):
+            save_adapter(model, self.out_dir / "adapter", self.base_model)
+            model = merge_lora(copy.deepcopy(model))
+        return save_checkpoint_dir(out_dir, model, self.model_config, self.generation, self.tokenizer_dir)
+
+    # ---- the loop ---------------------------------------------------------------------------------------------
+
+    def _log(self, line: dict) -> None:
+        self.history.append(line)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.out_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(line) + "\n")
+
+    def run_eval(self) -> dict:
+        if self.eval_fn is None:
+            return {}
+        self.model.eval()
+        try:
+            metrics = self.eval_fn(self.model)
+        finally:
+            self.model.train()
+        self._log({"step": self.step, **{f"eval_{k}": v for k, v in metrics.items()}})
+        if self.export_on_eval:
+            self.export()
+        return metrics
+
+    def train_step(self, examples: list[Example]):
+        cfg, text = self.cfg, self.model_config.text
+        # 1. batch
+        batch = collate(examples, self.model_config.canvas_length, text.eos_token_id[0], text.pad_token_id,
+                        cfg.enc_on_prompt)
+        # 2. loss, backward, clip, step
+        out = block_diffusion_loss(self.model, batch, cfg.loss, self.generator)
+        self.optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        return out, float(grad_norm)
+
+    def train(self, stop_after: int | None = None) -> None:
+        """Train to `cfg.steps` (or `stop_after` more steps, for tests that interrupt a run)."""
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        self.model.train()
+        end = cfg.steps if stop_after is None else min(cfg.steps, self.step + stop_after)
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=self.quiet, dynamic_ncols=True, mininterval=2.0,
+                   file=sys.stderr)
+        window_tokens, window_start = 0, time.perf_counter()
+        last_plot = window_start
+        acc = {"loss": 0.0, "dec_loss": 0.0, "enc_loss": 0.0, "dec_acc": 0.0, "n": 0}
+        while self.step < end:
+            out, grad_norm = self.train_step(self.data.next_batch(cfg.batch_size))
+            window_tokens += out.tokens
+            for k, v in (("loss", float(out.loss.detach())), ("dec_loss", out.dec_loss),
+                         ("enc_loss", out.enc_loss), ("dec_acc", out.dec_accuracy)):
+                acc[k] += v
+            acc["n"] += 1
+            bar.update(1)
+            # 3. log, eval, save
+            if self.step % cfg.log_every == 0 or self.step == end:
+                elapsed = time.perf_counter() - window_start
+                n = acc.pop("n")
+                line = {"step": self.step, **{k: round(v / n, 5) for k, v in acc.items()},
+                        "lr": self.scheduler.get_last_lr()[0], "grad_norm": round(grad_norm, 4),
+                        "tokens_per_s": round(window_tokens / elapsed, 1)}
+                self._log(line)
+                bar.set_postfix(loss=f"{line['loss']:.4f}", tok_s=f"{line['tokens_per_s']:.0f}")
+                window_tokens, window_start = 0, time.perf_counter()
+                acc = {k: 0.0 for k in acc} | {"n": 0}
+            if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
+                metrics = self.run_eval()
+                if metrics:
+                    bar.write(f"step {self.step}: " + " ".join(f"{k}={v}" for k, v in metrics.items()))
+            if self.step % cfg.save_every == 0 or self.step == end:
+                self.save()
+                if self.step == end or time.perf_counter() - last_plot > 60:  # matplotlib costs about a second
+                    plot_losses(self.history, self.out_dir / "loss.png", quiet=self.step != end)
+                    last_plot = time.perf_counter()
+        bar.close()

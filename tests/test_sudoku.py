@@ -1,0 +1,137 @@
+"""Sudoku task: generator, solver, checker, held-out set, formatting, tokenizer and the CLI's error handling."""
+
+from __future__ import annotations
+
+import argparse
+import random
+
+import pytest
+import torch
+
+from dgemma.tasks import sudoku as S
+from dgemma.tasks.sudoku_puzzles import (count_solutions, format_grid, generate_puzzles, is_solution, make_puzzle,
+                                         naked_singles_solve, parse_grid, shuffle_symmetry, solve)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and a busy machine makes spinning threads slow."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+KNOWN = parse_grid("530070000600195000098000060800060003400803001700020006060000280000419005000080079")
+KNOWN_SOLUTION = parse_grid("534678912672195348198342567859761423426853791713924856961537284287419635345286179")
+
+
+def test_solver_and_checker_on_a_known_puzzle():
+    assert solve(KNOWN, limit=2) == [KNOWN_SOLUTION]
+    assert is_solution(KNOWN, KNOWN_SOLUTION)
+    swapped = list(KNOWN_SOLUTION)
+    swapped[2], swapped[3] = swapped[3], swapped[2]  # breaks a column/box, keeps the row
+    assert not is_solution(KNOWN, swapped)
+    other = list(KNOWN_SOLUTION)
+    assert not is_solution([9] + KNOWN[1:], other)  # does not keep a given
+    assert not is_solution(KNOWN, KNOWN_SOLUTION[:80])
+    assert not is_solution(KNOWN, [0] + KNOWN_SOLUTION[1:])
+    assert count_solutions([0] * 81, limit=2) == 2
+    assert count_solutions([1, 1] + [0] * 79) == 0
+
+
+@pytest.mark.parametrize("givens", [25, 36, 50])
+def test_generated_puzzles_are_unique_with_the_requested_givens(givens):
+    for puzzle, solution in generate_puzzles(5, givens, seed=givens):
+        assert sum(d != 0 for d in puzzle) == givens
+        assert is_solution(puzzle, solution)
+        assert count_solutions(puzzle, limit=2) == 1
+
+
+def test_generation_is_seeded():
+    assert generate_puzzles(3, 40, seed=7) == generate_puzzles(3, 40, seed=7)
+    assert generate_puzzles(3, 40, seed=7) != generate_puzzles(3, 40, seed=8)
+    with pytest.raises(ValueError):
+        make_puzzle(random.Random(0), 10)
+
+
+def test_heldout_set_is_fixed_and_prefix_stable():
+    a = S.heldout_set(4)
+    assert a == S.heldout_set(4) and S.heldout_set(2) == a[:2]
+    assert all(sum(d != 0 for d in p) == S.GIVENS for p, _ in a)
+
+
+def test_symmetries_keep_puzzles_valid_and_unique():
+    rng = random.Random(0)
+    puzzle, solution = generate_puzzles(1, 30, seed=1)[0]
+    for _ in range(5):
+        p, s = shuffle_symmetry(puzzle, solution, rng)
+        assert is_solution(p, s) and count_solutions(p, 2) == 1 and sum(d != 0 for d in p) == 30
+
+
+def test_naked_singles_solves_an_easy_puzzle():
+    puzzle, solution = generate_puzzles(1, 50, seed=3)[0]
+    assert naked_singles_solve(puzzle) == solution
+
+
+def test_formatting_and_tokenizer(tmp_path):
+    from dgemma.testing import write_sudoku_tokenizer
+    from dgemma.tokenizer import Tokenizer
+
+    ids = S.prompt_ids(KNOWN)
+    assert len(ids) == 82 and ids[0] == S.BOS and ids[1] == S.DIGIT0 + 5 and ids[3] == S.DIGIT0
+    assert S.decode_grid(S.response_ids(KNOWN_SOLUTION) + [S.EOS]) == KNOWN_SOLUTION
+    assert S.decode_grid(S.response_ids(KNOWN)) is None  # zeros are not a solution
+    assert S.decode_grid([S.DIGIT0 + 1] * 80) is None
+    tok = Tokenizer.from_dir(S.write_tokenizer(tmp_path / "ours").parent)
+    theirs = Tokenizer.from_dir(write_sudoku_tokenizer(tmp_path / "theirs"))
+    text = format_grid(KNOWN)
+    assert tok.encode(text, add_special_tokens=True) == ids
+    assert tok.encode(text + " |.\n") == theirs.encode(text + " |.\n")
+    assert tok.vocab_size == S.sudoku_config().text.vocab_size == len(S.VOCAB)
+    assert tok.decode(S.response_ids(KNOWN_SOLUTION) + [S.EOS]) == format_grid(KNOWN_SOLUTION)
+    assert tok.eos_token_ids == [S.EOS] and tok.pad_token_id == S.PAD
+
+
+def test_config_fits_one_canvas_and_size_budget():
+    cfg = S.sudoku_config()
+    assert cfg.canvas_length == 82 and cfg.text.sliding_window >= 2 * 82
+    assert cfg.text.num_parameters() * 4 < 25 * 2**20
+
+
+def test_stream_is_resumable():
+    a = S.SudokuStream(seed=3, pool_size=20)
+    a.next_batch(4)
+    state = a.state_dict()
+    b = S.SudokuStream(seed=99, pool_size=20)
+    b.load_state_dict(state)
+    assert [e.prompt_ids for e in a.next_batch(5)] == [e.prompt_ids for e in b.next_batch(5)]
+    for ex in a.next_batch(3):
+        assert is_solution([d - S.DIGIT0 for d in ex.prompt_ids[1:]], [d - S.DIGIT0 for d in ex.response_ids])
+
+
+def test_evaluate_counts_solved_puzzles():
+    from dgemma.presets import random_model
+
+    model = random_model(S.sudoku_config(hidden_size=48, num_layers=2))
+    puzzles = S.heldout_set(3)
+    score = S.evaluate(model, puzzles, S.sudoku_generation().replace(max_denoising_steps=2), batch_size=2)
+    assert score.total == 3 and score.solved == 0 and 1 <= score.mean_steps <= 2
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    from dgemma.tasks.sudoku_cli import add_sudoku_parser
+
+    parser = argparse.ArgumentParser(prog="dgemma")
+    add_sudoku_parser(parser.add_subparsers(dest="command"))
+
+    def cli(*argv):
+        args = parser.parse_args(["sudoku", *argv])
+        return args.func(args)
+
+    assert cli("solve", "123") == 2
+    assert cli("solve", "11" + "0" * 79) == 2
+    assert cli("solve", format_grid(KNOWN), "--model", str(tmp_path)) == 2
+    assert cli("eval", "--model", str(tmp_path), "--puzzles", "0") == 2
+    err = capsys.readouterr().err
+    assert err.count("dgemma sudoku: error:") == 4 and "Traceback" not in err
