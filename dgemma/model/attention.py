@@ -45,7 +45,12 @@ class Attention(nn.Module):
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """q (B, nh, T, hd); k, v (B, nkv, S, hd); mask bool (B or 1, 1, T, S), True = attend. -> (B, T, H)."""
         B, _, T, _ = q.shape
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, scale=1.0, enable_gqa=self.num_kv_heads != self.num_heads
-        )  # (B, nh, T, hd)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
+        groups = self.num_heads // self.num_kv_heads
+        if mask is not None and groups > 1:
+            # With a mask, expand K/V to every query head (as the reference does in this case) rather than
+            # `enable_gqa`: the kernels round differently, and sampling is sensitive to the last bit.
+            k = k[:, :, None].expand(-1, -1, groups, -1, -1).reshape(B, self.num_heads, k.shape[2], k.shape[3])
+            v = v[:, :, None].expand(-1, -1, groups, -1, -1).reshape(B, self.num_heads, v.shape[2], v.shape[3])
+            groups = 1
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0, enable_gqa=groups > 1)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))  # (B, T, H)

@@ -46,21 +46,24 @@ class Experts(nn.Module):
     def forward(self, x: torch.Tensor, weights: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """x (N, H); weights, index (N, k) -> (N, H).
 
-        Tokens are grouped per expert with one sort, so each expert runs one matmul over its tokens."""
+        Routed (token, slot) pairs are sorted by expert so each expert runs one matmul over its tokens; the
+        per-token sum over the k slots happens at the end, in slot order. (This is also how the reference
+        computes it, so results agree bit for bit.)"""
         N, k = index.shape
-        flat_expert = index.reshape(-1)  # (N*k,)
-        order = torch.argsort(flat_expert, stable=True)
-        token_of = order // k  # token each routed slot came from
+        flat_expert = index.reshape(-1)  # (N*k,) token-major
+        _, perm = torch.sort(flat_expert)
+        x_sorted = x[perm // k]  # (N*k, H), grouped by expert
         counts = torch.bincount(flat_expert, minlength=self.num_experts).tolist()  # one host sync per layer
-        routed_w = weights.reshape(-1)[order]
-        out = torch.zeros_like(x)
+        y_sorted = x.new_empty(N * k, x.shape[1])
         start = 0
         for e, n in enumerate(counts):
             if n == 0:
                 continue
-            tok = token_of[start:start + n]
-            gate, up = F.linear(x[tok], self.gate_up_proj[e]).chunk(2, dim=-1)
-            y = F.linear(gelu_tanh(gate) * up, self.down_proj[e])
-            out.index_add_(0, tok, y * routed_w[start:start + n, None].to(y.dtype))
+            rows = slice(start, start + n)
+            gate, up = torch.mm(x_sorted[rows], self.gate_up_proj[e].t()).chunk(2, dim=-1)
+            torch.mm(gelu_tanh(gate) * up, self.down_proj[e].t(), out=y_sorted[rows])
             start += n
-        return out
+        y_sorted = y_sorted * weights.reshape(-1)[perm, None].to(y_sorted.dtype)
+        y = torch.empty_like(y_sorted)
+        y[perm] = y_sorted  # back to (token, slot) order
+        return y.view(N, k, -1).sum(dim=1)
