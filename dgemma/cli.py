@@ -96,9 +96,9 @@ class CanvasView:
     """Redraws row 0's argmax canvas in the terminal after every denoising step: settled (accepted) tokens in
     bold, the rest dim."""
 
-    def __init__(self, tokenizer, stream=sys.stderr):
+    def __init__(self, tokenizer, stream=None):
         self.tokenizer = tokenizer
-        self.stream = stream
+        self.stream = stream or sys.stderr
         self.lines = 0
 
     def piece(self, token_id: int) -> str:
@@ -163,8 +163,12 @@ def output_record(token_ids, reason, tokenizer, eos_ids, split: bool) -> dict:
 
 
 def cmd_generate(args) -> int:
+    from .config import GenerationConfig
     from .generate import generate
 
+    generation_config(args, GenerationConfig())  # reject bad sampling arguments before loading any weights
+    if args.prompt_ids:
+        [parse_ids(x) for x in args.prompt_ids]
     ckpt, tokenizer = load_runtime(args)
     prompts = render_prompts(args, tokenizer)
     gen = generation_config(args, ckpt.generation)
@@ -278,8 +282,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _plugins():
-    """Subcommands that live with their feature (serve, train, sudoku, bench)."""
-    return []
+    """Subcommands that live with their feature (serve, train, sudoku, bench). Their heavy imports stay inside
+    the handlers, so `dgemma generate` does not pay for FastAPI or the trainer."""
+    from .server.app import add_serve_parser
+    from .tasks.sudoku_cli import add_sudoku_parser
+    from .train.train_cli import add_train_parser
+
+    return [add_serve_parser, add_train_parser, add_sudoku_parser]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,97 @@
+"""The `dgemma` command line: text prompts, chat, thinking, JSON output, canvas view, interactive chat."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from dgemma.cli import main
+from dgemma.testing import write_test_tokenizer
+from dgemma.tokenizer import Tokenizer
+
+from .conftest import make_reference_checkpoint
+
+
+@pytest.fixture(scope="module")
+def chat_checkpoint(tmp_path_factory):
+    path = make_reference_checkpoint(tmp_path_factory.mktemp("chat") / "ckpt")
+    write_test_tokenizer(path)
+    return path
+
+
+def _run(capsys, args):
+    code = main(args)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_text_prompt_json_output(chat_checkpoint, capsys):
+    code, out, err = _run(capsys, ["generate", "--model", str(chat_checkpoint), "--prompt", "Hello there",
+                                   "--max-new-tokens", "20", "--max-denoising-steps", "3", "--seed", "1", "--json"])
+    assert code == 0
+    result = json.loads(out)
+    (record,) = result["outputs"]
+    assert 1 <= len(record["token_ids"]) <= 20 and record["finish_reason"] in ("stop", "length")
+    if record["finish_reason"] == "length":
+        assert len(record["token_ids"]) == 20  # no silent cap at the canvas size
+    tok = Tokenizer.from_dir(chat_checkpoint)
+    body = [t for t in record["token_ids"] if t not in tok.eos_token_ids]
+    assert record["text"] == tok.decode(body)
+    for key in ("canvases", "denoising_steps", "tokens_per_forward", "seconds", "tokens_per_second"):
+        assert key in result["stats"]
+
+
+def test_same_seed_same_tokens_and_batch(chat_checkpoint, capsys):
+    args = ["generate", "--model", str(chat_checkpoint), "--prompt", "a", "--prompt", "a longer prompt",
+            "--max-new-tokens", "40", "--max-denoising-steps", "2", "--seed", "9", "--json"]
+    first = json.loads(_run(capsys, args)[1])
+    second = json.loads(_run(capsys, args)[1])
+    assert first["outputs"] == second["outputs"] and len(first["outputs"]) == 2
+    assert first["stats"]["canvases"] == 3  # 40 tokens need three 16-token canvases
+
+
+def test_chat_and_think_render_the_template(chat_checkpoint, capsys):
+    code, out, _ = _run(capsys, ["generate", "--model", str(chat_checkpoint), "--prompt", "hi", "--think",
+                                 "--max-new-tokens", "8", "--max-denoising-steps", "2", "--seed", "0", "--json"])
+    assert code == 0
+    record = json.loads(out)["outputs"][0]
+    assert "reasoning_content" in record  # thought channel split from the answer (None when absent)
+
+
+def test_show_canvas_draws_every_step(chat_checkpoint, capsys):
+    code, out, err = _run(capsys, ["generate", "--model", str(chat_checkpoint), "--prompt", "hi", "--show-canvas",
+                                   "--max-new-tokens", "16", "--max-denoising-steps", "3", "--seed", "0"])
+    assert code == 0
+    assert err.count("step 1/3") == 1 and "step 3/3" in err and "settled" in err
+
+
+def test_prompt_ids_without_tokenizer(tiny_checkpoint, capsys):
+    code, out, _ = _run(capsys, ["generate", "--model", str(tiny_checkpoint), "--prompt-ids", "3,4,5",
+                                 "--max-new-tokens", "5", "--max-denoising-steps", "2", "--json"])
+    assert code == 0 and json.loads(out)["outputs"][0]["text"] is None
+    code, _, err = _run(capsys, ["generate", "--model", str(tiny_checkpoint), "--prompt", "text"])
+    assert code == 2 and "no tokenizer.json" in err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--prompt-ids", "1,x"], "comma-separated integers"),
+    (["--prompt-ids", "3,999"], "outside the vocabulary"),
+    (["--prompt-ids", "3", "--max-new-tokens", "0"], "max_new_tokens must be a positive integer"),
+    (["--prompt-ids", "3", "--entropy-bound", "-1"], "entropy_bound"),
+    (["--prompt-ids", "3", "--t-min", "0.9", "--t-max", "0.5"], "t_max must be greater than t_min"),
+])
+def test_bad_arguments_give_one_line(tiny_checkpoint, capsys, args, message):
+    code, _, err = _run(capsys, ["generate", "--model", str(tiny_checkpoint), *args])
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert code == 2 and len(errors) == 1 and message in errors[0] and "Traceback" not in err
+
+
+def test_interactive_chat_loop(chat_checkpoint):
+    proc = subprocess.run([sys.executable, "-m", "dgemma.cli", "chat", "--model", str(chat_checkpoint),
+                           "--max-new-tokens", "8", "--max-denoising-steps", "2", "--seed", "0"],
+                          input="hello\n/reset\nagain\n/exit\n", capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("model>") == 2
