@@ -284,11 +284,12 @@ def build_parser() -> argparse.ArgumentParser:
 def _plugins():
     """Subcommands that live with their feature (serve, train, sudoku, bench). Their heavy imports stay inside
     the handlers, so `dgemma generate` does not pay for FastAPI or the trainer."""
+    from .bench import add_bench_parser
     from .server.app import add_serve_parser
     from .tasks.sudoku_cli import add_sudoku_parser
     from .train.train_cli import add_train_parser
 
-    return [add_serve_parser, add_train_parser, add_sudoku_parser]
+    return [add_serve_parser, add_train_parser, add_sudoku_parser, add_bench_parser]
 
 
 def main(argv: list[str] | None = None) -> int:
