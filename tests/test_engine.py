@@ -169,11 +169,36 @@ def test_text_stream_holds_back_possible_stop_strings():
     def decode(ids, skip_special_tokens):
         return "".join(chr(i) for i in ids)
 
+    def feed(ts, s):
+        return ts.update([ord(c) for c in s], final=False)
+
     ts = TextStream(decode, True, [1], ["STOP"])
-    text = "".join(ts.update([ord(c) for c in s], final=False) for s in ["ab", "abcS", "abcST", "abcSTx", "abcSTxSTO"])
+    text = "".join(feed(ts, s) for s in ["ab", "cS", "T", "x", "STO"])
     assert text == "abcSTx" and not ts.stopped
-    text += ts.update([ord(c) for c in "abcSTxSTOPzz"], final=False)
-    assert ts.stopped and text == "abcSTx"
+    text += feed(ts, "Pzz")
+    assert ts.stopped and text == "abcSTx" and feed(ts, "more") == ""
     ts = TextStream(decode, True, [1], [])
-    assert ts.update([104, 0xFFFD], final=False) == "h"  # an incomplete character waits
-    assert ts.update([104, 0xFFFD, 105, 1], final=True) == "\ufffdi"  # EOS never becomes text
+    assert ts.update([104, 0xFFFD], final=False) == ""  # text ending in an incomplete character waits
+    assert ts.update([105, 1], final=True) == "h\ufffdi"  # EOS never becomes text
+
+
+def test_text_stream_decodes_merging_tokens_like_the_whole_text():
+    """Byte-level tokens of a multi-byte character only make text once the character is complete."""
+    from tokenizers import decoders
+
+    byte_level = decoders.ByteLevel()
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    alphabet = sorted(ByteLevel.alphabet())
+    pieces = {i: c for i, c in enumerate(alphabet)}
+    ids_of = {c: i for i, c in pieces.items()}
+    text = "héllo ✓ wörld"
+    chars = ByteLevel(add_prefix_space=False).pre_tokenize_str(text)
+    ids = [ids_of[c] for word, _ in chars for c in word]
+
+    def decode(ids, skip_special_tokens):
+        return byte_level.decode([pieces[i] for i in ids])
+
+    ts = TextStream(decode, True, [], [])
+    out = "".join(ts.update([t], final=False) for t in ids) + ts.update([], final=True)
+    assert out == text

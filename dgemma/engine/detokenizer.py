@@ -1,8 +1,8 @@
 """Incremental detokenization with stop strings, for text that may only grow (never be retracted).
 
-The whole output is decoded again at each update (outputs are a few canvases long, so this is cheap and it is
-robust to tokens that merge across boundaries). Text is held back while it could still be the start of a stop
-string, or while it ends in an incomplete UTF-8 sequence (U+FFFD), so no emitted text is ever taken back.
+Only a short window of ids is decoded per update (the ids since the last safe point), as tokens may merge across
+boundaries. Text is held back while it ends in an incomplete UTF-8 sequence (U+FFFD) or while it could still be the
+start of a stop string, so no emitted text is ever taken back.
 """
 
 from __future__ import annotations
@@ -19,23 +19,29 @@ class TextStream:
         self.eos = set(eos_token_ids)
         self.stop = stop
         self.holdback = max((len(s) for s in stop), default=1) - 1
-        self.emitted = 0  # characters already returned
+        self.ids: list[int] = []
+        self.prefix_offset = 0  # ids[prefix_offset:read_offset] decode to the tail of `text` (context for merges)
+        self.read_offset = 0
+        self.text = ""  # decoded so far
+        self.emitted = 0  # characters of `text` already returned
         self.stopped = False
 
-    def update(self, ids: list[int], final: bool) -> str:
-        """Text newly safe to emit for output `ids` (cumulative). Sets `stopped` when a stop string appears; the text
-        is then cut just before it and nothing more is emitted."""
+    def update(self, new_ids: list[int], final: bool) -> str:
+        """Text newly safe to emit after `new_ids`. Sets `stopped` when a stop string appears; the text is then cut
+        just before it and nothing more is emitted."""
         if self.stopped:
             return ""
-        text = self.decode([t for t in ids if t not in self.eos], self.skip_special_tokens)
+        self.ids += [t for t in new_ids if t not in self.eos]
+        before = self.decode(self.ids[self.prefix_offset:self.read_offset], self.skip_special_tokens)
+        after = self.decode(self.ids[self.prefix_offset:], self.skip_special_tokens)
+        if len(after) > len(before) and (final or not after.endswith("\ufffd")):
+            self.text += after[len(before):]
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        text = self.text
         hits = [i for i in (text.find(s, max(0, self.emitted - len(s) + 1)) for s in self.stop) if i >= 0]
         if hits:
             text, final, self.stopped = text[: min(hits)], True, True
-        end = len(text)
-        if not final:
-            end -= self.holdback
-            while end > self.emitted and text[end - 1] == "\ufffd":
-                end -= 1
+        end = len(text) if final else len(text) - self.holdback
         if end <= self.emitted:
             return ""
         delta, self.emitted = text[self.emitted:end], end

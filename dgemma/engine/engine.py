@@ -177,14 +177,14 @@ class Engine:
                 request.canvas_index += 1
             elif result.num_pinned > len(request.settled):
                 request.settled = result.argmax[: result.num_pinned]
-            ids, hit_eos = request.output_ids()
+            ids, hit_eos = request.new_output_ids()
             reason = None
             if hit_eos:
                 reason = "stop"
-            elif len(ids) >= request.max_new or request.num_canvases_left == 0:
+            elif request.num_reported + len(ids) >= request.max_new or request.num_canvases_left == 0:
                 reason = "length"
             text = ""
-            if request.text is not None:
+            if request.text is not None and (ids or reason is not None):
                 text = request.text.update(ids, final=reason is not None)
                 if request.text.stopped:
                     reason = "stop"
@@ -202,8 +202,7 @@ class Engine:
 
     def _draft(self, request: Request, result) -> str:
         rest = result.argmax[result.num_pinned:]
-        eos = set(request.gen.eos_token_id)
-        cut = next((i for i, t in enumerate(rest) if t in eos), len(rest))
+        cut = next((i for i, t in enumerate(rest) if t in request.eos), len(rest))
         if self.tokenizer is None:
             return " ".join(map(str, rest[:cut]))
         return self.tokenizer.decode(rest[:cut], request.params.skip_special_tokens)
@@ -215,13 +214,12 @@ class Engine:
 
     def _report(self, request: Request, ids: list[int], text: str, draft: str | None = None,
                 finish_reason: str | None = None, error: str | None = None) -> None:
-        new_ids = ids[request.num_reported:]
-        request.num_reported = max(request.num_reported, len(ids))
-        if not new_ids and not text and draft is None and finish_reason is None:
+        request.num_reported += len(ids)
+        if not ids and not text and draft is None and finish_reason is None:
             return
-        if new_ids and request.first_token_time is None:
+        if ids and request.first_token_time is None:
             request.first_token_time = time.perf_counter()
-        out = RequestOutput(request.request_id, new_ids, text, draft, finish_reason is not None, finish_reason,
+        out = RequestOutput(request.request_id, ids, text, draft, finish_reason is not None, finish_reason,
                             error, len(request.prompt), request.num_reported, request.denoising_steps)
         if out.finished:
             now = time.perf_counter()

@@ -143,6 +143,7 @@ class Request:
         n_steps = gen.max_denoising_steps
         self.temperatures = [float(temperature(gen, n, torch.device("cpu"))) for n in range(n_steps, 0, -1)]
         self.greedy = params.temperature == 0
+        self.eos = set(gen.eos_token_id)
         self.committed: list[int] = []  # tokens of committed canvases
         self.settled: list[int] = []  # the settled prefix of the current canvas
         self.num_reported = 0  # output tokens already sent to the sink
@@ -157,9 +158,14 @@ class Request:
     def num_canvases_left(self) -> int:
         return self.max_canvases - self.canvas_index
 
-    def output_ids(self) -> tuple[list[int], bool]:
-        """Tokens known so far (committed + settled prefix), cut at EOS and at max_new; and whether EOS was hit."""
-        ids = (self.committed + self.settled)[: self.max_new]
-        eos = set(self.gen.eos_token_id)
-        cut = next((i for i, t in enumerate(ids) if t in eos), None)
-        return (ids, False) if cut is None else (ids[: cut + 1], True)
+    def new_output_ids(self) -> tuple[list[int], bool]:
+        """Output tokens not yet reported (committed + settled prefix, cut at max_new and after EOS), and whether EOS
+        was reached. Only the new tokens are looked at: the ones before were checked when they were reported."""
+        start, num_committed = self.num_reported, len(self.committed)
+        if start < num_committed:
+            new = self.committed[start:] + self.settled
+        else:
+            new = self.settled[start - num_committed:]
+        new = new[: self.max_new - start]
+        cut = next((i for i, t in enumerate(new) if t in self.eos), None)
+        return (new, False) if cut is None else (new[: cut + 1], True)

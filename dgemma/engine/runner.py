@@ -95,18 +95,23 @@ class ModelRunner:
         """2b. One denoising step for every request in `requests` (each at its own step and context length)."""
         model, dev, C = self.model, self.device, self.canvas_length
         rows = [r.row for r in requests]
+        # Per-row scalars go to the device in one copy, before any kernel is queued: a host-to-device copy from
+        # pageable memory waits for the stream, so made here it costs nothing. fp32 holds the temperatures exactly.
+        scalars = torch.tensor([[r.temperatures[r.step], r.gen.entropy_bound, r.step > 0, r.params.pin_prefix,
+                                 r.greedy, r.step + 1 >= r.gen.max_denoising_steps] for r in requests],
+                               dtype=torch.float32).to(dev)  # (R, 6)
         idx = self._index(requests)
+        temps, bounds = scalars[:, 0], scalars[:, 1]
+        with_signal, pin, greedy, last = (scalars[:, 2:] > 0.5).unbind(dim=1)
         canvas, prev_argmax = self.canvas[idx], self.argmax[idx]  # (R, C)
         signal = None
-        with_signal = [r.step > 0 for r in requests]
-        if any(with_signal):
+        if any(r.step > 0 for r in requests):
             # a row on its first step gets a zero signal, which the self-conditioning MLP maps to exactly zero
-            signal = self.signal[idx] * torch.tensor(with_signal, device=dev)[:, None, None].to(self.signal.dtype)
+            signal = self.signal[idx] * with_signal[:, None, None].to(self.signal.dtype)
 
         # i. decoder pass
         logits = model.denoise(canvas, self.cache, signal=signal, rows=rows)  # (R, C, V) fp32
         # ii. temper, each row at its own step of its own schedule
-        temps = torch.tensor([r.temperatures[r.step] for r in requests], dtype=torch.float32).to(dev)
         logits = logits / temps[:, None, None]
         # iii. sample (sampling.sample_tokens, one generator per row), accept, renoise
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
@@ -116,15 +121,12 @@ class ModelRunner:
                 race[i].exponential_(generator=r.generator)
         noise = torch.cat([random_tokens((1, C), self.vocab_size, r.generator, dev) for r in requests])  # (R, C)
         argmax = torch.argmax(logits, dim=-1)
-        greedy = torch.tensor([r.greedy for r in requests], device=dev)[:, None]
-        sampled = torch.where(greedy, argmax, torch.argmax(probs / race, dim=-1))
+        sampled = torch.where(greedy[:, None], argmax, torch.argmax(probs / race, dim=-1))
         entropy = token_entropy(logits)  # (R, C)
-        bounds = torch.tensor([r.gen.entropy_bound for r in requests], dtype=torch.float32).to(dev)
         accepted = entropy_bound_accept(entropy, bounds[:, None])
         canvas = torch.where(accepted, sampled, noise)
 
         # settled prefix: pinned positions keep their value; new ones join once they settle
-        pin = torch.tensor([r.params.pin_prefix for r in requests], device=dev)
         pinned = self.positions[None] < self.num_pinned[idx][:, None]  # (R, C)
         argmax = torch.where(pinned, prev_argmax, argmax)
         confident = accepted & (entropy < self.confidence_threshold)
@@ -141,7 +143,6 @@ class ModelRunner:
         else:
             stable = (history == argmax[:, None]).all(dim=-1).all(dim=-1)
             history = torch.cat([history[:, 1:], argmax[:, None]], dim=1)
-        last = torch.tensor([r.step + 1 >= r.gen.max_denoising_steps for r in requests], device=dev)
         done = (stable & (entropy.mean(dim=-1) < self.confidence_threshold)) | last
 
         self.canvas[idx] = canvas

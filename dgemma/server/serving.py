@@ -126,12 +126,16 @@ class Serving:
         kwargs = dict(body.chat_template_kwargs or {})
         thinking = bool(kwargs.pop("enable_thinking", False))
         messages = [m.model_dump(exclude_none=True) for m in body.messages]
+
+        def render() -> list[int]:  # off the event loop: templates and long prompts take time
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, enable_thinking=thinking,
+                                                      **kwargs)
+            return self.tokenizer.encode(text, add_special_tokens=False)
+
         try:
-            text = await run_in_threadpool(self.tokenizer.apply_chat_template, messages, add_generation_prompt=True,
-                                           enable_thinking=thinking, **kwargs)
+            prompt = await run_in_threadpool(render)
         except (TokenizerError, TypeError) as e:
             raise APIError(400, f"cannot render the chat template: {e}", param="messages") from None
-        prompt = self.tokenizer.encode(text, add_special_tokens=False)
         # the thought channel markers are special tokens: keep them in the text and split on them
         params = self.params(body, body.max_completion_tokens or body.max_tokens, skip_special_tokens=False)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
@@ -191,7 +195,7 @@ class Serving:
             if self.tokenizer is None:
                 raise APIError(400, "this model has no tokenizer: send the prompt as a list of token ids",
                                param="prompt")
-            prompt = self.tokenizer.encode(body.prompt, add_special_tokens=True)
+            prompt = await run_in_threadpool(self.tokenizer.encode, body.prompt, add_special_tokens=True)
         else:
             prompt = list(body.prompt)
         params = self.params(body, body.max_tokens, skip_special_tokens=True)
