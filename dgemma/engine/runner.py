@@ -20,8 +20,16 @@ from dataclasses import dataclass
 import torch
 
 from ..model import DiffusionGemma
-from ..sampling import entropy_bound_accept, random_tokens, token_entropy
+from ..sampling import entropy_bound_accept, random_tokens
 from .request import Request
+
+
+def token_entropy_(logits: torch.Tensor) -> torch.Tensor:
+    """sampling.token_entropy computed in place over `logits` (which then hold clamped log-prob terms), bit for bit
+    the same values. (R, C, V) -> (R, C)."""
+    log_p = logits.sub_(logits.logsumexp(dim=-1, keepdim=True))
+    p = torch.softmax(log_p, dim=-1)
+    return -log_p.clamp_(min=torch.finfo(log_p.dtype).min).mul_(p).sum(-1)
 
 
 @dataclass
@@ -111,18 +119,22 @@ class ModelRunner:
 
         # i. decoder pass
         logits = model.denoise(canvas, self.cache, signal=signal, rows=rows)  # (R, C, V) fp32
-        # ii. temper, each row at its own step of its own schedule
-        logits = logits / temps[:, None, None]
+        # ii. temper, each row at its own step of its own schedule. In place, here and below: (R, C, V) tensors
+        # are the largest of a step (2 GiB each for 8 rows of the released model), so at most three live at once.
+        logits.div_(temps[:, None, None])
+        next_signal = model.soft_embed(logits)  # (R, C, H) self-conditioning for the next step
         # iii. sample (sampling.sample_tokens, one generator per row), accept, renoise
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
         race = torch.ones_like(probs)
         for i, r in enumerate(requests):
             if not r.greedy:
                 race[i].exponential_(generator=r.generator)
+        sampled = torch.argmax(torch.div(probs, race, out=race), dim=-1)
+        del probs, race
         noise = torch.cat([random_tokens((1, C), self.vocab_size, r.generator, dev) for r in requests])  # (R, C)
         argmax = torch.argmax(logits, dim=-1)
-        sampled = torch.where(greedy[:, None], argmax, torch.argmax(probs / race, dim=-1))
-        entropy = token_entropy(logits)  # (R, C)
+        sampled = torch.where(greedy[:, None], argmax, sampled)
+        entropy = token_entropy_(logits)  # (R, C); uses up `logits`
         accepted = entropy_bound_accept(entropy, bounds[:, None])
         canvas = torch.where(accepted, sampled, noise)
 
@@ -150,7 +162,7 @@ class ModelRunner:
         self.history[idx] = history
         self.streak[idx] = streak
         self.num_pinned[idx] = num_pinned
-        self.signal[idx] = model.soft_embed(logits)
+        self.signal[idx] = next_signal
         for r in requests:
             r.step += 1
             r.denoising_steps += 1
