@@ -29,8 +29,7 @@ import torch
 
 from .config import GenerationConfig
 from .model import DiffusionGemma
-from .sampling import (StableAndConfident, entropy_bound_accept, random_tokens, sample_tokens, temperature,
-                       token_entropy)
+from .sampling import StableAndConfident, entropy_bound_accept, random_tokens, sample_step, temperature
 
 
 @dataclass
@@ -137,7 +136,7 @@ def generate(model: DiffusionGemma, prompts: list[list[int]], gen: GenerationCon
         # 2a. random canvas
         canvas = random_tokens((B, C), V, generator, device)
         argmax_canvas = canvas
-        sc_logits = None
+        sc_probs = None  # softmax of the previous step's tempered logits: the self-conditioning input
         finished = torch.zeros(B, dtype=torch.bool, device=device)
         stopper = StableAndConfident(gen, B, C, device)
         steps_this_canvas = torch.zeros(B, dtype=torch.long, device=device)
@@ -148,13 +147,11 @@ def generate(model: DiffusionGemma, prompts: list[list[int]], gen: GenerationCon
             decoder_passes += active
             steps_this_canvas += ~finished
             # i. decoder pass
-            logits = model.denoise(canvas, cache, sc_logits)
-            # ii. temper
-            logits = logits / temperature(gen, remaining, device)
-            # iii. sample, accept, renoise
-            sampled = sample_tokens(logits, generator)
-            new_argmax = torch.argmax(logits, dim=-1)
-            entropy = token_entropy(logits)
+            signal = None if sc_probs is None else model.embed_probs(sc_probs)
+            logits = model.denoise(canvas, cache, signal=signal)
+            # ii-iii. temper, sample, accept, renoise
+            probs, sampled, new_argmax, entropy = sample_step(logits, temperature(gen, remaining, device), generator)
+            del logits
             accepted = entropy_bound_accept(entropy, gen.entropy_bound)
             noise = random_tokens((B, C), V, generator, device)
             new_canvas = torch.where(accepted, sampled, noise)
@@ -162,7 +159,7 @@ def generate(model: DiffusionGemma, prompts: list[list[int]], gen: GenerationCon
             keep = finished[:, None]
             argmax_canvas = torch.where(keep, argmax_canvas, new_argmax)
             canvas = torch.where(keep, canvas, new_canvas)
-            sc_logits = logits if sc_logits is None else torch.where(keep[..., None], sc_logits, logits)
+            sc_probs = probs if sc_probs is None else torch.where(keep[..., None], sc_probs, probs)
             # a stopped row's entropy no longer matters: `finished` only ever turns on
             finished = finished | stopper(argmax_canvas, entropy)
             if on_step is not None:

@@ -46,6 +46,24 @@ def sample_tokens(logits: torch.Tensor, generator: torch.Generator | None) -> to
     return torch.argmax(probs / race, dim=-1)
 
 
+def sample_step(logits: torch.Tensor, temp: torch.Tensor, generator: torch.Generator | None):
+    """Steps ii-iii of a denoising step in as few passes over the (B, C, V) logits as possible.
+
+    Tempers `logits` in place, then returns (probs, sampled, argmax, entropy); `logits` is used up (it holds log
+    probabilities afterwards). Bit for bit the same as temperature -> sample_tokens -> argmax -> token_entropy,
+    and `probs` is softmax(tempered logits), which is also what the next step's self-conditioning needs."""
+    logits.div_(temp)
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+    race = torch.empty_like(probs).exponential_(generator=generator)
+    sampled = torch.argmax(torch.div(probs, race, out=race), dim=-1)
+    del race
+    argmax = torch.argmax(logits, dim=-1)
+    log_p = logits.sub_(logits.logsumexp(dim=-1, keepdim=True))
+    p = torch.softmax(log_p, dim=-1)
+    entropy = -log_p.clamp_(min=torch.finfo(log_p.dtype).min).mul_(p).sum(-1)
+    return probs, sampled, argmax, entropy
+
+
 def random_tokens(shape: tuple[int, ...], vocab_size: int, generator: torch.Generator | None,
                   device: torch.device) -> torch.Tensor:
     """Uniform-state noise: tokens drawn uniformly from the whole vocabulary."""

@@ -113,9 +113,12 @@ class DiffusionGemma(nn.Module):
 
     def soft_embed(self, logits: torch.Tensor) -> torch.Tensor:
         """Self-conditioning signal: softmax(logits) @ E * sqrt(hidden). logits (B, C, V) -> (B, C, H)."""
+        return self.embed_probs(torch.softmax(logits, dim=-1, dtype=torch.float32))
+
+    def embed_probs(self, probs: torch.Tensor) -> torch.Tensor:
+        """probs (B, C, V) -> probs @ E * sqrt(hidden), (B, C, H)."""
         w = self.embed_tokens.weight
-        probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(w.dtype)
-        return (probs @ w) * torch.tensor(self.config.embed_scale, dtype=w.dtype, device=w.device)
+        return (probs.to(w.dtype) @ w) * torch.tensor(self.config.embed_scale, dtype=w.dtype, device=w.device)
 
     def rope(self, positions: torch.Tensor) -> dict[bool, tuple[torch.Tensor, torch.Tensor]]:
         """positions (T,) -> {is_sliding: (cos, sin)}."""
@@ -134,8 +137,8 @@ class DiffusionGemma(nn.Module):
         """Tied head with the final soft cap, in fp32. hidden (B, T, H) -> (B, T, V)."""
         logits = F.linear(hidden, self.embed_tokens.weight).float()
         cap = self.config.final_logit_softcapping
-        if cap is not None:
-            logits = torch.tanh(logits / cap) * cap
+        if cap is not None:  # in place: this tensor is (B, C, V), the largest of a step
+            logits.div_(cap).tanh_().mul_(cap)
         return logits
 
     def _plan(self, cache: KVCache, rows: list[int] | None, num_new: int, encoder: bool):
