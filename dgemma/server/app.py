@@ -140,6 +140,8 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-model-len", type=int, default=None,
                    help="context per request, prompt + output (default: min(model limit, 8192))")
     p.add_argument("--max-waiting", type=int, default=None, help="waiting-queue bound (default 8 x max-num-seqs)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads; on a small CPU 1 leaves a core to the HTTP side (default: torch's)")
     p.add_argument("--no-settled-prefix", action="store_true",
                    help="do not pin and stream the settled prefix by default (text then streams per canvas)")
     p.set_defaults(func=cmd_serve)
@@ -147,6 +149,7 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def cmd_serve(args) -> int:
+    import torch
     import uvicorn
 
     from ..cli import CLIError, load_runtime
@@ -155,6 +158,10 @@ def cmd_serve(args) -> int:
     for name in ("max_num_seqs", "port"):
         if getattr(args, name) < (0 if name == "port" else 1):
             raise CLIError(f"--{name.replace('_', '-')} must be positive")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise CLIError("--threads must be positive")
+        torch.set_num_threads(args.threads)
     ckpt, tokenizer = load_runtime(args)
     text = ckpt.config.text
     max_model_len = args.max_model_len or min(text.max_position_embeddings, 8192)
