@@ -122,9 +122,9 @@ class ModelRunner:
         # ii. temper, each row at its own step of its own schedule. In place, here and below: (R, C, V) tensors
         # are the largest of a step (2 GiB each for 8 rows of the released model), so at most three live at once.
         logits.div_(temps[:, None, None])
-        next_signal = model.soft_embed(logits)  # (R, C, H) self-conditioning for the next step
         # iii. sample (sampling.sample_tokens, one generator per row), accept, renoise
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+        next_signal = model.embed_probs(probs)  # (R, C, H) self-conditioning for the next step
         race = torch.ones_like(probs)
         for i, r in enumerate(requests):
             if not r.greedy:
