@@ -137,7 +137,9 @@ class DiffusionGemma(nn.Module):
         """Tied head with the final soft cap, in fp32. hidden (B, T, H) -> (B, T, V)."""
         logits = F.linear(hidden, self.embed_tokens.weight).float()
         cap = self.config.final_logit_softcapping
-        if cap is not None:  # in place: this tensor is (B, C, V), the largest of a step
+        if cap is not None and logits.requires_grad:
+            logits = torch.tanh(logits / cap) * cap
+        elif cap is not None:  # in place when not training: this (B, C, V) tensor is the largest of a step
             logits.div_(cap).tanh_().mul_(cap)
         return logits
 

@@ -54,15 +54,15 @@ class Experts(nn.Module):
         _, perm = torch.sort(flat_expert)
         x_sorted = x[perm // k]  # (N*k, H), grouped by expert
         counts = torch.bincount(flat_expert, minlength=self.num_experts).tolist()  # one host sync per layer
-        y_sorted = x.new_empty(N * k, x.shape[1])
+        outputs = []  # per-expert outputs, contiguous in expert order like the rows of x_sorted
         start = 0
         for e, n in enumerate(counts):
             if n == 0:
                 continue
-            rows = slice(start, start + n)
-            gate, up = torch.mm(x_sorted[rows], self.gate_up_proj[e].t()).chunk(2, dim=-1)
-            torch.mm(gelu_tanh(gate) * up, self.down_proj[e].t(), out=y_sorted[rows])
+            gate, up = torch.mm(x_sorted[start:start + n], self.gate_up_proj[e].t()).chunk(2, dim=-1)
+            outputs.append(torch.mm(gelu_tanh(gate) * up, self.down_proj[e].t()))
             start += n
+        y_sorted = torch.cat(outputs)
         y_sorted = y_sorted * weights.reshape(-1)[perm, None].to(y_sorted.dtype)
         y = torch.empty_like(y_sorted)
         y[perm] = y_sorted  # back to (token, slot) order
