@@ -29,7 +29,7 @@ import torch
 
 from .config import GenerationConfig
 from .model import DiffusionGemma
-from .sampling import StableAndConfident, entropy_bound_accept, random_tokens, sample_step, temperature
+from .sampling import StableAndConfident, random_tokens, sample_step, temperature
 
 
 @dataclass
@@ -150,9 +150,9 @@ def generate(model: DiffusionGemma, prompts: list[list[int]], gen: GenerationCon
             signal = None if sc_probs is None else model.embed_probs(sc_probs)
             logits = model.denoise(canvas, cache, signal=signal)
             # ii-iii. temper, sample, accept, renoise
-            probs, sampled, new_argmax, entropy = sample_step(logits, temperature(gen, remaining, device), generator)
+            probs, sampled, new_argmax, entropy, accepted = sample_step(
+                logits, temperature(gen, remaining, device), gen.entropy_bound, generator)
             del logits
-            accepted = entropy_bound_accept(entropy, gen.entropy_bound)
             noise = random_tokens((B, C), V, generator, device)
             new_canvas = torch.where(accepted, sampled, noise)
             # iv. rows already stopped keep their state

@@ -46,22 +46,40 @@ def sample_tokens(logits: torch.Tensor, generator: torch.Generator | None) -> to
     return torch.argmax(probs / race, dim=-1)
 
 
-def sample_step(logits: torch.Tensor, temp: torch.Tensor, generator: torch.Generator | None):
-    """Steps ii-iii of a denoising step in as few passes over the (B, C, V) logits as possible.
+def sample_step(logits: torch.Tensor, temp: torch.Tensor, entropy_bound: float,
+                generator: torch.Generator | None):
+    """Steps ii-iii of a denoising step (temper, sample, accept) in as few passes over the (B, C, V) logits as
+    possible. Returns (probs, sampled, argmax, entropy, accepted); `logits` is used up.
 
-    Tempers `logits` in place, then returns (probs, sampled, argmax, entropy); `logits` is used up (it holds log
-    probabilities afterwards). Bit for bit the same as temperature -> sample_tokens -> argmax -> token_entropy,
-    and `probs` is softmax(tempered logits), which is also what the next step's self-conditioning needs."""
+    Bit for bit the same as temperature -> sample_tokens -> argmax -> token_entropy -> entropy_bound_accept, with
+    the same random draws, but cheaper on CPU: there torch draws Exp(1) as -log1p(-U) from a float64 uniform U,
+    and the log is most of the cost. Only accepted positions keep their sample (the rest are renoised), so we draw
+    the same uniforms (advancing the generator exactly as exponential_ would) and take logs only for the rows we
+    keep. Elsewhere `sampled` is 0. `probs` is softmax(tempered logits), which the next step's self-conditioning
+    needs too."""
     logits.div_(temp)
     probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
-    race = torch.empty_like(probs).exponential_(generator=generator)
-    sampled = torch.argmax(torch.div(probs, race, out=race), dim=-1)
-    del race
+    V = probs.shape[-1]
+    if probs.device.type == "cpu" and probs.dtype == torch.float32:
+        uniform = torch.empty(probs.shape, dtype=torch.float64).uniform_(generator=generator)
+        race = None
+    else:
+        race = torch.empty_like(probs).exponential_(generator=generator)
     argmax = torch.argmax(logits, dim=-1)
     log_p = logits.sub_(logits.logsumexp(dim=-1, keepdim=True))
     p = torch.softmax(log_p, dim=-1)
     entropy = -log_p.clamp_(min=torch.finfo(log_p.dtype).min).mul_(p).sum(-1)
-    return probs, sampled, argmax, entropy
+    del p, log_p
+    accepted = entropy_bound_accept(entropy, entropy_bound)
+    if race is not None:
+        sampled = torch.argmax(torch.div(probs, race, out=race), dim=-1)
+    else:
+        rows = accepted.reshape(-1).nonzero().squeeze(1)  # (K,) accepted positions; a host sync, free on CPU
+        exp_draws = (-torch.log1p(-uniform.view(-1, V)[rows])).float()  # exactly exponential_'s values
+        sampled = torch.zeros(accepted.numel(), dtype=torch.long)
+        sampled[rows] = torch.argmax(probs.view(-1, V)[rows] / exp_draws, dim=-1)
+        sampled = sampled.view(accepted.shape)
+    return probs, sampled, argmax, entropy, accepted
 
 
 def random_tokens(shape: tuple[int, ...], vocab_size: int, generator: torch.Generator | None,

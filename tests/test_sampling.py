@@ -1,0 +1,76 @@
+"""The sampler on its own: the fused step equals the plain composition (and torch.multinomial) bit for bit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dgemma.config import GenerationConfig
+from dgemma.sampling import (StableAndConfident, entropy_bound_accept, random_tokens, sample_step, temperature,
+                             token_entropy)
+
+
+def _reference_step(logits, temp, bound):
+    """What the reference does: Categorical entropy, multinomial sample, then randint renoise."""
+    tempered = logits / temp
+    probs = torch.softmax(tempered, dim=-1, dtype=torch.float32)
+    B, C, V = probs.shape
+    sampled = torch.multinomial(probs.view(-1, V), num_samples=1).view(B, C)
+    entropy = torch.distributions.Categorical(logits=tempered).entropy()
+    accepted = entropy_bound_accept(entropy, bound)
+    noise = torch.randint(0, V, (B, C))
+    return torch.where(accepted, sampled, noise), tempered.argmax(-1), entropy, accepted
+
+
+@pytest.mark.parametrize("scale, bound", [(1.0, 0.1), (8.0, 0.1), (8.0, 50.0), (30.0, 1e6)])
+def test_fused_step_matches_multinomial_reference(scale, bound):
+    gen = GenerationConfig(max_denoising_steps=10)
+    logits = torch.randn(3, 24, 300, generator=torch.Generator().manual_seed(1)) * scale
+    for remaining in (10, 3, 1):
+        temp = temperature(gen, remaining, "cpu")
+        torch.manual_seed(4)
+        want_canvas, want_argmax, want_entropy, want_accepted = _reference_step(logits, temp, bound)
+        torch.manual_seed(4)
+        probs, sampled, argmax, entropy, accepted = sample_step(logits.clone(), temp, bound, None)
+        canvas = torch.where(accepted, sampled, random_tokens((3, 24), 300, None, "cpu"))
+        assert torch.equal(entropy, want_entropy) and torch.equal(accepted, want_accepted)
+        assert torch.equal(argmax, want_argmax) and torch.equal(canvas, want_canvas)
+        assert torch.equal(probs, torch.softmax(logits / temp, dim=-1))
+        assert torch.equal(torch.get_rng_state(), _state_after_reference(logits, temp, bound))
+
+
+def _state_after_reference(logits, temp, bound):
+    torch.manual_seed(4)
+    _reference_step(logits, temp, bound)
+    return torch.get_rng_state()
+
+
+def test_entropy_bound_accepts_lowest_entropy_prefix():
+    entropy = torch.tensor([[0.5, 0.01, 0.02, 3.0, 0.04]])
+    # sorted: 0.01, 0.02, 0.04, 0.5, 3.0; cumsum - current: 0, 0.01, 0.03, 0.07, 0.57
+    assert entropy_bound_accept(entropy, 0.1).tolist() == [[True, True, True, False, True]]
+    assert entropy_bound_accept(entropy, 0.05).tolist() == [[False, True, True, False, True]]
+    assert entropy_bound_accept(entropy, 1e-9).sum() == 1  # the lowest-entropy position is always accepted
+
+
+def test_token_entropy_of_uniform_and_one_hot():
+    uniform = torch.zeros(1, 1, 64)
+    assert torch.allclose(token_entropy(uniform), torch.log(torch.tensor(64.0)))
+    one_hot = torch.full((1, 1, 64), -1e4)
+    one_hot[..., 3] = 0
+    assert token_entropy(one_hot).item() < 1e-6
+
+
+def test_stable_and_confident_needs_both():
+    gen = GenerationConfig(stability_threshold=1, confidence_threshold=0.5)
+    stop = StableAndConfident(gen, 2, 4, "cpu")
+    canvas = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]])
+    low, high = torch.full((2, 4), 0.1), torch.tensor([[0.1] * 4, [2.0] * 4])
+    assert stop(canvas, low).tolist() == [False, False]  # nothing to be stable against yet
+    assert stop(canvas, high).tolist() == [True, False]  # row 1 is stable but not confident
+
+
+def test_temperature_schedule_runs_from_t_max_toward_t_min():
+    gen = GenerationConfig(max_denoising_steps=4, t_min=0.4, t_max=0.8)
+    temps = [float(temperature(gen, n, "cpu")) for n in (4, 3, 2, 1)]
+    assert temps[0] == pytest.approx(0.8) and temps == sorted(temps, reverse=True) and temps[-1] > 0.4
