@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from ..config import FULL, SLIDING, GenerationConfig, ModelConfig, TextConfig
+from ..generate import generate  # imported up front: a long training run must not pick up later edits at eval
 from ..train.batch import Example
 from .sudoku_puzzles import CELLS, generate_puzzles, is_solution, make_puzzle, shuffle_symmetry
 
@@ -160,8 +161,6 @@ class SudokuScore:
 def evaluate(model, puzzles: list[tuple[list[int], list[int]]], gen: GenerationConfig, batch_size: int = 100,
              seed: int = 0) -> SudokuScore:
     """Solve every puzzle with `generate` (batched) and check the answers."""
-    from ..generate import generate
-
     g = torch.Generator(device=model.device).manual_seed(seed)
     solved, steps, canvases = 0, 0, 0
     for i in range(0, len(puzzles), batch_size):
