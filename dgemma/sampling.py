@@ -46,40 +46,46 @@ def sample_tokens(logits: torch.Tensor, generator: torch.Generator | None) -> to
     return torch.argmax(probs / race, dim=-1)
 
 
-def sample_step(logits: torch.Tensor, temp: torch.Tensor, entropy_bound: float,
-                generator: torch.Generator | None):
-    """Steps ii-iii of a denoising step (temper, sample, accept) in as few passes over the (B, C, V) logits as
-    possible. Returns (probs, sampled, argmax, entropy, accepted); `logits` is used up.
-
-    Bit for bit the same as temperature -> sample_tokens -> argmax -> token_entropy -> entropy_bound_accept, with
-    the same random draws, but cheaper on CPU: there torch draws Exp(1) as -log1p(-U) from a float64 uniform U,
-    and the log is most of the cost. Only accepted positions keep their sample (the rest are renoised), so we draw
-    the same uniforms (advancing the generator exactly as exponential_ would) and take logs only for the rows we
-    keep. Elsewhere `sampled` is 0. `probs` is softmax(tempered logits), which the next step's self-conditioning
-    needs too."""
-    logits.div_(temp)
-    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
-    V = probs.shape[-1]
-    if probs.device.type == "cpu" and probs.dtype == torch.float32:
-        uniform = torch.empty(probs.shape, dtype=torch.float64).uniform_(generator=generator)
-        race = None
-    else:
-        race = torch.empty_like(probs).exponential_(generator=generator)
-    argmax = torch.argmax(logits, dim=-1)
+def token_entropy_(logits: torch.Tensor) -> torch.Tensor:
+    """token_entropy, bit for bit, computed in place: `logits` is used up (it holds log probabilities after)."""
     log_p = logits.sub_(logits.logsumexp(dim=-1, keepdim=True))
     p = torch.softmax(log_p, dim=-1)
-    entropy = -log_p.clamp_(min=torch.finfo(log_p.dtype).min).mul_(p).sum(-1)
-    del p, log_p
+    return -log_p.clamp_(min=torch.finfo(log_p.dtype).min).mul_(p).sum(-1)
+
+
+def race_sample(probs: torch.Tensor, accepted: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """torch.multinomial(probs, 1) at the accepted positions, with its exact random draws. (..., V) -> (...).
+
+    multinomial draws an Exp(1) race over every entry and takes argmax(p / race). On CPU torch draws each Exp(1)
+    as -log1p(-U) from a float64 uniform U, and the log is most of the cost. Positions that are not accepted are
+    renoised, so we draw the same uniforms (advancing the generator exactly as the race would) and take logs only
+    where the sample is kept. Elsewhere the result is 0."""
+    V = probs.shape[-1]
+    if probs.device.type != "cpu" or probs.dtype != torch.float32:
+        race = torch.empty_like(probs).exponential_(generator=generator)
+        return torch.argmax(torch.div(probs, race, out=race), dim=-1)
+    uniform = torch.empty(probs.shape, dtype=torch.float64).uniform_(generator=generator)
+    rows = accepted.reshape(-1).nonzero().squeeze(1)  # (K,) accepted positions; a host sync, free on CPU
+    race = (-torch.log1p(-uniform.view(-1, V)[rows])).float()  # exactly exponential_'s values there
+    sampled = torch.zeros(accepted.numel(), dtype=torch.long)
+    sampled[rows] = torch.argmax(probs.reshape(-1, V)[rows] / race, dim=-1)
+    return sampled.view(accepted.shape)
+
+
+def sample_step(logits: torch.Tensor, temp: torch.Tensor, entropy_bound: float,
+                generator: torch.Generator | None):
+    """Steps ii-iii of a denoising step (temper, sample, accept) with few passes over the (B, C, V) logits.
+    Returns (probs, sampled, argmax, entropy, accepted); `logits` is used up.
+
+    Bit for bit temperature -> sample_tokens -> argmax -> token_entropy -> entropy_bound_accept, with the same
+    random draws; `sampled` is only meaningful where `accepted` (see race_sample). `probs` is softmax(tempered
+    logits), which the next step's self-conditioning needs too."""
+    logits.div_(temp)
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+    argmax = torch.argmax(logits, dim=-1)
+    entropy = token_entropy_(logits)  # draws nothing, so it may come before the race
     accepted = entropy_bound_accept(entropy, entropy_bound)
-    if race is not None:
-        sampled = torch.argmax(torch.div(probs, race, out=race), dim=-1)
-    else:
-        rows = accepted.reshape(-1).nonzero().squeeze(1)  # (K,) accepted positions; a host sync, free on CPU
-        exp_draws = (-torch.log1p(-uniform.view(-1, V)[rows])).float()  # exactly exponential_'s values
-        sampled = torch.zeros(accepted.numel(), dtype=torch.long)
-        sampled[rows] = torch.argmax(probs.view(-1, V)[rows] / exp_draws, dim=-1)
-        sampled = sampled.view(accepted.shape)
-    return probs, sampled, argmax, entropy, accepted
+    return probs, race_sample(probs, accepted, generator), argmax, entropy, accepted
 
 
 def random_tokens(shape: tuple[int, ...], vocab_size: int, generator: torch.Generator | None,

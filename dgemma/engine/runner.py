@@ -20,16 +20,8 @@ from dataclasses import dataclass
 import torch
 
 from ..model import DiffusionGemma
-from ..sampling import entropy_bound_accept, random_tokens
+from ..sampling import entropy_bound_accept, race_sample, random_tokens, token_entropy_
 from .request import Request
-
-
-def token_entropy_(logits: torch.Tensor) -> torch.Tensor:
-    """sampling.token_entropy computed in place over `logits` (which then hold clamped log-prob terms), bit for bit
-    the same values. (R, C, V) -> (R, C)."""
-    log_p = logits.sub_(logits.logsumexp(dim=-1, keepdim=True))
-    p = torch.softmax(log_p, dim=-1)
-    return -log_p.clamp_(min=torch.finfo(log_p.dtype).min).mul_(p).sum(-1)
 
 
 @dataclass
@@ -122,20 +114,21 @@ class ModelRunner:
         # ii. temper, each row at its own step of its own schedule. In place, here and below: (R, C, V) tensors
         # are the largest of a step (2 GiB each for 8 rows of the released model), so at most three live at once.
         logits.div_(temps[:, None, None])
-        # iii. sample (sampling.sample_tokens, one generator per row), accept, renoise
+        # iii. sample (sampling.sample_step, one generator per row), accept, renoise
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
         next_signal = model.embed_probs(probs)  # (R, C, H) self-conditioning for the next step
-        race = torch.ones_like(probs)
+        argmax = torch.argmax(logits, dim=-1)
+        entropy = token_entropy_(logits)  # (R, C); uses up `logits`
+        del logits
+        accepted = entropy_bound_accept(entropy, bounds[:, None])
+        # Entropy and acceptance draw nothing, so each row can now make its draws in generate()'s order: the
+        # sample's Exp(1) race over (C, V), then the renoising tokens. Only accepted positions keep their sample.
+        sampled = argmax.clone()  # greedy rows keep the argmax and draw no race
         for i, r in enumerate(requests):
             if not r.greedy:
-                race[i].exponential_(generator=r.generator)
-        sampled = torch.argmax(torch.div(probs, race, out=race), dim=-1)
-        del probs, race
+                sampled[i] = race_sample(probs[i], accepted[i], r.generator)
+        del probs
         noise = torch.cat([random_tokens((1, C), self.vocab_size, r.generator, dev) for r in requests])  # (R, C)
-        argmax = torch.argmax(logits, dim=-1)
-        sampled = torch.where(greedy[:, None], argmax, sampled)
-        entropy = token_entropy_(logits)  # (R, C); uses up `logits`
-        accepted = entropy_bound_accept(entropy, bounds[:, None])
         canvas = torch.where(accepted, sampled, noise)
 
         # settled prefix: pinned positions keep their value; new ones join once they settle
