@@ -239,6 +239,8 @@ def main_bench(args) -> dict:
             print(f"  {name:15s} run {i + 1}: {results[name].runs[-1].seconds:.2f} s", file=sys.stderr)
     if tmp is not None:
         tmp.cleanup()
+    # measured before and after the runs: a busy moment on the machine lowers one reading, not both
+    peak = max(peak, measure_matmul_peak(dtype, args.device))
 
     weights = sum(p.numel() * p.element_size() for p in model.state_dict().values())
     context = args.prompt_len + args.new_tokens // 2  # average context across canvases
