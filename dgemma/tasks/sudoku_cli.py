@@ -52,6 +52,11 @@ def add_sudoku_parser(subparsers) -> argparse.ArgumentParser:
     e.add_argument("--threads", type=int, default=None)
     e.set_defaults(handler=run, func=run, sudoku_handler=cmd_eval)
 
+    x = sub.add_parser("ship", help="copy a run's model into the package as the default Sudoku model")
+    x.add_argument("--run", default="runs/sudoku", help="run directory (its model/ is exported at every eval)")
+    x.add_argument("--out", default=str(S.ASSET_DIR))
+    x.set_defaults(handler=run, func=run, sudoku_handler=cmd_ship)
+
     s = sub.add_parser("solve", help="solve one puzzle given as 81 characters (0 or . for blanks)")
     s.add_argument("puzzle")
     s.add_argument("--model", default=None)
@@ -168,6 +173,19 @@ def cmd_eval(args) -> int:
         score = S.evaluate(model, puzzles, g, args.batch_size, args.seed)
         label = f"{label} (cap {g.max_denoising_steps})"
         print(_eval_line(label, score, time.perf_counter() - t0), flush=True)
+    return 0
+
+
+def cmd_ship(args) -> int:
+    """Re-save the run's model with the Sudoku sampler defaults and the tokenizer, in fp32 (about 12 MB)."""
+    from ..checkpoint import save
+
+    ckpt = _load_model(str(Path(args.run) / "model"))
+    tok_dir = Path(args.run) / "tokenizer"
+    S.write_tokenizer(tok_dir)
+    out = save(args.out, ckpt.model, ckpt.config, S.sudoku_generation(), tokenizer_dir=tok_dir)
+    size = sum(f.stat().st_size for f in out.iterdir()) / 2**20
+    print(f"shipped {out} ({size:.1f} MB)")
     return 0
 
 
