@@ -280,6 +280,9 @@ def save(out_dir: str | Path, model: DiffusionGemma, config: ModelConfig, genera
     for name, (f, src) in (passthrough or {}).items():
         tensors[name] = f.raw(src)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the saved model should not be
     try:
         shards: list[dict[str, torch.Tensor]] = [{}]
         size = 0
@@ -313,6 +316,8 @@ def save(out_dir: str | Path, model: DiffusionGemma, config: ModelConfig, genera
                 src = Path(tokenizer_dir) / fname
                 if src.is_file():
                     shutil.copyfile(src, tmp / fname)
+        for f in tmp.iterdir():
+            os.chmod(f, 0o666 & ~umask)
         if out_dir.exists():
             backup = out_dir.with_name(f".{out_dir.name}.old")
             if backup.exists():
