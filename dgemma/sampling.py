@@ -36,16 +36,6 @@ def entropy_bound_accept(entropy: torch.Tensor, bound: float) -> torch.Tensor:
     return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
 
 
-def sample_tokens(logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """One categorical sample per position, by the exponential race argmax(p / Exp(1)).
-
-    This is what torch.multinomial(p, 1) does internally, with the same draws, but without a host sync.
-    (B, C, V) -> (B, C)."""
-    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
-    race = torch.empty_like(probs).exponential_(generator=generator)
-    return torch.argmax(probs / race, dim=-1)
-
-
 def token_entropy_(logits: torch.Tensor) -> torch.Tensor:
     """token_entropy, bit for bit, computed in place: `logits` is used up (it holds log probabilities after)."""
     log_p = logits.sub_(logits.logsumexp(dim=-1, keepdim=True))
@@ -77,7 +67,7 @@ def sample_step(logits: torch.Tensor, temp: torch.Tensor, entropy_bound: float,
     """Steps ii-iii of a denoising step (temper, sample, accept) with few passes over the (B, C, V) logits.
     Returns (probs, sampled, argmax, entropy, accepted); `logits` is used up.
 
-    Bit for bit temperature -> sample_tokens -> argmax -> token_entropy -> entropy_bound_accept, with the same
+    Bit for bit temperature -> torch.multinomial -> argmax -> token_entropy -> entropy_bound_accept, with the same
     random draws; `sampled` is only meaningful where `accepted` (see race_sample). `probs` is softmax(tempered
     logits), which the next step's self-conditioning needs too."""
     logits.div_(temp)

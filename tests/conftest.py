@@ -38,6 +38,16 @@ def make_reference_checkpoint(path: Path, text: dict | None = None, canvas_lengt
     return Path(path)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest, and far more steadily on a shared 2-core machine, on one intra-op thread.
+    (test_engine/test_server keep a module-scoped twin: their module fixtures start a server.)"""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     return make_reference_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt")

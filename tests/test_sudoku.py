@@ -6,20 +6,10 @@ import argparse
 import random
 
 import pytest
-import torch
 
 from dgemma.tasks import sudoku as S
 from dgemma.tasks.sudoku_puzzles import (count_solutions, format_grid, generate_puzzles, is_solution, make_puzzle,
                                          naked_singles_solve, parse_grid, shuffle_symmetry, solve)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and a busy machine makes spinning threads slow."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 KNOWN = parse_grid("530070000600195000098000060800060003400803001700020006060000280000419005000080079")

@@ -10,15 +10,6 @@ from dgemma.presets import preset_config, random_model
 from dgemma.train.lora import DEFAULT_TARGETS, LoRALinear, apply_lora, has_lora, lora_modules, merge_lora, save_adapter
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and a busy machine makes spinning threads slow."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _model():
     return random_model(preset_config("tiny", vocab_size=64, canvas_length=8), std=0.05, seed=0)
 

@@ -13,15 +13,6 @@ from dgemma.train.masks import (block_diffusion_decoder_mask, encoder_training_m
 from dgemma.train.objective import LossConfig, block_diffusion_loss, decoder_pass, encoder_pass
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and a busy machine makes spinning threads slow."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_noise_level_range_and_mean():
     t = sample_noise_level(20_000, eps=0.05, generator=torch.Generator().manual_seed(0))
     assert t.shape == (20_000,) and t.min() >= 0.05 and t.max() <= 0.95

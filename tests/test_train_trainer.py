@@ -19,15 +19,6 @@ from dgemma.train.data import ShuffledExamples
 from dgemma.train.trainer import CHECKPOINT, TrainConfig, Trainer, lr_factor
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and a busy machine makes spinning threads slow."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = dict(vocab_size=64, canvas_length=6, sliding_window=5)
 
