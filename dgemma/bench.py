@@ -21,7 +21,7 @@ from .config import GenerationConfig, ModelConfig, TextConfig
 
 def measure_matmul_peak(dtype: torch.dtype, device: str, seconds: float = 1.0) -> float:
     """Best GFLOP/s of a large square matmul: the machine's practical ceiling for this dtype and thread count."""
-    n = 2048
+    n = 8192 if str(device).startswith("cuda") else 2048  # big enough to fill the device
     a = torch.randn(n, n, dtype=dtype, device=device)
     b = torch.randn(n, n, dtype=dtype, device=device)
     best = 0.0
@@ -32,6 +32,20 @@ def measure_matmul_peak(dtype: torch.dtype, device: str, seconds: float = 1.0) -
         a @ b
         _sync(device)
         best = max(best, 2 * n**3 / (time.perf_counter() - t) / 1e9)
+    return best
+
+
+def measure_copy_bandwidth(device: str) -> float:
+    """Best GB/s of a large device-to-device copy, counting bytes read plus bytes written."""
+    src = torch.empty(256 * 2**20, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    best = 0.0
+    for _ in range(20):
+        _sync(device)
+        t = time.perf_counter()
+        dst.copy_(src)
+        _sync(device)
+        best = max(best, 2 * src.numel() / (time.perf_counter() - t) / 1e9)
     return best
 
 
@@ -92,13 +106,13 @@ def _reset_peak() -> None:
         pass
 
 
-def run_dgemma(model, prompts, gen, seed) -> RunResult:
+def run_dgemma(model, prompts, gen, seed, cuda_graphs: bool | None = None) -> RunResult:
     from .generate import generate
 
     torch.manual_seed(seed)
     before = _rss_status("VmRSS:")
     _reset_peak()
-    out = generate(model, prompts, gen)
+    out = generate(model, prompts, gen, cuda_graphs=cuda_graphs)
     delta = _rss_status("VmHWM:") - before
     return RunResult(out.stats.seconds, out.stats.prefill_seconds, out.stats.denoising_steps // len(prompts),
                      out.stats.generated_tokens, delta)
@@ -222,7 +236,10 @@ def main_bench(args) -> dict:
     prompts = torch.randint(3, V, (args.batch_size, args.prompt_len), generator=g).tolist()
     peak = measure_matmul_peak(dtype, args.device)
 
-    engines = {"dgemma": lambda seed: run_dgemma(model, prompts, gen, seed)}
+    cuda = args.device.startswith("cuda")
+    engines = {"dgemma": lambda seed: run_dgemma(model, prompts, gen, seed, cuda_graphs=cuda and args.cuda_graphs)}
+    if cuda and args.cuda_graphs and "eager" in args.compare:  # the same engine without CUDA graphs
+        engines["dgemma-eager"] = lambda seed: run_dgemma(model, prompts, gen, seed, cuda_graphs=False)
     tmp = None
     if "transformers" in args.compare:
         ref, tmp = load_transformers(model, config, path, args.device, dtype)
@@ -241,10 +258,18 @@ def main_bench(args) -> dict:
         tmp.cleanup()
     # measured before and after the runs: a busy moment on the machine lowers one reading, not both
     peak = max(peak, measure_matmul_peak(dtype, args.device))
+    bandwidth = measure_copy_bandwidth(args.device) if cuda else None
 
     weights = sum(p.numel() * p.element_size() for p in model.state_dict().values())
     context = args.prompt_len + args.new_tokens // 2  # average context across canvases
     flops_step = decoder_step_flops(config.text, C, context) * args.batch_size
+    # bytes a step must move at least: every weight once (a 256-token canvas reaches every expert) and the
+    # cached K/V it attends over
+    kv_bytes = 0
+    for i in range(config.text.num_hidden_layers):
+        keys = min(context, config.text.sliding_window) if config.text.is_sliding(i) else context
+        kv_bytes += 2 * keys * config.text.layer_kv_heads(i) * config.text.layer_head_dim(i)
+    bytes_step = weights + kv_bytes * args.batch_size * torch.finfo(dtype).bits // 8
     rows = []
     for name, st in results.items():
         seconds, tokens = st.median("seconds"), st.median("tokens")
@@ -262,6 +287,9 @@ def main_bench(args) -> dict:
             row["ms_per_step"] = step_s * 1e3
             row["gflops"] = flops_step / step_s / 1e9 if step_s else 0.0
             row["pct_of_peak"] = 100 * row["gflops"] / peak
+            if bandwidth:
+                row["gb_per_s"] = bytes_step / step_s / 1e9 if step_s else 0.0
+                row["pct_of_bandwidth"] = 100 * row["gb_per_s"] / bandwidth
         else:
             row["ms_per_token"] = (seconds - prefill) / max(steps - 1, 1) * 1e3
         rows.append(row)
@@ -271,7 +299,8 @@ def main_bench(args) -> dict:
                      "batch_size": args.batch_size, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
                      "denoising_steps": args.steps, "adaptive": args.adaptive, "threads": args.threads,
                      "device": args.device, "dtype": str(dtype).replace("torch.", ""), "repeats": args.repeats},
-        "machine": {"matmul_peak_gflops": peak, "weights_mb": weights / 2**20,
+        "machine": {"matmul_peak_gflops": peak, "copy_bandwidth_gb_s": bandwidth, "weights_mb": weights / 2**20,
+                    "floor_ms_per_step_bandwidth": bytes_step / (bandwidth * 1e9) * 1e3 if bandwidth else None,
                     "floor_ms_per_step": flops_step / (peak * 1e9) * 1e3,
                     "process_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024},
         "results": rows,
@@ -290,16 +319,25 @@ def print_table(out: dict) -> None:
           f"prompt {w['prompt_len']}, {w['new_tokens']} new tokens, {w['denoising_steps']} "
           f"{'adaptive' if w['adaptive'] else 'fixed'} steps, {w['threads']} threads, {w['device']} {w['dtype']}")
     print(f"machine: matmul peak {m['matmul_peak_gflops']:.1f} GFLOP/s; weights {m['weights_mb']:.0f} MiB; "
-          f"matmul floor {m['floor_ms_per_step']:.1f} ms per denoising step")
+          f"matmul floor {m['floor_ms_per_step']:.2f} ms per denoising step")
+    if m.get("copy_bandwidth_gb_s"):
+        print(f"         copy bandwidth {m['copy_bandwidth_gb_s']:.0f} GB/s; bandwidth floor "
+              f"{m['floor_ms_per_step_bandwidth']:.3f} ms per denoising step")
     header = f"{'engine':15s} {'tokens/s':>9s} {'ms/step':>9s} {'prefill ms':>10s} {'tok/fwd':>8s} " \
              f"{'GFLOP/s':>8s} {'% peak':>7s} {'run RSS MiB':>11s}"
+    gpu = bool(m.get("copy_bandwidth_gb_s"))
+    if gpu:
+        header += f" {'GB/s':>7s} {'% bw':>6s}"
     print(header)
     print("-" * len(header))
     for r in out["results"]:
         step = r.get("ms_per_step", r.get("ms_per_token", 0.0))
-        print(f"{r['engine']:15s} {r['tokens_per_s']:9.1f} {step:9.1f} {r['prefill_ms']:10.1f} "
-              f"{r['tokens_per_forward']:8.2f} {r.get('gflops', float('nan')):8.1f} "
-              f"{r.get('pct_of_peak', float('nan')):7.1f} {r['peak_run_rss_mb']:11.1f}")
+        line = (f"{r['engine']:15s} {r['tokens_per_s']:9.1f} {step:9.2f} {r['prefill_ms']:10.1f} "
+                f"{r['tokens_per_forward']:8.2f} {r.get('gflops', float('nan')):8.1f} "
+                f"{r.get('pct_of_peak', float('nan')):7.2f} {r['peak_run_rss_mb']:11.1f}")
+        if gpu:
+            line += f" {r.get('gb_per_s', float('nan')):7.1f} {r.get('pct_of_bandwidth', float('nan')):6.2f}"
+        print(line)
     if any(r["engine"] == "autoregressive" for r in out["results"]):
         print("(autoregressive: ms/step is ms per token)")
     if "speedup_vs_autoregressive" in out:
@@ -324,7 +362,10 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--compare", action="append", default=[], choices=["transformers", "autoregressive"])
+    p.add_argument("--compare", action="append", default=[], choices=["transformers", "autoregressive", "eager"],
+                   help="also run transformers' generate, an autoregressive decode, or (CUDA) dgemma without graphs")
+    p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                   help="on CUDA, run each denoising step eagerly instead of replaying a CUDA graph")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
     return p

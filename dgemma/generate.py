@@ -28,8 +28,8 @@ from typing import Callable
 import torch
 
 from .config import GenerationConfig
+from .denoiser import CanvasDenoiser
 from .model import DiffusionGemma
-from .sampling import StableAndConfident, random_tokens, sample_step, temperature
 
 
 @dataclass
@@ -96,12 +96,16 @@ def _check_prompts(prompts: list[list[int]], vocab_size: int) -> None:
 @torch.inference_mode()
 def generate(model: DiffusionGemma, prompts: list[list[int]], gen: GenerationConfig,
              generator: torch.Generator | None = None,
-             on_step: Callable[[StepView], None] | None = None) -> GenerationOutput:
+             on_step: Callable[[StepView], None] | None = None,
+             cuda_graphs: bool | None = None) -> GenerationOutput:
     """Generate continuations for `prompts` (lists of token ids). With `generator=None` the global torch RNG is
-    used, which is what makes `torch.manual_seed(S)` reproduce the reference's tokens."""
+    used, which is what makes `torch.manual_seed(S)` reproduce the reference's tokens.
+
+    `cuda_graphs` (default: on for a CUDA model with generator=None) replays each canvas's denoising step as a
+    CUDA graph; the tokens are the same either way."""
     cfg = model.config
     _check_prompts(prompts, cfg.vocab_size)
-    device, C, V = model.device, model.canvas_length, cfg.vocab_size
+    device, C = model.device, model.canvas_length
     t0 = time.perf_counter()
 
     # 1. left-pad, allocate, prefill
@@ -123,53 +127,34 @@ def generate(model: DiffusionGemma, prompts: list[list[int]], gen: GenerationCon
     cache = model.new_cache(B, T + min(num_canvases, 4) * C)
     cache.set_left_padding(valid)
     model.encode(tokens, cache)
+    if device.type == "cuda":  # time the prefill, not its launch
+        torch.cuda.synchronize(device)
     prefill_seconds = time.perf_counter() - t0
 
     eos = torch.tensor(gen.eos_token_id, device=device)
     finished_seq = torch.zeros(B, dtype=torch.bool, device=device)
-    decoder_passes = torch.zeros(B, dtype=torch.long, device=device)
     committed: list[torch.Tensor] = []
     steps_per_canvas: list[list[int]] = [[] for _ in range(B)]
     canvases_run = 0
+    denoiser = CanvasDenoiser(model, gen, B, generator, cuda_graphs)
 
     for canvas_index in range(num_canvases):
         # 2a. random canvas
-        canvas = random_tokens((B, C), V, generator, device)
-        argmax_canvas = canvas
-        sc_probs = None  # softmax of the previous step's tempered logits: the self-conditioning input
-        finished = torch.zeros(B, dtype=torch.bool, device=device)
-        stopper = StableAndConfident(gen, B, C, device)
-        steps_this_canvas = torch.zeros(B, dtype=torch.long, device=device)
+        denoiser.start(cache, finished_seq)
         canvases_run += 1
-        # 2b. denoising steps
-        for step, remaining in enumerate(range(gen.max_denoising_steps, 0, -1), start=1):
-            active = ~(finished | finished_seq)
-            decoder_passes += active
-            steps_this_canvas += ~finished
-            # i. decoder pass
-            signal = None if sc_probs is None else model.embed_probs(sc_probs)
-            logits = model.denoise(canvas, cache, signal=signal)
-            # ii-iii. temper, sample, accept, renoise
-            probs, sampled, new_argmax, entropy, accepted = sample_step(
-                logits, temperature(gen, remaining, device), gen.entropy_bound, generator)
-            del logits
-            noise = random_tokens((B, C), V, generator, device)
-            new_canvas = torch.where(accepted, sampled, noise)
-            # iv. rows already stopped keep their state
-            keep = finished[:, None]
-            argmax_canvas = torch.where(keep, argmax_canvas, new_argmax)
-            canvas = torch.where(keep, canvas, new_canvas)
-            sc_probs = probs if sc_probs is None else torch.where(keep[..., None], sc_probs, probs)
-            # a stopped row's entropy no longer matters: `finished` only ever turns on
-            finished = finished | stopper(argmax_canvas, entropy)
+        # 2b. denoising steps (denoiser.py)
+        for step in range(1, gen.max_denoising_steps + 1):
+            denoiser.step(step)
             if on_step is not None:
-                on_step(StepView(canvas_index, step, gen.max_denoising_steps, argmax_canvas, accepted, finished))
+                on_step(StepView(canvas_index, step, gen.max_denoising_steps, denoiser.argmax, denoiser.accepted,
+                                 denoiser.finished))
             # One host sync per step: the early exit needs to know on the host whether every row has stopped.
-            if bool(finished.all()):
+            if denoiser.all_finished():
                 break
-        for b, n in enumerate(steps_this_canvas.tolist()):
+        for b, n in enumerate(denoiser.steps.tolist()):
             if not bool(finished_seq[b]):
                 steps_per_canvas[b].append(n)
+        argmax_canvas = denoiser.argmax
 
         # 2c. commit; EOS ends a row, and what follows it is padding
         done_before = finished_seq.clone()
@@ -202,7 +187,7 @@ def generate(model: DiffusionGemma, prompts: list[list[int]], gen: GenerationCon
             reasons.append("length")
     seconds = time.perf_counter() - t0
     n_tokens = sum(len(x) for x in out_ids)
-    passes = int(decoder_passes.sum())
+    passes = int(denoiser.passes.sum())
     stats = GenerationStats(
         canvases=canvases_run,
         denoising_steps=passes,

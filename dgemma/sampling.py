@@ -86,18 +86,21 @@ def random_tokens(shape: tuple[int, ...], vocab_size: int, generator: torch.Gene
 
 class StableAndConfident:
     """Stop a row when its argmax canvas has not changed for `stability_threshold` steps and the mean entropy of
-    its tempered logits is below `confidence_threshold`."""
+    its tempered logits is below `confidence_threshold`. The history is updated in place (CUDA-graph safe)."""
 
     def __init__(self, gen: GenerationConfig, batch_size: int, canvas_length: int, device: torch.device):
         self.confidence_threshold = gen.confidence_threshold
         self.history = torch.full((gen.stability_threshold, batch_size, canvas_length), -1, dtype=torch.long,
                                   device=device)
 
+    def reset(self) -> None:
+        self.history.fill_(-1)
+
     def __call__(self, argmax_canvas: torch.Tensor, entropy: torch.Tensor) -> torch.Tensor:
         if self.history.shape[0] == 0:
             stable = torch.ones(argmax_canvas.shape[0], dtype=torch.bool, device=argmax_canvas.device)
         else:
             stable = (self.history == argmax_canvas[None]).all(dim=-1).all(dim=0)
-            self.history = torch.roll(self.history, shifts=-1, dims=0)
-            self.history[-1] = argmax_canvas
+            self.history.copy_(torch.roll(self.history, shifts=-1, dims=0))
+            self.history[-1].copy_(argmax_canvas)
         return stable & (entropy.mean(dim=-1) < self.confidence_threshold)

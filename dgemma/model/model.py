@@ -107,9 +107,18 @@ class DiffusionGemma(nn.Module):
     def device(self) -> torch.device:
         return self.embed_tokens.weight.device
 
-    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+    def _embed_scale(self) -> torch.Tensor:
+        """sqrt(hidden) rounded to the weights' dtype, kept on their device: creating it per call would copy from
+        the host, which a CUDA graph cannot capture."""
         w = self.embed_tokens.weight
-        return self.embed_tokens(tokens) * torch.tensor(self.config.embed_scale, dtype=w.dtype, device=w.device)
+        key = (w.dtype, w.device)
+        if getattr(self, "_scale_key", None) != key:
+            self._scale = torch.tensor(self.config.embed_scale, dtype=w.dtype, device=w.device)
+            self._scale_key = key
+        return self._scale
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(tokens) * self._embed_scale()
 
     def soft_embed(self, logits: torch.Tensor) -> torch.Tensor:
         """Self-conditioning signal: softmax(logits) @ E * sqrt(hidden). logits (B, C, V) -> (B, C, H)."""
@@ -117,8 +126,7 @@ class DiffusionGemma(nn.Module):
 
     def embed_probs(self, probs: torch.Tensor) -> torch.Tensor:
         """probs (B, C, V) -> probs @ E * sqrt(hidden), (B, C, H)."""
-        w = self.embed_tokens.weight
-        return (probs.to(w.dtype) @ w) * torch.tensor(self.config.embed_scale, dtype=w.dtype, device=w.device)
+        return (probs.to(self.dtype) @ self.embed_tokens.weight) * self._embed_scale()
 
     def rope(self, positions: torch.Tensor) -> dict[bool, tuple[torch.Tensor, torch.Tensor]]:
         """positions (T,) -> {is_sliding: (cos, sin)}."""

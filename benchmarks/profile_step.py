@@ -1,0 +1,68 @@
+"""Where a denoising step's time goes: GPU kernel time by kernel (torch.profiler), and the wall time of one
+graph replay against one eager step.
+
+    python benchmarks/profile_step.py --preset small --device cuda --dtype bfloat16
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from dgemma.denoiser import CanvasDenoiser
+from dgemma.presets import default_generation, preset_config, random_model
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="small")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--batch-size", type=int, default=1)
+    ap.add_argument("--context", type=int, default=384)
+    ap.add_argument("--top", type=int, default=25)
+    args = ap.parse_args()
+    dtype = getattr(torch, args.dtype)
+    config = preset_config(args.preset)
+    model = random_model(config, std=0.02, seed=0, device=args.device, dtype=dtype)
+    gen = default_generation(config).replace(max_denoising_steps=16, confidence_threshold=1e-30)
+    B = args.batch_size
+    cache = model.new_cache(B, args.context + 2 * config.canvas_length)
+    with torch.inference_mode():
+        model.encode(torch.randint(3, config.text.vocab_size, (B, args.context), device=args.device), cache)
+
+        def timed(den: CanvasDenoiser, steps: int) -> float:
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            for s in range(2, steps + 2):
+                den.step(s)
+            torch.cuda.synchronize()
+            return (time.perf_counter() - t) / steps * 1e3
+
+        for graphs in (False, True):
+            den = CanvasDenoiser(model, gen, B, cuda_graphs=graphs)
+            den.start(cache, torch.zeros(B, dtype=torch.bool, device=args.device))
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            den.step(1)  # eager; with graphs, also the capture
+            torch.cuda.synchronize()
+            first = (time.perf_counter() - t) * 1e3
+            per = timed(den, 10)
+            print(f"cuda_graphs={graphs}: first step {first:.2f} ms (with capture if graphed), then {per:.3f} ms/step")
+
+        den = CanvasDenoiser(model, gen, B, cuda_graphs=False)
+        den.start(cache, torch.zeros(B, dtype=torch.bool, device=args.device))
+        den.step(1)
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+            for s in range(2, 6):
+                den.step(s)
+            torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.top, max_name_column_width=60))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""Step 2b of generate.py: the denoising steps of one canvas, for a batch of rows in lockstep.
+
+All state lives in buffers allocated once and updated in place, so a step is the same sequence of kernels on the
+same memory every time. That lets it run eagerly, or, on CUDA, be captured once per canvas as a CUDA graph and
+replayed: a small model's step is hundreds of kernel launches that each take longer to issue than to run, and a
+replay issues them all at once. Replays draw from the default CUDA generator exactly as the eager kernels would,
+so both give the same tokens.
+
+Per step, for every row that is still denoising:
+  i.   decoder pass over the canvas, self-conditioned on the previous step's tempered probabilities;
+  ii.  temper the logits (t_max at the first step, falling linearly toward t_min);
+  iii. sample a token per position; accept the entropy-bound set; renoise the rest uniformly;
+  iv.  stop the row once its argmax canvas is stable and its mean entropy is below the threshold.
+A row that has stopped keeps its state. The self-conditioning signal of the first step is zeros, which the block
+maps exactly to "no signal".
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .cache import KVCache
+from .config import GenerationConfig
+from .model import DiffusionGemma
+from .sampling import StableAndConfident, random_tokens, sample_step, temperature
+
+
+class CanvasDenoiser:
+    _warm = False  # a first CUDA step has run eagerly in this process (see step)
+
+    def __init__(self, model: DiffusionGemma, gen: GenerationConfig, batch_size: int,
+                 generator: torch.Generator | None = None, cuda_graphs: bool | None = None):
+        device, C, H = model.device, model.canvas_length, model.config.hidden_size
+        self.model, self.gen, self.generator = model, gen, generator
+        self.batch_size, self.device = batch_size, device
+        # The MoE's grouped GEMM keeps its group sizes on the device only in the native bf16 kernel; in fp32 torch
+        # falls back to a loop that reads them on the host, which a graph cannot capture.
+        graphable = device.type == "cuda" and generator is None and model.dtype == torch.bfloat16
+        if cuda_graphs is None:
+            cuda_graphs = graphable
+        if cuda_graphs and not graphable:
+            raise ValueError("CUDA graphs need a bf16 model on CUDA and the default generator (generator=None)")
+        self.cuda_graphs = cuda_graphs
+        B = batch_size
+        self.canvas = torch.zeros(B, C, dtype=torch.long, device=device)
+        self.argmax = torch.zeros(B, C, dtype=torch.long, device=device)
+        self.accepted = torch.zeros(B, C, dtype=torch.bool, device=device)
+        self.signal = torch.zeros(B, C, H, dtype=model.dtype, device=device)
+        self.finished = torch.zeros(B, dtype=torch.bool, device=device)  # stopped denoising this canvas
+        self.ended = torch.zeros(B, dtype=torch.bool, device=device)  # sequence ended (EOS) in an earlier canvas
+        self.steps = torch.zeros(B, dtype=torch.long, device=device)  # steps this canvas, per row
+        self.passes = torch.zeros(B, dtype=torch.long, device=device)  # decoder passes of live rows, all canvases
+        self.stopper = StableAndConfident(gen, B, C, device)
+        # the temperature of each step, computed as the reference does (fp32), then copied into `temp` per step
+        self.temps = torch.stack([temperature(gen, n, torch.device("cpu"))
+                                  for n in range(gen.max_denoising_steps, 0, -1)]).to(device)
+        self.temp = self.temps[0].clone()
+        self._plan = None
+        self._graph: torch.cuda.CUDAGraph | None = None
+
+    def start(self, cache: KVCache, ended: torch.Tensor) -> None:
+        """Begin a canvas after the cache's committed tokens: draw a uniform random canvas and reset the state."""
+        canvas = random_tokens(tuple(self.canvas.shape), self.model.config.vocab_size, self.generator, self.device)
+        self.canvas.copy_(canvas)
+        self.argmax.copy_(canvas)
+        self.signal.zero_()
+        self.finished.zero_()
+        self.steps.zero_()
+        self.stopper.reset()
+        self.ended.copy_(ended)
+        # positions, masks and the K/V writer depend only on the cache length: fixed for the whole canvas
+        self._plan = self.model._plan(cache, None, self.model.canvas_length, encoder=False)
+        self._graph = None
+
+    def step(self, step: int) -> None:
+        """Run denoising step `step` (1-based) of the current canvas."""
+        self.temp.copy_(self.temps[step - 1])
+        if not self.cuda_graphs:
+            self._step()
+        elif self._graph is not None:
+            self._graph.replay()
+        elif not CanvasDenoiser._warm:
+            # The process's first step runs eagerly on a side stream, as graph capture requires (library handles
+            # and workspaces are created lazily); the next step captures.
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                self._step()
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            CanvasDenoiser._warm = True
+        else:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):  # records the step without running it; the replay runs it
+                self._step()
+            self._graph = graph
+            graph.replay()
+
+    def all_finished(self) -> bool:
+        """Whether every row has stopped (one host sync)."""
+        return bool((self.finished | self.ended).all())
+
+    def _step(self) -> None:
+        model, gen = self.model, self.gen
+        positions, masks, writer, _ = self._plan
+        finished = self.finished
+        self.passes.add_(~(finished | self.ended))
+        self.steps.add_(~finished)
+        # i. decoder pass
+        x = model.self_conditioning(model.embed(self.canvas), self.signal)
+        logits = model.logits(model.run_layers(x, positions, masks, writer, encoder=False))
+        # ii-iii. temper, sample, accept, renoise
+        probs, sampled, new_argmax, entropy, accepted = sample_step(logits, self.temp, gen.entropy_bound,
+                                                                    self.generator)
+        del logits
+        noise = random_tokens(tuple(self.canvas.shape), model.config.vocab_size, self.generator, self.device)
+        # iv. rows already stopped keep their state
+        keep = finished[:, None]
+        self.canvas.copy_(torch.where(keep, self.canvas, torch.where(accepted, sampled, noise)))
+        self.argmax.copy_(torch.where(keep, self.argmax, new_argmax))
+        self.signal.copy_(torch.where(keep[..., None], self.signal, model.embed_probs(probs)))
+        self.accepted.copy_(accepted)
+        # a stopped row's entropy no longer matters: `finished` only ever turns on
+        finished.logical_or_(self.stopper(self.argmax, entropy))
