@@ -2,6 +2,7 @@
 graph replay against one eager step.
 
     python benchmarks/profile_step.py --preset small --device cuda --dtype bfloat16
+    python benchmarks/profile_step.py --preset small --device cpu --dtype float32
 """
 
 from __future__ import annotations
@@ -23,8 +24,16 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=1)
     ap.add_argument("--context", type=int, default=384)
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     dtype = getattr(torch, args.dtype)
+    cuda = args.device.startswith("cuda")
+    torch.set_num_threads(args.threads)
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
     config = preset_config(args.preset)
     model = random_model(config, std=0.02, seed=0, device=args.device, dtype=dtype)
     gen = default_generation(config).replace(max_denoising_steps=16, confidence_threshold=1e-30)
@@ -34,20 +43,20 @@ def main() -> None:
         model.encode(torch.randint(3, config.text.vocab_size, (B, args.context), device=args.device), cache)
 
         def timed(den: CanvasDenoiser, steps: int) -> float:
-            torch.cuda.synchronize()
+            sync()
             t = time.perf_counter()
             for s in range(2, steps + 2):
                 den.step(s)
-            torch.cuda.synchronize()
+            sync()
             return (time.perf_counter() - t) / steps * 1e3
 
-        for graphs in (False, True):
+        for graphs in (False, True) if cuda else (False,):
             den = CanvasDenoiser(model, gen, B, cuda_graphs=graphs)
             den.start(cache, torch.zeros(B, dtype=torch.bool, device=args.device))
-            torch.cuda.synchronize()
+            sync()
             t = time.perf_counter()
             den.step(1)  # eager; with graphs, also the capture
-            torch.cuda.synchronize()
+            sync()
             first = (time.perf_counter() - t) * 1e3
             per = timed(den, 10)
             print(f"cuda_graphs={graphs}: first step {first:.2f} ms (with capture if graphed), then {per:.3f} ms/step")
@@ -57,11 +66,12 @@ def main() -> None:
         den.step(1)
         from torch.profiler import ProfilerActivity, profile
 
-        with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with profile(activities=activities) as prof:
             for s in range(2, 6):
                 den.step(s)
-            torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.top, max_name_column_width=60))
+            sync()
+    print(prof.key_averages().table(sort_by="cuda_time_total" if cuda else "self_cpu_time_total", row_limit=args.top, max_name_column_width=60))
 
 
 if __name__ == "__main__":
