@@ -6,8 +6,6 @@ Random numbers are drawn in the reference's order and shapes, so a seed gives th
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from .config import GenerationConfig
@@ -21,35 +19,9 @@ def temperature(gen: GenerationConfig, steps_remaining: int, device: torch.devic
     return gen.t_min + ((gen.t_max - gen.t_min) * (n / gen.max_denoising_steps))
 
 
-# On CPU, torch's vectorised exp leaves its fast path for inputs below about -87.3 (results that are denormal or
-# zero) and runs ten to forty times slower there; low temperatures and peaked trained models put most of the
-# vocabulary in that range. Below -110 every exp is exactly 0.
-_EXP_FAST_MIN, _EXP_ZERO_BELOW = -87.0, -110.0
-
-
-def logsumexp(x: torch.Tensor) -> torch.Tensor:
-    """torch.logsumexp(x, dim=-1, keepdim=True), bit for bit (the same max, shift, exp, sum, log, add), with the
-    exp of very negative inputs done without torch's slow path: exactly 0 below -110, and only the band
-    [-110, -87) through the slow exp, whose values are elementwise the same."""
-    if x.device.type != "cpu":
-        return x.logsumexp(dim=-1, keepdim=True)
-    mins, maxes = torch.aminmax(x, dim=-1, keepdim=True)
-    maxes.masked_fill_(maxes.abs() == math.inf, 0)
-    shifted = x - maxes
-    if bool(((mins - maxes) < _EXP_FAST_MIN).any()):
-        low = shifted < _EXP_FAST_MIN
-        band = low & (shifted >= _EXP_ZERO_BELOW)
-        band_exp = shifted[band].exp()
-        e = shifted.clamp_(min=_EXP_FAST_MIN).exp_().masked_fill_(low, 0.0)
-        e[band] = band_exp
-    else:
-        e = shifted.exp_()
-    return e.sum(dim=-1, keepdim=True).log_().add_(maxes)
-
-
 def token_entropy(logits: torch.Tensor) -> torch.Tensor:
     """Entropy of softmax(logits) per position. (B, C, V) -> (B, C)."""
-    log_p = logits - logsumexp(logits)
+    log_p = logits - logits.logsumexp(dim=-1, keepdim=True)
     p = torch.softmax(log_p, dim=-1)
     return -(log_p.clamp(min=torch.finfo(log_p.dtype).min) * p).sum(-1)
 
@@ -66,7 +38,7 @@ def entropy_bound_accept(entropy: torch.Tensor, bound: float) -> torch.Tensor:
 
 def token_entropy_(logits: torch.Tensor) -> torch.Tensor:
     """token_entropy, bit for bit, computed in place: `logits` is used up (it holds log probabilities after)."""
-    log_p = logits.sub_(logsumexp(logits))
+    log_p = logits.sub_(logits.logsumexp(dim=-1, keepdim=True))
     p = torch.softmax(log_p, dim=-1)
     return -log_p.clamp_(min=torch.finfo(log_p.dtype).min).mul_(p).sum(-1)
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from dgemma.config import GenerationConfig
-from dgemma.sampling import (StableAndConfident, entropy_bound_accept, logsumexp, random_tokens, sample_step,
-                             temperature, token_entropy)
+from dgemma.sampling import (StableAndConfident, entropy_bound_accept, random_tokens, sample_step, temperature,
+                             token_entropy)
 
 
 def _reference_step(logits, temp, bound):
@@ -74,26 +74,3 @@ def test_temperature_schedule_runs_from_t_max_toward_t_min():
     gen = GenerationConfig(max_denoising_steps=4, t_min=0.4, t_max=0.8)
     temps = [float(temperature(gen, n, "cpu")) for n in (4, 3, 2, 1)]
     assert temps[0] == pytest.approx(0.8) and temps == sorted(temps, reverse=True) and temps[-1] > 0.4
-
-
-@pytest.mark.parametrize("scale", [1.0, 30.0, 100.0, 400.0])
-def test_logsumexp_is_torch_logsumexp_bit_for_bit(scale):
-    """Wide logits (low temperatures, trained models) put most exps on torch's slow path; ours avoids it and
-    must still give torch's bits, with -inf and NaN rows as torch has them."""
-    g = torch.Generator().manual_seed(int(scale))
-    x = torch.randn(3, 17, 1000, generator=g) * scale
-    x[0, 0] = float("-inf")
-    x[0, 1, :500] = float("-inf")
-    x[1, 2, 7] = float("inf")
-    x[2, 3, 9] = float("nan")
-    expected = x.logsumexp(dim=-1, keepdim=True)
-    got = logsumexp(x)
-    assert torch.equal(got.isnan(), expected.isnan())
-    assert torch.equal(got.nan_to_num(), expected.nan_to_num())
-    assert torch.equal(token_entropy(x).nan_to_num(), _reference_entropy(x).nan_to_num())
-
-
-def _reference_entropy(logits):
-    log_p = logits - logits.logsumexp(dim=-1, keepdim=True)
-    p = torch.softmax(log_p, dim=-1)
-    return -(log_p.clamp(min=torch.finfo(log_p.dtype).min) * p).sum(-1)
