@@ -1,6 +1,6 @@
 """Serving benchmark: N concurrent streaming clients against an OpenAI-compatible dgemma server.
 
-By default it starts a server in-process on 127.0.0.1 with a random-weight preset model (offline, no tokenizer:
+By default it starts a server in a child process on 127.0.0.1 with a random-weight preset model (offline, no tokenizer:
 prompts are random token ids sent to /v1/completions); --url targets a running server instead. For each
 concurrency level it runs twice, streaming with the settled prefix pinned and streamed (`settled_prefix: true`)
 and without it (text then arrives one committed canvas at a time), and prints aggregate throughput, TTFT p50/p95
@@ -104,8 +104,48 @@ def start_local_server(args):
     return server, engine, args.preset, cfg.text.vocab_size, info
 
 
+def _server_process(args, conn) -> None:
+    """Child process: start the server, send its address, serve until the parent closes the pipe."""
+    server, engine, model, vocab, info = start_local_server(args)
+    conn.send((server.url, model, vocab, info))
+    try:
+        conn.recv()
+    except EOFError:
+        pass
+    finally:
+        server.stop()
+        engine.stop()
+
+
+class ServerProcess:
+    """The in-process server's setup in a child process, so that the benchmark's clients (httpx, JSON) do not
+    share the server's interpreter lock, as real clients would not."""
+
+    def __init__(self, args):
+        import multiprocessing as mp
+
+        ctx = mp.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.process = ctx.Process(target=_server_process, args=(args, child), daemon=True)
+        self.process.start()
+        child.close()
+        try:
+            if not self.conn.poll(300):
+                raise EOFError
+            self.url, self.model, self.vocab, self.info = self.conn.recv()
+        except EOFError:
+            self.stop()
+            raise RuntimeError("the server process did not start (its traceback, if any, is above)") from None
+
+    def stop(self) -> None:
+        self.conn.close()
+        self.process.join(timeout=30)
+        if self.process.is_alive():
+            self.process.kill()
+
+
 def cmd_bench_serve(args) -> int:
-    server = engine = None
+    server = engine = child = None
     if args.url:
         url, model, vocab = args.url.rstrip("/"), args.model, args.vocab_size
         if not model:
@@ -113,9 +153,13 @@ def cmd_bench_serve(args) -> int:
 
             model = httpx.get(url + "/v1/models", headers=_headers(args), timeout=10).json()["data"][0]["id"]
         info = f"server {url}, model {model}"
+    elif args.server == "process":
+        child = ServerProcess(args)
+        url, model, vocab, info = child.url, child.model, child.vocab, child.info + ", server in its own process"
     else:
         server, engine, model, vocab, info = start_local_server(args)
         url = server.url
+        info += ", server in the clients' process"
     try:
         print(f"# {info}")
         print(f"# {args.requests} requests per run (time limit {args.time_limit:.0f} s), prompt {args.prompt_len} "
@@ -145,6 +189,8 @@ def cmd_bench_serve(args) -> int:
         if server is not None:
             server.stop()
             engine.stop()
+        if child is not None:
+            child.stop()
     return 0
 
 
@@ -164,7 +210,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="model id (with --url; default: the first of /v1/models)")
     p.add_argument("--api-key", default=None)
     p.add_argument("--vocab-size", type=int, default=256, help="prompt ids are drawn below this (with --url)")
-    p.add_argument("--preset", default="tiny", help="random-weight preset for the in-process server")
+    p.add_argument("--preset", default="tiny", help="random-weight preset for the local server")
+    p.add_argument("--server", choices=["process", "thread"], default="process",
+                   help="run the local server in a child process (default), or on threads of the clients' process")
     p.add_argument("--std", type=float, default=0.1, help="weight std of the random model")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (in-process server)")

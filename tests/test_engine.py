@@ -202,3 +202,18 @@ def test_text_stream_decodes_merging_tokens_like_the_whole_text():
     ts = TextStream(decode, True, [], [])
     out = "".join(ts.update([t], final=False) for t in ids) + ts.update([], final=True)
     assert out == text
+
+
+def test_outputs_merge_into_one_chunk():
+    """Outputs queued while a slow client is served go out as one chunk: tokens and text joined in order, the
+    newest draft (None means unchanged), the later output's end."""
+    from dgemma.engine.request import RequestOutput
+
+    a = RequestOutput("r", [1, 2], "ab", draft="x")
+    b = RequestOutput("r", [3], "c", draft=None)
+    c = RequestOutput("r", [4], "d", finished=True, finish_reason="stop", completion_tokens=4)
+    m = a.merged(b)
+    assert (m.token_ids, m.text, m.draft, m.finished) == ([1, 2, 3], "abc", "x", False)
+    m = m.merged(c)
+    assert (m.token_ids, m.text, m.finished, m.finish_reason, m.completion_tokens) == ([1, 2, 3, 4], "abcd", True,
+                                                                                       "stop", 4)

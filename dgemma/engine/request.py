@@ -6,6 +6,8 @@ the per-row device state (canvas, argmax canvas, self-conditioning signal) lives
 
 from __future__ import annotations
 
+import dataclasses
+
 import enum
 import math
 import os
@@ -117,6 +119,11 @@ class RequestOutput:
     denoising_steps: int = 0
     ttft: float | None = None  # seconds from arrival to the first output token (set when finished)
     latency: float | None = None  # seconds from arrival to the end (set when finished)
+
+    def merged(self, later: RequestOutput) -> RequestOutput:
+        """This output followed by `later`, as one: tokens and text joined, the newest draft, `later`'s end."""
+        return dataclasses.replace(later, token_ids=self.token_ids + later.token_ids, text=self.text + later.text,
+                                   draft=later.draft if later.draft is not None else self.draft)
 
 
 Sink = Callable[[RequestOutput], None]

@@ -70,6 +70,10 @@ class RequestStream:
                     self.abort()
                     return None
             if out is not None:
+                # Outputs that queued up while the client was being served go out as one chunk: under load the
+                # engine steps faster than per-step chunks can be sent.
+                while not out.finished and not self.queue.empty():
+                    out = out.merged(self.queue.get_nowait())
                 self.finished = out.finished
                 return out
 
