@@ -106,6 +106,9 @@ def start_local_server(args):
 
 def _server_process(args, conn) -> None:
     """Child process: start the server, send its address, serve until the parent closes the pipe."""
+    from dgemma.runtime import tune_malloc
+
+    tune_malloc()  # as `dgemma serve` does
     server, engine, model, vocab, info = start_local_server(args)
     conn.send((server.url, model, vocab, info))
     try:

@@ -295,8 +295,11 @@ def _plugins():
 def main(argv: list[str] | None = None) -> int:
     from .checkpoint import CheckpointError
 
+    from .runtime import tune_malloc
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    tune_malloc()
     user_errors: tuple = (CLIError, CheckpointError, ConfigError, ValueError, FileNotFoundError)
     try:
         from .tokenizer import TokenizerError

@@ -49,17 +49,29 @@ def race_sample(probs: torch.Tensor, accepted: torch.Tensor, generator: torch.Ge
     multinomial draws an Exp(1) race over every entry and takes argmax(p / race). On CPU torch draws each Exp(1)
     as -log1p(-U) from a float64 uniform U, and the log is most of the cost. Positions that are not accepted are
     renoised, so we draw the same uniforms (advancing the generator exactly as the race would) and take logs only
-    where the sample is kept. Elsewhere the result is 0."""
+    where the sample is kept. Elsewhere the result is 0. The uniforms are drawn a few positions at a time into
+    one small buffer, in order (the generator is sequential, so the values are the same): a fresh (C, V) float64
+    tensor would cost more in page faults than the draws themselves."""
     V = probs.shape[-1]
     if probs.device.type != "cpu" or probs.dtype != torch.float32:
         race = torch.empty_like(probs).exponential_(generator=generator)
         return torch.argmax(torch.div(probs, race, out=race), dim=-1)
-    uniform = torch.empty(probs.shape, dtype=torch.float64).uniform_(generator=generator)
-    rows = accepted.reshape(-1).nonzero().squeeze(1)  # (K,) accepted positions; a host sync, free on CPU
-    race = (-torch.log1p(-uniform.view(-1, V)[rows])).float()  # exactly exponential_'s values there
-    sampled = torch.zeros(accepted.numel(), dtype=torch.long)
-    sampled[rows] = torch.argmax(probs.reshape(-1, V)[rows] / race, dim=-1)
+    flat_probs, flat_accepted = probs.reshape(-1, V), accepted.reshape(-1)
+    n = flat_accepted.numel()
+    sampled = torch.zeros(n, dtype=torch.long)
+    chunk = max(1, min(n, _RACE_CHUNK_ELEMENTS // V))
+    buffer = torch.empty(chunk, V, dtype=torch.float64)
+    for start in range(0, n, chunk):
+        stop = min(start + chunk, n)
+        uniform = buffer[: stop - start].uniform_(generator=generator)
+        rows = flat_accepted[start:stop].nonzero().squeeze(1)  # accepted positions here; a host sync, free on CPU
+        if rows.numel():
+            race = (-torch.log1p(-uniform[rows])).float()  # exactly exponential_'s values there
+            sampled[start + rows] = torch.argmax(flat_probs[start:stop][rows] / race, dim=-1)
     return sampled.view(accepted.shape)
+
+
+_RACE_CHUNK_ELEMENTS = 1 << 19  # 4 MiB of float64 uniforms per chunk
 
 
 def sample_step(logits: torch.Tensor, temp: torch.Tensor, entropy_bound: float,

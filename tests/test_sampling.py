@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from dgemma import sampling
 from dgemma.config import GenerationConfig
 from dgemma.sampling import (StableAndConfident, entropy_bound_accept, random_tokens, sample_step, temperature,
                              token_entropy)
@@ -22,8 +23,11 @@ def _reference_step(logits, temp, bound):
     return torch.where(accepted, sampled, noise), tempered.argmax(-1), entropy, accepted
 
 
-@pytest.mark.parametrize("scale, bound", [(1.0, 0.1), (8.0, 0.1), (8.0, 50.0), (30.0, 1e6)])
-def test_fused_step_matches_multinomial_reference(scale, bound):
+@pytest.mark.parametrize("scale, bound, chunk", [(1.0, 0.1, None), (8.0, 0.1, None), (8.0, 50.0, None),
+                                                (30.0, 1e6, None), (8.0, 50.0, 1500), (30.0, 1e6, 300)])
+def test_fused_step_matches_multinomial_reference(scale, bound, chunk, monkeypatch):
+    if chunk is not None:  # uniforms drawn 5 (or 1) positions at a time, as large vocabularies are
+        monkeypatch.setattr(sampling, "_RACE_CHUNK_ELEMENTS", chunk)
     gen = GenerationConfig(max_denoising_steps=10)
     logits = torch.randn(3, 24, 300, generator=torch.Generator().manual_seed(1)) * scale
     for remaining in (10, 3, 1):
