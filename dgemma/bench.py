@@ -225,6 +225,7 @@ def main_bench(args) -> dict:
     torch.set_num_threads(args.threads)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--device cuda requested but no CUDA device is available")
+    baseline_rss = _rss_status("VmRSS:")  # the interpreter and torch, before any weights
     model, config, base_gen, path, dtype = build_model(args)
     C = config.canvas_length
     gen = base_gen.replace(max_new_tokens=args.new_tokens, max_denoising_steps=args.steps,
@@ -240,6 +241,11 @@ def main_bench(args) -> dict:
     engines = {"dgemma": lambda seed: run_dgemma(model, prompts, gen, seed, cuda_graphs=cuda and args.cuda_graphs)}
     if cuda and args.cuda_graphs and "eager" in args.compare:  # the same engine without CUDA graphs
         engines["dgemma-eager"] = lambda seed: run_dgemma(model, prompts, gen, seed, cuda_graphs=False)
+    # dgemma's memory, measured before anything else is loaded: its warm-up run is its largest (first touch)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    engines["dgemma"](0)
+    dgemma_peak = (torch.cuda.max_memory_allocated() if cuda else _rss_status("VmHWM:") - baseline_rss)
     tmp = None
     if "transformers" in args.compare:
         ref, tmp = load_transformers(model, config, path, args.device, dtype)
@@ -249,7 +255,8 @@ def main_bench(args) -> dict:
 
     results = {name: EngineStats(name) for name in engines}
     for name, fn in engines.items():  # warm-up (allocator, lazy init), not timed
-        fn(0)
+        if name != "dgemma":  # warmed up above
+            fn(0)
     for i in range(args.repeats):  # alternate engines so drift and contention hit all of them alike
         for name, fn in engines.items():
             results[name].runs.append(fn(i + 1))
@@ -261,6 +268,10 @@ def main_bench(args) -> dict:
     bandwidth = measure_copy_bandwidth(args.device) if cuda else None
 
     weights = sum(p.numel() * p.element_size() for p in model.state_dict().values())
+    capacity = args.prompt_len + min(-(-args.new_tokens // C), 4) * C  # as generate() allocates it
+    kv_cache = model.new_cache(args.batch_size, capacity).nbytes() if not cuda else sum(
+        2 * args.batch_size * config.text.layer_kv_heads(i) * capacity * config.text.layer_head_dim(i)
+        for i in range(config.text.num_hidden_layers)) * torch.finfo(dtype).bits // 8
     context = args.prompt_len + args.new_tokens // 2  # average context across canvases
     flops_step = decoder_step_flops(config.text, C, context) * args.batch_size
     # bytes a step must move at least: every weight once (a 256-token canvas reaches every expert) and the
@@ -280,7 +291,6 @@ def main_bench(args) -> dict:
             "prefill_ms": prefill * 1e3,
             "forwards": steps,
             "tokens_per_forward": tokens / args.batch_size / steps if steps else 0.0,
-            "peak_run_rss_mb": st.median("peak_delta_bytes") / 2**20,
         }
         if name != "autoregressive":
             step_s = (seconds - prefill) / steps if steps else 0.0
@@ -302,7 +312,11 @@ def main_bench(args) -> dict:
         "machine": {"matmul_peak_gflops": peak, "copy_bandwidth_gb_s": bandwidth, "weights_mb": weights / 2**20,
                     "floor_ms_per_step_bandwidth": bytes_step / (bandwidth * 1e9) * 1e3 if bandwidth else None,
                     "floor_ms_per_step": flops_step / (peak * 1e9) * 1e3,
-                    "process_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024},
+                    "process_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                    "kv_cache_mb": kv_cache / 2**20,
+                    "dgemma_peak_memory_mb": dgemma_peak / 2**20,
+                    "dgemma_peak_memory_kind": "CUDA max_memory_allocated" if cuda else "RSS above the process baseline",
+                    "dgemma_peak_over_weights_and_cache": dgemma_peak / (weights + kv_cache)},
         "results": rows,
     }
     by = {r["engine"]: r for r in rows}
@@ -324,7 +338,10 @@ def print_table(out: dict) -> None:
         print(f"         copy bandwidth {m['copy_bandwidth_gb_s']:.0f} GB/s; bandwidth floor "
               f"{m['floor_ms_per_step_bandwidth']:.3f} ms per denoising step")
     header = f"{'engine':15s} {'tokens/s':>9s} {'ms/step':>9s} {'prefill ms':>10s} {'tok/fwd':>8s} " \
-             f"{'GFLOP/s':>8s} {'% peak':>7s} {'run RSS MiB':>11s}"
+             f"{'GFLOP/s':>8s} {'% peak':>7s}"
+    print(f"memory: dgemma peak {m['dgemma_peak_memory_mb']:.0f} MiB ({m['dgemma_peak_memory_kind']}) = "
+          f"{m['dgemma_peak_over_weights_and_cache']:.2f}x weights + KV cache "
+          f"({m['weights_mb']:.0f} + {m['kv_cache_mb']:.0f} MiB)")
     gpu = bool(m.get("copy_bandwidth_gb_s"))
     if gpu:
         header += f" {'GB/s':>7s} {'% bw':>6s}"
@@ -334,7 +351,7 @@ def print_table(out: dict) -> None:
         step = r.get("ms_per_step", r.get("ms_per_token", 0.0))
         line = (f"{r['engine']:15s} {r['tokens_per_s']:9.1f} {step:9.2f} {r['prefill_ms']:10.1f} "
                 f"{r['tokens_per_forward']:8.2f} {r.get('gflops', float('nan')):8.1f} "
-                f"{r.get('pct_of_peak', float('nan')):7.2f} {r['peak_run_rss_mb']:11.1f}")
+                f"{r.get('pct_of_peak', float('nan')):7.2f}")
         if gpu:
             line += f" {r.get('gb_per_s', float('nan')):7.1f} {r.get('pct_of_bandwidth', float('nan')):6.2f}"
         print(line)
