@@ -52,7 +52,7 @@ def init_weights(model: DiffusionGemma, std: float = 0.02, seed: int | None = 0)
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     for name, p in model.named_parameters():
         if p.ndim >= 2:
-            p.copy_(torch.randn(p.shape, generator=gen) * std)
+            p.normal_(generator=gen).mul_(std)  # = randn(shape) * std, bit for bit, without two temporaries
         else:
             p.fill_(1.0)
     for name, b in model.named_buffers():
