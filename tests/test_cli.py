@@ -95,3 +95,25 @@ def test_interactive_chat_loop(chat_checkpoint):
                           input="hello\n/reset\nagain\n/exit\n", capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("model>") == 2
+
+
+def test_bench_serve_runs_against_a_local_server(capsys):
+    """`dgemma bench-serve` drives a server on 127.0.0.1 with concurrent streaming clients and prints a table."""
+    args = ["bench-serve", "--preset", "tiny", "--server", "thread", "--threads", "1", "--concurrency", "2",
+            "--requests", "2", "--max-tokens", "8", "--max-denoising-steps", "4", "--time-limit", "60"]
+    assert main(args) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line and not line.startswith("#")]
+    assert rows[0][:2] == ["concurrency", "settled"]
+    assert [(r[0], r[1], r[2]) for r in rows[1:]] == [("2", "on", "2"), ("2", "off", "2")]  # every request done
+
+
+def test_bench_compares_engines_on_the_same_weights(capsys):
+    pytest.importorskip("transformers")
+    args = ["bench", "--preset", "tiny", "--prompt-len", "8", "--new-tokens", "32", "--steps", "4", "--threads", "1",
+            "--repeats", "1", "--compare", "transformers", "--compare", "autoregressive", "--json"]
+    assert main(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [r["engine"] for r in out["results"]] == ["dgemma", "transformers", "autoregressive"]
+    dgemma, ref = out["results"][:2]
+    assert dgemma["forwards"] == ref["forwards"] == 4 and dgemma["tokens_per_forward"] == 32 / 4
+    assert out["speedup_vs_transformers"] > 0 and out["machine"]["dgemma_peak_over_weights_and_cache"] > 0
