@@ -74,6 +74,40 @@ def race_sample(probs: torch.Tensor, accepted: torch.Tensor, generator: torch.Ge
 _RACE_CHUNK_ELEMENTS = 1 << 19  # 4 MiB of float64 uniforms per chunk
 
 
+def temper_and_score(logits: torch.Tensor, temp: torch.Tensor):
+    """Temper `logits` (..., V) in place by `temp` (a scalar tensor, or one broadcastable to (..., 1)) and return
+    probs = softmax (fp32), argmax and token entropy of the tempered logits. `logits` is used up.
+
+    Every one of these works along the vocabulary, position by position, so on CPU the positions go a few at a
+    time: the dozen passes over each block stay in cache instead of streaming (C, V) tensors through memory, and
+    the temporaries stay small. The results are the same bits as whole-tensor calls."""
+    V = logits.shape[-1]
+    lead = logits.shape[:-1]
+    flat = logits.view(-1, V)
+    n = flat.shape[0]
+    temp = temp.expand(*lead, 1).reshape(n, 1) if temp.dim() else temp
+    if logits.device.type != "cpu":  # one kernel per op: on a GPU launches are the cost, not memory passes
+        flat.div_(temp)
+        probs = torch.softmax(flat, dim=-1, dtype=torch.float32)
+        argmax = torch.argmax(flat, dim=-1)
+        entropy = token_entropy_(flat)
+    else:
+        probs = torch.empty(n, V, dtype=torch.float32)
+        argmax = torch.empty(n, dtype=torch.long)
+        entropy = torch.empty(n, dtype=torch.float32)
+        chunk = max(1, _SCORE_CHUNK_ELEMENTS // V)
+        for start in range(0, n, chunk):
+            stop = min(start + chunk, n)
+            block = flat[start:stop].div_(temp if not temp.dim() else temp[start:stop])
+            probs[start:stop] = torch.softmax(block, dim=-1, dtype=torch.float32)
+            argmax[start:stop] = torch.argmax(block, dim=-1)
+            entropy[start:stop] = token_entropy_(block)
+    return probs.view(*lead, V), argmax.view(lead), entropy.view(lead)
+
+
+_SCORE_CHUNK_ELEMENTS = 1 << 18  # 1 MiB of fp32 logits per block
+
+
 def sample_step(logits: torch.Tensor, temp: torch.Tensor, entropy_bound: float,
                 generator: torch.Generator | None):
     """Steps ii-iii of a denoising step (temper, sample, accept) with few passes over the (B, C, V) logits.
@@ -82,10 +116,7 @@ def sample_step(logits: torch.Tensor, temp: torch.Tensor, entropy_bound: float,
     Bit for bit temperature -> torch.multinomial -> argmax -> token_entropy -> entropy_bound_accept, with the same
     random draws; `sampled` is only meaningful where `accepted` (see race_sample). `probs` is softmax(tempered
     logits), which the next step's self-conditioning needs too."""
-    logits.div_(temp)
-    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
-    argmax = torch.argmax(logits, dim=-1)
-    entropy = token_entropy_(logits)  # draws nothing, so it may come before the race
+    probs, argmax, entropy = temper_and_score(logits, temp)  # draws nothing, so it may come before the race
     accepted = entropy_bound_accept(entropy, entropy_bound)
     return probs, race_sample(probs, accepted, generator), argmax, entropy, accepted
 

@@ -26,8 +26,9 @@ def _reference_step(logits, temp, bound):
 @pytest.mark.parametrize("scale, bound, chunk", [(1.0, 0.1, None), (8.0, 0.1, None), (8.0, 50.0, None),
                                                 (30.0, 1e6, None), (8.0, 50.0, 1500), (30.0, 1e6, 300)])
 def test_fused_step_matches_multinomial_reference(scale, bound, chunk, monkeypatch):
-    if chunk is not None:  # uniforms drawn 5 (or 1) positions at a time, as large vocabularies are
+    if chunk is not None:  # uniforms drawn and logits scored 5 (or 1) positions at a time, as in large vocabularies
         monkeypatch.setattr(sampling, "_RACE_CHUNK_ELEMENTS", chunk)
+        monkeypatch.setattr(sampling, "_SCORE_CHUNK_ELEMENTS", chunk)
     gen = GenerationConfig(max_denoising_steps=10)
     logits = torch.randn(3, 24, 300, generator=torch.Generator().manual_seed(1)) * scale
     for remaining in (10, 3, 1):

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from ..model import DiffusionGemma
-from ..sampling import entropy_bound_accept, race_sample, random_tokens, token_entropy_
+from ..sampling import entropy_bound_accept, race_sample, random_tokens, temper_and_score
 from .request import Request
 
 
@@ -113,13 +113,10 @@ class ModelRunner:
         logits = model.denoise(canvas, self.cache, signal=signal, rows=rows)  # (R, C, V) fp32
         # ii. temper, each row at its own step of its own schedule. In place, here and below: (R, C, V) tensors
         # are the largest of a step (2 GiB each for 8 rows of the released model), so at most three live at once.
-        logits.div_(temps[:, None, None])
         # iii. sample (sampling.sample_step, one generator per row), accept, renoise
-        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
-        next_signal = model.embed_probs(probs)  # (R, C, H) self-conditioning for the next step
-        argmax = torch.argmax(logits, dim=-1)
-        entropy = token_entropy_(logits)  # (R, C); uses up `logits`
+        probs, argmax, entropy = temper_and_score(logits, temps[:, None, None])  # uses up `logits`
         del logits
+        next_signal = model.embed_probs(probs)  # (R, C, H) self-conditioning for the next step
         accepted = entropy_bound_accept(entropy, bounds[:, None])
         # Entropy and acceptance draw nothing, so each row can now make its draws in generate()'s order: the
         # sample's Exp(1) race over (C, V), then the renoising tokens. Only accepted positions keep their sample.
