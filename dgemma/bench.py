@@ -235,7 +235,6 @@ def main_bench(args) -> dict:
     V = config.text.vocab_size
     g = torch.Generator().manual_seed(1234)
     prompts = torch.randint(3, V, (args.batch_size, args.prompt_len), generator=g).tolist()
-    peak = measure_matmul_peak(dtype, args.device)
 
     cuda = args.device.startswith("cuda")
     engines = {"dgemma": lambda seed: run_dgemma(model, prompts, gen, seed, cuda_graphs=cuda and args.cuda_graphs)}
@@ -246,6 +245,7 @@ def main_bench(args) -> dict:
         torch.cuda.reset_peak_memory_stats()
     engines["dgemma"](0)
     dgemma_peak = (torch.cuda.max_memory_allocated() if cuda else _rss_status("VmHWM:") - baseline_rss)
+    peak = measure_matmul_peak(dtype, args.device)
     tmp = None
     if "transformers" in args.compare:
         ref, tmp = load_transformers(model, config, path, args.device, dtype)
