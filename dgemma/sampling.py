@@ -53,6 +53,8 @@ def race_sample(probs: torch.Tensor, accepted: torch.Tensor, generator: torch.Ge
     one small buffer, in order (the generator is sequential, so the values are the same): a fresh (C, V) float64
     tensor would cost more in page faults than the draws themselves."""
     V = probs.shape[-1]
+    if not race_matches_multinomial(probs.device):  # a torch whose multinomial draws otherwise: call it
+        return torch.multinomial(probs.reshape(-1, V), 1, generator=generator).view(accepted.shape)
     if probs.device.type != "cpu" or probs.dtype != torch.float32:
         race = torch.empty_like(probs).exponential_(generator=generator)
         return torch.argmax(torch.div(probs, race, out=race), dim=-1)
@@ -72,6 +74,29 @@ def race_sample(probs: torch.Tensor, accepted: torch.Tensor, generator: torch.Ge
 
 
 _RACE_CHUNK_ELEMENTS = 1 << 19  # 4 MiB of float64 uniforms per chunk
+_RACE_CHECKED: dict[str, bool] = {}
+
+
+def race_matches_multinomial(device: torch.device) -> bool:
+    """Whether race_sample reproduces this torch's multinomial on `device`: the same samples and the generator
+    left in the same state. It relies on how multinomial draws its race (verified on torch 2.13 CPU), which a
+    torch version may change; where it does not hold, race_sample calls multinomial itself. Checked once per
+    device type, on a small input."""
+    key = torch.device(device).type
+    if key not in _RACE_CHECKED:
+        _RACE_CHECKED[key] = False  # while checking, race_sample must not recurse into the check
+        g = torch.Generator().manual_seed(0)
+        probs = torch.softmax(torch.randn(6, 97, generator=g) * 3, dim=-1).to(device)
+        accepted = torch.ones(6, dtype=torch.bool, device=device)
+        a, b = torch.Generator(device).manual_seed(1), torch.Generator(device).manual_seed(1)
+        want = torch.multinomial(probs, 1, generator=a).squeeze(1)
+        _RACE_CHECKED[key] = True
+        try:
+            got = race_sample(probs, accepted, b)
+            _RACE_CHECKED[key] = torch.equal(got, want) and torch.equal(a.get_state(), b.get_state())
+        except Exception:  # noqa: BLE001 (any failure means: use multinomial)
+            _RACE_CHECKED[key] = False
+    return _RACE_CHECKED[key]
 
 
 def temper_and_score(logits: torch.Tensor, temp: torch.Tensor):

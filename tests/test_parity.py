@@ -109,7 +109,7 @@ def test_generate_matches_reference_tokens(pair, seed, capsys):
     prompt = [5, 9, 17, 33, 65, 129, 200, 3, 4, 6, 8, 10, 12]
     got = _cli_json(capsys, ["generate", "--model", str(path), "--prompt-ids", ",".join(map(str, prompt)),
                              "--max-new-tokens", str(max_new), "--max-denoising-steps", "6", "--seed", str(seed),
-                             "--t-min", "0.4", "--t-max", "0.8", "--json"])
+                             "--t-min", "0.4", "--t-max", "0.8", "--device", "cpu", "--json"])
     want = _expected(ref, [prompt], seed, max_new, 6)
     assert got["outputs"][0]["token_ids"] == want[0]
     assert got["stats"]["canvases"] >= 1
@@ -120,7 +120,7 @@ def test_batch_of_different_lengths_matches_reference(pair, capsys):
     C = ours.config.canvas_length
     prompts = [[5, 9, 17, 33, 65, 129, 200, 3, 4, 6, 8, 10, 12], [40, 41, 42], [7, 7, 8, 9, 100, 101]]
     args = ["generate", "--model", str(path), "--max-new-tokens", str(3 * C), "--max-denoising-steps", "5",
-            "--seed", "3", "--t-min", "0.4", "--t-max", "0.8", "--json"]
+            "--seed", "3", "--t-min", "0.4", "--t-max", "0.8", "--device", "cpu", "--json"]
     for p in prompts:
         args += ["--prompt-ids", ",".join(map(str, p))]
     got = _cli_json(capsys, args)

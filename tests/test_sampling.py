@@ -44,6 +44,19 @@ def test_fused_step_matches_multinomial_reference(scale, bound, chunk, monkeypat
         assert torch.equal(torch.get_rng_state(), _state_after_reference(logits, temp, bound))
 
 
+def test_race_falls_back_to_multinomial_where_it_would_differ(monkeypatch):
+    """On a torch whose multinomial draws differently, race_sample calls multinomial: still the reference."""
+    assert sampling.race_matches_multinomial(torch.device("cpu"))  # the torch this is tested with
+    monkeypatch.setitem(sampling._RACE_CHECKED, "cpu", False)
+    logits = torch.randn(2, 9, 50, generator=torch.Generator().manual_seed(2)) * 4
+    temp = torch.tensor(0.7)
+    torch.manual_seed(4)
+    want_canvas, *_ = _reference_step(logits, temp, 1e6)
+    torch.manual_seed(4)
+    _, sampled, _, _, accepted = sample_step(logits.clone(), temp, 1e6, None)
+    assert accepted.all() and torch.equal(sampled, want_canvas)
+
+
 def _state_after_reference(logits, temp, bound):
     torch.manual_seed(4)
     _reference_step(logits, temp, bound)
