@@ -314,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dgemma {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        print(f"dgemma {args.command}: {getattr(args, 'interrupt_hint', 'interrupted')}", file=sys.stderr)
         return 130
     except BrokenPipeError:  # output piped into `head` and the like: stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import random
 
 import pytest
@@ -110,14 +109,10 @@ def test_evaluate_counts_solved_puzzles():
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
-    from dgemma.tasks.sudoku_cli import add_sudoku_parser
-
-    parser = argparse.ArgumentParser(prog="dgemma")
-    add_sudoku_parser(parser.add_subparsers(dest="command"))
+    from dgemma.tasks.sudoku_cli import main
 
     def cli(*argv):
-        args = parser.parse_args(["sudoku", *argv])
-        return args.func(args)
+        return main(list(argv))
 
     assert cli("solve", "123") == 2
     assert cli("solve", "11" + "0" * 79) == 2

@@ -116,14 +116,17 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     t.train(stop_after=2)
     good = (tmp_path / CHECKPOINT).read_bytes()
 
-    def broken_save(obj, f):
-        f.write(b"partial")
+    import safetensors.torch
+
+    def broken_save(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(torch, "save", broken_save)
+    monkeypatch.setattr(safetensors.torch, "save_file", broken_save)
     with pytest.raises(OSError):
         t.save()
     assert (tmp_path / CHECKPOINT).read_bytes() == good
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporary left
 
 
 @torch.no_grad()
@@ -177,17 +180,11 @@ def test_jsonl_pairs_and_chat(tmp_path):
 
 
 def test_cli_trains_a_preset_and_reports_bad_input_in_one_line(tmp_path, capsys):
-    import argparse
-
+    from dgemma.cli import main
     from dgemma.testing import write_test_tokenizer
-    from dgemma.train.train_cli import add_train_parser
-
-    parser = argparse.ArgumentParser(prog="dgemma")
-    add_train_parser(parser.add_subparsers(dest="command"))
 
     def cli(*argv):
-        args = parser.parse_args(["train", *argv])
-        return args.func(args)
+        return main(["train", *argv])
 
     tok = write_test_tokenizer(tmp_path / "tok")
     data = _write_jsonl(tmp_path / "d.jsonl", [{"prompt": f"q{i}", "response": f"a{i}"} for i in range(4)])
@@ -206,3 +203,22 @@ def test_cli_trains_a_preset_and_reports_bad_input_in_one_line(tmp_path, capsys)
     err = capsys.readouterr().err
     lines = [x for x in err.splitlines() if x.startswith("dgemma train: error:")]
     assert len(lines) == 3 and "Traceback" not in err
+
+
+def test_checkpoint_is_safetensors_and_pickles_are_refused(tmp_path):
+    """The resume state is tensors plus JSON metadata: loading it never unpickles. An old pickled checkpoint.pt
+    is refused with a clear message, not loaded."""
+    from safetensors import safe_open
+
+    from dgemma.train.trainer import LEGACY_CHECKPOINT
+
+    trainer = make_trainer(tmp_path / "run", steps=2, save_every=1)
+    trainer.train()
+    with safe_open(str(tmp_path / "run" / CHECKPOINT), framework="pt") as f:
+        assert "dgemma_train_state" in f.metadata() and len(list(f.keys())) > 0
+    legacy = tmp_path / "old"
+    legacy.mkdir()
+    (legacy / LEGACY_CHECKPOINT).write_bytes(b"\x80\x04not really a pickle")
+    fresh = make_trainer(legacy, steps=2)
+    with pytest.raises(ValueError, match="does not unpickle"):
+        fresh.load()

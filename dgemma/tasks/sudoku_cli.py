@@ -10,11 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+from ..cli import CLIError as UsageError  # one line on stderr, exit status 2 (cli.main)
 from . import sudoku as S
-
-
-class UsageError(Exception):
-    """Bad input: reported as one line, without a traceback."""
 
 
 def add_sudoku_parser(subparsers) -> argparse.ArgumentParser:
@@ -39,8 +36,8 @@ def add_sudoku_parser(subparsers) -> argparse.ArgumentParser:
     t.add_argument("--save-every", type=int, default=100)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    t.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
-    t.set_defaults(handler=run, func=run, sudoku_handler=cmd_train)
+    t.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.safetensors")
+    t.set_defaults(func=cmd_train, interrupt_hint="interrupted; resume with --resume")
 
     e = sub.add_parser("eval", help="solve rate and denoising steps on the held-out puzzles")
     e.add_argument("--model", default=None, help=f"checkpoint directory (default: the shipped {S.ASSET_DIR})")
@@ -50,35 +47,20 @@ def add_sudoku_parser(subparsers) -> argparse.ArgumentParser:
     e.add_argument("--no-untrained", action="store_true", help="skip the untrained-model baseline")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--threads", type=int, default=None)
-    e.set_defaults(handler=run, func=run, sudoku_handler=cmd_eval)
+    e.set_defaults(func=cmd_eval)
 
     x = sub.add_parser("ship", help="copy a run's model into the package as the default Sudoku model")
     x.add_argument("--run", default="runs/sudoku", help="run directory (its model/ is exported at every eval)")
     x.add_argument("--out", default=str(S.ASSET_DIR))
-    x.set_defaults(handler=run, func=run, sudoku_handler=cmd_ship)
+    x.set_defaults(func=cmd_ship)
 
     s = sub.add_parser("solve", help="solve one puzzle given as 81 characters (0 or . for blanks)")
     s.add_argument("puzzle")
     s.add_argument("--model", default=None)
     s.add_argument("--steps", type=int, default=None, help="max denoising steps")
     s.add_argument("--seed", type=int, default=0)
-    s.set_defaults(handler=run, func=run, sudoku_handler=cmd_solve)
+    s.set_defaults(func=cmd_solve)
     return p
-
-
-def run(args: argparse.Namespace) -> int:
-    """Call the handler, turning expected errors into one-line messages."""
-    from ..checkpoint import CheckpointError
-    from ..config import ConfigError
-
-    try:
-        return args.sudoku_handler(args) or 0
-    except (UsageError, ValueError, ConfigError, CheckpointError, FileNotFoundError) as e:
-        print(f"dgemma sudoku: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("dgemma sudoku: interrupted", file=sys.stderr)
-        return 130
 
 
 def _threads(n: int | None) -> None:
@@ -103,7 +85,7 @@ def cmd_train(args) -> int:
     from ..presets import init_weights
     from ..model import DiffusionGemma
     from ..train.objective import LossConfig
-    from ..train.trainer import TrainConfig, Trainer
+    from ..train.trainer import CHECKPOINT, TrainConfig, Trainer
 
     _threads(args.threads)
     if not 17 <= args.min_givens <= args.max_givens <= 80:
@@ -113,10 +95,10 @@ def cmd_train(args) -> int:
     except ValueError:
         raise UsageError(f"--eval-givens must be comma-separated integers, got {args.eval_givens!r}") from None
     out = Path(args.out)
-    if (out / "checkpoint.pt").exists() and not args.resume:
+    if (out / CHECKPOINT).exists() and not args.resume:
         raise UsageError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
-    if args.resume and not (out / "checkpoint.pt").exists():
-        raise UsageError(f"{out}/checkpoint.pt not found; nothing to resume")
+    if args.resume and not (out / CHECKPOINT).exists():
+        raise UsageError(f"{out / CHECKPOINT} not found; nothing to resume")
     config = S.sudoku_config(args.hidden_size, args.layers)
     model = init_weights(DiffusionGemma(config.text, config.canvas_length), seed=args.seed)
     # The encoder loss adds a second full pass over the solution and nothing the decoder needs: w_enc = 0.
@@ -220,10 +202,9 @@ def cmd_solve(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dgemma")
-    add_sudoku_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["sudoku", *(sys.argv[1:] if argv is None else argv)])
-    return run(args)
+    from ..cli import main as cli_main
+
+    return cli_main(["sudoku", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -6,16 +6,14 @@ import argparse
 import sys
 from pathlib import Path
 
-
-class UsageError(Exception):
-    """Bad input: reported as one line, without a traceback."""
+from ..cli import CLIError as UsageError  # one line on stderr, exit status 2 (cli.main)
 
 
 def add_train_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "train", help="fine-tune a model on JSONL data (full or LoRA)",
         description="Block-diffusion training on JSONL lines {\"prompt\", \"response\"} or {\"messages\": [...]}. "
-                    "Writes <out>/checkpoint.pt (resumable), metrics.jsonl, loss.png and the exported model in "
+                    "Writes <out>/checkpoint.safetensors (resumable), metrics.jsonl, loss.png and the exported model in "
                     "<out>/model (LoRA merged; the adapter alone in <out>/adapter).")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="checkpoint directory to fine-tune")
@@ -42,26 +40,10 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
+    p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.safetensors")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(handler=run, func=run, train_handler=cmd_train)
+    p.set_defaults(func=cmd_train, interrupt_hint="interrupted; resume with --resume")
     return p
-
-
-def run(args: argparse.Namespace) -> int:
-    """Call the handler, turning expected errors into one-line messages."""
-    from ..checkpoint import CheckpointError
-    from ..config import ConfigError
-
-    errors: tuple = (UsageError, ValueError, ConfigError, CheckpointError, FileNotFoundError)
-    try:
-        return args.train_handler(args) or 0
-    except errors as e:
-        print(f"dgemma train: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("dgemma train: interrupted; resume with --resume", file=sys.stderr)
-        return 130
 
 
 def _tokenizer(path: Path):

@@ -7,8 +7,9 @@ One step (numbers reused in the code):
   3. Every `log_every` steps append a metrics line; every `eval_every` steps run the eval hook; every
      `save_every` steps write the checkpoint.
 
-Checkpoint: <out>/checkpoint.pt holds the trainable parameters, the optimizer, the schedule, every random state
-(the objective's generator, torch's, Python's, the data source's) and the metric history. It is written to a
+Checkpoint: <out>/checkpoint.safetensors holds the trainable parameters, the optimizer, the schedule, every random
+state (the objective's generator, torch's, Python's, the data source's) and the metric history: the tensors as
+safetensors, everything else as JSON in the file's metadata, so resuming unpickles nothing. It is written to a
 temporary file and renamed into place, so a run killed at any moment (SIGKILL included) resumes from its last
 checkpoint with exactly the state it had then.
 """
@@ -35,7 +36,8 @@ from .lora import has_lora, merge_lora, save_adapter
 from .objective import LossConfig, block_diffusion_loss
 from .plot import plot_losses
 
-CHECKPOINT = "checkpoint.pt"
+CHECKPOINT = "checkpoint.safetensors"
+LEGACY_CHECKPOINT = "checkpoint.pt"  # older dgemma pickled its state; that file is refused, never loaded
 
 
 class DataSource(Protocol):
@@ -94,13 +96,65 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def atomic_torch_save(obj, path: Path) -> None:
+def save_state(state: dict, path: Path) -> None:
+    """Write a state dict of tensors, numbers, strings, lists, tuples and dicts (any hashable JSON-able keys) as
+    one safetensors file: tensors as tensors, the structure as JSON metadata. Atomic (temporary file, rename)."""
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+
+    def pack(obj):
+        if isinstance(obj, torch.Tensor):
+            key = str(len(tensors))
+            tensors[key] = obj.detach().cpu().clone().contiguous()
+            return {"__tensor__": key}
+        if isinstance(obj, dict):
+            return {"__dict__": [[pack(k), pack(v)] for k, v in obj.items()]}
+        if isinstance(obj, tuple):
+            return {"__tuple__": [pack(v) for v in obj]}
+        if isinstance(obj, list):
+            return [pack(v) for v in obj]
+        if obj is None or isinstance(obj, (bool, int, float, str)):
+            return obj
+        raise TypeError(f"cannot save a {type(obj).__name__} in a training checkpoint")
+
+    structure = json.dumps(pack(state))
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        save_file(tensors, str(tmp), metadata={"dgemma_train_state": structure})
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def load_state(path: Path) -> dict:
+    """Read what save_state wrote."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            if "dgemma_train_state" not in metadata:
+                raise ValueError(f"{path}: not a dgemma training checkpoint")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except SafetensorError as e:
+        raise ValueError(f"{path}: unreadable training checkpoint ({e})") from None
+
+    def unpack(obj):
+        if isinstance(obj, list):
+            return [unpack(v) for v in obj]
+        if isinstance(obj, dict):
+            if "__tensor__" in obj:
+                return tensors[obj["__tensor__"]]
+            if "__tuple__" in obj:
+                return tuple(unpack(v) for v in obj["__tuple__"])
+            return {unpack(k): unpack(v) for k, v in obj["__dict__"]}
+        return obj
+
+    return unpack(json.loads(metadata["dgemma_train_state"]))
 
 
 EvalFn = Callable[[torch.nn.Module], dict]
@@ -153,13 +207,18 @@ class Trainer:
 
     def save(self) -> Path:
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_torch_save(self.state_dict(), self.checkpoint_path)
+        save_state(self.state_dict(), self.checkpoint_path)
         return self.checkpoint_path
 
     def load(self, path: Path | None = None) -> None:
-        state = torch.load(path or self.checkpoint_path, map_location="cpu", weights_only=False)
+        path = path or self.checkpoint_path
+        legacy = path.with_name(LEGACY_CHECKPOINT)
+        if not path.exists() and legacy.exists():
+            raise ValueError(f"{legacy} is a pickled checkpoint from an older dgemma; dgemma does not unpickle "
+                             f"files, so it cannot resume it. Start the run again in a new --out")
+        state = load_state(path)
         if state["model_config"] != self.model_config.to_hf():
-            raise ValueError(f"{path or self.checkpoint_path}: the checkpoint was written for a different model")
+            raise ValueError(f"{path}: the checkpoint was written for a different model")
         params = dict(self.model.named_parameters())
         missing = [n for n, p in params.items() if p.requires_grad and n not in state["model"]]
         if missing:
