@@ -22,11 +22,14 @@ import torch
 from .cache import KVCache
 from .config import GenerationConfig
 from .model import DiffusionGemma
-from .sampling import StableAndConfident, random_tokens, sample_step, temperature
+from .model.masks import sliding_kv_start
+from .sampling import (StableAndConfident, entropy_bound_accept, race_matches_multinomial, race_sample, random_tokens,
+                       sample_step, skip_race, temper_and_score, temperature)
 
 
 class CanvasDenoiser:
     _warm = False  # a first CUDA step has run eagerly in this process (see step)
+    skip_stopped_rows = True  # CPU: rows that stopped are not computed (_step_live_rows); False computes them
 
     def __init__(self, model: DiffusionGemma, gen: GenerationConfig, batch_size: int,
                  generator: torch.Generator | None = None, cuda_graphs: bool | None = None):
@@ -70,6 +73,9 @@ class CanvasDenoiser:
         self.ended.copy_(ended)
         # positions, masks and the K/V writer depend only on the cache length: fixed for the whole canvas
         self._plan = self.model._plan(cache, None, self.model.canvas_length, encoder=False)
+        self._cache = cache
+        window = self.model.config.sliding_window
+        self._kv_start = {True: sliding_kv_start(cache.length, window), False: 0}
         self._graph = None
 
     def step(self, step: int) -> None:
@@ -105,6 +111,11 @@ class CanvasDenoiser:
         finished = self.finished
         self.passes.add_(~(finished | self.ended))
         self.steps.add_(~finished)
+        if (self.skip_stopped_rows and self.device.type == "cpu" and self.batch_size > 1
+                and race_matches_multinomial(self.device)):
+            live = (~(finished | self.ended)).nonzero().squeeze(1).tolist()  # a host sync, free on CPU
+            if len(live) < self.batch_size:
+                return self._step_live_rows(live)
         # i. decoder pass
         x = model.self_conditioning(model.embed(self.canvas), self.signal)
         logits = model.logits(model.run_layers(x, positions, masks, writer, encoder=False))
@@ -121,3 +132,47 @@ class CanvasDenoiser:
         self.accepted.copy_(accepted)
         # a stopped row's entropy no longer matters: `finished` only ever turns on
         finished.logical_or_(self.stopper(self.argmax, entropy))
+
+    def _step_live_rows(self, live: list[int]) -> None:
+        """The step for a batch in which some rows have stopped (or ended): only the live rows run the decoder and
+        the sampler, and the random draws of the others are made and discarded, so every row gets exactly what
+        the whole batch would give it (a row's results do not depend on the other rows; the parity tests check
+        this against the reference). CPU only: there the generator is sequential, so a batch's draws can be made
+        row by row."""
+        model, gen, (B, C), V = self.model, self.gen, self.canvas.shape, self.model.config.vocab_size
+        if not live:  # nothing to compute; the draws still happen
+            for _ in range(B):
+                skip_race(C, V, self.generator)
+            random_tokens((B, C), V, self.generator, self.device)
+            self.accepted.zero_()
+            return
+        cache, rows = self._cache, torch.tensor(live, device=self.device)
+        positions, masks, _, _ = self._plan
+        masks = {k: (m if m is None or m.shape[0] == 1 else m[rows]) for k, m in masks.items()}
+        length = cache.lengths[live[0]]
+        writer = cache.writer(live, torch.full((len(live),), length, device=self.device), self._kv_start, length + C)
+        # i. decoder pass over the live rows
+        x = model.self_conditioning(model.embed(self.canvas[rows]), self.signal[rows])
+        logits = model.logits(model.run_layers(x, positions, masks, writer, encoder=False))
+        # ii-iii. temper, accept; each row draws its race (or throws it away) in batch order, then the batch's noise
+        probs, new_argmax, entropy = temper_and_score(logits, self.temp)
+        del logits
+        accepted = entropy_bound_accept(entropy, gen.entropy_bound)
+        sampled = torch.zeros(len(live), C, dtype=torch.long, device=self.device)
+        j = 0
+        for b in range(B):
+            if j < len(live) and live[j] == b:
+                sampled[j] = race_sample(probs[j], accepted[j], self.generator)
+                j += 1
+            else:
+                skip_race(C, V, self.generator)
+        noise = random_tokens((B, C), V, self.generator, self.device)
+        # iv. only live rows change
+        self.canvas[rows] = torch.where(accepted, sampled, noise[rows])
+        self.argmax[rows] = new_argmax
+        self.signal[rows] = model.embed_probs(probs)
+        self.accepted.zero_()
+        self.accepted[rows] = accepted
+        full_entropy = torch.full((B, C), float("inf"), device=self.device)  # never confident: stays as it was
+        full_entropy[rows] = entropy
+        self.finished.logical_or_(self.stopper(self.argmax, full_entropy))

@@ -74,6 +74,17 @@ def race_sample(probs: torch.Tensor, accepted: torch.Tensor, generator: torch.Ge
 
 
 _RACE_CHUNK_ELEMENTS = 1 << 19  # 4 MiB of float64 uniforms per chunk
+
+
+def skip_race(positions: int, vocab_size: int, generator: torch.Generator | None) -> None:
+    """Advance a CPU generator exactly as race_sample over `positions` x `vocab_size` would, keeping nothing. (On
+    CPU the generator is sequential, so drawing a batch's race row by row gives the same numbers.)"""
+    chunk = max(1, min(positions, _RACE_CHUNK_ELEMENTS // vocab_size))
+    buffer = torch.empty(chunk, vocab_size, dtype=torch.float64)
+    for start in range(0, positions, chunk):
+        buffer[: min(chunk, positions - start)].uniform_(generator=generator)
+
+
 _RACE_CHECKED: dict[str, bool] = {}
 
 
