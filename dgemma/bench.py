@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from .cache import KVCache
 from .config import GenerationConfig, ModelConfig, TextConfig
 
 
@@ -269,9 +270,7 @@ def main_bench(args) -> dict:
 
     weights = sum(p.numel() * p.element_size() for p in model.state_dict().values())
     capacity = args.prompt_len + min(-(-args.new_tokens // C), 4) * C  # as generate() allocates it
-    kv_cache = model.new_cache(args.batch_size, capacity).nbytes() if not cuda else sum(
-        2 * args.batch_size * config.text.layer_kv_heads(i) * capacity * config.text.layer_head_dim(i)
-        for i in range(config.text.num_hidden_layers)) * torch.finfo(dtype).bits // 8
+    kv_cache = KVCache(config.text, args.batch_size, capacity, dtype, "meta").nbytes()  # sized, not allocated
     context = args.prompt_len + args.new_tokens // 2  # average context across canvases
     flops_step = decoder_step_flops(config.text, C, context) * args.batch_size
     # bytes a step must move at least: every weight once (a 256-token canvas reaches every expert) and the

@@ -22,7 +22,6 @@ import torch
 from .cache import KVCache
 from .config import GenerationConfig
 from .model import DiffusionGemma
-from .model.masks import sliding_kv_start
 from .sampling import (StableAndConfident, entropy_bound_accept, race_matches_multinomial, race_sample, random_tokens,
                        sample_step, skip_race, temper_and_score, temperature)
 
@@ -74,8 +73,6 @@ class CanvasDenoiser:
         # positions, masks and the K/V writer depend only on the cache length: fixed for the whole canvas
         self._plan = self.model._plan(cache, None, self.model.canvas_length, encoder=False)
         self._cache = cache
-        window = self.model.config.sliding_window
-        self._kv_start = {True: sliding_kv_start(cache.length, window), False: 0}
         self._graph = None
 
     def step(self, step: int) -> None:
@@ -107,7 +104,7 @@ class CanvasDenoiser:
 
     def _step(self) -> None:
         model, gen = self.model, self.gen
-        positions, masks, writer, _ = self._plan
+        positions, masks, writer, _, _ = self._plan
         finished = self.finished
         self.passes.add_(~(finished | self.ended))
         self.steps.add_(~finished)
@@ -141,16 +138,15 @@ class CanvasDenoiser:
         row by row."""
         model, gen, (B, C), V = self.model, self.gen, self.canvas.shape, self.model.config.vocab_size
         if not live:  # nothing to compute; the draws still happen
-            for _ in range(B):
-                skip_race(C, V, self.generator)
+            skip_race(B * C, V, self.generator)
             random_tokens((B, C), V, self.generator, self.device)
             self.accepted.zero_()
             return
         cache, rows = self._cache, torch.tensor(live, device=self.device)
-        positions, masks, _, _ = self._plan
+        positions, masks, _, _, kv_start = self._plan
         masks = {k: (m if m is None or m.shape[0] == 1 else m[rows]) for k, m in masks.items()}
         length = cache.lengths[live[0]]
-        writer = cache.writer(live, torch.full((len(live),), length, device=self.device), self._kv_start, length + C)
+        writer = cache.writer(live, torch.full((len(live),), length, device=self.device), kv_start, length + C)
         # i. decoder pass over the live rows
         x = model.self_conditioning(model.embed(self.canvas[rows]), self.signal[rows])
         logits = model.logits(model.run_layers(x, positions, masks, writer, encoder=False))

@@ -59,13 +59,8 @@ def race_sample(probs: torch.Tensor, accepted: torch.Tensor, generator: torch.Ge
         race = torch.empty_like(probs).exponential_(generator=generator)
         return torch.argmax(torch.div(probs, race, out=race), dim=-1)
     flat_probs, flat_accepted = probs.reshape(-1, V), accepted.reshape(-1)
-    n = flat_accepted.numel()
-    sampled = torch.zeros(n, dtype=torch.long)
-    chunk = max(1, min(n, _RACE_CHUNK_ELEMENTS // V))
-    buffer = torch.empty(chunk, V, dtype=torch.float64)
-    for start in range(0, n, chunk):
-        stop = min(start + chunk, n)
-        uniform = buffer[: stop - start].uniform_(generator=generator)
+    sampled = torch.zeros(flat_accepted.numel(), dtype=torch.long)
+    for start, stop, uniform in _race_uniforms(flat_accepted.numel(), V, generator):
         rows = flat_accepted[start:stop].nonzero().squeeze(1)  # accepted positions here; a host sync, free on CPU
         if rows.numel():
             race = (-torch.log1p(-uniform[rows])).float()  # exactly exponential_'s values there
@@ -76,13 +71,21 @@ def race_sample(probs: torch.Tensor, accepted: torch.Tensor, generator: torch.Ge
 _RACE_CHUNK_ELEMENTS = 1 << 19  # 4 MiB of float64 uniforms per chunk
 
 
-def skip_race(positions: int, vocab_size: int, generator: torch.Generator | None) -> None:
-    """Advance a CPU generator exactly as race_sample over `positions` x `vocab_size` would, keeping nothing. (On
-    CPU the generator is sequential, so drawing a batch's race row by row gives the same numbers.)"""
+def _race_uniforms(positions: int, vocab_size: int, generator: torch.Generator | None):
+    """The race's float64 uniforms on CPU, a few positions at a time through one buffer, in draw order: yields
+    (start, stop, uniforms of positions [start, stop)). Each block is overwritten by the next."""
     chunk = max(1, min(positions, _RACE_CHUNK_ELEMENTS // vocab_size))
     buffer = torch.empty(chunk, vocab_size, dtype=torch.float64)
     for start in range(0, positions, chunk):
-        buffer[: min(chunk, positions - start)].uniform_(generator=generator)
+        stop = min(start + chunk, positions)
+        yield start, stop, buffer[: stop - start].uniform_(generator=generator)
+
+
+def skip_race(positions: int, vocab_size: int, generator: torch.Generator | None) -> None:
+    """Advance a CPU generator exactly as race_sample over `positions` x `vocab_size` would, keeping nothing. (On
+    CPU the generator is sequential, so drawing a batch's race row by row gives the same numbers.)"""
+    for _ in _race_uniforms(positions, vocab_size, generator):
+        pass
 
 
 _RACE_CHECKED: dict[str, bool] = {}

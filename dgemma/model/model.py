@@ -179,12 +179,12 @@ class DiffusionGemma(nn.Module):
         else:
             positions = starts[:, None] + torch.arange(num_new, device=device)  # (R, T)
             writer = cache.writer(rows_list, starts, kv_start, kv_end)
-        return positions, masks, writer, rows_list
+        return positions, masks, writer, rows_list, kv_start
 
     def encode(self, tokens: torch.Tensor, cache: KVCache, rows: list[int] | None = None) -> torch.Tensor:
         """Append `tokens` (R, T) to the cache rows `rows` (default: all rows, in lockstep), causally.
         Returns final hidden states (R, T, H)."""
-        positions, masks, writer, rows_list = self._plan(cache, rows, tokens.shape[1], encoder=True)
+        positions, masks, writer, rows_list, _ = self._plan(cache, rows, tokens.shape[1], encoder=True)
         hidden = self.run_layers(self.embed(tokens), positions, masks, writer, encoder=True)
         for r in rows_list:
             cache.lengths[r] += tokens.shape[1]
@@ -196,7 +196,7 @@ class DiffusionGemma(nn.Module):
 
         The self-conditioning signal comes from `self_cond_logits` (previous step's logits) or directly as
         `signal` (R, C, H); with neither it is zeros."""
-        positions, masks, writer, _ = self._plan(cache, rows, canvas.shape[1], encoder=False)
+        positions, masks, writer, _, _ = self._plan(cache, rows, canvas.shape[1], encoder=False)
         if self_cond_logits is not None:
             signal = self.soft_embed(self_cond_logits)
         x = self.self_conditioning(self.embed(canvas), signal)
