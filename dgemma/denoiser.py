@@ -28,7 +28,7 @@ from .sampling import (StableAndConfident, entropy_bound_accept, race_matches_mu
 
 class CanvasDenoiser:
     _warm = False  # a first CUDA step has run eagerly in this process (see step)
-    skip_stopped_rows = True  # CPU: rows that stopped are not computed (_step_live_rows); False computes them
+    skip_stopped_rows = True  # CPU: rows that stopped are not computed (_step_rows); False computes them
 
     def __init__(self, model: DiffusionGemma, gen: GenerationConfig, batch_size: int,
                  generator: torch.Generator | None = None, cuda_graphs: bool | None = None):
@@ -59,6 +59,15 @@ class CanvasDenoiser:
         self.temp = self.temps[0].clone()
         self._plan = None
         self._graph: torch.cuda.CUDAGraph | None = None
+        # CPU: the sampler runs row by row (_step_rows) through two reused (C, V) buffers. That needs the race
+        # to reproduce multinomial's draws (a row's draws then come in batch order); where it does not, the
+        # batch is sampled in one multinomial call as on a GPU.
+        self._row_by_row = device.type == "cpu" and race_matches_multinomial(device)
+        if self._row_by_row:
+            V = model.config.vocab_size
+            self._logits = torch.empty(C, V, dtype=torch.float32)
+            self._probs = torch.empty(C, V, dtype=torch.float32)
+        self.rows_skipped = 0  # decoder passes not run because the row had stopped (CPU)
 
     def start(self, cache: KVCache, ended: torch.Tensor) -> None:
         """Begin a canvas after the cache's committed tokens: draw a uniform random canvas and reset the state."""
@@ -103,16 +112,14 @@ class CanvasDenoiser:
         return bool((self.finished | self.ended).all())
 
     def _step(self) -> None:
+        """The whole-batch step (GPU): a fixed sequence of kernels, so it can be captured as a graph."""
+        if self._row_by_row:
+            return self._step_rows()
         model, gen = self.model, self.gen
         positions, masks, writer, _, _ = self._plan
         finished = self.finished
         self.passes.add_(~(finished | self.ended))
         self.steps.add_(~finished)
-        if (self.skip_stopped_rows and self.device.type == "cpu" and self.batch_size > 1
-                and race_matches_multinomial(self.device)):
-            live = (~(finished | self.ended)).nonzero().squeeze(1).tolist()  # a host sync, free on CPU
-            if len(live) < self.batch_size:
-                return self._step_live_rows(live)
         # i. decoder pass
         x = model.self_conditioning(model.embed(self.canvas), self.signal)
         logits = model.logits(model.run_layers(x, positions, masks, writer, encoder=False))
@@ -130,45 +137,61 @@ class CanvasDenoiser:
         # a stopped row's entropy no longer matters: `finished` only ever turns on
         finished.logical_or_(self.stopper(self.argmax, entropy))
 
-    def _step_live_rows(self, live: list[int]) -> None:
-        """The step for a batch in which some rows have stopped (or ended): only the live rows run the decoder and
-        the sampler, and the random draws of the others are made and discarded, so every row gets exactly what
-        the whole batch would give it (a row's results do not depend on the other rows; the parity tests check
-        this against the reference). CPU only: there the generator is sequential, so a batch's draws can be made
-        row by row."""
+    def _step_rows(self) -> None:
+        """The CPU step. The decoder runs over the rows still denoising (all rows if skip_stopped_rows is off);
+        then, row by row, the head, the sampler and the next self-conditioning signal run through two (C, V)
+        buffers that are reused every step, so a step's memory does not grow with the batch and the canvas x
+        vocabulary work stays in warm memory. Each row draws its race (or throws it away, for a row that has
+        stopped) in batch order, then the batch draws its noise, so every row gets exactly what the reference's
+        whole-batch calls give it (a row's results do not depend on the other rows; the parity tests check this)."""
         model, gen, (B, C), V = self.model, self.gen, self.canvas.shape, self.model.config.vocab_size
-        if not live:  # nothing to compute; the draws still happen
+        stopped = self.finished | self.ended
+        self.passes.add_(~stopped)
+        self.steps.add_(~self.finished)
+        live = (~stopped).nonzero().squeeze(1).tolist()  # a host sync, free on CPU
+        computed = live if self.skip_stopped_rows else list(range(B))
+        self.accepted.zero_()
+        if not computed:  # nothing to compute; the draws still happen
+            self.rows_skipped += B
             skip_race(B * C, V, self.generator)
             random_tokens((B, C), V, self.generator, self.device)
-            self.accepted.zero_()
             return
-        cache, rows = self._cache, torch.tensor(live, device=self.device)
-        positions, masks, _, _, kv_start = self._plan
-        masks = {k: (m if m is None or m.shape[0] == 1 else m[rows]) for k, m in masks.items()}
-        length = cache.lengths[live[0]]
-        writer = cache.writer(live, torch.full((len(live),), length, device=self.device), kv_start, length + C)
-        # i. decoder pass over the live rows
-        x = model.self_conditioning(model.embed(self.canvas[rows]), self.signal[rows])
-        logits = model.logits(model.run_layers(x, positions, masks, writer, encoder=False))
-        # ii-iii. temper, accept; each row draws its race (or throws it away) in batch order, then the batch's noise
-        probs, new_argmax, entropy = temper_and_score(logits, self.temp)
-        del logits
-        accepted = entropy_bound_accept(entropy, gen.entropy_bound)
-        sampled = torch.zeros(len(live), C, dtype=torch.long, device=self.device)
+        # i. decoder pass over the computed rows
+        positions, masks, writer, _, kv_start = self._plan
+        if len(computed) < B:
+            rows = torch.tensor(computed, device=self.device)
+            masks = {k: (m if m is None or m.shape[0] == 1 else m[rows]) for k, m in masks.items()}
+            length = self._cache.lengths[computed[0]]
+            writer = self._cache.writer(computed, torch.full((len(computed),), length, device=self.device),
+                                        kv_start, length + C)
+            x = model.self_conditioning(model.embed(self.canvas[rows]), self.signal[rows])
+        else:
+            x = model.self_conditioning(model.embed(self.canvas), self.signal)
+        hidden = model.run_layers(x, positions, masks, writer, encoder=False)  # (len(computed), C, H)
+        self.rows_skipped += B - len(computed)
+        # ii-iii. per row: head, temper, accept, race; a row that has stopped only advances the generator
+        sampled = torch.zeros(B, C, dtype=torch.long, device=self.device)
+        entropy = torch.full((B, C), float("inf"), device=self.device)  # inf: never confident, stays as it was
+        stopped_rows = set(range(B)) - set(live)
         j = 0
         for b in range(B):
-            if j < len(live) and live[j] == b:
-                sampled[j] = race_sample(probs[j], accepted[j], self.generator)
+            if j < len(computed) and computed[j] == b:
+                logits = model.head_into(hidden[j], self._logits)
+                probs, argmax, row_entropy = temper_and_score(logits, self.temp, model.config.final_logit_softcapping,
+                                                              probs_out=self._probs)
                 j += 1
-            else:
-                skip_race(C, V, self.generator)
+                if b not in stopped_rows:
+                    accepted = entropy_bound_accept(row_entropy, gen.entropy_bound)
+                    sampled[b] = race_sample(probs, accepted, self.generator)
+                    self.accepted[b] = accepted
+                    self.argmax[b] = argmax
+                    entropy[b] = row_entropy
+                    self.signal[b] = model.embed_probs(probs)
+                    continue
+            skip_race(C, V, self.generator)
         noise = random_tokens((B, C), V, self.generator, self.device)
         # iv. only live rows change
-        self.canvas[rows] = torch.where(accepted, sampled, noise[rows])
-        self.argmax[rows] = new_argmax
-        self.signal[rows] = model.embed_probs(probs)
-        self.accepted.zero_()
-        self.accepted[rows] = accepted
-        full_entropy = torch.full((B, C), float("inf"), device=self.device)  # never confident: stays as it was
-        full_entropy[rows] = entropy
-        self.finished.logical_or_(self.stopper(self.argmax, full_entropy))
+        if live:
+            rows = torch.tensor(live, device=self.device)
+            self.canvas[rows] = torch.where(self.accepted[rows], sampled[rows], noise[rows])
+        self.finished.logical_or_(self.stopper(self.argmax, entropy))

@@ -151,6 +151,14 @@ class DiffusionGemma(nn.Module):
             logits.div_(cap).tanh_().mul_(cap)
         return logits
 
+    def head_into(self, hidden: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The tied head *without* the soft cap, written into `out` (T, V) fp32. hidden (T, H). (The sampler's
+        temper_and_score applies the cap on its way through the logits.)"""
+        w = self.embed_tokens.weight
+        if w.dtype == torch.float32:
+            return torch.mm(hidden, w.t(), out=out)
+        return out.copy_(F.linear(hidden, w))
+
     def _plan(self, cache: KVCache, rows: list[int] | None, num_new: int, encoder: bool):
         """Positions, masks and the K/V writer for `num_new` tokens appended (or placed as scratch) per row."""
         window = self.config.sliding_window
