@@ -59,14 +59,13 @@ class CanvasDenoiser:
         self.temp = self.temps[0].clone()
         self._plan = None
         self._graph: torch.cuda.CUDAGraph | None = None
-        # CPU: the sampler runs row by row (_step_rows) through two reused (C, V) buffers. That needs the race
+        # CPU: the sampler runs row by row (_step_rows) through one reused (C, V) buffer. That needs the race
         # to reproduce multinomial's draws (a row's draws then come in batch order); where it does not, the
         # batch is sampled in one multinomial call as on a GPU.
         self._row_by_row = device.type == "cpu" and race_matches_multinomial(device)
         if self._row_by_row:
             V = model.config.vocab_size
-            self._logits = torch.empty(C, V, dtype=torch.float32)
-            self._probs = torch.empty(C, V, dtype=torch.float32)
+            self._logits = torch.empty(C, V, dtype=torch.float32)  # a row's logits, then its probabilities
         self.rows_skipped = 0  # decoder passes not run because the row had stopped (CPU)
 
     def start(self, cache: KVCache, ended: torch.Tensor) -> None:
@@ -139,8 +138,8 @@ class CanvasDenoiser:
 
     def _step_rows(self) -> None:
         """The CPU step. The decoder runs over the rows still denoising (all rows if skip_stopped_rows is off);
-        then, row by row, the head, the sampler and the next self-conditioning signal run through two (C, V)
-        buffers that are reused every step, so a step's memory does not grow with the batch and the canvas x
+        then, row by row, the head, the sampler and the next self-conditioning signal run through one (C, V)
+        buffer that is reused every step, so a step's memory does not grow with the batch and the canvas x
         vocabulary work stays in warm memory. Each row draws its race (or throws it away, for a row that has
         stopped) in batch order, then the batch draws its noise, so every row gets exactly what the reference's
         whole-batch calls give it (a row's results do not depend on the other rows; the parity tests check this)."""
@@ -178,7 +177,7 @@ class CanvasDenoiser:
             if j < len(computed) and computed[j] == b:
                 logits = model.head_into(hidden[j], self._logits)
                 probs, argmax, row_entropy = temper_and_score(logits, self.temp, model.config.final_logit_softcapping,
-                                                              probs_out=self._probs)
+                                                              probs_in_place=True)
                 j += 1
                 if b not in stopped_rows:
                     accepted = entropy_bound_accept(row_entropy, gen.entropy_bound)

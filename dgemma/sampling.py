@@ -114,12 +114,13 @@ def race_matches_multinomial(device: torch.device) -> bool:
 
 
 def temper_and_score(logits: torch.Tensor, temp: torch.Tensor, softcap: float | None = None,
-                     probs_out: torch.Tensor | None = None):
+                     probs_in_place: bool = False):
     """Temper `logits` (..., V) in place by `temp` (a scalar tensor, or one broadcastable to (..., 1)) and return
     probs = softmax (fp32), argmax and token entropy of the tempered logits. `logits` is used up.
 
     With `softcap`, the raw logits are first soft-capped (cap * tanh(logits / cap), as DiffusionGemma.logits does)
-    on the way; `probs_out` (CPU) receives the probabilities instead of a new tensor.
+    on the way. With `probs_in_place` (fp32 CPU logits), the probabilities are written over the logits, and the
+    returned probs are `logits` itself: no second (..., V) tensor.
 
     Every one of these works along the vocabulary, position by position, so on CPU the positions go a few at a
     time: the dozen passes over each block stay in cache instead of streaming (C, V) tensors through memory, and
@@ -130,26 +131,35 @@ def temper_and_score(logits: torch.Tensor, temp: torch.Tensor, softcap: float | 
     n = flat.shape[0]
     temp = temp.expand(*lead, 1).reshape(n, 1) if temp.dim() else temp
     if logits.device.type != "cpu":  # one kernel per op: on a GPU launches are the cost, not memory passes
+        if probs_in_place:
+            raise ValueError("probs_in_place is for CPU logits")
         if softcap is not None:
             flat.div_(softcap).tanh_().mul_(softcap)
         flat.div_(temp)
         probs = torch.softmax(flat, dim=-1, dtype=torch.float32)
         argmax = torch.argmax(flat, dim=-1)
         entropy = token_entropy_(flat)
-    else:
-        probs = torch.empty(n, V, dtype=torch.float32) if probs_out is None else probs_out.view(n, V)
-        argmax = torch.empty(n, dtype=torch.long)
-        entropy = torch.empty(n, dtype=torch.float32)
-        chunk = max(1, _SCORE_CHUNK_ELEMENTS // V)
-        for start in range(0, n, chunk):
-            stop = min(start + chunk, n)
-            block = flat[start:stop]
-            if softcap is not None:
-                block.div_(softcap).tanh_().mul_(softcap)
-            block.div_(temp if not temp.dim() else temp[start:stop])
-            torch.softmax(block, dim=-1, dtype=torch.float32, out=probs[start:stop])
-            torch.argmax(block, dim=-1, out=argmax[start:stop])
-            entropy[start:stop] = token_entropy_(block)
+        return probs.view(*lead, V), argmax.view(lead), entropy.view(lead)
+    if probs_in_place and logits.dtype != torch.float32:
+        raise ValueError("probs_in_place needs fp32 logits")
+    probs = flat if probs_in_place else torch.empty(n, V, dtype=torch.float32)
+    argmax = torch.empty(n, dtype=torch.long)
+    entropy = torch.empty(n, dtype=torch.float32)
+    chunk = max(1, _SCORE_CHUNK_ELEMENTS // V)
+    # in place, a block's probabilities wait in a small buffer until the block's logits are used up
+    scratch = torch.empty(min(chunk, n), V, dtype=torch.float32) if probs_in_place else None
+    for start in range(0, n, chunk):
+        stop = min(start + chunk, n)
+        block = flat[start:stop]
+        if softcap is not None:
+            block.div_(softcap).tanh_().mul_(softcap)
+        block.div_(temp if not temp.dim() else temp[start:stop])
+        block_probs = torch.softmax(block, dim=-1, dtype=torch.float32,
+                                    out=probs[start:stop] if scratch is None else scratch[: stop - start])
+        torch.argmax(block, dim=-1, out=argmax[start:stop])
+        entropy[start:stop] = token_entropy_(block)
+        if scratch is not None:
+            block.copy_(block_probs)
     return probs.view(*lead, V), argmax.view(lead), entropy.view(lead)
 
 

@@ -44,6 +44,25 @@ def test_fused_step_matches_multinomial_reference(scale, bound, chunk, monkeypat
         assert torch.equal(torch.get_rng_state(), _state_after_reference(logits, temp, bound))
 
 
+@pytest.mark.parametrize("chunk", [None, 1500])
+def test_scoring_with_soft_cap_and_probs_in_place_is_bit_exact(chunk, monkeypatch):
+    """The CPU denoiser hands temper_and_score raw head outputs and one buffer: capping on the way and writing
+    the probabilities over the logits must give what cap-then-score into a new tensor gives."""
+    if chunk is not None:
+        monkeypatch.setattr(sampling, "_SCORE_CHUNK_ELEMENTS", chunk)
+    raw = torch.randn(2, 24, 300, generator=torch.Generator().manual_seed(3)) * 40
+    temp = torch.tensor(0.6)
+    capped = torch.tanh(raw / 30.0) * 30.0
+    want = sampling.temper_and_score(capped.clone(), temp)
+    buffer = raw.clone()
+    got = sampling.temper_and_score(buffer, temp, softcap=30.0, probs_in_place=True)
+    assert got[0].data_ptr() == buffer.data_ptr()
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="fp32"):
+        sampling.temper_and_score(raw.double(), temp, probs_in_place=True)
+
+
 def test_race_falls_back_to_multinomial_where_it_would_differ(monkeypatch):
     """On a torch whose multinomial draws differently, race_sample calls multinomial: still the reference."""
     assert sampling.race_matches_multinomial(torch.device("cpu"))  # the torch this is tested with
