@@ -64,8 +64,7 @@ class CanvasDenoiser:
         # batch is sampled in one multinomial call as on a GPU.
         self._row_by_row = device.type == "cpu" and race_matches_multinomial(device)
         if self._row_by_row:
-            V = model.config.vocab_size
-            self._logits = torch.empty(C, V, dtype=torch.float32)  # a row's logits, then its probabilities
+            self._row_sampler = RowSampler(model)
         self.rows_skipped = 0  # decoder passes not run because the row had stopped (CPU)
 
     def start(self, cache: KVCache, ended: torch.Tensor) -> None:
@@ -171,22 +170,14 @@ class CanvasDenoiser:
         # ii-iii. per row: head, temper, accept, race; a row that has stopped only advances the generator
         sampled = torch.zeros(B, C, dtype=torch.long, device=self.device)
         entropy = torch.full((B, C), float("inf"), device=self.device)  # inf: never confident, stays as it was
-        stopped_rows = set(range(B)) - set(live)
-        j = 0
+        where = {b: j for j, b in enumerate(computed)}  # batch row -> row of `hidden`
         for b in range(B):
-            if j < len(computed) and computed[j] == b:
-                logits = model.head_into(hidden[j], self._logits)
-                probs, argmax, row_entropy = temper_and_score(logits, self.temp, model.config.final_logit_softcapping,
-                                                              probs_in_place=True)
-                j += 1
-                if b not in stopped_rows:
-                    accepted = entropy_bound_accept(row_entropy, gen.entropy_bound)
-                    sampled[b] = race_sample(probs, accepted, self.generator)
-                    self.accepted[b] = accepted
-                    self.argmax[b] = argmax
-                    entropy[b] = row_entropy
-                    self.signal[b] = model.embed_probs(probs)
-                    continue
+            if b in live:
+                self.argmax[b], entropy[b], self.accepted[b], sampled[b], self.signal[b] = self._row_sampler(
+                    hidden[where[b]], self.temp, gen.entropy_bound, self.generator)
+                continue
+            if b in where:  # computed, as skip_stopped_rows=False asks, and thrown away
+                self._row_sampler(hidden[where[b]], self.temp, gen.entropy_bound, None, race=False)
             skip_race(C, V, self.generator)
         noise = random_tokens((B, C), V, self.generator, self.device)
         # iv. only live rows change
@@ -194,3 +185,27 @@ class CanvasDenoiser:
             rows = torch.tensor(live, device=self.device)
             self.canvas[rows] = torch.where(self.accepted[rows], sampled[rows], noise[rows])
         self.finished.logical_or_(self.stopper(self.argmax, entropy))
+
+
+class RowSampler:
+    """CPU: steps ii-iii of a denoising step and the next self-conditioning signal, for one row at a time, through
+    one (C, V) buffer reused for every row and step: the head writes the row's raw logits into it, the sampler
+    caps, tempers and scores them block by block in cache and leaves the probabilities in their place, and the
+    race and the self-conditioning matmul read them from there. Needs race_sample to reproduce multinomial's
+    draws (race_matches_multinomial), since the rows then draw one after another."""
+
+    def __init__(self, model: DiffusionGemma):
+        self.model = model
+        self.buffer = torch.empty(model.canvas_length, model.config.vocab_size, dtype=torch.float32)
+
+    def __call__(self, hidden: torch.Tensor, temp: torch.Tensor, entropy_bound: float | torch.Tensor,
+                 generator: torch.Generator | None, race: bool = True):
+        """hidden (C, H): the row's final decoder states. Returns (argmax, entropy, accepted, sampled, signal);
+        without `race` (greedy), nothing is drawn and `sampled` is the argmax."""
+        model = self.model
+        logits = model.head_into(hidden, self.buffer)
+        probs, argmax, entropy = temper_and_score(logits, temp, model.config.final_logit_softcapping,
+                                                  probs_in_place=True)
+        accepted = entropy_bound_accept(entropy, entropy_bound)
+        sampled = race_sample(probs, accepted, generator) if race else argmax
+        return argmax, entropy, accepted, sampled, model.embed_probs(probs)

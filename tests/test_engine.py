@@ -83,6 +83,19 @@ def test_continuous_batching_matches_each_request_alone(model, gen, pin):
     assert [tokens(o) for o in together] == alone
 
 
+def test_batched_sampler_gives_the_row_samplers_tokens(model, gen):
+    """On CPU the runner samples a row at a time through one buffer; on a GPU, the whole batch at once."""
+    jobs = [([5, 6, 7], SamplingParams(max_tokens=32, seed=1, temperature=0.05)),
+            ([9] * 20, SamplingParams(max_tokens=20, seed=2, pin_prefix=False)),
+            ([12] * 9, SamplingParams(max_tokens=12, seed=5, temperature=0.0))]
+    row_by_row = Engine(model, gen, max_num_seqs=3, max_model_len=256)
+    assert row_by_row.runner.row_sampler is not None
+    batched = Engine(model, gen, max_num_seqs=3, max_model_len=256)
+    batched.runner.row_sampler = None
+    want = [tokens(o) for o in run(row_by_row, jobs, arrive_at=[0, 1, 2])]
+    assert [tokens(o) for o in run(batched, jobs, arrive_at=[0, 1, 2])] == want
+
+
 def test_settled_prefix_streams_before_commit_and_is_never_retracted(model, gen):
     engine = Engine(model, gen, max_num_seqs=1, max_model_len=256)
     reports = []  # (tokens reported so far, the request's committed tokens at that moment)

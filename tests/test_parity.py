@@ -164,6 +164,25 @@ def test_early_stop_and_entropy_bound_match_reference(pair, monkeypatch):
     assert any(skipped)  # and a batch ran with a stopped row skipped
 
 
+def test_batched_step_gives_the_row_steps_tokens(pair, monkeypatch):
+    """On CPU the denoiser samples a row at a time (CanvasDenoiser._step_rows); on a GPU, the whole batch in one
+    step (_step). The batched step, run here on CPU, gives the same tokens, early stops included."""
+    import dgemma.denoiser
+
+    name, _, ours, _ = pair
+    C = ours.config.canvas_length
+    gen = ours.generation.replace(max_new_tokens=2 * C, max_denoising_steps=8, entropy_bound=4.0,
+                                  confidence_threshold=STAGGERED_STOP[name], stability_threshold=0)
+    prompts = [[11, 12, 13, 14], [50, 60, 70, 80, 90, 100, 110]]
+    torch.manual_seed(5)
+    want = generate(ours.model, prompts, gen)
+    monkeypatch.setattr(dgemma.denoiser, "race_matches_multinomial", lambda device: False)  # as off the CPU
+    assert not dgemma.denoiser.CanvasDenoiser(ours.model, gen, 2)._row_by_row
+    torch.manual_seed(5)
+    got = generate(ours.model, prompts, gen)
+    assert got.token_ids == want.token_ids and got.steps_per_canvas == want.steps_per_canvas
+
+
 @torch.no_grad()
 def test_dgemma_saved_checkpoint_loads_in_transformers(pair, tmp_path):
     name, path, ours, _ = pair

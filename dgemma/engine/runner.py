@@ -20,7 +20,8 @@ from dataclasses import dataclass
 import torch
 
 from ..model import DiffusionGemma
-from ..sampling import entropy_bound_accept, race_sample, random_tokens, temper_and_score
+from ..denoiser import RowSampler
+from ..sampling import entropy_bound_accept, race_matches_multinomial, race_sample, random_tokens, temper_and_score
 from .request import Request
 
 
@@ -53,9 +54,12 @@ class ModelRunner:
         self.streak = torch.zeros(S, C, dtype=torch.long, device=dev)  # steps accepted, confident and unchanged
         self.num_pinned = torch.zeros(S, dtype=torch.long, device=dev)
         self.positions = torch.arange(C, device=dev)
+        # CPU: the head and the sampler run a row at a time (RowSampler); elsewhere, batched
+        self.row_sampler = RowSampler(model) if dev.type == "cpu" and race_matches_multinomial(dev) else None
 
     def nbytes(self) -> int:
-        return self.cache.nbytes() + self.signal.numel() * self.signal.element_size()
+        buffer = self.row_sampler.buffer if self.row_sampler is not None else self.signal[:0]
+        return sum(t.numel() * t.element_size() for t in (self.signal, buffer)) + self.cache.nbytes()
 
     @torch.inference_mode()
     def prefill(self, request: Request) -> None:
@@ -110,21 +114,27 @@ class ModelRunner:
             signal = self.signal[idx] * with_signal[:, None, None].to(self.signal.dtype)
 
         # i. decoder pass
-        logits = model.denoise(canvas, self.cache, signal=signal, rows=rows)  # (R, C, V) fp32
-        # ii. temper, each row at its own step of its own schedule. In place, here and below: (R, C, V) tensors
-        # are the largest of a step (2 GiB each for 8 rows of the released model), so at most three live at once.
-        # iii. sample (sampling.sample_step, one generator per row), accept, renoise
-        probs, argmax, entropy = temper_and_score(logits, temps[:, None, None])  # uses up `logits`
-        del logits
-        next_signal = model.embed_probs(probs)  # (R, C, H) self-conditioning for the next step
-        accepted = entropy_bound_accept(entropy, bounds[:, None])
-        # Entropy and acceptance draw nothing, so each row can now make its draws in generate()'s order: the
-        # sample's Exp(1) race over (C, V), then the renoising tokens. Only accepted positions keep their sample.
-        sampled = argmax.clone()  # greedy rows keep the argmax and draw no race
-        for i, r in enumerate(requests):
-            if not r.greedy:
-                sampled[i] = race_sample(probs[i], accepted[i], r.generator)
-        del probs
+        hidden = model.denoise_hidden(canvas, self.cache, signal=signal, rows=rows)  # (R, C, H)
+        # ii. temper, each row at its own step of its own schedule; iii. sample (one generator per row), accept.
+        # Each row makes its draws in generate()'s order: the sample's Exp(1) race over (C, V), then the
+        # renoising tokens. Only accepted positions keep their sample; greedy rows keep the argmax and draw no race.
+        if self.row_sampler is not None:  # CPU: row by row through one (C, V) buffer (denoiser.RowSampler)
+            rows_out = [self.row_sampler(hidden[i], temps[i], bounds[i], r.generator, race=not r.greedy)
+                        for i, r in enumerate(requests)]
+            argmax, entropy, accepted, sampled, next_signal = (torch.stack(t) for t in zip(*rows_out))
+        else:
+            # In place: (R, C, V) tensors are the largest of a step (2 GiB each for 8 rows of the released
+            # model), so at most three live at once.
+            logits = model.logits(hidden)
+            probs, argmax, entropy = temper_and_score(logits, temps[:, None, None])  # uses up `logits`
+            del logits
+            next_signal = model.embed_probs(probs)  # (R, C, H) self-conditioning for the next step
+            accepted = entropy_bound_accept(entropy, bounds[:, None])
+            sampled = argmax.clone()
+            for i, r in enumerate(requests):
+                if not r.greedy:
+                    sampled[i] = race_sample(probs[i], accepted[i], r.generator)
+            del probs
         noise = torch.cat([random_tokens((1, C), self.vocab_size, r.generator, dev) for r in requests])  # (R, C)
         canvas = torch.where(accepted, sampled, noise)
 

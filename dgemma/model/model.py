@@ -204,12 +204,16 @@ class DiffusionGemma(nn.Module):
 
         The self-conditioning signal comes from `self_cond_logits` (previous step's logits) or directly as
         `signal` (R, C, H); with neither it is zeros."""
-        positions, masks, writer, _, _ = self._plan(cache, rows, canvas.shape[1], encoder=False)
         if self_cond_logits is not None:
             signal = self.soft_embed(self_cond_logits)
+        return self.logits(self.denoise_hidden(canvas, cache, signal, rows))
+
+    def denoise_hidden(self, canvas: torch.Tensor, cache: KVCache, signal: torch.Tensor | None = None,
+                       rows: list[int] | None = None) -> torch.Tensor:
+        """denoise() up to the head: the final-normed decoder states (R, C, H)."""
+        positions, masks, writer, _, _ = self._plan(cache, rows, canvas.shape[1], encoder=False)
         x = self.self_conditioning(self.embed(canvas), signal)
-        hidden = self.run_layers(x, positions, masks, writer, encoder=False)
-        return self.logits(hidden)
+        return self.run_layers(x, positions, masks, writer, encoder=False)
 
     def new_cache(self, batch_size: int, capacity: int) -> KVCache:
         return KVCache(self.config, batch_size, capacity, self.dtype, self.device)
