@@ -52,7 +52,7 @@ class CanvasDenoiser:
         self.ended = torch.zeros(B, dtype=torch.bool, device=device)  # sequence ended (EOS) in an earlier canvas
         self.steps = torch.zeros(B, dtype=torch.long, device=device)  # steps this canvas, per row
         self.passes = torch.zeros(B, dtype=torch.long, device=device)  # decoder passes of live rows, all canvases
-        self.stopper = StableAndConfident(gen, B, C, device)
+        self.stopper = StableAndConfident(gen.stability_threshold, gen.confidence_threshold, B, C, device)
         # the temperature of each step, computed as the reference does (fp32), then copied into `temp` per step
         self.temps = torch.stack([temperature(gen, n, torch.device("cpu"))
                                   for n in range(gen.max_denoising_steps, 0, -1)]).to(device)

@@ -187,21 +187,34 @@ def random_tokens(shape: tuple[int, ...], vocab_size: int, generator: torch.Gene
 
 class StableAndConfident:
     """Stop a row when its argmax canvas has not changed for `stability_threshold` steps and the mean entropy of
-    its tempered logits is below `confidence_threshold`. The history is updated in place (CUDA-graph safe)."""
+    its tempered logits is below `confidence_threshold`. Keeps the last `stability_threshold` argmax canvases of
+    every row, updated in place (CUDA-graph safe). Rows are all of them in lockstep (generate), or a subset
+    given by index (the serving engine, whose rows are at different steps)."""
 
-    def __init__(self, gen: GenerationConfig, batch_size: int, canvas_length: int, device: torch.device):
-        self.confidence_threshold = gen.confidence_threshold
-        self.history = torch.full((gen.stability_threshold, batch_size, canvas_length), -1, dtype=torch.long,
+    def __init__(self, stability_threshold: int, confidence_threshold: float, batch_size: int, canvas_length: int,
+                 device: torch.device | str):
+        self.confidence_threshold = confidence_threshold
+        self.history = torch.full((batch_size, stability_threshold, canvas_length), -1, dtype=torch.long,
                                   device=device)
 
-    def reset(self) -> None:
-        self.history.fill_(-1)
+    def reset(self, rows: torch.Tensor | None = None) -> None:
+        """Forget the history (of `rows`, default all): a new canvas begins."""
+        if rows is None:
+            self.history.fill_(-1)
+        else:
+            self.history[rows] = -1
 
-    def __call__(self, argmax_canvas: torch.Tensor, entropy: torch.Tensor) -> torch.Tensor:
-        if self.history.shape[0] == 0:
+    def __call__(self, argmax_canvas: torch.Tensor, entropy: torch.Tensor,
+                 rows: torch.Tensor | None = None) -> torch.Tensor:
+        """argmax_canvas, entropy (R, C) of all rows, or of `rows` -> whether each stops, (R,) bool."""
+        if self.history.shape[1] == 0:
             stable = torch.ones(argmax_canvas.shape[0], dtype=torch.bool, device=argmax_canvas.device)
         else:
-            stable = (self.history == argmax_canvas[None]).all(dim=-1).all(dim=0)
-            self.history.copy_(torch.roll(self.history, shifts=-1, dims=0))
-            self.history[-1].copy_(argmax_canvas)
+            history = self.history if rows is None else self.history[rows]
+            stable = (history == argmax_canvas[:, None]).all(dim=-1).all(dim=-1)
+            history = torch.cat([history[:, 1:], argmax_canvas[:, None]], dim=1)
+            if rows is None:
+                self.history.copy_(history)
+            else:
+                self.history[rows] = history
         return stable & (entropy.mean(dim=-1) < self.confidence_threshold)

@@ -99,12 +99,24 @@ def test_token_entropy_of_uniform_and_one_hot():
 
 
 def test_stable_and_confident_needs_both():
-    gen = GenerationConfig(stability_threshold=1, confidence_threshold=0.5)
-    stop = StableAndConfident(gen, 2, 4, "cpu")
+    stop = StableAndConfident(1, 0.5, 2, 4, "cpu")
     canvas = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]])
     low, high = torch.full((2, 4), 0.1), torch.tensor([[0.1] * 4, [2.0] * 4])
     assert stop(canvas, low).tolist() == [False, False]  # nothing to be stable against yet
     assert stop(canvas, high).tolist() == [True, False]  # row 1 is stable but not confident
+
+
+def test_stable_and_confident_tracks_a_subset_of_rows():
+    """The serving engine steps some rows and not others; a row's history moves only when it is stepped."""
+    stop = StableAndConfident(1, 0.5, 3, 2, "cpu")
+    low = torch.full((1, 2), 0.1)
+    row2 = torch.tensor([2])
+    assert stop(torch.tensor([[7, 7]]), low, row2).tolist() == [False]
+    assert stop(torch.tensor([[1, 1], [2, 2]]), low.expand(2, 2), torch.tensor([0, 1])).tolist() == [False, False]
+    assert stop(torch.tensor([[7, 7]]), low, row2).tolist() == [True]  # rows 0 and 1 did not disturb row 2
+    stop.reset(row2)
+    assert stop(torch.tensor([[7, 7]]), low, row2).tolist() == [False]
+    assert stop.history[0].tolist() == [[1, 1]]
 
 
 def test_temperature_schedule_runs_from_t_max_toward_t_min():

@@ -21,7 +21,8 @@ import torch
 
 from ..model import DiffusionGemma
 from ..denoiser import RowSampler
-from ..sampling import entropy_bound_accept, race_matches_multinomial, race_sample, random_tokens, temper_and_score
+from ..sampling import (StableAndConfident, entropy_bound_accept, race_matches_multinomial, race_sample,
+                        random_tokens, temper_and_score)
 from .request import Request
 
 
@@ -50,7 +51,7 @@ class ModelRunner:
         self.canvas = torch.zeros(S, C, dtype=torch.long, device=dev)
         self.argmax = torch.zeros(S, C, dtype=torch.long, device=dev)
         self.signal = torch.zeros(S, C, H, dtype=model.dtype, device=dev)  # self-conditioning for the next step
-        self.history = torch.full((S, K, C), -1, dtype=torch.long, device=dev)  # last K argmax canvases
+        self.stopper = StableAndConfident(K, confidence_threshold, S, C, dev)  # keeps the last K argmax canvases
         self.streak = torch.zeros(S, C, dtype=torch.long, device=dev)  # steps accepted, confident and unchanged
         self.num_pinned = torch.zeros(S, dtype=torch.long, device=dev)
         self.positions = torch.arange(C, device=dev)
@@ -79,7 +80,7 @@ class ModelRunner:
                             for r in requests])  # (R, C)
         self.canvas[idx] = canvas
         self.argmax[idx] = canvas
-        self.history[idx] = -1
+        self.stopper.reset(idx)
         self.streak[idx] = 0
         self.num_pinned[idx] = 0
         for r in requests:
@@ -148,18 +149,11 @@ class ModelRunner:
         pinned = self.positions[None] < num_pinned[:, None]
         canvas = torch.where(pinned, argmax, canvas)
 
-        # iv. stable and confident (sampling.StableAndConfident), or out of steps
-        history = self.history[idx]  # (R, K, C)
-        if self.stability_threshold == 0:
-            stable = torch.ones(len(requests), dtype=torch.bool, device=dev)
-        else:
-            stable = (history == argmax[:, None]).all(dim=-1).all(dim=-1)
-            history = torch.cat([history[:, 1:], argmax[:, None]], dim=1)
-        done = (stable & (entropy.mean(dim=-1) < self.confidence_threshold)) | last
+        # iv. stable and confident, or out of steps
+        done = self.stopper(argmax, entropy, idx) | last
 
         self.canvas[idx] = canvas
         self.argmax[idx] = argmax
-        self.history[idx] = history
         self.streak[idx] = streak
         self.num_pinned[idx] = num_pinned
         self.signal[idx] = next_signal
