@@ -1,5 +1,6 @@
 """Where a denoising step's time goes: GPU kernel time by kernel (torch.profiler), and the wall time of one
-graph replay against one eager step.
+graph replay against one eager step. On CPU, first the wall time of each phase of the row-by-row step (decoder
+layers, head, temper-and-score, race, self-conditioning matmul), timed around the calls without the profiler.
 
     python benchmarks/profile_step.py --preset small --device cuda --dtype bfloat16
     python benchmarks/profile_step.py --preset small --device cpu --dtype float32
@@ -14,6 +15,7 @@ import torch
 
 from dgemma.denoiser import CanvasDenoiser
 from dgemma.presets import default_generation, preset_config, random_model
+from dgemma.runtime import tune_malloc
 
 
 def main() -> None:
@@ -26,6 +28,7 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
+    tune_malloc()  # as the CLI does
     dtype = getattr(torch, args.dtype)
     cuda = args.device.startswith("cuda")
     torch.set_num_threads(args.threads)
@@ -64,6 +67,8 @@ def main() -> None:
         den = CanvasDenoiser(model, gen, B, cuda_graphs=False)
         den.start(cache, torch.zeros(B, dtype=torch.bool, device=args.device))
         den.step(1)
+        if not cuda:
+            phases(den, steps=10)
         from torch.profiler import ProfilerActivity, profile
 
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
@@ -72,6 +77,44 @@ def main() -> None:
                 den.step(s)
             sync()
     print(prof.key_averages().table(sort_by="cuda_time_total" if cuda else "self_cpu_time_total", row_limit=args.top, max_name_column_width=60))
+
+
+def phases(den: CanvasDenoiser, steps: int) -> None:
+    """Wall ms per step in each phase of the CPU step (CPU ops are synchronous, so timing the calls is exact)."""
+    import dgemma.denoiser as D
+    from dgemma.model.model import DiffusionGemma
+
+    spent: dict[str, float] = {}
+    patched = [(DiffusionGemma, "run_layers", "decoder layers"), (DiffusionGemma, "head_into", "head"),
+               (D, "temper_and_score", "soft cap, temper, softmax, argmax, entropy"),
+               (D, "race_sample", "race (random draws)"), (D, "skip_race", "race (random draws)"),
+               (DiffusionGemma, "embed_probs", "self-conditioning matmul")]
+    originals = [(owner, name, getattr(owner, name)) for owner, name, _ in patched]
+
+    def timer(fn, label):
+        def timed(*a, **k):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                spent[label] = spent.get(label, 0.0) + time.perf_counter() - t
+        return timed
+
+    for (owner, name, label), (_, _, fn) in zip(patched, originals):
+        setattr(owner, name, timer(fn, label))
+    try:
+        start = 2
+        t = time.perf_counter()
+        for s in range(start, start + steps):
+            den.step(s)
+        total = time.perf_counter() - t
+    finally:
+        for owner, name, fn in originals:
+            setattr(owner, name, fn)
+    for label, sec in spent.items():
+        print(f"{label:45s} {sec / steps * 1e3:8.1f} ms/step")
+    print(f"{'other':45s} {(total - sum(spent.values())) / steps * 1e3:8.1f} ms/step")
+    print(f"{'whole step':45s} {total / steps * 1e3:8.1f} ms/step")
 
 
 if __name__ == "__main__":
