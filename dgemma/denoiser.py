@@ -85,7 +85,9 @@ class CanvasDenoiser:
     def step(self, step: int) -> None:
         """Run denoising step `step` (1-based) of the current canvas."""
         self.temp.copy_(self.temps[step - 1])
-        if not self.cuda_graphs:
+        if self._row_by_row:  # CPU
+            self._step_rows()
+        elif not self.cuda_graphs:
             self._step()
         elif self._graph is not None:
             self._graph.replay()
@@ -111,8 +113,6 @@ class CanvasDenoiser:
 
     def _step(self) -> None:
         """The whole-batch step (GPU): a fixed sequence of kernels, so it can be captured as a graph."""
-        if self._row_by_row:
-            return self._step_rows()
         model, gen = self.model, self.gen
         positions, masks, writer, _, _ = self._plan
         finished = self.finished

@@ -59,8 +59,8 @@ class ModelRunner:
         self.row_sampler = RowSampler(model) if dev.type == "cpu" and race_matches_multinomial(dev) else None
 
     def nbytes(self) -> int:
-        buffer = self.row_sampler.buffer if self.row_sampler is not None else self.signal[:0]
-        return sum(t.numel() * t.element_size() for t in (self.signal, buffer)) + self.cache.nbytes()
+        buffer = self.row_sampler.buffer.nbytes if self.row_sampler is not None else 0
+        return self.cache.nbytes() + self.signal.nbytes + buffer
 
     @torch.inference_mode()
     def prefill(self, request: Request) -> None:
