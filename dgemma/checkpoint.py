@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 
 from .config import ConfigError, GenerationConfig, ModelConfig, read_json
 from .model import DiffusionGemma
+from .quant import fp8 as quant_fp8
 
 DECODER = "model.decoder."
 ENCODER_TEXT = "model.encoder.language_model."
@@ -206,6 +207,12 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     files = _index_files(path)
     with torch.device("meta"):
         model = DiffusionGemma(config.text, config.canvas_length)
+    if "quantization_config" in raw_config:
+        try:
+            block, experts = quant_fp8.read_config(raw_config["quantization_config"], str(path / "config.json"))
+            quant_fp8.quantize_model(model, block, experts)
+        except quant_fp8.QuantError as e:
+            raise CheckpointError(str(e)) from None
     expected = {k: v for k, v in model.state_dict().items()}
     state: dict[str, torch.Tensor] = {}
     tied: dict[str, str] = {}
@@ -243,7 +250,15 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
         want = tuple(expected[ours].shape)
         if tuple(ref.shape) != want:
             raise CheckpointError(f"{f.path}: tensor {hf_name} has shape {tuple(ref.shape)}, expected {want}")
-        tensors[ours] = f.get(hf_name, dtype).to(device)
+        want_dtype = dtype
+        if expected[ours].dtype == quant_fp8.FP8:  # quantized weights load as stored; their scales in fp32
+            if ref.dtype != "F8_E4M3":
+                raise CheckpointError(f"{f.path}: tensor {hf_name} is {ref.dtype}, but config.json's "
+                                      f"quantization_config says it is FP8 (F8_E4M3)")
+            want_dtype = None
+        elif ours.endswith("_scale_inv"):
+            want_dtype = torch.float32
+        tensors[ours] = f.get(hf_name, want_dtype).to(device)
     model.load_state_dict(tensors, strict=True, assign=True)
     model.reset_rope(device)
     model.eval()
@@ -267,6 +282,22 @@ def hf_state_dict(model: DiffusionGemma) -> dict[str, torch.Tensor]:
     return out
 
 
+def _stays_as_is(name: str, t: torch.Tensor) -> bool:
+    """Quantized weights and their scales keep their own dtypes whatever dtype the rest is saved in."""
+    return t.dtype == quant_fp8.FP8 or name.endswith("_scale_inv")
+
+
+def stored_dtype(path: str | Path) -> torch.dtype:
+    """The dtype a checkpoint stores its embeddings in (what `dgemma quantize` keeps the unquantized tensors in)."""
+    if not Path(path).is_dir():
+        raise CheckpointError(f"{path}: not a directory")
+    files = _index_files(Path(path))
+    for name in (DECODER + "embed_tokens.weight", ENCODER_TEXT + "embed_tokens.weight"):
+        if name in files:
+            return _DTYPES[files[name].tensors[name].dtype]
+    raise CheckpointError(f"{path}: no embed_tokens.weight tensor")
+
+
 def save(out_dir: str | Path, model: DiffusionGemma, config: ModelConfig, generation: GenerationConfig,
          tokenizer_dir: str | Path | None = None, dtype: torch.dtype | None = None,
          max_shard_bytes: int = 4 * 2**30, passthrough: dict | None = None, vision_config: dict | None = None) -> Path:
@@ -276,7 +307,11 @@ def save(out_dir: str | Path, model: DiffusionGemma, config: ModelConfig, genera
     half-written."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: (v.to(dtype) if dtype else v).detach().contiguous().cpu() for k, v in hf_state_dict(model).items()}
+    tensors = {k: (v.to(dtype) if dtype and not _stays_as_is(k, v) else v).detach().contiguous().cpu()
+               for k, v in hf_state_dict(model).items()}
+    for name in [k for k in tensors if k.startswith(DECODER + "layers.") and k.endswith("_scale_inv")]:
+        # transformers ties the encoder's weights to the decoder's, but not their scales: store the encoder's copy
+        tensors[ENCODER_TEXT + name[len(DECODER):]] = tensors[name].clone()
     for name, (f, src) in (passthrough or {}).items():
         tensors[name] = f.raw(src)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
@@ -307,6 +342,8 @@ def save(out_dir: str | Path, model: DiffusionGemma, config: ModelConfig, genera
         hf = config.to_hf()
         if dtype is not None:
             hf["dtype"] = str(dtype).replace("torch.", "")
+        if getattr(model, "quantization_config", None) is not None:
+            hf["quantization_config"] = model.quantization_config
         if vision_config is not None:
             hf["vision_config"] = vision_config
         (tmp / "config.json").write_text(json.dumps(hf, indent=2))

@@ -282,15 +282,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _plugins():
-    """Subcommands that live with their feature (serve, train, sudoku, bench). Their heavy imports stay inside
+    """Subcommands that live with their feature (serve, train, sudoku, bench, quantize). Their heavy imports stay inside
     the handlers, so `dgemma generate` does not pay for FastAPI or the trainer."""
     from .bench import add_bench_parser
     from .bench_serve import add_bench_serve_parser
+    from .quant.quant_cli import add_quantize_parser
     from .server.serve_cli import add_serve_parser
     from .tasks.sudoku_cli import add_sudoku_parser
     from .train.train_cli import add_train_parser
 
-    return [add_serve_parser, add_train_parser, add_sudoku_parser, add_bench_parser, add_bench_serve_parser]
+    return [add_serve_parser, add_train_parser, add_sudoku_parser, add_bench_parser, add_bench_serve_parser,
+            add_quantize_parser]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -56,25 +56,32 @@ class Experts(nn.Module):
         flat_expert = index.reshape(-1)  # (N*k,) token-major
         _, perm = torch.sort(flat_expert)
         x_sorted = x[perm // k]  # (N*k, H), grouped by expert
+        gate_up, down = self.weights(x.dtype)
         if x.is_cuda and _GROUPED_MM is not None:  # as the reference does on CUDA, in every dtype
-            y_sorted = self._grouped(x_sorted, flat_expert)
+            y_sorted = self._grouped(x_sorted, flat_expert, gate_up, down)
         else:
-            y_sorted = self._per_expert(x_sorted, flat_expert)
+            y_sorted = self._per_expert(x_sorted, flat_expert, gate_up, down)
         y_sorted = y_sorted * weights.reshape(-1)[perm, None].to(y_sorted.dtype)
         y = torch.empty_like(y_sorted)
         y[perm] = y_sorted  # back to (token, slot) order
         return y.view(N, k, -1).sum(dim=1)
 
-    def _grouped(self, x_sorted: torch.Tensor, flat_expert: torch.Tensor) -> torch.Tensor:
+    def weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gate_up (E, 2I, H), down (E, H, I)) to compute with; a quantized subclass dequantizes here."""
+        return self.gate_up_proj, self.down_proj
+
+    def _grouped(self, x_sorted: torch.Tensor, flat_expert: torch.Tensor, gate_up: torch.Tensor,
+                 down: torch.Tensor) -> torch.Tensor:
         """One grouped GEMM per projection over all experts; the group ends stay on the device, so there is no
         host sync (and the layer can be captured in a CUDA graph)."""
         counts = torch.zeros(self.num_experts, dtype=torch.int32, device=x_sorted.device)
         counts.scatter_add_(0, flat_expert, torch.ones_like(flat_expert, dtype=torch.int32))
         ends = torch.cumsum(counts, dim=0, dtype=torch.int32)
-        gate, up = _GROUPED_MM(x_sorted, self.gate_up_proj.transpose(-2, -1), offs=ends).chunk(2, dim=-1)
-        return _GROUPED_MM(gelu_tanh(gate) * up, self.down_proj.transpose(-2, -1), offs=ends)
+        gate, up = _GROUPED_MM(x_sorted, gate_up.transpose(-2, -1), offs=ends).chunk(2, dim=-1)
+        return _GROUPED_MM(gelu_tanh(gate) * up, down.transpose(-2, -1), offs=ends)
 
-    def _per_expert(self, x_sorted: torch.Tensor, flat_expert: torch.Tensor) -> torch.Tensor:
+    def _per_expert(self, x_sorted: torch.Tensor, flat_expert: torch.Tensor, gate_up: torch.Tensor,
+                    down: torch.Tensor) -> torch.Tensor:
         """One torch.mm per expert that has tokens (CPU, and dtypes the grouped kernel lacks)."""
         counts = torch.bincount(flat_expert, minlength=self.num_experts).tolist()  # one host sync per layer
         outputs = []  # per-expert outputs, contiguous in expert order like the rows of x_sorted
@@ -82,7 +89,7 @@ class Experts(nn.Module):
         for e, n in enumerate(counts):
             if n == 0:
                 continue
-            gate, up = torch.mm(x_sorted[start:start + n], self.gate_up_proj[e].t()).chunk(2, dim=-1)
-            outputs.append(torch.mm(gelu_tanh(gate) * up, self.down_proj[e].t()))
+            gate, up = torch.mm(x_sorted[start:start + n], gate_up[e].t()).chunk(2, dim=-1)
+            outputs.append(torch.mm(gelu_tanh(gate) * up, down[e].t()))
             start += n
         return torch.cat(outputs)

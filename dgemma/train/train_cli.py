@@ -83,6 +83,9 @@ def cmd_train(args) -> int:
     if args.model:
         ckpt = load(args.model, device=device, dtype=torch.float32, quiet=True)
         model, config, generation = ckpt.model, ckpt.config, ckpt.generation
+        if getattr(model, "quantization_config", None) is not None:
+            raise UsageError(f"{args.model} is quantized (FP8), and dgemma trains only unquantized weights: "
+                             f"fine-tune the original checkpoint, then run `dgemma quantize` on the result")
         tok_dir = Path(args.tokenizer or args.model)
     else:
         if args.preset not in PRESETS:
