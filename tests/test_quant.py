@@ -227,3 +227,13 @@ def test_quantizing_twice_in_memory_is_refused(quantized):
     quantize_model(model, 16)
     with pytest.raises(QuantError, match="already quantized"):
         quantize_model(model)
+
+
+def test_fast_cpu_dequantization_is_torchs_conversion_bit_for_bit():
+    codes = torch.arange(256, dtype=torch.uint8)
+    codes = codes[(codes & 0x7F) != 0x7F]  # every E4M3 value but NaN, subnormals and both zeros included
+    q = codes.view(FP8).reshape(2, 127)
+    for scale in (torch.tensor([[1.0]]), torch.tensor([[3.1e-5]]), torch.tensor([[200.0]])):  # 200: the slow path
+        got = dequantize_blocks(q, scale, torch.float32)
+        want = q.float() * scale
+        assert torch.equal(got, want) and torch.equal(torch.signbit(got), torch.signbit(want))
