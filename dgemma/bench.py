@@ -198,10 +198,17 @@ def build_model(args):
         if args.dtype else checkpoint.default_dtype(device)
     if args.model:
         ck = checkpoint.load(args.model, device=device, dtype=dtype, quiet=True)
-        return ck.model, ck.config, ck.generation, Path(args.model), dtype
-    config = preset_config(args.preset)
-    model = random_model(config, std=0.02, seed=0, device=device, dtype=dtype)
-    return model, config, default_generation(config), None, dtype
+        model, config, generation, path = ck.model, ck.config, ck.generation, Path(args.model)
+    else:
+        config = preset_config(args.preset)
+        model = random_model(config, std=0.02, seed=0, device=device, dtype=dtype)
+        generation, path = default_generation(config), None
+    if args.quantize:
+        from .quant import quantize_model
+
+        quantize_model(model)
+        path = None  # what transformers is compared on is this model, saved afresh
+    return model, config, generation, path, dtype
 
 
 def load_transformers(model, config: ModelConfig, path: Path | None, device: str, dtype: torch.dtype):
@@ -228,6 +235,12 @@ def main_bench(args) -> dict:
         raise ValueError("--device cuda requested but no CUDA device is available")
     baseline_rss = _rss_status("VmRSS:")  # the interpreter and torch, before any weights
     model, config, base_gen, path, dtype = build_model(args)
+    if args.quantize and not args.device.startswith("cuda"):
+        # the preset was built in fp32 before it was quantized: count only what the quantized model holds
+        from .runtime import release_free_memory
+
+        release_free_memory()
+        _reset_peak()
     C = config.canvas_length
     gen = base_gen.replace(max_new_tokens=args.new_tokens, max_denoising_steps=args.steps,
                            entropy_bound=args.entropy_bound)
@@ -307,7 +320,8 @@ def main_bench(args) -> dict:
                      "active_params_m": round(config.text.num_parameters(active=True) / 1e6, 1),
                      "batch_size": args.batch_size, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
                      "denoising_steps": args.steps, "adaptive": args.adaptive, "threads": args.threads,
-                     "device": args.device, "dtype": str(dtype).replace("torch.", ""), "repeats": args.repeats},
+                     "device": args.device, "dtype": str(dtype).replace("torch.", ""), "repeats": args.repeats,
+                     "weights": "fp8" if getattr(model, "quantization_config", None) else "unquantized"},
         "machine": {"matmul_peak_gflops": peak, "copy_bandwidth_gb_s": bandwidth, "weights_mb": weights / 2**20,
                     "floor_ms_per_step_bandwidth": bytes_step / (bandwidth * 1e9) * 1e3 if bandwidth else None,
                     "floor_ms_per_step": flops_step / (peak * 1e9) * 1e3,
@@ -330,7 +344,8 @@ def print_table(out: dict) -> None:
     w, m = out["workload"], out["machine"]
     print(f"workload: {w['preset'] or w['model']} ({w['active_params_m']}M active), batch {w['batch_size']}, "
           f"prompt {w['prompt_len']}, {w['new_tokens']} new tokens, {w['denoising_steps']} "
-          f"{'adaptive' if w['adaptive'] else 'fixed'} steps, {w['threads']} threads, {w['device']} {w['dtype']}")
+          f"{'adaptive' if w['adaptive'] else 'fixed'} steps, {w['threads']} threads, {w['device']} {w['dtype']}"
+          f"{', FP8 weights' if w['weights'] == 'fp8' else ''}")
     print(f"machine: matmul peak {m['matmul_peak_gflops']:.1f} GFLOP/s; weights {m['weights_mb']:.0f} MiB; "
           f"matmul floor {m['floor_ms_per_step']:.2f} ms per denoising step")
     if m.get("copy_bandwidth_gb_s"):
@@ -382,6 +397,8 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
                    help="also run transformers' generate, an autoregressive decode, or (CUDA) dgemma without graphs")
     p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                    help="on CUDA, run each denoising step eagerly instead of replaying a CUDA graph")
+    p.add_argument("--quantize", choices=["fp8"], default=None,
+                   help="quantize the model's weights first (as `dgemma quantize` does) and time that")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
     return p
@@ -391,6 +408,9 @@ def cmd_bench(args) -> int:
     for name in ("batch_size", "prompt_len", "new_tokens", "steps", "threads", "repeats"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.quantize and "transformers" in args.compare and not args.device.startswith("cuda"):
+        raise ValueError("--compare transformers with --quantize needs --device cuda: on a CPU transformers "
+                         "5.23 cannot dequantize fused FP8 experts")
     out = main_bench(args)
     if args.json:
         print(json.dumps(out, indent=2))

@@ -117,3 +117,13 @@ def test_bench_compares_engines_on_the_same_weights(capsys):
     dgemma, ref = out["results"][:2]
     assert dgemma["forwards"] == ref["forwards"] == 4 and dgemma["tokens_per_forward"] == 32 / 4
     assert out["speedup_vs_transformers"] > 0 and out["machine"]["dgemma_peak_over_weights_and_cache"] > 0
+
+
+def test_bench_times_fp8_weights_and_refuses_a_cpu_comparison_it_cannot_make(capsys):
+    args = ["bench", "--preset", "tiny", "--prompt-len", "8", "--new-tokens", "32", "--steps", "4", "--threads", "1",
+            "--repeats", "1", "--quantize", "fp8"]
+    assert main(args + ["--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["workload"]["weights"] == "fp8" and out["results"][0]["forwards"] == 4
+    assert main(args + ["--compare", "transformers"]) == 2
+    assert "fused FP8 experts" in capsys.readouterr().err
