@@ -91,3 +91,33 @@ def test_bf16_decoder_logits_as_close_as_the_reference_bf16(ckpt_path):
     err_ref = float((theirs - exact).norm() / exact.norm())
     print(f"relative error vs fp32 reference: dgemma bf16 {err_ours:.2e}, transformers bf16 {err_ref:.2e}")
     assert err_ours <= 1.5 * err_ref + 1e-3
+
+
+@pytest.fixture(scope="module")
+def fp8_path(ckpt_path, tmp_path_factory):
+    from dgemma.cli import main
+
+    out = tmp_path_factory.mktemp("cuda-fp8") / "fp8"
+    assert main(["quantize", "--model", str(ckpt_path), "--out", str(out), "--quiet"]) == 0
+    return out
+
+
+def test_fp8_graph_replay_gives_the_eager_tokens(fp8_path):
+    graphed = _ours(fp8_path, torch.bfloat16, True)
+    assert graphed == _ours(fp8_path, torch.bfloat16, False)
+
+
+@torch.no_grad()
+def test_fp8_logits_on_cuda_match_the_cpu(fp8_path):
+    """The CUDA dequantization (torch's conversion) and the CPU one (bit operations) give the same fp32 weights, so
+    fp32 logits agree to fp32 matmul rounding."""
+    V = TEXT["vocab_size"]
+    tokens = torch.tensor([PROMPTS[0]])
+    canvas = torch.randint(0, V, (1, 16), generator=torch.Generator().manual_seed(0))
+    got = {}
+    for device in ("cpu", "cuda"):
+        ck = checkpoint.load(fp8_path, device=device, dtype=torch.float32, quiet=True)
+        cache = ck.model.new_cache(1, 64)
+        ck.model.encode(tokens.to(device), cache)
+        got[device] = ck.model.denoise(canvas.to(device), cache).cpu()
+    assert (got["cpu"] - got["cuda"]).abs().max() < 1e-4
