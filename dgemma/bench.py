@@ -18,6 +18,7 @@ import torch
 
 from .cache import KVCache
 from .config import GenerationConfig, ModelConfig, TextConfig
+from .quant import is_quantized
 
 
 def measure_matmul_peak(dtype: torch.dtype, device: str, seconds: float = 1.0) -> float:
@@ -321,7 +322,7 @@ def main_bench(args) -> dict:
                      "batch_size": args.batch_size, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
                      "denoising_steps": args.steps, "adaptive": args.adaptive, "threads": args.threads,
                      "device": args.device, "dtype": str(dtype).replace("torch.", ""), "repeats": args.repeats,
-                     "weights": "fp8" if getattr(model, "quantization_config", None) else "unquantized"},
+                     "weights": "fp8" if is_quantized(model) else "unquantized"},
         "machine": {"matmul_peak_gflops": peak, "copy_bandwidth_gb_s": bandwidth, "weights_mb": weights / 2**20,
                     "floor_ms_per_step_bandwidth": bytes_step / (bandwidth * 1e9) * 1e3 if bandwidth else None,
                     "floor_ms_per_step": flops_step / (peak * 1e9) * 1e3,

@@ -342,7 +342,7 @@ def save(out_dir: str | Path, model: DiffusionGemma, config: ModelConfig, genera
         hf = config.to_hf()
         if dtype is not None:
             hf["dtype"] = str(dtype).replace("torch.", "")
-        if getattr(model, "quantization_config", None) is not None:
+        if quant_fp8.is_quantized(model):
             hf["quantization_config"] = model.quantization_config
         if vision_config is not None:
             hf["vision_config"] = vision_config

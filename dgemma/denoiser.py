@@ -171,8 +171,9 @@ class CanvasDenoiser:
         sampled = torch.zeros(B, C, dtype=torch.long, device=self.device)
         entropy = torch.full((B, C), float("inf"), device=self.device)  # inf: never confident, stays as it was
         where = {b: j for j, b in enumerate(computed)}  # batch row -> row of `hidden`
+        live_rows = set(live)
         for b in range(B):
-            if b in live:
+            if b in live_rows:
                 self.argmax[b], entropy[b], self.accepted[b], sampled[b], self.signal[b] = self._row_sampler(
                     hidden[where[b]], self.temp, gen.entropy_bound, self.generator)
                 continue

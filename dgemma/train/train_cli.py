@@ -61,6 +61,7 @@ def cmd_train(args) -> int:
     from ..checkpoint import load
     from ..presets import PRESETS, default_generation, preset_config, random_model
     from .data import read_jsonl
+    from ..quant import is_quantized
     from .lora import apply_lora
     from .objective import LossConfig, block_diffusion_loss
     from .trainer import CHECKPOINT, TrainConfig, Trainer
@@ -83,7 +84,7 @@ def cmd_train(args) -> int:
     if args.model:
         ckpt = load(args.model, device=device, dtype=torch.float32, quiet=True)
         model, config, generation = ckpt.model, ckpt.config, ckpt.generation
-        if getattr(model, "quantization_config", None) is not None:
+        if is_quantized(model):
             raise UsageError(f"{args.model} is quantized (FP8), and dgemma trains only unquantized weights: "
                              f"fine-tune the original checkpoint, then run `dgemma quantize` on the result")
         tok_dir = Path(args.tokenizer or args.model)
