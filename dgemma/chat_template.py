@@ -19,6 +19,8 @@ from jinja2 import nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from jinja2.utils import Namespace
 
+from .errors import DgemmaError
+
 MAX_TEMPLATE_OUTPUT = 1_000_000  # characters of rendered prompt
 MAX_TEMPLATE_VALUE = 1_000_000  # length of any string/list a template builds
 MAX_TEMPLATE_STEPS = 1_000_000  # loop iterations + calls per render
@@ -62,7 +64,7 @@ GEMMA4_CHAT_TEMPLATE = """\
 """
 
 
-class TokenizerError(ValueError):
+class TokenizerError(DgemmaError, ValueError):
     """A tokenizer file or chat template dgemma cannot use. The message is one line naming the file."""
 
 

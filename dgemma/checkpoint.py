@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import save_file
 
 from .config import ConfigError, GenerationConfig, ModelConfig, read_json
+from .errors import DgemmaError
 from .model import DiffusionGemma
 from .quant import fp8 as quant_fp8
 
@@ -37,7 +38,7 @@ _DTYPES = {
 }
 
 
-class CheckpointError(ValueError):
+class CheckpointError(DgemmaError, ValueError):
     """A checkpoint dgemma cannot load. The message is one line naming the file and, where it applies, the tensor."""
 
 

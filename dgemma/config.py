@@ -7,11 +7,13 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .errors import DgemmaError
+
 SLIDING = "sliding_attention"
 FULL = "full_attention"
 
 
-class ConfigError(ValueError):
+class ConfigError(DgemmaError, ValueError):
     """A config file or value that dgemma cannot use. The message names the file and the field."""
 
 

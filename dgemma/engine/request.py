@@ -18,11 +18,12 @@ from typing import Callable
 import torch
 
 from ..config import GenerationConfig
+from ..errors import DgemmaError
 from ..sampling import temperature
 from .detokenizer import TextStream
 
 
-class RequestError(ValueError):
+class RequestError(DgemmaError, ValueError):
     """A request the engine cannot serve (bad parameter, too long for the context). The server answers 400."""
 
     def __init__(self, message: str, param: str | None = None):
