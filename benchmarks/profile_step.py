@@ -3,7 +3,7 @@ graph replay against one eager step. On CPU, first the wall time of each phase o
 layers, head, temper-and-score, race, self-conditioning matmul), timed around the calls without the profiler.
 
     python benchmarks/profile_step.py --preset small --device cuda --dtype bfloat16
-    python benchmarks/profile_step.py --preset small --device cpu --dtype float32
+    python benchmarks/profile_step.py --preset small --device cpu --dtype float32 [--sampler fast]
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from dgemma.denoiser import CanvasDenoiser
+from dgemma.generate import LockstepDenoiser
 from dgemma.presets import default_generation, preset_config, random_model
 from dgemma.runtime import tune_malloc
 
@@ -27,6 +27,7 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=384)
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--sampler", choices=["exact", "fast"], default="exact")
     args = ap.parse_args()
     tune_malloc()  # as the CLI does
     dtype = getattr(torch, args.dtype)
@@ -45,7 +46,7 @@ def main() -> None:
     with torch.inference_mode():
         model.encode(torch.randint(3, config.text.vocab_size, (B, args.context), device=args.device), cache)
 
-        def timed(den: CanvasDenoiser, steps: int) -> float:
+        def timed(den: LockstepDenoiser, steps: int) -> float:
             sync()
             t = time.perf_counter()
             for s in range(2, steps + 2):
@@ -54,8 +55,8 @@ def main() -> None:
             return (time.perf_counter() - t) / steps * 1e3
 
         for graphs in (False, True) if cuda else (False,):
-            den = CanvasDenoiser(model, gen, B, cuda_graphs=graphs)
-            den.start(cache, torch.zeros(B, dtype=torch.bool, device=args.device))
+            den = LockstepDenoiser(model, gen, B, cuda_graphs=graphs, sampler=args.sampler)
+            den.start(cache)
             sync()
             t = time.perf_counter()
             den.step(1)  # eager; with graphs, also the capture
@@ -64,8 +65,8 @@ def main() -> None:
             per = timed(den, 10)
             print(f"cuda_graphs={graphs}: first step {first:.2f} ms (with capture if graphed), then {per:.3f} ms/step")
 
-        den = CanvasDenoiser(model, gen, B, cuda_graphs=False)
-        den.start(cache, torch.zeros(B, dtype=torch.bool, device=args.device))
+        den = LockstepDenoiser(model, gen, B, cuda_graphs=False, sampler=args.sampler)
+        den.start(cache)
         den.step(1)
         if not cuda:
             phases(den, steps=10)
@@ -79,15 +80,15 @@ def main() -> None:
     print(prof.key_averages().table(sort_by="cuda_time_total" if cuda else "self_cpu_time_total", row_limit=args.top, max_name_column_width=60))
 
 
-def phases(den: CanvasDenoiser, steps: int) -> None:
+def phases(den: LockstepDenoiser, steps: int) -> None:
     """Wall ms per step in each phase of the CPU step (CPU ops are synchronous, so timing the calls is exact)."""
-    import dgemma.denoiser as D
+    import dgemma.step as D
     from dgemma.model.model import DiffusionGemma
 
     spent: dict[str, float] = {}
     patched = [(DiffusionGemma, "run_layers", "decoder layers"), (DiffusionGemma, "head_into", "head"),
                (D, "temper_and_score", "soft cap, temper, softmax, argmax, entropy"),
-               (D, "race_sample", "race (random draws)"), (D, "skip_race", "race (random draws)"),
+               (D.Draws, "sample", "sample (random draws)"), (D.Draws, "skip", "sample (random draws)"),
                (DiffusionGemma, "embed_probs", "self-conditioning matmul")]
     originals = [(owner, name, getattr(owner, name)) for owner, name, _ in patched]
 

@@ -20,16 +20,17 @@ it would alone, up to float rounding.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import torch
 
+from .budget import ContextLengthError, canvases_for, check_prompt
 from .config import GenerationConfig
-from .denoiser import CanvasDenoiser
 from .model import DiffusionGemma
+from .sampling import random_tokens, temperature
+from .step import CanvasState, Draws, Sampler, Strategy, default_strategy, denoise_step
 
 
 @dataclass
@@ -38,6 +39,7 @@ class GenerationStats:
     denoising_steps: int = 0  # decoder passes, summed over rows that were still denoising
     generated_tokens: int = 0
     tokens_per_forward: float = 0.0
+    rows_skipped: int = 0  # decoder row passes not run because the row had stopped (the ROWS strategy)
     prefill_seconds: float = 0.0
     seconds: float = 0.0
     tokens_per_second: float = 0.0
@@ -66,10 +68,6 @@ class StepView:
     finished: torch.Tensor  # (B,) bool: row stopped denoising this canvas
 
 
-class ContextLengthError(ValueError):
-    pass
-
-
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """-> tokens (B, T) and valid (B, T), with padding on the left."""
     width = max(len(p) for p in prompts)
@@ -82,46 +80,31 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch
     return tokens, valid
 
 
-def _check_prompts(prompts: list[list[int]], vocab_size: int) -> None:
-    if not prompts:
-        raise ValueError("no prompts given")
-    for i, p in enumerate(prompts):
-        if len(p) == 0:
-            raise ValueError(f"prompt {i} is empty")
-        bad = [t for t in p if not (isinstance(t, int) and 0 <= t < vocab_size)]
-        if bad:
-            raise ValueError(f"prompt {i}: token id {bad[0]!r} is outside the vocabulary [0, {vocab_size})")
-
-
 @torch.inference_mode()
 def generate(model: DiffusionGemma, prompts: list[list[int]], gen: GenerationConfig,
              generator: torch.Generator | None = None,
              on_step: Callable[[StepView], None] | None = None,
-             cuda_graphs: bool | None = None) -> GenerationOutput:
+             cuda_graphs: bool | None = None, sampler: Sampler | str = Sampler.EXACT,
+             strategy: Strategy | None = None) -> GenerationOutput:
     """Generate continuations for `prompts` (lists of token ids). With `generator=None` the global torch RNG is
     used, which is what makes `torch.manual_seed(S)` reproduce the reference's tokens.
 
     `cuda_graphs` (default: on for a CUDA model with generator=None) replays each canvas's denoising step as a
-    CUDA graph; the tokens are the same either way."""
+    CUDA graph; the tokens are the same either way. `sampler` "exact" reproduces the reference's draws; "fast"
+    samples the same distribution with one uniform per position. `strategy` defaults to the device's."""
     cfg = model.config
-    _check_prompts(prompts, cfg.vocab_size)
+    if not prompts:
+        raise ValueError("no prompts given")
+    for i, p in enumerate(prompts):
+        check_prompt(p, cfg.vocab_size, name=f"prompt {i}")
     device, C = model.device, model.canvas_length
     t0 = time.perf_counter()
 
     # 1. left-pad, allocate, prefill
     tokens, valid = left_pad(prompts, gen.pad_token_id)
     B, T = tokens.shape
-    room = cfg.max_position_embeddings - T
-    if room < 1:
-        raise ContextLengthError(f"prompt of {T} tokens fills the context of {cfg.max_position_embeddings}")
-    max_new = min(gen.max_new_tokens or room, room)
-    num_canvases = math.ceil(max_new / C)
-    if T + num_canvases * C > cfg.max_position_embeddings:
-        num_canvases = (cfg.max_position_embeddings - T) // C
-        max_new = num_canvases * C
-        if num_canvases == 0:
-            raise ContextLengthError(f"prompt of {T} tokens leaves no room for a {C}-token canvas within the "
-                                     f"context of {cfg.max_position_embeddings}")
+    num_canvases = canvases_for(T, gen.max_new_tokens, C, cfg.max_position_embeddings)
+    max_new = gen.max_new_tokens or num_canvases * C
     tokens, valid = tokens.to(device), valid.to(device)
     # grown as canvases are committed, so an open-ended request does not reserve the whole context up front
     cache = model.new_cache(B, T + min(num_canvases, 4) * C)
@@ -136,25 +119,30 @@ def generate(model: DiffusionGemma, prompts: list[list[int]], gen: GenerationCon
     committed: list[torch.Tensor] = []
     steps_per_canvas: list[list[int]] = [[] for _ in range(B)]
     canvases_run = 0
-    denoiser = CanvasDenoiser(model, gen, B, generator, cuda_graphs)
+    passes = torch.zeros(B, dtype=torch.long, device=device)  # decoder passes of rows still going, all canvases
+    denoiser = LockstepDenoiser(model, gen, B, generator, cuda_graphs, sampler, strategy)
+    state = denoiser.state
 
     for canvas_index in range(num_canvases):
         # 2a. random canvas
-        denoiser.start(cache, finished_seq)
+        denoiser.start(cache)
         canvases_run += 1
-        # 2b. denoising steps (denoiser.py)
+        # 2b. denoising steps (step.py). A row whose sequence has ended denoises on as in the reference (its
+        # canvas is thrown away at the commit): the loop runs until every row has stopped, which fixes how many
+        # random numbers a canvas draws, and so every later canvas's tokens.
         for step in range(1, gen.max_denoising_steps + 1):
+            passes += ~(state.finished | finished_seq)
             denoiser.step(step)
             if on_step is not None:
-                on_step(StepView(canvas_index, step, gen.max_denoising_steps, denoiser.argmax, denoiser.accepted,
-                                 denoiser.finished))
+                on_step(StepView(canvas_index, step, gen.max_denoising_steps, state.argmax, state.accepted,
+                                 state.finished))
             # One host sync per step: the early exit needs to know on the host whether every row has stopped.
-            if denoiser.all_finished():
+            if bool(state.finished.all()):
                 break
-        for b, n in enumerate(denoiser.steps.tolist()):
+        for b, n in enumerate(state.steps.tolist()):
             if not bool(finished_seq[b]):
                 steps_per_canvas[b].append(n)
-        argmax_canvas = denoiser.argmax
+        argmax_canvas = state.argmax
 
         # 2c. commit; EOS ends a row, and what follows it is padding
         done_before = finished_seq.clone()
@@ -187,14 +175,85 @@ def generate(model: DiffusionGemma, prompts: list[list[int]], gen: GenerationCon
             reasons.append("length")
     seconds = time.perf_counter() - t0
     n_tokens = sum(len(x) for x in out_ids)
-    passes = int(denoiser.passes.sum())
+    passes = int(passes.sum())
     stats = GenerationStats(
         canvases=canvases_run,
         denoising_steps=passes,
         generated_tokens=n_tokens,
         tokens_per_forward=n_tokens / passes if passes else 0.0,
+        rows_skipped=state.rows_skipped,
         prefill_seconds=prefill_seconds,
         seconds=seconds,
         tokens_per_second=n_tokens / seconds if seconds > 0 else 0.0,
     )
     return GenerationOutput(out_ids, reasons, stats, steps_per_canvas)
+
+
+class LockstepDenoiser:
+    """Drives denoise_step for a whole batch in lockstep (step 2b): one generator in the reference's draw order,
+    one forward plan per canvas (positions, masks and the K/V writer depend only on the cache length), and on
+    CUDA the step captured once per canvas as a CUDA graph and replayed. A small model's step is hundreds of
+    kernel launches that each take longer to issue than to run; a replay issues them all at once, and draws from
+    the default CUDA generator exactly as the eager kernels would, so both give the same tokens."""
+
+    _warm = False  # a first CUDA step has run eagerly in this process (see step)
+
+    def __init__(self, model: DiffusionGemma, gen: GenerationConfig, batch_size: int,
+                 generator: torch.Generator | None = None, cuda_graphs: bool | None = None,
+                 sampler: Sampler | str = Sampler.EXACT, strategy: Strategy | None = None):
+        device = model.device
+        self.model, self.gen, self.generator, self.device = model, gen, generator, device
+        self.draws = Draws.shared(sampler)
+        self.strategy = Strategy(strategy) if strategy is not None else default_strategy(device, self.draws.sampler)
+        # The MoE's grouped GEMM keeps its group sizes on the device only in the native bf16 kernel; in fp32 torch
+        # falls back to a loop that reads them on the host, which a graph cannot capture.
+        graphable = (device.type == "cuda" and generator is None and model.dtype == torch.bfloat16
+                     and self.strategy is Strategy.BATCHED)
+        if cuda_graphs is None:
+            cuda_graphs = graphable
+        if cuda_graphs and not graphable:
+            raise ValueError("CUDA graphs need a bf16 model on CUDA, the batched strategy and the default generator "
+                             "(generator=None)")
+        self.cuda_graphs = cuda_graphs
+        self.state = CanvasState(model, batch_size, gen.stability_threshold, gen.confidence_threshold)
+        # the temperature of each step, computed as the reference does (fp32), then copied into `temp` per step
+        self.temps = torch.stack([temperature(gen, n, torch.device("cpu"))
+                                  for n in range(gen.max_denoising_steps, 0, -1)]).to(device)
+        self.temp = self.temps[0].clone()
+        self.bound = torch.tensor(gen.entropy_bound, dtype=torch.float32, device=device)
+        self._graph: torch.cuda.CUDAGraph | None = None
+
+    def start(self, cache) -> None:
+        """2a. A uniform random canvas for every row; the forward plan for this canvas."""
+        state = self.state
+        canvas = random_tokens((state.num_rows, state.canvas_length), state.vocab_size, self.generator, self.device)
+        state.start(None, canvas)
+        self.plan = self.model.plan(cache, None, self.model.canvas_length, encoder=False)
+        self._graph = None
+
+    def _run(self, first: bool) -> None:
+        denoise_step(self.model, self.state, self.plan, self.temp, self.bound, self.draws, self.strategy,
+                     [self.generator], first=first)
+
+    def step(self, step: int) -> None:
+        """Run denoising step `step` (1-based) of the current canvas."""
+        self.temp.copy_(self.temps[step - 1])
+        if not self.cuda_graphs:
+            self._run(first=step == 1)
+        elif self._graph is not None:
+            self._graph.replay()
+        elif not LockstepDenoiser._warm:
+            # The process's first step runs eagerly on a side stream, as graph capture requires (library handles
+            # and workspaces are created lazily); the next step captures.
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                self._run(first=False)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            LockstepDenoiser._warm = True
+        else:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):  # records the step without running it; the replay runs it
+                self._run(first=False)  # the signal is zeros on a first step, so the graph serves every step
+            self._graph = graph
+            graph.replay()

@@ -88,6 +88,34 @@ def skip_race(positions: int, vocab_size: int, generator: torch.Generator | None
         pass
 
 
+def inverse_cdf_sample(probs: torch.Tensor, accepted: torch.Tensor,
+                       generator: torch.Generator | None) -> torch.Tensor:
+    """A sample from probs (..., V) per accepted position by the inverse CDF: one uniform per position (drawn for
+    every position, so a step always draws the same count), then a binary search in the cumulative sum. The same
+    distribution as torch.multinomial, with C uniforms instead of C x V (the "fast" sampler); not its draws.
+    Elsewhere the result is 0. On CPU only accepted positions are summed, in float64."""
+    V = probs.shape[-1]
+    flat_probs, flat_accepted = probs.reshape(-1, V), accepted.reshape(-1)
+    uniform = torch.rand(flat_accepted.shape[0], generator=generator, device=probs.device, dtype=torch.float64)
+    if probs.device.type == "cpu":
+        rows = flat_accepted.nonzero().squeeze(1)  # a host sync, free on CPU
+        sampled = torch.zeros(flat_accepted.shape[0], dtype=torch.long)
+        if rows.numel():
+            cdf = flat_probs[rows].double().cumsum_(dim=-1)  # (k, V)
+            target = uniform[rows, None] * cdf[:, -1:]
+            sampled[rows] = torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=V - 1)
+        return sampled.view(accepted.shape)
+    cdf = flat_probs.cumsum(dim=-1)  # (N, V): no host sync, so a CUDA graph can hold it
+    target = (uniform[:, None] * cdf[:, -1:].double()).to(cdf.dtype)
+    sampled = torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=V - 1)
+    return torch.where(flat_accepted, sampled, 0).view(accepted.shape)
+
+
+def skip_inverse_cdf(positions: int, generator: torch.Generator | None, device: torch.device) -> None:
+    """Advance a generator exactly as inverse_cdf_sample over `positions` positions would."""
+    torch.rand(positions, generator=generator, device=device, dtype=torch.float64)
+
+
 _RACE_CHECKED: dict[str, bool] = {}
 
 

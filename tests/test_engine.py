@@ -56,12 +56,15 @@ def tokens(outputs) -> list[int]:
     return [t for o in outputs for t in o.token_ids]
 
 
+@pytest.mark.parametrize("sampler", ["exact", "fast"])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_one_request_reproduces_offline_generate(model, gen, seed):
-    """Prefix pinning off: a request with seed S is token-exact with generate(..., Generator().manual_seed(S))."""
+def test_one_request_reproduces_offline_generate(model, gen, seed, sampler):
+    """Prefix pinning off: a request with seed S is token-exact with generate(..., Generator().manual_seed(S))
+    under the same sampler (one row: the lockstep and per-request draw policies draw the same numbers)."""
     prompt = [5, 6, 7, 8, 9, 10, 11]
-    ref = generate(model, [prompt], gen.replace(max_new_tokens=40), generator=torch.Generator().manual_seed(seed))
-    engine = Engine(model, gen, max_num_seqs=2, max_model_len=256)
+    ref = generate(model, [prompt], gen.replace(max_new_tokens=40), generator=torch.Generator().manual_seed(seed),
+                   sampler=sampler)
+    engine = Engine(model, gen, max_num_seqs=2, max_model_len=256, sampler=sampler)
     (out,) = run(engine, [(prompt, SamplingParams(max_tokens=40, seed=seed, pin_prefix=False))])
     assert len(ref.token_ids[0]) > C  # more than one canvas: commits are covered
     assert tokens(out) == ref.token_ids[0]
@@ -83,15 +86,20 @@ def test_continuous_batching_matches_each_request_alone(model, gen, pin):
     assert [tokens(o) for o in together] == alone
 
 
-def test_batched_sampler_gives_the_row_samplers_tokens(model, gen):
+@pytest.mark.parametrize("sampler", ["exact", "fast"])
+def test_batched_sampler_gives_the_row_samplers_tokens(model, gen, sampler):
     """On CPU the runner samples a row at a time through one buffer; on a GPU, the whole batch at once."""
+    from dgemma.engine.runner import ModelRunner
+    from dgemma.step import Strategy
+
     jobs = [([5, 6, 7], SamplingParams(max_tokens=32, seed=1, temperature=0.05)),
             ([9] * 20, SamplingParams(max_tokens=20, seed=2, pin_prefix=False)),
             ([12] * 9, SamplingParams(max_tokens=12, seed=5, temperature=0.0))]
-    row_by_row = Engine(model, gen, max_num_seqs=3, max_model_len=256)
-    assert row_by_row.runner.row_sampler is not None
-    batched = Engine(model, gen, max_num_seqs=3, max_model_len=256)
-    batched.runner.row_sampler = None
+    row_by_row = Engine(model, gen, max_num_seqs=3, max_model_len=256, sampler=sampler)
+    assert row_by_row.runner.strategy is Strategy.ROWS
+    batched = Engine(model, gen, max_num_seqs=3, max_model_len=256, sampler=sampler)
+    batched.runner = ModelRunner(model, 3, 256, gen.stability_threshold, gen.confidence_threshold, sampler,
+                                 Strategy.BATCHED)
     want = [tokens(o) for o in run(row_by_row, jobs, arrive_at=[0, 1, 2])]
     assert [tokens(o) for o in run(batched, jobs, arrive_at=[0, 1, 2])] == want
 

@@ -136,14 +136,10 @@ def test_batch_of_different_lengths_matches_reference(pair, capsys):
 def test_early_stop_and_entropy_bound_match_reference(pair, monkeypatch):
     """A generous entropy bound accepts many tokens per step, and generous confidence thresholds make rows stop
     early, at different steps (the random models are far from confident); steps per canvas must match too. Rows
-    that have stopped are skipped (CanvasDenoiser._step_rows), which must not change a bit."""
+    that have stopped are skipped (the ROWS strategy), which must not change a bit."""
     from transformers.models.diffusion_gemma.generation_diffusion_gemma import EntropyBoundSamplerConfig
 
-    from dgemma.denoiser import CanvasDenoiser
-
     skipped = []
-    step_rows = CanvasDenoiser._step_rows
-    monkeypatch.setattr(CanvasDenoiser, "_step_rows", lambda self: step_rows(self) or skipped.append(self.rows_skipped))
 
     name, path, ours, ref = pair
     C = ours.config.canvas_length
@@ -158,16 +154,55 @@ def test_early_stop_and_entropy_bound_match_reference(pair, monkeypatch):
         want = _expected(ref, prompts, 5, 3 * C, 8, sampler_config=EntropyBoundSamplerConfig(entropy_bound=4.0),
                          confidence_threshold=confidence, stability_threshold=stability)
         assert got.token_ids == want
+        skipped.append(got.stats.rows_skipped)
         passes += got.stats.denoising_steps
         cap += len(prompts) * got.stats.canvases * 8
     assert passes < cap  # the early stop fired somewhere
     assert any(skipped)  # and a batch ran with a stopped row skipped
 
 
-def test_batched_step_gives_the_row_steps_tokens(pair, monkeypatch):
-    """On CPU the denoiser samples a row at a time (CanvasDenoiser._step_rows); on a GPU, the whole batch in one
-    step (_step). The batched step, run here on CPU, gives the same tokens, early stops included."""
-    import dgemma.denoiser
+# (seed, eos id) per config, without and with early stops, at which in a batch of three one row emits that EOS in
+# its first canvas while the others go on (found by search on these seeded models; with early stops, some row's
+# decoder pass is also skipped after it stopped)
+EOS_ENDS_ONE_ROW = {False: {"window_kv": (1, 195), "top1": (2, 81), "all_experts": (1, 38), "wide": (0, 77)},
+                    True: {"window_kv": (0, 33), "top1": (0, 132), "all_experts": (0, 192), "wide": (0, 48)}}
+
+
+@pytest.mark.parametrize("early_stop", [False, True])
+def test_batch_whose_rows_end_at_different_canvases_matches_reference(pair, early_stop):
+    """A row that has emitted EOS denoises on in the reference (its canvases become padding): the loop over steps
+    runs until it stops too, which fixes how many random numbers each canvas draws, and the batch's expert
+    matmuls see its tokens. With early stops on, rows also stop at different steps within a canvas."""
+    from transformers.models.diffusion_gemma.generation_diffusion_gemma import EntropyBoundSamplerConfig
+
+    name, _, ours, ref = pair
+    C = ours.config.canvas_length
+    seed, eos = EOS_ENDS_ONE_ROW[early_stop][name]
+    prompts = [[5, 9, 17, 33, 65, 129, 200, 3, 4, 6, 8, 10, 12], [40, 41, 42], [7, 7, 8, 9, 100, 101]]
+    kw = dict(eos_token_id=[eos], pad_token_id=0)
+    gen = ours.generation.replace(max_new_tokens=3 * C, max_denoising_steps=6, t_min=0.4, t_max=0.8, **kw)
+    if early_stop:
+        gen = gen.replace(entropy_bound=4.0, confidence_threshold=STAGGERED_STOP[name], stability_threshold=0)
+        kw.update(sampler_config=EntropyBoundSamplerConfig(entropy_bound=4.0),
+                  confidence_threshold=STAGGERED_STOP[name], stability_threshold=0)
+    torch.manual_seed(seed)
+    got = generate(ours.model, prompts, gen)
+    tokens, valid = left_pad(prompts, 0)
+    torch.manual_seed(seed)
+    out = ref.generate(tokens, attention_mask=valid.long(), max_new_tokens=3 * C, max_denoising_steps=6,
+                       t_min=0.4, t_max=0.8, **kw)
+    want = []
+    for row in out.sequences[:, tokens.shape[1]:].tolist():
+        cut = next((i for i, t in enumerate(row) if t == eos), None)
+        want.append(row if cut is None else row[: cut + 1])
+    assert got.token_ids == want
+    assert "stop" in got.finish_reasons and "length" in got.finish_reasons  # rows ended at different canvases
+
+
+def test_batched_step_gives_the_row_steps_tokens(pair):
+    """On CPU the step samples a row at a time (Strategy.ROWS); on a GPU, the whole batch at once (BATCHED). The
+    batched step, run here on CPU, gives the same tokens, early stops included."""
+    from dgemma.step import Strategy
 
     name, _, ours, _ = pair
     C = ours.config.canvas_length
@@ -176,10 +211,8 @@ def test_batched_step_gives_the_row_steps_tokens(pair, monkeypatch):
     prompts = [[11, 12, 13, 14], [50, 60, 70, 80, 90, 100, 110]]
     torch.manual_seed(5)
     want = generate(ours.model, prompts, gen)
-    monkeypatch.setattr(dgemma.denoiser, "race_matches_multinomial", lambda device: False)  # as off the CPU
-    assert not dgemma.denoiser.CanvasDenoiser(ours.model, gen, 2)._row_by_row
     torch.manual_seed(5)
-    got = generate(ours.model, prompts, gen)
+    got = generate(ours.model, prompts, gen, strategy=Strategy.BATCHED)
     assert got.token_ids == want.token_ids and got.steps_per_canvas == want.steps_per_canvas
 
 

@@ -22,8 +22,10 @@ import traceback
 from dataclasses import dataclass
 
 
+from ..budget import PromptError, check_prompt
 from ..config import ConfigError, GenerationConfig
 from ..model import DiffusionGemma
+from ..step import Sampler
 from .detokenizer import TextStream
 from .request import Request, RequestError, RequestOutput, SamplingParams, Sink
 from .runner import ModelRunner
@@ -47,7 +49,8 @@ class Completion:
 
 class Engine:
     def __init__(self, model: DiffusionGemma, generation: GenerationConfig, tokenizer=None, max_num_seqs: int = 8,
-                 max_model_len: int | None = None, max_waiting: int | None = None, prefill_budget: int = 4096):
+                 max_model_len: int | None = None, max_waiting: int | None = None, prefill_budget: int = 4096,
+                 sampler: Sampler | str = Sampler.FAST):
         cfg = model.config
         self.model = model
         self.generation = generation
@@ -59,7 +62,7 @@ class Engine:
                              f"{model.canvas_length}-token canvas")
         self.prefill_budget = prefill_budget
         self.runner = ModelRunner(model, max_num_seqs, self.max_model_len, generation.stability_threshold,
-                                  generation.confidence_threshold)
+                                  generation.confidence_threshold, sampler)
         self.scheduler = Scheduler(max_num_seqs, max_waiting if max_waiting is not None else 8 * max_num_seqs)
         self.num_steps = 0  # engine steps (batched decoder passes)
         self._ids = itertools.count()
@@ -70,12 +73,10 @@ class Engine:
     def add_request(self, prompt: list[int], params: SamplingParams, sink: Sink,
                     request_id: str | None = None) -> Request:
         """Validate and queue a request. Raises RequestError (400) or QueueFullError (429)."""
-        V = self.model.config.vocab_size
-        if not isinstance(prompt, list) or not prompt:
-            raise RequestError("the prompt is empty", "prompt")
-        bad = next((t for t in prompt if not (isinstance(t, int) and not isinstance(t, bool) and 0 <= t < V)), None)
-        if bad is not None:
-            raise RequestError(f"token id {bad!r} is outside the vocabulary [0, {V})", "prompt")
+        try:
+            check_prompt(prompt, self.model.config.vocab_size)
+        except PromptError as e:
+            raise RequestError(str(e), e.param) from None
         if params.stop and self.tokenizer is None:
             raise RequestError("stop strings need a model with a tokenizer", "stop")
         try:
@@ -87,8 +88,9 @@ class Engine:
         text = None
         if self.tokenizer is not None:
             text = TextStream(self.tokenizer.decode, params.skip_special_tokens, gen.eos_token_id, params.stop)
+        decode = self.tokenizer.decode if self.tokenizer is not None else None
         request = Request(request_id or f"req-{next(self._ids)}", prompt, params, gen, C, max_canvases,
-                          self.model.device, sink, text)
+                          self.model.device, sink, text, decode)
         self.scheduler.add(request)
         return request
 
@@ -171,41 +173,14 @@ class Engine:
         # 4. report, finish or commit
         to_commit = []
         for request, result in zip(batch, results):
-            if result.canvas_done:
-                request.committed += result.argmax
-                request.settled = []
-                request.canvas_index += 1
-            elif result.num_pinned > len(request.settled):
-                request.settled = result.argmax[: result.num_pinned]
-            ids, hit_eos = request.new_output_ids()
-            reason = None
-            if hit_eos:
-                reason = "stop"
-            elif request.num_reported + len(ids) >= request.max_new or request.num_canvases_left == 0:
-                reason = "length"
-            text = ""
-            if request.text is not None and (ids or reason is not None):
-                text = request.text.update(ids, final=reason is not None)
-                if request.text.stopped:
-                    reason = "stop"
-            draft = None
-            if request.params.include_drafts and reason is None and not result.canvas_done:
-                draft = self._draft(request, result)
-                draft, request.last_draft = (None if draft == request.last_draft else draft), draft
-            if reason is not None:
-                self._finish(request, reason, ids, text)
+            progress = request.apply(result)
+            if progress.finish_reason is not None:
+                self._finish(request, progress.finish_reason, progress.token_ids, progress.text)
                 continue
-            self._report(request, ids, text, draft=draft)
-            if result.canvas_done:
+            self._report(request, progress.token_ids, progress.text, draft=progress.draft)
+            if progress.commit:
                 to_commit.append(request)
         self.runner.commit(to_commit)
-
-    def _draft(self, request: Request, result) -> str:
-        rest = result.argmax[result.num_pinned:]
-        cut = next((i for i, t in enumerate(rest) if t in request.eos), len(rest))
-        if self.tokenizer is None:
-            return " ".join(map(str, rest[:cut]))
-        return self.tokenizer.decode(rest[:cut], request.params.skip_special_tokens)
 
     def _finish(self, request: Request, reason: str, ids: list[int] | None = None, text: str = "",
                 error: str | None = None) -> None:

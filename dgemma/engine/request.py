@@ -133,13 +133,14 @@ Sink = Callable[[RequestOutput], None]
 class Request:
     def __init__(self, request_id: str, prompt: list[int], params: SamplingParams, gen: GenerationConfig,
                  canvas_length: int, max_canvases: int, device: torch.device, sink: Sink,
-                 text: TextStream | None):
+                 text: TextStream | None, decode: Callable[[list[int], bool], str] | None = None):
         self.request_id = request_id
         self.prompt = prompt
         self.params = params
         self.gen = gen
         self.sink = sink
         self.text = text
+        self.decode = decode  # token ids, skip_special_tokens -> text (drafts); None without a tokenizer
         self.status = Status.WAITING
         self.row: int | None = None
         self.max_canvases = max_canvases
@@ -177,3 +178,52 @@ class Request:
         new = new[: self.max_new - start]
         cut = next((i for i, t in enumerate(new) if t in self.eos), None)
         return (new, False) if cut is None else (new[: cut + 1], True)
+
+    def apply(self, result) -> Progress:
+        """Take one denoising step's result (runner.StepResult): advance the step counters, take a committed
+        canvas or a longer settled prefix, and say what to report and whether the request has finished."""
+        self.step += 1
+        self.denoising_steps += 1
+        if result.canvas_done:
+            self.committed += result.argmax
+            self.settled = []
+            self.canvas_index += 1
+            self.step = 0
+        elif result.num_pinned > len(self.settled):
+            self.settled = result.argmax[: result.num_pinned]
+        ids, hit_eos = self.new_output_ids()
+        reason = None
+        if hit_eos:
+            reason = "stop"
+        elif self.num_reported + len(ids) >= self.max_new or self.num_canvases_left == 0:
+            reason = "length"
+        text = ""
+        if self.text is not None and (ids or reason is not None):
+            text = self.text.update(ids, final=reason is not None)
+            if self.text.stopped:
+                reason = "stop"
+        draft = None
+        if self.params.include_drafts and reason is None and not result.canvas_done:
+            draft = self._draft(result)
+            draft, self.last_draft = (None if draft == self.last_draft else draft), draft
+        return Progress(ids, text, draft, reason, commit=result.canvas_done and reason is None)
+
+    def _draft(self, result) -> str:
+        """The unsettled rest of the current canvas, up to EOS."""
+        rest = result.argmax[result.num_pinned:]
+        cut = next((i for i, t in enumerate(rest) if t in self.eos), len(rest))
+        if self.decode is None:
+            return " ".join(map(str, rest[:cut]))
+        return self.decode(rest[:cut], self.params.skip_special_tokens)
+
+
+@dataclass
+class Progress:
+    """What one step means for a request: new tokens and text to report, a draft, and whether it finished (with
+    its reason) or must commit its canvas."""
+
+    token_ids: list[int]
+    text: str
+    draft: str | None
+    finish_reason: str | None
+    commit: bool

@@ -8,10 +8,10 @@ The scheduler is shared between the HTTP threads (add, abort) and the engine thr
 
 from __future__ import annotations
 
-import math
 import threading
 from collections import deque
 
+from .. import budget
 from .request import Request, RequestError, Status
 
 
@@ -20,27 +20,11 @@ class QueueFullError(RuntimeError):
 
 
 def canvases_for(prompt_len: int, max_tokens: int | None, canvas_length: int, max_model_len: int) -> int:
-    """How many canvases a request needs; RequestError when its prompt and max_tokens do not fit in a row.
-
-    A canvas is the unit of cache use: max_tokens is rounded up to whole canvases. With max_tokens unset the
-    request may use every whole canvas that fits (it runs until EOS or the context limit)."""
-    room = max_model_len - prompt_len
-    if room <= 0:
-        raise RequestError(f"the prompt has {prompt_len} tokens, which fills the context of {max_model_len} tokens",
-                           "prompt")
-    if max_tokens is None:
-        n = room // canvas_length
-        if n == 0:
-            raise RequestError(f"the prompt has {prompt_len} tokens; with a {canvas_length}-token canvas that "
-                               f"leaves no room to generate within the context of {max_model_len} tokens",
-                               "prompt")
-        return n
-    n = math.ceil(max_tokens / canvas_length)
-    if prompt_len + n * canvas_length > max_model_len:
-        raise RequestError(f"the prompt has {prompt_len} tokens and max_tokens={max_tokens} needs {n} canvases "
-                           f"of {canvas_length} tokens: {prompt_len + n * canvas_length} tokens, more than the "
-                           f"context of {max_model_len}; lower max_tokens or shorten the prompt", "max_tokens")
-    return n
+    """budget.canvases_for (the rule generate shares), as a RequestError (400) naming the field."""
+    try:
+        return budget.canvases_for(prompt_len, max_tokens, canvas_length, max_model_len)
+    except budget.PromptError as e:
+        raise RequestError(str(e), e.param) from None
 
 
 class Scheduler:

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -22,6 +23,34 @@ from .moe import Experts, Router
 
 # (layer_idx, is_sliding, k, v) -> (keys, values) the layer attends over
 KVUpdate = Callable[[int, bool, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class ForwardPlan:
+    """What a forward pass needs besides its tokens, fixed by the rows' cache lengths (as nano-vllm's Context):
+    RoPE positions ((T,) in lockstep, else (R, T)), attention masks keyed by is_sliding (None: all visible), the
+    K/V writer, the cache rows, and the attended key range [kv_start[is_sliding], kv_end)."""
+
+    positions: torch.Tensor
+    masks: dict[bool, torch.Tensor | None]
+    writer: KVUpdate
+    rows: list[int]
+    kv_start: dict[bool, int]
+    kv_end: int
+    cache: KVCache
+
+    def select(self, index: list[int]) -> ForwardPlan:
+        """The plan for a subset of its rows (index into `rows`), e.g. the rows still denoising."""
+        if len(index) == len(self.rows):
+            return self
+        device = self.cache.device
+        at = torch.tensor(index, device=device)
+        rows = [self.rows[i] for i in index]
+        masks = {k: (m if m is None or m.shape[0] == 1 else m[at]) for k, m in self.masks.items()}
+        positions = self.positions if self.positions.dim() == 1 else self.positions[at]
+        starts = torch.tensor([self.cache.lengths[r] for r in rows], device=device)
+        writer = self.cache.writer(rows, starts, self.kv_start, self.kv_end)
+        return ForwardPlan(positions, masks, writer, rows, self.kv_start, self.kv_end, self.cache)
 
 
 class Layer(nn.Module):
@@ -159,11 +188,12 @@ class DiffusionGemma(nn.Module):
             return torch.mm(hidden, w.t(), out=out)
         return out.copy_(F.linear(hidden, w))
 
-    def _plan(self, cache: KVCache, rows: list[int] | None, num_new: int, encoder: bool):
-        """Positions, masks and the K/V writer for `num_new` tokens appended (or placed as scratch) per row."""
+    def plan(self, cache: KVCache, rows: list[int] | None, num_new: int, encoder: bool) -> ForwardPlan:
+        """The forward plan for `num_new` tokens appended (encoder) or placed as scratch (decoder) after each row's
+        committed tokens. rows=None: every row, in lockstep (one length, plain slices)."""
         window = self.config.sliding_window
         lockstep = rows is None
-        rows_list = list(range(cache.batch_size)) if lockstep else rows
+        rows_list = list(range(cache.batch_size)) if lockstep else list(rows)
         lengths = [cache.lengths[r] for r in rows_list]
         cache.check_room(rows_list, num_new)
         device = cache.device
@@ -187,14 +217,14 @@ class DiffusionGemma(nn.Module):
         else:
             positions = starts[:, None] + torch.arange(num_new, device=device)  # (R, T)
             writer = cache.writer(rows_list, starts, kv_start, kv_end)
-        return positions, masks, writer, rows_list, kv_start
+        return ForwardPlan(positions, masks, writer, rows_list, kv_start, kv_end, cache)
 
     def encode(self, tokens: torch.Tensor, cache: KVCache, rows: list[int] | None = None) -> torch.Tensor:
         """Append `tokens` (R, T) to the cache rows `rows` (default: all rows, in lockstep), causally.
         Returns final hidden states (R, T, H)."""
-        positions, masks, writer, rows_list, _ = self._plan(cache, rows, tokens.shape[1], encoder=True)
-        hidden = self.run_layers(self.embed(tokens), positions, masks, writer, encoder=True)
-        for r in rows_list:
+        plan = self.plan(cache, rows, tokens.shape[1], encoder=True)
+        hidden = self.run_layers(self.embed(tokens), plan.positions, plan.masks, plan.writer, encoder=True)
+        for r in plan.rows:
             cache.lengths[r] += tokens.shape[1]
         return hidden
 
@@ -211,9 +241,14 @@ class DiffusionGemma(nn.Module):
     def denoise_hidden(self, canvas: torch.Tensor, cache: KVCache, signal: torch.Tensor | None = None,
                        rows: list[int] | None = None) -> torch.Tensor:
         """denoise() up to the head: the final-normed decoder states (R, C, H)."""
-        positions, masks, writer, _, _ = self._plan(cache, rows, canvas.shape[1], encoder=False)
+        plan = self.plan(cache, rows, canvas.shape[1], encoder=False)
+        return self.decode(canvas, signal, plan)
+
+    def decode(self, canvas: torch.Tensor, signal: torch.Tensor | None, plan: ForwardPlan) -> torch.Tensor:
+        """The decoder pass of a denoising step under a prepared plan: canvas (R, C) and the self-conditioning
+        signal (R, C, H) or None (zeros) -> final-normed hidden states (R, C, H)."""
         x = self.self_conditioning(self.embed(canvas), signal)
-        return self.run_layers(x, positions, masks, writer, encoder=False)
+        return self.run_layers(x, plan.positions, plan.masks, plan.writer, encoder=False)
 
     def new_cache(self, batch_size: int, capacity: int) -> KVCache:
         return KVCache(self.config, batch_size, capacity, self.dtype, self.device)
