@@ -17,7 +17,6 @@ trained model does; the settings are printed with the results.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import random
 import statistics
@@ -63,6 +62,8 @@ async def one_request(client, url: str, body: dict) -> Sample:
 
 
 async def run_level(url: str, headers: dict, bodies: list[dict], concurrency: int, time_limit: float):
+    import asyncio
+
     import httpx
 
     jobs = list(bodies)
@@ -147,6 +148,8 @@ class ServerProcess:
 
 
 def cmd_bench_serve(args) -> int:
+    import asyncio  # here, not at the top: `dgemma --help` registers this parser
+
     server = engine = child = None
     if args.url:
         url, model, vocab = args.url.rstrip("/"), args.model, args.vocab_size

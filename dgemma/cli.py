@@ -1,104 +1,26 @@
-"""`dgemma` command line: generate | chat | convert (and serve, train, sudoku, bench when installed)."""
+"""`dgemma` command line: generate | chat | convert, plus the subcommands that live with their feature (serve,
+train, sudoku, bench, bench-serve, quantize). Light to import: torch and the model are imported in the handlers."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
-from pathlib import Path
 
-import torch
-
-from .config import ConfigError
-
-
-class CLIError(Exception):
-    """A user-facing error: printed as one line, exit status 2."""
-
-
-DEFAULT_MODEL = Path(__file__).parent / "assets" / "sudoku"
-
-
-def resolve_model_dir(arg: str | None) -> Path:
-    if arg:
-        return Path(arg)
-    if not (DEFAULT_MODEL / "config.json").is_file():
-        raise CLIError(f"no --model given and the embedded default model is missing at {DEFAULT_MODEL}")
-    return DEFAULT_MODEL
-
-
-def parse_ids(text: str) -> list[int]:
-    try:
-        ids = [int(x) for x in text.replace(" ", "").split(",") if x != ""]
-    except ValueError:
-        raise CLIError(f"--prompt-ids expects comma-separated integers, got {text!r}") from None
-    if not ids:
-        raise CLIError("--prompt-ids is empty")
-    return ids
-
-
-def pick_device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise CLIError("--device cuda requested but no CUDA device is available")
-    return name
-
-
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
-
-
-def load_runtime(args):
-    """Model, generation config and tokenizer (None when the checkpoint has none)."""
-    from . import checkpoint
-    from .tokenizer import Tokenizer
-
-    model_dir = resolve_model_dir(args.model)
-    device = pick_device(args.device)
-    dtype = DTYPES[args.dtype] if args.dtype else None
-    ckpt = checkpoint.load(model_dir, device=device, dtype=dtype)
-    tokenizer = Tokenizer.from_dir(model_dir)
-    return ckpt, tokenizer
-
-
-def add_sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=None,
-                   help="stop after this many tokens (default: until EOS or the context limit)")
-    p.add_argument("--max-denoising-steps", type=int, default=None, help="cap on denoising steps per canvas")
-    p.add_argument("--entropy-bound", type=float, default=None, help="entropy budget of the sampler per step")
-    p.add_argument("--t-min", type=float, default=None, help="temperature at the last denoising step")
-    p.add_argument("--t-max", type=float, default=None, help="temperature at the first denoising step")
-    p.add_argument("--seed", type=int, default=None, help="seed for the canvas noise and sampling")
-
-
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="checkpoint directory (default: the embedded Sudoku model)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
-                   help="compute dtype (default: float32 on CPU, bfloat16 on CUDA)")
-
-
-def generation_config(args, base):
-    return base.replace(max_new_tokens=args.max_new_tokens, max_denoising_steps=args.max_denoising_steps,
-                        entropy_bound=args.entropy_bound, t_min=args.t_min, t_max=args.t_max)
-
-
-def seed_everything(seed: int | None) -> int:
-    # The global RNG, seeded like torch.manual_seed(S), is what reproduces the reference's tokens.
-    seed = int.from_bytes(os.urandom(4), "little") if seed is None else seed
-    torch.manual_seed(seed)
-    return seed
+from .cli_common import (DEFAULT_MODEL_NOTE, DTYPES, CLIError, DgemmaError, Parser, add_model_args,  # noqa: F401
+                         add_sampling_args, add_threads_arg, apply_threads, generation_config, load_checkpoint,
+                         load_runtime, notice, parse_ids, pick_device, resolve_model_dir, seed_everything)
 
 
 class CanvasView:
-    """Redraws row 0's argmax canvas in the terminal after every denoising step: settled (accepted) tokens in
-    bold, the rest dim."""
+    """Redraws row 0's argmax canvas after every denoising step. On a terminal the canvas is redrawn in place, with
+    settled (accepted) tokens in bold and the rest dim; to a file or a pipe it is appended as plain text, with each
+    unsettled token shown as `_`, so a log holds no escape codes."""
 
     def __init__(self, tokenizer, stream=None):
         self.tokenizer = tokenizer
         self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
         self.lines = 0
 
     def piece(self, token_id: int) -> str:
@@ -109,14 +31,18 @@ class CanvasView:
     def __call__(self, view) -> None:
         ids = view.argmax_canvas[0].tolist()
         accepted = view.accepted[0].tolist()
-        text = "".join(("\x1b[1m" if a else "\x1b[2m") + self.piece(t) + "\x1b[0m" for t, a in zip(ids, accepted))
         header = f"canvas {view.canvas_index + 1}  step {view.step}/{view.max_steps}  settled {sum(accepted)}/{len(ids)}"
+        if not self.tty:
+            text = "".join(self.piece(t) if a else "_" for t, a in zip(ids, accepted))
+            self.stream.write(header + "\n" + text + "\n")
+            self.stream.flush()
+            return
+        text = "".join(("\x1b[1m" if a else "\x1b[2m") + self.piece(t) + "\x1b[0m" for t, a in zip(ids, accepted))
         if self.lines:
             self.stream.write(f"\x1b[{self.lines}F\x1b[J")
-        out = header + "\n" + text + "\n"
-        self.stream.write(out)
+        self.stream.write(header + "\n" + text + "\n")
         self.stream.flush()
-        width = max(os.get_terminal_size(self.stream.fileno()).columns if self.stream.isatty() else 120, 1)
+        width = max(os.get_terminal_size(self.stream.fileno()).columns, 1)
         self.lines = sum(max(1, -(-len(line) // width)) for line in (header, _strip_ansi(text)))
 
 
@@ -126,11 +52,16 @@ def _strip_ansi(s: str) -> str:
     return re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", s)
 
 
-def render_prompts(args, tokenizer) -> list[list[int]]:
+def render_prompts(args, tokenizer, vocab_size: int) -> list[list[int]]:
     if args.prompt_ids:
         if args.chat or args.think:
             raise CLIError("--chat/--think need text prompts (--prompt), not --prompt-ids")
-        return [parse_ids(x) for x in args.prompt_ids]
+        prompts = [parse_ids(x) for x in args.prompt_ids]
+        for ids in prompts:
+            bad = [t for t in ids if not 0 <= t < vocab_size]
+            if bad:
+                raise CLIError(f"--prompt-ids: token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
+        return prompts
     if not args.prompt:
         raise CLIError("give --prompt TEXT or --prompt-ids 1,2,3")
     if tokenizer is None:
@@ -143,7 +74,28 @@ def render_prompts(args, tokenizer) -> list[list[int]]:
             prompts.append(tokenizer.encode(text, add_special_tokens=False))
         else:
             prompts.append(tokenizer.encode(text, add_special_tokens=True))
+        if not prompts[-1]:
+            raise CLIError(f"--prompt {text!r} is empty once tokenized")
     return prompts
+
+
+def check_default_model(args) -> None:
+    """The embedded default model solves Sudoku; it is no language model. Text outside its vocabulary would become
+    <unk> and come back as digits, so refuse that with the flag to pass instead, and say which model runs."""
+    if args.model:
+        return
+    from .cli_common import DEFAULT_MODEL
+    from .tokenizer import Tokenizer
+
+    hint = "pass --model DIR (a DiffusionGemma checkpoint directory) for text, or use `dgemma sudoku solve PUZZLE`"
+    if args.command == "chat" or getattr(args, "chat", False) or getattr(args, "think", False):
+        raise CLIError(f"no --model given, and {DEFAULT_MODEL_NOTE}: it cannot chat; {hint}")
+    tokenizer = Tokenizer.from_dir(DEFAULT_MODEL)
+    unk = tokenizer.token_id("<unk>") if tokenizer is not None else None
+    for text in args.prompt or []:
+        if unk is not None and unk in tokenizer.encode(text):
+            raise CLIError(f"no --model given, and {DEFAULT_MODEL_NOTE}: it cannot read {text[:40]!r}; {hint}")
+    notice(args.command, f"no --model given: running {DEFAULT_MODEL_NOTE}")
 
 
 def output_record(token_ids, reason, tokenizer, eos_ids, split: bool) -> dict:
@@ -164,17 +116,22 @@ def output_record(token_ids, reason, tokenizer, eos_ids, split: bool) -> dict:
 
 def cmd_generate(args) -> int:
     from .config import GenerationConfig
-    from .generate import generate
+    from .generate import ContextLengthError, generate
 
     generation_config(args, GenerationConfig())  # reject bad sampling arguments before loading any weights
     if args.prompt_ids:
         [parse_ids(x) for x in args.prompt_ids]
+    check_default_model(args)
+    apply_threads(args.threads)
     ckpt, tokenizer = load_runtime(args)
-    prompts = render_prompts(args, tokenizer)
+    prompts = render_prompts(args, tokenizer, ckpt.config.text.vocab_size)
     gen = generation_config(args, ckpt.generation)
     seed = seed_everything(args.seed)
     view = CanvasView(tokenizer) if args.show_canvas else None
-    out = generate(ckpt.model, prompts, gen, on_step=view)
+    try:
+        out = generate(ckpt.model, prompts, gen, on_step=view)
+    except ContextLengthError as e:
+        raise CLIError(str(e)) from None
     eos = set(gen.eos_token_id)
     records = [output_record(ids, reason, tokenizer, eos, split=args.chat or args.think)
                for ids, reason in zip(out.token_ids, out.finish_reasons)]
@@ -196,19 +153,45 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def fit_conversation(messages: list[dict], render, limit: int) -> tuple[list[dict], list[int], int]:
+    """Drop the oldest user/assistant turns (never the system prompt, never the newest message) until the rendered
+    prompt leaves `limit` or fewer tokens. Returns the kept messages, the prompt's ids and how many turns were
+    dropped; the ids are longer than `limit` only when the newest message alone does not fit."""
+    keep_system = 1 if messages and messages[0]["role"] == "system" else 0
+    dropped = 0
+    while True:
+        ids = render(messages)
+        if len(ids) <= limit or len(messages) <= keep_system + 1:
+            return messages, ids, dropped
+        # one turn: the oldest user message and the assistant's answer to it
+        cut = keep_system + (2 if len(messages) > keep_system + 2 and messages[keep_system + 1]["role"] == "assistant"
+                             else 1)
+        messages = messages[:keep_system] + messages[cut:]
+        dropped += 1
+
+
 def cmd_chat(args) -> int:
     from .generate import generate
     from .tokenizer import split_thinking
 
+    check_default_model(args)
+    apply_threads(args.threads)
     ckpt, tokenizer = load_runtime(args)
     if tokenizer is None:
         raise CLIError("chat needs a checkpoint with tokenizer.json")
     gen = generation_config(args, ckpt.generation)
     seed_everything(args.seed)
     eos = set(gen.eos_token_id)
-    messages: list[dict] = []
-    if args.system:
-        messages.append({"role": "system", "content": args.system})
+    # a prompt must leave room for at least one canvas inside the model's context (then generate cannot refuse it)
+    limit = ckpt.config.text.max_position_embeddings - ckpt.config.canvas_length
+    dim, undim = ("\x1b[2m", "\x1b[0m") if sys.stdout.isatty() else ("", "")
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    messages: list[dict] = list(system)
+
+    def render(msgs: list[dict]) -> list[int]:
+        text = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, enable_thinking=args.think)
+        return tokenizer.encode(text)
+
     print("dgemma chat: type a message; /reset clears the history, /exit or Ctrl-D quits.", file=sys.stderr)
     while True:
         try:
@@ -222,22 +205,32 @@ def cmd_chat(args) -> int:
         if line in ("/exit", "/quit"):
             return 0
         if line == "/reset":
-            messages = messages[:1] if args.system else []
+            messages = list(system)
             continue
-        messages.append({"role": "user", "content": line})
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, enable_thinking=args.think)
-        out = generate(ckpt.model, [tokenizer.encode(text)], gen,
-                       on_step=CanvasView(tokenizer) if args.show_canvas else None)
+        kept, prompt, dropped = fit_conversation(messages + [{"role": "user", "content": line}], render, limit)
+        if len(prompt) > limit:  # this message alone does not fit: keep the conversation as it was
+            print(f"[that message makes a {len(prompt)}-token prompt; the model's context leaves room for {limit}: "
+                  f"send a shorter one]", file=sys.stderr)
+            continue
+        if dropped:
+            print(f"[the conversation outgrew the model's {ckpt.config.text.max_position_embeddings}-token context: "
+                  f"dropped the oldest {dropped} turn{'s' * (dropped > 1)}; /reset starts afresh]", file=sys.stderr)
+        messages = kept
+        out = generate(ckpt.model, [prompt], gen, on_step=CanvasView(tokenizer) if args.show_canvas else None)
         ids = [t for t in out.token_ids[0] if t not in eos]
         reasoning, answer = split_thinking(tokenizer.decode(ids, skip_special_tokens=False))
         if reasoning:
-            print(f"\x1b[2m{reasoning}\x1b[0m")
+            print(f"{dim}{reasoning}{undim}")
         print(f"model> {answer}")
         messages.append({"role": "assistant", "content": answer})
 
 
 def cmd_convert(args) -> int:
+    import torch
+
     from . import checkpoint
+
+    apply_threads(args.threads)
 
     dtype = DTYPES[args.dtype]
     ckpt = checkpoint.load(args.model, device="cpu", dtype=torch.float32)
@@ -247,18 +240,24 @@ def cmd_convert(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dgemma", description="Run, serve and fine-tune DiffusionGemma models.")
-    sub = parser.add_subparsers(dest="command", required=True)
+def build_parser() -> Parser:
+    from . import __version__
+
+    parser = Parser(prog="dgemma", description="Run, serve and fine-tune DiffusionGemma models.")
+    parser.add_argument("--version", action="version", version=f"dgemma {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("generate", help="generate text for one or more prompts")
     add_model_args(p)
-    p.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
-    p.add_argument("--prompt-ids", action="append", help="prompt token ids, comma-separated (repeat for a batch)")
+    prompt = p.add_mutually_exclusive_group()
+    prompt.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
+    prompt.add_argument("--prompt-ids", action="append",
+                        help="prompt token ids, comma-separated (repeat for a batch)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template as a user turn")
     p.add_argument("--think", action="store_true", help="enable thinking mode (implies --chat)")
     p.add_argument("--json", action="store_true", help="print one JSON object with outputs and stats")
-    p.add_argument("--show-canvas", action="store_true", help="watch the canvas settle (drawn on stderr)")
+    p.add_argument("--show-canvas", action="store_true",
+                   help="watch the canvas settle (on stderr; plain text when stderr is not a terminal)")
     add_sampling_args(p)
     p.set_defaults(func=cmd_generate)
 
@@ -266,14 +265,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     p.add_argument("--think", action="store_true", help="enable thinking mode")
     p.add_argument("--system", help="system prompt")
-    p.add_argument("--show-canvas", action="store_true", help="watch the canvas settle")
+    p.add_argument("--show-canvas", action="store_true", help="watch the canvas settle (on stderr)")
     add_sampling_args(p)
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("convert", help="re-save a checkpoint in another dtype (HF format)")
-    p.add_argument("--model", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
+    p.add_argument("--model", required=True, help="checkpoint directory to read")
+    p.add_argument("--out", required=True, help="directory to write")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="dtype of the saved weights")
+    add_threads_arg(p)
     p.set_defaults(func=cmd_convert)
 
     for register in _plugins():
@@ -282,9 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _plugins():
-    """Subcommands that live with their feature (serve, train, sudoku, bench, quantize). Their heavy imports stay inside
-    the handlers, so `dgemma generate` does not pay for FastAPI or the trainer."""
-    from .bench import add_bench_parser
+    """Subcommands that live with their feature (serve, train, sudoku, bench, quantize). Registering them imports
+    only their parsers; their heavy imports (torch, FastAPI, the trainer) stay inside the handlers."""
+    from .bench.cli import add_bench_parser
     from .bench_serve import add_bench_serve_parser
     from .quant.quant_cli import add_quantize_parser
     from .server.serve_cli import add_serve_parser
@@ -296,23 +296,19 @@ def _plugins():
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .checkpoint import CheckpointError
-
+    """Run one command. A DgemmaError (a user error) is printed as one line with exit status 2; any other exception
+    is a bug in dgemma and propagates with its traceback."""
     from .runtime import tune_malloc
 
     parser = build_parser()
-    args = parser.parse_args(argv)
-    tune_malloc()
-    user_errors: tuple = (CLIError, CheckpointError, ConfigError, ValueError, FileNotFoundError)
     try:
-        from .tokenizer import TokenizerError
-
-        user_errors += (TokenizerError,)
-    except ImportError:
-        pass
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version, or a usage error already printed (status 2)
+        return e.code if isinstance(e.code, int) else 2
+    tune_malloc()
     try:
         return args.func(args) or 0
-    except user_errors as e:
+    except DgemmaError as e:
         print(f"dgemma {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

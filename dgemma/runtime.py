@@ -3,6 +3,7 @@ host's allocator)."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import os
@@ -43,3 +44,31 @@ def release_free_memory() -> bool:
         return False
     trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
     return bool(trim(0))
+
+
+_INITIALISERS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "xavier_uniform_",
+                 "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_")
+
+
+@contextlib.contextmanager
+def skip_weight_init():
+    """torch.nn.init's in-place initialisers do nothing inside this block: for a model that is built only to be
+    filled from a file (transformers' no_init_weights does the same).
+
+    Why it matters: on the meta device an initialiser reaches torch's Python reference ops, and the first of them
+    imports torch._dynamo, about 1.5 s on a small CPU, for values that are never used. The initialisers are
+    module attributes, so this is process-wide while it lasts: use it where no other thread builds a model."""
+    import torch.nn.init as init
+
+    saved = {name: getattr(init, name) for name in _INITIALISERS}
+
+    def keep(tensor, *args, **kwargs):
+        return tensor
+
+    for name in saved:
+        setattr(init, name, keep)
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(init, name, fn)

@@ -66,6 +66,7 @@ def test_show_canvas_draws_every_step(chat_checkpoint, capsys):
                                    "--max-new-tokens", "16", "--max-denoising-steps", "3", "--seed", "0"])
     assert code == 0
     assert err.count("step 1/3") == 1 and "step 3/3" in err and "settled" in err
+    assert "\x1b" not in err  # stderr is not a terminal here: plain text, no escape codes
 
 
 def test_prompt_ids_without_tokenizer(tiny_checkpoint, capsys):
@@ -79,9 +80,12 @@ def test_prompt_ids_without_tokenizer(tiny_checkpoint, capsys):
 @pytest.mark.parametrize("args, message", [
     (["--prompt-ids", "1,x"], "comma-separated integers"),
     (["--prompt-ids", "3,999"], "outside the vocabulary"),
-    (["--prompt-ids", "3", "--max-new-tokens", "0"], "max_new_tokens must be a positive integer"),
-    (["--prompt-ids", "3", "--entropy-bound", "-1"], "entropy_bound"),
-    (["--prompt-ids", "3", "--t-min", "0.9", "--t-max", "0.5"], "t_max must be greater than t_min"),
+    (["--prompt-ids", "3", "--max-new-tokens", "0"], "error: --max-new-tokens must be"),
+    (["--prompt-ids", "3", "--entropy-bound", "-1"], "error: --entropy-bound must be"),
+    (["--prompt-ids", "3", "--t-min", "0.9", "--t-max", "0.5"], "--t-max must be greater than --t-min"),
+    (["--prompt-ids", "3", "--max-denoising-steps", "0"], "error: --max-denoising-steps must be"),
+    (["--prompt", "hi", "--prompt-ids", "3"], "not allowed with argument --prompt"),
+    (["--prompt-ids", "3", "--threads", "0"], "--threads must be >= 1"),
 ])
 def test_bad_arguments_give_one_line(tiny_checkpoint, capsys, args, message):
     code, _, err = _run(capsys, ["generate", "--model", str(tiny_checkpoint), *args])
@@ -127,3 +131,219 @@ def test_bench_times_fp8_weights_and_refuses_a_cpu_comparison_it_cannot_make(cap
     assert out["workload"]["weights"] == "fp8" and out["results"][0]["forwards"] == 4
     assert main(args + ["--compare", "transformers"]) == 2
     assert "fused FP8 experts" in capsys.readouterr().err
+
+
+# -- errors: one line for the user's, a traceback for dgemma's -----------------------------------------------------
+def test_an_internal_error_is_not_reported_as_a_user_error(tiny_checkpoint, monkeypatch, capsys):
+    """A ValueError from inside dgemma is a bug: it must propagate with its traceback, not become a one-line
+    'error:' (cli.main used to catch every ValueError)."""
+    import dgemma.generate
+
+    def broken(*args, **kwargs):
+        raise ValueError("an internal invariant failed")
+
+    monkeypatch.setattr(dgemma.generate, "generate", broken)
+    with pytest.raises(ValueError, match="internal invariant"):
+        main(["generate", "--model", str(tiny_checkpoint), "--prompt-ids", "3,4", "--max-new-tokens", "4"])
+    assert "error:" not in capsys.readouterr().err
+
+
+def test_an_internal_error_shows_its_traceback(tmp_path):
+    """The same from the outside: a bug exits with Python's traceback and status 1, not a tidy line and 2."""
+    script = ("import sys, dgemma.generate\n"
+              "def broken(*a, **k): raise KeyError('internal')\n"
+              "dgemma.generate.generate = broken\n"
+              "from dgemma.cli import main\n"
+              f"sys.exit(main(['sudoku', 'solve', '{'0' * 81}', '--threads', '1']))\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "Traceback" in proc.stderr and "KeyError: 'internal'" in proc.stderr
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["generate", "--model", "/nonexistent/dir", "--prompt-ids", "3"], "not a directory"),
+    (["generate", "--prompt-ids", "3", "--prompt", "x"], "not allowed with argument"),
+    (["generate", "--model", "/x", "--bogus-flag"], "unrecognized arguments: --bogus-flag"),
+    (["sudoku", "solve", "0" * 81, "--steps", "0"], "error: --steps must be"),
+    (["bench", "--preset", "tiny", "--repeats", "0"], "--repeats must be at least 1"),
+    (["serve", "--model", "/x", "--max-model-len", "0"], "--max-model-len must be positive"),
+    (["train", "--preset", "tiny", "--data", "d.jsonl", "--out", "o"], "--preset needs --tokenizer"),
+])
+def test_user_errors_are_one_line_and_exit_2(capsys, argv, message):
+    code, out, err = _run(capsys, argv)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and message in lines[0] and "Traceback" not in err, err
+
+
+# -- the embedded default model is a Sudoku solver ------------------------------------------------------------------
+def test_default_model_refuses_text_it_cannot_read(capsys):
+    """Without --model, text used to become <unk> and come back as digits, with no word of why."""
+    code, out, err = _run(capsys, ["generate", "--prompt", "hello", "--max-new-tokens", "4"])
+    assert code == 2 and out == ""
+    (line,) = err.strip().splitlines()
+    assert "Sudoku solver" in line and "--model DIR" in line
+    code, _, err = _run(capsys, ["generate", "--prompt", "1 2 3", "--chat", "--max-new-tokens", "4"])
+    assert code == 2 and "cannot chat" in err
+
+
+def test_default_model_chat_is_refused():
+    proc = subprocess.run([sys.executable, "-m", "dgemma.cli", "chat"], input="hello\n", capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2 and "Sudoku solver" in proc.stderr and "--model DIR" in proc.stderr
+    assert "model>" not in proc.stdout
+
+
+def test_default_model_runs_what_it_can_read_and_says_which_model_it_is(capsys):
+    code, out, err = _run(capsys, ["generate", "--prompt-ids", "3,4,5", "--max-new-tokens", "4",
+                                   "--max-denoising-steps", "1", "--seed", "0", "--json"])
+    assert code == 0 and json.loads(out)["outputs"][0]["token_ids"]
+    assert "no --model given: running the embedded default model is a Sudoku solver" in err
+
+
+# -- startup: no torch to print help, no torch._dynamo to load a model ---------------------------------------------
+def _imports_after(code: str) -> set[str]:
+    script = f"import sys\n{code}\nprint(' '.join(sorted(sys.modules)))"
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return set(proc.stdout.split())
+
+
+def test_building_the_parser_imports_no_torch():
+    """`dgemma --help` took 3.3 s, nearly all of it importing torch for the parser."""
+    modules = _imports_after("from dgemma.cli import build_parser\nbuild_parser().format_help()")
+    assert "torch" not in modules and "fastapi" not in modules and "transformers" not in modules
+
+
+def test_loading_a_model_does_not_import_dynamo():
+    """Building the model on the meta device ran nn.init there, which imports torch._dynamo (1.5-2.3 s)."""
+    modules = _imports_after("from dgemma.cli import main\n"
+                             f"assert main(['sudoku', 'solve', '{'0' * 81}', '--steps', '1', '--threads', '1']) "
+                             f"in (0, 1)")
+    assert "torch" in modules and "torch._dynamo" not in modules
+
+
+def test_skip_weight_init_restores_the_initialisers():
+    import torch
+
+    from dgemma.runtime import skip_weight_init
+
+    before = torch.nn.init.normal_
+    with skip_weight_init():
+        w = torch.nn.Linear(4, 4, bias=False).weight.detach().zero_()
+        assert torch.nn.init.normal_(w).abs().sum() == 0
+    assert torch.nn.init.normal_ is before and torch.nn.init.normal_(w).abs().sum() > 0
+
+
+# -- threads --------------------------------------------------------------------------------------------------------
+def test_threads_follow_the_cores_this_process_may_use():
+    """os.cpu_count() counts the machine; a process pinned to one core must not run two threads."""
+    import os
+
+    if not hasattr(os, "sched_setaffinity"):
+        pytest.skip("no CPU affinity on this platform")
+    script = ("import os, torch\n"
+              "os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})\n"
+              "torch.set_num_threads(4)  # as torch picks from the machine's cores\n"
+              "from dgemma.cli_common import apply_threads, available_cpus\n"
+              "print(available_cpus(), apply_threads(None), torch.get_num_threads(), apply_threads(3))")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["1", "1", "1", "3"]
+
+
+def _subparser(*path):
+    from dgemma.cli import build_parser
+
+    parser = build_parser()
+    for name in path:
+        sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+        parser = sub.choices[name]
+    return parser
+
+
+@pytest.mark.parametrize("path", [("generate",), ("chat",), ("serve",), ("train",), ("sudoku", "solve"),
+                                  ("sudoku", "eval"), ("sudoku", "train"), ("bench",), ("quantize",), ("convert",),
+                                  ("bench-serve",)])
+def test_every_computing_command_takes_threads(path):
+    assert "--threads" in _subparser(*path).format_help()
+
+
+# -- help, version --------------------------------------------------------------------------------------------------
+def test_every_flag_shows_its_default():
+    """A flag with a default says what it is, in its help text (argparse's '(default: X)' or the text's own)."""
+    from dgemma.cli import build_parser
+
+    def walk(parser, prefix):
+        for action in parser._actions:
+            if action.__class__.__name__ == "_SubParsersAction":
+                for name, sub in action.choices.items():
+                    yield from walk(sub, f"{prefix} {name}")
+            elif action.option_strings and action.default not in (None, False, "==SUPPRESS==") and action.dest != "help":
+                yield prefix, action, parser
+
+    missing = []
+    for prefix, action, parser in walk(build_parser(), "dgemma"):
+        formatter = parser._get_formatter()
+        if "default" not in formatter._get_help_string(action) % {**vars(action), "prog": parser.prog}:
+            missing.append(f"{prefix} {action.option_strings[0]}")
+    assert not missing, missing
+    assert "(default: 1000)" in _subparser("train").format_help()
+
+
+def test_version(capsys):
+    import dgemma
+
+    code, out, _ = _run(capsys, ["--version"])
+    assert code == 0 and out.strip() == f"dgemma {dgemma.__version__}" and dgemma.__version__[0].isdigit()
+
+
+def test_parser_constants_agree_with_their_modules():
+    """The parsers carry copies of a few constants so that they need not import torch to be built."""
+    from dgemma import cli_common
+    from dgemma.presets import PRESETS
+    from dgemma.tasks import sudoku, sudoku_cli
+
+    assert set(cli_common.PRESET_NAMES) == set(PRESETS)
+    assert (sudoku_cli.GIVENS, sudoku_cli.TRAIN_GIVENS, sudoku_cli.HELDOUT_SIZE) == \
+        (sudoku.GIVENS, sudoku.TRAIN_GIVENS, sudoku.HELDOUT_SIZE)
+    assert sudoku_cli.ASSET_DIR == sudoku.ASSET_DIR == cli_common.DEFAULT_MODEL.resolve()
+
+
+# -- chat: a conversation longer than the context -------------------------------------------------------------------
+def test_fit_conversation_drops_the_oldest_turns_and_keeps_the_system_prompt():
+    from dgemma.cli import fit_conversation
+
+    def render(msgs):  # one token per character
+        return [0] * sum(len(m["content"]) for m in msgs)
+
+    system = {"role": "system", "content": "s" * 5}
+    turns = [{"role": r, "content": r[0] * 10} for r in ("user", "assistant") * 3]
+    newest = {"role": "user", "content": "n" * 10}
+    kept, ids, dropped = fit_conversation([system, *turns, newest], render, limit=40)
+    assert kept == [system, *turns[4:], newest] and len(ids) == 35 and dropped == 2
+    kept, ids, dropped = fit_conversation([system, *turns, newest], render, limit=100)
+    assert kept == [system, *turns, newest] and dropped == 0
+    kept, ids, _ = fit_conversation([system, *turns, newest], render, limit=12)  # the newest alone is too long
+    assert kept == [system, newest] and len(ids) > 12
+
+
+@pytest.fixture(scope="module")
+def short_context_checkpoint(tmp_path_factory):
+    from .conftest import TINY_TEXT
+
+    path = make_reference_checkpoint(tmp_path_factory.mktemp("short") / "ckpt",
+                                     text=dict(TINY_TEXT, max_position_embeddings=112))
+    write_test_tokenizer(path)
+    return path
+
+
+def test_chat_outgrowing_the_context_drops_old_turns_and_goes_on(short_context_checkpoint):
+    """The conversation used to end with an error once it outgrew the context, and was lost."""
+    messages = [f"message number {i}, long enough to fill the context" for i in range(4)]
+    proc = subprocess.run([sys.executable, "-m", "dgemma.cli", "chat", "--model", str(short_context_checkpoint),
+                           "--max-new-tokens", "16", "--max-denoising-steps", "2", "--seed", "0", "--threads", "1"],
+                          input="\n".join(messages + ["x" * 300, "still here", "/exit"]) + "\n",
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("model>") == 5  # every message but the one too long for any context
+    assert "dropped the oldest" in proc.stderr and "/reset" in proc.stderr
+    assert "send a shorter one" in proc.stderr and "Traceback" not in proc.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -73,7 +74,7 @@ def test_resume_gives_the_uninterrupted_state(tmp_path):
     assert resumed.step == 3
     resumed.train()
     _assert_same_state(straight, resumed)
-    assert (tmp_path / "b" / "loss.png").is_file()
+    assert (tmp_path / "b" / "loss.png").is_file() == (importlib.util.find_spec("matplotlib") is not None)
 
 
 def test_resume_after_sigkill(tmp_path):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..cli import CLIError
+from ..cli_common import CLIError, add_threads_arg, apply_threads
 
 
 def add_quantize_parser(subparsers) -> argparse.ArgumentParser:
@@ -23,6 +23,7 @@ def add_quantize_parser(subparsers) -> argparse.ArgumentParser:
                    help="leave the MoE experts unquantized (transformers 5.23 on a CPU cannot dequantize fused "
                         "FP8 experts; it loads the projections either way)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_threads_arg(p)
     p.set_defaults(func=cmd_quantize)
     return p
 
@@ -35,6 +36,7 @@ def cmd_quantize(args) -> int:
     from .. import checkpoint
     from .fp8 import QuantError, quantize_model
 
+    apply_threads(args.threads)
     src, out = Path(args.model), Path(args.out)
     if out.resolve() == src.resolve():
         raise CLIError("--out must differ from --model (the source is read while the copy is written)")

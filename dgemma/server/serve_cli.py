@@ -7,23 +7,22 @@ import contextlib
 import os
 import sys
 
+from ..cli_common import CLIError, add_model_args, apply_threads, load_runtime
+
 
 # -- dgemma serve ---------------------------------------------------------------------------------------------------
 def add_serve_parser(subparsers) -> argparse.ArgumentParser:
-    from ..cli import add_model_args
-
     p = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching and streaming")
-    add_model_args(p)
+    add_model_args(p, threads_note="; on a small CPU, 1 leaves a core to the HTTP side")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or set DGEMMA_API_KEY)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' (default: $DGEMMA_API_KEY, else no key)")
     p.add_argument("--served-model-name", default=None, help="model id in the API (default: the directory name)")
     p.add_argument("--max-num-seqs", type=int, default=8, help="requests denoised together (KV-cache rows)")
     p.add_argument("--max-model-len", type=int, default=None,
                    help="context per request, prompt + output (default: min(model limit, 8192))")
     p.add_argument("--max-waiting", type=int, default=None, help="waiting-queue bound (default 8 x max-num-seqs)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch intra-op threads; on a small CPU 1 leaves a core to the HTTP side (default: torch's)")
     p.add_argument("--no-settled-prefix", action="store_true",
                    help="do not pin and stream the settled prefix by default (text then streams per canvas)")
     p.set_defaults(func=cmd_serve)
@@ -31,24 +30,23 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def cmd_serve(args) -> int:
-    import torch
     import uvicorn
 
-    from ..cli import CLIError, load_runtime
     from ..engine import Engine
     from .app import build_app
     from .serving import Serving
 
-    for name in ("max_num_seqs", "port"):
-        if getattr(args, name) < (0 if name == "port" else 1):
-            raise CLIError(f"--{name.replace('_', '-')} must be positive")
-    if args.threads is not None:
-        if args.threads < 1:
-            raise CLIError("--threads must be positive")
-        torch.set_num_threads(args.threads)
+    for name in ("max_num_seqs", "port", "max_model_len", "max_waiting"):
+        value = getattr(args, name)
+        if value is not None and value < (0 if name == "port" else 1):
+            raise CLIError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    apply_threads(args.threads)
     ckpt, tokenizer = load_runtime(args)
     text = ckpt.config.text
     max_model_len = args.max_model_len or min(text.max_position_embeddings, 8192)
+    if min(max_model_len, text.max_position_embeddings) <= ckpt.config.canvas_length:
+        raise CLIError(f"--max-model-len {max_model_len} leaves no room for a prompt and a "
+                       f"{ckpt.config.canvas_length}-token canvas")
     engine = Engine(ckpt.model, ckpt.generation, tokenizer, max_num_seqs=args.max_num_seqs,
                     max_model_len=max_model_len, max_waiting=args.max_waiting)
     name = args.served_model_name or ckpt.path.resolve().name

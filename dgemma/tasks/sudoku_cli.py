@@ -10,8 +10,12 @@ import sys
 import time
 from pathlib import Path
 
-from ..cli import CLIError as UsageError  # one line on stderr, exit status 2 (cli.main)
-from . import sudoku as S
+from ..cli_common import CLIError, add_threads_arg, apply_threads, generation_config, load_checkpoint
+
+# sudoku.py's constants, without its imports (torch, the generator) to build a parser; tests/test_cli.py checks
+# that they agree
+GIVENS, TRAIN_GIVENS, HELDOUT_SIZE = 44, (30, 50), 1000
+ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "sudoku"
 
 
 def add_sudoku_parser(subparsers) -> argparse.ArgumentParser:
@@ -21,64 +25,54 @@ def add_sudoku_parser(subparsers) -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a Sudoku model from scratch (resumable)")
     t.add_argument("--out", default="runs/sudoku", help="run directory (checkpoint, metrics, loss.png, model/)")
-    t.add_argument("--steps", type=int, default=6000)
-    t.add_argument("--batch-size", type=int, default=32)
-    t.add_argument("--lr", type=float, default=1e-3)
-    t.add_argument("--warmup-steps", type=int, default=200)
-    t.add_argument("--weight-decay", type=float, default=1e-2)
-    t.add_argument("--hidden-size", type=int, default=192)
-    t.add_argument("--layers", type=int, default=6)
-    t.add_argument("--min-givens", type=int, default=S.TRAIN_GIVENS[0])
-    t.add_argument("--max-givens", type=int, default=S.TRAIN_GIVENS[1])
-    t.add_argument("--eval-every", type=int, default=500)
+    t.add_argument("--steps", type=int, default=6000, help="optimizer steps")
+    t.add_argument("--batch-size", type=int, default=32, help="puzzles per step")
+    t.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
+    t.add_argument("--warmup-steps", type=int, default=200, help="linear warm-up of the learning rate")
+    t.add_argument("--weight-decay", type=float, default=1e-2, help="AdamW weight decay")
+    t.add_argument("--hidden-size", type=int, default=192, help="model width")
+    t.add_argument("--layers", type=int, default=6, help="model depth")
+    t.add_argument("--min-givens", type=int, default=TRAIN_GIVENS[0], help="fewest givens in a training puzzle")
+    t.add_argument("--max-givens", type=int, default=TRAIN_GIVENS[1], help="most givens in a training puzzle")
+    t.add_argument("--eval-every", type=int, default=500, help="steps between held-out evaluations")
     t.add_argument("--eval-puzzles", type=int, default=100, help="held-out puzzles per periodic eval")
-    t.add_argument("--eval-givens", default=str(S.GIVENS), help="comma-separated difficulties to eval on")
-    t.add_argument("--save-every", type=int, default=100)
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    t.add_argument("--eval-givens", default=str(GIVENS), help="comma-separated difficulties to eval on")
+    t.add_argument("--save-every", type=int, default=100, help="steps between resumable checkpoints")
+    t.add_argument("--seed", type=int, default=0, help="seed for initialisation and the puzzle stream")
+    add_threads_arg(t)
     t.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.safetensors")
     t.set_defaults(func=cmd_train, interrupt_hint="interrupted; resume with --resume")
 
     e = sub.add_parser("eval", help="solve rate and denoising steps on the held-out puzzles")
-    e.add_argument("--model", default=None, help=f"checkpoint directory (default: the shipped {S.ASSET_DIR})")
-    e.add_argument("--puzzles", type=int, default=S.HELDOUT_SIZE, help="how many held-out puzzles (max 1000)")
-    e.add_argument("--givens", type=int, default=S.GIVENS)
-    e.add_argument("--batch-size", type=int, default=100)
+    e.add_argument("--model", default=None, help=f"checkpoint directory (default: the shipped {ASSET_DIR})")
+    e.add_argument("--puzzles", type=int, default=HELDOUT_SIZE, help=f"how many held-out puzzles (max {HELDOUT_SIZE})")
+    e.add_argument("--givens", type=int, default=GIVENS, help="givens per puzzle (difficulty)")
+    e.add_argument("--batch-size", type=int, default=100, help="puzzles solved together")
     e.add_argument("--no-untrained", action="store_true", help="skip the untrained-model baseline")
-    e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--threads", type=int, default=None)
+    e.add_argument("--seed", type=int, default=0, help="sampling seed")
+    add_threads_arg(e)
     e.set_defaults(func=cmd_eval)
 
     x = sub.add_parser("ship", help="copy a run's model into the package as the default Sudoku model")
     x.add_argument("--run", default="runs/sudoku", help="run directory (its model/ is exported at every eval)")
-    x.add_argument("--out", default=str(S.ASSET_DIR))
+    x.add_argument("--out", default=str(ASSET_DIR), help="directory to write")
     x.set_defaults(func=cmd_ship)
 
     s = sub.add_parser("solve", help="solve one puzzle given as 81 characters (0 or . for blanks)")
     s.add_argument("puzzle")
-    s.add_argument("--model", default=None)
-    s.add_argument("--steps", type=int, default=None, help="max denoising steps")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--model", default=None, help="checkpoint directory (default: the shipped model)")
+    s.add_argument("--steps", type=int, default=None, help="max denoising steps (default: the model's)")
+    s.add_argument("--seed", type=int, default=0, help="sampling seed")
+    add_threads_arg(s)
     s.set_defaults(func=cmd_solve)
     return p
 
 
-def _threads(n: int | None) -> None:
-    if n is not None:
-        import torch
-
-        if n < 1:
-            raise UsageError(f"--threads must be >= 1, got {n}")
-        torch.set_num_threads(n)
-
-
 def _load_model(path: str | None):
-    from ..checkpoint import load
-
-    path = Path(path) if path else S.ASSET_DIR
+    path = Path(path) if path else ASSET_DIR
     if not (path / "config.json").is_file():
-        raise UsageError(f"{path}: no Sudoku model there (config.json missing); train one with `dgemma sudoku train`")
-    return load(path, quiet=True)
+        raise CLIError(f"{path}: no Sudoku model there (config.json missing); train one with `dgemma sudoku train`")
+    return load_checkpoint(path, quiet=True)
 
 
 def cmd_train(args) -> int:
@@ -86,25 +80,29 @@ def cmd_train(args) -> int:
     from ..model import DiffusionGemma
     from ..train.objective import LossConfig
     from ..train.trainer import CHECKPOINT, TrainConfig, Trainer
+    from . import sudoku as S
 
-    _threads(args.threads)
+    apply_threads(args.threads)
     if not 17 <= args.min_givens <= args.max_givens <= 80:
-        raise UsageError("need 17 <= --min-givens <= --max-givens <= 80")
+        raise CLIError("need 17 <= --min-givens <= --max-givens <= 80")
     try:
         eval_givens = [int(g) for g in args.eval_givens.split(",") if g.strip()]
     except ValueError:
-        raise UsageError(f"--eval-givens must be comma-separated integers, got {args.eval_givens!r}") from None
+        raise CLIError(f"--eval-givens must be comma-separated integers, got {args.eval_givens!r}") from None
     out = Path(args.out)
     if (out / CHECKPOINT).exists() and not args.resume:
-        raise UsageError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+        raise CLIError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
     if args.resume and not (out / CHECKPOINT).exists():
-        raise UsageError(f"{out / CHECKPOINT} not found; nothing to resume")
+        raise CLIError(f"{out / CHECKPOINT} not found; nothing to resume")
     config = S.sudoku_config(args.hidden_size, args.layers)
     model = init_weights(DiffusionGemma(config.text, config.canvas_length), seed=args.seed)
     # The encoder loss adds a second full pass over the solution and nothing the decoder needs: w_enc = 0.
-    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
-                      weight_decay=args.weight_decay, eval_every=args.eval_every, save_every=args.save_every,
-                      seed=args.seed, loss=LossConfig(w_enc=0.0))
+    try:
+        cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
+                          weight_decay=args.weight_decay, eval_every=args.eval_every, save_every=args.save_every,
+                          seed=args.seed, loss=LossConfig(w_enc=0.0))
+    except ValueError as e:  # TrainConfig's own checks name the field
+        raise CLIError(str(e)) from None
     data = S.SudokuStream(seed=args.seed + 1, givens=(args.min_givens, args.max_givens))
     sets = {g: S.heldout_set(args.eval_puzzles, g) for g in eval_givens}
     gen = S.sudoku_generation()
@@ -129,17 +127,18 @@ def cmd_train(args) -> int:
     return 0
 
 
-def _eval_line(label: str, score: S.SudokuScore, seconds: float) -> str:
+def _eval_line(label: str, score, seconds: float) -> str:
     return (f"{label:<28} solved {score.solved}/{score.total} ({100 * score.solve_rate:.1f}%)  "
             f"mean denoising steps per canvas {score.mean_steps:.2f}  [{seconds:.0f}s]")
 
 
 def cmd_eval(args) -> int:
     from ..presets import random_model
+    from . import sudoku as S
 
-    _threads(args.threads)
-    if not 1 <= args.puzzles <= S.HELDOUT_SIZE:
-        raise UsageError(f"--puzzles must be in [1, {S.HELDOUT_SIZE}], got {args.puzzles}")
+    apply_threads(args.threads)
+    if not 1 <= args.puzzles <= HELDOUT_SIZE:
+        raise CLIError(f"--puzzles must be in [1, {HELDOUT_SIZE}], got {args.puzzles}")
     ckpt = _load_model(args.model)
     puzzles = S.heldout_set(args.puzzles, args.givens)
     print(f"held-out set: {len(puzzles)} puzzles with {args.givens} givens ({81 - args.givens} empty cells), "
@@ -164,6 +163,7 @@ def cmd_eval(args) -> int:
 def cmd_ship(args) -> int:
     """Re-save the run's model with the Sudoku sampler defaults and the tokenizer, in fp32 (about 12 MB)."""
     from ..checkpoint import save
+    from . import sudoku as S
 
     ckpt = _load_model(str(Path(args.run) / "model"))
     tok_dir = Path(args.run) / "tokenizer"
@@ -178,16 +178,18 @@ def cmd_solve(args) -> int:
     import torch
 
     from ..generate import generate
+    from . import sudoku as S
     from .sudoku_puzzles import count_solutions, format_grid, is_solution, parse_grid, pretty
 
+    apply_threads(args.threads)
     try:
         puzzle = parse_grid(args.puzzle)
     except ValueError as e:
-        raise UsageError(str(e)) from None
+        raise CLIError(str(e)) from None
     if count_solutions(puzzle, 1) == 0:
-        raise UsageError("this puzzle has no solution (its givens conflict or lead to a dead end)")
+        raise CLIError("this puzzle has no solution (its givens conflict or lead to a dead end)")
     ckpt = _load_model(args.model)
-    gen = ckpt.generation if args.steps is None else ckpt.generation.replace(max_denoising_steps=args.steps)
+    gen = generation_config(args, ckpt.generation, flags={"max_denoising_steps": "--steps"})
     out = generate(ckpt.model, [S.prompt_ids(puzzle)], gen, generator=torch.Generator().manual_seed(args.seed))
     grid = S.decode_grid(out.token_ids[0])
     steps = out.steps_per_canvas[0][0] if out.steps_per_canvas[0] else 0

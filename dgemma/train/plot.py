@@ -1,4 +1,4 @@
-"""The loss curve as a PNG: matplotlib when installed (`pip install dgemma[plot]`), else a plain raster."""
+"""The loss curve as a PNG, drawn with matplotlib when it is installed (`pip install dgemma[plot]`)."""
 
 from __future__ import annotations
 
@@ -19,10 +19,11 @@ def plot_losses(history: list[dict], path: str | Path, quiet: bool = False) -> P
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-    except ImportError:
+    except ImportError:  # a curve without axes reads as more than it shows: write none, and say why
         if not quiet:
-            print("dgemma: matplotlib is not installed; writing a plain loss curve", file=sys.stderr)
-        return _raster_plot(points, path)
+            print("dgemma: matplotlib is not installed (pip install 'dgemma[plot]'), so no loss.png was written; "
+                  "the losses are in metrics.jsonl", file=sys.stderr)
+        return None
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     for key, label in (("loss", "loss"), ("dec_loss", "decoder"), ("enc_loss", "encoder")):
         pts = [(h["step"], h[key]) for h in history if key in h and h[key] > 0]

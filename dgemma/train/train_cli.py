@@ -6,40 +6,42 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..cli import CLIError as UsageError  # one line on stderr, exit status 2 (cli.main)
+from ..cli_common import PRESET_NAMES, CLIError, add_threads_arg, apply_threads, notice
 
 
 def add_train_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "train", help="fine-tune a model on JSONL data (full or LoRA)",
         description="Block-diffusion training on JSONL lines {\"prompt\", \"response\"} or {\"messages\": [...]}. "
-                    "Writes <out>/checkpoint.safetensors (resumable), metrics.jsonl, loss.png and the exported model in "
+                    "Writes <out>/checkpoint.safetensors (resumable), metrics.jsonl, loss.png (with matplotlib) and the exported model in "
                     "<out>/model (LoRA merged; the adapter alone in <out>/adapter).")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="checkpoint directory to fine-tune")
-    src.add_argument("--preset", help="train a random-weight preset from scratch (tiny, small, medium)")
+    src.add_argument("--preset", choices=PRESET_NAMES,
+                     help="train a random-weight preset from scratch (needs --tokenizer; the vocabulary is sized to the tokenizer's)")
     p.add_argument("--data", required=True, help="training data, JSONL")
     p.add_argument("--out", required=True, help="run directory")
-    p.add_argument("--tokenizer", help="directory with tokenizer.json (default: the --model directory)")
+    p.add_argument("--tokenizer", help="directory with tokenizer.json: required with --preset (default with --model: the --model directory)")
     p.add_argument("--template", choices=("auto", "raw", "chat"), default="auto",
                    help="how prompt/response pairs are formatted (auto: chat when the tokenizer has a template)")
     p.add_argument("--eval-data", help="held-out JSONL (default: up to 5%% of --data, at most 200 examples)")
     p.add_argument("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank (0: full training)")
     p.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default 2 * rank)")
-    p.add_argument("--steps", type=int, default=1000)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=1.5e-4)
-    p.add_argument("--warmup-steps", type=int, default=100)
-    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--steps", type=int, default=1000, help="optimizer steps")
+    p.add_argument("--batch-size", type=int, default=8, help="examples per step")
+    p.add_argument("--lr", type=float, default=1.5e-4, help="peak learning rate")
+    p.add_argument("--warmup-steps", type=int, default=100,
+                   help="linear warm-up of the learning rate (at most --steps)")
+    p.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
     p.add_argument("--w-enc", type=float, default=1.0, help="weight of the encoder next-token loss")
     p.add_argument("--w-dec", type=float, default=1.0, help="weight of the decoder denoising loss")
     p.add_argument("--reweighted", action="store_true", help="weight the decoder loss by 1/(1-t), clipped at 10")
     p.add_argument("--enc-on-prompt", action="store_true", help="encoder loss on the prompt tokens too")
-    p.add_argument("--eval-every", type=int, default=200)
-    p.add_argument("--save-every", type=int, default=100)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-every", type=int, default=200, help="steps between held-out evaluations")
+    p.add_argument("--save-every", type=int, default=100, help="steps between resumable checkpoints")
+    p.add_argument("--seed", type=int, default=0, help="seed for initialisation, shuffling and noise")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    add_threads_arg(p)
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.safetensors")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train, interrupt_hint="interrupted; resume with --resume")
@@ -51,77 +53,91 @@ def _tokenizer(path: Path):
 
     tok = Tokenizer.from_dir(path)
     if tok is None:
-        raise UsageError(f"{path}: no tokenizer.json (pass --tokenizer DIR)")
+        raise CLIError(f"{path}: no tokenizer.json (pass --tokenizer DIR)")
     return tok
+
+
+def _configs(args, warmup_steps: int, LossConfig, TrainConfig):
+    """The loss and training configs from the flags. Their own checks raise ValueError, naming the field
+    (`lr must be ...`); here that becomes a user error."""
+    try:
+        loss_cfg = LossConfig(w_dec=args.w_dec, w_enc=args.w_enc, reweighted=args.reweighted)
+        cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=warmup_steps,
+                          weight_decay=args.weight_decay, eval_every=args.eval_every, save_every=args.save_every,
+                          seed=args.seed, enc_on_prompt=args.enc_on_prompt, loss=loss_cfg)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    return loss_cfg, cfg
 
 
 def cmd_train(args) -> int:
     import torch
 
-    from ..checkpoint import load
-    from ..presets import PRESETS, default_generation, preset_config, random_model
-    from .data import read_jsonl
+    from ..cli_common import load_checkpoint
+    from ..presets import default_generation, preset_config, random_model
+    from .data import DataError, ShuffledExamples, read_jsonl
     from ..quant import is_quantized
     from .lora import apply_lora
     from .objective import LossConfig, block_diffusion_loss
     from .trainer import CHECKPOINT, TrainConfig, Trainer
     from .batch import collate
 
-    if args.threads is not None:
-        if args.threads < 1:
-            raise UsageError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    apply_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     out = Path(args.out)
     if (out / CHECKPOINT).exists() and not args.resume:
-        raise UsageError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+        raise CLIError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
     if args.resume and not (out / CHECKPOINT).exists():
-        raise UsageError(f"{out / CHECKPOINT} not found; nothing to resume")
+        raise CLIError(f"{out / CHECKPOINT} not found; nothing to resume")
     if args.lora_rank < 0:
-        raise UsageError(f"--lora-rank must be >= 0, got {args.lora_rank}")
+        raise CLIError(f"--lora-rank must be >= 0, got {args.lora_rank}")
+    warmup_steps = args.warmup_steps
+    if args.steps >= 1 and warmup_steps > args.steps:
+        notice("train", f"--warmup-steps {warmup_steps} is longer than the run; warming up over all "
+                        f"{args.steps} steps instead")
+        warmup_steps = args.steps
+    loss_cfg, cfg = _configs(args, warmup_steps, LossConfig, TrainConfig)  # bad flags fail before any loading
 
     # model, configs, tokenizer (training computes in fp32)
     if args.model:
-        ckpt = load(args.model, device=device, dtype=torch.float32, quiet=True)
+        ckpt = load_checkpoint(args.model, device=device, dtype=torch.float32, quiet=True)
         model, config, generation = ckpt.model, ckpt.config, ckpt.generation
         if is_quantized(model):
-            raise UsageError(f"{args.model} is quantized (FP8), and dgemma trains only unquantized weights: "
-                             f"fine-tune the original checkpoint, then run `dgemma quantize` on the result")
+            raise CLIError(f"{args.model} is quantized (FP8), and dgemma trains only unquantized weights: "
+                           f"fine-tune the original checkpoint, then run `dgemma quantize` on the result")
         tok_dir = Path(args.tokenizer or args.model)
+        tokenizer = _tokenizer(tok_dir)
+        if tokenizer.vocab_size > config.text.vocab_size:
+            raise CLIError(f"the tokenizer has {tokenizer.vocab_size} tokens, the model only {config.text.vocab_size}")
     else:
-        if args.preset not in PRESETS:
-            raise UsageError(f"unknown preset {args.preset!r}; choose from {', '.join(PRESETS)}")
         if not args.tokenizer:
-            raise UsageError("--preset needs --tokenizer DIR (a directory with tokenizer.json)")
-        config = preset_config(args.preset)
-        model = random_model(config, seed=args.seed, device=device)
+            raise CLIError("--preset needs --tokenizer DIR (a directory with tokenizer.json): a preset has random "
+                           "weights and no tokenizer of its own")
         tok_dir = Path(args.tokenizer)
-    tokenizer = _tokenizer(tok_dir)
-    if tokenizer.vocab_size > config.text.vocab_size:
-        raise UsageError(f"the tokenizer has {tokenizer.vocab_size} tokens, the model only {config.text.vocab_size}")
+        tokenizer = _tokenizer(tok_dir)
+        # The embedding and head are sized to the tokenizer: rows it cannot decode would be sampled all the same.
+        config = preset_config(args.preset, vocab_size=tokenizer.vocab_size)
+        model = random_model(config, seed=args.seed, device=device)
     if args.preset:
         eos = tokenizer.eos_token_ids or config.text.eos_token_id
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else config.text.pad_token_id
         config.text.eos_token_id, config.text.pad_token_id = list(eos), pad
         generation = default_generation(config)
     limit = config.text.max_position_embeddings
-    examples = read_jsonl(args.data, tokenizer, args.template, limit, config.canvas_length)
-    if args.eval_data:
-        eval_examples = read_jsonl(args.eval_data, tokenizer, args.template, limit, config.canvas_length)
-    else:
-        n_eval = min(200, len(examples) // 20)
-        eval_examples, examples = (examples[-n_eval:], examples[:-n_eval]) if n_eval else ([], examples)
+    try:
+        examples = read_jsonl(args.data, tokenizer, args.template, limit, config.canvas_length)
+        if args.eval_data:
+            eval_examples = read_jsonl(args.eval_data, tokenizer, args.template, limit, config.canvas_length)
+        else:
+            n_eval = min(200, len(examples) // 20)
+            eval_examples, examples = (examples[-n_eval:], examples[:-n_eval]) if n_eval else ([], examples)
+        data = ShuffledExamples(examples, seed=args.seed)
+    except DataError as e:  # a ValueError, not (yet) a DgemmaError: the data is the user's
+        raise CLIError(str(e)) from None
     if args.lora_rank:
         apply_lora(model, args.lora_rank, args.lora_alpha)
     model.train()
 
-    loss_cfg = LossConfig(w_dec=args.w_dec, w_enc=args.w_enc, reweighted=args.reweighted)
-    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
-                      weight_decay=args.weight_decay, eval_every=args.eval_every, save_every=args.save_every,
-                      seed=args.seed, enc_on_prompt=args.enc_on_prompt, loss=loss_cfg)
-    from .data import ShuffledExamples
-
-    data = ShuffledExamples(examples, seed=args.seed)
 
     def eval_fn(m) -> dict:
         """Mean loss on the held-out examples, with a fixed seed so steps compare."""
@@ -141,7 +157,10 @@ def cmd_train(args) -> int:
     trainer = Trainer(model, config, generation, cfg, data, out, eval_fn if eval_examples else None,
                       tokenizer_dir=tok_dir, base_model=args.model, quiet=args.quiet)
     if args.resume:
-        trainer.load()
+        try:
+            trainer.load()
+        except ValueError as e:  # Trainer.load reports a checkpoint it cannot use as a ValueError
+            raise CLIError(str(e)) from None
         print(f"resumed {out} at step {trainer.step}", file=sys.stderr)
     print(f"training on {len(examples)} examples ({len(eval_examples)} held out), "
           f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable parameters, {device}",

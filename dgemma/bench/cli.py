@@ -1,0 +1,61 @@
+"""`dgemma bench`: the parser (light to import) and the handler."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from ..cli_common import PRESET_NAMES, CLIError, apply_threads, available_cpus
+
+
+def add_bench_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("bench", help="measure generation speed (optionally against transformers / AR)")
+    p.add_argument("--preset", choices=sorted(PRESET_NAMES), default="small", help="random-weight model preset")
+    p.add_argument("--model", help="benchmark a checkpoint directory instead of a preset")
+    p.add_argument("--batch-size", type=int, default=1, help="sequences generated together")
+    p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens per sequence")
+    p.add_argument("--new-tokens", type=int, default=512, help="tokens generated per sequence")
+    p.add_argument("--steps", type=int, default=16, help="denoising steps per canvas")
+    p.add_argument("--adaptive", action="store_true", help="allow the early stop (default: fixed steps)")
+    p.add_argument("--entropy-bound", type=float, default=0.1, help="entropy budget of the sampler per step")
+    p.add_argument("--threads", type=int, default=min(available_cpus(), 8),
+                   help="torch CPU threads (the cores this process may use, at most 8)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="compute dtype (default: float32 on CPU, bfloat16 on CUDA)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per engine (the median is reported)")
+    p.add_argument("--compare", action="append", default=[], choices=["transformers", "autoregressive", "eager"],
+                   help="also run transformers' generate, an autoregressive decode, or (CUDA) dgemma without graphs")
+    p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                   help="on CUDA, run each denoising step eagerly instead of replaying a CUDA graph")
+    p.add_argument("--quantize", choices=["fp8"], default=None,
+                   help="quantize the model's weights first (as `dgemma quantize` does) and time that")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_bench)
+    return p
+
+
+def main_bench(args) -> dict:
+    """Run the workload `args` describes and return the report (a dict, as --json prints it)."""
+    from .report import summarize
+    from .runners import run_workload
+
+    apply_threads(args.threads)
+    return summarize(args, run_workload(args))
+
+
+def cmd_bench(args) -> int:
+    from .report import print_table
+
+    for name in ("batch_size", "prompt_len", "new_tokens", "steps", "threads", "repeats"):
+        if getattr(args, name) < 1:
+            raise CLIError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.quantize and "transformers" in args.compare and not args.device.startswith("cuda"):
+        raise CLIError("--compare transformers with --quantize needs --device cuda: on a CPU transformers "
+                       "5.23 cannot dequantize fused FP8 experts")
+    out = main_bench(args)
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        print_table(out)
+    return 0
