@@ -347,3 +347,34 @@ def test_chat_outgrowing_the_context_drops_old_turns_and_goes_on(short_context_c
     assert proc.stdout.count("model>") == 5  # every message but the one too long for any context
     assert "dropped the oldest" in proc.stderr and "/reset" in proc.stderr
     assert "send a shorter one" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# -- training a preset: tokenizer, vocabulary, warm-up, loss curve -------------------------------------------------
+def test_train_preset_sizes_the_vocabulary_to_the_tokenizer_and_says_what_it_clamps(tmp_path, capsys):
+    """The test tokenizer has 251 tokens and the tiny preset 512: the 261 ids it cannot decode used to be trained
+    and sampled all the same. The default 100 warm-up steps of an 11-step run are clamped with a notice."""
+    import importlib.util
+
+    from dgemma.config import ModelConfig
+
+    tok = Tokenizer.from_dir(write_test_tokenizer(tmp_path / "tok"))
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"q{i}", "response": f"a{i}"}) + "\n" for i in range(4)))
+    out = tmp_path / "run"
+    code, stdout, err = _run(capsys, ["train", "--preset", "tiny", "--tokenizer", str(tmp_path / "tok"), "--data",
+                                      str(data), "--out", str(out), "--steps", "11", "--batch-size", "2", "--quiet",
+                                      "--device", "cpu", "--threads", "1"])
+    assert code == 0, err
+    assert ModelConfig.load(out / "model" / "config.json").text.vocab_size == tok.vocab_size == 251
+    assert "--warmup-steps 100 is longer than the run; warming up over all 11 steps" in err
+    if importlib.util.find_spec("matplotlib") is None:
+        assert not (out / "loss.png").exists() and "matplotlib is not installed" in err and "no loss.png" in err
+    else:
+        assert (out / "loss.png").is_file()
+
+
+def test_train_preset_without_tokenizer_says_which_flag(capsys, tmp_path):
+    code, _, err = _run(capsys, ["train", "--preset", "tiny", "--data", str(tmp_path / "d.jsonl"),
+                                 "--out", str(tmp_path / "o")])
+    assert code == 2 and "--preset needs --tokenizer DIR" in err
+    assert "required with --preset" in _subparser("train").format_help()
