@@ -8,6 +8,7 @@ mapped pages are dropped at once, so peak memory stays near the size of the conv
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import shutil
@@ -36,6 +37,9 @@ _DTYPES = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
+
+
+_FLOATS = ("F32", "F16", "BF16", "F64")
 
 
 class CheckpointError(DgemmaError, ValueError):
@@ -76,27 +80,19 @@ class SafetensorsFile:
                 header = json.loads(f.read(n))
             except (json.JSONDecodeError, UnicodeDecodeError):
                 raise CheckpointError(f"{path}: not a safetensors file (header is not JSON)") from None
+            except RecursionError:
+                raise CheckpointError(f"{path}: not a safetensors file (header JSON nested too deeply)") from None
         if not isinstance(header, dict):
             raise CheckpointError(f"{path}: not a safetensors file (header is not an object)")
-        metadata = header.pop("__metadata__", {}) or {}
+        metadata = header.pop("__metadata__", None) or {}
+        if not isinstance(metadata, dict):
+            raise CheckpointError(f"{path}: not a safetensors file (__metadata__ is not an object)")
         tensors = {}
         data_start = 8 + n
         for name, info in header.items():
-            try:
-                dtype, shape, (b, e) = info["dtype"], list(info["shape"]), info["data_offsets"]
-            except (KeyError, TypeError, ValueError):
-                raise CheckpointError(f"{path}: tensor {name}: malformed header entry") from None
-            if dtype not in _DTYPES:
-                raise CheckpointError(f"{path}: tensor {name}: unsupported dtype {dtype}")
-            numel = 1
-            for d in shape:
-                numel *= d
-            if e - b != numel * _DTYPES[dtype].itemsize or b < 0:
-                raise CheckpointError(f"{path}: tensor {name}: byte range does not match shape {shape} {dtype}")
-            if data_start + e > size:
-                raise CheckpointError(f"{path}: tensor {name}: file is truncated (needs {data_start + e} bytes, "
-                                      f"has {size})")
-            tensors[name] = TensorRef(path, dtype, shape, data_start + b, data_start + e)
+            ref = _tensor_ref(path, name, info, data_start, size)
+            tensors[name] = ref
+        _check_no_overlap(path, tensors)
         return cls(path, tensors, metadata)
 
     def _map(self) -> mmap.mmap:
@@ -122,6 +118,41 @@ class SafetensorsFile:
 
     def raw(self, name: str) -> torch.Tensor:
         return self.get(name).clone()
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _tensor_ref(path: Path, name: str, info, data_start: int, size: int) -> TensorRef:
+    """One header entry, checked field by field: a hostile value is one line, never arithmetic on strings."""
+    where = f"{path}: tensor {name}"
+    if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
+        raise CheckpointError(f"{where}: malformed header entry (needs dtype, shape and data_offsets)")
+    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in _DTYPES:
+        raise CheckpointError(f"{where}: unsupported dtype {dtype!r:.40}")
+    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        raise CheckpointError(f"{where}: shape must be a list of non-negative integers, got {shape!r:.80}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)
+            and 0 <= offsets[0] <= offsets[1]):
+        raise CheckpointError(f"{where}: data_offsets must be two integers 0 <= begin <= end, got {offsets!r:.80}")
+    begin, end = offsets
+    numel = math.prod(shape)
+    if end - begin != numel * _DTYPES[dtype].itemsize:
+        raise CheckpointError(f"{where}: byte range [{begin}, {end}) ({end - begin} bytes) does not match "
+                              f"shape {shape} {dtype} ({numel * _DTYPES[dtype].itemsize} bytes)")
+    if data_start + end > size:
+        raise CheckpointError(f"{where}: file is truncated (needs {data_start + end} bytes, has {size})")
+    return TensorRef(path, dtype, shape, data_start + begin, data_start + end)
+
+
+def _check_no_overlap(path: Path, tensors: dict[str, TensorRef]) -> None:
+    """Two tensors sharing bytes is never a valid safetensors file (and writing one would change the other)."""
+    spans = sorted((ref.begin, ref.end, name) for name, ref in tensors.items() if ref.end > ref.begin)
+    for (_, prev_end, prev), (begin, _, name) in zip(spans, spans[1:]):
+        if begin < prev_end:
+            raise CheckpointError(f"{path}: tensors {prev} and {name} overlap in the file")
 
 
 def _drop_pages(mm: mmap.mmap, begin: int, end: int) -> None:
@@ -185,6 +216,18 @@ def _our_name(hf_name: str) -> str | None:
             return rest[: -len("layer_scalar")] + "encoder_layer_scalar"
         return "encoder:" + rest  # tied copy of a decoder weight; used only if the decoder copy is absent
     return None
+
+
+def _all_finite(t: torch.Tensor, chunk: int = 1 << 20) -> bool:
+    """Every value finite, checked a slice at a time so the check's temporaries stay small beside the weights."""
+    flat = t.reshape(-1)
+    for i in range(0, flat.numel(), chunk):
+        part = flat[i:i + chunk]
+        if part.dtype == quant_fp8.FP8:  # no isfinite for float8 in torch
+            part = part.float()
+        if not bool(torch.isfinite(part).all()):
+            return False
+    return True
 
 
 def default_dtype(device: torch.device | str) -> torch.dtype:
@@ -257,9 +300,15 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
                 raise CheckpointError(f"{f.path}: tensor {hf_name} is {ref.dtype}, but config.json's "
                                       f"quantization_config says it is FP8 (F8_E4M3)")
             want_dtype = None
+        elif ref.dtype not in _FLOATS:  # integer data would be converted to float silently, and garbage
+            raise CheckpointError(f"{f.path}: tensor {hf_name} is {ref.dtype}; weights must be floating point "
+                                  f"({', '.join(_FLOATS)})")
         elif ours.endswith("_scale_inv"):
             want_dtype = torch.float32
         tensors[ours] = f.get(hf_name, want_dtype).to(device)
+        if not _all_finite(tensors[ours]):  # NaN weights give all-pad output with no hint why
+            raise CheckpointError(f"{f.path}: tensor {hf_name} holds NaN or Inf values; the checkpoint is corrupt "
+                                  f"(or overflowed when it was converted)")
     model.load_state_dict(tensors, strict=True, assign=True)
     model.reset_rope(device)
     model.eval()

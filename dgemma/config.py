@@ -22,6 +22,49 @@ def _require(cond: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_num(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _int_in(name: str, value, lo: int, hi: int) -> None:
+    _require(_is_int(value) and lo <= value <= hi, f"{name} must be an integer in [{lo}, {hi}], got {value!r}")
+
+
+def _object(value, name: str) -> dict:
+    """A JSON object, or {} for a missing (null) one."""
+    if value is None:
+        return {}
+    _require(isinstance(value, dict), f"{name} must be an object, got {type(value).__name__}")
+    return value
+
+
+def _number(value, name: str) -> float:
+    _require(_is_num(value), f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+# Upper bounds on sizes read from config.json: about ten times the released model's, yet small enough that a hostile
+# value fails here, not in a multi-terabyte allocation or a loop of 10^9 layers.
+TEXT_LIMITS = {
+    "vocab_size": 2**22, "hidden_size": 2**16, "intermediate_size": 2**20, "num_hidden_layers": 1024,
+    "num_attention_heads": 1024, "num_key_value_heads": 1024, "head_dim": 4096, "global_head_dim": 4096,
+    "num_global_key_value_heads": 1024, "sliding_window": 2**24, "num_experts": 4096, "top_k_experts": 4096,
+    "moe_intermediate_size": 2**20, "max_position_embeddings": 2**24,
+}
+MAX_CANVAS_LENGTH = 8192
+# generation_config.json is bounded like a request's fields (engine/request.py SamplingParams).
+MAX_DENOISING_STEPS = 1024
+MAX_FILE_TEMPERATURE = 100.0
+# A request's temperature (at most 2) scales a file's t_min/t_max, so the dataclass holds up to twice the file bound.
+MAX_TEMPERATURE = 2 * MAX_FILE_TEMPERATURE
+MAX_NEW_TOKENS = 2**24  # the largest max_position_embeddings
+MAX_JSON_BYTES = 64 * 2**20  # configs and shard indexes are kilobytes
+
+
 @dataclass
 class TextConfig:
     """The shared Gemma-4 text stack (encoder and decoder use the same weights)."""
@@ -53,16 +96,16 @@ class TextConfig:
     initializer_range: float = 0.02
 
     def __post_init__(self) -> None:
+        # sizes first: layer_types is built from num_hidden_layers
+        for name, limit in TEXT_LIMITS.items():
+            _int_in(f"text_config.{name}", getattr(self, name), 1, limit)
         if not self.layer_types:
             # Released pattern: five sliding layers, then one full layer.
             self.layer_types = [FULL if (i + 1) % 6 == 0 else SLIDING for i in range(self.num_hidden_layers)]
-        if isinstance(self.eos_token_id, int):
+        if _is_int(self.eos_token_id):
             self.eos_token_id = [self.eos_token_id]
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                     "num_key_value_heads", "head_dim", "global_head_dim", "num_global_key_value_heads",
-                     "sliding_window", "num_experts", "top_k_experts", "moe_intermediate_size"):
-            value = getattr(self, name)
-            _require(isinstance(value, int) and value > 0, f"text_config.{name} must be a positive integer, got {value!r}")
+        _require(isinstance(self.layer_types, list) and all(isinstance(t, str) for t in self.layer_types),
+                 f"text_config.layer_types must be a list of strings, got {self.layer_types!r:.80}")
         _require(len(self.layer_types) == self.num_hidden_layers,
                  f"text_config.layer_types has {len(self.layer_types)} entries, expected num_hidden_layers="
                  f"{self.num_hidden_layers}")
@@ -77,11 +120,29 @@ class TextConfig:
                      f"text_config.num_attention_heads={self.num_attention_heads} is not a multiple of "
                      f"{heads_name}={heads}")
         _require(self.head_dim % 2 == 0 and self.global_head_dim % 2 == 0, "text_config: head dims must be even")
-        _require(0.0 < self.full_partial_rotary_factor <= 1.0,
-                 f"full_attention partial_rotary_factor must be in (0, 1], got {self.full_partial_rotary_factor}")
+        _require(_is_num(self.rms_norm_eps) and 0 < self.rms_norm_eps < 1,
+                 f"text_config.rms_norm_eps must be a number in (0, 1), got {self.rms_norm_eps!r}")
+        for name in ("sliding_rope_theta", "full_rope_theta"):
+            _require(_is_num(getattr(self, name)) and getattr(self, name) > 0,
+                     f"text_config {name.split('_')[0]}_attention rope_theta must be a number > 0, "
+                     f"got {getattr(self, name)!r}")
+        _require(_is_num(self.full_partial_rotary_factor) and 0.0 < self.full_partial_rotary_factor <= 1.0,
+                 f"full_attention partial_rotary_factor must be in (0, 1], got {self.full_partial_rotary_factor!r}")
+        _require(self.final_logit_softcapping is None
+                 or (_is_num(self.final_logit_softcapping) and self.final_logit_softcapping > 0),
+                 f"text_config.final_logit_softcapping must be null or a number > 0, "
+                 f"got {self.final_logit_softcapping!r}")
+        _require(_is_num(self.initializer_range) and self.initializer_range >= 0,
+                 f"text_config.initializer_range must be a number >= 0, got {self.initializer_range!r}")
         _require(self.hidden_activation == "gelu_pytorch_tanh",
                  f"text_config.hidden_activation={self.hidden_activation!r} is not supported (gelu_pytorch_tanh)")
-        _require(0 <= self.pad_token_id < self.vocab_size, f"text_config.pad_token_id={self.pad_token_id} out of range")
+        top = self.vocab_size - 1
+        _int_in("text_config.pad_token_id", self.pad_token_id, 0, top)
+        _int_in("text_config.bos_token_id", self.bos_token_id, 0, top)
+        _require(isinstance(self.eos_token_id, list) and self.eos_token_id
+                 and all(_is_int(t) and 0 <= t <= top for t in self.eos_token_id),
+                 f"text_config.eos_token_id must be a token id or a non-empty list of them in [0, {top}], "
+                 f"got {self.eos_token_id!r:.80}")
 
     def is_sliding(self, layer_idx: int) -> bool:
         return self.layer_types[layer_idx] == SLIDING
@@ -114,13 +175,28 @@ class TextConfig:
         if d.get("use_bidirectional_attention") == "all":
             raise ConfigError(f"{where}: use_bidirectional_attention='all' (bidirectional encoder) is not supported")
         layer_types = d.get("layer_types") or []
+        _require(isinstance(layer_types, list), f"{where}: text_config.layer_types must be a list")
         n_layers = d.get("num_hidden_layers", 30)
         kv = d.get("num_key_value_heads", 4)
         global_head_dim = d.get("global_head_dim", 512)
         global_kv = d.get("num_global_key_value_heads") or kv
         # transformers folds the full-attention overrides into per_layer_config on save.
-        per_layer = d.get("per_layer_config") or {}
-        overrides = [v for k, v in per_layer.items() if str(k).isdigit()]
+        try:
+            per_layer = _object(d.get("per_layer_config"), "text_config.per_layer_config")
+            overrides = [_object(v, f"text_config.per_layer_config[{k!r}]") for k, v in per_layer.items()
+                         if str(k).isdigit()]
+            rope = _object(d.get("rope_parameters"), "text_config.rope_parameters")
+            sliding_rope = _object(rope.get(SLIDING), f"text_config.rope_parameters.{SLIDING}")
+            full_rope = _object(rope.get(FULL), f"text_config.rope_parameters.{FULL}")
+            factor = _number(full_rope.get("factor", 1.0), f"text_config.rope_parameters.{FULL}.factor")
+            sliding_theta = _number(sliding_rope.get("rope_theta", 10_000.0),
+                                    f"text_config.rope_parameters.{SLIDING}.rope_theta")
+            full_theta = _number(full_rope.get("rope_theta", 1_000_000.0),
+                                 f"text_config.rope_parameters.{FULL}.rope_theta")
+            partial = _number(full_rope.get("partial_rotary_factor", 0.25),
+                              f"text_config.rope_parameters.{FULL}.partial_rotary_factor")
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
         if overrides:
             global_head_dim = overrides[0].get("head_dim", global_head_dim)
             global_kv = overrides[0].get("num_key_value_heads", global_kv)
@@ -128,14 +204,11 @@ class TextConfig:
                 _require(o.get("head_dim", global_head_dim) == global_head_dim
                          and o.get("num_key_value_heads", global_kv) == global_kv,
                          f"{where}: per_layer_config differs between full-attention layers; not supported")
-        rope = d.get("rope_parameters") or {}
-        sliding_rope = rope.get(SLIDING) or {}
-        full_rope = rope.get(FULL) or {}
         _require(sliding_rope.get("rope_type", "default") == "default",
                  f"{where}: sliding_attention rope_type {sliding_rope.get('rope_type')!r} is not supported")
         _require(full_rope.get("rope_type", "proportional") == "proportional",
                  f"{where}: full_attention rope_type {full_rope.get('rope_type')!r} is not supported")
-        _require(float(full_rope.get("factor", 1.0)) == 1.0, f"{where}: rope 'factor' other than 1.0 is not supported")
+        _require(factor == 1.0, f"{where}: rope 'factor' other than 1.0 is not supported")
         _require(not d.get("attention_bias", False), f"{where}: attention_bias=true is not supported")
         try:
             return cls(
@@ -152,9 +225,9 @@ class TextConfig:
                 rms_norm_eps=d.get("rms_norm_eps", 1e-6),
                 sliding_window=d.get("sliding_window", 512),
                 layer_types=list(layer_types),
-                sliding_rope_theta=float(sliding_rope.get("rope_theta", 10_000.0)),
-                full_rope_theta=float(full_rope.get("rope_theta", 1_000_000.0)),
-                full_partial_rotary_factor=float(full_rope.get("partial_rotary_factor", 0.25)),
+                sliding_rope_theta=sliding_theta,
+                full_rope_theta=full_theta,
+                full_partial_rotary_factor=partial,
                 final_logit_softcapping=d.get("final_logit_softcapping", 30.0),
                 num_experts=d.get("num_experts") or 0,
                 top_k_experts=d.get("top_k_experts") or 0,
@@ -165,6 +238,8 @@ class TextConfig:
                 bos_token_id=d.get("bos_token_id", 2) if d.get("bos_token_id") is not None else 2,
                 initializer_range=d.get("initializer_range", 0.02),
             )
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
         except TypeError as e:  # a value of the wrong JSON type
             raise ConfigError(f"{where}: bad text_config value ({e})") from None
 
@@ -217,8 +292,7 @@ class ModelConfig:
     extra: dict = field(default_factory=dict)  # top-level fields kept verbatim so a save round-trips
 
     def __post_init__(self) -> None:
-        _require(isinstance(self.canvas_length, int) and self.canvas_length > 0,
-                 f"canvas_length must be a positive integer, got {self.canvas_length!r}")
+        _int_in("canvas_length", self.canvas_length, 1, MAX_CANVAS_LENGTH)
 
     @classmethod
     def from_hf(cls, d: dict, where: str = "config.json") -> ModelConfig:
@@ -229,7 +303,10 @@ class ModelConfig:
         _require("text_config" in d, f"{where}: missing text_config")
         text = TextConfig.from_hf(d["text_config"], where)
         extra = {k: v for k, v in d.items() if k not in ("text_config", "canvas_length", "vision_config")}
-        return cls(text=text, canvas_length=d.get("canvas_length", 256), extra=extra)
+        try:
+            return cls(text=text, canvas_length=d.get("canvas_length", 256), extra=extra)
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
 
     @classmethod
     def load(cls, path: str | Path) -> ModelConfig:
@@ -266,19 +343,26 @@ class GenerationConfig:
     pad_token_id: int = 0
 
     def __post_init__(self) -> None:
-        if isinstance(self.eos_token_id, int):
+        if _is_int(self.eos_token_id):
             self.eos_token_id = [self.eos_token_id]
-        _require(self.max_new_tokens is None or (isinstance(self.max_new_tokens, int) and self.max_new_tokens > 0),
-                 f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
-        _require(isinstance(self.max_denoising_steps, int) and self.max_denoising_steps > 0,
-                 f"max_denoising_steps must be a positive integer, got {self.max_denoising_steps!r}")
-        _require(isinstance(self.entropy_bound, (int, float)) and math.isfinite(self.entropy_bound)
-                 and self.entropy_bound > 0, f"entropy_bound must be a number > 0, got {self.entropy_bound!r}")
-        _require(self.t_min >= 0 and self.t_max >= 0, f"t_min and t_max must be >= 0, got {self.t_min}, {self.t_max}")
+        if self.max_new_tokens is not None:
+            _int_in("max_new_tokens", self.max_new_tokens, 1, MAX_NEW_TOKENS)
+        _int_in("max_denoising_steps", self.max_denoising_steps, 1, MAX_DENOISING_STEPS)
+        _require(_is_num(self.entropy_bound) and self.entropy_bound > 0,
+                 f"entropy_bound must be a number > 0, got {self.entropy_bound!r}")
+        for name in ("t_min", "t_max"):
+            value = getattr(self, name)
+            _require(_is_num(value) and 0 <= value <= MAX_TEMPERATURE,
+                     f"{name} must be a number in [0, {MAX_TEMPERATURE:g}], got {value!r}")
         _require(self.t_max > self.t_min, f"t_max must be greater than t_min, got t_max={self.t_max} t_min={self.t_min}")
-        _require(isinstance(self.stability_threshold, int) and self.stability_threshold >= 0,
-                 f"stability_threshold must be an integer >= 0, got {self.stability_threshold!r}")
-        _require(self.confidence_threshold > 0, f"confidence_threshold must be > 0, got {self.confidence_threshold}")
+        _int_in("stability_threshold", self.stability_threshold, 0, MAX_DENOISING_STEPS)
+        _require(_is_num(self.confidence_threshold) and self.confidence_threshold > 0,
+                 f"confidence_threshold must be a number > 0, got {self.confidence_threshold!r}")
+        _require(isinstance(self.eos_token_id, list) and self.eos_token_id
+                 and all(_is_int(t) and t >= 0 for t in self.eos_token_id),
+                 f"eos_token_id must be a token id or a non-empty list of them, got {self.eos_token_id!r:.80}")
+        _require(_is_int(self.pad_token_id) and self.pad_token_id >= 0,
+                 f"pad_token_id must be a token id, got {self.pad_token_id!r:.80}")
 
     def temperature(self, steps_remaining: int) -> float:
         """Linear schedule: t_max at the first step, falling toward t_min; `steps_remaining` runs N..1."""
@@ -308,7 +392,17 @@ class GenerationConfig:
         if d.get("max_new_tokens") is not None:
             kwargs["max_new_tokens"] = d["max_new_tokens"]
         try:
-            return cls(**kwargs)
+            for name in ("t_min", "t_max"):  # a file is bounded like a request; a request's temperature scales it
+                if name in kwargs:
+                    _require(_is_num(kwargs[name]) and 0 <= kwargs[name] <= MAX_FILE_TEMPERATURE,
+                             f"{name} must be a number in [0, {MAX_FILE_TEMPERATURE:g}], got {kwargs[name]!r}")
+            gen = cls(**kwargs)
+            if text is not None:
+                top = text.vocab_size - 1
+                _require(all(t <= top for t in gen.eos_token_id),
+                         f"eos_token_id {gen.eos_token_id} is outside the vocabulary [0, {top}]")
+                _require(gen.pad_token_id <= top, f"pad_token_id {gen.pad_token_id} is outside the vocabulary [0, {top}]")
+            return gen
         except ConfigError as e:
             raise ConfigError(f"{where}: {e}") from None
 
@@ -329,7 +423,12 @@ class GenerationConfig:
 def read_json(path: Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"{path}: file not found")
+    if path.stat().st_size > MAX_JSON_BYTES:
+        raise ConfigError(f"{path}: {path.stat().st_size} bytes is too large for a config file "
+                          f"(at most {MAX_JSON_BYTES // 2**20} MiB)")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: not a config file (JSON nested too deeply)") from None
