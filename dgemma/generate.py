@@ -28,6 +28,7 @@ import torch
 
 from .budget import ContextLengthError, canvases_for, check_prompt
 from .config import GenerationConfig
+from .control.pins import Steering, start_canvas
 from .model import DiffusionGemma
 from .sampling import random_tokens, temperature
 from .step import CanvasState, Draws, Sampler, Strategy, default_strategy, denoise_step
@@ -85,13 +86,15 @@ def generate(model: DiffusionGemma, prompts: list[list[int]], gen: GenerationCon
              generator: torch.Generator | None = None,
              on_step: Callable[[StepView], None] | None = None,
              cuda_graphs: bool | None = None, sampler: Sampler | str = Sampler.EXACT,
-             strategy: Strategy | None = None) -> GenerationOutput:
+             strategy: Strategy | None = None,
+             steering: list[Steering | None] | None = None) -> GenerationOutput:
     """Generate continuations for `prompts` (lists of token ids). With `generator=None` the global torch RNG is
     used, which is what makes `torch.manual_seed(S)` reproduce the reference's tokens.
 
     `cuda_graphs` (default: on for a CUDA model with generator=None) replays each canvas's denoising step as a
     CUDA graph; the tokens are the same either way. `sampler` "exact" reproduces the reference's draws; "fast"
-    samples the same distribution with one uniform per position. `strategy` defaults to the device's."""
+    samples the same distribution with one uniform per position. `strategy` defaults to the device's.
+    `steering` (one per prompt, or None) pins output positions and seeds canvases (control/pins.py)."""
     cfg = model.config
     if not prompts:
         raise ValueError("no prompts given")
@@ -105,6 +108,14 @@ def generate(model: DiffusionGemma, prompts: list[list[int]], gen: GenerationCon
     B, T = tokens.shape
     num_canvases = canvases_for(T, gen.max_new_tokens, C, cfg.max_position_embeddings)
     max_new = gen.max_new_tokens or num_canvases * C
+    if steering is not None:
+        if len(steering) != B:
+            raise ValueError(f"steering has {len(steering)} entries for {B} prompts")
+        for s in steering:
+            if s is not None:
+                s.check(cfg.vocab_size, max_new)
+        if all(s is None or s.is_empty() for s in steering):
+            steering = None
     tokens, valid = tokens.to(device), valid.to(device)
     # grown as canvases are committed, so an open-ended request does not reserve the whole context up front
     cache = model.new_cache(B, T + min(num_canvases, 4) * C)
@@ -125,7 +136,7 @@ def generate(model: DiffusionGemma, prompts: list[list[int]], gen: GenerationCon
 
     for canvas_index in range(num_canvases):
         # 2a. random canvas
-        denoiser.start(cache)
+        denoiser.start(cache, canvas_index, steering)
         canvases_run += 1
         # 2b. denoising steps (step.py). A row whose sequence has ended denoises on as in the reference (its
         # canvas is thrown away at the commit): the loop runs until every row has stopped, which fixes how many
@@ -223,11 +234,15 @@ class LockstepDenoiser:
         self.bound = torch.tensor(gen.entropy_bound, dtype=torch.float32, device=device)
         self._graph: torch.cuda.CUDAGraph | None = None
 
-    def start(self, cache) -> None:
-        """2a. A uniform random canvas for every row; the forward plan for this canvas."""
+    def start(self, cache, canvas_index: int = 0, steering: list[Steering | None] | None = None) -> None:
+        """2a. A uniform random canvas for every row (seeded and pinned as `steering` asks); the forward plan."""
         state = self.state
         canvas = random_tokens((state.num_rows, state.canvas_length), state.vocab_size, self.generator, self.device)
-        state.start(None, canvas)
+        pinned = values = until = None
+        if steering is not None:
+            canvas, pinned, values = start_canvas(canvas, steering, canvas_index, [self.generator] * state.num_rows)
+            until = [0 if s is None else s.eos_until(canvas_index, state.canvas_length) for s in steering]
+        state.start(None, canvas, pinned, values, until, self.gen.eos_token_id)
         self.plan = self.model.plan(cache, None, self.model.canvas_length, encoder=False)
         self._graph = None
 

@@ -142,7 +142,7 @@ def race_matches_multinomial(device: torch.device) -> bool:
 
 
 def temper_and_score(logits: torch.Tensor, temp: torch.Tensor, softcap: float | None = None,
-                     probs_in_place: bool = False):
+                     probs_in_place: bool = False, ban: tuple[int, list[int]] | None = None):
     """Temper `logits` (..., V) in place by `temp` (a scalar tensor, or one broadcastable to (..., 1)) and return
     probs = softmax (fp32), argmax and token entropy of the tempered logits. `logits` is used up.
 
@@ -152,7 +152,10 @@ def temper_and_score(logits: torch.Tensor, temp: torch.Tensor, softcap: float | 
 
     Every one of these works along the vocabulary, position by position, so on CPU the positions go a few at a
     time: the dozen passes over each block stay in cache instead of streaming (C, V) tensors through memory, and
-    the temporaries stay small. The results are the same bits as whole-tensor calls."""
+    the temporaries stay small. The results are the same bits as whole-tensor calls.
+
+    `ban` = (n, ids): CPU, one row of positions: after the soft cap, the tokens `ids` get logit -inf (probability
+    0) at the first n positions."""
     V = logits.shape[-1]
     lead = logits.shape[:-1]
     flat = logits.view(-1, V)
@@ -181,6 +184,8 @@ def temper_and_score(logits: torch.Tensor, temp: torch.Tensor, softcap: float | 
         block = flat[start:stop]
         if softcap is not None:
             block.div_(softcap).tanh_().mul_(softcap)
+        if ban is not None and start < ban[0]:
+            block[: ban[0] - start, ban[1]] = float("-inf")
         block.div_(temp if not temp.dim() else temp[start:stop])
         block_probs = torch.softmax(block, dim=-1, dtype=torch.float32,
                                     out=probs[start:stop] if scratch is None else scratch[: stop - start])

@@ -119,6 +119,8 @@ class CanvasState:
         self.pin_values = torch.zeros(S, C, dtype=torch.long, device=dev)
         self.streak = torch.zeros(S, C, dtype=torch.long, device=dev)
         self.num_settled = torch.zeros(S, dtype=torch.long, device=dev)
+        self.eos_until = [0] * S  # host: EOS may not be sampled before this canvas position (an output must
+        self.eos_ids: list[int] = []  # reach its last pin)
         self.stopper = StableAndConfident(stability_threshold, confidence_threshold, S, C, dev)
         self.positions = torch.arange(C, device=dev)
         self.any_pins = False  # host flag: some row has caller pins (skips the pin work when none has)
@@ -126,10 +128,16 @@ class CanvasState:
         self._row_buffer: torch.Tensor | None = None
 
     def start(self, rows: list[int] | None, canvas: torch.Tensor, pinned: torch.Tensor | None = None,
-              pin_values: torch.Tensor | None = None) -> None:
+              pin_values: torch.Tensor | None = None, eos_until: list[int] | None = None,
+              eos_ids: list[int] | None = None) -> None:
         """Begin a canvas on `rows` (None: all) from `canvas` (R, C) (the caller draws it, in its draw order),
-        optionally with pinned positions (R, C) bool and their tokens (R, C)."""
+        optionally with pinned positions (R, C) bool and their tokens (R, C), and per row the canvas position
+        before which no EOS (`eos_ids`) may be sampled."""
         idx = slice(None) if rows is None else torch.tensor(rows, device=self.device)
+        for i, r in enumerate(range(self.num_rows) if rows is None else rows):
+            self.eos_until[r] = 0 if eos_until is None else eos_until[i]
+        if eos_ids is not None:
+            self.eos_ids = list(eos_ids)
         if pinned is not None:
             canvas = torch.where(pinned, pin_values, canvas)
             self.any_pins = True
@@ -206,6 +214,11 @@ def _head_and_sample_batched(model, state, plan, idx, temps, bounds, draws, gene
     signal = None if first else state.signal[idx]
     hidden = model.decode(state.canvas[idx], signal, plan)  # (R, C, H)
     logits = model.logits(hidden)  # (R, C, V), soft-capped
+    until = [state.eos_until[r] for r in _row_list(idx, logits.shape[0])]
+    if any(until):
+        ban = state.positions[None] < torch.tensor(until, device=state.device)[:, None]  # (R, C)
+        for e in state.eos_ids:
+            logits[..., e].masked_fill_(ban, float("-inf"))
     # in place: (R, C, V) tensors are the largest of a step, so at most two live at once
     probs, argmax, entropy = temper_and_score(logits, temps[:, None, None] if temps.dim() else temps)
     del logits
@@ -254,8 +267,10 @@ def _head_and_sample_rows(model, state, plan, idx, R, temps, bounds, draws, gene
             continue
         logits = model.head_into(hidden[j], buffer)
         j += 1
+        until = state.eos_until[idx[i].item() if isinstance(idx, torch.Tensor) else i]
         probs, argmax[i], row_entropy = temper_and_score(logits, temps[i] if temps.dim() else temps, cap,
-                                                        probs_in_place=True)
+                                                        probs_in_place=True,
+                                                        ban=(until, state.eos_ids) if until else None)
         if state.any_pins:
             row = idx[i] if isinstance(idx, torch.Tensor) else i
             row_entropy = torch.where(state.pinned[row], 0.0, row_entropy)
@@ -284,3 +299,7 @@ def _pin(state, idx, canvas, argmax, prev_argmax, accepted, entropy, settle):
         state.num_settled[idx] = num_settled
         pinned = state.pinned[idx] | (positions < num_settled[:, None])
     return torch.where(pinned, argmax, canvas), argmax
+
+
+def _row_list(idx, R: int) -> list[int]:
+    return list(range(R)) if not isinstance(idx, torch.Tensor) else idx.tolist()

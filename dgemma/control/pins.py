@@ -1,0 +1,112 @@
+"""Pinned positions and seeded canvases: the two primitives that steer a canvas by data, not by branches.
+
+- *Pinned* output positions hold a given token in every step of their canvas: never renoised, counted as
+  certain (entropy 0) by the acceptance set and the stop test, and read by the decoder and by self-conditioning
+  like any other token. A template's literal text and an infill's suffix are pins.
+  EOS may not be sampled before the last pinned position, so an output always reaches its pins.
+- A *seeded* canvas starts from given tokens instead of uniform noise: each seed token is kept with probability
+  1 - strength and renoised otherwise (strength 1 is plain generation, 0 keeps the whole seed). The keep draws
+  come right after the canvas's own uniform draw, from the same generator, one uniform per position of a row
+  that has seed tokens in this canvas. Seeded positions are not pinned: the model may correct them.
+
+Positions count from the first output token, across canvases: canvas k holds positions [k*C, (k+1)*C).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import DgemmaError
+
+
+class SteeringError(DgemmaError, ValueError):
+    """Bad pins or seed; `param` names the request field."""
+
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass
+class Steering:
+    pinned: dict[int, int] = field(default_factory=dict)  # output position -> token id
+    seed_tokens: list[int] | None = None  # output tokens the canvases start from, from position 0
+    strength: float = 1.0  # probability that each seed token is renoised when its canvas starts
+
+    def check(self, vocab_size: int, max_new: int) -> None:
+        """Refuse what cannot be run, naming the field: ids outside the vocabulary, positions outside the output,
+        a strength outside [0, 1]."""
+        if not isinstance(self.pinned, dict):
+            raise SteeringError("pinned must map output positions to token ids", "pinned")
+        for pos, tok in self.pinned.items():
+            if not _is_int(pos) or not 0 <= pos < max_new:
+                raise SteeringError(f"pinned position {pos!r} is outside the output [0, {max_new})", "pinned")
+            if not _is_int(tok) or not 0 <= tok < vocab_size:
+                raise SteeringError(f"pinned token id {tok!r} is outside the vocabulary [0, {vocab_size})", "pinned")
+        if self.seed_tokens is not None:
+            if not isinstance(self.seed_tokens, list) or not self.seed_tokens:
+                raise SteeringError("seed_tokens must be a non-empty list of token ids", "seed_tokens")
+            bad = next((t for t in self.seed_tokens if not (_is_int(t) and 0 <= t < vocab_size)), None)
+            if bad is not None:
+                raise SteeringError(f"seed token id {bad!r} is outside the vocabulary [0, {vocab_size})",
+                                    "seed_tokens")
+            if len(self.seed_tokens) > max_new:
+                raise SteeringError(f"seed_tokens has {len(self.seed_tokens)} tokens, more than the {max_new} the "
+                                    f"output may hold", "seed_tokens")
+        s = self.strength
+        if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s) or not 0 <= s <= 1:
+            raise SteeringError(f"strength must be a number in [0, 1], got {s!r}", "strength")
+
+    def is_empty(self) -> bool:
+        return not self.pinned and self.seed_tokens is None
+
+    def pins_for_canvas(self, index: int, canvas_length: int) -> list[tuple[int, int]]:
+        """(position within canvas `index`, token) of the pins that fall in it."""
+        lo = index * canvas_length
+        return [(p - lo, t) for p, t in self.pinned.items() if lo <= p < lo + canvas_length]
+
+    def eos_until(self, index: int, canvas_length: int) -> int:
+        """Canvas `index`'s positions before this one may not be EOS: an output reaches its last pin."""
+        if not self.pinned:
+            return 0
+        return min(max(max(self.pinned) - index * canvas_length, 0), canvas_length)
+
+    def seed_for_canvas(self, index: int, canvas_length: int) -> list[int]:
+        """The seed tokens that fall in canvas `index` (from its first position; possibly fewer than C)."""
+        if self.seed_tokens is None:
+            return []
+        return self.seed_tokens[index * canvas_length:(index + 1) * canvas_length]
+
+
+def start_canvas(canvas: torch.Tensor, steerings: list[Steering | None], index: int,
+                 generators: list) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Seed and pin canvas `index` for a batch: canvas (R, C) is its uniform draw; row r draws its seed's keep
+    uniforms from generators[r] (the same generator for every row in lockstep). Returns the canvas and, if any
+    row has pins here, pinned (R, C) bool and the pinned tokens (R, C)."""
+    R, C = canvas.shape
+    device = canvas.device
+    pinned = values = None
+    for r, steering in enumerate(steerings):
+        if steering is None:
+            continue
+        seed = steering.seed_for_canvas(index, C)
+        if seed:
+            keep = torch.rand(C, generator=generators[r], device=device) >= steering.strength
+            n = len(seed)
+            canvas[r, :n] = torch.where(keep[:n], torch.tensor(seed, device=device), canvas[r, :n])
+        pins = steering.pins_for_canvas(index, C)
+        if pins:
+            if pinned is None:
+                pinned = torch.zeros(R, C, dtype=torch.bool, device=device)
+                values = torch.zeros(R, C, dtype=torch.long, device=device)
+            at = torch.tensor([p for p, _ in pins], device=device)
+            pinned[r, at] = True
+            values[r, at] = torch.tensor([t for _, t in pins], device=device)
+    return canvas, pinned, values
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)

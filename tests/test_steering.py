@@ -1,0 +1,101 @@
+"""Pinned positions and seeded canvases (control/pins.py) through generate, the engine and the server."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from dgemma.control.pins import Steering, SteeringError, start_canvas
+from dgemma.generate import generate
+from dgemma.presets import default_generation, preset_config, random_model
+
+C = 16
+
+
+@pytest.fixture(scope="module")
+def model():
+    return random_model(preset_config("tiny", canvas_length=C, vocab_size=256), std=0.1, seed=0)
+
+
+@pytest.fixture(scope="module")
+def gen(model):
+    # EOS id 255: with EOS ids out of the way, every output runs to max_new_tokens and every pin is in it
+    return default_generation(preset_config("tiny", canvas_length=C, vocab_size=256)).replace(
+        max_denoising_steps=6, eos_token_id=[255])
+
+
+@pytest.mark.parametrize("trial", range(12))
+def test_pinned_tokens_appear_unchanged_in_every_output(trial, gen):
+    """Property: random models, seeds, batch sizes and pin patterns (across canvases, any density)."""
+    rng = random.Random(trial)
+    model = random_model(preset_config("tiny", canvas_length=C, vocab_size=256), std=rng.choice([0.02, 0.1, 0.3]),
+                         seed=trial)
+    max_new = rng.choice([C, 2 * C, 3 * C - 5])
+    batch = rng.randint(1, 3)
+    steerings = []
+    for _ in range(batch):
+        n = rng.randint(0, max_new)
+        steerings.append(Steering(pinned={p: rng.randrange(3, 254) for p in rng.sample(range(max_new), n)}))
+    prompts = [[rng.randrange(3, 254) for _ in range(rng.randint(1, 9))] for _ in range(batch)]
+    out = generate(model, prompts, gen.replace(max_new_tokens=max_new, entropy_bound=rng.choice([0.1, 2.0])),
+                   generator=torch.Generator().manual_seed(trial), steering=steerings)
+    for ids, s in zip(out.token_ids, steerings):
+        assert len(ids) == max_new
+        assert all(ids[p] == t for p, t in s.pinned.items())
+
+
+def test_pins_change_the_free_tokens_too(model, gen):
+    """The decoder reads pinned tokens: pinning half a canvas changes what the other half becomes."""
+    g = gen.replace(max_new_tokens=C)
+    free = generate(model, [[5, 6, 7]], g, generator=torch.Generator().manual_seed(0)).token_ids[0]
+    pins = {p: 9 for p in range(0, C, 2)}
+    pinned = generate(model, [[5, 6, 7]], g, generator=torch.Generator().manual_seed(0),
+                      steering=[Steering(pinned=pins)]).token_ids[0]
+    assert all(pinned[p] == 9 for p in pins)
+    assert [pinned[p] for p in range(1, C, 2)] != [free[p] for p in range(1, C, 2)]
+
+
+def test_seeded_canvas_keeps_each_seed_token_with_probability_one_minus_strength():
+    noise = torch.arange(100, 100 + 4 * 64).view(4, 64)
+    seed = list(range(3, 3 + 64))
+    for strength, lo, hi in ((0.0, 64, 64), (1.0, 0, 0), (0.5, 16, 48)):
+        canvas, pinned, _ = start_canvas(noise.clone(), [Steering(seed_tokens=seed, strength=strength)] * 4, 0,
+                                         [torch.Generator().manual_seed(1)] * 4)
+        assert pinned is None
+        for row in canvas.tolist():
+            kept = sum(a == b for a, b in zip(row, seed))
+            assert lo <= kept <= hi
+            assert all(t == s or t >= 100 for t, s in zip(row, seed))
+    # a seed shorter than the canvas leaves the rest to noise; the second canvas takes the seed's continuation
+    canvas, _, _ = start_canvas(noise[:1].clone(), [Steering(seed_tokens=list(range(3, 3 + 70)), strength=0.0)], 1,
+                                [None])
+    assert canvas[0, :6].tolist() == list(range(3 + 64, 3 + 70)) and canvas[0, 6:].tolist() == noise[0, 6:].tolist()
+
+
+@pytest.mark.parametrize("steering, param", [
+    (Steering(pinned={40: 5}), "pinned"), (Steering(pinned={-1: 5}), "pinned"), (Steering(pinned={0: 256}), "pinned"),
+    (Steering(pinned={0: -3}), "pinned"), (Steering(seed_tokens=[1, 999]), "seed_tokens"),
+    (Steering(seed_tokens=[]), "seed_tokens"), (Steering(seed_tokens=[3] * 33), "seed_tokens"),
+    (Steering(seed_tokens=[3], strength=1.5), "strength"), (Steering(seed_tokens=[3], strength=-0.1), "strength"),
+    (Steering(seed_tokens=[3], strength=float("nan")), "strength")])
+def test_bad_steering_is_refused_naming_the_field_and_runs_nothing(model, gen, steering, param):
+    with pytest.raises(SteeringError) as e:
+        generate(model, [[5]], gen.replace(max_new_tokens=2 * C), steering=[steering])
+    assert e.value.param == param
+
+
+def test_batched_strategy_gives_the_row_strategys_tokens_with_pins_and_seeds(model, gen):
+    """The GPU's whole-batch step and the CPU's row step apply pins, EOS bans and seeds alike."""
+    from dgemma.step import Strategy
+
+    g = gen.replace(max_new_tokens=2 * C, eos_token_id=[1, 2], entropy_bound=1.0)
+    steer = [Steering(pinned={3: 7, 20: 1, 30: 9}), None,
+             Steering(pinned={0: 4}, seed_tokens=list(range(10, 10 + 2 * C)), strength=0.3)]
+    prompts = [[5, 6], [7, 8, 9], [10]]
+    rows = generate(model, prompts, g, generator=torch.Generator().manual_seed(2), steering=steer)
+    batched = generate(model, prompts, g, generator=torch.Generator().manual_seed(2), steering=steer,
+                       strategy=Strategy.BATCHED)
+    assert rows.token_ids == batched.token_ids
+    assert rows.token_ids[0][20] == 1 and 1 not in rows.token_ids[0][:20] and 2 not in rows.token_ids[0][:20]
