@@ -14,7 +14,6 @@ import os
 import shutil
 import struct
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -353,10 +352,13 @@ def save(out_dir: str | Path, model: DiffusionGemma, config: ModelConfig, genera
          max_shard_bytes: int = 4 * 2**30, passthrough: dict | None = None, vision_config: dict | None = None) -> Path:
     """Write a checkpoint that transformers' DiffusionGemmaForBlockDiffusion.from_pretrained loads.
 
-    Written into a temporary directory beside `out_dir` and renamed into place, so a failure leaves nothing
-    half-written."""
+    Written into a temporary directory and moved into place, so a failure leaves nothing half-written. An existing
+    `out_dir` must be empty or an earlier dgemma output, of which only the files dgemma wrote are replaced
+    (output_dir.py)."""
+    from .output_dir import commit, previous_output, staging_dir
+
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    previous = previous_output(out_dir)
     tensors = {k: (v.to(dtype) if dtype and not _stays_as_is(k, v) else v).detach().contiguous().cpu()
                for k, v in hf_state_dict(model).items()}
     for name in [k for k in tensors if k.startswith(DECODER + "layers.") and k.endswith("_scale_inv")]:
@@ -364,10 +366,7 @@ def save(out_dir: str | Path, model: DiffusionGemma, config: ModelConfig, genera
         tensors[ENCODER_TEXT + name[len(DECODER):]] = tensors[name].clone()
     for name, (f, src) in (passthrough or {}).items():
         tensors[name] = f.raw(src)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the saved model should not be
+    tmp = staging_dir(out_dir)
     try:
         shards: list[dict[str, torch.Tensor]] = [{}]
         size = 0
@@ -403,17 +402,7 @@ def save(out_dir: str | Path, model: DiffusionGemma, config: ModelConfig, genera
                 src = Path(tokenizer_dir) / fname
                 if src.is_file():
                     shutil.copyfile(src, tmp / fname)
-        for f in tmp.iterdir():
-            os.chmod(f, 0o666 & ~umask)
-        if out_dir.exists():
-            backup = out_dir.with_name(f".{out_dir.name}.old")
-            if backup.exists():
-                shutil.rmtree(backup)
-            os.replace(out_dir, backup)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(backup)
-        else:
-            os.replace(tmp, out_dir)
+        commit(tmp, out_dir, previous)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -226,12 +226,18 @@ def cmd_chat(args) -> int:
 
 
 def cmd_convert(args) -> int:
+    from pathlib import Path
+
     import torch
 
     from . import checkpoint
+    from .output_dir import previous_output
 
     apply_threads(args.threads)
 
+    if Path(args.out).resolve() == Path(args.model).resolve():
+        raise CLIError("--out must differ from --model (the source is read while the copy is written)")
+    previous_output(args.out)  # refuse an --out dgemma may not replace before loading anything
     dtype = DTYPES[args.dtype]
     ckpt = checkpoint.load(args.model, device="cpu", dtype=torch.float32)
     out = checkpoint.save(args.out, ckpt.model, ckpt.config, ckpt.generation, tokenizer_dir=args.model, dtype=dtype,

@@ -34,12 +34,14 @@ def _size(path: Path) -> int:
 
 def cmd_quantize(args) -> int:
     from .. import checkpoint
+    from ..output_dir import previous_output
     from .fp8 import QuantError, quantize_model
 
     apply_threads(args.threads)
     src, out = Path(args.model), Path(args.out)
     if out.resolve() == src.resolve():
         raise CLIError("--out must differ from --model (the source is read while the copy is written)")
+    previous_output(out)  # refuse an --out dgemma may not replace before loading anything
     if args.block_size is not None and args.block_size < 1:
         raise CLIError("--block-size must be a positive integer")
     # Keep the unquantized tensors in the dtype they are stored in; a bf16 file maps without a copy.
