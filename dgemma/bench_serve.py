@@ -23,6 +23,8 @@ import statistics
 import time
 from dataclasses import dataclass
 
+from dgemma.cli_common import add_threads_arg
+
 
 @dataclass
 class Sample:
@@ -87,8 +89,9 @@ def start_local_server(args):
     from dgemma.presets import default_generation, preset_config, random_model
     from dgemma.server import ServerThread, Serving, build_app
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    from dgemma.cli_common import apply_threads
+
+    apply_threads(args.threads)
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     cfg = preset_config(args.preset)
@@ -156,7 +159,12 @@ def cmd_bench_serve(args) -> int:
         if not model:
             import httpx
 
-            model = httpx.get(url + "/v1/models", headers=_headers(args), timeout=10).json()["data"][0]["id"]
+            from dgemma.cli_common import CLIError
+
+            try:
+                model = httpx.get(url + "/v1/models", headers=_headers(args), timeout=10).json()["data"][0]["id"]
+            except httpx.HTTPError as e:  # nothing listening there, or not an HTTP server
+                raise CLIError(f"--url {url}: {e}") from None
         info = f"server {url}, model {model}"
     elif args.server == "process":
         child = ServerProcess(args)
@@ -219,17 +227,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--server", choices=["process", "thread"], default="process",
                    help="run the local server in a child process (default), or on threads of the clients' process")
     p.add_argument("--std", type=float, default=0.1, help="weight std of the random model")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (in-process server)")
-    p.add_argument("--max-num-seqs", type=int, default=8)
-    p.add_argument("--max-model-len", type=int, default=2048)
+    p.add_argument("--device", default="auto", help="device of the local server (auto: cuda when available)")
+    add_threads_arg(p, note="; for the local server")
+    p.add_argument("--max-num-seqs", type=int, default=8, help="the local server's --max-num-seqs")
+    p.add_argument("--max-model-len", type=int, default=2048, help="the local server's --max-model-len")
     p.add_argument("--max-denoising-steps", type=int, default=None)
-    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4])
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4], help="concurrent clients, one run per level")
     p.add_argument("--requests", type=int, default=8, help="requests per run")
     p.add_argument("--time-limit", type=float, default=120.0, help="seconds per run")
-    p.add_argument("--prompt-len", type=int, default=32)
-    p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.05)
+    p.add_argument("--prompt-len", type=int, default=32, help="prompt token ids per request")
+    p.add_argument("--max-tokens", type=int, default=64, help="max_tokens of each request")
+    p.add_argument("--temperature", type=float, default=0.05, help="temperature of each request")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -53,8 +53,8 @@ class Parser(argparse.ArgumentParser):
 PRESET_NAMES = ("tiny", "small", "medium")
 
 DEFAULT_MODEL = Path(__file__).parent / "assets" / "sudoku"
-DEFAULT_MODEL_NOTE = (f"the embedded default model is a Sudoku solver (its vocabulary is the digits 0-9, '.', '|', "
-                      f"'-', '+', space and newline), not a language model")
+DEFAULT_MODEL_NOTE = ("the embedded default model is a Sudoku solver (its vocabulary is the digits 0-9, '.', '|', "
+                      "'-', '+', space and newline), not a language model")
 
 
 class _Dtypes(Mapping):
