@@ -164,6 +164,8 @@ def test_an_internal_error_shows_its_traceback(tmp_path):
     (["generate", "--prompt-ids", "3", "--prompt", "x"], "not allowed with argument"),
     (["generate", "--model", "/x", "--bogus-flag"], "unrecognized arguments: --bogus-flag"),
     (["sudoku", "solve", "0" * 81, "--steps", "0"], "error: --steps must be"),
+    (["sudoku", "eval", "--givens", "5"], "--givens must be in [17, 81]"),
+    (["sudoku", "train", "--eval-givens", "90", "--out", "/nonexistent/run"], "--eval-givens must be in [17, 81]"),
     (["bench", "--preset", "tiny", "--repeats", "0"], "--repeats must be at least 1"),
     (["serve", "--model", "/x", "--max-model-len", "0"], "--max-model-len must be positive"),
     (["train", "--preset", "tiny", "--data", "d.jsonl", "--out", "o"], "--preset needs --tokenizer"),

@@ -89,6 +89,8 @@ def cmd_train(args) -> int:
         eval_givens = [int(g) for g in args.eval_givens.split(",") if g.strip()]
     except ValueError:
         raise CLIError(f"--eval-givens must be comma-separated integers, got {args.eval_givens!r}") from None
+    if not all(17 <= g <= 81 for g in eval_givens):
+        raise CLIError(f"--eval-givens must be in [17, 81], got {args.eval_givens}")
     out = Path(args.out)
     if (out / CHECKPOINT).exists() and not args.resume:
         raise CLIError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
@@ -139,6 +141,8 @@ def cmd_eval(args) -> int:
     apply_threads(args.threads)
     if not 1 <= args.puzzles <= HELDOUT_SIZE:
         raise CLIError(f"--puzzles must be in [1, {HELDOUT_SIZE}], got {args.puzzles}")
+    if not 17 <= args.givens <= 81:
+        raise CLIError(f"--givens must be in [17, 81] (a Sudoku with fewer has no unique solution), got {args.givens}")
     ckpt = _load_model(args.model)
     puzzles = S.heldout_set(args.puzzles, args.givens)
     print(f"held-out set: {len(puzzles)} puzzles with {args.givens} givens ({81 - args.givens} empty cells), "
