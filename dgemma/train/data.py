@@ -17,12 +17,14 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..errors import DgemmaError
 from .batch import Example
 
 TEMPLATES = ("auto", "raw", "chat")
+BOM = b"\xef\xbb\xbf"
 
 
-class DataError(ValueError):
+class DataError(DgemmaError, ValueError):
     """Bad training data; the message is one line naming the file and line."""
 
 
@@ -81,18 +83,26 @@ def read_jsonl(path: str | Path, tokenizer, template: str = "auto", max_length: 
     if template == "auto":
         template = "chat" if tokenizer.has_chat_template else "raw"
     examples = []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError:
-        raise DataError(f"{path}: not UTF-8 text") from None
-    for n, line in enumerate(lines, start=1):
+    data = path.read_bytes()
+    if data.startswith(BOM):  # editors on Windows write one; it is not part of the first line's JSON
+        data = data[len(BOM):]
+    # JSONL lines end at \n only: str.splitlines also splits at U+2028, U+0085, \f, a lone \r..., which are valid
+    # inside JSON strings. Split the bytes (a \n byte is never inside a UTF-8 sequence) so a bad byte names its line.
+    for n, raw in enumerate(data.split(b"\n"), start=1):
+        where = f"{path}:{n}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{where}: line is not UTF-8 text (byte {e.start + 1}: {raw[e.start:e.start + 1]!r})") \
+                from None
         if not line.strip():
             continue
-        where = f"{path}:{n}"
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"{where}: not valid JSON ({e.msg})") from None
+        except RecursionError:
+            raise DataError(f"{where}: not valid training data (JSON nested too deeply)") from None
         ex = encode_record(record, tokenizer, template, where)
         if max_length is not None:
             C = canvas_length or 1
