@@ -1,0 +1,272 @@
+"""A constraint automaton over token ids: regex, JSON schema, any JSON object, or a choice among strings.
+
+A `Constraint` answers, from ANY state, which tokens are allowed and where each one leads, whether the text so
+far is complete (`is_final`) and how many more tokens completing it needs at least (`min_tokens_to_accept`).
+That is what a diffusion step needs: it scores whole canvases, not one next token after a fixed prefix.
+
+Compiling (`_compile`):
+1. The pattern goes to outlines-core in a child process (`_compile_worker.py`), which we kill at the time
+   limit; the child refuses a DFA with more states than the size limit before building the token index.
+2. Tokens that lead to the same state from every state share a class: a table (S, K) of next states plus a
+   class for each token id (V,) replaces a (S, V) table. JSON-object mode on a 32k vocabulary has K = 206.
+3. States from which no final state is reachable are dropped, and the tokens into them disallowed, so every
+   allowed token keeps the text completable. `min_tokens_to_accept` comes from a BFS toward the final states.
+4. End-of-text: an EOS token is allowed only from a final state and leads to the DONE state; from DONE only
+   EOS and pad tokens are allowed (and lead back to DONE). DONE is final.
+"""
+
+from __future__ import annotations
+
+import pickle
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .schema import SchemaError, schema_to_regex
+from .vocabulary import ConstraintVocabulary
+
+_WORKER = Path(__file__).with_name("_compile_worker.py")
+INVALID = -1  # next_state of a token that is not allowed
+
+
+class ConstraintError(ValueError):
+    """A constraint that cannot be built or satisfied; the message (one line) says why."""
+
+
+@dataclass(frozen=True)
+class CompileLimits:
+    """Bounds on compiling one constraint. Exceeding one raises ConstraintError.
+
+    max_states: states of the pattern's DFA (JSON-object mode needs about 1,600).
+    timeout_s: wall time of the compiling child process.
+    max_memory_mb: address space of the child (a DFA can grow exponentially with the pattern).
+    """
+
+    max_states: int = 50_000
+    timeout_s: float = 60.0
+    max_memory_mb: int = 8192
+
+    def __post_init__(self):
+        for name in ("max_states", "timeout_s", "max_memory_mb"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"CompileLimits.{name} must be positive, got {getattr(self, name)}")
+
+
+def escape_literal(text: str) -> str:
+    """`text` as a regex (outlines uses Rust's regex syntax) that matches exactly it."""
+    return "".join("\\" + c if c in "\\.+*?()|[]{}^$#&-~" else c for c in text)
+
+
+class Constraint:
+    """Token-level automaton. States are ints in [0, num_states); `done_state` is the state after EOS.
+
+    Tensors (CPU): `token_class` (V,) long, the class of each token id; `transitions` (S, K) long, the next
+    state per (state, class) or INVALID; `distance` (S,) long, min tokens to a final state; `final` (S,) bool.
+    """
+
+    def __init__(self, description: str, token_class: torch.Tensor, transitions: torch.Tensor,
+                 distance: torch.Tensor, final: torch.Tensor, initial_state: int, done_state: int,
+                 vocabulary: ConstraintVocabulary):
+        self.description = description
+        self.token_class = token_class
+        self.transitions = transitions
+        self.distance = distance
+        self.final = final
+        self.initial_state = initial_state
+        self.done_state = done_state
+        self.vocabulary = vocabulary
+
+    def __repr__(self) -> str:
+        return (f"Constraint({self.description}, states={self.num_states}, classes={self.num_classes}, "
+                f"vocab={self.vocab_size})")
+
+    # ---- building
+
+    @classmethod
+    def from_regex(cls, pattern: str, vocabulary: ConstraintVocabulary, *, max_tokens: int | None = None,
+                   limits: CompileLimits = CompileLimits(), description: str | None = None) -> "Constraint":
+        """Text that fully matches `pattern` (Rust regex syntax: no lookaround or backreferences)."""
+        if not isinstance(pattern, str):
+            raise ConstraintError(f"a regex must be a string, got {type(pattern).__name__}")
+        key = (pattern, limits)
+        constraint = vocabulary.cache.get(key)
+        if constraint is None:
+            constraint = _compile(pattern, vocabulary, limits, description or f"regex {pattern!r:.60}")
+            vocabulary.cache[key] = constraint
+        constraint.check_budget(max_tokens)
+        return constraint
+
+    @classmethod
+    def from_json_schema(cls, schema: dict, vocabulary: ConstraintVocabulary, *, max_tokens: int | None = None,
+                         limits: CompileLimits = CompileLimits()) -> "Constraint":
+        """JSON text valid against `schema` (the subset listed in schema.py)."""
+        try:
+            pattern = schema_to_regex(schema)
+        except SchemaError as err:
+            raise ConstraintError(str(err)) from None
+        return cls.from_regex(pattern, vocabulary, max_tokens=max_tokens, limits=limits, description="JSON schema")
+
+    @classmethod
+    def json_object(cls, vocabulary: ConstraintVocabulary, *, max_tokens: int | None = None,
+                    limits: CompileLimits = CompileLimits()) -> "Constraint":
+        """Any JSON object (`{"type": "json_object"}`), nested up to outlines' default depth of 2."""
+        return cls.from_regex(schema_to_regex({"type": "object"}), vocabulary, max_tokens=max_tokens,
+                              limits=limits, description="JSON object")
+
+    @classmethod
+    def from_choice(cls, options, vocabulary: ConstraintVocabulary, *, max_tokens: int | None = None,
+                    limits: CompileLimits = CompileLimits()) -> "Constraint":
+        """Exactly one of the strings in `options`."""
+        options = list(options) if not isinstance(options, str) else None
+        if not options or not all(isinstance(o, str) for o in options):
+            raise ConstraintError("a choice needs a non-empty list of strings")
+        pattern = "|".join(f"({escape_literal(o)})" for o in dict.fromkeys(options))
+        return cls.from_regex(pattern, vocabulary, max_tokens=max_tokens, limits=limits,
+                              description=f"choice of {len(options)}")
+
+    def check_budget(self, max_tokens: int | None) -> None:
+        """ConstraintError unless some accepted text fits in `max_tokens` tokens (None: no limit)."""
+        if max_tokens is None:
+            return
+        shortest = self.min_tokens_to_accept(self.initial_state)
+        if shortest > max_tokens:
+            raise ConstraintError(f"{self.description}: no accepted text fits in max_tokens={max_tokens} "
+                                  f"(the shortest needs {shortest} tokens)")
+
+    # ---- queries
+
+    @property
+    def vocab_size(self) -> int:
+        return self.token_class.numel()
+
+    @property
+    def num_states(self) -> int:
+        return self.transitions.shape[0]
+
+    @property
+    def num_classes(self) -> int:
+        return self.transitions.shape[1]
+
+    def allowed_mask(self, state: int) -> torch.Tensor:
+        """(V,) bool: the tokens allowed from `state`."""
+        return self.transitions[state][self.token_class] != INVALID
+
+    def allowed_tokens(self, state: int) -> torch.Tensor:
+        """Sorted token ids allowed from `state` (long)."""
+        return self.allowed_mask(state).nonzero().squeeze(1)
+
+    def next_state(self, state: int, token: int) -> int:
+        """The state after `token`, or INVALID (-1) when `token` is not allowed from `state`."""
+        return int(self.transitions[state, self.token_class[token]])
+
+    def is_final(self, state: int) -> bool:
+        """The text so far is complete (EOS is allowed)."""
+        return bool(self.final[state])
+
+    def min_tokens_to_accept(self, state: int) -> int:
+        """Fewest tokens (not counting EOS) that make the text complete from `state`; 0 in a final state."""
+        return int(self.distance[state])
+
+    def walk(self, tokens, state: int | None = None) -> torch.Tensor:
+        """(n,) long: the state after each of `tokens` from `state` (default: initial); INVALID from the
+        first token that is not allowed onwards."""
+        state = self.initial_state if state is None else state
+        out = torch.full((len(tokens),), INVALID, dtype=torch.long)
+        for i, token in enumerate(torch.as_tensor(tokens).tolist()):
+            state = self.next_state(state, token)
+            if state == INVALID:
+                break
+            out[i] = state
+        return out
+
+
+def _run_worker(regex: str, vocabulary: ConstraintVocabulary, limits: CompileLimits, description: str) -> dict:
+    """Step 1: outlines-core in a child process, bounded in time and memory."""
+    request = pickle.dumps({"regex": regex, "token_bytes": list(vocabulary.token_bytes),
+                            "max_states": limits.max_states}, protocol=pickle.HIGHEST_PROTOCOL)
+
+    def bound_memory():
+        import resource
+        size = limits.max_memory_mb * 2**20
+        resource.setrlimit(resource.RLIMIT_AS, (size, size))
+
+    try:
+        done = subprocess.run([sys.executable, str(_WORKER)], input=request, capture_output=True,
+                              timeout=limits.timeout_s, preexec_fn=bound_memory if sys.platform != "win32" else None)
+    except subprocess.TimeoutExpired:
+        raise ConstraintError(f"{description}: compiling took longer than the limit of {limits.timeout_s:g} s") from None
+    if done.returncode != 0:
+        lines = done.stderr.decode("utf-8", "replace").strip().splitlines()
+        last = lines[-1] if lines else f"exit status {done.returncode}"
+        if done.returncode < 0 or "memory" in last.lower():
+            last = f"{last} (memory limit {limits.max_memory_mb} MiB)"
+        raise ConstraintError(f"{description}: compiling failed: {last[:300]}")
+    reply = pickle.loads(done.stdout)
+    if "error" in reply:
+        raise ConstraintError(f"{description}: {reply['error']}")
+    return reply
+
+
+def _distances(table: np.ndarray, finals: np.ndarray) -> np.ndarray:
+    """(S,) int64: BFS distance in tokens to a final state over the (S, K) next-state table; -1 if none."""
+    src, cls = np.nonzero(table >= 0)
+    dst = table[src, cls]
+    pairs = np.unique(src.astype(np.int64) * table.shape[0] + dst)
+    src, dst = pairs // table.shape[0], pairs % table.shape[0]
+    dist = np.full(table.shape[0], -1, dtype=np.int64)
+    dist[finals] = 0
+    level, d = finals, 0
+    while level.size:
+        d += 1
+        preds = np.unique(src[np.isin(dst, level)])
+        level = preds[dist[preds] < 0]
+        dist[level] = d
+    return dist
+
+
+def _compile(regex: str, vocabulary: ConstraintVocabulary, limits: CompileLimits, description: str) -> Constraint:
+    reply = _run_worker(regex, vocabulary, limits, description)
+    table = np.frombuffer(reply["table"], dtype=np.int32).reshape(reply["num_states"], reply["num_classes"])
+    outlines_class = np.frombuffer(reply["token_class"], dtype=np.int32)
+    finals = np.asarray(reply["finals"], dtype=np.int64)
+
+    # 3. drop states that cannot reach a final state, and the transitions into them
+    dist = _distances(table, finals)
+    if dist[reply["initial"]] < 0:
+        raise ConstraintError(f"{description}: no text the tokenizer can spell satisfies it")
+    alive = dist >= 0
+    new_id = np.cumsum(alive) - 1
+    table = table[alive]
+    table = np.where((table >= 0) & alive[np.maximum(table, 0)], new_id[np.maximum(table, 0)], -1)
+    dist, initial = dist[alive], int(new_id[reply["initial"]])
+    num_live = table.shape[0]
+    final = np.zeros(num_live + 1, dtype=bool)
+    final[new_id[finals[alive[finals]]]] = True
+
+    # 4. the DONE state and the EOS / pad / never-allowed columns
+    done = num_live
+    eos_col = np.where(final, done, -1).astype(np.int32)
+    eos_col[done] = done
+    pad_col = np.full(num_live + 1, -1, dtype=np.int32)
+    pad_col[done] = done
+    never_col = np.full(num_live + 1, -1, dtype=np.int32)
+    table = np.vstack([table, np.full((1, table.shape[1]), -1, dtype=np.int32)])
+    final[done] = True
+    dist = np.append(dist, 0)
+
+    # 2. classes that became alike once dead states went, merged with the three special columns
+    columns = np.hstack([table, eos_col[:, None], pad_col[:, None], never_col[:, None]])
+    unique_columns, column_class = np.unique(columns.T, axis=0, return_inverse=True)
+    column_class = column_class.reshape(-1)
+    eos_class, pad_class = column_class[-3:-1]
+    token_class = column_class[outlines_class]
+    token_class[list(vocabulary.pad_token_ids)] = pad_class
+    token_class[list(vocabulary.eos_token_ids)] = eos_class
+
+    return Constraint(description, torch.from_numpy(token_class.astype(np.int64)),
+                      torch.from_numpy(np.ascontiguousarray(unique_columns.T).astype(np.int64)),
+                      torch.from_numpy(dist), torch.from_numpy(final), initial, done, vocabulary)
