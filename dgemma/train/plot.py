@@ -2,16 +2,26 @@
 
 from __future__ import annotations
 
-import struct
+import math
 import sys
-import zlib
 from pathlib import Path
 
 
+def finite_points(history: list[dict], key: str) -> list[tuple[int, float]]:
+    """(step, value) for each line with a step and a finite positive `key` (the plot's y axis is logarithmic).
+    NaN, Inf, zero and anything not a number (an edited metrics.jsonl) are left out, not plotted or raised on."""
+
+    def number(x) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+    return [(h["step"], float(h[key])) for h in history
+            if isinstance(h, dict) and number(h.get("step")) and number(h.get(key)) and h[key] > 0]
+
+
 def plot_losses(history: list[dict], path: str | Path, quiet: bool = False) -> Path | None:
-    """Training loss (and the decoder/encoder parts) against the step. Returns the path, or None with no data."""
-    points = [(h["step"], h["loss"]) for h in history if "loss" in h]
-    if len(points) < 2:
+    """Training loss (and the decoder/encoder parts) against the step. Returns the path, or None with fewer than two
+    finite points."""
+    if len(finite_points(history, "loss")) < 2:
         return None
     path = Path(path)
     try:
@@ -26,7 +36,7 @@ def plot_losses(history: list[dict], path: str | Path, quiet: bool = False) -> P
         return None
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     for key, label in (("loss", "loss"), ("dec_loss", "decoder"), ("enc_loss", "encoder")):
-        pts = [(h["step"], h[key]) for h in history if key in h and h[key] > 0]
+        pts = finite_points(history, key)
         if pts:
             ax.plot(*zip(*pts), label=label, linewidth=1.2 if key == "loss" else 0.8)
     ax.set_xlabel("step")
@@ -41,34 +51,3 @@ def plot_losses(history: list[dict], path: str | Path, quiet: bool = False) -> P
     tmp.replace(path)
     return path
 
-
-def _raster_plot(points: list[tuple[int, float]], path: Path, width: int = 640, height: int = 360) -> Path:
-    """A black polyline on white, axes-free; enough to see the trend without matplotlib."""
-    pad = 20
-    xs, ys = [p[0] for p in points], [p[1] for p in points]
-    x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
-    img = [[255] * width for _ in range(height)]
-
-    def to_px(x, y):
-        px = pad + (x - x0) / max(x1 - x0, 1e-12) * (width - 2 * pad)
-        py = height - pad - (y - y0) / max(y1 - y0, 1e-12) * (height - 2 * pad)
-        return px, py
-
-    prev = to_px(*points[0])
-    for p in points[1:]:
-        cur = to_px(*p)
-        n = int(max(abs(cur[0] - prev[0]), abs(cur[1] - prev[1]), 1))
-        for i in range(n + 1):
-            x = round(prev[0] + (cur[0] - prev[0]) * i / n)
-            y = round(prev[1] + (cur[1] - prev[1]) * i / n)
-            img[y][x] = 0
-        prev = cur
-    raw = b"".join(b"\x00" + bytes(row) for row in img)
-
-    def chunk(tag: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
-
-    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
-           + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
-    path.write_bytes(png)
-    return path

@@ -9,14 +9,19 @@ One step (numbers reused in the code):
 
 Checkpoint: <out>/checkpoint.safetensors holds the trainable parameters, the optimizer, the schedule, every random
 state (the objective's generator, torch's, Python's, the data source's) and the metric history: the tensors as
-safetensors, everything else as JSON in the file's metadata, so resuming unpickles nothing. It is written to a
-temporary file and renamed into place, so a run killed at any moment (SIGKILL included) resumes from its last
-checkpoint with exactly the state it had then.
+safetensors, everything else as JSON in the file's metadata, so resuming unpickles nothing. The metadata also holds
+a sha256 of the whole state, checked on resume. A checkpoint is written to a temporary file, read back and verified,
+and only then renamed over the previous one, so a run killed at any moment (SIGKILL included) resumes from its last
+checkpoint with exactly the state it had then, and a bad write never replaces a good checkpoint.
+
+A non-finite loss or gradient stops the run (TrainingError, naming the step) before the update, so the last
+checkpoint stays the last good state; a state holding NaN or Inf is never saved.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 import os
@@ -29,8 +34,10 @@ from typing import Callable, Protocol
 
 import torch
 
+from ..checkpoint import CheckpointError
 from ..checkpoint import save as save_checkpoint_dir
 from ..config import GenerationConfig, ModelConfig
+from ..errors import DgemmaError
 from .batch import Example, collate
 from .lora import has_lora, merge_lora, save_adapter
 from .objective import LossConfig, block_diffusion_loss
@@ -38,6 +45,11 @@ from .plot import plot_losses
 
 CHECKPOINT = "checkpoint.safetensors"
 LEGACY_CHECKPOINT = "checkpoint.pt"  # older dgemma pickled its state; that file is refused, never loaded
+STATE_KEY, CHECKSUM_KEY = "dgemma_train_state", "dgemma_train_sha256"
+
+
+class TrainingError(DgemmaError, ValueError):
+    """Training cannot go on (a non-finite loss, gradient or state); the message names the step or the tensor."""
 
 
 class DataSource(Protocol):
@@ -96,52 +108,86 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def state_checksum(structure: str, tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 of a saved state: its JSON structure, then each tensor's name, dtype, shape and bytes in name order."""
+    h = hashlib.sha256(structure.encode())
+    for key in sorted(tensors):
+        t = tensors[key].contiguous()
+        h.update(f"\0{key}\0{t.dtype}\0{list(t.shape)}\0".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
 def save_state(state: dict, path: Path) -> None:
     """Write a state dict of tensors, numbers, strings, lists, tuples and dicts (any hashable JSON-able keys) as
-    one safetensors file: tensors as tensors, the structure as JSON metadata. Atomic (temporary file, rename)."""
+    one safetensors file: tensors as tensors, the structure and its checksum as JSON metadata. Refuses NaN or Inf in
+    a floating-point tensor. Writes a temporary file, reads it back and verifies it, then renames it over `path`."""
     from safetensors.torch import save_file
 
     tensors: dict[str, torch.Tensor] = {}
 
-    def pack(obj):
+    def pack(obj, where: str):
         if isinstance(obj, torch.Tensor):
+            t = obj.detach().cpu().clone().contiguous()
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise TrainingError(f"not saving {path}: {where} holds NaN or Inf (the last good checkpoint is kept)")
             key = str(len(tensors))
-            tensors[key] = obj.detach().cpu().clone().contiguous()
+            tensors[key] = t
             return {"__tensor__": key}
         if isinstance(obj, dict):
-            return {"__dict__": [[pack(k), pack(v)] for k, v in obj.items()]}
+            return {"__dict__": [[pack(k, where), pack(v, f"{where}.{k}" if where else str(k))] for k, v in obj.items()]}
         if isinstance(obj, tuple):
-            return {"__tuple__": [pack(v) for v in obj]}
+            return {"__tuple__": [pack(v, f"{where}[{i}]") for i, v in enumerate(obj)]}
         if isinstance(obj, list):
-            return [pack(v) for v in obj]
+            return [pack(v, f"{where}[{i}]") for i, v in enumerate(obj)]
         if obj is None or isinstance(obj, (bool, int, float, str)):
             return obj
         raise TypeError(f"cannot save a {type(obj).__name__} in a training checkpoint")
 
-    structure = json.dumps(pack(state))
+    structure = json.dumps(pack(state, ""))
+    checksum = state_checksum(structure, tensors)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        save_file(tensors, str(tmp), metadata={"dgemma_train_state": structure})
+        save_file(tensors, str(tmp), metadata={STATE_KEY: structure, CHECKSUM_KEY: checksum})
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        try:  # read back: a write that does not verify must not replace the last good checkpoint
+            load_state(tmp)
+        except CheckpointError as e:
+            raise CheckpointError(f"{path}: the checkpoint just written does not read back intact, so the previous one "
+                                  f"is kept (a disk or file system fault?): {e}") from None
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    try:  # make the rename itself durable
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
 
 
 def load_state(path: Path) -> dict:
-    """Read what save_state wrote."""
+    """Read what save_state wrote, verifying its checksum."""
     from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
-            if "dgemma_train_state" not in metadata:
-                raise ValueError(f"{path}: not a dgemma training checkpoint")
+            if STATE_KEY not in metadata:
+                raise CheckpointError(f"{path}: not a dgemma training checkpoint")
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except SafetensorError as e:
-        raise ValueError(f"{path}: unreadable training checkpoint ({e})") from None
+        raise CheckpointError(f"{path}: unreadable training checkpoint ({e})") from None
+    structure = metadata[STATE_KEY]
+    if CHECKSUM_KEY not in metadata:
+        print(f"dgemma: {path} has no checksum (written by an older dgemma); resuming without verifying it",
+              file=sys.stderr)
+    elif state_checksum(structure, tensors) != metadata[CHECKSUM_KEY]:
+        raise CheckpointError(f"{path}: checksum mismatch, the training checkpoint is corrupt")
 
     def unpack(obj):
         if isinstance(obj, list):
@@ -154,7 +200,10 @@ def load_state(path: Path) -> dict:
             return {unpack(k): unpack(v) for k, v in obj["__dict__"]}
         return obj
 
-    return unpack(json.loads(metadata["dgemma_train_state"]))
+    try:
+        return unpack(json.loads(structure))
+    except (ValueError, KeyError, TypeError, RecursionError):
+        raise CheckpointError(f"{path}: malformed training checkpoint state") from None
 
 
 EvalFn = Callable[[torch.nn.Module], dict]
@@ -214,15 +263,18 @@ class Trainer:
         path = path or self.checkpoint_path
         legacy = path.with_name(LEGACY_CHECKPOINT)
         if not path.exists() and legacy.exists():
-            raise ValueError(f"{legacy} is a pickled checkpoint from an older dgemma; dgemma does not unpickle "
-                             f"files, so it cannot resume it. Start the run again in a new --out")
+            raise CheckpointError(f"{legacy} is a pickled checkpoint from an older dgemma; dgemma does not unpickle "
+                                  f"files, so it cannot resume it. Start the run again in a new --out")
         state = load_state(path)
         if state["model_config"] != self.model_config.to_hf():
-            raise ValueError(f"{path}: the checkpoint was written for a different model")
+            raise CheckpointError(f"{path}: the checkpoint was written for a different model")
         params = dict(self.model.named_parameters())
         missing = [n for n, p in params.items() if p.requires_grad and n not in state["model"]]
         if missing:
-            raise ValueError(f"checkpoint lacks trainable tensor {missing[0]} (LoRA settings differ?)")
+            raise CheckpointError(f"{path}: checkpoint lacks trainable tensor {missing[0]} (LoRA settings differ?)")
+        bad = [n for n, t in state["model"].items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        if bad:  # an older dgemma could save one
+            raise CheckpointError(f"{path}: tensor {bad[0]} holds NaN or Inf; the checkpoint cannot be resumed")
         with torch.no_grad():
             for name, t in state["model"].items():
                 params[name].copy_(t)
@@ -275,16 +327,29 @@ class Trainer:
         # 1. batch
         batch = collate(examples, self.model_config.canvas_length, text.eos_token_id[0], text.pad_token_id,
                         cfg.enc_on_prompt)
-        # 2. loss, backward, clip, step
+        # 2. loss, backward, clip, step; a non-finite loss or gradient stops here, before the update (one sync each:
+        #    the loop reads the loss anyway, and an update with NaN would poison every weight and the next checkpoint)
         out = block_diffusion_loss(self.model, batch, cfg.loss, self.generator)
+        loss = float(out.loss.detach())
+        if not math.isfinite(loss):
+            raise self._diverged(f"the loss is {loss}")
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        if not math.isfinite(float(grad_norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise self._diverged(f"the gradient norm is {float(grad_norm)}")
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1
         return out, float(grad_norm)
+
+    def _diverged(self, what: str) -> TrainingError:
+        kept = (f"the last good checkpoint, {self.checkpoint_path}, is kept" if self.checkpoint_path.exists()
+                else "no checkpoint was written")
+        return TrainingError(f"step {self.step + 1}: {what}; stopped before the update ({kept}). Lower --lr or check "
+                             f"the data, then resume")
 
     def train(self, stop_after: int | None = None) -> None:
         """Train to `cfg.steps` (or `stop_after` more steps, for tests that interrupt a run)."""
