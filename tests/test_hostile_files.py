@@ -234,3 +234,18 @@ def test_hostile_header_in_the_cli_is_one_line(tiny_checkpoint, tmp_path, capsys
     assert main(["generate", "--model", str(ckpt), "--prompt-ids", "3,4,5", "--max-new-tokens", "4"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "nested too deeply" in err[0], err
+
+
+@pytest.mark.parametrize("quantization, message", [
+    ({"quant_method": "fp8", "modules_to_not_convert": 5}, "modules_to_not_convert must be a list"),
+    ({"quant_method": "fp8", "weight_block_size": [True, 128]}, "weight_block_size must be two positive integers"),
+    ({"quant_method": "fp8", "weight_block_size": "128"}, "weight_block_size must be two positive integers"),
+])
+def test_hostile_quantization_config_is_one_line(quantization, message, tiny_checkpoint, tmp_path):
+    ckpt = Path(shutil.copytree(tiny_checkpoint, tmp_path / "bad"))
+    config = json.loads((ckpt / "config.json").read_text())
+    config["quantization_config"] = quantization
+    (ckpt / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError) as info:
+        checkpoint.load(ckpt, quiet=True)
+    assert message in _one_line(info.value)

@@ -176,3 +176,16 @@ def test_convert_twice_into_the_same_out(tiny_checkpoint, tmp_path, capsys):
     capsys.readouterr()
     assert main(["convert", "--model", str(out), "--out", str(out)]) == 2
     _one_error_line(capsys, "--out must differ from --model")
+
+
+def test_training_refuses_an_out_model_it_did_not_write_before_training(tmp_path):
+    from dgemma.train.data import ShuffledExamples
+    from dgemma.train.batch import Example
+    from dgemma.train.trainer import TrainConfig, Trainer
+
+    model_dir = _user_dir(tmp_path / "run" / "model")
+    before = _tree(tmp_path)
+    with pytest.raises(CheckpointError, match="not a dgemma output"):
+        Trainer(random_model(CFG).train(), CFG, default_generation(CFG), TrainConfig(steps=1, batch_size=1),
+                ShuffledExamples([Example([2, 5], [6])]), tmp_path / "run", quiet=True)
+    assert _tree(tmp_path) == before and model_dir.is_dir()

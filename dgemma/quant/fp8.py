@@ -216,8 +216,11 @@ def read_config(qc: object, where: str) -> tuple[tuple[int, int], bool]:
     if qc.get("fmt", "e4m3") != "e4m3" or qc.get("scale_fmt") not in (None, "float32", "fp32"):
         raise QuantError(f"{where}: only E4M3 weights with fp32 scales are supported")
     block = qc.get("weight_block_size") or [128, 128]
-    if (not isinstance(block, list) or len(block) != 2 or not all(isinstance(b, int) and b > 0 for b in block)):
-        raise QuantError(f"{where}: weight_block_size must be two positive integers, got {block!r}")
+    if (not isinstance(block, list) or len(block) != 2
+            or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)):
+        raise QuantError(f"{where}: weight_block_size must be two positive integers, got {block!r:.80}")
     skip = qc.get("modules_to_not_convert") or []
+    if not isinstance(skip, list):
+        raise QuantError(f"{where}: modules_to_not_convert must be a list, got {skip!r:.80}")
     experts = not any(s == "experts" or str(s).endswith(".experts") for s in skip)
     return (block[0], block[1]), experts

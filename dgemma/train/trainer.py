@@ -38,6 +38,7 @@ from ..checkpoint import CheckpointError
 from ..checkpoint import save as save_checkpoint_dir
 from ..config import GenerationConfig, ModelConfig
 from ..errors import DgemmaError
+from ..output_dir import previous_output
 from .batch import Example, collate
 from .lora import has_lora, merge_lora, save_adapter
 from .objective import LossConfig, block_diffusion_loss
@@ -219,6 +220,7 @@ class Trainer:
         self.out_dir = Path(out_dir)
         self.tokenizer_dir, self.base_model, self.quiet = tokenizer_dir, base_model, quiet
         self.export_on_eval = export_on_eval  # keep <out>/model current, so a long run can be used at any time
+        previous_output(self.out_dir / "model")  # refuse, before hours of training, a <out>/model dgemma did not write
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ValueError("the model has no trainable parameters")
