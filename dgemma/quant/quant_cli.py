@@ -15,7 +15,9 @@ def add_quantize_parser(subparsers) -> argparse.ArgumentParser:
                     "scale per block, in the fine-grained FP8 layout transformers reads (quant_method \"fp8\"). "
                     "Embeddings, routers and norms keep the checkpoint's dtype.")
     p.add_argument("--model", required=True, help="checkpoint directory to quantize")
-    p.add_argument("--out", required=True, help="directory to write (replaced only once it is complete)")
+    p.add_argument("--out", required=True,
+                   help="directory to write: new, empty, or an earlier dgemma output (of which only the files dgemma "
+                        "wrote are replaced, once the new copy is complete)")
     p.add_argument("--block-size", type=int, default=None,
                    help="weights per side of a scale block (default: the largest of 128, 64, 32, 16 that divides "
                         "every quantized matrix)")
