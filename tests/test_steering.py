@@ -99,3 +99,35 @@ def test_batched_strategy_gives_the_row_strategys_tokens_with_pins_and_seeds(mod
                        strategy=Strategy.BATCHED)
     assert rows.token_ids == batched.token_ids
     assert rows.token_ids[0][20] == 1 and 1 not in rows.token_ids[0][:20] and 2 not in rows.token_ids[0][:20]
+
+
+@pytest.mark.parametrize("pin_prefix", [False, True])
+def test_engine_applies_pins_and_seeds_as_generate_does(model, gen, pin_prefix):
+    """One request through the engine, exact sampler: generate's tokens with the same steering (with the settled
+    prefix pinned too, the pins still hold)."""
+    from dgemma.engine import Engine, SamplingParams
+
+    steer = Steering(pinned={2: 7, 17: 9, 33: 11}, seed_tokens=list(range(20, 20 + C)), strength=0.5)
+    g = gen.replace(max_new_tokens=3 * C)
+    want = generate(model, [[5, 6, 7]], g, generator=torch.Generator().manual_seed(4), steering=[steer])
+    engine = Engine(model, gen, max_num_seqs=2, max_model_len=256, sampler="exact")
+    outs = []
+    engine.add_request([5, 6, 7], SamplingParams(max_tokens=3 * C, seed=4, pin_prefix=pin_prefix, steering=steer),
+                       outs.append)
+    for _ in range(200):
+        engine.step()
+        if outs and outs[-1].finished:
+            break
+    got = [t for o in outs for t in o.token_ids]
+    assert all(got[p] == t for p, t in steer.pinned.items())
+    if not pin_prefix:
+        assert got == want.token_ids[0]
+
+
+def test_engine_refuses_bad_steering_naming_the_field(model, gen):
+    from dgemma.engine import Engine, RequestError, SamplingParams
+
+    engine = Engine(model, gen, max_num_seqs=1, max_model_len=256)
+    with pytest.raises(RequestError) as e:
+        engine.add_request([5], SamplingParams(max_tokens=C, steering=Steering(pinned={C: 3})), lambda o: None)
+    assert e.value.param == "pinned" and engine.num_waiting == 0

@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 
 from ..config import GenerationConfig
+from ..control.pins import Steering
 from ..errors import DgemmaError
 from ..sampling import temperature
 from .detokenizer import TextStream
@@ -54,6 +55,7 @@ class SamplingParams:
     pin_prefix: bool = True
     include_drafts: bool = False
     skip_special_tokens: bool = True
+    steering: Steering | None = None  # pinned output positions and a seeded canvas (control/pins.py)
 
     def __post_init__(self) -> None:
         def check(ok: bool, param: str, message: str) -> None:

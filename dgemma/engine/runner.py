@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..control.pins import start_canvas
 from ..model import DiffusionGemma
 from ..sampling import random_tokens
 from ..step import CanvasState, Draws, Sampler, Strategy, default_strategy, denoise_step
@@ -63,7 +64,21 @@ class ModelRunner:
             return
         canvas = torch.cat([random_tokens((1, self.canvas_length), self.vocab_size, r.generator, self.device)
                             for r in requests])  # (R, C)
-        self.state.start([r.row for r in requests], canvas)
+        steerings = [r.params.steering for r in requests]
+        if all(s is None for s in steerings):
+            self.state.start([r.row for r in requests], canvas)
+            return
+        pinned = values = None
+        for i, r in enumerate(requests):  # one request at a time: each is at its own canvas
+            if steerings[i] is not None:
+                canvas[i:i + 1], p, v = start_canvas(canvas[i:i + 1], [steerings[i]], r.canvas_index, [r.generator])
+                if p is not None:
+                    if pinned is None:
+                        pinned, values = torch.zeros_like(canvas, dtype=torch.bool), torch.zeros_like(canvas)
+                    pinned[i], values[i] = p[0], v[0]
+        until = [0 if s is None else s.eos_until(r.canvas_index, self.canvas_length)
+                 for s, r in zip(steerings, requests)]
+        self.state.start([r.row for r in requests], canvas, pinned, values, until, requests[0].gen.eos_token_id)
 
     @torch.inference_mode()
     def commit(self, requests: list[Request]) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from ..config import FULL, SLIDING, GenerationConfig, ModelConfig, TextConfig
+from ..control.pins import Steering
 from ..generate import generate  # imported up front: a long training run must not pick up later edits at eval
 from ..train.batch import Example
 from .sudoku_puzzles import CELLS, generate_puzzles, is_solution, make_puzzle, shuffle_symmetry
@@ -159,14 +160,43 @@ class SudokuScore:
         return self.solved / self.total if self.total else 0.0
 
 
+def givens_steering(puzzle: list[int]) -> Steering:
+    """Pin every given into the canvas at its cell, so no given can be overwritten."""
+    return Steering(pinned={i: DIGIT0 + d for i, d in enumerate(puzzle) if d})
+
+
+def repair_steering(grid: list[int], strength: float) -> Steering:
+    """Start the canvas from a (partly wrong) grid, each cell renoised with probability `strength`."""
+    return Steering(seed_tokens=[DIGIT0 + d for d in grid], strength=strength)
+
+
+def corrupt(solution: list[int], cells: int, rng: random.Random) -> list[int]:
+    """The solution with `cells` cells changed to another digit."""
+    grid = list(solution)
+    for i in rng.sample(range(CELLS), cells):
+        grid[i] = rng.choice([d for d in range(1, 10) if d != solution[i]])
+    return grid
+
+
 def evaluate(model, puzzles: list[tuple[list[int], list[int]]], gen: GenerationConfig, batch_size: int = 100,
-             seed: int = 0) -> SudokuScore:
-    """Solve every puzzle with `generate` (batched) and check the answers."""
+             seed: int = 0, pin_givens: bool = False, repair: tuple[int, float] | None = None) -> SudokuScore:
+    """Solve every puzzle with `generate` (batched) and check the answers. `pin_givens` pins the givens into the
+    canvas; `repair` = (wrong cells, strength) seeds each canvas with the solution with that many cells wrong."""
     g = torch.Generator(device=model.device).manual_seed(seed)
+    rng = random.Random(seed)
     solved, steps, canvases = 0, 0, 0
     for i in range(0, len(puzzles), batch_size):
         chunk = puzzles[i:i + batch_size]
-        out = generate(model, [prompt_ids(p) for p, _ in chunk], gen, generator=g)
+        steering = None
+        if pin_givens or repair:
+            steering = []
+            for puzzle, solution in chunk:
+                s = givens_steering(puzzle) if pin_givens else Steering()
+                if repair:
+                    seeded = repair_steering(corrupt(solution, repair[0], rng), repair[1])
+                    s.seed_tokens, s.strength = seeded.seed_tokens, seeded.strength
+                steering.append(s)
+        out = generate(model, [prompt_ids(p) for p, _ in chunk], gen, generator=g, steering=steering)
         for (puzzle, _), ids, row_steps in zip(chunk, out.token_ids, out.steps_per_canvas):
             grid = decode_grid(ids)
             solved += grid is not None and is_solution(puzzle, grid)
