@@ -75,7 +75,7 @@ def cmd_train(args) -> int:
 
     from ..cli_common import load_checkpoint
     from ..presets import default_generation, preset_config, random_model
-    from .data import DataError, ShuffledExamples, read_jsonl
+    from .data import ShuffledExamples, read_jsonl
     from ..quant import is_quantized
     from .lora import apply_lora
     from .objective import LossConfig, block_diffusion_loss
@@ -124,16 +124,13 @@ def cmd_train(args) -> int:
         config.text.eos_token_id, config.text.pad_token_id = list(eos), pad
         generation = default_generation(config)
     limit = config.text.max_position_embeddings
-    try:
-        examples = read_jsonl(args.data, tokenizer, args.template, limit, config.canvas_length)
-        if args.eval_data:
-            eval_examples = read_jsonl(args.eval_data, tokenizer, args.template, limit, config.canvas_length)
-        else:
-            n_eval = min(200, len(examples) // 20)
-            eval_examples, examples = (examples[-n_eval:], examples[:-n_eval]) if n_eval else ([], examples)
-        data = ShuffledExamples(examples, seed=args.seed)
-    except DataError as e:  # a ValueError, not (yet) a DgemmaError: the data is the user's
-        raise CLIError(str(e)) from None
+    examples = read_jsonl(args.data, tokenizer, args.template, limit, config.canvas_length)
+    if args.eval_data:
+        eval_examples = read_jsonl(args.eval_data, tokenizer, args.template, limit, config.canvas_length)
+    else:
+        n_eval = min(200, len(examples) // 20)
+        eval_examples, examples = (examples[-n_eval:], examples[:-n_eval]) if n_eval else ([], examples)
+    data = ShuffledExamples(examples, seed=args.seed)
     if args.lora_rank:
         apply_lora(model, args.lora_rank, args.lora_alpha)
     model.train()
