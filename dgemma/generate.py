@@ -28,6 +28,7 @@ import torch
 
 from .budget import ContextLengthError, canvases_for, check_prompt
 from .config import GenerationConfig
+from .control.infill import check_suffix, infill_steering, middle_length
 from .control.pins import Steering, start_canvas
 from .model import DiffusionGemma
 from .sampling import random_tokens, temperature
@@ -55,6 +56,7 @@ class GenerationOutput:
     finish_reasons: list[str]
     stats: GenerationStats = field(default_factory=GenerationStats)
     steps_per_canvas: list[list[int]] = field(default_factory=list)  # per row
+    middle_lengths: list[int | None] = field(default_factory=list)  # per row: the infilled middle's length
 
 
 @dataclass
@@ -121,6 +123,14 @@ def generate(model: DiffusionGemma, prompts: list[list[int]], gen: GenerationCon
     cache = model.new_cache(B, T + min(num_canvases, 4) * C)
     cache.set_left_padding(valid)
     model.encode(tokens, cache)
+    middles: list[int | None] = [None] * B
+    if steering is not None:  # fill in the middle: choose each middle's length, then pin the suffix after it
+        steering = list(steering)
+        for b, s in enumerate(steering):
+            if s is not None and s.suffix is not None:
+                longest = check_suffix(s.suffix, C, max_new - len(s.suffix) - 1)
+                middles[b] = middle_length(model, cache, b, s.suffix, longest)
+                steering[b] = infill_steering(s.suffix, middles[b], gen.eos_token_id[0], s)
     if device.type == "cuda":  # time the prefill, not its launch
         torch.cuda.synchronize(device)
     prefill_seconds = time.perf_counter() - t0
@@ -197,7 +207,7 @@ def generate(model: DiffusionGemma, prompts: list[list[int]], gen: GenerationCon
         seconds=seconds,
         tokens_per_second=n_tokens / seconds if seconds > 0 else 0.0,
     )
-    return GenerationOutput(out_ids, reasons, stats, steps_per_canvas)
+    return GenerationOutput(out_ids, reasons, stats, steps_per_canvas, middles)
 
 
 class LockstepDenoiser:

@@ -131,3 +131,39 @@ def test_engine_refuses_bad_steering_naming_the_field(model, gen):
     with pytest.raises(RequestError) as e:
         engine.add_request([5], SamplingParams(max_tokens=C, steering=Steering(pinned={C: 3})), lambda o: None)
     assert e.value.param == "pinned" and engine.num_waiting == 0
+
+
+# -- fill in the middle ---------------------------------------------------------------------------------------
+
+
+def test_generate_fills_the_middle_between_prompt_and_suffix(model, gen):
+    from dgemma.control.pins import SteeringError
+
+    suffix = [40, 41, 42]
+    out = generate(model, [[5, 6, 7], [8]], gen.replace(max_new_tokens=C, eos_token_id=[1]),
+                   generator=torch.Generator().manual_seed(0),
+                   steering=[Steering(suffix=suffix), Steering(suffix=[50] * 4, pinned={0: 9})])
+    for ids, L, sfx in zip(out.token_ids, out.middle_lengths, (suffix, [50] * 4)):
+        assert 1 <= L <= C - len(sfx) - 1
+        assert ids[L:] == sfx + [1] and 1 not in ids[:L]  # middle, suffix, EOS; no EOS inside the middle
+    assert out.token_ids[1][0] == 9 and out.finish_reasons == ["stop", "stop"]
+    with pytest.raises(SteeringError) as e:  # a suffix that leaves no room in the canvas
+        generate(model, [[5]], gen.replace(max_new_tokens=C), steering=[Steering(suffix=[40] * (C - 1))])
+    assert e.value.param == "suffix"
+
+
+@torch.inference_mode()
+def test_middle_length_prefers_where_the_model_expects_the_suffix(model):
+    """Scoring reads the model: a suffix token that the model predicts strongly at position p is placed there."""
+    from dgemma.control.infill import middle_length
+
+    cache = model.new_cache(1, 64)
+    model.encode(torch.tensor([[5, 6, 7]]), cache)
+    C_, V = model.canvas_length, model.config.vocab_size
+    noise = torch.randint(0, V, (1, C_), generator=torch.Generator().manual_seed(0))
+    plan = model.plan(cache, [0], C_, encoder=False)
+    logp = torch.log_softmax(model.logits(model.decode(noise, None, plan))[0], dim=-1)  # (C, V)
+    for token in (int(logp[7].argmax()), 100, 200):
+        want = 1 + int(logp[1:C_ - 1, token].argmax())
+        assert middle_length(model, cache, 0, [token], C_ - 2) == want
+    assert cache.lengths == [3]  # scoring leaves the cache as it was

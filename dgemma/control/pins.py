@@ -22,6 +22,12 @@ import torch
 from ..errors import DgemmaError
 
 
+# The renoise strength of a prediction (OpenAI's Predicted Outputs) when the request sets none. Measured with the
+# Sudoku model, repairing solutions with 5 wrong cells (BENCHMARKS.md, "Steering the canvas"): strength 0.2 took
+# the fewest steps (0.0 and 0.5 took more), every repair valid.
+DEFAULT_PREDICTION_STRENGTH = 0.2
+
+
 class SteeringError(DgemmaError, ValueError):
     """Bad pins or seed; `param` names the request field."""
 
@@ -35,6 +41,7 @@ class Steering:
     pinned: dict[int, int] = field(default_factory=dict)  # output position -> token id
     seed_tokens: list[int] | None = None  # output tokens the canvases start from, from position 0
     strength: float = 1.0  # probability that each seed token is renoised when its canvas starts
+    suffix: list[int] | None = None  # fill in the middle (control/infill.py): resolved into pins at prefill
 
     def check(self, vocab_size: int, max_new: int) -> None:
         """Refuse what cannot be run, naming the field: ids outside the vocabulary, positions outside the output,
@@ -56,12 +63,18 @@ class Steering:
             if len(self.seed_tokens) > max_new:
                 raise SteeringError(f"seed_tokens has {len(self.seed_tokens)} tokens, more than the {max_new} the "
                                     f"output may hold", "seed_tokens")
+        if self.suffix is not None:
+            if not isinstance(self.suffix, list) or not self.suffix:
+                raise SteeringError("suffix must be a non-empty list of token ids", "suffix")
+            bad = next((t for t in self.suffix if not (_is_int(t) and 0 <= t < vocab_size)), None)
+            if bad is not None:
+                raise SteeringError(f"suffix token id {bad!r} is outside the vocabulary [0, {vocab_size})", "suffix")
         s = self.strength
         if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s) or not 0 <= s <= 1:
             raise SteeringError(f"strength must be a number in [0, 1], got {s!r}", "strength")
 
     def is_empty(self) -> bool:
-        return not self.pinned and self.seed_tokens is None
+        return not self.pinned and self.seed_tokens is None and self.suffix is None
 
     def pins_for_canvas(self, index: int, canvas_length: int) -> list[tuple[int, int]]:
         """(position within canvas `index`, token) of the pins that fall in it."""

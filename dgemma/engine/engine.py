@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 from ..budget import PromptError, check_prompt
 from ..config import ConfigError, GenerationConfig
+from ..control.infill import check_suffix
 from ..control.pins import SteeringError
 from ..model import DiffusionGemma
 from ..step import Sampler
@@ -91,9 +92,11 @@ class Engine:
             text = TextStream(self.tokenizer.decode, params.skip_special_tokens, gen.eos_token_id, params.stop)
         decode = self.tokenizer.decode if self.tokenizer is not None else None
         if params.steering is not None:
+            max_new = min(params.max_tokens or max_canvases * C, max_canvases * C)
             try:
-                params.steering.check(self.model.config.vocab_size, min(params.max_tokens or max_canvases * C,
-                                                                        max_canvases * C))
+                params.steering.check(self.model.config.vocab_size, max_new)
+                if params.steering.suffix is not None:
+                    check_suffix(params.steering.suffix, C, max_new)
             except SteeringError as e:
                 raise RequestError(str(e), e.param) from None
         request = Request(request_id or f"req-{next(self._ids)}", prompt, params, gen, C, max_canvases,

@@ -155,6 +155,7 @@ class Request:
         self.temperatures = [float(temperature(gen, n, torch.device("cpu"))) for n in range(n_steps, 0, -1)]
         self.greedy = params.temperature == 0
         self.eos = set(gen.eos_token_id)
+        self.stop_at: int | None = None  # fill in the middle: the output is the middle, this many tokens
         self.committed: list[int] = []  # tokens of committed canvases
         self.settled: list[int] = []  # the settled prefix of the current canvas
         self.num_reported = 0  # output tokens already sent to the sink
@@ -181,6 +182,11 @@ class Request:
         cut = next((i for i, t in enumerate(new) if t in self.eos), None)
         return (new, False) if cut is None else (new[: cut + 1], True)
 
+    def infill(self, length: int, steering) -> None:
+        """Fill in the middle: the output is the first `length` tokens; the suffix is pinned after them."""
+        self.params = dataclasses.replace(self.params, steering=steering)
+        self.stop_at = length
+
     def apply(self, result) -> Progress:
         """Take one denoising step's result (runner.StepResult): advance the step counters, take a committed
         canvas or a longer settled prefix, and say what to report and whether the request has finished."""
@@ -195,7 +201,9 @@ class Request:
             self.settled = result.argmax[: result.num_pinned]
         ids, hit_eos = self.new_output_ids()
         reason = None
-        if hit_eos:
+        if self.stop_at is not None and self.num_reported + len(ids) >= self.stop_at:
+            ids, reason = ids[: self.stop_at - self.num_reported], "stop"
+        elif hit_eos:
             reason = "stop"
         elif self.num_reported + len(ids) >= self.max_new or self.num_canvases_left == 0:
             reason = "length"

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..control.infill import check_suffix, infill_steering, middle_length
 from ..control.pins import start_canvas
 from ..model import DiffusionGemma
 from ..sampling import random_tokens
@@ -56,6 +57,11 @@ class ModelRunner:
         self.cache.reset_row(row)
         prompt = torch.tensor([request.prompt], dtype=torch.long, device=self.device)  # (1, T)
         self.model.encode(prompt, self.cache, rows=[row])
+        steering = request.params.steering
+        if steering is not None and steering.suffix is not None:  # fill in the middle (control/infill.py)
+            longest = check_suffix(steering.suffix, self.canvas_length, request.max_new)
+            length = middle_length(self.model, self.cache, row, steering.suffix, longest)
+            request.infill(length, infill_steering(steering.suffix, length, request.gen.eos_token_id[0], steering))
         self.start_canvases([request])
 
     def start_canvases(self, requests: list[Request]) -> None:

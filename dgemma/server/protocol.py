@@ -5,7 +5,8 @@ Unknown fields (top_p, user, ...) are accepted and ignored, as OpenAI clients se
 Non-standard fields, all optional:
   request: max_denoising_steps, entropy_bound, t_min, t_max (diffusion sampler), settled_prefix (pin and stream
            the settled prefix; default: the server's setting), stream_options.include_drafts,
-           chat_template_kwargs (e.g. {"enable_thinking": true});
+           chat_template_kwargs (e.g. {"enable_thinking": true}), pinned / seed_tokens / strength (steer the
+           canvas), and OpenAI's prediction and suffix (editing, fill in the middle);
   response: usage.denoising_steps, choices[0].delta.draft (drafts), choices[0].token_ids (completions).
 """
 
@@ -24,6 +25,13 @@ class _Body(BaseModel):
 class StreamOptions(_Body):
     include_usage: bool = False
     include_drafts: bool = False
+
+
+class Prediction(_Body):
+    """OpenAI's Predicted Outputs: text the answer is expected to resemble. dgemma seeds the canvas with it."""
+
+    type: Literal["content"]
+    content: str | Annotated[list[dict[str, Any]], Field(max_length=64)]
 
 
 class ChatMessage(_Body):
@@ -46,6 +54,11 @@ class _SamplingBody(_Body):
     t_min: float | None = Field(None, ge=0, le=100)
     t_max: float | None = Field(None, gt=0, le=100)
     settled_prefix: bool | None = None
+    # steering the canvas: output position -> token id (JSON keys are strings), a seed and its renoise strength
+    pinned: Annotated[dict[str, int], Field(max_length=65536)] | None = None
+    seed_tokens: Annotated[list[int], Field(min_length=1, max_length=65536)] | None = None
+    strength: float | None = Field(None, ge=0, le=1)
+    prediction: Prediction | None = None
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -61,6 +74,7 @@ class ChatCompletionRequest(_SamplingBody):
 
 class CompletionRequest(_SamplingBody):
     prompt: str | list[int] = Field(min_length=1)
+    suffix: str | None = Field(None, min_length=1)  # fill in the middle: the output goes between prompt and suffix
 
 
 # -- responses ----------------------------------------------------------------------------------------------------

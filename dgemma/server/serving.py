@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request as HTTPRequest
 
+from ..control.pins import DEFAULT_PREDICTION_STRENGTH, Steering
 from ..engine import Engine, QueueFullError, RequestError, RequestOutput, SamplingParams
 from .metrics import Metrics
 from .protocol import (ChatChoice, ChatCompletionRequest, ChatCompletionResponse, ChatMessageOut, CompletionChoice,
@@ -103,7 +104,37 @@ class Serving:
             raise APIError(404, f"the model {name!r} does not exist; this server serves {self.model_name!r}",
                            param="model", code="model_not_found")
 
-    def params(self, body, max_tokens: int | None, skip_special_tokens: bool) -> SamplingParams:
+    def steering(self, body, suffix: list[int] | None = None) -> Steering | None:
+        """The canvas-steering fields (pinned, seed_tokens, strength, prediction, suffix) as one Steering."""
+        seed = body.seed_tokens
+        if body.prediction is not None:
+            if seed is not None:
+                raise APIError(400, "give prediction or seed_tokens, not both", param="prediction")
+            content = body.prediction.content
+            if not isinstance(content, str):  # content parts: their text, in order
+                content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+            if self.tokenizer is None:
+                raise APIError(400, "this model has no tokenizer, so a text prediction cannot be used; send "
+                                    "seed_tokens", param="prediction")
+            seed = self.tokenizer.encode(content, add_special_tokens=False) or None
+        pinned = None
+        if body.pinned is not None:
+            try:
+                pinned = {int(k): v for k, v in body.pinned.items()}
+            except ValueError:
+                raise APIError(400, "pinned maps output positions (integers, as JSON object keys) to token ids",
+                               param="pinned") from None
+        if pinned is None and seed is None and suffix is None:
+            if body.strength is not None:
+                raise APIError(400, "strength needs a prediction or seed_tokens", param="strength")
+            return None
+        strength = body.strength
+        if strength is None:
+            strength = DEFAULT_PREDICTION_STRENGTH if seed is not None else 1.0
+        return Steering(pinned=pinned or {}, seed_tokens=seed, strength=strength, suffix=suffix)
+
+    def params(self, body, max_tokens: int | None, skip_special_tokens: bool,
+               steering: Steering | None = None) -> SamplingParams:
         options = body.stream_options or StreamOptions()
         try:
             return SamplingParams(
@@ -111,7 +142,8 @@ class Serving:
                 temperature=1.0 if body.temperature is None else body.temperature,
                 max_denoising_steps=body.max_denoising_steps, entropy_bound=body.entropy_bound, t_min=body.t_min,
                 t_max=body.t_max, pin_prefix=self.settled_prefix if body.settled_prefix is None else body.settled_prefix,
-                include_drafts=body.stream and options.include_drafts, skip_special_tokens=skip_special_tokens)
+                include_drafts=body.stream and options.include_drafts, skip_special_tokens=skip_special_tokens,
+                steering=steering)
         except RequestError as e:
             raise APIError(400, str(e), param=e.param) from None
 
@@ -141,7 +173,9 @@ class Serving:
         except (TokenizerError, TypeError) as e:
             raise APIError(400, f"cannot render the chat template: {e}", param="messages") from None
         # the thought channel markers are special tokens: keep them in the text and split on them
-        params = self.params(body, body.max_completion_tokens or body.max_tokens, skip_special_tokens=False)
+        steering = await run_in_threadpool(self.steering, body)
+        params = self.params(body, body.max_completion_tokens or body.max_tokens, skip_special_tokens=False,
+                             steering=steering)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         try:
             stream = RequestStream(self.engine, prompt, params, request_id, self.metrics)
@@ -202,7 +236,13 @@ class Serving:
             prompt = await run_in_threadpool(self.tokenizer.encode, body.prompt, add_special_tokens=True)
         else:
             prompt = list(body.prompt)
-        params = self.params(body, body.max_tokens, skip_special_tokens=True)
+        suffix = None
+        if body.suffix is not None:
+            if self.tokenizer is None:
+                raise APIError(400, "this model has no tokenizer, so a text suffix cannot be used", param="suffix")
+            suffix = await run_in_threadpool(self.tokenizer.encode, body.suffix, add_special_tokens=False)
+        steering = await run_in_threadpool(self.steering, body, suffix)
+        params = self.params(body, body.max_tokens, skip_special_tokens=True, steering=steering)
         request_id = f"cmpl-{uuid.uuid4().hex}"
         stream = RequestStream(self.engine, prompt, params, request_id, self.metrics)
         if body.stream:

@@ -1,0 +1,90 @@
+"""The canvas-steering fields over HTTP with the official openai client: pinned, seed_tokens/strength,
+prediction (Predicted Outputs) and suffix (fill in the middle)."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+import torch
+
+from dgemma import checkpoint
+from dgemma.engine import Engine
+from dgemma.presets import default_generation, preset_config, random_model
+from dgemma.server import ServerThread, Serving, build_app
+from dgemma.testing import write_test_tokenizer
+from dgemma.tokenizer import Tokenizer
+
+MODEL = "tiny-steer"
+C = 16
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    d = tmp_path_factory.mktemp("steer")
+    cfg = preset_config("tiny", canvas_length=C, vocab_size=256)
+    write_test_tokenizer(d / "tok")
+    checkpoint.save(d / "model", random_model(cfg, std=0.1, seed=0), cfg,
+                    default_generation(cfg).replace(max_denoising_steps=6), tokenizer_dir=d / "tok")
+    ckpt = checkpoint.load(d / "model", quiet=True)
+    tokenizer = Tokenizer.from_dir(d / "model")
+    engine = Engine(ckpt.model, ckpt.generation, tokenizer, max_num_seqs=2, max_model_len=256).start()
+    srv = ServerThread(build_app(Serving(engine, tokenizer, MODEL))).start()
+    srv.tokenizer = tokenizer
+    yield srv
+    srv.stop()
+    engine.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="none", timeout=60, max_retries=0)
+
+
+def test_pinned_tokens_come_back_in_place(client):
+    pins = {0: 70, 5: 71, 20: 72}
+    out = client.completions.create(model=MODEL, prompt=[5, 6, 7], max_tokens=2 * C, seed=1,
+                                    extra_body={"pinned": {str(k): v for k, v in pins.items()}})
+    ids = out.choices[0].model_extra["token_ids"]
+    assert all(ids[p] == t for p, t in pins.items())
+
+
+def test_suffix_fills_the_middle_streamed_or_not(client, server):
+    suffix = " world"
+    kw = dict(model=MODEL, prompt="Hello", suffix=suffix, max_tokens=C, seed=3)
+    out = client.completions.create(**kw)
+    ids = out.choices[0].model_extra["token_ids"]
+    suffix_ids = server.tokenizer.encode(suffix, add_special_tokens=False)
+    assert out.choices[0].finish_reason == "stop"
+    assert 1 <= len(ids) <= C - len(suffix_ids) - 1  # the middle only: the suffix and its EOS are not returned
+    streamed = "".join(c.choices[0].text for c in client.completions.create(stream=True, **kw) if c.choices)
+    assert streamed == out.choices[0].text
+
+
+def test_prediction_seeds_chat_and_completions(client):
+    pred = {"type": "content", "content": "quick fox"}
+    a = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=C,
+                                       seed=2, prediction=pred)
+    b = client.completions.create(model=MODEL, prompt="hi", max_tokens=C, seed=2,
+                                  extra_body={"prediction": pred, "strength": 0.0})
+    assert a.choices[0].finish_reason in ("stop", "length") and b.choices[0].finish_reason in ("stop", "length")
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"pinned": {"x": 3}}, "pinned"), ({"pinned": {"99": 3}}, "pinned"), ({"pinned": {"0": 999}}, "pinned"),
+    ({"seed_tokens": [3], "strength": 1.5}, "strength"), ({"strength": 0.5}, "strength"),
+    ({"seed_tokens": [-1]}, "seed_tokens"), ({"suffix": "x" * 40}, "suffix"),
+    ({"prediction": {"type": "content", "content": "a"}, "seed_tokens": [3]}, "prediction")])
+def test_bad_steering_is_a_400_naming_the_field(server, body, param):
+    r = httpx.post(server.url + "/v1/completions",
+                   json={"model": MODEL, "prompt": [5, 6], "max_tokens": C, **body}, timeout=30)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param
