@@ -1,0 +1,160 @@
+"""The most probable canvas a constraint allows: DINGO-style dynamic programming (Suresh et al. 2025, 2505.23061).
+
+A denoising step gives, for one canvas, log-probabilities (C, V) that are independent across positions. Among
+all token sequences of length C that the automaton accepts from `start_state` (every token allowed where it
+stands), `best_valid_tokens` returns the one with the largest sum of log-probabilities.
+
+Convention at the end of the canvas: the state after the last position must still be completable within
+`tokens_after` more tokens (`min_tokens_to_accept <= tokens_after`; None: any live state will do, 0: the canvas
+must end complete). EOS may stand only where the text is complete; after it every position is EOS or pad
+(the automaton's DONE state), and those positions score their own EOS/pad log-probabilities.
+
+Exact, with no top-k cut: tokens that behave alike in every state share a class (constraint.py), so the best
+token of a class at a position stands for the whole class. The cost is one pass over (C, V) for the class
+maxima (step 1) plus a loop over positions whose size is the number of (state, next state) pairs, not V.
+
+1. best[c, k]: the largest log-prob at position c among the tokens of class k.
+2. pair[c, p]: the best class move for each (state, next state) pair p: max over classes leading along p.
+3. Forward: score[c + 1, t] = max over pairs p = (s, t) of score[c, s] + pair[c, p]; score[0] is 0 at the start.
+4. End: the best state that meets the budget rule above.
+5. Backward: at each position, the first pair into the current state that attains its score, then the first
+   class along that pair that attains the pair's value.
+6. Tokens: at each position, the first token of the chosen class with the class's best log-prob.
+
+Log-probs of -inf (masked or pinned-away tokens) count as a finite floor (-1e30), so when the automaton admits
+any sequence one is returned, taking the fewest such tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .constraint import INVALID, Constraint, ConstraintError
+
+FLOOR = -1e30  # stands for -inf log-probs: finite so that a valid sequence is always found
+
+
+@dataclass(frozen=True)
+class ValidTokens:
+    """tokens (C,) long; states (C,) long, the automaton state after each position (states[-1] carries into
+    the next canvas); log_prob, the sum of the chosen tokens' log-probs (with -inf counted as FLOOR)."""
+
+    tokens: torch.Tensor
+    states: torch.Tensor
+    log_prob: float
+
+
+class _Moves:
+    """A constraint's transitions as (state, next state) pairs, each with the set of classes that moves along
+    it; pairs sorted by next state, identical class sets stored once. numpy arrays, cached on the constraint."""
+
+    def __init__(self, constraint: Constraint):
+        table = constraint.transitions.numpy()  # (S, K)
+        num_states = table.shape[0]
+        token_class = constraint.token_class.numpy()
+        has_tokens = np.bincount(token_class, minlength=table.shape[1]) > 0
+        src, cls = np.nonzero((table != INVALID) & has_tokens[None, :])
+        dst = table[src, cls]
+        pair_key, edge_pair = np.unique(dst * num_states + src, return_inverse=True)  # (P,), (E,)
+        order = np.argsort(edge_pair.reshape(-1), kind="stable")
+        edge_class, edge_pair = cls[order], edge_pair.reshape(-1)[order]  # grouped by pair
+        bounds = np.searchsorted(edge_pair, np.arange(len(pair_key) + 1))
+        set_of: dict[bytes, int] = {}
+        set_classes: list[np.ndarray] = []
+        self.pair_set = np.empty(len(pair_key), dtype=np.int64)  # (P,) class set of each pair
+        for p in range(len(pair_key)):
+            classes = edge_class[bounds[p]:bounds[p + 1]]
+            key = classes.tobytes()
+            if key not in set_of:
+                set_of[key] = len(set_classes)
+                set_classes.append(classes)
+            self.pair_set[p] = set_of[key]
+        self.set_classes = set_classes  # per set, its classes (sorted)
+        self.set_members = np.concatenate(set_classes)  # (E',) classes of all sets, set after set
+        self.set_start = np.cumsum([0] + [len(c) for c in set_classes[:-1]])  # (Q,)
+        self.pair_src = pair_key % num_states  # (P,) sorted by pair_dst
+        self.pair_dst = pair_key // num_states  # (P,)
+        self.dst_with_pairs, self.dst_pairs_start = np.unique(self.pair_dst, return_index=True)
+        self.dst_pairs_end = np.append(self.dst_pairs_start[1:], len(pair_key))
+        self.slot_of_dst = np.full(num_states, -1)
+        self.slot_of_dst[self.dst_with_pairs] = np.arange(len(self.dst_with_pairs))
+        class_order = np.argsort(token_class, kind="stable")
+        class_bounds = np.searchsorted(token_class[class_order], np.arange(table.shape[1] + 1))
+        self.class_tokens = [torch.from_numpy(class_order[a:b]) for a, b in zip(class_bounds[:-1], class_bounds[1:])]
+        self.num_states = num_states
+
+
+def _moves(constraint: Constraint) -> _Moves:
+    moves = getattr(constraint, "_dp_moves", None)
+    if moves is None:
+        moves = constraint._dp_moves = _Moves(constraint)
+    return moves
+
+
+def best_valid_tokens(log_probs: torch.Tensor, constraint: Constraint, start_state: int | None = None,
+                      tokens_after: int | None = None) -> ValidTokens:
+    """The most probable token sequence of length C that `constraint` allows from `start_state` (default: its
+    initial state) and that ends completable within `tokens_after` more tokens. log_probs: (C, V) for one
+    canvas, on the CPU. ConstraintError when no sequence qualifies (e.g. the canvas is too short to finish
+    and tokens_after is 0)."""
+    canvas_length, vocab_size = log_probs.shape
+    if vocab_size != constraint.vocab_size:
+        raise ValueError(f"log_probs has {vocab_size} columns but the constraint's vocabulary has "
+                         f"{constraint.vocab_size}")
+    start = constraint.initial_state if start_state is None else int(start_state)
+    if not 0 <= start < constraint.num_states:
+        raise ValueError(f"start_state {start} is not a state of the constraint (0..{constraint.num_states - 1})")
+    moves = _moves(constraint)
+    num_classes = constraint.num_classes
+    token_class = constraint.token_class
+
+    # 1. best log-prob per (position, class)
+    best = torch.full((canvas_length, num_classes), float("-inf"), dtype=log_probs.dtype)
+    best.scatter_reduce_(1, token_class.expand(canvas_length, vocab_size), log_probs, "amax")  # (C, K)
+    best_np = best.double().clamp(min=FLOOR).numpy()  # (C, K); classes without tokens have no edges
+
+    # 2. best class move per (position, state pair), via the distinct class sets
+    set_value = np.maximum.reduceat(best_np.T[moves.set_members], moves.set_start, axis=0)  # (Q, C)
+    pair_value = np.ascontiguousarray(set_value.T)[:, moves.pair_set]  # (C, P)
+
+    # 3. forward over positions: a segment max over the pairs into each state
+    score = np.full((canvas_length + 1, moves.num_states), -np.inf)  # (C+1, S)
+    score[0, start] = 0.0
+    for c in range(canvas_length):
+        into = score[c, moves.pair_src] + pair_value[c]  # (P,)
+        score[c + 1, moves.dst_with_pairs] = np.maximum.reduceat(into, moves.dst_pairs_start)
+
+    # 4. the best end state that can still finish in budget
+    end_ok = score[canvas_length] > -np.inf
+    if tokens_after is not None:
+        end_ok &= constraint.distance.numpy() <= tokens_after
+    if not end_ok.any():
+        budget = "" if tokens_after is None else f" and completable within {tokens_after} more tokens"
+        raise ConstraintError(f"{constraint.description}: no sequence of {canvas_length} tokens from state {start} "
+                              f"is allowed{budget}")
+    state = int(np.where(end_ok, score[canvas_length], -np.inf).argmax())
+
+    # 5. backward: recover the pair, then the class, at each position
+    states = np.empty(canvas_length, dtype=np.int64)
+    classes = np.empty(canvas_length, dtype=np.int64)
+    for c in range(canvas_length - 1, -1, -1):
+        states[c] = state
+        slot = moves.slot_of_dst[state]
+        pairs = np.arange(moves.dst_pairs_start[slot], moves.dst_pairs_end[slot])
+        hit = score[c, moves.pair_src[pairs]] + pair_value[c, pairs] == score[c + 1, state]
+        pair = int(pairs[hit.argmax()])
+        candidates = moves.set_classes[moves.pair_set[pair]]
+        classes[c] = candidates[(best_np[c, candidates] == pair_value[c, pair]).argmax()]
+        state = int(moves.pair_src[pair])
+
+    # 6. at each position, the first token of the chosen class with the class's best log-prob
+    tokens = torch.empty(canvas_length, dtype=torch.long)
+    for cls in np.unique(classes).tolist():
+        positions = torch.from_numpy(np.flatnonzero(classes == cls))
+        members = moves.class_tokens[cls]
+        tokens[positions] = members[log_probs[positions[:, None], members[None, :]].argmax(1)]
+    log_prob = float(log_probs.gather(1, tokens[:, None]).double().clamp(min=FLOOR).sum())
+    return ValidTokens(tokens, torch.from_numpy(states), log_prob)

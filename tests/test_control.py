@@ -1,0 +1,287 @@
+"""dgemma.control: constraint automata and the per-canvas DP, on tokenizers trained here (CPU, seconds)."""
+
+import itertools
+import json
+import re
+
+import jsonschema
+import pytest
+import torch
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from dgemma.control import INVALID, CompileLimits, Constraint, ConstraintError, ConstraintVocabulary
+from dgemma.control.dp import best_valid_tokens
+from dgemma.control.schema import SchemaError, schema_to_regex
+
+EOS, PAD = "<eos>", "<pad>"
+CORPUS = [
+    '{"name": "Ada", "age": 36, "tags": ["math", "code"]}',
+    '{"id": 7, "ok": true, "value": null, "score": -1.5e3}',
+    '{"a": {"b": [1, 2, 3]}, "c": "x y z"}',
+    "yes no maybe red green blue 0123456789",
+    "The quick brown fox jumps over the lazy dog. café über naïve",
+    '[{"k": "v"}, {"k": "w"}] {"nested": {"deep": {"deeper": 1}}}',
+] * 4
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 6},
+        "age": {"type": "integer"},
+        "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 2},
+        "ok": {"type": "boolean"},
+    },
+    "required": ["name", "age"],
+}
+SEEDS = range(50)
+
+
+def byte_level_tokenizer(vocab_size: int = 420) -> Tokenizer:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS, PAD], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS, trainer)
+    return tok
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return byte_level_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def vocab(tokenizer):
+    return ConstraintVocabulary.from_tokenizer(tokenizer, [tokenizer.token_to_id(EOS)], [tokenizer.token_to_id(PAD)])
+
+
+def text_of(vocab: ConstraintVocabulary, tokens) -> str:
+    """The text a canvas spells, up to the first EOS; checks that only EOS/pad follow it."""
+    tokens = torch.as_tensor(tokens).tolist()
+    ends = set(vocab.eos_token_ids) | set(vocab.pad_token_ids)
+    cut = next((i for i, t in enumerate(tokens) if t in vocab.eos_token_ids), len(tokens))
+    assert all(t in ends for t in tokens[cut:]), "only EOS/pad may follow EOS"
+    return b"".join(vocab.token_bytes[t] for t in tokens[:cut]).decode("utf-8")
+
+
+def random_log_probs(seed: int, canvas_length: int, vocab_size: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(canvas_length, vocab_size, generator=gen) * 4).log_softmax(-1)
+
+
+# ---- vocabulary
+
+
+def test_byte_level_token_bytes_spell_the_decoded_text(tokenizer, vocab):
+    for text in ['{"name": "Ada"}', "café über naïve ☃ 日本", "a\tb\nc"]:
+        ids = tokenizer.encode(text).ids
+        assert b"".join(vocab.token_bytes[i] for i in ids).decode("utf-8") == tokenizer.decode(ids) == text
+    assert vocab.token_bytes[tokenizer.token_to_id(EOS)] is None
+
+
+def test_sentencepiece_style_tokens_spell_spaces_and_fallback_bytes():
+    pieces = {"<unk>": 0, "<eos>": 1, "▁hi": 2, "<0xC3>": 3, "<0xA9>": 4, "a": 5}
+    tok = Tokenizer(models.BPE(vocab=pieces, merges=[], unk_token="<unk>", byte_fallback=True))
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    tok.add_special_tokens([AddedToken("<eos>", special=True), AddedToken("<unk>", special=True)])
+    vocab = ConstraintVocabulary.from_tokenizer(tok, [1], vocab_size=8)
+    assert vocab.token_bytes[:6] == (None, None, b" hi", b"\xc3", b"\xa9", b"a")
+    assert vocab.vocab_size == 8 and vocab.token_bytes[6:] == (None, None)
+
+
+# ---- constraint automata
+
+
+def test_regex_constraint_answers_from_any_state(tokenizer, vocab):
+    c = Constraint.from_regex(r"-?[0-9]+", vocab)
+    eos = vocab.eos_token_ids[0]
+    assert not c.is_final(c.initial_state) and c.min_tokens_to_accept(c.initial_state) == 1
+    assert not c.allowed_mask(c.initial_state)[eos]
+    minus = c.next_state(c.initial_state, tokenizer.token_to_id("-"))
+    assert minus != INVALID and not c.is_final(minus)
+    seven = c.next_state(minus, tokenizer.token_to_id("7"))
+    assert c.is_final(seven) and c.allowed_mask(seven)[eos]
+    assert c.next_state(seven, tokenizer.token_to_id("-")) == INVALID
+    done = c.next_state(seven, eos)
+    assert done == c.done_state and c.is_final(done)
+    assert c.allowed_tokens(done).tolist() == sorted([eos, vocab.pad_token_ids[0]])
+    # every allowed token is one a full walk accepts
+    for state in range(c.num_states):
+        allowed = c.allowed_tokens(state)
+        assert all(c.next_state(state, int(t)) != INVALID for t in allowed)
+
+
+def test_min_tokens_to_accept_is_the_shortest_tokenization(tokenizer, vocab):
+    c = Constraint.from_regex("abcabc", vocab)
+    # greedy tokenization is one spelling; the automaton knows the shortest, which is never longer
+    assert 1 <= c.min_tokens_to_accept(c.initial_state) <= len(tokenizer.encode("abcabc").ids)
+    states = c.walk(tokenizer.encode("abcabc").ids)
+    assert (states != INVALID).all() and c.is_final(int(states[-1]))
+    assert [c.min_tokens_to_accept(int(s)) for s in states][-1] == 0
+
+
+def test_bad_inputs_raise_constraint_error(vocab):
+    cases = [
+        (lambda: Constraint.from_regex("(ab", vocab), "invalid regular expression"),
+        (lambda: Constraint.from_json_schema({"type": "foo"}, vocab), "unknown type 'foo'"),
+        (lambda: Constraint.from_json_schema({"type": "integer", "minimum": 3}, vocab), "'minimum'"),
+        (lambda: Constraint.from_json_schema({"oneOf": [{"type": "string"}]}, vocab), "'oneOf'"),
+        (lambda: Constraint.from_json_schema({"type": "object", "patternProperties": {}}, vocab),
+         "'patternProperties'"),
+        (lambda: Constraint.from_json_schema({"type": "string", "format": "email"}, vocab), "format 'email'"),
+        (lambda: Constraint.from_json_schema({"type": "object", "properties": {"a": {}}, "required": ["b"]},
+                                             vocab), "required property 'b'"),
+        (lambda: Constraint.from_json_schema({"$ref": "#/$defs/A", "$defs": {"A": {"$ref": "#/$defs/A"}}}, vocab),
+         "recursive $ref"),
+        (lambda: Constraint.from_json_schema({"type": "string", "pattern": "a.b"}, vocab), "'.'"),
+        (lambda: Constraint.from_json_schema({"type": "string", "pattern": '[ -~]+'}, vocab), "must escape"),
+        (lambda: Constraint.from_json_schema([1], vocab), "must be an object"),
+        (lambda: Constraint.from_choice([], vocab), "non-empty list"),
+        (lambda: Constraint.from_regex("a{40}", vocab, max_tokens=10), "max_tokens=10"),
+        (lambda: Constraint.from_regex("[^\\x00-\\x{10FFFF}]", vocab), ""),
+    ]
+    for build, words in cases:
+        with pytest.raises(ConstraintError) as info:
+            build()
+        message = str(info.value)
+        assert words in message and "\n" not in message, message
+
+
+def test_compile_limits(vocab):
+    exploding = "(a|b)*a(a|b){12}"  # its DFA needs 2^13 states
+    with pytest.raises(ConstraintError, match="limit of 500"):
+        Constraint.from_regex(exploding, vocab, limits=CompileLimits(max_states=500))
+    with pytest.raises(ConstraintError, match="longer than the limit of 0.01 s"):
+        Constraint.from_regex(exploding + "x", vocab, limits=CompileLimits(timeout_s=0.01))
+    with pytest.raises(ValueError):
+        CompileLimits(max_states=0)
+
+
+def test_schema_subset_rewrites():
+    # annotations dropped, refs inlined, additionalProperties false means no keys
+    regex = schema_to_regex({"title": "T", "$defs": {"N": {"type": "integer"}},
+                             "type": "object", "properties": {"n": {"$ref": "#/$defs/N", "description": "d"}}})
+    assert re.fullmatch(regex, '{"n":12}') and not re.fullmatch(regex, '{"n":"x"}')
+    assert re.fullmatch(schema_to_regex({"type": "object", "additionalProperties": False}), "{}")
+    assert re.fullmatch(schema_to_regex({"type": "string", "pattern": "^[a-z]+-[0-9]{2}$"}), '"ab-12"')
+    with pytest.raises(SchemaError):
+        schema_to_regex({"type": "string", "maxLength": 3, "pattern": "a"})
+
+
+# ---- the DP: every output satisfies its constraint
+
+
+def kinds(vocab):
+    choices = ["yes", "no", "maybe", "ça va"]
+    return {
+        "regex": (Constraint.from_regex(r"(red|green|blue)( [0-9]{1,3}){2}", vocab),
+                  lambda text: re.fullmatch(r"(red|green|blue)( [0-9]{1,3}){2}", text)),
+        "schema": (Constraint.from_json_schema(PERSON, vocab),
+                   lambda text: jsonschema.validate(json.loads(text), PERSON) is None),
+        "object": (Constraint.json_object(vocab), lambda text: isinstance(json.loads(text), dict)),
+        "choice": (Constraint.from_choice(choices, vocab), lambda text: text in choices),
+    }
+
+
+@pytest.fixture(scope="module")
+def constraints(vocab):
+    return kinds(vocab)
+
+
+@pytest.mark.parametrize("kind", ["regex", "schema", "object", "choice"])
+def test_dp_output_satisfies_the_constraint(kind, constraints, vocab):
+    constraint, accepts = constraints[kind]
+    canvas_length = 40
+    for seed in SEEDS:
+        log_probs = random_log_probs(seed, canvas_length, vocab.vocab_size)
+        result = best_valid_tokens(log_probs, constraint, tokens_after=0)
+        assert torch.equal(constraint.walk(result.tokens), result.states)
+        assert constraint.is_final(int(result.states[-1]))
+        text = text_of(vocab, result.tokens)
+        assert accepts(text), (seed, text)
+        assert result.log_prob == pytest.approx(float(log_probs.gather(1, result.tokens[:, None]).sum()))
+
+
+@pytest.mark.parametrize("kind", ["schema", "object"])
+def test_dp_carries_the_state_across_canvases(kind, constraints, vocab):
+    constraint, accepts = constraints[kind]
+    for seed in range(10):
+        first = best_valid_tokens(random_log_probs(seed, 8, vocab.vocab_size), constraint)
+        assert constraint.min_tokens_to_accept(int(first.states[-1])) < 10**6
+        second = best_valid_tokens(random_log_probs(1000 + seed, 40, vocab.vocab_size), constraint,
+                                   start_state=int(first.states[-1]), tokens_after=0)
+        tokens = torch.cat([first.tokens, second.tokens])
+        assert accepts(text_of(vocab, tokens))
+
+
+def test_dp_respects_the_budget(vocab):
+    constraint = Constraint.from_regex("a{6}", vocab)
+    log_probs = random_log_probs(0, 2, vocab.vocab_size)
+    with pytest.raises(ConstraintError, match="completable within 0"):
+        best_valid_tokens(log_probs, constraint, tokens_after=0)
+    result = best_valid_tokens(log_probs, constraint, tokens_after=4)
+    assert constraint.min_tokens_to_accept(int(result.states[-1])) <= 4
+
+
+def test_dp_prefers_allowed_pins_and_survives_masked_tokens(tokenizer, vocab):
+    constraint = Constraint.from_choice(["yes", "no"], vocab)
+    log_probs = torch.full((4, vocab.vocab_size), float("-inf"))  # everything masked ...
+    log_probs[0, tokenizer.token_to_id("n")] = 0.0  # ... except a pin that one spelling of "no" agrees with
+    result = best_valid_tokens(log_probs, constraint, tokens_after=0)
+    assert text_of(vocab, result.tokens) in ("yes", "no")
+    assert int(result.tokens[0]) == tokenizer.token_to_id("n")
+
+
+# ---- the DP equals brute force on a tiny vocabulary
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    pieces = ["a", "b", "ab", "{", "}", '"', ":", "1"]
+    vocab = {EOS: 0, PAD: 1, **{p: i + 2 for i, p in enumerate(pieces)}}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[("a", "b")]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(EOS, special=True), AddedToken(PAD, special=True)])
+    return ConstraintVocabulary.from_tokenizer(tok, [0], [1])
+
+
+def brute_force(log_probs, constraint, start, tokens_after):
+    """Best (score, tokens) over every allowed sequence, by exhaustive depth-first search."""
+    canvas_length, vocab_size = log_probs.shape
+    moves = [[(t, constraint.next_state(s, t)) for t in range(vocab_size)] for s in range(constraint.num_states)]
+    moves = [[(t, n) for t, n in row if n != INVALID] for row in moves]
+    values = log_probs.tolist()
+    best = [float("-inf"), None]
+
+    def search(c, state, score, tokens):
+        if c == canvas_length:
+            if (tokens_after is None or constraint.min_tokens_to_accept(state) <= tokens_after) and score > best[0]:
+                best[:] = [score, list(tokens)]
+            return
+        for token, nxt in moves[state]:
+            tokens.append(token)
+            search(c + 1, nxt, score + values[c][token], tokens)
+            tokens.pop()
+
+    search(0, start, 0.0, [])
+    return best
+
+
+@pytest.mark.parametrize("pattern", [r'(ab|a|b)+1?', r'\{("(a|b)*":1)?\}', r'a*b*(ab)?'])
+def test_dp_equals_brute_force(tiny, pattern):
+    constraint = Constraint.from_regex(pattern, tiny)
+    for seed in range(6):
+        log_probs = random_log_probs(seed, 4, tiny.vocab_size).double()
+        for tokens_after in (None, 0, 2):
+            for start in (constraint.initial_state, constraint.num_states - 2):
+                try:
+                    result = best_valid_tokens(log_probs, constraint, start_state=start, tokens_after=tokens_after)
+                except ConstraintError:
+                    result = None
+                score, tokens = brute_force(log_probs, constraint, start, tokens_after)
+                if tokens is None:
+                    assert result is None
+                    continue
+                assert result is not None and result.tokens.tolist() == tokens
+                assert result.log_prob == pytest.approx(score, abs=1e-9)
