@@ -26,6 +26,8 @@ def test_denoise_leaves_committed_cache_unchanged():
 
 @torch.no_grad()
 def test_rows_at_different_lengths_match_separate_runs():
+    """Batched rows gather their keys over a wider range (masked) than a row alone, so sums run in another order:
+    fp32 logits of size ~1 then differ by ~1e-5, which varies with the CPU's kernels (1.04e-5 measured here)."""
     model = _model(window=6)
     gen = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, 500, (1, n), generator=gen) for n in (5, 17, 9)]
@@ -49,11 +51,11 @@ def test_rows_at_different_lengths_match_separate_runs():
     rows = [2, 0, 1]  # any order
     first = model.denoise(torch.cat([canvases[r] for r in rows]), shared, rows=rows)
     for i, r in enumerate(rows):
-        assert (first[i] - alone[r][0][0]).abs().max() < 1e-5
+        assert (first[i] - alone[r][0][0]).abs().max() < 3e-5
     model.encode(torch.cat([canvases[r] for r in rows]), shared, rows=rows)
     second = model.denoise(torch.cat([canvases[r].flip(-1) for r in rows]), shared, first, rows=rows)
     for i, r in enumerate(rows):
-        assert (second[i] - alone[r][1][0]).abs().max() < 1e-5
+        assert (second[i] - alone[r][1][0]).abs().max() < 3e-5
 
 
 @torch.no_grad()
