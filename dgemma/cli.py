@@ -79,6 +79,49 @@ def render_prompts(args, tokenizer, vocab_size: int) -> list[list[int]]:
     return prompts
 
 
+STEERING_FLAGS = ("suffix", "template", "prediction", "strength", "seed_tokens", "pinned")
+
+
+def canvas_steering(args, tokenizer, gen):
+    """The Steering asked for by --suffix, --template or --prediction/--strength, or None."""
+    from .control.pins import DEFAULT_PREDICTION_STRENGTH, Steering, SteeringError
+
+    asked = [f for f in ("suffix", "template", "prediction") if getattr(args, f, None)]
+    if not asked:
+        if getattr(args, "strength", None) is not None:
+            raise CLIError("--strength needs --prediction")
+        return None
+    if len(asked) > 1:
+        raise CLIError(f"give one of --suffix, --template and --prediction, not {' and '.join('--' + a for a in asked)}")
+    if tokenizer is None:
+        raise CLIError(f"--{asked[0]} needs a checkpoint with tokenizer.json")
+
+    def encode(text: str) -> list[int]:
+        return tokenizer.encode(text, add_special_tokens=False)
+
+    try:
+        if args.suffix:
+            return Steering(suffix=encode(args.suffix) or None)
+        if args.template:
+            from .control.template import parse_template
+
+            return parse_template(args.template, encode, gen.eos_token_id[0])[0]
+        strength = DEFAULT_PREDICTION_STRENGTH if args.strength is None else args.strength
+        return Steering(seed_tokens=encode(args.prediction) or None, strength=strength)
+    except SteeringError as e:
+        raise CLIError(f"--{e.param}: {e}") from None
+
+
+def add_steering_args(p) -> None:
+    p.add_argument("--suffix", help="fill in the middle: the output goes between the prompt and this text")
+    p.add_argument("--template", help='pin literal text and fill the holes, e.g. "Name: {{8}}, age: {{2}}."')
+    p.add_argument("--prediction", help="text the output should resemble: it seeds the canvas (an edit)")
+    p.add_argument("--strength", type=float, default=None,
+                   help="renoise strength of --prediction in [0, 1] (default: 0.2, as measured in BENCHMARKS.md)")
+    p.add_argument("--sampler", choices=["exact", "fast"], default="exact",
+                   help="exact: the reference's random draws; fast: the same distribution, far fewer draws")
+
+
 def check_default_model(args) -> None:
     """The embedded default model solves Sudoku; it is no language model. Text outside its vocabulary would become
     <unk> and come back as digits, so refuse that with the flag to pass instead, and say which model runs."""
@@ -126,12 +169,24 @@ def cmd_generate(args) -> int:
     ckpt, tokenizer = load_runtime(args)
     prompts = render_prompts(args, tokenizer, ckpt.config.text.vocab_size)
     gen = generation_config(args, ckpt.generation)
+    steering = canvas_steering(args, tokenizer, gen)
+    if steering is not None:
+        if args.template and args.max_new_tokens is None:  # the template is the whole output
+            from .control.template import template_length
+
+            gen = gen.replace(max_new_tokens=template_length(steering))
+        steering = [steering] * len(prompts)
     seed = seed_everything(args.seed)
     view = CanvasView(tokenizer) if args.show_canvas else None
+    from .control.pins import SteeringError
+
     try:
-        out = generate(ckpt.model, prompts, gen, on_step=view)
-    except ContextLengthError as e:
-        raise CLIError(str(e)) from None
+        out = generate(ckpt.model, prompts, gen, on_step=view, sampler=args.sampler, steering=steering)
+    except (ContextLengthError, SteeringError) as e:
+        param = getattr(e, "param", None)
+        raise CLIError(f"--{param.replace('_', '-')}: {e}" if param in STEERING_FLAGS else str(e)) from None
+    if args.suffix:  # fill in the middle: print the middle
+        out.token_ids = [ids[:n] for ids, n in zip(out.token_ids, out.middle_lengths)]
     eos = set(gen.eos_token_id)
     records = [output_record(ids, reason, tokenizer, eos, split=args.chat or args.think)
                for ids, reason in zip(out.token_ids, out.finish_reasons)]
@@ -168,6 +223,64 @@ def fit_conversation(messages: list[dict], render, limit: int) -> tuple[list[dic
                              else 1)
         messages = messages[:keep_system] + messages[cut:]
         dropped += 1
+
+
+def cmd_edit(args) -> int:
+    """Rewrite a file as an instruction asks: the prompt is the instruction and the file, and the file's own text
+    seeds the canvas (renoised by --strength), so a mostly right answer needs few denoising steps."""
+    from pathlib import Path
+
+    from .control.pins import DEFAULT_PREDICTION_STRENGTH, Steering, SteeringError
+    from .generate import ContextLengthError, generate
+
+    path = Path(args.file)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise CLIError(f"--file {path}: no such file") from None
+    except (UnicodeDecodeError, IsADirectoryError, PermissionError) as e:
+        raise CLIError(f"--file {path}: cannot read it as UTF-8 text ({type(e).__name__})") from None
+    if not text.strip():
+        raise CLIError(f"--file {path} is empty")
+    strength = DEFAULT_PREDICTION_STRENGTH if args.strength is None else args.strength
+    if not 0 <= strength <= 1:
+        raise CLIError(f"--strength must be in [0, 1], got {strength}")
+    out_path = Path(args.out) if args.out else None
+    if out_path is not None and out_path.exists():
+        raise CLIError(f"--out {out_path} exists; dgemma edit writes a new file and never replaces one")
+    generation_config(args, __import__("dgemma.config", fromlist=["GenerationConfig"]).GenerationConfig())
+    if not args.model:
+        raise CLIError("dgemma edit needs --model DIR (a language model; the embedded default solves Sudoku)")
+    apply_threads(args.threads)
+    ckpt, tokenizer = load_runtime(args)
+    if tokenizer is None:
+        raise CLIError("dgemma edit needs a checkpoint with tokenizer.json")
+    request = f"{args.instruction}\n\n{text}"
+    prompt = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": request}],
+                                                            add_generation_prompt=True), add_special_tokens=False)
+    seed_tokens = tokenizer.encode(text, add_special_tokens=False)
+    gen = generation_config(args, ckpt.generation)
+    if args.max_new_tokens is None:  # room for the file and a little more
+        gen = gen.replace(max_new_tokens=len(seed_tokens) + ckpt.config.canvas_length // 4)
+    seed = seed_everything(args.seed)
+    try:
+        out = generate(ckpt.model, [prompt], gen, sampler=args.sampler,
+                       steering=[Steering(seed_tokens=seed_tokens, strength=strength)])
+    except (ContextLengthError, SteeringError) as e:
+        raise CLIError(str(e)) from None
+    ids = [t for t in out.token_ids[0] if t not in set(gen.eos_token_id)]
+    edited = tokenizer.decode(ids, skip_special_tokens=True)
+    if out_path is None:
+        sys.stdout.write(edited if edited.endswith("\n") else edited + "\n")
+    else:
+        tmp = out_path.with_name(f".{out_path.name}.dgemma-tmp")
+        tmp.write_text(edited, encoding="utf-8")
+        os.replace(tmp, out_path)
+        print(f"wrote {out_path}", file=sys.stderr)
+    s = out.stats
+    print(f"[{s.denoising_steps} denoising steps, strength {strength}, {s.seconds:.2f} s, seed {seed}]",
+          file=sys.stderr)
+    return 0
 
 
 def cmd_chat(args) -> int:
@@ -265,7 +378,19 @@ def build_parser() -> Parser:
     p.add_argument("--show-canvas", action="store_true",
                    help="watch the canvas settle (on stderr; plain text when stderr is not a terminal)")
     add_sampling_args(p)
+    add_steering_args(p)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("edit", help="rewrite a file as an instruction asks, the file seeding the canvas")
+    add_model_args(p)
+    p.add_argument("--file", required=True, help="the UTF-8 text file to edit")
+    p.add_argument("--instruction", required=True, help="what to change")
+    p.add_argument("--out", help="write the edited text to this new file (default: standard output)")
+    p.add_argument("--strength", type=float, default=None,
+                   help="renoise strength of the file's text in [0, 1] (default: 0.2, as measured in BENCHMARKS.md)")
+    p.add_argument("--sampler", choices=["exact", "fast"], default="exact", help="random draws (see generate)")
+    add_sampling_args(p)
+    p.set_defaults(func=cmd_edit)
 
     p = sub.add_parser("chat", help="interactive chat in the terminal")
     add_model_args(p)

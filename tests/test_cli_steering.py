@@ -1,0 +1,80 @@
+"""The CLI's canvas steering: generate --template/--suffix/--prediction/--sampler and dgemma edit, end to end on a
+tiny random checkpoint with the byte-level test tokenizer."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dgemma import checkpoint
+from dgemma.cli import main
+from dgemma.presets import default_generation, preset_config, random_model
+from dgemma.testing import write_test_tokenizer
+from dgemma.tokenizer import Tokenizer
+
+C = 32
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli-steer")
+    cfg = preset_config("tiny", canvas_length=C, vocab_size=256)
+    write_test_tokenizer(d / "tok")
+    checkpoint.save(d / "model", random_model(cfg, std=0.1, seed=0), cfg,
+                    default_generation(cfg).replace(max_denoising_steps=4), tokenizer_dir=d / "tok")
+    return d / "model"
+
+
+def run_json(capsys, args):
+    assert main(args) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_template_pins_the_literal_text_and_fills_the_holes(model_dir, capsys):
+    tok = Tokenizer.from_dir(model_dir)
+    out = run_json(capsys, ["generate", "--model", str(model_dir), "--prompt", "Person", "--seed", "1", "--json",
+                            "--template", "Name: {{5}}, age: {{2}}."])
+    ids = out["outputs"][0]["token_ids"]
+    enc = lambda s: tok.encode(s, add_special_tokens=False)  # noqa: E731
+    name, age, end = enc("Name: "), enc(", age: "), enc(".")
+    assert ids[:len(name)] == name
+    assert ids[len(name) + 5: len(name) + 5 + len(age)] == age
+    assert ids[len(name) + 5 + len(age) + 2:][:len(end)] == end
+    assert out["outputs"][0]["finish_reason"] == "stop"
+
+
+def test_template_longer_than_a_canvas_spans_canvases(model_dir, capsys):
+    out = run_json(capsys, ["generate", "--model", str(model_dir), "--prompt", "x", "--seed", "2", "--json",
+                            "--template", "A{{30}}B{{30}}C"])
+    assert out["stats"]["canvases"] == 2 and out["outputs"][0]["text"].startswith("A")
+
+
+def test_suffix_prints_the_middle(model_dir, capsys):
+    out = run_json(capsys, ["generate", "--model", str(model_dir), "--prompt", "def f(", "--suffix", "): pass",
+                            "--seed", "3", "--json", "--sampler", "fast"])
+    assert 1 <= len(out["outputs"][0]["token_ids"]) < C
+
+
+@pytest.mark.parametrize("args, flag", [
+    (["--template", "no holes"], "--template"), (["--template", "a {{0}} b"], "--template"),
+    (["--template", "a {{-3}} b"], "--template"), (["--prediction", "x", "--strength", "2"], "--strength"),
+    (["--strength", "0.5"], "--strength"), (["--suffix", "x" * 200], "--suffix"),
+    (["--suffix", "a", "--template", "b {{2}}"], "--suffix")])
+def test_bad_steering_flags_exit_2_naming_the_flag(model_dir, capsys, args, flag):
+    assert main(["generate", "--model", str(model_dir), "--prompt", "hi", *args]) == 2
+    err = capsys.readouterr().err
+    assert flag in err and err.count("\n") == 1
+
+
+def test_edit_writes_the_edited_text(model_dir, tmp_path, capsys):
+    src = tmp_path / "a.txt"
+    src.write_text("hello world\n")
+    out = tmp_path / "b.txt"
+    assert main(["edit", "--model", str(model_dir), "--file", str(src), "--instruction", "shout", "--out", str(out),
+                 "--seed", "0", "--strength", "0.0"]) == 0
+    assert out.exists() and isinstance(out.read_text(), str)
+    assert src.read_text() == "hello world\n"  # the input is never touched
+    assert main(["edit", "--model", str(model_dir), "--file", str(src), "--instruction", "x", "--out", str(out)]) == 2
+    assert "exists" in capsys.readouterr().err
+    assert main(["edit", "--model", str(model_dir), "--file", str(tmp_path / "nope"), "--instruction", "x"]) == 2
