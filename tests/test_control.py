@@ -1,6 +1,5 @@
 """dgemma.control: constraint automata and the per-canvas DP, on tokenizers trained here (CPU, seconds)."""
 
-import itertools
 import json
 import re
 

@@ -35,6 +35,7 @@ import torch
 from .constraint import INVALID, Constraint, ConstraintError
 
 FLOOR = -1e30  # stands for -inf log-probs: finite so that a valid sequence is always found
+BIG_CLASS_SHARE = 8  # a class with at least 1/8 of the vocabulary is read with a masked max (step 1)
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,14 @@ class _Moves:
         class_order = np.argsort(token_class, kind="stable")
         class_bounds = np.searchsorted(token_class[class_order], np.arange(table.shape[1] + 1))
         self.class_tokens = [torch.from_numpy(class_order[a:b]) for a, b in zip(class_bounds[:-1], class_bounds[1:])]
+        # step 1 reads big classes (text inside a JSON string) from the row maxima, which also give the
+        # argmax; the remaining columns are gathered once and scattered into their classes
+        sizes = np.diff(class_bounds)
+        self.big_classes = np.flatnonzero(sizes * BIG_CLASS_SHARE >= len(token_class)).tolist()
+        self.outside_big = [torch.from_numpy(token_class != k) for k in self.big_classes]  # (V,) bool each
+        small = ~np.isin(token_class, self.big_classes)
+        self.small_tokens = torch.from_numpy(np.flatnonzero(small))  # (Vs,)
+        self.small_class = torch.from_numpy(token_class[small])  # (Vs,)
         self.num_states = num_states
 
 
@@ -109,11 +118,21 @@ def best_valid_tokens(log_probs: torch.Tensor, constraint: Constraint, start_sta
         raise ValueError(f"start_state {start} is not a state of the constraint (0..{constraint.num_states - 1})")
     moves = _moves(constraint)
     num_classes = constraint.num_classes
-    token_class = constraint.token_class
 
-    # 1. best log-prob per (position, class)
+    # 1. best log-prob per (position, class); the argmax too for big classes
     best = torch.full((canvas_length, num_classes), float("-inf"), dtype=log_probs.dtype)
-    best.scatter_reduce_(1, token_class.expand(canvas_length, vocab_size), log_probs, "amax")  # (C, K)
+    small = log_probs.index_select(1, moves.small_tokens)  # (C, Vs)
+    best.scatter_reduce_(1, moves.small_class.expand(canvas_length, -1), small, "amax")  # (C, K)
+    big_argmax = {}
+    if moves.big_classes:
+        row_max, row_argmax = log_probs.max(1)  # (C,), (C,): the first maximum of each row
+    for cls, outside in zip(moves.big_classes, moves.outside_big):
+        # where the row's first maximum lies in the class it is the class's; mask and rescan the other rows
+        value, index = row_max.clone(), row_argmax.clone()
+        rows = outside[row_argmax].nonzero().squeeze(1)
+        if rows.numel():
+            value[rows], index[rows] = log_probs[rows].masked_fill_(outside, float("-inf")).max(1)
+        best[:, cls], big_argmax[cls] = value, index
     best_np = best.double().clamp(min=FLOOR).numpy()  # (C, K); classes without tokens have no edges
 
     # 2. best class move per (position, state pair), via the distinct class sets
@@ -155,6 +174,11 @@ def best_valid_tokens(log_probs: torch.Tensor, constraint: Constraint, start_sta
     for cls in np.unique(classes).tolist():
         positions = torch.from_numpy(np.flatnonzero(classes == cls))
         members = moves.class_tokens[cls]
-        tokens[positions] = members[log_probs[positions[:, None], members[None, :]].argmax(1)]
+        if cls in big_argmax:
+            # a row of -inf has its argmax outside the class; any member is as good
+            found = big_argmax[cls][positions]
+            tokens[positions] = torch.where(best[positions, cls] > float("-inf"), found, members[0])
+        else:
+            tokens[positions] = members[log_probs[positions[:, None], members[None, :]].argmax(1)]
     log_prob = float(log_probs.gather(1, tokens[:, None]).double().clamp(min=FLOOR).sum())
     return ValidTokens(tokens, torch.from_numpy(states), log_prob)
