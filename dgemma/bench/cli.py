@@ -30,6 +30,9 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
                    help="on CUDA, run each denoising step eagerly instead of replaying a CUDA graph")
     p.add_argument("--quantize", choices=["fp8"], default=None,
                    help="quantize the model's weights first (as `dgemma quantize` does) and time that")
+    p.add_argument("--sampler", choices=["exact", "fast"], default="exact",
+                   help="exact: the reference's random draws (an Exp(1) race over the vocabulary per position); "
+                        "fast: the same distribution from one uniform per position")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_bench)
     return p

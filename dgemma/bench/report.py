@@ -53,6 +53,7 @@ def summarize(args, m: Measurement) -> dict:
                      "batch_size": args.batch_size, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
                      "denoising_steps": args.steps, "adaptive": args.adaptive, "threads": args.threads,
                      "device": args.device, "dtype": str(dtype).replace("torch.", ""), "repeats": args.repeats,
+                     "sampler": getattr(args, "sampler", "exact"),
                      "weights": "fp8" if is_quantized(m.model) else "unquantized"},
         "machine": {"matmul_peak_gflops": peak, "copy_bandwidth_gb_s": bandwidth, "weights_mb": weights / 2**20,
                     "floor_ms_per_step_bandwidth": bytes_step / (bandwidth * 1e9) * 1e3 if bandwidth else None,

@@ -34,13 +34,13 @@ class EngineStats:
         return statistics.median(getattr(r, key) for r in self.runs)
 
 
-def run_dgemma(model, prompts, gen, seed, cuda_graphs: bool | None = None) -> RunResult:
+def run_dgemma(model, prompts, gen, seed, cuda_graphs: bool | None = None, sampler: str = "exact") -> RunResult:
     from ..generate import generate
 
     torch.manual_seed(seed)
     before = rss_status("VmRSS:")
     reset_peak()
-    out = generate(model, prompts, gen, cuda_graphs=cuda_graphs)
+    out = generate(model, prompts, gen, cuda_graphs=cuda_graphs, sampler=sampler)
     delta = rss_status("VmHWM:") - before
     return RunResult(out.stats.seconds, out.stats.prefill_seconds, out.stats.denoising_steps // len(prompts),
                      out.stats.generated_tokens, delta)
@@ -195,9 +195,12 @@ def run_workload(args) -> Measurement:
     prompts = torch.randint(3, V, (args.batch_size, args.prompt_len), generator=g).tolist()
 
     cuda = args.device.startswith("cuda")
-    engines = {"dgemma": lambda seed: run_dgemma(model, prompts, gen, seed, cuda_graphs=cuda and args.cuda_graphs)}
+    sampler = getattr(args, "sampler", "exact")
+    engines = {"dgemma": lambda seed: run_dgemma(model, prompts, gen, seed, cuda_graphs=cuda and args.cuda_graphs,
+                                                 sampler=sampler)}
     if cuda and args.cuda_graphs and "eager" in args.compare:  # the same engine without CUDA graphs
-        engines["dgemma-eager"] = lambda seed: run_dgemma(model, prompts, gen, seed, cuda_graphs=False)
+        engines["dgemma-eager"] = lambda seed: run_dgemma(model, prompts, gen, seed, cuda_graphs=False,
+                                                          sampler=sampler)
     # dgemma's memory, measured before anything else is loaded: its warm-up run is its largest (first touch)
     if cuda:
         torch.cuda.reset_peak_memory_stats()

@@ -23,6 +23,9 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-model-len", type=int, default=None,
                    help="context per request, prompt + output (default: min(model limit, 8192))")
     p.add_argument("--max-waiting", type=int, default=None, help="waiting-queue bound (default 8 x max-num-seqs)")
+    p.add_argument("--sampler", choices=["fast", "exact"], default="fast",
+                   help="fast: one uniform per position (the same distribution); exact: torch.multinomial's draws, "
+                        "as generate makes them")
     p.add_argument("--no-settled-prefix", action="store_true",
                    help="do not pin and stream the settled prefix by default (text then streams per canvas)")
     p.set_defaults(func=cmd_serve)
@@ -48,7 +51,7 @@ def cmd_serve(args) -> int:
         raise CLIError(f"--max-model-len {max_model_len} leaves no room for a prompt and a "
                        f"{ckpt.config.canvas_length}-token canvas")
     engine = Engine(ckpt.model, ckpt.generation, tokenizer, max_num_seqs=args.max_num_seqs,
-                    max_model_len=max_model_len, max_waiting=args.max_waiting)
+                    max_model_len=max_model_len, max_waiting=args.max_waiting, sampler=args.sampler)
     name = args.served_model_name or ckpt.path.resolve().name
     serving = Serving(engine, tokenizer, name, settled_prefix=not args.no_settled_prefix)
     api_key = args.api_key or os.environ.get("DGEMMA_API_KEY") or None
