@@ -148,8 +148,31 @@ def test_admission_errors_name_the_field(model, gen):
             SamplingParams(**{field: value})
         assert e.value.param == field
     engine.add_request([5] * 10, SamplingParams(max_tokens=48), sink)  # 10 + 3 * 16 fits exactly... 58 <= 64
+    engine.add_request([5], SamplingParams(max_tokens=1), sink)  # the free row takes the first, the queue this one
     with pytest.raises(QueueFullError):
         engine.add_request([5], SamplingParams(max_tokens=1), sink)
+
+
+def test_a_request_arriving_while_a_row_is_free_is_never_refused(model, gen):
+    # max_waiting bounds the requests waiting beyond the free rows, so a burst fills every free row even before
+    # the engine steps, and only what is left over counts against the queue
+    engine = Engine(model, gen, max_num_seqs=3, max_model_len=64, max_waiting=1)
+    sink = [].append
+    first = [engine.add_request([5], SamplingParams(max_tokens=16), sink) for _ in range(4)]
+    with pytest.raises(QueueFullError):
+        engine.add_request([5], SamplingParams(max_tokens=16), sink)
+    engine.step()
+    assert engine.num_running == 3 and engine.num_waiting == 1
+    with pytest.raises(QueueFullError):
+        engine.add_request([5], SamplingParams(max_tokens=16), sink)
+    engine.abort(first[0].request_id)
+    engine.abort(first[1].request_id)
+    engine.step()  # two rows freed, one taken by the waiting request: one free row
+    assert engine.num_running == 2 and engine.num_waiting == 0
+    engine.add_request([5], SamplingParams(max_tokens=16), sink)
+    engine.add_request([5], SamplingParams(max_tokens=16), sink)
+    with pytest.raises(QueueFullError):
+        engine.add_request([5], SamplingParams(max_tokens=16), sink)
 
 
 def test_max_tokens_unset_runs_to_the_context_limit_not_a_fixed_cap():

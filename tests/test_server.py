@@ -246,11 +246,13 @@ def test_full_queue_answers_429_with_retry_after(runtime):
     engine = Engine(ckpt.model, ckpt.generation, tokenizer, max_num_seqs=1, max_model_len=256, max_waiting=1)
     srv = ServerThread(build_app(Serving(engine, tokenizer, MODEL))).start()  # engine not started: nothing runs
     try:
-        with httpx.stream("POST", srv.url + "/v1/chat/completions", json=dict(CHAT, stream=True), timeout=10) as r:
-            assert r.status_code == 200  # queued
-            second = httpx.post(srv.url + "/v1/chat/completions", json=CHAT, timeout=10)
-            assert second.status_code == 429 and second.headers["retry-after"] == "1"
-            assert second.json()["error"]["type"] == "rate_limit_error"
+        url = srv.url + "/v1/chat/completions"
+        with httpx.stream("POST", url, json=dict(CHAT, stream=True), timeout=10) as r1, \
+                httpx.stream("POST", url, json=dict(CHAT, stream=True), timeout=10) as r2:
+            assert r1.status_code == r2.status_code == 200  # one for the free row, one in the queue
+            third = httpx.post(url, json=CHAT, timeout=10)
+            assert third.status_code == 429 and third.headers["retry-after"] == "1"
+            assert third.json()["error"]["type"] == "rate_limit_error"
     finally:
         srv.stop()
 

@@ -2,7 +2,7 @@
 
 Each running request owns one KV-cache row of `max_model_len` slots for its whole life. A request is admitted
 only if its prompt plus its canvases fit in a row (checked up front, so nothing runs out of room midway), waits
-in a bounded FIFO queue for a free row, and gives the row back the moment it finishes or is cancelled.
+in a FIFO queue for a free row, and gives the row back the moment it finishes or is cancelled.
 The scheduler is shared between the HTTP threads (add, abort) and the engine thread, so it holds a lock.
 """
 
@@ -39,8 +39,11 @@ class Scheduler:
 
     def add(self, request: Request) -> None:
         with self.lock:
-            if len(self.waiting) >= self.max_waiting:
-                raise QueueFullError(f"the waiting queue is full ({self.max_waiting} requests); retry later")
+            # the bound is on requests waiting beyond the free rows: rows free up between engine steps, so a
+            # request that arrives while one is free is queued for it, never refused
+            if len(self.waiting) - len(self.free_rows) >= self.max_waiting:
+                raise QueueFullError(f"the waiting queue is full ({self.max_waiting} requests beyond the free "
+                                     "rows); retry later")
             self.waiting.append(request)
             self.wakeup.notify()
 
