@@ -150,8 +150,10 @@ def test_compile_limits(vocab):
     exploding = "(a|b)*a(a|b){12}"  # its DFA needs 2^13 states
     with pytest.raises(ConstraintError, match="limit of 500"):
         Constraint.from_regex(exploding, vocab, limits=CompileLimits(max_states=500))
-    with pytest.raises(ConstraintError, match="longer than the limit of 0.01 s"):
-        Constraint.from_regex(exploding + "x", vocab, limits=CompileLimits(timeout_s=0.01))
+    with pytest.raises(ConstraintError, match="longer than the limit of 0.5 s"):  # its DFA takes seconds
+        Constraint.from_regex(schema_to_regex({"type": "object"}) + "x", vocab, limits=CompileLimits(timeout_s=0.5))
+    with pytest.raises(ConstraintError, match="memory limit 100 MiB"):
+        Constraint.from_regex(exploding, vocab, limits=CompileLimits(max_states=10**6, max_memory_mb=100))
     with pytest.raises(ValueError):
         CompileLimits(max_states=0)
 

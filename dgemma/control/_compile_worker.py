@@ -9,7 +9,8 @@ request on stdin and writes one pickled reply on stdout; it imports only outline
    token (the sum over states of weight(state) * (next state + 1)), then an exact check of every transition.
    A (S, V) table becomes (S, K) plus a (V,) class map: JSON-object mode has K = 205 on a 32k vocabulary.
 
-Request: {"regex": str, "token_bytes": list[bytes | None] (None: never allowed), "max_states": int}.
+Request: {"regex": str, "token_bytes": list[bytes | None] (None: never allowed), "max_states": int,
+"max_memory_mb": int}.
 Reply: {"error": str} or {"initial": int, "finals": list[int], "table": bytes of int32 (S, K) row-major
 (-1: not allowed), "num_states": S, "num_classes": K, "token_class": bytes of int32 (V,)}.
 """
@@ -82,6 +83,12 @@ def compile_regex(regex: str, token_bytes: list, max_states: int) -> dict:
 
 def main() -> None:
     request = pickle.load(sys.stdin.buffer)
+    try:  # bound the address space here rather than in a preexec_fn, which is unsafe in a threaded parent
+        import resource
+        size = request["max_memory_mb"] * 2**20
+        resource.setrlimit(resource.RLIMIT_AS, (size, size))
+    except (ImportError, ValueError, OSError):  # no resource module (Windows), or a lower hard limit
+        pass
     reply = compile_regex(request["regex"], request["token_bytes"], request["max_states"])
     pickle.dump(reply, sys.stdout.buffer, protocol=pickle.HIGHEST_PROTOCOL)
     sys.stdout.buffer.flush()

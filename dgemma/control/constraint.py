@@ -187,16 +187,11 @@ class Constraint:
 def _run_worker(regex: str, vocabulary: ConstraintVocabulary, limits: CompileLimits, description: str) -> dict:
     """Step 1: outlines-core in a child process, bounded in time and memory."""
     request = pickle.dumps({"regex": regex, "token_bytes": list(vocabulary.token_bytes),
-                            "max_states": limits.max_states}, protocol=pickle.HIGHEST_PROTOCOL)
-
-    def bound_memory():
-        import resource
-        size = limits.max_memory_mb * 2**20
-        resource.setrlimit(resource.RLIMIT_AS, (size, size))
-
+                            "max_states": limits.max_states, "max_memory_mb": limits.max_memory_mb},
+                           protocol=pickle.HIGHEST_PROTOCOL)
     try:
         done = subprocess.run([sys.executable, str(_WORKER)], input=request, capture_output=True,
-                              timeout=limits.timeout_s, preexec_fn=bound_memory if sys.platform != "win32" else None)
+                              timeout=limits.timeout_s)
     except subprocess.TimeoutExpired:
         raise ConstraintError(f"{description}: compiling took longer than the limit of {limits.timeout_s:g} s") from None
     if done.returncode != 0:

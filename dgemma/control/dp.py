@@ -35,7 +35,8 @@ import torch
 from .constraint import INVALID, Constraint, ConstraintError
 
 FLOOR = -1e30  # stands for -inf log-probs: finite so that a valid sequence is always found
-BIG_CLASS_SHARE = 8  # a class with at least 1/8 of the vocabulary is read with a masked max (step 1)
+BIG_CLASS_SHARE = 8  # a class with at least 1/8 of the vocabulary is read from the row maxima (step 1)
+RESCAN_ROWS = 8  # rows masked and rescanned at a time in step 1
 
 
 @dataclass(frozen=True)
@@ -130,8 +131,8 @@ def best_valid_tokens(log_probs: torch.Tensor, constraint: Constraint, start_sta
         # where the row's first maximum lies in the class it is the class's; mask and rescan the other rows
         value, index = row_max.clone(), row_argmax.clone()
         rows = outside[row_argmax].nonzero().squeeze(1)
-        if rows.numel():
-            value[rows], index[rows] = log_probs[rows].masked_fill_(outside, float("-inf")).max(1)
+        for chunk in rows.split(RESCAN_ROWS):  # a few rows at a time: the copy stays in cache
+            value[chunk], index[chunk] = log_probs[chunk].masked_fill_(outside, float("-inf")).max(1)
         best[:, cls], big_argmax[cls] = value, index
     best_np = best.double().clamp(min=FLOOR).numpy()  # (C, K); classes without tokens have no edges
 
