@@ -10,6 +10,9 @@ call `split_thinking` on the text, or feed the text deltas to a `ThinkingStreamP
 from __future__ import annotations
 
 import json
+import re
+import secrets
+from functools import cached_property
 from pathlib import Path
 
 import tokenizers
@@ -128,7 +131,87 @@ class Tokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         """Token ids of `text`. Special-token text in it (e.g. `<bos>` from a chat template) becomes its id."""
-        return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
+        # encode_batch releases the GIL while it works (encode does not), so a long text never stalls other threads
+        return self._backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
+
+    @cached_property
+    def max_token_bytes(self) -> int:
+        """UTF-8 length of the longest vocabulary entry. No token stands for more text than its entry spells (a
+        byte-level BPE character is one byte, SentencePiece's "▁" one space, "<0xNN>" one byte), so a text of B bytes
+        has at least B / max_token_bytes tokens, unless a normalizer deletes characters."""
+        vocab = self._backend.get_vocab(with_added_tokens=True)
+        return max((len(t.encode("utf-8")) for t in vocab), default=1)
+
+    @cached_property
+    def _special_pattern(self) -> re.Pattern | None:
+        specials = {t.content for t in self._backend.get_added_tokens_decoder().values() if t.special}
+        if not specials:
+            return None
+        return re.compile("|".join(re.escape(t) for t in sorted(specials, key=len, reverse=True)))
+
+    @cached_property
+    def _plain_backend(self) -> tokenizers.Tokenizer:
+        """A copy of the backend that reads special-token text as plain text (a separate object: the flag is shared
+        state, and encodes run on several threads)."""
+        backend = tokenizers.Tokenizer.from_str(self._backend.to_str())
+        backend.encode_special_tokens = True
+        return backend
+
+    def encode_plain(self, text: str) -> list[int]:
+        """Token ids of `text`, special-token text in it read as plain text (for text from users)."""
+        return self._plain_backend.encode_batch([text], add_special_tokens=False)[0].ids
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True, enable_thinking: bool = False,
+                    max_bytes: int | None = None, **template_kwargs) -> list[int]:
+        """Render and encode a chat so that only the template writes control tokens: text in the messages (and in
+        template arguments) that spells `<bos>` or a turn marker is encoded as plain text, so no one can forge a turn.
+
+        1. Each special-token text inside any string of the input becomes a placeholder only this call knows.
+        2. The template renders; the special tokens in its output are its own.
+        3. The output is cut at those tokens (as the tokenizer itself cuts at special tokens), the placeholders turn
+           back into their text, the length is checked against `max_bytes`, and each piece is encoded as plain text.
+        """
+        pattern = self._special_pattern
+        # 1.
+        nonce = f"\ue000{secrets.randbelow(10**12)}."  # digits and a private-use character: case filters keep it
+        found: dict[str, int] = {}
+
+        def escape(text: str) -> str:
+            if pattern is None:
+                return text
+            return pattern.sub(lambda m: f"{nonce}{found.setdefault(m.group(0), len(found))}\ue001", text)
+
+        # 2.
+        text = self.apply_chat_template(_map_strings(_plain(list(messages)), escape), add_generation_prompt,
+                                        enable_thinking, **_map_strings(_plain(template_kwargs), escape))
+        # 3.
+        restore = {f"{nonce}{k}\ue001": special for special, k in found.items()}
+        alternatives = [re.escape(p) for p in restore] + ([pattern.pattern] if pattern is not None else [])
+        parts = re.split(f"({'|'.join(alternatives)})", text) if alternatives else [text]
+        pieces: list[str | int] = []
+        run: list[str] = []
+        for i, part in enumerate(parts):
+            if i % 2 == 0 or part in restore:
+                run.append(restore.get(part, part) if i % 2 else part)
+            else:
+                pieces += ["".join(run), self.token_id(part)]
+                run = []
+        pieces.append("".join(run))
+        texts = [p for p in pieces if isinstance(p, str) and p]
+        if max_bytes is not None:
+            size = sum(len(p.encode("utf-8", "surrogatepass")) for p in texts) + sum(
+                len(p.encode("utf-8")) for p in parts[1::2] if p not in restore)
+            if size > max_bytes:
+                raise TokenizerError(f"the rendered chat is {size} bytes, more than {max_bytes} bytes (what the "
+                                     "context can hold at the longest token)")
+        encoded = iter(self._plain_backend.encode_batch(texts, add_special_tokens=False))
+        ids: list[int] = []
+        for p in pieces:
+            if isinstance(p, int):
+                ids.append(p)
+            elif p:
+                ids += next(encoded).ids
+        return ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         """Text of `ids`. Use skip_special_tokens=False before split_thinking: the channel markers are special."""
@@ -148,3 +231,14 @@ class Tokenizer:
                        enable_thinking=bool(enable_thinking), bos_token=self.bos_token or "",
                        eos_token=self.eos_token or "", pad_token=self.pad_token or "")
         return self.chat_template.render(**context)
+
+
+def _map_strings(value, fn):
+    """`value` (plain JSON data) with fn applied to every string in it, keys included."""
+    if isinstance(value, str):
+        return fn(value)
+    if isinstance(value, dict):
+        return {fn(k): _map_strings(v, fn) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_map_strings(v, fn) for v in value]
+    return value
