@@ -22,6 +22,10 @@ from .thinking import (CHANNEL_CLOSE, CHANNEL_OPEN, END_MARKERS, THOUGHT_PREFIX,
                        ThinkingStreamParser, split_thinking)
 
 
+class TextTooLongError(TokenizerError):
+    """Text refused before encoding: more bytes than the context can hold at the longest token."""
+
+
 def _read_json(path: Path) -> dict:
     if not path.is_file():
         return {}
@@ -202,8 +206,8 @@ class Tokenizer:
             size = sum(len(p.encode("utf-8", "surrogatepass")) for p in texts) + sum(
                 len(p.encode("utf-8")) for p in parts[1::2] if p not in restore)
             if size > max_bytes:
-                raise TokenizerError(f"the rendered chat is {size} bytes, more than {max_bytes} bytes (what the "
-                                     "context can hold at the longest token)")
+                raise TextTooLongError(f"the rendered chat is {size} bytes of text, which cannot fit in the context "
+                                       f"(at most {max_bytes} bytes)")
         encoded = iter(self._plain_backend.encode_batch(texts, add_special_tokens=False))
         ids: list[int] = []
         for p in pieces:

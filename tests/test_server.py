@@ -75,7 +75,7 @@ def stream_chat(client, content="Hello", **kw) -> tuple[str, str | None, list]:
 
 
 def metric(server, name: str) -> float:
-    text = httpx.get(server.url + "/metrics", timeout=10).text
+    text = httpx.get(server.url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}, timeout=10).text
     m = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
     return float(m.group(1)) if m else 0.0
 
@@ -209,7 +209,8 @@ def test_api_key_is_required(server):
 
 def test_models_and_metrics(client, server):
     assert [m.id for m in client.models.list()] == [MODEL]
-    text = httpx.get(server.url + "/metrics", timeout=10).text
+    assert httpx.get(server.url + "/metrics", timeout=10).status_code == 401  # the key covers /metrics
+    text = httpx.get(server.url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}, timeout=10).text
     for name in ("dgemma_requests_total", "dgemma_prompt_tokens_total", "dgemma_generation_tokens_total",
                  "dgemma_denoising_steps_total", "dgemma_requests_waiting", "dgemma_requests_running",
                  "dgemma_time_to_first_token_seconds_bucket", "dgemma_e2e_request_latency_seconds_bucket"):

@@ -197,7 +197,7 @@ def test_encode_chat_equals_encoding_the_rendered_text_without_markers_in_conten
 
 
 def test_encode_chat_refuses_text_longer_than_max_bytes_before_encoding(tok):
-    with pytest.raises(TokenizerError, match="more than 100 bytes"):
+    with pytest.raises(TokenizerError, match="at most 100 bytes"):
         tok.encode_chat([{"role": "user", "content": "x" * 200}], max_bytes=100)
     assert tok.encode_chat([{"role": "user", "content": "x" * 10}], max_bytes=100)
 

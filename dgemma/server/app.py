@@ -1,7 +1,8 @@
 """The FastAPI app, the `dgemma serve` command and a helper that runs a server on a background thread.
 
-Endpoints: POST /v1/chat/completions, POST /v1/completions, GET /v1/models (behind the API key when one is set),
-GET /health, GET /metrics (Prometheus). Every error is answered in OpenAI's format.
+Endpoints: POST /v1/chat/completions, POST /v1/completions, GET /v1/models and GET /metrics (Prometheus; these four
+behind the API key when one is set, /metrics unless public_metrics), GET /health. Every error is answered in OpenAI's
+format. The Guard (guard.py) checks the Host, the origin and the body size before the app sees a request.
 """
 
 from __future__ import annotations
@@ -15,17 +16,23 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .guard import Guard, uvicorn_config
 from .protocol import ChatCompletionRequest, CompletionRequest, error_body
 from .serving import APIError, Serving
 
 log = logging.getLogger("dgemma.server")
 
 
-def build_app(serving: Serving, api_key: str | None = None) -> FastAPI:
-    """The app over a started engine (the caller owns the engine's lifetime)."""
+def build_app(serving: Serving, api_key: str | None = None, allowed_hosts: list[str] | None = None,
+              public_metrics: bool = False) -> FastAPI:
+    """The app over a started engine (the caller owns the engine's lifetime). Its limits are serving.limits.
+    allowed_hosts: host names besides IP addresses and localhost that clients may use ("*": any)."""
     app = FastAPI(title="dgemma", docs_url=None, redoc_url=None)
+    app.state.limits = serving.limits
+    app.add_middleware(Guard, limits=serving.limits, allowed_hosts=allowed_hosts, refuse_cross_origin=not api_key)
 
     def check_key(request: Request) -> None:
         if not api_key:
@@ -58,7 +65,8 @@ def build_app(serving: Serving, api_key: str | None = None) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, e: StarletteHTTPException):
-        return JSONResponse(error_body(str(e.detail), "invalid_request_error"), status_code=e.status_code)
+        return JSONResponse(error_body(str(e.detail), "invalid_request_error"), status_code=e.status_code,
+                            headers=e.headers)  # 405 keeps its Allow header
 
     @app.exception_handler(Exception)
     async def internal_error(_: Request, e: Exception):
@@ -66,9 +74,11 @@ def build_app(serving: Serving, api_key: str | None = None) -> FastAPI:
         return JSONResponse(error_body(f"internal error: {type(e).__name__}", "internal_error"), status_code=500)
 
     async def parse(model: type[BaseModel], raw: Request):
-        # parsed here rather than by FastAPI so a body sent without Content-Type: application/json (curl -d) works
+        # parsed here rather than by FastAPI so a body sent without Content-Type: application/json (curl -d) works;
+        # on the threadpool, as a body of megabytes takes a while
+        body = await raw.body()
         try:
-            return model.model_validate_json(await raw.body())
+            return await run_in_threadpool(model.model_validate_json, body)
         except ValidationError as e:
             raise RequestValidationError(e.errors()) from None
 
@@ -88,7 +98,7 @@ def build_app(serving: Serving, api_key: str | None = None) -> FastAPI:
     async def health():
         return {"status": "ok", "running": serving.engine.num_running, "waiting": serving.engine.num_waiting}
 
-    @app.get("/metrics")
+    @app.get("/metrics", dependencies=[] if public_metrics else [Depends(check_key)])
     async def metrics():
         return Response(serving.metrics.render(), media_type="text/plain; version=0.0.4")
 
@@ -101,7 +111,7 @@ class ServerThread:
     def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0):
         import uvicorn
 
-        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
+        self.server = uvicorn.Server(uvicorn_config(app, host, port, app.state.limits, log_level="warning",
                                                     timeout_graceful_shutdown=1))
         self.thread = threading.Thread(target=self.server.run, name="dgemma-http", daemon=True)
         self.url = ""

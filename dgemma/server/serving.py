@@ -15,6 +15,7 @@ from starlette.requests import Request as HTTPRequest
 
 from ..control.pins import DEFAULT_PREDICTION_STRENGTH, Steering
 from ..engine import Engine, QueueFullError, RequestError, RequestOutput, SamplingParams
+from .guard import ServerLimits
 from .metrics import Metrics
 from .protocol import (ChatChoice, ChatCompletionRequest, ChatCompletionResponse, ChatMessageOut, CompletionChoice,
                        CompletionRequest, CompletionResponse, ModelCard, ModelList, StreamOptions, Usage, error_body)
@@ -89,12 +90,32 @@ def sse(obj: dict | str) -> str:
 
 
 class Serving:
-    def __init__(self, engine: Engine, tokenizer, model_name: str, settled_prefix: bool = True):
+    def __init__(self, engine: Engine, tokenizer, model_name: str, settled_prefix: bool = True,
+                 limits: ServerLimits | None = None):
         self.engine = engine
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.settled_prefix = settled_prefix
+        self.limits = limits or ServerLimits()
         self.metrics = Metrics(engine)
+
+    @property
+    def max_text_bytes(self) -> int:
+        """The longest text (UTF-8 bytes) that can fit in the context: a token covers at most max_token_bytes bytes,
+        so longer text is refused before it is encoded (encoding megabytes takes seconds)."""
+        return self.engine.max_model_len * self.tokenizer.max_token_bytes
+
+    def encode(self, text: str, param: str, add_special_tokens: bool = False, plain: bool = False) -> list[int]:
+        """Token ids of request text, refused (400 naming `param`) when it is too long for the context. Runs on
+        the threadpool. plain: special-token text in it is plain text (text from users, e.g. a prediction)."""
+        size = len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+        if size > self.max_text_bytes:
+            raise APIError(400, f"{param}: {size} bytes of text cannot fit in the context of "
+                                f"{self.engine.max_model_len} tokens (at most {self.max_text_bytes} bytes)",
+                           param=param)
+        if plain:
+            return self.tokenizer.encode_plain(text)
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
     def models(self) -> ModelList:
         return ModelList(data=[ModelCard(id=self.model_name, max_model_len=self.engine.max_model_len)])
@@ -116,7 +137,7 @@ class Serving:
             if self.tokenizer is None:
                 raise APIError(400, "this model has no tokenizer, so a text prediction cannot be used; send "
                                     "seed_tokens", param="prediction")
-            seed = self.tokenizer.encode(content, add_special_tokens=False) or None
+            seed = self.encode(content, "prediction", plain=True) or None
         pinned = None
         if body.pinned is not None:
             try:
@@ -157,19 +178,28 @@ class Serving:
         if self.tokenizer is None:
             raise APIError(400, "this model has no tokenizer, so it cannot render chats; use /v1/completions with "
                                 "a prompt of token ids", param="messages")
-        from ..tokenizer import TokenizerError, ThinkingStreamParser, split_thinking
+        from ..tokenizer import TextTooLongError, ThinkingStreamParser, TokenizerError, split_thinking
 
+        if len(body.messages) > self.limits.max_messages:
+            raise APIError(400, f"messages: {len(body.messages)} messages, more than this server's limit of "
+                                f"{self.limits.max_messages} (--max-messages)", param="messages")
         kwargs = dict(body.chat_template_kwargs or {})
         thinking = bool(kwargs.pop("enable_thinking", False))
-        messages = [m.model_dump(exclude_none=True) for m in body.messages]
 
         def render() -> list[int]:  # off the event loop: templates and long prompts take time
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, enable_thinking=thinking,
-                                                      **kwargs)
-            return self.tokenizer.encode(text, add_special_tokens=False)
+            messages = [m.model_dump(exclude_none=True) for m in body.messages]
+            chars = _text_chars(messages) + _text_chars(kwargs)
+            if chars > self.limits.max_content_chars:
+                raise APIError(400, f"messages: {chars} characters of text, more than this server's limit of "
+                                    f"{self.limits.max_content_chars} (--max-content-chars)", param="messages")
+            # message text is encoded as plain text: only the template writes control tokens
+            return self.tokenizer.encode_chat(messages, add_generation_prompt=True, enable_thinking=thinking,
+                                              max_bytes=self.max_text_bytes, **kwargs)
 
         try:
             prompt = await run_in_threadpool(render)
+        except TextTooLongError as e:
+            raise APIError(400, f"messages: {e}", param="messages") from None
         except (TokenizerError, TypeError) as e:
             raise APIError(400, f"cannot render the chat template: {e}", param="messages") from None
         # the thought channel markers are special tokens: keep them in the text and split on them
@@ -233,14 +263,14 @@ class Serving:
             if self.tokenizer is None:
                 raise APIError(400, "this model has no tokenizer: send the prompt as a list of token ids",
                                param="prompt")
-            prompt = await run_in_threadpool(self.tokenizer.encode, body.prompt, add_special_tokens=True)
+            prompt = await run_in_threadpool(self.encode, body.prompt, "prompt", add_special_tokens=True)
         else:
             prompt = list(body.prompt)
         suffix = None
         if body.suffix is not None:
             if self.tokenizer is None:
                 raise APIError(400, "this model has no tokenizer, so a text suffix cannot be used", param="suffix")
-            suffix = await run_in_threadpool(self.tokenizer.encode, body.suffix, add_special_tokens=False)
+            suffix = await run_in_threadpool(self.encode, body.suffix, "suffix")
         steering = await run_in_threadpool(self.steering, body, suffix)
         params = self.params(body, body.max_tokens, skip_special_tokens=True, steering=steering)
         request_id = f"cmpl-{uuid.uuid4().hex}"
@@ -304,6 +334,19 @@ class Serving:
             raise APIError(500, out.error or "internal error", "internal_error")
         out.token_ids = ids
         return "".join(texts), out
+
+
+def _text_chars(value, depth: int = 0) -> int:
+    """Characters in all the strings of plain JSON data (deeper than 64 levels counts as too much)."""
+    if isinstance(value, str):
+        return len(value)
+    if depth > 64:
+        return 1 << 62
+    if isinstance(value, dict):
+        return sum(len(str(k)) + _text_chars(v, depth + 1) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return sum(_text_chars(v, depth + 1) for v in value)
+    return 0
 
 
 def _now() -> int:
