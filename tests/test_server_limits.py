@@ -17,7 +17,7 @@ from dgemma import checkpoint
 from dgemma.engine import Engine
 from dgemma.presets import default_generation, preset_config, random_model
 from dgemma.server import ServerThread, Serving, build_app
-from dgemma.server.guard import ServerLimits
+from dgemma.server.limits import ServerLimits
 from dgemma.testing import write_test_tokenizer
 from dgemma.tokenizer import Tokenizer
 
@@ -235,3 +235,60 @@ def test_slow_clients_are_cut_off(runtime):
         r = httpx.get(srv.url + "/health", headers={"X-Big": "a" * 8000}, timeout=10)
         assert r.status_code == 431
         assert httpx.get(srv.url + "/health", timeout=10).status_code == 200
+
+
+# -- dgemma serve's flags -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv, message", [
+    (["--max-request-bytes", "0"], "--max-request-bytes must be a positive number"),
+    (["--header-timeout", "-1"], "--header-timeout must be a positive number"),
+    (["--api-key-file", "/nonexistent/key"], "--api-key-file: cannot read /nonexistent/key"),
+    (["--api-key", "a", "--api-key-file", "f"], "give --api-key or --api-key-file, not both"),
+])
+def test_serve_flag_errors_are_one_line(capsys, argv, message):
+    from dgemma.cli import main
+
+    assert main(["serve", "--model", "/x", *argv]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], lines
+
+
+def _serve(model_dir, *argv, env=None):
+    """`dgemma serve` in a child process -> (process, url, the stderr lines up to uvicorn's start line)."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "dgemma.cli", "serve", "--model", str(model_dir), "--port", "0",
+                             "--threads", "1", "--max-model-len", "256", *argv], stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **(env or {})})
+    lines = []
+    for line in proc.stderr:
+        lines.append(line)
+        m = re.search(r"running on (http://\S+)", line)
+        if m:
+            threading.Thread(target=proc.stderr.read, daemon=True).start()  # keep the pipe drained
+            return proc, m.group(1), lines
+    proc.wait(10)
+    raise AssertionError("".join(lines))
+
+
+def test_serve_reads_the_key_from_a_file_and_warns_when_open_without_one(runtime, tmp_path):
+    ckpt, _ = runtime
+    (tmp_path / "key").write_text("s3cret\n")
+    proc, url, _ = _serve(ckpt.path, "--api-key-file", str(tmp_path / "key"), env={"DGEMMA_API_KEY": ""})
+    try:
+        assert httpx.get(url + "/v1/models", timeout=10).status_code == 401
+        assert httpx.get(url + "/metrics", timeout=10).status_code == 401
+        assert httpx.get(url + "/v1/models", headers={"Authorization": "Bearer s3cret"}, timeout=10).status_code \
+            == 200
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    proc, url, lines = _serve(ckpt.path, "--host", "0.0.0.0", env={"DGEMMA_API_KEY": ""})
+    try:
+        assert any("WARNING" in line and "WITHOUT an API key" in line for line in lines), lines
+    finally:
+        proc.terminate()
+        proc.wait(30)

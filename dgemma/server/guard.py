@@ -1,6 +1,5 @@
 """The server's limits and the guard in front of the app, so hostile or slow clients cannot stall or misuse it.
 
-`ServerLimits` holds every bound (request size, chat size, timeouts, connections; flags of `dgemma serve`).
 `Guard` is the ASGI middleware that, before the app sees a request:
   0. refuses headers over `max_header_bytes` (431);
   1. refuses a Host header that names a host it was not told to serve (DNS rebinding);
@@ -16,30 +15,12 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
-from dataclasses import dataclass, fields
 from urllib.parse import urlsplit
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from .limits import ServerLimits
 from .protocol import error_body
-
-
-@dataclass(frozen=True)
-class ServerLimits:
-    max_request_bytes: int = 4 * 2**20  # a body larger than this is refused with 413 before it is read
-    max_messages: int = 1024  # messages per chat request, checked before the template renders
-    max_content_chars: int = 1_000_000  # characters of text in a chat's messages, all summed
-    header_timeout: float = 10.0  # seconds from connecting (or the last response) to complete request headers
-    body_timeout: float = 30.0  # seconds a request body may stall between two pieces
-    keep_alive_timeout: float = 5.0  # seconds an idle keep-alive connection stays open
-    max_connections: int = 512  # open connections and requests in flight; beyond it, 503
-    max_header_bytes: int = 16384  # request line and headers
-
-    def __post_init__(self) -> None:
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or value != value:
-                raise ValueError(f"{f.name} must be a positive number, got {value!r}")
 
 
 LOOPBACK_NAMES = ("localhost",)

@@ -8,6 +8,9 @@ import os
 import sys
 
 from ..cli_common import CLIError, add_model_args, apply_threads, load_runtime
+from .limits import FLAGS, ServerLimits
+
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
 
 # -- dgemma serve ---------------------------------------------------------------------------------------------------
@@ -17,7 +20,13 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="TCP port")
     p.add_argument("--api-key", default=None,
-                   help="require 'Authorization: Bearer KEY' (default: $DGEMMA_API_KEY, else no key)")
+                   help="require 'Authorization: Bearer KEY' on /v1 and /metrics (visible in ps: prefer "
+                        "$DGEMMA_API_KEY or --api-key-file; default: $DGEMMA_API_KEY, else no key)")
+    p.add_argument("--api-key-file", default=None, help="read the API key from this file (its first line)")
+    p.add_argument("--allowed-hosts", default=None,
+                   help="comma-separated host names clients may use besides IP addresses and localhost (a guard "
+                        "against DNS rebinding; '*' allows any)")
+    p.add_argument("--public-metrics", action="store_true", help="serve /metrics without the API key")
     p.add_argument("--served-model-name", default=None, help="model id in the API (default: the directory name)")
     p.add_argument("--max-num-seqs", type=int, default=8, help="requests denoised together (KV-cache rows)")
     p.add_argument("--max-model-len", type=int, default=None,
@@ -28,8 +37,27 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
                         "as generate makes them")
     p.add_argument("--no-settled-prefix", action="store_true",
                    help="do not pin and stream the settled prefix by default (text then streams per canvas)")
+    for name, what in FLAGS.items():
+        default = getattr(ServerLimits, name)
+        p.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default,
+                       help=f"{what} (default {default})")
     p.set_defaults(func=cmd_serve)
     return p
+
+
+def api_key(args) -> str | None:
+    """--api-key, else --api-key-file's first line, else $DGEMMA_API_KEY, else None."""
+    if args.api_key and args.api_key_file:
+        raise CLIError("give --api-key or --api-key-file, not both")
+    if args.api_key_file:
+        try:
+            lines = open(args.api_key_file, encoding="utf-8").read().splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise CLIError(f"--api-key-file: cannot read {args.api_key_file} ({e.__class__.__name__})") from None
+        if not lines or not lines[0].strip():
+            raise CLIError(f"--api-key-file: {args.api_key_file} is empty")
+        return lines[0].strip()
+    return args.api_key or os.environ.get("DGEMMA_API_KEY") or None
 
 
 def cmd_serve(args) -> int:
@@ -37,12 +65,16 @@ def cmd_serve(args) -> int:
 
     from ..engine import Engine
     from .app import build_app
+    from .guard import uvicorn_config
     from .serving import Serving
 
     for name in ("max_num_seqs", "port", "max_model_len", "max_waiting"):
         value = getattr(args, name)
         if value is not None and value < (0 if name == "port" else 1):
             raise CLIError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    limits = ServerLimits(**{name: getattr(args, name) for name in FLAGS})
+    key = api_key(args)
+    allowed_hosts = [h.strip() for h in args.allowed_hosts.split(",") if h.strip()] if args.allowed_hosts else None
     apply_threads(args.threads)
     ckpt, tokenizer = load_runtime(args)
     text = ckpt.config.text
@@ -53,15 +85,17 @@ def cmd_serve(args) -> int:
     engine = Engine(ckpt.model, ckpt.generation, tokenizer, max_num_seqs=args.max_num_seqs,
                     max_model_len=max_model_len, max_waiting=args.max_waiting, sampler=args.sampler)
     name = args.served_model_name or ckpt.path.resolve().name
-    serving = Serving(engine, tokenizer, name, settled_prefix=not args.no_settled_prefix)
-    api_key = args.api_key or os.environ.get("DGEMMA_API_KEY") or None
-    app = build_app(serving, api_key)
+    serving = Serving(engine, tokenizer, name, settled_prefix=not args.no_settled_prefix, limits=limits)
+    app = build_app(serving, key, allowed_hosts=allowed_hosts, public_metrics=args.public_metrics)
     print(f"dgemma serve: {name} on {ckpt.model.device}, {args.max_num_seqs} rows x {engine.max_model_len} tokens "
           f"({engine.runner.nbytes() / 2**20:.0f} MiB of cache), http://{args.host}:{args.port}/v1"
-          + (", API key required" if api_key else ""), file=sys.stderr)
+          + (", API key required" if key else ""), file=sys.stderr)
+    if not key and args.host not in LOOPBACK:
+        print(f"WARNING: dgemma serve is listening on {args.host}, beyond this machine, WITHOUT an API key: anyone "
+              "who can reach the port can use the model. Set $DGEMMA_API_KEY or --api-key-file.", file=sys.stderr)
     engine.start()
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+        uvicorn.Server(uvicorn_config(app, args.host, args.port, limits, log_level="info")).run()
     finally:
         with contextlib.suppress(Exception):
             engine.stop()

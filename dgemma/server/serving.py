@@ -15,7 +15,7 @@ from starlette.requests import Request as HTTPRequest
 
 from ..control.pins import DEFAULT_PREDICTION_STRENGTH, Steering
 from ..engine import Engine, QueueFullError, RequestError, RequestOutput, SamplingParams
-from .guard import ServerLimits
+from .limits import ServerLimits
 from .metrics import Metrics
 from .protocol import (ChatChoice, ChatCompletionRequest, ChatCompletionResponse, ChatMessageOut, CompletionChoice,
                        CompletionRequest, CompletionResponse, ModelCard, ModelList, StreamOptions, Usage, error_body)
