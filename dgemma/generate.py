@@ -141,7 +141,9 @@ def generate(model: DiffusionGemma, prompts: list[list[int]], gen: GenerationCon
     steps_per_canvas: list[list[int]] = [[] for _ in range(B)]
     canvases_run = 0
     passes = torch.zeros(B, dtype=torch.long, device=device)  # decoder passes of rows still going, all canvases
-    denoiser = LockstepDenoiser(model, gen, B, generator, cuda_graphs, sampler, strategy)
+    if steering is not None and any(s is not None and s.constraint is not None for s in steering):
+        cuda_graphs = False if cuda_graphs is None else cuda_graphs  # the automaton's DP runs on the host
+    denoiser = LockstepDenoiser(model, gen, B, generator, cuda_graphs, sampler, strategy, max_new)
     state = denoiser.state
 
     for canvas_index in range(num_canvases):
@@ -164,6 +166,7 @@ def generate(model: DiffusionGemma, prompts: list[list[int]], gen: GenerationCon
             if not bool(finished_seq[b]):
                 steps_per_canvas[b].append(n)
         argmax_canvas = state.argmax
+        denoiser.commit_states()
 
         # 2c. commit; EOS ends a row, and what follows it is padding
         done_before = finished_seq.clone()
@@ -221,8 +224,11 @@ class LockstepDenoiser:
 
     def __init__(self, model: DiffusionGemma, gen: GenerationConfig, batch_size: int,
                  generator: torch.Generator | None = None, cuda_graphs: bool | None = None,
-                 sampler: Sampler | str = Sampler.EXACT, strategy: Strategy | None = None):
+                 sampler: Sampler | str = Sampler.EXACT, strategy: Strategy | None = None,
+                 max_new: int | None = None):
         device = model.device
+        self.max_new = max_new
+        self.automaton: list[int | None] = [None] * batch_size  # per row: its constraint's state so far
         self.model, self.gen, self.generator, self.device = model, gen, generator, device
         self.draws = Draws.shared(sampler)
         self.strategy = Strategy(strategy) if strategy is not None else default_strategy(device, self.draws.sampler)
@@ -248,13 +254,27 @@ class LockstepDenoiser:
         """2a. A uniform random canvas for every row (seeded and pinned as `steering` asks); the forward plan."""
         state = self.state
         canvas = random_tokens((state.num_rows, state.canvas_length), state.vocab_size, self.generator, self.device)
-        pinned = values = until = None
+        pinned = values = until = constraints = starts = after = None
         if steering is not None:
             canvas, pinned, values = start_canvas(canvas, steering, canvas_index, [self.generator] * state.num_rows)
             until = [0 if s is None else s.eos_until(canvas_index, state.canvas_length) for s in steering]
-        state.start(None, canvas, pinned, values, until, self.gen.eos_token_id)
+            constraints = [None if s is None else s.constraint for s in steering]
+            if any(c is not None for c in constraints):
+                starts = [c.initial_state if c is not None and a is None else a
+                          for c, a in zip(constraints, self.automaton)]
+                left = None if self.max_new is None else max(self.max_new - (canvas_index + 1) * state.canvas_length, 0)
+                after = [left] * state.num_rows
+            else:
+                constraints = None
+        state.start(None, canvas, pinned, values, until, self.gen.eos_token_id, constraints, starts, after)
         self.plan = self.model.plan(cache, None, self.model.canvas_length, encoder=False)
         self._graph = None
+
+    def commit_states(self) -> None:
+        """The canvas is committed: each constrained row's automaton goes on from where its canvas ended."""
+        for r, c in enumerate(self.state.constraints):
+            if c is not None:
+                self.automaton[r] = self.state.constraint_end[r]
 
     def _run(self, first: bool) -> None:
         denoise_step(self.model, self.state, self.plan, self.temp, self.bound, self.draws, self.strategy,

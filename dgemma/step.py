@@ -121,6 +121,12 @@ class CanvasState:
         self.num_settled = torch.zeros(S, dtype=torch.long, device=dev)
         self.eos_until = [0] * S  # host: EOS may not be sampled before this canvas position (an output must
         self.eos_ids: list[int] = []  # reach its last pin)
+        # per row, host: a constraint automaton (control/constraint.py), its state where this canvas starts, how
+        # many output tokens may follow this canvas, and the state after the canvas's current argmax
+        self.constraints: list = [None] * S
+        self.constraint_start = [0] * S
+        self.tokens_after: list[int | None] = [None] * S
+        self.constraint_end = [0] * S
         self.stopper = StableAndConfident(stability_threshold, confidence_threshold, S, C, dev)
         self.positions = torch.arange(C, device=dev)
         self.any_pins = False  # host flag: some row has caller pins (skips the pin work when none has)
@@ -129,13 +135,19 @@ class CanvasState:
 
     def start(self, rows: list[int] | None, canvas: torch.Tensor, pinned: torch.Tensor | None = None,
               pin_values: torch.Tensor | None = None, eos_until: list[int] | None = None,
-              eos_ids: list[int] | None = None) -> None:
+              eos_ids: list[int] | None = None, constraints: list | None = None,
+              constraint_start: list[int] | None = None, tokens_after: list[int | None] | None = None) -> None:
         """Begin a canvas on `rows` (None: all) from `canvas` (R, C) (the caller draws it, in its draw order),
         optionally with pinned positions (R, C) bool and their tokens (R, C), and per row the canvas position
-        before which no EOS (`eos_ids`) may be sampled."""
+        before which no EOS (`eos_ids`) may be sampled; and per row a constraint, the automaton state the canvas
+        starts in and how many output tokens may follow the canvas (None: unbounded)."""
         idx = slice(None) if rows is None else torch.tensor(rows, device=self.device)
         for i, r in enumerate(range(self.num_rows) if rows is None else rows):
             self.eos_until[r] = 0 if eos_until is None else eos_until[i]
+            self.constraints[r] = None if constraints is None else constraints[i]
+            if self.constraints[r] is not None:
+                self.constraint_start[r] = self.constraint_end[r] = constraint_start[i]
+                self.tokens_after[r] = tokens_after[i]
         if eos_ids is not None:
             self.eos_ids = list(eos_ids)
         if pinned is not None:
@@ -232,6 +244,9 @@ def _head_and_sample_batched(model, state, plan, idx, temps, bounds, draws, gene
         for i, g in enumerate(generators):
             if not (greedy and greedy[i]):
                 sampled[i] = draws.sample(probs[i], accepted[i], generators[0] if draws.lockstep else g)
+    for i, row in enumerate(_row_list(idx, probs.shape[0])):
+        if state.constraints[row] is not None:
+            argmax[i] = sampled[i] = _constrain(state, row, probs[i])
     signal = model.embed_probs(probs)  # (R, C, H) self-conditioning for the next step
     return argmax, entropy, accepted, sampled, signal
 
@@ -276,7 +291,14 @@ def _head_and_sample_rows(model, state, plan, idx, R, temps, bounds, draws, gene
             row_entropy = torch.where(state.pinned[row], 0.0, row_entropy)
         entropy[i] = row_entropy
         accepted[i] = entropy_bound_accept(row_entropy, bounds[i] if bounds.dim() else bounds)
-        sampled[i] = argmax[i] if greedy and greedy[i] else draws.sample(probs, accepted[i], g)
+        row = idx[i].item() if isinstance(idx, torch.Tensor) else i
+        if state.constraints[row] is not None:
+            # the sample keeps the draws of an unconstrained one (so other rows' draws are unchanged); the row's
+            # tokens are the most probable valid canvas
+            draws.sample(probs, accepted[i], g)
+            argmax[i] = sampled[i] = _constrain(state, row, probs)
+        else:
+            sampled[i] = argmax[i] if greedy and greedy[i] else draws.sample(probs, accepted[i], g)
         signal[i] = model.embed_probs(probs)
     return argmax, entropy, accepted, sampled, signal
 
@@ -303,3 +325,15 @@ def _pin(state, idx, canvas, argmax, prev_argmax, accepted, entropy, settle):
 
 def _row_list(idx, R: int) -> list[int]:
     return list(range(R)) if not isinstance(idx, torch.Tensor) else idx.tolist()
+
+
+def _constrain(state: CanvasState, row: int, probs: torch.Tensor) -> torch.Tensor:
+    """The most probable canvas (C,) that the row's constraint allows from the state its canvas starts in, and that
+    can still be completed within the tokens that may follow (control/dp.py). Records the state it ends in."""
+    from .control.dp import best_valid_tokens
+
+    log_probs = torch.log(probs.float().cpu())  # (C, V); a zero probability is -inf, which the DP floors
+    valid = best_valid_tokens(log_probs, state.constraints[row], state.constraint_start[row],
+                              state.tokens_after[row])
+    state.constraint_end[row] = int(valid.states[-1])
+    return valid.tokens.to(probs.device)

@@ -78,6 +78,7 @@ class Tokenizer:
         self.eos_token_ids = [self.token_id(eos_token)] if eos_token else []
         self.pad_token_id = self.token_id(pad_token) if pad_token else None
         self.has_chat_template = chat_template is not None
+        self.backend = backend  # the `tokenizers` object (constraint automata read its vocabulary)
         if chat_template is None:
             chat_template, chat_template_source = GEMMA4_CHAT_TEMPLATE, "builtin"
         self.chat_template_source = chat_template_source

@@ -42,6 +42,7 @@ class Steering:
     seed_tokens: list[int] | None = None  # output tokens the canvases start from, from position 0
     strength: float = 1.0  # probability that each seed token is renoised when its canvas starts
     suffix: list[int] | None = None  # fill in the middle (control/infill.py): resolved into pins at prefill
+    constraint: object | None = None  # a control.Constraint: every committed canvas keeps the output valid
 
     def check(self, vocab_size: int, max_new: int) -> None:
         """Refuse what cannot be run, naming the field: ids outside the vocabulary, positions outside the output,
@@ -69,12 +70,25 @@ class Steering:
             bad = next((t for t in self.suffix if not (_is_int(t) and 0 <= t < vocab_size)), None)
             if bad is not None:
                 raise SteeringError(f"suffix token id {bad!r} is outside the vocabulary [0, {vocab_size})", "suffix")
+        if self.constraint is not None:
+            if self.pinned or self.suffix is not None:
+                raise SteeringError("a constraint cannot be combined with pinned positions or a suffix yet",
+                                    "response_format")
+            from .constraint import ConstraintError
+
+            if self.constraint.vocab_size < vocab_size:
+                raise SteeringError(f"the constraint was built for {self.constraint.vocab_size} tokens, the model "
+                                    f"has {vocab_size}", "response_format")
+            try:
+                self.constraint.check_budget(max_new)
+            except ConstraintError as e:
+                raise SteeringError(str(e), "max_tokens") from None
         s = self.strength
         if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s) or not 0 <= s <= 1:
             raise SteeringError(f"strength must be a number in [0, 1], got {s!r}", "strength")
 
     def is_empty(self) -> bool:
-        return not self.pinned and self.seed_tokens is None and self.suffix is None
+        return not self.pinned and self.seed_tokens is None and self.suffix is None and self.constraint is None
 
     def pins_for_canvas(self, index: int, canvas_length: int) -> list[tuple[int, int]]:
         """(position within canvas `index`, token) of the pins that fall in it."""
