@@ -333,6 +333,12 @@ def _constrain(state: CanvasState, row: int, probs: torch.Tensor) -> torch.Tenso
     from .control.dp import best_valid_tokens
 
     log_probs = torch.log(probs.float().cpu())  # (C, V); a zero probability is -inf, which the DP floors
+    held = (state.pinned[row] | (state.positions < state.num_settled[row])).cpu()  # pinned, or settled prefix
+    if held.any():  # they keep their token: the DP sees it as certain (it was valid and completable before)
+        values = torch.where(state.pinned[row], state.pin_values[row], state.argmax[row]).cpu()
+        at = held.nonzero().squeeze(1)
+        log_probs[at] = float("-inf")
+        log_probs[at, values[at]] = 0.0
     valid = best_valid_tokens(log_probs, state.constraints[row], state.constraint_start[row],
                               state.tokens_after[row])
     state.constraint_end[row] = int(valid.states[-1])

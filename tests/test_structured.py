@@ -104,3 +104,31 @@ def test_batched_and_row_strategies_agree_under_a_constraint(vocab, gen):
     b = generate(model, [[2, 5], [2, 6]], gen.replace(max_new_tokens=3 * C), generator=torch.Generator().manual_seed(1),
                  strategy=Strategy.BATCHED, **kw)
     assert a.token_ids == b.token_ids
+
+
+@pytest.mark.parametrize("pin_prefix", [False, True])
+def test_engine_outputs_satisfy_the_constraint_streamed_prefix_included(vocab, tok, gen, pin_prefix):
+    """Through the engine, with and without the settled prefix pinned: every streamed prefix is a prefix of the
+    final valid text, and with the exact sampler and no pinning the tokens are generate's."""
+    from dgemma.engine import Engine, SamplingParams
+
+    c, ok = constraint("schema", vocab)
+    model = random_model(preset_config("tiny", canvas_length=C, vocab_size=256), std=0.1, seed=2)
+    engine = Engine(model, gen, max_num_seqs=3, max_model_len=256, sampler="exact")
+    outs = [[] for _ in range(3)]
+    for i in range(3):
+        engine.add_request([2, 5 + i], SamplingParams(max_tokens=3 * C, seed=i, pin_prefix=pin_prefix,
+                                                      temperature=0.05, steering=Steering(constraint=c)),
+                           outs[i].append)
+    for _ in range(300):
+        engine.step()
+        if all(o and o[-1].finished for o in outs):
+            break
+    for i, o in enumerate(outs):
+        ids = [t for out in o for t in out.token_ids]
+        assert ok(tok.decode([t for t in ids if t != 1], skip_special_tokens=False))
+        if not pin_prefix:
+            want = generate(model, [[2, 5 + i]], gen.replace(max_new_tokens=3 * C, t_min=gen.t_min * 0.05,
+                                                             t_max=gen.t_max * 0.05),
+                            generator=torch.Generator().manual_seed(i), steering=[Steering(constraint=c)])
+            assert ids == want.token_ids[0]

@@ -156,6 +156,7 @@ class Request:
         self.greedy = params.temperature == 0
         self.eos = set(gen.eos_token_id)
         self.stop_at: int | None = None  # fill in the middle: the output is the middle, this many tokens
+        self.automaton_state: int | None = None  # a constrained request's automaton state after its commits
         self.committed: list[int] = []  # tokens of committed canvases
         self.settled: list[int] = []  # the settled prefix of the current canvas
         self.num_reported = 0  # output tokens already sent to the sink

@@ -84,7 +84,12 @@ class ModelRunner:
                     pinned[i], values[i] = p[0], v[0]
         until = [0 if s is None else s.eos_until(r.canvas_index, self.canvas_length)
                  for s, r in zip(steerings, requests)]
-        self.state.start([r.row for r in requests], canvas, pinned, values, until, requests[0].gen.eos_token_id)
+        constraints = [None if s is None else s.constraint for s in steerings]
+        starts = [c.initial_state if c is not None and r.automaton_state is None else r.automaton_state
+                  for c, r in zip(constraints, requests)]
+        after = [max(r.max_new - (r.canvas_index + 1) * self.canvas_length, 0) for r in requests]
+        self.state.start([r.row for r in requests], canvas, pinned, values, until, requests[0].gen.eos_token_id,
+                         constraints, starts, after)
 
     @torch.inference_mode()
     def commit(self, requests: list[Request]) -> None:
@@ -93,6 +98,9 @@ class ModelRunner:
             return
         rows = [r.row for r in requests]
         self.model.encode(self.state.argmax[torch.tensor(rows, device=self.device)], self.cache, rows=rows)
+        for r in requests:  # a constrained request's automaton goes on from where its canvas ended
+            if self.state.constraints[r.row] is not None:
+                r.automaton_state = self.state.constraint_end[r.row]
         self.start_canvases(requests)
 
     @torch.inference_mode()
