@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from dgemma.chat_template import TemplateLimits
 from dgemma.testing import write_sudoku_tokenizer, write_test_tokenizer
 from dgemma.tokenizer import (GEMMA4_CHAT_TEMPLATE, ThinkingStreamParser, Tokenizer, TokenizerError,
                               split_thinking)
@@ -277,6 +278,74 @@ def test_malicious_templates(tmp_path, tok_dir, template):
     assert time.monotonic() - start < 3.0
     message = str(info.value)
     assert message.startswith(str(d / "chat_template.jinja")) and "\n" not in message
+
+
+SMALL = TemplateLimits(output=100_000, value=100_000, steps=10_000_000, seconds=1.0)
+_X = "{% set x = 'a' * 99000 %}{% set n = 'a\\n' * 49000 %}"
+AMPLIFIERS = {  # each writes gigabytes from values under the limits unless it is sized before it runs
+    "replace filter": _X + "{{ x|replace('a', x) }}",
+    "replace method": _X + "{{ x.replace('a', x) }}",
+    "join method": _X + "{{ x.join(['a', 'b', 'c']) }}",
+    "join of a generator": _X + "{{ x.join(range(50)|map('string')) }}",
+    "format method": _X + "{{ ('{0}' * 50).format(x) }}",
+    "format_map": _X + "{{ ('{a}' * 50).format_map({'a': x}) }}",
+    "percent with a mapping": _X + "{{ '%(a)s%(a)s%(a)s' % {'a': x} }}",
+    "format filter": _X + "{{ ('%s' * 50)|format(x) }}",
+    "width fields": "{{ ('{:999999}' * 100).format(*([1] * 100)) }}",
+    "expandtabs": "{{ ('\\t' * 1000).expandtabs(99999) }}",
+    "translate": _X + "{{ ('a' * 1000).translate({97: x}) }}",
+    "indent by a string": _X + "{{ n|indent(x) }}",
+    "wordwrap": _X + "{{ x|wordwrap(1, true, x) }}",
+    "tojson indent": "{{ ([[[[1]]]] * 1000)|tojson(indent=99999) }}",
+    "literal list printed": _X + "{{ [x, x, x, x, x, x, x, x] }}",
+    "literal list as string": _X + "{{ [x, x, x, x, x, x, x, x]|string }}",
+    "concat": _X + "{{ x ~ x ~ x ~ x ~ x ~ x }}",
+    "plus": _X + "{{ x + x + x + x + x + x }}",
+    "nested lists": _X + "{% set l = [x] %}{% for i in range(20) %}{% set l = [l, l] %}{% endfor %}{{ l|length }}",
+    "macro buffer": _X + "{% macro m() %}{% for i in range(1000) %}{{ x }}{% endfor %}{% endmacro %}{% set y = m() %}",
+    "filter block": _X + "{% filter upper %}{% for i in range(1000) %}{{ x }}{% endfor %}{% endfilter %}",
+    "set block": _X + "{% set y %}{% for i in range(1000) %}{{ x }}{% endfor %}{% endset %}",
+    "literal text in a macro": "{% macro m() %}{% for i in range(99999) %}" + "y" * 1000 +
+                               "{% endfor %}{% endmacro %}{% set y = m() %}",
+    "many live values": _X + "".join(f"{{% set v{i} = x ~ '{i}' %}}" for i in range(100)),
+    "sum of lists": "{{ range(1000)|map('string')|map('list')|sum(start=[]) }}",
+}
+
+
+@pytest.mark.parametrize("template", list(AMPLIFIERS), ids=list(AMPLIFIERS))
+def test_a_render_allocates_at_most_a_multiple_of_its_output_limit(template):
+    import tracemalloc
+
+    from dgemma.chat_template import TEMPLATE_ALLOCATION_MULTIPLE, ChatTemplate
+
+    tracemalloc.start()
+    try:
+        with pytest.raises(TokenizerError, match="went over a limit"):
+            ChatTemplate(AMPLIFIERS[template], "t", SMALL).render(messages=[])
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    # characters created are bounded; a character takes at most 4 bytes; 1 MB for the interpreter's own objects
+    assert peak < 4 * TEMPLATE_ALLOCATION_MULTIPLE * SMALL.output + 2**20, f"{peak / 2**20:.1f} MiB"
+
+
+@pytest.mark.parametrize("template", [
+    "{% set x = 'a' * 999000 %}{% for i in range(99999) %}{% for j in range(999) %}{% if x.count('ab') %}{% endif %}"
+    "{% endfor %}{% endfor %}",
+    "{% for i in range(99999) %}{% for j in range(9999) %}{% set y = ('ba' * 30000)|list|sort %}{% endfor %}"
+    "{% endfor %}",
+    "{% set ns = namespace(n=0) %}{% for i in range(99999) %}{% for j in range(9999) %}{% set ns.n = ns.n + 1 %}"
+    "{% endfor %}{% endfor %}",
+])
+def test_a_render_stops_within_a_fifth_of_its_time_budget(template):
+    from dgemma.chat_template import ChatTemplate
+
+    limits = TemplateLimits(seconds=1.0, steps=10**9)
+    start, cpu = time.monotonic(), time.thread_time()
+    with pytest.raises(TokenizerError, match="more than 1 s"):
+        ChatTemplate(template, "t", limits).render(messages=[])
+    # CPU time is what the render itself used (the wall clock also counts other work on a shared machine)
+    assert time.thread_time() - cpu < 1.2 * limits.seconds and time.monotonic() - start < 3 * limits.seconds
 
 
 def test_template_features_hf_templates_use(tmp_path, tok_dir):
