@@ -88,3 +88,60 @@ def test_bad_steering_is_a_400_naming_the_field(server, body, param):
                    json={"model": MODEL, "prompt": [5, 6], "max_tokens": C, **body}, timeout=30)
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param
+
+
+# -- structured output ------------------------------------------------------------------------------------------
+SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 5}, "ok": {"type": "boolean"}},
+          "required": ["name", "ok"], "additionalProperties": False}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_response_format_json_schema_is_valid_by_construction(client, stream):
+    import jsonschema
+
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": SCHEMA}}
+    kw = dict(model=MODEL, messages=[{"role": "user", "content": "who?"}], max_tokens=3 * C, seed=5,
+              response_format=fmt)
+    if stream:
+        text = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(stream=True, **kw)
+                       if c.choices)
+    else:
+        text = client.chat.completions.create(**kw).choices[0].message.content
+    import json as _json
+
+    jsonschema.validate(_json.loads(text), SCHEMA)
+
+
+def test_vllm_structured_outputs_regex_and_choice(client):
+    import re as _re
+
+    r = client.completions.create(model=MODEL, prompt="code:", max_tokens=C, seed=1,
+                                  extra_body={"structured_outputs": {"regex": "[A-F]{2}[0-9]{3}"}})
+    assert _re.fullmatch("[A-F]{2}[0-9]{3}", r.choices[0].text)
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "pick"}], max_tokens=C,
+                                       seed=2, extra_body={"structured_outputs": {"choice": ["yes", "no", "maybe"]}})
+    assert r.choices[0].message.content in ("yes", "no", "maybe")
+
+
+def test_response_format_json_object(client):
+    import json as _json
+
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=4 * C,
+                                       seed=3, response_format={"type": "json_object"})
+    assert isinstance(_json.loads(r.choices[0].message.content), dict)
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"structured_outputs": {"regex": "(unclosed"}}, "structured_outputs"),
+    ({"structured_outputs": {"regex": "a", "choice": ["b"]}}, "structured_outputs"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object",
+                                                                                       "patternProperties": {}}}}},
+     "response_format"),
+    ({"structured_outputs": {"choice": ["x" * 40]}}, "structured_outputs"),  # longer than max_tokens
+    ({"response_format": {"type": "json_object"}, "structured_outputs": {"regex": "a"}}, "structured_outputs"),
+    ({"structured_outputs": {"regex": "a"}, "seed_tokens": [5]}, "structured_outputs")])
+def test_bad_constraints_are_400s_naming_the_field(server, body, param):
+    r = httpx.post(server.url + "/v1/completions",
+                   json={"model": MODEL, "prompt": [5, 6], "max_tokens": C, **body}, timeout=60)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] in (param, "max_tokens")

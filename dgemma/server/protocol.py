@@ -6,7 +6,8 @@ Non-standard fields, all optional:
   request: max_denoising_steps, entropy_bound, t_min, t_max (diffusion sampler), settled_prefix (pin and stream
            the settled prefix; default: the server's setting), stream_options.include_drafts,
            chat_template_kwargs (e.g. {"enable_thinking": true}), pinned / seed_tokens / strength (steer the
-           canvas), and OpenAI's prediction and suffix (editing, fill in the middle);
+           canvas), OpenAI's prediction and suffix (editing, fill in the middle), response_format and vLLM's
+           structured_outputs (json, regex, choice);
   response: usage.denoising_steps, choices[0].delta.draft (drafts), choices[0].token_ids (completions).
 """
 
@@ -34,6 +35,28 @@ class Prediction(_Body):
     content: str | Annotated[list[dict[str, Any]], Field(max_length=64)]
 
 
+class JsonSchemaFormat(_Body):
+    model_config = ConfigDict(extra="allow", strict=True)
+    name: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Body):
+    """OpenAI's response_format: text, json_object, or json_schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputs(_Body):
+    """vLLM's structured_outputs: exactly one of json (a schema), regex, choice."""
+
+    json_: dict[str, Any] | None = Field(None, alias="json")
+    regex: str | None = Field(None, max_length=4096)
+    choice: Annotated[list[str], Field(min_length=1, max_length=256)] | None = None
+
+
 class ChatMessage(_Body):
     model_config = ConfigDict(extra="allow", strict=True)
     role: str
@@ -59,6 +82,8 @@ class _SamplingBody(_Body):
     seed_tokens: Annotated[list[int], Field(min_length=1, max_length=65536)] | None = None
     strength: float | None = Field(None, ge=0, le=1)
     prediction: Prediction | None = None
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -89,6 +114,7 @@ class ChatMessageOut(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
     reasoning_content: str | None = None
+    reasoning: str | None = None  # the same text: vLLM now names it `reasoning`; clients of either work
 
 
 class ChatChoice(BaseModel):

@@ -96,6 +96,7 @@ class Serving:
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.settled_prefix = settled_prefix
+        self._vocabulary = None  # the constraint automata's view of the tokenizer, built on first use
         self.limits = limits or ServerLimits()
         self.metrics = Metrics(engine)
 
@@ -154,6 +155,58 @@ class Serving:
             strength = DEFAULT_PREDICTION_STRENGTH if seed is not None else 1.0
         return Steering(pinned=pinned or {}, seed_tokens=seed, strength=strength, suffix=suffix)
 
+    def constraint(self, body, max_tokens: int | None):
+        """The automaton for response_format / structured_outputs, or None. Compiling takes time (seconds for a
+        free-form JSON object on a large vocabulary), so it runs off the event loop; results are cached."""
+        from ..control import Constraint, ConstraintError, ConstraintVocabulary
+
+        fmt, so = body.response_format, body.structured_outputs
+        asked = []
+        if fmt is not None and fmt.type != "text":
+            asked.append(("response_format", fmt))
+        if so is not None:
+            asked.append(("structured_outputs", so))
+        if not asked:
+            return None
+        if len(asked) > 1:
+            raise APIError(400, "give response_format or structured_outputs, not both", param="structured_outputs")
+        param, spec = asked[0]
+        if self.tokenizer is None:
+            raise APIError(400, "this model has no tokenizer, so it cannot constrain text", param=param)
+        if self._vocabulary is None:
+            gen = self.engine.generation
+            self._vocabulary = ConstraintVocabulary.from_tokenizer(
+                self.tokenizer.backend, gen.eos_token_id, [gen.pad_token_id], self.engine.model.config.vocab_size)
+        vocab = self._vocabulary
+        try:
+            if param == "response_format":
+                if spec.type == "json_object":
+                    return Constraint.json_object(vocab, max_tokens=max_tokens)
+                if spec.json_schema is None or spec.json_schema.schema_ is None:
+                    raise APIError(400, "response_format json_schema needs json_schema.schema", param=param)
+                return Constraint.from_json_schema(spec.json_schema.schema_, vocab, max_tokens=max_tokens)
+            given = [k for k in ("json_", "regex", "choice") if getattr(spec, k) is not None]
+            if len(given) != 1:
+                raise APIError(400, "structured_outputs takes exactly one of json, regex and choice", param=param)
+            if spec.json_ is not None:
+                return Constraint.from_json_schema(spec.json_, vocab, max_tokens=max_tokens)
+            if spec.regex is not None:
+                return Constraint.from_regex(spec.regex, vocab, max_tokens=max_tokens)
+            return Constraint.from_choice(spec.choice, vocab, max_tokens=max_tokens)
+        except ConstraintError as e:
+            raise APIError(400, str(e), param=param) from None
+
+    async def steer(self, body, max_tokens: int | None, suffix: list[int] | None = None) -> Steering | None:
+        """Steering from the steering fields and the constraint fields, built off the event loop."""
+        steering = await run_in_threadpool(self.steering, body, suffix)
+        constraint = await run_in_threadpool(self.constraint, body, max_tokens)
+        if constraint is None:
+            return steering
+        if steering is not None:
+            raise APIError(400, "a constraint cannot be combined with pinned, seed_tokens, prediction or suffix yet",
+                           param="response_format" if body.response_format is not None else "structured_outputs")
+        return Steering(constraint=constraint)
+
     def params(self, body, max_tokens: int | None, skip_special_tokens: bool,
                steering: Steering | None = None) -> SamplingParams:
         options = body.stream_options or StreamOptions()
@@ -203,9 +256,9 @@ class Serving:
         except (TokenizerError, TypeError) as e:
             raise APIError(400, f"cannot render the chat template: {e}", param="messages") from None
         # the thought channel markers are special tokens: keep them in the text and split on them
-        steering = await run_in_threadpool(self.steering, body)
-        params = self.params(body, body.max_completion_tokens or body.max_tokens, skip_special_tokens=False,
-                             steering=steering)
+        max_tokens = body.max_completion_tokens or body.max_tokens
+        steering = await self.steer(body, max_tokens)
+        params = self.params(body, max_tokens, skip_special_tokens=False, steering=steering)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         try:
             stream = RequestStream(self.engine, prompt, params, request_id, self.metrics)
@@ -217,7 +270,7 @@ class Serving:
             return self._chat_chunks(stream, body, raw, ThinkingStreamParser())
         text, out = await self._collect(stream, raw)
         reasoning, content = split_thinking(text)
-        message = ChatMessageOut(content=content, reasoning_content=reasoning)
+        message = ChatMessageOut(content=content, reasoning_content=reasoning, reasoning=reasoning)
         return ChatCompletionResponse(id=request_id, model=self.model_name, usage=self.usage(out),
                                       choices=[ChatChoice(message=message, finish_reason=out.finish_reason)])
 
@@ -241,7 +294,7 @@ class Serving:
                 if out.draft is not None:
                     yield chunk({"draft": out.draft})
                 if reasoning:
-                    yield chunk({"reasoning_content": reasoning})
+                    yield chunk({"reasoning_content": reasoning, "reasoning": reasoning})
                 if content:
                     yield chunk({"content": content})
                 if out.finished:
@@ -271,7 +324,7 @@ class Serving:
             if self.tokenizer is None:
                 raise APIError(400, "this model has no tokenizer, so a text suffix cannot be used", param="suffix")
             suffix = await run_in_threadpool(self.encode, body.suffix, "suffix")
-        steering = await run_in_threadpool(self.steering, body, suffix)
+        steering = await self.steer(body, body.max_tokens, suffix)
         params = self.params(body, body.max_tokens, skip_special_tokens=True, steering=steering)
         request_id = f"cmpl-{uuid.uuid4().hex}"
         stream = RequestStream(self.engine, prompt, params, request_id, self.metrics)
