@@ -82,17 +82,24 @@ def render_prompts(args, tokenizer, vocab_size: int) -> list[list[int]]:
 STEERING_FLAGS = ("suffix", "template", "prediction", "strength", "seed_tokens", "pinned")
 
 
-def canvas_steering(args, tokenizer, gen):
-    """The Steering asked for by --suffix, --template or --prediction/--strength, or None."""
+def canvas_steering(args, tokenizer, gen, vocab_size: int):
+    """The Steering asked for by --suffix, --template, --prediction/--strength or a constraint flag, or None."""
     from .control.pins import DEFAULT_PREDICTION_STRENGTH, Steering, SteeringError
 
-    asked = [f for f in ("suffix", "template", "prediction") if getattr(args, f, None)]
+    asked = [f for f in ("suffix", "template", "prediction", "json_schema", "regex", "choice", "json_object")
+             if getattr(args, f, None)]
     if not asked:
         if getattr(args, "strength", None) is not None:
             raise CLIError("--strength needs --prediction")
         return None
     if len(asked) > 1:
-        raise CLIError(f"give one of --suffix, --template and --prediction, not {' and '.join('--' + a for a in asked)}")
+        flags = " and ".join("--" + a.replace("_", "-") for a in asked)
+        raise CLIError(f"give one of --suffix, --template, --prediction, --json-schema, --json-object, --regex and "
+                       f"--choice, not {flags}")
+    if asked[0] in ("json_schema", "regex", "choice", "json_object"):
+        if tokenizer is None:
+            raise CLIError(f"--{asked[0].replace('_', '-')} needs a checkpoint with tokenizer.json")
+        return Steering(constraint=cli_constraint(args, tokenizer, gen, vocab_size))
     if tokenizer is None:
         raise CLIError(f"--{asked[0]} needs a checkpoint with tokenizer.json")
 
@@ -112,7 +119,42 @@ def canvas_steering(args, tokenizer, gen):
         raise CLIError(f"--{e.param}: {e}") from None
 
 
+def cli_constraint(args, tokenizer, gen, vocab_size: int):
+    """Compile the constraint flag into an automaton over the checkpoint's tokenizer."""
+    from pathlib import Path
+
+    from .control import Constraint, ConstraintError, ConstraintVocabulary
+
+    vocab = ConstraintVocabulary.from_tokenizer(tokenizer.backend, gen.eos_token_id, [gen.pad_token_id], vocab_size)
+    try:
+        if args.json_schema:
+            path = Path(args.json_schema)
+            try:
+                schema = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError) as e:
+                raise CLIError(f"--json-schema {path}: cannot read it ({type(e).__name__})") from None
+            except json.JSONDecodeError as e:
+                raise CLIError(f"--json-schema {path}: not JSON ({e.msg} at line {e.lineno})") from None
+            if not isinstance(schema, dict):
+                raise CLIError(f"--json-schema {path}: a JSON schema is an object")
+            return Constraint.from_json_schema(schema, vocab, max_tokens=gen.max_new_tokens)
+        if args.json_object:
+            return Constraint.json_object(vocab, max_tokens=gen.max_new_tokens)
+        if args.regex:
+            return Constraint.from_regex(args.regex, vocab, max_tokens=gen.max_new_tokens)
+        return Constraint.from_choice(args.choice, vocab, max_tokens=gen.max_new_tokens)
+    except ConstraintError as e:
+        flag = next(f for f in ("--json-schema", "--json-object", "--regex", "--choice")
+                    if getattr(args, f[2:].replace("-", "_")))
+        raise CLIError(f"{flag}: {e}") from None
+
+
 def add_steering_args(p) -> None:
+    p.add_argument("--json-schema", metavar="FILE", help="the output is JSON valid against this schema (by "
+                                                         "construction: every canvas keeps it valid)")
+    p.add_argument("--json-object", action="store_true", help="the output is a JSON object")
+    p.add_argument("--regex", help="the output fully matches this regular expression (Rust syntax)")
+    p.add_argument("--choice", action="append", help="the output is one of these strings (repeat the flag)")
     p.add_argument("--suffix", help="fill in the middle: the output goes between the prompt and this text")
     p.add_argument("--template", help='pin literal text and fill the holes, e.g. "Name: {{8}}, age: {{2}}."')
     p.add_argument("--prediction", help="text the output should resemble: it seeds the canvas (an edit)")
@@ -169,7 +211,7 @@ def cmd_generate(args) -> int:
     ckpt, tokenizer = load_runtime(args)
     prompts = render_prompts(args, tokenizer, ckpt.config.text.vocab_size)
     gen = generation_config(args, ckpt.generation)
-    steering = canvas_steering(args, tokenizer, gen)
+    steering = canvas_steering(args, tokenizer, gen, ckpt.config.text.vocab_size)
     if steering is not None:
         if args.template and args.max_new_tokens is None:  # the template is the whole output
             from .control.template import template_length

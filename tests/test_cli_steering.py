@@ -78,3 +78,25 @@ def test_edit_writes_the_edited_text(model_dir, tmp_path, capsys):
     assert main(["edit", "--model", str(model_dir), "--file", str(src), "--instruction", "x", "--out", str(out)]) == 2
     assert "exists" in capsys.readouterr().err
     assert main(["edit", "--model", str(model_dir), "--file", str(tmp_path / "nope"), "--instruction", "x"]) == 2
+
+
+def test_constraint_flags_give_valid_output(model_dir, tmp_path, capsys):
+    import re
+
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"],
+              "additionalProperties": False}
+    (tmp_path / "s.json").write_text(json.dumps(schema))
+    out = run_json(capsys, ["generate", "--model", str(model_dir), "--prompt", "x", "--seed", "1", "--json",
+                            "--max-new-tokens", str(2 * C), "--json-schema", str(tmp_path / "s.json")])
+    assert set(json.loads(out["outputs"][0]["text"])) == {"n"}
+    out = run_json(capsys, ["generate", "--model", str(model_dir), "--prompt", "x", "--prompt", "yy", "--seed", "2",
+                            "--json", "--max-new-tokens", str(C), "--regex", "[0-9]{3}-[a-z]{2}"])
+    assert all(re.fullmatch("[0-9]{3}-[a-z]{2}", o["text"]) for o in out["outputs"])
+    out = run_json(capsys, ["generate", "--model", str(model_dir), "--prompt", "x", "--seed", "3", "--json",
+                            "--max-new-tokens", str(C), "--choice", "left", "--choice", "right"])
+    assert out["outputs"][0]["text"] in ("left", "right")
+    for bad, flag in ((["--regex", "(x"], "--regex"), (["--json-schema", str(tmp_path / "nope.json")], "--json-schema"),
+                      (["--choice", "a", "--regex", "b"], "--regex")):
+        assert main(["generate", "--model", str(model_dir), "--prompt", "x", "--max-new-tokens", str(C), *bad]) == 2
+        err = capsys.readouterr().err
+        assert flag in err and err.count("\n") == 1
