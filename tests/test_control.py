@@ -110,6 +110,31 @@ def test_regex_constraint_answers_from_any_state(tokenizer, vocab):
         assert all(c.next_state(state, int(t)) != INVALID for t in allowed)
 
 
+@pytest.mark.parametrize("pattern", [r"(red|green|blue)( [0-9]{1,3}){2}", schema_to_regex(PERSON), r"-?[0-9]+"])
+def test_our_token_walk_accepts_what_outlines_index_accepts(vocab, pattern):
+    """We take only the byte DFA from outlines and walk tokens ourselves (minimized, in classes): the allowed
+    tokens and final states must match outlines' own token index along random walks."""
+    from outlines_core import Index, Vocabulary
+    spellings = {}
+    for token_id, text in enumerate(vocab.token_bytes):
+        if text:
+            spellings.setdefault(text, []).append(token_id)
+    theirs = Index(pattern, Vocabulary(vocab.vocab_size, spellings))  # its EOS id is outside the vocabulary
+    ours = Constraint.from_regex(pattern, vocab)
+    ends = {*vocab.eos_token_ids, *vocab.pad_token_ids}
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(60):
+        state, their_state = ours.initial_state, theirs.get_initial_state()
+        for _ in range(25):
+            allowed = set(ours.allowed_tokens(state).tolist()) - ends
+            assert allowed == set(theirs.get_allowed_tokens(their_state)) - {vocab.vocab_size}
+            assert ours.is_final(state) == theirs.is_final_state(their_state)
+            if not allowed:
+                break
+            token = sorted(allowed)[int(torch.randint(len(allowed), (1,), generator=gen))]
+            state, their_state = ours.next_state(state, token), theirs.get_next_state(their_state, token)
+
+
 def test_min_tokens_to_accept_is_the_shortest_tokenization(tokenizer, vocab):
     c = Constraint.from_regex("abcabc", vocab)
     # greedy tokenization is one spelling; the automaton knows the shortest, which is never longer
@@ -147,9 +172,9 @@ def test_bad_inputs_raise_constraint_error(vocab):
 
 
 def test_compile_limits(vocab):
-    exploding = "(a|b)*a(a|b){12}"  # its DFA needs 2^13 states
-    with pytest.raises(ConstraintError, match="limit of 500"):
-        Constraint.from_regex(exploding, vocab, limits=CompileLimits(max_states=500))
+    exploding = "(a|b)*a(a|b){12}"  # its DFA grows exponentially (2^14 states before minimizing)
+    with pytest.raises(ConstraintError, match="needs 513 automaton states, more than the limit of 100"):
+        Constraint.from_regex("[ab]*a[ab]{8}c", vocab, limits=CompileLimits(max_states=100))
     with pytest.raises(ConstraintError, match="longer than the limit of 0.5 s"):  # its DFA takes seconds
         Constraint.from_regex(schema_to_regex({"type": "object"}) + "x", vocab, limits=CompileLimits(timeout_s=0.5))
     with pytest.raises(ConstraintError, match="memory limit 100 MiB"):

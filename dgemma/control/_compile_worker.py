@@ -1,13 +1,19 @@
-"""Compile a regular expression into a token automaton with outlines-core, in a child process.
+"""Compile a regular expression into a token automaton, in a child process.
 
 Run as a script (`python _compile_worker.py`), never imported by dgemma: the parent kills it when the time limit
 passes, which is the only way to stop a regex whose DFA grows exponentially inside Rust. It reads one pickled
 request on stdin and writes one pickled reply on stdout; it imports only outlines_core and numpy.
 
-1. Build outlines' token index (each distinct token spelling once) and refuse more states than the limit.
-2. Group tokens into classes that lead to the same state from every state: a random 64-bit signature per
-   token (the sum over states of weight(state) * (next state + 1)), then an exact check of every transition.
-   A (S, V) table becomes (S, K) plus a (V,) class map: JSON-object mode has K = 205 on a 32k vocabulary.
+outlines-core builds the regex's DFA; we walk the tokens through it ourselves, because outlines' token index
+walks every token from every state one byte at a time (about 100 s for JSON-object mode on a 262k vocabulary).
+1. outlines' index over the 256 single bytes: the byte-level DFA (S, 256), counting a byte into a state that
+   can neither match nor go on as dead, as outlines does; then minimized (Moore), which the size limit counts.
+2. Bytes no state tells apart form byte classes; tokens spelled alike in byte classes form one group.
+3. The groups' spellings form a trie; a chunk of states walks down it together, one trie level at a time, so
+   shared prefixes are walked once: (S, trie nodes) gathers in all.
+4. Groups that lead to the same state from every state share a class. After each chunk the classes are refined
+   by its rows: a random 64-bit signature per group (its class so far plus, per state, weight(state) * (next
+   state + 1)), then an exact check that every group matches its class's first group.
 
 Request: {"regex": str, "token_bytes": list[bytes | None] (None: never allowed), "max_states": int,
 "max_memory_mb": int}.
@@ -21,63 +27,133 @@ import sys
 import numpy as np
 from outlines_core import Index, Vocabulary
 
+_CELLS_PER_CHUNK = 1 << 23  # (states, trie nodes) int64 cells walked at once: 64 MiB
+
 
 def _one_line(err: BaseException) -> str:
     text = " ".join(str(err).split())
     return text if len(text) <= 300 else text[:297] + "..."
 
 
+def _byte_dfa(index: Index) -> tuple[np.ndarray, int, list[int]]:
+    """outlines' index over single bytes -> (table (S, 256) int32, -1 = dead; initial row; final rows)."""
+    transitions = index.get_transitions()
+    ids = set(transitions) | {index.get_initial_state()} | set(index.get_final_states())
+    for row in transitions.values():
+        ids.update(row.values())
+    order = sorted(ids)
+    row_of = {state: i for i, state in enumerate(order)}
+    table = np.full((len(order), 256), -1, dtype=np.int32)
+    for state, row in transitions.items():
+        for byte, nxt in row.items():
+            if byte < 256:  # outlines adds EOS (id 256) self-loops on final states
+                table[row_of[state], byte] = row_of[nxt]
+    return table, row_of[index.get_initial_state()], sorted(row_of[s] for s in index.get_final_states())
+
+
+def _minimize(table: np.ndarray, finals: list[int]) -> np.ndarray:
+    """Moore's partition refinement of a DFA (S, B) with -1 = dead: (S,) the class of equivalent states.
+    outlines' DFA is not minimal: JSON-object mode has 1,623 states, 293 of them distinct."""
+    num_states = table.shape[0]
+    sink = np.vstack([np.where(table < 0, num_states, table), np.full((1, table.shape[1]), num_states)])
+    part = np.zeros(num_states + 1, dtype=np.int64)
+    part[finals] = 1
+    part[num_states] = 2  # the dead sink
+    count = len(np.unique(part))
+    while True:
+        _, refined = np.unique(np.hstack([part[:, None], part[sink]]), axis=0, return_inverse=True)
+        refined = refined.reshape(-1)
+        if refined.max() + 1 == count:
+            break
+        part, count = refined, refined.max() + 1
+    return part[:num_states] - (part[:num_states] > part[num_states])  # renumber without the sink
+
+
+def _trie(flat: np.ndarray, offsets: np.ndarray, lengths: np.ndarray, alphabet: int):
+    """Trie of spellings given as one array of symbols with offsets and lengths, built level by level (a node
+    is its parent's id times `alphabet` plus a symbol, made unique). Returns parent (N,), label (N,),
+    level_start (depth + 2 offsets; root 0 alone at level 0) and node_of_spelling."""
+    node = np.zeros(len(lengths), dtype=np.int64)
+    parent, label, level_start = [np.zeros(1, dtype=np.int64)], [np.zeros(1, dtype=np.int64)], [0, 1]
+    for depth in range(int(lengths.max())):
+        active = np.flatnonzero(lengths > depth)
+        keys, inverse = np.unique(node[active] * alphabet + flat[offsets[active] + depth], return_inverse=True)
+        node[active] = level_start[-1] + inverse.reshape(-1)
+        parent.append(keys // alphabet)
+        label.append(keys % alphabet)
+        level_start.append(level_start[-1] + len(keys))
+    return np.concatenate(parent), np.concatenate(label), level_start, node
+
+
 def compile_regex(regex: str, token_bytes: list, max_states: int) -> dict:
-    # 1. outlines' index; the EOS id it wants is one past the vocabulary (we add EOS ourselves)
-    vocab_size = len(token_bytes)
-    spellings: dict[bytes, list[int]] = {}
-    for token_id, text in enumerate(token_bytes):
-        if text:
-            spellings.setdefault(text, []).append(token_id)
+    # 1. the byte-level DFA
     try:
-        index = Index(regex, Vocabulary(vocab_size, spellings))
+        index = Index(regex, Vocabulary(256, {bytes([b]): [b] for b in range(256)}))
     except BaseException as err:  # outlines raises ValueError, or pyo3's PanicException (a BaseException)
         if isinstance(err, (KeyboardInterrupt, SystemExit)):
             raise
-        text = _one_line(err)
-        if "incompatible" in text.lower() or "missing" in text.lower():
-            return {"error": f"the tokenizer cannot spell what the pattern needs ({text})"}
-        return {"error": f"invalid regular expression ({text})"}
-    transitions = index.get_transitions()
-    ids = set(transitions)
-    for row in transitions.values():
-        ids.update(row.values())
-    ids.add(index.get_initial_state())
-    ids.update(index.get_final_states())
-    if len(ids) > max_states:
-        return {"error": f"needs {len(ids)} automaton states, more than the limit of {max_states}"}
-    order = np.array(sorted(ids), dtype=np.int64)
-    rows = []  # (state row, token ids, next state rows)
-    for state, row in transitions.items():
-        tokens = np.fromiter(row.keys(), dtype=np.int64, count=len(row))
-        dst = np.searchsorted(order, np.fromiter(row.values(), dtype=np.int64, count=len(row)))
-        keep = tokens < vocab_size
-        rows.append((int(np.searchsorted(order, state)), tokens[keep], dst[keep]))
-    del transitions
+        return {"error": f"invalid regular expression ({_one_line(err)})"}
+    byte_table, initial, finals = _byte_dfa(index)
+    state_class = _minimize(byte_table, finals)
+    num_states = int(state_class.max()) + 1
+    if num_states > max_states:
+        return {"error": f"needs {num_states} automaton states, more than the limit of {max_states}"}
+    first_of = np.zeros(num_states, dtype=np.int64)
+    first_of[state_class[::-1]] = np.arange(len(state_class))[::-1]
+    byte_table = np.where(byte_table[first_of] < 0, -1, state_class[np.maximum(byte_table[first_of], 0)])
+    initial, finals = int(state_class[initial]), sorted(set(state_class[finals].tolist()))
 
-    # 2. classes by signature, then checked exactly
-    weights = np.random.default_rng(0).integers(1, 2**63 - 1, size=len(order), dtype=np.int64).astype(np.uint64)
-    signature = np.zeros(vocab_size, dtype=np.uint64)
-    for state, tokens, dst in rows:
-        signature[tokens] += weights[state] * (dst.astype(np.uint64) + np.uint64(1))
-    _, token_class = np.unique(signature, return_inverse=True)
-    token_class = token_class.reshape(-1).astype(np.int64)
-    class_size = np.bincount(token_class)
-    table = np.full((len(order), len(class_size)), -1, dtype=np.int32)
-    for state, tokens, dst in rows:
-        classes = token_class[tokens]
-        table[state, classes] = dst
-        counts = np.bincount(classes, minlength=len(class_size))
-        if (table[state, classes] != dst).any() or (counts[classes] != class_size[classes]).any():
+    # 2. byte classes, and token groups spelled alike in them
+    class_columns, byte_class = np.unique(byte_table.T, axis=0, return_inverse=True)
+    byte_class = byte_class.reshape(-1)
+    num_byte_classes = class_columns.shape[0]
+    dead = num_states  # an extra row: the dead state, which every byte keeps dead
+    step = np.vstack([np.where(class_columns.T < 0, dead, class_columns.T),
+                      np.full((1, num_byte_classes), dead)]).astype(np.int64).reshape(-1)  # ((S+1) * B,)
+    spell = bytes(int(c) for c in byte_class)
+    token_group = np.full(len(token_bytes), -1, dtype=np.int64)
+    group_of: dict[bytes, int] = {}
+    for token_id, text in enumerate(token_bytes):
+        if text:
+            token_group[token_id] = group_of.setdefault(text.translate(spell), len(group_of))
+    if not group_of:
+        return {"error": "the vocabulary has no tokens that spell text"}
+    lengths = np.fromiter((len(t) for t in group_of), dtype=np.int64, count=len(group_of))
+    offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    flat = np.frombuffer(b"".join(group_of), dtype=np.uint8).astype(np.int64)
+
+    # 3-4. states walk down the trie a chunk at a time; after each chunk, refine the classes by its rows
+    parent, label, level_start, node_of_group = _trie(flat, offsets, lengths, num_byte_classes)
+    num_nodes, num_groups = len(parent), len(group_of)
+    weights = np.random.default_rng(0).integers(1, 2**63 - 1, size=num_states + 1, dtype=np.int64).astype(np.uint64)
+    group_class = np.zeros(num_groups, dtype=np.int64)  # (G,) refined chunk by chunk
+    table = np.empty((0, 1), dtype=np.int32)  # (states done, K): next state of each class
+    chunk = max(1, _CELLS_PER_CHUNK // num_nodes)
+    for lo in range(0, num_states, chunk):
+        states = np.arange(lo, min(lo + chunk, num_states))
+        at = np.empty((len(states), num_nodes), dtype=np.int64)  # (chunk, N): the state at each trie node
+        at[:, 0] = states
+        for a, b in zip(level_start[1:-1], level_start[2:]):
+            at[:, a:b] = step[at[:, parent[a:b]] * num_byte_classes + label[a:b]]
+        nxt = at[:, node_of_group]  # (chunk, G); dead = S
+        signature = group_class.astype(np.uint64) * weights[-1]
+        for row, state in enumerate(states):
+            signature += weights[state] * (nxt[row].astype(np.uint64) + np.uint64(1))
+        _, refined = np.unique(signature, return_inverse=True)
+        refined = refined.reshape(-1)
+        first = np.zeros(refined.max() + 1, dtype=np.int64)
+        first[refined[::-1]] = np.arange(num_groups)[::-1]  # the first group of each refined class
+        if not (np.array_equal(nxt[:, first][:, refined], nxt) and np.array_equal(group_class[first][refined],
+                                                                                    group_class)):
             return {"error": "internal error: token classes collided (please report)"}
-    finals = [int(np.searchsorted(order, s)) for s in index.get_final_states()]
-    return {"initial": int(np.searchsorted(order, index.get_initial_state())), "finals": finals,
-            "table": table.tobytes(), "num_states": table.shape[0], "num_classes": table.shape[1],
+        table = np.vstack([table[:, group_class[first]], nxt[:, first].astype(np.int32)])
+        group_class = refined
+    num_classes = table.shape[1]
+    table[table == dead] = -1
+    token_class = np.where(token_group >= 0, group_class[np.maximum(token_group, 0)], num_classes)
+    table = np.hstack([table, np.full((num_states, 1), -1, dtype=np.int32)])  # the class of no-text tokens
+    return {"initial": initial, "finals": finals, "table": table.astype(np.int32).tobytes(),
+            "num_states": num_states, "num_classes": num_classes + 1,
             "token_class": token_class.astype(np.int32).tobytes()}
 
 

@@ -5,12 +5,12 @@ far is complete (`is_final`) and how many more tokens completing it needs at lea
 That is what a diffusion step needs: it scores whole canvases, not one next token after a fixed prefix.
 
 Compiling (`_compile`):
-1. The pattern goes to outlines-core in a child process (`_compile_worker.py`), which we kill at the time
-   limit; the child refuses a DFA with more states than the size limit before building the token index.
+1. The pattern goes to a child process (`_compile_worker.py`: outlines-core's DFA, then our own token walk),
+   which we kill at the time limit; the child refuses a DFA with more states than the size limit.
 2. Tokens that lead to the same state from every state share a class: a table (S, K) of next states plus a
    class for each token id (V,) replaces a (S, V) table. JSON-object mode on a 32k vocabulary has K = 206.
-3. States from which no final state is reachable are dropped, and the tokens into them disallowed, so every
-   allowed token keeps the text completable. `min_tokens_to_accept` comes from a BFS toward the final states.
+3. States that no token sequence reaches, or from which no final state is reachable, are dropped, and the
+   tokens into them disallowed, so every allowed token keeps the text completable. `min_tokens_to_accept` comes from a BFS toward the final states.
 4. End-of-text: an EOS token is allowed only from a final state and leads to the DONE state; from DONE only
    EOS and pad tokens are allowed (and lead back to DONE). DONE is final.
 """
@@ -185,7 +185,7 @@ class Constraint:
 
 
 def _run_worker(regex: str, vocabulary: ConstraintVocabulary, limits: CompileLimits, description: str) -> dict:
-    """Step 1: outlines-core in a child process, bounded in time and memory."""
+    """Step 1: the child process, bounded in time and memory."""
     request = pickle.dumps({"regex": regex, "token_bytes": list(vocabulary.token_bytes),
                             "max_states": limits.max_states, "max_memory_mb": limits.max_memory_mb},
                            protocol=pickle.HIGHEST_PROTOCOL)
@@ -206,19 +206,22 @@ def _run_worker(regex: str, vocabulary: ConstraintVocabulary, limits: CompileLim
     return reply
 
 
-def _distances(table: np.ndarray, finals: np.ndarray) -> np.ndarray:
-    """(S,) int64: BFS distance in tokens to a final state over the (S, K) next-state table; -1 if none."""
+def _bfs(table: np.ndarray, sources: np.ndarray, backward: bool) -> np.ndarray:
+    """(S,) int64: BFS distance in tokens from `sources` over the (S, K) next-state table (backward: to
+    `sources`); -1 where unreachable."""
     src, cls = np.nonzero(table >= 0)
     dst = table[src, cls]
     pairs = np.unique(src.astype(np.int64) * table.shape[0] + dst)
     src, dst = pairs // table.shape[0], pairs % table.shape[0]
+    if backward:
+        src, dst = dst, src
     dist = np.full(table.shape[0], -1, dtype=np.int64)
-    dist[finals] = 0
-    level, d = finals, 0
+    dist[sources] = 0
+    level, d = np.asarray(sources), 0
     while level.size:
         d += 1
-        preds = np.unique(src[np.isin(dst, level)])
-        level = preds[dist[preds] < 0]
+        reached = np.unique(dst[np.isin(src, level)])
+        level = reached[dist[reached] < 0]
         dist[level] = d
     return dist
 
@@ -226,14 +229,14 @@ def _distances(table: np.ndarray, finals: np.ndarray) -> np.ndarray:
 def _compile(regex: str, vocabulary: ConstraintVocabulary, limits: CompileLimits, description: str) -> Constraint:
     reply = _run_worker(regex, vocabulary, limits, description)
     table = np.frombuffer(reply["table"], dtype=np.int32).reshape(reply["num_states"], reply["num_classes"])
-    outlines_class = np.frombuffer(reply["token_class"], dtype=np.int32)
+    worker_class = np.frombuffer(reply["token_class"], dtype=np.int32)
     finals = np.asarray(reply["finals"], dtype=np.int64)
 
     # 3. drop states that cannot reach a final state, and the transitions into them
-    dist = _distances(table, finals)
+    dist = _bfs(table, finals, backward=True)
     if dist[reply["initial"]] < 0:
         raise ConstraintError(f"{description}: no text the tokenizer can spell satisfies it")
-    alive = dist >= 0
+    alive = (dist >= 0) & (_bfs(table, np.array([reply["initial"]]), backward=False) >= 0)
     new_id = np.cumsum(alive) - 1
     table = table[alive]
     table = np.where((table >= 0) & alive[np.maximum(table, 0)], new_id[np.maximum(table, 0)], -1)
@@ -258,7 +261,7 @@ def _compile(regex: str, vocabulary: ConstraintVocabulary, limits: CompileLimits
     unique_columns, column_class = np.unique(columns.T, axis=0, return_inverse=True)
     column_class = column_class.reshape(-1)
     eos_class, pad_class = column_class[-3:-1]
-    token_class = column_class[outlines_class]
+    token_class = column_class[worker_class]
     token_class[list(vocabulary.pad_token_ids)] = pad_class
     token_class[list(vocabulary.eos_token_ids)] = eos_class
 
