@@ -10,7 +10,8 @@ Compiling (`_compile`):
 2. Tokens that lead to the same state from every state share a class: a table (S, K) of next states plus a
    class for each token id (V,) replaces a (S, V) table. JSON-object mode on a 32k vocabulary has K = 206.
 3. States that no token sequence reaches, or from which no final state is reachable, are dropped, and the
-   tokens into them disallowed, so every allowed token keeps the text completable. `min_tokens_to_accept` comes from a BFS toward the final states.
+   tokens into them disallowed, so every allowed token keeps the text completable. `min_tokens_to_accept`
+   comes from a BFS toward the final states.
 4. End-of-text: an EOS token is allowed only from a final state and leads to the DONE state; from DONE only
    EOS and pad tokens are allowed (and lead back to DONE). DONE is final.
 """
@@ -41,7 +42,7 @@ class ConstraintError(ValueError):
 class CompileLimits:
     """Bounds on compiling one constraint. Exceeding one raises ConstraintError.
 
-    max_states: states of the pattern's DFA (JSON-object mode needs about 1,600).
+    max_states: states of the pattern's minimized DFA (JSON-object mode needs 294).
     timeout_s: wall time of the compiling child process.
     max_memory_mb: address space of the child (a DFA can grow exponentially with the pattern).
     """
@@ -193,7 +194,8 @@ def _run_worker(regex: str, vocabulary: ConstraintVocabulary, limits: CompileLim
         done = subprocess.run([sys.executable, str(_WORKER)], input=request, capture_output=True,
                               timeout=limits.timeout_s)
     except subprocess.TimeoutExpired:
-        raise ConstraintError(f"{description}: compiling took longer than the limit of {limits.timeout_s:g} s") from None
+        raise ConstraintError(f"{description}: compiling took longer than the limit of {limits.timeout_s:g} s"
+                              ) from None
     if done.returncode != 0:
         lines = done.stderr.decode("utf-8", "replace").strip().splitlines()
         last = lines[-1] if lines else f"exit status {done.returncode}"
