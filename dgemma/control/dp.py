@@ -22,7 +22,7 @@ maxima (step 1) plus a loop over positions whose size is the number of (state, n
 6. Tokens: at each position, the first token of the chosen class with the class's best log-prob.
 
 Log-probs of -inf (masked or pinned-away tokens) count as a finite floor (-1e30), so when the automaton admits
-any sequence one is returned, taking the fewest such tokens.
+any sequence one is returned, taking the fewest such tokens (next to 1e30 the finite log-probs barely count).
 """
 
 from __future__ import annotations
@@ -110,6 +110,8 @@ def best_valid_tokens(log_probs: torch.Tensor, constraint: Constraint, start_sta
     initial state) and that ends completable within `tokens_after` more tokens. log_probs: (C, V) for one
     canvas, on the CPU. ConstraintError when no sequence qualifies (e.g. the canvas is too short to finish
     and tokens_after is 0)."""
+    if log_probs.dtype not in (torch.float32, torch.float64):
+        log_probs = log_probs.float()  # half-precision scatter/max are slow or missing on the CPU
     canvas_length, vocab_size = log_probs.shape
     if vocab_size != constraint.vocab_size:
         raise ValueError(f"log_probs has {vocab_size} columns but the constraint's vocabulary has "
