@@ -83,9 +83,10 @@ def test_sentencepiece_style_tokens_spell_spaces_and_fallback_bytes():
     tok = Tokenizer(models.BPE(vocab=pieces, merges=[], unk_token="<unk>", byte_fallback=True))
     tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
     tok.add_special_tokens([AddedToken("<eos>", special=True), AddedToken("<unk>", special=True)])
-    vocab = ConstraintVocabulary.from_tokenizer(tok, [1], vocab_size=8)
+    vocab = ConstraintVocabulary.from_tokenizer(tok, 1, [None], vocab_size=8)  # ids as generation configs give them
     assert vocab.token_bytes[:6] == (None, None, b" hi", b"\xc3", b"\xa9", b"a")
     assert vocab.vocab_size == 8 and vocab.token_bytes[6:] == (None, None)
+    assert vocab.eos_token_ids == (1,) and vocab.pad_token_ids == ()
 
 
 # ---- constraint automata

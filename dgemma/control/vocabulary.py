@@ -82,6 +82,7 @@ class ConstraintVocabulary:
     @classmethod
     def from_tokenizer(cls, tokenizer: tokenizers.Tokenizer, eos_token_ids, pad_token_ids=(),
                        vocab_size: int | None = None) -> "ConstraintVocabulary":
+        """eos_token_ids / pad_token_ids: an id, a list of ids, or None. vocab_size: the model's, if padded."""
         kinds = _decoder_kinds(json.loads(tokenizer.to_str()).get("decoder"))
         byte_level = "ByteLevel" in kinds
         sentencepiece = bool(kinds & {"Metaspace", "replace_space"})
@@ -96,7 +97,16 @@ class ConstraintVocabulary:
         for token_id, added in tokenizer.get_added_tokens_decoder().items():
             # added tokens are stored as plain text, not in the model's byte alphabet
             token_bytes[token_id] = None if added.special else added.content.encode("utf-8")
-        return cls(tuple(token_bytes), tuple(int(i) for i in eos_token_ids), tuple(int(i) for i in pad_token_ids))
+        return cls(tuple(token_bytes), _ids(eos_token_ids), _ids(pad_token_ids))
+
+
+def _ids(ids) -> tuple[int, ...]:
+    """A token id, None, or an iterable of them (generation configs give either) -> a tuple of ids."""
+    if ids is None:
+        return ()
+    if isinstance(ids, int):
+        return (ids,)
+    return tuple(dict.fromkeys(int(i) for i in ids if i is not None))
 
 
 def _spell(text: str, byte_level: bool, sentencepiece: bool, byte_fallback: bool) -> bytes:
