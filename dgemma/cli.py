@@ -444,7 +444,8 @@ def build_parser() -> Parser:
 
     p = sub.add_parser("convert", help="re-save a checkpoint in another dtype (HF format)")
     p.add_argument("--model", required=True, help="checkpoint directory to read")
-    p.add_argument("--out", required=True, help="directory to write: new, empty, or an earlier dgemma output (only the files dgemma wrote are replaced)")
+    p.add_argument("--out", required=True, help="directory to write: new, empty, or an earlier dgemma output "
+                                                "(only the files dgemma wrote are replaced)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="dtype of the saved weights")
     add_threads_arg(p)
     p.set_defaults(func=cmd_convert)

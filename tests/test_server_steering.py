@@ -145,3 +145,14 @@ def test_bad_constraints_are_400s_naming_the_field(server, body, param):
                    json={"model": MODEL, "prompt": [5, 6], "max_tokens": C, **body}, timeout=60)
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] in (param, "max_tokens")
+
+
+def test_template_over_the_api(client, server):
+    out = client.completions.create(model=MODEL, prompt="Person", seed=4, extra_body={"template": "N: {{3}}!"})
+    ids = out.choices[0].model_extra["token_ids"]
+    enc = lambda s: server.tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
+    assert ids[:len(enc("N: "))] == enc("N: ") and ids[len(enc("N: ")) + 3:][:len(enc("!"))] == enc("!")
+    for bad in ("no holes", "x {{0}}"):
+        r = httpx.post(server.url + "/v1/completions", json={"model": MODEL, "prompt": "a", "template": bad},
+                       timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "template"

@@ -100,6 +100,7 @@ class ChatCompletionRequest(_SamplingBody):
 class CompletionRequest(_SamplingBody):
     prompt: str | list[int] = Field(min_length=1)
     suffix: str | None = Field(None, min_length=1)  # fill in the middle: the output goes between prompt and suffix
+    template: str | None = Field(None, min_length=1, max_length=65536)  # "Name: {{8}}." literal text pinned, holes
 
 
 # -- responses ----------------------------------------------------------------------------------------------------

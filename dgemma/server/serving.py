@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request as HTTPRequest
 
-from ..control.pins import DEFAULT_PREDICTION_STRENGTH, Steering
+from ..control.pins import DEFAULT_PREDICTION_STRENGTH, Steering, SteeringError
 from ..engine import Engine, QueueFullError, RequestError, RequestOutput, SamplingParams
 from .limits import ServerLimits
 from .metrics import Metrics
@@ -324,8 +324,33 @@ class Serving:
             if self.tokenizer is None:
                 raise APIError(400, "this model has no tokenizer, so a text suffix cannot be used", param="suffix")
             suffix = await run_in_threadpool(self.encode, body.suffix, "suffix")
-        steering = await self.steer(body, body.max_tokens, suffix)
-        params = self.params(body, body.max_tokens, skip_special_tokens=True, steering=steering)
+        max_tokens = body.max_tokens
+        if body.template is not None:
+            if suffix is not None or body.pinned is not None:
+                raise APIError(400, "template cannot be combined with suffix or pinned", param="template")
+            if self.tokenizer is None:
+                raise APIError(400, "this model has no tokenizer, so a text template cannot be used",
+                               param="template")
+            from ..control.template import parse_template, template_length
+
+            def build():
+                try:
+                    return parse_template(body.template, lambda t: self.tokenizer.encode(t, add_special_tokens=False),
+                                          self.engine.generation.eos_token_id[0])[0]
+                except SteeringError as e:
+                    raise APIError(400, str(e), param="template") from None
+
+            templated = await run_in_threadpool(build)
+            max_tokens = max_tokens or template_length(templated)
+            steering = await self.steer(body, max_tokens)
+            if steering is not None and steering.constraint is not None:
+                raise APIError(400, "template cannot be combined with a constraint yet", param="template")
+            templated.seed_tokens = steering.seed_tokens if steering else None
+            templated.strength = steering.strength if steering else 1.0
+            steering = templated
+        else:
+            steering = await self.steer(body, max_tokens, suffix)
+        params = self.params(body, max_tokens, skip_special_tokens=True, steering=steering)
         request_id = f"cmpl-{uuid.uuid4().hex}"
         stream = RequestStream(self.engine, prompt, params, request_id, self.metrics)
         if body.stream:
