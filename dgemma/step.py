@@ -332,14 +332,15 @@ def _constrain(state: CanvasState, row: int, probs: torch.Tensor) -> torch.Tenso
     can still be completed within the tokens that may follow (control/dp.py). Records the state it ends in."""
     from .control.dp import best_valid_tokens
 
-    log_probs = torch.log(probs.float().cpu())  # (C, V); a zero probability is -inf, which the DP floors
+    p = probs.float().cpu()  # (C, V): the DP takes probabilities (maxima are those of the log-probabilities)
     held = (state.pinned[row] | (state.positions < state.num_settled[row])).cpu()  # pinned, or settled prefix
     if held.any():  # they keep their token: the DP sees it as certain (it was valid and completable before)
         values = torch.where(state.pinned[row], state.pin_values[row], state.argmax[row]).cpu()
         at = held.nonzero().squeeze(1)
-        log_probs[at] = float("-inf")
-        log_probs[at, values[at]] = 0.0
-    valid = best_valid_tokens(log_probs, state.constraints[row], state.constraint_start[row],
-                              state.tokens_after[row])
+        p = p.clone()  # `probs` is also the next self-conditioning input: leave it as the model gave it
+        p[at] = 0.0
+        p[at, values[at]] = 1.0
+    valid = best_valid_tokens(p, state.constraints[row], state.constraint_start[row], state.tokens_after[row],
+                              probs=True)
     state.constraint_end[row] = int(valid.states[-1])
     return valid.tokens.to(probs.device)

@@ -312,3 +312,19 @@ def test_dp_equals_brute_force(tiny, pattern):
                     continue
                 assert result is not None and result.tokens.tolist() == tokens
                 assert result.log_prob == pytest.approx(score, abs=1e-9)
+
+
+def test_dp_on_probabilities_equals_dp_on_log_probabilities(vocab):
+    """The step hands the DP probabilities (no log pass over the canvas): the same tokens and states."""
+    from dgemma.control.dp import best_valid_tokens
+
+    constraint = Constraint.json_object(vocab)
+    for seed in range(5):
+        g = torch.Generator().manual_seed(seed)
+        probs = torch.softmax(torch.randn(24, constraint.vocab_size, generator=g) * 4, dim=-1)
+        probs[3] = 0.0
+        probs[3, 7] = 1.0  # a one-hot row, as a pinned position
+        a = best_valid_tokens(probs.log(), constraint, tokens_after=40)
+        b = best_valid_tokens(probs, constraint, tokens_after=40, probs=True)
+        assert torch.equal(a.tokens, b.tokens) and torch.equal(a.states, b.states)
+        assert abs(a.log_prob - b.log_prob) < 1e-6 * max(1.0, abs(a.log_prob))

@@ -105,9 +105,10 @@ def _moves(constraint: Constraint) -> _Moves:
 
 
 def best_valid_tokens(log_probs: torch.Tensor, constraint: Constraint, start_state: int | None = None,
-                      tokens_after: int | None = None) -> ValidTokens:
+                      tokens_after: int | None = None, probs: bool = False) -> ValidTokens:
     """The most probable token sequence of length C that `constraint` allows from `start_state` (default: its
-    initial state) and that ends completable within `tokens_after` more tokens. log_probs: (C, V) for one
+    initial state) and that ends completable within `tokens_after` more tokens. With `probs`, `log_probs` holds
+    probabilities instead (the same answer, without a log pass over (C, V)). log_probs: (C, V) for one
     canvas, on the CPU. ConstraintError when no sequence qualifies (e.g. the canvas is too short to finish
     and tokens_after is 0)."""
     if log_probs.dtype not in (torch.float32, torch.float64):
@@ -136,6 +137,8 @@ def best_valid_tokens(log_probs: torch.Tensor, constraint: Constraint, start_sta
         for chunk in rows.split(RESCAN_ROWS):  # a few rows at a time: the copy stays in cache
             value[chunk], index[chunk] = log_probs[chunk].masked_fill_(outside, float("-inf")).max(1)
         best[:, cls], big_argmax[cls] = value, index
+    if probs:  # given probabilities: the log is monotonic, so maxima and argmaxima are the same; log only (C, K)
+        best = best.log()
     best_np = best.double().clamp(min=FLOOR).numpy()  # (C, K); classes without tokens have no edges
 
     # 2. best class move per (position, state pair), via the distinct class sets
@@ -183,5 +186,6 @@ def best_valid_tokens(log_probs: torch.Tensor, constraint: Constraint, start_sta
             tokens[positions] = torch.where(best[positions, cls] > float("-inf"), found, members[0])
         else:
             tokens[positions] = members[log_probs[positions[:, None], members[None, :]].argmax(1)]
-    log_prob = float(log_probs.gather(1, tokens[:, None]).double().clamp(min=FLOOR).sum())
+    chosen = log_probs.gather(1, tokens[:, None]).double()
+    log_prob = float((chosen.log() if probs else chosen).clamp(min=FLOOR).sum())
     return ValidTokens(tokens, torch.from_numpy(states), log_prob)
