@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import math
 
+from .errors import DgemmaError
 
-class PromptError(ValueError):
+
+class PromptError(DgemmaError, ValueError):
     """A prompt that cannot be run; `param` names the request field."""
 
     def __init__(self, message: str, param: str | None = None):

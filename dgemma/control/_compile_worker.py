@@ -1,8 +1,8 @@
 """Compile a regular expression into a token automaton, in a child process.
 
 Run as a script (`python _compile_worker.py`), never imported by dgemma: the parent kills it when the time limit
-passes, which is the only way to stop a regex whose DFA grows exponentially inside Rust. It reads one pickled
-request on stdin and writes one pickled reply on stdout; it imports only outlines_core and numpy.
+passes, which is the only way to stop a regex whose DFA grows exponentially inside Rust. It reads one JSON
+request on stdin and writes one JSON reply on stdout (bytes as base64); it imports only outlines_core and numpy.
 
 outlines-core builds the regex's DFA; we walk the tokens through it ourselves, because outlines' token index
 walks every token from every state one byte at a time (about 100 s for JSON-object mode on a 262k vocabulary).
@@ -15,13 +15,14 @@ walks every token from every state one byte at a time (about 100 s for JSON-obje
    by its rows: a random 64-bit signature per group (its class so far plus, per state, weight(state) * (next
    state + 1)), then an exact check that every group matches its class's first group.
 
-Request: {"regex": str, "token_bytes": list[bytes | None] (None: never allowed), "max_states": int,
+Request: {"regex": str, "token_bytes": list[base64 | None] (None: never allowed), "max_states": int,
 "max_memory_mb": int}.
-Reply: {"error": str} or {"initial": int, "finals": list[int], "table": bytes of int32 (S, K) row-major
-(-1: not allowed), "num_states": S, "num_classes": K, "token_class": bytes of int32 (V,)}.
+Reply: {"error": str} or {"initial": int, "finals": list[int], "table": base64 of int32 (S, K) row-major
+(-1: not allowed), "num_states": S, "num_classes": K, "token_class": base64 of int32 (V,)}.
 """
 
-import pickle
+import base64
+import json
 import sys
 
 import numpy as np
@@ -158,7 +159,8 @@ def compile_regex(regex: str, token_bytes: list, max_states: int) -> dict:
 
 
 def main() -> None:
-    request = pickle.load(sys.stdin.buffer)
+    request = json.loads(sys.stdin.buffer.read())  # JSON both ways: nothing is unpickled on either side
+    request["token_bytes"] = [None if t is None else base64.b64decode(t) for t in request["token_bytes"]]
     try:  # bound the address space here rather than in a preexec_fn, which is unsafe in a threaded parent
         import resource
         size = request["max_memory_mb"] * 2**20
@@ -166,7 +168,10 @@ def main() -> None:
     except (ImportError, ValueError, OSError):  # no resource module (Windows), or a lower hard limit
         pass
     reply = compile_regex(request["regex"], request["token_bytes"], request["max_states"])
-    pickle.dump(reply, sys.stdout.buffer, protocol=pickle.HIGHEST_PROTOCOL)
+    for key in ("table", "token_class"):
+        if key in reply:
+            reply[key] = base64.b64encode(reply[key]).decode("ascii")
+    sys.stdout.buffer.write(json.dumps(reply).encode("utf-8"))
     sys.stdout.buffer.flush()
 
 

@@ -18,7 +18,8 @@ Compiling (`_compile`):
 
 from __future__ import annotations
 
-import pickle
+import base64
+import json
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -29,12 +30,13 @@ import torch
 
 from .schema import SchemaError, schema_to_regex
 from .vocabulary import ConstraintVocabulary
+from ..errors import DgemmaError
 
 _WORKER = Path(__file__).with_name("_compile_worker.py")
 INVALID = -1  # next_state of a token that is not allowed
 
 
-class ConstraintError(ValueError):
+class ConstraintError(DgemmaError, ValueError):
     """A constraint that cannot be built or satisfied; the message (one line) says why."""
 
 
@@ -187,9 +189,9 @@ class Constraint:
 
 def _run_worker(regex: str, vocabulary: ConstraintVocabulary, limits: CompileLimits, description: str) -> dict:
     """Step 1: the child process, bounded in time and memory."""
-    request = pickle.dumps({"regex": regex, "token_bytes": list(vocabulary.token_bytes),
-                            "max_states": limits.max_states, "max_memory_mb": limits.max_memory_mb},
-                           protocol=pickle.HIGHEST_PROTOCOL)
+    token_bytes = [None if t is None else base64.b64encode(t).decode("ascii") for t in vocabulary.token_bytes]
+    request = json.dumps({"regex": regex, "token_bytes": token_bytes, "max_states": limits.max_states,
+                          "max_memory_mb": limits.max_memory_mb}).encode("utf-8")
     try:
         done = subprocess.run([sys.executable, str(_WORKER)], input=request, capture_output=True,
                               timeout=limits.timeout_s)
@@ -202,9 +204,11 @@ def _run_worker(regex: str, vocabulary: ConstraintVocabulary, limits: CompileLim
         if done.returncode < 0 or "memory" in last.lower():
             last = f"{last} (memory limit {limits.max_memory_mb} MiB)"
         raise ConstraintError(f"{description}: compiling failed: {last[:300]}")
-    reply = pickle.loads(done.stdout)
+    reply = json.loads(done.stdout)  # JSON, not pickle: nothing is unpickled
     if "error" in reply:
         raise ConstraintError(f"{description}: {reply['error']}")
+    for key in ("table", "token_class"):
+        reply[key] = base64.b64decode(reply[key])
     return reply
 
 

@@ -19,6 +19,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..model.moe import Experts
+from ..errors import DgemmaError
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)  # 448
@@ -27,7 +28,7 @@ QUANT_METHOD = "fp8"
 NOT_CONVERTED = ["lm_head", "model.encoder.vision_tower", "model.encoder.embed_vision", "router.proj"]
 
 
-class QuantError(ValueError):
+class QuantError(DgemmaError, ValueError):
     """A model or checkpoint that cannot be quantized (or read) as asked; the message is one line."""
 
 
