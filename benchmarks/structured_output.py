@@ -1,0 +1,138 @@
+"""Structured output: validity on random-weight models, and what a constraint adds to a denoising step.
+
+    python benchmarks/structured_output.py validity [--requests 200]
+    python benchmarks/structured_output.py cost --vocab 32000 [--steps 8] [--threads 2]
+    python benchmarks/structured_output.py cost --vocab 262144
+
+validity: per constraint kind, `--requests` outputs (batches of 8, over 5 random tiny models and seeds) through
+generate with the constraint, checked with jsonschema / re.fullmatch / json.loads / membership; the same
+prompts without the constraint give the unconstrained rate.
+
+cost: the `small` preset (canvas 256) with its vocabulary set to --vocab, a byte-level vocabulary of that size
+(the 256 byte tokens plus random strings of letters, digits and JSON punctuation), one canvas of --steps fixed
+steps at batch 1, with and without the JSON-object constraint; ms per step of each, in one process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+import tempfile
+import time
+
+import torch
+
+from dgemma.control import Constraint, ConstraintVocabulary
+from dgemma.control.pins import Steering
+from dgemma.generate import generate
+from dgemma.presets import default_generation, preset_config, random_model
+
+SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8}, "ok": {"type": "boolean"},
+                                           "tags": {"type": "array", "items": {"enum": ["a", "b", "c"]},
+                                                    "maxItems": 3}},
+          "required": ["name", "ok"], "additionalProperties": False}
+REGEX = r"[A-Z]{2}-[0-9]{3,5}"
+CHOICES = ["approve", "reject", "escalate to a human"]
+
+
+def validity(requests: int) -> None:
+    import jsonschema
+
+    from dgemma.testing import write_test_tokenizer
+    from dgemma.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(write_test_tokenizer(tempfile.mkdtemp()))
+    vocab = ConstraintVocabulary.from_tokenizer(tok.backend, [1], [0], 256)
+
+    def is_json(t):
+        return isinstance(json.loads(t), dict)
+
+    def is_schema(t):
+        return jsonschema.validate(json.loads(t), SCHEMA) is None
+
+    kinds = {"regex": (Constraint.from_regex(REGEX, vocab), lambda t: re.fullmatch(REGEX, t) is not None, 16),
+             "choice": (Constraint.from_choice(CHOICES, vocab), lambda t: t in CHOICES, 32),
+             "schema": (Constraint.from_json_schema(SCHEMA, vocab), is_schema, 96),
+             "object": (Constraint.json_object(vocab), is_json, 96)}
+    C = 32
+    for kind, (constraint, ok, max_new) in kinds.items():
+        counts = {True: 0, False: 0}
+        t = time.perf_counter()
+        n = 0
+        while n < requests:
+            seed = n // 8
+            cfg = preset_config("tiny", canvas_length=C, vocab_size=256)
+            model = random_model(cfg, std=(0.02, 0.05, 0.1, 0.2, 0.3)[seed % 5], seed=seed)
+            gen = default_generation(cfg).replace(max_new_tokens=max_new, max_denoising_steps=8,
+                                                           eos_token_id=[1], pad_token_id=0)
+            rng = random.Random(seed)
+            prompts = [[2] + [rng.randrange(8, 250) for _ in range(rng.randint(1, 12))] for _ in range(8)]
+            for constrained in (True, False):
+                out = generate(model, prompts, gen, generator=torch.Generator().manual_seed(seed),
+                               steering=[Steering(constraint=constraint)] * 8 if constrained else None)
+                for ids in out.token_ids:
+                    text = tok.decode([i for i in ids if i != 1], skip_special_tokens=False)
+                    try:
+                        good = bool(ok(text))
+                    except (ValueError, jsonschema.ValidationError):
+                        good = False
+                    counts[constrained] += good
+            n += 8
+        print(f"{kind:7s} valid with the constraint {counts[True]}/{n} ({100 * counts[True] / n:.1f}%), "
+              f"without {counts[False]}/{n} ({100 * counts[False] / n:.1f}%)  [{time.perf_counter() - t:.0f} s]",
+              flush=True)
+
+
+def synthetic_vocabulary(size: int, eos: int = 1, pad: int = 0) -> ConstraintVocabulary:
+    rng = random.Random(0)
+    alphabet = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 {}[]:,\"_-."
+    tokens: list[bytes | None] = [None, None, None] + [bytes([b]) for b in range(256)]
+    seen = set(tokens[3:])
+    while len(tokens) < size:
+        t = "".join(rng.choice(alphabet) for _ in range(rng.randint(2, 8))).encode()
+        if t not in seen:
+            seen.add(t)
+            tokens.append(t)
+    return ConstraintVocabulary(tuple(tokens), (eos,), (pad,))
+
+
+def cost(vocab_size: int, steps: int, threads: int) -> None:
+    torch.set_num_threads(threads)
+    t = time.perf_counter()
+    vocab = synthetic_vocabulary(vocab_size)
+    constraint = Constraint.json_object(vocab)
+    print(f"vocabulary {vocab_size}: JSON-object constraint compiled in {time.perf_counter() - t:.1f} s "
+          f"({constraint.num_states} states, {constraint.num_classes} token classes)")
+    cfg = preset_config("small", vocab_size=vocab_size)
+    model = random_model(cfg, std=0.02, seed=0)
+    C = model.canvas_length
+    gen = default_generation(cfg).replace(max_new_tokens=C, max_denoising_steps=steps,
+                                                   confidence_threshold=1e-30, eos_token_id=[1], pad_token_id=0)
+    prompt = [[2] + list(range(300, 427))]
+    generate(model, prompt, gen.replace(max_denoising_steps=1))  # warm up
+    for _ in range(2):
+        for label, steering in (("without", None), ("with", [Steering(constraint=constraint)])):
+            out = generate(model, prompt, gen, generator=torch.Generator().manual_seed(0), steering=steering)
+            ms = (out.stats.seconds - out.stats.prefill_seconds) / out.stats.denoising_steps * 1e3
+            print(f"  {label:7s} the constraint: {ms:7.1f} ms per denoising step", flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("what", choices=["validity", "cost"])
+    ap.add_argument("--requests", type=int, default=200)
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    if args.what == "validity":
+        torch.set_num_threads(1)
+        validity(args.requests)
+    else:
+        cost(args.vocab, args.steps, args.threads)
+
+
+if __name__ == "__main__":
+    main()
