@@ -229,6 +229,21 @@ def _all_finite(t: torch.Tensor, chunk: int = 1 << 20) -> bool:
     return True
 
 
+def _looks_like_integers(t: torch.Tensor, chunk: int = 1 << 20) -> bool:
+    """Most nonzero values below 1e-30: integer data (I16 read as BF16 is all subnormals), not trained weights,
+    whose values are near 1e-2. Checked a slice at a time."""
+    if t.ndim < 2 or t.dtype == quant_fp8.FP8:
+        return False
+    tiny = nonzero = 0
+    flat = t.reshape(-1)
+    for i in range(0, flat.numel(), chunk):
+        part = flat[i:i + chunk].abs()
+        nz = part != 0
+        nonzero += int(nz.sum())
+        tiny += int((nz & (part < 1e-30)).sum())
+    return nonzero > 0 and tiny > nonzero // 2
+
+
 def default_dtype(device: torch.device | str) -> torch.dtype:
     # bf16 matmul is ~250x slower than fp32 on CPUs without AVX512-BF16, so the CPU computes in fp32.
     return torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
@@ -308,6 +323,9 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
         if not _all_finite(tensors[ours]):  # NaN weights give all-pad output with no hint why
             raise CheckpointError(f"{f.path}: tensor {hf_name} holds NaN or Inf values; the checkpoint is corrupt "
                                   f"(or overflowed when it was converted)")
+        if _looks_like_integers(tensors[ours]):  # would load as near-zero weights: all-pad output, no hint why
+            raise CheckpointError(f"{f.path}: tensor {hf_name} looks like integer data declared as {ref.dtype} (most "
+                                  f"of its values are below 1e-30); the header does not match the data")
     model.load_state_dict(tensors, strict=True, assign=True)
     model.reset_rope(device)
     model.eval()

@@ -210,6 +210,10 @@ BAD_WEIGHTS = {
     "NaN weight": (Q_PROJ, lambda t: _poke(t, float("nan")), f"tensor {Q_PROJ} holds NaN or Inf"),
     "Inf weight": (NORM, lambda t: _poke(t, float("inf")), f"tensor {NORM} holds NaN or Inf"),
     "integer weight": (NORM, lambda t: t.round().to(torch.int16), f"tensor {NORM} is I16"),
+    # I16 bytes under a BF16 header: a small non-negative integer reads as a bf16 subnormal (about 1e-39), a
+    # negative one as NaN (caught above)
+    "I16 data declared as BF16": (Q_PROJ, lambda t: (t.abs() * 1000).round().to(torch.int16).view(torch.bfloat16),
+                                  f"tensor {Q_PROJ} looks like integer data"),
 }
 
 
