@@ -65,6 +65,57 @@ MAX_NEW_TOKENS = 2**24  # the largest max_position_embeddings
 MAX_JSON_BYTES = 64 * 2**20  # configs and shard indexes are kilobytes
 
 
+# Per-layer attributes the model reads: each attention layer's head size and KV heads (RoPE also reads head_dim).
+PER_LAYER_FIELDS = ("head_dim", "num_key_value_heads")
+
+
+def resolve_per_layer_config(d: dict, layer_types: list, head_dim, kv) -> dict[str, tuple]:
+    """-> {layer type: (head_dim, num_key_value_heads)} as transformers resolves text_config `d`.
+
+    1. Without a `per_layer_config` key, transformers builds one: every full-attention layer gets `global_head_dim`
+       (default 512) and, when `num_global_key_value_heads` is set, that many KV heads.
+    2. With one (as save_pretrained writes it), `global_head_dim` and `num_global_key_value_heads` are ignored.
+       It is sparse: keys are layer indices ("0", "05" or 5), each value holds only the fields that differ from
+       the base config, and `{}` (or null) means every layer uses the base `head_dim` and `num_key_value_heads`.
+    3. All layers of one type must resolve alike (transformers' RoPE needs one head size per type, or it fails).
+    """
+    if "per_layer_config" not in d:
+        global_kv = d.get("num_global_key_value_heads")
+        full = {"head_dim": d.get("global_head_dim", 512)}
+        if global_kv is not None:
+            full["num_key_value_heads"] = global_kv
+        overrides = {i: full for i, t in enumerate(layer_types) if t == FULL}
+    else:
+        overrides = {}
+        for key, value in _object(d["per_layer_config"], "text_config.per_layer_config").items():
+            name = f"text_config.per_layer_config[{key!r}]"
+            try:
+                index = int(key)
+            except (TypeError, ValueError):
+                raise ConfigError(f"{name}: keys must be layer indices") from None
+            _require(0 <= index < len(layer_types), f"{name}: layer index out of range [0, {len(layer_types)})")
+            layer = dict(_object(value, name))
+            skip = layer.pop("skip", [])
+            _require(isinstance(skip, list) and not skip, f"{name}.skip: skipping sublayers is not supported")
+            # transformers drops an override equal to the base value; any other field this model reads from the
+            # base config alone, so an override of it cannot be applied as written
+            unused = sorted(k for k, v in layer.items() if k not in PER_LAYER_FIELDS and not (k in d and d[k] == v))
+            _require(not unused, f"{name} overrides {', '.join(map(str, unused))}: only "
+                                 f"{' and '.join(PER_LAYER_FIELDS)} can differ per layer")
+            overrides[index] = layer
+    resolved: dict[str, tuple] = {}
+    for i, layer_type in enumerate(layer_types):
+        if not isinstance(layer_type, str):
+            continue  # TextConfig refuses it
+        layer = overrides.get(i, {})
+        dims = (layer.get("head_dim", head_dim), layer.get("num_key_value_heads", kv))
+        _require(resolved.setdefault(layer_type, dims) == dims,
+                 f"text_config.per_layer_config: {layer_type} layers differ in (head_dim, num_key_value_heads), "
+                 f"{resolved.get(layer_type)} vs {dims} at layer {i}; one value per layer type is supported")
+    resolved.setdefault(FULL, (head_dim, kv))
+    return resolved
+
+
 @dataclass
 class TextConfig:
     """The shared Gemma-4 text stack (encoder and decoder use the same weights)."""
@@ -177,14 +228,12 @@ class TextConfig:
         layer_types = d.get("layer_types") or []
         _require(isinstance(layer_types, list), f"{where}: text_config.layer_types must be a list")
         n_layers = d.get("num_hidden_layers", 30)
+        if not layer_types and _is_int(n_layers) and 0 < n_layers <= TEXT_LIMITS["num_hidden_layers"]:
+            layer_types = [FULL if (i + 1) % 6 == 0 else SLIDING for i in range(n_layers)]
+        head_dim = d.get("head_dim", 256)
         kv = d.get("num_key_value_heads", 4)
-        global_head_dim = d.get("global_head_dim", 512)
-        global_kv = d.get("num_global_key_value_heads") or kv
-        # transformers folds the full-attention overrides into per_layer_config on save.
         try:
-            per_layer = _object(d.get("per_layer_config"), "text_config.per_layer_config")
-            overrides = [_object(v, f"text_config.per_layer_config[{k!r}]") for k, v in per_layer.items()
-                         if str(k).isdigit()]
+            per_layer = resolve_per_layer_config(d, layer_types, head_dim, kv)
             rope = _object(d.get("rope_parameters"), "text_config.rope_parameters")
             sliding_rope = _object(rope.get(SLIDING), f"text_config.rope_parameters.{SLIDING}")
             full_rope = _object(rope.get(FULL), f"text_config.rope_parameters.{FULL}")
@@ -197,13 +246,7 @@ class TextConfig:
                               f"text_config.rope_parameters.{FULL}.partial_rotary_factor")
         except ConfigError as e:
             raise ConfigError(f"{where}: {e}") from None
-        if overrides:
-            global_head_dim = overrides[0].get("head_dim", global_head_dim)
-            global_kv = overrides[0].get("num_key_value_heads", global_kv)
-            for o in overrides:
-                _require(o.get("head_dim", global_head_dim) == global_head_dim
-                         and o.get("num_key_value_heads", global_kv) == global_kv,
-                         f"{where}: per_layer_config differs between full-attention layers; not supported")
+        (head_dim, kv), (global_head_dim, global_kv) = per_layer.get(SLIDING, (head_dim, kv)), per_layer[FULL]
         _require(sliding_rope.get("rope_type", "default") == "default",
                  f"{where}: sliding_attention rope_type {sliding_rope.get('rope_type')!r} is not supported")
         _require(full_rope.get("rope_type", "proportional") == "proportional",
@@ -218,7 +261,7 @@ class TextConfig:
                 num_hidden_layers=n_layers,
                 num_attention_heads=d.get("num_attention_heads", 8),
                 num_key_value_heads=kv,
-                head_dim=d.get("head_dim", 256),
+                head_dim=head_dim,
                 global_head_dim=global_head_dim,
                 num_global_key_value_heads=global_kv,
                 hidden_activation=d.get("hidden_activation", "gelu_pytorch_tanh"),

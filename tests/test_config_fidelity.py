@@ -1,0 +1,134 @@
+"""Configs as transformers writes and reads them: sparse per_layer_config, generation_config.json without EOS or
+with keys transformers refuses, the release's max_new_tokens, and the sampling flags that reach those fields."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from dgemma import checkpoint
+from dgemma.config import ConfigError, GenerationConfig, TextConfig
+from dgemma.generate import generate, left_pad
+
+from .conftest import TINY_TEXT, make_reference_checkpoint
+
+transformers = pytest.importorskip("transformers")
+
+SLIDING, FULL = "sliding_attention", "full_attention"
+EOS_AND_PAD = {"eos_token_id": 1, "pad_token_id": 0}
+
+# text configs built the way transformers' own tests build them: the full-attention layers' overrides equal the
+# base (save_pretrained writes per_layer_config {}), differ in one field only, or are given explicitly
+PER_LAYER_VARIANTS = {
+    "overrides_equal_base": dict(TINY_TEXT, global_head_dim=16, num_global_key_value_heads=2),
+    "kv_heads_only": dict(TINY_TEXT, global_head_dim=16, num_global_key_value_heads=1),
+    "head_dim_only": dict(TINY_TEXT, global_head_dim=32, num_global_key_value_heads=2),
+    "no_global_kv_heads": dict(TINY_TEXT, global_head_dim=32, num_global_key_value_heads=None),
+    "explicit_empty": dict(TINY_TEXT, per_layer_config={}),
+    "explicit_sliding_and_full": dict(TINY_TEXT, per_layer_config={0: {"head_dim": 8}, 1: {"num_key_value_heads": 1},
+                                                                   2: {"num_key_value_heads": 1}}),
+}
+
+
+def _reference_dims(text: dict) -> list[tuple[int, int]]:
+    from transformers.models.diffusion_gemma.configuration_diffusion_gemma import DiffusionGemmaTextConfig
+
+    cfg = DiffusionGemmaTextConfig(**copy.deepcopy(text))
+    return [(c.head_dim, c.num_key_value_heads) for c in cfg.per_layer_config]
+
+
+def _our_dims(text: dict) -> list[tuple[int, int]]:
+    cfg = TextConfig.from_hf(copy.deepcopy(text))
+    return [(cfg.layer_head_dim(i), cfg.layer_kv_heads(i)) for i in range(cfg.num_hidden_layers)]
+
+
+JSON_VARIANTS = {
+    # as the release writes it: no per_layer_config, global_* fields
+    "release_style": {k: v for k, v in TINY_TEXT.items()},
+    "release_style_no_globals": {k: v for k, v in TINY_TEXT.items()
+                                 if k not in ("global_head_dim", "num_global_key_value_heads")},
+    # as save_pretrained writes it: the global_* fields are gone, per_layer_config holds the differences
+    "empty_with_stale_globals": dict(TINY_TEXT, per_layer_config={}),
+    "null": dict(TINY_TEXT, per_layer_config=None),
+    "zero_padded_keys": dict(TINY_TEXT, per_layer_config={"01": {"head_dim": 32}, "02": {"head_dim": 32}}),
+    "kv_only": dict(TINY_TEXT, per_layer_config={"1": {"num_key_value_heads": 1}, "2": {"num_key_value_heads": 1}}),
+    "sliding_override": dict(TINY_TEXT, per_layer_config={"0": {"head_dim": 8, "num_key_value_heads": 4}}),
+    "override_equal_to_base": dict(TINY_TEXT, per_layer_config={"1": {"head_dim": 16, "num_key_value_heads": 2},
+                                                                "2": {"head_dim": 16}}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(JSON_VARIANTS))
+def test_per_layer_dims_match_transformers(case):
+    text = JSON_VARIANTS[case]
+    assert _our_dims(text) == _reference_dims(text)
+
+
+@pytest.mark.parametrize("case", sorted(PER_LAYER_VARIANTS))
+def test_saved_per_layer_config_matches_transformers(case):
+    text = PER_LAYER_VARIANTS[case]
+    assert _our_dims(text) == _reference_dims(text)
+
+
+@pytest.fixture(scope="module", params=sorted(PER_LAYER_VARIANTS))
+def variant(request, tmp_path_factory):
+    path = make_reference_checkpoint(tmp_path_factory.mktemp(request.param) / "ckpt",
+                                     text=PER_LAYER_VARIANTS[request.param], canvas_length=8, std=0.1, seed=2,
+                                     vision=False, generation=EOS_AND_PAD)
+    ours = checkpoint.load(path, quiet=True)
+    ref = transformers.DiffusionGemmaForBlockDiffusion.from_pretrained(path).eval()
+    return request.param, path, ours, ref
+
+
+def test_variant_loads_and_generates_the_reference_tokens(variant):
+    """Every variant loads (its per_layer_config may be {}), and a batch whose rows have different lengths gets the
+    reference's tokens over three canvases."""
+    _, path, ours, ref = variant
+    C = ours.config.canvas_length
+    written = json.loads((path / "config.json").read_text())["text_config"]
+    assert "per_layer_config" in written and "global_head_dim" not in written
+    prompts = [[5, 9, 17, 33, 65, 129], [40, 41]]
+    gen = ours.generation.replace(max_new_tokens=3 * C, max_denoising_steps=5, t_min=0.4, t_max=0.8)
+    torch.manual_seed(11)
+    got = generate(ours.model, prompts, gen)
+    tokens, valid = left_pad(prompts, 0)
+    torch.manual_seed(11)
+    out = ref.generate(tokens, attention_mask=valid.long(), max_new_tokens=3 * C, max_denoising_steps=5,
+                       t_min=0.4, t_max=0.8)
+    want = []
+    for row in out.sequences[:, tokens.shape[1]:].tolist():
+        cut = next((i for i, t in enumerate(row) if t == 1), None)
+        want.append(row if cut is None else row[: cut + 1])
+    assert got.token_ids == want
+
+
+BAD_PER_LAYER = {
+    # transformers cannot build these either: its RoPE needs one head size per layer type
+    "full layers differ": ({"1": {"head_dim": 32}}, "full_attention layers differ"),
+    "sliding layers differ": (None, "sliding_attention layers differ"),
+    "key not an index": ({"full": {"head_dim": 32}}, "layer indices"),
+    "index out of range": ({"3": {"head_dim": 32}}, "out of range"),
+    "override the model reads globally": ({"1": {"intermediate_size": 64}, "2": {"intermediate_size": 64}},
+                                          "intermediate_size"),
+    "skip a sublayer": ({"1": {"skip": ["mlp"]}}, "skip"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_PER_LAYER))
+def test_per_layer_config_dgemma_cannot_apply_is_refused(case):
+    per_layer, words = BAD_PER_LAYER[case]
+    text = dict(TINY_TEXT, per_layer_config=per_layer)
+    if per_layer is None:  # two sliding layers, one overridden
+        text = dict(TINY_TEXT, num_hidden_layers=4, layer_types=[SLIDING, SLIDING, FULL, FULL],
+                    per_layer_config={"0": {"head_dim": 8}})
+    with pytest.raises(ConfigError, match=words) as info:
+        TextConfig.from_hf(text)
+    assert "per_layer_config" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_override_equal_to_the_global_value_is_dropped_as_transformers_does():
+    text = dict(TINY_TEXT, per_layer_config={"1": {"intermediate_size": 128}, "2": {"sliding_window": 8}})
+    assert _our_dims(text) == _reference_dims(text)
