@@ -1,8 +1,9 @@
 """The FastAPI app, the `dgemma serve` command and a helper that runs a server on a background thread.
 
 Endpoints: POST /v1/chat/completions, POST /v1/completions, GET /v1/models and GET /metrics (Prometheus; these four
-behind the API key when one is set, /metrics unless public_metrics), GET /health. Every error is answered in OpenAI's
-format. The Guard (guard.py) checks the Host, the origin and the body size before the app sees a request.
+behind the API key when one is set, /metrics unless public_metrics), GET /health, and the playground: GET / and
+GET /static/NAME, the page's files (open to all: the page asks for the key and sends it on the API calls it makes).
+Every error is answered in OpenAI's format. The Guard (guard.py) checks the Host, the origin and the body size before the app sees a request.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import hmac
 import logging
 import threading
 import time
+from pathlib import Path
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -24,6 +26,21 @@ from .protocol import ChatCompletionRequest, CompletionRequest, error_body
 from .serving import APIError, Serving
 
 log = logging.getLogger("dgemma.server")
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+MEDIA_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
+               ".css": "text/css; charset=utf-8"}
+# The page loads nothing from elsewhere and talks only to this server; a CSP makes the browser hold it to that.
+PAGE_HEADERS = {"Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' "
+                                           "data:; connect-src 'self'; base-uri 'none'; form-action 'none'; "
+                                           "frame-ancestors 'none'",
+                "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer", "Cache-Control": "no-cache"}
+
+
+def playground_files() -> dict[str, tuple[bytes, str]]:
+    """The playground's files, name -> (bytes, media type), read once: the routes serve only these names."""
+    return {p.name: (p.read_bytes(), MEDIA_TYPES[p.suffix]) for p in sorted(STATIC_DIR.iterdir())
+            if p.suffix in MEDIA_TYPES}
 
 
 def build_app(serving: Serving, api_key: str | None = None, allowed_hosts: list[str] | None = None,
@@ -97,6 +114,22 @@ def build_app(serving: Serving, api_key: str | None = None, allowed_hosts: list[
     @app.get("/health")
     async def health():
         return {"status": "ok", "running": serving.engine.num_running, "waiting": serving.engine.num_waiting}
+
+    files = playground_files()
+
+    def page_file(name: str) -> Response:
+        if name not in files:
+            raise APIError(404, f"no such file: {name}", code="not_found")
+        content, media_type = files[name]
+        return Response(content, media_type=media_type, headers=PAGE_HEADERS)
+
+    @app.get("/", include_in_schema=False)
+    async def playground():
+        return page_file("index.html")
+
+    @app.get("/static/{name}", include_in_schema=False)
+    async def static(name: str):
+        return page_file(name)
 
     @app.get("/metrics", dependencies=[] if public_metrics else [Depends(check_key)])
     async def metrics():

@@ -1,0 +1,123 @@
+// Sudoku mode: the puzzle goes to /v1/completions as its 81 digits (the embedded model's tokenizer prepends <bos>),
+// streamed with drafts; the board draws each draft, then the checker gives its verdict.
+
+import { stream } from "./api.js";
+import { LiveCanvas, Replay, requestStats, showStats } from "./canvas.js";
+import { Board, EXAMPLE, checkGrid, formatPuzzle, parsePuzzle } from "./sudoku.js";
+
+const $ = (id) => document.getElementById(id);
+
+export function setupSudoku(getModel) {
+  const puzzleText = $("puzzle-text");
+  const board = new Board($("board"), (puzzle) => {
+    puzzleText.value = formatPuzzle(puzzle);
+    clearVerdict();
+  });
+  let controller = null;
+  let frames = []; // what the board drew, in order: {content, draft, isNewDraft}
+  let badCells = new Set();
+  const replay = new Replay($("sudoku-frame"), $("sudoku-frame-text"), (last) => {
+    board.showPuzzle();
+    frames.slice(0, last + 1).forEach((f) => board.drawCanvas(f.content, f.draft, f.isNewDraft));
+    board.markBad(last === frames.length - 1 ? badCells : new Set());
+  });
+
+  function clearVerdict() {
+    replay.reset();
+    $("sudoku-verdict").textContent = "";
+    delete $("sudoku-verdict").dataset.solved;
+    $("sudoku-error").textContent = "";
+  }
+
+  function load(text) {
+    try {
+      board.setPuzzle(parsePuzzle(text));
+      puzzleText.value = formatPuzzle(board.puzzle);
+      $("puzzle-error").hidden = true;
+      puzzleText.removeAttribute("aria-invalid");
+      clearVerdict();
+      return true;
+    } catch (err) {
+      $("puzzle-error").textContent = err.message;
+      $("puzzle-error").hidden = false;
+      puzzleText.setAttribute("aria-invalid", "true");
+      puzzleText.focus();
+      return false;
+    }
+  }
+
+  $("puzzle-form").addEventListener("submit", (e) => {
+    e.preventDefault();
+    load(puzzleText.value);
+  });
+  $("puzzle-example").addEventListener("click", () => load(EXAMPLE));
+  $("puzzle-clear").addEventListener("click", () => load("0".repeat(81)));
+  $("sudoku-stop").addEventListener("click", () => controller && controller.abort());
+
+  $("solve").addEventListener("click", async () => {
+    if (controller) return;
+    // a puzzle typed but not loaded is taken as it stands
+    if (puzzleText.value.trim() && puzzleText.value.trim() !== formatPuzzle(board.puzzle) && !load(puzzleText.value)) {
+      return;
+    }
+    const body = {
+      model: getModel(), prompt: formatPuzzle(board.puzzle), max_tokens: 82, stream: true,
+      stream_options: { include_drafts: true, include_usage: true },
+    };
+    const steps = $("sudoku-steps").value.trim(), seed = $("sudoku-seed").value.trim();
+    if (steps) body.max_denoising_steps = parseInt(steps, 10);
+    if (seed) body.seed = parseInt(seed, 10);
+    clearVerdict();
+    board.showPuzzle();
+    board.lock(true);
+    $("solve").disabled = true;
+    $("sudoku-stop").disabled = false;
+    $("sudoku-verdict").textContent = "Solving…";
+    controller = new AbortController();
+    frames = [];
+    badCells = new Set();
+    const canvas = new LiveCanvas();
+    const startedAt = performance.now();
+    let finished = false;
+    try {
+      await stream("/v1/completions", body, (chunk) => {
+        const drafts = canvas.drafts;
+        canvas.completionChunk(chunk);
+        frames.push({ content: canvas.content, draft: canvas.draft, isNewDraft: canvas.drafts > drafts });
+        board.drawCanvas(canvas.content, canvas.draft, canvas.drafts > drafts);
+      }, controller.signal);
+      finished = true;
+    } catch (err) {
+      $("sudoku-error").textContent = err.name === "AbortError" ? "Stopped." : `Error: ${err.message}`;
+    } finally {
+      if (canvas.content || canvas.drafts) {
+        frames.push({ content: canvas.content, draft: "", isNewDraft: false });
+        board.drawCanvas(canvas.content, "", false);
+      } else {
+        board.showPuzzle();
+      }
+      board.lock(false);
+      controller = null;
+      $("solve").disabled = false;
+      $("sudoku-stop").disabled = true;
+      showStats($("sudoku-stats"), requestStats(canvas, startedAt, performance.now()));
+    }
+    const verdict = $("sudoku-verdict");
+    if (!finished) {
+      verdict.textContent = "";
+      return;
+    }
+    const check = checkGrid(board.puzzle, board.grid());
+    const { solved, problems } = check;
+    badCells = check.badCells;
+    board.markBad(badCells);
+    replay.ready(frames.length);
+    verdict.dataset.solved = String(solved);
+    const steps_ = canvas.usage ? ` in ${canvas.usage.denoising_steps} denoising steps` : "";
+    verdict.textContent = solved
+      ? `Solved${steps_}: every row, column and box holds 1 to 9 once, and every given is kept.`
+      : `Not solved${steps_}: ${problems.slice(0, 4).join("; ")}${problems.length > 4 ? `; and ${problems.length - 4} more problems` : ""}.`;
+  });
+
+  load(EXAMPLE);
+}
