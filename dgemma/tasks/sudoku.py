@@ -10,6 +10,7 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -179,9 +180,11 @@ def corrupt(solution: list[int], cells: int, rng: random.Random) -> list[int]:
 
 
 def evaluate(model, puzzles: list[tuple[list[int], list[int]]], gen: GenerationConfig, batch_size: int = 100,
-             seed: int = 0, pin_givens: bool = False, repair: tuple[int, float] | None = None) -> SudokuScore:
+             seed: int = 0, pin_givens: bool = False, repair: tuple[int, float] | None = None,
+             on_batch: Callable[[int], object] | None = None) -> SudokuScore:
     """Solve every puzzle with `generate` (batched) and check the answers. `pin_givens` pins the givens into the
-    canvas; `repair` = (wrong cells, strength) seeds each canvas with the solution with that many cells wrong."""
+    canvas; `repair` = (wrong cells, strength) seeds each canvas with the solution with that many cells wrong.
+    `on_batch(n)` is called after each batch of n puzzles (a progress bar's update)."""
     g = torch.Generator(device=model.device).manual_seed(seed)
     rng = random.Random(seed)
     solved, steps, canvases = 0, 0, 0
@@ -202,4 +205,6 @@ def evaluate(model, puzzles: list[tuple[list[int], list[int]]], gen: GenerationC
             solved += grid is not None and is_solution(puzzle, grid)
             steps += sum(row_steps)
             canvases += len(row_steps)
+        if on_batch is not None:
+            on_batch(len(chunk))
     return SudokuScore(solved, len(puzzles), steps / max(canvases, 1))

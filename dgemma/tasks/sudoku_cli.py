@@ -15,6 +15,8 @@ from ..cli_common import CLIError, add_threads_arg, apply_threads, generation_co
 # sudoku.py's constants, without its imports (torch, the generator) to build a parser; tests/test_cli.py checks
 # that they agree
 GIVENS, TRAIN_GIVENS, HELDOUT_SIZE = 44, (30, 50), 1000
+EVAL_PUZZLES = 200  # about a minute on a 2-core CPU; --full runs all HELDOUT_SIZE
+UNTRAINED_PUZZLES = 20  # an untrained model never converges, so each of its canvases costs the whole step cap
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "sudoku"
 
 
@@ -45,10 +47,15 @@ def add_sudoku_parser(subparsers) -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="solve rate and denoising steps on the held-out puzzles")
     e.add_argument("--model", default=None, help=f"checkpoint directory (default: the shipped {ASSET_DIR})")
-    e.add_argument("--puzzles", type=int, default=HELDOUT_SIZE, help=f"how many held-out puzzles (max {HELDOUT_SIZE})")
+    e.add_argument("--puzzles", type=int, default=EVAL_PUZZLES,
+                   help=f"how many held-out puzzles, the first of the fixed set (max {HELDOUT_SIZE})")
+    e.add_argument("--full", action="store_true",
+                   help=f"the whole held-out set ({HELDOUT_SIZE} puzzles, and the untrained baseline on all of them)")
     e.add_argument("--givens", type=int, default=GIVENS, help="givens per puzzle (difficulty)")
-    e.add_argument("--batch-size", type=int, default=100, help="puzzles solved together")
-    e.add_argument("--no-untrained", action="store_true", help="skip the untrained-model baseline")
+    e.add_argument("--batch-size", type=int, default=50, help="puzzles solved together")
+    e.add_argument("--no-untrained", action="store_true",
+                   help=f"skip the untrained-model baseline (it runs every step cap on the first {UNTRAINED_PUZZLES} "
+                        f"puzzles, all of them with --full)")
     e.add_argument("--seed", type=int, default=0, help="sampling seed")
     e.add_argument("--pin-givens", action="store_true", help="also evaluate with the givens pinned into the canvas")
     e.add_argument("--repair-wrong", type=int, default=None, metavar="N",
@@ -62,8 +69,13 @@ def add_sudoku_parser(subparsers) -> argparse.ArgumentParser:
     x.add_argument("--out", default=str(ASSET_DIR), help="directory to write")
     x.set_defaults(func=cmd_ship)
 
-    s = sub.add_parser("solve", help="solve one puzzle given as 81 characters (0 or . for blanks)")
-    s.add_argument("puzzle")
+    s = sub.add_parser("solve", help="solve one puzzle (81 digits, 0 or . for blanks, or a 9-line grid)",
+                       description="The puzzle: 81 characters (digits, 0 or . for blanks) or a grid over 9 lines with "
+                                   "spaces, | and -/+ separator lines, as an argument or on stdin.")
+    s.add_argument("puzzle", nargs="?", default=None,
+                   help="the puzzle; '-' or nothing reads it from stdin (when stdin is not a terminal)")
+    s.add_argument("--tries", type=int, default=1,
+                   help="sample again with the next seed until the checker accepts the grid, at most this many times")
     s.add_argument("--model", default=None, help="checkpoint directory (default: the shipped model)")
     s.add_argument("--steps", type=int, default=None, help="max denoising steps (default: the model's)")
     s.add_argument("--seed", type=int, default=0, help="sampling seed")
@@ -144,40 +156,52 @@ def _eval_line(label: str, score, seconds: float) -> str:
 
 
 def cmd_eval(args) -> int:
+    from tqdm import tqdm
+
     from ..presets import random_model
     from . import sudoku as S
 
     apply_threads(args.threads)
-    if not 1 <= args.puzzles <= HELDOUT_SIZE:
+    n = HELDOUT_SIZE if args.full else args.puzzles
+    if not 1 <= n <= HELDOUT_SIZE:
         raise CLIError(f"--puzzles must be in [1, {HELDOUT_SIZE}], got {args.puzzles}")
     if not 17 <= args.givens <= 81:
         raise CLIError(f"--givens must be in [17, 81] (a Sudoku with fewer has no unique solution), got {args.givens}")
+    if args.batch_size < 1:
+        raise CLIError(f"--batch-size must be >= 1, got {args.batch_size}")
     ckpt = _load_model(args.model)
-    puzzles = S.heldout_set(args.puzzles, args.givens)
-    print(f"held-out set: {len(puzzles)} puzzles with {args.givens} givens ({81 - args.givens} empty cells), "
-          f"unique solutions, seed {S.HELDOUT_SEED + args.givens}")
+    puzzles = S.heldout_set(n, args.givens)
+    which = ("the full set" if n == HELDOUT_SIZE else
+             f"the first {n} of the {HELDOUT_SIZE}; --full runs all" if n < HELDOUT_SIZE else "")
+    print(f"held-out set: {len(puzzles)} puzzles ({which}) with {args.givens} givens ({81 - args.givens} empty "
+          f"cells), unique solutions, seed {S.HELDOUT_SEED + args.givens}; one try per puzzle")
     gen = ckpt.generation
-    runs = [("default sampler", ckpt.model, gen),
-            ("48-step cap", ckpt.model, gen.replace(max_denoising_steps=48)),
-            ("1 step", ckpt.model, gen.replace(max_denoising_steps=1))]
+    runs = [("default sampler", ckpt.model, gen, puzzles),
+            ("48-step cap", ckpt.model, gen.replace(max_denoising_steps=48), puzzles),
+            ("1 step", ckpt.model, gen.replace(max_denoising_steps=1), puzzles)]
     if not args.no_untrained:
-        runs.append(("untrained model", random_model(ckpt.config, seed=args.seed), gen))
-    runs = [(label, model, g, {}) for label, model, g in runs]
+        few = puzzles if args.full else puzzles[:UNTRAINED_PUZZLES]
+        label = "untrained model" if len(few) == len(puzzles) else f"untrained model, first {len(few)}"
+        runs.append((label, random_model(ckpt.config, seed=args.seed), gen, few))
+    runs = [(label, model, g, chunk, {}) for label, model, g, chunk in runs]
     if args.pin_givens:
-        runs.insert(1, ("givens pinned", ckpt.model, gen, {"pin_givens": True}))
+        runs.insert(1, ("givens pinned", ckpt.model, gen, puzzles, {"pin_givens": True}))
     if args.repair_wrong is not None:
         if not 0 <= args.repair_wrong <= 81 or not 0 <= args.strength <= 1:
             raise CLIError("--repair-wrong must be in [0, 81] and --strength in [0, 1]")
-        runs.insert(1, (f"repair {args.repair_wrong} wrong, strength {args.strength}", ckpt.model, gen,
+        runs.insert(1, (f"repair {args.repair_wrong} wrong, strength {args.strength}", ckpt.model, gen, puzzles,
                         {"repair": (args.repair_wrong, args.strength)}))
+    keys = [(id(model), repr(g), len(chunk), repr(kw)) for _, model, g, chunk, kw in runs]
+    todo = sum(len(runs[keys.index(k)][3]) for k in dict.fromkeys(keys))  # the default sampler may be the 48-step cap
     done: dict = {}
-    for label, model, g, kw in runs:
-        key = (id(model), repr(g), repr(kw))
-        t0 = time.perf_counter()
-        if key not in done:  # the default sampler may already be the 48-step cap
-            done[key] = S.evaluate(model, puzzles, g, args.batch_size, args.seed, **kw)
-        label = f"{label} (cap {g.max_denoising_steps})"
-        print(_eval_line(label, done[key], time.perf_counter() - t0), flush=True)
+    with tqdm(total=todo, unit="puzzle", file=sys.stderr, dynamic_ncols=True, leave=False) as bar:
+        for (label, model, g, chunk, kw), key in zip(runs, keys):
+            t0 = time.perf_counter()
+            if key not in done:
+                bar.set_description(label)
+                done[key] = S.evaluate(model, chunk, g, args.batch_size, args.seed, on_batch=bar.update, **kw)
+            bar.write(_eval_line(f"{label} (cap {g.max_denoising_steps})", done[key], time.perf_counter() - t0),
+                      file=sys.stdout)
     return 0
 
 
@@ -195,6 +219,15 @@ def cmd_ship(args) -> int:
     return 0
 
 
+def _read_puzzle(arg: str | None) -> str:
+    """The puzzle text: the argument, or stdin for '-' (or no argument when stdin is a pipe or a file)."""
+    if arg is not None and arg != "-":
+        return arg
+    if arg is None and sys.stdin.isatty():
+        raise CLIError("give the puzzle as an argument (81 characters, 0 or . for blanks), or pipe it in")
+    return sys.stdin.read()
+
+
 def cmd_solve(args) -> int:
     import torch
 
@@ -204,8 +237,10 @@ def cmd_solve(args) -> int:
     from .sudoku_puzzles import count_solutions, format_grid, is_solution, parse_grid, pretty
 
     apply_threads(args.threads)
+    if args.tries < 1:
+        raise CLIError(f"--tries must be >= 1, got {args.tries}")
     try:
-        puzzle = parse_grid(args.puzzle)
+        puzzle = parse_grid(_read_puzzle(args.puzzle))
     except ValueError as e:
         raise CLIError(str(e)) from None
     if count_solutions(puzzle, 1) == 0:
@@ -224,17 +259,23 @@ def cmd_solve(args) -> int:
         steering.seed_tokens, steering.strength = repair.seed_tokens, repair.strength
     ckpt = _load_model(args.model)
     gen = generation_config(args, ckpt.generation, flags={"max_denoising_steps": "--steps"})
-    out = generate(ckpt.model, [S.prompt_ids(puzzle)], gen, generator=torch.Generator().manual_seed(args.seed),
-                   steering=[steering])
-    grid = S.decode_grid(out.token_ids[0])
-    steps = out.steps_per_canvas[0][0] if out.steps_per_canvas[0] else 0
+    # Each try is a fresh sample (seed, seed + 1, ...); the checker, not the model, decides when to stop.
+    for attempt in range(1, args.tries + 1):
+        seed = args.seed + attempt - 1
+        out = generate(ckpt.model, [S.prompt_ids(puzzle)], gen, generator=torch.Generator().manual_seed(seed),
+                       steering=[steering])
+        grid = S.decode_grid(out.token_ids[0])
+        steps = out.steps_per_canvas[0][0] if out.steps_per_canvas[0] else 0
+        ok = grid is not None and is_solution(puzzle, grid)
+        if ok:
+            break
+    tries = f"try {attempt} of {args.tries}, seed {seed}" if args.tries > 1 else f"seed {seed}"
     if grid is None:
-        print(f"the model did not produce 81 digits ({steps} denoising steps)")
+        print(f"the model did not produce 81 digits ({steps} denoising steps; {tries})")
         return 1
-    ok = is_solution(puzzle, grid)
     print(pretty(grid))
     print(format_grid(grid))
-    print(f"{'valid solution' if ok else 'NOT a valid solution'} after {steps} denoising steps")
+    print(f"{'valid solution' if ok else 'NOT a valid solution'} after {steps} denoising steps ({tries})")
     return 0 if ok else 1
 
 

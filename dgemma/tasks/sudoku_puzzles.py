@@ -182,20 +182,30 @@ def naked_singles_solve(puzzle: list[int]) -> list[int]:
     return grid
 
 
+SEPARATOR_LINE = frozenset("-+=|")
+
+
 def parse_grid(text: str) -> list[int]:
-    """81 characters, digits 1-9 for givens and 0 or '.' for empty cells (whitespace ignored)."""
-    chars = [ch for ch in text if not ch.isspace()]
-    if len(chars) != CELLS:
-        raise ValueError(f"a Sudoku has 81 cells, got {len(chars)} characters")
-    grid = []
-    for ch in chars:
-        if ch == ".":
-            grid.append(0)
-        elif ch.isdigit():
-            grid.append(int(ch))
-        else:
-            raise ValueError(f"unexpected character {ch!r} in the grid (use digits 1-9 and 0 or '.' for blanks)")
-    return grid
+    """A grid in the usual notations -> 81 ints. Digits 1-9 are givens, 0 or '.' an empty cell, in one line of 81
+    or over 9 lines; spaces and '|' between cells are ignored, and so are separator lines made of '-', '+', '='
+    and '|' (so `pretty`'s output reads back)."""
+    cells = []
+    for line in text.splitlines():
+        marks = set(line) - set(" \t")
+        if marks and marks <= SEPARATOR_LINE:
+            continue
+        for ch in line:
+            if ch.isspace() or ch == "|":
+                continue
+            if ch == ".":
+                cells.append(0)
+            elif ch in "0123456789":
+                cells.append(int(ch))
+            else:
+                raise ValueError(f"unexpected character {ch!r} in the grid (use digits 1-9, and 0 or '.' for blanks)")
+    if len(cells) != CELLS:
+        raise ValueError(f"a Sudoku has 81 cells, got {len(cells)}")
+    return cells
 
 
 def format_grid(grid: list[int]) -> str:
