@@ -258,9 +258,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     dtype = dtype or default_dtype(device)
     raw_config = read_json(path / "config.json")
     config = ModelConfig.from_hf(raw_config, str(path / "config.json"))
-    gen_path = path / "generation_config.json"
-    gen_raw = read_json(gen_path) if gen_path.is_file() else {}
-    generation = GenerationConfig.from_hf(gen_raw, config.text, str(gen_path))
+    generation = GenerationConfig.load(path / "generation_config.json", config.text)
 
     files = _index_files(path)
     with torch.device("meta"):

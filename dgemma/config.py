@@ -63,6 +63,14 @@ MAX_FILE_TEMPERATURE = 100.0
 MAX_TEMPERATURE = 2 * MAX_FILE_TEMPERATURE
 MAX_NEW_TOKENS = 2**24  # the largest max_position_embeddings
 MAX_JSON_BYTES = 64 * 2**20  # configs and shard indexes are kilobytes
+# The keys transformers' DiffusionGemmaGenerationConfig accepts (it raises on any other), and its one sampler.
+GENERATION_KEYS = frozenset({
+    "max_new_tokens", "max_length", "return_dict_in_generate", "max_denoising_steps", "sampler_config", "t_min",
+    "t_max", "stability_threshold", "confidence_threshold", "cache_implementation", "cache_config",
+    "disable_compile", "bos_token_id", "pad_token_id", "eos_token_id", "_commit_hash", "_from_model_config",
+    "transformers_version",
+})
+SAMPLER = "EntropyBoundSamplerConfig"
 
 
 # Per-layer attributes the model reads: each attention layer's head size and KV heads (RoPE also reads head_dim).
@@ -418,22 +426,42 @@ class GenerationConfig:
 
     @classmethod
     def from_hf(cls, d: dict, text: TextConfig | None = None, where: str = "generation_config.json") -> GenerationConfig:
+        """The file's settings over the released defaults. A missing eos_token_id or pad_token_id falls back to
+        `text`'s (checkpoint loading goes through `load`, which refuses a file without eos_token_id).
+
+        1. Keys transformers' DiffusionGemmaGenerationConfig does not know are refused, as transformers refuses
+           them ("Unexpected kwargs"), and so is a sampler other than the entropy-bound one.
+        2. max_new_tokens and max_length are checked but not applied: the release's file caps output at 256 tokens,
+           which `serve` ignores as vLLM does; generate and chat ignore it too, so all three run until EOS or the
+           context limit unless asked for a cap.
+        """
         _require(isinstance(d, dict), f"{where}: expected a JSON object")
+        unknown = sorted(str(k) for k in d if k not in GENERATION_KEYS)
+        _require(not unknown, f"{where}: unknown keys {', '.join(unknown)} (transformers' DiffusionGemma generation "
+                              f"config refuses them too)")
         kwargs: dict = {}
         for key in ("max_denoising_steps", "t_min", "t_max", "stability_threshold", "confidence_threshold"):
             if d.get(key) is not None:
                 kwargs[key] = d[key]
         sampler = d.get("sampler_config")
-        if isinstance(sampler, dict) and sampler.get("entropy_bound") is not None:
-            kwargs["entropy_bound"] = sampler["entropy_bound"]
+        if sampler is not None:
+            _require(isinstance(sampler, dict), f"{where}: sampler_config must be an object")
+            name = sampler.get("_cls_name", SAMPLER)
+            _require(name == SAMPLER, f"{where}: sampler_config._cls_name {name!r:.80} is not implemented "
+                                      f"(dgemma implements {SAMPLER})")
+            extra = sorted(str(k) for k in sampler if k not in ("_cls_name", "entropy_bound"))
+            _require(not extra, f"{where}: sampler_config has unknown keys {', '.join(extra)}")
+            if sampler.get("entropy_bound") is not None:
+                kwargs["entropy_bound"] = sampler["entropy_bound"]
         eos = d.get("eos_token_id", text.eos_token_id if text else None)
         if eos is not None:
             kwargs["eos_token_id"] = eos
         pad = d.get("pad_token_id", text.pad_token_id if text else None)
         if pad is not None:
             kwargs["pad_token_id"] = pad
-        if d.get("max_new_tokens") is not None:
-            kwargs["max_new_tokens"] = d["max_new_tokens"]
+        for key in ("max_new_tokens", "max_length"):
+            if d.get(key) is not None:
+                _int_in(f"{where}: {key}", d[key], 1, MAX_NEW_TOKENS)
         try:
             for name in ("t_min", "t_max"):  # a file is bounded like a request; a request's temperature scales it
                 if name in kwargs:
@@ -449,10 +477,25 @@ class GenerationConfig:
         except ConfigError as e:
             raise ConfigError(f"{where}: {e}") from None
 
+    @classmethod
+    def load(cls, path: str | Path, text: TextConfig) -> GenerationConfig:
+        """A checkpoint's generation_config.json. Without eos_token_id transformers never stops at EOS (it does not
+        fall back to config.json's); rather than differ from it silently, such a file is refused."""
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: file not found; without it transformers never stops this model at EOS. "
+                              f"Write one with \"eos_token_id\": {text.eos_token_id} (config.json's)")
+        d = read_json(path)
+        gen = cls.from_hf(d, text, str(path))  # bad values first: they are reported whatever else is missing
+        if d.get("eos_token_id") is None:
+            raise ConfigError(f"{path}: no eos_token_id, so transformers would never stop this model at EOS; add "
+                              f"\"eos_token_id\": {text.eos_token_id} (config.json's) to stop there")
+        return gen
+
     def to_hf(self) -> dict:
         return {
             "max_denoising_steps": self.max_denoising_steps,
-            "sampler_config": {"entropy_bound": float(self.entropy_bound), "_cls_name": "EntropyBoundSamplerConfig"},
+            "sampler_config": {"entropy_bound": float(self.entropy_bound), "_cls_name": SAMPLER},
             "t_min": float(self.t_min),
             "t_max": float(self.t_max),
             "stability_threshold": self.stability_threshold,

@@ -30,11 +30,12 @@ def make_reference_checkpoint(path: Path, text: dict | None = None, canvas_lengt
     model = DiffusionGemmaForBlockDiffusion(cfg).eval()
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(path, **kwargs)
-    if generation is not None:
-        gen_path = Path(path) / "generation_config.json"
-        gen = json.loads(gen_path.read_text())
-        gen.update(generation)
-        gen_path.write_text(json.dumps(gen))
+    # save_pretrained writes no eos_token_id for a model built from a config (transformers then never stops at EOS,
+    # and dgemma refuses the file); the release's file names its EOS, and so does this one unless told otherwise
+    gen_path = Path(path) / "generation_config.json"
+    gen = json.loads(gen_path.read_text())
+    gen.update({"eos_token_id": 1, "pad_token_id": 0, **(generation or {})})
+    gen_path.write_text(json.dumps({k: v for k, v in gen.items() if v is not None}))
     return Path(path)
 
 

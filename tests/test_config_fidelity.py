@@ -132,3 +132,80 @@ def test_per_layer_config_dgemma_cannot_apply_is_refused(case):
 def test_override_equal_to_the_global_value_is_dropped_as_transformers_does():
     text = dict(TINY_TEXT, per_layer_config={"1": {"intermediate_size": 128}, "2": {"sliding_window": 8}})
     assert _our_dims(text) == _reference_dims(text)
+
+
+# ---- generation_config.json -----------------------------------------------------------------------------------------
+
+def test_generation_config_without_eos_is_refused(tmp_path):
+    """save_pretrained of a model built from a config writes no eos_token_id; transformers then never stops at EOS
+    (it does not fall back to config.json's), so dgemma refuses the file instead of stopping where it would not."""
+    path = make_reference_checkpoint(tmp_path / "ckpt", vision=False, generation={"eos_token_id": None})
+    assert "eos_token_id" not in json.loads((path / "generation_config.json").read_text())
+    assert transformers.DiffusionGemmaForBlockDiffusion.from_pretrained(path).generation_config.eos_token_id is None
+    with pytest.raises(ConfigError, match="no eos_token_id.*never stop") as info:
+        checkpoint.load(path, quiet=True)
+    assert "\n" not in str(info.value)
+    (path / "generation_config.json").unlink()
+    with pytest.raises(ConfigError, match="file not found.*eos_token_id"):
+        checkpoint.load(path, quiet=True)
+
+
+@pytest.mark.parametrize("extra", [{"top_k": 64}, {"temperature": 0.5}, {"do_sample": True}, {"typo_t_mni": 0.1}])
+def test_keys_transformers_refuses_are_refused(extra):
+    from transformers.models.diffusion_gemma.generation_diffusion_gemma import DiffusionGemmaGenerationConfig
+
+    raw = dict(EOS_AND_PAD, **extra)
+    with pytest.raises(ValueError, match="Unexpected kwargs"):
+        DiffusionGemmaGenerationConfig(**copy.deepcopy(raw))
+    with pytest.raises(ConfigError, match=f"unknown keys {next(iter(extra))}"):
+        GenerationConfig.from_hf(raw, where="generation_config.json")
+
+
+def test_keys_transformers_accepts_are_accepted():
+    from transformers.models.diffusion_gemma.generation_diffusion_gemma import DiffusionGemmaGenerationConfig
+
+    raw = dict(EOS_AND_PAD, max_length=100, cache_implementation="static", bos_token_id=2, disable_compile=True,
+               transformers_version="5.23.0", _from_model_config=False, return_dict_in_generate=True,
+               sampler_config={"_cls_name": "EntropyBoundSamplerConfig", "entropy_bound": 0.2})
+    DiffusionGemmaGenerationConfig(**copy.deepcopy(raw))
+    assert GenerationConfig.from_hf(raw).entropy_bound == 0.2
+
+
+@pytest.mark.parametrize("sampler, words", [
+    ({"_cls_name": "TopKSamplerConfig", "entropy_bound": 0.1}, "'TopKSamplerConfig' is not implemented"),
+    ({"_cls_name": "EntropyBoundSamplerConfig", "entropy_bound": 0.1, "k": 3}, "unknown keys k"),
+    ("entropy", "sampler_config must be an object"),
+])
+def test_sampler_dgemma_does_not_implement_is_refused(sampler, words):
+    with pytest.raises(ConfigError, match=words) as info:
+        GenerationConfig.from_hf(dict(EOS_AND_PAD, sampler_config=sampler), where="generation_config.json")
+    assert str(info.value).startswith("generation_config.json: ") and "\n" not in str(info.value)
+
+
+def test_release_max_new_tokens_is_not_applied():
+    """The release's file says max_new_tokens 256 (and transformers defaults to 256); serve ignores it as vLLM
+    does, and so do generate and chat: they run until EOS or the context limit unless given --max-new-tokens."""
+    gen = GenerationConfig.from_hf(dict(EOS_AND_PAD, max_new_tokens=256, max_length=300))
+    assert gen.max_new_tokens is None
+    with pytest.raises(ConfigError, match="max_new_tokens"):
+        GenerationConfig.from_hf(dict(EOS_AND_PAD, max_new_tokens=0))
+
+
+def _cli_tokens(capsys, args) -> list[int]:
+    from dgemma.cli import main
+
+    assert main(args) == 0
+    return json.loads(capsys.readouterr().out)["outputs"][0]["token_ids"]
+
+
+def test_generate_ignores_the_files_max_new_tokens(tmp_path, capsys):
+    text = dict(TINY_TEXT, max_position_embeddings=40)  # the context limit ends an EOS-less run: 4 canvases of 8
+    capped = make_reference_checkpoint(tmp_path / "capped", text=text, canvas_length=8, vision=False,
+                                       generation={"max_new_tokens": 4, "eos_token_id": 255})
+    plain = make_reference_checkpoint(tmp_path / "plain", text=text, canvas_length=8, vision=False,
+                                      generation={"eos_token_id": 255})
+    args = ["--prompt-ids", "5,6,7", "--max-denoising-steps", "3", "--seed", "1", "--device", "cpu", "--json"]
+    got = _cli_tokens(capsys, ["generate", "--model", str(capped)] + args)
+    assert len(got) > 4
+    assert got == _cli_tokens(capsys, ["generate", "--model", str(plain)] + args)
+    assert len(_cli_tokens(capsys, ["generate", "--model", str(capped), "--max-new-tokens", "4"] + args)) == 4
