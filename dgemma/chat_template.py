@@ -45,41 +45,47 @@ class TemplateLimits:
         return TEMPLATE_ALLOCATION_MULTIPLE * self.output
 
 
-# Gemma 4 chat format, used when the checkpoint ships no template. Assistant turns in history keep only the answer:
-# a thought channel is cut off, as the model never sees its own old reasoning.
+# Gemma 4 chat format, used when the checkpoint ships no template; for text turns it renders what the released
+# template renders. Text is trimmed. Assistant turns in history keep only the answer: each thought channel
+# (`<|channel>...<channel|>`) is cut out, as the model never sees its own old reasoning. With thinking off, the
+# generation prompt opens and closes an empty thought channel, so the model answers at once.
 GEMMA4_CHAT_TEMPLATE = """\
-{%- macro render_content(content) -%}
-{%- if content is string -%}{{ content }}
+{%- macro answer_only(text) -%}
+{%- for piece in text.split('<channel|>') -%}{{ piece.split('<|channel>')[0] }}{%- endfor -%}
+{%- endmacro -%}
+{%- macro render_content(content, is_model) -%}
+{%- if content is string -%}{{ (answer_only(content) if is_model else content) | trim }}
 {%- elif content is iterable and content is not mapping -%}
 {%- for part in content -%}
-{%- if part is string -%}{{ part }}
-{%- elif part is mapping and part.get('type') == 'text' -%}{{ part.get('text', '') }}
-{%- endif -%}
+{%- set text = part if part is string else (part.get('text', '') if part is mapping and part.get('type') == 'text'
+                                            else '') -%}
+{{- (answer_only(text) if is_model else text) | trim -}}
 {%- endfor -%}
 {%- elif content is not none -%}{{ raise_exception('message content must be a string or a list of parts') }}
 {%- endif -%}
 {%- endmacro -%}
 {{- bos_token -}}
 {%- set loop_messages = messages -%}
-{%- if messages and messages[0].get('role') in ['system', 'developer'] -%}
-{{- '<|turn>system\\n' -}}{%- if enable_thinking -%}{{- '<|think|>' -}}{%- endif -%}
-{{- render_content(messages[0].get('content')) -}}{{- '<turn|>\\n' -}}
-{%- set loop_messages = messages[1:] -%}
-{%- elif enable_thinking -%}
-{{- '<|turn>system\\n<|think|><turn|>\\n' -}}
+{%- set has_system = messages and messages[0].get('role') in ['system', 'developer'] -%}
+{%- if enable_thinking or has_system -%}
+{{- '<|turn>system\\n' -}}{%- if enable_thinking -%}{{- '<|think|>\\n' -}}{%- endif -%}
+{%- if has_system -%}{{- render_content(messages[0].get('content'), false) -}}{%- set loop_messages = messages[1:] -%}
+{%- endif -%}
+{{- '<turn|>\\n' -}}
 {%- endif -%}
 {%- for message in loop_messages -%}
 {%- set role = message.get('role') -%}
 {%- if role == 'user' -%}
-{{- '<|turn>user\\n' ~ render_content(message.get('content')) ~ '<turn|>\\n' -}}
+{{- '<|turn>user\\n' ~ render_content(message.get('content'), false) ~ '<turn|>\\n' -}}
 {%- elif role in ['assistant', 'model'] -%}
-{%- set text = render_content(message.get('content')) -%}
-{{- '<|turn>model\\n' ~ text.split('<channel|>')[-1] ~ '<turn|>\\n' -}}
+{{- '<|turn>model\\n' ~ render_content(message.get('content'), true) ~ '<turn|>\\n' -}}
 {%- else -%}
 {{- raise_exception('unsupported message role ' ~ role ~ ' (expected a first system message, then user/assistant)') -}}
 {%- endif -%}
 {%- endfor -%}
-{%- if add_generation_prompt -%}{{- '<|turn>model\\n' -}}{%- endif -%}
+{%- if add_generation_prompt -%}
+{{- '<|turn>model\\n' -}}{%- if not enable_thinking -%}{{- '<|channel>thought\\n<channel|>' -}}{%- endif -%}
+{%- endif -%}
 """
 
 

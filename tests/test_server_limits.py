@@ -147,7 +147,8 @@ def test_a_user_cannot_forge_a_turn_through_the_server(runtime):
             r = httpx.post(srv.url + "/v1/chat/completions", json=chat_body(content), timeout=30)
             assert r.status_code == 200, r.text
     clean, forged = ([t for t in p if t in specials] for p in engine.prompts)
-    assert clean == forged == [2, 3, 4, 3]  # <bos> <|turn>user ... <turn|> <|turn>model
+    # <bos> <|turn>user ... <turn|> <|turn>model <|channel>thought\n<channel|> (thinking off: an empty channel)
+    assert clean == forged == [2, 3, 4, 3, 5, 6]
     assert "obey" in tokenizer.decode(engine.prompts[1], skip_special_tokens=False)
 
 

@@ -132,8 +132,9 @@ def test_template_that_does_not_compile(tmp_path, tok_dir):
 def test_chat_template_plain(tok):
     assert tok.has_chat_template and tok.chat_template_source.endswith("tokenizer_config.json")
     prompt = tok.apply_chat_template([{"role": "user", "content": "Hi"}])
-    assert prompt == "<bos><|turn>user\nHi<turn|>\n<|turn>model\n"
-    assert tok.encode(prompt) == [2, 3, *tok.encode("user\nHi"), 4, *tok.encode("\n"), 3, *tok.encode("model\n")]
+    assert prompt == "<bos><|turn>user\nHi<turn|>\n<|turn>model\n<|channel>thought\n<channel|>"
+    assert tok.encode(prompt) == [2, 3, *tok.encode("user\nHi"), 4, *tok.encode("\n"), 3, *tok.encode("model\n"),
+                                  5, *tok.encode("thought\n"), 6]
     assert tok.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=False) == \
         "<bos><|turn>user\nHi<turn|>\n"
 
@@ -142,11 +143,11 @@ def test_chat_template_thinking_and_system(tok):
     user = {"role": "user", "content": "Hi"}
     system = {"role": "system", "content": "Be brief."}
     assert tok.apply_chat_template([user], enable_thinking=True) == \
-        "<bos><|turn>system\n<|think|><turn|>\n<|turn>user\nHi<turn|>\n<|turn>model\n"
+        "<bos><|turn>system\n<|think|>\n<turn|>\n<|turn>user\nHi<turn|>\n<|turn>model\n"
     assert tok.apply_chat_template([system, user]) == \
-        "<bos><|turn>system\nBe brief.<turn|>\n<|turn>user\nHi<turn|>\n<|turn>model\n"
+        "<bos><|turn>system\nBe brief.<turn|>\n<|turn>user\nHi<turn|>\n<|turn>model\n<|channel>thought\n<channel|>"
     assert tok.apply_chat_template([system, user], enable_thinking=True) == \
-        "<bos><|turn>system\n<|think|>Be brief.<turn|>\n<|turn>user\nHi<turn|>\n<|turn>model\n"
+        "<bos><|turn>system\n<|think|>\nBe brief.<turn|>\n<|turn>user\nHi<turn|>\n<|turn>model\n"
 
 
 def test_chat_template_history(tok):
@@ -154,11 +155,40 @@ def test_chat_template_history(tok):
                 {"role": "assistant", "content": "<|channel>thought\nadd<channel|>4"},
                 {"role": "user", "content": "and 3+3?"}]
     assert tok.apply_chat_template(messages) == ("<bos><|turn>user\n2+2?<turn|>\n<|turn>model\n4<turn|>\n"
-                                                 "<|turn>user\nand 3+3?<turn|>\n<|turn>model\n")
+                                                 "<|turn>user\nand 3+3?<turn|>\n<|turn>model\n<|channel>thought\n<channel|>")
     with pytest.raises(TokenizerError, match="refused: unsupported message role tool"):
         tok.apply_chat_template([{"role": "tool", "content": "x"}])
     with pytest.raises(TokenizerError, match="list of dicts"):
         tok.apply_chat_template(["hi"])
+
+
+# What the released Gemma 4 template renders for text turns (its own expected strings; thinking defaults to off)
+RELEASED_RENDERINGS = [
+    (dict(messages=[{"role": "user", "content": "describe this"}]),
+     "<bos><|turn>user\ndescribe this<turn|>\n<|turn>model\n<|channel>thought\n<channel|>"),
+    (dict(messages=[{"role": "system", "content": " Be exact. "}, {"role": "user", "content": " Solve it. "}],
+          enable_thinking=True),
+     "<bos><|turn>system\n<|think|>\nBe exact.<turn|>\n<|turn>user\nSolve it.<turn|>\n<|turn>model\n"),
+    (dict(messages=[{"role": "user", "content": "Hi"}], enable_thinking=True),
+     "<bos><|turn>system\n<|think|>\n<turn|>\n<|turn>user\nHi<turn|>\n<|turn>model\n"),
+    (dict(messages=[{"role": "user", "content": [{"type": "text", "text": " look "}]},
+                    {"role": "assistant", "content": " done "}], add_generation_prompt=False),
+     "<bos><|turn>user\nlook<turn|>\n<|turn>model\ndone<turn|>\n"),
+    # history keeps the answer: every thought channel is cut out, wherever it sits, and the rest is trimmed
+    (dict(messages=[{"role": "user", "content": "q"},
+                    {"role": "assistant", "content": "A <|channel>thought\nx<channel|>B\n"},
+                    {"role": "user", "content": "q2"}], enable_thinking=False),
+     "<bos><|turn>user\nq<turn|>\n<|turn>model\nA B<turn|>\n<|turn>user\nq2<turn|>\n"
+     "<|turn>model\n<|channel>thought\n<channel|>"),
+]
+
+
+@pytest.mark.parametrize("kwargs, expected", RELEASED_RENDERINGS)
+def test_builtin_template_renders_as_the_released_one(tmp_path, tok_dir, kwargs, expected):
+    d = _copy_without_template(tok_dir, tmp_path / "t")
+    tok = Tokenizer.from_dir(d)
+    assert tok.chat_template_source == "builtin"
+    assert tok.apply_chat_template(**kwargs) == expected
 
 
 FORGED = ["<bos>", "<|turn>", "<turn|>", "<|channel>", "<channel|>", "<|think|>", "<eos>", "<pad>"]

@@ -39,6 +39,9 @@ def _conversation(messages, where: str) -> list[dict]:
     return messages
 
 
+EMPTY_THOUGHT = "<|channel>thought\n<channel|>"
+
+
 def encode_record(record: dict, tokenizer, template: str, where: str) -> Example:
     """One parsed JSON line -> Example."""
     if not isinstance(record, dict):
@@ -58,10 +61,12 @@ def encode_record(record: dict, tokenizer, template: str, where: str) -> Example
         raise DataError(f"{where}: 'messages' needs a chat template (template 'raw' was chosen)")
     prompt_text = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True)
     full_text = tokenizer.apply_chat_template(messages, add_generation_prompt=False)
-    if not full_text.startswith(prompt_text):
+    # Gemma 4's template (thinking off) ends the generation prompt with an empty thought channel that it does not
+    # render in past answers: the answer follows the prompt without it, and is trained after the prompt as served.
+    start = prompt_text.removesuffix(EMPTY_THOUGHT) if not full_text.startswith(prompt_text) else prompt_text
+    if not full_text.startswith(start):
         raise DataError(f"{where}: the chat template does not render the conversation as prompt + answer")
-    return _example(tokenizer.encode(prompt_text), tokenizer.encode(full_text[len(prompt_text):].rstrip("\n")),
-                    where)
+    return _example(tokenizer.encode(prompt_text), tokenizer.encode(full_text[len(start):].rstrip("\n")), where)
 
 
 def _example(prompt_ids: list[int], response_ids: list[int], where: str) -> Example:
