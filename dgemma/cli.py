@@ -223,7 +223,8 @@ def cmd_generate(args) -> int:
     from .control.pins import SteeringError
 
     try:
-        out = generate(ckpt.model, prompts, gen, on_step=view, sampler=args.sampler, steering=steering)
+        out = generate(ckpt.model, prompts, gen, on_step=view, sampler=args.sampler, steering=steering,
+                       greedy=args.greedy)
     except (ContextLengthError, SteeringError) as e:
         param = getattr(e, "param", None)
         raise CLIError(f"--{param.replace('_', '-')}: {e}" if param in STEERING_FLAGS else str(e)) from None
@@ -307,7 +308,7 @@ def cmd_edit(args) -> int:
     seed = seed_everything(args.seed)
     try:
         out = generate(ckpt.model, [prompt], gen, sampler=args.sampler,
-                       steering=[Steering(seed_tokens=seed_tokens, strength=strength)])
+                       steering=[Steering(seed_tokens=seed_tokens, strength=strength)], greedy=args.greedy)
     except (ContextLengthError, SteeringError) as e:
         raise CLIError(str(e)) from None
     ids = [t for t in out.token_ids[0] if t not in set(gen.eos_token_id)]
@@ -371,7 +372,8 @@ def cmd_chat(args) -> int:
             print(f"[the conversation outgrew the model's {ckpt.config.text.max_position_embeddings}-token context: "
                   f"dropped the oldest {dropped} turn{'s' * (dropped > 1)}; /reset starts afresh]", file=sys.stderr)
         messages = kept
-        out = generate(ckpt.model, [prompt], gen, on_step=CanvasView(tokenizer) if args.show_canvas else None)
+        out = generate(ckpt.model, [prompt], gen, on_step=CanvasView(tokenizer) if args.show_canvas else None,
+                       greedy=args.greedy)
         ids = [t for t in out.token_ids[0] if t not in eos]
         reasoning, answer = split_thinking(tokenizer.decode(ids, skip_special_tokens=False))
         if reasoning:

@@ -178,7 +178,8 @@ def add_model_args(p: argparse.ArgumentParser, threads_note: str = "") -> None:
 
 # GenerationConfig field -> the flag that sets it, so that a bad value is reported under the name the user typed
 SAMPLING_FLAGS = {"max_new_tokens": "--max-new-tokens", "max_denoising_steps": "--max-denoising-steps",
-                  "entropy_bound": "--entropy-bound", "t_min": "--t-min", "t_max": "--t-max"}
+                  "entropy_bound": "--entropy-bound", "t_min": "--t-min", "t_max": "--t-max",
+                  "stability_threshold": "--stability-threshold", "confidence_threshold": "--confidence-threshold"}
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -192,6 +193,13 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
                    help="temperature at the last denoising step (default: the checkpoint's)")
     p.add_argument("--t-max", type=float, default=None,
                    help="temperature at the first denoising step (default: the checkpoint's)")
+    p.add_argument("--stability-threshold", type=int, default=None,
+                   help="early stop: steps the argmax canvas must stay unchanged (default: the checkpoint's)")
+    p.add_argument("--confidence-threshold", type=float, default=None,
+                   help="early stop: mean entropy below which a stable canvas stops (default: the checkpoint's)")
+    p.add_argument("--greedy", action="store_true",
+                   help="sample the argmax at every step (the temperature schedule still drives acceptance and "
+                        "self-conditioning), as a request's temperature 0 does")
     p.add_argument("--seed", type=int, default=None, help="seed for the canvas noise and sampling (default: random)")
 
 

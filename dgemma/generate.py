@@ -89,14 +89,15 @@ def generate(model: DiffusionGemma, prompts: list[list[int]], gen: GenerationCon
              on_step: Callable[[StepView], None] | None = None,
              cuda_graphs: bool | None = None, sampler: Sampler | str = Sampler.EXACT,
              strategy: Strategy | None = None,
-             steering: list[Steering | None] | None = None) -> GenerationOutput:
+             steering: list[Steering | None] | None = None, greedy: bool = False) -> GenerationOutput:
     """Generate continuations for `prompts` (lists of token ids). With `generator=None` the global torch RNG is
     used, which is what makes `torch.manual_seed(S)` reproduce the reference's tokens.
 
     `cuda_graphs` (default: on for a CUDA model with generator=None) replays each canvas's denoising step as a
     CUDA graph; the tokens are the same either way. `sampler` "exact" reproduces the reference's draws; "fast"
     samples the same distribution with one uniform per position. `strategy` defaults to the device's.
-    `steering` (one per prompt, or None) pins output positions and seeds canvases (control/pins.py)."""
+    `steering` (one per prompt, or None) pins output positions and seeds canvases (control/pins.py). `greedy`:
+    every row's sample is the argmax (a request's temperature 0 in the engine)."""
     cfg = model.config
     if not prompts:
         raise ValueError("no prompts given")
@@ -143,7 +144,7 @@ def generate(model: DiffusionGemma, prompts: list[list[int]], gen: GenerationCon
     passes = torch.zeros(B, dtype=torch.long, device=device)  # decoder passes of rows still going, all canvases
     if steering is not None and any(s is not None and s.constraint is not None for s in steering):
         cuda_graphs = False if cuda_graphs is None else cuda_graphs  # the automaton's DP runs on the host
-    denoiser = LockstepDenoiser(model, gen, B, generator, cuda_graphs, sampler, strategy, max_new)
+    denoiser = LockstepDenoiser(model, gen, B, generator, cuda_graphs, sampler, strategy, max_new, greedy)
     state = denoiser.state
 
     for canvas_index in range(num_canvases):
@@ -225,8 +226,9 @@ class LockstepDenoiser:
     def __init__(self, model: DiffusionGemma, gen: GenerationConfig, batch_size: int,
                  generator: torch.Generator | None = None, cuda_graphs: bool | None = None,
                  sampler: Sampler | str = Sampler.EXACT, strategy: Strategy | None = None,
-                 max_new: int | None = None):
+                 max_new: int | None = None, greedy: bool = False):
         device = model.device
+        self.greedy = [True] * batch_size if greedy else None
         self.max_new = max_new
         self.automaton: list[int | None] = [None] * batch_size  # per row: its constraint's state so far
         self.model, self.gen, self.generator, self.device = model, gen, generator, device
@@ -278,7 +280,7 @@ class LockstepDenoiser:
 
     def _run(self, first: bool) -> None:
         denoise_step(self.model, self.state, self.plan, self.temp, self.bound, self.draws, self.strategy,
-                     [self.generator], first=first)
+                     [self.generator], greedy=self.greedy, first=first)
 
     def step(self, step: int) -> None:
         """Run denoising step `step` (1-based) of the current canvas."""

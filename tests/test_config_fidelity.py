@@ -209,3 +209,69 @@ def test_generate_ignores_the_files_max_new_tokens(tmp_path, capsys):
     assert len(got) > 4
     assert got == _cli_tokens(capsys, ["generate", "--model", str(plain)] + args)
     assert len(_cli_tokens(capsys, ["generate", "--model", str(capped), "--max-new-tokens", "4"] + args)) == 4
+
+
+# ---- sampling flags -------------------------------------------------------------------------------------------------
+
+def test_threshold_flags_set_the_early_stop(tmp_path, capsys):
+    import argparse
+
+    from dgemma.cli import main
+    from dgemma.cli_common import add_sampling_args, generation_config
+
+    p = argparse.ArgumentParser()
+    add_sampling_args(p)
+    args = p.parse_args(["--stability-threshold", "0", "--confidence-threshold", "2.5", "--greedy"])
+    gen = generation_config(args, GenerationConfig())
+    assert (gen.stability_threshold, gen.confidence_threshold, args.greedy) == (0, 2.5, True)
+    path = make_reference_checkpoint(tmp_path / "ckpt", canvas_length=8, vision=False)
+    for flag, value in (("--confidence-threshold", "0"), ("--stability-threshold", "-1")):
+        capsys.readouterr()
+        assert main(["generate", "--model", str(path), "--prompt-ids", "3,4", flag, value]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and flag in err[0], err
+    # a generous confidence threshold stops every canvas after its first step
+    base = ["generate", "--model", str(path), "--prompt-ids", "3,4", "--max-new-tokens", "16", "--seed", "0",
+            "--max-denoising-steps", "6", "--device", "cpu", "--json"]
+    assert main(base + ["--stability-threshold", "0", "--confidence-threshold", "100"]) == 0
+    assert json.loads(capsys.readouterr().out)["stats"]["denoising_steps"] == 2
+    assert main(base) == 0
+    assert json.loads(capsys.readouterr().out)["stats"]["denoising_steps"] > 2
+
+
+def test_greedy_generate_is_the_engines_temperature_zero():
+    """generate(greedy=True) samples the argmax exactly as a request with temperature 0 does in the engine."""
+    from dgemma.engine import Engine, SamplingParams
+    from dgemma.presets import default_generation, preset_config, random_model
+
+    cfg = preset_config("tiny", canvas_length=8, vocab_size=128)
+    model = random_model(cfg, std=0.1, seed=0)
+    gen = default_generation(cfg).replace(max_denoising_steps=5)
+    prompt = [5, 6, 7, 8]
+    greedy = generate(model, [prompt], gen.replace(max_new_tokens=24), generator=torch.Generator().manual_seed(3),
+                      greedy=True)
+    sampled = generate(model, [prompt], gen.replace(max_new_tokens=24), generator=torch.Generator().manual_seed(3))
+    assert greedy.token_ids != sampled.token_ids
+    engine = Engine(model, gen, max_num_seqs=1, max_model_len=128)
+    outputs = []
+    engine.add_request(prompt, SamplingParams(max_tokens=24, seed=3, temperature=0, pin_prefix=False), outputs.append)
+    for _ in range(500):
+        if outputs and outputs[-1].finished:
+            break
+        engine.step()
+    assert [t for o in outputs for t in o.token_ids] == greedy.token_ids[0]
+
+
+def test_greedy_flag_reaches_generate(tmp_path, capsys):
+    from dgemma.cli import main
+
+    path = make_reference_checkpoint(tmp_path / "ckpt", canvas_length=8, std=0.1, vision=False)
+    args = ["generate", "--model", str(path), "--prompt-ids", "3,4,5", "--max-new-tokens", "16", "--seed", "4",
+            "--max-denoising-steps", "4", "--device", "cpu", "--json"]
+    got = _cli_tokens(capsys, args + ["--greedy"])
+    ours = checkpoint.load(path, quiet=True)
+    torch.manual_seed(4)
+    want = generate(ours.model, [[3, 4, 5]], ours.generation.replace(max_new_tokens=16, max_denoising_steps=4),
+                    greedy=True)
+    assert got == want.token_ids[0]
+    assert got != _cli_tokens(capsys, args)
