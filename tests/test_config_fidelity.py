@@ -275,3 +275,34 @@ def test_greedy_flag_reaches_generate(tmp_path, capsys):
                     greedy=True)
     assert got == want.token_ids[0]
     assert got != _cli_tokens(capsys, args)
+
+
+def test_variant_rows_stopping_at_different_steps_match_the_reference(variant):
+    """Early stops on: a confidence threshold at which the two rows stop at different steps of a canvas (searched on
+    dgemma's side, then checked against the reference), so stopped rows are skipped while others denoise on."""
+    from transformers.models.diffusion_gemma.generation_diffusion_gemma import EntropyBoundSamplerConfig
+
+    _, _, ours, ref = variant
+    C = ours.config.canvas_length
+    prompts = [[11, 12, 13, 14], [50, 60, 70, 80, 90, 100, 110]]
+    base = ours.generation.replace(max_new_tokens=2 * C, max_denoising_steps=8, entropy_bound=4.0, t_min=0.4,
+                                   t_max=0.8, stability_threshold=0)
+    for confidence in [x / 20 for x in range(60, 115)]:
+        gen = base.replace(confidence_threshold=confidence)
+        torch.manual_seed(5)
+        got = generate(ours.model, prompts, gen)
+        first = [steps[0] for steps in got.steps_per_canvas]
+        if first[0] != first[1] and max(first) < 8:
+            break
+    else:
+        pytest.fail("no threshold found at which the rows stop at different steps")
+    tokens, valid = left_pad(prompts, 0)
+    torch.manual_seed(5)
+    out = ref.generate(tokens, attention_mask=valid.long(), max_new_tokens=2 * C, max_denoising_steps=8, t_min=0.4,
+                       t_max=0.8, sampler_config=EntropyBoundSamplerConfig(entropy_bound=4.0),
+                       confidence_threshold=confidence, stability_threshold=0)
+    want = []
+    for row in out.sequences[:, tokens.shape[1]:].tolist():
+        cut = next((i for i, t in enumerate(row) if t == 1), None)
+        want.append(row if cut is None else row[: cut + 1])
+    assert got.token_ids == want
