@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from ..cli_common import CLIError, add_threads_arg, apply_threads, generation_config, load_checkpoint
+from ..train.train_cli import add_distributed_args
 
 # sudoku.py's constants, without its imports (torch, the generator) to build a parser; tests/test_cli.py checks
 # that they agree
@@ -41,7 +42,9 @@ def add_sudoku_parser(subparsers) -> argparse.ArgumentParser:
     t.add_argument("--eval-givens", default=str(GIVENS), help="comma-separated difficulties to eval on")
     t.add_argument("--save-every", type=int, default=100, help="steps between resumable checkpoints")
     t.add_argument("--seed", type=int, default=0, help="seed for initialisation and the puzzle stream")
+    t.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     add_threads_arg(t)
+    add_distributed_args(t)
     t.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.safetensors")
     t.set_defaults(func=cmd_train, interrupt_hint="interrupted; resume with --resume")
 
@@ -97,9 +100,12 @@ def _load_model(path: str | None):
 
 
 def cmd_train(args) -> int:
+    import torch
+
     from ..presets import init_weights
     from ..model import DiffusionGemma
     from ..train.objective import LossConfig
+    from ..train.train_cli import start_distributed
     from ..train.trainer import CHECKPOINT, TrainConfig, Trainer
     from . import sudoku as S
 
@@ -117,8 +123,9 @@ def cmd_train(args) -> int:
         raise CLIError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
     if args.resume and not (out / CHECKPOINT).exists():
         raise CLIError(f"{out / CHECKPOINT} not found; nothing to resume")
+    dist, device = start_distributed(args, args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     config = S.sudoku_config(args.hidden_size, args.layers)
-    model = init_weights(DiffusionGemma(config.text, config.canvas_length), seed=args.seed)
+    model = init_weights(DiffusionGemma(config.text, config.canvas_length), seed=args.seed).to(device)
     # The encoder loss adds a second full pass over the solution and nothing the decoder needs: w_enc = 0.
     try:
         cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
@@ -126,12 +133,15 @@ def cmd_train(args) -> int:
                           seed=args.seed, loss=LossConfig(w_enc=0.0))
     except ValueError as e:  # TrainConfig's own checks name the field
         raise CLIError(str(e)) from None
+    # Every rank draws the same stream (distributed.py, step 1); only rank 0 evaluates, so only it builds the sets.
     data = S.SudokuStream(seed=args.seed + 1, givens=(args.min_givens, args.max_givens))
-    sets = {g: S.heldout_set(args.eval_puzzles, g) for g in eval_givens}
+    sets: dict = {}
     gen = S.sudoku_generation()
 
     def eval_fn(m) -> dict:
         metrics = {}
+        if not sets:
+            sets.update({g: S.heldout_set(args.eval_puzzles, g) for g in eval_givens})
         for g, puzzles in sets.items():
             score = S.evaluate(m, puzzles, gen)
             metrics[f"solve_rate_{g}"] = round(score.solve_rate, 4)
@@ -139,14 +149,18 @@ def cmd_train(args) -> int:
         return metrics
 
     tok_dir = out / "tokenizer"
-    S.write_tokenizer(tok_dir)
-    trainer = Trainer(model, config, gen, cfg, data, out, eval_fn, tokenizer_dir=tok_dir, export_on_eval=True)
+    if dist.is_main:
+        S.write_tokenizer(tok_dir)
+    trainer = Trainer(model, config, gen, cfg, data, out, eval_fn, tokenizer_dir=tok_dir, export_on_eval=True,
+                      dist=dist)
     if args.resume:
         trainer.load()
-        print(f"resumed {out} at step {trainer.step}", file=sys.stderr)
+        if dist.is_main:
+            print(f"resumed {out} at step {trainer.step}", file=sys.stderr)
     trainer.train()
     trainer.export()
-    print(f"model written to {out / 'model'}")
+    if dist.is_main:
+        print(f"model written to {out / 'model'}")
     return 0
 
 

@@ -103,11 +103,18 @@ def decoder_pass(model: DiffusionGemma, enc_kv: EncoderKV, canvas: torch.Tensor,
 
 
 def block_diffusion_loss(model: DiffusionGemma, batch: Batch, cfg: LossConfig,
-                         generator: torch.Generator | None = None) -> LossOutput:
+                         generator: torch.Generator | None = None, shard: tuple[int, int] = (0, 1)) -> LossOutput:
     """The loss of one batch. All random draws come from `generator` (a CPU generator), in a fixed order, so a
-    restored generator state reproduces the step exactly."""
+    restored generator state reproduces the step exactly.
+
+    shard = (rank, world): the draws are made for the whole batch, as one process makes them, and the model runs
+    on this rank's rows only (B must divide by world). The returned loss is scaled so that its mean over the ranks,
+    which DDP's gradient averaging takes, is the one-process loss; so are dec_loss, enc_loss and dec_accuracy."""
     device, C, V = model.device, model.canvas_length, model.config.vocab_size
+    rank, world = shard
     B = batch.size
+    if B % world:
+        raise ValueError(f"a batch of {B} does not split evenly over {world} processes")
     cpu = batch.to("cpu")
 
     # 1. noise level;  2. scored canvas;  3. corruption  (drawn on the CPU generator)
@@ -117,6 +124,12 @@ def block_diffusion_loss(model: DiffusionGemma, batch: Batch, cfg: LossConfig,
     clean = torch.gather(cpu.tokens, 1, canvas_slots(starts, C))  # (B, C)
     noisy, _ = uniform_corrupt(clean, t, V, generator=generator)
     use_signal = torch.rand(B, generator=generator) < cfg.self_cond_prob  # (B,)
+    n_enc_targets = int(cpu.enc_targets[:, 1:].sum())  # over the whole batch: the encoder loss's denominator
+    if world > 1:  # this rank's rows of everything drawn (distributed.py, step 2)
+        rows = slice(rank * B // world, (rank + 1) * B // world)
+        t, starts, clean, noisy, use_signal = (x[rows] for x in (t, starts, clean, noisy, use_signal))
+        batch = Batch(*(x[rows] for x in (cpu.tokens, cpu.prompt_lengths, cpu.num_canvases, cpu.enc_targets)))
+        B = B // world
     t, starts, clean, noisy, use_signal = (x.to(device) for x in (t, starts, clean, noisy, use_signal))
 
     # 4. encoder pass over the clean sequence. Without an encoder loss only the context before the latest scored
@@ -129,7 +142,10 @@ def block_diffusion_loss(model: DiffusionGemma, batch: Batch, cfg: LossConfig,
     if cfg.w_enc > 0:
         sel = enc_targets[:, 1:]  # token j is predicted from hidden state j - 1
         logits = model.logits(hidden[:, :-1][sel])  # (N, V)
-        enc_loss = F.cross_entropy(logits, tokens[:, 1:][sel])
+        if world == 1:
+            enc_loss = F.cross_entropy(logits, tokens[:, 1:][sel])
+        else:  # each rank's share of the batch mean, times world: the mean over ranks is the batch mean
+            enc_loss = F.cross_entropy(logits, tokens[:, 1:][sel], reduction="sum") * (world / n_enc_targets)
 
     # 5. (inside decoder_pass) the mask over [encoder keys ; canvas keys]
     # 6. self-conditioning: first pass without signal or gradient, then the signal masked per example
@@ -146,5 +162,9 @@ def block_diffusion_loss(model: DiffusionGemma, batch: Batch, cfg: LossConfig,
     else:
         dec_loss = ce.mean()
     loss = cfg.w_dec * dec_loss + cfg.w_enc * enc_loss
+    if world > 1 and cfg.w_enc == 0:
+        # The encoder's final hidden states then feed nothing, and FSDP2's backward hooks crash (SIGSEGV, torch
+        # 2.13) on a layer output without a gradient: give it an exact zero one (x * 0 adds +0.0 to every gradient).
+        loss = loss + hidden.float().sum() * 0.0
     accuracy = (logits.argmax(-1) == clean).float().mean()
     return LossOutput(loss, float(dec_loss.detach()), float(enc_loss.detach()), float(accuracy), B * L)

@@ -9,6 +9,9 @@ from pathlib import Path
 from ..cli_common import PRESET_NAMES, CLIError, add_threads_arg, apply_threads, notice
 
 
+FSDP_OR_DDP = {False: "DDP", True: "FSDP"}
+
+
 def add_train_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "train", help="fine-tune a model on JSONL data (full or LoRA)",
@@ -41,11 +44,38 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--save-every", type=int, default=100, help="steps between resumable checkpoints")
     p.add_argument("--seed", type=int, default=0, help="seed for initialisation, shuffling and noise")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    add_distributed_args(p)
     add_threads_arg(p)
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.safetensors")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train, interrupt_hint="interrupted; resume with --resume")
     return p
+
+
+def add_distributed_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--fsdp", action="store_true",
+                   help="under torchrun, shard parameters, gradients and optimizer state over the processes (FSDP2) "
+                        "instead of replicating them (DDP): for a model that does not fit one device")
+
+
+def start_distributed(args, device: str):
+    """Join torchrun's process group (after the flag and path checks, so every rank has made them before any rank
+    writes). -> (Distributed, this rank's device). --batch-size is the global batch."""
+    import atexit
+
+    from .distributed import init_from_env, launched_by_torchrun, shutdown
+
+    d = init_from_env(device.split(":")[0], args.fsdp)
+    if d.active:
+        atexit.register(shutdown)
+    if args.fsdp and not d.active:
+        notice("train", "--fsdp has an effect only under torchrun with several processes; training on one")
+    if d.active and args.batch_size % d.world_size:
+        raise CLIError(f"--batch-size {args.batch_size} is the global batch: it must be a multiple of the "
+                       f"{d.world_size} processes")
+    if launched_by_torchrun() and device.startswith("cuda"):
+        device = f"cuda:{d.local_rank}"
+    return d, device
 
 
 def _tokenizer(path: Path):
@@ -97,6 +127,7 @@ def cmd_train(args) -> int:
                         f"{args.steps} steps instead")
         warmup_steps = args.steps
     loss_cfg, cfg = _configs(args, warmup_steps, LossConfig, TrainConfig)  # bad flags fail before any loading
+    dist, device = start_distributed(args, device)
 
     # model, configs, tokenizer (training computes in fp32)
     if args.model:
@@ -152,17 +183,21 @@ def cmd_train(args) -> int:
         return {k: round(v / n, 5) for k, v in totals.items()}
 
     trainer = Trainer(model, config, generation, cfg, data, out, eval_fn if eval_examples else None,
-                      tokenizer_dir=tok_dir, base_model=args.model, quiet=args.quiet)
+                      tokenizer_dir=tok_dir, base_model=args.model, quiet=args.quiet, dist=dist)
     if args.resume:
         try:
             trainer.load()
         except ValueError as e:  # Trainer.load reports a checkpoint it cannot use as a ValueError
             raise CLIError(str(e)) from None
-        print(f"resumed {out} at step {trainer.step}", file=sys.stderr)
-    print(f"training on {len(examples)} examples ({len(eval_examples)} held out), "
-          f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable parameters, {device}",
-          file=sys.stderr)
+        if dist.is_main:
+            print(f"resumed {out} at step {trainer.step}", file=sys.stderr)
+    if dist.is_main:
+        where = f"{device} x {dist.world_size} processes ({FSDP_OR_DDP[dist.fsdp]})" if dist.active else device
+        print(f"training on {len(examples)} examples ({len(eval_examples)} held out), "
+              f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable parameters, {where}",
+              file=sys.stderr)
     trainer.train()
     path = trainer.export()
-    print(f"model written to {path}")
+    if dist.is_main:
+        print(f"model written to {path}")
     return 0

@@ -14,6 +14,10 @@ a sha256 of the whole state, checked on resume. A checkpoint is written to a tem
 and only then renamed over the previous one, so a run killed at any moment (SIGKILL included) resumes from its last
 checkpoint with exactly the state it had then, and a bad write never replaces a good checkpoint.
 
+Several processes (torchrun; see distributed.py): every rank draws the global batch and computes its share of
+the rows; DDP or FSDP average the gradients, so the run takes the one-process steps. Rank 0 alone writes metrics,
+checkpoints and exports, in the one-process layout, so a checkpoint resumes on any number of processes.
+
 A non-finite loss or gradient stops the run (TrainingError, naming the step) before the update, so the last
 checkpoint stays the last good state; a state holding NaN or Inf is never saved.
 """
@@ -39,9 +43,10 @@ from ..checkpoint import save as save_checkpoint_dir
 from ..config import GenerationConfig, ModelConfig
 from ..errors import DgemmaError
 from ..output_dir import previous_output
+from . import distributed as D
 from .batch import Example, collate
 from .lora import has_lora, merge_lora, save_adapter
-from .objective import LossConfig, block_diffusion_loss
+from .objective import LossConfig
 from .plot import plot_losses
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -214,13 +219,19 @@ class Trainer:
     def __init__(self, model: torch.nn.Module, model_config: ModelConfig, generation: GenerationConfig,
                  cfg: TrainConfig, data: DataSource, out_dir: str | Path, eval_fn: EvalFn | None = None,
                  tokenizer_dir: str | Path | None = None, base_model: str | None = None, quiet: bool = False,
-                 export_on_eval: bool = False):
+                 export_on_eval: bool = False, dist: D.Distributed = D.SINGLE):
+        if dist.active and cfg.batch_size % dist.world_size:
+            raise ValueError(f"batch-size {cfg.batch_size} must be a multiple of the {dist.world_size} processes")
         self.model, self.model_config, self.generation = model, model_config, generation
         self.cfg, self.data, self.eval_fn = cfg, data, eval_fn
         self.out_dir = Path(out_dir)
-        self.tokenizer_dir, self.base_model, self.quiet = tokenizer_dir, base_model, quiet
+        self.tokenizer_dir, self.base_model, self.quiet = tokenizer_dir, base_model, quiet or not dist.is_main
         self.export_on_eval = export_on_eval  # keep <out>/model current, so a long run can be used at any time
         previous_output(self.out_dir / "model")  # refuse, before hours of training, a <out>/model dgemma did not write
+        self.dist = dist
+        # Under FSDP rank 0 keeps a whole copy on the CPU for eval and export (filled from the shards when needed).
+        self._replica = copy.deepcopy(model).cpu() if dist.active and dist.fsdp and dist.is_main else None
+        self.step_module = D.wrap(model, dist)  # FSDP swaps the parameters for shards: the optimizer comes after
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ValueError("the model has no trainable parameters")
@@ -241,11 +252,18 @@ class Trainer:
     def checkpoint_path(self) -> Path:
         return self.out_dir / CHECKPOINT
 
+    def _optimizer_params(self) -> list[torch.nn.Parameter]:
+        return [p for g in self.optimizer.param_groups for p in g["params"]]  # the order of the saved state's ids
+
     def state_dict(self) -> dict:
+        """The whole state in the one-process layout (under FSDP every rank must call this: it gathers shards)."""
+        model = {n: D.full_tensor(p.detach()).clone() for n, p in self.model.named_parameters() if p.requires_grad}
+        optimizer = self.optimizer.state_dict()
+        optimizer["state"] = {i: {k: D.full_tensor(v) for k, v in st.items()} for i, st in optimizer["state"].items()}
         return {
             "step": self.step,
-            "model": trainable_state(self.model),
-            "optimizer": self.optimizer.state_dict(),
+            "model": model,
+            "optimizer": optimizer,
             "scheduler": self.scheduler.state_dict(),
             "generator": self.generator.get_state(),
             "torch_rng": torch.get_rng_state(),
@@ -257,17 +275,32 @@ class Trainer:
         }
 
     def save(self) -> Path:
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        save_state(self.state_dict(), self.checkpoint_path)
+        """Rank 0 writes the checkpoint (all ranks call this: FSDP gathers the shards first)."""
+        state = self.state_dict() if self.dist.is_main or self.dist.fsdp else None
+        if self.dist.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            save_state(state, self.checkpoint_path)
         return self.checkpoint_path
 
     def load(self, path: Path | None = None) -> None:
+        """Resume from a checkpoint. With several processes rank 0 reads and verifies it, then sends it to the
+        others (so only rank 0's disk needs it); every rank must call this."""
         path = path or self.checkpoint_path
-        legacy = path.with_name(LEGACY_CHECKPOINT)
-        if not path.exists() and legacy.exists():
-            raise CheckpointError(f"{legacy} is a pickled checkpoint from an older dgemma; dgemma does not unpickle "
-                                  f"files, so it cannot resume it. Start the run again in a new --out")
-        state = load_state(path)
+        state: dict | CheckpointError | None = None
+        if self.dist.is_main:
+            try:
+                legacy = path.with_name(LEGACY_CHECKPOINT)
+                if not path.exists() and legacy.exists():
+                    raise CheckpointError(f"{legacy} is a pickled checkpoint from an older dgemma; dgemma does not "
+                                          f"unpickle files, so it cannot resume it. Start the run again in a new --out")
+                state = load_state(path)
+            except CheckpointError as e:
+                if not self.dist.active:
+                    raise
+                state = e
+        state = D.broadcast_object(state, self.dist)  # between this run's own processes, not from the file
+        if isinstance(state, CheckpointError):
+            raise state
         if state["model_config"] != self.model_config.to_hf():
             raise CheckpointError(f"{path}: the checkpoint was written for a different model")
         params = dict(self.model.named_parameters())
@@ -279,8 +312,12 @@ class Trainer:
             raise CheckpointError(f"{path}: tensor {bad[0]} holds NaN or Inf; the checkpoint cannot be resumed")
         with torch.no_grad():
             for name, t in state["model"].items():
-                params[name].copy_(t)
-        self.optimizer.load_state_dict(state["optimizer"])
+                params[name].copy_(D.shard_like(t, params[name]))  # FSDP: this rank's shard of it
+        optimizer = state["optimizer"]
+        by_id = self._optimizer_params()
+        optimizer["state"] = {i: {k: D.shard_like(v, by_id[int(i)]) if v.shape == by_id[int(i)].shape else v
+                                  for k, v in st.items()} for i, st in optimizer["state"].items()}
+        self.optimizer.load_state_dict(optimizer)
         self.scheduler.load_state_dict(state["scheduler"])
         self.generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
@@ -288,16 +325,36 @@ class Trainer:
         self.data.load_state_dict(state["data"])
         self.history = state["history"]
         self.step = state["step"]
+        if not self.dist.is_main:
+            return
         # drop metric lines logged after this checkpoint (a killed run logs past its last save)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         tmp = self.out_dir / ".metrics.jsonl.tmp"
         tmp.write_text("".join(json.dumps(line) + "\n" for line in self.history))
         os.replace(tmp, self.out_dir / "metrics.jsonl")
 
-    def export(self, out_dir: str | Path | None = None) -> Path:
-        """Write the model in the released HF format (LoRA merged into a copy; training goes on unmerged)."""
+    def _whole_model(self) -> torch.nn.Module | None:
+        """The model with whole tensors on rank 0 (None elsewhere). Under FSDP: rank 0's CPU copy, filled from
+        the shards (a collective: every rank calls this)."""
+        if not (self.dist.active and self.dist.fsdp):
+            return self.model if self.dist.is_main else None
+        replica = dict(self._replica.named_parameters()) if self._replica is not None else {}
+        with torch.no_grad():
+            for name, p in self.model.named_parameters():
+                whole = D.full_tensor(p.detach())
+                if name in replica:
+                    replica[name].copy_(whole)
+        return self._replica
+
+    def export(self, out_dir: str | Path | None = None) -> Path | None:
+        """Write the model in the released HF format (LoRA merged into a copy; training goes on unmerged). Rank 0
+        writes and returns the path; every rank must call this (FSDP gathers the shards)."""
+        return self._write_export(self._whole_model(), out_dir)
+
+    def _write_export(self, model: torch.nn.Module | None, out_dir: str | Path | None = None) -> Path | None:
         out_dir = Path(out_dir) if out_dir is not None else self.out_dir / "model"
-        model = self.model
+        if not self.dist.is_main:
+            return None
         if has_lora(model):
             save_adapter(model, self.out_dir / "adapter", self.base_model)
             model = merge_lora(copy.deepcopy(model))
@@ -307,45 +364,56 @@ class Trainer:
 
     def _log(self, line: dict) -> None:
         self.history.append(line)
+        if not self.dist.is_main:
+            return
         self.out_dir.mkdir(parents=True, exist_ok=True)
         with open(self.out_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(line) + "\n")
 
     def run_eval(self) -> dict:
+        """Rank 0 runs the eval hook (give every rank the same hook, or none: FSDP gathers the model first)."""
         if self.eval_fn is None:
             return {}
-        self.model.eval()
-        try:
-            metrics = self.eval_fn(self.model)
-        finally:
-            self.model.train()
-        self._log({"step": self.step, **{f"eval_{k}": v for k, v in metrics.items()}})
+        model = self._whole_model()
+        metrics: dict = {}
+        if self.dist.is_main:
+            model.eval()
+            try:
+                metrics = self.eval_fn(model)
+            finally:
+                model.train()
+            self._log({"step": self.step, **{f"eval_{k}": v for k, v in metrics.items()}})
         if self.export_on_eval:
-            self.export()
+            self._write_export(model)  # the model just gathered
         return metrics
 
-    def train_step(self, examples: list[Example]):
-        cfg, text = self.cfg, self.model_config.text
-        # 1. batch
+    def train_step(self, examples: list[Example]) -> tuple[dict, float]:
+        """One optimizer step on the global batch `examples`. -> (metrics as one process computes them, the
+        gradient norm before clipping)."""
+        cfg, text, d = self.cfg, self.model_config.text, self.dist
+        # 1. batch (the whole global batch on every rank; the objective takes this rank's rows)
         batch = collate(examples, self.model_config.canvas_length, text.eos_token_id[0], text.pad_token_id,
                         cfg.enc_on_prompt)
         # 2. loss, backward, clip, step; a non-finite loss or gradient stops here, before the update (one sync each:
-        #    the loop reads the loss anyway, and an update with NaN would poison every weight and the next checkpoint)
-        out = block_diffusion_loss(self.model, batch, cfg.loss, self.generator)
-        loss = float(out.loss.detach())
+        #    the loop reads the loss anyway, and an update with NaN would poison every weight and the next checkpoint).
+        #    With several ranks the metrics are averaged first (one all-reduce), so every rank stops together.
+        out = self.step_module(batch, cfg.loss, self.generator, (d.rank, d.world_size))
+        loss, dec_loss, enc_loss, dec_acc, tokens = D.mean_over_ranks(
+            [float(out.loss.detach()), out.dec_loss, out.enc_loss, out.dec_accuracy, out.tokens], d, out.loss.device)
         if not math.isfinite(loss):
             raise self._diverged(f"the loss is {loss}")
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        if not math.isfinite(float(grad_norm)):
+        grad_norm = float(D.full_tensor(torch.nn.utils.clip_grad_norm_(self._optimizer_params(), cfg.grad_clip)))
+        if not math.isfinite(grad_norm):
             self.optimizer.zero_grad(set_to_none=True)
-            raise self._diverged(f"the gradient norm is {float(grad_norm)}")
+            raise self._diverged(f"the gradient norm is {grad_norm}")
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1
-        return out, float(grad_norm)
+        metrics = {"loss": loss, "dec_loss": dec_loss, "enc_loss": enc_loss, "dec_acc": dec_acc,
+                   "tokens": round(tokens * d.world_size)}
+        return metrics, grad_norm
 
     def _diverged(self, what: str) -> TrainingError:
         kept = (f"the last good checkpoint, {self.checkpoint_path}, is kept" if self.checkpoint_path.exists()
@@ -366,10 +434,9 @@ class Trainer:
         last_plot = window_start
         acc = {"loss": 0.0, "dec_loss": 0.0, "enc_loss": 0.0, "dec_acc": 0.0, "n": 0}
         while self.step < end:
-            out, grad_norm = self.train_step(self.data.next_batch(cfg.batch_size))
-            window_tokens += out.tokens
-            for k, v in (("loss", float(out.loss.detach())), ("dec_loss", out.dec_loss),
-                         ("enc_loss", out.enc_loss), ("dec_acc", out.dec_accuracy)):
+            metrics, grad_norm = self.train_step(self.data.next_batch(cfg.batch_size))
+            window_tokens += metrics.pop("tokens")
+            for k, v in metrics.items():
                 acc[k] += v
             acc["n"] += 1
             bar.update(1)
@@ -390,7 +457,7 @@ class Trainer:
                     bar.write(f"step {self.step}: " + " ".join(f"{k}={v}" for k, v in metrics.items()))
             if self.step % cfg.save_every == 0 or self.step == end:
                 self.save()
-                if self.step == end or time.perf_counter() - last_plot > 60:  # matplotlib costs about a second
+                if self.dist.is_main and (self.step == end or time.perf_counter() - last_plot > 60):  # ~1 s each
                     plot_losses(self.history, self.out_dir / "loss.png", quiet=self.step != end)
                     last_plot = time.perf_counter()
         bar.close()
