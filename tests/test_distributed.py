@@ -95,16 +95,16 @@ def close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-4) -> bool:
     return bool((a - b).norm() <= tol * max(a.norm(), 1e-12))
 
 
-def assert_close_state(a: dict, b: dict) -> None:
+def assert_close_state(a: dict, b: dict, tol: float = 1e-4) -> None:
     assert a["step"] == b["step"] and a["data"] == b["data"] and a["scheduler"] == b["scheduler"]
     assert torch.equal(a["generator"], b["generator"])
     assert a["model"].keys() == b["model"].keys()
     for name, t in a["model"].items():
-        assert close(t, b["model"][name]), name
+        assert close(t, b["model"][name], tol), name
     assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
     for i, st in a["optimizer"]["state"].items():
         for k, v in st.items():
-            assert close(v, b["optimizer"]["state"][i][k]), (i, k)
+            assert close(v, b["optimizer"]["state"][i][k], tol), (i, k)
 
 
 def grad_norms(out: Path) -> list[float]:
@@ -177,10 +177,12 @@ def test_sigkilled_two_process_run_resumes_on_two_or_one(tmp_path):
     one.load()
     assert one.step == stopped_at
     one.train(stop_after=2)
-    assert_close_state(want, load_state(tmp_path / "on_one" / CHECKPOINT))
+    # the run may have gone some steps before the kill: rounding differences grow a little with each one (a real
+    # fault, such as a wrong data or generator state, makes them of order 1)
+    assert_close_state(want, load_state(tmp_path / "on_one" / CHECKPOINT), tol=1e-3)
 
     # on two processes
     torchrun(tmp_path, out, steps=400, save_every=1, resume=True, stop_after=2)
-    assert_close_state(want, load_state(out / CHECKPOINT))
+    assert_close_state(want, load_state(out / CHECKPOINT), tol=1e-3)
     assert steps(out) == list(range(1, target + 1))  # each step logged once
-    assert losses(out) == pytest.approx(losses(tmp_path / "straight"), rel=1e-5)
+    assert losses(out) == pytest.approx(losses(tmp_path / "straight"), rel=1e-4)
