@@ -177,12 +177,13 @@ def test_sigkilled_two_process_run_resumes_on_two_or_one(tmp_path):
     one.load()
     assert one.step == stopped_at
     one.train(stop_after=2)
-    # the run may have gone some steps before the kill: rounding differences grow a little with each one (a real
-    # fault, such as a wrong data or generator state, makes them of order 1)
-    assert_close_state(want, load_state(tmp_path / "on_one" / CHECKPOINT), tol=1e-3)
+    # the run may have gone some steps before the kill, more on a loaded machine: rounding differences between one
+    # and two processes grow with each one (Adam's second moments fastest: 1e-3 was exceeded once in CI-like runs);
+    # a real fault, such as a wrong data or generator state, makes them of order 1
+    assert_close_state(want, load_state(tmp_path / "on_one" / CHECKPOINT), tol=1e-2)
 
     # on two processes
     torchrun(tmp_path, out, steps=400, save_every=1, resume=True, stop_after=2)
-    assert_close_state(want, load_state(out / CHECKPOINT), tol=1e-3)
+    assert_close_state(want, load_state(out / CHECKPOINT), tol=1e-2)
     assert steps(out) == list(range(1, target + 1))  # each step logged once
     assert losses(out) == pytest.approx(losses(tmp_path / "straight"), rel=1e-4)
