@@ -156,3 +156,18 @@ def test_template_over_the_api(client, server):
         r = httpx.post(server.url + "/v1/completions", json={"model": MODEL, "prompt": "a", "template": bad},
                        timeout=30)
         assert r.status_code == 400 and r.json()["error"]["param"] == "template"
+
+
+def test_json_mode_can_be_compiled_before_the_first_request(server):
+    """dgemma serve compiles JSON-object mode in the background at startup; a request then finds it cached."""
+    from dgemma.control import Constraint
+    from dgemma.engine import Engine
+    from dgemma.server import Serving
+
+    cfg = preset_config("tiny", canvas_length=C, vocab_size=256)
+    engine = Engine(random_model(cfg, seed=0), default_generation(cfg), server.tokenizer, max_num_seqs=1,
+                    max_model_len=64)
+    serving = Serving(engine, server.tokenizer, MODEL)
+    assert serving.warm_json_object()
+    vocab = serving.vocabulary()
+    assert len(vocab.cache) == 1 and Constraint.json_object(vocab) is next(iter(vocab.cache.values()))

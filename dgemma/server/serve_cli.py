@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import os
 import sys
+import threading
 
 from ..cli_common import CLIError, add_model_args, apply_threads, load_runtime
 from .limits import FLAGS, ServerLimits
@@ -94,6 +95,8 @@ def cmd_serve(args) -> int:
         print(f"WARNING: dgemma serve is listening on {args.host}, beyond this machine, WITHOUT an API key: anyone "
               "who can reach the port can use the model. Set $DGEMMA_API_KEY or --api-key-file.", file=sys.stderr)
     engine.start()
+    # JSON-object mode compiles in the background, so the first response_format request does not wait for it
+    threading.Thread(target=serving.warm_json_object, name="dgemma-json-mode", daemon=True).start()
     try:
         uvicorn.Server(uvicorn_config(app, args.host, args.port, limits, log_level="info")).run()
     finally:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -97,6 +98,7 @@ class Serving:
         self.model_name = model_name
         self.settled_prefix = settled_prefix
         self._vocabulary = None  # the constraint automata's view of the tokenizer, built on first use
+        self._vocabulary_lock = threading.Lock()
         self.limits = limits or ServerLimits()
         self.metrics = Metrics(engine)
 
@@ -158,7 +160,7 @@ class Serving:
     def constraint(self, body, max_tokens: int | None):
         """The automaton for response_format / structured_outputs, or None. Compiling takes time (seconds for a
         free-form JSON object on a large vocabulary), so it runs off the event loop; results are cached."""
-        from ..control import Constraint, ConstraintError, ConstraintVocabulary
+        from ..control import Constraint, ConstraintError
 
         fmt, so = body.response_format, body.structured_outputs
         asked = []
@@ -173,11 +175,7 @@ class Serving:
         param, spec = asked[0]
         if self.tokenizer is None:
             raise APIError(400, "this model has no tokenizer, so it cannot constrain text", param=param)
-        if self._vocabulary is None:
-            gen = self.engine.generation
-            self._vocabulary = ConstraintVocabulary.from_tokenizer(
-                self.tokenizer.backend, gen.eos_token_id, [gen.pad_token_id], self.engine.model.config.vocab_size)
-        vocab = self._vocabulary
+        vocab = self.vocabulary()
         try:
             if param == "response_format":
                 if spec.type == "json_object":
@@ -195,6 +193,32 @@ class Serving:
             return Constraint.from_choice(spec.choice, vocab, max_tokens=max_tokens)
         except ConstraintError as e:
             raise APIError(400, str(e), param=param) from None
+
+    def vocabulary(self):
+        """The tokenizer as the constraint automata see it (built once; compiled constraints are cached on it)."""
+        from ..control import ConstraintVocabulary
+
+        with self._vocabulary_lock:
+            if self._vocabulary is None:
+                gen = self.engine.generation
+                self._vocabulary = ConstraintVocabulary.from_tokenizer(
+                    self.tokenizer.backend, gen.eos_token_id, [gen.pad_token_id],
+                    self.engine.model.config.vocab_size)
+            return self._vocabulary
+
+    def warm_json_object(self) -> bool:
+        """Compile JSON-object mode before the first request asks for it: it takes seconds (most of it building
+        the automaton), which would otherwise fall on that request. Returns whether it compiled; a tokenizer that
+        cannot spell JSON (the Sudoku model's) simply has no JSON mode."""
+        from ..control import Constraint, ConstraintError
+
+        if self.tokenizer is None:
+            return False
+        try:
+            Constraint.json_object(self.vocabulary())
+        except ConstraintError:
+            return False
+        return True
 
     async def steer(self, body, max_tokens: int | None, suffix: list[int] | None = None) -> Steering | None:
         """Steering from the steering fields and the constraint fields, built off the event loop."""
