@@ -29,7 +29,7 @@ import torch
 from .budget import ContextLengthError, canvases_for, check_prompt
 from .config import GenerationConfig
 from .control.infill import check_suffix, infill_steering, middle_length
-from .control.pins import Steering, start_canvas
+from .control.pins import Steering, canvas_start
 from .model import DiffusionGemma
 from .sampling import random_tokens, temperature
 from .step import CanvasState, Draws, Sampler, Strategy, default_strategy, denoise_step
@@ -256,19 +256,13 @@ class LockstepDenoiser:
         """2a. A uniform random canvas for every row (seeded and pinned as `steering` asks); the forward plan."""
         state = self.state
         canvas = random_tokens((state.num_rows, state.canvas_length), state.vocab_size, self.generator, self.device)
-        pinned = values = until = constraints = starts = after = None
-        if steering is not None:
-            canvas, pinned, values = start_canvas(canvas, steering, canvas_index, [self.generator] * state.num_rows)
-            until = [0 if s is None else s.eos_until(canvas_index, state.canvas_length) for s in steering]
-            constraints = [None if s is None else s.constraint for s in steering]
-            if any(c is not None for c in constraints):
-                starts = [c.initial_state if c is not None and a is None else a
-                          for c, a in zip(constraints, self.automaton)]
-                left = None if self.max_new is None else max(self.max_new - (canvas_index + 1) * state.canvas_length, 0)
-                after = [left] * state.num_rows
-            else:
-                constraints = None
-        state.start(None, canvas, pinned, values, until, self.gen.eos_token_id, constraints, starts, after)
+        if steering is None:
+            state.start(None, canvas)
+        else:
+            B = state.num_rows
+            state.start(None, eos_ids=self.gen.eos_token_id,
+                        **canvas_start(canvas, steering, [canvas_index] * B, [self.generator] * B, self.automaton,
+                                       [self.max_new] * B))
         self.plan = self.model.plan(cache, None, self.model.canvas_length, encoder=False)
         self._graph = None
 

@@ -241,9 +241,9 @@ def _head_and_sample_batched(model, state, plan, idx, temps, bounds, draws, gene
         sampled = draws.sample(probs, accepted, generators[0])
     else:
         sampled = argmax.clone()
-        for i, g in enumerate(generators):
+        for i in range(sampled.shape[0]):  # every row (lockstep: one shared generator, in row order)
             if not (greedy and greedy[i]):
-                sampled[i] = draws.sample(probs[i], accepted[i], generators[0] if draws.lockstep else g)
+                sampled[i] = draws.sample(probs[i], accepted[i], generators[0] if draws.lockstep else generators[i])
     for i, row in enumerate(_row_list(idx, probs.shape[0])):
         if state.constraints[row] is not None:
             argmax[i] = sampled[i] = _constrain(state, row, probs[i])

@@ -108,23 +108,25 @@ class Steering:
         return self.seed_tokens[index * canvas_length:(index + 1) * canvas_length]
 
 
-def start_canvas(canvas: torch.Tensor, steerings: list[Steering | None], index: int,
+def start_canvas(canvas: torch.Tensor, steerings: list[Steering | None], index: int | list[int],
                  generators: list) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Seed and pin canvas `index` for a batch: canvas (R, C) is its uniform draw; row r draws its seed's keep
-    uniforms from generators[r] (the same generator for every row in lockstep). Returns the canvas and, if any
-    row has pins here, pinned (R, C) bool and the pinned tokens (R, C)."""
+    """Seed and pin a batch's canvases: canvas (R, C) is their uniform draw, `index` the canvas each row is at
+    (one for all rows, or one per row); row r draws its seed's keep uniforms from generators[r] (the same
+    generator for every row in lockstep). Returns the canvas and, if any row has pins here, pinned (R, C) bool
+    and the pinned tokens (R, C)."""
     R, C = canvas.shape
     device = canvas.device
+    indices = index if isinstance(index, list) else [index] * R
     pinned = values = None
     for r, steering in enumerate(steerings):
         if steering is None:
             continue
-        seed = steering.seed_for_canvas(index, C)
+        seed = steering.seed_for_canvas(indices[r], C)
         if seed:
             keep = torch.rand(C, generator=generators[r], device=device) >= steering.strength
             n = len(seed)
             canvas[r, :n] = torch.where(keep[:n], torch.tensor(seed, device=device), canvas[r, :n])
-        pins = steering.pins_for_canvas(index, C)
+        pins = steering.pins_for_canvas(indices[r], C)
         if pins:
             if pinned is None:
                 pinned = torch.zeros(R, C, dtype=torch.bool, device=device)
@@ -133,6 +135,23 @@ def start_canvas(canvas: torch.Tensor, steerings: list[Steering | None], index: 
             pinned[r, at] = True
             values[r, at] = torch.tensor([t for _, t in pins], device=device)
     return canvas, pinned, values
+
+
+def canvas_start(canvas: torch.Tensor, steerings: list[Steering | None], indices: list[int], generators: list,
+                 automaton_states: list[int | None], max_new: list[int | None]) -> dict:
+    """What step.CanvasState.start takes from the rows' steering, for rows at canvases `indices`: the seeded
+    canvas, the pins, where EOS is banned, and for each constrained row the automaton state its canvas starts in
+    (`automaton_states`: where the last commit left it, None before the first) and the output tokens that may
+    follow this canvas (`max_new`: each row's output budget)."""
+    C = canvas.shape[1]
+    canvas, pinned, values = start_canvas(canvas, steerings, indices, generators)
+    constraints = [None if s is None else s.constraint for s in steerings]
+    return dict(canvas=canvas, pinned=pinned, pin_values=values,
+                eos_until=[0 if s is None else s.eos_until(k, C) for s, k in zip(steerings, indices)],
+                constraints=constraints,
+                constraint_start=[c.initial_state if c is not None and a is None else a
+                                  for c, a in zip(constraints, automaton_states)],
+                tokens_after=[None if m is None else max(m - (k + 1) * C, 0) for m, k in zip(max_new, indices)])
 
 
 def _is_int(x) -> bool:

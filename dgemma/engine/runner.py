@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from ..control.infill import check_suffix, infill_steering, middle_length
-from ..control.pins import start_canvas
+from ..control.pins import canvas_start
 from ..model import DiffusionGemma
 from ..sampling import random_tokens
 from ..step import CanvasState, Draws, Sampler, Strategy, default_strategy, denoise_step
@@ -70,26 +70,16 @@ class ModelRunner:
             return
         canvas = torch.cat([random_tokens((1, self.canvas_length), self.vocab_size, r.generator, self.device)
                             for r in requests])  # (R, C)
+        rows = [r.row for r in requests]
         steerings = [r.params.steering for r in requests]
         if all(s is None for s in steerings):
-            self.state.start([r.row for r in requests], canvas)
+            self.state.start(rows, canvas)
             return
-        pinned = values = None
-        for i, r in enumerate(requests):  # one request at a time: each is at its own canvas
-            if steerings[i] is not None:
-                canvas[i:i + 1], p, v = start_canvas(canvas[i:i + 1], [steerings[i]], r.canvas_index, [r.generator])
-                if p is not None:
-                    if pinned is None:
-                        pinned, values = torch.zeros_like(canvas, dtype=torch.bool), torch.zeros_like(canvas)
-                    pinned[i], values[i] = p[0], v[0]
-        until = [0 if s is None else s.eos_until(r.canvas_index, self.canvas_length)
-                 for s, r in zip(steerings, requests)]
-        constraints = [None if s is None else s.constraint for s in steerings]
-        starts = [c.initial_state if c is not None and r.automaton_state is None else r.automaton_state
-                  for c, r in zip(constraints, requests)]
-        after = [max(r.max_new - (r.canvas_index + 1) * self.canvas_length, 0) for r in requests]
-        self.state.start([r.row for r in requests], canvas, pinned, values, until, requests[0].gen.eos_token_id,
-                         constraints, starts, after)
+        # each request is at its own canvas, with its own generator, automaton state and budget
+        self.state.start(rows, eos_ids=requests[0].gen.eos_token_id,
+                         **canvas_start(canvas, steerings, [r.canvas_index for r in requests],
+                                        [r.generator for r in requests], [r.automaton_state for r in requests],
+                                        [r.max_new for r in requests]))
 
     @torch.inference_mode()
     def commit(self, requests: list[Request]) -> None:
