@@ -80,3 +80,18 @@ def _byte_order() -> list[int]:
 def _gpt2_chars() -> list[str]:
     printable = _byte_order()[:188]
     return [chr(b) for b in printable] + [chr(256 + n) for n in range(256 - len(printable))]
+
+
+def write_tiny_checkpoint(directory, canvas_length: int = 16, max_denoising_steps: int = 8) -> Path:
+    """A random `tiny`-preset checkpoint (vocab 256, std 0.1, seed 0) with the byte-level test tokenizer, saved
+    by dgemma into `directory`/model; returns that directory. Its text is noise: tests compare texts with each
+    other, never with words."""
+    from . import checkpoint
+    from .presets import default_generation, preset_config, random_model
+
+    directory = Path(directory)
+    cfg = preset_config("tiny", canvas_length=canvas_length, vocab_size=256)
+    write_test_tokenizer(directory / "tok")
+    return checkpoint.save(directory / "model", random_model(cfg, std=0.1, seed=0), cfg,
+                           default_generation(cfg).replace(max_denoising_steps=max_denoising_steps),
+                           tokenizer_dir=directory / "tok")

@@ -39,14 +39,24 @@ def make_reference_checkpoint(path: Path, text: dict | None = None, canvas_lengt
     return Path(path)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest, and far more steadily on a shared 2-core machine, on one intra-op thread.
-    (test_engine/test_server keep a module-scoped twin: their module fixtures start a server.)"""
+def _one_thread():
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest, and far more steadily on a shared 2-core machine, on one intra-op thread."""
+    yield from _one_thread()
+
+
+@pytest.fixture(scope="module")
+def one_thread_module():
+    """The same for a module's own module-scoped fixtures (a model, a running server): a module asks for it with
+    `pytestmark = pytest.mark.usefixtures("one_thread_module")`."""
+    yield from _one_thread()
 
 
 @pytest.fixture(scope="session")

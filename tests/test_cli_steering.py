@@ -7,10 +7,8 @@ import json
 
 import pytest
 
-from dgemma import checkpoint
 from dgemma.cli import main
-from dgemma.presets import default_generation, preset_config, random_model
-from dgemma.testing import write_test_tokenizer
+from dgemma.testing import write_tiny_checkpoint
 from dgemma.tokenizer import Tokenizer
 
 C = 32
@@ -18,12 +16,7 @@ C = 32
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("cli-steer")
-    cfg = preset_config("tiny", canvas_length=C, vocab_size=256)
-    write_test_tokenizer(d / "tok")
-    checkpoint.save(d / "model", random_model(cfg, std=0.1, seed=0), cfg,
-                    default_generation(cfg).replace(max_denoising_steps=4), tokenizer_dir=d / "tok")
-    return d / "model"
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("cli-steer"), canvas_length=C, max_denoising_steps=4)
 
 
 def run_json(capsys, args):

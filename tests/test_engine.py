@@ -16,13 +16,7 @@ from dgemma.presets import default_generation, preset_config, random_model
 C = 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run ~10x faster on one intra-op thread, and far more steadily on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread_module")  # its module fixtures run models
 
 
 @pytest.fixture(scope="module")

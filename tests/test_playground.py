@@ -17,15 +17,13 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-import torch
 
 from dgemma import checkpoint
 from dgemma.engine import Engine
-from dgemma.presets import default_generation, preset_config, random_model
 from dgemma.server import ServerThread, Serving, build_app
 from dgemma.tasks.sudoku import ASSET_DIR
 from dgemma.tasks.sudoku_puzzles import is_solution
-from dgemma.testing import write_test_tokenizer
+from dgemma.testing import write_tiny_checkpoint
 from dgemma.tokenizer import Tokenizer
 
 KEY = "page-key"
@@ -37,13 +35,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
 TIMEOUT_MS = 30_000
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run faster and more steadily on one intra-op thread on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread_module")  # its module fixtures run models
 
 
 @pytest.fixture(scope="module")
@@ -81,12 +73,7 @@ def sudoku_server():
 
 @pytest.fixture(scope="module")
 def chat_server(tmp_path_factory):
-    d = tmp_path_factory.mktemp("playground")
-    cfg = preset_config("tiny", canvas_length=16, vocab_size=256)
-    write_test_tokenizer(d / "tok")
-    checkpoint.save(d / "model", random_model(cfg, std=0.1, seed=0), cfg,
-                    default_generation(cfg).replace(max_denoising_steps=8), tokenizer_dir=d / "tok")
-    engine, srv = serve(d / "model", CHAT_MODEL, api_key=KEY)
+    engine, srv = serve(write_tiny_checkpoint(tmp_path_factory.mktemp("playground")), CHAT_MODEL, api_key=KEY)
     yield srv
     srv.stop()
     engine.stop()

@@ -14,13 +14,12 @@ import time
 import httpx
 import openai
 import pytest
-import torch
 
 from dgemma import checkpoint
 from dgemma.engine import Engine, RequestOutput
-from dgemma.presets import default_generation, preset_config, random_model
+from dgemma.presets import default_generation, preset_config
 from dgemma.server import ServerThread, Serving, build_app
-from dgemma.testing import write_test_tokenizer
+from dgemma.testing import write_tiny_checkpoint
 from dgemma.tokenizer import Tokenizer
 
 KEY = "test-key"
@@ -28,24 +27,13 @@ MODEL = "tiny-test"
 SLOW = dict(temperature=0.05)  # at a low temperature this random model settles prefixes within a canvas
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run ~10x faster on one intra-op thread, and far more steadily on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread_module")  # its module fixtures run models
 
 
 @pytest.fixture(scope="module")
 def runtime(tmp_path_factory):
-    d = tmp_path_factory.mktemp("serve")
-    cfg = preset_config("tiny", canvas_length=16, vocab_size=256)
-    write_test_tokenizer(d / "tok")
-    checkpoint.save(d / "model", random_model(cfg, std=0.1, seed=0), cfg,
-                    default_generation(cfg).replace(max_denoising_steps=8), tokenizer_dir=d / "tok")
-    ckpt = checkpoint.load(d / "model", quiet=True)
-    return ckpt, Tokenizer.from_dir(d / "model")
+    model_dir = write_tiny_checkpoint(tmp_path_factory.mktemp("serve"))
+    return checkpoint.load(model_dir, quiet=True), Tokenizer.from_dir(model_dir)
 
 
 @pytest.fixture(scope="module")

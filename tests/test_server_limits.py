@@ -11,14 +11,12 @@ import time
 
 import httpx
 import pytest
-import torch
 
 from dgemma import checkpoint
 from dgemma.engine import Engine
-from dgemma.presets import default_generation, preset_config, random_model
 from dgemma.server import ServerThread, Serving, build_app
 from dgemma.server.limits import ServerLimits
-from dgemma.testing import write_test_tokenizer
+from dgemma.testing import write_tiny_checkpoint
 from dgemma.tokenizer import Tokenizer
 
 from .test_server import MODEL, ScriptedEngine
@@ -27,23 +25,13 @@ KEY = "k"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread_module")  # its module fixtures run models
 
 
 @pytest.fixture(scope="module")
 def runtime(tmp_path_factory):
-    d = tmp_path_factory.mktemp("serve")
-    cfg = preset_config("tiny", canvas_length=16, vocab_size=256)
-    write_test_tokenizer(d / "tok")
-    checkpoint.save(d / "model", random_model(cfg, std=0.1, seed=0), cfg,
-                    default_generation(cfg).replace(max_denoising_steps=8), tokenizer_dir=d / "tok")
-    ckpt = checkpoint.load(d / "model", quiet=True)
-    return ckpt, Tokenizer.from_dir(d / "model")
+    model_dir = write_tiny_checkpoint(tmp_path_factory.mktemp("serve"))
+    return checkpoint.load(model_dir, quiet=True), Tokenizer.from_dir(model_dir)
 
 
 @contextlib.contextmanager

@@ -6,36 +6,26 @@ from __future__ import annotations
 import httpx
 import openai
 import pytest
-import torch
 
 from dgemma import checkpoint
 from dgemma.engine import Engine
 from dgemma.presets import default_generation, preset_config, random_model
 from dgemma.server import ServerThread, Serving, build_app
-from dgemma.testing import write_test_tokenizer
+from dgemma.testing import write_tiny_checkpoint
 from dgemma.tokenizer import Tokenizer
 
 MODEL = "tiny-steer"
 C = 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread_module")  # its module fixtures run models
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    d = tmp_path_factory.mktemp("steer")
-    cfg = preset_config("tiny", canvas_length=C, vocab_size=256)
-    write_test_tokenizer(d / "tok")
-    checkpoint.save(d / "model", random_model(cfg, std=0.1, seed=0), cfg,
-                    default_generation(cfg).replace(max_denoising_steps=6), tokenizer_dir=d / "tok")
-    ckpt = checkpoint.load(d / "model", quiet=True)
-    tokenizer = Tokenizer.from_dir(d / "model")
+    model_dir = write_tiny_checkpoint(tmp_path_factory.mktemp("steer"), canvas_length=C, max_denoising_steps=6)
+    ckpt = checkpoint.load(model_dir, quiet=True)
+    tokenizer = Tokenizer.from_dir(model_dir)
     engine = Engine(ckpt.model, ckpt.generation, tokenizer, max_num_seqs=2, max_model_len=256).start()
     srv = ServerThread(build_app(Serving(engine, tokenizer, MODEL))).start()
     srv.tokenizer = tokenizer
