@@ -15,6 +15,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request as HTTPRequest
 
 from ..control.pins import DEFAULT_PREDICTION_STRENGTH, Steering, SteeringError
+from ..control.template import parse_template, template_length
 from ..engine import Engine, QueueFullError, RequestError, RequestOutput, SamplingParams
 from .limits import ServerLimits
 from .metrics import Metrics
@@ -156,6 +157,18 @@ class Serving:
         if strength is None:
             strength = DEFAULT_PREDICTION_STRENGTH if seed is not None else 1.0
         return Steering(pinned=pinned or {}, seed_tokens=seed, strength=strength, suffix=suffix)
+
+    def template(self, body, suffix: list[int] | None) -> Steering:
+        """`template` as pins: its literal text in place, its holes left to the model (control/template.py)."""
+        if suffix is not None or body.pinned is not None:
+            raise APIError(400, "template cannot be combined with suffix or pinned", param="template")
+        if self.tokenizer is None:
+            raise APIError(400, "this model has no tokenizer, so a text template cannot be used", param="template")
+        try:
+            return parse_template(body.template, lambda text: self.encode(text, "template"),
+                                  self.engine.generation.eos_token_id[0])[0]
+        except SteeringError as e:
+            raise APIError(400, str(e), param="template") from None
 
     def constraint(self, body, max_tokens: int | None):
         """The automaton for response_format / structured_outputs, or None. Compiling takes time (seconds for a
@@ -350,21 +363,7 @@ class Serving:
             suffix = await run_in_threadpool(self.encode, body.suffix, "suffix")
         max_tokens = body.max_tokens
         if body.template is not None:
-            if suffix is not None or body.pinned is not None:
-                raise APIError(400, "template cannot be combined with suffix or pinned", param="template")
-            if self.tokenizer is None:
-                raise APIError(400, "this model has no tokenizer, so a text template cannot be used",
-                               param="template")
-            from ..control.template import parse_template, template_length
-
-            def build():
-                try:
-                    return parse_template(body.template, lambda t: self.tokenizer.encode(t, add_special_tokens=False),
-                                          self.engine.generation.eos_token_id[0])[0]
-                except SteeringError as e:
-                    raise APIError(400, str(e), param="template") from None
-
-            templated = await run_in_threadpool(build)
+            templated = await run_in_threadpool(self.template, body, suffix)
             max_tokens = max_tokens or template_length(templated)
             steering = await self.steer(body, max_tokens)
             if steering is not None and steering.constraint is not None:
