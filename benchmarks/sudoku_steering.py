@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import random
 import time
 
 import torch
@@ -17,27 +16,9 @@ import torch
 from dgemma import checkpoint
 from dgemma.control import Constraint, ConstraintVocabulary
 from dgemma.control.pins import Steering
-from dgemma.generate import generate
 from dgemma.runtime import tune_malloc
 from dgemma.tasks import sudoku as S
-from dgemma.tasks.sudoku_puzzles import is_solution
 from dgemma.tokenizer import Tokenizer
-
-
-def run(model, puzzles, gen, steer, batch_size=100, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    rng = random.Random(seed)
-    solved = steps = canvases = 0
-    for i in range(0, len(puzzles), batch_size):
-        chunk = puzzles[i:i + batch_size]
-        steering = [steer(p, s, rng) for p, s in chunk]
-        out = generate(model, [S.prompt_ids(p) for p, _ in chunk], gen, generator=g, steering=steering)
-        for (p, _), ids, row_steps in zip(chunk, out.token_ids, out.steps_per_canvas):
-            grid = S.decode_grid(ids)
-            solved += grid is not None and is_solution(p, grid)
-            steps += sum(row_steps)
-            canvases += len(row_steps)
-    return solved, steps / canvases
 
 
 def main() -> None:
@@ -57,19 +38,18 @@ def main() -> None:
     digits = Constraint.from_regex("[1-9]{81}", vocab)
     print(f"model sha256 {sha}..., {len(puzzles)} held-out puzzles with {args.givens} givens")
     cases = {
-        "plain": lambda p, s, rng: None,
-        "givens pinned": lambda p, s, rng: S.givens_steering(p),
+        "plain": None,
+        "givens pinned": S.pin_givens,
         "last 27 digits pinned (suffix)": lambda p, s, rng: Steering(
             pinned={i: S.DIGIT0 + s[i] for i in range(54, 81)}),
-        f"repair {args.wrong} wrong, strength 0.2": lambda p, s, rng: S.repair_steering(S.corrupt(s, args.wrong, rng),
-                                                                                        0.2),
+        f"repair {args.wrong} wrong, strength 0.2": S.repair(args.wrong, 0.2),
         "regex [1-9]{81}": lambda p, s, rng: Steering(constraint=digits),
     }
     for label, steer in cases.items():
         t = time.perf_counter()
-        solved, steps = run(ck.model, puzzles, ck.generation, steer)
-        print(f"{label:34s} solved {solved}/{len(puzzles)} ({100 * solved / len(puzzles):.1f}%)  "
-              f"mean steps {steps:.2f}  [{time.perf_counter() - t:.0f} s]", flush=True)
+        score = S.evaluate(ck.model, puzzles, ck.generation, 100, 0, steer=steer)
+        print(f"{label:34s} solved {score.solved}/{score.total} ({100 * score.solve_rate:.1f}%)  "
+              f"mean steps {score.mean_steps:.2f}  [{time.perf_counter() - t:.0f} s]", flush=True)
 
 
 if __name__ == "__main__":

@@ -179,26 +179,32 @@ def corrupt(solution: list[int], cells: int, rng: random.Random) -> list[int]:
     return grid
 
 
+# How an evaluation steers each puzzle's canvas: (puzzle, solution, rng) -> Steering or None
+Steer = Callable[[list[int], list[int], random.Random], "Steering | None"]
+
+
+def pin_givens(puzzle: list[int], solution: list[int], rng: random.Random) -> Steering:
+    """Steer: the givens pinned (givens_steering)."""
+    return givens_steering(puzzle)
+
+
+def repair(wrong: int, strength: float) -> Steer:
+    """Steer: each canvas seeded with its solution with `wrong` cells changed, renoised by `strength`."""
+    return lambda puzzle, solution, rng: repair_steering(corrupt(solution, wrong, rng), strength)
+
+
 def evaluate(model, puzzles: list[tuple[list[int], list[int]]], gen: GenerationConfig, batch_size: int = 100,
-             seed: int = 0, pin_givens: bool = False, repair: tuple[int, float] | None = None,
+             seed: int = 0, steer: Steer | None = None,
              on_batch: Callable[[int], object] | None = None) -> SudokuScore:
-    """Solve every puzzle with `generate` (batched) and check the answers. `pin_givens` pins the givens into the
-    canvas; `repair` = (wrong cells, strength) seeds each canvas with the solution with that many cells wrong.
-    `on_batch(n)` is called after each batch of n puzzles (a progress bar's update)."""
+    """Solve every puzzle with `generate` (batched) and check the answers. `steer` steers each canvas (e.g.
+    `pin_givens`, `repair(5, 0.2)`), drawing from one random.Random seeded with `seed`. `on_batch(n)` is called
+    after each batch of n puzzles (a progress bar's update)."""
     g = torch.Generator(device=model.device).manual_seed(seed)
     rng = random.Random(seed)
     solved, steps, canvases = 0, 0, 0
     for i in range(0, len(puzzles), batch_size):
         chunk = puzzles[i:i + batch_size]
-        steering = None
-        if pin_givens or repair:
-            steering = []
-            for puzzle, solution in chunk:
-                s = givens_steering(puzzle) if pin_givens else Steering()
-                if repair:
-                    seeded = repair_steering(corrupt(solution, repair[0], rng), repair[1])
-                    s.seed_tokens, s.strength = seeded.seed_tokens, seeded.strength
-                steering.append(s)
+        steering = None if steer is None else [steer(puzzle, solution, rng) for puzzle, solution in chunk]
         out = generate(model, [prompt_ids(p) for p, _ in chunk], gen, generator=g, steering=steering)
         for (puzzle, _), ids, row_steps in zip(chunk, out.token_ids, out.steps_per_canvas):
             grid = decode_grid(ids)

@@ -199,12 +199,12 @@ def cmd_eval(args) -> int:
         runs.append((label, random_model(ckpt.config, seed=args.seed), gen, few))
     runs = [(label, model, g, chunk, {}) for label, model, g, chunk in runs]
     if args.pin_givens:
-        runs.insert(1, ("givens pinned", ckpt.model, gen, puzzles, {"pin_givens": True}))
+        runs.insert(1, ("givens pinned", ckpt.model, gen, puzzles, {"steer": S.pin_givens}))
     if args.repair_wrong is not None:
         if not 0 <= args.repair_wrong <= 81 or not 0 <= args.strength <= 1:
             raise CLIError("--repair-wrong must be in [0, 81] and --strength in [0, 1]")
         runs.insert(1, (f"repair {args.repair_wrong} wrong, strength {args.strength}", ckpt.model, gen, puzzles,
-                        {"repair": (args.repair_wrong, args.strength)}))
+                        {"steer": S.repair(args.repair_wrong, args.strength)}))
     keys = [(id(model), repr(g), len(chunk), repr(kw)) for _, model, g, chunk, kw in runs]
     todo = sum(len(runs[keys.index(k)][3]) for k in dict.fromkeys(keys))  # the default sampler may be the 48-step cap
     done: dict = {}
