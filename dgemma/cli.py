@@ -273,8 +273,9 @@ def cmd_edit(args) -> int:
     seeds the canvas (renoised by --strength), so a mostly right answer needs few denoising steps."""
     from pathlib import Path
 
-    from .control.pins import DEFAULT_PREDICTION_STRENGTH, Steering, SteeringError
-    from .generate import ContextLengthError, generate
+    from .config import GenerationConfig
+    from .control.pins import DEFAULT_PREDICTION_STRENGTH, Steering
+    from .generate import generate
 
     path = Path(args.file)
     try:
@@ -291,7 +292,7 @@ def cmd_edit(args) -> int:
     out_path = Path(args.out) if args.out else None
     if out_path is not None and out_path.exists():
         raise CLIError(f"--out {out_path} exists; dgemma edit writes a new file and never replaces one")
-    generation_config(args, __import__("dgemma.config", fromlist=["GenerationConfig"]).GenerationConfig())
+    generation_config(args, GenerationConfig())  # reject bad sampling arguments before loading any weights
     if not args.model:
         raise CLIError("dgemma edit needs --model DIR (a language model; the embedded default solves Sudoku)")
     apply_threads(args.threads)
@@ -306,11 +307,9 @@ def cmd_edit(args) -> int:
     if args.max_new_tokens is None:  # room for the file and a little more
         gen = gen.replace(max_new_tokens=len(seed_tokens) + ckpt.config.canvas_length // 4)
     seed = seed_everything(args.seed)
-    try:
-        out = generate(ckpt.model, [prompt], gen, sampler=args.sampler,
-                       steering=[Steering(seed_tokens=seed_tokens, strength=strength)], greedy=args.greedy)
-    except (ContextLengthError, SteeringError) as e:
-        raise CLIError(str(e)) from None
+    # a prompt too long for the context or a seed longer than the output is a DgemmaError: main prints its line
+    out = generate(ckpt.model, [prompt], gen, sampler=args.sampler,
+                   steering=[Steering(seed_tokens=seed_tokens, strength=strength)], greedy=args.greedy)
     ids = [t for t in out.token_ids[0] if t not in set(gen.eos_token_id)]
     edited = tokenizer.decode(ids, skip_special_tokens=True)
     if out_path is None:
