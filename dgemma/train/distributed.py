@@ -40,6 +40,15 @@ class Distributed:
     def active(self) -> bool:
         return self.world_size > 1
 
+    def wait(self) -> None:
+        """Every rank arrives before any goes on: after work only rank 0 does (the last checkpoint, the plot, an
+        export), so no rank tears its process group down while rank 0 still writes (a gloo rank that did could
+        abort on exit: "terminate called without an active exception", seen once in a clean-clone CI run)."""
+        if self.active:
+            import torch.distributed as dist
+
+            dist.barrier()
+
 
 SINGLE = Distributed()
 

@@ -349,7 +349,9 @@ class Trainer:
     def export(self, out_dir: str | Path | None = None) -> Path | None:
         """Write the model in the released HF format (LoRA merged into a copy; training goes on unmerged). Rank 0
         writes and returns the path; every rank must call this (FSDP gathers the shards)."""
-        return self._write_export(self._whole_model(), out_dir)
+        path = self._write_export(self._whole_model(), out_dir)
+        self.dist.wait()
+        return path
 
     def _write_export(self, model: torch.nn.Module | None, out_dir: str | Path | None = None) -> Path | None:
         out_dir = Path(out_dir) if out_dir is not None else self.out_dir / "model"
@@ -461,3 +463,4 @@ class Trainer:
                     plot_losses(self.history, self.out_dir / "loss.png", quiet=self.step != end)
                     last_plot = time.perf_counter()
         bar.close()
+        self.dist.wait()
