@@ -129,7 +129,7 @@ def generate(model: DiffusionGemma, prompts: list[list[int]], gen: GenerationCon
         steering = list(steering)
         for b, s in enumerate(steering):
             if s is not None and s.suffix is not None:
-                longest = check_suffix(s.suffix, C, max_new - len(s.suffix) - 1)
+                longest = check_suffix(s.suffix, C, max_new)
                 middles[b] = middle_length(model, cache, b, s.suffix, longest)
                 steering[b] = infill_steering(s.suffix, middles[b], gen.eos_token_id[0], s)
     if device.type == "cuda":  # time the prefill, not its launch

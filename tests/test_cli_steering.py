@@ -46,7 +46,7 @@ def test_template_longer_than_a_canvas_spans_canvases(model_dir, capsys):
 def test_suffix_prints_the_middle(model_dir, capsys):
     out = run_json(capsys, ["generate", "--model", str(model_dir), "--prompt", "def f(", "--suffix", "): pass",
                             "--seed", "3", "--json", "--sampler", "fast"])
-    assert 1 <= len(out["outputs"][0]["token_ids"]) < C
+    assert 1 <= len(out["outputs"][0]["token_ids"]) < 4 * C  # no --max-new-tokens: the middle may span 4 canvases
 
 
 @pytest.mark.parametrize("args, flag", [

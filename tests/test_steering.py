@@ -147,8 +147,8 @@ def test_generate_fills_the_middle_between_prompt_and_suffix(model, gen):
         assert 1 <= L <= C - len(sfx) - 1
         assert ids[L:] == sfx + [1] and 1 not in ids[:L]  # middle, suffix, EOS; no EOS inside the middle
     assert out.token_ids[1][0] == 9 and out.finish_reasons == ["stop", "stop"]
-    with pytest.raises(SteeringError) as e:  # a suffix that leaves no room in the canvas
-        generate(model, [[5]], gen.replace(max_new_tokens=C), steering=[Steering(suffix=[40] * (C - 1))])
+    with pytest.raises(SteeringError) as e:  # a suffix that leaves no room within the canvases infill may span
+        generate(model, [[5]], gen.replace(max_new_tokens=5 * C), steering=[Steering(suffix=[40] * (4 * C - 1))])
     assert e.value.param == "suffix"
 
 
@@ -167,3 +167,48 @@ def test_middle_length_prefers_where_the_model_expects_the_suffix(model):
         want = 1 + int(logp[1:C_ - 1, token].argmax())
         assert middle_length(model, cache, 0, [token], C_ - 2) == want
     assert cache.lengths == [3]  # scoring leaves the cache as it was
+
+
+def _noise_pass_logp(model, prompt, span):
+    """log p over a uniform-noise span after `prompt`, as middle_length's scoring pass draws it."""
+    cache = model.new_cache(1, len(prompt) + span)
+    model.encode(torch.tensor([prompt]), cache)
+    noise = torch.randint(0, model.config.vocab_size, (1, span), generator=torch.Generator().manual_seed(0))
+    return torch.log_softmax(model.logits(model.decode(noise, None, model.plan(cache, [0], span, False)))[0], -1)
+
+
+@torch.inference_mode()
+def test_a_middle_longer_than_one_canvas_is_filled_across_canvases(model, gen):
+    """The suffix goes where the scoring pass over 3 canvases expects it, past the first canvas; the middle spans
+    canvases, and the suffix and EOS are pinned in a later one."""
+    from dgemma.control.infill import middle_length
+
+    prompt, max_new = [5, 6, 7], 3 * C
+    logp = _noise_pass_logp(model, prompt, max_new - 1)
+    best = logp[1:max_new - 1].argmax(dim=0) + 1  # (V,) where each token is most expected
+    token = next(t for t in range(3, 250) if C + 2 <= int(best[t]) <= max_new - 2)
+    want = int(best[token])
+    cache = model.new_cache(1, 64)
+    model.encode(torch.tensor([prompt]), cache)
+    assert middle_length(model, cache, 0, [token], max_new - 2) == want
+    out = generate(model, [prompt], gen.replace(max_new_tokens=max_new, eos_token_id=[1]),
+                   generator=torch.Generator().manual_seed(0), steering=[Steering(suffix=[token])])
+    ids, L = out.token_ids[0], out.middle_lengths[0]
+    assert L == want > C and ids[L:] == [token, 1] and 1 not in ids[:L] and out.finish_reasons == ["stop"]
+    assert len(out.steps_per_canvas[0]) == (L + 1) // C + 1  # the canvases up to the one holding the EOS
+
+
+def test_suffix_counts_in_the_budget_the_same_in_generate_and_engine(model, gen):
+    """middle + suffix + EOS fit max_tokens in both: a 14-token suffix with max_tokens 16 leaves one token."""
+    from dgemma.engine import Engine, RequestError, SamplingParams
+
+    suffix = list(range(40, 54))
+    out = generate(model, [[5]], gen.replace(max_new_tokens=C, eos_token_id=[1]), steering=[Steering(suffix=suffix)])
+    assert out.middle_lengths == [1] and out.token_ids[0][1:] == suffix + [1]
+    with pytest.raises(SteeringError) as e:
+        generate(model, [[5]], gen.replace(max_new_tokens=15), steering=[Steering(suffix=suffix)])
+    assert e.value.param == "suffix"
+    engine = Engine(model, gen, max_num_seqs=1, max_model_len=256)
+    with pytest.raises(RequestError) as e:
+        engine.add_request([5], SamplingParams(max_tokens=15, steering=Steering(suffix=suffix)), lambda o: None)
+    assert e.value.param == "suffix"

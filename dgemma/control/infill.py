@@ -1,14 +1,17 @@
 """Fill in the middle: choose the middle's length, then pin the suffix (and an EOS) after it.
 
 The output is middle + suffix + EOS, with the suffix and the EOS pinned, so the middle is denoised seeing the
-prompt (in the cache) and the suffix (in the canvas). The middle's length L is chosen by the model itself: one
-decoder pass over a uniform-noise canvas after the prompt gives, at every canvas position, the model's
+prompt (in the cache) and the suffix (in its canvas). The middle's length L is chosen by the model itself: one
+decoder pass over a uniform-noise span after the prompt gives, at every position of the span, the model's
 distribution for that position given only the prompt; L scores the mean log-probability of the suffix's tokens
 at positions L, L+1, ... and the best-scoring L within the budget wins (ties: the shortest). One pass scores
 every candidate at once. It is a prior over where the suffix begins, not the suffix's likelihood given a
 finished middle (which would cost a full generation per candidate).
 
-Limits: the suffix, its EOS and the middle are placed in the first canvas (L + len(suffix) + 1 <= canvas).
+Across canvases: middle + suffix + EOS may span up to MAX_CANVASES canvases (and max_tokens). The scoring pass
+then runs over a noise span longer than one canvas (the model was trained on canvas-long spans, so this is a
+heuristic there), and the suffix is pinned wherever it falls: the canvases wholly before it are denoised seeing
+the prompt and the committed text only, as any canvas is; the canvas that holds the suffix sees it.
 """
 
 from __future__ import annotations
@@ -18,37 +21,50 @@ import torch
 from ..model import DiffusionGemma
 from .pins import Steering, SteeringError
 
+# Middle + suffix + EOS fit in this many canvases (1,024 tokens with the release's 256-token canvas): it bounds
+# the one scoring pass (attention over the whole span) whatever max_tokens says.
+MAX_CANVASES = 4
 
-def check_suffix(suffix: list[int], canvas_length: int, max_middle: int | None) -> int:
-    """The largest middle length allowed; refuses a suffix that leaves no room, naming `suffix`."""
-    room = canvas_length - len(suffix) - 1
+
+def check_suffix(suffix: list[int], canvas_length: int, max_new: int) -> int:
+    """The largest middle length allowed when the output may hold `max_new` tokens (middle, suffix and EOS count
+    in it); refuses a suffix that leaves no room, naming `suffix`."""
     if not suffix:
         raise SteeringError("suffix is empty", "suffix")
-    if room < 1:
-        raise SteeringError(f"suffix has {len(suffix)} tokens; with its EOS it must leave room for a middle in a "
-                            f"{canvas_length}-token canvas", "suffix")
-    longest = room if max_middle is None else min(room, max_middle)
+    span = min(max_new, MAX_CANVASES * canvas_length)
+    longest = span - len(suffix) - 1
     if longest < 1:
-        raise SteeringError(f"the output budget ({max_middle} tokens for the middle) leaves no room for a middle "
-                            f"before the suffix", "max_tokens")
+        raise SteeringError(f"suffix has {len(suffix)} tokens; with its EOS and a middle of at least one token it "
+                            f"needs {len(suffix) + 2}, and the output may hold {span} (max_tokens, at most "
+                            f"{MAX_CANVASES} canvases of {canvas_length})", "suffix")
     return longest
 
 
 @torch.inference_mode()
-def middle_length(model: DiffusionGemma, cache, row: int, suffix: list[int], max_middle: int) -> int:
+def middle_length(model: DiffusionGemma, cache, row: int, suffix: list[int], max_middle: int,
+                  chunk: int = 256) -> int:
     """The middle length in [1, max_middle] under which the suffix is most probable (see the module docstring).
     `row`'s cache holds the encoded prompt; the pass writes only scratch slots. Draws nothing from the caller's
-    generators (the noise canvas comes from a fixed private seed)."""
-    C, V, device = model.canvas_length, model.config.vocab_size, model.device
-    noise = torch.randint(0, V, (1, C), generator=torch.Generator().manual_seed(0)).to(device)
-    plan = model.plan(cache, [row], C, encoder=False)
-    logp = torch.log_softmax(model.logits(model.decode(noise, None, plan))[0], dim=-1)  # (C, V)
+    generators (the noise span comes from a fixed private seed). The head runs `chunk` positions at a time, so a
+    long span over a large vocabulary never holds all its logits at once."""
+    V, device = model.config.vocab_size, model.device
     S = len(suffix)
+    span = max(max_middle + S, model.canvas_length)
+    noise = torch.randint(0, V, (1, span), generator=torch.Generator().manual_seed(0)).to(device)
+    plan = model.plan(cache, [row], span, encoder=False)
+    hidden = model.decode(noise, None, plan)[0]  # (span, H)
     ids = torch.tensor(suffix, device=device)
+    logp = torch.cat([_suffix_logp(model, hidden[i:i + chunk], ids) for i in range(0, span, chunk)])  # (span, S)
     starts = torch.arange(1, max_middle + 1, device=device)  # (K,) candidate lengths
     at = starts[:, None] + torch.arange(S, device=device)  # (K, S) suffix positions per candidate
-    scores = logp[at, ids[None].expand_as(at)].mean(dim=-1)  # (K,)
+    scores = logp[at, torch.arange(S, device=device).expand_as(at)].mean(dim=-1)  # (K,)
     return int(starts[int(torch.argmax(scores))])
+
+
+def _suffix_logp(model: DiffusionGemma, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """log p(each suffix token) at each of these positions: hidden (T, H) -> (T, S)."""
+    logits = model.logits(hidden[None])[0]  # (T, V)
+    return logits[:, ids] - torch.logsumexp(logits, dim=-1, keepdim=True)
 
 
 def infill_steering(suffix: list[int], length: int, eos_id: int, base: Steering | None = None) -> Steering:
