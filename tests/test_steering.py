@@ -196,6 +196,15 @@ def test_a_middle_longer_than_one_canvas_is_filled_across_canvases(model, gen):
     ids, L = out.token_ids[0], out.middle_lengths[0]
     assert L == want > C and ids[L:] == [token, 1] and 1 not in ids[:L] and out.finish_reasons == ["stop"]
     assert len(out.steps_per_canvas[0]) == (L + 1) // C + 1  # the canvases up to the one holding the EOS
+    from dgemma.engine import Engine, SamplingParams  # the engine chooses the same length and returns the middle
+
+    engine = Engine(model, gen.replace(eos_token_id=[1]), max_num_seqs=1, max_model_len=256, sampler="exact")
+    outs = []
+    engine.add_request(prompt, SamplingParams(max_tokens=max_new, seed=0, steering=Steering(suffix=[token])),
+                       outs.append)
+    while not (outs and outs[-1].finished):
+        engine.step()
+    assert [t for o in outs for t in o.token_ids] == ids[:L] and outs[-1].finish_reason == "stop"
 
 
 def test_suffix_counts_in_the_budget_the_same_in_generate_and_engine(model, gen):
