@@ -156,8 +156,10 @@ def test_chat_template_history(tok):
                 {"role": "user", "content": "and 3+3?"}]
     assert tok.apply_chat_template(messages) == ("<bos><|turn>user\n2+2?<turn|>\n<|turn>model\n4<turn|>\n"
                                                  "<|turn>user\nand 3+3?<turn|>\n<|turn>model\n<|channel>thought\n<channel|>")
-    with pytest.raises(TokenizerError, match="refused: unsupported message role tool"):
+    with pytest.raises(TokenizerError, match="refused: a tool message must follow an assistant message with tool_calls"):
         tok.apply_chat_template([{"role": "tool", "content": "x"}])
+    with pytest.raises(TokenizerError, match="refused: unsupported message role critic"):
+        tok.apply_chat_template([{"role": "critic", "content": "x"}])
     with pytest.raises(TokenizerError, match="list of dicts"):
         tok.apply_chat_template(["hi"])
 
@@ -188,6 +190,51 @@ def test_builtin_template_renders_as_the_released_one(tmp_path, tok_dir, kwargs,
     d = _copy_without_template(tok_dir, tmp_path / "t")
     tok = Tokenizer.from_dir(d)
     assert tok.chat_template_source == "builtin"
+    assert tok.apply_chat_template(**kwargs) == expected
+
+
+# Tool use as the released Gemma 4 template writes it (declarations in the system turn, calls with sorted bare keys,
+# results in the same model turn, no generation prompt after a result)
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Weather now",
+    "parameters": {"type": "object", "required": ["city"], "properties": {
+        "city": {"type": "string", "description": "City name"}, "unit": {"type": "string", "enum": ["c", "f"]},
+        "days": {"type": "array", "items": {"type": "integer"}},
+        "opts": {"type": "object", "properties": {"x": {"type": "boolean"}}, "required": ["x"]}}}}}
+WEATHER_DECLARED = ('<|tool>declaration:get_weather{description:<|"|>Weather now<|"|>,parameters:{properties:{'
+                    'city:{description:<|"|>City name<|"|>,type:<|"|>STRING<|"|>},'
+                    'days:{items:{type:<|"|>INTEGER<|"|>},type:<|"|>ARRAY<|"|>},'
+                    'opts:{properties:{x:{type:<|"|>BOOLEAN<|"|>}},required:[<|"|>x<|"|>],type:<|"|>OBJECT<|"|>},'
+                    'unit:{enum:[<|"|>c<|"|>,<|"|>f<|"|>],type:<|"|>STRING<|"|>}},'
+                    'required:[<|"|>city<|"|>],type:<|"|>OBJECT<|"|>}}<tool|>')
+ASKED = [{"role": "user", "content": "Weather in Paris?"},
+         {"role": "assistant", "content": None, "reasoning": "look it up", "tool_calls": [
+             {"id": "c1", "type": "function",
+              "function": {"name": "get_weather", "arguments": {"unit": "c", "city": "Paris", "days": [1, 2],
+                                                                 "opts": {"x": True}}}}]}]
+CALLED = ('<|turn>user\nWeather in Paris?<turn|>\n<|turn>model\n<|channel>thought\nlook it up\n<channel|>'
+          '<|tool_call>call:get_weather{city:<|"|>Paris<|"|>,days:[1,2],opts:{x:true},unit:<|"|>c<|"|>}<tool_call|>')
+TOOL_RENDERINGS = [
+    (dict(messages=[{"role": "user", "content": "Hi"}], tools=[WEATHER]),
+     "<bos><|turn>system\n" + WEATHER_DECLARED + "<turn|>\n<|turn>user\nHi<turn|>\n<|turn>model\n"
+     "<|channel>thought\n<channel|>"),
+    # a call waiting for its result ends the turn in <|tool_response>, and nothing more is prompted
+    (dict(messages=ASKED, tools=[WEATHER]),
+     "<bos><|turn>system\n" + WEATHER_DECLARED + "<turn|>\n" + CALLED + "<|tool_response>"),
+    # the result (named by tool_call_id) follows in the same turn, and the model goes on there
+    (dict(messages=ASKED + [{"role": "tool", "tool_call_id": "c1", "content": "sunny"}]),
+     "<bos>" + CALLED + '<|tool_response>response:get_weather{value:<|"|>sunny<|"|>}<tool_response|>'),
+    # the answer after the result continues the turn; a later user turn gets the usual prompt
+    (dict(messages=ASKED + [{"role": "tool", "tool_call_id": "c1", "content": [{"type": "text", "text": "sun"}]},
+                            {"role": "assistant", "content": "It is sunny."}, {"role": "user", "content": "ok"}]),
+     "<bos>" + CALLED.replace("<|channel>thought\nlook it up\n<channel|>", "")  # reasoning before the last user
+     + '<|tool_response>response:get_weather{value:<|"|>sun<|"|>}<tool_response|>'
+     "It is sunny.<turn|>\n<|turn>user\nok<turn|>\n<|turn>model\n<|channel>thought\n<channel|>"),
+]
+
+
+@pytest.mark.parametrize("kwargs, expected", TOOL_RENDERINGS)
+def test_builtin_template_renders_tools_as_the_released_one(tok, kwargs, expected):
     assert tok.apply_chat_template(**kwargs) == expected
 
 
