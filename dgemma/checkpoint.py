@@ -24,6 +24,7 @@ from .config import ConfigError, GenerationConfig, ModelConfig, read_json
 from .errors import DgemmaError
 from .model import DiffusionGemma
 from .quant import fp8 as quant_fp8
+from .quant import int4 as quant_int4
 
 DECODER = "model.decoder."
 ENCODER_TEXT = "model.encoder.language_model."
@@ -259,9 +260,13 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     with torch.device("meta"):
         model = DiffusionGemma(config.text, config.canvas_length)
     if "quantization_config" in raw_config:
+        qc, where = raw_config["quantization_config"], str(path / "config.json")
         try:
-            block, experts = quant_fp8.read_config(raw_config["quantization_config"], str(path / "config.json"))
-            quant_fp8.quantize_model(model, block, experts)
+            if isinstance(qc, dict) and qc.get("quant_method") == quant_int4.QUANT_METHOD:
+                quant_int4.quantize_model(model, *quant_int4.read_config(qc, where))
+            else:  # refuses anything that is not its own format, naming the ones dgemma reads
+                block, experts = quant_fp8.read_config(qc, where)
+                quant_fp8.quantize_model(model, block, experts)
         except quant_fp8.QuantError as e:
             raise CheckpointError(str(e)) from None
     expected = {k: v for k, v in model.state_dict().items()}
@@ -307,6 +312,11 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
                 raise CheckpointError(f"{f.path}: tensor {hf_name} is {ref.dtype}, but config.json's "
                                       f"quantization_config says it is FP8 (F8_E4M3)")
             want_dtype = None
+        elif expected[ours].dtype == torch.uint8:  # int4 codes, two per byte: loaded as stored
+            if ref.dtype != "U8":
+                raise CheckpointError(f"{f.path}: tensor {hf_name} is {ref.dtype}, but config.json's "
+                                      f"quantization_config says it holds int4 codes (U8)")
+            want_dtype = None
         elif ref.dtype not in _FLOATS:  # integer data would be converted to float silently, and garbage
             raise CheckpointError(f"{f.path}: tensor {hf_name} is {ref.dtype}; weights must be floating point "
                                   f"({', '.join(_FLOATS)})")
@@ -344,7 +354,8 @@ def hf_state_dict(model: DiffusionGemma) -> dict[str, torch.Tensor]:
 
 def _stays_as_is(name: str, t: torch.Tensor) -> bool:
     """Quantized weights and their scales keep their own dtypes whatever dtype the rest is saved in."""
-    return t.dtype == quant_fp8.FP8 or name.endswith("_scale_inv")
+    return (t.dtype == quant_fp8.FP8 or not t.is_floating_point() or name.endswith("_scale_inv")
+            or quant_int4.stored_as_is(name))
 
 
 def stored_dtype(path: str | Path) -> torch.dtype:

@@ -56,15 +56,19 @@ class Experts(nn.Module):
         flat_expert = index.reshape(-1)  # (N*k,) token-major
         _, perm = torch.sort(flat_expert)
         x_sorted = x[perm // k]  # (N*k, H), grouped by expert
-        gate_up, down = self.weights(x.dtype)
-        if x.is_cuda and _GROUPED_MM is not None:  # as the reference does on CUDA, in every dtype
-            y_sorted = self._grouped(x_sorted, flat_expert, gate_up, down)
-        else:
-            y_sorted = self._per_expert(x_sorted, flat_expert, gate_up, down)
+        y_sorted = self.expert_mlps(x_sorted, flat_expert)
         y_sorted = y_sorted * weights.reshape(-1)[perm, None].to(y_sorted.dtype)
         y = torch.empty_like(y_sorted)
         y[perm] = y_sorted  # back to (token, slot) order
         return y.view(N, k, -1).sum(dim=1)
+
+    def expert_mlps(self, x_sorted: torch.Tensor, flat_expert: torch.Tensor) -> torch.Tensor:
+        """x_sorted (N*k, H), rows grouped by expert in expert order -> each row through its expert's gated MLP
+        (N*k, H). A quantized subclass whose kernels read packed weights replaces this."""
+        gate_up, down = self.weights(x_sorted.dtype)
+        if x_sorted.is_cuda and _GROUPED_MM is not None:  # as the reference does on CUDA, in every dtype
+            return self._grouped(x_sorted, flat_expert, gate_up, down)
+        return self._per_expert(x_sorted, flat_expert, gate_up, down)
 
     def weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(gate_up (E, 2I, H), down (E, H, I)) to compute with; a quantized subclass dequantizes here."""

@@ -210,7 +210,8 @@ def read_config(qc: object, where: str) -> tuple[tuple[int, int], bool]:
     method = qc.get("quant_method")
     if method != QUANT_METHOD:
         raise QuantError(f"{where}: quantization method {method!r} is not supported; dgemma reads block-wise FP8 "
-                         f"weights (quant_method \"fp8\"), as `dgemma quantize` writes them")
+                         f"weights (quant_method \"fp8\") and group-wise int4 (\"dgemma-int4\"), as "
+                         f"`dgemma quantize` writes them")
     if qc.get("activation_scheme", "dynamic") != "dynamic":
         raise QuantError(f"{where}: FP8 activation scheme {qc.get('activation_scheme')!r} is not supported "
                          f"(dgemma quantizes weights only)")
