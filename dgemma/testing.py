@@ -15,6 +15,10 @@ from .tokenizer import GEMMA4_CHAT_TEMPLATE
 
 BASE_SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>"]
 CHAT_SPECIAL_TOKENS = ["<|turn>", "<turn|>", "<|channel>", "<channel|>", "<|think|>"]
+# The Gemma 4 tool markers, special tokens as in the release; with tool_tokens=True they follow the byte tokens.
+TOOL_SPECIAL_TOKENS = ["<|tool>", "<tool|>", "<|tool_call>", "<tool_call|>", "<|tool_response>", "<tool_response|>",
+                       '<|"|>']
+TOOL_VOCAB_SIZE = 264  # a model's vocab for the tokenizer with the tool tokens (258 entries)
 # Bytes that never occur in valid UTF-8; leaving them out keeps the byte vocabulary at 243 entries.
 _NEVER_IN_UTF8 = {0xC0, 0xC1, *range(0xF5, 0x100)}
 
@@ -33,11 +37,12 @@ def _finish(backend: BackendTokenizer, directory: Path, config: dict) -> Path:
     return directory
 
 
-def write_test_tokenizer(directory) -> Path:
+def write_test_tokenizer(directory, tool_tokens: bool = False) -> Path:
     """Byte-level tokenizer (251 tokens) in which any text round-trips; returns the directory.
 
     Ids: 0 <pad>, 1 <eos>, 2 <bos>, 3 <|turn>, 4 <turn|>, 5 <|channel>, 6 <channel|>, 7 <|think|>, then one token per
-    UTF-8 byte (GPT-2 byte-to-character map, no merges). tokenizer_config.json carries the Gemma 4 chat template.
+    UTF-8 byte (GPT-2 byte-to-character map, no merges), then with `tool_tokens` the 7 tool markers (ids 251-257).
+    tokenizer_config.json carries the Gemma 4 chat template.
     """
     specials = BASE_SPECIAL_TOKENS + CHAT_SPECIAL_TOKENS
     byte_chars = pre_tokenizers.ByteLevel.alphabet()  # 256 printable stand-ins, one per byte
@@ -47,6 +52,9 @@ def write_test_tokenizer(directory) -> Path:
     for b in range(256):
         if b not in _NEVER_IN_UTF8:
             vocab[byte_to_char[b]] = len(vocab)
+    if tool_tokens:
+        specials = specials + TOOL_SPECIAL_TOKENS
+        vocab.update({t: len(vocab) + i for i, t in enumerate(TOOL_SPECIAL_TOKENS)})
     backend = BackendTokenizer(models.BPE(vocab=vocab, merges=[]))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     backend.decoder = decoders.ByteLevel()
@@ -82,16 +90,17 @@ def _gpt2_chars() -> list[str]:
     return [chr(b) for b in printable] + [chr(256 + n) for n in range(256 - len(printable))]
 
 
-def write_tiny_checkpoint(directory, canvas_length: int = 16, max_denoising_steps: int = 8) -> Path:
+def write_tiny_checkpoint(directory, canvas_length: int = 16, max_denoising_steps: int = 8,
+                          tool_tokens: bool = False) -> Path:
     """A random `tiny`-preset checkpoint (vocab 256, std 0.1, seed 0) with the byte-level test tokenizer, saved
     by dgemma into `directory`/model; returns that directory. Its text is noise: tests compare texts with each
-    other, never with words."""
+    other, never with words. tool_tokens: the tokenizer has the tool markers, and the vocab is TOOL_VOCAB_SIZE."""
     from . import checkpoint
     from .presets import default_generation, preset_config, random_model
 
     directory = Path(directory)
-    cfg = preset_config("tiny", canvas_length=canvas_length, vocab_size=256)
-    write_test_tokenizer(directory / "tok")
+    cfg = preset_config("tiny", canvas_length=canvas_length, vocab_size=TOOL_VOCAB_SIZE if tool_tokens else 256)
+    write_test_tokenizer(directory / "tok", tool_tokens=tool_tokens)
     return checkpoint.save(directory / "model", random_model(cfg, std=0.1, seed=0), cfg,
                            default_generation(cfg).replace(max_denoising_steps=max_denoising_steps),
                            tokenizer_dir=directory / "tok")
