@@ -141,7 +141,7 @@ def _rewrite_config(src, dst, edit):
 
 
 @pytest.mark.parametrize("edit,message", [
-    (lambda qc: qc.update(quant_method="awq"), "quantization method 'awq' is not supported"),
+    (lambda qc: qc.update(quant_method="awq"), "'awq' is not supported"),
     (lambda qc: qc.update(group_size=16), "group_size must be one of"),
     (lambda qc: qc.update(bits=8), "only 4-bit codes"),
     (lambda qc: qc.update(desc_act=True), "unknown dgemma-int4 quantization_config key 'desc_act'"),
