@@ -23,12 +23,15 @@ from safetensors.torch import save_file
 from .config import ConfigError, GenerationConfig, ModelConfig, read_json
 from .errors import DgemmaError
 from .model import DiffusionGemma
+from .model.vision import Vision
+from .quant import formats as quant_formats
 from .quant import fp8 as quant_fp8
 from .quant import int4 as quant_int4
 
 DECODER = "model.decoder."
 ENCODER_TEXT = "model.encoder.language_model."
 VISION_PREFIXES = ("model.encoder.vision_tower.", "model.encoder.embed_vision.")
+VISION_ROOT = "model.encoder."  # Vision's parameter names are the release's after this prefix
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "chat_template.json", "tokenizer.model")
 
@@ -40,6 +43,7 @@ _DTYPES = {
 
 
 _FLOATS = ("F32", "F16", "BF16", "F64")
+_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
 
 
 class CheckpointError(DgemmaError, ValueError):
@@ -174,6 +178,7 @@ class Checkpoint:
     path: Path
     passthrough: dict[str, tuple[SafetensorsFile, str]] = field(default_factory=dict)  # vision tensors kept as-is
     vision_config: dict | None = None
+    vision: Vision | None = None  # the loaded tower (None: none in the checkpoint, or loaded with vision=False)
 
 
 def _index_files(path: Path) -> dict[str, SafetensorsFile]:
@@ -240,14 +245,76 @@ def _looks_like_integers(t: torch.Tensor, sample: int = 1 << 16) -> bool:
     return nonzero > 0 and int(((part != 0) & (part < 1e-30)).sum()) > nonzero // 2
 
 
+def _stored_dtype(files: dict[str, SafetensorsFile], name: str) -> torch.dtype | None:
+    return _DTYPES[files[name].tensors[name].dtype] if name in files else None
+
+
+def _check_stored(f: SafetensorsFile, hf_name: str, want: torch.dtype) -> None:
+    got = f.tensors[hf_name].dtype
+    if _DTYPES[got] != want:
+        raise CheckpointError(f"{f.path}: tensor {hf_name} is {got}, but config.json's quantization_config says it "
+                              f"is {_DTYPE_NAMES[want]}")
+
+
+def _fill_slot(tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], slot: tuple[str, tuple],
+               f: SafetensorsFile, hf_name: str, layout, device) -> None:
+    """Copy one expert's tensor into its slice of the fused parameter, allocated on first use: the checkpoint streams
+    in tensor by tensor and only the fused (packed) tensors are ever held."""
+    param, index = slot
+    if param not in tensors:
+        tensors[param] = torch.empty(expected[param].shape, dtype=expected[param].dtype, device=device)
+    target = tensors[param][index]
+    ref = f.tensors[hf_name]
+    if tuple(ref.shape) != tuple(target.shape) and not (target.dim() == 0 and ref.shape == [1]):
+        raise CheckpointError(f"{f.path}: tensor {hf_name} has shape {tuple(ref.shape)}, expected "
+                              f"{tuple(target.shape)}")
+    _check_stored(f, hf_name, layout.exact[param])
+    value = f.get(hf_name)
+    if not _all_finite(value):
+        raise CheckpointError(f"{f.path}: tensor {hf_name} holds NaN or Inf values; the checkpoint is corrupt")
+    target.copy_(value.reshape(target.shape))
+    _drop_pages(f._map(), ref.begin, ref.end)
+
+
 def default_dtype(device: torch.device | str) -> torch.dtype:
     # bf16 matmul is ~250x slower than fp32 on CPUs without AVX512-BF16, so the CPU computes in fp32.
     return torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
 
 
+def _load_vision(path: Path, config: ModelConfig, passthrough: dict[str, tuple[SafetensorsFile, str]],
+                 device, dtype: torch.dtype) -> Vision:
+    """The vision tower from its release-named tensors (which also stay in `passthrough`, so a save writes them back
+    byte for byte)."""
+    with torch.device("meta"):
+        vision = Vision(config.vision, config.text.hidden_size)
+    expected = vision.state_dict()
+    tensors = {}
+    for ours, want in expected.items():
+        hf_name = VISION_ROOT + ours
+        if hf_name not in passthrough:
+            raise CheckpointError(f"{path}: missing tensor {hf_name} (config.json has a vision_config)")
+        f, _ = passthrough[hf_name]
+        ref = f.tensors[hf_name]
+        if tuple(ref.shape) != tuple(want.shape):
+            raise CheckpointError(f"{f.path}: tensor {hf_name} has shape {tuple(ref.shape)}, expected "
+                                  f"{tuple(want.shape)}")
+        if ref.dtype not in _FLOATS:
+            raise CheckpointError(f"{f.path}: tensor {hf_name} is {ref.dtype}; weights must be floating point")
+        tensors[ours] = f.get(hf_name, dtype).to(device)
+        # the clipping bounds are +-inf by design; everything else must be finite
+        if not ours.endswith(("_min", "_max")) and not _all_finite(tensors[ours]):
+            raise CheckpointError(f"{f.path}: tensor {hf_name} holds NaN or Inf values; the checkpoint is corrupt")
+    vision.load_state_dict(tensors, strict=True, assign=True)
+    vision.vision_tower.reset_rope(device)
+    return vision.eval()
+
+
 def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-         quiet: bool = False) -> Checkpoint:
-    """Load a checkpoint directory. Raises CheckpointError / ConfigError with a one-line message."""
+         quiet: bool = False, vision: bool = True) -> Checkpoint:
+    """Load a checkpoint directory. Raises CheckpointError / ConfigError with a one-line message.
+
+    With `vision` (the default) a checkpoint's vision tower is loaded too; its tensors are kept for saving either
+    way."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a directory")
@@ -259,14 +326,20 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     files = _index_files(path)
     with torch.device("meta"):
         model = DiffusionGemma(config.text, config.canvas_length)
+    layout = None  # a quantized checkpoint's layout (dgemma/quant/formats.py)
+    try:
+        qc = quant_formats.quantization_config(raw_config, path)
+    except quant_fp8.QuantError as e:
+        raise CheckpointError(str(e)) from None
+    if qc is not None:
+        raw_config = {**raw_config, "quantization_config": qc}
     if "quantization_config" in raw_config:
         qc, where = raw_config["quantization_config"], str(path / "config.json")
         try:
             if isinstance(qc, dict) and qc.get("quant_method") == quant_int4.QUANT_METHOD:
                 quant_int4.quantize_model(model, *quant_int4.read_config(qc, where))
             else:  # refuses anything that is not its own format, naming the ones dgemma reads
-                block, experts = quant_fp8.read_config(qc, where)
-                quant_fp8.quantize_model(model, block, experts)
+                layout = quant_formats.prepare(model, qc, where, lambda name: _stored_dtype(files, name))
         except quant_fp8.QuantError as e:
             raise CheckpointError(str(e)) from None
     expected = {k: v for k, v in model.state_dict().items()}
@@ -289,7 +362,9 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
         state[ours] = hf_name
     for ours, hf_name in tied.items():
         state.setdefault(ours, hf_name)
-    missing = [k for k in expected if k not in state]
+    slots = layout.slots if layout is not None else {}  # per-expert tensors -> slices of fused parameters
+    fused = {param for param, _ in slots.values()}
+    missing = [k for k in expected if k not in state and k not in fused] + [k for k in slots if k not in state]
     if missing:
         first = missing[0]
         hf = (ENCODER_TEXT + first.replace("encoder_layer_scalar", "layer_scalar")
@@ -298,6 +373,9 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
         raise CheckpointError(f"{path}: missing tensor {hf}{more}")
     tensors = {}
     for ours, hf_name in state.items():
+        if ours in slots:
+            _fill_slot(tensors, expected, slots[ours], files[hf_name], hf_name, layout, device)
+            continue
         if ours not in expected:
             ignored.append(hf_name)
             continue
@@ -307,7 +385,10 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
         if tuple(ref.shape) != want:
             raise CheckpointError(f"{f.path}: tensor {hf_name} has shape {tuple(ref.shape)}, expected {want}")
         want_dtype = dtype
-        if expected[ours].dtype == quant_fp8.FP8:  # quantized weights load as stored; their scales in fp32
+        if layout is not None and ours in layout.exact:  # quantized tensors load exactly as stored
+            _check_stored(f, hf_name, layout.exact[ours])
+            want_dtype = None
+        elif expected[ours].dtype == quant_fp8.FP8:  # quantized weights load as stored; their scales in fp32
             if ref.dtype != "F8_E4M3":
                 raise CheckpointError(f"{f.path}: tensor {hf_name} is {ref.dtype}, but config.json's "
                                       f"quantization_config says it is FP8 (F8_E4M3)")
@@ -332,13 +413,17 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     model.load_state_dict(tensors, strict=True, assign=True)
     model.reset_rope(device)
     model.eval()
+    tower = None
+    if vision and config.vision is not None and passthrough:
+        tower = _load_vision(path, config, passthrough, device, dtype)
     if not quiet:
-        if passthrough:
-            print(f"dgemma: skipping the vision tower ({len(passthrough)} tensors); text only for now",
+        if passthrough and tower is None:
+            why = "no vision_config in config.json" if config.vision is None else "vision off"
+            print(f"dgemma: not loading the vision tower ({len(passthrough)} tensors, {why}); text only",
                   file=sys.stderr)
         if ignored:
             print(f"dgemma: ignoring {len(ignored)} unknown tensors, e.g. {ignored[0]}", file=sys.stderr)
-    return Checkpoint(model, config, generation, path, passthrough, raw_config.get("vision_config"))
+    return Checkpoint(model, config, generation, path, passthrough, raw_config.get("vision_config"), tower)
 
 
 def hf_state_dict(model: DiffusionGemma) -> dict[str, torch.Tensor]:
@@ -378,6 +463,11 @@ def save(out_dir: str | Path, model: DiffusionGemma, config: ModelConfig, genera
     `out_dir` must be empty or an earlier dgemma output, of which only the files dgemma wrote are replaced
     (output_dir.py)."""
     from .output_dir import commit, previous_output, staging_dir
+
+    method = (getattr(model, "quantization_config", None) or {}).get("quant_method")
+    if method in quant_formats.READ_ONLY:
+        raise CheckpointError(f"dgemma reads {method} checkpoints but does not write them; save from the unquantized "
+                              f"checkpoint (and `dgemma quantize` it) instead")
 
     out_dir = Path(out_dir)
     previous = previous_output(out_dir)

@@ -56,6 +56,7 @@ TEXT_LIMITS = {
     "moe_intermediate_size": 2**20, "max_position_embeddings": 2**24,
 }
 MAX_CANVAS_LENGTH = 8192
+IMAGE_TOKEN_DEFAULTS = {"boi_token_id": 255_999, "eoi_token_id": 258_882, "image_token_id": 258_880}
 # generation_config.json is bounded like a request's fields (engine/request.py SamplingParams).
 MAX_DENOISING_STEPS = 1024
 MAX_FILE_TEMPERATURE = 100.0
@@ -153,6 +154,8 @@ class TextConfig:
     eos_token_id: list[int] = field(default_factory=lambda: [1])
     bos_token_id: int = 2
     initializer_range: float = 0.02
+    # use_bidirectional_attention "vision": the encoder lets an image's soft tokens see each other (the release)
+    bidirectional_vision: bool = False
 
     def __post_init__(self) -> None:
         # sizes first: layer_types is built from num_hidden_layers
@@ -288,6 +291,7 @@ class TextConfig:
                 eos_token_id=d.get("eos_token_id", 1) if d.get("eos_token_id") is not None else [1],
                 bos_token_id=d.get("bos_token_id", 2) if d.get("bos_token_id") is not None else 2,
                 initializer_range=d.get("initializer_range", 0.02),
+                bidirectional_vision=d.get("use_bidirectional_attention") == "vision",
             )
         except ConfigError as e:
             raise ConfigError(f"{where}: {e}") from None
@@ -329,9 +333,69 @@ class TextConfig:
             "tie_word_embeddings": True,
             "attention_bias": False,
             "attention_dropout": 0.0,
-            "use_bidirectional_attention": None,
+            "use_bidirectional_attention": "vision" if self.bidirectional_vision else None,
             "initializer_range": self.initializer_range,
         }
+
+
+VISION_LIMITS = {
+    "hidden_size": 2**14, "intermediate_size": 2**16, "num_hidden_layers": 256, "num_attention_heads": 256,
+    "num_key_value_heads": 256, "head_dim": 1024, "patch_size": 64, "pooling_kernel_size": 16,
+    "position_embedding_size": 2**16,
+}
+
+
+@dataclass
+class VisionConfig:
+    """The Gemma 4 vision tower (config.json's vision_config); defaults are transformers' Gemma4VisionConfig's."""
+
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 16
+    num_attention_heads: int = 12
+    num_key_value_heads: int = 12
+    head_dim: int = 64
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 100.0
+    patch_size: int = 16
+    pooling_kernel_size: int = 3
+    position_embedding_size: int = 10 * 1024
+    use_clipped_linears: bool = False
+    standardize: bool = False
+
+    def __post_init__(self) -> None:
+        for name, limit in VISION_LIMITS.items():
+            _int_in(f"vision_config.{name}", getattr(self, name), 1, limit)
+        _require(self.num_attention_heads % self.num_key_value_heads == 0,
+                 "vision_config.num_attention_heads must be a multiple of num_key_value_heads")
+        _require(self.head_dim % 4 == 0, "vision_config.head_dim must be a multiple of 4 (2-D RoPE)")
+        _require(_is_num(self.rms_norm_eps) and 0 < self.rms_norm_eps < 1,
+                 f"vision_config.rms_norm_eps must be a number in (0, 1), got {self.rms_norm_eps!r}")
+        _require(_is_num(self.rope_theta) and self.rope_theta > 0,
+                 f"vision_config rope_theta must be a number > 0, got {self.rope_theta!r}")
+        for name in ("use_clipped_linears", "standardize"):
+            _require(isinstance(getattr(self, name), bool), f"vision_config.{name} must be true or false")
+
+    @classmethod
+    def from_hf(cls, d: dict, where: str = "config.json") -> VisionConfig:
+        _require(isinstance(d, dict), f"{where}: vision_config must be an object")
+        _require(d.get("model_type", "gemma4_vision") == "gemma4_vision",
+                 f"{where}: vision_config.model_type {d.get('model_type')!r:.40} is not supported (gemma4_vision)")
+        _require(d.get("hidden_activation", "gelu_pytorch_tanh") == "gelu_pytorch_tanh",
+                 f"{where}: vision_config.hidden_activation must be gelu_pytorch_tanh")
+        _require(not d.get("attention_bias"), f"{where}: vision_config.attention_bias=true is not supported")
+        try:
+            rope = _object(d.get("rope_parameters"), "vision_config.rope_parameters")
+            _require(rope.get("rope_type", "axial") == "axial",
+                     f"vision_config.rope_parameters.rope_type {rope.get('rope_type')!r:.40} is not supported (axial)")
+            _require("output_proj_dims" not in d, "vision_config.output_proj_dims is not supported")
+            kwargs = {k: d[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                                        "num_key_value_heads", "head_dim", "rms_norm_eps", "patch_size",
+                                        "pooling_kernel_size", "position_embedding_size", "use_clipped_linears",
+                                        "standardize") if d.get(k) is not None}
+            return cls(rope_theta=rope.get("rope_theta", 100.0), **kwargs)
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
 
 
 @dataclass
@@ -341,6 +405,7 @@ class ModelConfig:
     text: TextConfig
     canvas_length: int = 256
     extra: dict = field(default_factory=dict)  # top-level fields kept verbatim so a save round-trips
+    vision: VisionConfig | None = None  # None: no vision tower (text only)
 
     def __post_init__(self) -> None:
         _int_in("canvas_length", self.canvas_length, 1, MAX_CANVAS_LENGTH)
@@ -354,8 +419,9 @@ class ModelConfig:
         _require("text_config" in d, f"{where}: missing text_config")
         text = TextConfig.from_hf(d["text_config"], where)
         extra = {k: v for k, v in d.items() if k not in ("text_config", "canvas_length", "vision_config")}
+        vision = VisionConfig.from_hf(d["vision_config"], where) if d.get("vision_config") is not None else None
         try:
-            return cls(text=text, canvas_length=d.get("canvas_length", 256), extra=extra)
+            return cls(text=text, canvas_length=d.get("canvas_length", 256), extra=extra, vision=vision)
         except ConfigError as e:
             raise ConfigError(f"{where}: {e}") from None
 
@@ -363,6 +429,13 @@ class ModelConfig:
     def load(cls, path: str | Path) -> ModelConfig:
         path = Path(path)
         return cls.from_hf(read_json(path), str(path))
+
+    def token_id(self, name: str) -> int:
+        """boi_token_id, eoi_token_id or image_token_id: config.json's value, else transformers' default."""
+        value = self.extra.get(name, IMAGE_TOKEN_DEFAULTS[name])
+        _require(_is_int(value) and 0 <= value < self.text.vocab_size,
+                 f"config.json: {name} must be a token id in [0, {self.text.vocab_size}), got {value!r:.40}")
+        return value
 
     def to_hf(self) -> dict:
         d = {

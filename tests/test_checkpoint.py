@@ -28,8 +28,10 @@ def test_sharded_checkpoint_loads_like_single(tmp_path, tiny_checkpoint):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_vision_tower_is_skipped_with_one_line_notice(tiny_checkpoint, capsys):
-    checkpoint.load(tiny_checkpoint)
+def test_vision_tower_loads_or_is_skipped_with_one_line_notice(tiny_checkpoint, capsys):
+    assert checkpoint.load(tiny_checkpoint).vision is not None
+    assert capsys.readouterr().err == ""
+    assert checkpoint.load(tiny_checkpoint, vision=False).vision is None
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "vision tower" in err[0]
 

@@ -1,0 +1,94 @@
+"""The vision tower against the reference (transformers 5.23.0): image features, preprocessing and generate.
+
+Tiny random checkpoints carry a small Gemma 4 vision tower (patch 4, pooling 2) with the release's options:
+standardised soft tokens, clipped linears and bidirectional attention among an image's soft tokens."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dgemma import checkpoint
+
+from .conftest import TINY_TEXT
+
+transformers = pytest.importorskip("transformers")
+PIL = pytest.importorskip("PIL.Image")
+pytestmark = pytest.mark.usefixtures("one_thread_module")
+
+VISION = dict(model_type="gemma4_vision", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, head_dim=8, patch_size=4, pooling_kernel_size=2,
+              position_embedding_size=64, standardize=True, use_clipped_linears=True)
+PROCESSOR = dict(patch_size=4, max_soft_tokens=70, pooling_kernel_size=2)
+BOI, IMAGE, EOI = 251, 252, 253  # above the test tokenizer's 251 tokens, inside the model's vocabulary of 256
+
+
+def make_vision_checkpoint(path: Path, seed: int = 3) -> Path:
+    """A random reference model with a vision tower, saved with save_pretrained, plus processor_config.json."""
+    from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
+
+    text = dict(TINY_TEXT, initializer_range=0.05, use_bidirectional_attention="vision")
+    cfg = DiffusionGemmaConfig(text_config=text, vision_config=VISION, canvas_length=8, initializer_range=0.05,
+                               boi_token_id=BOI, eoi_token_id=EOI, image_token_id=IMAGE)
+    torch.manual_seed(seed)
+    model = DiffusionGemmaForBlockDiffusion(cfg).eval()
+    with torch.no_grad():  # the init leaves these at their identity values; random ones test that they are applied
+        tower = model.model.encoder.vision_tower
+        tower.std_bias.normal_(0, 0.5)
+        tower.std_scale.uniform_(0.5, 1.5)
+        for name, buf in tower.named_buffers():
+            if name.endswith("input_min") or name.endswith("output_min"):
+                buf.fill_(-float(torch.empty(()).uniform_(0.5, 2.0)))
+            elif name.endswith("input_max") or name.endswith("output_max"):
+                buf.fill_(float(torch.empty(()).uniform_(0.5, 2.0)))
+    model.save_pretrained(path)
+    gen = json.loads((path / "generation_config.json").read_text())
+    gen.update({"eos_token_id": 1, "pad_token_id": 0})
+    (path / "generation_config.json").write_text(json.dumps(gen))
+    (path / "processor_config.json").write_text(json.dumps({"image_processor": {
+        **PROCESSOR, "image_processor_type": "Gemma4ImageProcessor", "resample": 3}}))
+    return path
+
+
+def test_image(width: int, height: int, seed: int, mode: str = "RGB"):
+    """A smooth random picture (a gradient plus noise), so resizing has something to interpolate."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack([x * 255 / width, y * 255 / height, (x + y) * 127 / (width + height)], axis=-1)
+    pixels = np.clip(base + rng.normal(0, 40, base.shape), 0, 255).astype(np.uint8)
+    image = PIL.fromarray(pixels, "RGB")
+    return image.convert(mode)
+
+
+test_image.__test__ = False
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    path = make_vision_checkpoint(tmp_path_factory.mktemp("vision") / "ckpt")
+    ours = checkpoint.load(path, quiet=True)
+    ref = transformers.DiffusionGemmaForBlockDiffusion.from_pretrained(path).eval()
+    return path, ours, ref
+
+
+def reference_pixels(images):
+    from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
+
+    return Gemma4ImageProcessorPil(**PROCESSOR)(images, return_tensors="pt")
+
+
+@torch.no_grad()
+def test_image_features_match_reference(pair):
+    _, ours, ref = pair
+    images = [test_image(40, 28, 0), test_image(17, 61, 1)]
+    batch = reference_pixels(images)
+    want = ref.model.encoder.get_image_features(batch["pixel_values"], batch["image_position_ids"]).pooler_output
+    real = [(pv[pos[:, 0] >= 0], pos[pos[:, 0] >= 0]) for pv, pos in zip(batch["pixel_values"],
+                                                                          batch["image_position_ids"])]
+    got = ours.vision.features(real)
+    assert got.shape == want.shape == (sum(batch["num_soft_tokens_per_image"]), TINY_TEXT["hidden_size"])
+    assert (got - want).abs().max() < 1e-5
