@@ -7,7 +7,7 @@ Non-standard fields, all optional:
            the settled prefix; default: the server's setting), stream_options.include_drafts,
            chat_template_kwargs (e.g. {"enable_thinking": true}), pinned / seed_tokens / strength (steer the
            canvas), OpenAI's prediction and suffix (editing, fill in the middle), response_format and vLLM's
-           structured_outputs (json, regex, choice);
+           structured_outputs (json, regex, choice); chat: OpenAI's tools and tool_choice (control/tools.py);
   response: usage.denoising_steps, choices[0].delta.draft (drafts), choices[0].token_ids (completions).
 """
 
@@ -57,6 +57,28 @@ class StructuredOutputs(_Body):
     choice: Annotated[list[str], Field(min_length=1, max_length=256)] | None = None
 
 
+class FunctionDefinition(_Body):
+    model_config = ConfigDict(extra="allow", strict=True)
+    name: str = Field(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")  # OpenAI's rule, plus "." as vLLM allows
+    description: str | None = Field(None, max_length=65536)
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(_Body):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(_Body):
+    name: str
+
+
+class NamedToolChoice(_Body):
+    type: Literal["function"]
+    function: FunctionName
+
+
 class ChatMessage(_Body):
     model_config = ConfigDict(extra="allow", strict=True)
     role: str
@@ -95,6 +117,9 @@ class ChatCompletionRequest(_SamplingBody):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     chat_template_kwargs: dict[str, Any] | None = None
+    tools: Annotated[list[Tool], Field(max_length=256)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
 
 
 class CompletionRequest(_SamplingBody):
@@ -111,11 +136,23 @@ class Usage(BaseModel):
     denoising_steps: int
 
 
+class FunctionCallOut(BaseModel):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallOut
+
+
 class ChatMessageOut(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
     reasoning_content: str | None = None
     reasoning: str | None = None  # the same text: vLLM now names it `reasoning`; clients of either work
+    tool_calls: list[ToolCallOut] = Field(default_factory=list)
 
 
 class ChatChoice(BaseModel):

@@ -19,6 +19,7 @@ from ..control.template import parse_template, template_length
 from ..engine import Engine, QueueFullError, RequestError, RequestOutput, SamplingParams
 from .limits import ServerLimits
 from .metrics import Metrics
+from .tools import ToolRequestError, template_messages, tool_request
 from .protocol import (ChatChoice, ChatCompletionRequest, ChatCompletionResponse, ChatMessageOut, CompletionChoice,
                        CompletionRequest, CompletionResponse, ModelCard, ModelList, StreamOptions, Usage, error_body)
 
@@ -268,6 +269,7 @@ class Serving:
         if self.tokenizer is None:
             raise APIError(400, "this model has no tokenizer, so it cannot render chats; use /v1/completions with "
                                 "a prompt of token ids", param="messages")
+        from ..control.tools import ToolCallStreamParser, split_tool_calls
         from ..tokenizer import TextTooLongError, ThinkingStreamParser, TokenizerError, split_thinking
 
         if len(body.messages) > self.limits.max_messages:
@@ -275,9 +277,15 @@ class Serving:
                                 f"{self.limits.max_messages} (--max-messages)", param="messages")
         kwargs = dict(body.chat_template_kwargs or {})
         thinking = bool(kwargs.pop("enable_thinking", False))
+        try:
+            tools = tool_request(body)
+        except ToolRequestError as e:
+            raise APIError(400, str(e), param=e.param) from None
+        if tools is not None:
+            kwargs["tools"] = tools.tools
 
         def render() -> list[int]:  # off the event loop: templates and long prompts take time
-            messages = [m.model_dump(exclude_none=True) for m in body.messages]
+            messages = template_messages([m.model_dump(exclude_none=True) for m in body.messages])
             chars = _text_chars(messages) + _text_chars(kwargs)
             if chars > self.limits.max_content_chars:
                 raise APIError(400, f"messages: {chars} characters of text, more than this server's limit of "
@@ -295,6 +303,12 @@ class Serving:
         # the thought channel markers are special tokens: keep them in the text and split on them
         max_tokens = body.max_completion_tokens or body.max_tokens
         steering = await self.steer(body, max_tokens)
+        if tools is not None and tools.forced is not None:
+            if steering is not None:
+                raise APIError(400, f"tool_choice {tools.choice!r} constrains the reply to a tool call; it cannot be "
+                                    f"combined with response_format, structured_outputs or canvas steering",
+                               param="tool_choice")
+            steering = Steering(constraint=await run_in_threadpool(self.tool_constraint, body, tools, max_tokens))
         params = self.params(body, max_tokens, skip_special_tokens=False, steering=steering)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         try:
@@ -303,21 +317,53 @@ class Serving:
             if e.param == "prompt":
                 e.param = "messages"
             raise
+        calls_parser = ToolCallStreamParser() if tools is not None and tools.parse else None
         if body.stream:
-            return self._chat_chunks(stream, body, raw, ThinkingStreamParser())
+            return self._chat_chunks(stream, body, raw, ThinkingStreamParser(), calls_parser)
         text, out = await self._collect(stream, raw)
         reasoning, content = split_thinking(text)
-        message = ChatMessageOut(content=content, reasoning_content=reasoning, reasoning=reasoning)
+        calls, finish_reason = [], out.finish_reason
+        if calls_parser is not None:
+            content, calls = split_tool_calls(content)
+            if calls:
+                content = content if content.strip() else None
+                finish_reason = "tool_calls" if finish_reason == "stop" else finish_reason
+        message = ChatMessageOut(content=content, reasoning_content=reasoning, reasoning=reasoning,
+                                 tool_calls=[c.openai() for c in calls])
         return ChatCompletionResponse(id=request_id, model=self.model_name, usage=self.usage(out),
-                                      choices=[ChatChoice(message=message, finish_reason=out.finish_reason)])
+                                      choices=[ChatChoice(message=message, finish_reason=finish_reason)])
 
-    async def _chat_chunks(self, stream: RequestStream, body: ChatCompletionRequest, raw: HTTPRequest, parser) -> AsyncIterator[str]:
+    def tool_constraint(self, body, tools, max_tokens: int | None):
+        """The automaton for a forced tool call (tool_choice "required" or a named function): the Gemma call syntax
+        with arguments valid against the function's parameters (control/tools.py). Runs on the threadpool."""
+        from ..control import Constraint, ConstraintError
+        from ..control.schema import SchemaError
+        from ..control.tools import MARKERS, call_regex, tool_vocabulary
+
+        marker_ids = {m: self.tokenizer.token_id(m) for m in MARKERS}
+        missing = [m for m, i in marker_ids.items() if i is None]
+        if missing:
+            raise APIError(400, f"tool_choice {tools.choice!r} constrains the reply to a tool call, but this model's "
+                                f"tokenizer has no {missing[0]} token", param="tool_choice")
+        try:
+            regex = call_regex(tools.forced, repeat=tools.choice == "required" and body.parallel_tool_calls is not False)
+        except SchemaError as e:
+            raise APIError(400, f"tools: {e}", param="tools") from None
+        try:
+            return Constraint.from_regex(regex, tool_vocabulary(self.vocabulary(), marker_ids), max_tokens=max_tokens,
+                                         description=f"tool call ({tools.name or tools.choice})")
+        except ConstraintError as e:
+            raise APIError(400, str(e), param="tool_choice") from None
+
+    async def _chat_chunks(self, stream: RequestStream, body: ChatCompletionRequest, raw: HTTPRequest, parser,
+                           calls_parser=None) -> AsyncIterator[str]:
         base = {"id": stream.request_id, "object": "chat.completion.chunk", "created": _now(), "model": self.model_name}
 
         def chunk(delta: dict, finish_reason: str | None = None) -> str:
             return sse(dict(base, choices=[{"index": 0, "delta": delta, "logprobs": None,
                                             "finish_reason": finish_reason}]))
 
+        calls_sent = 0
         try:
             yield chunk({"role": "assistant", "content": ""})
             while True:
@@ -328,17 +374,32 @@ class Serving:
                 if out.finished:
                     tail_reasoning, tail_content = parser.flush()
                     reasoning, content = reasoning + tail_reasoning, content + tail_content
+                calls = []
+                if calls_parser is not None:  # a call goes out once it closes: its name, then its arguments
+                    content, calls = calls_parser.feed(content)
+                    if out.finished:
+                        tail_content, more = calls_parser.flush()
+                        content, calls = content + tail_content, calls + more
                 if out.draft is not None:
                     yield chunk({"draft": out.draft})
                 if reasoning:
                     yield chunk({"reasoning_content": reasoning, "reasoning": reasoning})
                 if content:
                     yield chunk({"content": content})
+                for call in calls:
+                    head = call.openai(calls_sent)
+                    arguments = head["function"].pop("arguments")
+                    yield chunk({"tool_calls": [dict(head, function=dict(head["function"], arguments=""))]})
+                    yield chunk({"tool_calls": [{"index": calls_sent, "function": {"arguments": arguments}}]})
+                    calls_sent += 1
                 if out.finished:
                     if out.finish_reason == "error":
                         yield sse(error_body(out.error or "internal error", "internal_error"))
                     else:
-                        yield chunk({}, out.finish_reason)
+                        finish_reason = out.finish_reason
+                        if calls_sent and finish_reason == "stop":
+                            finish_reason = "tool_calls"
+                        yield chunk({}, finish_reason)
                         if (body.stream_options or StreamOptions()).include_usage:
                             yield sse(dict(base, choices=[], usage=self.usage(out).model_dump()))
                     yield sse("[DONE]")
