@@ -30,6 +30,7 @@ from .budget import ContextLengthError, canvases_for, check_prompt
 from .config import GenerationConfig
 from .control.infill import check_suffix, infill_steering, middle_length
 from .control.pins import Steering, canvas_start
+from .images import PromptImages
 from .model import DiffusionGemma
 from .sampling import random_tokens, temperature
 from .step import CanvasState, Draws, Sampler, Strategy, default_strategy, denoise_step
@@ -89,7 +90,8 @@ def generate(model: DiffusionGemma, prompts: list[list[int]], gen: GenerationCon
              on_step: Callable[[StepView], None] | None = None,
              cuda_graphs: bool | None = None, sampler: Sampler | str = Sampler.EXACT,
              strategy: Strategy | None = None,
-             steering: list[Steering | None] | None = None, greedy: bool = False) -> GenerationOutput:
+             steering: list[Steering | None] | None = None, greedy: bool = False,
+             images: PromptImages | None = None) -> GenerationOutput:
     """Generate continuations for `prompts` (lists of token ids). With `generator=None` the global torch RNG is
     used, which is what makes `torch.manual_seed(S)` reproduce the reference's tokens.
 
@@ -97,7 +99,8 @@ def generate(model: DiffusionGemma, prompts: list[list[int]], gen: GenerationCon
     CUDA graph; the tokens are the same either way. `sampler` "exact" reproduces the reference's draws; "fast"
     samples the same distribution with one uniform per position. `strategy` defaults to the device's.
     `steering` (one per prompt, or None) pins output positions and seeds canvases (control/pins.py). `greedy`:
-    every row's sample is the argmax (a request's temperature 0 in the engine)."""
+    every row's sample is the argmax (a request's temperature 0 in the engine). `images`: the prompts' images, whose
+    image tokens the prompts already hold expanded (images.expand_image_tokens)."""
     cfg = model.config
     if not prompts:
         raise ValueError("no prompts given")
@@ -123,7 +126,10 @@ def generate(model: DiffusionGemma, prompts: list[list[int]], gen: GenerationCon
     # grown as canvases are committed, so an open-ended request does not reserve the whole context up front
     cache = model.new_cache(B, T + min(num_canvases, 4) * C)
     cache.set_left_padding(valid)
-    model.encode(tokens, cache)
+    if images is None:
+        model.encode(tokens, cache)
+    else:
+        images.encode(model, tokens, cache)
     middles: list[int | None] = [None] * B
     if steering is not None:  # fill in the middle: choose each middle's length, then pin the suffix after it
         steering = list(steering)

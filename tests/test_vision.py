@@ -92,3 +92,62 @@ def test_image_features_match_reference(pair):
     got = ours.vision.features(real)
     assert got.shape == want.shape == (sum(batch["num_soft_tokens_per_image"]), TINY_TEXT["hidden_size"])
     assert (got - want).abs().max() < 1e-5
+
+
+def test_preprocessing_matches_reference(tmp_path):
+    from dgemma.images import ImageProcessorConfig, decode_image, preprocess
+
+    cfg = ImageProcessorConfig(**PROCESSOR)
+    # sizes that are scaled up, scaled down, left as they are (32x24 fits the grid), and thin in either direction;
+    # modes with transparency (composited on white), a palette and grey
+    cases = [(40, 28, "RGB"), (300, 170, "RGBA"), (32, 24, "RGB"), (9, 200, "P"), (211, 6, "L"), (64, 64, "LA")]
+    for i, (w, h, mode) in enumerate(cases):
+        image = test_image(w, h, i, mode)
+        if mode == "RGBA":
+            alpha = np.asarray(image)[..., 3].copy()
+            alpha[: h // 2] = 40
+            image.putalpha(PIL.fromarray(alpha))
+        path = tmp_path / f"{i}.png"
+        image.save(path)
+        want = reference_pixels([PIL.open(path)])
+        got = preprocess(decode_image(path.read_bytes()), cfg)
+        n = got.pixels.shape[0]
+        assert got.num_soft_tokens == want["num_soft_tokens_per_image"][0]
+        assert torch.equal(got.positions, want["image_position_ids"][0, :n])
+        assert (want["image_position_ids"][0, n:] == -1).all()
+        assert torch.equal(got.pixels, want["pixel_values"][0, :n].float()), (w, h, mode)
+
+
+def _reference_generate(ref, prompt, images, seed, max_new, steps):
+    batch = reference_pixels(images)
+    ids = torch.tensor([prompt])
+    torch.manual_seed(seed)
+    out = ref.generate(ids, attention_mask=torch.ones_like(ids), pixel_values=batch["pixel_values"],
+                       image_position_ids=batch["image_position_ids"], mm_token_type_ids=(ids == IMAGE).long(),
+                       max_new_tokens=max_new, max_denoising_steps=steps, t_min=0.4, t_max=0.8)
+    row = out.sequences[0, ids.shape[1]:].tolist()[:max_new]
+    cut = next((i for i, t in enumerate(row) if t == 1), None)
+    return row if cut is None else row[: cut + 1]
+
+
+@pytest.mark.parametrize("sizes", [[(40, 28)], [(40, 28), (23, 57)]], ids=["one", "two"])
+def test_generate_with_images_matches_reference(pair, sizes):
+    from dgemma.generate import generate
+    from dgemma.images import ImageProcessorConfig, ImageTokens, PromptImages, expand_image_tokens, preprocess
+
+    _, ours, ref = pair
+    images = [test_image(w, h, 10 + i) for i, (w, h) in enumerate(sizes)]
+    patches = [preprocess(im, ImageProcessorConfig(**PROCESSOR)) for im in images]
+    # text, an image placeholder per image, more text (the placeholders as the chat template writes them)
+    raw = [2, 3, 40, 41] + sum(([IMAGE, 50 + i] for i in range(len(images))), []) + [60, 61, 4]
+    prompt = expand_image_tokens(raw, patches, ImageTokens(BOI, IMAGE, EOI))
+    assert prompt.count(IMAGE) == sum(p.num_soft_tokens for p in patches) > 8  # past the sliding window
+    want = _reference_generate(ref, prompt, images, seed=5, max_new=24, steps=6)
+    torch.manual_seed(5)
+    gen = ours.generation.replace(max_new_tokens=24, max_denoising_steps=6, t_min=0.4, t_max=0.8)
+    got = generate(ours.model, [prompt], gen, images=PromptImages(ours.vision, ImageTokens(BOI, IMAGE, EOI),
+                                                                 [patches]))
+    assert got.token_ids[0] == want
+    # the images change the answer (the test would pass without them otherwise)
+    torch.manual_seed(5)
+    assert generate(ours.model, [prompt], gen).token_ids[0] != want

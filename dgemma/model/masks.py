@@ -26,6 +26,20 @@ def encoder_mask(valid: torch.Tensor, starts: torch.Tensor, q_len: int, kv_start
     return (allowed | (s == q))[:, None]
 
 
+def open_image_blocks(mask: torch.Tensor, groups: torch.Tensor, starts: torch.Tensor, kv_start: int) -> torch.Tensor:
+    """An encoder mask with each image's soft tokens also seeing each other (use_bidirectional_attention "vision").
+
+    mask (R, 1, T, S) over keys [kv_start, ...); groups (R, T) the image index of each new token, -1 for text;
+    starts (R,) the slot of each row's first new token. Returns a new mask."""
+    same = (groups[:, :, None] == groups[:, None, :]) & (groups[:, :, None] >= 0)  # (R, T, T)
+    mask = mask.clone()
+    T = groups.shape[1]
+    for r, start in enumerate(starts.tolist()):  # a prompt's prefill only
+        at = start - kv_start
+        mask[r, 0, :, at:at + T] |= same[r]
+    return mask
+
+
 def decoder_mask(valid: torch.Tensor, starts: torch.Tensor, canvas_len: int, kv_start: int, kv_end: int,
                  window: int | None) -> torch.Tensor:
     """Bidirectional mask for each row's canvas at slots [start, start+canvas_len), over keys [kv_start, kv_end).

@@ -18,7 +18,7 @@ from ..cache import KVCache
 from ..config import TextConfig
 from .attention import Attention
 from .layers import GatedMLP, RMSNorm, default_inv_freq, proportional_inv_freq, rope_cos_sin
-from .masks import decoder_mask, encoder_mask, sliding_kv_start
+from .masks import decoder_mask, encoder_mask, open_image_blocks, sliding_kv_start
 from .moe import Experts, Router
 
 # (layer_idx, is_sliding, k, v) -> (keys, values) the layer attends over
@@ -219,11 +219,20 @@ class DiffusionGemma(nn.Module):
             writer = cache.writer(rows_list, starts, kv_start, kv_end)
         return ForwardPlan(positions, masks, writer, rows_list, kv_start, kv_end, cache)
 
-    def encode(self, tokens: torch.Tensor, cache: KVCache, rows: list[int] | None = None) -> torch.Tensor:
+    def encode(self, tokens: torch.Tensor, cache: KVCache, rows: list[int] | None = None,
+               embeds: torch.Tensor | None = None, image_groups: torch.Tensor | None = None) -> torch.Tensor:
         """Append `tokens` (R, T) to the cache rows `rows` (default: all rows, in lockstep), causally.
-        Returns final hidden states (R, T, H)."""
+        Returns final hidden states (R, T, H).
+
+        A prompt with images passes its input embeddings (`embeds` (R, T, H), images' features at their tokens)
+        and, when the config attends bidirectionally within images, `image_groups` (R, T) (images.image_groups)."""
         plan = self.plan(cache, rows, tokens.shape[1], encoder=True)
-        hidden = self.run_layers(self.embed(tokens), plan.positions, plan.masks, plan.writer, encoder=True)
+        masks = plan.masks
+        if image_groups is not None and self.config.bidirectional_vision and bool((image_groups >= 0).any()):
+            starts = torch.tensor([cache.lengths[r] for r in plan.rows])
+            masks = {s: open_image_blocks(m, image_groups, starts, plan.kv_start[s]) for s, m in masks.items()}
+        x = self.embed(tokens) if embeds is None else embeds
+        hidden = self.run_layers(x, plan.positions, masks, plan.writer, encoder=True)
         for r in plan.rows:
             cache.lengths[r] += tokens.shape[1]
         return hidden
