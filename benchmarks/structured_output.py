@@ -1,12 +1,14 @@
 """Structured output: validity on random-weight models, and what a constraint adds to a denoising step.
 
-    python benchmarks/structured_output.py validity [--requests 200]
+    python benchmarks/structured_output.py validity [--requests 200] [--kinds regex choice schema object tool]
     python benchmarks/structured_output.py cost --vocab 32000 [--steps 8] [--threads 2]
     python benchmarks/structured_output.py cost --vocab 262144
 
 validity: per constraint kind, `--requests` outputs (batches of 8, over 5 random tiny models and seeds) through
 generate with the constraint, checked with jsonschema / re.fullmatch / json.loads / membership; the same
-prompts without the constraint give the unconstrained rate.
+prompts without the constraint give the unconstrained rate. "tool" is a named tool call (tool_choice naming one
+function): the tokenizer has the Gemma tool markers, and an output counts when it parses into exactly one call of
+that function and nothing else, whose arguments `jsonschema` validates against its parameters.
 
 cost: the `small` preset (canvas 256) with its vocabulary set to --vocab, a byte-level vocabulary of that size
 (the 256 byte tokens plus random strings of letters, digits and JSON punctuation), one canvas of --steps fixed
@@ -35,16 +37,25 @@ SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength
           "required": ["name", "ok"], "additionalProperties": False}
 REGEX = r"[A-Z]{2}-[0-9]{3,5}"
 CHOICES = ["approve", "reject", "escalate to a human"]
+TOOL = {"name": "get_weather", "parameters": {
+    "type": "object", "required": ["city", "unit"], "properties": {
+        "city": {"type": "string", "maxLength": 10}, "unit": {"enum": ["celsius", "fahrenheit"]},
+        "days": {"type": "integer"}, "hourly": {"type": "boolean"},
+        "fields": {"type": "array", "items": {"enum": ["temp", "wind", "rain"]}, "maxItems": 3}}}}
 
 
-def validity(requests: int) -> None:
+def validity(requests: int, only: list[str]) -> None:
     import jsonschema
 
-    from dgemma.testing import write_test_tokenizer
+    from dgemma.control.tools import MARKERS, call_regex, split_tool_calls, tool_vocabulary
+    from dgemma.testing import TOOL_VOCAB_SIZE, write_test_tokenizer
     from dgemma.tokenizer import Tokenizer
 
     tok = Tokenizer.from_dir(write_test_tokenizer(tempfile.mkdtemp()))
     vocab = ConstraintVocabulary.from_tokenizer(tok.backend, [1], [0], 256)
+    tool_tok = Tokenizer.from_dir(write_test_tokenizer(tempfile.mkdtemp(), tool_tokens=True))
+    tool_vocab = tool_vocabulary(ConstraintVocabulary.from_tokenizer(tool_tok.backend, [1], [0], TOOL_VOCAB_SIZE),
+                                 {m: tool_tok.token_id(m) for m in MARKERS})
 
     def is_json(t):
         return isinstance(json.loads(t), dict)
@@ -52,18 +63,26 @@ def validity(requests: int) -> None:
     def is_schema(t):
         return jsonschema.validate(json.loads(t), SCHEMA) is None
 
-    kinds = {"regex": (Constraint.from_regex(REGEX, vocab), lambda t: re.fullmatch(REGEX, t) is not None, 16),
-             "choice": (Constraint.from_choice(CHOICES, vocab), lambda t: t in CHOICES, 32),
-             "schema": (Constraint.from_json_schema(SCHEMA, vocab), is_schema, 96),
-             "object": (Constraint.json_object(vocab), is_json, 96)}
+    def is_named_call(t):
+        content, calls = split_tool_calls(t)
+        return content == "" and len(calls) == 1 and calls[0].name == TOOL["name"] and \
+            jsonschema.validate(calls[0].arguments, TOOL["parameters"]) is None
+
+    kinds = {"regex": lambda: (Constraint.from_regex(REGEX, vocab), lambda t: re.fullmatch(REGEX, t) is not None, 16),
+             "choice": lambda: (Constraint.from_choice(CHOICES, vocab), lambda t: t in CHOICES, 32),
+             "schema": lambda: (Constraint.from_json_schema(SCHEMA, vocab), is_schema, 96),
+             "object": lambda: (Constraint.json_object(vocab), is_json, 96),
+             "tool": lambda: (Constraint.from_regex(call_regex([TOOL]), tool_vocab), is_named_call, 96)}
     C = 32
-    for kind, (constraint, ok, max_new) in kinds.items():
+    for kind in only:
+        constraint, ok, max_new = kinds[kind]()
+        tokenizer, vocab_size = (tool_tok, TOOL_VOCAB_SIZE) if kind == "tool" else (tok, 256)
         counts = {True: 0, False: 0}
         t = time.perf_counter()
         n = 0
         while n < requests:
             seed = n // 8
-            cfg = preset_config("tiny", canvas_length=C, vocab_size=256)
+            cfg = preset_config("tiny", canvas_length=C, vocab_size=vocab_size)
             model = random_model(cfg, std=(0.02, 0.05, 0.1, 0.2, 0.3)[seed % 5], seed=seed)
             gen = default_generation(cfg).replace(max_new_tokens=max_new, max_denoising_steps=8,
                                                            eos_token_id=[1], pad_token_id=0)
@@ -73,7 +92,7 @@ def validity(requests: int) -> None:
                 out = generate(model, prompts, gen, generator=torch.Generator().manual_seed(seed),
                                steering=[Steering(constraint=constraint)] * 8 if constrained else None)
                 for ids in out.token_ids:
-                    text = tok.decode([i for i in ids if i != 1], skip_special_tokens=False)
+                    text = tokenizer.decode([i for i in ids if i != 1], skip_special_tokens=False)
                     try:
                         good = bool(ok(text))
                     except (ValueError, jsonschema.ValidationError):
@@ -123,13 +142,15 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("what", choices=["validity", "cost"])
     ap.add_argument("--requests", type=int, default=200)
+    ap.add_argument("--kinds", nargs="+", default=["regex", "choice", "schema", "object", "tool"],
+                    choices=["regex", "choice", "schema", "object", "tool"])
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     if args.what == "validity":
         torch.set_num_threads(1)
-        validity(args.requests)
+        validity(args.requests, args.kinds)
     else:
         cost(args.vocab, args.steps, args.threads)
 
