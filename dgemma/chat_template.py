@@ -58,6 +58,7 @@ class TemplateLimits:
 #   the generation prompt is empty, so the model goes on in the turn it started. An assistant message after tool
 #   messages continues that turn too.
 # Unlike the release, which drops it silently, a tool message with no tool call before it is refused.
+# An image part ({"type": "image"}) renders as <|image|>, as in the release; dgemma expands it (images.py).
 GEMMA4_CHAT_TEMPLATE = """\
 {%- macro answer_only(text) -%}
 {%- for piece in text.split('<channel|>') -%}{{ piece.split('<|channel>')[0] }}{%- endfor -%}
@@ -68,7 +69,8 @@ GEMMA4_CHAT_TEMPLATE = """\
 {%- for part in content -%}
 {%- set text = part if part is string else (part.get('text', '') if part is mapping and part.get('type') == 'text'
                                             else '') -%}
-{{- (answer_only(text) if is_model else text) | trim -}}
+{%- if part is mapping and part.get('type') == 'image' -%}{{- '<|image|>' -}}
+{%- else -%}{{- (answer_only(text) if is_model else text) | trim -}}{%- endif -%}
 {%- endfor -%}
 {%- elif content is not none -%}{{ raise_exception('message content must be a string or a list of parts') }}
 {%- endif -%}
