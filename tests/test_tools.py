@@ -247,3 +247,16 @@ def test_bad_tool_fields_are_a_400_naming_the_field(server, body, param):
                    timeout=60)
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param, r.text
+
+
+def test_the_documented_round_trip(client):
+    """SERVING.md's example: a named call, its message sent back with a tool result, then an auto turn."""
+    messages = list(ASK)
+    r = client.chat.completions.create(model=MODEL, messages=messages, tools=TOOLS, max_tokens=3 * C, seed=4,
+                                       tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    call = r.choices[0].message.tool_calls[0]
+    jsonschema.validate(json.loads(call.function.arguments), WEATHER)
+    messages += [r.choices[0].message.model_dump(exclude_none=True),
+                 {"role": "tool", "tool_call_id": call.id, "content": "sunny, 21 C"}]
+    r = client.chat.completions.create(model=MODEL, messages=messages, tools=TOOLS, max_tokens=C, seed=4)
+    assert r.choices[0].finish_reason in ("stop", "length")
