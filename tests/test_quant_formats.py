@@ -1,0 +1,337 @@
+"""The released quantized layouts: NVIDIA ModelOpt NVFP4 and compressed-tensors FP8 (FP8_DYNAMIC).
+
+Tiny checkpoints are written in exactly the releases' layouts (per-expert tensors, the releases' exclude/ignore
+lists, bf16 for what is not quantized), with the packed values and scales produced by the formats' own libraries
+(nvidia-modelopt's NVFP4QTensor, compressed-tensors' compressor). dgemma's dequantized weights must equal those
+libraries' dequantization bit for bit, and its logits those of the plain model built from the dequantized weights."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from dgemma import checkpoint
+from dgemma.quant import compressed, nvfp4
+
+from .conftest import make_reference_checkpoint
+
+pytestmark = pytest.mark.usefixtures("one_thread_module")
+transformers = pytest.importorskip("transformers")
+
+# the NVFP4 release's exclude list, as its config.json names it
+RELEASE_EXCLUDE = ["lm_head", "*mlp*", "*router*", "*self_attn*", "*self_conditioning*", "*embed_vision*",
+                   "*vision_tower*"]
+# the FP8-dynamic release's ignore list: embeddings (the tied head), routers, self-conditioning, vision
+RELEASE_IGNORE = ["lm_head", "re:.*embed.*", "re:.*router.*", "re:.*self_conditioning.*", "re:.*vision_tower.*"]
+PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+
+def _per_expert(fused: dict[str, torch.Tensor], layer: int, e: int) -> dict[str, torch.Tensor]:
+    """The release's per-expert matrices (out, in) from the fused (E, 2I, H) / (E, H, I) tensors."""
+    gate_up = fused[f"model.decoder.layers.{layer}.experts.gate_up_proj"][e]
+    inter = gate_up.shape[0] // 2
+    return {"gate_proj": gate_up[:inter], "up_proj": gate_up[inter:],
+            "down_proj": fused[f"model.decoder.layers.{layer}.experts.down_proj"][e]}
+
+
+def _write(dst, tensors: dict[str, torch.Tensor], src, quantization_config: dict) -> None:
+    """Two shards and an index, like the release; config.json gets the quantization_config."""
+    dst.mkdir(parents=True)
+    names = sorted(tensors)
+    halves = [names[: len(names) // 2], names[len(names) // 2:]]
+    weight_map = {}
+    for i, part in enumerate(halves):
+        fname = f"model-{i + 1:05d}-of-00002.safetensors"
+        save_file({k: tensors[k].contiguous() for k in part}, dst / fname, metadata={"format": "pt"})
+        weight_map.update({k: fname for k in part})
+    (dst / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["quantization_config"] = quantization_config
+    (dst / "config.json").write_text(json.dumps(cfg))
+    shutil.copy(src / "generation_config.json", dst / "generation_config.json")
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    root = tmp_path_factory.mktemp("formats")
+    src = make_reference_checkpoint(root / "src", std=0.05, seed=5, vision=False)
+    return root, src, load_file(src / "model.safetensors"), json.loads((src / "config.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def nvfp4_release(source):
+    """(directory, oracle-dequantized expert matrices) of an NVFP4 checkpoint in the release's layout, packed by
+    ModelOpt. Returns the oracle's dequantization (fp32) of every expert matrix, keyed by its release name."""
+    qtensor = pytest.importorskip("modelopt.torch.quantization.qtensor")
+    from modelopt.torch.export.convert_hf_config import convert_hf_quant_config_format
+
+    root, src, state, cfg = source
+    layers, num_experts = cfg["text_config"]["num_hidden_layers"], cfg["text_config"]["num_experts"]
+    out = {k: v.bfloat16() for k, v in state.items() if ".experts." not in k}  # excluded: bf16, as released
+    oracle = {}
+    torch.manual_seed(0)
+    for layer in range(layers):
+        for e in range(num_experts):
+            for proj, w in _per_expert(state, layer, e).items():
+                name = f"model.decoder.layers.{layer}.experts.{e}.{proj}"
+                packed, scale, scale_2 = qtensor.NVFP4QTensor.quantize(w.bfloat16(), nvfp4.GROUP)
+                out[name + ".weight"] = packed._quantized_data
+                out[name + ".weight_scale"] = scale
+                out[name + ".weight_scale_2"] = scale_2.reshape(())
+                out[name + ".input_scale"] = torch.rand(()) * 0.01 + 1e-3
+                oracle[name] = packed.dequantize(dtype=torch.float32, scale=scale, double_scale=scale_2,
+                                                 block_sizes={-1: nvfp4.GROUP})
+    qc = convert_hf_quant_config_format({"producer": {"name": "modelopt", "version": "0.47.0"},
+                                         "quantization": {"quant_algo": "NVFP4", "kv_cache_quant_algo": None,
+                                                          "group_size": 16, "exclude_modules": RELEASE_EXCLUDE}})
+    dst = root / "nvfp4"
+    _write(dst, out, src, qc)
+    return dst, oracle
+
+
+@pytest.fixture(scope="module")
+def fp8_release(source):
+    """An FP8_DYNAMIC checkpoint in the community releases' layout (attention, dense MLP and each expert quantized),
+    compressed by compressed-tensors. Returns (directory, the oracle's dequantized matrices by module name)."""
+    ct = pytest.importorskip("compressed_tensors")
+    from compressed_tensors.compressors.naive_quantized import FloatQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationConfig, preset_name_to_scheme
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    assert ct.__version__.startswith("0.20.0")
+    root, src, state, cfg = source
+    scheme = preset_name_to_scheme("FP8_DYNAMIC", ["Linear"])
+    layers, num_experts = cfg["text_config"]["num_hidden_layers"], cfg["text_config"]["num_experts"]
+
+    def quantize(name: str, w: torch.Tensor) -> None:
+        w = w.bfloat16()
+        scale, zp = calculate_qparams(w.amin(1, keepdim=True), w.amax(1, keepdim=True), scheme.weights)
+        packed = FloatQuantizationCompressor.compress({"weight": w, "weight_scale": scale, "weight_zero_point": zp},
+                                                      scheme)
+        out[name + ".weight"], out[name + ".weight_scale"] = packed["weight"], packed["weight_scale"]
+        oracle[name] = FloatQuantizationCompressor.decompress(packed, scheme)["weight"]
+
+    out, oracle = {}, {}
+    for k, v in state.items():
+        module = k.removesuffix(".weight")
+        quantized = k.endswith("_proj.weight") and (".self_attn." in k or ".mlp." in k)
+        if quantized:
+            quantize(module, v)
+        elif ".experts." not in k:
+            out[k] = v.bfloat16()
+    for layer in range(layers):
+        for e in range(num_experts):
+            for proj, w in _per_expert(state, layer, e).items():
+                quantize(f"model.decoder.layers.{layer}.experts.{e}.{proj}", w)
+    qc = QuantizationConfig(config_groups={"group_0": scheme}, ignore=RELEASE_IGNORE, format="float-quantized",
+                            quantization_status="compressed").model_dump()
+    dst = root / "fp8-dynamic"
+    _write(dst, out, src, json.loads(json.dumps(qc)))
+    return dst, oracle
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.int32 if t.dtype == torch.float32 else torch.int16)
+
+
+def _experts_from_oracle(oracle: dict, layer: int, num_experts: int):
+    prefix = f"model.decoder.layers.{layer}.experts"
+    gate_up = torch.stack([torch.cat([oracle[f"{prefix}.{e}.gate_proj"], oracle[f"{prefix}.{e}.up_proj"]])
+                           for e in range(num_experts)])
+    down = torch.stack([oracle[f"{prefix}.{e}.down_proj"] for e in range(num_experts)])
+    return gate_up, down
+
+
+def _logits(model, V, C, seed=2):
+    prompt = torch.randint(3, V, (1, 9), generator=torch.Generator().manual_seed(seed))
+    canvas = torch.randint(0, V, (1, C), generator=torch.Generator().manual_seed(seed + 1))
+    cache = model.new_cache(1, 9 + C)
+    model.encode(prompt, cache)
+    return model.denoise(canvas, cache)
+
+
+def _plain_model(path, replace: dict[str, torch.Tensor]):
+    """The bf16 checkpoint's model (as plain dgemma loads it) with some parameters replaced by fp32 tensors."""
+    plain = checkpoint.load(path, quiet=True)
+    state = {k: v.clone() for k, v in plain.model.state_dict().items()}
+    for k, v in replace.items():
+        assert state[k].shape == v.shape, k
+        state[k] = v.float().clone()
+    plain.model.load_state_dict(state, assign=True)
+    return plain
+
+
+def _bf16_copy(source, dst):
+    """The source checkpoint in bf16, as the releases store what they leave unquantized."""
+    root, src, state, _ = source
+    dst.mkdir(exist_ok=True)
+    save_file({k: v.bfloat16() for k, v in state.items()}, dst / "model.safetensors", metadata={"format": "pt"})
+    for name in ("config.json", "generation_config.json"):
+        shutil.copy(src / name, dst / name)
+    return dst
+
+
+def test_nvfp4_experts_dequantize_bit_for_bit_as_modelopt(nvfp4_release):
+    path, oracle = nvfp4_release
+    ck = checkpoint.load(path, quiet=True)
+    for i, layer in enumerate(ck.model.layers):
+        experts = layer.experts
+        assert isinstance(experts, nvfp4.NVFP4Experts)
+        assert experts.gate_up_proj.dtype == torch.uint8 and experts.gate_up_proj_weight_scale.dtype == nvfp4.FP8
+        gate_up, down = experts.weights(torch.float32)
+        want_gate_up, want_down = _experts_from_oracle(oracle, i, experts.num_experts)
+        assert torch.equal(_bits(gate_up), _bits(want_gate_up)) and torch.equal(_bits(down), _bits(want_down))
+        assert type(layer.self_attn.q_proj) is torch.nn.Linear and type(layer.router.proj) is torch.nn.Linear
+    assert ck.model.quantization_config["quant_method"] == "modelopt"
+
+
+def test_nvfp4_model_is_the_dequantized_model(nvfp4_release, source, tmp_path):
+    path, oracle = nvfp4_release
+    ck = checkpoint.load(path, quiet=True)
+    replace = {}
+    for i in range(len(ck.model.layers)):
+        gate_up, down = _experts_from_oracle(oracle, i, ck.model.layers[i].experts.num_experts)
+        replace[f"layers.{i}.experts.gate_up_proj"], replace[f"layers.{i}.experts.down_proj"] = gate_up, down
+    plain = _plain_model(_bf16_copy(source, tmp_path / "bf16"), replace)
+    V, C = ck.config.text.vocab_size, ck.config.canvas_length
+    got, want = _logits(ck.model, V, C), _logits(plain.model, V, C)
+    assert (got - want).abs().max() <= 1e-4
+    # the packed experts take 0.5625 bytes a weight (0.5 for the codes, 1/16 for the FP8 group scales)
+    experts = ck.model.layers[0].experts
+    packed = sum(p.numel() * p.element_size() for n, p in experts.named_parameters() if "input_scale" not in n
+                 and not n.endswith("scale_2"))
+    assert packed == (experts.gate_up_proj.numel() + experts.down_proj.numel()) * 2 * 0.5625
+
+
+def test_nvfp4_reads_hf_quant_config_json_when_config_json_has_none(nvfp4_release, tmp_path):
+    path, oracle = nvfp4_release
+    dst = tmp_path / "old-export"
+    shutil.copytree(path, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    del cfg["quantization_config"]
+    (dst / "config.json").write_text(json.dumps(cfg))
+    (dst / "hf_quant_config.json").write_text(json.dumps(
+        {"producer": {"name": "modelopt"}, "quantization": {"quant_algo": "NVFP4", "group_size": 16,
+                                                            "exclude_modules": RELEASE_EXCLUDE}}))
+    ck = checkpoint.load(dst, quiet=True)
+    assert isinstance(ck.model.layers[0].experts, nvfp4.NVFP4Experts)
+
+
+def test_fp8_dynamic_dequantizes_bit_for_bit_as_compressed_tensors(fp8_release):
+    path, oracle = fp8_release
+    ck = checkpoint.load(path, quiet=True)
+    for i, layer in enumerate(ck.model.layers):
+        q = layer.self_attn.q_proj
+        assert isinstance(q, compressed.ChannelFP8Linear) and q.weight_scale.dtype == torch.bfloat16
+        want = oracle[f"model.decoder.layers.{i}.self_attn.q_proj"]
+        # compressed-tensors rounds the product to the scale's dtype (bf16); the CPU then computes in fp32
+        got = compressed.dequantize(q.weight, q.weight_scale, torch.float32)
+        assert want.dtype == torch.bfloat16 and torch.equal(_bits(got), _bits(want.float()))
+        gate_up, down = layer.experts.weights(torch.float32)
+        want_gate_up, want_down = (w.float() for w in _experts_from_oracle(oracle, i, layer.experts.num_experts))
+        assert torch.equal(_bits(gate_up), _bits(want_gate_up)) and torch.equal(_bits(down), _bits(want_down))
+        assert type(layer.router.proj) is torch.nn.Linear  # ignored, as released
+    assert type(ck.model.self_conditioning.gate_proj) is torch.nn.Linear
+
+
+def test_fp8_dynamic_model_is_the_dequantized_model(fp8_release, source, tmp_path):
+    path, oracle = fp8_release
+    ck = checkpoint.load(path, quiet=True)
+    replace = {}
+    for name, w in oracle.items():
+        if ".experts." not in name:
+            replace[name.removeprefix("model.decoder.") + ".weight"] = w
+    for i in range(len(ck.model.layers)):
+        gate_up, down = _experts_from_oracle(oracle, i, ck.model.layers[i].experts.num_experts)
+        replace[f"layers.{i}.experts.gate_up_proj"], replace[f"layers.{i}.experts.down_proj"] = gate_up, down
+    plain = _plain_model(_bf16_copy(source, tmp_path / "bf16"), replace)
+    V, C = ck.config.text.vocab_size, ck.config.canvas_length
+    assert (_logits(ck.model, V, C) - _logits(plain.model, V, C)).abs().max() <= 1e-4
+
+
+def _edited(path, dst, config=None, drop: str | None = None, retype: str | None = None):
+    """A copy of a checkpoint with its quantization_config edited, one tensor dropped or one stored as F32."""
+    # the shards are linked, not copied, unless a tensor is edited (then that shard is rewritten in place of its link)
+    shutil.copytree(path, dst, copy_function=os.symlink)
+    for link in dst.glob("*.json"):
+        link.unlink()
+        shutil.copy(path / link.name, link)
+    if config is not None:
+        cfg = json.loads((dst / "config.json").read_text())
+        config(cfg["quantization_config"])
+        (dst / "config.json").write_text(json.dumps(cfg))
+    for name in (drop, retype):
+        if name is None:
+            continue
+        index = json.loads((dst / "model.safetensors.index.json").read_text())
+        shard = dst / index["weight_map"][name]
+        tensors = load_file(shard)
+        shard.unlink()
+        if name == drop:
+            del tensors[name], index["weight_map"][name]
+        else:
+            tensors[name] = tensors[name].float()
+        save_file(tensors, shard)
+        (dst / "model.safetensors.index.json").write_text(json.dumps(index))
+    return dst
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda q: q.update(quant_algo="FP8"), r"quant_algo 'FP8' is not supported"),
+    (lambda q: q["config_groups"]["group_0"]["weights"].update(group_size=32), r"group_size must be 16"),
+    (lambda q: q.update(ignore=RELEASE_EXCLUDE + ["*layers.1.experts.2.*"]),
+     r"quantizes some of model.decoder.layers.1.experts's experts but not others"),
+    (lambda q: q.update(quant_method="gptq"), r"quantization method 'gptq' is not supported"),
+])
+def test_nvfp4_configs_dgemma_cannot_run_are_one_line_errors(nvfp4_release, tmp_path, edit, message):
+    with pytest.raises(checkpoint.CheckpointError, match=message):
+        checkpoint.load(_edited(nvfp4_release[0], tmp_path / "c", config=edit), quiet=True)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda q: q["config_groups"]["group_0"]["weights"].update(strategy="tensor"),
+     r"config_groups.group_0.weights.strategy is 'tensor'"),
+    (lambda q: q["config_groups"]["group_0"]["weights"].update(num_bits=4, type="int"),
+     r"config_groups.group_0.weights.num_bits is 4"),
+    (lambda q: q["config_groups"]["group_0"]["input_activations"].update(dynamic=False),
+     r"config_groups.group_0.input_activations.dynamic is False"),
+    (lambda q: q.update(format="pack-quantized"), r"quantization_config.format 'pack-quantized' is not supported"),
+    (lambda q: q.update(quantization_status="frozen"), r"quantization_status 'frozen'"),
+])
+def test_compressed_tensors_schemes_dgemma_does_not_implement_are_refused(fp8_release, tmp_path, edit, message):
+    with pytest.raises(checkpoint.CheckpointError, match=message):
+        checkpoint.load(_edited(fp8_release[0], tmp_path / "c", config=edit), quiet=True)
+
+
+def test_missing_or_mistyped_expert_tensors_are_one_line_errors(nvfp4_release, fp8_release, tmp_path):
+    name = "model.decoder.layers.2.experts.3.down_proj.weight_scale"
+    with pytest.raises(checkpoint.CheckpointError, match=f"missing tensor {name}"):
+        checkpoint.load(_edited(nvfp4_release[0], tmp_path / "a", drop=name), quiet=True)
+    with pytest.raises(checkpoint.CheckpointError, match=f"tensor {name} is F32, but .* says it is F8_E4M3"):
+        checkpoint.load(_edited(nvfp4_release[0], tmp_path / "b", retype=name), quiet=True)
+    dense = "model.decoder.layers.0.self_attn.o_proj.weight"
+    with pytest.raises(checkpoint.CheckpointError, match=f"tensor {dense} is F32, but .* says it is F8_E4M3"):
+        checkpoint.load(_edited(fp8_release[0], tmp_path / "c", retype=dense), quiet=True)
+
+
+def test_read_only_formats_are_not_written_back(nvfp4_release, tmp_path):
+    ck = checkpoint.load(nvfp4_release[0], quiet=True)
+    with pytest.raises(checkpoint.CheckpointError, match="does not write them"):
+        checkpoint.save(tmp_path / "out", ck.model, ck.config, ck.generation)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_dequantization_on_cuda_matches_the_cpu(nvfp4_release, fp8_release):
+    for path in (nvfp4_release[0], fp8_release[0]):
+        cpu = checkpoint.load(path, quiet=True)
+        gpu = checkpoint.load(path, device="cuda", dtype=torch.float32, quiet=True)
+        for a, b in zip(cpu.model.layers, gpu.model.layers):
+            for x, y in zip(a.experts.weights(torch.float32), b.experts.weights(torch.float32)):
+                assert torch.equal(_bits(x), _bits(y.cpu()))
