@@ -240,7 +240,8 @@ def test_history_with_calls_and_tool_results_renders_through_the_template(client
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {
         "type": "object", "properties": {"a": {"oneOf": [{"type": "string"}]}}}}}], "tool_choice": "required"},
      "tools"),
-    ({"tool_choice": "required", "response_format": {"type": "json_object"}}, "tool_choice")])
+    ({"tool_choice": "required", "response_format": {"type": "json_object"}}, "tool_choice"),
+    ({"tool_choice": "required", "pinned": {"0": 5}}, "tool_choice")])
 def test_bad_tool_fields_are_a_400_naming_the_field(server, body, param):
     request = {"model": MODEL, "messages": ASK, "tools": TOOLS, "max_tokens": C, **body}
     r = httpx.post(server.url + "/v1/chat/completions", json={k: v for k, v in request.items() if v is not None},

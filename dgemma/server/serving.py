@@ -302,8 +302,14 @@ class Serving:
             raise APIError(400, f"cannot render the chat template: {e}", param="messages") from None
         # the thought channel markers are special tokens: keep them in the text and split on them
         max_tokens = body.max_completion_tokens or body.max_tokens
+        forced = tools is not None and tools.forced is not None
+        if forced and (body.structured_outputs is not None or (body.response_format is not None
+                                                               and body.response_format.type != "text")):
+            # refused before the other constraint compiles (seconds for a JSON object)
+            raise APIError(400, f"tool_choice {tools.choice!r} constrains the reply to a tool call; it cannot be "
+                                f"combined with response_format or structured_outputs", param="tool_choice")
         steering = await self.steer(body, max_tokens)
-        if tools is not None and tools.forced is not None:
+        if forced:
             if steering is not None:
                 raise APIError(400, f"tool_choice {tools.choice!r} constrains the reply to a tool call; it cannot be "
                                     f"combined with response_format, structured_outputs or canvas steering",
