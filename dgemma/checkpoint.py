@@ -326,22 +326,13 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     files = _index_files(path)
     with torch.device("meta"):
         model = DiffusionGemma(config.text, config.canvas_length)
-    layout = None  # a quantized checkpoint's layout (dgemma/quant/formats.py)
+    layout = None  # a quantized checkpoint's layout: which format, and how its tensors load (dgemma/quant/formats.py)
     try:
         qc = quant_formats.quantization_config(raw_config, path)
+        if qc is not None:
+            layout = quant_formats.prepare(model, qc, str(path / "config.json"), lambda n: _stored_dtype(files, n))
     except quant_fp8.QuantError as e:
         raise CheckpointError(str(e)) from None
-    if qc is not None:
-        raw_config = {**raw_config, "quantization_config": qc}
-    if "quantization_config" in raw_config:
-        qc, where = raw_config["quantization_config"], str(path / "config.json")
-        try:
-            if isinstance(qc, dict) and qc.get("quant_method") == quant_int4.QUANT_METHOD:
-                quant_int4.quantize_model(model, *quant_int4.read_config(qc, where))
-            else:  # refuses anything that is not its own format, naming the ones dgemma reads
-                layout = quant_formats.prepare(model, qc, where, lambda name: _stored_dtype(files, name))
-        except quant_fp8.QuantError as e:
-            raise CheckpointError(str(e)) from None
     expected = {k: v for k, v in model.state_dict().items()}
     state: dict[str, torch.Tensor] = {}
     tied: dict[str, str] = {}
@@ -423,6 +414,8 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
                   file=sys.stderr)
         if ignored:
             print(f"dgemma: ignoring {len(ignored)} unknown tensors, e.g. {ignored[0]}", file=sys.stderr)
+        for note in layout.notes if layout is not None else ():
+            print(f"dgemma: {note}", file=sys.stderr)
     return Checkpoint(model, config, generation, path, passthrough, raw_config.get("vision_config"), tower)
 
 

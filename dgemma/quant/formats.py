@@ -1,6 +1,7 @@
 """Which quantized format a checkpoint is in, from its `quantization_config`, and the Layout the loader follows.
 
     quant_method "fp8"                 dgemma's block FP8 (fp8.py), as `dgemma quantize` writes it
+    quant_method "dgemma-int4"         dgemma's group-wise int4 (int4.py), as `dgemma quantize --format int4` writes it
     quant_method "modelopt"            NVIDIA ModelOpt NVFP4 (nvfp4.py); also read from hf_quant_config.json
     quant_method "compressed-tensors"  FP8 per-channel weights, the FP8_DYNAMIC scheme (compressed.py)
 """
@@ -12,10 +13,10 @@ from pathlib import Path
 
 from torch import nn
 
-from . import compressed, fp8, nvfp4
+from . import compressed, fp8, int4, nvfp4
 from .layout import Layout, QuantError
 
-FORMATS = (fp8.QUANT_METHOD, nvfp4.QUANT_METHOD, compressed.QUANT_METHOD)
+FORMATS = (fp8.QUANT_METHOD, int4.QUANT_METHOD, nvfp4.QUANT_METHOD, compressed.QUANT_METHOD)
 READ_ONLY = (nvfp4.QUANT_METHOD, compressed.QUANT_METHOD)  # loaded and run, never written by dgemma
 
 
@@ -52,6 +53,9 @@ def prepare(model: nn.Module, qc: object, where: str, stored_dtype) -> Layout:
     method = qc.get("quant_method")
     if method == fp8.QUANT_METHOD:
         layout = _fp8_layout(model, qc, where)
+    elif method == int4.QUANT_METHOD:
+        int4.quantize_model(model, *int4.read_config(qc, where))
+        layout = Layout(config=model.quantization_config)
     elif method == nvfp4.QUANT_METHOD:
         layout = nvfp4.prepare(model, qc, where)
     elif method == compressed.QUANT_METHOD:
