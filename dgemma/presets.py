@@ -7,6 +7,7 @@ from torch import nn
 
 from .config import FULL, SLIDING, GenerationConfig, ModelConfig, TextConfig
 from .model import DiffusionGemma
+from .model.moe import Experts
 
 
 def _layers(n: int, full_every: int) -> list[str]:
@@ -32,6 +33,10 @@ PRESETS: dict[str, dict] = {
                              num_global_key_value_heads=2, sliding_window=1024, num_experts=16, top_k_experts=2,
                              moe_intermediate_size=1024, layer_types=_layers(12, 6), max_position_embeddings=32_768),
                    canvas_length=256),
+    # DiffusionGemma 26B-A4B, the release's text stack (TextConfig's defaults are its shapes): 30 layers, hidden
+    # 2816, 16 heads / 8 KV (head_dim 256; full layers 512 with 2 KV heads), 128 experts top-8 of 704 beside a 2112
+    # dense MLP, vocab 262,144. Too big to build on a CPU in fp32: `build_on_device` makes it where it runs.
+    "26b-a4b": dict(text=dict(), canvas_length=256),
 }
 
 
@@ -66,6 +71,58 @@ def random_model(config: ModelConfig, std: float = 0.02, seed: int | None = 0, d
     model = DiffusionGemma(config.text, config.canvas_length)
     init_weights(model, std, seed)
     return model.to(device=device, dtype=dtype).eval()
+
+
+@torch.no_grad()
+def build_on_device(config: ModelConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,
+                    quantize: str | None = None, std: float = 0.02, seed: int = 0) -> DiffusionGemma:
+    """A random-weight model built where it will run: the modules are made on the meta device, then each one is
+    materialised on `device` in `dtype`, filled like init_weights (normal(0, std) matrices, ones elsewhere), and,
+    with `quantize` ("fp8" or "int4"), quantized before the next is made. Nothing is ever held in fp32 on the CPU,
+    and the peak beyond the finished model is one module's dense weights (a layer's experts).
+
+    On device="meta" nothing is allocated: the same steps run on shapes only (the tests check the 26B path so)."""
+    from .quant import fp8, int4
+
+    device = torch.device(device)
+    with torch.device("meta"):
+        model = DiffusionGemma(config.text, config.canvas_length)
+    gen = None if device.type == "meta" else torch.Generator(device).manual_seed(seed)
+
+    def materialise(module: nn.Module) -> None:
+        for sub in module.modules():
+            for name, p in list(sub._parameters.items()):
+                if p is not None and p.is_meta:
+                    t = torch.empty(p.shape, dtype=dtype, device=device)
+                    t.normal_(generator=gen).mul_(std) if t.ndim >= 2 else t.fill_(1.0)
+                    sub._parameters[name] = nn.Parameter(t, requires_grad=False)
+            for name, b in list(sub._buffers.items()):
+                if b is not None and b.is_meta:
+                    sub._buffers[name] = torch.ones(b.shape, dtype=dtype, device=device)  # the layer scalars
+
+    if quantize is not None:
+        transform = {"fp8": fp8, "int4": int4}.get(quantize)
+        if transform is None:
+            raise ValueError(f"quantize must be 'fp8' or 'int4', got {quantize!r}")
+        size = int4.pick_group_size(model) if quantize == "int4" else fp8.pick_block(model)
+        for parent, name, module in fp8._targets(model, True):
+            materialise(module)
+            if quantize == "int4":
+                new = (int4.Int4Experts.quantize(module, size) if isinstance(module, Experts)
+                       else int4.Int4Linear.quantize(module, size))
+            else:
+                new = fp8.FP8Experts(module, (size, size)) if isinstance(module, Experts) else \
+                    fp8.FP8Linear(module, (size, size))
+            setattr(parent, name, new)
+            del module
+        model.quantization_config = (int4.make_config(size, True) if quantize == "int4" else
+                                     {"quant_method": fp8.QUANT_METHOD, "activation_scheme": "dynamic",
+                                      "weight_block_size": [size, size], "modules_to_not_convert": fp8.NOT_CONVERTED})
+        model.cuda_graph_capturable = quantize != "int4"  # int4 experts read their token counts on the host
+    materialise(model)
+    if device.type != "meta":
+        model.reset_rope(device)
+    return model.eval()
 
 
 def default_generation(config: ModelConfig) -> GenerationConfig:

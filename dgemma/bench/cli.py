@@ -7,10 +7,14 @@ import json
 
 from ..cli_common import PRESET_NAMES, CLIError, apply_threads, available_cpus
 
+BENCH_PRESETS = (*PRESET_NAMES, "26b-a4b")  # 26b-a4b: the release's shapes, built on the device (not for training)
+
 
 def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("bench", help="measure generation speed (optionally against transformers / AR)")
-    p.add_argument("--preset", choices=sorted(PRESET_NAMES), default="small", help="random-weight model preset")
+    p.add_argument("--preset", choices=sorted(BENCH_PRESETS), default="small",
+                   help="random-weight model preset (26b-a4b: the 26B release's exact shapes, each module made on "
+                        "--device in the compute dtype and quantized there, never a full fp32 copy on the CPU)")
     p.add_argument("--model", help="benchmark a checkpoint directory instead of a preset")
     p.add_argument("--batch-size", type=int, default=1, help="sequences generated together")
     p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens per sequence")
@@ -28,8 +32,11 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
                    help="also run transformers' generate, an autoregressive decode, or (CUDA) dgemma without graphs")
     p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                    help="on CUDA, run each denoising step eagerly instead of replaying a CUDA graph")
-    p.add_argument("--quantize", choices=["fp8"], default=None,
+    p.add_argument("--quantize", choices=["fp8", "int4"], default=None,
                    help="quantize the model's weights first (as `dgemma quantize` does) and time that")
+    p.add_argument("--sizes-only", action="store_true",
+                   help="print what the model's weights take in bf16, FP8, NVFP4 and int4 (computed from its shapes "
+                        "on the meta device, nothing allocated) and the KV cache of this workload, and exit")
     p.add_argument("--sampler", choices=["exact", "fast"], default="exact",
                    help="exact: the reference's random draws (an Exp(1) race over the vocabulary per position); "
                         "fast: the same distribution from one uniform per position")
@@ -53,6 +60,20 @@ def cmd_bench(args) -> int:
     for name in ("batch_size", "prompt_len", "new_tokens", "steps", "threads", "repeats"):
         if getattr(args, name) < 1:
             raise CLIError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.sizes_only:
+        from .runners import print_format_sizes
+
+        print_format_sizes(args)
+        return 0
+    if args.preset == "26b-a4b" and not args.model and args.compare:
+        raise CLIError("--preset 26b-a4b runs dgemma only (--compare would build a second 26B model)")
+    if (args.preset == "26b-a4b" and not args.model and not args.device.startswith("cuda")
+            and args.quantize != "int4"):
+        raise CLIError("--preset 26b-a4b on a CPU holds 101 GB of fp32 weights; use --device cuda, --quantize int4 "
+                       "(about 15 GB plus the embedding in fp32), or --sizes-only")
+    if args.quantize == "int4" and "transformers" in args.compare:
+        raise CLIError("--compare transformers with --quantize int4: transformers does not read dgemma's int4 "
+                       "weights")
     if args.quantize and "transformers" in args.compare and not args.device.startswith("cuda"):
         raise CLIError("--compare transformers with --quantize needs --device cuda: on a CPU transformers "
                        "5.23 cannot dequantize fused FP8 experts")

@@ -18,7 +18,8 @@ def summarize(args, m: Measurement) -> dict:
     config, dtype, peak, bandwidth = m.config, m.dtype, m.matmul_peak_gflops, m.copy_bandwidth_gb_s
     C = config.canvas_length
     cuda = args.device.startswith("cuda")
-    weights = sum(p.numel() * p.element_size() for p in m.model.state_dict().values())
+    # what the model holds (an int4 model's state_dict() would unpack its weights to report them)
+    weights = sum(t.numel() * t.element_size() for t in [*m.model.parameters(), *m.model.buffers()])
     capacity = args.prompt_len + min(-(-args.new_tokens // C), 4) * C  # as generate() allocates it
     kv_cache = KVCache(config.text, args.batch_size, capacity, dtype, "meta").nbytes()  # sized, not allocated
     context = args.prompt_len + args.new_tokens // 2  # average context across canvases
@@ -54,7 +55,8 @@ def summarize(args, m: Measurement) -> dict:
                      "denoising_steps": args.steps, "adaptive": args.adaptive, "threads": args.threads,
                      "device": args.device, "dtype": str(dtype).replace("torch.", ""), "repeats": args.repeats,
                      "sampler": getattr(args, "sampler", "exact"),
-                     "weights": "fp8" if is_quantized(m.model) else "unquantized"},
+                     "weights": m.model.quantization_config["quant_method"] if is_quantized(m.model)
+                     else "unquantized"},
         "machine": {"matmul_peak_gflops": peak, "copy_bandwidth_gb_s": bandwidth, "weights_mb": weights / 2**20,
                     "floor_ms_per_step_bandwidth": bytes_step / (bandwidth * 1e9) * 1e3 if bandwidth else None,
                     "floor_ms_per_step": flops_step / (peak * 1e9) * 1e3,
@@ -78,7 +80,7 @@ def print_table(out: dict) -> None:
     print(f"workload: {w['preset'] or w['model']} ({w['active_params_m']}M active), batch {w['batch_size']}, "
           f"prompt {w['prompt_len']}, {w['new_tokens']} new tokens, {w['denoising_steps']} "
           f"{'adaptive' if w['adaptive'] else 'fixed'} steps, {w['threads']} threads, {w['device']} {w['dtype']}"
-          f"{', FP8 weights' if w['weights'] == 'fp8' else ''}")
+          f"{'' if w['weights'] == 'unquantized' else ', ' + w['weights'] + ' weights'}")
     print(f"machine: matmul peak {m['matmul_peak_gflops']:.1f} GFLOP/s; weights {m['weights_mb']:.0f} MiB; "
           f"matmul floor {m['floor_ms_per_step']:.2f} ms per denoising step")
     if m.get("copy_bandwidth_gb_s"):

@@ -127,14 +127,20 @@ def build_model(args):
     if args.model:
         ck = load_checkpoint(args.model, device=device, dtype=dtype, quiet=True)
         model, config, generation, path = ck.model, ck.config, ck.generation, Path(args.model)
+    elif args.preset == "26b-a4b":  # made module by module on the device, quantized there
+        from ..presets import build_on_device
+
+        config = preset_config(args.preset)
+        model = build_on_device(config, device, dtype, args.quantize)
+        return model, config, default_generation(config), None, dtype
     else:
         config = preset_config(args.preset)
         model = random_model(config, std=0.02, seed=0, device=device, dtype=dtype)
         generation, path = default_generation(config), None
     if args.quantize:
-        from ..quant import quantize_model
+        from ..quant import fp8, int4
 
-        quantize_model(model)
+        (int4 if args.quantize == "int4" else fp8).quantize_model(model)
         path = None  # what transformers is compared on is this model, saved afresh
     return model, config, generation, path, dtype
 
@@ -196,9 +202,9 @@ def run_workload(args) -> Measurement:
 
     cuda = args.device.startswith("cuda")
     sampler = getattr(args, "sampler", "exact")
-    engines = {"dgemma": lambda seed: run_dgemma(model, prompts, gen, seed, cuda_graphs=cuda and args.cuda_graphs,
-                                                 sampler=sampler)}
-    if cuda and args.cuda_graphs and "eager" in args.compare:  # the same engine without CUDA graphs
+    graphs = cuda and args.cuda_graphs and getattr(model, "cuda_graph_capturable", True)  # not int4 experts
+    engines = {"dgemma": lambda seed: run_dgemma(model, prompts, gen, seed, cuda_graphs=graphs, sampler=sampler)}
+    if graphs and "eager" in args.compare:  # the same engine without CUDA graphs
         engines["dgemma-eager"] = lambda seed: run_dgemma(model, prompts, gen, seed, cuda_graphs=False,
                                                           sampler=sampler)
     # dgemma's memory, measured before anything else is loaded: its warm-up run is its largest (first touch)
@@ -228,3 +234,19 @@ def run_workload(args) -> Measurement:
     peak = max(peak, measure_matmul_peak(dtype, args.device))
     bandwidth = measure_copy_bandwidth(args.device) if cuda else None
     return Measurement(model, config, dtype, results, peak, bandwidth, dgemma_peak)
+
+
+def print_format_sizes(args) -> None:
+    """`dgemma bench --sizes-only`: the weights in every format, from shapes on the meta device."""
+    from ..config import ModelConfig, read_json
+    from ..presets import preset_config
+    from ..quant.sizes import format_sizes, print_sizes
+
+    if args.model:
+        config = ModelConfig.from_hf(read_json(Path(args.model) / "config.json"), str(Path(args.model) / "config.json"))
+        name = args.model
+    else:
+        config, name = preset_config(args.preset), args.preset
+    C = config.canvas_length
+    capacity = args.prompt_len + min(-(-args.new_tokens // C), 4) * C  # as generate() allocates it
+    print_sizes(name, config, format_sizes(config), capacity)

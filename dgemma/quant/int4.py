@@ -28,7 +28,8 @@ QUANT_METHOD = "dgemma-int4"
 GROUP_SIZES = (128, 64, 32)  # the automatic choice: the largest that divides every quantized matrix's input side
 KERNEL_GROUP_SIZES = (32, 64, 128, 256)  # what the kernels accept
 ROW_MULTIPLE = 16  # the CPU packer needs output sides divisible by 16 (CUDA by 8)
-SCALE_DTYPE = torch.bfloat16  # scales and zeros as stored: the CUDA kernel's dtype, exact in fp32 on a CPU
+SCALE_DTYPE = torch.bfloat16  # scales and zeros as stored and as the kernels read them
+KERNEL_DTYPE = torch.bfloat16  # the activations' dtype in the int4 matmuls (see int4_mm)
 NOT_CONVERTED = ["lm_head", "embed_tokens", "router", "model.encoder.vision_tower", "model.encoder.embed_vision"]
 _SAVED_AS_IS = ("_scale", "_zero")  # suffixes of the stored scales and zeros (after ".weight" or "_proj")
 
@@ -102,13 +103,22 @@ def scales_and_zeros(scale: torch.Tensor, zero: torch.Tensor, dtype: torch.dtype
 
 
 def int4_mm(x: torch.Tensor, packed: torch.Tensor, group_size: int, sz: torch.Tensor) -> torch.Tensor:
-    """x (M, K) @ W.T -> (M, N), W the packed int4 weight; the kernel dequantizes inside its tiles."""
+    """x (M, K) @ W.T -> (M, N) in x's dtype, W the packed int4 weight; the kernel dequantizes inside its tiles.
+
+    The kernels take bf16 activations: CUDA's takes nothing else, and the CPU one is vectorised for bf16 only (on
+    fp32 or fp16 inputs it runs a scalar loop, 60-90x slower: 0.2-0.3 GFLOP/s against 21-66 on one AVX512 core).
+    So x is rounded to bf16 (8 significant bits; the products are summed in fp32 and the result rounded to bf16),
+    which adds about 2^-9 of relative error beside the 4-bit weights' few percent."""
+    xb = x.to(KERNEL_DTYPE)
     if x.device.type == "cpu":
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group_size, sz)
-    return torch.ops.aten._weight_int4pack_mm(x, packed, group_size, sz)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, packed, group_size, sz)
+    else:
+        y = torch.ops.aten._weight_int4pack_mm(xb, packed, group_size, sz)
+    return y.to(x.dtype)
 
 
-def kernel_unpack(packed: torch.Tensor, n: int, k: int, group_size: int, dtype: torch.dtype) -> torch.Tensor:
+def kernel_unpack(packed: torch.Tensor, n: int, k: int, group_size: int,
+                  dtype: torch.dtype = KERNEL_DTYPE) -> torch.Tensor:
     """The codes (N, K) uint8 back from a kernel-packed weight, read through the kernel itself: with scale 1 and
     zero 0 the weight is `code - 8`, and the identity times it gives those integers exactly (a sum of one nonzero
     term). Used when saving, so the stored layout never depends on how this machine's kernel packs."""
@@ -129,11 +139,11 @@ class _Packed:
     """One int4 matrix (or a stack of them) as its device's kernel wants it: packed codes and (K/g, N, 2) scales."""
 
     @staticmethod
-    def from_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dtype: torch.dtype):
+    def from_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor):
         """codes (..., N, K), scale/zero (..., N, K/g) on the target device -> (packed, sz), stacked like codes."""
         if codes.ndim == 2:
-            return kernel_pack(codes), scales_and_zeros(scale, zero, dtype)
-        pairs = [_Packed.from_codes(c, s, z, dtype) for c, s, z in zip(codes, scale, zero)]
+            return kernel_pack(codes), scales_and_zeros(scale, zero, KERNEL_DTYPE)
+        pairs = [_Packed.from_codes(c, s, z) for c, s, z in zip(codes, scale, zero)]
         return torch.stack([p for p, _ in pairs]), torch.stack([s for _, s in pairs])
 
 
@@ -163,7 +173,7 @@ class Int4Linear(nn.Module):
         w = linear.weight
         if not w.is_meta:
             codes, scale, zero = quantize_groups(w, group_size)
-            new.packed, new.scale_zero = _Packed.from_codes(codes, scale, zero, w.dtype)
+            new.packed, new.scale_zero = _Packed.from_codes(codes, scale, zero)
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -178,7 +188,7 @@ class Int4Linear(nn.Module):
             destination[prefix + "weight_scale"] = torch.empty(n, k // g, dtype=SCALE_DTYPE, device="meta")
             destination[prefix + "weight_zero"] = torch.empty(n, k // g, dtype=SCALE_DTYPE, device="meta")
             return
-        codes = kernel_unpack(self.packed, n, k, g, self.scale_zero.dtype)
+        codes = kernel_unpack(self.packed, n, k, g)
         destination[prefix + "weight"] = pack_nibbles(codes)
         destination[prefix + "weight_scale"] = self.scale_zero[..., 0].t().to(SCALE_DTYPE)
         destination[prefix + "weight_zero"] = self.scale_zero[..., 1].t().to(SCALE_DTYPE)
@@ -195,7 +205,7 @@ class Int4Linear(nn.Module):
                 or tuple(scale.shape) != (n, k // g) or tuple(zero.shape) != (n, k // g)):
             error_msgs.append(f"{prefix}weight: int4 tensors of the wrong shape or dtype")
             return
-        self.packed, self.scale_zero = _Packed.from_codes(unpack_nibbles(packed), scale, zero, scale.dtype)
+        self.packed, self.scale_zero = _Packed.from_codes(unpack_nibbles(packed), scale, zero)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int4 groups of {self.group_size}"
@@ -216,11 +226,10 @@ class Int4Experts(Experts):
         e, two_i, h = experts.gate_up_proj.shape
         new = cls(e, h, two_i // 2, group_size)
         if not experts.gate_up_proj.is_meta:
-            dtype = experts.gate_up_proj.dtype
             for which, w in (("gate_up", experts.gate_up_proj), ("down", experts.down_proj)):
                 packed, sz = [], []
                 for w_e in w:  # one expert at a time: the fp32 temporaries stay one expert's size
-                    p, s = _Packed.from_codes(*quantize_groups(w_e, group_size), dtype)
+                    p, s = _Packed.from_codes(*quantize_groups(w_e, group_size))
                     packed.append(p)
                     sz.append(s)
                 setattr(new, which + "_packed", torch.stack(packed))
@@ -257,7 +266,7 @@ class Int4Experts(Experts):
                 destination[name + "_zero"] = torch.empty(e, n, k // g, dtype=SCALE_DTYPE, device="meta")
                 continue
             sz = getattr(self, which + "_sz")  # (E, K/g, N, 2)
-            destination[name] = torch.stack([pack_nibbles(kernel_unpack(p, n, k, g, sz.dtype)) for p in packed])
+            destination[name] = torch.stack([pack_nibbles(kernel_unpack(p, n, k, g)) for p in packed])
             destination[name + "_scale"] = sz[..., 0].transpose(1, 2).to(SCALE_DTYPE)
             destination[name + "_zero"] = sz[..., 1].transpose(1, 2).to(SCALE_DTYPE)
 
@@ -274,7 +283,7 @@ class Int4Experts(Experts):
                     or tuple(scale.shape) != (e, n, k // g) or tuple(zero.shape) != (e, n, k // g)):
                 error_msgs.append(f"{names[0]}: int4 tensors of the wrong shape or dtype")
                 continue
-            p, sz = _Packed.from_codes(unpack_nibbles(packed), scale, zero, scale.dtype)
+            p, sz = _Packed.from_codes(unpack_nibbles(packed), scale, zero)
             setattr(self, which + "_packed", p)
             setattr(self, which + "_sz", sz)
 
