@@ -69,7 +69,9 @@ def render_prompts(args, tokenizer, vocab_size: int) -> list[list[int]]:
     prompts = []
     for text in args.prompt:
         if args.chat or args.think:
-            text = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+            content = ([{"type": "image"} for _ in args.image] + [{"type": "text", "text": text}] if args.image
+                       else text)
+            text = tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
                                                  enable_thinking=args.think)
             prompts.append(tokenizer.encode(text, add_special_tokens=False))
         else:
@@ -77,6 +79,21 @@ def render_prompts(args, tokenizer, vocab_size: int) -> list[list[int]]:
         if not prompts[-1]:
             raise CLIError(f"--prompt {text!r} is empty once tokenized")
     return prompts
+
+
+def cli_images(args, ckpt, prompts: list[list[int]]):
+    """--image: the prompt expanded with its images' tokens, and the images (generate's `images`). A --chat prompt
+    gets the images before its text; a plain prompt must hold one <|image|> per image where it goes."""
+    if not args.image:
+        return prompts, None
+    from .images import ImageSupport, read_image
+
+    if len(prompts) != 1:
+        raise CLIError("--image works with one prompt")
+    support = ImageSupport.of(ckpt)
+    pictures = [read_image(p) for p in args.image]
+    ids, patches = support.prepare(prompts[0], pictures)
+    return [ids], support.prompt_images([patches])
 
 
 STEERING_FLAGS = ("suffix", "template", "prediction", "strength", "seed_tokens", "pinned")
@@ -210,6 +227,7 @@ def cmd_generate(args) -> int:
     apply_threads(args.threads)
     ckpt, tokenizer = load_runtime(args)
     prompts = render_prompts(args, tokenizer, ckpt.config.text.vocab_size)
+    prompts, images = cli_images(args, ckpt, prompts)
     gen = generation_config(args, ckpt.generation)
     steering = canvas_steering(args, tokenizer, gen, ckpt.config.text.vocab_size)
     if steering is not None:
@@ -224,7 +242,7 @@ def cmd_generate(args) -> int:
 
     try:
         out = generate(ckpt.model, prompts, gen, on_step=view, sampler=args.sampler, steering=steering,
-                       greedy=args.greedy)
+                       greedy=args.greedy, images=images)
     except (ContextLengthError, SteeringError) as e:
         param = getattr(e, "param", None)
         raise CLIError(f"--{param.replace('_', '-')}: {e}" if param in STEERING_FLAGS else str(e)) from None
@@ -327,6 +345,7 @@ def cmd_edit(args) -> int:
 
 def cmd_chat(args) -> int:
     from .generate import generate
+    from .images import ImageError, ImageSupport, expand_image_tokens, preprocess, read_image
     from .tokenizer import split_thinking
 
     check_default_model(args)
@@ -343,11 +362,22 @@ def cmd_chat(args) -> int:
     system = [{"role": "system", "content": args.system}] if args.system else []
     messages: list[dict] = list(system)
 
+    pending: list[int] = []  # /image: pictures for the next message, by index into `pictures`
+    pictures: list = []  # every picture of the session, preprocessed (images.ImagePatches)
+
+    def images_of(msgs: list[dict]) -> list:
+        return [pictures[part["index"]] for m in msgs if isinstance(m["content"], list)
+                for part in m["content"] if part.get("type") == "image"]
+
     def render(msgs: list[dict]) -> list[int]:
         text = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, enable_thinking=args.think)
-        return tokenizer.encode(text)
+        ids = tokenizer.encode(text)
+        images = images_of(msgs)
+        return expand_image_tokens(ids, images, support.tokens) if images else ids
 
-    print("dgemma chat: type a message; /reset clears the history, /exit or Ctrl-D quits.", file=sys.stderr)
+    support = None
+    print("dgemma chat: type a message; /image PATH adds a picture to the next one; /reset clears the history, "
+          "/exit or Ctrl-D quits.", file=sys.stderr)
     while True:
         try:
             line = input("you> ")
@@ -360,9 +390,26 @@ def cmd_chat(args) -> int:
         if line in ("/exit", "/quit"):
             return 0
         if line == "/reset":
-            messages = list(system)
+            messages, pending = list(system), []
             continue
-        kept, prompt, dropped = fit_conversation(messages + [{"role": "user", "content": line}], render, limit)
+        if line == "/image" or line.startswith("/image "):
+            try:
+                support = support or ImageSupport.of(ckpt)
+                pictures.append(preprocess(read_image(line[len("/image"):].strip()), support.processor))
+            except ImageError as e:
+                print(f"[{e}]", file=sys.stderr)
+                continue
+            pending.append(len(pictures) - 1)
+            print(f"[image {len(pending)} will go with your next message]", file=sys.stderr)
+            continue
+        content = ([{"type": "image", "index": i} for i in pending] + [{"type": "text", "text": line}] if pending
+                   else line)
+        try:
+            kept, prompt, dropped = fit_conversation(messages + [{"role": "user", "content": content}], render,
+                                                     limit)
+        except ImageError as e:  # e.g. a chat template that does not write the image placeholders
+            print(f"[{e}]", file=sys.stderr)
+            continue
         if len(prompt) > limit:  # this message alone does not fit: keep the conversation as it was
             print(f"[that message makes a {len(prompt)}-token prompt; the model's context leaves room for {limit}: "
                   f"send a shorter one]", file=sys.stderr)
@@ -370,9 +417,10 @@ def cmd_chat(args) -> int:
         if dropped:
             print(f"[the conversation outgrew the model's {ckpt.config.text.max_position_embeddings}-token context: "
                   f"dropped the oldest {dropped} turn{'s' * (dropped > 1)}; /reset starts afresh]", file=sys.stderr)
-        messages = kept
+        messages, pending = kept, []
+        images = images_of(kept)
         out = generate(ckpt.model, [prompt], gen, on_step=CanvasView(tokenizer) if args.show_canvas else None,
-                       greedy=args.greedy)
+                       greedy=args.greedy, images=support.prompt_images([images]) if images else None)
         ids = [t for t in out.token_ids[0] if t not in eos]
         reasoning, answer = split_thinking(tokenizer.decode(ids, skip_special_tokens=False))
         if reasoning:
@@ -417,6 +465,9 @@ def build_parser() -> Parser:
                         help="prompt token ids, comma-separated (repeat for a batch)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template as a user turn")
     p.add_argument("--think", action="store_true", help="enable thinking mode (implies --chat)")
+    p.add_argument("--image", action="append", metavar="PATH",
+                   help="an image for the prompt (repeat for several; with --chat they go before the text, else "
+                        "write <|image|> in the prompt where each one goes)")
     p.add_argument("--json", action="store_true", help="print one JSON object with outputs and stats")
     p.add_argument("--show-canvas", action="store_true",
                    help="watch the canvas settle (on stderr; plain text when stderr is not a terminal)")

@@ -124,7 +124,7 @@ def load_runtime(args):
     model_dir = resolve_model_dir(args.model)
     device = pick_device(args.device)
     dtype = DTYPES[args.dtype] if args.dtype else None
-    ckpt = load_checkpoint(model_dir, device=device, dtype=dtype)
+    ckpt = load_checkpoint(model_dir, device=device, dtype=dtype, vision=not getattr(args, "no_vision", False))
     tokenizer = Tokenizer.from_dir(model_dir)
     return ckpt, tokenizer
 
@@ -173,6 +173,8 @@ def add_model_args(p: argparse.ArgumentParser, threads_note: str = "") -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="compute dtype (default: float32 on CPU, bfloat16 on CUDA)")
+    p.add_argument("--no-vision", action="store_true",
+                   help="do not load the checkpoint's vision tower (text only; saves its memory)")
     add_threads_arg(p, threads_note)
 
 

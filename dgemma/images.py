@@ -256,3 +256,32 @@ class PromptImages:
             return model.encode(tokens, cache, rows)
         embeds = prompt_embeddings(model, self.vision, tokens, images, self.tokens.image)
         return model.encode(tokens, cache, rows, embeds=embeds, image_groups=image_groups(tokens, self.tokens.image))
+
+
+@dataclass
+class ImageSupport:
+    """What a loaded checkpoint needs to take images: its tower, its processor config and its image token ids."""
+
+    vision: object  # model.vision.Vision
+    processor: ImageProcessorConfig
+    tokens: ImageTokens
+
+    @classmethod
+    def of(cls, ckpt) -> ImageSupport:
+        """ImageError when the checkpoint cannot take images (no tower, or loaded without it)."""
+        if ckpt.vision is None:
+            why = ("it has no vision tower" if ckpt.config.vision is None
+                   else "its vision tower was not loaded (--no-vision)")
+            raise ImageError(f"this model cannot take images: {why}")
+        c = ckpt.config
+        return cls(ckpt.vision, ImageProcessorConfig.load(ckpt.path),
+                   ImageTokens(c.token_id("boi_token_id"), c.token_id("image_token_id"), c.token_id("eoi_token_id")))
+
+    def prepare(self, ids: list[int], images: list) -> tuple[list[int], list[ImagePatches]]:
+        """A prompt with one image token per image (RGB PIL images, in order) -> the expanded prompt and the
+        images' patches."""
+        patches = [preprocess(im, self.processor) for im in images]
+        return expand_image_tokens(ids, patches, self.tokens), patches
+
+    def prompt_images(self, rows: list[list[ImagePatches]]) -> PromptImages:
+        return PromptImages(self.vision, self.tokens, rows)

@@ -151,3 +151,117 @@ def test_generate_with_images_matches_reference(pair, sizes):
     # the images change the answer (the test would pass without them otherwise)
     torch.manual_seed(5)
     assert generate(ours.model, [prompt], gen).token_ids[0] != want
+
+
+def add_image_tokenizer(path: Path) -> Path:
+    """The byte-level test tokenizer plus the three image tokens as special tokens (ids BOI, IMAGE, EOI)."""
+    from tokenizers import AddedToken, Tokenizer
+
+    from dgemma.testing import write_test_tokenizer
+
+    write_test_tokenizer(path / "tok")
+    backend = Tokenizer.from_file(str(path / "tok" / "tokenizer.json"))
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                                for t in ("<|image>", "<|image|>", "<image|>")])
+    assert [backend.token_to_id(t) for t in ("<|image>", "<|image|>", "<image|>")] == [BOI, IMAGE, EOI]
+    backend.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text((path / "tok" / "tokenizer_config.json").read_text())
+    return path
+
+
+@pytest.fixture(scope="module")
+def cli_ckpt(pair, tmp_path_factory):
+    path, _, ref = pair
+    add_image_tokenizer(path)
+    pictures = tmp_path_factory.mktemp("pictures")
+    files = []
+    for i, (w, h) in enumerate([(40, 28), (23, 57)]):
+        files.append(pictures / f"{i}.png")
+        test_image(w, h, 10 + i).save(files[-1])
+    return path, ref, files
+
+
+def _run(capsys, args):
+    from dgemma.cli import main
+
+    code = main(args)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_cli_generate_with_two_images_matches_reference(cli_ckpt, capsys):
+    path, ref, files = cli_ckpt
+    raw = [2, 3, 40, IMAGE, 50, IMAGE, 51, 60]
+    code, out, _ = _run(capsys, ["generate", "--model", str(path), "--prompt-ids", ",".join(map(str, raw)),
+                                 "--image", str(files[0]), "--image", str(files[1]), "--max-new-tokens", "24",
+                                 "--max-denoising-steps", "6", "--seed", "5", "--t-min", "0.4", "--t-max", "0.8",
+                                 "--device", "cpu", "--json"])
+    assert code == 0
+    from dgemma.images import ImageProcessorConfig, ImageTokens, expand_image_tokens, preprocess, read_image
+
+    images = [read_image(f) for f in files]
+    prompt = expand_image_tokens(raw, [preprocess(im, ImageProcessorConfig(**PROCESSOR)) for im in images],
+                                 ImageTokens(BOI, IMAGE, EOI))
+    want = _reference_generate(ref, prompt, [PIL.open(f) for f in files], seed=5, max_new=24, steps=6)
+    assert json.loads(out)["outputs"][0]["token_ids"] == want
+
+
+def test_cli_chat_prompt_puts_the_image_before_the_text(cli_ckpt, capsys):
+    path, _, files = cli_ckpt
+    code, out, _ = _run(capsys, ["generate", "--model", str(path), "--prompt", "what is this?", "--chat",
+                                 "--image", str(files[0]), "--max-new-tokens", "8", "--max-denoising-steps", "2",
+                                 "--device", "cpu", "--json"])
+    assert code == 0 and json.loads(out)["outputs"][0]["token_ids"]
+
+
+def _bomb_png(path: Path, width: int, height: int) -> Path:
+    """A small PNG whose header claims width x height pixels (a decompression bomb's header)."""
+    import struct
+    import zlib
+
+    buf = path.with_suffix(".tmp")
+    PIL.new("RGB", (1, 1)).save(buf, "PNG")
+    data = bytearray(buf.read_bytes())
+    ihdr = 8 + 8  # signature, then the IHDR chunk's length and type
+    data[ihdr:ihdr + 8] = struct.pack(">II", width, height)
+    data[ihdr + 13:ihdr + 17] = struct.pack(">I", zlib.crc32(bytes(data[ihdr - 4:ihdr + 13])))
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_bad_images_exit_2_with_one_line(cli_ckpt, capsys, tmp_path):
+    path, _, files = cli_ckpt
+    good = files[0].read_bytes()
+    bad = {  # what the one line says: (file, its bytes)
+        "corrupt": (tmp_path / "corrupt.png", good[:60] + bytes(200) + good[260:]),
+        "truncated": (tmp_path / "truncated.png", good[: len(good) // 2]),
+        "supported format": (tmp_path / "notes.txt", b"just some text, not a picture\n"),
+        "supported format ": (tmp_path / "pic.ico", None),
+        "too large": (_bomb_png(tmp_path / "bomb.png", 7_000, 7_000), None),  # past the limit Pillow warns at
+        "no such image": (tmp_path / "nowhere.png", None),
+    }
+    PIL.new("RGB", (16, 16)).save(bad["supported format "][0], "ICO")
+    for name, (file, data) in bad.items():
+        if data is not None:
+            file.write_bytes(data)
+        code, out, err = _run(capsys, ["generate", "--model", str(path), "--prompt-ids", f"2,{IMAGE},40",
+                                       "--image", str(file), "--max-new-tokens", "8", "--device", "cpu"])
+        assert code == 2 and out == "", name
+        lines = err.strip().splitlines()
+        assert str(file) in lines[-1] and name.strip() in lines[-1], (name, err)
+        assert not any("Traceback" in line for line in lines), name
+    # the placeholder count must match the images
+    code, _, err = _run(capsys, ["generate", "--model", str(path), "--prompt-ids", "2,40", "--image", str(files[0]),
+                                 "--device", "cpu"])
+    assert code == 2 and "0 image placeholders for 1 images" in err
+
+
+def test_image_for_a_model_without_a_tower(cli_ckpt, capsys, tmp_path):
+    from dgemma.testing import write_tiny_checkpoint
+
+    _, _, files = cli_ckpt
+    plain = write_tiny_checkpoint(tmp_path / "plain")  # dgemma's own tiny preset has no tower
+    for model, flags, why in [(plain, [], "no vision tower"), (cli_ckpt[0], ["--no-vision"], "--no-vision")]:
+        code, _, err = _run(capsys, ["generate", "--model", str(model), "--prompt-ids", "2,40", *flags,
+                                     "--image", str(files[0]), "--device", "cpu"])
+        assert code == 2 and why in err.strip().splitlines()[-1]
