@@ -3,6 +3,7 @@
     python benchmarks/structured_output.py validity [--requests 200] [--kinds regex choice schema object tool]
     python benchmarks/structured_output.py cost --vocab 32000 [--steps 8] [--threads 2]
     python benchmarks/structured_output.py cost --vocab 262144
+    python benchmarks/structured_output.py tool-compile --vocab 262144
 
 validity: per constraint kind, `--requests` outputs (batches of 8, over 5 random tiny models and seeds) through
 generate with the constraint, checked with jsonschema / re.fullmatch / json.loads / membership; the same
@@ -13,6 +14,9 @@ that function and nothing else, whose arguments `jsonschema` validates against i
 cost: the `small` preset (canvas 256) with its vocabulary set to --vocab, a byte-level vocabulary of that size
 (the 256 byte tokens plus random strings of letters, digits and JSON punctuation), one canvas of --steps fixed
 steps at batch 1, with and without the JSON-object constraint; ms per step of each, in one process.
+
+tool-compile: the named-tool constraint of `validity` compiled over the synthetic vocabulary of --vocab tokens plus
+the three tool marker tokens (what a server pays on the first forced call of a function; cached afterwards).
 """
 
 from __future__ import annotations
@@ -138,9 +142,23 @@ def cost(vocab_size: int, steps: int, threads: int) -> None:
             print(f"  {label:7s} the constraint: {ms:7.1f} ms per denoising step", flush=True)
 
 
+def tool_compile(vocab_size: int) -> None:
+    from dgemma.control.tools import MARKERS, call_regex, tool_vocabulary
+
+    base = synthetic_vocabulary(vocab_size)
+    base = ConstraintVocabulary(base.token_bytes + (None,) * len(MARKERS), base.eos_token_ids, base.pad_token_ids)
+    t = time.perf_counter()
+    vocab = tool_vocabulary(base, {m: vocab_size + i for i, m in enumerate(MARKERS)})
+    made = time.perf_counter()
+    constraint = Constraint.from_regex(call_regex([TOOL]), vocab)
+    print(f"vocabulary {vocab_size} + {len(MARKERS)} markers: tool vocabulary in {made - t:.2f} s, named-tool "
+          f"constraint compiled in {time.perf_counter() - made:.1f} s ({constraint.num_states} states, "
+          f"{constraint.num_classes} token classes)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["validity", "cost"])
+    ap.add_argument("what", choices=["validity", "cost", "tool-compile"])
     ap.add_argument("--requests", type=int, default=200)
     ap.add_argument("--kinds", nargs="+", default=["regex", "choice", "schema", "object", "tool"],
                     choices=["regex", "choice", "schema", "object", "tool"])
@@ -151,6 +169,8 @@ def main() -> None:
     if args.what == "validity":
         torch.set_num_threads(1)
         validity(args.requests, args.kinds)
+    elif args.what == "tool-compile":
+        tool_compile(args.vocab)
     else:
         cost(args.vocab, args.steps, args.threads)
 
