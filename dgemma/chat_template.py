@@ -57,7 +57,8 @@ class TemplateLimits:
 #   <tool_response|>` (NAME from the matching tool_call_id); without content after them the turn stays open and
 #   the generation prompt is empty, so the model goes on in the turn it started. An assistant message after tool
 #   messages continues that turn too.
-# Unlike the release, which drops it silently, a tool message with no tool call before it is refused.
+# Unlike the release, which drops it silently, a tool message with no tool call before it is refused; a null
+# argument is written `null` (a published copy of the release writes Python's `None`, a later one `null`).
 # An image part ({"type": "image"}) renders as <|image|>, as in the release; dgemma expands it (images.py).
 GEMMA4_CHAT_TEMPLATE = """\
 {%- macro answer_only(text) -%}
