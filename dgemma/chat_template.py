@@ -58,7 +58,7 @@ class TemplateLimits:
 #   the generation prompt is empty, so the model goes on in the turn it started. An assistant message after tool
 #   messages continues that turn too.
 # Unlike the release, which drops it silently, a tool message with no tool call before it is refused; a null
-# argument is written `null` (a published copy of the release writes Python's `None`, a later one `null`).
+# argument is written `null` (published copies of the release differ: some write `null`, some Python's `None`).
 # An image part ({"type": "image"}) renders as <|image|>, as in the release; dgemma expands it (images.py).
 GEMMA4_CHAT_TEMPLATE = """\
 {%- macro answer_only(text) -%}
