@@ -265,3 +265,95 @@ def test_image_for_a_model_without_a_tower(cli_ckpt, capsys, tmp_path):
         code, _, err = _run(capsys, ["generate", "--model", str(model), "--prompt-ids", "2,40", *flags,
                                      "--image", str(files[0]), "--device", "cpu"])
         assert code == 2 and why in err.strip().splitlines()[-1]
+
+
+@pytest.fixture(scope="module")
+def image_server(cli_ckpt):
+    from dgemma.engine import Engine
+    from dgemma.images import ImageSupport
+    from dgemma.server import ServerThread, Serving, build_app
+    from dgemma.tokenizer import Tokenizer
+
+    path, _, files = cli_ckpt
+    ckpt = checkpoint.load(path, quiet=True)
+    tokenizer = Tokenizer.from_dir(path)
+    engine = Engine(ckpt.model, ckpt.generation, tokenizer, max_num_seqs=2, max_model_len=256).start()
+    serving = Serving(engine, tokenizer, "vision-test", images=ImageSupport.of(ckpt),
+                      allowed_media=files[0].parent, max_images=2)
+    srv = ServerThread(build_app(serving)).start()
+    yield srv, tokenizer, files
+    srv.stop()
+    engine.stop()
+
+
+def _data_url(file: Path) -> str:
+    import base64
+
+    return "data:image/png;base64," + base64.b64encode(file.read_bytes()).decode()
+
+
+def _image_chat(url: str, *extra, **kw) -> dict:
+    parts = [{"type": "image_url", "image_url": {"url": url}}, *extra, {"type": "text", "text": "what is it?"}]
+    return dict(model="vision-test", messages=[{"role": "user", "content": parts}], max_tokens=8, seed=3, **kw)
+
+
+def test_server_takes_images_as_data_urls_and_allowed_paths(image_server):
+    import httpx
+
+    srv, tokenizer, files = image_server
+    post = lambda body: httpx.post(srv.url + "/v1/chat/completions", json=body, timeout=60)  # noqa: E731
+    first = post(_image_chat(_data_url(files[0])))
+    assert first.status_code == 200, first.text
+    # the prompt holds the rendered chat with the image placeholder expanded to boi, 35 image tokens, eoi
+    chat_ids = tokenizer.encode_chat([{"role": "user", "content": [{"type": "image"},
+                                                                    {"type": "text", "text": "what is it?"}]}])
+    assert chat_ids.count(IMAGE) == 1
+    from dgemma.images import ImageProcessorConfig, preprocess, read_image
+
+    soft = preprocess(read_image(files[0]), ImageProcessorConfig(**PROCESSOR)).num_soft_tokens
+    assert soft == 70  # 40x28 scaled to 80x56: 20 x 14 patches, pooled 2 x 2
+    assert first.json()["usage"]["prompt_tokens"] == len(chat_ids) - 1 + (1 + soft + 1)
+    same = post(_image_chat(str(files[0])))  # the same picture by path, inside --allowed-local-media
+    assert same.status_code == 200 and same.json()["choices"] == first.json()["choices"]
+    other = post(_image_chat(_data_url(files[1])))
+    assert other.status_code == 200 and other.json()["choices"] != first.json()["choices"]
+
+
+def test_server_refuses_bad_images_with_400(image_server, tmp_path):
+    import httpx
+
+    srv, _, files = image_server
+    outside = tmp_path / "outside.png"
+    outside.write_bytes(files[0].read_bytes())
+    good = {"type": "image_url", "image_url": {"url": _data_url(files[0])}}
+    cases = {
+        "no network fetches": _image_chat("https://example.com/cat.png"),
+        "outside the allowed media": _image_chat(str(outside)),
+        "not valid base64": _image_chat("data:image/png;base64,@@@"),
+        "corrupt or truncated": _image_chat(_data_url(files[0])[:22 + 400]),  # the first 300 bytes
+        "more than this server's limit of 2": _image_chat(_data_url(files[0]), good, good),
+    }
+    for expected, body in cases.items():
+        r = httpx.post(srv.url + "/v1/chat/completions", json=body, timeout=60)
+        assert r.status_code == 400, (expected, r.text)
+        error = r.json()["error"]
+        assert expected in error["message"] and error["param"] == "messages", (expected, error)
+
+
+def test_server_without_a_tower_refuses_images(cli_ckpt):
+    import httpx
+
+    from dgemma.engine import Engine
+    from dgemma.server import ServerThread, Serving, build_app
+    from dgemma.tokenizer import Tokenizer
+
+    path, _, files = cli_ckpt
+    ckpt = checkpoint.load(path, quiet=True, vision=False)
+    tokenizer = Tokenizer.from_dir(path)
+    engine = Engine(ckpt.model, ckpt.generation, tokenizer, max_num_seqs=1, max_model_len=128)
+    srv = ServerThread(build_app(Serving(engine, tokenizer, "vision-test"))).start()
+    try:
+        r = httpx.post(srv.url + "/v1/chat/completions", json=_image_chat(_data_url(files[0])), timeout=60)
+        assert r.status_code == 400 and "cannot take images" in r.json()["error"]["message"]
+    finally:
+        srv.stop()

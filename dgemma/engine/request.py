@@ -56,6 +56,7 @@ class SamplingParams:
     include_drafts: bool = False
     skip_special_tokens: bool = True
     steering: Steering | None = None  # pinned output positions and a seeded canvas (control/pins.py)
+    images: object = None  # images.PromptImages of the prompt (its image tokens expanded); the tower runs at prefill
 
     def __post_init__(self) -> None:
         def check(ok: bool, param: str, message: str) -> None:

@@ -56,7 +56,10 @@ class ModelRunner:
         row = request.row
         self.cache.reset_row(row)
         prompt = torch.tensor([request.prompt], dtype=torch.long, device=self.device)  # (1, T)
-        self.model.encode(prompt, self.cache, rows=[row])
+        if request.params.images is None:
+            self.model.encode(prompt, self.cache, rows=[row])
+        else:
+            request.params.images.encode(self.model, prompt, self.cache, rows=[row])
         steering = request.params.steering
         if steering is not None and steering.suffix is not None:  # fill in the middle (control/infill.py)
             longest = check_suffix(steering.suffix, self.canvas_length, request.max_new)

@@ -7,6 +7,7 @@ import contextlib
 import os
 import sys
 import threading
+from pathlib import Path
 
 from ..cli_common import CLIError, add_model_args, apply_threads, load_runtime
 from .limits import FLAGS, ServerLimits
@@ -36,6 +37,10 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--sampler", choices=["fast", "exact"], default="fast",
                    help="fast: one uniform per position (the same distribution); exact: torch.multinomial's draws, "
                         "as generate makes them")
+    p.add_argument("--allowed-local-media", metavar="DIR", default=None,
+                   help="let image_url parts name image files inside DIR (default: only data: URLs)")
+    p.add_argument("--max-images-per-request", type=int, default=8,
+                   help="images in one chat request (more is refused with 400 before any is decoded)")
     p.add_argument("--no-settled-prefix", action="store_true",
                    help="do not pin and stream the settled prefix by default (text then streams per canvas)")
     for name, what in FLAGS.items():
@@ -65,6 +70,7 @@ def cmd_serve(args) -> int:
     import uvicorn
 
     from ..engine import Engine
+    from ..images import ImageSupport
     from .app import build_app
     from .guard import uvicorn_config
     from .serving import Serving
@@ -74,6 +80,13 @@ def cmd_serve(args) -> int:
         if value is not None and value < (0 if name == "port" else 1):
             raise CLIError(f"--{name.replace('_', '-')} must be positive, got {value}")
     limits = ServerLimits(**{name: getattr(args, name) for name in FLAGS})
+    if args.max_images_per_request < 0:
+        raise CLIError(f"--max-images-per-request must be 0 or more, got {args.max_images_per_request}")
+    media_dir = None
+    if args.allowed_local_media is not None:
+        media_dir = Path(args.allowed_local_media)
+        if not media_dir.is_dir():
+            raise CLIError(f"--allowed-local-media: {media_dir} is not a directory")
     key = api_key(args)
     allowed_hosts = [h.strip() for h in args.allowed_hosts.split(",") if h.strip()] if args.allowed_hosts else None
     apply_threads(args.threads)
@@ -86,7 +99,9 @@ def cmd_serve(args) -> int:
     engine = Engine(ckpt.model, ckpt.generation, tokenizer, max_num_seqs=args.max_num_seqs,
                     max_model_len=max_model_len, max_waiting=args.max_waiting, sampler=args.sampler)
     name = args.served_model_name or ckpt.path.resolve().name
-    serving = Serving(engine, tokenizer, name, settled_prefix=not args.no_settled_prefix, limits=limits)
+    images = ImageSupport.of(ckpt) if ckpt.vision is not None else None
+    serving = Serving(engine, tokenizer, name, settled_prefix=not args.no_settled_prefix, limits=limits,
+                      images=images, allowed_media=media_dir, max_images=args.max_images_per_request)
     app = build_app(serving, key, allowed_hosts=allowed_hosts, public_metrics=args.public_metrics)
     print(f"dgemma serve: {name} on {ckpt.model.device}, {args.max_num_seqs} rows x {engine.max_model_len} tokens "
           f"({engine.runner.nbytes() / 2**20:.0f} MiB of cache), http://{args.host}:{args.port}/v1"

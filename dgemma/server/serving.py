@@ -17,7 +17,9 @@ from starlette.requests import Request as HTTPRequest
 from ..control.pins import DEFAULT_PREDICTION_STRENGTH, Steering, SteeringError
 from ..control.template import parse_template, template_length
 from ..engine import Engine, QueueFullError, RequestError, RequestOutput, SamplingParams
+from ..images import ImageError
 from .limits import ServerLimits
+from .media import MediaError, take_images
 from .metrics import Metrics
 from .tools import ToolRequestError, template_messages, tool_request
 from .protocol import (ChatChoice, ChatCompletionRequest, ChatCompletionResponse, ChatMessageOut, CompletionChoice,
@@ -94,7 +96,10 @@ def sse(obj: dict | str) -> str:
 
 class Serving:
     def __init__(self, engine: Engine, tokenizer, model_name: str, settled_prefix: bool = True,
-                 limits: ServerLimits | None = None):
+                 limits: ServerLimits | None = None, images=None, allowed_media=None, max_images: int = 8):
+        self.images = images  # images.ImageSupport, or None: the model takes no images
+        self.allowed_media = allowed_media  # --allowed-local-media: the one directory image paths may name
+        self.max_images = max_images
         self.engine = engine
         self.tokenizer = tokenizer
         self.model_name = model_name
@@ -284,8 +289,20 @@ class Serving:
         if tools is not None:
             kwargs["tools"] = tools.tools
 
+        pictures: list = []
+
         def render() -> list[int]:  # off the event loop: templates and long prompts take time
-            messages = template_messages([m.model_dump(exclude_none=True) for m in body.messages])
+            messages = [m.model_dump(exclude_none=True) for m in body.messages]
+            if _has_images(messages):
+                if self.images is None:
+                    raise APIError(400, "messages: this model cannot take images (it has no vision tower, or the "
+                                        "server runs with --no-vision)", param="messages")
+                try:
+                    messages, found = take_images(messages, self.allowed_media, self.max_images)
+                except (MediaError, ImageError) as e:
+                    raise APIError(400, str(e), param="messages") from None
+                pictures.extend(found)
+            messages = template_messages(messages)
             chars = _text_chars(messages) + _text_chars(kwargs)
             if chars > self.limits.max_content_chars:
                 raise APIError(400, f"messages: {chars} characters of text, more than this server's limit of "
@@ -300,6 +317,13 @@ class Serving:
             raise APIError(400, f"messages: {e}", param="messages") from None
         except (TokenizerError, TypeError) as e:
             raise APIError(400, f"cannot render the chat template: {e}", param="messages") from None
+        images = None
+        if pictures:
+            try:
+                prompt, patches = await run_in_threadpool(self.images.prepare, prompt, pictures)
+            except ImageError as e:
+                raise APIError(400, f"messages: {e}", param="messages") from None
+            images = self.images.prompt_images([patches])
         # the thought channel markers are special tokens: keep them in the text and split on them
         max_tokens = body.max_completion_tokens or body.max_tokens
         forced = tools is not None and tools.forced is not None
@@ -316,6 +340,7 @@ class Serving:
                                param="tool_choice")
             steering = Steering(constraint=await run_in_threadpool(self.tool_constraint, body, tools, max_tokens))
         params = self.params(body, max_tokens, skip_special_tokens=False, steering=steering)
+        params.images = images
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         try:
             stream = RequestStream(self.engine, prompt, params, request_id, self.metrics)
@@ -519,3 +544,8 @@ def _text_chars(value, depth: int = 0) -> int:
 
 def _now() -> int:
     return int(time.time())
+
+
+def _has_images(messages: list[dict]) -> bool:
+    return any(isinstance(part, dict) and part.get("type") == "image_url"
+               for m in messages if isinstance(m.get("content"), list) for part in m["content"])
