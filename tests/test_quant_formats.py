@@ -59,7 +59,7 @@ def _write(dst, tensors: dict[str, torch.Tensor], src, quantization_config: dict
 @pytest.fixture(scope="module")
 def source(tmp_path_factory):
     root = tmp_path_factory.mktemp("formats")
-    src = make_reference_checkpoint(root / "src", std=0.05, seed=5, vision=False)
+    src = make_reference_checkpoint(root / "src", std=0.05, seed=5)  # with a tiny vision tower, as released
     return root, src, load_file(src / "model.safetensors"), json.loads((src / "config.json").read_text())
 
 
