@@ -261,3 +261,21 @@ def test_the_documented_round_trip(client):
                  {"role": "tool", "tool_call_id": call.id, "content": "sunny, 21 C"}]
     r = client.chat.completions.create(model=MODEL, messages=messages, tools=TOOLS, max_tokens=C, seed=4)
     assert r.choices[0].finish_reason in ("stop", "length")
+
+
+def test_a_thought_then_a_call_come_back_split(client, server):
+    """Thinking blocks and tool calls do not come back as plain text (unslothai/unsloth#6732)."""
+    text = "<|channel>thought\nplan it<channel|><|tool_call>call:note{text:<|\"|>hi<|\"|>}<tool_call|>"
+    out = client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, max_tokens=2 * C, seed=0,
+                                         extra_body={"pinned": _pinned_reply(server.tokenizer, text)})
+    message = out.choices[0].message
+    assert message.model_extra["reasoning"] == "plan it" and message.content is None
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in message.tool_calls] == [
+        ("note", {"text": "hi"})]
+
+
+def test_a_forced_call_that_cannot_fit_in_max_tokens_is_a_400(server):
+    r = httpx.post(server.url + "/v1/chat/completions", timeout=60, json={
+        "model": MODEL, "messages": ASK, "tools": TOOLS, "max_tokens": 4,
+        "tool_choice": {"type": "function", "function": {"name": "get_weather"}}})
+    assert r.status_code == 400 and "max_tokens=4" in r.json()["error"]["message"], r.text
