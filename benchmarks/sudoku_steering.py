@@ -27,6 +27,8 @@ def main() -> None:
     ap.add_argument("--givens", type=int, default=S.GIVENS)
     ap.add_argument("--wrong", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--case", action="append", choices=["plain", "givens", "suffix", "repair", "regex"],
+                    help="run only these cases (repeatable; default: all)")
     args = ap.parse_args()
     tune_malloc()
     torch.set_num_threads(args.threads)
@@ -45,7 +47,10 @@ def main() -> None:
         f"repair {args.wrong} wrong, strength 0.2": S.repair(args.wrong, 0.2),
         "regex [1-9]{81}": lambda p, s, rng: Steering(constraint=digits),
     }
-    for label, steer in cases.items():
+    keys = ["plain", "givens", "suffix", "repair", "regex"]
+    for key, (label, steer) in zip(keys, cases.items()):
+        if args.case and key not in args.case:
+            continue
         t = time.perf_counter()
         score = S.evaluate(ck.model, puzzles, ck.generation, 100, 0, steer=steer)
         print(f"{label:34s} solved {score.solved}/{score.total} ({100 * score.solve_rate:.1f}%)  "

@@ -246,7 +246,8 @@ def _head_and_sample_batched(model, state, plan, idx, temps, bounds, draws, gene
                 sampled[i] = draws.sample(probs[i], accepted[i], generators[0] if draws.lockstep else generators[i])
     for i, row in enumerate(_row_list(idx, probs.shape[0])):
         if state.constraints[row] is not None:
-            argmax[i] = sampled[i] = _constrain(state, row, probs[i])
+            drawn = None if greedy and greedy[i] else sampled[i]
+            argmax[i], sampled[i] = _constrain(state, row, probs[i], drawn, accepted[i])
     signal = model.embed_probs(probs)  # (R, C, H) self-conditioning for the next step
     return argmax, entropy, accepted, sampled, signal
 
@@ -293,10 +294,10 @@ def _head_and_sample_rows(model, state, plan, idx, R, temps, bounds, draws, gene
         accepted[i] = entropy_bound_accept(row_entropy, bounds[i] if bounds.dim() else bounds)
         row = idx[i].item() if isinstance(idx, torch.Tensor) else i
         if state.constraints[row] is not None:
-            # the sample keeps the draws of an unconstrained one (so other rows' draws are unchanged); the row's
-            # tokens are the most probable valid canvas
-            draws.sample(probs, accepted[i], g)
-            argmax[i] = sampled[i] = _constrain(state, row, probs)
+            # the draws are an unconstrained row's (so other rows' draws are unchanged); the constraint then
+            # moves the argmax and the sample only where they are invalid
+            drawn = None if greedy and greedy[i] else draws.sample(probs, accepted[i], g)
+            argmax[i], sampled[i] = _constrain(state, row, probs, drawn, accepted[i])
         else:
             sampled[i] = argmax[i] if greedy and greedy[i] else draws.sample(probs, accepted[i], g)
         signal[i] = model.embed_probs(probs)
@@ -327,9 +328,16 @@ def _row_list(idx, R: int) -> list[int]:
     return list(range(R)) if not isinstance(idx, torch.Tensor) else idx.tolist()
 
 
-def _constrain(state: CanvasState, row: int, probs: torch.Tensor) -> torch.Tensor:
-    """The most probable canvas (C,) that the row's constraint allows from the state its canvas starts in, and that
-    can still be completed within the tokens that may follow (control/dp.py). Records the state it ends in."""
+def _constrain(state: CanvasState, row: int, probs: torch.Tensor, sample: torch.Tensor | None,
+               accepted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The row's argmax and kept sample under its constraint (control/dp.py), each a canvas (C,) that the
+    constraint allows from the state the canvas starts in and that can still be completed within the tokens that
+    may follow. The argmax is the most probable valid canvas; it is what the stop test reads and what is committed,
+    and the state it ends in is recorded. The sample's drawn tokens (at accepted positions) stay as drawn when the
+    argmax holds them too; otherwise the sample is projected onto the most probable valid canvas under weights
+    that keep a draw unless the constraint forbids it (each draw counts as certain, any other token there at
+    1/1000 of its probability). So a constraint the model already meets changes nothing, draws included. A greedy
+    row (sample None) keeps the argmax."""
     from .control.dp import best_valid_tokens
 
     p = probs.float().cpu()  # (C, V): the DP takes probabilities (maxima are those of the log-probabilities)
@@ -337,10 +345,24 @@ def _constrain(state: CanvasState, row: int, probs: torch.Tensor) -> torch.Tenso
     if held.any():  # they keep their token: the DP sees it as certain (it was valid and completable before)
         values = torch.where(state.pinned[row], state.pin_values[row], state.argmax[row]).cpu()
         at = held.nonzero().squeeze(1)
-        p = p.clone()  # `probs` is also the next self-conditioning input: leave it as the model gave it
+        # a copy (`probs` is also the next self-conditioning input); zero probabilities lifted to the smallest
+        # normal float, so that only another token at a held position counts as impossible (the DP's floor) and
+        # the held tokens are kept even when completing after them needs tokens the model gave probability 0
+        p = p.clamp(min=torch.finfo(torch.float32).tiny)
         p[at] = 0.0
         p[at, values[at]] = 1.0
-    valid = best_valid_tokens(p, state.constraints[row], state.constraint_start[row], state.tokens_after[row],
-                              probs=True)
-    state.constraint_end[row] = int(valid.states[-1])
-    return valid.tokens.to(probs.device)
+    constraint, start, after = state.constraints[row], state.constraint_start[row], state.tokens_after[row]
+    best = best_valid_tokens(p, constraint, start, after, probs=True)
+    state.constraint_end[row] = int(best.states[-1])
+    argmax = best.tokens.to(probs.device)
+    if sample is None:
+        return argmax, argmax
+    keep = (accepted & ~held.to(accepted.device)).cpu()
+    if bool((sample.cpu()[keep] == best.tokens[keep]).all()):
+        return argmax, sample
+    at = keep.nonzero().squeeze(1)
+    q = p.clone()
+    q[at] *= 1e-3
+    q[at, sample.cpu()[at]] = 1.0
+    projected = best_valid_tokens(q, constraint, start, after, probs=True).tokens.to(probs.device)
+    return argmax, torch.where(accepted, projected, sample)

@@ -328,3 +328,28 @@ def test_dp_on_probabilities_equals_dp_on_log_probabilities(vocab):
         b = best_valid_tokens(probs, constraint, tokens_after=40, probs=True)
         assert torch.equal(a.tokens, b.tokens) and torch.equal(a.states, b.states)
         assert abs(a.log_prob - b.log_prob) < 1e-6 * max(1.0, abs(a.log_prob))
+
+
+def test_held_tokens_stay_even_when_completing_after_them_needs_improbable_tokens(tokenizer, vocab):
+    """A settled or pinned token is kept by the step's DP even when keeping it means tokens the model gave
+    probability 0 later (it was valid and completable when it settled). Here keeping "x" costs two zero-probability
+    tokens ("b", "b") and dropping it one ("y"); the DP must keep it."""
+    from types import SimpleNamespace
+
+    from dgemma.step import _constrain
+
+    c = Constraint.from_regex("xbb|ycc", vocab)
+    V, C_ = vocab.vocab_size, 4
+    x, y, b, cc = (tokenizer.token_to_id(t) for t in "xybc")
+    eos = vocab.eos_token_ids[0]
+    probs = torch.zeros(C_, V)
+    probs[0, y], probs[1, cc], probs[2, cc], probs[3, eos] = 1.0, 1.0, 1.0, 1.0
+    held = torch.tensor([True, False, False, False])
+    state = SimpleNamespace(pinned=torch.zeros(1, C_, dtype=torch.bool), pin_values=torch.zeros(1, C_, dtype=torch.long),
+                            positions=torch.arange(C_), num_settled=torch.tensor([1]),
+                            argmax=torch.tensor([[x, b, b, eos]]), constraints=[c], constraint_start=[c.initial_state],
+                            tokens_after=[0], constraint_end=[None])
+    argmax, sampled = _constrain(state, 0, probs, torch.tensor([y, cc, cc, eos]), ~held)
+    assert argmax.tolist() == [x, b, b, eos] and sampled.tolist()[1:] == [b, b, eos]
+    state.pinned, state.pin_values, state.num_settled = held[None], state.argmax.clone(), torch.tensor([0])
+    assert _constrain(state, 0, probs, torch.tensor([y, cc, cc, eos]), ~held)[0].tolist() == [x, b, b, eos]
