@@ -36,7 +36,13 @@ SCALE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """FP8 (..., R, C) times scale (..., R, 1), rounded once to the scale's dtype (the FP8 value times a bf16/fp16
-    scale is exact in fp32, so this is the scale-dtype product compressed-tensors takes), then cast to `dtype`."""
+    scale is exact in fp32, so this is the scale-dtype product compressed-tensors takes), then cast to `dtype`.
+    A stack of matrices (the experts) is done one matrix at a time, to keep the fp32 temporaries to one matrix."""
+    if q.dim() > 2:
+        out = torch.empty(q.shape, dtype=dtype, device=q.device)
+        for i in range(q.shape[0]):
+            out[i] = dequantize(q[i], scale[i], dtype)
+        return out
     s = scale.float()
     if q.device.type == "cpu" and bool(s.abs().max() < 2.0**7):
         x, s = _widen(q), s * 2.0**120  # exact: E4M3 -> fp32 * 2^-120 in a few integer ops (fp8.py)

@@ -48,12 +48,25 @@ def unpack_e2m1(packed: torch.Tensor) -> torch.Tensor:
     return _table(packed.device)[codes.long()].flatten(-2)  # (..., C)
 
 
-def dequantize(packed: torch.Tensor, scale: torch.Tensor, scale_2: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """packed U8 (..., R, C / 2), scale F8 (..., R, C / 16), scale_2 fp32 broadcastable to (..., R, 1) -> (..., R, C)."""
-    *lead, rows, half = packed.shape
+def _dequantize(packed: torch.Tensor, scale: torch.Tensor, scale_2: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    rows, half = packed.shape[-2:]
     block = scale.float() * scale_2  # (..., R, C / 16), rounded to fp32 before it meets the codes (as ModelOpt)
-    values = unpack_e2m1(packed).view(*lead, rows, block.shape[-1], GROUP)  # (..., R, C / 16, 16)
-    return (values * block[..., None]).view(*lead, rows, 2 * half).to(dtype)
+    values = unpack_e2m1(packed).view(*packed.shape[:-2], rows, block.shape[-1], GROUP)  # (..., R, C / 16, 16)
+    return (values * block[..., None]).view(*packed.shape[:-2], rows, 2 * half).to(dtype)
+
+
+def dequantize(packed: torch.Tensor, scale: torch.Tensor, scale_2: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """packed U8 (..., R, C / 2), scale F8 (..., R, C / 16), scale_2 fp32 broadcastable to (..., R, 1) -> (..., R, C).
+
+    A stack of matrices (the experts) is done one matrix at a time: the decode's temporaries (int64 codes, fp32
+    values) are ~12 bytes a weight, which for a released layer's 128 experts at once would be ~9 GB."""
+    if packed.dim() == 2:
+        return _dequantize(packed, scale, scale_2, dtype)
+    scale_2 = scale_2.expand(*packed.shape[:-2], *scale_2.shape[-2:])
+    out = torch.empty(*packed.shape[:-1], 2 * packed.shape[-1], dtype=dtype, device=packed.device)
+    for i in range(packed.shape[0]):
+        out[i] = dequantize(packed[i], scale[i], scale_2[i], dtype)
+    return out
 
 
 def _empty(shape, dtype, device="meta") -> nn.Parameter:
