@@ -145,3 +145,24 @@ def test_repair_seed_and_cli_flags(capsys):
     assert "valid solution" in capsys.readouterr().out
     assert main(["solve", "".join(map(str, puzzle)), "--repair", "0" * 81]) == 2
     assert main(["solve", "".join(map(str, puzzle)), "--repair", grid, "--strength", "3"]) == 2
+
+
+def test_a_constraint_the_model_already_meets_changes_nothing():
+    """The embedded model writes 81 digits anyway: constrained to [1-9]{81}, every puzzle's tokens (draws included)
+    are the unconstrained ones, so the constraint cannot lower the solve rate."""
+    import torch
+
+    from dgemma import checkpoint
+    from dgemma.control import Constraint, ConstraintVocabulary
+    from dgemma.control.pins import Steering
+    from dgemma.generate import generate
+    from dgemma.tokenizer import Tokenizer
+
+    ck = checkpoint.load(S.ASSET_DIR, quiet=True)
+    vocab = ConstraintVocabulary.from_tokenizer(Tokenizer.from_dir(S.ASSET_DIR).backend, [S.EOS], [S.PAD],
+                                                ck.config.text.vocab_size)
+    digits = Constraint.from_regex("[1-9]{81}", vocab)
+    prompts = [S.prompt_ids(p) for p, _ in S.heldout_set(8, S.GIVENS)]
+    runs = [generate(ck.model, prompts, ck.generation, generator=torch.Generator().manual_seed(0),
+                     steering=steering) for steering in (None, [Steering(constraint=digits)] * len(prompts))]
+    assert runs[1].token_ids == runs[0].token_ids and runs[1].steps_per_canvas == runs[0].steps_per_canvas
