@@ -51,7 +51,12 @@ TOOL = {"name": "get_weather", "parameters": {
 def validity(requests: int, only: list[str]) -> None:
     import jsonschema
 
-    from dgemma.control.tools import MARKERS, call_regex, split_tool_calls, tool_vocabulary
+    from dgemma.control.tools import (
+        MARKERS,
+        call_regex,
+        split_tool_calls,
+        tool_vocabulary,
+    )
     from dgemma.testing import TOOL_VOCAB_SIZE, write_test_tokenizer
     from dgemma.tokenizer import Tokenizer
 

@@ -82,7 +82,8 @@ GEMMA4_CHAT_TEMPLATE = """\
 {%- elif v is boolean -%}{{- 'true' if v else 'false' -}}
 {%- elif v is none -%}{{- 'null' -}}
 {%- elif v is mapping -%}{{- '{' -}}
-{%- for k, item in v | dictsort -%}{{- ',' if not loop.first -}}{{- quoted(k) if quote_keys else k -}}:{{- value(item, quote_keys) -}}
+{%- for k, item in v | dictsort -%}{{- ',' if not loop.first -}}
+{{- (quoted(k) if quote_keys else k) ~ ':' -}}{{- value(item, quote_keys) -}}
 {%- endfor -%}{{- '}' -}}
 {%- elif v is iterable -%}{{- '[' -}}
 {%- for item in v -%}{{- ',' if not loop.first -}}{{- value(item, quote_keys) -}}{%- endfor -%}{{- ']' -}}
@@ -96,9 +97,11 @@ GEMMA4_CHAT_TEMPLATE = """\
 {%- set out = namespace(first=true) -%}
 {%- for k, v in items | dictsort -%}{%- if v is not none -%}
 {{- '' if out.first else ',' -}}{%- set out.first = false -%}
-{%- if k == 'properties' -%}{{- 'properties:{' -}}{%- if v is mapping -%}{{- declare_properties(v, false) -}}{%- endif -%}{{- '}' -}}
+{%- if k == 'properties' -%}{{- 'properties:{' -}}
+{%- if v is mapping -%}{{- declare_properties(v, false) -}}{%- endif -%}{{- '}' -}}
 {%- elif k == 'required' -%}{{- 'required:' ~ name_list(v) -}}
-{%- elif k == 'type' -%}{{- 'type:' ~ (value(v | upper, true) if v is string else value(v | map('upper') | list, true)) -}}
+{%- elif k == 'type' -%}
+{{- 'type:' ~ (value(v | upper, true) if v is string else value(v | map('upper') | list, true)) -}}
 {%- else -%}{{- k ~ ':' ~ value(v, true) -}}
 {%- endif -%}
 {%- endif -%}{%- endfor -%}
@@ -133,7 +136,9 @@ GEMMA4_CHAT_TEMPLATE = """\
 {{- 'declaration:' ~ function['name'] ~ '{description:' ~ quoted(function['description']) -}}
 {%- set params = function['parameters'] -%}
 {%- if params -%}{{- ',parameters:{' -}}
-{%- if params['properties'] -%}{{- 'properties:{' ~ declare_properties(params['properties'], false) ~ '},' -}}{%- endif -%}
+{%- if params['properties'] -%}
+{{- 'properties:{' ~ declare_properties(params['properties'], false) ~ '},' -}}
+{%- endif -%}
 {%- if params['required'] -%}{{- 'required:' ~ name_list(params['required']) ~ ',' -}}{%- endif -%}
 {%- if params['type'] -%}{{- 'type:' ~ quoted(params['type'] | upper) ~ '}' -}}{%- endif -%}
 {%- endif -%}

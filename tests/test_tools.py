@@ -15,8 +15,14 @@ from dgemma import checkpoint
 from dgemma.control import Constraint, ConstraintVocabulary
 from dgemma.control.pins import Steering
 from dgemma.control.schema import SchemaError
-from dgemma.control.tools import (MARKERS, ToolCallStreamParser, arguments_regex, call_regex, split_tool_calls,
-                                  tool_vocabulary)
+from dgemma.control.tools import (
+    MARKERS,
+    ToolCallStreamParser,
+    arguments_regex,
+    call_regex,
+    split_tool_calls,
+    tool_vocabulary,
+)
 from dgemma.engine import Engine
 from dgemma.generate import generate
 from dgemma.presets import default_generation, preset_config, random_model
@@ -172,7 +178,7 @@ def _streamed(client, **kw):
 @pytest.mark.parametrize("choice", ["named", "required"])
 def test_forced_calls_come_back_as_tool_calls_streamed_or_not(client, choice):
     tool_choice = {"type": "function", "function": {"name": "note"}} if choice == "named" else "required"
-    kw = dict(model=MODEL, messages=ASK, tools=TOOLS, tool_choice=tool_choice, max_tokens=3 * C)
+    kw = {"model": MODEL, "messages": ASK, "tools": TOOLS, "tool_choice": tool_choice, "max_tokens": 3 * C}
     for seed in (1, 2):
         out = client.chat.completions.create(seed=seed, **kw)
         message = out.choices[0].message
@@ -197,8 +203,8 @@ def _pinned_reply(tokenizer, text):
 def test_auto_parses_a_call_the_model_writes_and_none_leaves_it_text(client, server):
     """The canvas pinned to a call (the way a trained model would write it): auto parses it, none does not."""
     text = 'Sure.<|tool_call>call:get_weather{city:<|"|>Oslo<|"|>,unit:<|"|>c<|"|>}<tool_call|>'
-    kw = dict(model=MODEL, messages=ASK, tools=TOOLS, max_tokens=2 * C, seed=0,
-              extra_body={"pinned": _pinned_reply(server.tokenizer, text)})
+    kw = {"model": MODEL, "messages": ASK, "tools": TOOLS, "max_tokens": 2 * C, "seed": 0,
+          "extra_body": {"pinned": _pinned_reply(server.tokenizer, text)}}
     out = client.chat.completions.create(**kw)
     message = out.choices[0].message
     assert out.choices[0].finish_reason == "tool_calls" and message.content == "Sure."

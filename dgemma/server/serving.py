@@ -377,7 +377,8 @@ class Serving:
             raise APIError(400, f"tool_choice {tools.choice!r} constrains the reply to a tool call, but this model's "
                                 f"tokenizer has no {missing[0]} token", param="tool_choice")
         try:
-            regex = call_regex(tools.forced, repeat=tools.choice == "required" and body.parallel_tool_calls is not False)
+            repeat = tools.choice == "required" and body.parallel_tool_calls is not False
+            regex = call_regex(tools.forced, repeat=repeat)
         except SchemaError as e:
             raise APIError(400, f"tools: {e}", param="tools") from None
         try:
