@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dgemma import checkpoint
+from dgemma.model.moe import Experts
 from dgemma.quant import compressed, nvfp4
 
 from .conftest import make_reference_checkpoint
@@ -94,10 +95,10 @@ def nvfp4_release(source):
     return dst, oracle
 
 
-@pytest.fixture(scope="module")
-def fp8_release(source):
-    """An FP8_DYNAMIC checkpoint in the community releases' layout (attention, dense MLP and each expert quantized),
-    compressed by compressed-tensors. Returns (directory, the oracle's dequantized matrices by module name)."""
+def _fp8_dynamic(source, dst, experts_per_expert: bool = True):
+    """An FP8_DYNAMIC checkpoint compressed by compressed-tensors: attention and dense MLP quantized, and the experts
+    split per expert and quantized (the community releases' layout) or left fused in bf16 (what llm-compressor
+    writes when it meets transformers' fused 3-D experts). Returns (directory, the oracle's dequantized matrices)."""
     ct = pytest.importorskip("compressed_tensors")
     from compressed_tensors.compressors.naive_quantized import FloatQuantizationCompressor
     from compressed_tensors.quantization import QuantizationConfig, preset_name_to_scheme
@@ -118,21 +119,24 @@ def fp8_release(source):
 
     out, oracle = {}, {}
     for k, v in state.items():
-        module = k.removesuffix(".weight")
         quantized = k.endswith("_proj.weight") and (".self_attn." in k or ".mlp." in k)
         if quantized:
-            quantize(module, v)
-        elif ".experts." not in k:
+            quantize(k.removesuffix(".weight"), v)
+        elif ".experts." not in k or not experts_per_expert:
             out[k] = v.bfloat16()
-    for layer in range(layers):
+    for layer in range(layers if experts_per_expert else 0):
         for e in range(num_experts):
             for proj, w in _per_expert(state, layer, e).items():
                 quantize(f"model.decoder.layers.{layer}.experts.{e}.{proj}", w)
     qc = QuantizationConfig(config_groups={"group_0": scheme}, ignore=RELEASE_IGNORE, format="float-quantized",
                             quantization_status="compressed").model_dump()
-    dst = root / "fp8-dynamic"
     _write(dst, out, src, json.loads(json.dumps(qc)))
     return dst, oracle
+
+
+@pytest.fixture(scope="module")
+def fp8_release(source):
+    return _fp8_dynamic(source, source[0] / "fp8-dynamic")
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -249,6 +253,18 @@ def test_fp8_dynamic_model_is_the_dequantized_model(fp8_release, source, tmp_pat
     for i in range(len(ck.model.layers)):
         gate_up, down = _experts_from_oracle(oracle, i, ck.model.layers[i].experts.num_experts)
         replace[f"layers.{i}.experts.gate_up_proj"], replace[f"layers.{i}.experts.down_proj"] = gate_up, down
+    plain = _plain_model(_bf16_copy(source, tmp_path / "bf16"), replace)
+    V, C = ck.config.text.vocab_size, ck.config.canvas_length
+    assert (_logits(ck.model, V, C) - _logits(plain.model, V, C)).abs().max() <= 1e-4
+
+
+def test_fp8_dynamic_with_fused_experts_reads_them_as_plain_weights(source, tmp_path):
+    """Experts stored fused are not quantized, whatever the config's targets say (tools match per-expert Linears)."""
+    path, oracle = _fp8_dynamic(source, tmp_path / "fused", experts_per_expert=False)
+    ck = checkpoint.load(path, quiet=True)
+    assert type(ck.model.layers[0].experts) is Experts and ck.model.layers[0].experts.gate_up_proj.dtype == torch.float32
+    assert isinstance(ck.model.layers[0].mlp.down_proj, compressed.ChannelFP8Linear)
+    replace = {name.removeprefix("model.decoder.") + ".weight": w for name, w in oracle.items()}
     plain = _plain_model(_bf16_copy(source, tmp_path / "bf16"), replace)
     V, C = ck.config.text.vocab_size, ck.config.canvas_length
     assert (_logits(ck.model, V, C) - _logits(plain.model, V, C)).abs().max() <= 1e-4

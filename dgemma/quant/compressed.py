@@ -157,7 +157,7 @@ def prepare(model: nn.Module, qc: dict, where: str, stored_dtype) -> Layout:
     is_target, is_ignored = ct_match(targets), ct_match(ignore)
     layout = Layout(config=qc)
     picked = [(prefix, parent, attr, module) for prefix, parent, attr, module in candidates(model)
-              if selected(prefix, module, lambda n: is_target(n) and not is_ignored(n), where)]
+              if selected(prefix, module, lambda n: is_target(n) and not is_ignored(n), where, stored_dtype)]
     if not picked:
         return layout
     prefix, _, _, module = picked[0]

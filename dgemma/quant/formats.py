@@ -57,7 +57,7 @@ def prepare(model: nn.Module, qc: object, where: str, stored_dtype) -> Layout:
         int4.quantize_model(model, *int4.read_config(qc, where))
         layout = Layout(config=model.quantization_config)
     elif method == nvfp4.QUANT_METHOD:
-        layout = nvfp4.prepare(model, qc, where)
+        layout = nvfp4.prepare(model, qc, where, stored_dtype)
     elif method == compressed.QUANT_METHOD:
         layout = compressed.prepare(model, qc, where, stored_dtype)
     else:

@@ -80,11 +80,15 @@ def expert_module_names(prefix: str, experts: Experts) -> list[str]:
     return [f"{DECODER}{prefix}.{e}.{proj}" for e in range(experts.num_experts) for proj, _, _ in _EXPERT_PROJECTIONS]
 
 
-def selected(prefix: str, module: nn.Module, chosen, where: str) -> bool:
+def selected(prefix: str, module: nn.Module, chosen, where: str, stored_dtype) -> bool:
     """Whether a candidate is quantized, given `chosen(transformers module name) -> bool`. A layer's experts are one
-    fused tensor in dgemma, so a checkpoint must quantize all of a layer's experts or none of them."""
+    fused tensor in dgemma, so a checkpoint must quantize all of a layer's experts or none of them. Experts stored
+    fused (`experts.gate_up_proj`) are plain weights whatever the config's targets say: the quantizers match
+    per-expert `Linear`s, and tools that meet transformers' fused 3-D experts leave them as they are."""
     if not isinstance(module, Experts):
         return chosen(DECODER + prefix)
+    if stored_dtype(f"{DECODER}{prefix}.gate_up_proj") is not None:
+        return False
     names = expert_module_names(prefix, module)
     picks = {chosen(n) for n in names}
     if len(picks) > 1:

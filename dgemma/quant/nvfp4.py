@@ -146,13 +146,13 @@ def read_config(qc: dict, where: str) -> list[str]:
     return string_list(exclude, "exclude_modules" if "exclude_modules" in qc else "ignore", where)
 
 
-def prepare(model: nn.Module, qc: dict, where: str) -> Layout:
+def prepare(model: nn.Module, qc: dict, where: str, stored_dtype) -> Layout:
     """Swap every linear map and expert block the exclude list does not name for its NVFP4 form (on the meta
     model), and say how the checkpoint's tensors load into them."""
     excluded = fnmatch_any(read_config(qc, where))
     layout = Layout(config=qc)
     for prefix, parent, attr, module in candidates(model):
-        if not selected(prefix, module, lambda n: not excluded(n), where):
+        if not selected(prefix, module, lambda n: not excluded(n), where, stored_dtype):
             continue
         if isinstance(module, Experts):
             new = NVFP4Experts(module)
