@@ -353,3 +353,29 @@ def test_held_tokens_stay_even_when_completing_after_them_needs_improbable_token
     assert argmax.tolist() == [x, b, b, eos] and sampled.tolist()[1:] == [b, b, eos]
     state.pinned, state.pin_values, state.num_settled = held[None], state.argmax.clone(), torch.tensor([0])
     assert _constrain(state, 0, probs, torch.tensor([y, cc, cc, eos]), ~held)[0].tolist() == [x, b, b, eos]
+
+
+def test_a_valid_draw_is_kept_and_an_invalid_one_projected(tokenizer, vocab):
+    """The argmax is the most probable valid canvas; the sample keeps each draw the constraint allows (here "b",
+    less probable than "a" at position 0) and moves only the draws it forbids ("x" at position 1)."""
+    from types import SimpleNamespace
+
+    from dgemma.step import _constrain
+
+    c = Constraint.from_regex("[ab]{3}", vocab)
+    V, C_ = vocab.vocab_size, 4
+    a, b, x = (tokenizer.token_to_id(t) for t in "abx")
+    eos = vocab.eos_token_ids[0]
+    probs = torch.zeros(C_, V)
+    probs[0, a], probs[0, b] = 0.6, 0.4
+    probs[1, x], probs[1, b], probs[1, a] = 0.5, 0.3, 0.2
+    probs[2, a], probs[3, eos] = 1.0, 1.0
+    state = SimpleNamespace(pinned=torch.zeros(1, C_, dtype=torch.bool), pin_values=torch.zeros(1, C_, dtype=torch.long),
+                            positions=torch.arange(C_), num_settled=torch.tensor([0]), argmax=torch.zeros(1, C_, dtype=torch.long),
+                            constraints=[c], constraint_start=[c.initial_state], tokens_after=[0], constraint_end=[None])
+    accepted = torch.tensor([True, True, True, True])
+    argmax, sampled = _constrain(state, 0, probs, torch.tensor([b, b, a, eos]), accepted)
+    assert argmax.tolist() == [a, b, a, eos] and sampled.tolist() == [b, b, a, eos]  # valid draws stay
+    argmax, sampled = _constrain(state, 0, probs, torch.tensor([b, x, a, eos]), accepted)
+    assert sampled.tolist() == [b, b, a, eos]  # "x" is projected to the likeliest allowed token; "b" at 0 stays
+    assert _constrain(state, 0, probs, None, accepted)[1].tolist() == [a, b, a, eos]  # greedy: the argmax
