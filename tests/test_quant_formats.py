@@ -351,3 +351,65 @@ def test_dequantization_on_cuda_matches_the_cpu(nvfp4_release, fp8_release):
         for a, b in zip(cpu.model.layers, gpu.model.layers):
             for x, y in zip(a.experts.weights(torch.float32), b.experts.weights(torch.float32)):
                 assert torch.equal(_bits(x), _bits(y.cpu()))
+
+
+RSS_SCRIPT = """
+import sys
+import torch
+from dgemma import checkpoint
+
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+
+checkpoint.load(sys.argv[2], quiet=True)  # warm up: torch's one-time lazy initialisation is not loading cost
+open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
+base = status("VmRSS:")
+ck = checkpoint.load(sys.argv[1], quiet=True)
+touched = [int(p.reshape(-1).view(torch.uint8).max()) for p in ck.model.state_dict().values()]  # every page, no copy
+peak = status("VmHWM:")
+weights = sum(p.numel() * p.element_size() for p in ck.model.state_dict().values())
+print((peak - base) / weights)
+"""
+
+
+def test_nvfp4_loading_streams_per_expert_into_packed_tensors(tmp_path, nvfp4_release):
+    """1,536 per-expert tensors: peak memory while loading stays near the loaded (packed) model's size,
+    so nothing holds all the tensors at once (let alone in fp32)."""
+    import subprocess
+    import sys
+
+    from dgemma.checkpoint import hf_state_dict
+    from dgemma.presets import default_generation, preset_config, random_model
+
+    cfg = preset_config("tiny", vocab_size=8_000, hidden_size=512, intermediate_size=512, num_experts=64,
+                        moe_intermediate_size=256, num_hidden_layers=2,
+                        layer_types=["sliding_attention", "full_attention"])
+    model = random_model(cfg)
+    out = {k: v.bfloat16() for k, v in hf_state_dict(model).items() if ".experts." not in k}
+    g = torch.Generator().manual_seed(0)
+    h, i = 512, 256
+    for layer in range(2):
+        for e in range(64):
+            for proj, (rows, cols) in (("gate_proj", (i, h)), ("up_proj", (i, h)), ("down_proj", (h, i))):
+                name = f"model.decoder.layers.{layer}.experts.{e}.{proj}"
+                out[name + ".weight"] = torch.randint(0, 256, (rows, cols // 2), generator=g, dtype=torch.uint8)
+                out[name + ".weight_scale"] = (torch.rand(rows, cols // 16, generator=g) + 0.5).to(nvfp4.FP8)
+                out[name + ".weight_scale_2"] = torch.tensor(1e-3)
+                out[name + ".input_scale"] = torch.tensor(1e-2)
+    del model
+    dst = tmp_path / "big"
+    src = tmp_path / "cfg"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps(cfg.to_hf()))
+    (src / "generation_config.json").write_text(json.dumps(default_generation(cfg).to_hf()))
+    qc = json.loads((nvfp4_release[0] / "config.json").read_text())["quantization_config"]
+    _write(dst, out, src, qc)
+    assert len(out) > 1500
+    del out
+    run = subprocess.run([sys.executable, "-c", RSS_SCRIPT, str(dst), str(nvfp4_release[0])], capture_output=True,
+                         text=True, check=True)
+    ratio = float(run.stdout.strip())
+    print(f"peak RSS while loading: {ratio:.2f}x the loaded weights")
+    assert ratio < 1.3, f"peak RSS while loading was {ratio:.2f}x the loaded weights"
