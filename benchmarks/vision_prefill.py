@@ -22,7 +22,14 @@ import numpy as np
 import torch
 
 from dgemma.config import VisionConfig
-from dgemma.images import ImageProcessorConfig, ImageTokens, PromptImages, decode_image, expand_image_tokens, preprocess
+from dgemma.images import (
+    ImageProcessorConfig,
+    ImageTokens,
+    PromptImages,
+    decode_image,
+    expand_image_tokens,
+    preprocess,
+)
 from dgemma.model.vision import Vision
 from dgemma.presets import init_weights, preset_config, random_model
 

@@ -164,15 +164,15 @@ def resized_size(height: int, width: int, cfg: ImageProcessorConfig) -> tuple[in
     unit = cfg.patch_size * cfg.pooling_kernel_size
     budget = cfg.max_patches * cfg.patch_size**2  # pixels
     scale = math.sqrt(budget / (height * width))
-    h = int(math.floor(height * scale / unit)) * unit
-    w = int(math.floor(width * scale / unit)) * unit
+    h = math.floor(height * scale / unit) * unit
+    w = math.floor(width * scale / unit) * unit
     longest = (cfg.max_patches // cfg.pooling_kernel_size**2) * unit
     if h == 0 and w == 0:
         raise ImageError(f"cannot resize a {width}x{height} image to the patch grid")
     if h == 0:
-        h, w = unit, min(int(math.floor(width / height)) * unit, longest)
+        h, w = unit, min(math.floor(width / height) * unit, longest)
     elif w == 0:
-        h, w = min(int(math.floor(height / width)) * unit, longest), unit
+        h, w = min(math.floor(height / width) * unit, longest), unit
     if h * w > budget:
         raise ImageError(f"a {width}x{height} image does not fit in {cfg.max_patches} patches")
     return h, w

@@ -41,9 +41,9 @@ def make_vision_checkpoint(path: Path, seed: int = 3) -> Path:
         tower.std_bias.normal_(0, 0.5)
         tower.std_scale.uniform_(0.5, 1.5)
         for name, buf in tower.named_buffers():
-            if name.endswith("input_min") or name.endswith("output_min"):
+            if name.endswith(("input_min", "output_min")):
                 buf.fill_(-float(torch.empty(()).uniform_(0.5, 2.0)))
-            elif name.endswith("input_max") or name.endswith("output_max"):
+            elif name.endswith(("input_max", "output_max")):
                 buf.fill_(float(torch.empty(()).uniform_(0.5, 2.0)))
     model.save_pretrained(path)
     gen = json.loads((path / "generation_config.json").read_text())
@@ -76,7 +76,9 @@ def pair(tmp_path_factory):
 
 
 def reference_pixels(images):
-    from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
+    from transformers.models.gemma4.image_processing_pil_gemma4 import (
+        Gemma4ImageProcessorPil,
+    )
 
     return Gemma4ImageProcessorPil(**PROCESSOR)(images, return_tensors="pt")
 
@@ -133,13 +135,19 @@ def _reference_generate(ref, prompt, images, seed, max_new, steps):
 @pytest.mark.parametrize("sizes", [[(40, 28)], [(40, 28), (23, 57)]], ids=["one", "two"])
 def test_generate_with_images_matches_reference(pair, sizes):
     from dgemma.generate import generate
-    from dgemma.images import ImageProcessorConfig, ImageTokens, PromptImages, expand_image_tokens, preprocess
+    from dgemma.images import (
+        ImageProcessorConfig,
+        ImageTokens,
+        PromptImages,
+        expand_image_tokens,
+        preprocess,
+    )
 
     _, ours, ref = pair
     images = [test_image(w, h, 10 + i) for i, (w, h) in enumerate(sizes)]
     patches = [preprocess(im, ImageProcessorConfig(**PROCESSOR)) for im in images]
     # text, an image placeholder per image, more text (the placeholders as the chat template writes them)
-    raw = [2, 3, 40, 41] + sum(([IMAGE, 50 + i] for i in range(len(images))), []) + [60, 61, 4]
+    raw = [2, 3, 40, 41] + [t for i in range(len(images)) for t in (IMAGE, 50 + i)] + [60, 61, 4]
     prompt = expand_image_tokens(raw, patches, ImageTokens(BOI, IMAGE, EOI))
     assert prompt.count(IMAGE) == sum(p.num_soft_tokens for p in patches) > 8  # past the sliding window
     want = _reference_generate(ref, prompt, images, seed=5, max_new=24, steps=6)
@@ -197,7 +205,13 @@ def test_cli_generate_with_two_images_matches_reference(cli_ckpt, capsys):
                                  "--max-denoising-steps", "6", "--seed", "5", "--t-min", "0.4", "--t-max", "0.8",
                                  "--device", "cpu", "--json"])
     assert code == 0
-    from dgemma.images import ImageProcessorConfig, ImageTokens, expand_image_tokens, preprocess, read_image
+    from dgemma.images import (
+        ImageProcessorConfig,
+        ImageTokens,
+        expand_image_tokens,
+        preprocess,
+        read_image,
+    )
 
     images = [read_image(f) for f in files]
     prompt = expand_image_tokens(raw, [preprocess(im, ImageProcessorConfig(**PROCESSOR)) for im in images],
@@ -301,7 +315,7 @@ def test_server_takes_images_as_data_urls_and_allowed_paths(image_server):
     import httpx
 
     srv, tokenizer, files = image_server
-    post = lambda body: httpx.post(srv.url + "/v1/chat/completions", json=body, timeout=60)  # noqa: E731
+    post = lambda body: httpx.post(srv.url + "/v1/chat/completions", json=body, timeout=60)
     first = post(_image_chat(_data_url(files[0])))
     assert first.status_code == 200, first.text
     # the prompt holds the rendered chat with the image placeholder expanded to boi, 35 image tokens, eoi
@@ -357,3 +371,24 @@ def test_server_without_a_tower_refuses_images(cli_ckpt):
         assert r.status_code == 400 and "cannot take images" in r.json()["error"]["message"]
     finally:
         srv.stop()
+
+
+def test_save_keeps_the_tower_byte_for_byte(pair, tmp_path):
+    from safetensors import safe_open
+
+    path, ours, _ = pair
+    out = checkpoint.save(tmp_path / "saved", ours.model, ours.config, ours.generation,
+                          passthrough=ours.passthrough, vision_config=ours.vision_config)
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["vision_config"] == json.loads((path / "config.json").read_text())["vision_config"]
+    assert saved["text_config"]["use_bidirectional_attention"] == "vision"
+    with safe_open(str(path / "model.safetensors"), "pt") as a, safe_open(str(out / "model.safetensors"), "pt") as b:
+        names = [n for n in a.keys() if n.startswith(checkpoint.VISION_PREFIXES)]
+        assert len(names) == len(ours.vision.state_dict()) and set(names) <= set(b.keys())
+        assert all(torch.equal(a.get_tensor(n), b.get_tensor(n)) for n in names)
+    again = checkpoint.load(out, quiet=True)
+    image = test_image(30, 30, 4)
+    from dgemma.images import ImageProcessorConfig, preprocess
+
+    p = preprocess(image, ImageProcessorConfig(**PROCESSOR))
+    assert torch.equal(again.vision.features([(p.pixels, p.positions)]), ours.vision.features([(p.pixels, p.positions)]))
