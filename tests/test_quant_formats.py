@@ -335,6 +335,21 @@ def test_missing_or_mistyped_expert_tensors_are_one_line_errors(nvfp4_release, f
         checkpoint.load(_edited(fp8_release[0], tmp_path / "c", retype=dense), quiet=True)
 
 
+def test_kv_cache_scales_are_noted_not_used(nvfp4_release, tmp_path, capsys):
+    ck = checkpoint.load(_edited(nvfp4_release[0], tmp_path / "c", config=lambda q: q.update(
+        kv_cache_scheme={"dynamic": False, "num_bits": 8, "type": "float"})))
+    assert isinstance(ck.model.layers[0].experts, nvfp4.NVFP4Experts)
+    assert "KV-cache scales are not used" in capsys.readouterr().err
+
+
+def test_exclude_patterns_may_name_the_encoders_copy(nvfp4_release, tmp_path):
+    # layer 1's experts excluded by their encoder name: dgemma then wants them unquantized (fused), which this file
+    # does not have
+    edit = lambda q: q.update(ignore=q["ignore"] + ["model.encoder.language_model.layers.1.experts*"])  # noqa: E731
+    with pytest.raises(checkpoint.CheckpointError, match="missing tensor model.decoder.layers.1.experts.gate_up_proj"):
+        checkpoint.load(_edited(nvfp4_release[0], tmp_path / "d", config=edit), quiet=True)
+
+
 def test_read_only_formats_are_not_written_back(nvfp4_release, tmp_path):
     ck = checkpoint.load(nvfp4_release[0], quiet=True)
     with pytest.raises(checkpoint.CheckpointError, match="does not write them"):

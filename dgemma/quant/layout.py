@@ -23,7 +23,8 @@ from torch import nn
 from ..model.moe import Experts
 from .fp8 import QuantError  # one error class for every format (checkpoint.py turns it into a CheckpointError)
 
-DECODER = "model.decoder."  # the transformers module prefix that matching patterns (exclude lists) are written for
+DECODER = "model.decoder."  # the transformers module prefixes that matching patterns (exclude lists) are written for
+ENCODER = "model.encoder.language_model."  # the encoder's layers are the decoder's (tied): a pattern may name either
 
 
 @dataclass
@@ -85,12 +86,15 @@ def selected(prefix: str, module: nn.Module, chosen, where: str, stored_dtype) -
     fused tensor in dgemma, so a checkpoint must quantize all of a layer's experts or none of them. Experts stored
     fused (`experts.gate_up_proj`) are plain weights whatever the config's targets say: the quantizers match
     per-expert `Linear`s, and tools that meet transformers' fused 3-D experts leave them as they are."""
+    def both(name: str) -> bool:  # a module shared by encoder and decoder is quantized unless either name is spared
+        return chosen(name) and (not name.startswith(DECODER) or chosen(ENCODER + name[len(DECODER):]))
+
     if not isinstance(module, Experts):
-        return chosen(DECODER + prefix)
+        return both(DECODER + prefix)
     if stored_dtype(f"{DECODER}{prefix}.gate_up_proj") is not None:
         return False
     names = expert_module_names(prefix, module)
-    picks = {chosen(n) for n in names}
+    picks = {both(n) for n in names}
     if len(picks) > 1:
         raise QuantError(f"{where}: quantization_config quantizes some of {DECODER}{prefix}'s experts but not others; "
                          f"dgemma needs all of a layer's experts in one format")
