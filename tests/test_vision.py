@@ -392,3 +392,23 @@ def test_save_keeps_the_tower_byte_for_byte(pair, tmp_path):
 
     p = preprocess(image, ImageProcessorConfig(**PROCESSOR))
     assert torch.equal(again.vision.features([(p.pixels, p.positions)]), ours.vision.features([(p.pixels, p.positions)]))
+
+
+def test_chat_image_command_sends_the_picture_with_the_next_message(cli_ckpt, capsys, monkeypatch):
+    path, _, files = cli_ckpt
+    lines = iter([f"/image {files[0]}", "/image /no/such.png", "what is this?", "and now?", "/exit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    seen = []
+    import dgemma.generate
+
+    real = dgemma.generate.generate
+    monkeypatch.setattr(dgemma.generate, "generate",
+                        lambda model, prompts, gen, **kw: seen.append((prompts[0], kw.get("images"))) or real(
+                            model, prompts, gen, **kw))
+    code, out, err = _run(capsys, ["chat", "--model", str(path), "--max-new-tokens", "8",
+                                   "--max-denoising-steps", "2", "--device", "cpu"])
+    assert code == 0 and out.count("model>") == 2
+    assert "no such image file" in err  # a bad /image is one line, and the chat goes on
+    (first, images1), (second, images2) = seen
+    assert first.count(IMAGE) == 70 and [len(r) for r in images1.rows] == [1]
+    assert second.count(IMAGE) == 70 and [len(r) for r in images2.rows] == [1]  # the picture stays in the history
