@@ -100,12 +100,17 @@ def _fp8_dynamic(source, dst, experts_per_expert: bool = True):
     split per expert and quantized (the community releases' layout) or left fused in bf16 (what llm-compressor
     writes when it meets transformers' fused 3-D experts). Returns (directory, the oracle's dequantized matrices)."""
     ct = pytest.importorskip("compressed_tensors")
-    from compressed_tensors.compressors.naive_quantized import FloatQuantizationCompressor
-    from compressed_tensors.quantization import QuantizationConfig, preset_name_to_scheme
+    from compressed_tensors.compressors.naive_quantized import (
+        FloatQuantizationCompressor,
+    )
+    from compressed_tensors.quantization import (
+        QuantizationConfig,
+        preset_name_to_scheme,
+    )
     from compressed_tensors.quantization.utils import calculate_qparams
 
     assert ct.__version__.startswith("0.20.0")
-    root, src, state, cfg = source
+    _, src, state, cfg = source
     scheme = preset_name_to_scheme("FP8_DYNAMIC", ["Linear"])
     layers, num_experts = cfg["text_config"]["num_hidden_layers"], cfg["text_config"]["num_experts"]
 
@@ -172,7 +177,7 @@ def _plain_model(path, replace: dict[str, torch.Tensor]):
 
 def _bf16_copy(source, dst):
     """The source checkpoint in bf16, as the releases store what they leave unquantized."""
-    root, src, state, _ = source
+    _, src, state, _ = source
     dst.mkdir(exist_ok=True)
     save_file({k: v.bfloat16() for k, v in state.items()}, dst / "model.safetensors", metadata={"format": "pt"})
     for name in ("config.json", "generation_config.json"):
@@ -213,7 +218,7 @@ def test_nvfp4_model_is_the_dequantized_model(nvfp4_release, source, tmp_path):
 
 
 def test_nvfp4_reads_hf_quant_config_json_when_config_json_has_none(nvfp4_release, tmp_path):
-    path, oracle = nvfp4_release
+    path, _ = nvfp4_release
     dst = tmp_path / "old-export"
     shutil.copytree(path, dst)
     cfg = json.loads((dst / "config.json").read_text())
@@ -345,7 +350,7 @@ def test_kv_cache_scales_are_noted_not_used(nvfp4_release, tmp_path, capsys):
 def test_exclude_patterns_may_name_the_encoders_copy(nvfp4_release, tmp_path):
     # layer 1's experts excluded by their encoder name: dgemma then wants them unquantized (fused), which this file
     # does not have
-    edit = lambda q: q.update(ignore=q["ignore"] + ["model.encoder.language_model.layers.1.experts*"])  # noqa: E731
+    edit = lambda q: q.update(ignore=q["ignore"] + ["model.encoder.language_model.layers.1.experts*"])
     with pytest.raises(checkpoint.CheckpointError, match="missing tensor model.decoder.layers.1.experts.gate_up_proj"):
         checkpoint.load(_edited(nvfp4_release[0], tmp_path / "d", config=edit), quiet=True)
 

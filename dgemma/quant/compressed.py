@@ -26,7 +26,16 @@ from torch.nn import functional as F
 
 from ..model.moe import Experts
 from .fp8 import _widen
-from .layout import DECODER, Layout, QuantError, candidates, ct_match, expert_slots, selected, string_list
+from .layout import (
+    DECODER,
+    Layout,
+    QuantError,
+    candidates,
+    ct_match,
+    expert_slots,
+    selected,
+    string_list,
+)
 
 FP8 = torch.float8_e4m3fn
 QUANT_METHOD = "compressed-tensors"

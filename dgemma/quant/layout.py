@@ -21,7 +21,9 @@ import torch
 from torch import nn
 
 from ..model.moe import Experts
-from .fp8 import QuantError  # one error class for every format (checkpoint.py turns it into a CheckpointError)
+from .fp8 import (
+    QuantError,  # one error class for every format (checkpoint.py turns it into a CheckpointError)
+)
 
 DECODER = "model.decoder."  # the transformers module prefixes that matching patterns (exclude lists) are written for
 ENCODER = "model.encoder.language_model."  # the encoder's layers are the decoder's (tied): a pattern may name either

@@ -25,7 +25,15 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..model.moe import Experts
-from .layout import (Layout, QuantError, candidates, expert_slots, fnmatch_any, selected, string_list)
+from .layout import (
+    Layout,
+    QuantError,
+    candidates,
+    expert_slots,
+    fnmatch_any,
+    selected,
+    string_list,
+)
 
 FP8 = torch.float8_e4m3fn
 GROUP = 16
