@@ -345,7 +345,7 @@ def cmd_edit(args) -> int:
 
 def cmd_chat(args) -> int:
     from .generate import generate
-    from .images import ImageError, ImageSupport, expand_image_tokens, preprocess, read_image
+    from .images import ImageError, ImageSupport, expand_image_tokens, read_image
     from .tokenizer import split_thinking
 
     check_default_model(args)
@@ -395,7 +395,7 @@ def cmd_chat(args) -> int:
         if line == "/image" or line.startswith("/image "):
             try:
                 support = support or ImageSupport.of(ckpt)
-                pictures.append(preprocess(read_image(line[len("/image"):].strip()), support.processor))
+                pictures.append(support.patches(read_image(line[len("/image"):].strip())))
             except ImageError as e:
                 print(f"[{e}]", file=sys.stderr)
                 continue

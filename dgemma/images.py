@@ -69,6 +69,10 @@ class ImageProcessorConfig:
                 raise ImageError(f"image processor {name} must be an integer in [1, 64], got {value!r:.40}")
         if self.resample not in (0, 1, 2, 3, 4, 5):
             raise ImageError(f"image processor resample must be a PIL filter number 0-5, got {self.resample!r:.40}")
+        if isinstance(self.rescale_factor, bool) or not isinstance(self.rescale_factor, (int, float)) \
+                or not 0 < self.rescale_factor <= 1:
+            raise ImageError(f"image processor rescale_factor must be a number in (0, 1], got "
+                             f"{self.rescale_factor!r:.40}")
 
     @property
     def max_patches(self) -> int:
@@ -280,8 +284,17 @@ class ImageSupport:
     def prepare(self, ids: list[int], images: list) -> tuple[list[int], list[ImagePatches]]:
         """A prompt with one image token per image (RGB PIL images, in order) -> the expanded prompt and the
         images' patches."""
-        patches = [preprocess(im, self.processor) for im in images]
+        patches = [self.patches(im) for im in images]
         return expand_image_tokens(ids, patches, self.tokens), patches
+
+    def patches(self, image) -> ImagePatches:
+        """One RGB PIL image, preprocessed; ImageError if this tower has too few position embeddings for it."""
+        out = preprocess(image, self.processor)
+        size = self.vision.config.position_embedding_size
+        if int(out.positions.max()) >= size:
+            raise ImageError(f"the image is {int(out.positions.max()) + 1} patches wide or high after resizing, past "
+                             f"this vision tower's {size} position embeddings")
+        return out
 
     def prompt_images(self, rows: list[list[ImagePatches]]) -> PromptImages:
         return PromptImages(self.vision, self.tokens, rows)

@@ -264,6 +264,12 @@ def test_bad_images_exit_2_with_one_line(cli_ckpt, capsys, tmp_path):
         lines = err.strip().splitlines()
         assert str(file) in lines[-1] and name.strip() in lines[-1], (name, err)
         assert not any("Traceback" in line for line in lines), name
+    # an image too wide for this tower's 64 position embeddings once resized (280x8 pixels: 70 x 2 patches)
+    wide = tmp_path / "wide.png"
+    test_image(211, 6, 7).save(wide)
+    code, _, err = _run(capsys, ["generate", "--model", str(path), "--prompt-ids", f"2,{IMAGE},40", "--image",
+                                 str(wide), "--device", "cpu"])
+    assert code == 2 and "position embeddings" in err.strip().splitlines()[-1]
     # the placeholder count must match the images
     code, _, err = _run(capsys, ["generate", "--model", str(path), "--prompt-ids", "2,40", "--image", str(files[0]),
                                  "--device", "cpu"])

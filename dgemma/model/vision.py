@@ -213,7 +213,11 @@ class Vision(nn.Module):
         """[(pixels (P_i, 3*p*p), positions (P_i, 2))] -> every image's soft tokens in the text embedding space,
         concatenated in order: (sum_i P_i / k^2, H_text), in the model's dtype."""
         out = []
+        size = self.config.position_embedding_size
         for pixels, positions in images:
+            if int(positions.max()) >= size:  # the reference fails here too (an index past its table)
+                raise ValueError(f"an image {int(positions.max()) + 1} patches wide or high is past this tower's "
+                                 f"{size} position embeddings")
             pixels = pixels.to(self.device, self.dtype)
             soft = self.vision_tower(pixels, positions.to(self.device))
             out.append(self.embed_vision(soft.to(self.dtype)))  # 4.
