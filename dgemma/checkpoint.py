@@ -373,7 +373,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
         f = files[hf_name]
         ref = f.tensors[hf_name]
         want = tuple(expected[ours].shape)
-        if tuple(ref.shape) != want:
+        if tuple(ref.shape) != want and not (want == () and ref.shape == [1]):  # a scalar may be stored as [1]
             raise CheckpointError(f"{f.path}: tensor {hf_name} has shape {tuple(ref.shape)}, expected {want}")
         want_dtype = dtype
         if layout is not None and ours in layout.exact:  # quantized tensors load exactly as stored
@@ -394,7 +394,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
                                   f"({', '.join(_FLOATS)})")
         elif ours.endswith("_scale_inv"):
             want_dtype = torch.float32
-        tensors[ours] = f.get(hf_name, want_dtype).to(device)
+        tensors[ours] = f.get(hf_name, want_dtype).reshape(want).to(device)
         if not _all_finite(tensors[ours]):  # NaN weights give all-pad output with no hint why
             raise CheckpointError(f"{f.path}: tensor {hf_name} holds NaN or Inf values; the checkpoint is corrupt "
                                   f"(or overflowed when it was converted)")

@@ -64,35 +64,48 @@ def source(tmp_path_factory):
     return root, src, load_file(src / "model.safetensors"), json.loads((src / "config.json").read_text())
 
 
-@pytest.fixture(scope="module")
-def nvfp4_release(source):
-    """(directory, oracle-dequantized expert matrices) of an NVFP4 checkpoint in the release's layout, packed by
-    ModelOpt. Returns the oracle's dequantization (fp32) of every expert matrix, keyed by its release name."""
+def _nvfp4(source, dst, exclude: list[str], scalar_shape: tuple = ()):
+    """An NVFP4 checkpoint packed by ModelOpt: each expert on its own, plus every other linear map that `exclude`
+    does not name; the rest bf16, as released. Returns (directory, ModelOpt's dequantization (fp32) of every
+    quantized matrix, keyed by its module name)."""
     qtensor = pytest.importorskip("modelopt.torch.quantization.qtensor")
     from modelopt.torch.export.convert_hf_config import convert_hf_quant_config_format
 
-    root, src, state, cfg = source
+    _, src, state, cfg = source
     layers, num_experts = cfg["text_config"]["num_hidden_layers"], cfg["text_config"]["num_experts"]
-    out = {k: v.bfloat16() for k, v in state.items() if ".experts." not in k}  # excluded: bf16, as released
-    oracle = {}
+    excluded = [p.strip("*") for p in exclude]
+    out, oracle = {}, {}
     torch.manual_seed(0)
+
+    def quantize(name: str, w: torch.Tensor) -> None:
+        packed, scale, scale_2 = qtensor.NVFP4QTensor.quantize(w.bfloat16(), nvfp4.GROUP)
+        out[name + ".weight"] = packed._quantized_data
+        out[name + ".weight_scale"] = scale
+        out[name + ".weight_scale_2"] = scale_2.reshape(scalar_shape)
+        out[name + ".input_scale"] = (torch.rand(()) * 0.01 + 1e-3).reshape(scalar_shape)
+        oracle[name] = packed.dequantize(dtype=torch.float32, scale=scale, double_scale=scale_2,
+                                         block_sizes={-1: nvfp4.GROUP})
+
+    for k, v in state.items():
+        linear = k.startswith("model.decoder.") and k.endswith("proj.weight") and ".experts." not in k
+        if linear and not any(x in k for x in excluded):
+            quantize(k.removesuffix(".weight"), v)
+        elif ".experts." not in k:
+            out[k] = v.bfloat16()  # excluded: bf16, as released
     for layer in range(layers):
         for e in range(num_experts):
             for proj, w in _per_expert(state, layer, e).items():
-                name = f"model.decoder.layers.{layer}.experts.{e}.{proj}"
-                packed, scale, scale_2 = qtensor.NVFP4QTensor.quantize(w.bfloat16(), nvfp4.GROUP)
-                out[name + ".weight"] = packed._quantized_data
-                out[name + ".weight_scale"] = scale
-                out[name + ".weight_scale_2"] = scale_2.reshape(())
-                out[name + ".input_scale"] = torch.rand(()) * 0.01 + 1e-3
-                oracle[name] = packed.dequantize(dtype=torch.float32, scale=scale, double_scale=scale_2,
-                                                 block_sizes={-1: nvfp4.GROUP})
+                quantize(f"model.decoder.layers.{layer}.experts.{e}.{proj}", w)
     qc = convert_hf_quant_config_format({"producer": {"name": "modelopt", "version": "0.47.0"},
                                          "quantization": {"quant_algo": "NVFP4", "kv_cache_quant_algo": None,
-                                                          "group_size": 16, "exclude_modules": RELEASE_EXCLUDE}})
-    dst = root / "nvfp4"
+                                                          "group_size": 16, "exclude_modules": exclude}})
     _write(dst, out, src, qc)
     return dst, oracle
+
+
+@pytest.fixture(scope="module")
+def nvfp4_release(source):
+    return _nvfp4(source, source[0] / "nvfp4", RELEASE_EXCLUDE)
 
 
 def _fp8_dynamic(source, dst, experts_per_expert: bool = True):
@@ -215,6 +228,24 @@ def test_nvfp4_model_is_the_dequantized_model(nvfp4_release, source, tmp_path):
     packed = sum(p.numel() * p.element_size() for n, p in experts.named_parameters() if "input_scale" not in n
                  and not n.endswith("scale_2"))
     assert packed == (experts.gate_up_proj.numel() + experts.down_proj.numel()) * 2 * 0.5625
+
+
+def test_nvfp4_linear_maps_too_when_the_exclude_list_spares_them(source, tmp_path):
+    """A ModelOpt NVFP4 checkpoint that quantizes attention as well (and stores its scalars as [1])."""
+    path, oracle = _nvfp4(source, tmp_path / "attn", ["lm_head", "*mlp*", "*router*", "*self_conditioning*",
+                                                      "*vision*"], scalar_shape=(1,))
+    ck = checkpoint.load(path, quiet=True)
+    q = ck.model.layers[1].self_attn.q_proj
+    assert isinstance(q, nvfp4.NVFP4Linear) and type(ck.model.layers[1].mlp.up_proj) is torch.nn.Linear
+    got = nvfp4.dequantize(q.weight, q.weight_scale, q.weight_scale_2, torch.float32)
+    assert torch.equal(_bits(got), _bits(oracle["model.decoder.layers.1.self_attn.q_proj"]))
+    replace = {name.removeprefix("model.decoder.") + ".weight": w for name, w in oracle.items() if ".experts." not in name}
+    for i in range(len(ck.model.layers)):
+        gate_up, down = _experts_from_oracle(oracle, i, ck.model.layers[i].experts.num_experts)
+        replace[f"layers.{i}.experts.gate_up_proj"], replace[f"layers.{i}.experts.down_proj"] = gate_up, down
+    plain = _plain_model(_bf16_copy(source, tmp_path / "bf16"), replace)
+    V, C = ck.config.text.vocab_size, ck.config.canvas_length
+    assert (_logits(ck.model, V, C) - _logits(plain.model, V, C)).abs().max() <= 1e-4
 
 
 def test_nvfp4_reads_hf_quant_config_json_when_config_json_has_none(nvfp4_release, tmp_path):
