@@ -320,7 +320,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
         raise CheckpointError(f"{path}: not a directory")
     dtype = dtype or default_dtype(device)
     raw_config = read_json(path / "config.json")
-    config = ModelConfig.from_hf(raw_config, str(path / "config.json"))
+    config = ModelConfig.from_hf(raw_config, str(path / "config.json"), vision=vision)
     generation = GenerationConfig.load(path / "generation_config.json", config.text)
 
     files = _index_files(path)
@@ -409,7 +409,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
         tower = _load_vision(path, config, passthrough, device, dtype)
     if not quiet:
         if passthrough and tower is None:
-            why = "no vision_config in config.json" if config.vision is None else "vision off"
+            why = "vision off" if not vision else "no vision_config in config.json"
             print(f"dgemma: not loading the vision tower ({len(passthrough)} tensors, {why}); text only",
                   file=sys.stderr)
         if ignored:

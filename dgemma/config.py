@@ -411,7 +411,8 @@ class ModelConfig:
         _int_in("canvas_length", self.canvas_length, 1, MAX_CANVAS_LENGTH)
 
     @classmethod
-    def from_hf(cls, d: dict, where: str = "config.json") -> ModelConfig:
+    def from_hf(cls, d: dict, where: str = "config.json", vision: bool = True) -> ModelConfig:
+        """vision=False: the vision_config is not read (a text-only load runs whatever tower the file describes)."""
         _require(isinstance(d, dict), f"{where}: expected a JSON object")
         model_type = d.get("model_type")
         _require(model_type == "diffusion_gemma",
@@ -419,9 +420,11 @@ class ModelConfig:
         _require("text_config" in d, f"{where}: missing text_config")
         text = TextConfig.from_hf(d["text_config"], where)
         extra = {k: v for k, v in d.items() if k not in ("text_config", "canvas_length", "vision_config")}
-        vision = VisionConfig.from_hf(d["vision_config"], where) if d.get("vision_config") is not None else None
+        tower = None
+        if vision and d.get("vision_config") is not None:
+            tower = VisionConfig.from_hf(d["vision_config"], where)
         try:
-            return cls(text=text, canvas_length=d.get("canvas_length", 256), extra=extra, vision=vision)
+            return cls(text=text, canvas_length=d.get("canvas_length", 256), extra=extra, vision=tower)
         except ConfigError as e:
             raise ConfigError(f"{where}: {e}") from None
 

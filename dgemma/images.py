@@ -274,7 +274,7 @@ class ImageSupport:
     def of(cls, ckpt) -> ImageSupport:
         """ImageError when the checkpoint cannot take images (no tower, or loaded without it)."""
         if ckpt.vision is None:
-            why = ("it has no vision tower" if ckpt.config.vision is None
+            why = ("it has no vision tower" if ckpt.vision_config is None
                    else "its vision tower was not loaded (--no-vision)")
             raise ImageError(f"this model cannot take images: {why}")
         c = ckpt.config

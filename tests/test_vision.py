@@ -418,3 +418,21 @@ def test_chat_image_command_sends_the_picture_with_the_next_message(cli_ckpt, ca
     (first, images1), (second, images2) = seen
     assert first.count(IMAGE) == 70 and [len(r) for r in images1.rows] == [1]
     assert second.count(IMAGE) == 70 and [len(r) for r in images2.rows] == [1]  # the picture stays in the history
+
+
+def test_a_tower_dgemma_cannot_run_still_loads_text_only_with_vision_off(tmp_path):
+    """--no-vision does not read the vision_config, so a tower dgemma cannot build does not stop a text-only load;
+    with vision on, the config is refused in one line."""
+    import json
+
+    from dgemma.config import ConfigError
+    from dgemma.testing import write_tiny_checkpoint
+
+    path = write_tiny_checkpoint(tmp_path / "ck")
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["vision_config"] = {"model_type": "gemma4_vision", "output_proj_dims": 8}
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match="output_proj_dims"):
+        checkpoint.load(path, quiet=True)
+    ck = checkpoint.load(path, quiet=True, vision=False)
+    assert ck.vision is None and ck.config.vision is None
