@@ -332,37 +332,29 @@ def _constrain(state: CanvasState, row: int, probs: torch.Tensor, sample: torch.
                accepted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The row's argmax and kept sample under its constraint (control/dp.py), each a canvas (C,) that the
     constraint allows from the state the canvas starts in and that can still be completed within the tokens that
-    may follow. The argmax is the most probable valid canvas; it is what the stop test reads and what is committed,
+    may follow. Held positions (pins, the settled prefix) keep their token: it was valid and completable when it
+    was fixed. The argmax is the most probable valid canvas; it is what the stop test reads and what is committed,
     and the state it ends in is recorded. The sample's drawn tokens (at accepted positions) stay as drawn when the
-    argmax holds them too; otherwise the sample is projected onto the most probable valid canvas under weights
-    that keep a draw unless the constraint forbids it (each draw counts as certain, any other token there at
-    1/1000 of its probability). So a constraint the model already meets changes nothing, draws included. A greedy
-    row (sample None) keeps the argmax."""
-    from .control.dp import best_valid_tokens
+    argmax holds them too; otherwise the sample is the most probable valid canvas with the draws preferred (kept
+    unless the constraint forbids them). So a constraint the model already meets changes nothing, draws included.
+    A greedy row (sample None) keeps the argmax. Both solves share one pass over (C, V)."""
+    from .control.dp import class_scores, solve
 
-    p = probs.float().cpu()  # (C, V): the DP takes probabilities (maxima are those of the log-probabilities)
     held = (state.pinned[row] | (state.positions < state.num_settled[row])).cpu()  # pinned, or settled prefix
-    if held.any():  # they keep their token: the DP sees it as certain (it was valid and completable before)
+    hard = None
+    if held.any():
         values = torch.where(state.pinned[row], state.pin_values[row], state.argmax[row]).cpu()
-        at = held.nonzero().squeeze(1)
-        # a copy (`probs` is also the next self-conditioning input); zero probabilities lifted to the smallest
-        # normal float, so that only another token at a held position counts as impossible (the DP's floor) and
-        # the held tokens are kept even when completing after them needs tokens the model gave probability 0
-        p = p.clamp(min=torch.finfo(torch.float32).tiny)
-        p[at] = 0.0
-        p[at, values[at]] = 1.0
+        hard = torch.where(held, values, -1)
     constraint, start, after = state.constraints[row], state.constraint_start[row], state.tokens_after[row]
-    best = best_valid_tokens(p, constraint, start, after, probs=True)
+    scores = class_scores(probs.float().cpu(), constraint, probs=True)  # `probs` is read, never written
+    best = solve(scores, start, after, hard=hard)
     state.constraint_end[row] = int(best.states[-1])
     argmax = best.tokens.to(probs.device)
     if sample is None:
         return argmax, argmax
-    keep = (accepted & ~held.to(accepted.device)).cpu()
-    if bool((sample.cpu()[keep] == best.tokens[keep]).all()):
+    drawn = sample.cpu()
+    keep = (accepted.cpu() & ~held)
+    if bool((drawn[keep] == best.tokens[keep]).all()):
         return argmax, sample
-    at = keep.nonzero().squeeze(1)
-    q = p.clone()
-    q[at] *= 1e-3
-    q[at, sample.cpu()[at]] = 1.0
-    projected = best_valid_tokens(q, constraint, start, after, probs=True).tokens.to(probs.device)
+    projected = solve(scores, start, after, hard=hard, prefer=torch.where(keep, drawn, -1)).tokens.to(probs.device)
     return argmax, torch.where(accepted, projected, sample)

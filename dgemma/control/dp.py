@@ -37,6 +37,7 @@ from .constraint import INVALID, Constraint, ConstraintError
 FLOOR = -1e30  # stands for -inf log-probs: finite so that a valid sequence is always found
 BIG_CLASS_SHARE = 8  # a class with at least 1/8 of the vocabulary is read from the row maxima (step 1)
 RESCAN_ROWS = 8  # rows masked and rescanned at a time in step 1
+PREFER_PENALTY = 1e-3  # solve(prefer=): a token other than the preferred one counts at this share of its probability
 
 
 @dataclass(frozen=True)
@@ -105,21 +106,36 @@ def _moves(constraint: Constraint) -> _Moves:
 
 
 def best_valid_tokens(log_probs: torch.Tensor, constraint: Constraint, start_state: int | None = None,
-                      tokens_after: int | None = None, probs: bool = False) -> ValidTokens:
+                      tokens_after: int | None = None, probs: bool = False, hard: torch.Tensor | None = None,
+                      prefer: torch.Tensor | None = None) -> ValidTokens:
     """The most probable token sequence of length C that `constraint` allows from `start_state` (default: its
     initial state) and that ends completable within `tokens_after` more tokens. With `probs`, `log_probs` holds
     probabilities instead (the same answer, without a log pass over (C, V)). log_probs: (C, V) for one
-    canvas, on the CPU. ConstraintError when no sequence qualifies (e.g. the canvas is too short to finish
-    and tokens_after is 0)."""
+    canvas, on the CPU. `hard`/`prefer`: see `solve`. ConstraintError when no sequence qualifies (e.g. the canvas
+    is too short to finish and tokens_after is 0)."""
+    return solve(class_scores(log_probs, constraint, probs), start_state, tokens_after, hard, prefer)
+
+
+@dataclass
+class ClassScores:
+    """Step 1 for one canvas: the best log-prob of each token class at each position, which several solves
+    (different start states, held or preferred tokens) can share. best (C, K) float64 numpy, floored."""
+
+    constraint: Constraint
+    log_probs: torch.Tensor  # (C, V) as given (probabilities when `probs`)
+    probs: bool
+    best: np.ndarray
+    best_torch: torch.Tensor  # (C, K) before flooring (for -inf rows of big classes)
+    big_argmax: dict
+
+
+def class_scores(log_probs: torch.Tensor, constraint: Constraint, probs: bool = False) -> ClassScores:
     if log_probs.dtype not in (torch.float32, torch.float64):
         log_probs = log_probs.float()  # half-precision scatter/max are slow or missing on the CPU
     canvas_length, vocab_size = log_probs.shape
     if vocab_size != constraint.vocab_size:
         raise ValueError(f"log_probs has {vocab_size} columns but the constraint's vocabulary has "
                          f"{constraint.vocab_size}")
-    start = constraint.initial_state if start_state is None else int(start_state)
-    if not 0 <= start < constraint.num_states:
-        raise ValueError(f"start_state {start} is not a state of the constraint (0..{constraint.num_states - 1})")
     moves = _moves(constraint)
     num_classes = constraint.num_classes
 
@@ -140,6 +156,40 @@ def best_valid_tokens(log_probs: torch.Tensor, constraint: Constraint, start_sta
     if probs:  # given probabilities: the log is monotonic, so maxima and argmaxima are the same; log only (C, K)
         best = best.log()
     best_np = best.double().clamp(min=FLOOR).numpy()  # (C, K); classes without tokens have no edges
+    return ClassScores(constraint, log_probs, probs, best_np, best, big_argmax)
+
+
+def solve(scores: ClassScores, start_state: int | None = None, tokens_after: int | None = None,
+          hard: torch.Tensor | None = None, prefer: torch.Tensor | None = None) -> ValidTokens:
+    """Steps 2-6 over shared class scores. hard (C,) long: where >= 0, the token that position must keep; any
+    other token there costs more than every floored token elsewhere together, so hard tokens are kept whenever
+    some valid sequence keeps them (held text that was valid and completable when it settled). prefer (C,) long:
+    where >= 0, a token counted as certain there, every other token at PREFER_PENALTY of its probability (a
+    sampler's draw, kept unless the constraint forbids it). Positions given both take `hard`."""
+    constraint, log_probs, best_np = scores.constraint, scores.log_probs, scores.best
+    canvas_length = best_np.shape[0]
+    start = constraint.initial_state if start_state is None else int(start_state)
+    if not 0 <= start < constraint.num_states:
+        raise ValueError(f"start_state {start} is not a state of the constraint (0..{constraint.num_states - 1})")
+    moves = _moves(constraint)
+    fixed = {}  # position -> the token it is steered to (hard or preferred)
+    if prefer is not None or hard is not None:
+        best_np = best_np.copy()
+        token_class = constraint.token_class
+        for steer, other in ((prefer, np.log(PREFER_PENALTY)), (hard, FLOOR * (canvas_length + 1))):
+            if steer is None:
+                continue
+            at = torch.nonzero(steer >= 0).squeeze(1)
+            if len(at) == 0:
+                continue
+            toks = steer[at]
+            rows, cls = at.numpy(), token_class[toks].numpy()
+            if steer is hard:
+                best_np[rows] = other
+            else:
+                best_np[rows] += other
+            best_np[rows, cls] = 0.0
+            fixed.update(zip(rows.tolist(), toks.tolist()))
 
     # 2. best class move per (position, state pair), via the distinct class sets
     set_value = np.maximum.reduceat(best_np.T[moves.set_members], moves.set_start, axis=0)  # (Q, C)
@@ -175,17 +225,21 @@ def best_valid_tokens(log_probs: torch.Tensor, constraint: Constraint, start_sta
         classes[c] = candidates[(best_np[c, candidates] == pair_value[c, pair]).argmax()]
         state = int(moves.pair_src[pair])
 
-    # 6. at each position, the first token of the chosen class with the class's best log-prob
+    # 6. at each position, the first token of the chosen class with the class's best log-prob (a steered
+    # position whose chosen class holds its token: that token)
     tokens = torch.empty(canvas_length, dtype=torch.long)
     for cls in np.unique(classes).tolist():
         positions = torch.from_numpy(np.flatnonzero(classes == cls))
         members = moves.class_tokens[cls]
-        if cls in big_argmax:
+        if cls in scores.big_argmax:
             # a row of -inf has its argmax outside the class; any member is as good
-            found = big_argmax[cls][positions]
-            tokens[positions] = torch.where(best[positions, cls] > float("-inf"), found, members[0])
+            found = scores.big_argmax[cls][positions]
+            tokens[positions] = torch.where(scores.best_torch[positions, cls] > float("-inf"), found, members[0])
         else:
             tokens[positions] = members[log_probs[positions[:, None], members[None, :]].argmax(1)]
+    for c, token in fixed.items():
+        if int(constraint.token_class[token]) == classes[c]:
+            tokens[c] = token
     chosen = log_probs.gather(1, tokens[:, None]).double()
-    log_prob = float((chosen.log() if probs else chosen).clamp(min=FLOOR).sum())
+    log_prob = float((chosen.log() if scores.probs else chosen).clamp(min=FLOOR).sum())
     return ValidTokens(tokens, torch.from_numpy(states), log_prob)
