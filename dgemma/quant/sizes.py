@@ -112,9 +112,9 @@ def print_sizes(name: str, config: ModelConfig, sizes: dict[str, int], context: 
     print(f"{name}: {params / 1e9:.2f}B text parameters ({config.text.num_parameters(active=True) / 1e9:.2f}B "
           f"active); weights as held in memory, text stack only (no vision tower)")
     print(f"KV cache for {context} tokens at batch 1 in bf16: {kv / 1e9:.2f} GB")
-    print(f"{'format':68s} {'weights GB':>10s} {'GiB':>7s} {'+KV GB':>7s} {'x bf16':>7s}  fits {limit_gb:g} GB")
+    print(f"{'format':72s} {'weights GB':>10s} {'GiB':>7s} {'+KV GB':>7s} {'x bf16':>7s}  fits {limit_gb:g} GB")
     for fmt in FORMATS:
         desc = DESCRIPTIONS[fmt].format(group=sizes["int4_group_size"], block=sizes["fp8_block_size"])
         b = sizes[fmt]
         fits = "yes" if (b + kv) / 1e9 <= limit_gb else "no"
-        print(f"{desc:68s} {b / 1e9:10.2f} {b / 2**30:7.2f} {(b + kv) / 1e9:7.2f} {b / sizes['bf16']:7.3f}  {fits}")
+        print(f"{desc:72s} {b / 1e9:10.2f} {b / 2**30:7.2f} {(b + kv) / 1e9:7.2f} {b / sizes['bf16']:7.3f}  {fits}")
