@@ -33,6 +33,10 @@ PRESETS: dict[str, dict] = {
                              num_global_key_value_heads=2, sliding_window=1024, num_experts=16, top_k_experts=2,
                              moe_intermediate_size=1024, layer_types=_layers(12, 6), max_position_embeddings=32_768),
                    canvas_length=256),
+}
+
+# Shapes of released models, for `dgemma bench` and the size report only (not for training from scratch):
+RELEASE_PRESETS: dict[str, dict] = {
     # DiffusionGemma 26B-A4B, the release's text stack (TextConfig's defaults are its shapes): 30 layers, hidden
     # 2816, 16 heads / 8 KV (head_dim 256; full layers 512 with 2 KV heads), 128 experts top-8 of 704 beside a 2112
     # dense MLP, vocab 262,144. Too big to build on a CPU in fp32: `build_on_device` makes it where it runs.
@@ -41,9 +45,10 @@ PRESETS: dict[str, dict] = {
 
 
 def preset_config(name: str, **text_overrides) -> ModelConfig:
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
-    spec = PRESETS[name]
+    presets = {**PRESETS, **RELEASE_PRESETS}
+    if name not in presets:
+        raise ValueError(f"unknown preset {name!r}; choose from {', '.join(presets)}")
+    spec = presets[name]
     text = dict(spec["text"])
     canvas_length = text_overrides.pop("canvas_length", spec["canvas_length"])
     text.update(text_overrides)

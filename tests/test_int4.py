@@ -235,3 +235,12 @@ def test_cuda_int4_kernel_is_the_reference_arithmetic(quantized):
     cpu = checkpoint.load(out, quiet=True)
     V, C = q.config.text.vocab_size, q.config.canvas_length
     assert torch.allclose(_logits(q.model, V, C).float().cpu(), _logits(cpu.model, V, C), atol=0.1)
+
+
+def test_an_int4_model_moved_off_its_packing_device_says_so():
+    cfg = preset_config("tiny")
+    model = random_model(cfg)
+    int4.quantize_model(model)
+    model.to("meta")  # any other device: the CPU-packed codes would reach a kernel that reads another layout
+    with pytest.raises(QuantError, match="int4 models do not move between devices"):
+        model.layers[0].self_attn.q_proj(torch.zeros(1, cfg.text.hidden_size, device="meta"))

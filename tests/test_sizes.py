@@ -77,3 +77,10 @@ def test_bench_sizes_only_prints_the_table(capsys):
 def test_bench_refuses_a_26b_fp32_cpu_run(capsys):
     assert main(["bench", "--preset", "26b-a4b", "--device", "cpu"]) == 2
     assert "101 GB" in capsys.readouterr().err
+
+
+def test_bench_knows_the_release_presets():
+    from dgemma.bench.cli import BENCH_PRESETS
+    from dgemma.presets import PRESETS, RELEASE_PRESETS
+
+    assert set(BENCH_PRESETS) == set(PRESETS) | set(RELEASE_PRESETS)

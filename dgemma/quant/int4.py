@@ -102,6 +102,15 @@ def scales_and_zeros(scale: torch.Tensor, zero: torch.Tensor, dtype: torch.dtype
     return torch.stack([scale, zero], dim=-1).transpose(0, 1).to(dtype).contiguous()
 
 
+def check_device(packed: torch.Tensor, x: torch.Tensor) -> None:
+    """The packed layouts differ between devices (CPU: uint8, CUDA: int32 tiles), so an int4 model moved with .to()
+    after packing cannot run; say so rather than let the kernel fail on a layout it does not know."""
+    packed_for = "cuda" if packed.dtype == torch.int32 else "cpu"
+    if x.device.type != packed_for or packed.device != x.device:
+        raise QuantError(f"int4 weights packed for {packed_for} got input on {x.device}; int4 models do not move "
+                         f"between devices: load (or quantize) them on the device they run on")
+
+
 def int4_mm(x: torch.Tensor, packed: torch.Tensor, group_size: int, sz: torch.Tensor) -> torch.Tensor:
     """x (M, K) @ W.T -> (M, N) in x's dtype, W the packed int4 weight; the kernel dequantizes inside its tiles.
 
@@ -178,6 +187,7 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
+        check_device(self.packed, x)
         y = int4_mm(x.reshape(-1, self.in_features), self.packed, self.group_size, self.scale_zero)  # (M, N)
         return y.view(*lead, self.out_features)
 
@@ -245,6 +255,7 @@ class Int4Experts(Experts):
     def expert_mlps(self, x_sorted: torch.Tensor, flat_expert: torch.Tensor) -> torch.Tensor:
         """One int4 matmul per projection per expert that has tokens. The group ends are read on the host (one sync
         per layer): torch has no grouped int4 kernel."""
+        check_device(self.gate_up_packed, x_sorted)
         counts = torch.bincount(flat_expert, minlength=self.num_experts).tolist()
         g, outputs, start = self.group_size, [], 0
         for e, n in enumerate(counts):
