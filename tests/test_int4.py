@@ -8,7 +8,6 @@ import json
 
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from dgemma import checkpoint
@@ -105,7 +104,7 @@ class _RefExperts(Experts):
 def _dequantized_copy(model, group_size):
     """`model` with each quantized module replaced by the reference arithmetic on its dequantized int4 weights."""
     out = copy.deepcopy(model)
-    deq = lambda w: int4.dequantize_groups(*int4.quantize_groups(w, group_size))  # noqa: E731
+    deq = lambda w: int4.dequantize_groups(*int4.quantize_groups(w, group_size))
     for parent, name, m in _targets(out, True):
         new = (_RefExperts(deq(m.gate_up_proj.data), deq(m.down_proj.data)) if isinstance(m, Experts)
                else _RefLinear(deq(m.weight.data)))
@@ -168,7 +167,7 @@ def test_cli_checkpoint_loads_to_the_same_model_and_saves_back_the_same_bytes(qu
     again = checkpoint.save(tmp_path / "again", q.model, q.config, q.generation)
     resaved = load_file(again / "model.safetensors")
     assert resaved.keys() == stored.keys() and all(torch.equal(resaved[k], stored[k]) for k in stored)
-    size = lambda d: (d / "model.safetensors").stat().st_size  # noqa: E731
+    size = lambda d: (d / "model.safetensors").stat().st_size
     assert size(out) < 0.5 * size(src)  # the tiny model is mostly its (unquantized) embedding
 
 
