@@ -118,7 +118,7 @@ def int4_mm(x: torch.Tensor, packed: torch.Tensor, group_size: int, sz: torch.Te
     fp32 or fp16 inputs it runs a scalar loop, 60-90x slower: 0.2-0.3 GFLOP/s against 21-66 on one AVX512 core).
     So x is rounded to bf16 (8 significant bits; the products are summed in fp32 and the result rounded to bf16),
     which adds about 2^-9 of relative error beside the 4-bit weights' few percent."""
-    xb = x.to(KERNEL_DTYPE).contiguous()  # a no-op for fp32 input; CUDA's kernel needs a row-major A
+    xb = x.to(KERNEL_DTYPE).contiguous()  # CUDA's kernel needs a row-major A (a bf16 input is not copied by .to)
     if x.device.type == "cpu":
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, packed, group_size, sz)
     else:
