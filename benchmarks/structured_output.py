@@ -126,7 +126,7 @@ def synthetic_vocabulary(size: int, eos: int = 1, pad: int = 0) -> ConstraintVoc
     return ConstraintVocabulary(tuple(tokens), (eos,), (pad,))
 
 
-def cost(vocab_size: int, steps: int, threads: int) -> None:
+def cost(vocab_size: int, steps: int, threads: int, pairs: int = 2) -> None:
     torch.set_num_threads(threads)
     t = time.perf_counter()
     vocab = synthetic_vocabulary(vocab_size)
@@ -140,11 +140,17 @@ def cost(vocab_size: int, steps: int, threads: int) -> None:
                                                    confidence_threshold=1e-30, eos_token_id=[1], pad_token_id=0)
     prompt = [[2] + list(range(300, 427))]
     generate(model, prompt, gen.replace(max_denoising_steps=1))  # warm up
-    for _ in range(2):
+    ratios = []
+    for _ in range(pairs):
+        pair = []
         for label, steering in (("without", None), ("with", [Steering(constraint=constraint)])):
             out = generate(model, prompt, gen, generator=torch.Generator().manual_seed(0), steering=steering)
             ms = (out.stats.seconds - out.stats.prefill_seconds) / out.stats.denoising_steps * 1e3
+            pair.append(ms)
             print(f"  {label:7s} the constraint: {ms:7.1f} ms per denoising step", flush=True)
+        ratios.append(pair[1] / pair[0])
+    ratios.sort()
+    print(f"  with/without per pair: {', '.join(f'{r:.2f}' for r in ratios)}; median {ratios[len(ratios) // 2]:.2f}")
 
 
 def tool_compile(vocab_size: int) -> None:
@@ -170,6 +176,7 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--pairs", type=int, default=2, help="cost: alternating without/with runs")
     args = ap.parse_args()
     if args.what == "validity":
         torch.set_num_threads(1)
@@ -177,7 +184,7 @@ def main() -> None:
     elif args.what == "tool-compile":
         tool_compile(args.vocab)
     else:
-        cost(args.vocab, args.steps, args.threads)
+        cost(args.vocab, args.steps, args.threads, args.pairs)
 
 
 if __name__ == "__main__":
