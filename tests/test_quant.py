@@ -217,7 +217,7 @@ def test_training_refuses_a_quantized_model(quantized, tmp_path, capsys):
     data.write_text(json.dumps({"prompt": "a", "response": "b"}) + "\n")
     assert main(["train", "--model", str(full), "--data", str(data), "--out", str(tmp_path / "run"), "--steps", "1",
                  "--quiet", "--template", "raw"]) == 2
-    assert "is quantized" in capsys.readouterr().err
+    assert "is quantized (fp8)" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 
 

@@ -134,7 +134,8 @@ def cmd_train(args) -> int:
         ckpt = load_checkpoint(args.model, device=device, dtype=torch.float32, quiet=True)
         model, config, generation = ckpt.model, ckpt.config, ckpt.generation
         if is_quantized(model):
-            raise CLIError(f"{args.model} is quantized (FP8), and dgemma trains only unquantized weights: "
+            method = model.quantization_config.get("quant_method", "quantized")
+            raise CLIError(f"{args.model} is quantized ({method}), and dgemma trains only unquantized weights: "
                            f"fine-tune the original checkpoint, then run `dgemma quantize` on the result")
         tok_dir = Path(args.tokenizer or args.model)
         tokenizer = _tokenizer(tok_dir)
