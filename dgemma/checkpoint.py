@@ -410,7 +410,8 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     if not quiet:
         if passthrough and tower is None:
             why = "vision off" if not vision else "no vision_config in config.json"
-            print(f"dgemma: not loading the vision tower ({len(passthrough)} tensors, {why}); text only",
+            print(f"dgemma: not loading the vision tower ({len(passthrough)} tensors, {why}); text only (a save "
+                  f"still writes its tensors)",
                   file=sys.stderr)
         if ignored:
             print(f"dgemma: ignoring {len(ignored)} unknown tensors, e.g. {ignored[0]}", file=sys.stderr)

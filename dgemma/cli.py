@@ -443,7 +443,7 @@ def cmd_convert(args) -> int:
         raise CLIError("--out must differ from --model (the source is read while the copy is written)")
     previous_output(args.out)  # refuse an --out dgemma may not replace before loading anything
     dtype = DTYPES[args.dtype]
-    ckpt = checkpoint.load(args.model, device="cpu", dtype=torch.float32)
+    ckpt = checkpoint.load(args.model, device="cpu", dtype=torch.float32, vision=False)  # the tower is copied through
     out = checkpoint.save(args.out, ckpt.model, ckpt.config, ckpt.generation, tokenizer_dir=args.model, dtype=dtype,
                           passthrough=ckpt.passthrough, vision_config=ckpt.vision_config)
     print(f"wrote {out} ({args.dtype})")

@@ -436,3 +436,18 @@ def test_a_tower_dgemma_cannot_run_still_loads_text_only_with_vision_off(tmp_pat
         checkpoint.load(path, quiet=True)
     ck = checkpoint.load(path, quiet=True, vision=False)
     assert ck.vision is None and ck.config.vision is None
+
+
+@pytest.mark.parametrize("command", [["convert"], ["quantize", "--format", "int4", "--group-size", "32"]])
+def test_convert_and_quantize_copy_the_tower_through(cli_ckpt, capsys, tmp_path, command):
+    """They do not build the tower (it is neither converted nor quantized) but write its tensors unchanged."""
+    from safetensors import safe_open
+
+    path = cli_ckpt[0]
+    out = tmp_path / "out"
+    code, _, err = _run(capsys, [command[0], "--model", str(path), "--out", str(out), *command[1:]])
+    assert code == 0, err
+    with safe_open(str(path / "model.safetensors"), "pt") as a, safe_open(str(out / "model.safetensors"), "pt") as b:
+        names = [n for n in a.keys() if n.startswith(checkpoint.VISION_PREFIXES)]
+        assert names and all(torch.equal(a.get_tensor(n), b.get_tensor(n)) for n in names)
+    assert checkpoint.load(out, quiet=True).vision is not None

@@ -62,7 +62,8 @@ def cmd_quantize(args) -> int:
         raise CLIError(f"--group-size must be one of {', '.join(map(str, int4.KERNEL_GROUP_SIZES))}")
     # Keep the unquantized tensors in the dtype they are stored in; a bf16 file maps without a copy.
     dtype = checkpoint.stored_dtype(src)
-    ckpt = checkpoint.load(src, device="cpu", dtype=dtype, quiet=args.quiet)
+    # the tower is not quantized: its tensors are copied through, so it is not built
+    ckpt = checkpoint.load(src, device="cpu", dtype=dtype, quiet=args.quiet, vision=False)
     try:
         if args.format == "int4":
             config = int4.quantize_model(ckpt.model, args.group_size, experts=not args.skip_experts,
