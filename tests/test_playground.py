@@ -211,7 +211,9 @@ def test_sudoku_board_keys_and_the_checker(open_page, sudoku_server):
 # -- chat mode --------------------------------------------------------------------------------------------------------
 def test_chat_mode_with_an_api_key_streams_the_reply(open_page, chat_server):
     page = open_page(chat_server.url)
-    page.wait_for_function("document.getElementById('server-status').textContent.includes('API key')")
+    # a locator, not wait_for_function: a string predicate that polls is eval'd in the page, which the page's CSP
+    # (script-src 'self') forbids, so it failed whenever the status was not there at the first check
+    page.locator("#server-status", has_text="API key").wait_for()
     assert page.evaluate("document.activeElement.id") == "api-key"  # 401: the page asks for the key
     page.keyboard.type(KEY)
     page.keyboard.press("Enter")
