@@ -93,3 +93,23 @@ def test_eval_defaults_are_a_minute_and_say_which_set(capsys):
     assert "default sampler (cap 48)" in out.out and "1 step (cap 1)" in out.out
     assert "puzzle/s" in out.err or "s/puzzle" in out.err  # tqdm's bar, on stderr
     assert "solved" not in out.err
+
+
+def test_eval_takes_a_range_of_givens(capsys):
+    """--givens LO-HI: each held-out puzzle draws its givens from the range (a newspaper's 23-36), seeded and
+    prefix-stable like the fixed-count sets; a range outside [17, 81] exits 2 in one line."""
+    from dgemma.tasks import sudoku as S
+    from dgemma.tasks.sudoku_puzzles import count_solutions
+
+    a = S.heldout_set(6, (30, 36))
+    assert a == S.heldout_set(6, (30, 36)) and S.heldout_set(3, (30, 36)) == a[:3]
+    counts = [81 - p.count(0) for p, _ in a]
+    assert all(30 <= c <= 36 for c in counts) and len(set(counts)) > 1
+    assert all(count_solutions(p) == 1 for p, _ in a)
+    assert main(["eval", "--givens", "30-36", "--puzzles", "2", "--no-untrained", "--threads", "1"]) == 0
+    assert "2 puzzles (the first 2 of the 1000; --full runs all) with 30-36 givens (45-51 empty cells)" in \
+        capsys.readouterr().out
+    for bad in ("10-20", "40-30", "x"):
+        assert main(["eval", "--givens", bad]) == 2
+        err = capsys.readouterr().err
+        assert "--givens" in err and err.count("\n") == 1

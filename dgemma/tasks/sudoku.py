@@ -99,9 +99,19 @@ def write_tokenizer(out_dir: str | Path) -> Path:
 
 # ---- data -------------------------------------------------------------------------------------------------------
 
-def heldout_set(n: int = HELDOUT_SIZE, givens: int = GIVENS) -> list[tuple[list[int], list[int]]]:
-    """The fixed held-out puzzles (seeded; the training stream uses other seeds)."""
-    return generate_puzzles(n, givens, HELDOUT_SEED + givens)
+def heldout_set(n: int = HELDOUT_SIZE, givens: int | tuple[int, int] = GIVENS) -> list[tuple[list[int], list[int]]]:
+    """The fixed held-out puzzles (seeded; the training stream uses other seeds). `givens` is a count, or an
+    inclusive range (lo, hi) from which each puzzle's count is drawn (a newspaper's 23-36, say). Either way the
+    first n puzzles of a larger set are the same puzzles."""
+    if isinstance(givens, int):
+        return generate_puzzles(n, givens, HELDOUT_SEED + givens)
+    lo, hi = givens
+    rng = random.Random(heldout_seed(givens))
+    return [make_puzzle(rng, rng.randint(lo, hi)) for _ in range(n)]
+
+
+def heldout_seed(givens: int | tuple[int, int]) -> int:
+    return HELDOUT_SEED + givens if isinstance(givens, int) else HELDOUT_SEED + 100 * givens[0] + givens[1] + 10_000
 
 
 @dataclass

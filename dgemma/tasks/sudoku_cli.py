@@ -54,7 +54,8 @@ def add_sudoku_parser(subparsers) -> argparse.ArgumentParser:
                    help=f"how many held-out puzzles, the first of the fixed set (max {HELDOUT_SIZE})")
     e.add_argument("--full", action="store_true",
                    help=f"the whole held-out set ({HELDOUT_SIZE} puzzles, and the untrained baseline on all of them)")
-    e.add_argument("--givens", type=int, default=GIVENS, help="givens per puzzle (difficulty)")
+    e.add_argument("--givens", type=_givens, default=GIVENS, metavar="N|LO-HI",
+                   help="givens per puzzle (difficulty), or a range each puzzle draws from (23-36: 45-58 empty cells)")
     e.add_argument("--batch-size", type=int, default=50, help="puzzles solved together")
     e.add_argument("--no-untrained", action="store_true",
                    help=f"skip the untrained-model baseline (it runs every step cap on the first {UNTRAINED_PUZZLES} "
@@ -169,6 +170,19 @@ def _eval_line(label: str, score, seconds: float) -> str:
             f"mean denoising steps per canvas {score.mean_steps:.2f}  [{seconds:.0f}s]")
 
 
+def _givens(text: str) -> int | tuple[int, int]:
+    """--givens: N or LO-HI, each in [17, 81] (fewer givens have no unique solution)."""
+    lo, _, hi = text.partition("-")
+    try:
+        bounds = (int(lo), int(hi or lo))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N or LO-HI, got {text!r}") from None
+    if not (17 <= bounds[0] <= bounds[1] <= 81):
+        raise argparse.ArgumentTypeError(f"givens must be in [17, 81] with LO <= HI (a Sudoku with fewer than 17 "
+                                         f"has no unique solution), got {text!r}")
+    return bounds[0] if not hi else bounds
+
+
 def cmd_eval(args) -> int:
     from tqdm import tqdm
 
@@ -179,16 +193,16 @@ def cmd_eval(args) -> int:
     n = HELDOUT_SIZE if args.full else args.puzzles
     if not 1 <= n <= HELDOUT_SIZE:
         raise CLIError(f"--puzzles must be in [1, {HELDOUT_SIZE}], got {args.puzzles}")
-    if not 17 <= args.givens <= 81:
-        raise CLIError(f"--givens must be in [17, 81] (a Sudoku with fewer has no unique solution), got {args.givens}")
     if args.batch_size < 1:
         raise CLIError(f"--batch-size must be >= 1, got {args.batch_size}")
     ckpt = _load_model(args.model)
     puzzles = S.heldout_set(n, args.givens)
     which = ("the full set" if n == HELDOUT_SIZE else
              f"the first {n} of the {HELDOUT_SIZE}; --full runs all" if n < HELDOUT_SIZE else "")
-    print(f"held-out set: {len(puzzles)} puzzles ({which}) with {args.givens} givens ({81 - args.givens} empty "
-          f"cells), unique solutions, seed {S.HELDOUT_SEED + args.givens}; one try per puzzle")
+    lo, hi = (args.givens, args.givens) if isinstance(args.givens, int) else args.givens
+    count = f"{lo} givens ({81 - lo} empty cells)" if lo == hi else f"{lo}-{hi} givens ({81 - hi}-{81 - lo} empty cells)"
+    print(f"held-out set: {len(puzzles)} puzzles ({which}) with {count}, unique solutions, seed "
+          f"{S.heldout_seed(args.givens)}; one try per puzzle")
     gen = ckpt.generation
     runs = [("default sampler", ckpt.model, gen, puzzles),
             ("48-step cap", ckpt.model, gen.replace(max_denoising_steps=48), puzzles),
