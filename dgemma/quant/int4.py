@@ -22,7 +22,7 @@ from torch import nn
 
 from ..model.layers import gelu_tanh
 from ..model.moe import Experts
-from .fp8 import QuantError, _targets
+from .fp8 import QuantError, _matrices, _targets
 
 QUANT_METHOD = "dgemma-int4"
 GROUP_SIZES = (128, 64, 32)  # the automatic choice: the largest that divides every quantized matrix's input side
@@ -303,12 +303,6 @@ class Int4Experts(Experts):
 
 
 # -- the transform and its config --------------------------------------------------------------------------------
-
-def _matrices(module: nn.Module) -> list[tuple[int, int]]:
-    if isinstance(module, Experts):
-        return [tuple(module.gate_up_proj.shape[-2:]), tuple(module.down_proj.shape[-2:])]
-    return [tuple(module.weight.shape)]
-
 
 def pick_group_size(model: nn.Module, experts: bool = True) -> int:
     """The largest of GROUP_SIZES that divides the input side of every matrix the transform would quantize."""
