@@ -152,6 +152,22 @@ def _matrices(module: nn.Module) -> list[tuple[int, int]]:
     return [tuple(module.weight.shape)]
 
 
+def replace_targets(targets: list[tuple[nn.Module, str, nn.Module]], convert, progress: bool) -> None:
+    """Set each target's attribute to convert(module), in model order, with a progress bar when asked (the one
+    loop behind every weight format's transform)."""
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(targets), desc="quantizing", unit="matrix", dynamic_ncols=True, mininterval=1.0)
+    for parent, name, module in targets:
+        setattr(parent, name, convert(module))
+        if bar is not None:
+            bar.update()
+    if bar is not None:
+        bar.close()
+
+
 def pick_block(model: nn.Module, experts: bool = True) -> int:
     """The largest of BLOCK_SIZES that divides both sides of every matrix the transform would quantize."""
     shapes = [s for _, _, m in _targets(model, experts) for s in _matrices(m)]
@@ -184,19 +200,8 @@ def quantize_model(model: nn.Module, block: int | tuple[int, int] | None = None,
             if rows % block[0] or cols % block[1]:
                 raise QuantError(f"a {rows} x {cols} weight does not split into {block[0]} x {block[1]} blocks; "
                                  f"pick a block size that divides it (or leave it out to choose one)")
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(targets), desc="quantizing", unit="matrix", dynamic_ncols=True, mininterval=1.0)
-    for parent, name, module in targets:
-        new = FP8Experts(module, block) if isinstance(module, Experts) else FP8Linear(module, block)
-        setattr(parent, name, new)
-        del module
-        if bar is not None:
-            bar.update()
-    if bar is not None:
-        bar.close()
+    replace_targets(targets, lambda m: FP8Experts(m, block) if isinstance(m, Experts) else FP8Linear(m, block),
+                    progress)
     config = {"quant_method": QUANT_METHOD, "activation_scheme": "dynamic", "weight_block_size": list(block),
               "modules_to_not_convert": NOT_CONVERTED + ([] if experts else ["experts"])}
     model.quantization_config = config

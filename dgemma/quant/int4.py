@@ -22,7 +22,7 @@ from torch import nn
 
 from ..model.layers import gelu_tanh
 from ..model.moe import Experts
-from .fp8 import QuantError, _matrices, _targets
+from .fp8 import QuantError, _matrices, _targets, is_quantized, replace_targets
 
 QUANT_METHOD = "dgemma-int4"
 GROUP_SIZES = (128, 64, 32)  # the automatic choice: the largest that divides every quantized matrix's input side
@@ -320,7 +320,7 @@ def quantize_model(model: nn.Module, group_size: int | None = None, experts: boo
 
     Returns the `quantization_config` for config.json, also kept as `model.quantization_config`. A model on the meta
     device gets empty int4 modules of the right shapes, to load an int4 checkpoint into."""
-    if getattr(model, "quantization_config", None) is not None:
+    if is_quantized(model):
         raise QuantError("the model is already quantized")
     if group_size is None:
         group_size = pick_group_size(model, experts)
@@ -331,20 +331,8 @@ def quantize_model(model: nn.Module, group_size: int | None = None, experts: boo
     for parent, name, module in targets:  # check every shape before changing anything
         for n, k in _matrices(module):
             _check_shapes(name, n, k, group_size)
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(targets), desc="quantizing", unit="matrix", dynamic_ncols=True, mininterval=1.0)
-    for parent, name, module in targets:
-        new = (Int4Experts.quantize(module, group_size) if isinstance(module, Experts)
-               else Int4Linear.quantize(module, group_size))
-        setattr(parent, name, new)
-        del module
-        if bar is not None:
-            bar.update()
-    if bar is not None:
-        bar.close()
+    replace_targets(targets, lambda m: (Int4Experts.quantize(m, group_size) if isinstance(m, Experts)
+                                        else Int4Linear.quantize(m, group_size)), progress)
     config = make_config(group_size, experts)
     model.quantization_config = config
     model.cuda_graph_capturable = not experts  # Int4Experts reads its per-expert token counts on the host

@@ -104,7 +104,7 @@ def heldout_set(n: int = HELDOUT_SIZE, givens: int | tuple[int, int] = GIVENS) -
     inclusive range (lo, hi) from which each puzzle's count is drawn (a newspaper's 23-36, say). Either way the
     first n puzzles of a larger set are the same puzzles."""
     if isinstance(givens, int):
-        return generate_puzzles(n, givens, HELDOUT_SEED + givens)
+        return generate_puzzles(n, givens, heldout_seed(givens))
     lo, hi = givens
     rng = random.Random(heldout_seed(givens))
     return [make_puzzle(rng, rng.randint(lo, hi)) for _ in range(n)]
