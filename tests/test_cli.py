@@ -167,8 +167,13 @@ def test_an_internal_error_shows_its_traceback(tmp_path):
     (["generate", "--prompt-ids", "3", "--prompt", "x"], "not allowed with argument"),
     (["generate", "--model", "/x", "--bogus-flag"], "unrecognized arguments: --bogus-flag"),
     (["sudoku", "solve", "0" * 81, "--steps", "0"], "error: --steps must be"),
-    (["sudoku", "eval", "--givens", "5"], "--givens: givens must be in [17, 81]"),
-    (["sudoku", "train", "--eval-givens", "90", "--out", "/nonexistent/run"], "--eval-givens must be in [17, 81]"),
+    (["sudoku", "eval", "--givens", "5"], "--givens: givens must be in [22, 81]"),
+    (["sudoku", "eval", "--givens", "17-25"], "--givens: givens must be in [22, 81]"),
+    (["sudoku", "eval", "--hard", "--givens", "30"], "--hard is its own set of puzzles"),
+    (["sudoku", "train", "--eval-givens", "90", "--out", "/nonexistent/run"], "--eval-givens: givens must be in [22, 81]"),
+    (["sudoku", "train", "--eval-givens", "44,x", "--out", "/nonexistent/run"], "--eval-givens: expected N or LO-HI"),
+    (["sudoku", "train", "--min-givens", "17", "--out", "/nonexistent/run"], "need 22 <= --min-givens"),
+    (["sudoku", "train", "--init", "/nonexistent/m", "--resume", "--out", "/nonexistent/run"], "--init starts a new run"),
     (["bench", "--preset", "tiny", "--repeats", "0"], "--repeats must be at least 1"),
     (["serve", "--model", "/x", "--max-model-len", "0"], "--max-model-len must be positive"),
     (["train", "--preset", "tiny", "--data", "d.jsonl", "--out", "o"], "--preset needs --tokenizer"),
@@ -308,8 +313,11 @@ def test_parser_constants_agree_with_their_modules():
     from dgemma.tasks import sudoku, sudoku_cli
 
     assert set(cli_common.PRESET_NAMES) == set(PRESETS)
-    assert (sudoku_cli.GIVENS, sudoku_cli.TRAIN_GIVENS, sudoku_cli.HELDOUT_SIZE) == \
-        (sudoku.GIVENS, sudoku.TRAIN_GIVENS, sudoku.HELDOUT_SIZE)
+    from dgemma.tasks import sudoku_puzzles
+
+    assert (sudoku_cli.GIVENS, sudoku_cli.TRAIN_GIVENS, sudoku_cli.HELDOUT_SIZE, sudoku_cli.HARD_MAX_GIVENS) == \
+        (sudoku.GIVENS, sudoku.TRAIN_GIVENS, sudoku.HELDOUT_SIZE, sudoku.HARD_MAX_GIVENS)
+    assert sudoku_cli.REACHABLE_GIVENS == sudoku_puzzles.REACHABLE_GIVENS
     assert sudoku_cli.ASSET_DIR == sudoku.ASSET_DIR == cli_common.DEFAULT_MODEL.resolve()
 
 

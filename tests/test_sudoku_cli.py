@@ -113,3 +113,53 @@ def test_eval_takes_a_range_of_givens(capsys):
         assert main(["eval", "--givens", bad]) == 2
         err = capsys.readouterr().err
         assert "--givens" in err and err.count("\n") == 1
+
+
+def test_hard_set_is_minimal_puzzles_with_at_most_25_givens(capsys):
+    """--hard: seeded, prefix-stable minimal puzzles (removing any given allows a second solution), at most 25
+    givens; the header reports how many puzzles have each count."""
+    from dgemma.tasks import sudoku as S
+    from dgemma.tasks.sudoku_puzzles import count_solutions
+
+    a = S.hard_set(4)
+    assert a == S.hard_set(4) and S.hard_set(2) == a[:2]
+    for puzzle, solution in a:
+        assert 81 - puzzle.count(0) <= S.HARD_MAX_GIVENS and count_solutions(puzzle) == 1
+        assert all(puzzle[i] == solution[i] for i in range(81) if puzzle[i])
+        for i in (i for i in range(81) if puzzle[i]):
+            assert count_solutions(puzzle[:i] + [0] + puzzle[i + 1:]) == 2, "a given could be removed"
+    assert main(["eval", "--hard", "--puzzles", "2", "--no-untrained", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "hard set: 2 puzzles (the first 2 of the 1000; --full runs all), minimal" in out
+    counts = sorted(81 - p.count(0) for p, _ in a[:2])
+    assert all(f"{g} givens x{counts.count(g)}" in out for g in set(counts))
+
+
+def test_validation_puzzles_are_not_the_held_out_ones():
+    """Training's periodic evals read a validation set of the same difficulty, never the held-out puzzles."""
+    from dgemma.tasks import sudoku as S
+
+    for givens in (44, (23, 36)):
+        test, val = S.heldout_set(5, givens), S.heldout_set(5, givens, validation=True)
+        assert not {tuple(p) for p, _ in test} & {tuple(p) for p, _ in val}
+        assert val == S.heldout_set(5, givens, validation=True)
+        lo, hi = (givens, givens) if isinstance(givens, int) else givens
+        assert all(lo <= 81 - p.count(0) <= hi for p, _ in val)
+
+
+def test_train_init_starts_from_a_model(tmp_path):
+    """--init continues from a model's weights: the shipped model's first training loss is far below a random
+    model's, and its evals are reported per difficulty, ranges included, on the validation set."""
+    import json
+
+    from dgemma.tasks.sudoku import ASSET_DIR
+
+    def first_loss(out, *extra):
+        assert main(["train", "--out", str(out), "--steps", "1", "--batch-size", "4", "--eval-every", "1",
+                     "--eval-puzzles", "1", "--eval-givens", "44,30-36", "--warmup-steps", "1", "--threads", "1",
+                     "--device", "cpu", *extra]) == 0
+        lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert {"eval_solve_rate_44", "eval_steps_30-36"} <= set(lines[-1])
+        return lines[0]["dec_loss"]
+
+    assert first_loss(tmp_path / "init", "--init", str(ASSET_DIR)) < 0.5 < 2.0 < first_loss(tmp_path / "random")

@@ -18,7 +18,7 @@ from ..config import FULL, SLIDING, GenerationConfig, ModelConfig, TextConfig
 from ..control.pins import Steering
 from ..generate import generate  # imported up front: a long training run must not pick up later edits at eval
 from ..train.batch import Example
-from .sudoku_puzzles import CELLS, generate_puzzles, is_solution, make_puzzle, shuffle_symmetry
+from .sudoku_puzzles import CELLS, generate_puzzles, is_solution, make_puzzle, minimal_puzzle, shuffle_symmetry
 
 PAD, EOS, BOS = 0, 1, 2
 DIGIT0 = 3  # token id of "0"; digit d is DIGIT0 + d
@@ -32,6 +32,7 @@ GIVENS = 44
 TRAIN_GIVENS = (30, 50)
 HELDOUT_SEED = 20_240_601
 HELDOUT_SIZE = 1000
+VALIDATION_OFFSET = 7_000_000  # training's periodic evals use a validation set, so choosing a run never sees the test set
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "sudoku"
 
 
@@ -99,19 +100,44 @@ def write_tokenizer(out_dir: str | Path) -> Path:
 
 # ---- data -------------------------------------------------------------------------------------------------------
 
-def heldout_set(n: int = HELDOUT_SIZE, givens: int | tuple[int, int] = GIVENS) -> list[tuple[list[int], list[int]]]:
+def heldout_set(n: int = HELDOUT_SIZE, givens: int | tuple[int, int] = GIVENS,
+                validation: bool = False) -> list[tuple[list[int], list[int]]]:
     """The fixed held-out puzzles (seeded; the training stream uses other seeds). `givens` is a count, or an
     inclusive range (lo, hi) from which each puzzle's count is drawn (a newspaper's 23-36, say). Either way the
-    first n puzzles of a larger set are the same puzzles."""
+    first n puzzles of a larger set are the same puzzles. `validation` gives another fixed set of the same
+    difficulty, for choosing among runs and checkpoints; the held-out set is only for reporting."""
+    seed = heldout_seed(givens) + (VALIDATION_OFFSET if validation else 0)
     if isinstance(givens, int):
-        return generate_puzzles(n, givens, heldout_seed(givens))
+        return generate_puzzles(n, givens, seed)
     lo, hi = givens
-    rng = random.Random(heldout_seed(givens))
+    rng = random.Random(seed)
     return [make_puzzle(rng, rng.randint(lo, hi)) for _ in range(n)]
 
 
 def heldout_seed(givens: int | tuple[int, int]) -> int:
     return HELDOUT_SEED + givens if isinstance(givens, int) else HELDOUT_SEED + 100 * givens[0] + givens[1] + 10_000
+
+
+HARD_MAX_GIVENS = 25
+HARD_SEED = HELDOUT_SEED + 25_000
+
+
+def hard_set(n: int = HELDOUT_SIZE, max_givens: int = HARD_MAX_GIVENS) -> list[tuple[list[int], list[int]]]:
+    """A fixed held-out set of hard puzzles: minimal puzzles (no given can be removed) with at most `max_givens`
+    givens, seeded and prefix-stable. The generator's minimal puzzles have 23-27 givens, so with 25 this is the
+    17-25-given hard set as far as the generator reaches: 23-25 givens (17-22 are out of its reach)."""
+    rng = random.Random(HARD_SEED + max_givens)
+    out = []
+    while len(out) < n:
+        puzzle, solution = minimal_puzzle(rng)
+        if CELLS - puzzle.count(0) <= max_givens:
+            out.append((puzzle, solution))
+    return out
+
+
+def givens_label(givens: int | tuple[int, int]) -> str:
+    """44 -> "44"; (23, 36) -> "23-36" (metric names and the CLI's notation)."""
+    return str(givens) if isinstance(givens, int) else f"{givens[0]}-{givens[1]}"
 
 
 @dataclass

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 from ..cli_common import CLIError, add_threads_arg, apply_threads, generation_config, load_checkpoint
@@ -15,7 +16,8 @@ from ..train.train_cli import add_distributed_args
 
 # sudoku.py's constants, without its imports (torch, the generator) to build a parser; tests/test_cli.py checks
 # that they agree
-GIVENS, TRAIN_GIVENS, HELDOUT_SIZE = 44, (30, 50), 1000
+GIVENS, TRAIN_GIVENS, HELDOUT_SIZE, HARD_MAX_GIVENS = 44, (30, 50), 1000, 25
+REACHABLE_GIVENS = 22  # sudoku_puzzles.REACHABLE_GIVENS: fewer takes the generator minutes a puzzle
 EVAL_PUZZLES = 200  # about a minute on a 2-core CPU; --full runs all HELDOUT_SIZE
 UNTRAINED_PUZZLES = 20  # an untrained model never converges, so each of its canvases costs the whole step cap
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "sudoku"
@@ -39,9 +41,14 @@ def add_sudoku_parser(subparsers) -> argparse.ArgumentParser:
     t.add_argument("--max-givens", type=int, default=TRAIN_GIVENS[1], help="most givens in a training puzzle")
     t.add_argument("--eval-every", type=int, default=500, help="steps between held-out evaluations")
     t.add_argument("--eval-puzzles", type=int, default=100, help="held-out puzzles per periodic eval")
-    t.add_argument("--eval-givens", default=str(GIVENS), help="comma-separated difficulties to eval on")
+    t.add_argument("--eval-givens", default=str(GIVENS), metavar="N|LO-HI,...",
+                   help="comma-separated difficulties to eval on (givens per puzzle, or a range), on validation "
+                        "puzzles: seeded like the held-out sets, but other puzzles")
     t.add_argument("--save-every", type=int, default=100, help="steps between resumable checkpoints")
     t.add_argument("--seed", type=int, default=0, help="seed for initialisation and the puzzle stream")
+    t.add_argument("--init", metavar="MODEL", default=None,
+                   help="start from this Sudoku model's weights (e.g. dgemma/assets/sudoku) instead of random ones; "
+                        "its shape is used, so --hidden-size and --layers must match it")
     t.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     add_threads_arg(t)
     add_distributed_args(t)
@@ -56,6 +63,9 @@ def add_sudoku_parser(subparsers) -> argparse.ArgumentParser:
                    help=f"the whole held-out set ({HELDOUT_SIZE} puzzles, and the untrained baseline on all of them)")
     e.add_argument("--givens", type=_givens, default=GIVENS, metavar="N|LO-HI",
                    help="givens per puzzle (difficulty), or a range each puzzle draws from (23-36: 45-58 empty cells)")
+    e.add_argument("--hard", action="store_true",
+                   help=f"instead of --givens, the hard set: minimal puzzles (no given can be removed) with at most "
+                        f"{HARD_MAX_GIVENS} givens, 23-{HARD_MAX_GIVENS} as the generator makes them")
     e.add_argument("--batch-size", type=int, default=50, help="puzzles solved together")
     e.add_argument("--no-untrained", action="store_true",
                    help=f"skip the untrained-model baseline (it runs every step cap on the first {UNTRAINED_PUZZLES} "
@@ -111,14 +121,15 @@ def cmd_train(args) -> int:
     from . import sudoku as S
 
     apply_threads(args.threads)
-    if not 17 <= args.min_givens <= args.max_givens <= 80:
-        raise CLIError("need 17 <= --min-givens <= --max-givens <= 80")
+    if not REACHABLE_GIVENS <= args.min_givens <= args.max_givens <= 80:
+        raise CLIError(f"need {REACHABLE_GIVENS} <= --min-givens <= --max-givens <= 80 (below {REACHABLE_GIVENS} "
+                       f"givens the puzzle generator takes minutes a puzzle)")
     try:
-        eval_givens = [int(g) for g in args.eval_givens.split(",") if g.strip()]
-    except ValueError:
-        raise CLIError(f"--eval-givens must be comma-separated integers, got {args.eval_givens!r}") from None
-    if not all(17 <= g <= 81 for g in eval_givens):
-        raise CLIError(f"--eval-givens must be in [17, 81], got {args.eval_givens}")
+        eval_givens = [_givens(g.strip()) for g in args.eval_givens.split(",") if g.strip()]
+    except argparse.ArgumentTypeError as e:
+        raise CLIError(f"--eval-givens: {e}") from None
+    if args.init is not None and args.resume:
+        raise CLIError("--init starts a new run from a model; --resume continues a run from its checkpoint: not both")
     out = Path(args.out)
     if (out / CHECKPOINT).exists() and not args.resume:
         raise CLIError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
@@ -126,7 +137,15 @@ def cmd_train(args) -> int:
         raise CLIError(f"{out / CHECKPOINT} not found; nothing to resume")
     dist, device = start_distributed(args, args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     config = S.sudoku_config(args.hidden_size, args.layers)
-    model = init_weights(DiffusionGemma(config.text, config.canvas_length), seed=args.seed).to(device)
+    if args.init is not None:
+        start = _load_model(args.init)
+        shape = (start.config.text.hidden_size, start.config.text.num_hidden_layers)
+        if (start.config.text.to_hf(), start.config.canvas_length) != (config.text.to_hf(), config.canvas_length):
+            raise CLIError(f"--init {args.init}: its shape (hidden size {shape[0]}, {shape[1]} layers) is not the one "
+                           f"asked for (--hidden-size {args.hidden_size} --layers {args.layers})")
+        model = start.model.float().to(device)
+    else:
+        model = init_weights(DiffusionGemma(config.text, config.canvas_length), seed=args.seed).to(device)
     # The encoder loss adds a second full pass over the solution and nothing the decoder needs: w_enc = 0.
     try:
         cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
@@ -142,7 +161,7 @@ def cmd_train(args) -> int:
     def eval_fn(m) -> dict:
         metrics = {}
         if not sets:
-            sets.update({g: S.heldout_set(args.eval_puzzles, g) for g in eval_givens})
+            sets.update({S.givens_label(g): S.heldout_set(args.eval_puzzles, g, validation=True) for g in eval_givens})
         for g, puzzles in sets.items():
             score = S.evaluate(m, puzzles, gen)
             metrics[f"solve_rate_{g}"] = round(score.solve_rate, 4)
@@ -171,15 +190,16 @@ def _eval_line(label: str, score, seconds: float) -> str:
 
 
 def _givens(text: str) -> int | tuple[int, int]:
-    """--givens: N or LO-HI, each in [17, 81] (fewer givens have no unique solution)."""
+    """--givens: N or LO-HI, each in [REACHABLE_GIVENS, 81]."""
     lo, _, hi = text.partition("-")
     try:
         bounds = (int(lo), int(hi or lo))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected N or LO-HI, got {text!r}") from None
-    if not (17 <= bounds[0] <= bounds[1] <= 81):
-        raise argparse.ArgumentTypeError(f"givens must be in [17, 81] with LO <= HI (a Sudoku with fewer than 17 "
-                                         f"has no unique solution), got {text!r}")
+    if not (REACHABLE_GIVENS <= bounds[0] <= bounds[1] <= 81):
+        raise argparse.ArgumentTypeError(
+            f"givens must be in [{REACHABLE_GIVENS}, 81] with LO <= HI (below {REACHABLE_GIVENS} the puzzle generator "
+            f"takes minutes a puzzle; `sudoku eval --hard` has minimal puzzles), got {text!r}")
     return bounds[0] if not hi else bounds
 
 
@@ -195,14 +215,24 @@ def cmd_eval(args) -> int:
         raise CLIError(f"--puzzles must be in [1, {HELDOUT_SIZE}], got {args.puzzles}")
     if args.batch_size < 1:
         raise CLIError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.hard and args.givens != GIVENS:
+        raise CLIError("--hard is its own set of puzzles; leave out --givens")
     ckpt = _load_model(args.model)
-    puzzles = S.heldout_set(n, args.givens)
     which = ("the full set" if n == HELDOUT_SIZE else
              f"the first {n} of the {HELDOUT_SIZE}; --full runs all" if n < HELDOUT_SIZE else "")
-    lo, hi = (args.givens, args.givens) if isinstance(args.givens, int) else args.givens
-    count = f"{lo} givens ({81 - lo} empty cells)" if lo == hi else f"{lo}-{hi} givens ({81 - hi}-{81 - lo} empty cells)"
-    print(f"held-out set: {len(puzzles)} puzzles ({which}) with {count}, unique solutions, seed "
-          f"{S.heldout_seed(args.givens)}; one try per puzzle")
+    if args.hard:
+        puzzles = S.hard_set(n)
+        counts = Counter(81 - p.count(0) for p, _ in puzzles)
+        print(f"hard set: {len(puzzles)} puzzles ({which}), minimal (no given can be removed), at most "
+              f"{S.HARD_MAX_GIVENS} givens: " + ", ".join(f"{g} givens x{k}" for g, k in sorted(counts.items()))
+              + f"; unique solutions, seed {S.HARD_SEED + S.HARD_MAX_GIVENS}; one try per puzzle")
+    else:
+        puzzles = S.heldout_set(n, args.givens)
+        lo, hi = (args.givens, args.givens) if isinstance(args.givens, int) else args.givens
+        count = (f"{lo} givens ({81 - lo} empty cells)" if lo == hi else
+                 f"{lo}-{hi} givens ({81 - hi}-{81 - lo} empty cells)")
+        print(f"held-out set: {len(puzzles)} puzzles ({which}) with {count}, unique solutions, seed "
+              f"{S.heldout_seed(args.givens)}; one try per puzzle")
     gen = ckpt.generation
     runs = [("default sampler", ckpt.model, gen, puzzles),
             ("48-step cap", ckpt.model, gen.replace(max_denoising_steps=48), puzzles),
