@@ -168,3 +168,15 @@ def test_metrics_with_nan_still_plot_after_a_resume(tmp_path):
     assert any(isinstance(h.get("loss"), float) and h["loss"] != h["loss"] for h in resumed.history)
     resumed.train()  # plots at the end
     assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 4
+
+
+def test_plot_draws_the_eval_solve_rates_beside_the_loss(tmp_path):
+    """A history with periodic solve rates gets a second panel (a wider image); NaN rates are left out."""
+    pytest.importorskip("matplotlib")
+    from PIL import Image
+
+    plain = plot_losses(HISTORY, tmp_path / "plain.png", quiet=True)
+    rates = HISTORY + [{"step": 4, "eval_solve_rate_44": 0.5, "eval_solve_rate_23-36": 0.2},
+                       {"step": 8, "eval_solve_rate_44": 0.75, "eval_solve_rate_23-36": float("nan")}]
+    both = plot_losses(rates, tmp_path / "both.png", quiet=True)
+    assert Image.open(both).width > Image.open(plain).width

@@ -18,9 +18,12 @@ def finite_points(history: list[dict], key: str) -> list[tuple[int, float]]:
             if isinstance(h, dict) and number(h.get("step")) and number(h.get(key)) and h[key] > 0]
 
 
+SOLVE_RATE = "eval_solve_rate_"  # the Sudoku evals' metrics, one per difficulty
+
+
 def plot_losses(history: list[dict], path: str | Path, quiet: bool = False) -> Path | None:
-    """Training loss (and the decoder/encoder parts) against the step. Returns the path, or None with fewer than two
-    finite points."""
+    """Training loss (and the decoder/encoder parts) against the step; beside it, when the history has them, the
+    periodic evals' solve rates. Returns the path, or None with fewer than two finite loss points."""
     if len(finite_points(history, "loss")) < 2:
         return None
     path = Path(path)
@@ -34,7 +37,21 @@ def plot_losses(history: list[dict], path: str | Path, quiet: bool = False) -> P
             print("dgemma: matplotlib is not installed (pip install 'dgemma[plot]'), so no loss.png was written; "
                   "the losses are in metrics.jsonl", file=sys.stderr)
         return None
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    rates = sorted({k for h in history if isinstance(h, dict) for k in h if k.startswith(SOLVE_RATE)})
+    if rates:
+        fig, (ax, right) = plt.subplots(1, 2, figsize=(11, 4), dpi=100)
+        for key in rates:
+            pts = [(h["step"], float(h[key])) for h in history if isinstance(h, dict) and isinstance(h.get(key), float)
+                   and math.isfinite(h[key]) and isinstance(h.get("step"), int)]
+            if pts:
+                right.plot(*zip(*pts), marker="o", label=key[len(SOLVE_RATE):] + " givens")
+        right.set_xlabel("step")
+        right.set_ylabel("solve rate (validation)")
+        right.set_ylim(0, 1)
+        right.grid(alpha=0.3)
+        right.legend()
+    else:
+        fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     for key, label in (("loss", "loss"), ("dec_loss", "decoder"), ("enc_loss", "encoder")):
         pts = finite_points(history, key)
         if pts:
