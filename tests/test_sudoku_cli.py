@@ -90,6 +90,11 @@ def test_eval_defaults_are_a_minute_and_say_which_set(capsys):
     assert main(["eval", "--puzzles", "4", "--batch-size", "2", "--no-untrained", "--threads", "1"]) == 0
     out = capsys.readouterr()
     assert "4 puzzles (the first 4 of the 1000; --full runs all)" in out.out
+    import hashlib
+
+    from dgemma.tasks.sudoku import ASSET_DIR
+    sha = hashlib.sha256((ASSET_DIR / "model.safetensors").read_bytes()).hexdigest()
+    assert f"model: {ASSET_DIR} (model.safetensors sha256 {sha})" in out.out  # the eval names the file it measured
     assert "default sampler (cap 48)" in out.out and "1 step (cap 1)" in out.out
     assert "puzzle/s" in out.err or "s/puzzle" in out.err  # tqdm's bar, on stderr
     assert "solved" not in out.err

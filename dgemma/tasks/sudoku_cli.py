@@ -110,6 +110,18 @@ def _load_model(path: str | None):
     return load_checkpoint(path, quiet=True)
 
 
+def _fingerprint(path: str | None) -> str:
+    """The model directory and its weights' sha256, so an eval names exactly the file it measured."""
+    import hashlib
+
+    path = Path(path) if path else ASSET_DIR
+    digest = hashlib.sha256()
+    with open(path / "model.safetensors", "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return f"{path} (model.safetensors sha256 {digest.hexdigest()})"
+
+
 def cmd_train(args) -> int:
     import torch
 
@@ -218,6 +230,7 @@ def cmd_eval(args) -> int:
     if args.hard and args.givens != GIVENS:
         raise CLIError("--hard is its own set of puzzles; leave out --givens")
     ckpt = _load_model(args.model)
+    print(f"model: {_fingerprint(args.model)}")
     which = ("the full set" if n == HELDOUT_SIZE else
              f"the first {n} of the {HELDOUT_SIZE}; --full runs all" if n < HELDOUT_SIZE else "")
     if args.hard:
