@@ -168,3 +168,17 @@ def test_train_init_starts_from_a_model(tmp_path):
         return lines[0]["dec_loss"]
 
     assert first_loss(tmp_path / "init", "--init", str(ASSET_DIR)) < 0.5 < 2.0 < first_loss(tmp_path / "random")
+
+
+def test_every_invocation_of_a_run_is_recorded(tmp_path):
+    """runs.jsonl keeps each invocation's starting step, command line and options: a run resumed across several
+    invocations keeps its whole configuration beside its checkpoint."""
+    import json
+
+    common = ["--out", str(tmp_path), "--batch-size", "2", "--eval-every", "100", "--eval-puzzles", "1", "--warmup-steps", "1",
+              "--hidden-size", "48", "--layers", "2", "--threads", "1", "--device", "cpu"]
+    assert main(["train", "--steps", "1", "--lr", "0.002", *common]) == 0
+    assert main(["train", "--steps", "2", "--lr", "0.002", "--resume", *common]) == 0
+    runs = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in runs] == [0, 1] and [r["options"]["resume"] for r in runs] == [False, True]
+    assert runs[0]["options"]["lr"] == 0.002 and runs[0]["options"]["steps"] == 1 and runs[1]["processes"] == 1

@@ -128,7 +128,7 @@ def cmd_train(args) -> int:
     from ..presets import init_weights
     from ..model import DiffusionGemma
     from ..train.objective import LossConfig
-    from ..train.train_cli import start_distributed
+    from ..train.train_cli import record_run, start_distributed
     from ..train.trainer import CHECKPOINT, TrainConfig, Trainer
     from . import sudoku as S
 
@@ -189,6 +189,7 @@ def cmd_train(args) -> int:
         trainer.load()
         if dist.is_main:
             print(f"resumed {out} at step {trainer.step}", file=sys.stderr)
+    record_run(out, args, trainer.step, dist)
     trainer.train()
     trainer.export()
     if dist.is_main:

@@ -78,6 +78,27 @@ def start_distributed(args, device: str):
     return d, device
 
 
+def record_run(out: Path, args, step: int, dist) -> None:
+    """Append this invocation to <out>/runs.jsonl (rank 0): the step it starts from, the command line, every
+    option's value and the versions, so a run resumed across several invocations keeps its whole configuration
+    beside its checkpoint. Appended, never rewritten: a line is the record of one invocation."""
+    import json
+
+    import torch
+
+    import dgemma
+
+    if not dist.is_main:
+        return
+    options = {k: v for k, v in vars(args).items()
+               if isinstance(v, (str, int, float, bool, type(None))) and k != "interrupt_hint"}
+    out.mkdir(parents=True, exist_ok=True)
+    line = {"step": step, "argv": ["dgemma", *sys.argv[1:]], "options": options, "dgemma": dgemma.__version__,
+            "torch": torch.__version__, "processes": dist.world_size if dist.active else 1}
+    with open(out / "runs.jsonl", "a") as f:
+        f.write(json.dumps(line) + "\n")
+
+
 def _tokenizer(path: Path):
     from ..tokenizer import Tokenizer
 
@@ -192,6 +213,7 @@ def cmd_train(args) -> int:
             raise CLIError(str(e)) from None
         if dist.is_main:
             print(f"resumed {out} at step {trainer.step}", file=sys.stderr)
+    record_run(out, args, trainer.step, dist)
     if dist.is_main:
         where = f"{device} x {dist.world_size} processes ({FSDP_OR_DDP[dist.fsdp]})" if dist.active else device
         print(f"training on {len(examples)} examples ({len(eval_examples)} held out), "
