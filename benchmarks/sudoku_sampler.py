@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from dgemma import checkpoint
+from dgemma.config import ConfigError
 from dgemma.runtime import tune_malloc
 from dgemma.tasks import sudoku as S
 from dgemma.tasks.sudoku_cli import _givens
@@ -52,8 +53,12 @@ def main() -> None:
     keys = [k for k, _ in args.grid]
     combos = [()] + list(itertools.product(*(v for _, v in args.grid)))
     for combo in combos:
-        gen = ck.generation.replace(**dict(zip(keys, combo)))
         label = "generation_config.json" if not combo else " ".join(f"{k}={v}" for k, v in zip(keys, combo))
+        try:
+            gen = ck.generation.replace(**dict(zip(keys, combo)))
+        except ConfigError as e:  # t_max <= t_min, say: not a setting
+            print(f"{label:60s} skipped: {e}")
+            continue
         t = time.perf_counter()
         score = S.evaluate(ck.model, puzzles, gen, 50, 0)
         print(f"{label:60s} solved {score.solved}/{score.total} ({100 * score.solve_rate:.1f}%)  "
