@@ -65,7 +65,7 @@ def add_sudoku_parser(subparsers) -> argparse.ArgumentParser:
                    help="givens per puzzle (difficulty), or a range each puzzle draws from (23-36: 45-58 empty cells)")
     e.add_argument("--hard", action="store_true",
                    help=f"instead of --givens, the hard set: minimal puzzles (no given can be removed) with at most "
-                        f"{HARD_MAX_GIVENS} givens, 23-{HARD_MAX_GIVENS} as the generator makes them")
+                        f"{HARD_MAX_GIVENS} givens (21-{HARD_MAX_GIVENS} as the generator makes them)")
     e.add_argument("--batch-size", type=int, default=50, help="puzzles solved together")
     e.add_argument("--no-untrained", action="store_true",
                    help=f"skip the untrained-model baseline (it runs every step cap on the first {UNTRAINED_PUZZLES} "
