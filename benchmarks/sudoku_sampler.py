@@ -22,7 +22,7 @@ from dgemma import checkpoint
 from dgemma.config import ConfigError
 from dgemma.runtime import tune_malloc
 from dgemma.tasks import sudoku as S
-from dgemma.tasks.sudoku_cli import _givens
+from dgemma.tasks.sudoku_cli import parse_givens
 
 FIELDS = {"entropy_bound": float, "t_min": float, "t_max": float, "max_denoising_steps": int,
           "stability_threshold": int, "confidence_threshold": float}
@@ -38,7 +38,7 @@ def setting(text: str) -> tuple[str, list]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=str(S.ASSET_DIR))
-    ap.add_argument("--givens", type=_givens, default=(23, 36))
+    ap.add_argument("--givens", type=parse_givens, default=(23, 36))
     ap.add_argument("--puzzles", type=int, default=200)
     ap.add_argument("--set", type=setting, action="append", default=[], dest="grid")
     ap.add_argument("--threads", type=int, default=2)

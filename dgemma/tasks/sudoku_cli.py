@@ -61,7 +61,7 @@ def add_sudoku_parser(subparsers) -> argparse.ArgumentParser:
                    help=f"how many held-out puzzles, the first of the fixed set (max {HELDOUT_SIZE})")
     e.add_argument("--full", action="store_true",
                    help=f"the whole held-out set ({HELDOUT_SIZE} puzzles, and the untrained baseline on all of them)")
-    e.add_argument("--givens", type=_givens, default=GIVENS, metavar="N|LO-HI",
+    e.add_argument("--givens", type=parse_givens, default=GIVENS, metavar="N|LO-HI",
                    help="givens per puzzle (difficulty), or a range each puzzle draws from (23-36: 45-58 empty cells)")
     e.add_argument("--hard", action="store_true",
                    help=f"instead of --givens, the hard set: minimal puzzles (no given can be removed) with at most "
@@ -137,7 +137,7 @@ def cmd_train(args) -> int:
         raise CLIError(f"need {REACHABLE_GIVENS} <= --min-givens <= --max-givens <= 80 (below {REACHABLE_GIVENS} "
                        f"givens the puzzle generator takes minutes a puzzle)")
     try:
-        eval_givens = [_givens(g.strip()) for g in args.eval_givens.split(",") if g.strip()]
+        eval_givens = [parse_givens(g.strip()) for g in args.eval_givens.split(",") if g.strip()]
     except argparse.ArgumentTypeError as e:
         raise CLIError(f"--eval-givens: {e}") from None
     if args.init is not None and args.resume:
@@ -202,7 +202,7 @@ def _eval_line(label: str, score, seconds: float) -> str:
             f"mean denoising steps per canvas {score.mean_steps:.2f}  [{seconds:.0f}s]")
 
 
-def _givens(text: str) -> int | tuple[int, int]:
+def parse_givens(text: str) -> int | tuple[int, int]:
     """--givens: N or LO-HI, each in [REACHABLE_GIVENS, 81]."""
     lo, _, hi = text.partition("-")
     try:
