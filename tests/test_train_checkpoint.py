@@ -147,6 +147,7 @@ HISTORY = [{"step": 1, "loss": 3.0, "dec_loss": 2.0, "enc_loss": 1.0}, {"step": 
 def test_plot_points_skip_nan_inf_and_non_numbers():
     assert finite_points(HISTORY, "loss") == [(1, 3.0), (6, 2.0), (8, 1.5)]
     assert finite_points(HISTORY, "dec_loss") == [(1, 2.0)]  # log scale: zero is left out too
+    assert finite_points(HISTORY, "dec_loss", positive=False) == [(1, 2.0), (6, 0.0)]  # a solve rate may be 0
     assert finite_points([{"step": 1, "loss": float("nan")}, {"step": 2, "loss": float("inf")}], "loss") == []
 
 

@@ -7,15 +7,16 @@ import sys
 from pathlib import Path
 
 
-def finite_points(history: list[dict], key: str) -> list[tuple[int, float]]:
-    """(step, value) for each line with a step and a finite positive `key` (the plot's y axis is logarithmic).
-    NaN, Inf, zero and anything not a number (an edited metrics.jsonl) are left out, not plotted or raised on."""
+def finite_points(history: list[dict], key: str, positive: bool = True) -> list[tuple[int, float]]:
+    """(step, value) for each line with a step and a finite `key`, positive unless `positive` is False (the loss
+    axis is logarithmic; a solve rate may be 0). NaN, Inf and anything not a number (an edited metrics.jsonl) are
+    left out, not plotted or raised on."""
 
     def number(x) -> bool:
         return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
     return [(h["step"], float(h[key])) for h in history
-            if isinstance(h, dict) and number(h.get("step")) and number(h.get(key)) and h[key] > 0]
+            if isinstance(h, dict) and number(h.get("step")) and number(h.get(key)) and (h[key] > 0 or not positive)]
 
 
 SOLVE_RATE = "eval_solve_rate_"  # the Sudoku evals' metrics, one per difficulty
@@ -41,8 +42,7 @@ def plot_losses(history: list[dict], path: str | Path, quiet: bool = False) -> P
     if rates:
         fig, (ax, right) = plt.subplots(1, 2, figsize=(11, 4), dpi=100)
         for key in rates:
-            pts = [(h["step"], float(h[key])) for h in history if isinstance(h, dict) and isinstance(h.get(key), float)
-                   and math.isfinite(h[key]) and isinstance(h.get("step"), int)]
+            pts = finite_points(history, key, positive=False)
             if pts:
                 right.plot(*zip(*pts), marker="o", label=key[len(SOLVE_RATE):] + " givens")
         right.set_xlabel("step")
