@@ -11,18 +11,15 @@ is the model's own generation_config.json.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import itertools
 import time
-from pathlib import Path
-
 import torch
 
 from dgemma import checkpoint
 from dgemma.config import ConfigError
 from dgemma.runtime import tune_malloc
 from dgemma.tasks import sudoku as S
-from dgemma.tasks.sudoku_cli import parse_givens
+from dgemma.tasks.sudoku_cli import parse_givens, weights_sha256
 
 FIELDS = {"entropy_bound": float, "t_min": float, "t_max": float, "max_denoising_steps": int,
           "stability_threshold": int, "confidence_threshold": float}
@@ -46,7 +43,7 @@ def main() -> None:
     tune_malloc()
     torch.set_num_threads(args.threads)
     ck = checkpoint.load(args.model, quiet=True)
-    sha = hashlib.sha256((Path(args.model) / "model.safetensors").read_bytes()).hexdigest()
+    sha = weights_sha256(args.model)
     puzzles = S.heldout_set(args.puzzles, args.givens, validation=True)
     print(f"{args.model} (model.safetensors sha256 {sha}); {len(puzzles)} validation puzzles, "
           f"{S.givens_label(args.givens)} givens")

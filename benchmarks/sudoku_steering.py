@@ -8,7 +8,6 @@ cells (seeded canvas), and the output constrained by a regex of 81 digits 1-9 an
 from __future__ import annotations
 
 import argparse
-import hashlib
 import time
 
 import torch
@@ -18,6 +17,7 @@ from dgemma.control import Constraint, ConstraintVocabulary
 from dgemma.control.pins import Steering
 from dgemma.runtime import tune_malloc
 from dgemma.tasks import sudoku as S
+from dgemma.tasks.sudoku_cli import weights_sha256
 from dgemma.tokenizer import Tokenizer
 
 
@@ -33,7 +33,7 @@ def main() -> None:
     tune_malloc()
     torch.set_num_threads(args.threads)
     ck = checkpoint.load(S.ASSET_DIR, quiet=True)
-    sha = hashlib.sha256((S.ASSET_DIR / "model.safetensors").read_bytes()).hexdigest()[:16]
+    sha = weights_sha256(S.ASSET_DIR)[:16]
     puzzles = S.heldout_set(args.puzzles, args.givens)
     tok = Tokenizer.from_dir(S.ASSET_DIR)
     vocab = ConstraintVocabulary.from_tokenizer(tok.backend, [S.EOS], [S.PAD], ck.config.text.vocab_size)

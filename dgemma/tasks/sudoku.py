@@ -127,13 +127,17 @@ def hard_set(n: int = HELDOUT_SIZE, max_givens: int = HARD_MAX_GIVENS) -> list[t
     givens, seeded and prefix-stable. The generator's minimal puzzles have about 21-27 givens, so with 25 this is
     the 17-25-given hard set as far as the generator reaches: of the 1,000, one has 21 givens, 45 have 22 and the
     rest 23-25."""
-    rng = random.Random(HARD_SEED + max_givens)
+    rng = random.Random(hard_seed(max_givens))
     out = []
     while len(out) < n:
         puzzle, solution = minimal_puzzle(rng)
         if CELLS - puzzle.count(0) <= max_givens:
             out.append((puzzle, solution))
     return out
+
+
+def hard_seed(max_givens: int = HARD_MAX_GIVENS) -> int:
+    return HARD_SEED + max_givens
 
 
 def givens_label(givens: int | tuple[int, int]) -> str:

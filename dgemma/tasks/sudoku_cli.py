@@ -110,16 +110,22 @@ def _load_model(path: str | None):
     return load_checkpoint(path, quiet=True)
 
 
-def _fingerprint(path: str | None) -> str:
-    """The model directory and its weights' sha256, so an eval names exactly the file it measured."""
+def weights_sha256(model_dir: str | Path) -> str:
+    """The sha256 of a model directory's model.safetensors (hex), read in 1 MiB blocks: what an eval or a benchmark
+    prints so that a figure names exactly the file it measured."""
     import hashlib
 
-    path = Path(path) if path else ASSET_DIR
     digest = hashlib.sha256()
-    with open(path / "model.safetensors", "rb") as f:
+    with open(Path(model_dir) / "model.safetensors", "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
-    return f"{path} (model.safetensors sha256 {digest.hexdigest()})"
+    return digest.hexdigest()
+
+
+def _fingerprint(path: str | None) -> str:
+    """The model directory and its weights' sha256, so an eval names exactly the file it measured."""
+    path = Path(path) if path else ASSET_DIR
+    return f"{path} (model.safetensors sha256 {weights_sha256(path)})"
 
 
 def cmd_train(args) -> int:
@@ -239,7 +245,7 @@ def cmd_eval(args) -> int:
         counts = Counter(81 - p.count(0) for p, _ in puzzles)
         print(f"hard set: {len(puzzles)} puzzles ({which}), minimal (no given can be removed), at most "
               f"{S.HARD_MAX_GIVENS} givens: " + ", ".join(f"{g} givens x{k}" for g, k in sorted(counts.items()))
-              + f"; unique solutions, seed {S.HARD_SEED + S.HARD_MAX_GIVENS}; one try per puzzle")
+              + f"; unique solutions, seed {S.hard_seed()}; one try per puzzle")
     else:
         puzzles = S.heldout_set(n, args.givens)
         lo, hi = (args.givens, args.givens) if isinstance(args.givens, int) else args.givens
