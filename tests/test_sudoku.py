@@ -99,6 +99,17 @@ def test_stream_is_resumable():
         assert is_solution([d - S.DIGIT0 for d in ex.prompt_ids[1:]], [d - S.DIGIT0 for d in ex.response_ids])
 
 
+def test_stream_pins_givens_with_the_asked_probability():
+    """pin_givens=1 fixes exactly the givens of every example, 0 none, 0.5 about half."""
+    pinned = S.SudokuStream(seed=3, pool_size=20, pin_givens=1.0).next_batch(6)
+    for ex in pinned:
+        assert ex.fixed == [i for i, d in enumerate(ex.prompt_ids[1:]) if d != S.DIGIT0]
+    plain = S.SudokuStream(seed=3, pool_size=20).next_batch(6)
+    assert all(ex.fixed is None for ex in plain)
+    half = S.SudokuStream(seed=4, pool_size=20, pin_givens=0.5).next_batch(200)
+    assert 70 < sum(ex.fixed is not None for ex in half) < 130
+
+
 def test_evaluate_counts_solved_puzzles():
     from dgemma.presets import random_model
 

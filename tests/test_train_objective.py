@@ -139,3 +139,79 @@ def test_loss_falls_on_tiny_overfit_set():
         trainer.train()
     losses = [h["loss"] for h in trainer.history if "loss" in h]
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_collate_marks_fixed_positions_in_the_response():
+    examples = [Example([2, 5, 6], [7, 8, 9], fixed=[0, 2]), Example([2], [7] * 5)]
+    batch = collate(examples, canvas_length=4, eos_id=1, pad_id=0)
+    assert batch.fixed[0].nonzero().flatten().tolist() == [3, 5]  # prompt length 3 + response positions 0 and 2
+    assert not batch.fixed[1].any()
+    assert collate([Example([2], [7, 8])], canvas_length=4, eos_id=1, pad_id=0).fixed is None
+    with pytest.raises(ValueError, match="fixed positions"):
+        collate([Example([2], [7, 8], fixed=[2])], canvas_length=4, eos_id=1, pad_id=0)  # 2 is the EOS, not response
+
+
+def _spy_decoder_passes(monkeypatch):
+    """Record every decoder pass's (noisy canvas, logits): the real pass runs, the spy only keeps its arguments."""
+    from dgemma.train import objective
+
+    calls, real = [], objective.decoder_pass
+
+    def spy(model, enc_kv, canvas, starts, signal):
+        logits = real(model, enc_kv, canvas, starts, signal)
+        calls.append((canvas.clone(), logits.detach().clone()))
+        return logits
+
+    monkeypatch.setattr(objective, "decoder_pass", spy)
+    return calls
+
+
+def test_fixed_positions_stay_clean_and_leave_the_loss(monkeypatch):
+    """A fixed position (a pinned given) is never corrupted, and the decoder loss and accuracy are the means over
+    the other positions only."""
+    model = _model(16, canvas_length=8)
+    C, V = model.canvas_length, model.config.vocab_size
+    g = torch.Generator().manual_seed(0)
+    examples = [Example([2] + torch.randint(3, V, (4,), generator=g).tolist(),
+                        torch.randint(3, V, (7,), generator=g).tolist(), fixed=fixed)
+                for fixed in ([0, 1, 2, 5], [3], [0, 1, 2, 3, 4, 5, 6], None)]
+    batch = collate(examples, C, eos_id=1, pad_id=0)
+    calls = _spy_decoder_passes(monkeypatch)
+    cfg = LossConfig(w_enc=0.0, eps=0.45)  # t in [0.45, 0.55]: about half of the free positions are noised
+    out = block_diffusion_loss(model, batch, cfg, torch.Generator().manual_seed(1))
+    clean = batch.tokens[:, 5:5 + C]  # every prompt has length 5 and one canvas
+    fixed = batch.fixed[:, 5:5 + C]
+    (first, _), (second, logits) = calls
+    assert torch.equal(first, second)
+    assert torch.equal(second[fixed], clean[fixed])
+    assert (second[~fixed] != clean[~fixed]).float().mean() > 0.25
+    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, V), clean.reshape(-1), reduction="none").view(-1, C)
+    assert abs(out.dec_loss - ce[~fixed].mean().item()) < 1e-5
+    assert abs(out.dec_loss - ce.mean().item()) > 1e-3  # the fixed positions would have changed it
+    assert abs(out.dec_accuracy - (logits.argmax(-1) == clean)[~fixed].float().mean().item()) < 1e-6
+
+
+def test_fixed_positions_loss_splits_over_processes():
+    """With fixed positions spread unevenly over the rows, the mean of the per-process losses (what DDP's gradient
+    averaging takes) is still the one-process loss, and so are the gradients."""
+    model = _model(16, canvas_length=8)
+    V = model.config.vocab_size
+    g = torch.Generator().manual_seed(0)
+    examples = [Example([2] + torch.randint(3, V, (4,), generator=g).tolist(),
+                        torch.randint(3, V, (7,), generator=g).tolist(), fixed=fixed)
+                for fixed in ([0, 1, 2, 3, 4, 5], [1], None, [2, 4])]
+    batch = collate(examples, model.canvas_length, eos_id=1, pad_id=0)
+    cfg = LossConfig(w_enc=0.0)
+
+    def run(shard):
+        model.zero_grad()
+        out = block_diffusion_loss(model, batch, cfg, torch.Generator().manual_seed(2), shard=shard)
+        out.loss.backward()
+        return out, [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    whole, grads = run((0, 1))
+    halves = [run((rank, 2)) for rank in range(2)]
+    assert abs(sum(h.dec_loss for h, _ in halves) / 2 - whole.dec_loss) < 1e-5
+    assert abs(sum(h.dec_accuracy for h, _ in halves) / 2 - whole.dec_accuracy) < 1e-6
+    for i, grad in enumerate(grads):
+        torch.testing.assert_close((halves[0][1][i] + halves[1][1][i]) / 2, grad, atol=1e-6, rtol=1e-4)

@@ -148,12 +148,16 @@ def givens_label(givens: int | tuple[int, int]) -> str:
 @dataclass
 class SudokuStream:
     """An endless training stream: a pool of generated puzzles, each drawn through a random symmetry, while the
-    pool keeps growing with fresh puzzles. State is one random.Random, so a resumed run continues the stream."""
+    pool keeps growing with fresh puzzles. State is one random.Random, so a resumed run continues the stream.
+
+    With probability `pin_givens` an example's givens are fixed in its canvas (Example.fixed): never noised and not
+    scored, as `sudoku solve` pins them at inference; the loss then falls on the empty cells and the EOS only."""
 
     seed: int = 0
     givens: tuple[int, int] = TRAIN_GIVENS
     pool_size: int = 2000
     fresh_per_batch: int = 2
+    pin_givens: float = 0.0
 
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
@@ -174,7 +178,9 @@ class SudokuStream:
         out = []
         for _ in range(batch_size):
             puzzle, solution = shuffle_symmetry(*self.rng.choice(self.pool), self.rng)
-            out.append(Example(prompt_ids(puzzle), response_ids(solution)))
+            pinned = self.pin_givens > 0 and self.rng.random() < self.pin_givens  # no draw at 0: older streams hold
+            fixed = [i for i, d in enumerate(puzzle) if d] if pinned else None
+            out.append(Example(prompt_ids(puzzle), response_ids(solution), fixed))
         return out
 
     def state_dict(self) -> dict:

@@ -39,6 +39,9 @@ def add_sudoku_parser(subparsers) -> argparse.ArgumentParser:
     t.add_argument("--layers", type=int, default=6, help="model depth")
     t.add_argument("--min-givens", type=int, default=TRAIN_GIVENS[0], help="fewest givens in a training puzzle")
     t.add_argument("--max-givens", type=int, default=TRAIN_GIVENS[1], help="most givens in a training puzzle")
+    t.add_argument("--pin-givens", type=float, default=0.0, metavar="P",
+                   help="probability that a training puzzle's givens are pinned in its canvas (never noised, not "
+                        "scored), as `sudoku solve` pins them; above 0 the periodic evals also run pinned")
     t.add_argument("--eval-every", type=int, default=500, help="steps between held-out evaluations")
     t.add_argument("--eval-puzzles", type=int, default=100, help="held-out puzzles per periodic eval")
     t.add_argument("--eval-givens", default=str(GIVENS), metavar="N|LO-HI,...",
@@ -146,6 +149,8 @@ def cmd_train(args) -> int:
         eval_givens = [parse_givens(g.strip()) for g in args.eval_givens.split(",") if g.strip()]
     except argparse.ArgumentTypeError as e:
         raise CLIError(f"--eval-givens: {e}") from None
+    if not 0.0 <= args.pin_givens <= 1.0:
+        raise CLIError(f"--pin-givens is a probability in [0, 1], got {args.pin_givens}")
     if args.init is not None and args.resume:
         raise CLIError("--init starts a new run from a model; --resume continues a run from its checkpoint: not both")
     out = Path(args.out)
@@ -172,7 +177,7 @@ def cmd_train(args) -> int:
     except ValueError as e:  # TrainConfig's own checks name the field
         raise CLIError(str(e)) from None
     # Every rank draws the same stream (distributed.py, step 1); only rank 0 evaluates, so only it builds the sets.
-    data = S.SudokuStream(seed=args.seed + 1, givens=(args.min_givens, args.max_givens))
+    data = S.SudokuStream(seed=args.seed + 1, givens=(args.min_givens, args.max_givens), pin_givens=args.pin_givens)
     sets: dict = {}
     gen = S.sudoku_generation()
 
@@ -181,9 +186,10 @@ def cmd_train(args) -> int:
         if not sets:
             sets.update({S.givens_label(g): S.heldout_set(args.eval_puzzles, g, validation=True) for g in eval_givens})
         for g, puzzles in sets.items():
-            score = S.evaluate(m, puzzles, gen)
-            metrics[f"solve_rate_{g}"] = round(score.solve_rate, 4)
-            metrics[f"steps_{g}"] = round(score.mean_steps, 2)
+            for suffix, steer in [("", None)] + ([("_pinned", S.pin_givens)] if args.pin_givens > 0 else []):
+                score = S.evaluate(m, puzzles, gen, steer=steer)
+                metrics[f"solve_rate_{g}{suffix}"] = round(score.solve_rate, 4)
+                metrics[f"steps_{g}{suffix}"] = round(score.mean_steps, 2)
         return metrics
 
     tok_dir = out / "tokenizer"

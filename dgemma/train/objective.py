@@ -3,7 +3,8 @@
 Per example (numbers reused in the code):
   1. Draw a noise level t ~ U(eps, 1 - eps).
   2. Pick the scored canvas b uniformly among the example's canvases.
-  3. Corrupt canvas b with uniform-state noise at level t.
+  3. Corrupt canvas b with uniform-state noise at level t, except its fixed positions (Example.fixed), which stay
+     clean.
   4. Encoder pass: the shared stack runs causally over the clean sequence; its K/V are what the decoder reads.
      L_enc is next-token cross-entropy on the response (optionally on the prompt too).
   5. Decoder mask: canvas b sees the prompt, the clean canvases before it and itself (sliding layers: the last
@@ -12,8 +13,9 @@ Per example (numbers reused in the code):
      example, with probability p, the signal is softmax(l1) @ E * sqrt(d) (raw logits, as every public recipe
      does; inference uses tempered logits), otherwise zeros; the second pass runs with gradient.
   7. L_dec is the mean cross-entropy of the second pass against the clean tokens over every position of canvas b
-     (corrupted or not, canvas padding included). L = w_dec * L_dec + w_enc * L_enc. The `reweighted` variant
-     weights each example's L_dec by 1 / (1 - t), clipped at `max_weight`.
+     (corrupted or not, canvas padding included), fixed positions excepted (then it is the mean over the batch's
+     scored positions). L = w_dec * L_dec + w_enc * L_enc. The `reweighted` variant weights each example's L_dec
+     by 1 / (1 - t), clipped at `max_weight`.
 """
 
 from __future__ import annotations
@@ -122,13 +124,16 @@ def block_diffusion_loss(model: DiffusionGemma, batch: Batch, cfg: LossConfig,
     b = (torch.rand(B, generator=generator) * cpu.num_canvases).long().clamp(max=cpu.num_canvases - 1)
     starts = cpu.prompt_lengths + b * C  # (B,)
     clean = torch.gather(cpu.tokens, 1, canvas_slots(starts, C))  # (B, C)
-    noisy, _ = uniform_corrupt(clean, t, V, generator=generator)
+    fixed = None if cpu.fixed is None else torch.gather(cpu.fixed, 1, canvas_slots(starts, C))  # (B, C)
+    noisy, _ = uniform_corrupt(clean, t, V, None if fixed is None else ~fixed, generator=generator)
     use_signal = torch.rand(B, generator=generator) < cfg.self_cond_prob  # (B,)
     n_enc_targets = int(cpu.enc_targets[:, 1:].sum())  # over the whole batch: the encoder loss's denominator
+    n_scored = B * C if fixed is None else max(int((~fixed).sum()), 1)  # and the decoder loss's
     if world > 1:  # this rank's rows of everything drawn (distributed.py, step 2)
         rows = slice(rank * B // world, (rank + 1) * B // world)
         t, starts, clean, noisy, use_signal = (x[rows] for x in (t, starts, clean, noisy, use_signal))
-        batch = Batch(*(x[rows] for x in (cpu.tokens, cpu.prompt_lengths, cpu.num_canvases, cpu.enc_targets)))
+        fixed = None if fixed is None else fixed[rows]
+        batch = cpu.rows(rows)
         B = B // world
     t, starts, clean, noisy, use_signal = (x.to(device) for x in (t, starts, clean, noisy, use_signal))
 
@@ -156,15 +161,19 @@ def block_diffusion_loss(model: DiffusionGemma, batch: Batch, cfg: LossConfig,
 
     # 7. loss
     ce = F.cross_entropy(logits.reshape(-1, V), clean.reshape(-1), reduction="none").view(B, C)
-    if cfg.reweighted:
-        weight = (1.0 / (1.0 - t)).clamp(max=cfg.max_weight)
-        dec_loss = (ce * weight[:, None]).mean()
-    else:
-        dec_loss = ce.mean()
+    weight = (1.0 / (1.0 - t)).clamp(max=cfg.max_weight)[:, None] if cfg.reweighted else None
+    correct = (logits.argmax(-1) == clean).float()
+    if fixed is None:
+        dec_loss = ce.mean() if weight is None else (ce * weight).mean()
+        accuracy = correct.mean()
+    else:  # each rank's share of the mean over the batch's scored positions, times world (as the encoder loss)
+        scored = (~fixed).to(device)
+        per_token = ce if weight is None else ce * weight
+        dec_loss = per_token[scored].sum() * (world / n_scored)
+        accuracy = correct[scored].sum() * (world / n_scored)
     loss = cfg.w_dec * dec_loss + cfg.w_enc * enc_loss
     if world > 1 and cfg.w_enc == 0:
         # The encoder's final hidden states then feed nothing, and FSDP2's backward hooks crash (SIGSEGV, torch
         # 2.13) on a layer output without a gradient: give it an exact zero one (x * 0 adds +0.0 to every gradient).
         loss = loss + hidden.float().sum() * 0.0
-    accuracy = (logits.argmax(-1) == clean).float().mean()
     return LossOutput(loss, float(dec_loss.detach()), float(enc_loss.detach()), float(accuracy), B * L)
