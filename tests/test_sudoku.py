@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 import pytest
+import torch
 
 from dgemma.tasks import sudoku as S
 from dgemma.tasks.sudoku_puzzles import (count_solutions, format_grid, generate_puzzles, is_solution, make_puzzle,
@@ -177,3 +178,22 @@ def test_a_constraint_the_model_already_meets_changes_nothing():
     runs = [generate(ck.model, prompts, ck.generation, generator=torch.Generator().manual_seed(0),
                      steering=steering) for steering in (None, [Steering(constraint=digits)] * len(prompts))]
     assert runs[1].token_ids == runs[0].token_ids and runs[1].steps_per_canvas == runs[0].steps_per_canvas
+
+
+@torch.no_grad()
+def test_grow_vocabulary_keeps_the_model_on_its_own_tokens():
+    """A model of the 20 words grown to the padded vocabulary computes the same hidden states and the same logits
+    over those 20 tokens; the new tokens get embedding rows of their own."""
+    from dgemma.presets import random_model
+
+    small = random_model(S.sudoku_config(hidden_size=48, num_layers=2, vocab_size=len(S.WORDS)), seed=1)
+    config = S.sudoku_config(hidden_size=48, num_layers=2)
+    grown = S.grow_vocabulary(small, config, seed=0).eval()
+    assert grown.embed_tokens.weight.shape == (S.VOCAB_SIZE, 48) == (len(S.VOCAB), 48)
+    tokens = torch.tensor([S.prompt_ids(KNOWN)])
+    hidden = [m.encode(tokens, m.new_cache(1, 82)) for m in (small, grown)]
+    torch.testing.assert_close(hidden[1], hidden[0])
+    torch.testing.assert_close(grown.logits(hidden[1])[..., :len(S.WORDS)], small.logits(hidden[0]))
+    assert grown.embed_tokens.weight[len(S.WORDS):].std() > 0.01
+    with pytest.raises(ValueError, match="cannot grow"):
+        S.grow_vocabulary(grown, S.sudoku_config(hidden_size=48, num_layers=2, vocab_size=30))

@@ -182,3 +182,13 @@ def test_every_invocation_of_a_run_is_recorded(tmp_path):
     runs = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
     assert [r["step"] for r in runs] == [0, 1] and [r["options"]["resume"] for r in runs] == [False, True]
     assert runs[0]["options"]["lr"] == 0.002 and runs[0]["options"]["steps"] == 1 and runs[1]["processes"] == 1
+
+
+def test_train_refuses_bad_pinning_and_recycling_options(tmp_path, capsys):
+    """--pin-givens outside [0, 1] and --self-cond-passes below 1 exit 2 in one line, before any run is written."""
+    for bad, words in ((["--pin-givens", "1.5"], "--pin-givens"), (["--self-cond-passes", "0"], "self_cond_passes")):
+        out = tmp_path / bad[0].strip("-")
+        assert main(["train", "--out", str(out), "--steps", "1", "--threads", "1", *bad]) == 2
+        err = capsys.readouterr().err
+        assert words in err and err.count("\n") == 1
+        assert not (out / "checkpoint.safetensors").exists()

@@ -152,14 +152,14 @@ def test_collate_marks_fixed_positions_in_the_response():
 
 
 def _spy_decoder_passes(monkeypatch):
-    """Record every decoder pass's (noisy canvas, logits): the real pass runs, the spy only keeps its arguments."""
+    """Record every decoder pass's (noisy canvas, logits, signal): the real pass runs, the spy only keeps copies."""
     from dgemma.train import objective
 
     calls, real = [], objective.decoder_pass
 
     def spy(model, enc_kv, canvas, starts, signal):
         logits = real(model, enc_kv, canvas, starts, signal)
-        calls.append((canvas.clone(), logits.detach().clone()))
+        calls.append((canvas.clone(), logits.detach().clone(), None if signal is None else signal.detach().clone()))
         return logits
 
     monkeypatch.setattr(objective, "decoder_pass", spy)
@@ -181,7 +181,7 @@ def test_fixed_positions_stay_clean_and_leave_the_loss(monkeypatch):
     out = block_diffusion_loss(model, batch, cfg, torch.Generator().manual_seed(1))
     clean = batch.tokens[:, 5:5 + C]  # every prompt has length 5 and one canvas
     fixed = batch.fixed[:, 5:5 + C]
-    (first, _), (second, logits) = calls
+    (first, _, _), (second, logits, _) = calls
     assert torch.equal(first, second)
     assert torch.equal(second[fixed], clean[fixed])
     assert (second[~fixed] != clean[~fixed]).float().mean() > 0.25
@@ -215,3 +215,27 @@ def test_fixed_positions_loss_splits_over_processes():
     assert abs(sum(h.dec_accuracy for h, _ in halves) / 2 - whole.dec_accuracy) < 1e-6
     for i, grad in enumerate(grads):
         torch.testing.assert_close((halves[0][1][i] + halves[1][1][i]) / 2, grad, atol=1e-6, rtol=1e-4)
+
+
+def test_recycled_self_conditioning_feeds_each_pass_the_last_ones_belief(monkeypatch):
+    """self_cond_passes=3: 1-3 no-gradient passes (drawn per batch), each reading the previous pass's soft
+    embedding, then the gradient pass reading the last one's (zeroed on rows without self-conditioning)."""
+    model = _model(16, canvas_length=8)
+    examples = [Example([2, 10, 11, 12, 13], [20, 21, 22, 23, 24, 25, 26]) for _ in range(4)]
+    batch = collate(examples, model.canvas_length, eos_id=1, pad_id=0)
+    calls = _spy_decoder_passes(monkeypatch)
+    counts = set()
+    for seed in range(12):
+        calls.clear()
+        block_diffusion_loss(model, batch, LossConfig(w_enc=0.0, self_cond_passes=3, self_cond_prob=1.0),
+                             torch.Generator().manual_seed(seed))
+        counts.add(len(calls))
+        assert calls[0][2] is None
+        for (_, logits, _), (_, _, signal) in zip(calls, calls[1:]):
+            torch.testing.assert_close(signal, model.soft_embed(logits))
+    assert counts == {2, 3, 4}
+    calls.clear()
+    block_diffusion_loss(model, batch, LossConfig(w_enc=0.0), torch.Generator().manual_seed(0))
+    assert len(calls) == 2  # the default: one pass without signal, then the gradient pass
+    with pytest.raises(ValueError, match="self_cond_passes"):
+        LossConfig(self_cond_passes=0)

@@ -23,7 +23,13 @@ from .sudoku_puzzles import CELLS, generate_puzzles, is_solution, make_puzzle, m
 PAD, EOS, BOS = 0, 1, 2
 DIGIT0 = 3  # token id of "0"; digit d is DIGIT0 + d
 # The same ids as dgemma.testing.write_sudoku_tokenizer: separators for pretty-printed grids, and <unk> last.
-VOCAB = ["<pad>", "<eos>", "<bos>"] + [str(d) for d in range(10)] + ["\n", " ", "|", "-", "+", ".", "<unk>"]
+WORDS = ["<pad>", "<eos>", "<bos>"] + [str(d) for d in range(10)] + ["\n", " ", "|", "-", "+", ".", "<unk>"]
+# The model's vocabulary is padded with unused tokens. Noise is uniform over the whole vocabulary (training's
+# corruption and the sampler's renoising alike): over the 20 words, 9 draws in 20 are digits 1-9 that a model cannot
+# tell from a kept cell; over 256 tokens 9 in 256 are, so a renoised cell reads as "not known yet", as it does for
+# DiffusionGemma's 262k-token vocabulary. A model with the 20 words alone (the first shipped ones) still loads.
+VOCAB_SIZE = 256
+VOCAB = WORDS + [f"<unused{i}>" for i in range(VOCAB_SIZE - len(WORDS))]
 CANVAS_LENGTH = CELLS + 1  # the solution and its EOS
 
 # The shipped difficulty: 44 givens (37 empty cells), unique solution: an "easy" newspaper Sudoku, where most
@@ -36,12 +42,12 @@ VALIDATION_OFFSET = 7_000_000  # training's periodic evals use a validation set,
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "sudoku"
 
 
-def sudoku_config(hidden_size: int = 192, num_layers: int = 6) -> ModelConfig:
+def sudoku_config(hidden_size: int = 192, num_layers: int = 6, vocab_size: int = VOCAB_SIZE) -> ModelConfig:
     """A small DiffusionGemma for Sudoku. The sliding window covers the whole 164-token sequence, so the sliding
     layers are full attention with full-width RoPE; the last layer is the required full-attention layer."""
     heads = 6 if hidden_size % 6 == 0 else 4
     text = TextConfig(
-        vocab_size=len(VOCAB), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
         num_hidden_layers=num_layers, num_attention_heads=heads, num_key_value_heads=heads // 2,
         head_dim=hidden_size // heads, global_head_dim=2 * (hidden_size // heads), num_global_key_value_heads=1,
         sliding_window=256, layer_types=[SLIDING] * (num_layers - 1) + [FULL],
@@ -50,6 +56,23 @@ def sudoku_config(hidden_size: int = 192, num_layers: int = 6) -> ModelConfig:
         pad_token_id=PAD, eos_token_id=[EOS], bos_token_id=BOS,
     )
     return ModelConfig(text=text, canvas_length=CANVAS_LENGTH)
+
+
+def grow_vocabulary(model, config: ModelConfig, seed: int = 0):
+    """`model` (a Sudoku model with fewer tokens, the 20 words say) as a model of `config`'s vocabulary: every
+    weight kept, the new embedding rows drawn as init_weights draws a fresh model's (normal, std 0.02)."""
+    from ..model import DiffusionGemma
+
+    old = model.embed_tokens.weight.detach().float().cpu()
+    V, H = config.text.vocab_size, config.text.hidden_size
+    if old.shape[0] > V or old.shape[1] != H:
+        raise ValueError(f"cannot grow an embedding of {tuple(old.shape)} to ({V}, {H})")
+    extra = torch.randn(V - old.shape[0], H, generator=torch.Generator().manual_seed(seed)) * 0.02
+    state = {k: v.float().cpu() for k, v in model.state_dict().items()}
+    state["embed_tokens.weight"] = torch.cat([old, extra])
+    grown = DiffusionGemma(config.text, config.canvas_length)
+    grown.load_state_dict(state)
+    return grown
 
 
 def sudoku_generation() -> GenerationConfig:
@@ -88,7 +111,8 @@ def write_tokenizer(out_dir: str | Path) -> Path:
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(VOCAB)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     tok.decoder = decoders.Fuse()  # WordLevel would otherwise join tokens with spaces
-    tok.add_special_tokens([AddedToken(t, special=True) for t in ("<pad>", "<eos>", "<bos>", "<unk>")])
+    tok.add_special_tokens([AddedToken(t, special=True) for t in ("<pad>", "<eos>", "<bos>", "<unk>")
+                            + tuple(VOCAB[len(WORDS):])])
     tok.post_processor = processors.TemplateProcessing(single="<bos> $A", pair="<bos> $A $B",
                                                        special_tokens=[("<bos>", BOS)])
     tok.save(str(out_dir / "tokenizer.json"))

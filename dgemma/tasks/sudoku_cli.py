@@ -6,6 +6,7 @@ Also runnable without the main CLI: python -m dgemma.tasks.sudoku_cli <command> 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from collections import Counter
@@ -42,6 +43,9 @@ def add_sudoku_parser(subparsers) -> argparse.ArgumentParser:
     t.add_argument("--pin-givens", type=float, default=0.0, metavar="P",
                    help="probability that a training puzzle's givens are pinned in its canvas (never noised, not "
                         "scored), as `sudoku solve` pins them; above 0 the periodic evals also run pinned")
+    t.add_argument("--self-cond-passes", type=int, default=1, metavar="N",
+                   help="no-gradient self-conditioning passes before the gradient pass, 1 to N per step (training "
+                        "then refines its own refined beliefs, as inference's steps do)")
     t.add_argument("--eval-every", type=int, default=500, help="steps between held-out evaluations")
     t.add_argument("--eval-puzzles", type=int, default=100, help="held-out puzzles per periodic eval")
     t.add_argument("--eval-givens", default=str(GIVENS), metavar="N|LO-HI,...",
@@ -162,18 +166,26 @@ def cmd_train(args) -> int:
     config = S.sudoku_config(args.hidden_size, args.layers)
     if args.init is not None:
         start = _load_model(args.init)
-        shape = (start.config.text.hidden_size, start.config.text.num_hidden_layers)
-        if (start.config.text.to_hf(), start.config.canvas_length) != (config.text.to_hf(), config.canvas_length):
+        text = start.config.text
+        shape = (text.hidden_size, text.num_hidden_layers)
+        as_asked = dataclasses.replace(text, vocab_size=config.text.vocab_size)
+        if (as_asked.to_hf(), start.config.canvas_length) != (config.text.to_hf(), config.canvas_length):
             raise CLIError(f"--init {args.init}: its shape (hidden size {shape[0]}, {shape[1]} layers) is not the one "
                            f"asked for (--hidden-size {args.hidden_size} --layers {args.layers})")
-        model = start.model.float().to(device)
+        if text.vocab_size > config.text.vocab_size:
+            raise CLIError(f"--init {args.init}: its vocabulary ({text.vocab_size} tokens) is larger than a Sudoku "
+                           f"model's ({config.text.vocab_size})")
+        # a model from before the vocabulary was padded (sudoku.VOCAB_SIZE) gets the unused tokens
+        model = S.grow_vocabulary(start.model, config, args.seed) if text.vocab_size < config.text.vocab_size \
+            else start.model.float()
+        model = model.to(device)
     else:
         model = init_weights(DiffusionGemma(config.text, config.canvas_length), seed=args.seed).to(device)
     # The encoder loss adds a second full pass over the solution and nothing the decoder needs: w_enc = 0.
     try:
         cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
                           weight_decay=args.weight_decay, eval_every=args.eval_every, save_every=args.save_every,
-                          seed=args.seed, loss=LossConfig(w_enc=0.0))
+                          seed=args.seed, loss=LossConfig(w_enc=0.0, self_cond_passes=args.self_cond_passes))
     except ValueError as e:  # TrainConfig's own checks name the field
         raise CLIError(str(e)) from None
     # Every rank draws the same stream (distributed.py, step 1); only rank 0 evaluates, so only it builds the sets.

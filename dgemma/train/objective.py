@@ -11,7 +11,10 @@ Per example (numbers reused in the code):
      window - 1 context slots), the inference rule.
   6. Self-conditioning in two passes: a first decoder pass with no signal and no gradient gives logits l1; per
      example, with probability p, the signal is softmax(l1) @ E * sqrt(d) (raw logits, as every public recipe
-     does; inference uses tempered logits), otherwise zeros; the second pass runs with gradient.
+     does; inference uses tempered logits), otherwise zeros; the second pass runs with gradient. With
+     `self_cond_passes` N > 1, k ~ U{1..N} (one draw per batch) no-gradient passes run first, each one's signal
+     feeding the next, so that the gradient pass learns to refine beliefs already refined, as the denoising steps
+     of inference do (AlphaFold's "recycling").
   7. L_dec is the mean cross-entropy of the second pass against the clean tokens over every position of canvas b
      (corrupted or not, canvas padding included), fixed positions excepted (then it is the mean over the batch's
      scored positions). L = w_dec * L_dec + w_enc * L_enc. The `reweighted` variant weights each example's L_dec
@@ -37,6 +40,7 @@ class LossConfig:
     w_enc: float = 1.0
     eps: float = 1e-3
     self_cond_prob: float = 0.5
+    self_cond_passes: int = 1
     reweighted: bool = False
     max_weight: float = 10.0
 
@@ -47,6 +51,8 @@ class LossConfig:
             raise ValueError(f"eps must be in [0, 0.5), got {self.eps}")
         if not 0.0 <= self.self_cond_prob <= 1.0:
             raise ValueError(f"self_cond_prob must be in [0, 1], got {self.self_cond_prob}")
+        if self.self_cond_passes < 1:
+            raise ValueError(f"self_cond_passes must be >= 1, got {self.self_cond_passes}")
         if self.max_weight < 1.0:
             raise ValueError(f"max_weight must be >= 1, got {self.max_weight}")
 
@@ -127,6 +133,9 @@ def block_diffusion_loss(model: DiffusionGemma, batch: Batch, cfg: LossConfig,
     fixed = None if cpu.fixed is None else torch.gather(cpu.fixed, 1, canvas_slots(starts, C))  # (B, C)
     noisy, _ = uniform_corrupt(clean, t, V, None if fixed is None else ~fixed, generator=generator)
     use_signal = torch.rand(B, generator=generator) < cfg.self_cond_prob  # (B,)
+    passes = 1  # no-gradient passes before the gradient pass (step 6); no draw for 1, so older runs replay
+    if cfg.self_cond_passes > 1:
+        passes = 1 + int(torch.randint(cfg.self_cond_passes, (1,), generator=generator))
     n_enc_targets = int(cpu.enc_targets[:, 1:].sum())  # over the whole batch: the encoder loss's denominator
     n_scored = B * C if fixed is None else max(int((~fixed).sum()), 1)  # and the decoder loss's
     if world > 1:  # this rank's rows of everything drawn (distributed.py, step 2)
@@ -155,8 +164,10 @@ def block_diffusion_loss(model: DiffusionGemma, batch: Batch, cfg: LossConfig,
     # 5. (inside decoder_pass) the mask over [encoder keys ; canvas keys]
     # 6. self-conditioning: first pass without signal or gradient, then the signal masked per example
     with torch.no_grad():
-        first = decoder_pass(model, enc_kv, noisy, starts, None)
-        signal = model.soft_embed(first) * use_signal[:, None, None].to(model.dtype)  # (B, C, H)
+        signal = None
+        for _ in range(passes):
+            signal = model.soft_embed(decoder_pass(model, enc_kv, noisy, starts, signal))
+        signal = signal * use_signal[:, None, None].to(model.dtype)  # (B, C, H)
     logits = decoder_pass(model, enc_kv, noisy, starts, signal)  # (B, C, V)
 
     # 7. loss
