@@ -2,10 +2,10 @@
 solve rate and mean denoising steps per setting, to choose the generation_config.json a model ships with.
 
     python benchmarks/sudoku_sampler.py --model runs/sudoku-hard/model --givens 23-36 --puzzles 200 \\
-        --set entropy_bound=0.1,0.3,1.0 --set t_max=0.8,0.5 [--set t_min=...] [--threads 2]
+        --set entropy_bound=0.1,0.3,1.0 --set t_max=0.8,0.5 [--set t_min=...] [--pin-givens] [--threads 2]
 
 Every combination of the --set values is run (a grid), each on the same puzzles with the same seed; the first line
-is the model's own generation_config.json.
+is the model's own generation_config.json. --pin-givens pins each puzzle's givens, as `sudoku solve` does.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ def main() -> None:
     ap.add_argument("--givens", type=parse_givens, default=(23, 36))
     ap.add_argument("--puzzles", type=int, default=200)
     ap.add_argument("--set", type=setting, action="append", default=[], dest="grid")
+    ap.add_argument("--pin-givens", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     tune_malloc()
@@ -46,7 +47,7 @@ def main() -> None:
     sha = weights_sha256(args.model)
     puzzles = S.heldout_set(args.puzzles, args.givens, validation=True)
     print(f"{args.model} (model.safetensors sha256 {sha}); {len(puzzles)} validation puzzles, "
-          f"{S.givens_label(args.givens)} givens")
+          f"{S.givens_label(args.givens)} givens{', givens pinned' if args.pin_givens else ''}")
     keys = [k for k, _ in args.grid]
     combos = [()] + list(itertools.product(*(v for _, v in args.grid)))
     for combo in combos:
@@ -57,7 +58,7 @@ def main() -> None:
             print(f"{label:60s} skipped: {e}")
             continue
         t = time.perf_counter()
-        score = S.evaluate(ck.model, puzzles, gen, 50, 0)
+        score = S.evaluate(ck.model, puzzles, gen, 50, 0, steer=S.pin_givens if args.pin_givens else None)
         print(f"{label:60s} solved {score.solved}/{score.total} ({100 * score.solve_rate:.1f}%)  "
               f"mean steps {score.mean_steps:.2f}  [{time.perf_counter() - t:.0f} s]", flush=True)
 
