@@ -13,7 +13,7 @@ import torch
 
 from dgemma.checkpoint import CheckpointError
 from dgemma.errors import DgemmaError
-from dgemma.train.plot import finite_points, plot_losses
+from dgemma.train.plot import finite_points, plot_losses, rate_label
 from dgemma.train.trainer import CHECKPOINT, TrainingError
 
 from .test_train_trainer import _write_jsonl, make_trainer
@@ -181,3 +181,5 @@ def test_plot_draws_the_eval_solve_rates_beside_the_loss(tmp_path):
                        {"step": 8, "eval_solve_rate_44": 0.75, "eval_solve_rate_23-36": float("nan")}]
     both = plot_losses(rates, tmp_path / "both.png", quiet=True)
     assert Image.open(both).width > Image.open(plain).width
+    assert rate_label("eval_solve_rate_23-36") == "23-36 givens"
+    assert rate_label("eval_solve_rate_44_pinned") == "44 givens, pinned"

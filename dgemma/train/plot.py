@@ -22,6 +22,12 @@ def finite_points(history: list[dict], key: str, positive: bool = True) -> list[
 SOLVE_RATE = "eval_solve_rate_"  # the Sudoku evals' metrics, one per difficulty
 
 
+def rate_label(key: str) -> str:
+    """eval_solve_rate_23-36 -> "23-36 givens"; eval_solve_rate_44_pinned -> "44 givens, pinned"."""
+    givens, _, mode = key[len(SOLVE_RATE):].partition("_")
+    return f"{givens} givens" + (f", {mode}" if mode else "")
+
+
 def plot_losses(history: list[dict], path: str | Path, quiet: bool = False) -> Path | None:
     """Training loss (and the decoder/encoder parts) against the step; beside it, when the history has them, the
     periodic evals' solve rates. Returns the path, or None with fewer than two finite loss points."""
@@ -44,7 +50,7 @@ def plot_losses(history: list[dict], path: str | Path, quiet: bool = False) -> P
         for key in rates:
             pts = finite_points(history, key, positive=False)
             if pts:
-                right.plot(*zip(*pts), marker="o", label=key[len(SOLVE_RATE):] + " givens")
+                right.plot(*zip(*pts), marker="o", label=rate_label(key))
         right.set_xlabel("step")
         right.set_ylabel("solve rate (validation)")
         right.set_ylim(0, 1)
