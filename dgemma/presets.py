@@ -55,8 +55,11 @@ def preset_config(name: str, **text_overrides) -> ModelConfig:
     return ModelConfig(text=TextConfig(**text), canvas_length=canvas_length)
 
 
+INIT_STD = 0.02  # the reference's initializer_range: normal(0, 0.02) for a fresh model's matrices
+
+
 @torch.no_grad()
-def init_weights(model: DiffusionGemma, std: float = 0.02, seed: int | None = 0) -> DiffusionGemma:
+def init_weights(model: DiffusionGemma, std: float = INIT_STD, seed: int | None = 0) -> DiffusionGemma:
     """Initialise like the reference: normal(0, std) for projections, embeddings and experts; ones for norm
     scales, router scales and layer scalars."""
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
@@ -71,7 +74,7 @@ def init_weights(model: DiffusionGemma, std: float = 0.02, seed: int | None = 0)
     return model
 
 
-def random_model(config: ModelConfig, std: float = 0.02, seed: int | None = 0, device: str = "cpu",
+def random_model(config: ModelConfig, std: float = INIT_STD, seed: int | None = 0, device: str = "cpu",
                  dtype: torch.dtype = torch.float32) -> DiffusionGemma:
     model = DiffusionGemma(config.text, config.canvas_length)
     init_weights(model, std, seed)
@@ -80,7 +83,7 @@ def random_model(config: ModelConfig, std: float = 0.02, seed: int | None = 0, d
 
 @torch.no_grad()
 def build_on_device(config: ModelConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,
-                    quantize: str | None = None, std: float = 0.02, seed: int = 0) -> DiffusionGemma:
+                    quantize: str | None = None, std: float = INIT_STD, seed: int = 0) -> DiffusionGemma:
     """A random-weight model built where it will run: the modules are made on the meta device, then each one is
     materialised on `device` in `dtype`, filled like init_weights (normal(0, std) matrices, ones elsewhere), and,
     with `quantize` ("fp8" or "int4"), quantized before the next is made. Nothing is ever held in fp32 on the CPU,

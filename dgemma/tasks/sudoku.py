@@ -60,14 +60,15 @@ def sudoku_config(hidden_size: int = 192, num_layers: int = 6, vocab_size: int =
 
 def grow_vocabulary(model, config: ModelConfig, seed: int = 0):
     """`model` (a Sudoku model with fewer tokens, the 20 words say) as a model of `config`'s vocabulary: every
-    weight kept, the new embedding rows drawn as init_weights draws a fresh model's (normal, std 0.02)."""
+    weight kept, the new embedding rows drawn with init_weights' std (presets.INIT_STD)."""
     from ..model import DiffusionGemma
+    from ..presets import INIT_STD
 
     old = model.embed_tokens.weight.detach().float().cpu()
     V, H = config.text.vocab_size, config.text.hidden_size
     if old.shape[0] > V or old.shape[1] != H:
         raise ValueError(f"cannot grow an embedding of {tuple(old.shape)} to ({V}, {H})")
-    extra = torch.randn(V - old.shape[0], H, generator=torch.Generator().manual_seed(seed)) * 0.02
+    extra = torch.randn(V - old.shape[0], H, generator=torch.Generator().manual_seed(seed)) * INIT_STD
     state = {k: v.float().cpu() for k, v in model.state_dict().items()}
     state["embed_tokens.weight"] = torch.cat([old, extra])
     grown = DiffusionGemma(config.text, config.canvas_length)
