@@ -100,40 +100,44 @@ STEERING_FLAGS = ("suffix", "template", "prediction", "strength", "seed_tokens",
 
 
 def canvas_steering(args, tokenizer, gen, vocab_size: int):
-    """The Steering asked for by --suffix, --template, --prediction/--strength or a constraint flag, or None."""
+    """The Steering asked for by --suffix, --template or --prediction/--strength, and a constraint flag, or None.
+    A constraint combines with any one of the others (a JSON schema with a template, say)."""
     from .control.pins import DEFAULT_PREDICTION_STRENGTH, Steering, SteeringError
 
-    asked = [f for f in ("suffix", "template", "prediction", "json_schema", "regex", "choice", "json_object")
-             if getattr(args, f, None)]
-    if not asked:
+    shapes = [f for f in ("suffix", "template", "prediction") if getattr(args, f, None)]
+    constraints = [f for f in ("json_schema", "regex", "choice", "json_object") if getattr(args, f, None)]
+    if not shapes and not constraints:
         if getattr(args, "strength", None) is not None:
             raise CLIError("--strength needs --prediction")
         return None
-    if len(asked) > 1:
-        flags = " and ".join("--" + a.replace("_", "-") for a in asked)
-        raise CLIError(f"give one of --suffix, --template, --prediction, --json-schema, --json-object, --regex and "
-                       f"--choice, not {flags}")
-    if asked[0] in ("json_schema", "regex", "choice", "json_object"):
-        if tokenizer is None:
-            raise CLIError(f"--{asked[0].replace('_', '-')} needs a checkpoint with tokenizer.json")
-        return Steering(constraint=cli_constraint(args, tokenizer, gen, vocab_size))
+    for group, names in ((shapes, "--suffix, --template and --prediction"),
+                         (constraints, "--json-schema, --json-object, --regex and --choice")):
+        if len(group) > 1:
+            flags = " and ".join("--" + a.replace("_", "-") for a in group)
+            raise CLIError(f"give one of {names}, not {flags}")
     if tokenizer is None:
-        raise CLIError(f"--{asked[0]} needs a checkpoint with tokenizer.json")
+        raise CLIError(f"--{(shapes + constraints)[0].replace('_', '-')} needs a checkpoint with tokenizer.json")
+    constraint = cli_constraint(args, tokenizer, gen, vocab_size) if constraints else None
+    if not shapes:
+        return Steering(constraint=constraint)
 
     def encode(text: str) -> list[int]:
         return tokenizer.encode(text, add_special_tokens=False)
 
     try:
         if args.suffix:
-            return Steering(suffix=encode(args.suffix) or None)
-        if args.template:
+            steering = Steering(suffix=encode(args.suffix) or None)
+        elif args.template:
             from .control.template import parse_template
 
-            return parse_template(args.template, encode, gen.eos_token_id[0])[0]
-        strength = DEFAULT_PREDICTION_STRENGTH if args.strength is None else args.strength
-        return Steering(seed_tokens=encode(args.prediction) or None, strength=strength)
+            steering = parse_template(args.template, encode, gen.eos_token_id[0])[0]
+        else:
+            strength = DEFAULT_PREDICTION_STRENGTH if args.strength is None else args.strength
+            steering = Steering(seed_tokens=encode(args.prediction) or None, strength=strength)
     except SteeringError as e:
         raise CLIError(f"--{e.param}: {e}") from None
+    steering.constraint = constraint
+    return steering
 
 
 def cli_constraint(args, tokenizer, gen, vocab_size: int):
@@ -245,6 +249,8 @@ def cmd_generate(args) -> int:
                        greedy=args.greedy, images=images)
     except (ContextLengthError, SteeringError) as e:
         param = getattr(e, "param", None)
+        if param == "pinned" and args.template:  # a template's literals are its pins
+            param = "template"
         raise CLIError(f"--{param.replace('_', '-')}: {e}" if param in STEERING_FLAGS else str(e)) from None
     if args.suffix:  # fill in the middle: print the middle
         out.token_ids = [ids[:n] for ids, n in zip(out.token_ids, out.middle_lengths)]

@@ -121,11 +121,12 @@ class CanvasState:
         self.num_settled = torch.zeros(S, dtype=torch.long, device=dev)
         self.eos_until = [0] * S  # host: EOS may not be sampled before this canvas position (an output must
         self.eos_ids: list[int] = []  # reach its last pin)
-        # per row, host: a constraint automaton (control/constraint.py), its state where this canvas starts, how
-        # many output tokens may follow this canvas, and the state after the canvas's current argmax
+        # per row, host: a constraint automaton (control/constraint.py), its state where this canvas starts, the
+        # states it may end in (the text stays completable within the budget, later pins reachable), and the
+        # state after the canvas's current argmax
         self.constraints: list = [None] * S
         self.constraint_start = [0] * S
-        self.tokens_after: list[int | None] = [None] * S
+        self.end_states: list = [None] * S
         self.constraint_end = [0] * S
         self.stopper = StableAndConfident(stability_threshold, confidence_threshold, S, C, dev)
         self.positions = torch.arange(C, device=dev)
@@ -136,18 +137,18 @@ class CanvasState:
     def start(self, rows: list[int] | None, canvas: torch.Tensor, pinned: torch.Tensor | None = None,
               pin_values: torch.Tensor | None = None, eos_until: list[int] | None = None,
               eos_ids: list[int] | None = None, constraints: list | None = None,
-              constraint_start: list[int] | None = None, tokens_after: list[int | None] | None = None) -> None:
+              constraint_start: list[int] | None = None, end_states: list | None = None) -> None:
         """Begin a canvas on `rows` (None: all) from `canvas` (R, C) (the caller draws it, in its draw order),
         optionally with pinned positions (R, C) bool and their tokens (R, C), and per row the canvas position
         before which no EOS (`eos_ids`) may be sampled; and per row a constraint, the automaton state the canvas
-        starts in and how many output tokens may follow the canvas (None: unbounded)."""
+        starts in and the states it may end in ((S,) bool, control.dp.completable_states; None: any)."""
         idx = slice(None) if rows is None else torch.tensor(rows, device=self.device)
         for i, r in enumerate(range(self.num_rows) if rows is None else rows):
             self.eos_until[r] = 0 if eos_until is None else eos_until[i]
             self.constraints[r] = None if constraints is None else constraints[i]
             if self.constraints[r] is not None:
                 self.constraint_start[r] = self.constraint_end[r] = constraint_start[i]
-                self.tokens_after[r] = tokens_after[i]
+                self.end_states[r] = end_states[i]
         if eos_ids is not None:
             self.eos_ids = list(eos_ids)
         if pinned is not None:
@@ -330,14 +331,16 @@ def _row_list(idx, R: int) -> list[int]:
 
 def _constrain(state: CanvasState, row: int, probs: torch.Tensor, sample: torch.Tensor | None,
                accepted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The row's argmax and kept sample under its constraint (control/dp.py), each a canvas (C,) that the
-    constraint allows from the state the canvas starts in and that can still be completed within the tokens that
-    may follow. Held positions (pins, the settled prefix) keep their token: it was valid and completable when it
-    was fixed. The argmax is the most probable valid canvas; it is what the stop test reads and what is committed,
-    and the state it ends in is recorded. The sample's drawn tokens (at accepted positions) stay as drawn when the
-    argmax holds them too; otherwise the sample is the most probable valid canvas with the draws preferred (kept
-    unless the constraint forbids them). So a constraint the model already meets changes nothing, draws included.
-    A greedy row (sample None) keeps the argmax. Both solves share one pass over (C, V)."""
+    """The row's argmax and kept sample under its constraint (control/dp.py), each a canvas (C,) that the constraint
+    allows from the state the canvas starts in and that ends in one of the row's end states (the text completable
+    within the tokens that may follow, every later pin still reachable). Held positions (pins, the settled prefix)
+    keep their token: a pin was checked against the constraint when the request came (Steering.check), a settled
+    token was valid and completable when it was fixed. The argmax is the most probable valid canvas; it is what the
+    stop test reads and what is committed, and the state it ends in is recorded. The sample's drawn tokens (at
+    accepted positions) stay as drawn when the argmax holds them too; otherwise the sample is the most probable
+    valid canvas with the draws preferred (kept unless the constraint forbids them). So a constraint the model
+    already meets changes nothing, draws included. A greedy row (sample None) keeps the argmax. Both solves share
+    one pass over (C, V)."""
     from .control.dp import class_scores, solve
 
     held = (state.pinned[row] | (state.positions < state.num_settled[row])).cpu()  # pinned, or settled prefix
@@ -345,9 +348,9 @@ def _constrain(state: CanvasState, row: int, probs: torch.Tensor, sample: torch.
     if held.any():
         values = torch.where(state.pinned[row], state.pin_values[row], state.argmax[row]).cpu()
         hard = torch.where(held, values, -1)
-    constraint, start, after = state.constraints[row], state.constraint_start[row], state.tokens_after[row]
+    constraint, start, ends = state.constraints[row], state.constraint_start[row], state.end_states[row]
     scores = class_scores(probs.float().cpu(), constraint, probs=True)  # `probs` is read, never written
-    best = solve(scores, start, after, hard=hard)
+    best = solve(scores, start, hard=hard, end_states=ends)
     state.constraint_end[row] = int(best.states[-1])
     argmax = best.tokens.to(probs.device)
     if sample is None:
@@ -356,5 +359,6 @@ def _constrain(state: CanvasState, row: int, probs: torch.Tensor, sample: torch.
     keep = (accepted.cpu() & ~held)
     if bool((drawn[keep] == best.tokens[keep]).all()):
         return argmax, sample
-    projected = solve(scores, start, after, hard=hard, prefer=torch.where(keep, drawn, -1)).tokens.to(probs.device)
+    projected = solve(scores, start, hard=hard, prefer=torch.where(keep, drawn, -1),
+                      end_states=ends).tokens.to(probs.device)
     return argmax, torch.where(accepted, projected, sample)

@@ -93,3 +93,18 @@ def test_constraint_flags_give_valid_output(model_dir, tmp_path, capsys):
         assert main(["generate", "--model", str(model_dir), "--prompt", "x", "--max-new-tokens", str(C), *bad]) == 2
         err = capsys.readouterr().err
         assert flag in err and err.count("\n") == 1
+
+
+def test_a_constraint_flag_combines_with_a_template_or_a_suffix(model_dir, capsys):
+    import re
+
+    out = run_json(capsys, ["generate", "--model", str(model_dir), "--prompt", "x", "--seed", "4", "--json",
+                            "--template", "id={{4}};", "--regex", "id=[0-9]{4};"])
+    assert re.fullmatch("id=[0-9]{4};", out["outputs"][0]["text"]), out
+    out = run_json(capsys, ["generate", "--model", str(model_dir), "--prompt", "x", "--seed", "5", "--json",
+                            "--max-new-tokens", str(C), "--suffix", "42", "--regex", "[a-c]{2,4}-[0-9]{2}"])
+    assert re.fullmatch("[a-c]{2,4}-", out["outputs"][0]["text"]), out  # the middle
+    assert main(["generate", "--model", str(model_dir), "--prompt", "x", "--template", "id={{3}};",
+                 "--regex", "id=[0-9]{4};"]) == 2
+    err = capsys.readouterr().err
+    assert "--template" in err and err.count("\n") == 1

@@ -314,6 +314,60 @@ def test_dp_equals_brute_force(tiny, pattern):
                 assert result.log_prob == pytest.approx(score, abs=1e-9)
 
 
+def brute_completable(constraint, pinned, start, max_new):
+    """completable_states by enumeration: from each state, is there a sequence for positions [start, max_new) that
+    holds every pin there and ends in a final state?"""
+    vocab_size = constraint.vocab_size
+
+    def search(position, state):
+        if position == max_new:
+            return constraint.is_final(state)
+        tokens = [pinned[position]] if position in pinned else range(vocab_size)
+        for token in tokens:
+            nxt = constraint.next_state(state, token)
+            if nxt != INVALID and search(position + 1, nxt):
+                return True
+        return False
+
+    return [search(start, s) for s in range(constraint.num_states)]
+
+
+@pytest.mark.parametrize("pattern", [r'(ab|a|b)+1?', r'\{("(a|b)*":1)?\}', r'(aaaa|bbbb)1'])
+def test_completable_states_equal_brute_force(tiny, pattern):
+    """The states a canvas may end in so that the pins after it can still be met (and the text completed in
+    budget), against enumeration, for pins of every token at several positions."""
+    from dgemma.control.dp import completable_states
+
+    constraint = Constraint.from_regex(pattern, tiny)
+    rng = torch.Generator().manual_seed(0)
+    cases = [({}, 0, 4), ({}, 2, 5)]
+    for _ in range(12):
+        positions = torch.randperm(5, generator=rng)[:int(torch.randint(1, 3, (1,), generator=rng))].tolist()
+        pins = {p: int(torch.randint(0, tiny.vocab_size, (1,), generator=rng)) for p in positions}
+        cases += [(pins, 0, 5), (pins, 1, 5), (pins, 2, 6)]
+    outcomes = set()
+    for pins, start, max_new in cases:
+        got = completable_states(constraint, pins, start, max_new).tolist()
+        assert got == brute_completable(constraint, pins, start, max_new), (pins, start, max_new)
+        outcomes.add(got[constraint.initial_state])
+    assert outcomes == {True, False}  # both kinds of pins were drawn
+
+
+@pytest.mark.parametrize("pattern", [r'(ab|a|b)+1?', r'a*b*(ab)?', r'(aaaa|bbbb)1'])
+def test_suffix_fits_equals_brute_force(tiny, pattern):
+    from dgemma.control.dp import suffix_fits
+
+    constraint = Constraint.from_regex(pattern, tiny)
+    ids = {p: i + 2 for i, p in enumerate(["a", "b", "ab", "{", "}", '"', ":", "1"])}
+    for suffix in (["1"], ["b"], ["a", "b"], ["ab", "1"], ["b", "1"]):
+        suffix = [ids[t] for t in suffix]
+        want = []
+        for length in range(1, 5):
+            pins = {length + j: t for j, t in enumerate(suffix)}
+            want.append(brute_completable(constraint, pins, 0, length + len(suffix))[constraint.initial_state])
+        assert suffix_fits(constraint, suffix, 4).tolist() == want, suffix
+
+
 def test_dp_on_probabilities_equals_dp_on_log_probabilities(vocab):
     """The step hands the DP probabilities (no log pass over the canvas): the same tokens and states."""
     from dgemma.control.dp import best_valid_tokens
@@ -348,7 +402,7 @@ def test_held_tokens_stay_even_when_completing_after_them_needs_improbable_token
     state = SimpleNamespace(pinned=torch.zeros(1, C_, dtype=torch.bool), pin_values=torch.zeros(1, C_, dtype=torch.long),
                             positions=torch.arange(C_), num_settled=torch.tensor([1]),
                             argmax=torch.tensor([[x, b, b, eos]]), constraints=[c], constraint_start=[c.initial_state],
-                            tokens_after=[0], constraint_end=[None])
+                            end_states=[c.final.numpy()], constraint_end=[None])
     argmax, sampled = _constrain(state, 0, probs, torch.tensor([y, cc, cc, eos]), ~held)
     assert argmax.tolist() == [x, b, b, eos] and sampled.tolist()[1:] == [b, b, eos]
     state.pinned, state.pin_values, state.num_settled = held[None], state.argmax.clone(), torch.tensor([0])
@@ -372,7 +426,7 @@ def test_a_valid_draw_is_kept_and_an_invalid_one_projected(tokenizer, vocab):
     probs[2, a], probs[3, eos] = 1.0, 1.0
     state = SimpleNamespace(pinned=torch.zeros(1, C_, dtype=torch.bool), pin_values=torch.zeros(1, C_, dtype=torch.long),
                             positions=torch.arange(C_), num_settled=torch.tensor([0]), argmax=torch.zeros(1, C_, dtype=torch.long),
-                            constraints=[c], constraint_start=[c.initial_state], tokens_after=[0], constraint_end=[None])
+                            constraints=[c], constraint_start=[c.initial_state], end_states=[c.final.numpy()], constraint_end=[None])
     accepted = torch.tensor([True, True, True, True])
     argmax, sampled = _constrain(state, 0, probs, torch.tensor([b, b, a, eos]), accepted)
     assert argmax.tolist() == [a, b, a, eos] and sampled.tolist() == [b, b, a, eos]  # valid draws stay

@@ -129,7 +129,9 @@ def test_response_format_json_object(client):
      "response_format"),
     ({"structured_outputs": {"choice": ["x" * 40]}}, "structured_outputs"),  # longer than max_tokens
     ({"response_format": {"type": "json_object"}, "structured_outputs": {"regex": "a"}}, "structured_outputs"),
-    ({"structured_outputs": {"regex": "a"}, "seed_tokens": [5]}, "structured_outputs")])
+    ({"structured_outputs": {"regex": "[0-9]{3}"}, "pinned": {"1": 70}}, "pinned"),  # 70 is no digit
+    ({"structured_outputs": {"regex": "[0-9]{3}"}, "template": "{{2}}"}, "template"),  # 2 digits, not 3
+    ({"structured_outputs": {"regex": "[0-9]{3}"}, "suffix": "x"}, "suffix")])
 def test_bad_constraints_are_400s_naming_the_field(server, body, param):
     r = httpx.post(server.url + "/v1/completions",
                    json={"model": MODEL, "prompt": [5, 6], "max_tokens": C, **body}, timeout=60)
@@ -146,6 +148,26 @@ def test_template_over_the_api(client, server):
         r = httpx.post(server.url + "/v1/completions", json={"model": MODEL, "prompt": "a", "template": bad},
                        timeout=30)
         assert r.status_code == 400 and r.json()["error"]["param"] == "template"
+
+
+def test_steering_under_a_constraint_over_the_api(client, server):
+    """A constraint combines with a template, pins, a prediction or a suffix: both hold in the reply."""
+    import re as _re
+
+    regex = "[A-F]{2}-[0-9]{3}"
+    enc = lambda s: server.tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
+    so = {"structured_outputs": {"regex": regex}}
+    r = client.completions.create(model=MODEL, prompt="code", seed=6, extra_body={"template": "{{2}}-{{3}}", **so})
+    assert _re.fullmatch(regex, r.choices[0].text), r.choices[0].text
+    r = client.completions.create(model=MODEL, prompt="code", seed=7, max_tokens=C,
+                                  extra_body={"pinned": {"1": enc("C")[0], "4": enc("7")[0]}, **so})
+    text = r.choices[0].text
+    assert _re.fullmatch(regex, text) and text[1] == "C" and text[4] == "7", text
+    r = client.completions.create(model=MODEL, prompt="code", seed=8, max_tokens=C, extra_body={"prediction": {
+        "type": "content", "content": "AB-123"}, **so})
+    assert _re.fullmatch(regex, r.choices[0].text), r.choices[0].text
+    r = client.completions.create(model=MODEL, prompt="code", seed=9, max_tokens=C, suffix="42", extra_body=so)
+    assert _re.fullmatch("[A-F]{2}-[0-9]", r.choices[0].text), r.choices[0].text  # the middle; "42" completes it
 
 
 def test_json_mode_can_be_compiled_before_the_first_request(server):

@@ -160,8 +160,11 @@ def class_scores(log_probs: torch.Tensor, constraint: Constraint, probs: bool = 
 
 
 def solve(scores: ClassScores, start_state: int | None = None, tokens_after: int | None = None,
-          hard: torch.Tensor | None = None, prefer: torch.Tensor | None = None) -> ValidTokens:
-    """Steps 2-6 over shared class scores. hard (C,) long: where >= 0, the token that position must keep; any
+          hard: torch.Tensor | None = None, prefer: torch.Tensor | None = None,
+          end_states: np.ndarray | None = None) -> ValidTokens:
+    """Steps 2-6 over shared class scores. end_states (S,) bool: the states the canvas may end in, beside the
+    budget rule (`completable_states`: later pins stay reachable). hard (C,) long: where >= 0, the token that
+    position must keep; any
     other token there costs more than every floored token elsewhere together, so hard tokens are kept whenever
     some valid sequence keeps them (held text that was valid and completable when it settled). prefer (C,) long:
     where >= 0, a token counted as certain there, every other token at PREFER_PENALTY of its probability (a
@@ -206,8 +209,11 @@ def solve(scores: ClassScores, start_state: int | None = None, tokens_after: int
     end_ok = score[canvas_length] > -np.inf
     if tokens_after is not None:
         end_ok &= constraint.distance.numpy() <= tokens_after
+    if end_states is not None:
+        end_ok &= end_states
     if not end_ok.any():
         budget = "" if tokens_after is None else f" and completable within {tokens_after} more tokens"
+        budget += "" if end_states is None else " and ending where the pins that follow can still be met"
         raise ConstraintError(f"{constraint.description}: no sequence of {canvas_length} tokens from state {start} "
                               f"is allowed{budget}")
     state = int(np.where(end_ok, score[canvas_length], -np.inf).argmax())
@@ -243,3 +249,53 @@ def solve(scores: ClassScores, start_state: int | None = None, tokens_after: int
     chosen = log_probs.gather(1, tokens[:, None]).double()
     log_prob = float((chosen.log() if scores.probs else chosen).clamp(min=FLOOR).sum())
     return ValidTokens(tokens, torch.from_numpy(states), log_prob)
+
+
+def completable_states(constraint: Constraint, pinned: dict[int, int], start: int,
+                       max_new: int | None) -> np.ndarray:
+    """(S,) bool: the states from which output positions [start, max_new) can hold every pin that falls there
+    (output position -> token id) and the text be complete at max_new (max_new None: no budget, so after the last
+    pin any live state will do). Without pins at or after `start` this is `distance <= max_new - start`, the
+    budget rule of `solve`'s tokens_after. Backward from the last pin: a pinned position moves along its token's
+    class only, any other position along every move the constraint allows; O(pairs) per position."""
+    moves = _moves(constraint)
+    later = [p for p in pinned if p >= start]
+    end = max(later) + 1 if later else start
+    if max_new is None:
+        ok = np.ones(moves.num_states, dtype=bool)
+    else:
+        ok = constraint.distance.numpy() <= max(max_new - end, 0)
+    table = constraint.transitions.numpy()
+    for position in range(end - 1, start - 1, -1):
+        token = pinned.get(position)
+        if token is None:
+            reach = np.zeros_like(ok)
+            reach[moves.pair_src[ok[moves.pair_dst]]] = True
+        else:
+            nxt = table[:, int(constraint.token_class[token])]
+            reach = (nxt != INVALID) & ok[np.maximum(nxt, 0)]
+        ok = reach
+    return ok
+
+
+def suffix_fits(constraint: Constraint, suffix: list[int], longest: int) -> np.ndarray:
+    """(longest,) bool: for each middle length L = 1..longest, whether some text the constraint allows is L tokens
+    of middle, then `suffix`, complete there (so an EOS may follow): fill in the middle under a constraint.
+    Forward from the initial state over the middle (every allowed move), and once over the states, the suffix's
+    walk from each."""
+    moves = _moves(constraint)
+    table = constraint.transitions.numpy()
+    walked = np.arange(moves.num_states)
+    for token in suffix:
+        nxt = table[np.maximum(walked, 0), int(constraint.token_class[token])]
+        walked = np.where(walked >= 0, nxt, INVALID)
+    good = (walked >= 0) & constraint.final.numpy()[np.maximum(walked, 0)]  # (S,) a suffix from here ends complete
+    reach = np.zeros(moves.num_states, dtype=bool)
+    reach[constraint.initial_state] = True
+    fits = np.zeros(longest, dtype=bool)
+    for length in range(1, longest + 1):
+        nxt = np.zeros_like(reach)
+        nxt[moves.pair_dst[reach[moves.pair_src]]] = True
+        reach = nxt
+        fits[length - 1] = bool((reach & good).any())
+    return fits

@@ -26,9 +26,10 @@ from .pins import Steering, SteeringError
 MAX_CANVASES = 4
 
 
-def check_suffix(suffix: list[int], canvas_length: int, max_new: int) -> int:
+def check_suffix(suffix: list[int], canvas_length: int, max_new: int, constraint=None) -> int:
     """The largest middle length allowed when the output may hold `max_new` tokens (middle, suffix and EOS count
-    in it); refuses a suffix that leaves no room, naming `suffix`."""
+    in it); refuses a suffix that leaves no room, or (with a `constraint`) that no allowed text can end with,
+    naming `suffix`."""
     if not suffix:
         raise SteeringError("suffix is empty", "suffix")
     span = min(max_new, MAX_CANVASES * canvas_length)
@@ -37,18 +38,35 @@ def check_suffix(suffix: list[int], canvas_length: int, max_new: int) -> int:
         raise SteeringError(f"suffix has {len(suffix)} tokens; with its EOS and a middle of at least one token it "
                             f"needs {len(suffix) + 2}, and the output may hold {span} (max_tokens, at most "
                             f"{MAX_CANVASES} canvases of {canvas_length})", "suffix")
+    if constraint is not None:
+        fitting_lengths(constraint, suffix, longest)
     return longest
+
+
+def fitting_lengths(constraint, suffix: list[int], longest: int) -> torch.Tensor:
+    """(longest,) bool: the middle lengths 1..longest after which `suffix` can complete a text `constraint`
+    allows (control.dp.suffix_fits); SteeringError when there is none."""
+    from .dp import suffix_fits
+
+    fits = torch.from_numpy(suffix_fits(constraint, suffix, longest))
+    if not fits.any():
+        raise SteeringError(f"{constraint.description}: no text it allows ends with the suffix within "
+                            f"{longest + len(suffix) + 1} tokens", "suffix")
+    return fits
 
 
 @torch.inference_mode()
 def middle_length(model: DiffusionGemma, cache, row: int, suffix: list[int], max_middle: int,
-                  chunk: int = 256) -> int:
-    """The middle length in [1, max_middle] under which the suffix is most probable (see the module docstring).
+                  chunk: int = 256, constraint=None) -> int:
+    """The middle length in [1, max_middle] under which the suffix is most probable (see the module docstring);
+    with a `constraint` (control.Constraint), among the lengths after which the suffix can complete a text it
+    allows (control.dp.suffix_fits), and SteeringError when there is none.
     `row`'s cache holds the encoded prompt; the pass writes only scratch slots. Draws nothing from the caller's
     generators (the noise span comes from a fixed private seed). The head runs `chunk` positions at a time, so a
     long span over a large vocabulary never holds all its logits at once."""
     V, device = model.config.vocab_size, model.device
     S = len(suffix)
+    fits = None if constraint is None else fitting_lengths(constraint, suffix, max_middle).to(device)
     span = max(max_middle + S, model.canvas_length)
     noise = torch.randint(0, V, (1, span), generator=torch.Generator().manual_seed(0)).to(device)
     plan = model.plan(cache, [row], span, encoder=False)
@@ -58,6 +76,8 @@ def middle_length(model: DiffusionGemma, cache, row: int, suffix: list[int], max
     starts = torch.arange(1, max_middle + 1, device=device)  # (K,) candidate lengths
     at = starts[:, None] + torch.arange(S, device=device)  # (K, S) suffix positions per candidate
     scores = logp[at, torch.arange(S, device=device).expand_as(at)].mean(dim=-1)  # (K,)
+    if fits is not None:
+        scores = scores.masked_fill(~fits, float("-inf"))
     return int(starts[int(torch.argmax(scores))])
 
 
@@ -73,4 +93,4 @@ def infill_steering(suffix: list[int], length: int, eos_id: int, base: Steering 
     pinned.update({length + j: t for j, t in enumerate(suffix)})
     pinned[length + len(suffix)] = eos_id
     return Steering(pinned=pinned, seed_tokens=base.seed_tokens if base else None,
-                    strength=base.strength if base else 1.0)
+                    strength=base.strength if base else 1.0, constraint=base.constraint if base else None)

@@ -71,10 +71,8 @@ class Steering:
             if bad is not None:
                 raise SteeringError(f"suffix token id {bad!r} is outside the vocabulary [0, {vocab_size})", "suffix")
         if self.constraint is not None:
-            if self.pinned or self.suffix is not None:
-                raise SteeringError("a constraint cannot be combined with pinned positions or a suffix yet",
-                                    "response_format")
             from .constraint import ConstraintError
+            from .dp import completable_states
 
             if self.constraint.vocab_size < vocab_size:
                 raise SteeringError(f"the constraint was built for {self.constraint.vocab_size} tokens, the model "
@@ -83,6 +81,12 @@ class Steering:
                 self.constraint.check_budget(max_new)
             except ConstraintError as e:
                 raise SteeringError(str(e), "max_tokens") from None
+            c = self.constraint
+            if self.pinned and self.suffix is not None:
+                raise SteeringError("a constraint with a suffix cannot also take pinned positions", "pinned")
+            if self.pinned and not completable_states(c, self.pinned, 0, max_new)[c.initial_state]:
+                raise SteeringError(f"{c.description}: no text it allows holds the pinned tokens at their positions "
+                                    f"within max_tokens={max_new}", "pinned")
         s = self.strength
         if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s) or not 0 <= s <= 1:
             raise SteeringError(f"strength must be a number in [0, 1], got {s!r}", "strength")
@@ -141,8 +145,10 @@ def canvas_start(canvas: torch.Tensor, steerings: list[Steering | None], indices
                  automaton_states: list[int | None], max_new: list[int | None]) -> dict:
     """What step.CanvasState.start takes from the rows' steering, for rows at canvases `indices`: the seeded
     canvas, the pins, where EOS is banned, and for each constrained row the automaton state its canvas starts in
-    (`automaton_states`: where the last commit left it, None before the first) and the output tokens that may
-    follow this canvas (`max_new`: each row's output budget)."""
+    (`automaton_states`: where the last commit left it, None before the first) and the states it may end in: the
+    text completable within the row's output budget (`max_new`), and every later pin still reachable."""
+    from .dp import completable_states
+
     C = canvas.shape[1]
     canvas, pinned, values = start_canvas(canvas, steerings, indices, generators)
     constraints = [None if s is None else s.constraint for s in steerings]
@@ -151,7 +157,8 @@ def canvas_start(canvas: torch.Tensor, steerings: list[Steering | None], indices
                 constraints=constraints,
                 constraint_start=[c.initial_state if c is not None and a is None else a
                                   for c, a in zip(constraints, automaton_states)],
-                tokens_after=[None if m is None else max(m - (k + 1) * C, 0) for m, k in zip(max_new, indices)])
+                end_states=[None if c is None else completable_states(c, s.pinned, (k + 1) * C, m)
+                            for c, s, k, m in zip(constraints, steerings, indices, max_new)])
 
 
 def _is_int(x) -> bool:

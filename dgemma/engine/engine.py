@@ -96,7 +96,7 @@ class Engine:
             try:
                 params.steering.check(self.model.config.vocab_size, max_new)
                 if params.steering.suffix is not None:
-                    check_suffix(params.steering.suffix, C, max_new)
+                    check_suffix(params.steering.suffix, C, max_new, params.steering.constraint)
             except SteeringError as e:
                 raise RequestError(str(e), e.param) from None
         request = Request(request_id or f"req-{next(self._ids)}", prompt, params, gen, C, max_canvases,

@@ -245,10 +245,10 @@ class Serving:
         constraint = await run_in_threadpool(self.constraint, body, max_tokens)
         if constraint is None:
             return steering
-        if steering is not None:
-            raise APIError(400, "a constraint cannot be combined with pinned, seed_tokens, prediction or suffix yet",
-                           param="response_format" if body.response_format is not None else "structured_outputs")
-        return Steering(constraint=constraint)
+        if steering is None:
+            return Steering(constraint=constraint)
+        steering.constraint = constraint  # pins, a seed or a suffix under the constraint (checked by the engine)
+        return steering
 
     def params(self, body, max_tokens: int | None, skip_special_tokens: bool,
                steering: Steering | None = None) -> SamplingParams:
@@ -459,16 +459,20 @@ class Serving:
             templated = await run_in_threadpool(self.template, body, suffix)
             max_tokens = max_tokens or template_length(templated)
             steering = await self.steer(body, max_tokens)
-            if steering is not None and steering.constraint is not None:
-                raise APIError(400, "template cannot be combined with a constraint yet", param="template")
             templated.seed_tokens = steering.seed_tokens if steering else None
             templated.strength = steering.strength if steering else 1.0
+            templated.constraint = steering.constraint if steering else None
             steering = templated
         else:
             steering = await self.steer(body, max_tokens, suffix)
         params = self.params(body, max_tokens, skip_special_tokens=True, steering=steering)
         request_id = f"cmpl-{uuid.uuid4().hex}"
-        stream = RequestStream(self.engine, prompt, params, request_id, self.metrics)
+        try:
+            stream = RequestStream(self.engine, prompt, params, request_id, self.metrics)
+        except APIError as e:
+            if e.param == "pinned" and body.template is not None:  # a template's literals are its pins
+                e.param = "template"
+            raise
         if body.stream:
             return self._completion_chunks(stream, body, raw)
         text, out = await self._collect(stream, raw)
