@@ -1,6 +1,7 @@
 """The embedded Sudoku model with the canvas-steering primitives, on the seeded held-out set: plain solving, the
 givens pinned, the last 27 digits of the solution pinned (suffix infilling), repair of a solution with N wrong
-cells (seeded canvas), and the output constrained by a regex of 81 digits 1-9 and EOS.
+cells (seeded canvas), the output constrained by a regex of 81 digits 1-9 and EOS, and that regex with the
+givens pinned.
 
     python benchmarks/sudoku_steering.py --puzzles 1000 [--givens 44] [--threads 2]
 """
@@ -27,7 +28,8 @@ def main() -> None:
     ap.add_argument("--givens", type=int, default=S.GIVENS)
     ap.add_argument("--wrong", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--case", action="append", choices=["plain", "givens", "suffix", "repair", "regex"],
+    ap.add_argument("--case", action="append",
+                    choices=["plain", "givens", "suffix", "repair", "regex", "regex-givens"],
                     help="run only these cases (repeatable; default: all)")
     args = ap.parse_args()
     tune_malloc()
@@ -46,8 +48,10 @@ def main() -> None:
             pinned={i: S.DIGIT0 + s[i] for i in range(54, 81)}),
         f"repair {args.wrong} wrong, strength 0.2": S.repair(args.wrong, 0.2),
         "regex [1-9]{81}": lambda p, s, rng: Steering(constraint=digits),
+        "regex [1-9]{81}, givens pinned": lambda p, s, rng: Steering(pinned=S.givens_steering(p).pinned,
+                                                                      constraint=digits),
     }
-    keys = ["plain", "givens", "suffix", "repair", "regex"]
+    keys = ["plain", "givens", "suffix", "repair", "regex", "regex-givens"]
     for key, (label, steer) in zip(keys, cases.items()):
         if args.case and key not in args.case:
             continue
