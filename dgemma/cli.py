@@ -543,8 +543,9 @@ def main(argv: list[str] | None = None) -> int:
     except DgemmaError as e:
         print(f"dgemma {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"dgemma {args.command}: {getattr(args, 'interrupt_hint', 'interrupted')}", file=sys.stderr)
+    except KeyboardInterrupt as e:  # a training run's TrainingStopped says at which step it saved
+        hint = getattr(args, "interrupt_hint", None)
+        print(f"dgemma {args.command}: {str(e) or 'interrupted'}" + (f"; {hint}" if hint else ""), file=sys.stderr)
         return 130
     except BrokenPipeError:  # output piped into `head` and the like: stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -112,6 +112,78 @@ def test_resume_after_sigkill(tmp_path):
     assert steps == list(range(1, target + 1))
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_stops_after_the_step_and_saves_it(tmp_path, sig):
+    """SIGTERM (a scheduler's preemption) or SIGINT (Ctrl-C) mid-run: the run finishes its step, saves it (no
+    periodic save would have: save_every is 1000) and stops; resumed, it ends in the uninterrupted state."""
+    out = tmp_path / "stopped"
+    script = ("import sys; sys.path.insert(0, %r)\n"
+              "from tests.test_train_trainer import make_trainer\n"
+              "from dgemma.train.trainer import TrainingStopped\n"
+              "t = make_trainer(%r, steps=400, save_every=1000)\n"
+              "try:\n"
+              "    t.train()\n"
+              "except TrainingStopped as e:\n"
+              "    print(e, file=sys.stderr)\n"
+              "    sys.exit(3)\n") % (str(ROOT), str(out))
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            if (out / "metrics.jsonl").is_file() and len((out / "metrics.jsonl").read_text().splitlines()) >= 3:
+                break
+            if proc.poll() is not None:
+                pytest.fail(proc.stderr.read().decode()[-2000:])
+            time.sleep(0.05)
+        os.kill(proc.pid, sig)
+        err = proc.communicate(timeout=60)[1].decode()
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 3, err
+    resumed = make_trainer(out, steps=400, save_every=1000)
+    resumed.load()
+    stopped_at = resumed.step
+    assert 3 <= stopped_at < 400 and f"stopped after step {stopped_at} of 400" in err
+    assert f"{signal.Signals(sig).name}: stopping after this step" in err
+    resumed.train(stop_after=2)
+    straight = make_trainer(tmp_path / "straight", steps=400, save_every=1000)
+    straight.train(stop_after=stopped_at + 2)
+    _assert_same_state(straight, resumed)
+
+
+def test_the_cli_says_where_a_stopped_run_saved(tmp_path, capsys, monkeypatch):
+    """In the CLI, Ctrl-C during step 2 of `dgemma train`: exit 130, one line naming the saved step and how to go
+    on, and --resume continues from that step; the signal handlers are restored afterwards."""
+    from dgemma.cli import main
+    from dgemma.testing import write_test_tokenizer
+    from dgemma.train.trainer import Trainer
+
+    tok = write_test_tokenizer(tmp_path / "tok")
+    data = _write_jsonl(tmp_path / "d.jsonl", [{"prompt": f"q{i}", "response": f"a{i}"} for i in range(4)])
+    out = tmp_path / "run"
+    common = ["train", "--preset", "tiny", "--tokenizer", str(tok), "--data", str(data), "--out", str(out), "--quiet",
+              "--batch-size", "2", "--save-every", "100", "--device", "cpu", "--steps", "5"]
+    step = Trainer.train_step
+
+    def interrupted_step(self, examples):
+        if self.step == 1:  # during the second step
+            os.kill(os.getpid(), signal.SIGINT)
+        return step(self, examples)
+
+    monkeypatch.setattr(Trainer, "train_step", interrupted_step)
+    before = signal.getsignal(signal.SIGINT)
+    assert main(common) == 130
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == f"dgemma train: stopped after step 2 of 5, its checkpoint saved in {out}; resume " \
+                                   f"with --resume"
+    assert signal.getsignal(signal.SIGINT) is before
+    monkeypatch.setattr(Trainer, "train_step", step)
+    assert main([*common, "--resume"]) == 0
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines if "loss" in x] == [2, 5]  # the stopped window is logged, not dropped
+
+
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     t = make_trainer(tmp_path)
     t.train(stop_after=2)

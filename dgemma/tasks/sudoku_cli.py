@@ -60,7 +60,7 @@ def add_sudoku_parser(subparsers) -> argparse.ArgumentParser:
     add_threads_arg(t)
     add_distributed_args(t)
     t.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.safetensors")
-    t.set_defaults(func=cmd_train, interrupt_hint="interrupted; resume with --resume")
+    t.set_defaults(func=cmd_train, interrupt_hint="resume with --resume")
 
     e = sub.add_parser("eval", help="solve rate and denoising steps on the held-out puzzles")
     e.add_argument("--model", default=None, help=f"checkpoint directory (default: the shipped {ASSET_DIR})")

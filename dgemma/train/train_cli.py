@@ -48,7 +48,7 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     add_threads_arg(p)
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.safetensors")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_train, interrupt_hint="interrupted; resume with --resume")
+    p.set_defaults(func=cmd_train, interrupt_hint="resume with --resume")
     return p
 
 

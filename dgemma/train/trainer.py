@@ -20,6 +20,11 @@ checkpoints and exports, in the one-process layout, so a checkpoint resumes on a
 
 A non-finite loss or gradient stops the run (TrainingError, naming the step) before the update, so the last
 checkpoint stays the last good state; a state holding NaN or Inf is never saved.
+
+SIGINT (Ctrl-C) or SIGTERM (a scheduler taking the machine back) asks the run to stop: it finishes the step it is
+in, saves a checkpoint of that step and raises TrainingStopped, so nothing since the last periodic save is lost. The
+request rides on the step's metrics all-reduce, so every rank stops after the same step. A second signal stops at
+once (KeyboardInterrupt), losing what the first would have saved.
 """
 
 from __future__ import annotations
@@ -30,8 +35,11 @@ import json
 import math
 import os
 import random
+import signal
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
@@ -56,6 +64,10 @@ STATE_KEY, CHECKSUM_KEY = "dgemma_train_state", "dgemma_train_sha256"
 
 class TrainingError(DgemmaError, ValueError):
     """Training cannot go on (a non-finite loss, gradient or state); the message names the step or the tensor."""
+
+
+class TrainingStopped(KeyboardInterrupt):
+    """A signal stopped the run after a whole step, whose checkpoint was saved; the message says which step."""
 
 
 class DataSource(Protocol):
@@ -226,6 +238,7 @@ class Trainer:
         self.cfg, self.data, self.eval_fn = cfg, data, eval_fn
         self.out_dir = Path(out_dir)
         self.tokenizer_dir, self.base_model, self.quiet = tokenizer_dir, base_model, quiet or not dist.is_main
+        self.stop_asked = False  # set by SIGINT/SIGTERM while training (_stop_on_signals)
         self.export_on_eval = export_on_eval  # keep <out>/model current, so a long run can be used at any time
         previous_output(self.out_dir / "model")  # refuse, before hours of training, a <out>/model dgemma did not write
         self.dist = dist
@@ -400,8 +413,9 @@ class Trainer:
         #    the loop reads the loss anyway, and an update with NaN would poison every weight and the next checkpoint).
         #    With several ranks the metrics are averaged first (one all-reduce), so every rank stops together.
         out = self.step_module(batch, cfg.loss, self.generator, (d.rank, d.world_size))
-        loss, dec_loss, enc_loss, dec_acc, tokens = D.mean_over_ranks(
-            [float(out.loss.detach()), out.dec_loss, out.enc_loss, out.dec_accuracy, out.tokens], d, out.loss.device)
+        loss, dec_loss, enc_loss, dec_acc, tokens, stop = D.mean_over_ranks(
+            [float(out.loss.detach()), out.dec_loss, out.enc_loss, out.dec_accuracy, out.tokens,
+             float(self.stop_asked)], d, out.loss.device)
         if not math.isfinite(loss):
             raise self._diverged(f"the loss is {loss}")
         self.optimizer.zero_grad(set_to_none=True)
@@ -414,7 +428,7 @@ class Trainer:
         self.scheduler.step()
         self.step += 1
         metrics = {"loss": loss, "dec_loss": dec_loss, "enc_loss": enc_loss, "dec_acc": dec_acc,
-                   "tokens": round(tokens * d.world_size)}
+                   "tokens": round(tokens * d.world_size), "stop": stop > 0}  # stop: some rank was asked to
         return metrics, grad_norm
 
     def _diverged(self, what: str) -> TrainingError:
@@ -432,18 +446,28 @@ class Trainer:
         end = cfg.steps if stop_after is None else min(cfg.steps, self.step + stop_after)
         bar = tqdm(total=cfg.steps, initial=self.step, disable=self.quiet, dynamic_ncols=True, mininterval=2.0,
                    file=sys.stderr)
+        try:
+            with self._stop_on_signals():
+                self._train_loop(end, bar)
+        finally:
+            bar.close()
+        self.dist.wait()
+
+    def _train_loop(self, end: int, bar) -> None:
+        cfg = self.cfg
         window_tokens, window_start = 0, time.perf_counter()
         last_plot = window_start
         acc = {"loss": 0.0, "dec_loss": 0.0, "enc_loss": 0.0, "dec_acc": 0.0, "n": 0}
         while self.step < end:
             metrics, grad_norm = self.train_step(self.data.next_batch(cfg.batch_size))
+            stop = metrics.pop("stop")
             window_tokens += metrics.pop("tokens")
             for k, v in metrics.items():
                 acc[k] += v
             acc["n"] += 1
             bar.update(1)
             # 3. log, eval, save
-            if self.step % cfg.log_every == 0 or self.step == end:
+            if self.step % cfg.log_every == 0 or self.step == end or stop:
                 elapsed = time.perf_counter() - window_start
                 n = acc.pop("n")
                 line = {"step": self.step, **{k: round(v / n, 5) for k, v in acc.items()},
@@ -457,10 +481,39 @@ class Trainer:
                 metrics = self.run_eval()
                 if metrics:
                     bar.write(f"step {self.step}: " + " ".join(f"{k}={v}" for k, v in metrics.items()))
-            if self.step % cfg.save_every == 0 or self.step == end:
+            if self.step % cfg.save_every == 0 or self.step == end or stop:
                 self.save()
-                if self.dist.is_main and (self.step == end or time.perf_counter() - last_plot > 60):  # ~1 s each
-                    plot_losses(self.history, self.out_dir / "loss.png", quiet=self.step != end)
+                if self.dist.is_main and (self.step == end or stop or time.perf_counter() - last_plot > 60):
+                    plot_losses(self.history, self.out_dir / "loss.png", quiet=self.step != end)  # ~1 s each
                     last_plot = time.perf_counter()
-        bar.close()
-        self.dist.wait()
+            if stop and self.step < end:
+                self.dist.wait()
+                raise TrainingStopped(f"stopped after step {self.step} of {cfg.steps}, its checkpoint saved in "
+                                      f"{self.out_dir}")
+
+    @contextmanager
+    def _stop_on_signals(self):
+        """While training, SIGINT and SIGTERM set `stop_asked` (the loop stops after the step); a second signal
+        raises KeyboardInterrupt at once. A signal the process ignores (SIGINT under nohup) stays ignored, and
+        outside the main thread, where Python cannot catch signals, nothing is installed."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def ask(signum, frame):
+            if self.stop_asked:
+                raise KeyboardInterrupt
+            self.stop_asked = True
+            print(f"\n{signal.Signals(signum).name}: stopping after this step, with a checkpoint (send it again to "
+                  f"stop at once)", file=sys.stderr, flush=True)
+
+        previous = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            if signal.getsignal(sig) is not signal.SIG_IGN:
+                previous[sig] = signal.signal(sig, ask)
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            self.stop_asked = False
