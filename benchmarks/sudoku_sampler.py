@@ -49,7 +49,7 @@ def main() -> None:
     print(f"{args.model} (model.safetensors sha256 {sha}); {len(puzzles)} validation puzzles, "
           f"{S.givens_label(args.givens)} givens{', givens pinned' if args.pin_givens else ''}")
     keys = [k for k, _ in args.grid]
-    combos = [()] + list(itertools.product(*(v for _, v in args.grid)))
+    combos = [()] + (list(itertools.product(*(v for _, v in args.grid))) if args.grid else [])
     for combo in combos:
         label = "generation_config.json" if not combo else " ".join(f"{k}={v}" for k, v in zip(keys, combo))
         try:
