@@ -77,6 +77,20 @@ def test_resume_gives_the_uninterrupted_state(tmp_path):
     assert (tmp_path / "b" / "loss.png").is_file() == (importlib.util.find_spec("matplotlib") is not None)
 
 
+def _run_until_three_steps(script: str, out: Path) -> subprocess.Popen:
+    """Start `script` (a training run into `out`) in another process; return once it has logged 3 steps."""
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stderr=subprocess.PIPE)
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        if (out / "metrics.jsonl").is_file() and len((out / "metrics.jsonl").read_text().splitlines()) >= 3:
+            return proc
+        if proc.poll() is not None:
+            pytest.fail(proc.stderr.read().decode()[-2000:])
+        time.sleep(0.05)
+    proc.kill()
+    pytest.fail("the training process logged fewer than 3 steps in 60 s")
+
+
 def test_resume_after_sigkill(tmp_path):
     """A separate process trains and checkpoints every step; it is killed with SIGKILL mid-run, and the resumed
     run ends in the state of a run that was never interrupted."""
@@ -85,15 +99,8 @@ def test_resume_after_sigkill(tmp_path):
               "from tests.test_train_trainer import make_trainer\n"
               "t = make_trainer(%r, steps=400, save_every=1)\n"
               "t.train()\n") % (str(ROOT), str(out))
-    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stderr=subprocess.PIPE)
+    proc = _run_until_three_steps(script, out)
     try:
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            if (out / CHECKPOINT).is_file() and len((out / "metrics.jsonl").read_text().splitlines()) >= 3:
-                break
-            if proc.poll() is not None:
-                pytest.fail(proc.stderr.read().decode()[-2000:])
-            time.sleep(0.05)
         os.kill(proc.pid, signal.SIGKILL)
     finally:
         proc.wait()
@@ -126,15 +133,8 @@ def test_a_signal_stops_after_the_step_and_saves_it(tmp_path, sig):
               "except TrainingStopped as e:\n"
               "    print(e, file=sys.stderr)\n"
               "    sys.exit(3)\n") % (str(ROOT), str(out))
-    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stderr=subprocess.PIPE)
+    proc = _run_until_three_steps(script, out)
     try:
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            if (out / "metrics.jsonl").is_file() and len((out / "metrics.jsonl").read_text().splitlines()) >= 3:
-                break
-            if proc.poll() is not None:
-                pytest.fail(proc.stderr.read().decode()[-2000:])
-            time.sleep(0.05)
         os.kill(proc.pid, sig)
         err = proc.communicate(timeout=60)[1].decode()
     finally:
