@@ -117,11 +117,12 @@ def generate(model: DiffusionGemma, prompts: list[list[int]], gen: GenerationCon
     if steering is not None:
         if len(steering) != B:
             raise ValueError(f"steering has {len(steering)} entries for {B} prompts")
-        for s in steering:
+        longest_middle: list[int | None] = [None] * B
+        for b, s in enumerate(steering):
             if s is not None:
                 s.check(cfg.vocab_size, max_new)
-                if s.suffix is not None:
-                    check_suffix(s.suffix, C, max_new, s.constraint)  # before the prefill: refused for free
+                if s.suffix is not None:  # before the prefill: refused for free
+                    longest_middle[b] = check_suffix(s.suffix, C, max_new, s.constraint)
         if all(s is None or s.is_empty() for s in steering):
             steering = None
     tokens, valid = tokens.to(device), valid.to(device)
@@ -137,8 +138,7 @@ def generate(model: DiffusionGemma, prompts: list[list[int]], gen: GenerationCon
         steering = list(steering)
         for b, s in enumerate(steering):
             if s is not None and s.suffix is not None:
-                longest = check_suffix(s.suffix, C, max_new, s.constraint)
-                middles[b] = middle_length(model, cache, b, s.suffix, longest, constraint=s.constraint)
+                middles[b] = middle_length(model, cache, b, s.suffix, longest_middle[b], constraint=s.constraint)
                 steering[b] = infill_steering(s.suffix, middles[b], gen.eos_token_id[0], s)
     if device.type == "cuda":  # time the prefill, not its launch
         torch.cuda.synchronize(device)

@@ -162,12 +162,11 @@ def class_scores(log_probs: torch.Tensor, constraint: Constraint, probs: bool = 
 def solve(scores: ClassScores, start_state: int | None = None, tokens_after: int | None = None,
           hard: torch.Tensor | None = None, prefer: torch.Tensor | None = None,
           end_states: np.ndarray | None = None) -> ValidTokens:
-    """Steps 2-6 over shared class scores. end_states (S,) bool: the states the canvas may end in, beside the
-    budget rule (`completable_states`: later pins stay reachable). hard (C,) long: where >= 0, the token that
-    position must keep; any
-    other token there costs more than every floored token elsewhere together, so hard tokens are kept whenever
-    some valid sequence keeps them (held text that was valid and completable when it settled). prefer (C,) long:
-    where >= 0, a token counted as certain there, every other token at PREFER_PENALTY of its probability (a
+    """Steps 2-6 over shared class scores. end_states (S,) bool: the states the canvas may end in, beside the budget
+    rule (`completable_states`: later pins stay reachable). hard (C,) long: where >= 0, the token that position must
+    keep; any other token there costs more than every floored token elsewhere together, so hard tokens are kept
+    whenever some valid sequence keeps them (held text that was valid and completable when it settled). prefer (C,)
+    long: where >= 0, a token counted as certain there, every other token at PREFER_PENALTY of its probability (a
     sampler's draw, kept unless the constraint forbids it). Positions given both take `hard`."""
     constraint, log_probs, best_np = scores.constraint, scores.log_probs, scores.best
     canvas_length = best_np.shape[0]

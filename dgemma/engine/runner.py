@@ -62,7 +62,8 @@ class ModelRunner:
             request.params.images.encode(self.model, prompt, self.cache, rows=[row])
         steering = request.params.steering
         if steering is not None and steering.suffix is not None:  # fill in the middle (control/infill.py)
-            longest = check_suffix(steering.suffix, self.canvas_length, request.max_new, steering.constraint)
+            # refused at submit if it cannot fit (Engine.add_request); middle_length applies the constraint
+            longest = check_suffix(steering.suffix, self.canvas_length, request.max_new)
             length = middle_length(self.model, self.cache, row, steering.suffix, longest,
                                    constraint=steering.constraint)
             request.infill(length, infill_steering(steering.suffix, length, request.gen.eos_token_id[0], steering))
