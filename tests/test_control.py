@@ -244,7 +244,7 @@ def test_dp_carries_the_state_across_canvases(kind, constraints, vocab):
 def test_dp_respects_the_budget(vocab):
     constraint = Constraint.from_regex("a{6}", vocab)
     log_probs = random_log_probs(0, 2, vocab.vocab_size)
-    with pytest.raises(ConstraintError, match="completable within 0"):
+    with pytest.raises(ConstraintError, match="the rest of the output fits"):
         best_valid_tokens(log_probs, constraint, tokens_after=0)
     result = best_valid_tokens(log_probs, constraint, tokens_after=4)
     assert constraint.min_tokens_to_accept(int(result.states[-1])) <= 4

@@ -113,7 +113,8 @@ def best_valid_tokens(log_probs: torch.Tensor, constraint: Constraint, start_sta
     probabilities instead (the same answer, without a log pass over (C, V)). log_probs: (C, V) for one
     canvas, on the CPU. `hard`/`prefer`: see `solve`. ConstraintError when no sequence qualifies (e.g. the canvas
     is too short to finish and tokens_after is 0)."""
-    return solve(class_scores(log_probs, constraint, probs), start_state, tokens_after, hard, prefer)
+    ends = None if tokens_after is None else completable_states(constraint, {}, 0, tokens_after)
+    return solve(class_scores(log_probs, constraint, probs), start_state, hard, prefer, ends)
 
 
 @dataclass
@@ -159,11 +160,11 @@ def class_scores(log_probs: torch.Tensor, constraint: Constraint, probs: bool = 
     return ClassScores(constraint, log_probs, probs, best_np, best, big_argmax)
 
 
-def solve(scores: ClassScores, start_state: int | None = None, tokens_after: int | None = None,
-          hard: torch.Tensor | None = None, prefer: torch.Tensor | None = None,
-          end_states: np.ndarray | None = None) -> ValidTokens:
-    """Steps 2-6 over shared class scores. end_states (S,) bool: the states the canvas may end in, beside the budget
-    rule (`completable_states`: later pins stay reachable). hard (C,) long: where >= 0, the token that position must
+def solve(scores: ClassScores, start_state: int | None = None, hard: torch.Tensor | None = None,
+          prefer: torch.Tensor | None = None, end_states: np.ndarray | None = None) -> ValidTokens:
+    """Steps 2-6 over shared class scores. end_states (S,) bool: the states the canvas may end in
+    (`completable_states`: the rest of the output fits the budget and meets the later pins; None: any live state).
+    hard (C,) long: where >= 0, the token that position must
     keep; any other token there costs more than every floored token elsewhere together, so hard tokens are kept
     whenever some valid sequence keeps them (held text that was valid and completable when it settled). prefer (C,)
     long: where >= 0, a token counted as certain there, every other token at PREFER_PENALTY of its probability (a
@@ -204,17 +205,14 @@ def solve(scores: ClassScores, start_state: int | None = None, tokens_after: int
         into = score[c, moves.pair_src] + pair_value[c]  # (P,)
         score[c + 1, moves.dst_with_pairs] = np.maximum.reduceat(into, moves.dst_pairs_start)
 
-    # 4. the best end state that can still finish in budget
+    # 4. the best end state from which the rest of the output fits
     end_ok = score[canvas_length] > -np.inf
-    if tokens_after is not None:
-        end_ok &= constraint.distance.numpy() <= tokens_after
     if end_states is not None:
         end_ok &= end_states
     if not end_ok.any():
-        budget = "" if tokens_after is None else f" and completable within {tokens_after} more tokens"
-        budget += "" if end_states is None else " and ending where the pins that follow can still be met"
+        fits = "" if end_states is None else " and ends where the rest of the output fits (its budget, later pins)"
         raise ConstraintError(f"{constraint.description}: no sequence of {canvas_length} tokens from state {start} "
-                              f"is allowed{budget}")
+                              f"is allowed{fits}")
     state = int(np.where(end_ok, score[canvas_length], -np.inf).argmax())
 
     # 5. backward: recover the pair, then the class, at each position
@@ -255,7 +253,7 @@ def completable_states(constraint: Constraint, pinned: dict[int, int], start: in
     """(S,) bool: the states from which output positions [start, max_new) can hold every pin that falls there
     (output position -> token id) and the text be complete at max_new (max_new None: no budget, so after the last
     pin any live state will do). Without pins at or after `start` this is `distance <= max_new - start`, the
-    budget rule of `solve`'s tokens_after. Backward from the last pin: a pinned position moves along its token's
+    budget rule of `best_valid_tokens`'s tokens_after. Backward from the last pin: a pinned position moves along its token's
     class only, any other position along every move the constraint allows; O(pairs) per position."""
     moves = _moves(constraint)
     later = [p for p in pinned if p >= start]
