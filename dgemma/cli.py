@@ -249,8 +249,6 @@ def cmd_generate(args) -> int:
                        greedy=args.greedy, images=images)
     except (ContextLengthError, SteeringError) as e:
         param = getattr(e, "param", None)
-        if param == "pinned" and args.template:  # a template's literals are its pins
-            param = "template"
         raise CLIError(f"--{param.replace('_', '-')}: {e}" if param in STEERING_FLAGS else str(e)) from None
     if args.suffix:  # fill in the middle: print the middle
         out.token_ids = [ids[:n] for ids, n in zip(out.token_ids, out.middle_lengths)]

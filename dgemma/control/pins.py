@@ -43,17 +43,19 @@ class Steering:
     strength: float = 1.0  # probability that each seed token is renoised when its canvas starts
     suffix: list[int] | None = None  # fill in the middle (control/infill.py): resolved into pins at prefill
     constraint: object | None = None  # a control.Constraint: every committed canvas keeps the output valid
+    pins_from: str = "pinned"  # the request field the pins came from, which errors name ("template": its literals)
 
     def check(self, vocab_size: int, max_new: int) -> None:
         """Refuse what cannot be run, naming the field: ids outside the vocabulary, positions outside the output,
         a strength outside [0, 1]."""
         if not isinstance(self.pinned, dict):
-            raise SteeringError("pinned must map output positions to token ids", "pinned")
+            raise SteeringError("pinned must map output positions to token ids", self.pins_from)
         for pos, tok in self.pinned.items():
             if not _is_int(pos) or not 0 <= pos < max_new:
-                raise SteeringError(f"pinned position {pos!r} is outside the output [0, {max_new})", "pinned")
+                raise SteeringError(f"pinned position {pos!r} is outside the output [0, {max_new})", self.pins_from)
             if not _is_int(tok) or not 0 <= tok < vocab_size:
-                raise SteeringError(f"pinned token id {tok!r} is outside the vocabulary [0, {vocab_size})", "pinned")
+                raise SteeringError(f"pinned token id {tok!r} is outside the vocabulary [0, {vocab_size})",
+                                    self.pins_from)
         if self.seed_tokens is not None:
             if not isinstance(self.seed_tokens, list) or not self.seed_tokens:
                 raise SteeringError("seed_tokens must be a non-empty list of token ids", "seed_tokens")
@@ -83,10 +85,10 @@ class Steering:
                 raise SteeringError(str(e), "max_tokens") from None
             c = self.constraint
             if self.pinned and self.suffix is not None:
-                raise SteeringError("a constraint with a suffix cannot also take pinned positions", "pinned")
+                raise SteeringError("a constraint with a suffix cannot also take pinned positions", self.pins_from)
             if self.pinned and not completable_states(c, self.pinned, 0, max_new)[c.initial_state]:
                 raise SteeringError(f"{c.description}: no text it allows holds the pinned tokens at their positions "
-                                    f"within max_tokens={max_new}", "pinned")
+                                    f"within max_tokens={max_new}", self.pins_from)
         s = self.strength
         if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s) or not 0 <= s <= 1:
             raise SteeringError(f"strength must be a number in [0, 1], got {s!r}", "strength")

@@ -35,7 +35,7 @@ def parse_template(template: str, encode: Callable[[str], list[int]], eos_id: in
         last = m.end()
     pos = _pin_literal(template[last:], encode, pinned, pos)
     pinned[pos] = eos_id
-    return Steering(pinned=pinned), holes
+    return Steering(pinned=pinned, pins_from="template"), holes
 
 
 def template_length(steering: Steering) -> int:

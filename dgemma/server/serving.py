@@ -467,12 +467,7 @@ class Serving:
             steering = await self.steer(body, max_tokens, suffix)
         params = self.params(body, max_tokens, skip_special_tokens=True, steering=steering)
         request_id = f"cmpl-{uuid.uuid4().hex}"
-        try:
-            stream = RequestStream(self.engine, prompt, params, request_id, self.metrics)
-        except APIError as e:
-            if e.param == "pinned" and body.template is not None:  # a template's literals are its pins
-                e.param = "template"
-            raise
+        stream = RequestStream(self.engine, prompt, params, request_id, self.metrics)
         if body.stream:
             return self._completion_chunks(stream, body, raw)
         text, out = await self._collect(stream, raw)
