@@ -247,7 +247,7 @@ def test_history_with_calls_and_tool_results_renders_through_the_template(client
         "type": "object", "properties": {"a": {"oneOf": [{"type": "string"}]}}}}}], "tool_choice": "required"},
      "tools"),
     ({"tool_choice": "required", "response_format": {"type": "json_object"}}, "tool_choice"),
-    ({"tool_choice": "required", "pinned": {"0": 5}}, "tool_choice")])
+    ({"tool_choice": "required", "pinned": {"0": 5}}, "pinned")])  # no call starts with token 5
 def test_bad_tool_fields_are_a_400_naming_the_field(server, body, param):
     request = {"model": MODEL, "messages": ASK, "tools": TOOLS, "max_tokens": C, **body}
     r = httpx.post(server.url + "/v1/chat/completions", json={k: v for k, v in request.items() if v is not None},
@@ -278,6 +278,25 @@ def test_a_thought_then_a_call_come_back_split(client, server):
     assert message.model_extra["reasoning"] == "plan it" and message.content is None
     assert [(c.function.name, json.loads(c.function.arguments)) for c in message.tool_calls] == [
         ("note", {"text": "hi"})]
+
+
+def test_a_forced_call_takes_pins_and_a_prediction(client, server):
+    """Canvas steering under a forced call: pinned argument text is kept and a predicted call (an earlier call to
+    edit) seeds the canvas; either way the reply is a call that parses and validates."""
+    tok = server.tokenizer
+    opening = "<|tool_call>call:note{text:<|\"|>"
+    at = len(tok.encode(opening))
+    pinned = {str(at + i): t for i, t in enumerate(tok.encode("hello"))}
+    kw = {"model": MODEL, "messages": ASK, "tools": TOOLS, "max_tokens": 3 * C,
+          "tool_choice": {"type": "function", "function": {"name": "note"}}}
+    for seed in (1, 2):
+        out = client.chat.completions.create(seed=seed, extra_body={"pinned": pinned}, **kw)
+        call, = out.choices[0].message.tool_calls
+        assert call.function.name == "note" and json.loads(call.function.arguments)["text"].startswith("hello")
+    predicted = opening + "hi there<|\"|>}<tool_call|>"
+    out = client.chat.completions.create(seed=3, prediction={"type": "content", "content": predicted}, **kw)
+    call, = out.choices[0].message.tool_calls
+    jsonschema.validate(json.loads(call.function.arguments), SCHEMAS["note"])
 
 
 def test_a_forced_call_that_cannot_fit_in_max_tokens_is_a_400(server):

@@ -333,12 +333,10 @@ class Serving:
             raise APIError(400, f"tool_choice {tools.choice!r} constrains the reply to a tool call; it cannot be "
                                 f"combined with response_format or structured_outputs", param="tool_choice")
         steering = await self.steer(body, max_tokens)
-        if forced:
-            if steering is not None:
-                raise APIError(400, f"tool_choice {tools.choice!r} constrains the reply to a tool call; it cannot be "
-                                    f"combined with response_format, structured_outputs or canvas steering",
-                               param="tool_choice")
-            steering = Steering(constraint=await run_in_threadpool(self.tool_constraint, body, tools, max_tokens))
+        if forced:  # the call's grammar is the constraint; pins or a prediction steer the call (checked by the engine)
+            constraint = await run_in_threadpool(self.tool_constraint, body, tools, max_tokens)
+            steering = steering or Steering()
+            steering.constraint = constraint
         params = self.params(body, max_tokens, skip_special_tokens=False, steering=steering)
         params.images = images
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
