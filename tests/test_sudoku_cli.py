@@ -96,7 +96,7 @@ def test_eval_defaults_are_a_minute_and_say_which_set(capsys):
     sha = hashlib.sha256((ASSET_DIR / "model.safetensors").read_bytes()).hexdigest()
     assert f"model: {ASSET_DIR} (model.safetensors sha256 {sha})" in out.out  # the eval names the file it measured
     assert "default sampler (cap 48)" in out.out and "1 step (cap 1)" in out.out
-    assert "12-step cap (cap 12)" in out.out  # the step budget, beside the default's 48
+    assert "12-step cap (cap 12)" in out.out  # the goal's step budget, beside the default's 48
     assert "puzzle/s" in out.err or "s/puzzle" in out.err  # tqdm's bar, on stderr
     assert "solved" not in out.err
 

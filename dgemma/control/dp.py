@@ -162,13 +162,12 @@ def class_scores(log_probs: torch.Tensor, constraint: Constraint, probs: bool = 
 
 def solve(scores: ClassScores, start_state: int | None = None, hard: torch.Tensor | None = None,
           prefer: torch.Tensor | None = None, end_states: np.ndarray | None = None) -> ValidTokens:
-    """Steps 2-6 over shared class scores. end_states (S,) bool: the states the canvas may end in
-    (`completable_states`: the rest of the output fits the budget and meets the later pins; None: any live state).
-    hard (C,) long: where >= 0, the token that position must
-    keep; any other token there costs more than every floored token elsewhere together, so hard tokens are kept
-    whenever some valid sequence keeps them (held text that was valid and completable when it settled). prefer (C,)
-    long: where >= 0, a token counted as certain there, every other token at PREFER_PENALTY of its probability (a
-    sampler's draw, kept unless the constraint forbids it). Positions given both take `hard`."""
+    """Steps 2-6 over shared class scores. end_states (S,) bool: the states the canvas may end in (`completable_states`:
+    the rest of the output fits the budget and meets the later pins; None: any live state). hard (C,) long: where >= 0,
+    the token that position must keep; any other token there costs more than every floored token elsewhere together, so
+    hard tokens are kept whenever some valid sequence keeps them (held text that was valid and completable when it
+    settled). prefer (C,) long: where >= 0, a token counted as certain there, every other token at PREFER_PENALTY of its
+    probability (a sampler's draw, kept unless the constraint forbids it). Positions given both take `hard`."""
     constraint, log_probs, best_np = scores.constraint, scores.log_probs, scores.best
     canvas_length = best_np.shape[0]
     start = constraint.initial_state if start_state is None else int(start_state)
@@ -253,8 +252,8 @@ def completable_states(constraint: Constraint, pinned: dict[int, int], start: in
     """(S,) bool: the states from which output positions [start, max_new) can hold every pin that falls there
     (output position -> token id) and the text be complete at max_new (max_new None: no budget, so after the last
     pin any live state will do). Without pins at or after `start` this is `distance <= max_new - start`, the
-    budget rule of `best_valid_tokens`'s tokens_after. Backward from the last pin: a pinned position moves along its token's
-    class only, any other position along every move the constraint allows; O(pairs) per position."""
+    budget rule of `best_valid_tokens`'s tokens_after. Backward from the last pin: a pinned position moves along its
+    token's class only, any other position along every move the constraint allows; O(pairs) per position."""
     moves = _moves(constraint)
     later = [p for p in pinned if p >= start]
     end = max(later) + 1 if later else start

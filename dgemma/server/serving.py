@@ -239,10 +239,13 @@ class Serving:
             return False
         return True
 
-    async def steer(self, body, max_tokens: int | None, suffix: list[int] | None = None) -> Steering | None:
-        """Steering from the steering fields and the constraint fields, built off the event loop."""
+    async def steer(self, body, max_tokens: int | None, suffix: list[int] | None = None,
+                    constraint=None) -> Steering | None:
+        """Steering from the steering fields and the constraint fields (or `constraint`, built by the caller: a
+        forced tool call's), off the event loop."""
         steering = await run_in_threadpool(self.steering, body, suffix)
-        constraint = await run_in_threadpool(self.constraint, body, max_tokens)
+        if constraint is None:
+            constraint = await run_in_threadpool(self.constraint, body, max_tokens)
         if constraint is None:
             return steering
         if steering is None:
@@ -332,11 +335,9 @@ class Serving:
             # refused before the other constraint compiles (seconds for a JSON object)
             raise APIError(400, f"tool_choice {tools.choice!r} constrains the reply to a tool call; it cannot be "
                                 f"combined with response_format or structured_outputs", param="tool_choice")
-        steering = await self.steer(body, max_tokens)
-        if forced:  # the call's grammar is the constraint; pins or a prediction steer the call (checked by the engine)
-            constraint = await run_in_threadpool(self.tool_constraint, body, tools, max_tokens)
-            steering = steering or Steering()
-            steering.constraint = constraint
+        # a forced call's grammar is the constraint; pins or a prediction steer the call (checked by the engine)
+        forced_call = await run_in_threadpool(self.tool_constraint, body, tools, max_tokens) if forced else None
+        steering = await self.steer(body, max_tokens, constraint=forced_call)
         params = self.params(body, max_tokens, skip_special_tokens=False, steering=steering)
         params.images = images
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
