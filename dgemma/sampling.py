@@ -88,6 +88,14 @@ def skip_race(positions: int, vocab_size: int, generator: torch.Generator | None
         pass
 
 
+def inverse_cdf(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """The token whose cumulative probability first passes `uniform` (N,) times the row's total, per row of
+    `probs` (N, V): a sample of each row, fixed by its uniform (any device, any split of the rows)."""
+    cdf = probs.cumsum(dim=-1)
+    target = (uniform[:, None] * cdf[:, -1:].to(uniform.dtype)).to(cdf.dtype)
+    return torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=probs.shape[-1] - 1)
+
+
 def inverse_cdf_sample(probs: torch.Tensor, accepted: torch.Tensor,
                        generator: torch.Generator | None) -> torch.Tensor:
     """A sample from probs (..., V) per accepted position by the inverse CDF: one uniform per position (drawn for
@@ -101,13 +109,9 @@ def inverse_cdf_sample(probs: torch.Tensor, accepted: torch.Tensor,
         rows = flat_accepted.nonzero().squeeze(1)  # a host sync, free on CPU
         sampled = torch.zeros(flat_accepted.shape[0], dtype=torch.long)
         if rows.numel():
-            cdf = flat_probs[rows].double().cumsum_(dim=-1)  # (k, V)
-            target = uniform[rows, None] * cdf[:, -1:]
-            sampled[rows] = torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=V - 1)
+            sampled[rows] = inverse_cdf(flat_probs[rows].double(), uniform[rows])
         return sampled.view(accepted.shape)
-    cdf = flat_probs.cumsum(dim=-1)  # (N, V): no host sync, so a CUDA graph can hold it
-    target = (uniform[:, None] * cdf[:, -1:].double()).to(cdf.dtype)
-    sampled = torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=V - 1)
+    sampled = inverse_cdf(flat_probs, uniform)  # no host sync, so a CUDA graph can hold it
     return torch.where(flat_accepted, sampled, 0).view(accepted.shape)
 
 

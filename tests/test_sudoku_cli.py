@@ -186,8 +186,10 @@ def test_every_invocation_of_a_run_is_recorded(tmp_path):
 
 
 def test_train_refuses_bad_pinning_and_recycling_options(tmp_path, capsys):
-    """--pin-givens outside [0, 1] and --self-cond-passes below 1 exit 2 in one line, before any run is written."""
-    for bad, words in ((["--pin-givens", "1.5"], "--pin-givens"), (["--self-cond-passes", "0"], "self_cond_passes")):
+    """--pin-givens or --sampled-canvas outside [0, 1] and --self-cond-passes below 1 exit 2 in one line, before any
+    run is written."""
+    for bad, words in ((["--pin-givens", "1.5"], "--pin-givens"), (["--self-cond-passes", "0"], "self_cond_passes"),
+                       (["--sampled-canvas", "-0.1"], "sampled_canvas")):
         out = tmp_path / bad[0].strip("-")
         assert main(["train", "--out", str(out), "--steps", "1", "--threads", "1", *bad]) == 2
         err = capsys.readouterr().err

@@ -47,6 +47,10 @@ def add_sudoku_parser(subparsers) -> argparse.ArgumentParser:
     t.add_argument("--self-cond-passes", type=int, default=1, metavar="N",
                    help="no-gradient self-conditioning passes before the gradient pass, 1 to N per step (training "
                         "then refines its own refined beliefs, as inference's steps do)")
+    t.add_argument("--sampled-canvas", type=float, default=0.0, metavar="P",
+                   help="probability that a training puzzle's later passes read a canvas holding the first pass's "
+                        "own samples (wrong guesses included) among the noise, as inference's next step does, so the "
+                        "model learns to correct its guesses instead of trusting them")
     t.add_argument("--eval-every", type=int, default=500, help="steps between held-out evaluations")
     t.add_argument("--eval-puzzles", type=int, default=100, help="held-out puzzles per periodic eval")
     t.add_argument("--eval-givens", default=str(GIVENS), metavar="N|LO-HI,...",
@@ -186,7 +190,8 @@ def cmd_train(args) -> int:
     try:
         cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
                           weight_decay=args.weight_decay, eval_every=args.eval_every, save_every=args.save_every,
-                          seed=args.seed, loss=LossConfig(w_enc=0.0, self_cond_passes=args.self_cond_passes))
+                          seed=args.seed, loss=LossConfig(w_enc=0.0, self_cond_passes=args.self_cond_passes,
+                                          sampled_canvas=args.sampled_canvas))
     except ValueError as e:  # TrainConfig's own checks name the field
         raise CLIError(str(e)) from None
     # Every rank draws the same stream (distributed.py, step 1); only rank 0 evaluates, so only it builds the sets.

@@ -15,6 +15,11 @@ Per example (numbers reused in the code):
      `self_cond_passes` N > 1, k ~ U{1..N} (one draw per batch) no-gradient passes run first, each one's signal
      feeding the next, so that the gradient pass learns to refine beliefs already refined, as the denoising steps
      of inference do (AlphaFold's "recycling").
+     With `sampled_canvas` p > 0, per example with probability p the passes after the first read another canvas:
+     each corrupted position, with probability r ~ U(0, 1) drawn per example, holds a token sampled from the first
+     pass's distribution instead of its noise. That is the canvas of inference's second step (the sampler's kept
+     tokens among renoised ones), wrong guesses included: uniform noise over a large vocabulary almost never puts a
+     plausible wrong token on the canvas, so without it a model learns to trust whatever looks like an answer.
   7. L_dec is the mean cross-entropy of the second pass against the clean tokens over every position of canvas b
      (corrupted or not, canvas padding included), fixed positions excepted (then it is the mean over the batch's
      scored positions). L = w_dec * L_dec + w_enc * L_enc. The `reweighted` variant weights each example's L_dec
@@ -29,6 +34,7 @@ import torch
 from torch.nn import functional as F
 
 from ..model import DiffusionGemma
+from ..sampling import inverse_cdf
 from .batch import Batch
 from .corruption import sample_noise_level, uniform_corrupt
 from .masks import block_diffusion_decoder_mask, encoder_training_mask
@@ -41,6 +47,7 @@ class LossConfig:
     eps: float = 1e-3
     self_cond_prob: float = 0.5
     self_cond_passes: int = 1
+    sampled_canvas: float = 0.0
     reweighted: bool = False
     max_weight: float = 10.0
 
@@ -53,6 +60,8 @@ class LossConfig:
             raise ValueError(f"self_cond_prob must be in [0, 1], got {self.self_cond_prob}")
         if self.self_cond_passes < 1:
             raise ValueError(f"self_cond_passes must be >= 1, got {self.self_cond_passes}")
+        if not 0.0 <= self.sampled_canvas <= 1.0:
+            raise ValueError(f"sampled_canvas must be in [0, 1], got {self.sampled_canvas}")
         if self.max_weight < 1.0:
             raise ValueError(f"max_weight must be >= 1, got {self.max_weight}")
 
@@ -131,20 +140,28 @@ def block_diffusion_loss(model: DiffusionGemma, batch: Batch, cfg: LossConfig,
     starts = cpu.prompt_lengths + b * C  # (B,)
     clean = torch.gather(cpu.tokens, 1, canvas_slots(starts, C))  # (B, C)
     fixed = None if cpu.fixed is None else torch.gather(cpu.fixed, 1, canvas_slots(starts, C))  # (B, C)
-    noisy, _ = uniform_corrupt(clean, t, V, None if fixed is None else ~fixed, generator=generator)
+    noisy, replaced = uniform_corrupt(clean, t, V, None if fixed is None else ~fixed, generator=generator)
     use_signal = torch.rand(B, generator=generator) < cfg.self_cond_prob  # (B,)
     passes = 1  # no-gradient passes before the gradient pass (step 6); no draw for 1, so older runs replay
     if cfg.self_cond_passes > 1:
         passes = 1 + int(torch.randint(cfg.self_cond_passes, (1,), generator=generator))
+    resample = None  # (positions that take the first pass's sample, the uniforms that sample it), step 6
+    if cfg.sampled_canvas > 0:  # no draws at 0: older runs replay
+        rows_sampled = torch.rand(B, generator=generator) < cfg.sampled_canvas
+        share = torch.rand(B, generator=generator)
+        picked = replaced & rows_sampled[:, None] & (torch.rand((B, C), generator=generator) < share[:, None])
+        resample = (picked, torch.rand((B, C), generator=generator))
     n_enc_targets = int(cpu.enc_targets[:, 1:].sum())  # over the whole batch: the encoder loss's denominator
     n_scored = B * C if fixed is None else max(int((~fixed).sum()), 1)  # and the decoder loss's
     if world > 1:  # this rank's rows of everything drawn (distributed.py, step 2)
         rows = slice(rank * B // world, (rank + 1) * B // world)
         t, starts, clean, noisy, use_signal = (x[rows] for x in (t, starts, clean, noisy, use_signal))
         fixed = None if fixed is None else fixed[rows]
+        resample = None if resample is None else tuple(x[rows] for x in resample)
         batch = cpu.rows(rows)
         B = B // world
     t, starts, clean, noisy, use_signal = (x.to(device) for x in (t, starts, clean, noisy, use_signal))
+    resample = None if resample is None else tuple(x.to(device) for x in resample)
 
     # 4. encoder pass over the clean sequence. Without an encoder loss only the context before the latest scored
     # canvas is needed, and causality makes the truncated K/V identical.
@@ -165,8 +182,13 @@ def block_diffusion_loss(model: DiffusionGemma, batch: Batch, cfg: LossConfig,
     # 6. self-conditioning: first pass without signal or gradient, then the signal masked per example
     with torch.no_grad():
         signal = None
-        for _ in range(passes):
-            signal = model.soft_embed(decoder_pass(model, enc_kv, noisy, starts, signal))
+        for i in range(passes):
+            logits = decoder_pass(model, enc_kv, noisy, starts, signal)
+            signal = model.soft_embed(logits)
+            if i == 0 and resample is not None:  # the sampled canvas (step 6), read by every later pass
+                picked, u = resample
+                sample = inverse_cdf(logits.float().softmax(-1).view(-1, V), u.view(-1)).view(u.shape)
+                noisy = torch.where(picked, sample, noisy)
         signal = signal * use_signal[:, None, None].to(model.dtype)  # (B, C, H)
     logits = decoder_pass(model, enc_kv, noisy, starts, signal)  # (B, C, V)
 
