@@ -181,6 +181,34 @@ def test_a_constraint_the_model_already_meets_changes_nothing():
 
 
 @torch.no_grad()
+def test_grow_depth_inserts_silent_layers_and_keeps_the_function():
+    """A 3-layer model grown to 6 layers computes the same encoder states and the same denoising logits; the three
+    new layers are copies of the sliding layers before them with zeroed output norms, the full-attention layer
+    stays last, and training can open them (their output norms get gradients)."""
+    from dgemma.presets import random_model
+
+    small = random_model(S.sudoku_config(hidden_size=48, num_layers=3), seed=1).eval()
+    grown = S.grow_depth(small, S.sudoku_config(hidden_size=48, num_layers=6)).eval()
+    assert len(grown.layers) == 6 and grown.layers[5].self_attn.head_dim == small.layers[2].self_attn.head_dim
+    silent = [i for i, layer in enumerate(grown.layers) if not layer.post_attention_layernorm.weight.any()]
+    assert silent == [1, 2, 4]  # 3 extra over 2 sliding layers: two after the first, one after the second
+    torch.testing.assert_close(grown.layers[1].self_attn.q_proj.weight, small.layers[0].self_attn.q_proj.weight)
+    tokens = torch.tensor([S.prompt_ids(KNOWN)])
+    caches = [m.new_cache(1, 164) for m in (small, grown)]
+    hidden = [m.encode(tokens, c) for m, c in zip((small, grown), caches)]
+    torch.testing.assert_close(hidden[1], hidden[0])
+    canvas = torch.randint(0, S.VOCAB_SIZE, (1, 82), generator=torch.Generator().manual_seed(0))
+    logits = [m.denoise(canvas, c, None) for m, c in zip((small, grown), caches)]
+    torch.testing.assert_close(logits[1], logits[0])
+    with torch.enable_grad():
+        grown.train()
+        grown.logits(grown.encode(tokens, grown.new_cache(1, 82))).sum().backward()
+    assert grown.layers[1].post_attention_layernorm.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="cannot grow"):
+        S.grow_depth(grown, S.sudoku_config(hidden_size=48, num_layers=4))
+
+
+@torch.no_grad()
 def test_grow_vocabulary_keeps_the_model_on_its_own_tokens():
     """A model of the 20 words grown to the padded vocabulary computes the same hidden states and the same logits
     over those 20 tokens; the new tokens get embedding rows of their own."""

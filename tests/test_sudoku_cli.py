@@ -168,7 +168,14 @@ def test_train_init_starts_from_a_model(tmp_path):
         assert {"eval_solve_rate_44", "eval_steps_30-36"} <= set(lines[-1])
         return lines[0]["dec_loss"]
 
-    assert first_loss(tmp_path / "init", "--init", str(ASSET_DIR)) < 0.5 < 2.0 < first_loss(tmp_path / "random")
+    shipped = first_loss(tmp_path / "init", "--init", str(ASSET_DIR))
+    assert shipped < 0.5 < 2.0 < first_loss(tmp_path / "random")
+    # a larger --layers grows the model with silent layers: the same first loss, and the run's model is deeper
+    assert abs(first_loss(tmp_path / "deeper", "--init", str(ASSET_DIR), "--layers", "8") - shipped) < 1e-4
+    assert json.loads((tmp_path / "deeper" / "model" / "config.json").read_text())["text_config"][
+        "num_hidden_layers"] == 8
+    assert main(["train", "--out", str(tmp_path / "shallower"), "--init", str(ASSET_DIR), "--layers", "4",
+                 "--steps", "1", "--threads", "1"]) == 2
 
 
 def test_every_invocation_of_a_run_is_recorded(tmp_path):

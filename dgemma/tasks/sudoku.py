@@ -76,6 +76,42 @@ def grow_vocabulary(model, config: ModelConfig, seed: int = 0):
     return grown
 
 
+def grow_depth(model, config: ModelConfig):
+    """`model` with more sliding layers, as `config` asks, computing exactly what it computed: each new layer is a
+    copy of the sliding layer before it whose two output norms (after attention, after the feed-forward) are zero,
+    so it adds nothing to the residual stream until training opens it. The extra layers are spread evenly after
+    the sliding layers; the full-attention layer stays last."""
+    from ..model import DiffusionGemma
+
+    old_n, new_n = len(model.layers), config.text.num_hidden_layers
+    if new_n < old_n or model.config.hidden_size != config.text.hidden_size \
+            or model.config.vocab_size != config.text.vocab_size:
+        raise ValueError(f"cannot grow a model of {old_n} layers (hidden size {model.config.hidden_size}) to "
+                         f"{new_n} layers (hidden size {config.text.hidden_size})")
+    sliding, extra = old_n - 1, new_n - old_n
+    if extra and sliding < 1:
+        raise ValueError("cannot grow a model with no sliding layer to copy")
+    state = {k: v.float().cpu() for k, v in model.state_dict().items()}
+    grown, source = {}, []  # source[j]: (old layer index, whether layer j is a silent copy)
+    for i in range(sliding):
+        source.append((i, False))
+        source += [(i, True)] * (extra // sliding + (i < extra % sliding))
+    source.append((old_n - 1, False))
+    for key, value in state.items():
+        if not key.startswith("layers."):
+            grown[key] = value
+    for j, (i, silent) in enumerate(source):
+        prefix = f"layers.{i}."
+        for key, value in state.items():
+            if key.startswith(prefix):
+                name = key[len(prefix):]
+                silenced = silent and name in ("post_attention_layernorm.weight", "post_feedforward_layernorm.weight")
+                grown[f"layers.{j}.{name}"] = torch.zeros_like(value) if silenced else value.clone()
+    deeper = DiffusionGemma(config.text, config.canvas_length)
+    deeper.load_state_dict(grown)
+    return deeper
+
+
 def sudoku_generation() -> GenerationConfig:
     """Default sampler for Sudoku: one canvas, low temperature (a puzzle has one answer)."""
     return GenerationConfig(max_new_tokens=CANVAS_LENGTH, max_denoising_steps=48, entropy_bound=0.1,

@@ -60,7 +60,8 @@ def add_sudoku_parser(subparsers) -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0, help="seed for initialisation and the puzzle stream")
     t.add_argument("--init", metavar="MODEL", default=None,
                    help="start from this Sudoku model's weights (e.g. dgemma/assets/sudoku) instead of random ones; "
-                        "its shape is used, so --hidden-size and --layers must match it")
+                        "its shape is used, so --hidden-size must match it; a larger --layers inserts sliding layers "
+                        "that start silent (copies with zeroed output norms), so the deeper model computes what it did")
     t.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     add_threads_arg(t)
     add_distributed_args(t)
@@ -173,16 +174,21 @@ def cmd_train(args) -> int:
         start = _load_model(args.init)
         text = start.config.text
         shape = (text.hidden_size, text.num_hidden_layers)
+        # a model with fewer layers than --layers asks is grown (grow_depth computes the same function)
+        deeper = args.layers > text.num_hidden_layers
+        same_depth = S.sudoku_config(args.hidden_size, text.num_hidden_layers) if deeper else config
         as_asked = dataclasses.replace(text, vocab_size=config.text.vocab_size)
-        if (as_asked.to_hf(), start.config.canvas_length) != (config.text.to_hf(), config.canvas_length):
+        if (as_asked.to_hf(), start.config.canvas_length) != (same_depth.text.to_hf(), config.canvas_length):
             raise CLIError(f"--init {args.init}: its shape (hidden size {shape[0]}, {shape[1]} layers) is not the one "
                            f"asked for (--hidden-size {args.hidden_size} --layers {args.layers})")
         if text.vocab_size > config.text.vocab_size:
             raise CLIError(f"--init {args.init}: its vocabulary ({text.vocab_size} tokens) is larger than a Sudoku "
                            f"model's ({config.text.vocab_size})")
         # a model from before the vocabulary was padded (sudoku.VOCAB_SIZE) gets the unused tokens
-        model = S.grow_vocabulary(start.model, config, args.seed) if text.vocab_size < config.text.vocab_size \
+        model = S.grow_vocabulary(start.model, same_depth, args.seed) if text.vocab_size < config.text.vocab_size \
             else start.model.float()
+        if deeper:
+            model = S.grow_depth(model, config)
         model = model.to(device)
     else:
         model = init_weights(DiffusionGemma(config.text, config.canvas_length), seed=args.seed).to(device)
