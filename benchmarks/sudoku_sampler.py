@@ -6,6 +6,8 @@ solve rate and mean denoising steps per setting, to choose the generation_config
 
 Every combination of the --set values is run (a grid), each on the same puzzles with the same seed; the first line
 is the model's own generation_config.json. --pin-givens pins each puzzle's givens, as `sudoku solve` does.
+--failures describes each setting's unsolved answers: how many cells are wrong, how many row/column/box rules
+they break, and how many ran to the step cap.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from dgemma import checkpoint
 from dgemma.config import ConfigError
 from dgemma.runtime import tune_malloc
 from dgemma.tasks import sudoku as S
+from dgemma.tasks.sudoku_puzzles import is_solution
 from dgemma.tasks.sudoku_cli import parse_givens, weights_sha256
 
 FIELDS = {"entropy_bound": float, "t_min": float, "t_max": float, "max_denoising_steps": int,
@@ -39,6 +42,7 @@ def main() -> None:
     ap.add_argument("--puzzles", type=int, default=200)
     ap.add_argument("--set", type=setting, action="append", default=[], dest="grid")
     ap.add_argument("--pin-givens", action="store_true")
+    ap.add_argument("--failures", action="store_true", help="describe the unsolved answers")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     tune_malloc()
@@ -58,9 +62,41 @@ def main() -> None:
             print(f"{label:60s} skipped: {e}")
             continue
         t = time.perf_counter()
-        score = S.evaluate(ck.model, puzzles, gen, 50, 0, steer=S.pin_givens if args.pin_givens else None)
+        answers: list = []
+        score = S.evaluate(ck.model, puzzles, gen, 50, 0, steer=S.pin_givens if args.pin_givens else None,
+                           on_answer=lambda *answer: answers.append(answer))
         print(f"{label:60s} solved {score.solved}/{score.total} ({100 * score.solve_rate:.1f}%)  "
               f"mean steps {score.mean_steps:.2f}  [{time.perf_counter() - t:.0f} s]", flush=True)
+        if args.failures:
+            print(describe_failures(answers, gen.max_denoising_steps), flush=True)
+
+
+def broken_rules(grid: list[int]) -> int:
+    """Repeated digits over the 27 rows, columns and boxes: 0 for a valid grid."""
+    units = [range(r * 9, r * 9 + 9) for r in range(9)] + [range(c, 81, 9) for c in range(9)]
+    units += [[(b // 3 * 3 + i // 3) * 9 + b % 3 * 3 + i % 3 for i in range(9)] for b in range(9)]
+    return sum(9 - len({grid[i] for i in unit}) for unit in units)
+
+
+def describe_failures(answers: list, cap: int) -> str:
+    """Steps of the solved and the unsolved, and the unsolved answers' wrong cells and broken rules (quartiles)."""
+    solved = [steps for puzzle, _, grid, steps in answers if grid is not None and is_solution(puzzle, grid)]
+    failed = [(solution, grid, steps) for puzzle, solution, grid, steps in answers
+              if grid is None or not is_solution(puzzle, grid)]
+    grids = [(solution, grid) for solution, grid, _ in failed if grid is not None]
+    wrong = sorted(sum(a != b for a, b in zip(grid, solution)) for solution, grid in grids)
+    broken = sorted(broken_rules(grid) for _, grid in grids)
+
+    def quartiles(xs: list[int]) -> str:
+        return "/".join(str(xs[min(len(xs) - 1, len(xs) * q // 4)]) for q in (1, 2, 3)) if xs else "-"
+
+    def mean(xs: list[int]) -> str:
+        return f"{sum(xs) / len(xs):.2f}" if xs else "-"
+
+    return (f"{'':4s}solved: mean steps {mean(solved)}; unsolved {len(failed)}: mean steps "
+            f"{mean([s for *_, s in failed])}, {sum(s >= cap for *_, s in failed)} at the {cap}-step cap, "
+            f"{len(failed) - len(grids)} not 81 digits; wrong cells (quartiles) {quartiles(wrong)}, broken "
+            f"row/column/box rules (quartiles) {quartiles(broken)}")
 
 
 if __name__ == "__main__":

@@ -116,8 +116,14 @@ def test_evaluate_counts_solved_puzzles():
 
     model = random_model(S.sudoku_config(hidden_size=48, num_layers=2))
     puzzles = S.heldout_set(3)
-    score = S.evaluate(model, puzzles, S.sudoku_generation().replace(max_denoising_steps=2), batch_size=2)
+    answers = []
+    score = S.evaluate(model, puzzles, S.sudoku_generation().replace(max_denoising_steps=2), batch_size=2,
+                       on_answer=lambda *answer: answers.append(answer))
     assert score.total == 3 and score.solved == 0 and 1 <= score.mean_steps <= 2
+    # on_answer sees each puzzle in order, with its solution, the decoded grid (None unless 81 digits) and its steps
+    assert [(p, s) for p, s, _, _ in answers] == puzzles
+    assert all(grid is None or len(grid) == 81 for _, _, grid, _ in answers)
+    assert sum(steps for *_, steps in answers) / 3 == score.mean_steps
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):

@@ -303,10 +303,12 @@ def repair(wrong: int, strength: float) -> Steer:
 
 def evaluate(model, puzzles: list[tuple[list[int], list[int]]], gen: GenerationConfig, batch_size: int = 100,
              seed: int = 0, steer: Steer | None = None,
-             on_batch: Callable[[int], object] | None = None) -> SudokuScore:
+             on_batch: Callable[[int], object] | None = None,
+             on_answer: Callable[[list[int], list[int], "list[int] | None", int], object] | None = None) -> SudokuScore:
     """Solve every puzzle with `generate` (batched) and check the answers. `steer` steers each canvas (e.g.
     `pin_givens`, `repair(5, 0.2)`), drawing from one random.Random seeded with `seed`. `on_batch(n)` is called
-    after each batch of n puzzles (a progress bar's update)."""
+    after each batch of n puzzles (a progress bar's update); `on_answer(puzzle, solution, grid, steps)` after each
+    puzzle (grid None: the answer was not 81 digits)."""
     g = torch.Generator(device=model.device).manual_seed(seed)
     rng = random.Random(seed)
     solved, steps, canvases = 0, 0, 0
@@ -314,9 +316,11 @@ def evaluate(model, puzzles: list[tuple[list[int], list[int]]], gen: GenerationC
         chunk = puzzles[i:i + batch_size]
         steering = None if steer is None else [steer(puzzle, solution, rng) for puzzle, solution in chunk]
         out = generate(model, [prompt_ids(p) for p, _ in chunk], gen, generator=g, steering=steering)
-        for (puzzle, _), ids, row_steps in zip(chunk, out.token_ids, out.steps_per_canvas):
+        for (puzzle, solution), ids, row_steps in zip(chunk, out.token_ids, out.steps_per_canvas):
             grid = decode_grid(ids)
             solved += grid is not None and is_solution(puzzle, grid)
+            if on_answer is not None:
+                on_answer(puzzle, solution, grid, sum(row_steps))
             steps += sum(row_steps)
             canvases += len(row_steps)
         if on_batch is not None:
