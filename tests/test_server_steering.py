@@ -71,6 +71,7 @@ def test_prediction_seeds_chat_and_completions(client):
 @pytest.mark.parametrize("body, param", [
     ({"pinned": {"x": 3}}, "pinned"), ({"pinned": {"99": 3}}, "pinned"), ({"pinned": {"0": 999}}, "pinned"),
     ({"seed_tokens": [3], "strength": 1.5}, "strength"), ({"strength": 0.5}, "strength"),
+    ({"pinned": {"0": 3}, "strength": 0.5}, "strength"), ({"template": "a{{2}}", "strength": 0.5}, "strength"),
     ({"seed_tokens": [-1]}, "seed_tokens"), ({"suffix": "x" * 40}, "suffix"),
     ({"prediction": {"type": "content", "content": "a"}, "seed_tokens": [3]}, "prediction")])
 def test_bad_steering_is_a_400_naming_the_field(server, body, param):

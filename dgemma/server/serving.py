@@ -135,8 +135,9 @@ class Serving:
             raise APIError(404, f"the model {name!r} does not exist; this server serves {self.model_name!r}",
                            param="model", code="model_not_found")
 
-    def steering(self, body, suffix: list[int] | None = None) -> Steering | None:
-        """The canvas-steering fields (pinned, seed_tokens, strength, prediction, suffix) as one Steering."""
+    def steering(self, body, suffix: list[int] | None = None, pins: Steering | None = None) -> Steering | None:
+        """The canvas-steering fields (pinned, seed_tokens, strength, prediction, suffix) as one Steering. `pins`
+        (a template's) stands in for the pinned field: its pins, named by its pins_from."""
         seed = body.seed_tokens
         if body.prediction is not None:
             if seed is not None:
@@ -148,21 +149,23 @@ class Serving:
                 raise APIError(400, "this model has no tokenizer, so a text prediction cannot be used; send "
                                     "seed_tokens", param="prediction")
             seed = self.encode(content, "prediction", plain=True) or None
-        pinned = None
-        if body.pinned is not None:
+        pinned, pins_from = None, "pinned"
+        if pins is not None:
+            pinned, pins_from = dict(pins.pinned), pins.pins_from
+        elif body.pinned is not None:
             try:
                 pinned = {int(k): v for k, v in body.pinned.items()}
             except ValueError:
                 raise APIError(400, "pinned maps output positions (integers, as JSON object keys) to token ids",
                                param="pinned") from None
+        if seed is None and body.strength is not None:
+            raise APIError(400, "strength needs a prediction or seed_tokens", param="strength")
         if pinned is None and seed is None and suffix is None:
-            if body.strength is not None:
-                raise APIError(400, "strength needs a prediction or seed_tokens", param="strength")
             return None
         strength = body.strength
         if strength is None:
             strength = DEFAULT_PREDICTION_STRENGTH if seed is not None else 1.0
-        return Steering(pinned=pinned or {}, seed_tokens=seed, strength=strength, suffix=suffix)
+        return Steering(pinned=pinned or {}, seed_tokens=seed, strength=strength, suffix=suffix, pins_from=pins_from)
 
     def template(self, body, suffix: list[int] | None) -> Steering:
         """`template` as pins: its literal text in place, its holes left to the model (control/template.py)."""
@@ -240,10 +243,10 @@ class Serving:
         return True
 
     async def steer(self, body, max_tokens: int | None, suffix: list[int] | None = None,
-                    constraint=None) -> Steering | None:
-        """Steering from the steering fields and the constraint fields (or `constraint`, built by the caller: a
-        forced tool call's), off the event loop."""
-        steering = await run_in_threadpool(self.steering, body, suffix)
+                    constraint=None, pins: Steering | None = None) -> Steering | None:
+        """Steering from the steering fields (`pins`: a template's, in place of pinned) and the constraint fields
+        (or `constraint`, built by the caller: a forced tool call's), off the event loop."""
+        steering = await run_in_threadpool(self.steering, body, suffix, pins)
         if constraint is None:
             constraint = await run_in_threadpool(self.constraint, body, max_tokens)
         if constraint is None:
@@ -457,11 +460,7 @@ class Serving:
         if body.template is not None:
             templated = await run_in_threadpool(self.template, body, suffix)
             max_tokens = max_tokens or template_length(templated)
-            steering = await self.steer(body, max_tokens)
-            templated.seed_tokens = steering.seed_tokens if steering else None
-            templated.strength = steering.strength if steering else 1.0
-            templated.constraint = steering.constraint if steering else None
-            steering = templated
+            steering = await self.steer(body, max_tokens, pins=templated)
         else:
             steering = await self.steer(body, max_tokens, suffix)
         params = self.params(body, max_tokens, skip_special_tokens=True, steering=steering)
