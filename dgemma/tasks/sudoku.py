@@ -79,8 +79,9 @@ def grow_vocabulary(model, config: ModelConfig, seed: int = 0):
 def grow_depth(model, config: ModelConfig):
     """`model` with more sliding layers, as `config` asks, computing exactly what it computed: each new layer is a
     copy of the sliding layer before it whose two output norms (after attention, after the feed-forward) are zero,
-    so it adds nothing to the residual stream until training opens it. The extra layers are spread evenly after
-    the sliding layers; the full-attention layer stays last."""
+    so it adds nothing to the residual stream until training opens it (slowly: AdamW moves a norm weight by about
+    one learning rate a step at most; TRAINING.md, run 9). The extra layers are spread evenly after the sliding
+    layers; the full-attention layer stays last."""
     from ..model import DiffusionGemma
 
     old_n, new_n = len(model.layers), config.text.num_hidden_layers

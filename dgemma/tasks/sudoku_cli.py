@@ -49,8 +49,8 @@ def add_sudoku_parser(subparsers) -> argparse.ArgumentParser:
                         "then refines its own refined beliefs, as inference's steps do)")
     t.add_argument("--sampled-canvas", type=float, default=0.0, metavar="P",
                    help="probability that a training puzzle's later passes read a canvas holding the first pass's "
-                        "own samples (wrong guesses included) among the noise, as inference's next step does, so the "
-                        "model learns to correct its guesses instead of trusting them")
+                        "own samples (wrong guesses included) among the noise, as inference's next step does "
+                        "(TRAINING.md, run 8: it did not raise the solve rate)")
     t.add_argument("--eval-every", type=int, default=500, help="steps between held-out evaluations")
     t.add_argument("--eval-puzzles", type=int, default=100, help="held-out puzzles per periodic eval")
     t.add_argument("--eval-givens", default=str(GIVENS), metavar="N|LO-HI,...",

@@ -19,7 +19,8 @@ Per example (numbers reused in the code):
      each corrupted position, with probability r ~ U(0, 1) drawn per example, holds a token sampled from the first
      pass's distribution instead of its noise. That is the canvas of inference's second step (the sampler's kept
      tokens among renoised ones), wrong guesses included: uniform noise over a large vocabulary almost never puts a
-     plausible wrong token on the canvas, so without it a model learns to trust whatever looks like an answer.
+     plausible wrong token on the canvas, so without it a model never practises undoing one. (On the Sudoku model
+     it did not raise the solve rate: TRAINING.md, run 8.)
   7. L_dec is the mean cross-entropy of the second pass against the clean tokens over every position of canvas b
      (corrupted or not, canvas padding included), fixed positions excepted (then it is the mean over the batch's
      scored positions). L = w_dec * L_dec + w_enc * L_enc. The `reweighted` variant weights each example's L_dec
