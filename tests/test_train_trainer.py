@@ -278,6 +278,33 @@ def test_cli_trains_a_preset_and_reports_bad_input_in_one_line(tmp_path, capsys)
     assert len(lines) == 3 and "Traceback" not in err
 
 
+def test_cli_takes_the_self_conditioning_options(tmp_path, capsys):
+    """`dgemma train --self-cond-passes N --sampled-canvas P` reach the objective (the first step's loss moves, same
+    seed and data); a probability outside [0, 1] exits 2 in one line before any run is written."""
+    import json
+
+    from dgemma.cli import main
+    from dgemma.testing import write_test_tokenizer
+
+    tok = write_test_tokenizer(tmp_path / "tok")
+    data = _write_jsonl(tmp_path / "d.jsonl", [{"prompt": f"q{i}", "response": f"a{i} b{i} c{i}"} for i in range(4)])
+
+    def first_loss(name, *extra):
+        out = tmp_path / name
+        assert main(["train", "--preset", "tiny", "--tokenizer", str(tok), "--data", str(data), "--out", str(out),
+                     "--quiet", "--batch-size", "2", "--steps", "1", "--device", "cpu", *extra]) == 0
+        return json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["dec_loss"]
+
+    plain = first_loss("plain")
+    assert first_loss("plain-again") == plain
+    assert first_loss("refined", "--self-cond-passes", "3", "--sampled-canvas", "1.0") != plain
+    capsys.readouterr()
+    assert main(["train", "--preset", "tiny", "--tokenizer", str(tok), "--data", str(data), "--out",
+                 str(tmp_path / "bad"), "--quiet", "--sampled-canvas", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "sampled_canvas" in err and err.count("\n") == 1 and not (tmp_path / "bad" / "checkpoint.safetensors").exists()
+
+
 def test_checkpoint_is_safetensors_and_pickles_are_refused(tmp_path):
     """The resume state is tensors plus JSON metadata: loading it never unpickles. An old pickled checkpoint.pt
     is refused with a clear message, not loaded."""

@@ -13,7 +13,7 @@ from collections import Counter
 from pathlib import Path
 
 from ..cli_common import CLIError, add_threads_arg, apply_threads, generation_config, load_checkpoint
-from ..train.train_cli import add_distributed_args
+from ..train.train_cli import add_distributed_args, add_refinement_args
 
 # sudoku.py's constants, without its imports (torch, the generator) to build a parser; tests/test_cli.py checks
 # that they agree
@@ -44,13 +44,7 @@ def add_sudoku_parser(subparsers) -> argparse.ArgumentParser:
     t.add_argument("--pin-givens", type=float, default=0.0, metavar="P",
                    help="probability that a training puzzle's givens are pinned in its canvas (never noised, not "
                         "scored), as `sudoku solve` pins them; above 0 the periodic evals also run pinned")
-    t.add_argument("--self-cond-passes", type=int, default=1, metavar="N",
-                   help="no-gradient self-conditioning passes before the gradient pass, 1 to N per step (training "
-                        "then refines its own refined beliefs, as inference's steps do)")
-    t.add_argument("--sampled-canvas", type=float, default=0.0, metavar="P",
-                   help="probability that a training puzzle's later passes read a canvas holding the first pass's "
-                        "own samples (wrong guesses included) among the noise, as inference's next step does "
-                        "(TRAINING.md, run 8: it did not raise the solve rate)")
+    add_refinement_args(t)
     t.add_argument("--eval-every", type=int, default=500, help="steps between held-out evaluations")
     t.add_argument("--eval-puzzles", type=int, default=100, help="held-out puzzles per periodic eval")
     t.add_argument("--eval-givens", default=str(GIVENS), metavar="N|LO-HI,...",

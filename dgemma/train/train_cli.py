@@ -40,6 +40,7 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--w-dec", type=float, default=1.0, help="weight of the decoder denoising loss")
     p.add_argument("--reweighted", action="store_true", help="weight the decoder loss by 1/(1-t), clipped at 10")
     p.add_argument("--enc-on-prompt", action="store_true", help="encoder loss on the prompt tokens too")
+    add_refinement_args(p)
     p.add_argument("--eval-every", type=int, default=200, help="steps between held-out evaluations")
     p.add_argument("--save-every", type=int, default=100, help="steps between resumable checkpoints")
     p.add_argument("--seed", type=int, default=0, help="seed for initialisation, shuffling and noise")
@@ -50,6 +51,17 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train, interrupt_hint="resume with --resume")
     return p
+
+
+def add_refinement_args(p: argparse.ArgumentParser) -> None:
+    """The self-conditioning options of the objective (TRAINING.md, step 6), for `train` and `sudoku train`."""
+    p.add_argument("--self-cond-passes", type=int, default=1, metavar="N",
+                   help="no-gradient self-conditioning passes before the gradient pass, 1 to N per step (training "
+                        "then refines its own refined beliefs, as inference's steps do)")
+    p.add_argument("--sampled-canvas", type=float, default=0.0, metavar="P",
+                   help="probability that an example's later passes read a canvas holding the first pass's own "
+                        "samples (wrong guesses included) among the noise, as inference's next step does "
+                        "(TRAINING.md, Sudoku run 8: it did not raise the solve rate)")
 
 
 def add_distributed_args(p: argparse.ArgumentParser) -> None:
@@ -112,7 +124,8 @@ def _configs(args, warmup_steps: int, LossConfig, TrainConfig):
     """The loss and training configs from the flags. Their own checks raise ValueError, naming the field
     (`lr must be ...`); here that becomes a user error."""
     try:
-        loss_cfg = LossConfig(w_dec=args.w_dec, w_enc=args.w_enc, reweighted=args.reweighted)
+        loss_cfg = LossConfig(w_dec=args.w_dec, w_enc=args.w_enc, reweighted=args.reweighted,
+                              self_cond_passes=args.self_cond_passes, sampled_canvas=args.sampled_canvas)
         cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=warmup_steps,
                           weight_decay=args.weight_decay, eval_every=args.eval_every, save_every=args.save_every,
                           seed=args.seed, enc_on_prompt=args.enc_on_prompt, loss=loss_cfg)
