@@ -21,7 +21,7 @@ from dgemma import checkpoint
 from dgemma.config import ConfigError
 from dgemma.runtime import tune_malloc
 from dgemma.tasks import sudoku as S
-from dgemma.tasks.sudoku_puzzles import is_solution
+from dgemma.tasks.sudoku_puzzles import broken_rules, is_solution
 from dgemma.tasks.sudoku_cli import parse_givens, weights_sha256
 
 FIELDS = {"entropy_bound": float, "t_min": float, "t_max": float, "max_denoising_steps": int,
@@ -69,13 +69,6 @@ def main() -> None:
               f"mean steps {score.mean_steps:.2f}  [{time.perf_counter() - t:.0f} s]", flush=True)
         if args.failures:
             print(describe_failures(answers, gen.max_denoising_steps), flush=True)
-
-
-def broken_rules(grid: list[int]) -> int:
-    """Repeated digits over the 27 rows, columns and boxes: 0 for a valid grid."""
-    units = [range(r * 9, r * 9 + 9) for r in range(9)] + [range(c, 81, 9) for c in range(9)]
-    units += [[(b // 3 * 3 + i // 3) * 9 + b % 3 * 3 + i % 3 for i in range(9)] for b in range(9)]
-    return sum(9 - len({grid[i] for i in unit}) for unit in units)
 
 
 def describe_failures(answers: list, cap: int) -> str:

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from dgemma.tasks import sudoku as S
-from dgemma.tasks.sudoku_puzzles import (count_solutions, format_grid, generate_puzzles, is_solution, make_puzzle,
-                                         naked_singles_solve, parse_grid, shuffle_symmetry, solve)
+from dgemma.tasks.sudoku_puzzles import (broken_rules, count_solutions, format_grid, generate_puzzles, is_solution,
+                                         make_puzzle, naked_singles_solve, parse_grid, shuffle_symmetry, solve)
 
 
 KNOWN = parse_grid("530070000600195000098000060800060003400803001700020006060000280000419005000080079")
@@ -22,6 +22,10 @@ def test_solver_and_checker_on_a_known_puzzle():
     swapped = list(KNOWN_SOLUTION)
     swapped[2], swapped[3] = swapped[3], swapped[2]  # breaks a column/box, keeps the row
     assert not is_solution(KNOWN, swapped)
+    assert broken_rules(KNOWN_SOLUTION) == 0 and broken_rules(swapped) == 4  # two columns, two boxes
+    changed = list(KNOWN_SOLUTION)
+    changed[0] = changed[1]  # a repeat in its row, and in its column and box, which lose a digit
+    assert broken_rules(changed) == 3
     other = list(KNOWN_SOLUTION)
     assert not is_solution([9] + KNOWN[1:], other)  # does not keep a given
     assert not is_solution(KNOWN, KNOWN_SOLUTION[:80])

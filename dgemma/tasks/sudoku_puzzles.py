@@ -96,11 +96,13 @@ def is_solution(puzzle: list[int], grid: list[int]) -> bool:
         return False
     if any(p and p != g for p, g in zip(puzzle, grid)):
         return False
-    for group in range(9):
-        for key in (_ROW, _COL, _BOX):
-            if len({grid[i] for i in range(CELLS) if key[i] == group}) != 9:
-                return False
-    return True
+    return broken_rules(grid) == 0
+
+
+def broken_rules(grid: list[int]) -> int:
+    """Repeated digits over the 27 rows, columns and boxes of a full grid: 0 when every one holds 9 distinct."""
+    return sum(9 - len({grid[i] for i in range(CELLS) if key[i] == group})
+               for group in range(9) for key in (_ROW, _COL, _BOX))
 
 
 def random_solution(rng: random.Random) -> list[int]:
