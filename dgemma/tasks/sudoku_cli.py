@@ -95,8 +95,9 @@ def add_sudoku_parser(subparsers) -> argparse.ArgumentParser:
                                    "spaces, | and -/+ separator lines, as an argument or on stdin.")
     s.add_argument("puzzle", nargs="?", default=None,
                    help="the puzzle; '-' or nothing reads it from stdin (when stdin is not a terminal)")
-    s.add_argument("--tries", type=int, default=1,
-                   help="sample again with the next seed until the checker accepts the grid, at most this many times")
+    s.add_argument("--tries", type=int, default=4,
+                   help="sample again with the next seed until the checker accepts the grid, at most this many times "
+                        "(default: 4; README, \"The embedded Sudoku model\", says what tries buy)")
     s.add_argument("--model", default=None, help="checkpoint directory (default: the shipped model)")
     s.add_argument("--steps", type=int, default=None, help="max denoising steps (default: the model's)")
     s.add_argument("--seed", type=int, default=0, help="sampling seed")
