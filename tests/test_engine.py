@@ -69,24 +69,47 @@ def test_one_request_reproduces_offline_generate(model, gen, seed, sampler):
 @pytest.mark.parametrize("pin", [False, True])
 def test_continuous_batching_matches_each_request_alone(model, gen, pin):
     """Requests at different context lengths and denoising steps, arriving mid-flight, more than there are rows:
-    each gets the tokens it gets alone.
-
-    Under PyTorch's math attention kernel: the CPU flash kernel, which SDPA picks by default, rounds a row whose
-    keys are padded (a shorter context batched with a longer one) differently from the same row alone on some CPUs
-    (seen on an AVX-512 Xeon, torch 2.13: logits 2e-6 apart, enough to move a settled prefix), so there the
-    engine's batching is exact only up to the kernel's rounding (README, "Limits"). This test checks the engine's
-    own state, draws and scheduling, which must not depend on the batch on any CPU."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
+    each gets the tokens it gets alone, bit for bit, under SDPA's default CPU kernel. (That kernel sums over keys in
+    vector lanes by index, so a shorter context batched with a longer one, its keys followed by masked ones, rounds
+    2e-6 away from the row alone on an AVX-512 CPU, enough to move a settled prefix: attention runs row by row over
+    each row's own keys when the rows' lengths differ, ForwardPlan.spans.)"""
     jobs = [([5, 6, 7], SamplingParams(max_tokens=32, seed=1, pin_prefix=pin, temperature=0.05)),
             ([9] * 20, SamplingParams(max_tokens=20, seed=2, pin_prefix=pin)),
             ([3, 4], SamplingParams(max_tokens=17, seed=3, pin_prefix=pin, temperature=0.05, entropy_bound=1.0)),
             ([7, 8, 9, 10, 11], SamplingParams(max_tokens=16, seed=4, pin_prefix=pin, max_denoising_steps=5)),
             ([12] * 9, SamplingParams(max_tokens=12, seed=5, pin_prefix=pin, temperature=0.0))]
-    with sdpa_kernel(SDPBackend.MATH):
-        alone = [tokens(run(Engine(model, gen, max_num_seqs=1, max_model_len=256), [job])[0]) for job in jobs]
-        together = run(Engine(model, gen, max_num_seqs=3, max_model_len=256), jobs, arrive_at=[0, 0, 3, 5, 9])
+    alone = [tokens(run(Engine(model, gen, max_num_seqs=1, max_model_len=256), [job])[0]) for job in jobs]
+    together = run(Engine(model, gen, max_num_seqs=3, max_model_len=256), jobs, arrive_at=[0, 0, 3, 5, 9])
     assert [tokens(o) for o in together] == alone
+
+
+def test_rows_at_different_lengths_compute_what_each_computes_alone(model):
+    """A decoder pass and a commit over rows whose contexts differ (3, 20 and 2 tokens) give each row's logits and
+    K/V bit for bit as the row alone: each row attends over its own keys (ForwardPlan.spans), not over the longest
+    row's range with the rest masked, which the CPU kernel sums in another order."""
+    with torch.inference_mode():  # as the engine runs (the module's other tests leave inference-mode buffers)
+        _check_rows_at_different_lengths(model)
+
+
+def _check_rows_at_different_lengths(model):
+    lengths = [3, 20, 2]
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 256, (1, n), generator=g) for n in lengths]
+    canvas = torch.randint(0, 256, (3, C), generator=g)
+    together = model.new_cache(3, 64)
+    for r, p in enumerate(prompts):
+        model.encode(p, together, rows=[r])
+    plan = model.plan(together, [0, 1, 2], C, encoder=False)
+    assert plan.spans is not None and plan.spans[False] == [(0, 3 + C), (0, 20 + C), (0, 2 + C)]
+    logits = model.denoise(canvas, together, rows=[0, 1, 2])
+    model.encode(canvas, together, rows=[0, 1, 2])  # the commit
+    for r, p in enumerate(prompts):
+        alone = model.new_cache(1, 64)
+        model.encode(p, alone, rows=[0])
+        assert torch.equal(model.denoise(canvas[r:r + 1], alone, rows=[0]), logits[r:r + 1])
+        model.encode(canvas[r:r + 1], alone, rows=[0])
+        n = lengths[r] + C
+        assert all(torch.equal(a[0, :, :n], b[r, :, :n]) for a, b in zip(alone.k + alone.v, together.k + together.v))
 
 
 @pytest.mark.parametrize("sampler", ["exact", "fast"])

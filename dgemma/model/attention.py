@@ -6,12 +6,28 @@ k_proj output before k_norm and RoPE, passed through the v-norm.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from ..config import TextConfig
 from .layers import RMSNorm, apply_rope
+
+
+@dataclass
+class RowSpans:
+    """A mask over rows whose key ranges differ (the serving engine's rows, at different cache lengths), with each
+    row's own range [start, end) within the attended keys: the keys the row attends over when it runs alone.
+
+    On a CPU, attention then runs row by row over those ranges, so each row's keys are laid out as they are alone
+    and the kernel rounds as it does alone. (PyTorch's CPU flash kernel sums over keys in vector lanes by their
+    index: a row's keys shifted, or followed by masked keys past a lane boundary, are summed in another order, about
+    2e-6 off on an AVX-512 CPU, enough to move a sample.)"""
+
+    mask: torch.Tensor  # (R, 1, T or 1, S), True = attend
+    spans: list[tuple[int, int]]
 
 
 class Attention(nn.Module):
@@ -42,9 +58,22 @@ class Attention(nn.Module):
         v = self.v_norm(v_raw).transpose(1, 2)
         return q, k, v
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """q (B, nh, T, hd); k, v (B, nkv, S, hd); mask bool (B or 1, 1, T, S), True = attend. -> (B, T, H)."""
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               mask: torch.Tensor | RowSpans | None) -> torch.Tensor:
+        """q (B, nh, T, hd); k, v (B, nkv, S, hd); mask bool (B or 1, 1, T, S), True = attend, or RowSpans (each
+        row over its own keys). -> (B, T, H)."""
         B, _, T, _ = q.shape
+        if isinstance(mask, RowSpans):
+            out = torch.cat([self.sdpa(q[r:r + 1], k[r:r + 1, :, a:b], v[r:r + 1, :, a:b],
+                                         mask.mask[r:r + 1, :, :, a:b].contiguous())
+                             for r, (a, b) in enumerate(mask.spans)])
+        else:
+            out = self.sdpa(q, k, v, mask)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))  # (B, T, H)
+
+    def sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Scaled dot-product attention (scale 1.0) of q (B, nh, T, hd) over k, v (B, nkv, S, hd) -> (B, nh, T, hd)."""
+        B = q.shape[0]
         groups = self.num_heads // self.num_kv_heads
         if mask is not None and groups > 1:
             # With a mask, expand K/V to every query head (as the reference does in this case) rather than
@@ -52,5 +81,4 @@ class Attention(nn.Module):
             k = k[:, :, None].expand(-1, -1, groups, -1, -1).reshape(B, self.num_heads, k.shape[2], k.shape[3])
             v = v[:, :, None].expand(-1, -1, groups, -1, -1).reshape(B, self.num_heads, v.shape[2], v.shape[3])
             groups = 1
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0, enable_gqa=groups > 1)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))  # (B, T, H)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0, enable_gqa=groups > 1)

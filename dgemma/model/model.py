@@ -16,7 +16,7 @@ from torch.nn import functional as F
 
 from ..cache import KVCache
 from ..config import TextConfig
-from .attention import Attention
+from .attention import Attention, RowSpans
 from .layers import GatedMLP, RMSNorm, default_inv_freq, proportional_inv_freq, rope_cos_sin
 from .masks import decoder_mask, encoder_mask, open_image_blocks, sliding_kv_start
 from .moe import Experts, Router
@@ -29,7 +29,9 @@ KVUpdate = Callable[[int, bool, torch.Tensor, torch.Tensor], tuple[torch.Tensor,
 class ForwardPlan:
     """What a forward pass needs besides its tokens, fixed by the rows' cache lengths (as nano-vllm's Context):
     RoPE positions ((T,) in lockstep, else (R, T)), attention masks keyed by is_sliding (None: all visible), the
-    K/V writer, the cache rows, and the attended key range [kv_start[is_sliding], kv_end)."""
+    K/V writer, the cache rows, and the attended key range [kv_start[is_sliding], kv_end). `spans`, keyed by
+    is_sliding (CPU, rows at different lengths): each row's own key range within it, the range it attends over
+    alone; attention then runs row by row (attention.RowSpans), so a row's tokens do not depend on its batch."""
 
     positions: torch.Tensor
     masks: dict[bool, torch.Tensor | None]
@@ -38,6 +40,7 @@ class ForwardPlan:
     kv_start: dict[bool, int]
     kv_end: int
     cache: KVCache
+    spans: dict[bool, list[tuple[int, int]]] | None = None
 
     def select(self, index: list[int]) -> ForwardPlan:
         """The plan for a subset of its rows (index into `rows`), e.g. the rows still denoising."""
@@ -50,7 +53,8 @@ class ForwardPlan:
         positions = self.positions if self.positions.dim() == 1 else self.positions[at]
         starts = torch.tensor([self.cache.lengths[r] for r in rows], device=device)
         writer = self.cache.writer(rows, starts, self.kv_start, self.kv_end)
-        return ForwardPlan(positions, masks, writer, rows, self.kv_start, self.kv_end, self.cache)
+        spans = None if self.spans is None else {k: [v[i] for i in index] for k, v in self.spans.items()}
+        return ForwardPlan(positions, masks, writer, rows, self.kv_start, self.kv_end, self.cache, spans)
 
 
 class Layer(nn.Module):
@@ -162,9 +166,13 @@ class DiffusionGemma(nn.Module):
         return {True: rope_cos_sin(positions, self.sliding_inv_freq, self.dtype),
                 False: rope_cos_sin(positions, self.full_inv_freq, self.dtype)}
 
-    def run_layers(self, x, positions, masks: dict[bool, torch.Tensor | None], kv_update: KVUpdate, encoder: bool):
-        """The shared stack. x (B, T, H); masks keyed by is_sliding. Returns the final-normed hidden states."""
+    def run_layers(self, x, positions, masks: dict[bool, torch.Tensor | None], kv_update: KVUpdate, encoder: bool,
+                   spans: dict[bool, list[tuple[int, int]]] | None = None):
+        """The shared stack. x (B, T, H); masks (and spans, ForwardPlan) keyed by is_sliding. Returns the
+        final-normed hidden states."""
         rope = self.rope(positions)
+        if spans is not None:
+            masks = {s: RowSpans(m, spans[s]) for s, m in masks.items()}
         for layer in self.layers:
             cos, sin = rope[layer.is_sliding]
             x = layer(x, cos, sin, masks[layer.is_sliding], kv_update, encoder)
@@ -211,13 +219,17 @@ class DiffusionGemma(nn.Module):
         else:
             masks = {s: decoder_mask(valid, starts, num_new, kv_start[s], kv_end, window if s else None)
                      for s in (True, False)}
+        spans = None
         if lockstep:
             positions = torch.arange(lengths[0], lengths[0] + num_new, device=device)  # (T,)
             writer = cache.writer(None, lengths[0], kv_start, kv_end)
         else:
             positions = starts[:, None] + torch.arange(num_new, device=device)  # (R, T)
             writer = cache.writer(rows_list, starts, kv_start, kv_end)
-        return ForwardPlan(positions, masks, writer, rows_list, kv_start, kv_end, cache)
+            if device.type == "cpu" and len(set(lengths)) > 1:
+                spans = {s: [((sliding_kv_start(n, window) if s else 0) - kv_start[s], n + num_new - kv_start[s])
+                             for n in lengths] for s in (True, False)}
+        return ForwardPlan(positions, masks, writer, rows_list, kv_start, kv_end, cache, spans)
 
     def encode(self, tokens: torch.Tensor, cache: KVCache, rows: list[int] | None = None,
                embeds: torch.Tensor | None = None, image_groups: torch.Tensor | None = None) -> torch.Tensor:
@@ -232,7 +244,7 @@ class DiffusionGemma(nn.Module):
             starts = torch.tensor([cache.lengths[r] for r in plan.rows])
             masks = {s: open_image_blocks(m, image_groups, starts, plan.kv_start[s]) for s, m in masks.items()}
         x = self.embed(tokens) if embeds is None else embeds
-        hidden = self.run_layers(x, plan.positions, masks, plan.writer, encoder=True)
+        hidden = self.run_layers(x, plan.positions, masks, plan.writer, encoder=True, spans=plan.spans)
         for r in plan.rows:
             cache.lengths[r] += tokens.shape[1]
         return hidden
@@ -257,7 +269,7 @@ class DiffusionGemma(nn.Module):
         """The decoder pass of a denoising step under a prepared plan: canvas (R, C) and the self-conditioning
         signal (R, C, H) or None (zeros) -> final-normed hidden states (R, C, H)."""
         x = self.self_conditioning(self.embed(canvas), signal)
-        return self.run_layers(x, plan.positions, plan.masks, plan.writer, encoder=False)
+        return self.run_layers(x, plan.positions, plan.masks, plan.writer, encoder=False, spans=plan.spans)
 
     def new_cache(self, batch_size: int, capacity: int) -> KVCache:
         return KVCache(self.config, batch_size, capacity, self.dtype, self.device)
