@@ -13,6 +13,7 @@ import re
 import time
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 
 import jinja2
 import jinja2.ext
@@ -45,10 +46,11 @@ class TemplateLimits:
         return TEMPLATE_ALLOCATION_MULTIPLE * self.output
 
 
-# Gemma 4 chat format, used when the checkpoint ships no template; it renders what the released template renders,
-# text turns and tool use alike. Text is trimmed. Assistant turns in history keep only the answer: each thought
-# channel (`<|channel>...<channel|>`) is cut out, as the model never sees its own old reasoning. With thinking off,
-# the generation prompt opens and closes an empty thought channel, so the model answers at once.
+# Gemma 4 chat format (templates/gemma4.jinja), used when the checkpoint ships no template; it renders what the
+# released template renders, text turns and tool use alike. Text is trimmed. Assistant turns in history keep only
+# the answer: each thought channel (`<|channel>...<channel|>`) is cut out, as the model never sees its own old
+# reasoning. With thinking off, the generation prompt opens and closes an empty thought channel, so the model
+# answers at once.
 # Tools (written as the release writes them, in its own argument syntax: bare keys, strings between `<|"|>` marks):
 # - each function is declared in the system turn: `<|tool>declaration:NAME{description:...,parameters:{...}}<tool|>`;
 # - an assistant's tool_calls are `<|tool_call>call:NAME{key:value,...}<tool_call|>` (keys sorted); with no result
@@ -60,181 +62,7 @@ class TemplateLimits:
 # Unlike the release, which drops it silently, a tool message with no tool call before it is refused; a null
 # argument is written `null` (published copies of the release differ: some write `null`, some Python's `None`).
 # An image part ({"type": "image"}) renders as <|image|>, as in the release; dgemma expands it (images.py).
-GEMMA4_CHAT_TEMPLATE = """\
-{%- macro answer_only(text) -%}
-{%- for piece in text.split('<channel|>') -%}{{ piece.split('<|channel>')[0] }}{%- endfor -%}
-{%- endmacro -%}
-{%- macro render_content(content, is_model) -%}
-{%- if content is string -%}{{ (answer_only(content) if is_model else content) | trim }}
-{%- elif content is iterable and content is not mapping -%}
-{%- for part in content -%}
-{%- set text = part if part is string else (part.get('text', '') if part is mapping and part.get('type') == 'text'
-                                            else '') -%}
-{%- if part is mapping and part.get('type') == 'image' -%}{{- '<|image|>' -}}
-{%- else -%}{{- (answer_only(text) if is_model else text) | trim -}}{%- endif -%}
-{%- endfor -%}
-{%- elif content is not none -%}{{ raise_exception('message content must be a string or a list of parts') }}
-{%- endif -%}
-{%- endmacro -%}
-{%- macro quoted(text) -%}{{- '<|"|>' ~ text ~ '<|"|>' -}}{%- endmacro -%}
-{%- macro value(v, quote_keys) -%}
-{%- if v is string -%}{{- quoted(v) -}}
-{%- elif v is boolean -%}{{- 'true' if v else 'false' -}}
-{%- elif v is none -%}{{- 'null' -}}
-{%- elif v is mapping -%}{{- '{' -}}
-{%- for k, item in v | dictsort -%}{{- ',' if not loop.first -}}
-{{- (quoted(k) if quote_keys else k) ~ ':' -}}{{- value(item, quote_keys) -}}
-{%- endfor -%}{{- '}' -}}
-{%- elif v is iterable -%}{{- '[' -}}
-{%- for item in v -%}{{- ',' if not loop.first -}}{{- value(item, quote_keys) -}}{%- endfor -%}{{- ']' -}}
-{%- else -%}{{- v -}}
-{%- endif -%}
-{%- endmacro -%}
-{%- macro name_list(names) -%}
-{{- '[' -}}{%- for n in names -%}{{- ',' if not loop.first -}}{{- quoted(n) -}}{%- endfor -%}{{- ']' -}}
-{%- endmacro -%}
-{%- macro declare_items(items) -%}
-{%- set out = namespace(first=true) -%}
-{%- for k, v in items | dictsort -%}{%- if v is not none -%}
-{{- '' if out.first else ',' -}}{%- set out.first = false -%}
-{%- if k == 'properties' -%}{{- 'properties:{' -}}
-{%- if v is mapping -%}{{- declare_properties(v, false) -}}{%- endif -%}{{- '}' -}}
-{%- elif k == 'required' -%}{{- 'required:' ~ name_list(v) -}}
-{%- elif k == 'type' -%}
-{{- 'type:' ~ (value(v | upper, true) if v is string else value(v | map('upper') | list, true)) -}}
-{%- else -%}{{- k ~ ':' ~ value(v, true) -}}
-{%- endif -%}
-{%- endif -%}{%- endfor -%}
-{%- endmacro -%}
-{%- macro declare_properties(properties, skip_schema_keys) -%}
-{%- set listed = namespace(first=true) -%}
-{%- for key, spec in properties | dictsort -%}
-{%- if not skip_schema_keys or key not in ['description', 'type', 'properties', 'required', 'nullable'] -%}
-{{- '' if listed.first else ',' -}}{%- set listed.first = false -%}
-{%- set kind = spec['type'] | upper -%}
-{%- set fields = [] -%}
-{%- if spec['description'] -%}{%- set fields = fields + ['description:' ~ quoted(spec['description'])] -%}{%- endif -%}
-{%- if kind == 'STRING' and spec['enum'] -%}{%- set fields = fields + ['enum:' ~ value(spec['enum'], true)] -%}
-{%- elif kind == 'ARRAY' and spec['items'] is mapping and spec['items'] -%}
-{%- set fields = fields + ['items:{' ~ declare_items(spec['items']) ~ '}'] -%}
-{%- endif -%}
-{%- if spec['nullable'] -%}{%- set fields = fields + ['nullable:true'] -%}{%- endif -%}
-{%- if kind == 'OBJECT' -%}
-{%- if spec['properties'] is defined and spec['properties'] is mapping -%}
-{%- set fields = fields + ['properties:{' ~ declare_properties(spec['properties'], false) ~ '}'] -%}
-{%- elif spec is mapping -%}
-{%- set fields = fields + ['properties:{' ~ declare_properties(spec, true) ~ '}'] -%}
-{%- endif -%}
-{%- if spec['required'] -%}{%- set fields = fields + ['required:' ~ name_list(spec['required'])] -%}{%- endif -%}
-{%- endif -%}
-{%- set fields = fields + ['type:' ~ quoted(kind)] -%}
-{{- key ~ ':{' ~ fields | join(',') ~ '}' -}}
-{%- endif -%}
-{%- endfor -%}
-{%- endmacro -%}
-{%- macro declare(function) -%}
-{{- 'declaration:' ~ function['name'] ~ '{description:' ~ quoted(function['description']) -}}
-{%- set params = function['parameters'] -%}
-{%- if params -%}{{- ',parameters:{' -}}
-{%- if params['properties'] -%}
-{{- 'properties:{' ~ declare_properties(params['properties'], false) ~ '},' -}}
-{%- endif -%}
-{%- if params['required'] -%}{{- 'required:' ~ name_list(params['required']) ~ ',' -}}{%- endif -%}
-{%- if params['type'] -%}{{- 'type:' ~ quoted(params['type'] | upper) ~ '}' -}}{%- endif -%}
-{%- endif -%}
-{%- if 'response' in function -%}{%- set response = function['response'] -%}{{- ',response:{' -}}
-{%- if response['description'] -%}{{- 'description:' ~ quoted(response['description']) ~ ',' -}}{%- endif -%}
-{%- if response['type'] | upper == 'OBJECT' -%}{{- 'type:' ~ quoted(response['type'] | upper) ~ '}' -}}{%- endif -%}
-{%- endif -%}
-{{- '}' -}}
-{%- endmacro -%}
-{%- macro fields(mapping) -%}
-{%- for k, v in mapping | dictsort -%}{{- ',' if not loop.first -}}{{- k ~ ':' ~ value(v, false) -}}{%- endfor -%}
-{%- endmacro -%}
-{%- macro tool_result(name, result) -%}
-{{- '<|tool_response>response:' ~ name ~ '{' -}}
-{{- fields(result) if result is mapping else 'value:' ~ value(result, false) -}}
-{{- '}<tool_response|>' -}}
-{%- endmacro -%}
-{%- macro result_text(content) -%}
-{%- for part in content -%}{%- if part is mapping and part.get('type') == 'text' -%}{{- part.get('text', '') -}}
-{%- endif -%}{%- endfor -%}
-{%- endmacro -%}
-{{- bos_token -}}
-{%- set loop_messages = messages -%}
-{%- set has_system = messages and messages[0].get('role') in ['system', 'developer'] -%}
-{%- if enable_thinking or has_system or tools -%}
-{{- '<|turn>system\\n' -}}{%- if enable_thinking -%}{{- '<|think|>\\n' -}}{%- endif -%}
-{%- if has_system -%}{{- render_content(messages[0].get('content'), false) -}}{%- set loop_messages = messages[1:] -%}
-{%- endif -%}
-{%- for tool in tools or [] -%}{{- '<|tool>' ~ (declare(tool['function']) | trim) ~ '<tool|>' -}}{%- endfor -%}
-{{- '<turn|>\\n' -}}
-{%- endif -%}
-{%- set state = namespace(last_user=-1, after=none, calls_open=false, previous=none) -%}
-{%- for message in loop_messages -%}{%- if message.get('role') == 'user' -%}{%- set state.last_user = loop.index0 -%}
-{%- endif -%}{%- endfor -%}
-{%- for message in loop_messages -%}
-{%- set role = message.get('role') -%}
-{%- set index = loop.index0 -%}
-{%- if role == 'tool' -%}
-{%- if not state.calls_open -%}
-{{- raise_exception('a tool message must follow an assistant message with tool_calls') -}}
-{%- endif -%}
-{%- elif role in ['user', 'assistant', 'model'] -%}
-{%- set is_model = role != 'user' -%}
-{%- if not (is_model and state.previous in ['assistant', 'model']) -%}
-{{- '<|turn>' ~ ('model' if is_model else 'user') ~ '\\n' -}}
-{%- endif -%}
-{%- set state.previous, state.after = role, none -%}
-{%- set calls = message.get('tool_calls') or [] -%}
-{%- set thought = message.get('reasoning') or message.get('reasoning_content') -%}
-{%- if thought and calls and index > state.last_user -%}
-{{- '<|channel>thought\\n' ~ thought ~ '\\n<channel|>' -}}
-{%- endif -%}
-{%- for call in calls -%}
-{%- set function = call['function'] -%}
-{{- '<|tool_call>call:' ~ function['name'] ~ '{' -}}
-{%- if function['arguments'] is mapping -%}{{- fields(function['arguments']) -}}
-{%- elif function['arguments'] is string -%}{{- function['arguments'] -}}
-{%- endif -%}
-{{- '}<tool_call|>' -}}
-{%- endfor -%}
-{%- set results = namespace(any=false, open=true) -%}
-{%- if calls -%}{%- set state.after = 'tool_call' -%}{%- endif -%}
-{%- if message.get('tool_responses') -%}
-{%- for result in message['tool_responses'] -%}
-{{- tool_result(result['name'] | default('unknown'), result['response']) -}}
-{%- set results.any = true -%}
-{%- endfor -%}
-{%- elif calls -%}
-{%- for follow in loop_messages[index + 1:] -%}
-{%- if results.open and follow.get('role') == 'tool' -%}
-{%- set tool = namespace(name=follow.get('name') | default('unknown')) -%}
-{%- for call in calls -%}{%- if call.get('id') == follow.get('tool_call_id') -%}
-{%- set tool.name = call['function']['name'] -%}{%- endif -%}{%- endfor -%}
-{%- set body = follow.get('content') -%}
-{{- tool_result(tool.name, result_text(body) if body is iterable and body is not string and body is not mapping
-                           else body) -}}
-{%- set results.any = true -%}
-{%- else -%}{%- set results.open = false -%}
-{%- endif -%}
-{%- endfor -%}
-{%- endif -%}
-{%- if results.any -%}{%- set state.after = 'tool_response' -%}{%- endif -%}
-{%- set state.calls_open = calls | length > 0 -%}
-{%- set text = render_content(message.get('content'), is_model) -%}
-{{- text -}}
-{%- if calls and not results.any -%}{{- '<|tool_response>' -}}
-{%- elif not (results.any and not (text | trim)) -%}{{- '<turn|>\\n' -}}
-{%- endif -%}
-{%- else -%}
-{{- raise_exception('unsupported message role ' ~ role ~ ' (expected a first system message, then user/assistant)') -}}
-{%- endif -%}
-{%- endfor -%}
-{%- if add_generation_prompt and state.after not in ['tool_call', 'tool_response'] -%}
-{{- '<|turn>model\\n' -}}{%- if not enable_thinking -%}{{- '<|channel>thought\\n<channel|>' -}}{%- endif -%}
-{%- endif -%}
-"""
+GEMMA4_CHAT_TEMPLATE = (Path(__file__).parent / "templates" / "gemma4.jinja").read_text(encoding="utf-8")
 
 
 class TokenizerError(DgemmaError, ValueError):
@@ -690,7 +518,3 @@ class ChatTemplate:
         finally:
             _budget.reset(token)
 
-
-# ---------------------------------------------------------------------------------------------------------------
-# Tokenizer
-# ---------------------------------------------------------------------------------------------------------------
