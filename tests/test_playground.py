@@ -29,6 +29,8 @@ from dgemma.tokenizer import Tokenizer
 KEY = "page-key"
 CHAT_MODEL = "tiny-test"
 PUZZLE = "124680309003940026079001004960478200402006007007300005000754012200100700741860903"
+# a newspaper puzzle (32 givens, from the validation set) that the served model solves at some seeds and not others
+NEWSPAPER = "300028190962000070010950000000000900000000037095030400023864009004090060000271003"
 CHROMIUM = os.environ.get("DGEMMA_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--no-first-run"]
@@ -170,6 +172,33 @@ def test_sudoku_mode_solves_with_the_embedded_model_by_keyboard(open_page, sudok
     screenshot(page, "playground-sudoku.png")
     page.keyboard.press("End")
     assert board_grid(page) == grid and "the end" in page.inner_text("#sudoku-frame-text")
+
+
+def test_sudoku_mode_solves_again_until_the_checker_accepts(open_page, sudoku_server):
+    """A grid the checker refuses is solved again with the next seed (`tries`, 4 by default, as `dgemma sudoku
+    solve --tries`): the page says which try solved it and shows that seed's answer."""
+    puzzle = [int(c) for c in NEWSPAPER]
+
+    def answer(seed: int) -> list[int] | None:
+        text = httpx.post(sudoku_server.url + "/v1/completions", timeout=60,
+                          json={"model": "sudoku", "prompt": NEWSPAPER, "seed": seed}).json()["choices"][0]["text"]
+        grid = [int(c) for c in text[:81]] if text[:81].isdigit() and len(text) >= 81 else None
+        return grid if grid is not None and is_solution(puzzle, grid) else None
+
+    seed = next(s for s in range(1, 9) if answer(s) is None and answer(s + 1) is not None)
+    page = open_page(sudoku_server.url)
+    page.wait_for_selector("#server-status[data-connected]")
+    assert page.input_value("#sudoku-tries") == "4"
+    page.fill("#puzzle-text", NEWSPAPER)
+    page.click("#puzzle-form button[type=submit]")
+    page.fill("#sudoku-seed", str(seed))
+    page.fill("#sudoku-tries", "2")
+    page.click("#solve")
+    page.wait_for_selector("#sudoku-verdict[data-solved]")
+    verdict = page.inner_text("#sudoku-verdict")
+    assert page.get_attribute("#sudoku-verdict", "data-solved") == "true", verdict
+    assert page.get_attribute("#sudoku-verdict", "data-tries") == "2" and "on try 2 of 2" in verdict
+    assert board_grid(page) == answer(seed + 1)
 
 
 def test_sudoku_board_keys_and_the_checker(open_page, sudoku_server):

@@ -1,5 +1,6 @@
 // Sudoku mode: the puzzle goes to /v1/completions as its 81 digits (the embedded model's tokenizer prepends <bos>),
-// streamed with drafts; the board draws each draft, then the checker gives its verdict.
+// streamed with drafts; the board draws each draft, then the checker gives its verdict. A grid the checker refuses
+// is solved again (`tries`, 4 by default), as `dgemma sudoku solve` does.
 
 import { stream } from "./api.js";
 import { LiveCanvas, Replay, requestStats, showStats } from "./canvas.js";
@@ -54,28 +55,10 @@ export function setupSudoku(getModel) {
   $("puzzle-clear").addEventListener("click", () => load("0".repeat(81)));
   $("sudoku-stop").addEventListener("click", () => controller && controller.abort());
 
-  $("solve").addEventListener("click", async () => {
-    if (controller) return;
-    // a puzzle typed but not loaded is taken as it stands
-    if (puzzleText.value.trim() && puzzleText.value.trim() !== formatPuzzle(board.puzzle) && !load(puzzleText.value)) {
-      return;
-    }
-    const body = {
-      model: getModel(), prompt: formatPuzzle(board.puzzle), max_tokens: 82, stream: true,
-      stream_options: { include_drafts: true, include_usage: true },
-    };
-    const steps = $("sudoku-steps").value.trim(), seed = $("sudoku-seed").value.trim();
-    if (steps) body.max_denoising_steps = parseInt(steps, 10);
-    if (seed) body.seed = parseInt(seed, 10);
-    clearVerdict();
+  // One request: stream the puzzle's solve onto the board. -> {finished, canvas, startedAt, endedAt}
+  async function solveOnce(body) {
     board.showPuzzle();
-    board.lock(true);
-    $("solve").disabled = true;
-    $("sudoku-stop").disabled = false;
-    $("sudoku-verdict").textContent = "Solving…";
-    controller = new AbortController();
     frames = [];
-    badCells = new Set();
     const canvas = new LiveCanvas();
     const startedAt = performance.now();
     let finished = false;
@@ -89,34 +72,68 @@ export function setupSudoku(getModel) {
       finished = true;
     } catch (err) {
       $("sudoku-error").textContent = err.name === "AbortError" ? "Stopped." : `Error: ${err.message}`;
-    } finally {
-      if (canvas.content || canvas.drafts) {
-        frames.push({ content: canvas.content, draft: "", isNewDraft: false });
-        board.drawCanvas(canvas.content, "", false);
-      } else {
-        board.showPuzzle();
-      }
-      board.lock(false);
-      controller = null;
-      $("solve").disabled = false;
-      $("sudoku-stop").disabled = true;
-      showStats($("sudoku-stats"), requestStats(canvas, startedAt, performance.now()));
     }
+    if (canvas.content || canvas.drafts) {
+      frames.push({ content: canvas.content, draft: "", isNewDraft: false });
+      board.drawCanvas(canvas.content, "", false);
+    } else {
+      board.showPuzzle();
+    }
+    return { finished, canvas, startedAt, endedAt: performance.now() };
+  }
+
+  // Solve: up to `tries` requests, each a fresh sample (the next seed when one is given, else a random one),
+  // until the checker accepts the grid, as `dgemma sudoku solve --tries` does.
+  $("solve").addEventListener("click", async () => {
+    if (controller) return;
+    // a puzzle typed but not loaded is taken as it stands
+    if (puzzleText.value.trim() && puzzleText.value.trim() !== formatPuzzle(board.puzzle) && !load(puzzleText.value)) {
+      return;
+    }
+    const steps = $("sudoku-steps").value.trim(), seed = $("sudoku-seed").value.trim();
+    const tries = Math.min(16, Math.max(1, parseInt($("sudoku-tries").value, 10) || 1));
     const verdict = $("sudoku-verdict");
-    if (!finished) {
+    clearVerdict();
+    board.lock(true);
+    $("solve").disabled = true;
+    $("sudoku-stop").disabled = false;
+    controller = new AbortController();
+    badCells = new Set();
+    let run = null, check = null, attempt = 0;
+    while (attempt < tries) {
+      attempt += 1;
+      verdict.textContent = tries > 1 ? `Solving… (try ${attempt} of ${tries})` : "Solving…";
+      const body = {
+        model: getModel(), prompt: formatPuzzle(board.puzzle), max_tokens: 82, stream: true,
+        stream_options: { include_drafts: true, include_usage: true },
+      };
+      if (steps) body.max_denoising_steps = parseInt(steps, 10);
+      if (seed) body.seed = parseInt(seed, 10) + attempt - 1;
+      run = await solveOnce(body);
+      if (!run.finished) break;
+      check = checkGrid(board.puzzle, board.grid());
+      if (check.solved) break;
+    }
+    board.lock(false);
+    controller = null;
+    $("solve").disabled = false;
+    $("sudoku-stop").disabled = true;
+    showStats($("sudoku-stats"), requestStats(run.canvas, run.startedAt, run.endedAt));
+    if (!run.finished) {
       verdict.textContent = "";
       return;
     }
-    const check = checkGrid(board.puzzle, board.grid());
     const { solved, problems } = check;
     badCells = check.badCells;
     board.markBad(badCells);
     replay.ready(frames.length);
     verdict.dataset.solved = String(solved);
-    const steps_ = canvas.usage ? ` in ${canvas.usage.denoising_steps} denoising steps` : "";
+    verdict.dataset.tries = String(attempt);
+    const steps_ = run.canvas.usage ? ` in ${run.canvas.usage.denoising_steps} denoising steps` : "";
+    const which = tries > 1 ? (solved ? ` on try ${attempt} of ${tries}` : ` after ${tries} tries (the last shown)`) : "";
     verdict.textContent = solved
-      ? `Solved${steps_}: every row, column and box holds 1 to 9 once, and every given is kept.`
-      : `Not solved${steps_}: ${problems.slice(0, 4).join("; ")}${problems.length > 4 ? `; and ${problems.length - 4} more problems` : ""}.`;
+      ? `Solved${which}${steps_}: every row, column and box holds 1 to 9 once, and every given is kept.`
+      : `Not solved${which}${steps_}: ${problems.slice(0, 4).join("; ")}${problems.length > 4 ? `; and ${problems.length - 4} more problems` : ""}.`;
   });
 
   load(EXAMPLE);
