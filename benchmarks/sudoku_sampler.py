@@ -7,7 +7,8 @@ solve rate and mean denoising steps per setting, to choose the generation_config
 Every combination of the --set values is run (a grid), each on the same puzzles with the same seed; the first line
 is the model's own generation_config.json. --pin-givens pins each puzzle's givens, as `sudoku solve` does.
 --failures describes each setting's unsolved answers: how many cells are wrong, how many row/column/box rules
-they break, and how many ran to the step cap.
+they break, how many ran to the step cap, and how many needed naked singles only (every empty cell reached by
+filling in forced cells, again and again, from the givens).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from dgemma import checkpoint
 from dgemma.config import ConfigError
 from dgemma.runtime import tune_malloc
 from dgemma.tasks import sudoku as S
-from dgemma.tasks.sudoku_puzzles import broken_rules, is_solution
+from dgemma.tasks.sudoku_puzzles import broken_rules, is_solution, naked_singles_solve
 from dgemma.tasks.sudoku_cli import parse_givens, weights_sha256
 
 FIELDS = {"entropy_bound": float, "t_min": float, "t_max": float, "max_denoising_steps": int,
@@ -72,13 +73,25 @@ def main() -> None:
 
 
 def describe_failures(answers: list, cap: int) -> str:
-    """Steps of the solved and the unsolved, and the unsolved answers' wrong cells and broken rules (quartiles)."""
+    """Steps of the solved and the unsolved; the unsolved answers' wrong cells and broken rules (quartiles); and how
+    many puzzles naked singles alone solve (filling in forced cells, again and again, from the givens), how many of
+    those went unsolved, and how often the unsolved grids are wrong at cells naked singles reach and at the rest."""
     solved = [steps for puzzle, _, grid, steps in answers if grid is not None and is_solution(puzzle, grid)]
-    failed = [(solution, grid, steps) for puzzle, solution, grid, steps in answers
+    failed = [(puzzle, solution, grid, steps) for puzzle, solution, grid, steps in answers
               if grid is None or not is_solution(puzzle, grid)]
-    grids = [(solution, grid) for solution, grid, _ in failed if grid is not None]
-    wrong = sorted(sum(a != b for a, b in zip(grid, solution)) for solution, grid in grids)
-    broken = sorted(broken_rules(grid) for _, grid in grids)
+    grids = [(puzzle, solution, grid) for puzzle, solution, grid, _ in failed if grid is not None]
+    wrong = sorted(sum(a != b for a, b in zip(grid, solution)) for _, solution, grid in grids)
+    broken = sorted(broken_rules(grid) for *_, grid in grids)
+    closure = {tuple(puzzle): naked_singles_solve(puzzle) for puzzle, *_ in answers}
+    easy = sum(0 not in c for c in closure.values())
+    easy_failed = sum(0 not in closure[tuple(puzzle)] for puzzle, *_ in failed)
+    cells = {True: [0, 0], False: [0, 0]}  # whether naked singles reach the cell -> [cells, wrong]
+    for puzzle, solution, grid in grids:
+        for i, d in enumerate(puzzle):
+            if not d:
+                reached = bool(closure[tuple(puzzle)][i])
+                cells[reached][0] += 1
+                cells[reached][1] += grid[i] != solution[i]
 
     def quartiles(xs: list[int]) -> str:
         return "/".join(str(xs[min(len(xs) - 1, len(xs) * q // 4)]) for q in (1, 2, 3)) if xs else "-"
@@ -86,10 +99,16 @@ def describe_failures(answers: list, cap: int) -> str:
     def mean(xs: list[int]) -> str:
         return f"{sum(xs) / len(xs):.2f}" if xs else "-"
 
+    def share(reached: bool) -> str:
+        n, bad = cells[reached]
+        return f"{100 * bad / n:.1f}% of {n}" if n else "-"
+
     return (f"{'':4s}solved: mean steps {mean(solved)}; unsolved {len(failed)}: mean steps "
             f"{mean([s for *_, s in failed])}, {sum(s >= cap for *_, s in failed)} at the {cap}-step cap, "
             f"{len(failed) - len(grids)} not 81 digits; wrong cells (quartiles) {quartiles(wrong)}, broken "
-            f"row/column/box rules (quartiles) {quartiles(broken)}")
+            f"row/column/box rules (quartiles) {quartiles(broken)}\n"
+            f"{'':4s}naked singles alone solve {easy} of the puzzles, {easy_failed} of them unsolved; wrong in the "
+            f"unsolved grids: {share(True)} cells naked singles reach, {share(False)} cells they do not")
 
 
 if __name__ == "__main__":
