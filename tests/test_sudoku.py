@@ -55,6 +55,22 @@ def test_heldout_set_is_fixed_and_prefix_stable():
     assert all(sum(d != 0 for d in p) == S.GIVENS for p, _ in a)
 
 
+def test_the_evaluation_sets_are_the_ones_the_figures_were_measured_on():
+    """The held-out, validation and hard sets (their first puzzles) hash to what the generator gave when the README's
+    and BENCHMARKS' figures were measured: a change to the generator or the solver that moves a puzzle fails here,
+    so a faster generator must give the same puzzles."""
+    import hashlib
+
+    def digest(puzzles) -> str:
+        return hashlib.sha256(repr(puzzles).encode()).hexdigest()
+
+    assert digest(S.heldout_set(30, 44)) == "ebcb2795672e341f450b9fadb0bb8abc423b927cccdba6f20f6b1d31aa1d685e"
+    assert digest(S.heldout_set(30, (23, 36))) == "b2ff851cab402b23fd8ab1d93e8a4b0c207df297846ed11d13dcb53979f1daef"
+    assert digest(S.heldout_set(30, (23, 36), validation=True)) == \
+        "ab410aea3eca4b755340f2700a20878add787158ea9c792367d3d99577b4c9ac"
+    assert digest(S.hard_set(10)) == "08e7a327882ef3c6592cd904e4700f94e522351d9d22d52f9ca739e3bcf8f60c"
+
+
 def test_symmetries_keep_puzzles_valid_and_unique():
     rng = random.Random(0)
     puzzle, solution = generate_puzzles(1, 30, seed=1)[0]
