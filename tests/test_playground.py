@@ -163,30 +163,36 @@ def test_sudoku_mode_solves_with_the_embedded_model_by_keyboard(open_page, sudok
     assert steps >= 1 and f"in {steps} denoising steps" in verdict
     states = "cs => cs.map(c => c.dataset.state)"
     assert all(s == "settled" for s in page.eval_on_selector_all("#board input", states))
-    # the replay slider steps back through the drafts: the first one has no settled cell yet
+    # the replay slider steps back through the drafts: in the first, only pinned givens have settled
     page.focus("#sudoku-frame")
     page.keyboard.press("Home")
-    assert "settled" not in page.eval_on_selector_all("#board input", states)
-    assert "draft" in page.eval_on_selector_all("#board input", states)
+    first = page.eval_on_selector_all("#board input", states)
+    assert all(PUZZLE[i] != "0" for i, state in enumerate(first) if state == "settled")
+    assert "draft" in first
     page.keyboard.press("ArrowRight")
     screenshot(page, "playground-sudoku.png")
     page.keyboard.press("End")
     assert board_grid(page) == grid and "the end" in page.inner_text("#sudoku-frame-text")
 
 
-def test_sudoku_mode_solves_again_until_the_checker_accepts(open_page, sudoku_server):
-    """A grid the checker refuses is solved again with the next seed (`tries`, 4 by default, as `dgemma sudoku
-    solve --tries`): the page says which try solved it and shows that seed's answer."""
+def test_sudoku_mode_pins_the_givens_and_solves_again_until_the_checker_accepts(open_page, sudoku_server):
+    """As `dgemma sudoku solve` does, the page pins the givens (the server's `template`: each given a literal, each
+    run of blanks a hole) and solves again with the next seed until the checker accepts (`tries`, 4 by default): it
+    says which try solved it and shows that seed's answer."""
     puzzle = [int(c) for c in NEWSPAPER]
+    template = re.sub(r"0+", lambda run: "{{%d}}" % len(run.group(0)), NEWSPAPER)
 
     def answer(seed: int) -> list[int] | None:
         text = httpx.post(sudoku_server.url + "/v1/completions", timeout=60,
-                          json={"model": "sudoku", "prompt": NEWSPAPER, "seed": seed}).json()["choices"][0]["text"]
+                          json={"model": "sudoku", "prompt": NEWSPAPER, "seed": seed, "template": template}
+                          ).json()["choices"][0]["text"]
         grid = [int(c) for c in text[:81]] if text[:81].isdigit() and len(text) >= 81 else None
         return grid if grid is not None and is_solution(puzzle, grid) else None
 
     seed = next(s for s in range(1, 9) if answer(s) is None and answer(s + 1) is not None)
     page = open_page(sudoku_server.url)
+    sent = []
+    page.on("request", lambda r: sent.append(json.loads(r.post_data)) if r.url.endswith("/v1/completions") else None)
     page.wait_for_selector("#server-status[data-connected]")
     assert page.input_value("#sudoku-tries") == "4"
     page.fill("#puzzle-text", NEWSPAPER)
@@ -199,6 +205,7 @@ def test_sudoku_mode_solves_again_until_the_checker_accepts(open_page, sudoku_se
     assert page.get_attribute("#sudoku-verdict", "data-solved") == "true", verdict
     assert page.get_attribute("#sudoku-verdict", "data-tries") == "2" and "on try 2 of 2" in verdict
     assert board_grid(page) == answer(seed + 1)
+    assert [(body["template"], body["seed"]) for body in sent] == [(template, seed), (template, seed + 1)]
 
 
 def test_sudoku_board_keys_and_the_checker(open_page, sudoku_server):

@@ -1,12 +1,18 @@
 // Sudoku mode: the puzzle goes to /v1/completions as its 81 digits (the embedded model's tokenizer prepends <bos>),
-// streamed with drafts; the board draws each draft, then the checker gives its verdict. A grid the checker refuses
-// is solved again (`tries`, 4 by default), as `dgemma sudoku solve` does.
+// with its givens pinned (givensTemplate), streamed with drafts; the board draws each draft, then the checker gives
+// its verdict. A grid the checker refuses is solved again (`tries`, 4 by default), as `dgemma sudoku solve` does.
 
 import { stream } from "./api.js";
 import { LiveCanvas, Replay, requestStats, showStats } from "./canvas.js";
 import { Board, EXAMPLE, checkGrid, formatPuzzle, parsePuzzle } from "./sudoku.js";
 
 const $ = (id) => document.getElementById(id);
+
+// The givens pinned where they stand, as `dgemma sudoku solve` pins them: the server's `template` field, each given
+// a literal digit and each run of blanks a hole of that many tokens ("53{{2}}7{{4}}..."), so no given is rewritten.
+export function givensTemplate(puzzle) {
+  return puzzle.map((d) => (d ? String(d) : "_")).join("").replace(/_+/g, (run) => `{{${run.length}}}`);
+}
 
 export function setupSudoku(getModel) {
   const puzzleText = $("puzzle-text");
@@ -107,6 +113,7 @@ export function setupSudoku(getModel) {
         model: getModel(), prompt: formatPuzzle(board.puzzle), max_tokens: 82, stream: true,
         stream_options: { include_drafts: true, include_usage: true },
       };
+      if (board.puzzle.includes(0)) body.template = givensTemplate(board.puzzle);
       if (steps) body.max_denoising_steps = parseInt(steps, 10);
       if (seed) body.seed = parseInt(seed, 10) + attempt - 1;
       run = await solveOnce(body);
