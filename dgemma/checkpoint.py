@@ -8,11 +8,7 @@ mapped pages are dropped at once, so peak memory stays near the size of the conv
 from __future__ import annotations
 
 import json
-import math
-import mmap
-import os
 import shutil
-import struct
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,12 +17,13 @@ import torch
 from safetensors.torch import save_file
 
 from .config import ConfigError, GenerationConfig, ModelConfig, read_json
-from .errors import DgemmaError
 from .model import DiffusionGemma
 from .model.vision import Vision
 from .quant import formats as quant_formats
 from .quant import fp8 as quant_fp8
 from .quant import int4 as quant_int4
+# CheckpointError and SafetensorsFile are dgemma.checkpoint's names too
+from .safetensors_file import DTYPE_NAMES, DTYPES, FLOAT_DTYPES, CheckpointError, SafetensorsFile, drop_pages
 
 DECODER = "model.decoder."
 ENCODER_TEXT = "model.encoder.language_model."
@@ -34,139 +31,6 @@ VISION_PREFIXES = ("model.encoder.vision_tower.", "model.encoder.embed_vision.")
 VISION_ROOT = "model.encoder."  # Vision's parameter names are the release's after this prefix
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "chat_template.json", "tokenizer.model")
-
-_DTYPES = {
-    "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
-
-
-_FLOATS = ("F32", "F16", "BF16", "F64")
-_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
-
-
-class CheckpointError(DgemmaError, ValueError):
-    """A checkpoint dgemma cannot load. The message is one line naming the file and, where it applies, the tensor."""
-
-
-@dataclass
-class TensorRef:
-    file: Path
-    dtype: str
-    shape: list[int]
-    begin: int  # absolute byte offset in the file
-    end: int
-
-
-@dataclass
-class SafetensorsFile:
-    """One safetensors file: its parsed header and a lazily created read-only-ish (copy-on-write) map."""
-
-    path: Path
-    tensors: dict[str, TensorRef]
-    metadata: dict = field(default_factory=dict)
-    _mm: mmap.mmap | None = None
-
-    @classmethod
-    def open(cls, path: Path) -> SafetensorsFile:
-        if not path.is_file():
-            raise CheckpointError(f"{path}: file not found")
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise CheckpointError(f"{path}: not a safetensors file (too short)")
-            (n,) = struct.unpack("<Q", head)
-            if n > min(size - 8, 100 * 2**20):
-                raise CheckpointError(f"{path}: not a safetensors file (bad header length)")
-            try:
-                header = json.loads(f.read(n))
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                raise CheckpointError(f"{path}: not a safetensors file (header is not JSON)") from None
-            except RecursionError:
-                raise CheckpointError(f"{path}: not a safetensors file (header JSON nested too deeply)") from None
-        if not isinstance(header, dict):
-            raise CheckpointError(f"{path}: not a safetensors file (header is not an object)")
-        metadata = header.pop("__metadata__", None) or {}
-        if not isinstance(metadata, dict):
-            raise CheckpointError(f"{path}: not a safetensors file (__metadata__ is not an object)")
-        tensors = {}
-        data_start = 8 + n
-        for name, info in header.items():
-            ref = _tensor_ref(path, name, info, data_start, size)
-            tensors[name] = ref
-        _check_no_overlap(path, tensors)
-        return cls(path, tensors, metadata)
-
-    def _map(self) -> mmap.mmap:
-        if self._mm is None:
-            with open(self.path, "rb") as f:
-                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-        return self._mm
-
-    def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The tensor `name`, zero-copy when no conversion is needed."""
-        ref = self.tensors[name]
-        src_dtype = _DTYPES[ref.dtype]
-        mm = self._map()
-        count = (ref.end - ref.begin) // src_dtype.itemsize
-        if count == 0:
-            return torch.empty(ref.shape, dtype=dtype or src_dtype)
-        view = torch.frombuffer(mm, dtype=src_dtype, count=count, offset=ref.begin).view(ref.shape)
-        if dtype is None or dtype == src_dtype:
-            return view
-        out = view.to(dtype)
-        _drop_pages(mm, ref.begin, ref.end)
-        return out
-
-    def raw(self, name: str) -> torch.Tensor:
-        return self.get(name).clone()
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _tensor_ref(path: Path, name: str, info, data_start: int, size: int) -> TensorRef:
-    """One header entry, checked field by field: a hostile value is one line, never arithmetic on strings."""
-    where = f"{path}: tensor {name}"
-    if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
-        raise CheckpointError(f"{where}: malformed header entry (needs dtype, shape and data_offsets)")
-    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-    if not isinstance(dtype, str) or dtype not in _DTYPES:
-        raise CheckpointError(f"{where}: unsupported dtype {dtype!r:.40}")
-    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
-        raise CheckpointError(f"{where}: shape must be a list of non-negative integers, got {shape!r:.80}")
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)
-            and 0 <= offsets[0] <= offsets[1]):
-        raise CheckpointError(f"{where}: data_offsets must be two integers 0 <= begin <= end, got {offsets!r:.80}")
-    begin, end = offsets
-    numel = math.prod(shape)
-    if end - begin != numel * _DTYPES[dtype].itemsize:
-        raise CheckpointError(f"{where}: byte range [{begin}, {end}) ({end - begin} bytes) does not match "
-                              f"shape {shape} {dtype} ({numel * _DTYPES[dtype].itemsize} bytes)")
-    if data_start + end > size:
-        raise CheckpointError(f"{where}: file is truncated (needs {data_start + end} bytes, has {size})")
-    return TensorRef(path, dtype, shape, data_start + begin, data_start + end)
-
-
-def _check_no_overlap(path: Path, tensors: dict[str, TensorRef]) -> None:
-    """Two tensors sharing bytes is never a valid safetensors file (and writing one would change the other)."""
-    spans = sorted((ref.begin, ref.end, name) for name, ref in tensors.items() if ref.end > ref.begin)
-    for (_, prev_end, prev), (begin, _, name) in zip(spans, spans[1:]):
-        if begin < prev_end:
-            raise CheckpointError(f"{path}: tensors {prev} and {name} overlap in the file")
-
-
-def _drop_pages(mm: mmap.mmap, begin: int, end: int) -> None:
-    """Release mapped pages we have converted and no longer need (keeps peak RSS near the converted size)."""
-    page = mmap.PAGESIZE
-    start = (begin + page - 1) // page * page
-    stop = end // page * page
-    if stop > start and hasattr(mm, "madvise"):
-        mm.madvise(mmap.MADV_DONTNEED, start, stop - start)
-
 
 @dataclass
 class Checkpoint:
@@ -246,14 +110,14 @@ def _looks_like_integers(t: torch.Tensor, sample: int = 1 << 16) -> bool:
 
 
 def _stored_dtype(files: dict[str, SafetensorsFile], name: str) -> torch.dtype | None:
-    return _DTYPES[files[name].tensors[name].dtype] if name in files else None
+    return DTYPES[files[name].tensors[name].dtype] if name in files else None
 
 
 def _check_stored(f: SafetensorsFile, hf_name: str, want: torch.dtype) -> None:
     got = f.tensors[hf_name].dtype
-    if _DTYPES[got] != want:
+    if DTYPES[got] != want:
         raise CheckpointError(f"{f.path}: tensor {hf_name} is {got}, but config.json's quantization_config says it "
-                              f"is {_DTYPE_NAMES[want]}")
+                              f"is {DTYPE_NAMES[want]}")
 
 
 def _fill_slot(tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], slot: tuple[str, tuple],
@@ -273,7 +137,7 @@ def _fill_slot(tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tenso
     if not _all_finite(value):
         raise CheckpointError(f"{f.path}: tensor {hf_name} holds NaN or Inf values; the checkpoint is corrupt")
     target.copy_(value.reshape(target.shape))
-    _drop_pages(f._map(), ref.begin, ref.end)
+    drop_pages(f.map(), ref.begin, ref.end)
 
 
 def default_dtype(device: torch.device | str) -> torch.dtype:
@@ -298,7 +162,7 @@ def _load_vision(path: Path, config: ModelConfig, passthrough: dict[str, tuple[S
         if tuple(ref.shape) != tuple(want.shape):
             raise CheckpointError(f"{f.path}: tensor {hf_name} has shape {tuple(ref.shape)}, expected "
                                   f"{tuple(want.shape)}")
-        if ref.dtype not in _FLOATS:
+        if ref.dtype not in FLOAT_DTYPES:
             raise CheckpointError(f"{f.path}: tensor {hf_name} is {ref.dtype}; weights must be floating point")
         tensors[ours] = f.get(hf_name, dtype).to(device)
         # the clipping bounds are +-inf by design; everything else must be finite
@@ -389,9 +253,9 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
                 raise CheckpointError(f"{f.path}: tensor {hf_name} is {ref.dtype}, but config.json's "
                                       f"quantization_config says it holds int4 codes (U8)")
             want_dtype = None
-        elif ref.dtype not in _FLOATS:  # integer data would be converted to float silently, and garbage
+        elif ref.dtype not in FLOAT_DTYPES:  # integer data would be converted to float silently, and garbage
             raise CheckpointError(f"{f.path}: tensor {hf_name} is {ref.dtype}; weights must be floating point "
-                                  f"({', '.join(_FLOATS)})")
+                                  f"({', '.join(FLOAT_DTYPES)})")
         elif ours.endswith("_scale_inv"):
             want_dtype = torch.float32
         tensors[ours] = f.get(hf_name, want_dtype).reshape(want).to(device)
@@ -444,7 +308,7 @@ def stored_dtype(path: str | Path) -> torch.dtype:
     files = _index_files(Path(path))
     for name in (DECODER + "embed_tokens.weight", ENCODER_TEXT + "embed_tokens.weight"):
         if name in files:
-            return _DTYPES[files[name].tensors[name].dtype]
+            return DTYPES[files[name].tensors[name].dtype]
     raise CheckpointError(f"{path}: no embed_tokens.weight tensor")
 
 
