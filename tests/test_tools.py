@@ -125,7 +125,8 @@ def test_the_unconstrained_model_does_not_call_tools(tok):
 
 
 @pytest.mark.parametrize("parameters, where", [
-    ({"type": "object", "properties": {"a": {"oneOf": [{"type": "string"}]}}}, "parameters/properties/a"),
+    ({"type": "object", "properties": {"a": {"oneOf": [{"type": "string"}, {"type": "integer"}]}}},
+     "parameters/properties/a"),
     ({"type": "object", "properties": {"a b": {"type": "string"}}}, "argument name 'a b'"),
     ({"type": "array"}, "type object"),
     ({"type": "object", "properties": {"a": {"type": "integer", "minimum": 3}}}, "'minimum'")])
@@ -244,7 +245,8 @@ def test_history_with_calls_and_tool_results_renders_through_the_template(client
      "tools[0].function.parameters"),
     ({"tools": [{"type": "function", "function": {"name": "bad name"}}]}, "tools.0.function.name"),
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {
-        "type": "object", "properties": {"a": {"oneOf": [{"type": "string"}]}}}}}], "tool_choice": "required"},
+        "type": "object", "properties": {"a": {"oneOf": [{"type": "string"}, {"type": "integer"}]}}}}}],
+        "tool_choice": "required"},
      "tools"),
     ({"tool_choice": "required", "response_format": {"type": "json_object"}}, "tool_choice"),
     ({"tool_choice": "required", "pinned": {"0": 5}}, "pinned")])  # no call starts with token 5

@@ -11,7 +11,8 @@ first and accept only what it enforces, naming the first keyword it would drop:
 - array: `items`, `minItems`, `maxItems`, or `prefixItems` (exactly that many items);
 - object: `properties` + `required` (keys emitted in the schema's order; no other keys), or free-form with
   `additionalProperties`, `minProperties`, `maxProperties`;
-- `enum`, `const`, `anyOf`, `allOf` with one member, local non-recursive `$ref` (`#/$defs/...`).
+- `enum`, `const`, `anyOf`, `allOf` with one member, `oneOf` whose members exclude each other by a tag (each
+  requires one property with a const of its own: a discriminated union), local non-recursive `$ref` (`#/$defs/...`).
 Annotations (`title`, `description`, `default`, `examples`, ...) are dropped before outlines sees the schema.
 """
 
@@ -65,6 +66,30 @@ def schema_to_regex(schema: dict, whitespace_pattern: str | None = None) -> str:
         raise SchemaError(f"invalid JSON schema ({' '.join(str(err).split())[:200]})") from None
 
 
+def _union_tag(members: list[dict]) -> str | None:
+    """The property every member (a cleaned object schema) requires with a single constant value, a different one
+    in each member; None if there is none."""
+    def constants(member: dict) -> dict[str, str]:
+        props, required = member.get("properties"), member.get("required", [])
+        if not isinstance(props, dict):
+            return {}
+        out = {}
+        for name in required:
+            sub = props.get(name, {})
+            if "const" in sub:
+                out[name] = json.dumps(sub["const"], sort_keys=True)
+            elif isinstance(sub.get("enum"), list) and len(sub["enum"]) == 1:
+                out[name] = json.dumps(sub["enum"][0], sort_keys=True)
+        return out
+
+    tagged = [constants(m) for m in members]
+    for name in sorted(set.intersection(*(set(t) for t in tagged))):
+        values = [t[name] for t in tagged]
+        if len(set(values)) == len(values):
+            return name
+    return None
+
+
 def _json_plain(text: str) -> bool:
     """True when `text` needs no escaping inside a JSON string."""
     return json.dumps(text, ensure_ascii=False)[1:-1] == text
@@ -91,7 +116,7 @@ class _Walker:
             if combinator in keys:
                 return self._combinator(out, keys, combinator, path, refs)
         if "oneOf" in keys:
-            raise SchemaError(f"{path}: unsupported JSON schema feature 'oneOf' (anyOf is supported)")
+            return self._one_of(out, keys, path, refs)
         if "prefixItems" in keys:
             self._only(keys, {"prefixItems", "type", "items"}, path)
             self._type_is(out, "array", path)
@@ -148,6 +173,22 @@ class _Walker:
             raise SchemaError(f"{path}: unsupported JSON schema feature 'allOf' with more than one schema")
         node[combinator] = [self.clean(s, f"{path}/{combinator}/{i}", refs) for i, s in enumerate(members)]
         return node
+
+    def _one_of(self, node: dict, keys: set, path: str, refs: tuple) -> dict:
+        """oneOf as anyOf (which outlines enforces) when no value can match two members: a tagged union, every
+        member an object that requires one property with a constant of its own (as pydantic writes a discriminated
+        union, with an OpenAPI `discriminator` naming that property). Any other oneOf is refused, since anyOf would
+        also admit a value that matches two members."""
+        self._only(keys, {"oneOf", "discriminator"}, path)
+        members = node["oneOf"]
+        if not isinstance(members, list) or not members:
+            raise SchemaError(f"{path}/oneOf: must be a non-empty list")
+        cleaned = [self.clean(s, f"{path}/oneOf/{i}", refs) for i, s in enumerate(members)]
+        if len(cleaned) > 1 and _union_tag(cleaned) is None:
+            raise SchemaError(f"{path}: unsupported JSON schema feature 'oneOf' whose members may overlap (anyOf is "
+                              f"supported, and oneOf when every member is an object requiring one property with a "
+                              f"const of its own)")
+        return {"anyOf": cleaned}
 
     def _literal(self, node: dict, keys: set, literal: str, path: str) -> dict:
         self._only(keys, {literal, "type"}, path)
