@@ -8,8 +8,9 @@ Generation (numbers reused in the code):
      Stop at the requested number of givens.
   3. If every cell was visited before reaching that number (rare below ~25 givens), start again.
 Below 22 givens step 3 almost never ends (21 givens took 55 s a puzzle here, 22 took 1.8 s, with a search about
-1.8x slower than today's), so the fewest givens asked of make_puzzle is REACHABLE_GIVENS. `minimal_puzzle` instead visits every cell once and keeps what is
-left: a minimal puzzle (no given can be removed), about 21-27 givens, 0.03 s each.
+1.8x slower than today's), so the fewest givens asked of make_puzzle is REACHABLE_GIVENS. `minimal_puzzle` instead
+visits every cell once and keeps what is left: a minimal puzzle (no given can be removed), about 21-27 givens,
+0.03 s each.
 """
 
 from __future__ import annotations
@@ -142,13 +143,18 @@ def make_puzzle(rng: random.Random, givens: int) -> tuple[list[int], list[int]]:
         # 3. dead end: start over
 
 
+def _peer_candidates(grid: list[int], i: int) -> int:
+    """The digits (bits 1-9) that no cell in cell i's row, column or box holds."""
+    used = 0
+    for j in PEERS[i]:
+        used |= 1 << grid[j]
+    return ALL & ~used
+
+
 def _forced(puzzle: list[int], i: int) -> bool:
     """Whether empty cell i has one candidate left (its row, column and box hold the other eight digits). Blanking
     such a cell keeps a puzzle's one solution, so step 2 needs no search for it: the same puzzles, sooner."""
-    used = 0
-    for j in PEERS[i]:
-        used |= 1 << puzzle[j]
-    return _COUNT[ALL & ~used] == 1
+    return _peer_candidates(puzzle, i) in _BITS
 
 
 def minimal_puzzle(rng: random.Random) -> tuple[list[int], list[int]]:
@@ -209,10 +215,7 @@ def naked_singles_solve(puzzle: list[int]) -> list[int]:
         progress = False
         for i in range(CELLS):
             if grid[i] == 0:
-                used = 0
-                for j in PEERS[i]:
-                    used |= 1 << grid[j]
-                mask = ALL & ~used
+                mask = _peer_candidates(grid, i)
                 if mask in _BITS:
                     grid[i] = _BITS[mask]
                     progress = True
