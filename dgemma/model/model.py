@@ -208,7 +208,8 @@ class DiffusionGemma(nn.Module):
         if lockstep and len(set(lengths)) != 1:
             raise ValueError("rows have different lengths; pass rows=")
         kv_end = max(lengths) + num_new
-        kv_start = {True: min(sliding_kv_start(n, window) for n in lengths), False: 0}
+        row_start = {True: [sliding_kv_start(n, window) for n in lengths], False: [0] * len(lengths)}  # as alone
+        kv_start = {s: min(firsts) for s, firsts in row_start.items()}
         starts = torch.tensor(lengths, device=device)
         valid = cache.valid if lockstep else cache.valid[torch.tensor(rows_list, device=device)]
         if encoder:
@@ -227,8 +228,8 @@ class DiffusionGemma(nn.Module):
             positions = starts[:, None] + torch.arange(num_new, device=device)  # (R, T)
             writer = cache.writer(rows_list, starts, kv_start, kv_end)
             if device.type == "cpu" and len(set(lengths)) > 1:
-                spans = {s: [((sliding_kv_start(n, window) if s else 0) - kv_start[s], n + num_new - kv_start[s])
-                             for n in lengths] for s in (True, False)}
+                spans = {s: [(a - kv_start[s], n + num_new - kv_start[s]) for a, n in zip(row_start[s], lengths)]
+                         for s in (True, False)}
         return ForwardPlan(positions, masks, writer, rows_list, kv_start, kv_end, cache, spans)
 
     def encode(self, tokens: torch.Tensor, cache: KVCache, rows: list[int] | None = None,
