@@ -10,7 +10,7 @@ from starlette.requests import Request as HTTPRequest
 
 from ..inputs.http import chat_input
 from .protocol import ChatChoice, ChatCompletionRequest, ChatCompletionResponse, ChatMessageOut, error_body
-from .streaming import APIError, RequestStream, chunk_base, sse, usage, usage_chunk
+from .streaming import APIError, RequestStream, chunk_base, sse, stream_end, usage
 
 
 async def chat_completion(serving, body: ChatCompletionRequest, raw: HTTPRequest):
@@ -78,10 +78,8 @@ async def _chunks(serving, stream: RequestStream, body: ChatCompletionRequest, r
                     if calls_sent and finish_reason == "stop":
                         finish_reason = "tool_calls"
                     yield chunk({}, finish_reason)
-                    last = usage_chunk(base, body, out)
-                    if last is not None:
-                        yield last
-                yield sse("[DONE]")
+                for tail in stream_end(base, body, out):
+                    yield tail
                 return
     finally:
         stream.abort()

@@ -9,7 +9,7 @@ from starlette.requests import Request as HTTPRequest
 
 from ..inputs.http import completion_input
 from .protocol import CompletionChoice, CompletionRequest, CompletionResponse, error_body
-from .streaming import RequestStream, chunk_base, sse, usage, usage_chunk
+from .streaming import RequestStream, chunk_base, sse, stream_end, usage
 
 
 async def completion(serving, body: CompletionRequest, raw: HTTPRequest):
@@ -48,10 +48,8 @@ async def _chunks(serving, stream: RequestStream, body: CompletionRequest, raw: 
                 else:
                     yield sse(dict(base, choices=[choice]))
             if out.finished:
-                last = usage_chunk(base, body, out) if out.finish_reason != "error" else None
-                if last is not None:
-                    yield last
-                yield sse("[DONE]")
+                for tail in stream_end(base, body, out):
+                    yield tail
                 return
     finally:
         stream.abort()

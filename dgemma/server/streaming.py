@@ -110,8 +110,10 @@ def chunk_base(request_id: str, obj: str, model: str) -> dict:
     return {"id": request_id, "object": obj, "created": int(time.time()), "model": model}
 
 
-def usage_chunk(base: dict, body, out: RequestOutput) -> str | None:
-    """The last chunk's usage, when the request asked for it (stream_options.include_usage)."""
-    if not (body.stream_options or StreamOptions()).include_usage:
-        return None
-    return sse(dict(base, choices=[], usage=usage(out).model_dump()))
+def stream_end(base: dict, body, out: RequestOutput) -> list[str]:
+    """The last chunks of a finished stream: its usage (when the request asked for it, stream_options.include_usage,
+    and did not fail), then [DONE]."""
+    tail = []
+    if out.finish_reason != "error" and (body.stream_options or StreamOptions()).include_usage:
+        tail.append(sse(dict(base, choices=[], usage=usage(out).model_dump())))
+    return tail + [sse("[DONE]")]
