@@ -11,9 +11,6 @@ import sys
 from ..cli_common import (DEFAULT_MODEL_NOTE, CLIError, apply_threads, generation_config, load_runtime, notice,
                           parse_ids, seed_everything)
 
-STEERING_FLAGS = ("suffix", "template", "prediction", "strength", "seed_tokens", "pinned")
-
-
 class CanvasView:
     """Redraws row 0's argmax canvas after every denoising step. On a terminal the canvas is redrawn in place, with
     settled (accepted) tokens in bold and the rest dim; to a file or a pipe it is appended as plain text, with each
@@ -109,7 +106,7 @@ def cmd_generate(args) -> int:
     from ..control.pins import SteeringError
     from ..generate import ContextLengthError, generate
     from ..inputs import InputProcessor
-    from ..inputs.args import prompt_ids, prompt_images, steering_plan
+    from ..inputs.args import flag_error, prompt_ids, prompt_images, steering_plan
 
     generation_config(args, GenerationConfig())  # reject bad sampling arguments before loading any weights
     if args.prompt_ids:
@@ -120,10 +117,8 @@ def cmd_generate(args) -> int:
     processor = InputProcessor(tokenizer, ckpt.generation, ckpt.config.text.vocab_size)
     prompts, images = prompt_images(args, ckpt, prompt_ids(args, processor))
     gen = generation_config(args, ckpt.generation)
-    # without --max-new-tokens a template is the whole output: its length is the budget
-    plan = steering_plan(args, processor, None if args.template and args.max_new_tokens is None
-                         else gen.max_new_tokens)
-    if plan.max_tokens != gen.max_new_tokens:
+    plan = steering_plan(args, processor, gen.max_new_tokens)
+    if plan.max_tokens != gen.max_new_tokens:  # a template's length
         gen = gen.replace(max_new_tokens=plan.max_tokens)
     steering = None if plan.steering is None else [plan.steering] * len(prompts)
     seed = seed_everything(args.seed)
@@ -132,8 +127,7 @@ def cmd_generate(args) -> int:
         out = generate(ckpt.model, prompts, gen, on_step=view, sampler=args.sampler, steering=steering,
                        greedy=args.greedy, images=images)
     except (ContextLengthError, SteeringError) as e:
-        param = getattr(e, "param", None)
-        raise CLIError(f"--{param.replace('_', '-')}: {e}" if param in STEERING_FLAGS else str(e)) from None
+        raise flag_error(e) from None
     if args.suffix:  # fill in the middle: print the middle
         out.token_ids = [ids[:n] for ids, n in zip(out.token_ids, out.middle_lengths)]
     eos = set(gen.eos_token_id)

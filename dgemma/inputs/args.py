@@ -85,8 +85,10 @@ def steering_spec(args, max_tokens: int | None) -> SteeringSpec | None:
 
 
 def steering_plan(args, processor: InputProcessor, max_tokens: int | None) -> SteeringPlan:
-    """The steering the flags ask for, built by the input processor; an error names the flag."""
-    spec = steering_spec(args, max_tokens)
+    """The steering the flags ask for, built by the input processor, and the output budget (`max_tokens`, the
+    --max-new-tokens or checkpoint's; without the flag a --template is the whole output, its length the budget).
+    An error names the flag."""
+    spec = steering_spec(args, None if args.template and args.max_new_tokens is None else max_tokens)
     if spec is None:
         return SteeringPlan(None, max_tokens)
     if processor.tokenizer is None:
@@ -100,7 +102,13 @@ def plan(processor: InputProcessor, spec: SteeringSpec) -> SteeringPlan:
     try:
         return processor.steering(spec)
     except InputError as e:
-        raise CLIError(f"{flag(e.param)}: {e}" if e.param in FIELD_FLAGS else str(e)) from None
+        raise flag_error(e) from None
+
+
+def flag_error(e: Exception) -> CLIError:
+    """A steering refusal (InputError, SteeringError: `param` a request field) as a CLIError naming the flag."""
+    param = getattr(e, "param", None)
+    return CLIError(f"{flag(param)}: {e}" if param in FIELD_FLAGS else str(e))
 
 
 def _read_schema(path_text: str) -> dict:
