@@ -2,7 +2,7 @@
 ids, images and a Steering. Adapters (args.py for the command line, http.py for the server) read their own request
 shape into its calls; they never encode steering text or compile a constraint themselves.
 
-Nothing here imports torch or the model: the facts it needs (EOS, the vocabulary size, the context) are passed in.
+It never touches the model: the facts it needs (EOS, the vocabulary size, the context) are passed in.
 """
 
 from __future__ import annotations
