@@ -105,3 +105,12 @@ def test_chat_on_the_embedded_sudoku_model_points_to_completions():
 def test_python_m_dgemma_runs_the_cli():
     proc = subprocess.run([sys.executable, "-m", "dgemma", "--help"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.startswith("usage: dgemma") and "generate" in proc.stdout
+
+
+def test_dgemma_chat_refuses_the_sudoku_model_named_by_path(capsys):
+    """Without --model the CLI knew the default was no chat model; named by its path it used to chat in <unk>s."""
+    from dgemma.cli import main
+
+    assert main(["chat", "--model", str(DEFAULT_MODEL), "--threads", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot chat" in err and err.count("\n") == 1

@@ -67,6 +67,7 @@ class ChatPictures:
 def cmd_chat(args) -> int:
     from ..generate import generate
     from ..images import ImageError, expand_image_tokens
+    from ..inputs import InputProcessor
     from ..tokenizer import split_thinking
 
     check_default_model(args)
@@ -74,6 +75,7 @@ def cmd_chat(args) -> int:
     ckpt, tokenizer = load_runtime(args)
     if tokenizer is None:
         raise CLIError("chat needs a checkpoint with tokenizer.json")
+    InputProcessor(tokenizer, ckpt.generation, ckpt.config.text.vocab_size).check_can_chat()  # as the server does
     gen = generation_config(args, ckpt.generation)
     seed_everything(args.seed)
     eos = set(gen.eos_token_id)

@@ -45,7 +45,11 @@ def chat_input(processor: InputProcessor, body, options: ServingOptions) -> Requ
     """/v1/chat/completions: the rendered chat (images expanded), its parameters and its tools."""
     from ..server.tools import ToolRequestError, template_messages, tool_request
 
-    processor.check_can_chat(hint="; use /v1/completions (with a prompt of token ids when it has no tokenizer)")
+    try:
+        processor.check_can_chat()
+    except InputError as e:
+        ids = " with a prompt of token ids" if processor.tokenizer is None else ""
+        raise InputError(f"{e}; use /v1/completions{ids}", e.param) from None
     if len(body.messages) > options.max_messages:
         raise InputError(f"messages: {len(body.messages)} messages, more than this server's limit of "
                          f"{options.max_messages} (--max-messages)", "messages")

@@ -85,14 +85,14 @@ class InputProcessor:
             raise InputError(f"{param}: token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})", param)
         return ids
 
-    def check_can_chat(self, param: str = "messages", hint: str = "") -> None:
-        """Refuse a chat on a model whose tokenizer cannot write the chat template (InputError naming `param`)."""
+    def check_can_chat(self) -> None:
+        """Refuse a chat on a model whose tokenizer cannot write the chat template (InputError naming messages)."""
         tok = self.tokenizer
         if tok is None:
-            raise InputError(f"this model has no tokenizer, so it cannot render chats{hint}", param)
+            raise InputError("this model has no tokenizer, so it cannot render chats", "messages")
         if not tok.has_chat_template and tok.token_id(TURN_MARKER) is None:
             raise InputError(f"this model cannot chat: its tokenizer has no chat template and no {TURN_MARKER} token "
-                             f"(the embedded Sudoku solver is such a model){hint}", param)
+                             f"(the embedded Sudoku solver is such a model)", "messages")
 
     def chat_ids(self, messages: list[dict], thinking: bool = False, template_kwargs: dict | None = None) -> list[int]:
         """The chat rendered with the generation prompt and encoded; message text is plain text (only the template
