@@ -1,7 +1,7 @@
 """What every `dgemma` subcommand shares: the user-error type, the model/device/dtype, sampling and thread flags,
 and loading a checkpoint for a command.
 
-cli.py and the *_cli modules import from here, never from each other. This module is light to import: torch and
+The cli/ package and the *_cli modules import from here, never from each other. This module is light to import: torch and
 the model code are imported inside the functions that use them, so building the parser (`dgemma --help`) costs
 no torch import."""
 

@@ -252,6 +252,7 @@ class ScriptedEngine:
 
     generation = default_generation(preset_config("tiny"))
     max_model_len, num_running, num_waiting, num_steps = 256, 0, 0, 0
+    vocab_size = preset_config("tiny").text.vocab_size
 
     def __init__(self, deltas: list[str]):
         self.deltas = deltas

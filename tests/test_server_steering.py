@@ -184,3 +184,57 @@ def test_json_mode_can_be_compiled_before_the_first_request(server):
     assert serving.warm_json_object()
     vocab = serving.vocabulary()
     assert len(vocab.cache) == 1 and Constraint.json_object(vocab) is next(iter(vocab.cache.values()))
+
+
+# -- hardening: every bad steering field is a 400 naming it; user text in the output is plain text ---------------
+def _post(server, path, body):
+    return httpx.post(server.url + path, json=dict(body, model=MODEL), timeout=60)
+
+
+@pytest.mark.parametrize("text", [5, ["a"], None])
+def test_prediction_parts_with_non_string_text_are_a_400(server, text):
+    r = _post(server, "/v1/completions", {"prompt": "x", "max_tokens": 4,
+                                          "prediction": {"type": "content", "content": [{"type": "text", "text": text}]}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prediction", r.text
+    assert "prediction.content[0].text" in r.json()["error"]["message"]
+
+
+def test_a_prediction_part_that_is_not_text_is_refused(server):
+    r = _post(server, "/v1/completions", {"prompt": "x", "max_tokens": 4,
+                                          "prediction": {"type": "content", "content": [{"type": "image_url"}]}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prediction"
+
+
+def test_a_too_long_prediction_names_prediction(server):
+    r = _post(server, "/v1/completions", {"prompt": "x", "max_tokens": 4,
+                                          "prediction": {"type": "content", "content": "a much longer text"}})
+    error = r.json()["error"]
+    assert r.status_code == 400 and error["param"] == "prediction" and "seed_tokens" not in error["message"]
+
+
+def test_template_literals_are_plain_text_as_a_prediction_is(server):
+    """'<eos>' typed in a template is five characters, as in a prediction; it used to pin EOS at 0."""
+    tok = server.tokenizer
+    plain = tok.encode_plain("<eos>")
+    r = _post(server, "/v1/completions", {"prompt": "x", "seed": 0, "template": "<eos>{{2}}<bos>"})
+    assert r.status_code == 200, r.text
+    ids = r.json()["choices"][0]["token_ids"]
+    assert ids[:len(plain)] == plain and tok.token_id("<eos>") not in ids[:len(plain)]
+    assert ids[len(plain) + 2:] == tok.encode_plain("<bos>") + [tok.token_id("<eos>")]
+
+
+def test_chat_honours_template(server):
+    """A chat's template was silently ignored; now the reply holds its literals, the holes filled."""
+    tok = server.tokenizer
+    r = _post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "seed": 1,
+                                               "template": "A{{2}}B"})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] == len(tok.encode_plain("AB")) + 2 + 1  # literals, holes, EOS
+    r = _post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "template": "none"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "template"
+
+
+@pytest.mark.parametrize("pinned", [{"\u0663": 70}, {"0": 70, "00": 71}, {"-1": 70}, {" 1": 70}])
+def test_pinned_keys_are_ascii_positions_named_once(server, pinned):
+    r = _post(server, "/v1/completions", {"prompt": [5, 6], "max_tokens": C, "pinned": pinned})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "pinned", r.text

@@ -3,6 +3,7 @@ every constraint kind, in generate (batched, across canvases) and through the en
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 
@@ -183,14 +184,14 @@ def test_a_template_under_a_constraint(tok, vocab, gen):
 
     c = Constraint.from_regex(r"id=[0-9]{4}; tag=[a-z]{3}", vocab)
     template, _ = parse_template("id={{4}}; tag={{3}}", lambda t: tok.encode(t, add_special_tokens=False), 1)
-    template.constraint = c
+    template = dataclasses.replace(template, constraint=c)  # a Steering is frozen once built
     model = random_model(preset_config("tiny", canvas_length=C, vocab_size=256), std=0.1, seed=3)
     out = generate(model, [[2, 9], [2, 10]], gen.replace(max_new_tokens=2 * C), generator=torch.Generator().manual_seed(3),
                    steering=[template, template])
     for ids in out.token_ids:
         assert re.fullmatch(r"id=[0-9]{4}; tag=[a-z]{3}", tok.decode(ids[:-1], skip_special_tokens=False))
     bad, _ = parse_template("id={{3}}; tag={{3}}", lambda t: tok.encode(t, add_special_tokens=False), 1)
-    bad.constraint = c  # 3 digits where the regex wants 4
+    bad = dataclasses.replace(bad, constraint=c)  # 3 digits where the regex wants 4
     with pytest.raises(SteeringError):
         generate(model, [[2]], gen.replace(max_new_tokens=2 * C), steering=[bad])
 

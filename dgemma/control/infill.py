@@ -16,6 +16,8 @@ the prompt and the committed text only, as any canvas is; the canvas that holds 
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from ..model import DiffusionGemma
@@ -92,5 +94,6 @@ def infill_steering(suffix: list[int], length: int, eos_id: int, base: Steering 
     pinned = dict(base.pinned) if base is not None else {}
     pinned.update({length + j: t for j, t in enumerate(suffix)})
     pinned[length + len(suffix)] = eos_id
-    return Steering(pinned=pinned, seed_tokens=base.seed_tokens if base else None,
-                    strength=base.strength if base else 1.0, constraint=base.constraint if base else None)
+    if base is None:
+        return Steering(pinned=pinned)
+    return dataclasses.replace(base, pinned=pinned, suffix=None)

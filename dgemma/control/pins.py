@@ -36,14 +36,17 @@ class SteeringError(DgemmaError, ValueError):
         self.param = param
 
 
-@dataclass
+@dataclass(frozen=True)
 class Steering:
+    """One row's steering, built once (control/steering.py: build_steering) and never changed afterwards."""
+
     pinned: dict[int, int] = field(default_factory=dict)  # output position -> token id
     seed_tokens: list[int] | None = None  # output tokens the canvases start from, from position 0
     strength: float = 1.0  # probability that each seed token is renoised when its canvas starts
     suffix: list[int] | None = None  # fill in the middle (control/infill.py): resolved into pins at prefill
     constraint: object | None = None  # a control.Constraint: every committed canvas keeps the output valid
     pins_from: str = "pinned"  # the request field the pins came from, which errors name ("template": its literals)
+    seed_from: str = "seed_tokens"  # the request field the seed came from ("prediction": its text's tokens)
 
     def check(self, vocab_size: int, max_new: int) -> None:
         """Refuse what cannot be run, naming the field: ids outside the vocabulary, positions outside the output,
@@ -58,14 +61,14 @@ class Steering:
                                     self.pins_from)
         if self.seed_tokens is not None:
             if not isinstance(self.seed_tokens, list) or not self.seed_tokens:
-                raise SteeringError("seed_tokens must be a non-empty list of token ids", "seed_tokens")
+                raise SteeringError(f"{self.seed_from} must be a non-empty list of token ids", self.seed_from)
             bad = next((t for t in self.seed_tokens if not (_is_int(t) and 0 <= t < vocab_size)), None)
             if bad is not None:
                 raise SteeringError(f"seed token id {bad!r} is outside the vocabulary [0, {vocab_size})",
-                                    "seed_tokens")
+                                    self.seed_from)
             if len(self.seed_tokens) > max_new:
-                raise SteeringError(f"seed_tokens has {len(self.seed_tokens)} tokens, more than the {max_new} the "
-                                    f"output may hold", "seed_tokens")
+                raise SteeringError(f"{self.seed_from} has {len(self.seed_tokens)} tokens, more than the {max_new} "
+                                    f"the output may hold", self.seed_from)
         if self.suffix is not None:
             if not isinstance(self.suffix, list) or not self.suffix:
                 raise SteeringError("suffix must be a non-empty list of token ids", "suffix")

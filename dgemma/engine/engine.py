@@ -215,3 +215,8 @@ class Engine:
         except Exception:  # noqa: BLE001 (a broken sink, e.g. a closed event loop, must not stop the engine)
             log.warning("dropping output for %s: its sink failed", request.request_id)
             self.abort(request.request_id)
+
+    # -- EngineClient (client.py): the model facts the server reads --------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return self.model.config.vocab_size

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from ..engine import Engine
+from ..engine.client import EngineClient
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
 
 
 class Metrics:
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: EngineClient):
         r = self.registry = CollectorRegistry()
         self.requests = Counter("dgemma_requests", "Finished requests by finish reason", ["finish_reason"],
                                 registry=r)

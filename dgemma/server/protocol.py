@@ -106,6 +106,7 @@ class _SamplingBody(_Body):
     prediction: Prediction | None = None
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputs | None = None
+    template: str | None = Field(None, min_length=1, max_length=65536)  # "Name: {{8}}." literal text pinned, holes
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -125,7 +126,6 @@ class ChatCompletionRequest(_SamplingBody):
 class CompletionRequest(_SamplingBody):
     prompt: str | list[int] = Field(min_length=1)
     suffix: str | None = Field(None, min_length=1)  # fill in the middle: the output goes between prompt and suffix
-    template: str | None = Field(None, min_length=1, max_length=65536)  # "Name: {{8}}." literal text pinned, holes
 
 
 # -- responses ----------------------------------------------------------------------------------------------------

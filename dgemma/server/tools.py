@@ -15,8 +15,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+from ..errors import DgemmaError
 
-class ToolRequestError(ValueError):
+
+class ToolRequestError(DgemmaError, ValueError):
     """A bad tools/tool_choice field; `param` names it."""
 
     def __init__(self, message: str, param: str):

@@ -334,7 +334,7 @@ def _read_puzzle(arg: str | None) -> str:
 def cmd_solve(args) -> int:
     import torch
 
-    from ..control.pins import Steering
+    from ..control.steering import SteeringSpec, build_steering
     from ..generate import generate
     from . import sudoku as S
     from .sudoku_puzzles import count_solutions, format_grid, is_solution, parse_grid, pretty
@@ -348,7 +348,8 @@ def cmd_solve(args) -> int:
         raise CLIError(str(e)) from None
     if count_solutions(puzzle, 1) == 0:
         raise CLIError("this puzzle has no solution (its givens conflict or lead to a dead end)")
-    steering = Steering() if args.no_pin_givens else S.givens_steering(puzzle)
+    pins = None if args.no_pin_givens else tuple(S.givens_steering(puzzle).pinned.items())
+    seed = strength = None
     if args.repair is not None:
         try:
             seed_grid = parse_grid(args.repair)
@@ -359,7 +360,9 @@ def cmd_solve(args) -> int:
         if not 0 <= args.strength <= 1:
             raise CLIError(f"--strength must be in [0, 1], got {args.strength}")
         repair = S.repair_steering(seed_grid, args.strength)
-        steering.seed_tokens, steering.strength = repair.seed_tokens, repair.strength
+        seed, strength = tuple(repair.seed_tokens), repair.strength
+    # token ids only, no text: no tokenizer, constraint vocabulary or EOS needed
+    steering = build_steering(SteeringSpec(pinned=pins, seed_tokens=seed, strength=strength), None, None, None)
     ckpt = _load_model(args.model)
     gen = generation_config(args, ckpt.generation, flags={"max_denoising_steps": "--steps"})
     # Each try is a fresh sample (seed, seed + 1, ...); the checker, not the model, decides when to stop.

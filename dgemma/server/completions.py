@@ -1,0 +1,62 @@
+"""POST /v1/completions: a prompt (text or token ids) in, text and token ids out, whole or as SSE chunks."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+
+from starlette.requests import Request as HTTPRequest
+
+from ..inputs.http import completion_input
+from .protocol import CompletionChoice, CompletionRequest, CompletionResponse, error_body
+from .streaming import RequestStream, chunk_base, sse, stream_end, usage
+
+
+async def completion(serving, body: CompletionRequest, raw: HTTPRequest):
+    given = await serving.process(completion_input, body)
+    request_id = f"cmpl-{uuid.uuid4().hex}"
+    stream = RequestStream(serving.engine, given.prompt, given.params, request_id, serving.metrics)
+    if body.stream:
+        return _chunks(serving, stream, body, raw)
+    text, out = await stream.collect(raw)
+    ids = out.token_ids
+    if serving.tokenizer is None:
+        text = _ids_text(serving, ids, 0)
+    choice = CompletionChoice(text=text, finish_reason=out.finish_reason, token_ids=ids)
+    return CompletionResponse(id=request_id, model=serving.model_name, choices=[choice], usage=usage(out))
+
+
+async def _chunks(serving, stream: RequestStream, body: CompletionRequest, raw: HTTPRequest) -> AsyncIterator[str]:
+    base = chunk_base(stream.request_id, "text_completion", serving.model_name)
+    sent = 0
+    try:
+        while True:
+            out = await stream.next(raw)
+            if out is None:
+                return
+            text = out.text
+            if serving.tokenizer is None:
+                text = _ids_text(serving, out.token_ids, sent)
+            sent += len(out.token_ids)
+            if text or out.token_ids or out.finished or out.draft is not None:
+                choice = {"index": 0, "text": text, "logprobs": None, "token_ids": out.token_ids,
+                          "finish_reason": out.finish_reason if out.finished else None}
+                if out.draft is not None:
+                    choice["draft"] = out.draft
+                if out.finish_reason == "error":
+                    yield sse(error_body(out.error or "internal error", "internal_error"))
+                else:
+                    yield sse(dict(base, choices=[choice]))
+            if out.finished:
+                for tail in stream_end(base, body, out):
+                    yield tail
+                return
+    finally:
+        stream.abort()
+
+
+def _ids_text(serving, ids: list[int], offset: int) -> str:
+    """Without a tokenizer the text is the token ids, space-separated (EOS left out, as text would)."""
+    eos = set(serving.engine.generation.eos_token_id)
+    words = [str(t) for t in ids if t not in eos]
+    return "".join((" " if offset + i else "") + w for i, w in enumerate(words))
