@@ -7,7 +7,8 @@ import random
 import pytest
 import torch
 
-from dgemma.engine.block_manager import BlockManager, ImageSpan, OutOfBlocksError, block_hash, content_key
+from dgemma.engine.block_manager import (BlockManager, ImageSpan, OutOfBlocksError, block_hash, content_key,
+                                         image_spans)
 
 BS = 4
 
@@ -105,7 +106,7 @@ def test_a_hit_on_a_free_cached_block_counts_against_the_free_blocks():
         bm.commit(t, [1] * 9)  # 8 + 9 tokens > 16 slots
 
 
-def test_an_image_is_part_of_the_hash_and_reuse_never_stops_inside_one():
+def test_an_image_is_part_of_the_hash_and_reuse_never_ends_inside_one():
     cat, dog = content_key(torch.zeros(3, 4)), content_key(torch.ones(3, 4))
     assert cat != dog and cat == content_key(torch.zeros(3, 4)) and cat != content_key(torch.zeros(4, 3))
     IMG = 9
@@ -115,7 +116,7 @@ def test_an_image_is_part_of_the_hash_and_reuse_never_stops_inside_one():
     assert bm.match_prefix(prompt, (ImageSpan(3, 9, cat),)) == 12
     assert bm.match_prefix(prompt, (ImageSpan(3, 9, dog),)) == 0  # same tokens, another image
     assert bm.match_prefix(prompt, ()) == 0
-    # an image at [6, 10): a prompt that shares blocks 0-1 would stop at 8, inside it; reuse stops at 4 instead
+    # an image at [6, 10): a prompt that shares blocks 0-1 would end at 8, inside it; reuse ends at 4 instead
     prompt = [1, 2, 3, 4, 5, 6] + [IMG] * 4 + [7, 8, 9, 10, 11, 12]
     run(bm, prompt, (ImageSpan(6, 10, cat),))
     assert bm.match_prefix(prompt[:10] + [0] * 6, (ImageSpan(6, 10, cat),)) == 4
@@ -150,3 +151,19 @@ def test_no_leak_after_500_requests_under_pressure():
     check_consistent(bm, [])
     s = bm.stats()
     assert s.used_blocks == 0 and s.evictions > 0 and 0.2 < s.hit_rate < 1 and s.usage == 0
+
+
+def test_image_spans_key_each_run_of_image_tokens_by_its_patches():
+    from dgemma.images import ImageError, ImagePatches
+
+    IMG, BOI, EOI = 9, 7, 8
+    a = ImagePatches(torch.zeros(4, 12), torch.zeros(4, 2, dtype=torch.long), 3)
+    b = ImagePatches(torch.ones(4, 12), torch.zeros(4, 2, dtype=torch.long), 2)
+    prompt = [1, BOI, IMG, IMG, IMG, EOI, 5, BOI, IMG, IMG, EOI]
+    spans = image_spans(prompt, [a, b], IMG)
+    assert spans == (ImageSpan(2, 5, content_key(a.pixels, a.positions)),
+                     ImageSpan(8, 10, content_key(b.pixels, b.positions)))
+    assert spans[0].key != spans[1].key
+    assert image_spans([1, 2], [], IMG) == () and image_spans([], [], IMG) == ()
+    with pytest.raises(ImageError, match="2 runs of image tokens for 1 images"):
+        image_spans(prompt, [a], IMG)

@@ -12,22 +12,23 @@ of a prefix before its head: a tail without its head is never hit). Free blocks 
 taken before any cached one is evicted.
 
 Choices, documented:
-- block_size divides the canvas length (256): a committed canvas then fills whole blocks after the one the prompt
-  left partial, a sequence never has more than one partial block, and its scratch canvas spans canvas/block_size
+- block_size should divide the canvas length (256; any size is correct): a committed canvas then fills whole
+  blocks after the one the prompt left partial, a sequence never has more than one partial block, and its scratch canvas spans canvas/block_size
   or one more blocks. 16 (the default) reuses prefixes to the nearest 16 tokens; CUDA paged-attention kernels may
   want 256 (flash-attn 2 pages in multiples of 256, as nano-vllm uses), also a divisor of the canvas.
 - At least one prompt token is encoded: a prompt reuses at most (len - 1) // block_size full blocks. DiffusionGemma
   reads no logits from the encoder, so the whole prompt could be reused; keeping one token means prefill always
   runs the encoder (one code path: images, infill and positions need no zero-token case), at the cost of one block
   encoded again when a prompt ends on a block boundary. That block is a duplicate and stays unregistered.
-- Images: a block's hash includes the content key (content_key of the preprocessed patches, which fix the image's
-  features and its number of soft tokens) of every image overlapping it, with its offset. Reuse never stops strictly
-  inside an image: the suffix then holds whole images, so the vision tower runs on whole images, and an image's
-  bidirectional soft tokens all see each other (the cached half saw the other half when it was encoded).
+- Images: a block's hash includes the content key of every image overlapping it (image_spans: a key of its
+  preprocessed patches, which fix its features and number of soft tokens) and the image's offset. Reuse never ends
+  strictly inside an image, so the suffix holds whole images: the vision tower runs on whole images, and each
+  image's soft tokens still all attend to each other (use_bidirectional_attention "vision").
 - Sliding-window layers are paged like the full ones: every layer keeps every block. A sliding layer reads only the
-  last window - 1 slots, so its blocks below that could be freed; but sliding layers hold most of the K/V (26b-a4b:
-  25 of 30 layers, 8 KV heads of 256 against 2 of 512), so the saving needs a second pool for them (as vLLM's
-  hybrid allocator), whose prefix hits then need the window's blocks. Later.
+  last window - 1 committed slots, yet sliding layers hold most of the K/V (26b-a4b: 25 of 30 layers, 91% of the
+  bytes per token), so a second pool for them holding window + canvas slots per sequence (as vLLM's hybrid
+  allocator) would take about 8x less memory at 32k tokens; its prefix hits then need the blocks of the window
+  before the reused prefix's end. Not done yet.
 
 Runner integration (the runner and scheduler change; the model does not, paged_cache.PagedKVCache has KVCache's
 interface):
@@ -46,6 +47,9 @@ interface):
 4. Chunked prefill (issue 30 item 2): allocate once, then encode prompt[a:b] chunk by chunk, each followed by
    commit(table, prompt[a:b]); a chunk ending on a block boundary makes its blocks reusable at once.
 5. /metrics: stats() (hit rate over prompt tokens, block usage, evictions).
+Exactness: a reused block holds, bit for bit, the K/V its first sequence computed. Encoding a prompt in two calls
+is not bit-identical to one call on a CPU (from the first layer's output on, about 1e-6 on the tiny preset), so
+"the same tokens with and without the cache" needs the cold path to encode in the chunks a warm one would.
 """
 
 from __future__ import annotations
@@ -57,6 +61,8 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
+
+from ..images import ImageError, image_groups
 
 DEFAULT_BLOCK_SIZE = 16
 
@@ -82,6 +88,20 @@ class ImageSpan:
     start: int
     end: int
     key: bytes
+
+
+def image_spans(prompt: list[int], images: list, image_token: int) -> tuple[ImageSpan, ...]:
+    """The ImageSpans of a prompt whose image tokens are expanded (images.expand_image_tokens): the i-th run of
+    image tokens is images[i] (images.ImagePatches), keyed by its patches and positions."""
+    groups = image_groups(torch.tensor([prompt], dtype=torch.long), image_token)[0]  # (T,)
+    runs = int(groups.max()) + 1 if prompt else 0
+    if runs != len(images):
+        raise ImageError(f"the prompt has {runs} runs of image tokens for {len(images)} images")
+    spans = []
+    for i, image in enumerate(images):
+        at = torch.nonzero(groups == i)[:, 0]
+        spans.append(ImageSpan(int(at[0]), int(at[-1]) + 1, content_key(image.pixels, image.positions)))
+    return tuple(spans)
 
 
 @dataclass
@@ -181,7 +201,7 @@ class BlockManager:
                 break
             found.append(bid)
         cut = len(found) * bs
-        while any(im.start < cut < im.end for im in images):  # never stop inside an image
+        while any(im.start < cut < im.end for im in images):  # never end inside an image
             cut = min(im.start for im in images if im.start < cut < im.end) // bs * bs
         return found[:cut // bs]
 
