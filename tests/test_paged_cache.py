@@ -206,3 +206,50 @@ def test_block_bytes_and_budget():
     assert blocks_for_budget(cfg, 16, torch.float32, 1 / 1024, 64) == 2**20 // 8192
     with pytest.raises(KVBudgetError, match="--kv-cache-gib"):
         blocks_for_budget(cfg, 16, torch.float32, 1e-5, 4096)
+
+
+@torch.no_grad()
+def test_blocks_with_images_are_shared_only_for_the_same_image():
+    """Encoder passes with image features (their soft tokens attending to each other, as the release's encoder
+    does). B shares A's first 16 tokens and image and brings a second image in its own suffix; C has A's tokens but
+    another image, and reuses only the block before it. Both match the contiguous cache bit for bit."""
+    from dgemma.engine.block_manager import content_key, image_spans
+    from dgemma.images import ImagePatches, image_groups
+
+    model = random_model(preset_config("tiny", sliding_window=6, canvas_length=C, bidirectional_vision=True),
+                         std=0.1, seed=0)
+    IMG, H = 9, model.config.hidden_size
+    g = torch.Generator().manual_seed(9)
+    patches = [ImagePatches(torch.rand(n, 12, generator=g), torch.zeros(n, 2, dtype=torch.long), n) for n in (6, 4, 6)]
+    features = {content_key(p.pixels, p.positions): torch.randn(p.num_soft_tokens, H, generator=g) for p in patches}
+
+    def encode(cache, row: int, tokens: list[int], spans, start: int) -> None:
+        """Encode tokens[start:] into `row`, each image's soft tokens taking its features (all of them: reuse never
+        ends inside an image)."""
+        ids = torch.tensor([tokens])
+        embeds = model.embed(ids)
+        for span in spans:
+            embeds[0, span.start:span.end] = features[span.key]
+        model.encode(ids[:, start:], cache, rows=[row], embeds=embeds[:, start:],
+                     image_groups=image_groups(ids[:, start:], IMG))
+
+    text = prompts(21, seed=10)[0]
+    a_prompt = text[:5] + [IMG] * 6 + text[11:]
+    b_prompt = a_prompt[:16] + [4, 5] + [IMG] * 4 + [6]
+    bm, cache = paged(model, 64, 3)
+    ref = model.new_cache(3, CAPACITY)
+    canvas = torch.randint(0, 500, (1, C), generator=g)
+    for row, (prompt, images, reused) in enumerate([(a_prompt, [patches[0]], 0), (b_prompt, patches[:2], 16),
+                                                     (a_prompt, [patches[2]], 4)]):
+        spans = image_spans(prompt, images, IMG)
+        table = bm.allocate(prompt, spans, len(prompt) + C)
+        assert table.num_cached_tokens == reused
+        cache.assign(row, table.blocks, reused)
+        encode(cache, row, prompt, spans, reused)
+        bm.commit(table, prompt[reused:])
+        if reused:  # the contiguous cache: A's K/V up to the reused length, then this prompt's rest
+            encode(ref, row, a_prompt, image_spans(a_prompt, [patches[0]], IMG), 0)
+            ref.lengths[row] = reused
+        encode(ref, row, prompt, spans, reused)
+        assert_same_kv(cache, ref, [(row, row)])
+        assert torch.equal(model.denoise(canvas, cache, rows=[row]), model.denoise(canvas, ref, rows=[row]))
