@@ -77,7 +77,7 @@ def content_key(*tensors: torch.Tensor) -> bytes:
     for t in tensors:
         t = t.detach().contiguous().cpu()
         h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.digest()
 
 
