@@ -43,6 +43,7 @@ class Checkpoint:
     passthrough: dict[str, tuple[SafetensorsFile, str]] = field(default_factory=dict)  # vision tensors kept as-is
     vision_config: dict | None = None
     vision: Vision | None = None  # the loaded tower (None: none in the checkpoint, or loaded with vision=False)
+    no_images_reason: str | None = None  # why the model takes no images (None when the tower is loaded)
 
 
 def _index_files(path: Path) -> dict[str, SafetensorsFile]:
@@ -185,7 +186,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     dtype = dtype or default_dtype(device)
     raw_config = read_json(path / "config.json")
     config = ModelConfig.from_hf(raw_config, str(path / "config.json"), vision=vision)
-    generation = GenerationConfig.load(path / "generation_config.json", config.text)
+    generation, eos_notice = GenerationConfig.load(path / "generation_config.json", config.text)
 
     files = _index_files(path)
     with torch.device("meta"):
@@ -268,20 +269,32 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     model.load_state_dict(tensors, strict=True, assign=True)
     model.reset_rope(device)
     model.eval()
-    tower = None
-    if vision and config.vision is not None and passthrough:
+    tower, no_images = None, _no_images_reason(config, passthrough, vision)
+    if no_images is None:
         tower = _load_vision(path, config, passthrough, device, dtype)
     if not quiet:
+        if eos_notice:
+            print(f"dgemma: {eos_notice}", file=sys.stderr)
         if passthrough and tower is None:
-            why = "vision off" if not vision else "no vision_config in config.json"
-            print(f"dgemma: not loading the vision tower ({len(passthrough)} tensors, {why}); text only (a save "
-                  f"still writes its tensors)",
-                  file=sys.stderr)
+            print(f"dgemma: not loading the vision tower ({len(passthrough)} tensors: {no_images}); text only, "
+                  f"images are refused (a save still writes its tensors)", file=sys.stderr)
         if ignored:
             print(f"dgemma: ignoring {len(ignored)} unknown tensors, e.g. {ignored[0]}", file=sys.stderr)
         for note in layout.notes if layout is not None else ():
             print(f"dgemma: {note}", file=sys.stderr)
-    return Checkpoint(model, config, generation, path, passthrough, raw_config.get("vision_config"), tower)
+    return Checkpoint(model, config, generation, path, passthrough, raw_config.get("vision_config"), tower, no_images)
+
+
+def _no_images_reason(config: ModelConfig, passthrough: dict, vision: bool) -> str | None:
+    """Why a load takes no images, or None when its vision tower loads. Image token ids outside the vocabulary
+    (transformers' defaults on a model with a small vocabulary) leave the text model usable."""
+    if not passthrough:
+        return "it has no vision tower"
+    if not vision:
+        return "its vision tower was not loaded (--no-vision)"
+    if config.vision is None:
+        return "no vision_config in config.json"
+    return config.image_tokens_problem()
 
 
 def hf_state_dict(model: DiffusionGemma) -> dict[str, torch.Tensor]:

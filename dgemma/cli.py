@@ -476,6 +476,8 @@ def build_parser() -> Parser:
     p.add_argument("--show-canvas", action="store_true",
                    help="watch the canvas settle (on stderr; plain text when stderr is not a terminal)")
     add_sampling_args(p)
+    from .cli_common import add_eos_arg
+    add_eos_arg(p)
     add_steering_args(p)
     p.set_defaults(func=cmd_generate)
 

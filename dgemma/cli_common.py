@@ -205,6 +205,16 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None, help="seed for the canvas noise and sampling (default: random)")
 
 
+def add_eos_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-eos", action="store_true",
+                   help="never stop at EOS: run to --max-new-tokens, as transformers does for a checkpoint whose "
+                        "generation_config.json names no eos_token_id (its tokens, exactly)")
+
+
+# Flags whose output must end in an EOS (a template's or a constraint's end, a fill-in-the-middle's join)
+EOS_STEERING_FLAGS = ("suffix", "template", "json_schema", "json_object", "regex", "choice")
+
+
 def flag_message(message: str, flags: Mapping[str, str]) -> str:
     """A config error's message with its field names replaced by the flags the user typed."""
     import re
@@ -219,6 +229,11 @@ def generation_config(args, base, flags: Mapping[str, str] = SAMPLING_FLAGS):
     from .config import ConfigError
 
     values = {field: getattr(args, flag[2:].replace("-", "_")) for field, flag in flags.items()}
+    if getattr(args, "no_eos", False):
+        steered = [f"--{f.replace('_', '-')}" for f in EOS_STEERING_FLAGS if getattr(args, f, None)]
+        if steered:
+            raise CLIError(f"--no-eos cannot go with {steered[0]}, whose output ends in an EOS")
+        values["eos_token_id"] = []
     try:
         return base.replace(**values)
     except ConfigError as e:

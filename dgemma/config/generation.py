@@ -22,6 +22,19 @@ GENERATION_KEYS = frozenset({
     "transformers_version",
 })
 SAMPLER = "EntropyBoundSamplerConfig"
+# The Gemma 4 vocabulary, and the EOS ids the release's generation_config.json names in it: <eos>, <turn|> (end of
+# a chat turn) and <|tool_response> (a tool call waits for its answer).
+GEMMA4_VOCAB_SIZE = 262_144
+GEMMA4_EOS = [1, 106, 50]
+
+
+def fallback_eos(text: TextConfig) -> tuple[list[int], str]:
+    """The EOS ids for a checkpoint whose generation_config.json names none, and where they come from: the
+    release's on the Gemma 4 vocabulary (its config.json's eos alone would run past the end of a chat turn), else
+    config.json's text_config.eos_token_id."""
+    if text.vocab_size == GEMMA4_VOCAB_SIZE:
+        return sorted(set(GEMMA4_EOS) | set(text.eos_token_id)), "the Gemma 4 release's EOS ids"
+    return list(text.eos_token_id), "config.json's eos_token_id"
 
 
 @dataclass
@@ -35,7 +48,7 @@ class GenerationConfig:
     t_max: float = 0.8
     stability_threshold: int = 1
     confidence_threshold: float = 0.005
-    eos_token_id: list[int] = field(default_factory=lambda: [1])
+    eos_token_id: list[int] = field(default_factory=lambda: [1])  # []: never stop at EOS (`generate --no-eos`)
     pad_token_id: int = 0
 
     def __post_init__(self) -> None:
@@ -54,9 +67,8 @@ class GenerationConfig:
         int_in("stability_threshold", self.stability_threshold, 0, MAX_DENOISING_STEPS)
         require(is_num(self.confidence_threshold) and self.confidence_threshold > 0,
                  f"confidence_threshold must be a number > 0, got {self.confidence_threshold!r}")
-        require(isinstance(self.eos_token_id, list) and self.eos_token_id
-                 and all(is_int(t) and t >= 0 for t in self.eos_token_id),
-                 f"eos_token_id must be a token id or a non-empty list of them, got {self.eos_token_id!r:.80}")
+        require(isinstance(self.eos_token_id, list) and all(is_int(t) and t >= 0 for t in self.eos_token_id),
+                 f"eos_token_id must be a token id or a list of them, got {self.eos_token_id!r:.80}")
         require(is_int(self.pad_token_id) and self.pad_token_id >= 0,
                  f"pad_token_id must be a token id, got {self.pad_token_id!r:.80}")
 
@@ -72,7 +84,7 @@ class GenerationConfig:
     @classmethod
     def from_hf(cls, d: dict, text: TextConfig | None = None, where: str = "generation_config.json") -> GenerationConfig:
         """The file's settings over the released defaults. A missing eos_token_id or pad_token_id falls back to
-        `text`'s (checkpoint loading goes through `load`, which refuses a file without eos_token_id).
+        `text`'s (checkpoint loading goes through `load`, which says which EOS rule applies).
 
         1. Keys transformers' DiffusionGemmaGenerationConfig does not know are refused, as transformers refuses
            them ("Unexpected kwargs"), and so is a sampler other than the entropy-bound one.
@@ -98,6 +110,7 @@ class GenerationConfig:
             require(not extra, f"{where}: sampler_config has unknown keys {', '.join(extra)}")
             if sampler.get("entropy_bound") is not None:
                 kwargs["entropy_bound"] = sampler["entropy_bound"]
+        require(d.get("eos_token_id") != [], f"{where}: eos_token_id is an empty list; name at least one token")
         eos = d.get("eos_token_id", text.eos_token_id if text else None)
         if eos is not None:
             kwargs["eos_token_id"] = eos
@@ -123,19 +136,22 @@ class GenerationConfig:
             raise ConfigError(f"{where}: {e}") from None
 
     @classmethod
-    def load(cls, path: str | Path, text: TextConfig) -> GenerationConfig:
-        """A checkpoint's generation_config.json. Without eos_token_id transformers never stops at EOS (it does not
-        fall back to config.json's); rather than differ from it silently, such a file is refused."""
+    def load(cls, path: str | Path, text: TextConfig) -> tuple[GenerationConfig, str | None]:
+        """A checkpoint's generation_config.json, and a one-line notice when the file names no EOS.
+
+        save_pretrained of a model built from a config writes a file without eos_token_id (or none at all), and
+        transformers then never stops at EOS. dgemma stops at `fallback_eos(text)` instead, and says so; `generate
+        --no-eos` gives transformers' tokens, and an eos_token_id written into the file sets the rule."""
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: file not found; without it transformers never stops this model at EOS. "
-                              f"Write one with \"eos_token_id\": {text.eos_token_id} (config.json's)")
-        d = read_json(path)
-        gen = cls.from_hf(d, text, str(path))  # bad values first: they are reported whatever else is missing
-        if d.get("eos_token_id") is None:
-            raise ConfigError(f"{path}: no eos_token_id, so transformers would never stop this model at EOS; add "
-                              f"\"eos_token_id\": {text.eos_token_id} (config.json's) to stop there")
-        return gen
+        d = read_json(path) if path.is_file() else {}
+        gen = cls.from_hf(d, text, str(path))
+        if d.get("eos_token_id") is not None:
+            return gen, None
+        eos, source = fallback_eos(text)
+        where = f"{path.name} has no eos_token_id" if path.is_file() else f"no {path.name}"
+        notice = (f"{where}: stopping at {source} {eos}, where transformers would not stop (generate --no-eos "
+                  f"matches it; an eos_token_id in {path.name} sets the rule)")
+        return gen.replace(eos_token_id=eos), notice
 
     def to_hf(self) -> dict:
         return {
@@ -145,7 +161,7 @@ class GenerationConfig:
             "t_max": float(self.t_max),
             "stability_threshold": self.stability_threshold,
             "confidence_threshold": float(self.confidence_threshold),
-            "eos_token_id": self.eos_token_id[0] if len(self.eos_token_id) == 1 else list(self.eos_token_id),
+            "eos_token_id": self.eos_token_id[0] if len(self.eos_token_id) == 1 else list(self.eos_token_id) or None,
             "pad_token_id": self.pad_token_id,
             "return_dict_in_generate": True,
         }

@@ -55,6 +55,15 @@ class ModelConfig:
                  f"config.json: {name} must be a token id in [0, {self.text.vocab_size}), got {value!r:.40}")
         return value
 
+    def image_tokens_problem(self) -> str | None:
+        """Why this config's image token ids cannot be used (one lies outside the vocabulary), or None."""
+        for name in IMAGE_TOKEN_DEFAULTS:
+            try:
+                self.token_id(name)
+            except ConfigError as e:
+                return str(e)
+        return None
+
     def to_hf(self) -> dict:
         d = {
             "architectures": ["DiffusionGemmaForBlockDiffusion"],
