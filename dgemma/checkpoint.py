@@ -43,7 +43,7 @@ class Checkpoint:
     passthrough: dict[str, tuple[SafetensorsFile, str]] = field(default_factory=dict)  # vision tensors kept as-is
     vision_config: dict | None = None
     vision: Vision | None = None  # the loaded tower (None: none in the checkpoint, or loaded with vision=False)
-    no_images_reason: str | None = None  # why the model takes no images (None when the tower is loaded)
+    no_images_reason: str | None = None  # why the model takes no images (None: it takes them)
 
 
 def _index_files(path: Path) -> dict[str, SafetensorsFile]:
@@ -272,12 +272,14 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     tower, no_images = None, _no_images_reason(config, passthrough, vision)
     if no_images is None:
         tower = _load_vision(path, config, passthrough, device, dtype)
+        # image token ids outside the vocabulary (transformers' defaults on a small one) refuse images, not text
+        no_images = config.image_tokens_problem()
     if not quiet:
         if eos_notice:
             print(f"dgemma: {eos_notice}", file=sys.stderr)
         if passthrough and tower is None:
-            print(f"dgemma: not loading the vision tower ({len(passthrough)} tensors: {no_images}); text only, "
-                  f"images are refused (a save still writes its tensors)", file=sys.stderr)
+            print(f"dgemma: not loading the vision tower ({len(passthrough)} tensors: {no_images}); text only (a "
+                  f"save still writes its tensors)", file=sys.stderr)
         if ignored:
             print(f"dgemma: ignoring {len(ignored)} unknown tensors, e.g. {ignored[0]}", file=sys.stderr)
         for note in layout.notes if layout is not None else ():
@@ -286,15 +288,14 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
 
 
 def _no_images_reason(config: ModelConfig, passthrough: dict, vision: bool) -> str | None:
-    """Why a load takes no images, or None when its vision tower loads. Image token ids outside the vocabulary
-    (transformers' defaults on a model with a small vocabulary) leave the text model usable."""
+    """Why a load has no vision tower, or None when it loads one."""
     if not passthrough:
         return "it has no vision tower"
     if not vision:
         return "its vision tower was not loaded (--no-vision)"
     if config.vision is None:
         return "no vision_config in config.json"
-    return config.image_tokens_problem()
+    return None
 
 
 def hf_state_dict(model: DiffusionGemma) -> dict[str, torch.Tensor]:

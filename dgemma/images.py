@@ -273,7 +273,7 @@ class ImageSupport:
     @classmethod
     def of(cls, ckpt) -> ImageSupport:
         """ImageError when the checkpoint cannot take images (no tower, or loaded without it)."""
-        if ckpt.vision is None:
+        if ckpt.no_images_reason is not None:
             raise ImageError(f"this model cannot take images: {ckpt.no_images_reason}")
         c = ckpt.config
         return cls(ckpt.vision, ImageProcessorConfig.load(ckpt.path),
