@@ -32,7 +32,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action):
         help_text = action.help or ""
-        if action.default in (None, False, argparse.SUPPRESS) or "default" in help_text:
+        if action.default is None or action.default is False or action.default == argparse.SUPPRESS \
+                or "default" in help_text:  # `is`: a default of 0 is shown
             return help_text
         return super()._get_help_string(action)
 

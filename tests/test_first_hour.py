@@ -40,3 +40,34 @@ def test_bench_warns_when_its_runs_differ_by_more_than_twice():
                        {"engine": "transformers", "run_seconds": [3.0, 4.0, 5.9]}]}
     lines = spread_warnings(out)
     assert len(lines) == 1 and "dgemma's 3 runs took 52.00, 1.99, 21.70 s (26.1x apart)" in lines[0]
+
+
+def test_sudoku_puzzle_mistakes_are_named_before_torch_loads():
+    import subprocess
+    import sys
+
+    code = ("import sys; from dgemma.cli import main; rc = main(sys.argv[1:]); "
+            "print(rc, 'torch' in sys.modules)")
+    cases = {"55" + "0" * 79: "two 5s in row 1, at row 1 column 1 and row 1 column 2",
+             "5" + "0" * 8 + "5" + "0" * 71: "two 5s in column 1, at row 1 column 1 and row 2 column 1",
+             "5" + "0" * 9 + "5" + "0" * 70: "two 5s in box 1",
+             "5x" + "0" * 79: "unexpected character 'x'"}
+    for puzzle, words in cases.items():
+        proc = subprocess.run([sys.executable, "-c", code, "sudoku", "solve", puzzle], capture_output=True, text=True,
+                              timeout=120)
+        assert proc.stdout.split() == ["2", "False"], proc.stderr  # refused, and torch never imported
+        assert words in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_too_few_givens_warn_and_still_solve(capsys):
+    assert main(["sudoku", "solve", "0" * 81, "--tries", "1"]) in (0, 1)
+    err = capsys.readouterr().err
+    assert "warning: 0 givens; a Sudoku needs at least 17" in err
+
+
+def test_a_default_of_zero_is_shown_in_help(capsys):
+    try:
+        main(["sudoku", "solve", "--help"])
+    except SystemExit:
+        pass
+    assert "(default: 0)" in " ".join(capsys.readouterr().out.split())
