@@ -107,7 +107,7 @@ def cmd_serve(args) -> int:
     app = build_app(serving, key, allowed_hosts=allowed_hosts, public_metrics=args.public_metrics)
     print(f"dgemma serve: {name} on {ckpt.model.device}, {args.max_num_seqs} rows x {engine.max_model_len} tokens "
           f"({engine.runner.nbytes() / 2**20:.0f} MiB of cache), http://{args.host}:{args.port}/v1"
-          + (", API key required" if key else ""), file=sys.stderr)
+          + (", API key required" if key else "") + f"; playground http://{args.host}:{args.port}/", file=sys.stderr)
     if not key and args.host not in LOOPBACK:
         print(f"WARNING: dgemma serve is listening on {args.host}, beyond this machine, WITHOUT an API key: anyone "
               "who can reach the port can use the model. Set $DGEMMA_API_KEY or --api-key-file.", file=sys.stderr)
