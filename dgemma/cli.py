@@ -518,13 +518,14 @@ def _plugins():
     only their parsers; their heavy imports (torch, FastAPI, the trainer) stay inside the handlers."""
     from .bench.cli import add_bench_parser
     from .bench_serve import add_bench_serve_parser
+    from .init_tiny import add_init_tiny_parser
     from .quant.quant_cli import add_quantize_parser
     from .server.serve_cli import add_serve_parser
     from .tasks.sudoku_cli import add_sudoku_parser
     from .train.train_cli import add_train_parser
 
     return [add_serve_parser, add_train_parser, add_sudoku_parser, add_bench_parser, add_bench_serve_parser,
-            add_quantize_parser]
+            add_quantize_parser, add_init_tiny_parser]
 
 
 def main(argv: list[str] | None = None) -> int:
