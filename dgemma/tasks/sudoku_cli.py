@@ -337,6 +337,9 @@ def _checked_puzzle(args) -> list[int]:
         raise CLIError(str(e)) from None
     if problem := puzzle_problem(puzzle):
         raise CLIError(f"this puzzle has no solution: {problem}")
+    from ..config import GenerationConfig
+
+    generation_config(args, GenerationConfig(), flags={"max_denoising_steps": "--steps"})  # a bad --steps first
     if (givens := sum(1 for d in puzzle if d)) < MIN_UNIQUE_GIVENS:
         notice("sudoku solve", f"warning: {givens} givens; a Sudoku needs at least {MIN_UNIQUE_GIVENS} for a single "
                                f"solution, so any grid that fits them counts as solved")
