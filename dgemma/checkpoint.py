@@ -174,6 +174,42 @@ def _load_vision(path: Path, config: ModelConfig, passthrough: dict[str, tuple[S
     return vision.eval()
 
 
+def _load_tensor(f: SafetensorsFile, hf_name: str, ours: str, expected: torch.Tensor, layout, dtype, device):
+    """One text tensor, checked against the model's (meta) tensor `expected`: shape, stored dtype (quantized
+    tensors load as stored, FP8 scales in fp32, the rest in `dtype`) and finite, float-looking values."""
+    ref = f.tensors[hf_name]
+    want = tuple(expected.shape)
+    if tuple(ref.shape) != want and not (want == () and ref.shape == [1]):  # a scalar may be stored as [1]
+        raise CheckpointError(f"{f.path}: tensor {hf_name} has shape {tuple(ref.shape)}, expected {want}")
+    want_dtype = dtype
+    if layout is not None and ours in layout.exact:  # quantized tensors load exactly as stored
+        _check_stored(f, hf_name, layout.exact[ours])
+        want_dtype = None
+    elif expected.dtype == quant_fp8.FP8:  # quantized weights load as stored; their scales in fp32
+        if ref.dtype != "F8_E4M3":
+            raise CheckpointError(f"{f.path}: tensor {hf_name} is {ref.dtype}, but config.json's "
+                                  f"quantization_config says it is FP8 (F8_E4M3)")
+        want_dtype = None
+    elif expected.dtype == torch.uint8:  # int4 codes, two per byte: loaded as stored
+        if ref.dtype != "U8":
+            raise CheckpointError(f"{f.path}: tensor {hf_name} is {ref.dtype}, but config.json's "
+                                  f"quantization_config says it holds int4 codes (U8)")
+        want_dtype = None
+    elif ref.dtype not in FLOAT_DTYPES:  # integer data would be converted to float silently, and garbage
+        raise CheckpointError(f"{f.path}: tensor {hf_name} is {ref.dtype}; weights must be floating point "
+                              f"({', '.join(FLOAT_DTYPES)})")
+    elif ours.endswith("_scale_inv"):
+        want_dtype = torch.float32
+    tensor = f.get(hf_name, want_dtype).reshape(want).to(device)
+    if not _all_finite(tensor):  # NaN weights give all-pad output with no hint why
+        raise CheckpointError(f"{f.path}: tensor {hf_name} holds NaN or Inf values; the checkpoint is corrupt "
+                              f"(or overflowed when it was converted)")
+    if _looks_like_integers(tensor):  # would load as near-zero weights: all-pad output, no hint why
+        raise CheckpointError(f"{f.path}: tensor {hf_name} looks like integer data declared as {ref.dtype} (most "
+                              f"of its values are below 1e-30); the header does not match the data")
+    return tensor
+
+
 def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
          quiet: bool = False, vision: bool = True) -> Checkpoint:
     """Load a checkpoint directory. Raises CheckpointError / ConfigError with a one-line message.
@@ -235,37 +271,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
         if ours not in expected:
             ignored.append(hf_name)
             continue
-        f = files[hf_name]
-        ref = f.tensors[hf_name]
-        want = tuple(expected[ours].shape)
-        if tuple(ref.shape) != want and not (want == () and ref.shape == [1]):  # a scalar may be stored as [1]
-            raise CheckpointError(f"{f.path}: tensor {hf_name} has shape {tuple(ref.shape)}, expected {want}")
-        want_dtype = dtype
-        if layout is not None and ours in layout.exact:  # quantized tensors load exactly as stored
-            _check_stored(f, hf_name, layout.exact[ours])
-            want_dtype = None
-        elif expected[ours].dtype == quant_fp8.FP8:  # quantized weights load as stored; their scales in fp32
-            if ref.dtype != "F8_E4M3":
-                raise CheckpointError(f"{f.path}: tensor {hf_name} is {ref.dtype}, but config.json's "
-                                      f"quantization_config says it is FP8 (F8_E4M3)")
-            want_dtype = None
-        elif expected[ours].dtype == torch.uint8:  # int4 codes, two per byte: loaded as stored
-            if ref.dtype != "U8":
-                raise CheckpointError(f"{f.path}: tensor {hf_name} is {ref.dtype}, but config.json's "
-                                      f"quantization_config says it holds int4 codes (U8)")
-            want_dtype = None
-        elif ref.dtype not in FLOAT_DTYPES:  # integer data would be converted to float silently, and garbage
-            raise CheckpointError(f"{f.path}: tensor {hf_name} is {ref.dtype}; weights must be floating point "
-                                  f"({', '.join(FLOAT_DTYPES)})")
-        elif ours.endswith("_scale_inv"):
-            want_dtype = torch.float32
-        tensors[ours] = f.get(hf_name, want_dtype).reshape(want).to(device)
-        if not _all_finite(tensors[ours]):  # NaN weights give all-pad output with no hint why
-            raise CheckpointError(f"{f.path}: tensor {hf_name} holds NaN or Inf values; the checkpoint is corrupt "
-                                  f"(or overflowed when it was converted)")
-        if _looks_like_integers(tensors[ours]):  # would load as near-zero weights: all-pad output, no hint why
-            raise CheckpointError(f"{f.path}: tensor {hf_name} looks like integer data declared as {ref.dtype} (most "
-                                  f"of its values are below 1e-30); the header does not match the data")
+        tensors[ours] = _load_tensor(files[hf_name], hf_name, ours, expected[ours], layout, dtype, device)
     model.load_state_dict(tensors, strict=True, assign=True)
     model.reset_rope(device)
     model.eval()
@@ -274,16 +280,14 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
         tower = _load_vision(path, config, passthrough, device, dtype)
         # image token ids outside the vocabulary (transformers' defaults on a small one) refuse images, not text
         no_images = config.image_tokens_problem()
-    if not quiet:
-        if eos_notice:
-            print(f"dgemma: {eos_notice}", file=sys.stderr)
-        if passthrough and tower is None:
-            print(f"dgemma: not loading the vision tower ({len(passthrough)} tensors: {no_images}); text only (a "
-                  f"save still writes its tensors)", file=sys.stderr)
-        if ignored:
-            print(f"dgemma: ignoring {len(ignored)} unknown tensors, e.g. {ignored[0]}", file=sys.stderr)
-        for note in layout.notes if layout is not None else ():
-            print(f"dgemma: {note}", file=sys.stderr)
+    notes = [eos_notice] if eos_notice else []
+    if passthrough and tower is None:
+        notes.append(f"not loading the vision tower ({len(passthrough)} tensors: {no_images}); text only (a save "
+                     f"still writes its tensors)")
+    if ignored:
+        notes.append(f"ignoring {len(ignored)} unknown tensors, e.g. {ignored[0]}")
+    for note in (notes + list(layout.notes if layout is not None else ())) if not quiet else ():
+        print(f"dgemma: {note}", file=sys.stderr)
     return Checkpoint(model, config, generation, path, passthrough, raw_config.get("vision_config"), tower, no_images)
 
 

@@ -1,6 +1,6 @@
-"""`dgemma init-tiny --out DIR`: a small random text checkpoint, with a byte-level tokenizer and the Gemma 4 chat template,
-for trying `generate`, `chat`, `serve` and `train` without downloading a model. Its weights are random, so its text
-is noise; what it shows is that each command runs, and how fast. `dgemma train --model OUT` teaches it something."""
+"""`dgemma init-tiny --out DIR`: a small random text checkpoint, with a byte-level tokenizer and the Gemma 4 chat
+template, for trying `generate`, `chat`, `serve` and `train` without downloading a model. Its weights are random, so
+its text is noise; what it shows is that each command runs, and how fast. `dgemma train --model DIR` teaches it."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ TOKENIZER_VOCAB = 256  # the byte-level tokenizer's 251 tokens, rounded up
 
 def add_init_tiny_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("init-tiny", help="write a small random text checkpoint with a tokenizer (no download)",
-                              description=__doc__.split("\n\n")[0].split(": ", 1)[1])
+                              description=__doc__.split("\n\n")[0].split(": ", 1)[1].capitalize())
     p.add_argument("--out", required=True, help="directory to write: new, empty, or an earlier dgemma output")
     p.add_argument("--preset", choices=PRESET_NAMES, default="tiny", help="model size (the vocabulary is the "
                                                                           "tokenizer's)")

@@ -82,7 +82,8 @@ class GenerationConfig:
         return GenerationConfig(**d)
 
     @classmethod
-    def from_hf(cls, d: dict, text: TextConfig | None = None, where: str = "generation_config.json") -> GenerationConfig:
+    def from_hf(cls, d: dict, text: TextConfig | None = None,
+                where: str = "generation_config.json") -> GenerationConfig:
         """The file's settings over the released defaults. A missing eos_token_id or pad_token_id falls back to
         `text`'s (checkpoint loading goes through `load`, which says which EOS rule applies).
 
@@ -130,7 +131,8 @@ class GenerationConfig:
                 top = text.vocab_size - 1
                 require(all(t <= top for t in gen.eos_token_id),
                          f"eos_token_id {gen.eos_token_id} is outside the vocabulary [0, {top}]")
-                require(gen.pad_token_id <= top, f"pad_token_id {gen.pad_token_id} is outside the vocabulary [0, {top}]")
+                require(gen.pad_token_id <= top,
+                        f"pad_token_id {gen.pad_token_id} is outside the vocabulary [0, {top}]")
             return gen
         except ConfigError as e:
             raise ConfigError(f"{where}: {e}") from None

@@ -75,5 +75,6 @@ class ModelConfig:
             "dtype": "float32",
         }
         d.update({k: v for k, v in self.extra.items() if k not in ("vision_config",)})
-        d.update({"model_type": "diffusion_gemma", "canvas_length": self.canvas_length, "text_config": self.text.to_hf()})
+        d.update({"model_type": "diffusion_gemma", "canvas_length": self.canvas_length,
+                  "text_config": self.text.to_hf()})
         return d
