@@ -43,6 +43,7 @@ class Checkpoint:
     passthrough: dict[str, tuple[SafetensorsFile, str]] = field(default_factory=dict)  # vision tensors kept as-is
     vision_config: dict | None = None
     vision: Vision | None = None  # the loaded tower (None: none in the checkpoint, or loaded with vision=False)
+    no_images_reason: str | None = None  # why the model takes no images (None: it takes them)
 
 
 def _index_files(path: Path) -> dict[str, SafetensorsFile]:
@@ -173,6 +174,42 @@ def _load_vision(path: Path, config: ModelConfig, passthrough: dict[str, tuple[S
     return vision.eval()
 
 
+def _load_tensor(f: SafetensorsFile, hf_name: str, ours: str, expected: torch.Tensor, layout, dtype, device):
+    """One text tensor, checked against the model's (meta) tensor `expected`: shape, stored dtype (quantized
+    tensors load as stored, FP8 scales in fp32, the rest in `dtype`) and finite, float-looking values."""
+    ref = f.tensors[hf_name]
+    want = tuple(expected.shape)
+    if tuple(ref.shape) != want and not (want == () and ref.shape == [1]):  # a scalar may be stored as [1]
+        raise CheckpointError(f"{f.path}: tensor {hf_name} has shape {tuple(ref.shape)}, expected {want}")
+    want_dtype = dtype
+    if layout is not None and ours in layout.exact:  # quantized tensors load exactly as stored
+        _check_stored(f, hf_name, layout.exact[ours])
+        want_dtype = None
+    elif expected.dtype == quant_fp8.FP8:  # quantized weights load as stored; their scales in fp32
+        if ref.dtype != "F8_E4M3":
+            raise CheckpointError(f"{f.path}: tensor {hf_name} is {ref.dtype}, but config.json's "
+                                  f"quantization_config says it is FP8 (F8_E4M3)")
+        want_dtype = None
+    elif expected.dtype == torch.uint8:  # int4 codes, two per byte: loaded as stored
+        if ref.dtype != "U8":
+            raise CheckpointError(f"{f.path}: tensor {hf_name} is {ref.dtype}, but config.json's "
+                                  f"quantization_config says it holds int4 codes (U8)")
+        want_dtype = None
+    elif ref.dtype not in FLOAT_DTYPES:  # integer data would be converted to float silently, and garbage
+        raise CheckpointError(f"{f.path}: tensor {hf_name} is {ref.dtype}; weights must be floating point "
+                              f"({', '.join(FLOAT_DTYPES)})")
+    elif ours.endswith("_scale_inv"):
+        want_dtype = torch.float32
+    tensor = f.get(hf_name, want_dtype).reshape(want).to(device)
+    if not _all_finite(tensor):  # NaN weights give all-pad output with no hint why
+        raise CheckpointError(f"{f.path}: tensor {hf_name} holds NaN or Inf values; the checkpoint is corrupt "
+                              f"(or overflowed when it was converted)")
+    if _looks_like_integers(tensor):  # would load as near-zero weights: all-pad output, no hint why
+        raise CheckpointError(f"{f.path}: tensor {hf_name} looks like integer data declared as {ref.dtype} (most "
+                              f"of its values are below 1e-30); the header does not match the data")
+    return tensor
+
+
 def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
          quiet: bool = False, vision: bool = True) -> Checkpoint:
     """Load a checkpoint directory. Raises CheckpointError / ConfigError with a one-line message.
@@ -185,7 +222,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     dtype = dtype or default_dtype(device)
     raw_config = read_json(path / "config.json")
     config = ModelConfig.from_hf(raw_config, str(path / "config.json"), vision=vision)
-    generation = GenerationConfig.load(path / "generation_config.json", config.text)
+    generation, eos_notice = GenerationConfig.load(path / "generation_config.json", config.text)
 
     files = _index_files(path)
     with torch.device("meta"):
@@ -234,54 +271,35 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
         if ours not in expected:
             ignored.append(hf_name)
             continue
-        f = files[hf_name]
-        ref = f.tensors[hf_name]
-        want = tuple(expected[ours].shape)
-        if tuple(ref.shape) != want and not (want == () and ref.shape == [1]):  # a scalar may be stored as [1]
-            raise CheckpointError(f"{f.path}: tensor {hf_name} has shape {tuple(ref.shape)}, expected {want}")
-        want_dtype = dtype
-        if layout is not None and ours in layout.exact:  # quantized tensors load exactly as stored
-            _check_stored(f, hf_name, layout.exact[ours])
-            want_dtype = None
-        elif expected[ours].dtype == quant_fp8.FP8:  # quantized weights load as stored; their scales in fp32
-            if ref.dtype != "F8_E4M3":
-                raise CheckpointError(f"{f.path}: tensor {hf_name} is {ref.dtype}, but config.json's "
-                                      f"quantization_config says it is FP8 (F8_E4M3)")
-            want_dtype = None
-        elif expected[ours].dtype == torch.uint8:  # int4 codes, two per byte: loaded as stored
-            if ref.dtype != "U8":
-                raise CheckpointError(f"{f.path}: tensor {hf_name} is {ref.dtype}, but config.json's "
-                                      f"quantization_config says it holds int4 codes (U8)")
-            want_dtype = None
-        elif ref.dtype not in FLOAT_DTYPES:  # integer data would be converted to float silently, and garbage
-            raise CheckpointError(f"{f.path}: tensor {hf_name} is {ref.dtype}; weights must be floating point "
-                                  f"({', '.join(FLOAT_DTYPES)})")
-        elif ours.endswith("_scale_inv"):
-            want_dtype = torch.float32
-        tensors[ours] = f.get(hf_name, want_dtype).reshape(want).to(device)
-        if not _all_finite(tensors[ours]):  # NaN weights give all-pad output with no hint why
-            raise CheckpointError(f"{f.path}: tensor {hf_name} holds NaN or Inf values; the checkpoint is corrupt "
-                                  f"(or overflowed when it was converted)")
-        if _looks_like_integers(tensors[ours]):  # would load as near-zero weights: all-pad output, no hint why
-            raise CheckpointError(f"{f.path}: tensor {hf_name} looks like integer data declared as {ref.dtype} (most "
-                                  f"of its values are below 1e-30); the header does not match the data")
+        tensors[ours] = _load_tensor(files[hf_name], hf_name, ours, expected[ours], layout, dtype, device)
     model.load_state_dict(tensors, strict=True, assign=True)
     model.reset_rope(device)
     model.eval()
-    tower = None
-    if vision and config.vision is not None and passthrough:
+    tower, no_images = None, _no_images_reason(config, passthrough, vision)
+    if no_images is None:
         tower = _load_vision(path, config, passthrough, device, dtype)
-    if not quiet:
-        if passthrough and tower is None:
-            why = "vision off" if not vision else "no vision_config in config.json"
-            print(f"dgemma: not loading the vision tower ({len(passthrough)} tensors, {why}); text only (a save "
-                  f"still writes its tensors)",
-                  file=sys.stderr)
-        if ignored:
-            print(f"dgemma: ignoring {len(ignored)} unknown tensors, e.g. {ignored[0]}", file=sys.stderr)
-        for note in layout.notes if layout is not None else ():
-            print(f"dgemma: {note}", file=sys.stderr)
-    return Checkpoint(model, config, generation, path, passthrough, raw_config.get("vision_config"), tower)
+        # image token ids outside the vocabulary (transformers' defaults on a small one) refuse images, not text
+        no_images = config.image_tokens_problem()
+    notes = [eos_notice] if eos_notice else []
+    if passthrough and tower is None:
+        notes.append(f"not loading the vision tower ({len(passthrough)} tensors: {no_images}); text only (a save "
+                     f"still writes its tensors)")
+    if ignored:
+        notes.append(f"ignoring {len(ignored)} unknown tensors, e.g. {ignored[0]}")
+    for note in (notes + list(layout.notes if layout is not None else ())) if not quiet else ():
+        print(f"dgemma: {note}", file=sys.stderr)
+    return Checkpoint(model, config, generation, path, passthrough, raw_config.get("vision_config"), tower, no_images)
+
+
+def _no_images_reason(config: ModelConfig, passthrough: dict, vision: bool) -> str | None:
+    """Why a load has no vision tower, or None when it loads one."""
+    if not passthrough:
+        return "it has no vision tower"
+    if not vision:
+        return "its vision tower was not loaded (--no-vision)"
+    if config.vision is None:
+        return "no vision_config in config.json"
+    return None
 
 
 def hf_state_dict(model: DiffusionGemma) -> dict[str, torch.Tensor]:

@@ -32,7 +32,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action):
         help_text = action.help or ""
-        if action.default in (None, False, argparse.SUPPRESS) or "default" in help_text:
+        if action.default is None or action.default is False or action.default == argparse.SUPPRESS \
+                or "default" in help_text:  # `is`: a default of 0 is shown
             return help_text
         return super()._get_help_string(action)
 
@@ -146,21 +147,33 @@ def available_cpus() -> int:
     return max(1, n)
 
 
+def default_threads() -> int:
+    """The cores this process may use less those other processes keep busy (the 1-minute load average), at least
+    one. torch's threads wait for each other at every operation, so a thread that shares a busy core stalls the
+    rest: on a 2-core machine under load, `sudoku solve` took 36-45 s with 2 threads and 18 s with 1."""
+    n = available_cpus()
+    try:
+        busy = os.getloadavg()[0]
+    except (AttributeError, OSError):  # not Unix
+        return n
+    return max(1, min(n, round(n - busy)))
+
+
 def add_threads_arg(p: argparse.ArgumentParser, note: str = "") -> None:
     p.add_argument("--threads", type=int, default=None,
-                   help=f"torch CPU threads (default: torch's choice, capped at the {available_cpus()} cores this "
-                        f"process may use){note}")
+                   help=f"torch CPU threads (default: the {available_cpus()} cores this process may use, less those "
+                        f"other processes keep busy, at least 1){note}")
 
 
 def apply_threads(threads: int | None) -> int:
-    """Set torch's intra-op threads: --threads if given, else torch's default capped at the available cores (torch
+    """Set torch's intra-op threads: --threads if given, else default_threads() capped at torch's default (torch
     counts the machine's cores, not the ones this process is allowed, and oversubscribing a 2-core container
     costs a multiple of the time). Returns the number set."""
     import torch
 
     if threads is not None and threads < 1:
         raise CLIError(f"--threads must be >= 1, got {threads}")
-    n = threads if threads is not None else min(torch.get_num_threads(), available_cpus())
+    n = threads if threads is not None else min(torch.get_num_threads(), default_threads())
     if n != torch.get_num_threads():
         torch.set_num_threads(n)
     return n
@@ -205,6 +218,16 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None, help="seed for the canvas noise and sampling (default: random)")
 
 
+def add_eos_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-eos", action="store_true",
+                   help="never stop at EOS: run to --max-new-tokens, as transformers does for a checkpoint whose "
+                        "generation_config.json names no eos_token_id (its tokens, exactly)")
+
+
+# Flags whose output must end in an EOS (a template's or a constraint's end, a fill-in-the-middle's join)
+EOS_STEERING_FLAGS = ("suffix", "template", "json_schema", "json_object", "regex", "choice")
+
+
 def flag_message(message: str, flags: Mapping[str, str]) -> str:
     """A config error's message with its field names replaced by the flags the user typed."""
     import re
@@ -219,6 +242,11 @@ def generation_config(args, base, flags: Mapping[str, str] = SAMPLING_FLAGS):
     from .config import ConfigError
 
     values = {field: getattr(args, flag[2:].replace("-", "_")) for field, flag in flags.items()}
+    if getattr(args, "no_eos", False):
+        steered = [f"--{f.replace('_', '-')}" for f in EOS_STEERING_FLAGS if getattr(args, f, None)]
+        if steered:
+            raise CLIError(f"--no-eos cannot go with {steered[0]}, whose output ends in an EOS")
+        values["eos_token_id"] = []
     try:
         return base.replace(**values)
     except ConfigError as e:

@@ -273,10 +273,8 @@ class ImageSupport:
     @classmethod
     def of(cls, ckpt) -> ImageSupport:
         """ImageError when the checkpoint cannot take images (no tower, or loaded without it)."""
-        if ckpt.vision is None:
-            why = ("it has no vision tower" if ckpt.vision_config is None
-                   else "its vision tower was not loaded (--no-vision)")
-            raise ImageError(f"this model cannot take images: {why}")
+        if ckpt.no_images_reason is not None:
+            raise ImageError(f"this model cannot take images: {ckpt.no_images_reason}")
         c = ckpt.config
         return cls(ckpt.vision, ImageProcessorConfig.load(ckpt.path),
                    ImageTokens(c.token_id("boi_token_id"), c.token_id("image_token_id"), c.token_id("eoi_token_id")))

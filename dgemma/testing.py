@@ -93,14 +93,10 @@ def _gpt2_chars() -> list[str]:
 def write_tiny_checkpoint(directory, canvas_length: int = 16, max_denoising_steps: int = 8,
                           tool_tokens: bool = False) -> Path:
     """A random `tiny`-preset checkpoint (vocab 256, std 0.1, seed 0) with the byte-level test tokenizer, saved
-    by dgemma into `directory`/model; returns that directory. Its text is noise: tests compare texts with each
-    other, never with words. tool_tokens: the tokenizer has the tool markers, and the vocab is TOOL_VOCAB_SIZE."""
-    from . import checkpoint
-    from .presets import default_generation, preset_config, random_model
+    by dgemma into `directory`/model (what `dgemma init-tiny` writes); returns that directory. Its text is noise:
+    tests compare texts with each other, never with words. tool_tokens: the tokenizer has the tool markers, and the
+    vocab is TOOL_VOCAB_SIZE."""
+    from .init_tiny import write_random_checkpoint
 
-    directory = Path(directory)
-    cfg = preset_config("tiny", canvas_length=canvas_length, vocab_size=TOOL_VOCAB_SIZE if tool_tokens else 256)
-    write_test_tokenizer(directory / "tok", tool_tokens=tool_tokens)
-    return checkpoint.save(directory / "model", random_model(cfg, std=0.1, seed=0), cfg,
-                           default_generation(cfg).replace(max_denoising_steps=max_denoising_steps),
-                           tokenizer_dir=directory / "tok")
+    return write_random_checkpoint(Path(directory) / "model", canvas_length=canvas_length,
+                                   max_denoising_steps=max_denoising_steps, tool_tokens=tool_tokens)

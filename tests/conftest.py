@@ -31,7 +31,8 @@ def make_reference_checkpoint(path: Path, text: dict | None = None, canvas_lengt
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(path, **kwargs)
     # save_pretrained writes no eos_token_id for a model built from a config (transformers then never stops at EOS,
-    # and dgemma refuses the file); the release's file names its EOS, and so does this one unless told otherwise
+    # and dgemma stops at config.json's with a notice); the release's file names its EOS, and so does this one
+    # unless told otherwise
     gen_path = Path(path) / "generation_config.json"
     gen = json.loads(gen_path.read_text())
     gen.update({"eos_token_id": 1, "pad_token_id": 0, **(generation or {})})

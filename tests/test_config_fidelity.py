@@ -136,18 +136,29 @@ def test_override_equal_to_the_global_value_is_dropped_as_transformers_does():
 
 # ---- generation_config.json -----------------------------------------------------------------------------------------
 
-def test_generation_config_without_eos_is_refused(tmp_path):
+def test_generation_config_without_eos_stops_at_config_eos_and_says_so(tmp_path):
     """save_pretrained of a model built from a config writes no eos_token_id; transformers then never stops at EOS
-    (it does not fall back to config.json's), so dgemma refuses the file instead of stopping where it would not."""
+    (it does not fall back to config.json's). dgemma stops at config.json's eos and says so in one line; a missing
+    file gets the same rule. (This file was refused until issue 32: every freshly saved checkpoint met it.)"""
     path = make_reference_checkpoint(tmp_path / "ckpt", vision=False, generation={"eos_token_id": None})
     assert "eos_token_id" not in json.loads((path / "generation_config.json").read_text())
     assert transformers.DiffusionGemmaForBlockDiffusion.from_pretrained(path).generation_config.eos_token_id is None
-    with pytest.raises(ConfigError, match="no eos_token_id.*never stop") as info:
-        checkpoint.load(path, quiet=True)
-    assert "\n" not in str(info.value)
+    gen, notice = GenerationConfig.load(path / "generation_config.json", TextConfig.from_hf(TINY_TEXT))
+    assert gen.eos_token_id == [1]
+    assert "no eos_token_id" in notice and "config.json's eos_token_id [1]" in notice and "--no-eos" in notice
+    assert "\n" not in notice
+    assert checkpoint.load(path, quiet=True).generation.eos_token_id == [1]
     (path / "generation_config.json").unlink()
-    with pytest.raises(ConfigError, match="file not found.*eos_token_id"):
-        checkpoint.load(path, quiet=True)
+    gen, notice = GenerationConfig.load(path / "generation_config.json", TextConfig.from_hf(TINY_TEXT))
+    assert gen.eos_token_id == [1] and notice.startswith("no generation_config.json")
+
+
+def test_gemma4_vocabulary_without_eos_stops_at_the_release_eos_ids(tmp_path):
+    text = TextConfig.from_hf(dict(TINY_TEXT, vocab_size=262_144))
+    gen, notice = GenerationConfig.load(tmp_path / "generation_config.json", text)
+    assert gen.eos_token_id == [1, 50, 106] and "release" in notice
+    with pytest.raises(ConfigError, match="empty list"):
+        GenerationConfig.from_hf({"eos_token_id": []})
 
 
 @pytest.mark.parametrize("extra", [{"top_k": 64}, {"temperature": 0.5}, {"do_sample": True}, {"typo_t_mni": 0.1}])

@@ -278,6 +278,7 @@ def test_serve_reads_the_key_from_a_file_and_warns_when_open_without_one(runtime
     proc, url, lines = _serve(ckpt.path, "--host", "0.0.0.0", env={"DGEMMA_API_KEY": ""})
     try:
         assert any("WARNING" in line and "WITHOUT an API key" in line for line in lines), lines
+        assert any("playground http://0.0.0.0:" in line for line in lines), lines  # where a browser goes
     finally:
         proc.terminate()
         proc.wait(30)

@@ -445,8 +445,10 @@ def test_convert_and_quantize_copy_the_tower_through(cli_ckpt, capsys, tmp_path,
 
     path = cli_ckpt[0]
     out = tmp_path / "out"
-    code, _, err = _run(capsys, [command[0], "--model", str(path), "--out", str(out), *command[1:]])
+    code, printed, err = _run(capsys, [command[0], "--model", str(path), "--out", str(out), *command[1:]])
     assert code == 0, err
+    if command[0] == "quantize":  # it says what it left alone
+        assert "the vision tower (" in printed and "tensors) copied unquantized" in printed
     with safe_open(str(path / "model.safetensors"), "pt") as a, safe_open(str(out / "model.safetensors"), "pt") as b:
         names = [n for n in a.keys() if n.startswith(checkpoint.VISION_PREFIXES)]
         assert names and all(torch.equal(a.get_tensor(n), b.get_tensor(n)) for n in names)

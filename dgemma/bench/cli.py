@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
-from ..cli_common import PRESET_NAMES, CLIError, apply_threads, available_cpus
+from ..cli_common import PRESET_NAMES, CLIError, apply_threads, available_cpus, default_threads
 
 BENCH_PRESETS = (*PRESET_NAMES, "26b-a4b")  # 26b-a4b: the release's shapes, built on the device (not for training)
 
@@ -22,8 +23,9 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=16, help="denoising steps per canvas")
     p.add_argument("--adaptive", action="store_true", help="allow the early stop (default: fixed steps)")
     p.add_argument("--entropy-bound", type=float, default=0.1, help="entropy budget of the sampler per step")
-    p.add_argument("--threads", type=int, default=min(available_cpus(), 8),
-                   help="torch CPU threads (the cores this process may use, at most 8)")
+    p.add_argument("--threads", type=int, default=None,
+                   help=f"torch CPU threads (default: the {available_cpus()} cores this process may use, less those "
+                        f"other processes keep busy, at least 1, at most 8)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="compute dtype (default: float32 on CPU, bfloat16 on CUDA)")
@@ -31,7 +33,8 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--compare", action="append", default=[], choices=["transformers", "autoregressive", "eager"],
                    help="also run transformers' generate, an autoregressive decode, or (CUDA) dgemma without graphs")
     p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
-                   help="on CUDA, run each denoising step eagerly instead of replaying a CUDA graph")
+                   help="on CUDA, run each denoising step eagerly instead of replaying a CUDA graph (default: "
+                        "graphs are replayed)")
     p.add_argument("--quantize", choices=["fp8", "int4"], default=None,
                    help="quantize the model's weights first (as `dgemma quantize` does) and time that")
     p.add_argument("--sizes-only", action="store_true",
@@ -50,15 +53,15 @@ def main_bench(args) -> dict:
     from .report import summarize
     from .runners import run_workload
 
-    apply_threads(args.threads)
+    args.threads = apply_threads(args.threads if args.threads is not None else min(default_threads(), 8))
     return summarize(args, run_workload(args))
 
 
 def cmd_bench(args) -> int:
-    from .report import print_table
+    from .report import print_table, spread_warnings
 
     for name in ("batch_size", "prompt_len", "new_tokens", "steps", "threads", "repeats"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise CLIError(f"--{name.replace('_', '-')} must be at least 1")
     if args.sizes_only:
         from .runners import print_format_sizes
@@ -82,4 +85,6 @@ def cmd_bench(args) -> int:
         print(json.dumps(out, indent=2))
     else:
         print_table(out)
+    for line in spread_warnings(out):
+        print(line, file=sys.stderr)
     return 0

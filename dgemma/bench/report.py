@@ -35,6 +35,7 @@ def summarize(args, m: Measurement) -> dict:
             "prefill_ms": prefill * 1e3,
             "forwards": steps,
             "tokens_per_forward": tokens / args.batch_size / steps if steps else 0.0,
+            "run_seconds": [round(r.seconds, 3) for r in st.runs],
         }
         if name != "autoregressive":
             step_s = (seconds - prefill) / steps if steps else 0.0
@@ -79,7 +80,7 @@ def print_table(out: dict) -> None:
     w, m = out["workload"], out["machine"]
     print(f"workload: {w['preset'] or w['model']} ({w['active_params_m']}M active), batch {w['batch_size']}, "
           f"prompt {w['prompt_len']}, {w['new_tokens']} new tokens, {w['denoising_steps']} "
-          f"{'adaptive' if w['adaptive'] else 'fixed'} steps, {w['threads']} threads, {w['device']} {w['dtype']}"
+          f"{'adaptive' if w['adaptive'] else 'fixed'} steps, {w['threads']} thread{'' if w['threads'] == 1 else 's'}, {w['device']} {w['dtype']}"
           f"{'' if w['weights'] == 'unquantized' else ', ' + w['weights'] + ' weights'}")
     print(f"machine: matmul peak {m['matmul_peak_gflops']:.1f} GFLOP/s; weights {m['weights_mb']:.0f} MiB; "
           f"matmul floor {m['floor_ms_per_step']:.2f} ms per denoising step")
@@ -110,3 +111,19 @@ def print_table(out: dict) -> None:
         print(f"speedup_vs_autoregressive: {out['speedup_vs_autoregressive']:.2f}")
     if "speedup_vs_transformers" in out:
         print(f"speedup_vs_transformers: {out['speedup_vs_transformers']:.2f}")
+
+
+UNSTEADY = 2.0  # slowest over fastest timed run past which a median hides a busy machine
+
+
+def spread_warnings(out: dict) -> list[str]:
+    """A line per engine whose timed runs differ by more than UNSTEADY times: the machine was busy, and the
+    median of such runs is no steady figure."""
+    lines = []
+    for r in out["results"]:
+        runs = r["run_seconds"]
+        if len(runs) > 1 and min(runs) > 0 and max(runs) / min(runs) > UNSTEADY:
+            listed = ", ".join(f"{t:.2f}" for t in runs)
+            lines.append(f"warning: {r['engine']}'s {len(runs)} runs took {listed} s ({max(runs) / min(runs):.1f}x "
+                         f"apart); something else was using the machine, so the median is not a steady figure")
+    return lines

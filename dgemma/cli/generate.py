@@ -82,7 +82,7 @@ def check_default_model(args) -> None:
     for text in args.prompt or []:
         if unk is not None and unk in tokenizer.encode(text):
             raise CLIError(f"no --model given, and {DEFAULT_MODEL_NOTE}: it cannot read {text[:40]!r}; {hint}")
-    notice(args.command, f"no --model given, and {DEFAULT_MODEL_NOTE}; pass --model DIR for text")
+    notice(args.command, "running the embedded Sudoku model (no --model given); pass --model DIR for text")
 
 
 def output_record(token_ids, reason, tokenizer, eos_ids, split: bool) -> dict:

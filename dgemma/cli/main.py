@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import sys
 
-from ..cli_common import (DTYPES, DgemmaError, Parser, add_model_args, add_sampling_args, add_threads_arg,
+from ..cli_common import (DTYPES, DgemmaError, Parser, add_eos_arg, add_model_args, add_sampling_args, add_threads_arg,
                           apply_threads)
 from .generate import add_steering_args
 
@@ -66,6 +66,7 @@ def build_parser() -> Parser:
     p.add_argument("--show-canvas", action="store_true",
                    help="watch the canvas settle (on stderr; plain text when stderr is not a terminal)")
     add_sampling_args(p)
+    add_eos_arg(p)
     add_steering_args(p)
     p.set_defaults(func=_command("generate", "cmd_generate"))
 
@@ -106,13 +107,14 @@ def _plugins():
     only their parsers; their heavy imports (torch, FastAPI, the trainer) stay inside the handlers."""
     from ..bench.cli import add_bench_parser
     from ..bench_serve import add_bench_serve_parser
+    from ..init_tiny import add_init_tiny_parser
     from ..quant.quant_cli import add_quantize_parser
     from ..server.serve_cli import add_serve_parser
     from ..tasks.sudoku_cli import add_sudoku_parser
     from ..train.train_cli import add_train_parser
 
     return [add_serve_parser, add_train_parser, add_sudoku_parser, add_bench_parser, add_bench_serve_parser,
-            add_quantize_parser]
+            add_quantize_parser, add_init_tiny_parser]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -77,6 +77,7 @@ def cmd_quantize(args) -> int:
                     passthrough=ckpt.passthrough, vision_config=ckpt.vision_config)
     what = (f"int4 weights in groups of {config['group_size']}" if args.format == "int4"
             else f"FP8 weights in {'x'.join(map(str, config['weight_block_size']))} blocks")
+    tower = f"; the vision tower ({len(ckpt.passthrough)} tensors) copied unquantized" if ckpt.passthrough else ""
     print(f"wrote {out}: {what}{'' if not args.skip_experts else ' (experts left as they were)'}"
-          f", {_size(src) / 2**20:.1f} MiB -> {_size(out) / 2**20:.1f} MiB")
+          f", {_size(src) / 2**20:.1f} MiB -> {_size(out) / 2**20:.1f} MiB{tower}")
     return 0

@@ -99,13 +99,15 @@ def cmd_serve(args) -> int:
     engine = Engine(ckpt.model, ckpt.generation, tokenizer, max_num_seqs=args.max_num_seqs,
                     max_model_len=max_model_len, max_waiting=args.max_waiting, sampler=args.sampler)
     name = args.served_model_name or ckpt.path.resolve().name
-    images = ImageSupport.of(ckpt) if ckpt.vision is not None else None
+    images = ImageSupport.of(ckpt) if ckpt.no_images_reason is None else None
+    if ckpt.vision is not None and images is None:  # a tower whose image token ids cannot be used
+        print(f"dgemma serve: text only, images are refused ({ckpt.no_images_reason})", file=sys.stderr)
     serving = Serving(engine, tokenizer, name, settled_prefix=not args.no_settled_prefix, limits=limits,
                       images=images, allowed_media=media_dir, max_images=args.max_images_per_request)
     app = build_app(serving, key, allowed_hosts=allowed_hosts, public_metrics=args.public_metrics)
     print(f"dgemma serve: {name} on {ckpt.model.device}, {args.max_num_seqs} rows x {engine.max_model_len} tokens "
           f"({engine.runner.nbytes() / 2**20:.0f} MiB of cache), http://{args.host}:{args.port}/v1"
-          + (", API key required" if key else ""), file=sys.stderr)
+          + (", API key required" if key else "") + f"; playground http://{args.host}:{args.port}/", file=sys.stderr)
     if not key and args.host not in LOOPBACK:
         print(f"WARNING: dgemma serve is listening on {args.host}, beyond this machine, WITHOUT an API key: anyone "
               "who can reach the port can use the model. Set $DGEMMA_API_KEY or --api-key-file.", file=sys.stderr)

@@ -12,7 +12,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from ..cli_common import CLIError, add_threads_arg, apply_threads, generation_config, load_checkpoint
+from ..cli_common import CLIError, add_threads_arg, apply_threads, generation_config, load_checkpoint, notice
 from ..train.train_cli import add_distributed_args, add_refinement_args
 
 # sudoku.py's constants, without its imports (torch, the generator) to build a parser; tests/test_cli.py checks
@@ -100,7 +100,7 @@ def add_sudoku_parser(subparsers) -> argparse.ArgumentParser:
                         "(default: 4; README, \"The embedded Sudoku model\", says what tries buy)")
     s.add_argument("--model", default=None, help="checkpoint directory (default: the shipped model)")
     s.add_argument("--steps", type=int, default=None, help="max denoising steps (default: the model's)")
-    s.add_argument("--seed", type=int, default=0, help="sampling seed")
+    s.add_argument("--seed", type=int, default=0, help="sampling seed (try N uses seed + N - 1)")
     s.add_argument("--no-pin-givens", action="store_true",
                    help="let the model rewrite the givens (by default they are pinned into the canvas)")
     s.add_argument("--repair", metavar="GRID", default=None,
@@ -322,32 +322,40 @@ def cmd_ship(args) -> int:
     return 0
 
 
-def _read_puzzle(arg: str | None) -> str:
-    """The puzzle text: the argument, or stdin for '-' (or no argument when stdin is a pipe or a file)."""
-    if arg is not None and arg != "-":
-        return arg
-    if arg is None and sys.stdin.isatty():
+def _checked_puzzle(args) -> list[int]:
+    """`solve`'s puzzle (the argument, or stdin for '-' or none when stdin is not a terminal), parsed and checked in
+    pure Python; too few givens for a single solution is a warning."""
+    from .sudoku_puzzles import MIN_UNIQUE_GIVENS, parse_grid, puzzle_problem
+
+    if args.tries < 1:
+        raise CLIError(f"--tries must be >= 1, got {args.tries}")
+    if args.puzzle is None and sys.stdin.isatty():
         raise CLIError("give the puzzle as an argument (81 characters, 0 or . for blanks), or pipe it in")
-    return sys.stdin.read()
+    try:
+        puzzle = parse_grid(args.puzzle if args.puzzle not in (None, "-") else sys.stdin.read())
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    if problem := puzzle_problem(puzzle):
+        raise CLIError(f"this puzzle has no solution: {problem}")
+    from ..config import GenerationConfig
+
+    generation_config(args, GenerationConfig(), flags={"max_denoising_steps": "--steps"})  # a bad --steps first
+    if (givens := sum(1 for d in puzzle if d)) < MIN_UNIQUE_GIVENS:
+        notice("sudoku solve", f"warning: {givens} givens; a Sudoku needs at least {MIN_UNIQUE_GIVENS} for a single "
+                               f"solution, so any grid that fits them counts as solved")
+    return puzzle
 
 
 def cmd_solve(args) -> int:
+    puzzle = _checked_puzzle(args)  # before torch loads: a typo is reported at once
     import torch
 
     from ..control.steering import SteeringSpec, build_steering
     from ..generate import generate
     from . import sudoku as S
-    from .sudoku_puzzles import count_solutions, format_grid, is_solution, parse_grid, pretty
+    from .sudoku_puzzles import format_grid, is_solution, parse_grid, pretty
 
     apply_threads(args.threads)
-    if args.tries < 1:
-        raise CLIError(f"--tries must be >= 1, got {args.tries}")
-    try:
-        puzzle = parse_grid(_read_puzzle(args.puzzle))
-    except ValueError as e:
-        raise CLIError(str(e)) from None
-    if count_solutions(puzzle, 1) == 0:
-        raise CLIError("this puzzle has no solution (its givens conflict or lead to a dead end)")
     pins = None if args.no_pin_givens else tuple(S.givens_steering(puzzle).pinned.items())
     seed = strength = None
     if args.repair is not None:

@@ -248,6 +248,22 @@ def parse_grid(text: str) -> list[int]:
     return cells
 
 
+MIN_UNIQUE_GIVENS = 17  # no Sudoku with fewer givens has a single solution (McGuire, Tugemann and Civario, 2012)
+
+
+def puzzle_problem(puzzle: list[int]) -> str | None:
+    """Why `puzzle` has no solution, in words (rows and columns from 1): the first two equal givens that share a
+    row, column or box, or a dead end; None when it has one."""
+    for i in range(CELLS):
+        for j in PEERS[i]:
+            if j > i and puzzle[i] and puzzle[j] == puzzle[i]:
+                unit = ("row", _ROW[i]) if _ROW[i] == _ROW[j] else ("column", _COL[i]) if _COL[i] == _COL[j] \
+                    else ("box", _BOX[i])
+                return (f"the givens conflict: two {puzzle[i]}s in {unit[0]} {unit[1] + 1}, at row {_ROW[i] + 1} "
+                        f"column {_COL[i] + 1} and row {_ROW[j] + 1} column {_COL[j] + 1}")
+    return None if count_solutions(puzzle, 1) else "its givens lead to a dead end"
+
+
 def format_grid(grid: list[int]) -> str:
     return "".join(str(d) for d in grid)
 

@@ -120,6 +120,19 @@ def _tokenizer(path: Path):
     return tok
 
 
+def _check_known_tokens(examples, tokenizer, data: str) -> None:
+    """Refuse data that is mostly tokens the tokenizer does not know (its <unk>), such as text for the embedded
+    Sudoku model, whose tokenizer knows digits only: training on it would teach nothing and write a model."""
+    unk = tokenizer.token_id("<unk>")
+    if unk is None:
+        return
+    ids = [t for ex in examples for t in ex.response_ids]
+    unknown = sum(t == unk for t in ids)
+    if ids and unknown * 2 > len(ids):
+        raise CLIError(f"--data {data}: {unknown} of the responses' {len(ids)} tokens are unknown to this tokenizer "
+                       f"(<unk>); it cannot read this data (is --model the right checkpoint?)")
+
+
 def _configs(args, warmup_steps: int, LossConfig, TrainConfig):
     """The loss and training configs from the flags. Their own checks raise ValueError, naming the field
     (`lr must be ...`); here that becomes a user error."""
@@ -191,6 +204,7 @@ def cmd_train(args) -> int:
         generation = default_generation(config)
     limit = config.text.max_position_embeddings
     examples = read_jsonl(args.data, tokenizer, args.template, limit, config.canvas_length)
+    _check_known_tokens(examples, tokenizer, args.data)
     if args.eval_data:
         eval_examples = read_jsonl(args.eval_data, tokenizer, args.template, limit, config.canvas_length)
     else:
