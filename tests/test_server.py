@@ -156,7 +156,7 @@ BAD = [
     ("max_tokens beyond context", dict(CHAT, max_tokens=10_000), 400, "max_tokens"),
     ("temperature too high", dict(CHAT, temperature=3), 400, "temperature"),
     ("temperature string", dict(CHAT, temperature="hot"), 400, "temperature"),
-    ("n > 1", dict(CHAT, n=2), 400, "n"),
+    ("n > 8", dict(CHAT, n=9), 400, "n"),
     ("stop not a string", dict(CHAT, stop=5), 400, "stop"),
     ("seed string", dict(CHAT, seed="x"), 400, "seed"),
     ("stream string", dict(CHAT, stream="yes"), 400, "stream"),
@@ -253,6 +253,7 @@ class ScriptedEngine:
     generation = default_generation(preset_config("tiny"))
     max_model_len, num_running, num_waiting, num_steps = 256, 0, 0, 0
     vocab_size = preset_config("tiny").text.vocab_size
+    canvas_length = preset_config("tiny").canvas_length
 
     def __init__(self, deltas: list[str]):
         self.deltas = deltas
