@@ -12,7 +12,6 @@ import httpx
 import openai
 import pytest
 
-from dgemma import checkpoint
 from dgemma.engine import Engine
 from dgemma.engine.request import SamplingParams
 from dgemma.inputs import InputError, InputProcessor
@@ -20,20 +19,13 @@ from dgemma.inputs.http import chat_input, choice_params, completion_input, Serv
 from dgemma.server import ServerThread, Serving, build_app
 from dgemma.server.protocol import NEUTRAL, ChatCompletionRequest, CompletionRequest
 from dgemma.step import Sampler
-from dgemma.testing import write_tiny_checkpoint
-from dgemma.tokenizer import Tokenizer
 
-KEY = "k"
+from .test_server import KEY, hang_up_after_first_chunk, metric, runtime  # noqa: F401 (runtime: the tiny checkpoint, a module fixture)
+
 MODEL = "tiny-fields"
 HAS_CUTS = {"top_p", "top_k"} <= {f.name for f in dataclasses.fields(SamplingParams)}
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")
-
-
-@pytest.fixture(scope="module")
-def runtime(tmp_path_factory):
-    model_dir = write_tiny_checkpoint(tmp_path_factory.mktemp("fields"))
-    return checkpoint.load(model_dir, quiet=True), Tokenizer.from_dir(model_dir)
 
 
 @pytest.fixture(scope="module")
@@ -193,28 +185,15 @@ def test_n_chat_streamed_carries_each_choices_index(client):
 
 
 def test_a_disconnect_aborts_every_choice(server):
-    aborted = metric_of(server, 'dgemma_requests_total{finish_reason="abort"}')
+    aborted = metric(server, 'dgemma_requests_total{finish_reason="abort"}')
     body = dict(COMPLETION, max_tokens=224, stream=True, seed=1, n=3)
-    with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=30,
-                      headers={"Authorization": f"Bearer {KEY}"}) as r:
-        assert r.status_code == 200
-        for line in r.iter_lines():
-            if line.startswith("data:"):
-                break  # one chunk in, then hang up
+    hang_up_after_first_chunk(server, body)
     for _ in range(100):  # bounded: 10 s
-        if metric_of(server, 'dgemma_requests_total{finish_reason="abort"}') == aborted + 3:
+        if metric(server, 'dgemma_requests_total{finish_reason="abort"}') == aborted + 3:
             break
         time.sleep(0.1)
-    assert metric_of(server, 'dgemma_requests_total{finish_reason="abort"}') == aborted + 3
-    assert metric_of(server, "dgemma_requests_running") == 0
-
-
-def metric_of(server, name: str) -> float:
-    import re
-
-    text = httpx.get(server.url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}, timeout=10).text
-    m = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
-    return float(m.group(1)) if m else 0.0
+    assert metric(server, 'dgemma_requests_total{finish_reason="abort"}') == aborted + 3
+    assert metric(server, "dgemma_requests_running") == 0
 
 
 # -- vLLM's structured reads -------------------------------------------------------------------------------------

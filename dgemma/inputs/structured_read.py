@@ -94,7 +94,7 @@ def _check_no_clash(body, seeded: bool, pinned: bool, steps: int | None) -> None
     """A vLLM name and dgemma's own name for the same thing are not both taken."""
     if seeded and (body.seed_tokens is not None or body.prediction is not None):
         raise InputError("give diffusion_seed_canvas or seed_tokens/prediction, not both", "diffusion_seed_canvas")
-    if pinned and (body.pinned is not None or body.template is not None):
+    if pinned and (body.pinned is not None or getattr(body, "template", None) is not None):
         raise InputError("give diffusion_pinned or pinned/template, not both", "diffusion_pinned")
     if steps is not None and body.max_denoising_steps is not None and steps != body.max_denoising_steps:
         raise InputError(f"diffusion_max_steps ({steps}) and max_denoising_steps ({body.max_denoising_steps}) "
