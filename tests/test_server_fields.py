@@ -242,6 +242,8 @@ def test_structured_read_refusals_are_vllms(server, engine):
                          "diffusion_seed_canvas"),
                         (dict(COMPLETION, diffusion_max_steps=2, vllm_xargs={"diffusion_max_steps": 2}),
                          "diffusion_max_steps"),
+                        (dict(COMPLETION, max_tokens=C // 2, vllm_xargs={"diffusion_seed_canvas": [5] * C}),
+                         "diffusion_seed_canvas"),  # the seed must fit in the output
                         (dict(COMPLETION, diffusion_seed_canvas=[5] * C, diffusion_pinned=[0], pinned={"3": 5}),
                          "diffusion_pinned")]:
         r = post(server, "/v1/completions", body)
