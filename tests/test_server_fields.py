@@ -128,10 +128,14 @@ def test_top_p_and_top_k_are_refused_while_the_engine_cannot_apply_them(runtime)
 
 
 @pytest.mark.skipif(not HAS_CUTS, reason="SamplingParams has no top_k field yet (the sampler change adds it)")
-def test_top_k_one_is_the_greedy_answer_end_to_end(client):
-    greedy = client.completions.create(model=MODEL, prompt=[5, 6, 7], max_tokens=16, temperature=0, seed=1)
-    top1 = client.completions.create(model=MODEL, prompt=[5, 6, 7], max_tokens=16, seed=2, extra_body={"top_k": 1})
-    assert top1.choices[0].model_extra["token_ids"] == greedy.choices[0].model_extra["token_ids"]
+def test_top_k_and_top_p_reach_the_sampler_end_to_end(client, engine):
+    """The server's answer is the engine's own for the same cut, and a cut changes the answer of a seed."""
+    kw = dict(model=MODEL, prompt=[5, 6, 7], max_tokens=32, seed=3)
+    cut = client.completions.create(**kw, top_p=0.5, extra_body={"top_k": 1}).choices[0].model_extra["token_ids"]
+    uncut = client.completions.create(**kw).choices[0].model_extra["token_ids"]
+    direct = engine.generate([5, 6, 7], SamplingParams(max_tokens=32, seed=3, top_p=0.5, top_k=1), timeout=60)
+    assert cut == direct.token_ids
+    assert cut != uncut  # a random model at temperature 1 is far from its argmax
 
 
 # -- n choices ---------------------------------------------------------------------------------------------------
