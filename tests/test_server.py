@@ -125,15 +125,20 @@ def test_sixteen_concurrent_streams_all_finish_with_their_seeds_text(client):
         assert text == want[seeds[i]] and reason in ("stop", "length")
 
 
-def test_client_disconnect_frees_its_row(server):
-    aborted = metric(server, 'dgemma_requests_total{finish_reason="abort"}')
-    body = {"model": MODEL, "prompt": [5, 6, 7], "max_tokens": 224, "stream": True, "seed": 1}
+def hang_up_after_first_chunk(server, body: dict) -> None:
+    """Stream a completion, read one chunk, then close the connection."""
     with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=30,
                       headers={"Authorization": f"Bearer {KEY}"}) as r:
         assert r.status_code == 200
         for line in r.iter_lines():
             if line.startswith("data:"):
-                break  # one chunk in, then hang up
+                break
+
+
+def test_client_disconnect_frees_its_row(server):
+    aborted = metric(server, 'dgemma_requests_total{finish_reason="abort"}')
+    body = {"model": MODEL, "prompt": [5, 6, 7], "max_tokens": 224, "stream": True, "seed": 1}
+    hang_up_after_first_chunk(server, body)
     for _ in range(100):  # bounded: 10 s
         if metric(server, "dgemma_requests_running") == 0 and \
                 metric(server, 'dgemma_requests_total{finish_reason="abort"}') == aborted + 1:
@@ -156,7 +161,7 @@ BAD = [
     ("max_tokens beyond context", dict(CHAT, max_tokens=10_000), 400, "max_tokens"),
     ("temperature too high", dict(CHAT, temperature=3), 400, "temperature"),
     ("temperature string", dict(CHAT, temperature="hot"), 400, "temperature"),
-    ("n > 1", dict(CHAT, n=2), 400, "n"),
+    ("n > 8", dict(CHAT, n=9), 400, "n"),
     ("stop not a string", dict(CHAT, stop=5), 400, "stop"),
     ("seed string", dict(CHAT, seed="x"), 400, "seed"),
     ("stream string", dict(CHAT, stream="yes"), 400, "stream"),
@@ -253,6 +258,7 @@ class ScriptedEngine:
     generation = default_generation(preset_config("tiny"))
     max_model_len, num_running, num_waiting, num_steps = 256, 0, 0, 0
     vocab_size = preset_config("tiny").text.vocab_size
+    canvas_length = preset_config("tiny").canvas_length
 
     def __init__(self, deltas: list[str]):
         self.deltas = deltas

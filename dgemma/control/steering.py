@@ -59,6 +59,8 @@ class SteeringSpec:
     constraint: ConstraintSpec | None = None
     tool_call: ToolCallSpec | None = None
     max_tokens: int | None = None  # the output budget the request asked for (None: until EOS)
+    pins_from: str = "pinned"  # the request field `pinned` came from, which errors name
+    seed_from: str = "seed_tokens"  # the request field `seed_tokens` came from
 
     def is_empty(self) -> bool:
         return all(getattr(self, name) is None for name in ("pinned", "seed_tokens", "prediction", "strength",
@@ -73,7 +75,7 @@ def build_steering(spec: SteeringSpec, tokenizer, vocabulary: Callable[[], objec
     encoded. SteeringError names the field of any refusal."""
     _check_combinations(spec)
     # 1. pins
-    pins, pins_from = None, "pinned"
+    pins, pins_from = None, spec.pins_from
     if spec.template is not None:
         from .template import parse_template
 
@@ -84,7 +86,7 @@ def build_steering(spec: SteeringSpec, tokenizer, vocabulary: Callable[[], objec
     elif spec.pinned is not None:
         pins = dict(spec.pinned)
     # 2. the seed
-    seed, seed_from = (list(spec.seed_tokens) if spec.seed_tokens is not None else None), "seed_tokens"
+    seed, seed_from = (list(spec.seed_tokens) if spec.seed_tokens is not None else None), spec.seed_from
     if spec.prediction is not None:
         _need_tokenizer(tokenizer, "prediction", "a text prediction cannot be used; send seed_tokens")
         seed, seed_from = _encode(tokenizer, spec.prediction, "prediction", max_text_bytes) or None, "prediction"

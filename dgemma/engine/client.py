@@ -19,6 +19,10 @@ class EngineClient(Protocol):
         """The model's vocabulary size (token ids are in [0, vocab_size))."""
 
     @property
+    def canvas_length(self) -> int:
+        """Tokens in one canvas (the block the model denoises at once)."""
+
+    @property
     def num_running(self) -> int:
         """Requests holding a cache row."""
 

@@ -220,3 +220,7 @@ class Engine:
     @property
     def vocab_size(self) -> int:
         return self.model.config.vocab_size
+
+    @property
+    def canvas_length(self) -> int:
+        return self.model.canvas_length

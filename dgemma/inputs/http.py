@@ -5,11 +5,13 @@ long prompts, images and constraint compiles take time); every refusal is an Inp
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, fields
 
 from ..control.steering import ConstraintSpec, SteeringSpec, ToolCallSpec
 from ..engine.request import RequestError, SamplingParams
 from .processor import InputError, InputProcessor
+from .structured_read import StructuredRead, structured_read
 
 
 @dataclass(frozen=True)
@@ -37,8 +39,9 @@ def completion_input(processor: InputProcessor, body, options: ServingOptions) -
         prompt = processor.encode(body.prompt, "prompt", add_special_tokens=True)
     else:
         prompt = list(body.prompt)
-    plan = processor.steering(steering_spec(body, body.max_tokens, suffix=body.suffix))
-    return RequestInput(prompt, sampling_params(body, plan, options, skip_special_tokens=True))
+    read = structured_read(body, processor.canvas_length, processor.vocab_size)
+    plan = processor.steering(steering_spec(body, body.max_tokens, read, suffix=body.suffix))
+    return RequestInput(prompt, sampling_params(body, plan, options, read, skip_special_tokens=True))
 
 
 def chat_input(processor: InputProcessor, body, options: ServingOptions) -> RequestInput:
@@ -83,36 +86,71 @@ def chat_input(processor: InputProcessor, body, options: ServingOptions) -> Requ
         tuple(forced), repeat=tools.choice == "required" and body.parallel_tool_calls is not False,
         choice=tools.choice, name=tools.name)
     # a forced call's grammar is the constraint; pins or a prediction steer the call (checked by the engine)
-    plan = processor.steering(steering_spec(body, max_tokens, tool_call=call))
+    read = structured_read(body, processor.canvas_length, processor.vocab_size)
+    plan = processor.steering(steering_spec(body, max_tokens, read, tool_call=call))
     # the thought channel markers are special tokens: keep them in the text and split on them
-    return RequestInput(prompt, sampling_params(body, plan, options, skip_special_tokens=False, images=images), tools)
+    return RequestInput(prompt, sampling_params(body, plan, options, read, skip_special_tokens=False, images=images),
+                        tools)
 
 
-def steering_spec(body, max_tokens: int | None, suffix: str | None = None,
+def steering_spec(body, max_tokens: int | None, read: StructuredRead = StructuredRead(), suffix: str | None = None,
                   tool_call: ToolCallSpec | None = None) -> SteeringSpec:
     """The steering fields of a body (pinned, seed_tokens, prediction, strength, template, response_format,
-    structured_outputs) as one SteeringSpec."""
-    return SteeringSpec(pinned=pinned_positions(body.pinned),
-                        seed_tokens=tuple(body.seed_tokens) if body.seed_tokens is not None else None,
-                        prediction=prediction_text(body.prediction), strength=body.strength, suffix=suffix,
+    structured_outputs, and vLLM's diffusion_seed_canvas and diffusion_pinned as `read`) as one SteeringSpec. A
+    seed canvas starts unrenoised (strength 0) unless the body sets strength."""
+    seed, seed_from, strength = body.seed_tokens, "seed_tokens", body.strength
+    if read.seed_tokens is not None:
+        seed, seed_from, strength = read.seed_tokens, "diffusion_seed_canvas", 0.0 if strength is None else strength
+    pinned, pins_from = pinned_positions(body.pinned), "pinned"
+    if read.pinned is not None:
+        pinned, pins_from = read.pinned, "diffusion_pinned"
+    return SteeringSpec(pinned=pinned, seed_tokens=tuple(seed) if seed is not None else None,
+                        prediction=prediction_text(body.prediction), strength=strength, suffix=suffix,
                         template=body.template, constraint=constraint_spec(body), tool_call=tool_call,
-                        max_tokens=max_tokens)
+                        max_tokens=max_tokens, pins_from=pins_from, seed_from=seed_from)
 
 
-def sampling_params(body, plan, options: ServingOptions, skip_special_tokens: bool, images=None) -> SamplingParams:
+def sampling_params(body, plan, options: ServingOptions, read: StructuredRead, skip_special_tokens: bool,
+                    images=None) -> SamplingParams:
     from ..server.protocol import StreamOptions
 
     stream_options = body.stream_options or StreamOptions()
+    steps = body.max_denoising_steps if read.max_steps is None else read.max_steps
     try:
         return SamplingParams(
             max_tokens=plan.max_tokens, stop=body.stop_list(), seed=body.seed,
             temperature=1.0 if body.temperature is None else body.temperature,
-            max_denoising_steps=body.max_denoising_steps, entropy_bound=body.entropy_bound, t_min=body.t_min,
+            max_denoising_steps=steps, entropy_bound=body.entropy_bound, t_min=body.t_min,
             t_max=body.t_max, pin_prefix=options.settled_prefix if body.settled_prefix is None else body.settled_prefix,
             include_drafts=body.stream and stream_options.include_drafts, skip_special_tokens=skip_special_tokens,
-            steering=plan.steering, images=images)
+            steering=plan.steering, images=images, **sampler_cuts(body))
     except RequestError as e:
         raise InputError(str(e), e.param) from None
+
+
+def sampler_cuts(body) -> dict:
+    """top_p and top_k as SamplingParams takes them, only those set: top_k -1 or 0 is no cut (as vLLM reads it). An
+    engine whose SamplingParams has no such field takes only the value that cuts nothing (top_p 1, no top_k); any
+    other is refused, never ignored."""
+    top_k = None if body.top_k in (-1, 0) else body.top_k
+    given = {name: value for name, value in (("top_p", body.top_p), ("top_k", top_k)) if value is not None}
+    known = {f.name for f in fields(SamplingParams)}
+    for name, value in list(given.items()):
+        if name not in known:
+            if name == "top_p" and value == 1:
+                del given[name]
+                continue
+            raise InputError(f"{name}: this engine does not apply {name} yet; leave it unset", name)
+    return given
+
+
+def choice_params(params: SamplingParams, n: int) -> list[SamplingParams]:
+    """The parameters of n choices. With a seed s, choice i draws from seed s + i (wrapped into the signed 64-bit
+    range), so choice i is what a single request with that seed gives; without one, each choice draws its own random
+    seed (the engine's rule for a request with no seed)."""
+    if n == 1 or params.seed is None:
+        return [params] + [dataclasses.replace(params) for _ in range(n - 1)]
+    return [dataclasses.replace(params, seed=(params.seed + i + 2**63) % 2**64 - 2**63) for i in range(n)]
 
 
 def pinned_positions(pinned: dict[str, int] | None) -> tuple[tuple[int, int], ...] | None:

@@ -38,10 +38,12 @@ class SteeringPlan:
 class InputProcessor:
     """Prompt and steering building over one model's tokenizer (None: the model has none) and generation config.
     `vocab_size`: the model's (it may exceed the tokenizer's); `max_model_len`: the context a request may fill,
-    which bounds the text it may send (None: unbounded)."""
+    which bounds the text it may send (None: unbounded); `canvas_length`: the model's (None: not checked)."""
 
-    def __init__(self, tokenizer, generation, vocab_size: int, max_model_len: int | None = None):
+    def __init__(self, tokenizer, generation, vocab_size: int, max_model_len: int | None = None,
+                 canvas_length: int | None = None):
         self.tokenizer = tokenizer
+        self.canvas_length = canvas_length
         self.generation = generation
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len

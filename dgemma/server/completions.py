@@ -1,4 +1,5 @@
-"""POST /v1/completions: a prompt (text or token ids) in, text and token ids out, whole or as SSE chunks."""
+"""POST /v1/completions: a prompt (text or token ids) in, text and token ids out (n choices), whole or as SSE
+chunks."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from collections.abc import AsyncIterator
 
 from starlette.requests import Request as HTTPRequest
 
-from ..inputs.http import completion_input
+from ..inputs.http import choice_params, completion_input
 from .protocol import CompletionChoice, CompletionRequest, CompletionResponse, error_body
 from .streaming import RequestStream, chunk_base, sse, stream_end, usage
 
@@ -15,40 +16,48 @@ from .streaming import RequestStream, chunk_base, sse, stream_end, usage
 async def completion(serving, body: CompletionRequest, raw: HTTPRequest):
     given = await serving.process(completion_input, body)
     request_id = f"cmpl-{uuid.uuid4().hex}"
-    stream = RequestStream(serving.engine, given.prompt, given.params, request_id, serving.metrics)
+    stream = RequestStream(serving.engine, given.prompt, choice_params(given.params, body.n), request_id,
+                           serving.metrics)
     if body.stream:
         return _chunks(serving, stream, body, raw)
-    text, out = await stream.collect(raw)
-    ids = out.token_ids
-    if serving.tokenizer is None:
-        text = _ids_text(serving, ids, 0)
-    choice = CompletionChoice(text=text, finish_reason=out.finish_reason, token_ids=ids)
-    return CompletionResponse(id=request_id, model=serving.model_name, choices=[choice], usage=usage(out))
+    choices, outs = [], []
+    for index, (text, out) in enumerate(await stream.collect(raw)):
+        if serving.tokenizer is None:
+            text = _ids_text(serving, out.token_ids, 0)
+        choices.append(CompletionChoice(index=index, text=text, finish_reason=out.finish_reason,
+                                        token_ids=out.token_ids))
+        outs.append(out)
+    return CompletionResponse(id=request_id, model=serving.model_name, choices=choices, usage=usage(outs))
 
 
 async def _chunks(serving, stream: RequestStream, body: CompletionRequest, raw: HTTPRequest) -> AsyncIterator[str]:
     base = chunk_base(stream.request_id, "text_completion", serving.model_name)
-    sent = 0
+    sent = [0] * body.n  # token ids sent per choice
+    last = [None] * body.n
     try:
         while True:
-            out = await stream.next(raw)
-            if out is None:
+            ready = await stream.next(raw)
+            if ready is None:
                 return
-            text = out.text
-            if serving.tokenizer is None:
-                text = _ids_text(serving, out.token_ids, sent)
-            sent += len(out.token_ids)
-            if text or out.token_ids or out.finished or out.draft is not None:
-                choice = {"index": 0, "text": text, "logprobs": None, "token_ids": out.token_ids,
-                          "finish_reason": out.finish_reason if out.finished else None}
-                if out.draft is not None:
-                    choice["draft"] = out.draft
+            for index, out in ready:
+                last[index] = out
+                text = out.text
+                if serving.tokenizer is None:
+                    text = _ids_text(serving, out.token_ids, sent[index])
+                sent[index] += len(out.token_ids)
                 if out.finish_reason == "error":
                     yield sse(error_body(out.error or "internal error", "internal_error"))
-                else:
+                    stream.abort()
+                    yield sse("[DONE]")
+                    return
+                if text or out.token_ids or out.finished or out.draft is not None:
+                    choice = {"index": index, "text": text, "logprobs": None, "token_ids": out.token_ids,
+                              "finish_reason": out.finish_reason if out.finished else None}
+                    if out.draft is not None:
+                        choice["draft"] = out.draft
                     yield sse(dict(base, choices=[choice]))
-            if out.finished:
-                for tail in stream_end(base, body, out):
+            if stream.done:
+                for tail in stream_end(base, body, last):
                     yield tail
                 return
     finally:

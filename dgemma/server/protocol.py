@@ -1,13 +1,16 @@
 """The OpenAI-compatible wire format: request models (validated) and the response/chunk shapes.
 
 Requests are validated strictly (no "5" for 5, no 1.5 for an int) so a bad value is a 400 that names its field.
-Unknown fields (top_p, user, ...) are accepted and ignored, as OpenAI clients send many of them.
+No field is silently ignored: a field the server does not know is a 400 naming it, and OpenAI's fields dgemma does
+not apply are accepted only at the value that changes nothing (NEUTRAL; SERVING.md lists every field).
 Non-standard fields, all optional:
   request: max_denoising_steps, entropy_bound, t_min, t_max (diffusion sampler), settled_prefix (pin and stream
            the settled prefix; default: the server's setting), stream_options.include_drafts,
            chat_template_kwargs (e.g. {"enable_thinking": true}), pinned / seed_tokens / strength (steer the
            canvas), OpenAI's prediction and suffix (editing, fill in the middle), response_format and vLLM's
-           structured_outputs (json, regex, choice); chat: OpenAI's tools and tool_choice (control/tools.py);
+           structured_outputs (json, regex, choice), top_k, vLLM's structured-read fields (diffusion_seed_canvas,
+           diffusion_pinned, diffusion_max_steps, diffusion_read_only, diffusion_canvas_length) at the top level or
+           in vllm_xargs; chat: OpenAI's tools and tool_choice (control/tools.py);
   response: usage.denoising_steps, choices[0].delta.draft (drafts), choices[0].token_ids (completions).
 """
 
@@ -16,11 +19,12 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class StreamOptions(_Body):
@@ -85,13 +89,41 @@ class ChatMessage(_Body):
     content: str | list[dict[str, Any]] | None = None
 
 
+MAX_CHOICES = 8  # n: the most choices one request may ask for
+
+# OpenAI's fields dgemma does not apply: the values accepted (they change nothing) and why any other is refused.
+NEUTRAL: dict[str, tuple[tuple, str]] = {
+    "frequency_penalty": ((None, 0), "dgemma applies no frequency penalty; only 0 is accepted"),
+    "presence_penalty": ((None, 0), "dgemma applies no presence penalty; only 0 is accepted"),
+    "logit_bias": ((None, {}), "dgemma applies no logit bias; only an empty object is accepted"),
+    "logprobs": ((None, False), "log-probabilities are not supported yet"),
+    "top_logprobs": ((None, 0), "log-probabilities are not supported yet"),
+    "service_tier": ((None, "auto", "default"), "dgemma has one service tier; only \"auto\" or \"default\""),
+    "store": ((None, False), "dgemma stores no completions; only false is accepted"),
+    "metadata": ((None, {}), "metadata is kept only with stored completions, which dgemma does not keep"),
+    "echo": ((None, False), "echo is not supported; only false is accepted"),
+    "best_of": ((None, 1), "best_of is not supported; only 1 is accepted (n gives several choices)"),
+    "audio": ((None,), "dgemma writes no audio"),
+    "modalities": ((None, ["text"]), "dgemma writes text only; only [\"text\"] is accepted"),
+    "reasoning_effort": ((None,), "dgemma has no reasoning effort; chat_template_kwargs.enable_thinking turns "
+                                  "the thought channel on"),
+    "verbosity": ((None,), "dgemma has no verbosity setting"),
+    "web_search_options": ((None,), "dgemma does not search the web"),
+    "functions": ((None,), "the deprecated functions field is not supported; send tools"),
+    "function_call": ((None,), "the deprecated function_call field is not supported; send tool_choice"),
+    "prompt_cache_key": ((None,), "prompt_cache_key is not supported"),
+}
+
+
 class _SamplingBody(_Body):
     model: str
     max_tokens: int | None = Field(None, ge=1)
     stop: str | Annotated[list[str], Field(max_length=16)] | None = None
     seed: int | None = Field(None, ge=-(2**63), lt=2**63)
     temperature: float | None = Field(None, ge=0, le=2)
-    n: int = Field(1, ge=1, le=1)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=-1)  # -1 and 0: no cut, as vLLM reads them
+    n: int = Field(1, ge=1, le=MAX_CHOICES)
     stream: bool = False
     stream_options: StreamOptions | None = None
     max_denoising_steps: int | None = Field(None, ge=1, le=1024)
@@ -107,6 +139,33 @@ class _SamplingBody(_Body):
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputs | None = None
     template: str | None = Field(None, min_length=1, max_length=65536)  # "Name: {{8}}." literal text pinned, holes
+    # vLLM's structured reads (inputs/http.py reads them, here or in vllm_xargs, vLLM's dict of extra arguments)
+    diffusion_seed_canvas: Annotated[list[int], Field(max_length=65536)] | None = None
+    diffusion_pinned: Annotated[list[int], Field(max_length=65536)] | None = None
+    diffusion_max_steps: int | None = None
+    diffusion_read_only: bool | None = None
+    diffusion_canvas_length: int | None = None
+    vllm_xargs: Annotated[dict[str, Any], Field(max_length=16)] | None = None
+    # OpenAI's fields dgemma does not apply: accepted at their neutral value only (NEUTRAL)
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    logit_bias: dict[str, Any] | None = None
+    logprobs: Any = None  # chat: a bool; completions: an int
+    top_logprobs: int | None = None
+    user: str | None = Field(None, max_length=256)  # an end-user id: accepted, recorded nowhere
+    safety_identifier: str | None = Field(None, max_length=256)  # the same, under OpenAI's newer name
+    service_tier: str | None = None
+    store: bool | None = None
+    metadata: dict[str, Any] | None = None
+
+    @field_validator(*NEUTRAL, mode="after", check_fields=False)
+    @classmethod
+    def _neutral_only(cls, value, info):
+        accepted, why = NEUTRAL[info.field_name]
+        # 0 == False in Python: a neutral value must also be a bool exactly when the accepted one is
+        if not any(value == v and isinstance(value, bool) == isinstance(v, bool) for v in accepted):
+            raise PydanticCustomError("unsupported_value", why)
+        return value
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -121,11 +180,22 @@ class ChatCompletionRequest(_SamplingBody):
     tools: Annotated[list[Tool], Field(max_length=256)] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
+    # OpenAI's chat fields dgemma does not apply (NEUTRAL)
+    audio: Any = None
+    modalities: Any = None
+    reasoning_effort: Any = None
+    verbosity: Any = None
+    web_search_options: Any = None
+    functions: Any = None
+    function_call: Any = None
+    prompt_cache_key: Any = None
 
 
 class CompletionRequest(_SamplingBody):
     prompt: str | list[int] = Field(min_length=1)
     suffix: str | None = Field(None, min_length=1)  # fill in the middle: the output goes between prompt and suffix
+    echo: Any = None  # NEUTRAL
+    best_of: Any = None  # NEUTRAL
 
 
 # -- responses ----------------------------------------------------------------------------------------------------

@@ -29,7 +29,8 @@ class Serving:
         self.options = ServingOptions(settled_prefix=settled_prefix, max_messages=self.limits.max_messages,
                                       max_content_chars=self.limits.max_content_chars, images=images,
                                       allowed_media=allowed_media, max_images=max_images)
-        self.inputs = InputProcessor(tokenizer, engine.generation, engine.vocab_size, engine.max_model_len)
+        self.inputs = InputProcessor(tokenizer, engine.generation, engine.vocab_size, engine.max_model_len,
+                                     engine.canvas_length)
         self.metrics = Metrics(engine)
 
     def models(self) -> ModelList:
