@@ -1,7 +1,7 @@
 """The FastAPI app, the `dgemma serve` command and a helper that runs a server on a background thread.
 
-Endpoints: POST /v1/chat/completions, POST /v1/completions, GET /v1/models and GET /metrics (Prometheus; these four
-behind the API key when one is set, /metrics unless public_metrics), GET /health, and the playground: GET / and
+Endpoints: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /openapi.json and GET /metrics
+(Prometheus; these five behind the API key when one is set, /metrics unless public_metrics), GET /health, and the playground: GET / and
 GET /static/NAME, the page's files (open to all: the page asks for the key and sends it on the API calls it makes).
 Every error is answered in OpenAI's format. The Guard (guard.py) checks the Host, the origin and the body size before the app sees a request.
 """
@@ -47,15 +47,16 @@ def build_app(serving: Serving, api_key: str | None = None, allowed_hosts: list[
               public_metrics: bool = False) -> FastAPI:
     """The app over a started engine (the caller owns the engine's lifetime). Its limits are serving.limits.
     allowed_hosts: host names besides IP addresses and localhost that clients may use ("*": any)."""
-    app = FastAPI(title="dgemma", docs_url=None, redoc_url=None)
+    app = FastAPI(title="dgemma", docs_url=None, redoc_url=None, openapi_url=None)  # its schema: behind the key
     app.state.limits = serving.limits
     app.add_middleware(Guard, limits=serving.limits, allowed_hosts=allowed_hosts, refuse_cross_origin=not api_key)
 
     def check_key(request: Request) -> None:
         if not api_key:
             return
-        given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        # the scheme is case-insensitive (RFC 9110); the key is compared in constant time
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), api_key.encode()):
             raise APIError(401, "missing or wrong API key (send Authorization: Bearer KEY)",
                            code="invalid_api_key")
 
@@ -110,6 +111,10 @@ def build_app(serving: Serving, api_key: str | None = None, allowed_hosts: list[
     @app.get("/v1/models", dependencies=[Depends(check_key)])
     async def models():
         return respond(serving.models())
+
+    @app.get("/openapi.json", dependencies=[Depends(check_key)], include_in_schema=False)
+    async def openapi():
+        return JSONResponse(app.openapi())
 
     @app.get("/health")
     async def health():

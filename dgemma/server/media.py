@@ -14,6 +14,9 @@ from ..errors import DgemmaError
 from ..images import MAX_IMAGE_BYTES, ImageError, decode_image, read_image
 
 
+MAX_PATH_CHARS = 4096  # Linux's PATH_MAX
+
+
 class MediaError(DgemmaError, ValueError):
     """A content part that names an image the server will not read; answered 400 naming `messages`."""
 
@@ -47,15 +50,22 @@ def load_picture(url: str, where: str, allowed_dir: Path | None):
         raise MediaError(f"{where}: unsupported URL scheme {scheme!r:.20}; use a data:image/...;base64 URL")
     if allowed_dir is None:
         raise MediaError(f"{where}: local image paths are off; start the server with --allowed-local-media DIR")
+    if len(url) > MAX_PATH_CHARS:
+        raise MediaError(f"{where}: a local path of {len(url)} characters is longer than the {MAX_PATH_CHARS} "
+                         f"allowed")
     path = Path(unquote(urlparse(url).path) if scheme == "file" else url)
-    root = allowed_dir.resolve()
-    resolved = (root / path).resolve() if not path.is_absolute() else path.resolve()
-    if not resolved.is_relative_to(root):
-        raise MediaError(f"{where}: {url!r:.200} is outside the allowed media directory")
+    if "\x00" in str(path):
+        raise MediaError(f"{where}: the path holds a NUL character")
     try:
+        root = allowed_dir.resolve()
+        resolved = (root / path).resolve() if not path.is_absolute() else path.resolve()
+        if not resolved.is_relative_to(root):
+            raise MediaError(f"{where}: {url!r:.200} is outside the allowed media directory")
         return read_image(resolved)
     except ImageError as e:
         raise ImageError(f"{where}: {e}") from None
+    except OSError as e:  # a name too long for the file system, a loop of links, no permission
+        raise MediaError(f"{where}: cannot read {url!r:.80}: {e.strerror or type(e).__name__}") from None
 
 
 def take_images(messages: list[dict], allowed_dir: Path | None, max_images: int) -> tuple[list[dict], list]:
