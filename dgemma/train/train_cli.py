@@ -90,12 +90,11 @@ def start_distributed(args, device: str):
     return d, device
 
 
-def record_run(out: Path, args, step: int, dist) -> None:
-    """Append this invocation to <out>/runs.jsonl (rank 0): the step it starts from, the command line, every
-    option's value and the versions, so a run resumed across several invocations keeps its whole configuration
-    beside its checkpoint. Appended, never rewritten: a line is the record of one invocation."""
-    import json
-
+def record_run(run_dir, args, step: int, dist) -> None:
+    """Append this invocation to <out>/runs.jsonl (rank 0; run_dir: the trainer's RunDirectory): the step it starts
+    from, the command line, every option's value and the versions, so a run resumed across several invocations keeps
+    its whole configuration beside its checkpoint. Appended, never rewritten: a line is the record of one
+    invocation."""
     import torch
 
     import dgemma
@@ -104,11 +103,9 @@ def record_run(out: Path, args, step: int, dist) -> None:
         return
     options = {k: v for k, v in vars(args).items()
                if isinstance(v, (str, int, float, bool, type(None))) and k != "interrupt_hint"}
-    out.mkdir(parents=True, exist_ok=True)
     line = {"step": step, "argv": ["dgemma", *sys.argv[1:]], "options": options, "dgemma": dgemma.__version__,
             "torch": torch.__version__, "processes": dist.world_size if dist.active else 1}
-    with open(out / "runs.jsonl", "a") as f:
-        f.write(json.dumps(line) + "\n")
+    run_dir.append_line("runs.jsonl", line)
 
 
 def _tokenizer(path: Path):
@@ -145,6 +142,7 @@ def cmd_train(args) -> int:
     from .objective import LossConfig, block_diffusion_loss
     from .trainer import CHECKPOINT, TrainConfig, Trainer
     from .batch import collate
+    from .run_dir import RunDirectory
 
     apply_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -155,6 +153,7 @@ def cmd_train(args) -> int:
         raise CLIError(f"{out / CHECKPOINT} not found; nothing to resume")
     if args.lora_rank < 0:
         raise CLIError(f"--lora-rank must be >= 0, got {args.lora_rank}")
+    RunDirectory.open(out)  # refuses an --out holding files dgemma did not write, before any loading
     warmup_steps = args.warmup_steps
     if args.steps >= 1 and warmup_steps > args.steps:
         notice("train", f"--warmup-steps {warmup_steps} is longer than the run; warming up over all "
@@ -226,7 +225,7 @@ def cmd_train(args) -> int:
             raise CLIError(str(e)) from None
         if dist.is_main:
             print(f"resumed {out} at step {trainer.step}", file=sys.stderr)
-    record_run(out, args, trainer.step, dist)
+    record_run(trainer.run_dir, args, trainer.step, dist)
     if dist.is_main:
         where = f"{device} x {dist.world_size} processes ({FSDP_OR_DDP[dist.fsdp]})" if dist.active else device
         print(f"training on {len(examples)} examples ({len(eval_examples)} held out), "
