@@ -11,7 +11,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from ..errors import DgemmaError
-from ..images import MAX_IMAGE_BYTES, ImageError, decode_image, read_image
+from ..image_files import MAX_IMAGE_BYTES, MAX_REQUEST_PIXELS, ImageError, EncodedImage, open_image, read_image
 
 
 MAX_PATH_CHARS = 4096  # Linux's PATH_MAX
@@ -29,8 +29,9 @@ def _url(part: dict, where: str) -> str:
     return url
 
 
-def load_picture(url: str, where: str, allowed_dir: Path | None):
-    """One image_url's picture (RGB PIL image), or MediaError / ImageError naming `where`."""
+def load_picture(url: str, where: str, allowed_dir: Path | None) -> EncodedImage:
+    """One image_url's picture, its header checked (decoded later, when it is preprocessed), or MediaError /
+    ImageError naming `where`."""
     scheme = url.split(":", 1)[0].lower() if ":" in url[:12] else ""
     if scheme in ("http", "https"):
         raise MediaError(f"{where}: this server makes no network fetches; send the image inline as a "
@@ -45,7 +46,7 @@ def load_picture(url: str, where: str, allowed_dir: Path | None):
             data = base64.b64decode(payload, validate=True)
         except (binascii.Error, ValueError):
             raise MediaError(f"{where}: the data URL is not valid base64") from None
-        return decode_image(data, where)
+        return open_image(data, where)
     if scheme not in ("", "file") and not (len(scheme) == 1 and url[1:3] in (":\\", ":/")):
         raise MediaError(f"{where}: unsupported URL scheme {scheme!r:.20}; use a data:image/...;base64 URL")
     if allowed_dir is None:
@@ -70,7 +71,8 @@ def load_picture(url: str, where: str, allowed_dir: Path | None):
 
 def take_images(messages: list[dict], allowed_dir: Path | None, max_images: int) -> tuple[list[dict], list]:
     """Messages with each image_url part replaced by {"type": "image"} (which the chat template renders as the
-    image placeholder), and the pictures in order. At most `max_images`, counted before any is decoded."""
+    image placeholder), and the pictures in order (EncodedImage: decoded when preprocessed). At most `max_images`
+    pictures and MAX_REQUEST_PIXELS pixels, counted from their headers before any is decoded."""
     found = [(i, j) for i, m in enumerate(messages) if isinstance(m.get("content"), list)
              for j, part in enumerate(m["content"]) if isinstance(part, dict) and part.get("type") == "image_url"]
     if len(found) > max_images:
@@ -82,4 +84,9 @@ def take_images(messages: list[dict], allowed_dir: Path | None, max_images: int)
         where = f"messages[{i}].content[{j}].image_url"
         pictures.append(load_picture(_url(out[i]["content"][j], where), where, allowed_dir))
         out[i]["content"][j] = {"type": "image"}
+    pixels = sum(p.pixels for p in pictures)
+    if pixels > MAX_REQUEST_PIXELS:
+        raise MediaError(f"messages: the images hold {pixels:,} pixels, more than the {MAX_REQUEST_PIXELS:,} one "
+                         f"request may send (every image is resized to a few hundred thousand pixels: send smaller "
+                         f"pictures)")
     return out, pictures
