@@ -65,31 +65,7 @@ def build_app(serving: Serving, api_key: str | None = None, allowed_hosts: list[
             return JSONResponse(result.model_dump())
         return StreamingResponse(result, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
-    @app.exception_handler(APIError)
-    async def api_error(_: Request, e: APIError):
-        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(_: Request, e: RequestValidationError):
-        first = e.errors()[0] if e.errors() else {}
-        if first.get("type") == "json_invalid":
-            return JSONResponse(error_body(f"the body is not valid JSON: {first.get('ctx', {}).get('error', '')}",
-                                           "invalid_request_error"), status_code=400)
-        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
-        # drop pydantic's union-branch names ("str", "list[int]") so the param is the field path
-        param = ".".join(x for x in loc if not any(c in x for c in "[]") and x not in ("str", "int", "float", "bool"))
-        message = f"{param or 'body'}: {first.get('msg', 'invalid value')}"
-        return JSONResponse(error_body(message, "invalid_request_error", param or None), status_code=400)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, e: StarletteHTTPException):
-        return JSONResponse(error_body(str(e.detail), "invalid_request_error"), status_code=e.status_code,
-                            headers=e.headers)  # 405 keeps its Allow header
-
-    @app.exception_handler(Exception)
-    async def internal_error(_: Request, e: Exception):
-        log.exception("unhandled error")
-        return JSONResponse(error_body(f"internal error: {type(e).__name__}", "internal_error"), status_code=500)
+    add_error_handlers(app)
 
     async def parse(model: type[BaseModel], raw: Request):
         # parsed here rather than by FastAPI so a body sent without Content-Type: application/json (curl -d) works;
@@ -141,6 +117,37 @@ def build_app(serving: Serving, api_key: str | None = None, allowed_hosts: list[
         return Response(serving.metrics.render(), media_type="text/plain; version=0.0.4")
 
     return app
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    """Every error answered in OpenAI's format: APIError as raised, a validation error as a 400 naming the field,
+    starlette's (404, 405) with their headers, anything else a 500 whose traceback goes to the log."""
+
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, e: APIError):
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, e: RequestValidationError):
+        first = e.errors()[0] if e.errors() else {}
+        if first.get("type") == "json_invalid":
+            return JSONResponse(error_body(f"the body is not valid JSON: {first.get('ctx', {}).get('error', '')}",
+                                           "invalid_request_error"), status_code=400)
+        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+        # drop pydantic's union-branch names ("str", "list[int]") so the param is the field path
+        param = ".".join(x for x in loc if not any(c in x for c in "[]") and x not in ("str", "int", "float", "bool"))
+        message = f"{param or 'body'}: {first.get('msg', 'invalid value')}"
+        return JSONResponse(error_body(message, "invalid_request_error", param or None), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, e: StarletteHTTPException):
+        return JSONResponse(error_body(str(e.detail), "invalid_request_error"), status_code=e.status_code,
+                            headers=e.headers)  # 405 keeps its Allow header
+
+    @app.exception_handler(Exception)
+    async def internal_error(_: Request, e: Exception):
+        log.exception("unhandled error")
+        return JSONResponse(error_body(f"internal error: {type(e).__name__}", "internal_error"), status_code=500)
 
 
 class ServerThread:

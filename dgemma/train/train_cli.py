@@ -131,35 +131,76 @@ def _configs(args, warmup_steps: int, LossConfig, TrainConfig):
     return loss_cfg, cfg
 
 
-def cmd_train(args) -> int:
-    import torch
+def _check_flags(args, out: Path) -> int:
+    """The checks on --out, --resume and --lora-rank, before any loading; -> the warm-up steps to use."""
+    from .run_dir import CHECKPOINT, RunDirectory
 
-    from ..cli_common import load_checkpoint
-    from ..presets import default_generation, preset_config, random_model
-    from .data import ShuffledExamples, read_jsonl
-    from ..quant import is_quantized
-    from .lora import apply_lora
-    from .objective import LossConfig, block_diffusion_loss
-    from .trainer import CHECKPOINT, TrainConfig, Trainer
-    from .batch import collate
-    from .run_dir import RunDirectory
-
-    apply_threads(args.threads)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    out = Path(args.out)
     if (out / CHECKPOINT).exists() and not args.resume:
         raise CLIError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
     if args.resume and not (out / CHECKPOINT).exists():
         raise CLIError(f"{out / CHECKPOINT} not found; nothing to resume")
     if args.lora_rank < 0:
         raise CLIError(f"--lora-rank must be >= 0, got {args.lora_rank}")
-    RunDirectory.open(out)  # refuses an --out holding files dgemma did not write, before any loading
-    warmup_steps = args.warmup_steps
-    if args.steps >= 1 and warmup_steps > args.steps:
-        notice("train", f"--warmup-steps {warmup_steps} is longer than the run; warming up over all "
+    RunDirectory.open(out)  # refuses an --out holding files dgemma did not write
+    if args.steps >= 1 and args.warmup_steps > args.steps:
+        notice("train", f"--warmup-steps {args.warmup_steps} is longer than the run; warming up over all "
                         f"{args.steps} steps instead")
-        warmup_steps = args.steps
-    loss_cfg, cfg = _configs(args, warmup_steps, LossConfig, TrainConfig)  # bad flags fail before any loading
+        return args.steps
+    return args.warmup_steps
+
+
+def _examples(args, tokenizer, config) -> tuple[list, list]:
+    """The training and held-out examples: --eval-data, or up to 5% of --data (at most 200) held out."""
+    from .data import read_jsonl
+
+    limit = config.text.max_position_embeddings
+    examples = read_jsonl(args.data, tokenizer, args.template, limit, config.canvas_length)
+    if args.eval_data:
+        return examples, read_jsonl(args.eval_data, tokenizer, args.template, limit, config.canvas_length)
+    n_eval = min(200, len(examples) // 20)
+    return (examples[:-n_eval], examples[-n_eval:]) if n_eval else (examples, [])
+
+
+def held_out_loss(eval_examples: list, config, cfg):
+    """The eval hook: mean loss on the held-out examples, with a fixed seed so steps compare."""
+    import torch
+
+    from .batch import collate
+    from .objective import block_diffusion_loss
+
+    def eval_fn(m) -> dict:
+        g = torch.Generator().manual_seed(1234)
+        totals, n = {"loss": 0.0, "dec_loss": 0.0, "enc_loss": 0.0}, 0
+        with torch.no_grad():
+            for i in range(0, len(eval_examples), cfg.batch_size):
+                chunk = eval_examples[i:i + cfg.batch_size]
+                batch = collate(chunk, config.canvas_length, config.text.eos_token_id[0], config.text.pad_token_id,
+                                cfg.enc_on_prompt)
+                o = block_diffusion_loss(m, batch, cfg.loss, g)
+                for k, v in (("loss", float(o.loss)), ("dec_loss", o.dec_loss), ("enc_loss", o.enc_loss)):
+                    totals[k] += v * len(chunk)
+                n += len(chunk)
+        return {k: round(v / n, 5) for k, v in totals.items()}
+
+    return eval_fn
+
+
+def cmd_train(args) -> int:
+    import torch
+
+    from ..cli_common import load_checkpoint
+    from ..presets import default_generation, preset_config, random_model
+    from .data import ShuffledExamples
+    from ..quant import is_quantized
+    from .lora import apply_lora
+    from .objective import LossConfig
+    from .trainer import TrainConfig, Trainer
+
+    apply_threads(args.threads)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    out = Path(args.out)
+    warmup_steps = _check_flags(args, out)
+    _, cfg = _configs(args, warmup_steps, LossConfig, TrainConfig)  # bad flags fail before any loading
     dist, device = start_distributed(args, device)
 
     # model, configs, tokenizer (training computes in fp32)
@@ -188,35 +229,13 @@ def cmd_train(args) -> int:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else config.text.pad_token_id
         config.text.eos_token_id, config.text.pad_token_id = list(eos), pad
         generation = default_generation(config)
-    limit = config.text.max_position_embeddings
-    examples = read_jsonl(args.data, tokenizer, args.template, limit, config.canvas_length)
-    if args.eval_data:
-        eval_examples = read_jsonl(args.eval_data, tokenizer, args.template, limit, config.canvas_length)
-    else:
-        n_eval = min(200, len(examples) // 20)
-        eval_examples, examples = (examples[-n_eval:], examples[:-n_eval]) if n_eval else ([], examples)
+    examples, eval_examples = _examples(args, tokenizer, config)
     data = ShuffledExamples(examples, seed=args.seed)
     if args.lora_rank:
         apply_lora(model, args.lora_rank, args.lora_alpha)
     model.train()
-
-
-    def eval_fn(m) -> dict:
-        """Mean loss on the held-out examples, with a fixed seed so steps compare."""
-        g = torch.Generator().manual_seed(1234)
-        totals, n = {"loss": 0.0, "dec_loss": 0.0, "enc_loss": 0.0}, 0
-        with torch.no_grad():
-            for i in range(0, len(eval_examples), cfg.batch_size):
-                chunk = eval_examples[i:i + cfg.batch_size]
-                batch = collate(chunk, config.canvas_length, config.text.eos_token_id[0], config.text.pad_token_id,
-                                cfg.enc_on_prompt)
-                o = block_diffusion_loss(m, batch, loss_cfg, g)
-                for k, v in (("loss", float(o.loss)), ("dec_loss", o.dec_loss), ("enc_loss", o.enc_loss)):
-                    totals[k] += v * len(chunk)
-                n += len(chunk)
-        return {k: round(v / n, 5) for k, v in totals.items()}
-
-    trainer = Trainer(model, config, generation, cfg, data, out, eval_fn if eval_examples else None,
+    eval_fn = held_out_loss(eval_examples, config, cfg) if eval_examples else None
+    trainer = Trainer(model, config, generation, cfg, data, out, eval_fn,
                       tokenizer_dir=tok_dir, base_model=args.model, quiet=args.quiet, dist=dist)
     if args.resume:
         try:
