@@ -80,7 +80,7 @@ class NamedToolChoice(_Body):
     function: FunctionName
 
 
-# content part types the chat template renders; any other part would vanish from the prompt, so it is refused
+# the chat template renders text and image parts only; any other part would vanish from the prompt, so it is refused
 REFUSED_PARTS = {
     "image": "a part of type 'image' carries no picture here; send the picture as an image_url part",
     "input_audio": "this server takes no audio",
