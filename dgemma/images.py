@@ -1,7 +1,7 @@
-"""Images in the prompt: decoding (Pillow), the Gemma 4 image processor's preprocessing, and the prompt side.
+"""Images in the prompt: the Gemma 4 image processor's preprocessing, and the prompt side (decoding: image_files.py).
 
 Preprocessing, per image, as transformers' Gemma 4 image processor does it (numbers reused in the code):
-  1. Decode, and convert to RGB (transparency composited onto white).
+  1. Decode, and convert to RGB (transparency composited onto white): image_files.py, in a decode slot.
   2. Resize with the aspect ratio kept (PIL bicubic) to the largest size whose sides are multiples of
      patch_size * pooling_kernel_size and that has at most max_soft_tokens * pooling_kernel_size^2 patches.
   3. Scale pixels to [0, 1].
@@ -16,37 +16,18 @@ input embeddings take the image's features at those image tokens, and (with use_
 
 from __future__ import annotations
 
-import io
 import json
 import math
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .errors import DgemmaError
+from .image_files import (DECODE_SLOTS, MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, TRIM_PIXELS,  # noqa: F401 (public)
+                          EncodedImage, ImageError, decode_image, open_image, read_image, return_freed_memory)
 
-# Pillow refuses (DecompressionBombError) an image over twice this many pixels and warns over it; dgemma makes the
-# warning an error too, so nothing past this is decoded. 40 MP: a 7,000 x 5,700 photo; every image is resized to
-# at most a few hundred thousand pixels anyway.
-MAX_IMAGE_PIXELS = 40_000_000
-MAX_IMAGE_BYTES = 50 * 2**20
-FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
 SUPPORTED_SOFT_TOKENS = (70, 140, 280, 560, 1120)  # the values transformers' processor accepts
-
-
-class ImageError(DgemmaError, ValueError):
-    """An image that cannot be used, or an image request a model cannot serve. One line naming the image."""
-
-
-def _pil():
-    from PIL import Image, ImageFile
-
-    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
-    ImageFile.LOAD_TRUNCATED_IMAGES = False
-    return Image
 
 
 @dataclass
@@ -117,50 +98,6 @@ class ImagePatches:
     num_soft_tokens: int
 
 
-def decode_image(data: bytes, name: str = "image"):
-    """Bytes -> an RGB PIL image (1.), or ImageError naming `name` and the problem. Nothing past Pillow's pixel
-    limit is decoded: the size in the header is checked first."""
-    Image = _pil()
-    if len(data) > MAX_IMAGE_BYTES:
-        raise ImageError(f"{name}: {len(data)} bytes is larger than the {MAX_IMAGE_BYTES // 2**20} MiB limit")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        try:
-            image = Image.open(io.BytesIO(data), formats=FORMATS)
-            if image.width * image.height == 0:
-                raise ImageError(f"{name}: the image is empty ({image.width}x{image.height})")
-            image.load()
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-            raise ImageError(f"{name}: the image is too large to decode (over {MAX_IMAGE_PIXELS:,} pixels; a "
-                             f"decompression bomb?)") from None
-        except Image.UnidentifiedImageError:
-            raise ImageError(f"{name}: not an image in a supported format ({', '.join(FORMATS)})") from None
-        except (OSError, SyntaxError, ValueError, EOFError) as e:
-            if isinstance(e, ImageError):
-                raise
-            raise ImageError(f"{name}: the image is corrupt or truncated ({str(e).splitlines()[0][:120]})") from None
-    return _to_rgb(image)
-
-
-def _to_rgb(image):
-    Image = _pil()
-    if "A" in image.getbands() or image.info.get("transparency") is not None:
-        rgba = image.convert("RGBA")
-        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
-    return image.convert("RGB")
-
-
-def read_image(path: str | Path):
-    """A file -> an RGB PIL image, or ImageError."""
-    path = Path(path)
-    if not path.is_file():
-        raise ImageError(f"{path}: no such image file")
-    if path.stat().st_size > MAX_IMAGE_BYTES:
-        raise ImageError(f"{path}: {path.stat().st_size} bytes is larger than the {MAX_IMAGE_BYTES // 2**20} MiB "
-                         f"limit")
-    return decode_image(path.read_bytes(), str(path))
-
-
 def resized_size(height: int, width: int, cfg: ImageProcessorConfig) -> tuple[int, int]:
     """2. The target (height, width): the image scaled to the patch budget, each side rounded down to a multiple of
     patch_size * pooling_kernel_size; a side that rounds to zero gets one multiple and the other side follows the
@@ -183,9 +120,20 @@ def resized_size(height: int, width: int, cfg: ImageProcessorConfig) -> tuple[in
 
 
 def preprocess(image, cfg: ImageProcessorConfig) -> ImagePatches:
-    """An RGB PIL image -> its patches and positions (steps 2-4)."""
+    """An RGB PIL image, or an EncodedImage (decoded here, in one of DECODE_SLOTS) -> its patches and positions
+    (steps 1-4)."""
     h, w = resized_size(image.height, image.width, cfg)
-    if (h, w) != (image.height, image.width):  # 2.
+    if isinstance(image, EncodedImage):
+        encoded = image
+        with DECODE_SLOTS:
+            full = encoded.decode()  # 1.
+            image = full.resize((w, h), resample=cfg.resample) if (h, w) != (full.height, full.width) else full  # 2.
+            if image is not full:
+                full.close()
+            del full
+        if encoded.pixels >= TRIM_PIXELS:
+            return_freed_memory()
+    elif (h, w) != (image.height, image.width):  # 2.
         image = image.resize((w, h), resample=cfg.resample)
     pixels = (np.asarray(image, dtype=np.uint8).astype(np.float64) * cfg.rescale_factor).astype(np.float32)  # 3.
     p = cfg.patch_size

@@ -53,7 +53,8 @@ from tests.test_distributed import make_trainer
 out = Path({out!r})
 d = D.init_from_env("cpu", fsdp={fsdp})
 out.mkdir(parents=True, exist_ok=True)
-(out / f"pid.{{d.rank}}").write_text(str(os.getpid()))
+# beside --out, not in it: dgemma refuses an --out holding files it did not write
+(out.parent / f"{{out.name}}.pid.{{d.rank}}").write_text(str(os.getpid()))
 t = make_trainer(out, steps={steps}, save_every={save_every}, dist=d, w_enc={w_enc})
 if {resume}:
     t.load()
@@ -159,7 +160,7 @@ def test_sigkilled_two_process_run_resumes_on_two_or_one(tmp_path):
             if proc.poll() is not None:
                 pytest.fail(proc.stderr.read().decode()[-3000:])
             time.sleep(0.05)
-        pids = [int((out / f"pid.{r}").read_text()) for r in (0, 1)]
+        pids = [int((out.parent / f"{out.name}.pid.{r}").read_text()) for r in (0, 1)]
         for pid in (*pids, proc.pid):  # the workers and their launcher, mid-step
             os.kill(pid, signal.SIGKILL)
     finally:

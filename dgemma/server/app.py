@@ -1,7 +1,7 @@
 """The FastAPI app, the `dgemma serve` command and a helper that runs a server on a background thread.
 
-Endpoints: POST /v1/chat/completions, POST /v1/completions, GET /v1/models and GET /metrics (Prometheus; these four
-behind the API key when one is set, /metrics unless public_metrics), GET /health, and the playground: GET / and
+Endpoints: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /openapi.json and GET /metrics
+(Prometheus; these five behind the API key when one is set, /metrics unless public_metrics), GET /health, and the playground: GET / and
 GET /static/NAME, the page's files (open to all: the page asks for the key and sends it on the API calls it makes).
 Every error is answered in OpenAI's format. The Guard (guard.py) checks the Host, the origin and the body size before the app sees a request.
 """
@@ -47,15 +47,16 @@ def build_app(serving: Serving, api_key: str | None = None, allowed_hosts: list[
               public_metrics: bool = False) -> FastAPI:
     """The app over a started engine (the caller owns the engine's lifetime). Its limits are serving.limits.
     allowed_hosts: host names besides IP addresses and localhost that clients may use ("*": any)."""
-    app = FastAPI(title="dgemma", docs_url=None, redoc_url=None)
+    app = FastAPI(title="dgemma", docs_url=None, redoc_url=None, openapi_url=None)  # its schema: behind the key
     app.state.limits = serving.limits
     app.add_middleware(Guard, limits=serving.limits, allowed_hosts=allowed_hosts, refuse_cross_origin=not api_key)
 
     def check_key(request: Request) -> None:
         if not api_key:
             return
-        given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        # the scheme is case-insensitive (RFC 9110); the key is compared in constant time
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), api_key.encode()):
             raise APIError(401, "missing or wrong API key (send Authorization: Bearer KEY)",
                            code="invalid_api_key")
 
@@ -64,31 +65,7 @@ def build_app(serving: Serving, api_key: str | None = None, allowed_hosts: list[
             return JSONResponse(result.model_dump())
         return StreamingResponse(result, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
-    @app.exception_handler(APIError)
-    async def api_error(_: Request, e: APIError):
-        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(_: Request, e: RequestValidationError):
-        first = e.errors()[0] if e.errors() else {}
-        if first.get("type") == "json_invalid":
-            return JSONResponse(error_body(f"the body is not valid JSON: {first.get('ctx', {}).get('error', '')}",
-                                           "invalid_request_error"), status_code=400)
-        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
-        # drop pydantic's union-branch names ("str", "list[int]") so the param is the field path
-        param = ".".join(x for x in loc if not any(c in x for c in "[]") and x not in ("str", "int", "float", "bool"))
-        message = f"{param or 'body'}: {first.get('msg', 'invalid value')}"
-        return JSONResponse(error_body(message, "invalid_request_error", param or None), status_code=400)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, e: StarletteHTTPException):
-        return JSONResponse(error_body(str(e.detail), "invalid_request_error"), status_code=e.status_code,
-                            headers=e.headers)  # 405 keeps its Allow header
-
-    @app.exception_handler(Exception)
-    async def internal_error(_: Request, e: Exception):
-        log.exception("unhandled error")
-        return JSONResponse(error_body(f"internal error: {type(e).__name__}", "internal_error"), status_code=500)
+    add_error_handlers(app)
 
     async def parse(model: type[BaseModel], raw: Request):
         # parsed here rather than by FastAPI so a body sent without Content-Type: application/json (curl -d) works;
@@ -110,6 +87,10 @@ def build_app(serving: Serving, api_key: str | None = None, allowed_hosts: list[
     @app.get("/v1/models", dependencies=[Depends(check_key)])
     async def models():
         return respond(serving.models())
+
+    @app.get("/openapi.json", dependencies=[Depends(check_key)], include_in_schema=False)
+    async def openapi():
+        return JSONResponse(app.openapi())
 
     @app.get("/health")
     async def health():
@@ -136,6 +117,37 @@ def build_app(serving: Serving, api_key: str | None = None, allowed_hosts: list[
         return Response(serving.metrics.render(), media_type="text/plain; version=0.0.4")
 
     return app
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    """Every error answered in OpenAI's format: APIError as raised, a validation error as a 400 naming the field,
+    starlette's (404, 405) with their headers, anything else a 500 whose traceback goes to the log."""
+
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, e: APIError):
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, e: RequestValidationError):
+        first = e.errors()[0] if e.errors() else {}
+        if first.get("type") == "json_invalid":
+            return JSONResponse(error_body(f"the body is not valid JSON: {first.get('ctx', {}).get('error', '')}",
+                                           "invalid_request_error"), status_code=400)
+        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+        # drop pydantic's union-branch names ("str", "list[int]") so the param is the field path
+        param = ".".join(x for x in loc if not any(c in x for c in "[]") and x not in ("str", "int", "float", "bool"))
+        message = f"{param or 'body'}: {first.get('msg', 'invalid value')}"
+        return JSONResponse(error_body(message, "invalid_request_error", param or None), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, e: StarletteHTTPException):
+        return JSONResponse(error_body(str(e.detail), "invalid_request_error"), status_code=e.status_code,
+                            headers=e.headers)  # 405 keeps its Allow header
+
+    @app.exception_handler(Exception)
+    async def internal_error(_: Request, e: Exception):
+        log.exception("unhandled error")
+        return JSONResponse(error_body(f"internal error: {type(e).__name__}", "internal_error"), status_code=500)
 
 
 class ServerThread:

@@ -11,7 +11,10 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from ..errors import DgemmaError
-from ..images import MAX_IMAGE_BYTES, ImageError, decode_image, read_image
+from ..image_files import MAX_IMAGE_BYTES, MAX_REQUEST_PIXELS, ImageError, EncodedImage, open_image, read_image
+
+
+MAX_PATH_CHARS = 4096  # Linux's PATH_MAX
 
 
 class MediaError(DgemmaError, ValueError):
@@ -26,8 +29,9 @@ def _url(part: dict, where: str) -> str:
     return url
 
 
-def load_picture(url: str, where: str, allowed_dir: Path | None):
-    """One image_url's picture (RGB PIL image), or MediaError / ImageError naming `where`."""
+def load_picture(url: str, where: str, allowed_dir: Path | None) -> EncodedImage:
+    """One image_url's picture, its header checked (decoded later, when it is preprocessed), or MediaError /
+    ImageError naming `where`."""
     scheme = url.split(":", 1)[0].lower() if ":" in url[:12] else ""
     if scheme in ("http", "https"):
         raise MediaError(f"{where}: this server makes no network fetches; send the image inline as a "
@@ -42,25 +46,33 @@ def load_picture(url: str, where: str, allowed_dir: Path | None):
             data = base64.b64decode(payload, validate=True)
         except (binascii.Error, ValueError):
             raise MediaError(f"{where}: the data URL is not valid base64") from None
-        return decode_image(data, where)
+        return open_image(data, where)
     if scheme not in ("", "file") and not (len(scheme) == 1 and url[1:3] in (":\\", ":/")):
         raise MediaError(f"{where}: unsupported URL scheme {scheme!r:.20}; use a data:image/...;base64 URL")
     if allowed_dir is None:
         raise MediaError(f"{where}: local image paths are off; start the server with --allowed-local-media DIR")
+    if len(url) > MAX_PATH_CHARS:
+        raise MediaError(f"{where}: a local path of {len(url)} characters is longer than the {MAX_PATH_CHARS} "
+                         f"allowed")
     path = Path(unquote(urlparse(url).path) if scheme == "file" else url)
-    root = allowed_dir.resolve()
-    resolved = (root / path).resolve() if not path.is_absolute() else path.resolve()
-    if not resolved.is_relative_to(root):
-        raise MediaError(f"{where}: {url!r:.200} is outside the allowed media directory")
+    if "\x00" in str(path):
+        raise MediaError(f"{where}: the path holds a NUL character")
     try:
+        root = allowed_dir.resolve()
+        resolved = (root / path).resolve() if not path.is_absolute() else path.resolve()
+        if not resolved.is_relative_to(root):
+            raise MediaError(f"{where}: {url!r:.200} is outside the allowed media directory")
         return read_image(resolved)
     except ImageError as e:
         raise ImageError(f"{where}: {e}") from None
+    except OSError as e:  # a name too long for the file system, a loop of links, no permission
+        raise MediaError(f"{where}: cannot read {url!r:.80}: {e.strerror or type(e).__name__}") from None
 
 
 def take_images(messages: list[dict], allowed_dir: Path | None, max_images: int) -> tuple[list[dict], list]:
     """Messages with each image_url part replaced by {"type": "image"} (which the chat template renders as the
-    image placeholder), and the pictures in order. At most `max_images`, counted before any is decoded."""
+    image placeholder), and the pictures in order (EncodedImage: decoded when preprocessed). At most `max_images`
+    pictures and MAX_REQUEST_PIXELS pixels, counted from their headers before any is decoded."""
     found = [(i, j) for i, m in enumerate(messages) if isinstance(m.get("content"), list)
              for j, part in enumerate(m["content"]) if isinstance(part, dict) and part.get("type") == "image_url"]
     if len(found) > max_images:
@@ -72,4 +84,9 @@ def take_images(messages: list[dict], allowed_dir: Path | None, max_images: int)
         where = f"messages[{i}].content[{j}].image_url"
         pictures.append(load_picture(_url(out[i]["content"][j], where), where, allowed_dir))
         out[i]["content"][j] = {"type": "image"}
+    pixels = sum(p.pixels for p in pictures)
+    if pixels > MAX_REQUEST_PIXELS:
+        raise MediaError(f"messages: the images hold {pixels:,} pixels, more than the {MAX_REQUEST_PIXELS:,} one "
+                         f"request may send (every image is resized to a few hundred thousand pixels: send smaller "
+                         f"pictures)")
     return out, pictures

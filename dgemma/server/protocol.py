@@ -19,7 +19,7 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
 
 
@@ -83,10 +83,45 @@ class NamedToolChoice(_Body):
     function: FunctionName
 
 
+# the chat template renders text and image parts only; any other part would vanish from the prompt, so it is refused
+REFUSED_PARTS = {
+    "image": "a part of type 'image' carries no picture here; send the picture as an image_url part",
+    "input_audio": "this server takes no audio",
+    "audio": "this server takes no audio",
+    "audio_url": "this server takes no audio",
+    "video_url": "this server takes no video",
+    "video": "this server takes no video",
+}
+
+
+def _content_parts(parts: str | list[dict[str, Any]] | None):
+    for j, part in enumerate(parts if isinstance(parts, list) else ()):
+        kind = part.get("type")
+        if kind == "text" and isinstance(part.get("text"), str) or kind == "image_url":
+            continue
+        if kind == "text":
+            why = "a text part needs a string `text`"
+        else:
+            why = REFUSED_PARTS.get(kind) if isinstance(kind, str) else None
+            why = why or f"unsupported content part type {kind!r:.40}; the parts taken are text and image_url"
+        raise PydanticCustomError("content_part", "part {j}: {why}", {"j": j, "why": why})
+    return parts
+
+
+MAX_STOP = 16
+
+
+def _stop_count(stop: str | list[str] | None):
+    if isinstance(stop, list) and len(stop) > MAX_STOP:
+        raise PydanticCustomError("stop_count", "at most {limit} stop strings, got {n}",
+                                  {"limit": MAX_STOP, "n": len(stop)})
+    return stop
+
+
 class ChatMessage(_Body):
     model_config = ConfigDict(extra="allow", strict=True)
     role: str
-    content: str | list[dict[str, Any]] | None = None
+    content: Annotated[str | list[dict[str, Any]] | None, AfterValidator(_content_parts)] = None
 
 
 MAX_CHOICES = 8  # n: the most choices one request may ask for
@@ -118,7 +153,7 @@ NEUTRAL: dict[str, tuple[tuple, str]] = {
 class _SamplingBody(_Body):
     model: str
     max_tokens: int | None = Field(None, ge=1)
-    stop: str | Annotated[list[str], Field(max_length=16)] | None = None
+    stop: Annotated[str | list[str] | None, AfterValidator(_stop_count)] = None
     seed: int | None = Field(None, ge=-(2**63), lt=2**63)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)

@@ -212,15 +212,15 @@ def cmd_train(args) -> int:
         return metrics
 
     tok_dir = out / "tokenizer"
-    if dist.is_main:
-        S.write_tokenizer(tok_dir)
     trainer = Trainer(model, config, gen, cfg, data, out, eval_fn, tokenizer_dir=tok_dir, export_on_eval=True,
-                      dist=dist)
+                      dist=dist)  # first: it refuses an --out holding files dgemma did not write
+    if dist.is_main:
+        S.write_tokenizer(trainer.run_dir.claim("tokenizer"))
     if args.resume:
         trainer.load()
         if dist.is_main:
             print(f"resumed {out} at step {trainer.step}", file=sys.stderr)
-    record_run(out, args, trainer.step, dist)
+    record_run(trainer.run_dir, args, trainer.step, dist)
     trainer.train()
     trainer.export()
     if dist.is_main:

@@ -12,8 +12,10 @@ template "chat", a prompt/response pair is read as a one-turn conversation; with
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +24,8 @@ from .batch import Example
 
 TEMPLATES = ("auto", "raw", "chat")
 BOM = b"\xef\xbb\xbf"
+MAX_LINE_BYTES = 256 * 2**20  # a line past this is refused whatever the model (it would take tens of GB to tokenize)
+LINE_SLACK = 65536  # bytes of JSON besides the text: keys, roles, quotes
 
 
 class DataError(DgemmaError, ValueError):
@@ -79,7 +83,11 @@ def _example(prompt_ids: list[int], response_ids: list[int], where: str) -> Exam
 
 def read_jsonl(path: str | Path, tokenizer, template: str = "auto", max_length: int | None = None,
                canvas_length: int | None = None) -> list[Example]:
-    """Read and tokenize every line. `max_length` bounds prompt + response (padded to canvases) in tokens."""
+    """Read and tokenize every line. `max_length` bounds prompt + response (padded to canvases) in tokens.
+
+    The file is read a line at a time, and a line is bounded before it is parsed, and its text before it is
+    tokenized: no text longer than max_length * max_token_bytes bytes can fit in max_length tokens (tokenizing
+    megabytes takes gigabytes), and JSON spells a byte of text in at most 6 bytes."""
     if template not in TEMPLATES:
         raise DataError(f"template must be one of {TEMPLATES}, got {template!r}")
     path = Path(path)
@@ -87,27 +95,12 @@ def read_jsonl(path: str | Path, tokenizer, template: str = "auto", max_length: 
         raise DataError(f"{path}: file not found")
     if template == "auto":
         template = "chat" if tokenizer.has_chat_template else "raw"
+    max_text = max_length * tokenizer.max_token_bytes if max_length is not None else MAX_LINE_BYTES
     examples = []
-    data = path.read_bytes()
-    if data.startswith(BOM):  # editors on Windows write one; it is not part of the first line's JSON
-        data = data[len(BOM):]
-    # JSONL lines end at \n only: str.splitlines also splits at U+2028, U+0085, \f, a lone \r..., which are valid
-    # inside JSON strings. Split the bytes (a \n byte is never inside a UTF-8 sequence) so a bad byte names its line.
-    for n, raw in enumerate(data.split(b"\n"), start=1):
-        where = f"{path}:{n}"
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise DataError(f"{where}: line is not UTF-8 text (byte {e.start + 1}: {raw[e.start:e.start + 1]!r})") \
-                from None
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{where}: not valid JSON ({e.msg})") from None
-        except RecursionError:
-            raise DataError(f"{where}: not valid training data (JSON nested too deeply)") from None
+    for where, record, text in _records(path, min(MAX_LINE_BYTES, 6 * max_text + LINE_SLACK)):
+        if text > max_text:
+            raise DataError(f"{where}: {text} bytes of text cannot fit in the model's {max_length} positions (at "
+                            f"most {max_text} bytes)")
         ex = encode_record(record, tokenizer, template, where)
         if max_length is not None:
             C = canvas_length or 1
@@ -118,6 +111,50 @@ def read_jsonl(path: str | Path, tokenizer, template: str = "auto", max_length: 
     if not examples:
         raise DataError(f"{path}: no examples")
     return examples
+
+
+def _records(path: Path, max_line: int) -> Iterator[tuple[str, object, int]]:
+    """(path:line, parsed JSON, bytes of text in it) for each non-blank line, read one line at a time; a line over
+    `max_line` bytes is refused before it is held whole."""
+    with open(path, "rb") as f:
+        for n in itertools.count(1):
+            raw = f.readline(max_line + 1)
+            if not raw:
+                return
+            where = f"{path}:{n}"
+            if len(raw) > max_line and not (len(raw) == max_line + 1 and raw.endswith(b"\n")):
+                raise DataError(f"{where}: the line is longer than {max_line} bytes, more text than the model can "
+                                f"take")
+            if n == 1 and raw.startswith(BOM):  # editors on Windows write one; it is not part of the JSON
+                raw = raw[len(BOM):]
+            # JSONL lines end at \n only (readline splits there, never inside a UTF-8 sequence); str.splitlines
+            # would also split at U+2028, \f, a lone \r..., which are valid inside JSON strings
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{where}: line is not UTF-8 text (byte {e.start + 1}: "
+                                f"{raw[e.start:e.start + 1]!r})") from None
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                size = _text_bytes(record)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: not valid JSON ({e.msg})") from None
+            except RecursionError:
+                raise DataError(f"{where}: not valid training data (JSON nested too deeply)") from None
+            yield where, record, size
+
+
+def _text_bytes(value) -> int:
+    """UTF-8 bytes of all the strings in parsed JSON (its text, as the tokenizer will see it)."""
+    if isinstance(value, str):
+        return len(value) if value.isascii() else len(value.encode("utf-8", "surrogatepass"))
+    if isinstance(value, dict):
+        return sum(_text_bytes(v) for v in value.values())
+    if isinstance(value, list):
+        return sum(_text_bytes(v) for v in value)
+    return 0
 
 
 @dataclass

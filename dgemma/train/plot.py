@@ -68,7 +68,7 @@ def plot_losses(history: list[dict], path: str | Path, quiet: bool = False) -> P
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
+    tmp = path.with_name(f".dgemma-tmp-{path.name}.png")  # run_dir.py's temporary-file prefix
     fig.savefig(tmp)
     plt.close(fig)
     tmp.replace(path)

@@ -90,12 +90,11 @@ def start_distributed(args, device: str):
     return d, device
 
 
-def record_run(out: Path, args, step: int, dist) -> None:
-    """Append this invocation to <out>/runs.jsonl (rank 0): the step it starts from, the command line, every
-    option's value and the versions, so a run resumed across several invocations keeps its whole configuration
-    beside its checkpoint. Appended, never rewritten: a line is the record of one invocation."""
-    import json
-
+def record_run(run_dir, args, step: int, dist) -> None:
+    """Append this invocation to <out>/runs.jsonl (rank 0; run_dir: the trainer's RunDirectory): the step it starts
+    from, the command line, every option's value and the versions, so a run resumed across several invocations keeps
+    its whole configuration beside its checkpoint. Appended, never rewritten: a line is the record of one
+    invocation."""
     import torch
 
     import dgemma
@@ -104,11 +103,9 @@ def record_run(out: Path, args, step: int, dist) -> None:
         return
     options = {k: v for k, v in vars(args).items()
                if isinstance(v, (str, int, float, bool, type(None))) and k != "interrupt_hint"}
-    out.mkdir(parents=True, exist_ok=True)
     line = {"step": step, "argv": ["dgemma", *sys.argv[1:]], "options": options, "dgemma": dgemma.__version__,
             "torch": torch.__version__, "processes": dist.world_size if dist.active else 1}
-    with open(out / "runs.jsonl", "a") as f:
-        f.write(json.dumps(line) + "\n")
+    run_dir.append_line("runs.jsonl", line)
 
 
 def _tokenizer(path: Path):
@@ -147,33 +144,77 @@ def _configs(args, warmup_steps: int, LossConfig, TrainConfig):
     return loss_cfg, cfg
 
 
-def cmd_train(args) -> int:
-    import torch
+def _check_flags(args, out: Path) -> int:
+    """The checks on --out, --resume and --lora-rank, before any loading; -> the warm-up steps to use."""
+    from .run_dir import CHECKPOINT, RunDirectory
 
-    from ..cli_common import load_checkpoint
-    from ..presets import default_generation, preset_config, random_model
-    from .data import ShuffledExamples, read_jsonl
-    from ..quant import is_quantized
-    from .lora import apply_lora
-    from .objective import LossConfig, block_diffusion_loss
-    from .trainer import CHECKPOINT, TrainConfig, Trainer
-    from .batch import collate
-
-    apply_threads(args.threads)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    out = Path(args.out)
     if (out / CHECKPOINT).exists() and not args.resume:
         raise CLIError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
     if args.resume and not (out / CHECKPOINT).exists():
         raise CLIError(f"{out / CHECKPOINT} not found; nothing to resume")
     if args.lora_rank < 0:
         raise CLIError(f"--lora-rank must be >= 0, got {args.lora_rank}")
-    warmup_steps = args.warmup_steps
-    if args.steps >= 1 and warmup_steps > args.steps:
-        notice("train", f"--warmup-steps {warmup_steps} is longer than the run; warming up over all "
+    RunDirectory.open(out)  # refuses an --out holding files dgemma did not write
+    if args.steps >= 1 and args.warmup_steps > args.steps:
+        notice("train", f"--warmup-steps {args.warmup_steps} is longer than the run; warming up over all "
                         f"{args.steps} steps instead")
-        warmup_steps = args.steps
-    loss_cfg, cfg = _configs(args, warmup_steps, LossConfig, TrainConfig)  # bad flags fail before any loading
+        return args.steps
+    return args.warmup_steps
+
+
+def _examples(args, tokenizer, config) -> tuple[list, list]:
+    """The training and held-out examples: --eval-data, or up to 5% of --data (at most 200) held out."""
+    from .data import read_jsonl
+
+    limit = config.text.max_position_embeddings
+    examples = read_jsonl(args.data, tokenizer, args.template, limit, config.canvas_length)
+    _check_known_tokens(examples, tokenizer, args.data)
+    if args.eval_data:
+        return examples, read_jsonl(args.eval_data, tokenizer, args.template, limit, config.canvas_length)
+    n_eval = min(200, len(examples) // 20)
+    return (examples[:-n_eval], examples[-n_eval:]) if n_eval else (examples, [])
+
+
+def held_out_loss(eval_examples: list, config, cfg):
+    """The eval hook: mean loss on the held-out examples, with a fixed seed so steps compare."""
+    import torch
+
+    from .batch import collate
+    from .objective import block_diffusion_loss
+
+    def eval_fn(m) -> dict:
+        g = torch.Generator().manual_seed(1234)
+        totals, n = {"loss": 0.0, "dec_loss": 0.0, "enc_loss": 0.0}, 0
+        with torch.no_grad():
+            for i in range(0, len(eval_examples), cfg.batch_size):
+                chunk = eval_examples[i:i + cfg.batch_size]
+                batch = collate(chunk, config.canvas_length, config.text.eos_token_id[0], config.text.pad_token_id,
+                                cfg.enc_on_prompt)
+                o = block_diffusion_loss(m, batch, cfg.loss, g)
+                for k, v in (("loss", float(o.loss)), ("dec_loss", o.dec_loss), ("enc_loss", o.enc_loss)):
+                    totals[k] += v * len(chunk)
+                n += len(chunk)
+        return {k: round(v / n, 5) for k, v in totals.items()}
+
+    return eval_fn
+
+
+def cmd_train(args) -> int:
+    import torch
+
+    from ..cli_common import load_checkpoint
+    from ..presets import default_generation, preset_config, random_model
+    from .data import ShuffledExamples
+    from ..quant import is_quantized
+    from .lora import apply_lora
+    from .objective import LossConfig
+    from .trainer import TrainConfig, Trainer
+
+    apply_threads(args.threads)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    out = Path(args.out)
+    warmup_steps = _check_flags(args, out)
+    _, cfg = _configs(args, warmup_steps, LossConfig, TrainConfig)  # bad flags fail before any loading
     dist, device = start_distributed(args, device)
 
     # model, configs, tokenizer (training computes in fp32)
@@ -202,36 +243,13 @@ def cmd_train(args) -> int:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else config.text.pad_token_id
         config.text.eos_token_id, config.text.pad_token_id = list(eos), pad
         generation = default_generation(config)
-    limit = config.text.max_position_embeddings
-    examples = read_jsonl(args.data, tokenizer, args.template, limit, config.canvas_length)
-    _check_known_tokens(examples, tokenizer, args.data)
-    if args.eval_data:
-        eval_examples = read_jsonl(args.eval_data, tokenizer, args.template, limit, config.canvas_length)
-    else:
-        n_eval = min(200, len(examples) // 20)
-        eval_examples, examples = (examples[-n_eval:], examples[:-n_eval]) if n_eval else ([], examples)
+    examples, eval_examples = _examples(args, tokenizer, config)
     data = ShuffledExamples(examples, seed=args.seed)
     if args.lora_rank:
         apply_lora(model, args.lora_rank, args.lora_alpha)
     model.train()
-
-
-    def eval_fn(m) -> dict:
-        """Mean loss on the held-out examples, with a fixed seed so steps compare."""
-        g = torch.Generator().manual_seed(1234)
-        totals, n = {"loss": 0.0, "dec_loss": 0.0, "enc_loss": 0.0}, 0
-        with torch.no_grad():
-            for i in range(0, len(eval_examples), cfg.batch_size):
-                chunk = eval_examples[i:i + cfg.batch_size]
-                batch = collate(chunk, config.canvas_length, config.text.eos_token_id[0], config.text.pad_token_id,
-                                cfg.enc_on_prompt)
-                o = block_diffusion_loss(m, batch, loss_cfg, g)
-                for k, v in (("loss", float(o.loss)), ("dec_loss", o.dec_loss), ("enc_loss", o.enc_loss)):
-                    totals[k] += v * len(chunk)
-                n += len(chunk)
-        return {k: round(v / n, 5) for k, v in totals.items()}
-
-    trainer = Trainer(model, config, generation, cfg, data, out, eval_fn if eval_examples else None,
+    eval_fn = held_out_loss(eval_examples, config, cfg) if eval_examples else None
+    trainer = Trainer(model, config, generation, cfg, data, out, eval_fn,
                       tokenizer_dir=tok_dir, base_model=args.model, quiet=args.quiet, dist=dist)
     if args.resume:
         try:
@@ -240,7 +258,7 @@ def cmd_train(args) -> int:
             raise CLIError(str(e)) from None
         if dist.is_main:
             print(f"resumed {out} at step {trainer.step}", file=sys.stderr)
-    record_run(out, args, trainer.step, dist)
+    record_run(trainer.run_dir, args, trainer.step, dist)
     if dist.is_main:
         where = f"{device} x {dist.world_size} processes ({FSDP_OR_DDP[dist.fsdp]})" if dist.active else device
         print(f"training on {len(examples)} examples ({len(eval_examples)} held out), "

@@ -30,17 +30,14 @@ once (KeyboardInterrupt), losing what the first would have saved.
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import math
-import os
 import random
 import signal
 import sys
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Protocol
 
@@ -49,21 +46,17 @@ import torch
 from ..checkpoint import CheckpointError
 from ..checkpoint import save as save_checkpoint_dir
 from ..config import GenerationConfig, ModelConfig
-from ..errors import DgemmaError
 from ..output_dir import previous_output
 from . import distributed as D
 from .batch import Example, collate
 from .lora import has_lora, merge_lora, save_adapter
-from .objective import LossConfig
 from .plot import plot_losses
+from .run_dir import CHECKPOINT, LEGACY_CHECKPOINT, RunDirectory
+from .state_file import TrainingError, load_state, save_state, state_checksum, trainable_state  # noqa: F401
+from .train_config import TrainConfig, lr_factor
 
-CHECKPOINT = "checkpoint.safetensors"
-LEGACY_CHECKPOINT = "checkpoint.pt"  # older dgemma pickled its state; that file is refused, never loaded
-STATE_KEY, CHECKSUM_KEY = "dgemma_train_state", "dgemma_train_sha256"
-
-
-class TrainingError(DgemmaError, ValueError):
-    """Training cannot go on (a non-finite loss, gradient or state); the message names the step or the tensor."""
+__all__ = ["CHECKPOINT", "LEGACY_CHECKPOINT", "Trainer", "TrainConfig", "TrainingError", "TrainingStopped",
+           "load_state", "lr_factor", "save_state", "state_checksum", "trainable_state"]
 
 
 class TrainingStopped(KeyboardInterrupt):
@@ -74,154 +67,6 @@ class DataSource(Protocol):
     def next_batch(self, batch_size: int) -> list[Example]: ...
     def state_dict(self) -> dict: ...
     def load_state_dict(self, state: dict) -> None: ...
-
-
-@dataclass
-class TrainConfig:
-    steps: int = 1000
-    batch_size: int = 8
-    lr: float = 1.5e-4
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    warmup_steps: int = 100
-    weight_decay: float = 1e-4
-    betas: tuple[float, float] = (0.95, 0.99)
-    grad_clip: float = 1.0
-    log_every: int = 10
-    eval_every: int = 200
-    save_every: int = 100
-    seed: int = 0
-    enc_on_prompt: bool = False  # encoder loss on the prompt too (NeMo) or the response only (Megatron)
-    loss: LossConfig = field(default_factory=LossConfig)
-
-    def __post_init__(self) -> None:
-        if isinstance(self.loss, dict):
-            self.loss = LossConfig(**self.loss)
-        self.betas = tuple(self.betas)
-        for name in ("steps", "batch_size", "log_every", "eval_every", "save_every"):
-            value = getattr(self, name)
-            if not (isinstance(value, int) and value > 0):
-                raise ValueError(f"{name.replace('_', '-')} must be a positive integer, got {value!r}")
-        if not (isinstance(self.warmup_steps, int) and self.warmup_steps >= 0):
-            raise ValueError(f"warmup-steps must be an integer >= 0, got {self.warmup_steps!r}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"lr must be a number > 0, got {self.lr}")
-        if not 0 < self.min_lr_ratio <= 1:
-            raise ValueError(f"min_lr_ratio must be in (0, 1], got {self.min_lr_ratio}")
-        if self.weight_decay < 0 or self.grad_clip <= 0:
-            raise ValueError("weight_decay must be >= 0 and grad_clip > 0")
-        if not all(0 <= b < 1 for b in self.betas):
-            raise ValueError(f"betas must be in [0, 1), got {self.betas}")
-
-
-def lr_factor(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup to 1, then cosine from 1 down to min_lr_ratio at the last step."""
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    span = max(1, cfg.steps - cfg.warmup_steps)
-    progress = min(1.0, (step - cfg.warmup_steps) / span)
-    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def state_checksum(structure: str, tensors: dict[str, torch.Tensor]) -> str:
-    """sha256 of a saved state: its JSON structure, then each tensor's name, dtype, shape and bytes in name order."""
-    h = hashlib.sha256(structure.encode())
-    for key in sorted(tensors):
-        t = tensors[key].contiguous()
-        h.update(f"\0{key}\0{t.dtype}\0{list(t.shape)}\0".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
-def save_state(state: dict, path: Path) -> None:
-    """Write a state dict of tensors, numbers, strings, lists, tuples and dicts (any hashable JSON-able keys) as
-    one safetensors file: tensors as tensors, the structure and its checksum as JSON metadata. Refuses NaN or Inf in
-    a floating-point tensor. Writes a temporary file, reads it back and verifies it, then renames it over `path`."""
-    from safetensors.torch import save_file
-
-    tensors: dict[str, torch.Tensor] = {}
-
-    def pack(obj, where: str):
-        if isinstance(obj, torch.Tensor):
-            t = obj.detach().cpu().clone().contiguous()
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                raise TrainingError(f"not saving {path}: {where} holds NaN or Inf (the last good checkpoint is kept)")
-            key = str(len(tensors))
-            tensors[key] = t
-            return {"__tensor__": key}
-        if isinstance(obj, dict):
-            return {"__dict__": [[pack(k, where), pack(v, f"{where}.{k}" if where else str(k))] for k, v in obj.items()]}
-        if isinstance(obj, tuple):
-            return {"__tuple__": [pack(v, f"{where}[{i}]") for i, v in enumerate(obj)]}
-        if isinstance(obj, list):
-            return [pack(v, f"{where}[{i}]") for i, v in enumerate(obj)]
-        if obj is None or isinstance(obj, (bool, int, float, str)):
-            return obj
-        raise TypeError(f"cannot save a {type(obj).__name__} in a training checkpoint")
-
-    structure = json.dumps(pack(state, ""))
-    checksum = state_checksum(structure, tensors)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        save_file(tensors, str(tmp), metadata={STATE_KEY: structure, CHECKSUM_KEY: checksum})
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        try:  # read back: a write that does not verify must not replace the last good checkpoint
-            load_state(tmp)
-        except CheckpointError as e:
-            raise CheckpointError(f"{path}: the checkpoint just written does not read back intact, so the previous one "
-                                  f"is kept (a disk or file system fault?): {e}") from None
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
-
-
-def load_state(path: Path) -> dict:
-    """Read what save_state wrote, verifying its checksum."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            if STATE_KEY not in metadata:
-                raise CheckpointError(f"{path}: not a dgemma training checkpoint")
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except SafetensorError as e:
-        raise CheckpointError(f"{path}: unreadable training checkpoint ({e})") from None
-    structure = metadata[STATE_KEY]
-    if CHECKSUM_KEY not in metadata:
-        print(f"dgemma: {path} has no checksum (written by an older dgemma); resuming without verifying it",
-              file=sys.stderr)
-    elif state_checksum(structure, tensors) != metadata[CHECKSUM_KEY]:
-        raise CheckpointError(f"{path}: checksum mismatch, the training checkpoint is corrupt")
-
-    def unpack(obj):
-        if isinstance(obj, list):
-            return [unpack(v) for v in obj]
-        if isinstance(obj, dict):
-            if "__tensor__" in obj:
-                return tensors[obj["__tensor__"]]
-            if "__tuple__" in obj:
-                return tuple(unpack(v) for v in obj["__tuple__"])
-            return {unpack(k): unpack(v) for k, v in obj["__dict__"]}
-        return obj
-
-    try:
-        return unpack(json.loads(structure))
-    except (ValueError, KeyError, TypeError, RecursionError):
-        raise CheckpointError(f"{path}: malformed training checkpoint state") from None
 
 
 EvalFn = Callable[[torch.nn.Module], dict]
@@ -240,7 +85,10 @@ class Trainer:
         self.tokenizer_dir, self.base_model, self.quiet = tokenizer_dir, base_model, quiet or not dist.is_main
         self.stop_asked = False  # set by SIGINT/SIGTERM while training (_stop_on_signals)
         self.export_on_eval = export_on_eval  # keep <out>/model current, so a long run can be used at any time
-        previous_output(self.out_dir / "model")  # refuse, before hours of training, a <out>/model dgemma did not write
+        # refuse, before hours of training, a <out>/model or any other file there that dgemma did not write
+        previous_output(self.out_dir / "model")
+        self.run_dir = RunDirectory.open(self.out_dir)
+        self._metrics_written = False  # metrics.jsonl is rewritten from the history once, then appended to
         self.dist = dist
         # Under FSDP rank 0 keeps a whole copy on the CPU for eval and export (filled from the shards when needed).
         self._replica = copy.deepcopy(model).cpu() if dist.active and dist.fsdp and dist.is_main else None
@@ -291,8 +139,7 @@ class Trainer:
         """Rank 0 writes the checkpoint (all ranks call this: FSDP gathers the shards first)."""
         state = self.state_dict() if self.dist.is_main or self.dist.fsdp else None
         if self.dist.is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            save_state(state, self.checkpoint_path)
+            save_state(state, self.run_dir.claim(CHECKPOINT))
         return self.checkpoint_path
 
     def load(self, path: Path | None = None) -> None:
@@ -338,13 +185,8 @@ class Trainer:
         self.data.load_state_dict(state["data"])
         self.history = state["history"]
         self.step = state["step"]
-        if not self.dist.is_main:
-            return
-        # drop metric lines logged after this checkpoint (a killed run logs past its last save)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.out_dir / ".metrics.jsonl.tmp"
-        tmp.write_text("".join(json.dumps(line) + "\n" for line in self.history))
-        os.replace(tmp, self.out_dir / "metrics.jsonl")
+        if self.dist.is_main:  # drop the metric lines a killed run logged past this checkpoint
+            self._write_metrics()
 
     def _whole_model(self) -> torch.nn.Module | None:
         """The model with whole tensors on rank 0 (None elsewhere). Under FSDP: rank 0's CPU copy, filled from
@@ -367,11 +209,11 @@ class Trainer:
         return path
 
     def _write_export(self, model: torch.nn.Module | None, out_dir: str | Path | None = None) -> Path | None:
-        out_dir = Path(out_dir) if out_dir is not None else self.out_dir / "model"
         if not self.dist.is_main:
             return None
+        out_dir = Path(out_dir) if out_dir is not None else self.run_dir.claim("model")
         if has_lora(model):
-            save_adapter(model, self.out_dir / "adapter", self.base_model)
+            save_adapter(model, self.run_dir.claim("adapter"), self.base_model)
             model = merge_lora(copy.deepcopy(model))
         return save_checkpoint_dir(out_dir, model, self.model_config, self.generation, self.tokenizer_dir)
 
@@ -381,9 +223,15 @@ class Trainer:
         self.history.append(line)
         if not self.dist.is_main:
             return
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.out_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(line) + "\n")
+        if self._metrics_written:
+            self.run_dir.append_line("metrics.jsonl", line)
+        else:  # a run that starts afresh where a run killed before its first checkpoint logged
+            self._write_metrics()
+
+    def _write_metrics(self) -> None:
+        """metrics.jsonl := the history, one line per entry (only ever a file dgemma wrote: run_dir.py)."""
+        self.run_dir.write_lines("metrics.jsonl", self.history)
+        self._metrics_written = True
 
     def run_eval(self) -> dict:
         """Rank 0 runs the eval hook (give every rank the same hook, or none: FSDP gathers the model first)."""
@@ -484,7 +332,7 @@ class Trainer:
             if self.step % cfg.save_every == 0 or self.step == end or stop:
                 self.save()
                 if self.dist.is_main and (self.step == end or stop or time.perf_counter() - last_plot > 60):
-                    plot_losses(self.history, self.out_dir / "loss.png", quiet=self.step != end)  # ~1 s each
+                    plot_losses(self.history, self.run_dir.claim("loss.png"), quiet=self.step != end)  # ~1 s
                     last_plot = time.perf_counter()
             if stop and self.step < end:
                 self.dist.wait()
