@@ -13,6 +13,8 @@ import re
 from .base import VALIDATION, Empty, SchemaError, literal
 from .strings import CHAR, pattern_body
 
+OPENERS = 8  # an object with no required key starts with one of its first 8 optional keys
+
 
 def sequence(w, item: str, low: int, high: int | None, brace: tuple[str, str] = (r"\[", r"\]")) -> str:
     """`[item, item, ...]` with low to high items (high None: no bound)."""
@@ -36,9 +38,10 @@ def chain(w, required: list[str], optional: list[str], brace: tuple[str, str]) -
     tail = "".join(f"({sep}{item})?" for item in optional)
     if required:
         body = sep.join(required) + tail
-    else:  # nothing yet: the first written item opens the list, the rest are comma-led
+    else:  # nothing yet: the first written item opens the list, the rest are comma-led; only the first
+        # OPENERS may open it, which keeps the regex linear in the number of keys (later ones still follow)
         options = []
-        for i, item in enumerate(optional):
+        for i, item in enumerate(optional[:OPENERS]):
             options.append(item + "".join(f"({sep}{o})?" for o in optional[i + 1:]))
         body = "(" + "|".join(options) + ")?" if options else ""
     return f"{brace[0]}{ws}{body}{ws}{brace[1]}"
