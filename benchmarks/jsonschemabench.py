@@ -6,6 +6,7 @@
 DIR is the `data/` folder of github.com/guidance-ai/jsonschemabench (one folder per subset, one schema per file;
 fetch it yourself, nothing is downloaded here). --library is one of:
 - dgemma: `Constraint.from_json_schema` (dgemma's schema walker, then the token automaton over the vocabulary);
+- dgemma-regex: dgemma's schema walker alone (`schema_to_regex`): which schemas it takes, without the automaton;
 - outlines: outlines-core's `build_regex_from_schema`, then the same token automaton (what dgemma would do with
   outlines' own schema walker, which drops keywords it does not know);
 - llguidance: `LLMatcher(tokenizer, grammar_from_json_schema(schema))` without error;
@@ -55,7 +56,10 @@ class Compiler:
         self.library = library
         tok = Tokenizer.from_file(tokenizer_file)
         eos, pad = tok.token_to_id("<eos>"), tok.token_to_id("<pad>")
-        if library in ("dgemma", "outlines"):
+        if library == "dgemma-regex":
+            from dgemma.control.schema import schema_to_regex
+            self.schema_to_regex = schema_to_regex
+        elif library in ("dgemma", "outlines"):
             from dgemma.control import CompileLimits, Constraint, ConstraintVocabulary
             self.vocab = ConstraintVocabulary.from_tokenizer(tok, [eos], [pad])
             self.limits = CompileLimits(timeout_s=timeout * 2)
@@ -74,7 +78,9 @@ class Compiler:
             raise SystemExit(f"unknown library {library!r}")
 
     def compile(self, schema: dict) -> None:
-        if self.library == "dgemma":
+        if self.library == "dgemma-regex":
+            self.schema_to_regex(schema)
+        elif self.library == "dgemma":
             self.constraint.from_json_schema(schema, self.vocab, limits=self.limits)
         elif self.library == "outlines":
             from outlines_core.json_schema import build_regex_from_schema
@@ -164,7 +170,7 @@ def percentile(values: list[float], q: float) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", type=Path)
-    parser.add_argument("--library", choices=["dgemma", "outlines", "llguidance", "xgrammar"])
+    parser.add_argument("--library", choices=["dgemma", "dgemma-regex", "outlines", "llguidance", "xgrammar"])
     parser.add_argument("--per-subset", type=int, default=60)
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--timeout", type=float, default=10.0)

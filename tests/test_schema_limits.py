@@ -58,20 +58,12 @@ def test_the_compile_child_dies_with_its_parent(tmp_path):
         Constraint.from_regex("(a|b)*a(a|b){22}", vocab, limits=CompileLimits(timeout_s=600, max_states=10**9))
     """)
     parent = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "PYTHONPATH": os.getcwd()})
-    children_file = f"/proc/{parent.pid}/task/{parent.pid}/children"
-    child = None
-    for _ in range(1200):  # importing torch can take a while on a loaded machine
-        assert parent.poll() is None, "the compiling process ended early"
-        with open(children_file) as f:
-            pids = f.read().split()
-        if pids:
-            child = int(pids[0])
-            break
-        time.sleep(0.05)
-    assert child is not None, "the compile child never started"
-    time.sleep(0.5)  # let it set its parent-death signal
-    os.kill(parent.pid, signal.SIGKILL)
-    parent.wait()
+    try:
+        child = _first_child(parent)
+        time.sleep(0.5)  # let it set its parent-death signal
+    finally:
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait()
     for _ in range(100):
         try:
             with open(f"/proc/{child}/stat") as f:
@@ -83,6 +75,17 @@ def test_the_compile_child_dies_with_its_parent(tmp_path):
     else:
         os.kill(child, signal.SIGKILL)
         pytest.fail("the compile child outlived its parent")
+
+
+def _first_child(parent: subprocess.Popen) -> int:
+    for _ in range(1200):  # importing torch can take a while on a loaded machine
+        assert parent.poll() is None, "the compiling process ended early"
+        with open(f"/proc/{parent.pid}/task/{parent.pid}/children") as f:
+            pids = f.read().split()
+        if pids:
+            return int(pids[0])
+        time.sleep(0.05)
+    raise AssertionError("the compile child never started")
 
 
 def test_the_constraint_cache_is_a_bounded_lru(vocab):
