@@ -54,7 +54,7 @@ class SchemaLimits:
     length_cap: int = 256
     items_cap: int = 32
     free_depth: int = 1
-    max_regex_chars: int = 2_000_000
+    max_regex_chars: int = 500_000
 
 
 def literal(value) -> str:

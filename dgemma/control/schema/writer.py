@@ -40,9 +40,12 @@ class Writer:
             node, used = self.resolve(node, path)
             self.active.update(used)
             try:
-                return self.node(node, path)
+                regex = self.node(node, path)
             finally:
                 self.active.subtract(used)
+            if len(regex) > self.limits.max_regex_chars:  # checked as we go: $ref DAGs grow exponentially
+                raise SchemaError(f"{path}: the schema's regex passes {self.limits.max_regex_chars:,} characters")
+            return regex
         finally:
             self.nesting -= 1
 
