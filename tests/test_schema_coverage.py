@@ -158,10 +158,12 @@ def test_annotations_are_ignored_and_keywords_refused_by_name():
 
 
 def test_huge_maxima_are_enforced_not_dropped():
+    cap, items = SchemaLimits().length_cap, SchemaLimits().items_cap
     regex = schema_to_regex({"type": "string", "maxLength": 2**64})
-    assert re.fullmatch(regex, '"' + "a" * 256 + '"') and not re.fullmatch(regex, '"' + "a" * 257 + '"')
+    assert re.fullmatch(regex, '"' + "a" * cap + '"') and not re.fullmatch(regex, '"' + "a" * (cap + 1) + '"')
     regex = schema_to_regex({"type": "array", "items": {"type": "integer"}, "maxItems": 10**30})
-    assert re.fullmatch(regex, "[" + ",".join(["1"] * 32) + "]") and not re.fullmatch(regex, "[" + ",".join(["1"] * 33) + "]")
+    assert re.fullmatch(regex, "[" + ",".join(["1"] * items) + "]")
+    assert not re.fullmatch(regex, "[" + ",".join(["1"] * (items + 1)) + "]")
 
 
 def test_recursion_is_bounded_and_deep_chains_are_refused():

@@ -51,8 +51,8 @@ class SchemaLimits:
     max_depth: int = 3
     max_nesting: int = 64
     max_count: int = 1024
-    length_cap: int = 256
-    items_cap: int = 32
+    length_cap: int = 64
+    items_cap: int = 16
     free_depth: int = 1
     max_regex_chars: int = 500_000
 
