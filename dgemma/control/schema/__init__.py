@@ -48,5 +48,5 @@ def schema_to_regex(schema, whitespace_pattern: str | None = None, limits: Schem
     except RecursionError:
         raise SchemaError("#: the schema nests too deeply") from None
     if len(regex) > limits.max_regex_chars:
-        raise SchemaError(f"#: the schema's regex passes {limits.max_regex_chars:,} characters")
+        raise SchemaError(f"#: the schema's regex passes the limit of {limits.max_regex_chars:,} characters")
     return regex

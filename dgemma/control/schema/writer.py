@@ -44,7 +44,7 @@ class Writer:
             finally:
                 self.active.subtract(used)
             if len(regex) > self.limits.max_regex_chars:  # checked as we go: $ref DAGs grow exponentially
-                raise SchemaError(f"{path}: the schema's regex passes {self.limits.max_regex_chars:,} characters")
+                raise SchemaError(f"{path}: the schema's regex passes the limit of {self.limits.max_regex_chars:,} characters")
             return regex
         finally:
             self.nesting -= 1
