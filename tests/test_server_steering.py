@@ -126,7 +126,7 @@ def test_response_format_json_object(client):
     ({"structured_outputs": {"regex": "(unclosed"}}, "structured_outputs"),
     ({"structured_outputs": {"regex": "a", "choice": ["b"]}}, "structured_outputs"),
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object",
-                                                                                       "patternProperties": {}}}}},
+                                                                                       "not": {}}}}},
      "response_format"),
     ({"structured_outputs": {"choice": ["x" * 40]}}, "structured_outputs"),  # longer than max_tokens
     ({"response_format": {"type": "json_object"}, "structured_outputs": {"regex": "a"}}, "structured_outputs"),

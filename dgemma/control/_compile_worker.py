@@ -2,7 +2,8 @@
 
 Run as a script (`python _compile_worker.py`), never imported by dgemma: the parent kills it when the time limit
 passes, which is the only way to stop a regex whose DFA grows exponentially inside Rust. It reads one JSON
-request on stdin and writes one JSON reply on stdout (bytes as base64); it imports only outlines_core and numpy.
+request on stdin and writes one JSON reply on stdout (bytes as base64); it imports only outlines_core and numpy
+(and dgemma.control.schema for a schema).
 
 outlines-core builds the regex's DFA; we walk the tokens through it ourselves, because outlines' token index
 walks every token from every state one byte at a time (about 100 s for JSON-object mode on a 262k vocabulary).
@@ -15,15 +16,21 @@ walks every token from every state one byte at a time (about 100 s for JSON-obje
    by its rows: a random 64-bit signature per group (its class so far plus, per state, weight(state) * (next
    state + 1)), then an exact check that every group matches its class's first group.
 
-Request: {"regex": str, "token_bytes": list[base64 | None] (None: never allowed), "max_states": int,
-"max_memory_mb": int}.
+The child dies with its parent (a parent-death signal on Linux) and has a CPU-time limit, so a killed server
+leaves nothing running. A JSON schema is turned into its regex here too (dgemma.control.schema), inside the same
+limits, so a huge or deeply nested schema cannot stall the server.
+
+Request: {"regex": str, or "schema": a JSON schema with "schema_limits": SchemaLimits' fields, "token_bytes": list[base64 | None] (None: never allowed), "max_states": int,
+"max_memory_mb": int, "max_cpu_s": int}.
 Reply: {"error": str} or {"initial": int, "finals": list[int], "table": base64 of int32 (S, K) row-major
 (-1: not allowed), "num_states": S, "num_classes": K, "token_class": base64 of int32 (V,)}.
 """
 
 import base64
 import json
+import os
 import sys
+from pathlib import Path
 
 import numpy as np
 from outlines_core import Index, Vocabulary
@@ -158,16 +165,44 @@ def compile_regex(regex: str, token_bytes: list, max_states: int) -> dict:
             "token_class": token_class.astype(np.int32).tobytes()}
 
 
-def main() -> None:
-    request = json.loads(sys.stdin.buffer.read())  # JSON both ways: nothing is unpickled on either side
-    request["token_bytes"] = [None if t is None else base64.b64decode(t) for t in request["token_bytes"]]
-    try:  # bound the address space here rather than in a preexec_fn, which is unsafe in a threaded parent
+def _bound_this_process(max_memory_mb: int, max_cpu_s: int) -> None:
+    """Die with the parent; cap the address space and CPU time. Set here rather than in a preexec_fn, which is
+    unsafe in a threaded parent."""
+    try:
+        import ctypes
+        import signal
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: the kernel kills us when the parent dies
+    except (OSError, AttributeError):  # not Linux
+        pass
+    try:
         import resource
-        size = request["max_memory_mb"] * 2**20
+        size = max_memory_mb * 2**20
         resource.setrlimit(resource.RLIMIT_AS, (size, size))
+        resource.setrlimit(resource.RLIMIT_CPU, (max_cpu_s, max_cpu_s + 1))
     except (ImportError, ValueError, OSError):  # no resource module (Windows), or a lower hard limit
         pass
-    reply = compile_regex(request["regex"], request["token_bytes"], request["max_states"])
+
+
+def _regex_of(request: dict) -> dict:
+    """{"regex": ...} or {"error": ...} for a request that carries a JSON schema."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the dgemma that started us
+    from dgemma.control.schema import SchemaError, SchemaLimits, schema_to_regex
+    try:
+        return {"regex": schema_to_regex(request["schema"], limits=SchemaLimits(**request["schema_limits"]))}
+    except SchemaError as err:
+        return {"error": str(err), "schema_error": True}
+
+
+def main() -> None:
+    request = json.loads(sys.stdin.buffer.read())  # JSON both ways: nothing is unpickled on either side
+    _bound_this_process(request["max_memory_mb"], request["max_cpu_s"])
+    if request.get("ppid") is not None and request["ppid"] != os.getppid():
+        return  # the parent died before the death signal was set
+    request["token_bytes"] = [None if t is None else base64.b64decode(t) for t in request["token_bytes"]]
+    reply = _regex_of(request) if "schema" in request else {"regex": request["regex"]}
+    if "regex" in reply:
+        reply = compile_regex(reply["regex"], request["token_bytes"], request["max_states"])
     for key in ("table", "token_class"):
         if key in reply:
             reply[key] = base64.b64encode(reply[key]).decode("ascii")

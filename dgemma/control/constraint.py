@@ -20,15 +20,18 @@ from __future__ import annotations
 
 import base64
 import json
+import math
+import os
 import subprocess
 import sys
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .schema import SchemaError, schema_to_regex
+from .schema import SchemaLimits, schema_to_regex
 from .vocabulary import ConstraintVocabulary
 from ..errors import DgemmaError
 
@@ -67,7 +70,7 @@ def escape_literal(text: str) -> str:
 class Constraint:
     """Token-level automaton. States are ints in [0, num_states); `done_state` is the state after EOS.
 
-    Tensors (CPU): `token_class` (V,) long, the class of each token id; `transitions` (S, K) long, the next
+    Tensors (CPU): `token_class` (V,) int32, the class of each token id; `transitions` (S, K) long, the next
     state per (state, class) or INVALID; `distance` (S,) long, min tokens to a final state; `final` (S,) bool.
     """
 
@@ -95,23 +98,34 @@ class Constraint:
         """Text that fully matches `pattern` (Rust regex syntax: no lookaround or backreferences)."""
         if not isinstance(pattern, str):
             raise ConstraintError(f"a regex must be a string, got {type(pattern).__name__}")
-        key = (pattern, limits)
+        return cls._cached((pattern, limits), {"regex": pattern}, vocabulary, max_tokens, limits,
+                           description or f"regex {pattern!r:.60}")
+
+    @classmethod
+    def _cached(cls, key, source: dict, vocabulary: ConstraintVocabulary, max_tokens: int | None,
+                limits: CompileLimits, description: str) -> "Constraint":
         constraint = vocabulary.cache.get(key)
         if constraint is None:
-            constraint = _compile(pattern, vocabulary, limits, description or f"regex {pattern!r:.60}")
+            constraint = _compile(source, vocabulary, limits, description)
             vocabulary.cache[key] = constraint
         constraint.check_budget(max_tokens)
         return constraint
 
     @classmethod
     def from_json_schema(cls, schema: dict, vocabulary: ConstraintVocabulary, *, max_tokens: int | None = None,
-                         limits: CompileLimits = CompileLimits()) -> "Constraint":
-        """JSON text valid against `schema` (the subset listed in schema.py)."""
+                         limits: CompileLimits = CompileLimits(),
+                         schema_limits: SchemaLimits = SchemaLimits()) -> "Constraint":
+        """JSON text valid against `schema` (what dgemma.control.schema enforces). The schema becomes a regex
+        inside the compiling child, under the same time and memory limits."""
+        if not isinstance(schema, (dict, bool)):
+            raise ConstraintError(f"a JSON schema must be an object, got {type(schema).__name__}")
         try:
-            pattern = schema_to_regex(schema)
-        except SchemaError as err:
-            raise ConstraintError(str(err)) from None
-        return cls.from_regex(pattern, vocabulary, max_tokens=max_tokens, limits=limits, description="JSON schema")
+            text = json.dumps(schema, sort_keys=True, allow_nan=False)
+        except (ValueError, TypeError, RecursionError):
+            raise ConstraintError("a JSON schema must be JSON (no NaN, no cycles, not nested too deeply)") from None
+        source = {"schema": schema, "schema_limits": dataclasses.asdict(schema_limits)}
+        return cls._cached(("json-schema", text, limits, schema_limits), source, vocabulary, max_tokens, limits,
+                           "JSON schema")
 
     @classmethod
     def json_object(cls, vocabulary: ConstraintVocabulary, *, max_tokens: int | None = None,
@@ -145,6 +159,12 @@ class Constraint:
     @property
     def vocab_size(self) -> int:
         return self.token_class.numel()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the tables (what the constraint cache counts)."""
+        return sum(t.numel() * t.element_size() for t in (self.token_class, self.transitions, self.distance,
+                                                          self.final))
 
     @property
     def num_states(self) -> int:
@@ -187,11 +207,12 @@ class Constraint:
         return out
 
 
-def _run_worker(regex: str, vocabulary: ConstraintVocabulary, limits: CompileLimits, description: str) -> dict:
-    """Step 1: the child process, bounded in time and memory."""
+def _run_worker(source: dict, vocabulary: ConstraintVocabulary, limits: CompileLimits, description: str) -> dict:
+    """Step 1: the child process, bounded in time, CPU time and memory, and killed with us."""
     token_bytes = [None if t is None else base64.b64encode(t).decode("ascii") for t in vocabulary.token_bytes]
-    request = json.dumps({"regex": regex, "token_bytes": token_bytes, "max_states": limits.max_states,
-                          "max_memory_mb": limits.max_memory_mb}).encode("utf-8")
+    request = json.dumps({**source, "token_bytes": token_bytes, "max_states": limits.max_states,
+                          "max_memory_mb": limits.max_memory_mb, "max_cpu_s": math.ceil(limits.timeout_s) + 1,
+                          "ppid": os.getpid()}).encode("utf-8")
     try:
         done = subprocess.run([sys.executable, str(_WORKER)], input=request, capture_output=True,
                               timeout=limits.timeout_s)
@@ -206,7 +227,7 @@ def _run_worker(regex: str, vocabulary: ConstraintVocabulary, limits: CompileLim
         raise ConstraintError(f"{description}: compiling failed: {last[:300]}")
     reply = json.loads(done.stdout)  # JSON, not pickle: nothing is unpickled
     if "error" in reply:
-        raise ConstraintError(f"{description}: {reply['error']}")
+        raise ConstraintError(reply["error"] if reply.get("schema_error") else f"{description}: {reply['error']}")
     for key in ("table", "token_class"):
         reply[key] = base64.b64decode(reply[key])
     return reply
@@ -232,8 +253,9 @@ def _bfs(table: np.ndarray, sources: np.ndarray, backward: bool) -> np.ndarray:
     return dist
 
 
-def _compile(regex: str, vocabulary: ConstraintVocabulary, limits: CompileLimits, description: str) -> Constraint:
-    reply = _run_worker(regex, vocabulary, limits, description)
+def _compile(source: dict, vocabulary: ConstraintVocabulary, limits: CompileLimits, description: str
+             ) -> Constraint:
+    reply = _run_worker(source, vocabulary, limits, description)
     table = np.frombuffer(reply["table"], dtype=np.int32).reshape(reply["num_states"], reply["num_classes"])
     worker_class = np.frombuffer(reply["token_class"], dtype=np.int32)
     finals = np.asarray(reply["finals"], dtype=np.int64)
@@ -271,6 +293,6 @@ def _compile(regex: str, vocabulary: ConstraintVocabulary, limits: CompileLimits
     token_class[list(vocabulary.pad_token_ids)] = pad_class
     token_class[list(vocabulary.eos_token_ids)] = eos_class
 
-    return Constraint(description, torch.from_numpy(token_class.astype(np.int64)),
+    return Constraint(description, torch.from_numpy(token_class.astype(np.int32)),
                       torch.from_numpy(np.ascontiguousarray(unique_columns.T).astype(np.int64)),
                       torch.from_numpy(dist), torch.from_numpy(final), initial, done, vocabulary)

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import json
 import re
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import tokenizers
@@ -53,18 +55,62 @@ def _decoder_kinds(decoder: dict | None) -> set[str]:
     return kinds
 
 
+class ConstraintCache:
+    """Compiled constraints, least recently used first out once their tables pass `max_bytes` together (the
+    entry just added always stays). An entry's size is its `nbytes` (0 for entries without one). Thread-safe."""
+
+    def __init__(self, max_bytes: int = 512 * 2**20):
+        if max_bytes <= 0:
+            raise ValueError(f"ConstraintCache max_bytes must be positive, got {max_bytes}")
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
+
+    def get(self, key, default=None):
+        with self._lock:
+            if key not in self._entries:
+                return default
+            self._entries.move_to_end(key)
+            return self._entries[key]
+
+    def __setitem__(self, key, value) -> None:
+        with self._lock:
+            if key in self._entries:
+                self._bytes -= getattr(self._entries.pop(key), "nbytes", 0)
+            self._entries[key] = value
+            self._bytes += getattr(value, "nbytes", 0)
+            while self._bytes > self.max_bytes and len(self._entries) > 1:
+                _, dropped = self._entries.popitem(last=False)
+                self._bytes -= getattr(dropped, "nbytes", 0)
+
+    def __contains__(self, key) -> bool:
+        return key in self._entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def values(self) -> list:
+        with self._lock:
+            return list(self._entries.values())
+
+
 @dataclass(frozen=True, eq=False)
 class ConstraintVocabulary:
     """Token id -> bytes (None: never allowed as text), plus the ids that end and pad a reply.
 
     `vocab_size` may exceed the tokenizer's (a model's padded embedding); the extra ids are never allowed.
-    Compiled automata are cached on the object (`cache`), keyed by pattern and limits.
+    Compiled automata are cached on the object (`cache`, an LRU bounded in bytes), keyed by pattern and limits.
     """
 
     token_bytes: tuple[bytes | None, ...]
     eos_token_ids: tuple[int, ...]
     pad_token_ids: tuple[int, ...] = ()
-    cache: dict = field(default_factory=dict, repr=False)
+    cache: ConstraintCache = field(default_factory=ConstraintCache, repr=False)
 
     def __post_init__(self):
         size = len(self.token_bytes)

@@ -49,8 +49,7 @@ SAFE_FORMATS = ("date-time", "date", "uuid")  # outlines' time, uri and email re
 _REGEX_META = set("\\.+*?()|[]{}^$")
 
 
-class SchemaError(ValueError):
-    """The schema is invalid or uses something we cannot enforce; the message names it and where."""
+from .base import SchemaError  # noqa: E402  (one error class for both writers)
 
 
 def schema_to_regex(schema: dict, whitespace_pattern: str | None = None) -> str:

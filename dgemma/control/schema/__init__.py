@@ -1,0 +1,52 @@
+"""JSON schema -> a regular expression whose every match is valid against the schema.
+
+We write the regex ourselves (writer.py, containers.py, numbers.py, strings.py), following the specification:
+keywords that are not validation keywords (title, description, examples, id, x-*, readonly, links, discriminator,
+nullable, ...) are annotations and are ignored; every validation keyword is enforced by construction, or the
+schema is refused with a SchemaError that names it. What is enforced:
+- types (a list or none: with no `type`, the types whose keywords appear); `enum`, `const` (filtered by their
+  sibling keywords); `anyOf`; `allOf` and `$ref` beside other keywords (merged); `oneOf` when no value written
+  for one member can match another (different types, a tag, a required key the other lacks or forbids);
+- integers in any range, exactly, and an integer `multipleOf` with both bounds (up to 1,000 multiples);
+  bounded `number`s without an exponent;
+- strings: `minLength`/`maxLength`, an ECMA-262 `pattern` (fully matched; no lookaround or backreference), the
+  formats date, time, date-time (real calendar dates), uuid, email, hostname, ipv4, ipv6, uri, duration;
+- arrays: `items`, `prefixItems`/tuple `items`, `additionalItems`, `minItems`/`maxItems`, `uniqueItems` (items
+  from a finite set of values in that set's order; other items at most one per array);
+- objects: `properties`, `required` (required keys first), optional keys in any combination, additionalProperties,
+  patternProperties, propertyNames, min/maxProperties, dependentRequired and array-form dependencies (a key
+  written brings what it depends on);
+- recursion through `$ref` up to `SchemaLimits.max_depth` expansions of one reference.
+Refused: not, if/then/else, contains, dependentSchemas, unevaluated*, $dynamicRef, remote $refs, a fractional
+multipleOf, formats we do not write (uri-reference, iri, idn-*, regex, json-pointer, ...), minima above
+`SchemaLimits.max_count`, and any combination we cannot write exactly. Where we write less than the schema
+allows (a maxLength above `length_cap`, maxItems above `items_cap`, one optional item of a uniqueItems array),
+every output is still valid.
+"""
+
+from __future__ import annotations
+
+from .base import SchemaError, SchemaLimits
+from .subset import _Walker  # noqa: F401  (tools.py's Gemma-syntax writer still reads the narrower subset)
+from .writer import Empty, Writer
+
+__all__ = ["SchemaError", "SchemaLimits", "schema_to_regex"]
+
+
+def schema_to_regex(schema, whitespace_pattern: str | None = None, limits: SchemaLimits = SchemaLimits()) -> str:
+    """The regex for `schema` (a JSON schema as a dict); SchemaError if it is invalid or unsupported."""
+    if not isinstance(schema, (dict, bool)):
+        raise SchemaError(f"a JSON schema must be an object, got {type(schema).__name__}")
+    writer = Writer(schema if isinstance(schema, dict) else {}, limits,
+                    "[ ]?" if whitespace_pattern is None else f"({whitespace_pattern})")
+    try:
+        regex = writer.write(schema, "#")
+    except Empty:
+        raise SchemaError("#: no JSON value satisfies the schema within the limits (a false schema, an empty "
+                          f"range, or a recursive $ref that never ends within max_depth={limits.max_depth})"
+                          ) from None
+    except RecursionError:
+        raise SchemaError("#: the schema nests too deeply") from None
+    if len(regex) > limits.max_regex_chars:
+        raise SchemaError(f"#: the schema's regex passes the limit of {limits.max_regex_chars:,} characters")
+    return regex

@@ -1,0 +1,63 @@
+"""What the schema writer's modules share: the keyword lists, the errors, the limits, literal regexes."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from ...errors import DgemmaError
+
+# validation keywords of drafts 4 to 2020-12: each is enforced or refused; every other keyword is an annotation
+VALIDATION = frozenset({
+    "type", "enum", "const", "multipleOf", "maximum", "exclusiveMaximum", "minimum", "exclusiveMinimum",
+    "maxLength", "minLength", "pattern", "format", "items", "prefixItems", "additionalItems", "contains",
+    "minContains", "maxContains", "maxItems", "minItems", "uniqueItems", "unevaluatedItems", "properties",
+    "patternProperties", "additionalProperties", "unevaluatedProperties", "propertyNames", "required",
+    "dependentRequired", "dependentSchemas", "dependencies", "maxProperties", "minProperties", "allOf", "anyOf",
+    "oneOf", "not", "if", "then", "else", "$ref", "$dynamicRef", "$recursiveRef"})
+REFUSED = ("contains", "minContains", "maxContains", "unevaluatedItems", "unevaluatedProperties", "not", "if",
+           "then", "else", "$dynamicRef", "$recursiveRef", "dependentSchemas")
+TYPE_KEYWORDS = {
+    "object": {"properties", "required", "additionalProperties", "patternProperties", "propertyNames",
+               "minProperties", "maxProperties", "dependentRequired", "dependencies"},
+    "array": {"items", "prefixItems", "additionalItems", "minItems", "maxItems", "uniqueItems"},
+    "string": {"minLength", "maxLength", "pattern", "format"},
+    "number": {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf"},
+}
+TYPES = ("null", "boolean", "object", "array", "string", "number", "integer")
+
+
+class SchemaError(DgemmaError, ValueError):
+    """The schema is invalid or uses something we cannot enforce; the message names it and where."""
+
+
+class Empty(Exception):
+    """No value of this node can be written (false, an empty range, recursion past its bound)."""
+
+
+@dataclass(frozen=True)
+class SchemaLimits:
+    """Bounds on writing a schema's regex. The compile limits (constraint.py) bound the rest.
+
+    max_depth: how many times one $ref may be expanded inside itself (a recursive model nests this deep; past
+        it, an optional property, an anyOf member or the items of an array that may be empty are left out).
+    max_nesting: nested schemas on one path (a longer $ref chain or nesting is refused).
+    max_count: the largest minLength/minItems/minProperties or pattern repetition we write; larger is refused.
+    length_cap / items_cap: a maxLength / maxItems above these is written as the cap (shorter is still valid).
+    free_depth: how deep a value with no schema ({} or additionalProperties true) may nest.
+    max_regex_chars: the longest regex we hand to the compiler.
+    """
+
+    max_depth: int = 3
+    max_nesting: int = 64
+    max_count: int = 1024
+    length_cap: int = 64
+    items_cap: int = 16
+    free_depth: int = 1
+    max_regex_chars: int = 500_000
+
+
+def literal(value) -> str:
+    """The regex that matches exactly `value`'s compact JSON text."""
+    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    return "".join("\\" + c if c.isascii() and not c.isalnum() and c != " " else c for c in text)

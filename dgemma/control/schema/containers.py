@@ -1,0 +1,323 @@
+"""Objects and arrays for writer.py, and when two schemas exclude each other (for oneOf).
+
+Objects with `properties` or `required` are written with only those keys, required keys first (their order in
+the schema), then each optional key at most once; additionalProperties then allows no more than it forbids.
+Objects with neither have free keys (patternProperties' first pattern, or propertyNames) and values.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+from .base import VALIDATION, Empty, SchemaError, literal
+from .strings import CHAR, pattern_body
+
+OPENERS = 8  # an object with no required key starts with one of its first 8 optional keys
+
+
+def sequence(w, item: str, low: int, high: int | None, brace: tuple[str, str] = (r"\[", r"\]")) -> str:
+    """`[item, item, ...]` with low to high items (high None: no bound)."""
+    ws, sep, (left, right) = w.ws, f"{w.ws},{w.ws}", brace
+    if high == 0:
+        return f"{left}{ws}{right}"
+    more = "" if high is None else str(high - 1)
+    if low == 0:
+        return f"{left}{ws}({item}({sep}{item}){{0,{more}}})?{ws}{right}"
+    return f"{left}{ws}{item}({sep}{item}){{{low - 1},{more}}}{ws}{right}"
+
+
+def pairs(w, key: str, value: str, low: int, high: int | None) -> str:
+    """`{key: value, ...}` with low to high pairs."""
+    return sequence(w, f"{key}{w.ws}:{w.ws}{value}", low, high, (r"\{", r"\}"))
+
+
+def chain(w, required: list[str], optional: list[str], brace: tuple[str, str]) -> str:
+    """The required items in order, then any subset of the optional ones in order, comma-separated."""
+    ws, sep = w.ws, f"{w.ws},{w.ws}"
+    tail = "".join(f"({sep}{item})?" for item in optional)
+    if required:
+        body = sep.join(required) + tail
+    else:  # nothing yet: the first written item opens the list, the rest are comma-led; only the first
+        # OPENERS may open it, which keeps the regex linear in the number of keys (later ones still follow)
+        options = []
+        for i, item in enumerate(optional[:OPENERS]):
+            options.append(item + "".join(f"({sep}{o})?" for o in optional[i + 1:]))
+        body = "(" + "|".join(options) + ")?" if options else ""
+    return f"{brace[0]}{ws}{body}{ws}{brace[1]}"
+
+
+def _names_ok(w, names_schema, name: str, path: str) -> bool:
+    """Whether property `name` meets propertyNames (enum/const/pattern/min/maxLength only)."""
+    if names_schema in (None, True, {}):
+        return True
+    if names_schema is False:
+        return False
+    if not isinstance(names_schema, dict):
+        raise SchemaError(f"{path}/propertyNames: must be a schema")
+    known = {"enum", "const", "pattern", "minLength", "maxLength", "type"}
+    extra = sorted(k for k in names_schema if k not in known and k in VALIDATION)
+    if extra:
+        raise SchemaError(f"{path}/propertyNames: unsupported '{extra[0]}' with listed properties")
+    ok = names_schema.get("type", "string") in ("string", ["string"])
+    ok &= "enum" not in names_schema or name in names_schema["enum"]
+    ok &= "const" not in names_schema or name == names_schema["const"]
+    ok &= names_schema.get("minLength", 0) <= len(name) <= names_schema.get("maxLength", len(name))
+    try:
+        ok &= "pattern" not in names_schema or re.search(names_schema["pattern"], name) is not None
+    except re.error:
+        raise SchemaError(f"{path}/propertyNames/pattern: invalid regular expression") from None
+    return ok
+
+
+def _value_schema(node: dict, name: str, path: str):
+    """The schemas a listed property's value must meet: its own, each matching patternProperty's, or else
+    additionalProperties."""
+    props = node.get("properties", {})
+    matched = []
+    for pattern, sub in (node.get("patternProperties") or {}).items():
+        try:
+            if re.search(pattern, name):
+                matched.append(sub)
+        except re.error:
+            raise SchemaError(f"{path}/patternProperties: invalid regular expression {pattern!r}") from None
+    if name in props:
+        matched.insert(0, props[name])
+    elif not matched:
+        matched.append(node.get("additionalProperties", True))
+    return matched[0] if len(matched) == 1 else {"allOf": matched}
+
+
+def listed_object(w, node: dict, path: str) -> str:
+    props, required = node.get("properties", {}), node.get("required", [])
+    if not isinstance(props, dict):
+        raise SchemaError(f"{path}/properties: must be an object")
+    if not isinstance(required, list) or not all(isinstance(r, str) for r in required):
+        raise SchemaError(f"{path}/required: must be a list of strings")
+    required = list(dict.fromkeys(required))
+    depends = dict(node.get("dependentRequired") or {})
+    for key, value in (node.get("dependencies") or {}).items():
+        if not isinstance(value, list):
+            raise SchemaError(f"{path}/dependencies/{key}: unsupported schema form (dependentSchemas)")
+        depends[key] = value
+    names = list(dict.fromkeys(list(props) + required))
+    kept = [n for n in names if _names_ok(w, node.get("propertyNames"), n, path)]
+    if any(r not in kept for r in required):
+        raise Empty
+    # a key that is written brings the keys it depends on: make those required (narrower, still valid)
+    changed = True
+    while changed:
+        changed = False
+        for key, needs in depends.items():
+            if key in kept and not all(isinstance(n, str) for n in needs):
+                raise SchemaError(f"{path}/dependentRequired/{key}: must be a list of strings")
+            if key in kept:
+                for need in needs:
+                    if need not in kept:
+                        kept.append(need)
+                    if need not in required:
+                        required.append(need)
+                        changed = True
+    low = w.count(node, "minProperties", path, 0)
+    high = w.count(node, "maxProperties", path)
+    optional = [n for n in kept if n not in required]
+    while len(required) < low and optional:
+        required.append(optional.pop(0))
+    if len(required) < low or (high is not None and len(required) > high):
+        raise Empty
+    if high is not None:
+        optional = optional[:high - len(required)]
+        optional = [n for n in optional if n not in depends]  # a dependency could push past maxProperties
+    written_required, written_optional = [], []
+    for name in required + optional:
+        try:
+            value = w.write(_value_schema(node, name, path), f"{path}/properties/{name}")
+        except Empty:
+            if name in required:
+                raise
+            continue
+        (written_required if name in required else written_optional).append(f"{literal(name)}{w.ws}:{w.ws}{value}")
+    return chain(w, written_required, written_optional, (r"\{", r"\}"))
+
+
+def obj(w, node: dict, path: str) -> str:
+    if "properties" in node or "required" in node:
+        return listed_object(w, node, path)
+    low = w.count(node, "minProperties", path, 0)
+    high = w.count(node, "maxProperties", path)
+    if high is not None and low > high:
+        raise Empty
+    patterns = node.get("patternProperties") or {}
+    if not isinstance(patterns, dict):
+        raise SchemaError(f"{path}/patternProperties: must be an object")
+    if patterns:
+        if "propertyNames" in node:
+            raise SchemaError(f"{path}: unsupported 'propertyNames' with 'patternProperties'")
+        first = next(iter(patterns))
+        try:
+            key = '"' + pattern_body(first, w.limits.max_count, w.limits.length_cap) + '"'
+        except ValueError as err:
+            raise SchemaError(f"{path}/patternProperties: unsupported pattern {first!r} ({err})") from None
+        # a key matching the first pattern may match others too: its value meets them all
+        value_schema = {"allOf": list(patterns.values())}
+    else:
+        extra = node.get("additionalProperties", True)
+        if extra is False:
+            value_schema = False
+        else:
+            value_schema = extra
+        names = node.get("propertyNames")
+        key = w.string(names if isinstance(names, dict) else {}, f"{path}/propertyNames") if names not in (
+            None, True) else f'"{CHAR}*"'
+        if names is False:
+            value_schema = False
+    if low > 1:  # free keys may repeat, and a repeated key counts once
+        raise SchemaError(f"{path}: unsupported 'minProperties' {low} on an object without listed properties")
+    try:
+        value = w.write(value_schema, f"{path}/additionalProperties")
+    except Empty:
+        if low:
+            raise
+        return rf"\{{{w.ws}\}}"
+    cap = None if high is None else min(high, w.limits.items_cap)
+    return pairs(w, key, value, low, cap)
+
+
+def array(w, node: dict, path: str) -> str:
+    low, high = w.count(node, "minItems", path, 0), w.count(node, "maxItems", path)
+    if high is not None and low > high:
+        raise Empty
+    items = node.get("items", True)
+    prefix = node.get("prefixItems")
+    rest = items
+    if isinstance(items, list):  # draft 4-2019: items as a list is a tuple
+        prefix, rest = items, node.get("additionalItems", True)
+    cap = None if high is None else max(low, min(high, w.limits.items_cap))
+    if prefix:
+        if not isinstance(prefix, list):
+            raise SchemaError(f"{path}/prefixItems: must be a list")
+        if node.get("uniqueItems") is True and (cap is None or cap > 1):
+            raise SchemaError(f"{path}: unsupported 'uniqueItems' with a tuple")
+        return _tuple(w, prefix, rest, low, cap, path)
+    if node.get("uniqueItems") is True and (cap is None or cap > 1):
+        return _unique(w, rest, low, cap, path)
+    try:
+        item = w.write(rest, f"{path}/items")
+    except Empty:
+        if low:
+            raise
+        return sequence(w, "", 0, 0)
+    return sequence(w, item, low, cap)
+
+
+def _tuple(w, prefix: list, rest, low: int, cap: int | None, path: str) -> str:
+    written = []
+    for i, sub in enumerate(prefix[:cap]):
+        try:
+            written.append(w.write(sub, f"{path}/prefixItems/{i}"))
+        except Empty:
+            break
+    if len(written) < low and len(written) < len(prefix):
+        raise Empty
+    sep = f"{w.ws},{w.ws}"
+    head = sep.join(written)
+    more_high = None if cap is None else cap - len(written)
+    if len(written) < len(prefix) or more_high == 0 or rest is False:
+        if len(written) < low:
+            raise Empty
+        return rf"\[{w.ws}{head}{w.ws}\]"
+    try:
+        item = w.write(rest, f"{path}/items")
+    except Empty:
+        if len(written) < low:
+            raise
+        return rf"\[{w.ws}{head}{w.ws}\]"
+    more_low = max(0, low - len(written))
+    more = f"({sep}{item}){{{more_low},{'' if more_high is None else more_high}}}"
+    return rf"\[{w.ws}{head}{more}{w.ws}\]" if written else sequence(w, item, low, cap)
+
+
+def _unique(w, items, low: int, cap: int | None, path: str) -> str:
+    """uniqueItems: items from a finite set of literals go in the set's order, each at most once; other items
+    are written at most one to an array (any single item is unique)."""
+    node, _ = w.resolve(items, path) if isinstance(items, dict) else ({}, [])
+    values = None
+    if "enum" in node or "const" in node:
+        values = node["enum"] if "enum" in node else [node["const"]]
+    elif node.get("type") == "boolean" and len(node) == 1:
+        values = [False, True]
+    if values is None:
+        if low > 1:
+            raise SchemaError(f"{path}: unsupported 'uniqueItems' with minItems {low} over items that are not "
+                              f"a finite set of values")
+        return array(w, {"items": items, "minItems": low, "maxItems": 1}, path)
+    distinct = list(dict.fromkeys(json.dumps(v, sort_keys=True) for v in values))
+    if low > 1 or (cap is not None and cap < len(distinct)):
+        raise SchemaError(f"{path}: unsupported 'uniqueItems' with minItems above 1 or maxItems below the "
+                          f"number of allowed values")
+    written = [w.write({**node, "enum": [json.loads(v)]}, f"{path}/items") for v in distinct]
+    if low == 1:
+        options = [item + "".join(f"({w.ws},{w.ws}{o})?" for o in written[i + 1:]) for i, item in enumerate(written)]
+        return rf"\[{w.ws}(" + "|".join(options) + rf"){w.ws}\]"
+    return chain(w, [], written, (r"\[", r"\]"))
+
+
+def _json_types(value) -> set[str]:
+    if value is None:
+        return {"null"}
+    if isinstance(value, bool):
+        return {"boolean"}
+    if isinstance(value, int) or (isinstance(value, float) and value.is_integer()):
+        return {"integer", "number"}
+    if isinstance(value, float):
+        return {"number"}
+    return {"string" if isinstance(value, str) else "array" if isinstance(value, list) else "object"}
+
+
+def _constant(w, sub) -> str | None:
+    if isinstance(sub, dict) and "$ref" in sub:
+        sub = w.target(sub["$ref"], "")
+    if isinstance(sub, dict):
+        if "const" in sub:
+            return json.dumps(sub["const"], sort_keys=True)
+        if isinstance(sub.get("enum"), list) and len(sub["enum"]) == 1:
+            return json.dumps(sub["enum"][0], sort_keys=True)
+    return None
+
+
+def excludes(w, a: dict, b: dict) -> bool:
+    """True when no value written for `a` validates against `b` (both resolved nodes)."""
+    allowed = b.get("type")
+    if isinstance(allowed, (str, list)) and "anyOf" not in b and "oneOf" not in b:
+        allowed = set(allowed if isinstance(allowed, list) else [allowed])
+        if "number" in allowed:
+            allowed.add("integer")
+        if "anyOf" in a or "oneOf" in a:
+            emitted = None
+        elif "enum" in a or "const" in a:
+            values = a["enum"] if "enum" in a else [a["const"]]
+            emitted = set().union(*(_json_types(v) for v in values)) if isinstance(values, list) else None
+        else:
+            emitted = set(w.types(a, ""))
+            if "integer" in emitted:
+                emitted.add("number")
+            if "number" in emitted:
+                emitted.add("integer")
+        if emitted is not None and not emitted & allowed:
+            return True
+    if not ("properties" in a or "required" in a) or "anyOf" in a or "oneOf" in a:
+        return False
+    listed = set(a.get("properties", {})) | set(a.get("required", []))
+    if any(r not in listed for r in b.get("required", [])):
+        return True
+    b_props = b.get("properties", {}) if isinstance(b.get("properties"), dict) else {}
+    for name in a.get("required", []):
+        mine = _constant(w, a.get("properties", {}).get(name))
+        theirs = b_props.get(name)
+        if mine is not None and isinstance(theirs, dict):
+            values = [theirs["const"]] if "const" in theirs else theirs.get("enum")
+            if isinstance(values, list) and mine not in [json.dumps(v, sort_keys=True) for v in values]:
+                return True
+        if name not in b_props and b.get("additionalProperties") is False and not b.get("patternProperties"):
+            return True
+    return False

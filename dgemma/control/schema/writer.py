@@ -1,0 +1,299 @@
+"""A JSON schema node -> the regex of JSON texts valid against it (see the package docstring for what is taken).
+
+`Writer.write` handles one node: $ref and allOf are merged into it, anyOf/oneOf are written member by member,
+enum/const become literals, and each allowed type is written by `typed` (objects and arrays in containers.py).
+A node that admits nothing we can write raises `Empty`; a caller that can do without it (an optional property,
+an anyOf member, the items of an array that may be empty) leaves it out, which is how recursion ends at
+`SchemaLimits.max_depth`.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import re
+
+from . import containers
+from .base import REFUSED, TYPE_KEYWORDS, TYPES, VALIDATION, Empty, SchemaError, SchemaLimits, literal
+from .numbers import INTEGER, NUMBER, integer_regex, number_regex
+from .strings import CHAR, CHECKED_FORMATS, FORMATS, length_range, pattern_body
+
+class Writer:
+    def __init__(self, root: dict, limits: SchemaLimits, whitespace: str):
+        self.root, self.limits, self.ws = root, limits, whitespace
+        self.active = collections.Counter()  # $refs being expanded on the current path
+        self.nesting = 0
+
+    # ---- entry
+
+    def write(self, node, path: str) -> str:
+        if node is True or node == {}:
+            return self.any_value(self.limits.free_depth)
+        if node is False:
+            raise Empty
+        if not isinstance(node, dict):
+            raise SchemaError(f"{path}: a schema must be an object or a boolean, got {json.dumps(node)[:60]}")
+        self.nesting += 1
+        if self.nesting > self.limits.max_nesting:
+            raise SchemaError(f"{path}: the schema nests deeper than {self.limits.max_nesting} levels")
+        try:
+            node, used = self.resolve(node, path)
+            self.active.update(used)
+            try:
+                regex = self.node(node, path)
+            finally:
+                self.active.subtract(used)
+            if len(regex) > self.limits.max_regex_chars:  # checked as we go: $ref DAGs grow exponentially
+                raise SchemaError(f"{path}: the schema's regex passes the limit of {self.limits.max_regex_chars:,} characters")
+            return regex
+        finally:
+            self.nesting -= 1
+
+    def resolve(self, node: dict, path: str) -> tuple[dict, list[str]]:
+        """`node` with its $ref and allOf merged in; the refs expanded (each counts toward max_depth)."""
+        used = []
+        while "$ref" in node or "allOf" in node:
+            if "$ref" in node:
+                ref = node["$ref"]
+                if self.active[ref] + used.count(ref) >= self.limits.max_depth:
+                    raise Empty
+                used.append(ref)
+                rest = {k: v for k, v in node.items() if k != "$ref"}
+                node = merge(self.target(ref, path), rest, path)
+            else:
+                members = node["allOf"]
+                if not isinstance(members, list) or not members:
+                    raise SchemaError(f"{path}/allOf: must be a non-empty list")
+                node = {k: v for k, v in node.items() if k != "allOf"}
+                for member in members:
+                    if member is False:
+                        raise Empty
+                    if member is not True and not isinstance(member, dict):
+                        raise SchemaError(f"{path}/allOf: members must be schemas")
+                    if member is not True:
+                        member, more = self.resolve(member, path)
+                        used.extend(more)
+                        node = merge(node, member, path)
+            if len(used) > self.limits.max_nesting:
+                raise SchemaError(f"{path}: $ref chain longer than {self.limits.max_nesting}")
+        return node, used
+
+    def target(self, ref, path: str) -> dict:
+        if not isinstance(ref, str) or not ref.startswith("#"):
+            raise SchemaError(f"{path}: unsupported $ref {ref!r} (only local references like #/$defs/Name)")
+        target = self.root
+        for part in ref[1:].split("/"):
+            if part:
+                part = part.replace("~1", "/").replace("~0", "~")
+                if isinstance(target, list) and part.isdigit() and int(part) < len(target):
+                    target = target[int(part)]
+                elif isinstance(target, dict) and part in target:
+                    target = target[part]
+                else:
+                    raise SchemaError(f"{path}: $ref {ref!r} points nowhere")
+        if target is True:
+            return {}
+        if target is False:
+            raise Empty
+        if not isinstance(target, dict):
+            raise SchemaError(f"{path}: $ref {ref!r} is not a schema")
+        return target
+
+    # ---- one node
+
+    def node(self, node: dict, path: str) -> str:
+        refused = [k for k in REFUSED if k in node]
+        if refused:
+            raise SchemaError(f"{path}: unsupported JSON schema feature '{refused[0]}'")
+        for combinator in ("anyOf", "oneOf"):
+            if combinator in node:
+                return self.union(node, combinator, path)
+        if "enum" in node or "const" in node:
+            return self.literals(node, path)
+        alternatives = [self.typed(node, kind, path) for kind in self.types(node, path)]
+        alternatives = [a for a in alternatives if a is not None]
+        if not alternatives:
+            raise Empty
+        return alternatives[0] if len(alternatives) == 1 else "(" + "|".join(alternatives) + ")"
+
+    def types(self, node: dict, path: str) -> list[str]:
+        kinds = node.get("type")
+        if kinds is None:  # no type: the types whose keywords appear (narrower than any type, so still valid)
+            kinds = [k for k, words in TYPE_KEYWORDS.items() if words & set(node)]
+            return kinds or list(TYPES)
+        kinds = kinds if isinstance(kinds, list) else [kinds]
+        if not kinds or not all(isinstance(k, str) for k in kinds):
+            raise SchemaError(f"{path}/type: must be a type name or a non-empty list of them")
+        unknown = [k for k in kinds if k not in TYPES]
+        if unknown:
+            raise SchemaError(f"{path}/type: unknown type {unknown[0]!r}")
+        if "integer" in kinds and "number" in kinds:
+            kinds = [k for k in kinds if k != "integer"]
+        return list(dict.fromkeys(kinds))
+
+    def typed(self, node: dict, kind: str, path: str) -> str | None:
+        if kind == "null":
+            return "null"
+        if kind == "boolean":
+            return "(true|false)"
+        if kind in ("integer", "number"):
+            regex = (integer_regex if kind == "integer" else number_regex)(node, lambda m: SchemaError(f"{path}: {m}"))
+            return regex
+        if kind == "string":
+            return self.string(node, path)
+        if kind == "array":
+            return containers.array(self, node, path)
+        return containers.obj(self, node, path)
+
+    def count(self, node: dict, key: str, path: str, default=None):
+        value = node.get(key, default)
+        if value is default:
+            return value
+        if isinstance(value, float) and value == int(value):
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise SchemaError(f"{path}/{key}: must be a non-negative integer")
+        if key.startswith("min") and value > self.limits.max_count:
+            raise SchemaError(f"{path}: unsupported '{key}' {value}, more than the limit of {self.limits.max_count}")
+        return value
+
+    def string(self, node: dict, path: str) -> str | None:
+        low, high = self.count(node, "minLength", path, 0), self.count(node, "maxLength", path)
+        if high is not None and low > high:
+            return None
+        fmt = node.get("format")
+        if fmt in CHECKED_FORMATS:
+            raise SchemaError(f"{path}: unsupported string format '{fmt}' (supported: {', '.join(FORMATS)})")
+        body = None
+        if fmt in FORMATS:
+            body, shortest, longest = FORMATS[fmt]
+            if "pattern" in node:
+                raise SchemaError(f"{path}: unsupported combination of 'format' and 'pattern'")
+            if shortest < low or longest > (high if high is not None else longest):
+                raise SchemaError(f"{path}: unsupported format '{fmt}' with minLength/maxLength")
+        elif "pattern" in node:
+            if "minLength" in node or "maxLength" in node:
+                raise SchemaError(f"{path}: unsupported combination of 'pattern' and 'minLength'/'maxLength'")
+            try:
+                body = pattern_body(node["pattern"], self.limits.max_count, self.limits.length_cap)
+            except ValueError as err:
+                raise SchemaError(f"{path}/pattern: unsupported pattern ({err})") from None
+        if body is None:
+            cap = None if high is None else min(high, max(low, self.limits.length_cap))
+            body = length_range(low, cap)
+        return f'"{body}"'
+
+    # ---- combinators and literals
+
+    def union(self, node: dict, combinator: str, path: str) -> str:
+        """anyOf: every member we can write (a member left out only narrows it). oneOf: the same, when no value
+        written for one member can match another (see containers.excludes), so exactly one matches."""
+        members = node[combinator]
+        if not isinstance(members, list) or not members:
+            raise SchemaError(f"{path}/{combinator}: must be a non-empty list")
+        rest = {k: v for k, v in node.items() if k != combinator}
+        if not all(isinstance(m, (dict, bool)) for m in members):
+            raise SchemaError(f"{path}/{combinator}: members must be schemas")
+        merged = [merge(rest, {} if m is True else m, path) for m in members if m is not False]
+        if combinator == "oneOf":
+            resolved = [self.resolve(m, path)[0] for m in merged]
+            for i, a in enumerate(resolved):
+                for j, b in enumerate(resolved):
+                    if i != j and not containers.excludes(self, a, b):
+                        raise SchemaError(f"{path}: unsupported JSON schema feature 'oneOf' whose members may "
+                                          f"overlap ({path}/oneOf/{i} and /{j})")
+        written, errors = [], []
+        for i, member in enumerate(merged):
+            try:
+                written.append(self.write(member, f"{path}/{combinator}/{i}"))
+            except Empty:
+                pass
+            except SchemaError as err:
+                errors.append(err)
+        if not written:
+            if errors:
+                raise errors[0]
+            raise Empty
+        return "(" + "|".join(written) + ")"
+
+    def literals(self, node: dict, path: str) -> str:
+        values = node["enum"] if "enum" in node else [node["const"]]
+        if "enum" in node and "const" in node:
+            values = [v for v in values if v == node["const"]]
+        if not isinstance(values, list) or not values:
+            raise SchemaError(f"{path}/enum: must be a non-empty list")
+        rest = {k: v for k, v in node.items() if k not in ("enum", "const") and k in VALIDATION}
+        check = re.compile(self.node(rest, path)) if rest else None
+        kept = [literal(v) for v in values if check is None or check.fullmatch(json.dumps(v, separators=(",", ":"),
+                                                                                           ensure_ascii=False))]
+        if not kept:
+            raise Empty
+        return "(" + "|".join(dict.fromkeys(kept)) + ")"
+
+    # ---- values with no schema
+
+    def any_value(self, depth: int) -> str:
+        leaf = f'(null|true|false|{NUMBER}|"{CHAR}*")'
+        if depth <= 0:
+            return leaf
+        return f"({leaf}|{self.any_array(depth)}|{self.any_object(depth)})"
+
+    def any_array(self, depth: int) -> str:
+        return containers.sequence(self, self.any_value(depth - 1), 0, None)
+
+    def any_object(self, depth: int) -> str:
+        return containers.pairs(self, f'"{CHAR}*"', self.any_value(depth - 1), 0, None)
+
+
+def merge(a: dict, b: dict, path: str) -> dict:
+    """Both schemas at once (allOf), as one node; SchemaError for keywords we cannot combine."""
+    out = dict(a)
+    for key, value in b.items():
+        if key not in VALIDATION:
+            out.setdefault(key, value)
+            continue
+        if key not in out:
+            out[key] = value
+            continue
+        old = out[key]
+        if old == value:
+            continue
+        if key == "properties" and isinstance(old, dict) and isinstance(value, dict):
+            out[key] = {**old, **{n: ({"allOf": [old[n], s]} if n in old else s) for n, s in value.items()}}
+        elif key == "required" and isinstance(old, list) and isinstance(value, list):
+            out[key] = list(dict.fromkeys(old + value))
+        elif key == "type":
+            mine, theirs = (set(v) if isinstance(v, list) else {v} for v in (old, value))
+            both = (mine & theirs) | ({"integer"} if {"integer", "number"} <= mine | theirs and
+                                      ("integer" in mine or "integer" in theirs) and
+                                      ("number" in mine or "number" in theirs) else set())
+            if not both:
+                raise Empty
+            out[key] = sorted(both)
+        elif key == "enum" and isinstance(old, list) and isinstance(value, list):
+            out[key] = [v for v in old if v in value]
+        elif key in ("minimum", "minLength", "minItems", "minProperties") and not isinstance(value, bool):
+            out[key] = max(old, value)
+        elif key in ("maximum", "maxLength", "maxItems", "maxProperties") and not isinstance(value, bool):
+            out[key] = min(old, value)
+        elif key == "allOf" and isinstance(old, list) and isinstance(value, list):
+            out[key] = old + value
+        elif key in ("anyOf", "oneOf"):
+            out["allOf"] = out.get("allOf", []) + [{key: value}]
+        elif key in ("items", "additionalProperties", "propertyNames", "additionalItems"):
+            out[key] = {"allOf": [old, value]}
+        elif key == "uniqueItems":
+            out[key] = bool(old or value)
+        else:
+            raise SchemaError(f"{path}: unsupported combination of two different '{key}' (in allOf or beside $ref)")
+    for mine, theirs in ((a, b), (b, a)):  # a property one side lists must meet the other's additionalProperties
+        extra = theirs.get("additionalProperties", True)
+        if extra is not True and isinstance(mine.get("properties"), dict):
+            listed = theirs.get("properties", {}) if isinstance(theirs.get("properties"), dict) else {}
+            if theirs.get("patternProperties"):
+                raise SchemaError(f"{path}: unsupported combination of 'patternProperties' with properties")
+            props = out["properties"]
+            for name in mine["properties"]:
+                if name not in listed:
+                    props[name] = {"allOf": [props[name], extra]}
+    return out

@@ -1,0 +1,105 @@
+"""Hostile and heavy schemas: the schema is written inside the bounded compile child, which dies with its parent;
+huge bounds and deep chains are refused; the constraint cache is bounded in bytes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+import dgemma.control.constraint as constraint_module
+from dgemma.control import CompileLimits, Constraint, ConstraintError, ConstraintVocabulary
+from dgemma.control.vocabulary import ConstraintCache
+
+from .test_control import tokenizer, vocab  # noqa: F401  (fixtures)
+
+
+def test_the_schema_is_written_in_the_child_not_here(vocab, monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("the server process wrote the schema's regex")
+    monkeypatch.setattr(constraint_module, "schema_to_regex", fail)
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 1, "maximum": 12}},
+              "required": ["n"]}
+    constraint = Constraint.from_json_schema(schema, vocab)
+    assert constraint.num_states > 1
+
+
+@pytest.mark.parametrize("schema, words", [
+    ({"type": "string", "minLength": 2**64}, "'minLength'"),
+    ({"type": "array", "minItems": 10**30}, "'minItems'"),
+    ({"$defs": {**{f"D{i}": {"type": "object", "properties": {"x": {"$ref": f"#/$defs/D{i + 1}"}}, "required": ["x"]}
+                   for i in range(500)}, "D500": {"type": "integer"}}, "$ref": "#/$defs/D0"}, "nests deeper"),
+])
+def test_hostile_schemas_are_refused_by_name(schema, words, vocab):
+    with pytest.raises(ConstraintError, match=words.replace("$", r"\$")):
+        Constraint.from_json_schema(schema, vocab)
+
+
+def test_a_huge_object_stays_within_the_compile_limits(vocab):
+    schema = {"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(5000)}}
+    start = time.monotonic()
+    try:
+        Constraint.from_json_schema(schema, vocab, limits=CompileLimits(timeout_s=3))
+    except ConstraintError as err:
+        assert "limit" in str(err)
+    assert time.monotonic() - start < 3 + 2  # the limit, plus the child's start and the reply
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal is Linux-only")
+def test_the_compile_child_dies_with_its_parent(tmp_path):
+    script = textwrap.dedent("""
+        from dgemma.control import CompileLimits, Constraint, ConstraintVocabulary
+        vocab = ConstraintVocabulary(tuple(bytes([b]) for b in range(256)), (0,))
+        Constraint.from_regex("(a|b)*a(a|b){22}", vocab, limits=CompileLimits(timeout_s=600, max_states=10**9))
+    """)
+    parent = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "PYTHONPATH": os.getcwd()})
+    try:
+        child = _first_child(parent)
+        time.sleep(0.5)  # let it set its parent-death signal
+    finally:
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait()
+    for _ in range(100):
+        try:
+            with open(f"/proc/{child}/stat") as f:
+                if f.read().split(")")[-1].split()[0] == "Z":
+                    break
+        except FileNotFoundError:
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(child, signal.SIGKILL)
+        pytest.fail("the compile child outlived its parent")
+
+
+def _first_child(parent: subprocess.Popen) -> int:
+    for _ in range(1200):  # importing torch can take a while on a loaded machine
+        assert parent.poll() is None, "the compiling process ended early"
+        with open(f"/proc/{parent.pid}/task/{parent.pid}/children") as f:
+            pids = f.read().split()
+        if pids:
+            return int(pids[0])
+        time.sleep(0.05)
+    raise AssertionError("the compile child never started")
+
+
+def test_the_constraint_cache_is_a_bounded_lru(vocab):
+    built = [Constraint.from_regex(p, vocab) for p in ("a+", "b+", "c+")]
+    size = built[0].nbytes
+    assert built[0].token_class.dtype.itemsize == 4 and size > 0
+    cache = ConstraintCache(max_bytes=2 * size + size // 2)
+    cache["a"], cache["b"] = built[0], built[1]
+    assert cache.get("a") is built[0]  # a is now the most recent
+    cache["c"] = built[2]
+    assert "b" not in cache and cache.get("a") is built[0] and cache.get("c") is built[2]
+    assert cache.nbytes == built[0].nbytes + built[2].nbytes and len(cache) == 2
+    small = ConstraintVocabulary(vocab.token_bytes, vocab.eos_token_ids, vocab.pad_token_ids,
+                                 cache=ConstraintCache(max_bytes=1))
+    first = Constraint.from_regex("a+", small)
+    Constraint.from_regex("b+", small)
+    assert len(small.cache) == 1 and Constraint.from_regex("a+", small) is not first  # evicted, compiled again
