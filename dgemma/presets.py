@@ -86,11 +86,11 @@ def build_on_device(config: ModelConfig, device: str | torch.device = "cpu", dty
                     quantize: str | None = None, std: float = INIT_STD, seed: int = 0) -> DiffusionGemma:
     """A random-weight model built where it will run: the modules are made on the meta device, then each one is
     materialised on `device` in `dtype`, filled like init_weights (normal(0, std) matrices, ones elsewhere), and,
-    with `quantize` ("fp8" or "int4"), quantized before the next is made. Nothing is ever held in fp32 on the CPU,
+    with `quantize` ("fp8", "int4" or "nvfp4": the experts only), quantized before the next is made. Nothing is ever held in fp32 on the CPU,
     and the peak beyond the finished model is one module's dense weights (a layer's experts).
 
     On device="meta" nothing is allocated: the same steps run on shapes only (the tests check the 26B path so)."""
-    from .quant import fp8, int4
+    from .quant import fp8, int4, nvfp4
 
     device = torch.device(device)
     with torch.device("meta"):
@@ -109,13 +109,16 @@ def build_on_device(config: ModelConfig, device: str | torch.device = "cpu", dty
                     sub._buffers[name] = torch.ones(b.shape, dtype=dtype, device=device)  # the layer scalars
 
     if quantize is not None:
-        transform = {"fp8": fp8, "int4": int4}.get(quantize)
-        if transform is None:
-            raise ValueError(f"quantize must be 'fp8' or 'int4', got {quantize!r}")
+        if quantize not in ("fp8", "int4", "nvfp4"):
+            raise ValueError(f"quantize must be 'fp8', 'int4' or 'nvfp4', got {quantize!r}")
         size = int4.pick_group_size(model) if quantize == "int4" else fp8.pick_block(model)
         for parent, name, module in fp8._targets(model, True):
+            if quantize == "nvfp4" and not isinstance(module, Experts):
+                continue  # as NVIDIA's release: the experts only
             materialise(module)
-            if quantize == "int4":
+            if quantize == "nvfp4":
+                new = nvfp4.NVFP4Experts.quantize(module)
+            elif quantize == "int4":
                 new = (int4.Int4Experts.quantize(module, size) if isinstance(module, Experts)
                        else int4.Int4Linear.quantize(module, size))
             else:
@@ -124,6 +127,8 @@ def build_on_device(config: ModelConfig, device: str | torch.device = "cpu", dty
             setattr(parent, name, new)
             del module
         model.quantization_config = (int4.make_config(size, True) if quantize == "int4" else
+                                     {"quant_method": nvfp4.QUANT_METHOD, "quant_algo": "NVFP4"}
+                                     if quantize == "nvfp4" else
                                      {"quant_method": fp8.QUANT_METHOD, "activation_scheme": "dynamic",
                                       "weight_block_size": [size, size], "modules_to_not_convert": fp8.NOT_CONVERTED})
         model.cuda_graph_capturable = quantize != "int4"  # int4 experts read their token counts on the host

@@ -127,7 +127,7 @@ def build_model(args):
     if args.model:
         ck = load_checkpoint(args.model, device=device, dtype=dtype, quiet=True)
         model, config, generation, path = ck.model, ck.config, ck.generation, Path(args.model)
-    elif args.preset == "26b-a4b":  # made module by module on the device, quantized there
+    elif args.preset == "26b-a4b" or args.quantize == "nvfp4":  # made module by module on the device, quantized there
         from ..presets import build_on_device
 
         config = preset_config(args.preset)
@@ -176,8 +176,9 @@ class Measurement:
     dgemma_peak_bytes: int
 
 
-def run_workload(args) -> Measurement:
-    """Build the model, time every engine on the same prompts (alternating runs), and probe the machine."""
+def run_workload(args, built: tuple | None = None) -> Measurement:
+    """Build the model (or take `built`, what build_model returned, to time several workloads on one model), time
+    every engine on the same prompts (alternating runs), and probe the machine."""
     from .probes import measure_copy_bandwidth, measure_matmul_peak
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -185,8 +186,8 @@ def run_workload(args) -> Measurement:
 
         raise CLIError("--device cuda requested but no CUDA device is available")
     baseline_rss = rss_status("VmRSS:")  # the interpreter and torch, before any weights
-    model, config, base_gen, path, dtype = build_model(args)
-    if args.quantize and not args.device.startswith("cuda"):
+    model, config, base_gen, path, dtype = built or build_model(args)
+    if args.quantize and not args.device.startswith("cuda") and built is None:
         # the preset was built in fp32 before it was quantized: count only what the quantized model holds
         from ..runtime import release_free_memory
 
