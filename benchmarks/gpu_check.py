@@ -245,7 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.out is None:
         p.error("--out is required")
     budget = args.budget or (600.0 if args.dry_run else 480.0)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env = {**os.environ, "PYTHONPATH": path}
     todo = [q for q in parts(args.dry_run, device, sys.executable) if not args.only or q.name in args.only]
     start = time.perf_counter()
     report = {"dry_run": args.dry_run, "host": host(device), "command": " ".join(sys.argv), "parts": {}}

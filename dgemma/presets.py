@@ -91,6 +91,7 @@ def build_on_device(config: ModelConfig, device: str | torch.device = "cpu", dty
 
     On device="meta" nothing is allocated: the same steps run on shapes only (the tests check the 26B path so)."""
     from .quant import fp8, int4, nvfp4
+    from .runtime import release_free_memory
 
     device = torch.device(device)
     with torch.device("meta"):
@@ -112,7 +113,9 @@ def build_on_device(config: ModelConfig, device: str | torch.device = "cpu", dty
         if quantize not in ("fp8", "int4", "nvfp4"):
             raise ValueError(f"quantize must be 'fp8', 'int4' or 'nvfp4', got {quantize!r}")
         size = int4.pick_group_size(model) if quantize == "int4" else fp8.pick_block(model)
-        for parent, name, module in fp8._targets(model, True):
+        targets = fp8._targets(model, True)
+        while targets:  # popped, not iterated: a list holding every dense module would keep them all alive
+            parent, name, module = targets.pop(0)
             if quantize == "nvfp4" and not isinstance(module, Experts):
                 continue  # as NVIDIA's release: the experts only
             materialise(module)
@@ -126,6 +129,8 @@ def build_on_device(config: ModelConfig, device: str | torch.device = "cpu", dty
                     fp8.FP8Linear(module, (size, size))
             setattr(parent, name, new)
             del module
+            if device.type == "cpu":  # hand the dense weights' freed pages back before the next module is made
+                release_free_memory()
         model.quantization_config = (int4.make_config(size, True) if quantize == "int4" else
                                      {"quant_method": nvfp4.QUANT_METHOD, "quant_algo": "NVFP4"}
                                      if quantize == "nvfp4" else
