@@ -85,9 +85,10 @@ def random_model(config: ModelConfig, std: float = INIT_STD, seed: int | None = 
 def build_on_device(config: ModelConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,
                     quantize: str | None = None, std: float = INIT_STD, seed: int = 0) -> DiffusionGemma:
     """A random-weight model built where it will run: the modules are made on the meta device, then each one is
-    materialised on `device` in `dtype`, filled like init_weights (normal(0, std) matrices, ones elsewhere), and,
-    with `quantize` ("fp8", "int4" or "nvfp4": the experts only), quantized before the next is made. Nothing is ever held in fp32 on the CPU,
-    and the peak beyond the finished model is one module's dense weights (a layer's experts).
+    materialised on `device` in `dtype`, filled like init_weights (normal(0, std) matrices, ones elsewhere). With
+    `quantize` ("fp8", "int4", or "nvfp4": the experts only), each module to quantize is made in bf16 and quantized
+    before the next is made, so the peak beyond the finished model is one module's bf16 weights (a layer's experts,
+    1.5 GB at the release's shapes); the rest is made last, in `dtype`.
 
     On device="meta" nothing is allocated: the same steps run on shapes only (the tests check the 26B path so)."""
     from .quant import fp8, int4, nvfp4
@@ -98,11 +99,11 @@ def build_on_device(config: ModelConfig, device: str | torch.device = "cpu", dty
         model = DiffusionGemma(config.text, config.canvas_length)
     gen = None if device.type == "meta" else torch.Generator(device).manual_seed(seed)
 
-    def materialise(module: nn.Module) -> None:
+    def materialise(module: nn.Module, made_in: torch.dtype = dtype) -> None:
         for sub in module.modules():
             for name, p in list(sub._parameters.items()):
                 if p is not None and p.is_meta:
-                    t = torch.empty(p.shape, dtype=dtype, device=device)
+                    t = torch.empty(p.shape, dtype=made_in, device=device)
                     t.normal_(generator=gen).mul_(std) if t.ndim >= 2 else t.fill_(1.0)
                     sub._parameters[name] = nn.Parameter(t, requires_grad=False)
             for name, b in list(sub._buffers.items()):
@@ -118,7 +119,7 @@ def build_on_device(config: ModelConfig, device: str | torch.device = "cpu", dty
             parent, name, module = targets.pop(0)
             if quantize == "nvfp4" and not isinstance(module, Experts):
                 continue  # as NVIDIA's release: the experts only
-            materialise(module)
+            materialise(module, torch.bfloat16)  # only until it is quantized: half an fp32 layer's transient
             if quantize == "nvfp4":
                 new = nvfp4.NVFP4Experts.quantize(module)
             elif quantize == "int4":
