@@ -85,23 +85,25 @@ def random_model(config: ModelConfig, std: float = INIT_STD, seed: int | None = 
 def build_on_device(config: ModelConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,
                     quantize: str | None = None, std: float = INIT_STD, seed: int = 0) -> DiffusionGemma:
     """A random-weight model built where it will run: the modules are made on the meta device, then each one is
-    materialised on `device` in `dtype`, filled like init_weights (normal(0, std) matrices, ones elsewhere), and,
-    with `quantize` ("fp8" or "int4"), quantized before the next is made. Nothing is ever held in fp32 on the CPU,
-    and the peak beyond the finished model is one module's dense weights (a layer's experts).
+    materialised on `device` in `dtype`, filled like init_weights (normal(0, std) matrices, ones elsewhere). With
+    `quantize` ("fp8", "int4", or "nvfp4": the experts only), each module to quantize is made in bf16 and quantized
+    before the next is made, so the peak beyond the finished model is one module's bf16 weights (a layer's experts,
+    1.5 GB at the release's shapes); the rest is made last, in `dtype`.
 
     On device="meta" nothing is allocated: the same steps run on shapes only (the tests check the 26B path so)."""
-    from .quant import fp8, int4
+    from .quant import fp8, int4, nvfp4
+    from .runtime import release_free_memory
 
     device = torch.device(device)
     with torch.device("meta"):
         model = DiffusionGemma(config.text, config.canvas_length)
     gen = None if device.type == "meta" else torch.Generator(device).manual_seed(seed)
 
-    def materialise(module: nn.Module) -> None:
+    def materialise(module: nn.Module, made_in: torch.dtype = dtype) -> None:
         for sub in module.modules():
             for name, p in list(sub._parameters.items()):
                 if p is not None and p.is_meta:
-                    t = torch.empty(p.shape, dtype=dtype, device=device)
+                    t = torch.empty(p.shape, dtype=made_in, device=device)
                     t.normal_(generator=gen).mul_(std) if t.ndim >= 2 else t.fill_(1.0)
                     sub._parameters[name] = nn.Parameter(t, requires_grad=False)
             for name, b in list(sub._buffers.items()):
@@ -109,13 +111,18 @@ def build_on_device(config: ModelConfig, device: str | torch.device = "cpu", dty
                     sub._buffers[name] = torch.ones(b.shape, dtype=dtype, device=device)  # the layer scalars
 
     if quantize is not None:
-        transform = {"fp8": fp8, "int4": int4}.get(quantize)
-        if transform is None:
-            raise ValueError(f"quantize must be 'fp8' or 'int4', got {quantize!r}")
+        if quantize not in ("fp8", "int4", "nvfp4"):
+            raise ValueError(f"quantize must be 'fp8', 'int4' or 'nvfp4', got {quantize!r}")
         size = int4.pick_group_size(model) if quantize == "int4" else fp8.pick_block(model)
-        for parent, name, module in fp8._targets(model, True):
-            materialise(module)
-            if quantize == "int4":
+        targets = fp8._targets(model, True)
+        while targets:  # popped, not iterated: a list holding every dense module would keep them all alive
+            parent, name, module = targets.pop(0)
+            if quantize == "nvfp4" and not isinstance(module, Experts):
+                continue  # as NVIDIA's release: the experts only
+            materialise(module, torch.bfloat16)  # only until it is quantized: half an fp32 layer's transient
+            if quantize == "nvfp4":
+                new = nvfp4.NVFP4Experts.quantize(module)
+            elif quantize == "int4":
                 new = (int4.Int4Experts.quantize(module, size) if isinstance(module, Experts)
                        else int4.Int4Linear.quantize(module, size))
             else:
@@ -123,7 +130,11 @@ def build_on_device(config: ModelConfig, device: str | torch.device = "cpu", dty
                     fp8.FP8Linear(module, (size, size))
             setattr(parent, name, new)
             del module
+            if device.type == "cpu":  # hand the dense weights' freed pages back before the next module is made
+                release_free_memory()
         model.quantization_config = (int4.make_config(size, True) if quantize == "int4" else
+                                     {"quant_method": nvfp4.QUANT_METHOD, "quant_algo": "NVFP4"}
+                                     if quantize == "nvfp4" else
                                      {"quant_method": fp8.QUANT_METHOD, "activation_scheme": "dynamic",
                                       "weight_block_size": [size, size], "modules_to_not_convert": fp8.NOT_CONVERTED})
         model.cuda_graph_capturable = quantize != "int4"  # int4 experts read their token counts on the host

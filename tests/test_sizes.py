@@ -56,7 +56,7 @@ def test_26b_preset_is_the_release_and_builds_on_shapes_only():
     assert sizes["int4"] < 18e9 and sizes["nvfp4"] < 18e9 < sizes["fp8"]
 
 
-@pytest.mark.parametrize("quantize", [None, "int4", "fp8"])
+@pytest.mark.parametrize("quantize", [None, "int4", "fp8", "nvfp4"])
 def test_build_on_device_runs(quantize):
     cfg = preset_config("tiny")
     model = build_on_device(cfg, "cpu", torch.float32, quantize)
@@ -84,3 +84,41 @@ def test_bench_knows_the_release_presets():
     from dgemma.presets import PRESETS, RELEASE_PRESETS
 
     assert set(BENCH_PRESETS) == set(PRESETS) | set(RELEASE_PRESETS)
+
+
+def test_nvfp4_quantize_matrix_picks_the_nearest_e2m1_value_of_each_group():
+    """`bench --quantize nvfp4`'s quantizer: dequantized, each weight is the E2M1 value (times its group's scale as
+    dequantize rounds it) nearest to it, and the largest weight of the matrix lands on 6 x 448 x scale_2."""
+    from dgemma.quant import nvfp4
+
+    w = torch.randn(32, 64, generator=torch.Generator().manual_seed(0)) * 0.02
+    packed, scale, scale_2 = nvfp4.quantize_matrix(w)
+    assert packed.dtype == torch.uint8 and packed.shape == (32, 32) and scale.shape == (32, 4)
+    assert torch.isclose(scale_2 * 6 * 448, w.abs().max())
+    deq = nvfp4.dequantize(packed, scale, scale_2, torch.float32)
+    block = (scale.float() * scale_2).repeat_interleave(nvfp4.GROUP, dim=1)  # (32, 64)
+    candidates = torch.tensor(nvfp4.E2M1_VALUES) * block[..., None]  # (32, 64, 16)
+    nearest = candidates.gather(-1, (candidates - w[..., None]).abs().argmin(-1, keepdim=True))[..., 0]
+    assert torch.equal(deq, nearest)
+
+
+
+def test_build_on_device_frees_each_dense_module_before_making_the_next(monkeypatch):
+    """The build's peak beyond the finished model is one module's dense weights: when a layer's experts are
+    quantized, every earlier layer's dense experts are already gone."""
+    import gc
+    import weakref
+
+    seen: list[weakref.ref] = []
+    quantize = int4.Int4Experts.quantize.__func__
+
+    def watched(cls, experts, group_size):
+        gc.collect()
+        assert all(ref() is None for ref in seen), "an earlier layer's dense experts are still alive"
+        seen.append(weakref.ref(experts))
+        return quantize(cls, experts, group_size)
+
+    monkeypatch.setattr(int4.Int4Experts, "quantize", classmethod(watched))
+    build_on_device(preset_config("tiny", num_hidden_layers=3, layer_types=["sliding_attention"] * 2 +
+                                  ["full_attention"]), "cpu", torch.float32, "int4")
+    assert len(seen) == 3

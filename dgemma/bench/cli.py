@@ -35,8 +35,9 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                    help="on CUDA, run each denoising step eagerly instead of replaying a CUDA graph (default: "
                         "graphs are replayed)")
-    p.add_argument("--quantize", choices=["fp8", "int4"], default=None,
-                   help="quantize the model's weights first (as `dgemma quantize` does) and time that")
+    p.add_argument("--quantize", choices=["fp8", "int4", "nvfp4"], default=None,
+                   help="quantize the model's weights first (as `dgemma quantize` does) and time that; nvfp4: "
+                        "the experts only, as NVIDIA's release, with the model built on --device")
     p.add_argument("--sizes-only", action="store_true",
                    help="print what the model's weights take in bf16, FP8, NVFP4 and int4 (computed from its shapes "
                         "on the meta device, nothing allocated) and the KV cache of this workload, and exit")
@@ -74,9 +75,9 @@ def cmd_bench(args) -> int:
             and args.quantize != "int4"):
         raise CLIError("--preset 26b-a4b on a CPU holds 101 GB of fp32 weights; use --device cuda, --quantize int4 "
                        "(about 15 GB plus the embedding in fp32), or --sizes-only")
-    if args.quantize == "int4" and "transformers" in args.compare:
-        raise CLIError("--compare transformers with --quantize int4: transformers does not read dgemma's int4 "
-                       "weights")
+    if args.quantize in ("int4", "nvfp4") and "transformers" in args.compare:
+        raise CLIError(f"--compare transformers with --quantize {args.quantize}: transformers does not read "
+                       f"dgemma's {args.quantize} weights")
     if args.quantize and "transformers" in args.compare and not args.device.startswith("cuda"):
         raise CLIError("--compare transformers with --quantize needs --device cuda: on a CPU transformers "
                        "5.23 cannot dequantize fused FP8 experts")

@@ -65,7 +65,8 @@ def summarize(args, m: Measurement) -> dict:
                     "kv_cache_mb": kv_cache / 2**20,
                     "dgemma_peak_memory_mb": dgemma_peak / 2**20,
                     "dgemma_peak_memory_kind": "CUDA max_memory_allocated" if cuda else "RSS above the process baseline",
-                    "dgemma_peak_over_weights_and_cache": dgemma_peak / (weights + kv_cache)},
+                    "dgemma_peak_over_weights_and_cache": dgemma_peak / (weights + kv_cache),
+                    "peak_rss_mb_by_phase": {k: v / 2**20 for k, v in m.peak_rss_by_phase.items()}},
         "results": rows,
     }
     by = {r["engine"]: r for r in rows}
@@ -92,6 +93,9 @@ def print_table(out: dict) -> None:
     print(f"memory: dgemma peak {m['dgemma_peak_memory_mb']:.0f} MiB ({m['dgemma_peak_memory_kind']}) = "
           f"{m['dgemma_peak_over_weights_and_cache']:.2f}x weights + KV cache "
           f"({m['weights_mb']:.0f} + {m['kv_cache_mb']:.0f} MiB)")
+    if m.get("peak_rss_mb_by_phase"):
+        phases = ", ".join(f"{k} {v:.0f}" for k, v in m["peak_rss_mb_by_phase"].items())
+        print(f"process RSS by phase (MiB, peak): {phases}")
     gpu = bool(m.get("copy_bandwidth_gb_s"))
     if gpu:
         header += f" {'GB/s':>7s} {'% bw':>6s}"

@@ -127,7 +127,7 @@ def build_model(args):
     if args.model:
         ck = load_checkpoint(args.model, device=device, dtype=dtype, quiet=True)
         model, config, generation, path = ck.model, ck.config, ck.generation, Path(args.model)
-    elif args.preset == "26b-a4b":  # made module by module on the device, quantized there
+    elif args.preset == "26b-a4b" or args.quantize == "nvfp4":  # made module by module on the device, quantized
         from ..presets import build_on_device
 
         config = preset_config(args.preset)
@@ -174,10 +174,12 @@ class Measurement:
     matmul_peak_gflops: float
     copy_bandwidth_gb_s: float | None
     dgemma_peak_bytes: int
+    peak_rss_by_phase: dict[str, int] = field(default_factory=dict)  # the process's peak RSS in each phase (bytes)
 
 
-def run_workload(args) -> Measurement:
-    """Build the model, time every engine on the same prompts (alternating runs), and probe the machine."""
+def run_workload(args, built: tuple | None = None) -> Measurement:
+    """Build the model (or take `built`, what build_model returned, to time several workloads on one model), time
+    every engine on the same prompts (alternating runs), and probe the machine."""
     from .probes import measure_copy_bandwidth, measure_matmul_peak
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -185,12 +187,14 @@ def run_workload(args) -> Measurement:
 
         raise CLIError("--device cuda requested but no CUDA device is available")
     baseline_rss = rss_status("VmRSS:")  # the interpreter and torch, before any weights
-    model, config, base_gen, path, dtype = build_model(args)
-    if args.quantize and not args.device.startswith("cuda"):
+    model, config, base_gen, path, dtype = built or build_model(args)
+    phases = {"start": baseline_rss, "build": rss_status("VmHWM:")}
+    if args.quantize and not args.device.startswith("cuda") and built is None:
         # the preset was built in fp32 before it was quantized: count only what the quantized model holds
         from ..runtime import release_free_memory
 
         release_free_memory()
+        phases["after build, freed"] = rss_status("VmRSS:")
         reset_peak()
     gen = base_gen.replace(max_new_tokens=args.new_tokens, max_denoising_steps=args.steps,
                            entropy_bound=args.entropy_bound)
@@ -212,6 +216,7 @@ def run_workload(args) -> Measurement:
         torch.cuda.reset_peak_memory_stats()
     engines["dgemma"](0)
     dgemma_peak = (torch.cuda.max_memory_allocated() if cuda else rss_status("VmHWM:") - baseline_rss)
+    phases["first generation"] = rss_status("VmHWM:")
     peak = measure_matmul_peak(dtype, args.device)
     tmp = None
     if "transformers" in args.compare:
@@ -233,7 +238,8 @@ def run_workload(args) -> Measurement:
     # measured before and after the runs: a busy moment on the machine lowers one reading, not both
     peak = max(peak, measure_matmul_peak(dtype, args.device))
     bandwidth = measure_copy_bandwidth(args.device) if cuda else None
-    return Measurement(model, config, dtype, results, peak, bandwidth, dgemma_peak)
+    phases["timed runs"] = rss_status("VmHWM:")  # the peak since the first generation (reset_peak per run)
+    return Measurement(model, config, dtype, results, peak, bandwidth, dgemma_peak, phases)
 
 
 def print_format_sizes(args) -> None:

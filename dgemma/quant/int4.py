@@ -237,13 +237,15 @@ class Int4Experts(Experts):
         new = cls(e, h, two_i // 2, group_size)
         if not experts.gate_up_proj.is_meta:
             for which, w in (("gate_up", experts.gate_up_proj), ("down", experts.down_proj)):
-                packed, sz = [], []
-                for w_e in w:  # one expert at a time: the fp32 temporaries stay one expert's size
+                packed = sz = None
+                for i, w_e in enumerate(w):  # one expert at a time: the fp32 temporaries stay one expert's size
                     p, s = _Packed.from_codes(*quantize_groups(w_e, group_size))
-                    packed.append(p)
-                    sz.append(s)
-                setattr(new, which + "_packed", torch.stack(packed))
-                setattr(new, which + "_sz", torch.stack(sz))
+                    if packed is None:  # written in place: no list of pieces beside a stacked copy
+                        packed = p.new_empty((e, *p.shape))
+                        sz = s.new_empty((e, *s.shape))
+                    packed[i], sz[i] = p, s
+                setattr(new, which + "_packed", packed)
+                setattr(new, which + "_sz", sz)
         return new
 
     def _shapes(self) -> dict[str, tuple[int, int]]:

@@ -77,6 +77,25 @@ def dequantize(packed: torch.Tensor, scale: torch.Tensor, scale_2: torch.Tensor,
     return out
 
 
+_MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)  # between the E2M1 magnitudes 0, 0.5, ..., 4, 6
+
+
+def quantize_matrix(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One matrix (R, C) -> packed U8 (R, C / 2), F8 group scales (R, C / 16), fp32 global scale: the global scale
+    maps the largest weight to 6 x 448 (E2M1's and E4M3's largest), each group's scale its largest weight to 6,
+    and each weight goes to the nearest E2M1 value. For random-weight benchmarks (`dgemma bench --quantize
+    nvfp4`); a released checkpoint is read as stored."""
+    rows, cols = w.shape
+    groups = w.float().view(rows, cols // GROUP, GROUP)
+    scale_2 = (groups.abs().amax() / (6.0 * 448.0)).clamp_min(torch.finfo(torch.float32).tiny)
+    scale = (groups.abs().amax(-1) / 6.0 / scale_2).to(FP8)  # (R, C / 16)
+    block = (scale.float() * scale_2)[..., None]  # as _dequantize rounds it
+    x = groups / torch.where(block > 0, block, 1.0)
+    mids = torch.tensor(_MIDPOINTS, device=w.device)
+    codes = (torch.bucketize(x.abs(), mids) + 8 * (x < 0)).to(torch.uint8).view(rows, cols)
+    return codes[:, 0::2] | (codes[:, 1::2] << 4), scale, scale_2
+
+
 def _empty(shape, dtype, device="meta") -> nn.Parameter:
     return nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
 
@@ -118,6 +137,26 @@ class NVFP4Experts(Experts):
         self.down_proj_weight_scale = _empty((e, h, i // GROUP), FP8)
         self.down_proj_weight_scale_2 = _empty((e,), torch.float32)
         self.down_proj_input_scale = _empty((e,), torch.float32)
+
+    @classmethod
+    @torch.no_grad()
+    def quantize(cls, experts: Experts) -> NVFP4Experts:
+        """Dense experts -> NVFP4, one matrix at a time (gate, up and down each with its own global scale), on
+        the experts' device; input scales 1."""
+        new = cls(experts)
+        inter = experts.gate_up_proj.shape[1] // 2
+        for name, t in new.named_parameters(recurse=False):
+            setattr(new, name, nn.Parameter(torch.ones_like(t, device=experts.gate_up_proj.device),
+                                            requires_grad=False))
+        for e in range(new.num_experts):
+            for half in range(2):
+                rows = slice(half * inter, (half + 1) * inter)
+                packed, scale, scale_2 = quantize_matrix(experts.gate_up_proj[e, rows])
+                new.gate_up_proj[e, rows], new.gate_up_proj_weight_scale[e, rows] = packed, scale
+                new.gate_up_proj_weight_scale_2[e, half] = scale_2
+            packed, scale, scale_2 = quantize_matrix(experts.down_proj[e])
+            new.down_proj[e], new.down_proj_weight_scale[e], new.down_proj_weight_scale_2[e] = packed, scale, scale_2
+        return new
 
     def weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         inter = self.gate_up_proj.shape[1] // 2
