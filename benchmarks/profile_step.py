@@ -82,13 +82,15 @@ def main() -> None:
 
 def phases(den: LockstepDenoiser, steps: int) -> None:
     """Wall ms per step in each phase of the CPU step (CPU ops are synchronous, so timing the calls is exact)."""
-    import dgemma.step as D
+    import dgemma.step.draws as Dr
+    import dgemma.step.head as D
     from dgemma.model.model import DiffusionGemma
 
     spent: dict[str, float] = {}
     patched = [(DiffusionGemma, "run_layers", "decoder layers"), (DiffusionGemma, "head_into", "head"),
-               (D, "temper_and_score", "soft cap, temper, softmax, argmax, entropy"),
-               (D.Draws, "sample", "sample (random draws)"), (D.Draws, "skip", "sample (random draws)"),
+               (D, "cap_and_score_row_", "soft cap, temper, softmax, argmax, entropy"),
+               (Dr, "race_sample", "sample (random draws)"), (Dr, "inverse_cdf_sample", "sample (random draws)"),
+               (Dr, "skip_race", "sample (random draws)"), (Dr, "skip_inverse_cdf", "sample (random draws)"),
                (DiffusionGemma, "embed_probs", "self-conditioning matmul")]
     originals = [(owner, name, getattr(owner, name)) for owner, name, _ in patched]
 

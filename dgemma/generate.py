@@ -33,7 +33,9 @@ from .control.pins import Steering, canvas_start
 from .images import PromptImages
 from .model import DiffusionGemma
 from .sampling import random_tokens, temperature
-from .step import CanvasState, Draws, Sampler, Strategy, default_strategy, denoise_step
+from .control.dp import canvas_constraints
+from .step import (DRAW, GREEDY, CanvasState, Sampler, SharedDraws, Strategy, default_strategy, denoise_step,
+                   make_head, token_sampler)
 
 
 @dataclass
@@ -101,23 +103,59 @@ def generate(model: DiffusionGemma, prompts: list[list[int]], gen: GenerationCon
     `steering` (one per prompt, or None) pins output positions and seeds canvases (control/pins.py). `greedy`:
     every row's sample is the argmax (a request's temperature 0 in the engine). `images`: the prompts' images, whose
     image tokens the prompts already hold expanded (images.expand_image_tokens)."""
-    cfg = model.config
+    t0 = time.perf_counter()
+    batch = _prefill(model, prompts, gen, steering, images)  # 1.
+    if batch.steering is not None and any(s is not None and s.constraint is not None for s in batch.steering):
+        cuda_graphs = False if cuda_graphs is None else cuda_graphs  # the automaton's DP runs on the host
+    denoiser = LockstepDenoiser(model, gen, len(prompts), generator, cuda_graphs, sampler, strategy, batch.max_new,
+                                greedy)
+    done = _denoise_canvases(model, gen, batch, denoiser, on_step)  # 2.
+    out_ids, reasons = _results(done.committed, batch.max_new, gen.eos_token_id)  # 3.
+    seconds = time.perf_counter() - t0
+    n_tokens = sum(len(x) for x in out_ids)
+    stats = GenerationStats(
+        canvases=done.canvases,
+        denoising_steps=done.passes,
+        generated_tokens=n_tokens,
+        tokens_per_forward=n_tokens / done.passes if done.passes else 0.0,
+        rows_skipped=denoiser.state.rows_skipped,
+        prefill_seconds=batch.prefill_seconds,
+        seconds=seconds,
+        tokens_per_second=n_tokens / seconds if seconds > 0 else 0.0,
+    )
+    return GenerationOutput(out_ids, reasons, stats, done.steps_per_canvas, batch.middles)
+
+
+@dataclass
+class _Prefilled:
+    """A batch after step 1: its cache holds the prompts; its steering is checked (with infill's middles)."""
+
+    cache: object
+    num_canvases: int
+    max_new: int
+    steering: list[Steering | None] | None
+    middles: list[int | None]
+    prefill_seconds: float
+
+
+def _prefill(model: DiffusionGemma, prompts: list[list[int]], gen: GenerationConfig,
+             steering: list[Steering | None] | None, images: PromptImages | None) -> _Prefilled:
+    """1. Check the prompts and the steering, left-pad, allocate the cache, encode the prompts; choose each
+    infilled middle's length and pin its suffix."""
+    t0 = time.perf_counter()
+    cfg, device, C = model.config, model.device, model.canvas_length
     if not prompts:
         raise ValueError("no prompts given")
     for i, p in enumerate(prompts):
         check_prompt(p, cfg.vocab_size, name=f"prompt {i}")
-    device, C = model.device, model.canvas_length
-    t0 = time.perf_counter()
-
-    # 1. left-pad, allocate, prefill
     tokens, valid = left_pad(prompts, gen.pad_token_id)
     B, T = tokens.shape
     num_canvases = canvases_for(T, gen.max_new_tokens, C, cfg.max_position_embeddings)
     max_new = gen.max_new_tokens or num_canvases * C
+    longest_middle: list[int | None] = [None] * B
     if steering is not None:
         if len(steering) != B:
             raise ValueError(f"steering has {len(steering)} entries for {B} prompts")
-        longest_middle: list[int | None] = [None] * B
         for b, s in enumerate(steering):
             if s is not None:
                 s.check(cfg.vocab_size, max_new)
@@ -142,24 +180,33 @@ def generate(model: DiffusionGemma, prompts: list[list[int]], gen: GenerationCon
                 steering[b] = infill_steering(s.suffix, middles[b], gen.eos_token_id[0], s)
     if device.type == "cuda":  # time the prefill, not its launch
         torch.cuda.synchronize(device)
-    prefill_seconds = time.perf_counter() - t0
+    return _Prefilled(cache, num_canvases, max_new, steering, middles, time.perf_counter() - t0)
 
-    eos = torch.tensor(gen.eos_token_id, device=device)
-    finished_seq = torch.zeros(B, dtype=torch.bool, device=device)
-    committed: list[torch.Tensor] = []
-    steps_per_canvas: list[list[int]] = [[] for _ in range(B)]
-    canvases_run = 0
-    passes = torch.zeros(B, dtype=torch.long, device=device)  # decoder passes of rows still going, all canvases
-    if steering is not None and any(s is not None and s.constraint is not None for s in steering):
-        cuda_graphs = False if cuda_graphs is None else cuda_graphs  # the automaton's DP runs on the host
-    denoiser = LockstepDenoiser(model, gen, B, generator, cuda_graphs, sampler, strategy, max_new, greedy)
-    state = denoiser.state
 
-    for canvas_index in range(num_canvases):
+@dataclass
+class _Denoised:
+    """A batch after step 2: its committed canvases and what it took."""
+
+    committed: list[torch.Tensor]  # (B, C) each, EOS-cut and padded
+    steps_per_canvas: list[list[int]]  # per row
+    passes: int  # decoder passes of rows still going, all canvases
+    canvases: int
+
+
+def _denoise_canvases(model: DiffusionGemma, gen: GenerationConfig, batch: _Prefilled,
+                      denoiser: LockstepDenoiser, on_step: Callable[[StepView], None] | None) -> _Denoised:
+    """2. Denoise, commit and append canvases until every row has ended or the budget is spent."""
+    state, cache, C = denoiser.state, batch.cache, model.canvas_length
+    B = state.num_rows
+    eos = torch.tensor(gen.eos_token_id, device=model.device)
+    finished_seq = torch.zeros(B, dtype=torch.bool, device=model.device)
+    passes = torch.zeros(B, dtype=torch.long, device=model.device)
+    done = _Denoised([], [[] for _ in range(B)], 0, 0)
+    for canvas_index in range(batch.num_canvases):
         # 2a. random canvas
-        denoiser.start(cache, canvas_index, steering)
-        canvases_run += 1
-        # 2b. denoising steps (step.py). A row whose sequence has ended denoises on as in the reference (its
+        denoiser.start(cache, canvas_index, batch.steering)
+        done.canvases += 1
+        # 2b. denoising steps (step/). A row whose sequence has ended denoises on as in the reference (its
         # canvas is thrown away at the commit): the loop runs until every row has stopped, which fixes how many
         # random numbers a canvas draws, and so every later canvas's tokens.
         for step in range(1, gen.max_denoising_steps + 1):
@@ -173,31 +220,39 @@ def generate(model: DiffusionGemma, prompts: list[list[int]], gen: GenerationCon
                 break
         for b, n in enumerate(state.steps.tolist()):
             if not bool(finished_seq[b]):
-                steps_per_canvas[b].append(n)
-        argmax_canvas = state.argmax
+                done.steps_per_canvas[b].append(n)
         denoiser.commit_states()
-
         # 2c. commit; EOS ends a row, and what follows it is padding
-        done_before = finished_seq.clone()
-        block = argmax_canvas.clone()
-        block[done_before] = gen.pad_token_id
-        is_eos = torch.isin(block, eos) & ~done_before[:, None]
-        seen = is_eos.cumsum(dim=-1)
-        block[(seen > 0) & ~((seen == 1) & is_eos)] = gen.pad_token_id
-        committed.append(block)
-        finished_seq = finished_seq | is_eos.any(dim=-1)
-        if bool(finished_seq.all()) or canvas_index == num_canvases - 1:
+        block, ends = _commit_block(state.argmax, finished_seq, eos, gen.pad_token_id)
+        done.committed.append(block)
+        finished_seq = finished_seq | ends
+        if bool(finished_seq.all()) or canvas_index == batch.num_canvases - 1:
             break
         # 2d. the encoder appends the committed canvas (plus room for the next canvas's scratch slots)
         cache.reserve(cache.length + 2 * C)
         model.encode(block, cache)
+    done.passes = int(passes.sum())
+    return done
 
-    # 3. per-row results
+
+def _commit_block(argmax_canvas: torch.Tensor, ended: torch.Tensor, eos: torch.Tensor,
+                  pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """2c. The committed canvas (B, C): pad for rows that had ended, and after each row's first EOS; and which
+    rows end here (B,) (an EOS in a row still going)."""
+    block = argmax_canvas.clone()
+    block[ended] = pad_id
+    is_eos = torch.isin(block, eos) & ~ended[:, None]
+    seen = is_eos.cumsum(dim=-1)
+    block[(seen > 0) & ~((seen == 1) & is_eos)] = pad_id
+    return block, is_eos.any(dim=-1)
+
+
+def _results(committed: list[torch.Tensor], max_new: int, eos_ids: list[int]) -> tuple[list[list[int]], list[str]]:
+    """3. Each row's tokens up to and including EOS, with finish_reason "stop" or "length"."""
     generated = torch.cat(committed, dim=1).tolist()
-    ended = finished_seq.tolist()
-    eos_set = set(gen.eos_token_id)
+    eos_set = set(eos_ids)
     out_ids, reasons = [], []
-    for row, is_done in zip(generated, ended):
+    for row in generated:
         ids = row[:max_new]
         cut = next((i for i, t in enumerate(ids) if t in eos_set), None)
         if cut is not None:
@@ -206,42 +261,33 @@ def generate(model: DiffusionGemma, prompts: list[list[int]], gen: GenerationCon
         else:
             out_ids.append(ids)
             reasons.append("length")
-    seconds = time.perf_counter() - t0
-    n_tokens = sum(len(x) for x in out_ids)
-    passes = int(passes.sum())
-    stats = GenerationStats(
-        canvases=canvases_run,
-        denoising_steps=passes,
-        generated_tokens=n_tokens,
-        tokens_per_forward=n_tokens / passes if passes else 0.0,
-        rows_skipped=state.rows_skipped,
-        prefill_seconds=prefill_seconds,
-        seconds=seconds,
-        tokens_per_second=n_tokens / seconds if seconds > 0 else 0.0,
-    )
-    return GenerationOutput(out_ids, reasons, stats, steps_per_canvas, middles)
+    return out_ids, reasons
 
 
 class LockstepDenoiser:
-    """Drives denoise_step for a whole batch in lockstep (step 2b): one generator in the reference's draw order,
-    one forward plan per canvas (positions, masks and the K/V writer depend only on the cache length), and on
-    CUDA the step captured once per canvas as a CUDA graph and replayed. A small model's step is hundreds of
-    kernel launches that each take longer to issue than to run; a replay issues them all at once, and draws from
-    the default CUDA generator exactly as the eager kernels would, so both give the same tokens."""
+    """Drives denoise_step for a whole batch in lockstep (step 2b): one generator in the reference's draw order
+    (SharedDraws), one pick for every row, one forward plan per canvas (positions, masks and the K/V writer depend
+    only on the cache length), and on CUDA the step captured once per canvas as a CUDA graph and replayed. A small
+    model's step is hundreds of kernel launches that each take longer to issue than to run; a replay issues them
+    all at once, and draws from the default CUDA generator exactly as the eager kernels would, so both give the
+    same tokens."""
 
-    _warm = False  # a first CUDA step has run eagerly in this process (see step)
+    _warm = False  # a first CUDA step has run eagerly in this process (see _warm_up)
 
     def __init__(self, model: DiffusionGemma, gen: GenerationConfig, batch_size: int,
                  generator: torch.Generator | None = None, cuda_graphs: bool | None = None,
                  sampler: Sampler | str = Sampler.EXACT, strategy: Strategy | None = None,
                  max_new: int | None = None, greedy: bool = False):
         device = model.device
-        self.greedy = [True] * batch_size if greedy else None
         self.max_new = max_new
         self.automaton: list[int | None] = [None] * batch_size  # per row: its constraint's state so far
         self.model, self.gen, self.generator, self.device = model, gen, generator, device
-        self.draws = Draws.shared(sampler)
-        self.strategy = Strategy(strategy) if strategy is not None else default_strategy(device, self.draws.sampler)
+        self.draws = SharedDraws(token_sampler(sampler, model.config.vocab_size, device))
+        self.strategy = (Strategy(strategy) if strategy is not None
+                         else default_strategy(device, self.draws.sampler.kind))
+        self.head = make_head(self.strategy, model)
+        self.generators = [generator] * batch_size
+        self.picks = [GREEDY if greedy else DRAW] * batch_size
         # The MoE's grouped GEMM keeps its group sizes on the device only in the native bf16 kernel; in fp32 torch
         # falls back to a loop that reads them on the host, which a graph cannot capture.
         # int4 experts read their group sizes on the host too (torch has no grouped int4 kernel).
@@ -259,7 +305,7 @@ class LockstepDenoiser:
                                   for n in range(gen.max_denoising_steps, 0, -1)]).to(device)
         self.temp = self.temps[0].clone()
         self.bound = torch.tensor(gen.entropy_bound, dtype=torch.float32, device=device)
-        self._graph: torch.cuda.CUDAGraph | None = None
+        self._step: Callable[[bool], None] = self._run
 
     def start(self, cache, canvas_index: int = 0, steering: list[Steering | None] | None = None) -> None:
         """2a. A uniform random canvas for every row (seeded and pinned as `steering` asks); the forward plan."""
@@ -270,40 +316,43 @@ class LockstepDenoiser:
         else:
             B = state.num_rows
             state.start(None, eos_ids=self.gen.eos_token_id,
-                        **canvas_start(canvas, steering, [canvas_index] * B, [self.generator] * B, self.automaton,
-                                       [self.max_new] * B))
+                        **canvas_constraints(canvas_start(canvas, steering, [canvas_index] * B, [self.generator] * B,
+                                                          self.automaton, [self.max_new] * B)))
         self.plan = self.model.plan(cache, None, self.model.canvas_length, encoder=False)
-        self._graph = None
+        # a new plan: eager steps, or a graph captured for this canvas (once the process has run a step eagerly)
+        self._step = self._run if not self.cuda_graphs else self._capture if LockstepDenoiser._warm else self._warm_up
 
     def commit_states(self) -> None:
         """The canvas is committed: each constrained row's automaton goes on from where its canvas ended."""
         for r, c in enumerate(self.state.constraints):
             if c is not None:
-                self.automaton[r] = self.state.constraint_end[r]
-
-    def _run(self, first: bool) -> None:
-        denoise_step(self.model, self.state, self.plan, self.temp, self.bound, self.draws, self.strategy,
-                     [self.generator], greedy=self.greedy, first=first)
+                self.automaton[r] = c.end_state
 
     def step(self, step: int) -> None:
         """Run denoising step `step` (1-based) of the current canvas."""
         self.temp.copy_(self.temps[step - 1])
-        if not self.cuda_graphs:
-            self._run(first=step == 1)
-        elif self._graph is not None:
-            self._graph.replay()
-        elif not LockstepDenoiser._warm:
-            # The process's first step runs eagerly on a side stream, as graph capture requires (library handles
-            # and workspaces are created lazily); the next step captures.
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
-                self._run(first=False)
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            LockstepDenoiser._warm = True
-        else:
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):  # records the step without running it; the replay runs it
-                self._run(first=False)  # the signal is zeros on a first step, so the graph serves every step
-            self._graph = graph
-            graph.replay()
+        self._step(step == 1)
+
+    def _run(self, first: bool) -> None:
+        denoise_step(self.model, self.state, self.plan, self.head, self.draws, self.temp, self.bound,
+                     self.generators, self.picks, first=first)
+
+    def _warm_up(self, first: bool) -> None:
+        """The process's first step runs eagerly on a side stream, as graph capture requires (library handles and
+        workspaces are created lazily); the next step captures."""
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            self._run(first=False)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        LockstepDenoiser._warm = True
+        self._step = self._capture
+
+    def _capture(self, first: bool) -> None:
+        """Record the step as a graph (recording runs nothing), replay it, and replay it for every later step of
+        this canvas. The signal is zeros on a first step, so the graph serves every step."""
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._run(first=False)
+        graph.replay()
+        self._step = lambda first: graph.replay()

@@ -6,6 +6,8 @@ Random numbers are drawn in the reference's order and shapes, so a seed gives th
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .config import GenerationConfig
@@ -43,8 +45,42 @@ def token_entropy_(logits: torch.Tensor) -> torch.Tensor:
     return -log_p.clamp_(min=torch.finfo(log_p.dtype).min).mul_(p).sum(-1)
 
 
-def race_sample(probs: torch.Tensor, accepted: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+@dataclass(frozen=True)
+class TopKTopP:
+    """A cut of the sampling distribution (a request's top_k and top_p, as vLLM applies them): per position, keep
+    the `top_k` most probable tokens, then of those the smallest most-probable set whose mass reaches `top_p` of
+    theirs; None leaves that cut off. Ties with the last kept token are kept too.
+
+    It shapes only the draw of a kept token. The argmax, the entropies that choose which positions are kept (the
+    entropy bound), the stop test and the self-conditioning signal all read the whole tempered distribution, as
+    they do for a greedy request. So a cut changes which token is written where a position is accepted, never
+    how fast a canvas settles, and top_k=1 writes the argmax there. (vLLM cuts the logits before its whole
+    denoising step, so its entropies read the cut distribution: the tail is gone, entropies fall and more
+    positions are accepted per step; with top_k=1 every position has entropy 0 and the whole canvas is accepted
+    at the first step, from a noise-conditioned argmax.)"""
+
+    top_k: int | None = None
+    top_p: float | None = None
+
+    def __call__(self, probs: torch.Tensor) -> torch.Tensor:
+        """probs (..., V) -> a copy with the tokens outside each position's kept set at 0. Not renormalised: both
+        samplers read relative weights (the race's argmax of p / race, the inverse CDF scaled by the row's total)."""
+        if self.top_k is not None and self.top_k < probs.shape[-1]:
+            top = torch.topk(probs, self.top_k, dim=-1).values  # (..., k), descending
+        else:
+            top = torch.sort(probs, dim=-1, descending=True).values  # (..., V)
+        floor = top[..., -1:]
+        if self.top_p is not None:
+            mass_before = top.cumsum(dim=-1) - top  # (..., k): the mass of the tokens ranked above each
+            inside = mass_before < self.top_p * top.sum(dim=-1, keepdim=True)  # the first token always is
+            floor = top.gather(-1, inside.sum(dim=-1, keepdim=True).clamp_(min=1) - 1)
+        return torch.where(probs >= floor, probs, 0.0)
+
+
+def race_sample(probs: torch.Tensor, accepted: torch.Tensor, generator: torch.Generator | None,
+                keep: TopKTopP | None = None) -> torch.Tensor:
     """torch.multinomial(probs, 1) at the accepted positions, with its exact random draws. (..., V) -> (...).
+    With `keep`, the draw is from the tokens it keeps (the same random numbers: a cut changes no draw count).
 
     multinomial draws an Exp(1) race over every entry and takes argmax(p / race). On CPU torch draws each Exp(1)
     as -log1p(-U) from a float64 uniform U, and the log is most of the cost. Positions that are not accepted are
@@ -54,17 +90,20 @@ def race_sample(probs: torch.Tensor, accepted: torch.Tensor, generator: torch.Ge
     tensor would cost more in page faults than the draws themselves."""
     V = probs.shape[-1]
     if not race_matches_multinomial(probs.device):  # a torch whose multinomial draws otherwise: call it
-        return torch.multinomial(probs.reshape(-1, V), 1, generator=generator).view(accepted.shape)
+        flat = probs.reshape(-1, V)
+        return torch.multinomial(flat if keep is None else keep(flat), 1, generator=generator).view(accepted.shape)
     if probs.device.type != "cpu" or probs.dtype != torch.float32:
         race = torch.empty_like(probs).exponential_(generator=generator)
-        return torch.argmax(torch.div(probs, race, out=race), dim=-1)
+        kept = probs if keep is None else keep(probs.reshape(-1, V)).view(probs.shape)
+        return torch.argmax(torch.div(kept, race, out=race), dim=-1)
     flat_probs, flat_accepted = probs.reshape(-1, V), accepted.reshape(-1)
     sampled = torch.zeros(flat_accepted.numel(), dtype=torch.long)
     for start, stop, uniform in _race_uniforms(flat_accepted.numel(), V, generator):
         rows = flat_accepted[start:stop].nonzero().squeeze(1)  # accepted positions here; a host sync, free on CPU
         if rows.numel():
             race = (-torch.log1p(-uniform[rows])).float()  # exactly exponential_'s values there
-            sampled[start + rows] = torch.argmax(flat_probs[start:stop][rows] / race, dim=-1)
+            kept = flat_probs[start:stop][rows]
+            sampled[start + rows] = torch.argmax((kept if keep is None else keep(kept)) / race, dim=-1)
     return sampled.view(accepted.shape)
 
 
@@ -96,12 +135,13 @@ def inverse_cdf(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=probs.shape[-1] - 1)
 
 
-def inverse_cdf_sample(probs: torch.Tensor, accepted: torch.Tensor,
-                       generator: torch.Generator | None) -> torch.Tensor:
+def inverse_cdf_sample(probs: torch.Tensor, accepted: torch.Tensor, generator: torch.Generator | None,
+                       keep: TopKTopP | None = None) -> torch.Tensor:
     """A sample from probs (..., V) per accepted position by the inverse CDF: one uniform per position (drawn for
     every position, so a step always draws the same count), then a binary search in the cumulative sum. The same
     distribution as torch.multinomial, with C uniforms instead of C x V (the "fast" sampler); not its draws.
-    Elsewhere the result is 0. On CPU only accepted positions are summed, in float64."""
+    With `keep`, the draw is from the tokens it keeps. Elsewhere the result is 0. On CPU only accepted positions
+    are summed, in float64."""
     V = probs.shape[-1]
     flat_probs, flat_accepted = probs.reshape(-1, V), accepted.reshape(-1)
     uniform = torch.rand(flat_accepted.shape[0], generator=generator, device=probs.device, dtype=torch.float64)
@@ -109,9 +149,11 @@ def inverse_cdf_sample(probs: torch.Tensor, accepted: torch.Tensor,
         rows = flat_accepted.nonzero().squeeze(1)  # a host sync, free on CPU
         sampled = torch.zeros(flat_accepted.shape[0], dtype=torch.long)
         if rows.numel():
-            sampled[rows] = inverse_cdf(flat_probs[rows].double(), uniform[rows])
+            kept = flat_probs[rows]
+            sampled[rows] = inverse_cdf((kept if keep is None else keep(kept)).double(), uniform[rows])
         return sampled.view(accepted.shape)
-    sampled = inverse_cdf(flat_probs, uniform)  # no host sync, so a CUDA graph can hold it
+    # no host sync, so a CUDA graph can hold it
+    sampled = inverse_cdf(flat_probs if keep is None else keep(flat_probs), uniform)
     return torch.where(flat_accepted, sampled, 0).view(accepted.shape)
 
 
@@ -145,51 +187,73 @@ def race_matches_multinomial(device: torch.device) -> bool:
     return _RACE_CHECKED[key]
 
 
-def temper_and_score(logits: torch.Tensor, temp: torch.Tensor, softcap: float | None = None,
-                     probs_in_place: bool = False, ban: tuple[int, list[int]] | None = None):
-    """Temper `logits` (..., V) in place by `temp` (a scalar tensor, or one broadcastable to (..., 1)) and return
-    probs = softmax (fp32), argmax and token entropy of the tempered logits. `logits` is used up.
+def temper_and_score(logits: torch.Tensor, temp: torch.Tensor):
+    """Temper `logits` (..., V) in place by `temp` (a tensor broadcastable to (..., 1)) and return probs = softmax
+    (fp32), argmax and token entropy of the tempered logits. `logits` is used up. On CPU the positions go a few
+    at a time (score_blocks), elsewhere one kernel per op (score_whole); the bits are the same."""
+    return score_blocks(logits, temp) if logits.device.type == "cpu" else score_whole(logits, temp)
 
-    With `softcap`, the raw logits are first soft-capped (cap * tanh(logits / cap), as DiffusionGemma.logits does)
-    on the way. With `probs_in_place` (fp32 CPU logits), the probabilities are written over the logits, and the
-    returned probs are `logits` itself: no second (..., V) tensor.
 
-    Every one of these works along the vocabulary, position by position, so on CPU the positions go a few at a
-    time: the dozen passes over each block stay in cache instead of streaming (C, V) tensors through memory, and
-    the temporaries stay small. The results are the same bits as whole-tensor calls.
+def score_whole(logits: torch.Tensor, temp: torch.Tensor):
+    """temper_and_score with one kernel per op over the whole tensor: on a GPU launches are the cost, not memory
+    passes."""
+    V = logits.shape[-1]
+    lead = logits.shape[:-1]
+    flat = logits.view(-1, V).div_(_per_position(temp, lead))
+    probs = torch.softmax(flat, dim=-1, dtype=torch.float32)
+    argmax = torch.argmax(flat, dim=-1)
+    entropy = token_entropy_(flat)
+    return probs.view(*lead, V), argmax.view(lead), entropy.view(lead)
 
-    `ban` = (n, ids): CPU, one row of positions: after the soft cap, the tokens `ids` get logit -inf (probability
-    0) at the first n positions."""
+
+def score_blocks(logits: torch.Tensor, temp: torch.Tensor):
+    """temper_and_score on CPU, a few positions at a time: the dozen passes over each block stay in cache instead
+    of streaming (..., V) tensors through memory, and the temporaries stay small. The probabilities go to a new
+    fp32 tensor."""
     V = logits.shape[-1]
     lead = logits.shape[:-1]
     flat = logits.view(-1, V)
-    n = flat.shape[0]
-    temp = temp.expand(*lead, 1).reshape(n, 1) if temp.dim() else temp
-    if logits.device.type != "cpu":  # one kernel per op: on a GPU launches are the cost, not memory passes
-        if probs_in_place:
-            raise ValueError("probs_in_place is for CPU logits")
-        if softcap is not None:
-            flat.div_(softcap).tanh_().mul_(softcap)
-        flat.div_(temp)
-        probs = torch.softmax(flat, dim=-1, dtype=torch.float32)
-        argmax = torch.argmax(flat, dim=-1)
-        entropy = token_entropy_(flat)
-        return probs.view(*lead, V), argmax.view(lead), entropy.view(lead)
-    if probs_in_place and logits.dtype != torch.float32:
-        raise ValueError("probs_in_place needs fp32 logits")
-    probs = flat if probs_in_place else torch.empty(n, V, dtype=torch.float32)
+    probs = torch.empty(flat.shape[0], V, dtype=torch.float32)
+    argmax, entropy = _score_blocks(flat, _per_position(temp, lead), probs, None, None, 0, [])
+    return probs.view(*lead, V), argmax.view(lead), entropy.view(lead)
+
+
+def cap_and_score_row_(logits: torch.Tensor, temp: torch.Tensor, softcap: float | None, eos_until: int,
+                       eos_ids: list[int]):
+    """One row's raw head outputs (C, V) fp32 on CPU, block by block as score_blocks: soft-capped (cap *
+    tanh(logits / cap), as DiffusionGemma.logits does), EOS banned (logit -inf) at the first `eos_until`
+    positions, tempered by the scalar tensor `temp` and scored, with the probabilities written over the logits:
+    returns (probs, which is `logits` itself, argmax, entropy), and no second (C, V) tensor is made."""
+    if logits.dtype != torch.float32 or logits.device.type != "cpu":
+        raise ValueError("cap_and_score_row_ needs fp32 CPU logits")
+    # a block's probabilities wait in a small buffer until the block's logits are used up
+    scratch = torch.empty(min(max(1, _SCORE_CHUNK_ELEMENTS // logits.shape[-1]), logits.shape[0]),
+                          logits.shape[-1], dtype=torch.float32)
+    argmax, entropy = _score_blocks(logits, temp, logits, scratch, softcap, eos_until, eos_ids)
+    return logits, argmax, entropy
+
+
+def _per_position(temp: torch.Tensor, lead: torch.Size) -> torch.Tensor:
+    """temp broadcast to one value per position, (N, 1); a scalar stays a scalar."""
+    return temp.expand(*lead, 1).reshape(-1, 1) if temp.dim() else temp
+
+
+def _score_blocks(flat: torch.Tensor, temp: torch.Tensor, probs: torch.Tensor, scratch: torch.Tensor | None,
+                  softcap: float | None, eos_until: int, eos_ids: list[int]):
+    """The block loop of score_blocks and cap_and_score_row_: flat (N, V) is used up, probs (N, V) written (with
+    `scratch`, probs is flat and each block's probabilities are copied over it once its logits are spent).
+    temp: a scalar tensor, or (N, 1). Returns argmax (N,) and entropy (N,)."""
+    n, V = flat.shape
     argmax = torch.empty(n, dtype=torch.long)
     entropy = torch.empty(n, dtype=torch.float32)
     chunk = max(1, _SCORE_CHUNK_ELEMENTS // V)
-    # in place, a block's probabilities wait in a small buffer until the block's logits are used up
-    scratch = torch.empty(min(chunk, n), V, dtype=torch.float32) if probs_in_place else None
     for start in range(0, n, chunk):
         stop = min(start + chunk, n)
         block = flat[start:stop]
         if softcap is not None:
             block.div_(softcap).tanh_().mul_(softcap)
-        if ban is not None and start < ban[0]:
-            block[: ban[0] - start, ban[1]] = float("-inf")
+        if start < eos_until:
+            block[: eos_until - start, eos_ids] = float("-inf")
         block.div_(temp if not temp.dim() else temp[start:stop])
         block_probs = torch.softmax(block, dim=-1, dtype=torch.float32,
                                     out=probs[start:stop] if scratch is None else scratch[: stop - start])
@@ -197,7 +261,7 @@ def temper_and_score(logits: torch.Tensor, temp: torch.Tensor, softcap: float | 
         entropy[start:stop] = token_entropy_(block)
         if scratch is not None:
             block.copy_(block_probs)
-    return probs.view(*lead, V), argmax.view(lead), entropy.view(lead)
+    return argmax, entropy
 
 
 _SCORE_CHUNK_ELEMENTS = 1 << 18  # 1 MiB of fp32 logits per block

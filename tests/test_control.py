@@ -421,7 +421,8 @@ def test_held_tokens_stay_even_when_completing_after_them_needs_improbable_token
     tokens ("b", "b") and dropping it one ("y"); the DP must keep it."""
     from types import SimpleNamespace
 
-    from dgemma.step import _constrain
+    from dgemma.control.dp import CanvasDP
+    from dgemma.step import constrain_row as _constrain
 
     c = Constraint.from_regex("xbb|ycc", vocab)
     V, C_ = vocab.vocab_size, 4
@@ -432,8 +433,8 @@ def test_held_tokens_stay_even_when_completing_after_them_needs_improbable_token
     held = torch.tensor([True, False, False, False])
     state = SimpleNamespace(pinned=torch.zeros(1, C_, dtype=torch.bool), pin_values=torch.zeros(1, C_, dtype=torch.long),
                             positions=torch.arange(C_), num_settled=torch.tensor([1]),
-                            argmax=torch.tensor([[x, b, b, eos]]), constraints=[c], constraint_start=[c.initial_state],
-                            end_states=[c.final.numpy()], constraint_end=[None])
+                            argmax=torch.tensor([[x, b, b, eos]]),
+                            constraints=[CanvasDP(c, c.initial_state, c.final.numpy())])
     argmax, sampled = _constrain(state, 0, probs, torch.tensor([y, cc, cc, eos]), ~held)
     assert argmax.tolist() == [x, b, b, eos] and sampled.tolist()[1:] == [b, b, eos]
     state.pinned, state.pin_values, state.num_settled = held[None], state.argmax.clone(), torch.tensor([0])
@@ -445,7 +446,8 @@ def test_a_valid_draw_is_kept_and_an_invalid_one_projected(tokenizer, vocab):
     less probable than "a" at position 0) and moves only the draws it forbids ("x" at position 1)."""
     from types import SimpleNamespace
 
-    from dgemma.step import _constrain
+    from dgemma.control.dp import CanvasDP
+    from dgemma.step import constrain_row as _constrain
 
     c = Constraint.from_regex("[ab]{3}", vocab)
     V, C_ = vocab.vocab_size, 4
@@ -457,7 +459,7 @@ def test_a_valid_draw_is_kept_and_an_invalid_one_projected(tokenizer, vocab):
     probs[2, a], probs[3, eos] = 1.0, 1.0
     state = SimpleNamespace(pinned=torch.zeros(1, C_, dtype=torch.bool), pin_values=torch.zeros(1, C_, dtype=torch.long),
                             positions=torch.arange(C_), num_settled=torch.tensor([0]), argmax=torch.zeros(1, C_, dtype=torch.long),
-                            constraints=[c], constraint_start=[c.initial_state], end_states=[c.final.numpy()], constraint_end=[None])
+                            constraints=[CanvasDP(c, c.initial_state, c.final.numpy())])
     accepted = torch.tensor([True, True, True, True])
     argmax, sampled = _constrain(state, 0, probs, torch.tensor([b, b, a, eos]), accepted)
     assert argmax.tolist() == [a, b, a, eos] and sampled.tolist() == [b, b, a, eos]  # valid draws stay

@@ -130,6 +130,31 @@ def test_batched_sampler_gives_the_row_samplers_tokens(model, gen, sampler):
     assert [tokens(o) for o in run(batched, jobs, arrive_at=[0, 1, 2])] == want
 
 
+@pytest.mark.parametrize("strategy", ["rows", "batched"])
+@pytest.mark.parametrize("sampler", ["exact", "fast"])
+def test_top_k_and_top_p_cut_their_own_row_only(model, gen, sampler, strategy):
+    """A cut is per request: a request without one gets the tokens it gets alone when batched with cut ones; a
+    top_p too small to keep more than the most probable token gives top_k=1's tokens; a cut changes the tokens."""
+    from dgemma.engine.runner import ModelRunner
+
+    def engine(rows: int) -> Engine:
+        e = Engine(model, gen, max_num_seqs=rows, max_model_len=256, sampler=sampler)
+        e.runner = ModelRunner(model, rows, 256, gen.stability_threshold, gen.confidence_threshold, sampler, strategy)
+        return e
+
+    prompt = [5, 6, 7]
+
+    def job(**cut):
+        return prompt, SamplingParams(max_tokens=32, seed=1, temperature=1.5, pin_prefix=False, **cut)
+
+    alone = tokens(run(engine(1), [job()])[0])
+    batched = run(engine(3), [job(top_k=3), job(), job(top_p=0.5)])
+    assert tokens(batched[1]) == alone
+    top1 = tokens(run(engine(1), [job(top_k=1)])[0])
+    assert tokens(run(engine(1), [job(top_p=1e-9)])[0]) == top1
+    assert len({tuple(alone), tuple(top1), tuple(tokens(batched[0]))}) == 3
+
+
 def test_settled_prefix_streams_before_commit_and_is_never_retracted(model, gen):
     engine = Engine(model, gen, max_num_seqs=1, max_model_len=256)
     reports = []  # (tokens reported so far, the request's committed tokens at that moment)
@@ -169,7 +194,9 @@ def test_admission_errors_name_the_field(model, gen):
             engine.add_request(prompt, params, sink)
         assert e.value.param == param, str(e.value)
     for field, value in [("max_tokens", 0), ("temperature", 2.5), ("temperature", True), ("seed", "1"),
-                         ("max_denoising_steps", 0), ("entropy_bound", -1.0), ("stop", [""])]:
+                         ("max_denoising_steps", 0), ("entropy_bound", -1.0), ("stop", [""]), ("top_k", 0),
+                         ("top_k", -1), ("top_k", 2.0), ("top_k", True), ("top_p", 0.0), ("top_p", 1.5),
+                         ("top_p", float("nan")), ("top_p", "0.9")]:
         with pytest.raises(RequestError) as e:
             SamplingParams(**{field: value})
         assert e.value.param == field

@@ -46,21 +46,63 @@ def test_fused_step_matches_multinomial_reference(scale, bound, chunk, monkeypat
 
 @pytest.mark.parametrize("chunk", [None, 1500])
 def test_scoring_with_soft_cap_and_probs_in_place_is_bit_exact(chunk, monkeypatch):
-    """The CPU denoiser hands temper_and_score raw head outputs and one buffer: capping on the way and writing
-    the probabilities over the logits must give what cap-then-score into a new tensor gives."""
+    """The CPU rows head hands cap_and_score_row_ a row's raw head outputs in one buffer: capping on the way and
+    writing the probabilities over the logits must give what cap-then-score into a new tensor gives, and the
+    whole-tensor kernels (score_whole, the GPU's) the same bits as the blocks."""
     if chunk is not None:
         monkeypatch.setattr(sampling, "_SCORE_CHUNK_ELEMENTS", chunk)
     raw = torch.randn(2, 24, 300, generator=torch.Generator().manual_seed(3)) * 40
     temp = torch.tensor(0.6)
     capped = torch.tanh(raw / 30.0) * 30.0
     want = sampling.temper_and_score(capped.clone(), temp)
-    buffer = raw.clone()
-    got = sampling.temper_and_score(buffer, temp, softcap=30.0, probs_in_place=True)
-    assert got[0].data_ptr() == buffer.data_ptr()
-    for a, b in zip(got, want):
+    for a, b in zip(sampling.score_whole(capped.clone(), temp), want):
         assert torch.equal(a, b)
+    for a, b in zip(sampling.score_blocks(capped.clone(), torch.full((2, 1, 1), 0.6)), want):  # a temp per row
+        assert torch.equal(a, b)
+    for r in range(2):
+        buffer = raw[r].clone()
+        got = sampling.cap_and_score_row_(buffer, temp, 30.0, 0, [])
+        assert got[0].data_ptr() == buffer.data_ptr()
+        for a, b in zip(got, want):
+            assert torch.equal(a, b[r])
+    banned = sampling.cap_and_score_row_(raw[0].clone(), temp, 30.0, 5, [7, 9])[0]
+    assert (banned[:5, [7, 9]] == 0).all() and (banned[5:, [7, 9]] > 0).all()
     with pytest.raises(ValueError, match="fp32"):
-        sampling.temper_and_score(raw.double(), temp, probs_in_place=True)
+        sampling.cap_and_score_row_(raw[0].double(), temp, 30.0, 0, [])
+
+
+def test_top_k_top_p_keep_the_most_probable_tokens():
+    """TopKTopP zeroes every token outside the cut and leaves the others' probabilities as they were."""
+    probs = torch.tensor([[0.5, 0.05, 0.3, 0.15], [0.25, 0.25, 0.25, 0.25], [0.9, 0.06, 0.03, 0.01]])
+
+    def kept(cut, rows=slice(None)) -> list:
+        out = cut(probs[rows])
+        assert torch.equal(out, torch.where(out > 0, probs[rows], 0.0))  # kept probabilities unchanged
+        return (out > 0).int().tolist()
+
+    cut = sampling.TopKTopP
+    assert kept(cut(top_k=2)) == [[1, 0, 1, 0], [1, 1, 1, 1], [1, 1, 0, 0]]  # ties with the last kept are kept
+    assert kept(cut(top_p=0.75)) == [[1, 0, 1, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+    assert kept(cut(top_p=0.81), 0) == [1, 0, 1, 1]
+    # top_p counts within the top_k: of {0.5, 0.3} (mass 0.8), 0.5 is 62.5%
+    assert kept(cut(top_k=2, top_p=0.6), 0) == [1, 0, 0, 0]
+    assert kept(cut(top_k=2, top_p=0.7), 0) == [1, 0, 1, 0]
+    assert torch.equal(cut(top_k=4)(probs), probs) and torch.equal(cut(top_p=1.0)(probs), probs)
+    assert torch.equal(cut(top_p=1e-9)(probs[[0, 2]]), cut(top_k=1)(probs[[0, 2]]))
+
+
+@pytest.mark.parametrize("sample", [sampling.race_sample, sampling.inverse_cdf_sample])
+def test_a_cut_draws_from_the_kept_tokens_in_proportion(sample):
+    """Both samplers draw only kept tokens, each in proportion to its probability, with the draws of the uncut
+    sampler (the generator ends where it would without the cut)."""
+    probs = torch.tensor([0.4, 0.3, 0.2, 0.1]).expand(6000, 4).contiguous()
+    accepted = torch.ones(6000, dtype=torch.bool)
+    a, b = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    drawn = sample(probs, accepted, a, sampling.TopKTopP(top_k=2))
+    sample(probs, accepted, b)
+    assert torch.equal(a.get_state(), b.get_state())
+    counts = torch.bincount(drawn, minlength=4).tolist()
+    assert counts[2:] == [0, 0] and abs(counts[0] / 6000 - 0.4 / 0.7) < 0.03
 
 
 def test_race_falls_back_to_multinomial_where_it_would_differ(monkeypatch):

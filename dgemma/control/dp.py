@@ -295,3 +295,31 @@ def suffix_fits(constraint: Constraint, suffix: list[int], longest: int) -> np.n
         reach = nxt
         fits[length - 1] = bool((reach & good).any())
     return fits
+
+
+class CanvasDP:
+    """A row's constraint over one canvas, as the denoising step asks for it (step.constraint.CanvasConstraint):
+    this module's DP from the automaton state where the canvas starts, ending in one of `end_states` ((S,) bool,
+    `completable_states`; None: any live state)."""
+
+    def __init__(self, constraint: Constraint, start_state: int, end_states: np.ndarray | None):
+        self.constraint, self.start_state, self.end_states = constraint, start_state, end_states
+        self.end_state = start_state
+
+    def read(self, probs: torch.Tensor) -> ClassScores:
+        return class_scores(probs.float().cpu(), self.constraint, probs=True)  # `probs` is read, never written
+
+    def best(self, read: ClassScores, held: torch.Tensor | None) -> torch.Tensor:
+        best = solve(read, self.start_state, hard=held, end_states=self.end_states)
+        self.end_state = int(best.states[-1])
+        return best.tokens
+
+    def nearest(self, read: ClassScores, held: torch.Tensor | None, prefer: torch.Tensor) -> torch.Tensor:
+        return solve(read, self.start_state, hard=held, prefer=prefer, end_states=self.end_states).tokens
+
+
+def canvas_constraints(start: dict) -> dict:
+    """What control.pins.canvas_start gives, as step.CanvasState.start takes it: each constrained row's automaton,
+    the state its canvas starts in and the states it may end in become one CanvasDP."""
+    rows = zip(start.pop("constraints"), start.pop("constraint_start"), start.pop("end_states"))
+    return dict(start, constraints=[None if c is None else CanvasDP(c, s, e) for c, s, e in rows])

@@ -100,7 +100,7 @@ class Engine:
             except SteeringError as e:
                 raise RequestError(str(e), e.param) from None
         request = Request(request_id or f"req-{next(self._ids)}", prompt, params, gen, C, max_canvases,
-                          self.model.device, sink, text, decode)
+                          self.model.device, sink, text, decode, self.model.config.vocab_size)
         self.scheduler.add(request)
         return request
 

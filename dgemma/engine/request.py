@@ -21,6 +21,7 @@ from ..config import GenerationConfig
 from ..control.pins import Steering
 from ..errors import DgemmaError
 from ..sampling import temperature
+from ..step import pick_for
 from .detokenizer import TextStream
 
 
@@ -40,6 +41,12 @@ class SamplingParams:
     tau * (t_min + (t_max - t_min) * n / N). tau = 1 is the checkpoint's schedule. tau = 0 is greedy: the sampled
     token is the argmax; entropies, acceptance and self-conditioning still use the tau = 1 schedule.
 
+    top_k, top_p (None: off): the token kept at an accepted position is drawn from its top_k most probable tokens,
+    then from the smallest most-probable set of those whose mass reaches top_p of theirs (sampling.TopKTopP, as
+    vLLM applies them per request). The cut shapes only that draw: which positions are accepted (the entropy
+    bound), the stop test and the self-conditioning read the whole tempered distribution, as with temperature 0,
+    so top_k=1 writes the argmax and a canvas settles at the pace it would uncut. A greedy request ignores them.
+
     pin_prefix: once a prefix of the canvas has settled (see runner.py) it is kept fixed for the rest of that
     canvas, so it can be streamed before the canvas is committed and is never retracted.
     """
@@ -52,6 +59,8 @@ class SamplingParams:
     entropy_bound: float | None = None
     t_min: float | None = None
     t_max: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
     pin_prefix: bool = True
     include_drafts: bool = False
     skip_special_tokens: bool = True
@@ -75,6 +84,10 @@ class SamplingParams:
               "max_denoising_steps", f"must be an integer in [1, 1024], got {self.max_denoising_steps!r}")
         check(self.entropy_bound is None or (_is_num(self.entropy_bound) and self.entropy_bound > 0),
               "entropy_bound", f"must be a number > 0, got {self.entropy_bound!r}")
+        check(self.top_k is None or (_is_int(self.top_k) and self.top_k > 0), "top_k",
+              f"must be a positive integer (leave it unset for no cut), got {self.top_k!r}")
+        check(self.top_p is None or (_is_num(self.top_p) and 0 < self.top_p <= 1), "top_p",
+              f"must be a number in (0, 1] (leave it unset for no cut), got {self.top_p!r}")
         for name in ("t_min", "t_max"):
             value = getattr(self, name)
             check(value is None or (_is_num(value) and 0 <= value <= 100), name,
@@ -136,7 +149,8 @@ Sink = Callable[[RequestOutput], None]
 class Request:
     def __init__(self, request_id: str, prompt: list[int], params: SamplingParams, gen: GenerationConfig,
                  canvas_length: int, max_canvases: int, device: torch.device, sink: Sink,
-                 text: TextStream | None, decode: Callable[[list[int], bool], str] | None = None):
+                 text: TextStream | None, decode: Callable[[list[int], bool], str] | None = None,
+                 vocab_size: int | None = None):
         self.request_id = request_id
         self.prompt = prompt
         self.params = params
@@ -154,7 +168,8 @@ class Request:
         # The temperature of each step, computed once with the offline loop's own fp32 arithmetic.
         n_steps = gen.max_denoising_steps
         self.temperatures = [float(temperature(gen, n, torch.device("cpu"))) for n in range(n_steps, 0, -1)]
-        self.greedy = params.temperature == 0
+        # how the row picks its kept tokens, made once: the step never tests a request's parameters
+        self.pick = pick_for(params.temperature == 0, params.top_k, params.top_p, vocab_size)
         self.eos = set(gen.eos_token_id)
         self.stop_at: int | None = None  # fill in the middle: the output is the middle, this many tokens
         self.automaton_state: int | None = None  # a constrained request's automaton state after its commits

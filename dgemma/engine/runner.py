@@ -6,7 +6,7 @@ request's generator (canvas init: randint (1, C); per step: the sample's draws, 
 renoising), so a seed gives the same tokens whatever else is batched. With the exact sampler and pinning off a
 row is token-for-token `generate` of one prompt; the default is the fast sampler.
 
-Settled prefix (pin_prefix): see step._pin. Settled positions are pinned for the rest of the canvas, so the
+Settled prefix (pin_prefix): see step/step.py's _pin. Settled positions are pinned for the rest of the canvas, so the
 settled prefix is final and can be streamed before the canvas is committed.
 """
 
@@ -16,11 +16,13 @@ from dataclasses import dataclass
 
 import torch
 
+from ..control.dp import canvas_constraints
 from ..control.infill import check_suffix, infill_steering, middle_length
 from ..control.pins import canvas_start
 from ..model import DiffusionGemma
 from ..sampling import random_tokens
-from ..step import CanvasState, Draws, Sampler, Strategy, default_strategy, denoise_step
+from ..step import (CanvasState, PerRowDraws, Sampler, Strategy, default_strategy, denoise_step, make_head,
+                    token_sampler)
 from .request import Request
 
 
@@ -43,12 +45,14 @@ class ModelRunner:
         self.vocab_size = model.config.vocab_size
         self.cache = model.new_cache(max_num_seqs, max_model_len)
         self.state = CanvasState(model, max_num_seqs, stability_threshold, confidence_threshold)  # by cache row
-        self.draws = Draws.per_request(sampler)
-        self.strategy = Strategy(strategy) if strategy is not None else default_strategy(self.device,
-                                                                                          self.draws.sampler)
+        # the step's strategies, chosen once: each row draws from its request's generator; the head by device
+        self.draws = PerRowDraws(token_sampler(sampler, self.vocab_size, self.device))
+        self.strategy = (Strategy(strategy) if strategy is not None
+                         else default_strategy(self.device, self.draws.sampler.kind))
+        self.head = make_head(self.strategy, model)
 
     def nbytes(self) -> int:
-        return self.cache.nbytes() + self.state.nbytes()
+        return self.cache.nbytes() + self.state.nbytes() + self.head.nbytes()
 
     @torch.inference_mode()
     def prefill(self, request: Request) -> None:
@@ -82,9 +86,10 @@ class ModelRunner:
             return
         # each request is at its own canvas, with its own generator, automaton state and budget
         self.state.start(rows, eos_ids=requests[0].gen.eos_token_id,
-                         **canvas_start(canvas, steerings, [r.canvas_index for r in requests],
-                                        [r.generator for r in requests], [r.automaton_state for r in requests],
-                                        [r.max_new for r in requests]))
+                         **canvas_constraints(canvas_start(canvas, steerings, [r.canvas_index for r in requests],
+                                                           [r.generator for r in requests],
+                                                           [r.automaton_state for r in requests],
+                                                           [r.max_new for r in requests])))
 
     @torch.inference_mode()
     def commit(self, requests: list[Request]) -> None:
@@ -95,7 +100,7 @@ class ModelRunner:
         self.model.encode(self.state.argmax[torch.tensor(rows, device=self.device)], self.cache, rows=rows)
         for r in requests:  # a constrained request's automaton goes on from where its canvas ended
             if self.state.constraints[r.row] is not None:
-                r.automaton_state = self.state.constraint_end[r.row]
+                r.automaton_state = self.state.constraints[r.row].end_state
         self.start_canvases(requests)
 
     @torch.inference_mode()
@@ -110,8 +115,8 @@ class ModelRunner:
         temps, bounds = scalars[:, 0], scalars[:, 1]
         pin, last = (scalars[:, 2:] > 0.5).unbind(dim=1)
         plan = self.model.plan(self.cache, rows, self.canvas_length, encoder=False)
-        done = denoise_step(self.model, self.state, plan, temps, bounds, self.draws, self.strategy,
-                            [r.generator for r in requests], rows=rows, greedy=[r.greedy for r in requests],
+        done = denoise_step(self.model, self.state, plan, self.head, self.draws, temps, bounds,
+                            [r.generator for r in requests], [r.pick for r in requests], rows=rows,
                             settle=pin if any(r.params.pin_prefix for r in requests) else None, last=last,
                             first=all(r.step == 0 for r in requests))
         idx = torch.tensor(rows, device=self.device)
