@@ -5,7 +5,6 @@ sends them. Served live, with the exact sampler, by a tiny random checkpoint and
 
 from __future__ import annotations
 
-import dataclasses
 import time
 
 import httpx
@@ -23,7 +22,6 @@ from dgemma.step import Sampler
 from .test_server import KEY, hang_up_after_first_chunk, metric, runtime  # noqa: F401 (runtime: the tiny checkpoint, a module fixture)
 
 MODEL = "tiny-fields"
-HAS_CUTS = {"top_p", "top_k"} <= {f.name for f in dataclasses.fields(SamplingParams)}
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")
 
@@ -108,7 +106,6 @@ def processor(runtime) -> InputProcessor:
     return InputProcessor(tokenizer, ckpt.generation, ckpt.model.config.vocab_size, 256, ckpt.model.canvas_length)
 
 
-@pytest.mark.skipif(not HAS_CUTS, reason="SamplingParams has no top_p/top_k fields yet (the sampler change adds them)")
 def test_top_p_and_top_k_reach_sampling_params(runtime):
     body = ChatCompletionRequest.model_validate(dict(CHAT, top_p=0.9, top_k=5))
     params = chat_input(processor(runtime), body, ServingOptions()).params
@@ -118,16 +115,6 @@ def test_top_p_and_top_k_reach_sampling_params(runtime):
     assert off.top_k is None and off.top_p is None  # -1 is vLLM's "no cut"
 
 
-@pytest.mark.skipif(HAS_CUTS, reason="the engine applies top_p/top_k: the test above covers the mapping")
-def test_top_p_and_top_k_are_refused_while_the_engine_cannot_apply_them(runtime):
-    for field, value in (("top_p", 0.9), ("top_k", 5)):
-        body = CompletionRequest.model_validate(dict(COMPLETION, **{field: value}))
-        with pytest.raises(InputError) as e:
-            completion_input(processor(runtime), body, ServingOptions())
-        assert e.value.param == field
-
-
-@pytest.mark.skipif(not HAS_CUTS, reason="SamplingParams has no top_k field yet (the sampler change adds it)")
 def test_top_k_and_top_p_reach_the_sampler_end_to_end(client, engine):
     """The server's answer is the engine's own for the same cut, and a cut changes the answer of a seed."""
     kw = dict(model=MODEL, prompt=[5, 6, 7], max_tokens=32, seed=3)

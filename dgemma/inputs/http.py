@@ -6,7 +6,7 @@ long prompts, images and constraint compiles take time); every refusal is an Inp
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 from ..control.steering import ConstraintSpec, SteeringSpec, ToolCallSpec
 from ..engine.request import RequestError, SamplingParams
@@ -129,19 +129,8 @@ def sampling_params(body, plan, options: ServingOptions, read: StructuredRead, s
 
 
 def sampler_cuts(body) -> dict:
-    """top_p and top_k as SamplingParams takes them, only those set: top_k -1 or 0 is no cut (as vLLM reads it). An
-    engine whose SamplingParams has no such field takes only the value that cuts nothing (top_p 1, no top_k); any
-    other is refused, never ignored."""
-    top_k = None if body.top_k in (-1, 0) else body.top_k
-    given = {name: value for name, value in (("top_p", body.top_p), ("top_k", top_k)) if value is not None}
-    known = {f.name for f in fields(SamplingParams)}
-    for name, value in list(given.items()):
-        if name not in known:
-            if name == "top_p" and value == 1:
-                del given[name]
-                continue
-            raise InputError(f"{name}: this engine does not apply {name} yet; leave it unset", name)
-    return given
+    """top_p and top_k as SamplingParams takes them: top_k -1 or 0 is no cut (as vLLM reads it)."""
+    return {"top_p": body.top_p, "top_k": None if body.top_k in (-1, 0) else body.top_k}
 
 
 def choice_params(params: SamplingParams, n: int) -> list[SamplingParams]:
