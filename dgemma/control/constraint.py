@@ -146,13 +146,14 @@ class Constraint:
                               description=f"choice of {len(options)}")
 
     def check_budget(self, max_tokens: int | None) -> None:
-        """ConstraintError unless some accepted text fits in `max_tokens` tokens (None: no limit)."""
+        """ConstraintError unless some accepted text and its EOS fit in `max_tokens` tokens (None: no limit): an
+        output that stops within its budget, as every constrained output does."""
         if max_tokens is None:
             return
         shortest = self.min_tokens_to_accept(self.initial_state)
-        if shortest > max_tokens:
+        if shortest + 1 > max_tokens:
             raise ConstraintError(f"{self.description}: no accepted text fits in max_tokens={max_tokens} "
-                                  f"(the shortest needs {shortest} tokens)")
+                                  f"(the shortest needs {shortest} tokens and EOS)")
 
     # ---- queries
 
