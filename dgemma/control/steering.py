@@ -7,7 +7,8 @@ What a spec may hold, and how build_steering reads it:
   2. a seed: `seed_tokens` or a `prediction` (text), renoised by `strength` (default 0.2 for a seed);
   3. a `suffix` (fill in the middle: resolved into pins at prefill, control/infill.py);
   4. a constraint: `constraint` (a JSON schema, JSON object, regex or choice) or a forced `tool_call`, not both,
-     compiled over the tokenizer's constraint vocabulary for the output budget `max_tokens`.
+     compiled over the tokenizer's constraint vocabulary for the output budget `max_tokens`. With `thinking` (the
+     chat was rendered with thinking on) it applies to the answer after a free thought (control/thought.py).
 Text a user wrote for the output (prediction, template literals) is plain text: "<eos>" typed in it is five
 characters, never the EOS token. A suffix is read as a prompt is (special-token text is its token).
 Every refusal is a SteeringError naming the request field it came from.
@@ -59,6 +60,7 @@ class SteeringSpec:
     constraint: ConstraintSpec | None = None
     tool_call: ToolCallSpec | None = None
     max_tokens: int | None = None  # the output budget the request asked for (None: until EOS)
+    thinking: bool = False  # the reply may open with a thought; a constraint applies to the answer after it
     pins_from: str = "pinned"  # the request field `pinned` came from, which errors name
     seed_from: str = "seed_tokens"  # the request field `seed_tokens` came from
 
@@ -147,13 +149,33 @@ def _constraint(spec: SteeringSpec, tokenizer, vocabulary, max_tokens: int | Non
     """The compiled automaton of spec.constraint or spec.tool_call, or None."""
     if spec.constraint is None and spec.tool_call is None:
         return None
-    from .constraint import Constraint, ConstraintError
-
     asked = spec.constraint
     param = asked.param if asked is not None else "tool_choice"
     _need_tokenizer(tokenizer, param, "it cannot constrain text")
     if asked is None:
-        return _tool_call(spec.tool_call, tokenizer, vocabulary(), max_tokens)
+        answer = _tool_call(spec.tool_call, tokenizer, vocabulary(), max_tokens)
+    else:
+        answer = _answer(asked, vocabulary, max_tokens)
+    return _after_thought(answer, tokenizer, param) if spec.thinking else answer
+
+
+def _after_thought(answer, tokenizer, param: str):
+    """`answer` after a free thought, when the chat was rendered with thinking on."""
+    from .thought import after_thought
+    from ..thinking import CHANNEL_CLOSE, CHANNEL_OPEN
+
+    ids = [tokenizer.token_id(m) for m in (CHANNEL_OPEN, CHANNEL_CLOSE)]
+    if None in ids:
+        raise SteeringError(f"thinking is on, but this model's tokenizer has no {CHANNEL_OPEN} and {CHANNEL_CLOSE} "
+                            f"tokens, so the constraint cannot follow a thought", param)
+    return after_thought(answer, *ids)
+
+
+def _answer(asked: ConstraintSpec, vocabulary, max_tokens: int | None):
+    """The compiled automaton of a response_format or structured_outputs constraint."""
+    from .constraint import Constraint, ConstraintError
+
+    param = asked.param
     build: Mapping[str, Callable] = {
         "json_schema": lambda v, vocab: Constraint.from_json_schema(v, vocab, max_tokens=max_tokens),
         "json_object": lambda v, vocab: Constraint.json_object(vocab, max_tokens=max_tokens),
