@@ -82,16 +82,16 @@ class Steering:
             if self.constraint.vocab_size < vocab_size:
                 raise SteeringError(f"the constraint was built for {self.constraint.vocab_size} tokens, the model "
                                     f"has {vocab_size}", "response_format")
-            try:
-                self.constraint.check_budget(max_new)
-            except ConstraintError as e:
-                raise SteeringError(str(e), "max_tokens") from None
             c = self.constraint
             if self.pinned and self.suffix is not None:
                 raise SteeringError("a constraint with a suffix cannot also take pinned positions", self.pins_from)
             if self.pinned and not completable_states(c, self.pinned, 0, max_new, eos=True)[c.initial_state]:
                 raise SteeringError(f"{c.description}: no text it allows holds the pinned tokens at their positions "
                                     f"within max_tokens={max_new}", self.pins_from)
+            try:
+                self.constraint.check_budget(max_new)
+            except ConstraintError as e:
+                raise SteeringError(str(e), "max_tokens") from None
         s = self.strength
         if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s) or not 0 <= s <= 1:
             raise SteeringError(f"strength must be a number in [0, 1], got {s!r}", "strength")

@@ -99,9 +99,9 @@ def build_steering(spec: SteeringSpec, tokenizer, vocabulary: Callable[[], objec
         suffix = _encode(tokenizer, suffix, "suffix", max_text_bytes, plain=False) or None
     elif suffix is not None:
         suffix = list(suffix)
-    # 4. the constraint, for the budget the output has (a template is the whole output)
-    budget = spec.max_tokens or (max(pins) + 1 if spec.template is not None else None)
-    constraint = _constraint(spec, tokenizer, vocabulary, budget)
+    # 4. the constraint, for the budget the output has (a template's length is checked with its pins, which end
+    # in EOS, by Steering.check, so a refusal names the template)
+    constraint = _constraint(spec, tokenizer, vocabulary, spec.max_tokens)
     if pins is None and seed is None and suffix is None and constraint is None:
         return None
     strength = spec.strength
