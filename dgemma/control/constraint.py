@@ -104,10 +104,14 @@ class Constraint:
     @classmethod
     def _cached(cls, key, source: dict, vocabulary: ConstraintVocabulary, max_tokens: int | None,
                 limits: CompileLimits, description: str) -> "Constraint":
+        from .gate import COMPILES, CompileFailure
+
         constraint = vocabulary.cache.get(key)
-        if constraint is None:
-            constraint = _compile(source, vocabulary, limits, description)
-            vocabulary.cache[key] = constraint
+        if constraint is None:  # compiled under the gate's bounds; a failure is cached too
+            constraint = COMPILES.compiled(key, vocabulary.cache,
+                                           lambda: _compile(source, vocabulary, limits, description), description)
+        if isinstance(constraint, CompileFailure):
+            raise ConstraintError(constraint.message)
         constraint.check_budget(max_tokens)
         return constraint
 
