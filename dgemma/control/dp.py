@@ -206,9 +206,10 @@ def solve(scores: ClassScores, start_state: int | None = None, hard: torch.Tenso
     for c in range(canvas_length):
         into = score[c, moves.pair_src] + pair_value[c]  # (P,)
         score[c + 1, moves.dst_with_pairs] = np.maximum.reduceat(into, moves.dst_pairs_start)
-        if done_from is not None and c + 1 >= done_from:
-            score[c + 1, :constraint.done_state] = -np.inf  # DONE is the last state
-            score[c + 1, constraint.done_state + 1:] = -np.inf
+        if done_from is not None and c + 1 >= done_from:  # past the budget: only DONE
+            done_score = score[c + 1, constraint.done_state]
+            score[c + 1] = -np.inf
+            score[c + 1, constraint.done_state] = done_score
 
     # 4. the best end state from which the rest of the output fits
     end_ok = score[canvas_length] > -np.inf
