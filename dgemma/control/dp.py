@@ -177,24 +177,7 @@ def solve(scores: ClassScores, start_state: int | None = None, hard: torch.Tenso
     if not 0 <= start < constraint.num_states:
         raise ValueError(f"start_state {start} is not a state of the constraint (0..{constraint.num_states - 1})")
     moves = _moves(constraint)
-    fixed = {}  # position -> the token it is steered to (hard or preferred)
-    if prefer is not None or hard is not None:
-        best_np = best_np.copy()
-        token_class = constraint.token_class
-        for steer, other in ((prefer, np.log(PREFER_PENALTY)), (hard, FLOOR * (canvas_length + 1))):
-            if steer is None:
-                continue
-            at = torch.nonzero(steer >= 0).squeeze(1)
-            if len(at) == 0:
-                continue
-            toks = steer[at]
-            rows, cls = at.numpy(), token_class[toks].numpy()
-            if steer is hard:
-                best_np[rows] = other
-            else:
-                best_np[rows] += other
-            best_np[rows, cls] = 0.0
-            fixed.update(zip(rows.tolist(), toks.tolist()))
+    best_np, fixed = _steered(best_np, constraint, hard, prefer)
 
     # 2. best class move per (position, state pair), via the distinct class sets
     set_value = np.maximum.reduceat(best_np.T[moves.set_members], moves.set_start, axis=0)  # (Q, C)
@@ -253,6 +236,31 @@ def solve(scores: ClassScores, start_state: int | None = None, hard: torch.Tenso
     chosen = log_probs.gather(1, tokens[:, None]).double()
     log_prob = float((chosen.log() if scores.probs else chosen).clamp(min=FLOOR).sum())
     return ValidTokens(tokens, torch.from_numpy(states), log_prob)
+
+
+def _steered(best_np: np.ndarray, constraint: Constraint, hard: torch.Tensor | None, prefer: torch.Tensor | None
+             ) -> tuple[np.ndarray, dict]:
+    """Class scores with `solve`'s held (`hard`) and preferred tokens applied, and position -> the token each
+    steered position is steered to."""
+    fixed = {}
+    if prefer is None and hard is None:
+        return best_np, fixed
+    best_np = best_np.copy()
+    for steer, other in ((prefer, np.log(PREFER_PENALTY)), (hard, FLOOR * (best_np.shape[0] + 1))):
+        if steer is None:
+            continue
+        at = torch.nonzero(steer >= 0).squeeze(1)
+        if len(at) == 0:
+            continue
+        toks = steer[at]
+        rows, cls = at.numpy(), constraint.token_class[toks].numpy()
+        if steer is hard:
+            best_np[rows] = other
+        else:
+            best_np[rows] += other
+        best_np[rows, cls] = 0.0
+        fixed.update(zip(rows.tolist(), toks.tolist()))
+    return best_np, fixed
 
 
 def completable_states(constraint: Constraint, pinned: dict[int, int], start: int,
