@@ -137,3 +137,41 @@ def test_canvas_rule_ends_the_last_partial_canvas_in_done(tok, constraints):
     with pytest.raises(Exception, match="EOS within its first"):
         # from the initial state no string and its EOS fit in 1 token
         solve(class_scores(torch.zeros(C, c.vocab_size), c), c.initial_state, end_states=end_states, done_from=1)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    from dgemma import checkpoint
+    from dgemma.engine import Engine
+    from dgemma.server import ServerThread, Serving, build_app
+    from dgemma.testing import write_tiny_checkpoint
+
+    model_dir = write_tiny_checkpoint(tmp_path_factory.mktemp("budget"), canvas_length=C, max_denoising_steps=2)
+    ckpt = checkpoint.load(model_dir, quiet=True)
+    engine = Engine(ckpt.model, ckpt.generation, Tokenizer.from_dir(model_dir), max_num_seqs=2,
+                    max_model_len=512).start()
+    srv = ServerThread(build_app(Serving(engine, Tokenizer.from_dir(model_dir), "tiny"))).start()
+    yield srv
+    srv.stop()
+    engine.stop()
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@given(which=st.integers(0, len(SCHEMAS) - 1), max_tokens=st.integers(1, 5 * C))
+def test_the_server_answers_valid_json_or_a_400(server, constraints, which, max_tokens):
+    """As a user sees it, through the openai client: a complete answer that validates, finish_reason "stop", or a
+    400 naming max_tokens when even the shortest valid answer and its EOS cannot fit."""
+    import openai
+
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", timeout=120, max_retries=0)
+    schema = SCHEMAS[which]
+    try:
+        out = client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "?"}], max_tokens=max_tokens, seed=max_tokens,
+            response_format={"type": "json_schema", "json_schema": {"name": "s", "schema": schema}})
+    except openai.BadRequestError as e:
+        c = constraints[which]
+        assert e.body["param"] == "max_tokens" and c.min_tokens_to_accept(c.initial_state) + 1 > max_tokens
+        return
+    assert out.choices[0].finish_reason == "stop" and out.usage.completion_tokens <= max_tokens
+    jsonschema.validate(json.loads(out.choices[0].message.content), schema)

@@ -153,9 +153,15 @@ def _constraint(spec: SteeringSpec, tokenizer, vocabulary, max_tokens: int | Non
     param = asked.param if asked is not None else "tool_choice"
     _need_tokenizer(tokenizer, param, "it cannot constrain text")
     if asked is None:
-        answer = _tool_call(spec.tool_call, tokenizer, vocabulary(), max_tokens)
+        answer = _tool_call(spec.tool_call, tokenizer, vocabulary())
     else:
-        answer = _answer(asked, vocabulary, max_tokens)
+        answer = _answer(asked, vocabulary)
+    from .constraint import ConstraintError
+
+    try:
+        answer.check_budget(max_tokens)  # a refusal names the budget, not the constraint
+    except ConstraintError as e:
+        raise SteeringError(str(e), "max_tokens") from None
     return _after_thought(answer, tokenizer, param) if spec.thinking else answer
 
 
@@ -171,23 +177,23 @@ def _after_thought(answer, tokenizer, param: str):
     return after_thought(answer, *ids)
 
 
-def _answer(asked: ConstraintSpec, vocabulary, max_tokens: int | None):
+def _answer(asked: ConstraintSpec, vocabulary):
     """The compiled automaton of a response_format or structured_outputs constraint."""
     from .constraint import Constraint, ConstraintError
 
     param = asked.param
     build: Mapping[str, Callable] = {
-        "json_schema": lambda v, vocab: Constraint.from_json_schema(v, vocab, max_tokens=max_tokens),
-        "json_object": lambda v, vocab: Constraint.json_object(vocab, max_tokens=max_tokens),
-        "regex": lambda v, vocab: Constraint.from_regex(v, vocab, max_tokens=max_tokens),
-        "choice": lambda v, vocab: Constraint.from_choice(v, vocab, max_tokens=max_tokens)}
+        "json_schema": lambda v, vocab: Constraint.from_json_schema(v, vocab),
+        "json_object": lambda v, vocab: Constraint.json_object(vocab),
+        "regex": lambda v, vocab: Constraint.from_regex(v, vocab),
+        "choice": lambda v, vocab: Constraint.from_choice(v, vocab)}
     try:
         return build[asked.kind](asked.value, vocabulary())
     except ConstraintError as e:
         raise SteeringError(str(e), param) from None
 
 
-def _tool_call(call: ToolCallSpec, tokenizer, vocabulary, max_tokens: int | None):
+def _tool_call(call: ToolCallSpec, tokenizer, vocabulary):
     """The automaton for a forced tool call: the Gemma call syntax with arguments valid against the function's
     parameters (control/tools.py)."""
     from .constraint import Constraint, ConstraintError
@@ -204,7 +210,7 @@ def _tool_call(call: ToolCallSpec, tokenizer, vocabulary, max_tokens: int | None
     except SchemaError as e:
         raise SteeringError(f"tools: {e}", "tools") from None
     try:
-        return Constraint.from_regex(regex, tool_vocabulary(vocabulary, marker_ids), max_tokens=max_tokens,
+        return Constraint.from_regex(regex, tool_vocabulary(vocabulary, marker_ids),
                                      description=f"tool call ({call.name or call.choice})")
     except ConstraintError as e:
         raise SteeringError(str(e), "tool_choice") from None
