@@ -4,6 +4,7 @@
     python benchmarks/structured_output.py cost --vocab 32000 [--steps 8] [--threads 2]
     python benchmarks/structured_output.py cost --vocab 262144
     python benchmarks/structured_output.py tool-compile --vocab 262144
+    python benchmarks/structured_output.py cache-hit --vocab 32000 [--hits 2000]
 
 validity: per constraint kind, `--requests` outputs (batches of 8, over 5 random tiny models and seeds) through
 generate with the constraint, checked with jsonschema / re.fullmatch / json.loads / membership; the same
@@ -17,6 +18,11 @@ steps at batch 1, with and without the JSON-object constraint; ms per step of ea
 
 tool-compile: the named-tool constraint of `validity` compiled over the synthetic vocabulary of --vocab tokens plus
 the three tool marker tokens (what a server pays on the first forced call of a function; cached afterwards).
+
+cache-hit: `SCHEMA` compiled once over the synthetic vocabulary of --vocab tokens, then asked for --hits more times
+as a request asks for it (`Constraint.from_json_schema` with a max_tokens: the key, the LRU look-up, the budget
+check); the same for the automaton after a thought (thinking on). Prints the first compile and the hits' p50, p99
+and max in ms.
 """
 
 from __future__ import annotations
@@ -167,9 +173,33 @@ def tool_compile(vocab_size: int) -> None:
           f"{constraint.num_classes} token classes)")
 
 
+def cache_hit(vocab_size: int, hits: int) -> None:
+    from dgemma.control.thought import after_thought
+
+    vocab = synthetic_vocabulary(vocab_size)
+    t = time.perf_counter()
+    constraint = Constraint.from_json_schema(SCHEMA, vocab, max_tokens=256)
+    print(f"vocabulary {vocab_size}: compiled in {time.perf_counter() - t:.2f} s ({constraint.num_states} states)")
+    t = time.perf_counter()
+    after_thought(constraint, 0, 2)  # two ids that spell no text stand for the channel markers
+    print(f"  after a thought, built once in {(time.perf_counter() - t) * 1e3:.1f} ms")
+    for label, ask in (("cache hit", lambda: Constraint.from_json_schema(SCHEMA, vocab, max_tokens=256)),
+                       ("cache hit after a thought", lambda: after_thought(
+                           Constraint.from_json_schema(SCHEMA, vocab, max_tokens=256), 0, 2))):
+        times = []
+        for _ in range(hits):
+            t = time.perf_counter()
+            assert ask() is not None
+            times.append((time.perf_counter() - t) * 1e3)
+        times.sort()
+        print(f"  {label}: p50 {times[len(times) // 2]:.3f} ms, p99 {times[int(len(times) * 0.99)]:.3f} ms, "
+              f"max {times[-1]:.3f} ms over {hits}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["validity", "cost", "tool-compile"])
+    ap.add_argument("what", choices=["validity", "cost", "tool-compile", "cache-hit"])
+    ap.add_argument("--hits", type=int, default=2000)
     ap.add_argument("--requests", type=int, default=200)
     ap.add_argument("--kinds", nargs="+", default=["regex", "choice", "schema", "object", "tool"],
                     choices=["regex", "choice", "schema", "object", "tool"])
@@ -183,6 +213,8 @@ def main() -> None:
         validity(args.requests, args.kinds)
     elif args.what == "tool-compile":
         tool_compile(args.vocab)
+    elif args.what == "cache-hit":
+        cache_hit(args.vocab, args.hits)
     else:
         cost(args.vocab, args.steps, args.threads, args.pairs)
 

@@ -104,10 +104,14 @@ class Constraint:
     @classmethod
     def _cached(cls, key, source: dict, vocabulary: ConstraintVocabulary, max_tokens: int | None,
                 limits: CompileLimits, description: str) -> "Constraint":
+        from .gate import COMPILES, CompileFailure
+
         constraint = vocabulary.cache.get(key)
-        if constraint is None:
-            constraint = _compile(source, vocabulary, limits, description)
-            vocabulary.cache[key] = constraint
+        if constraint is None:  # compiled under the gate's bounds; a failure is cached too
+            constraint = COMPILES.compiled(key, vocabulary.cache,
+                                           lambda: _compile(source, vocabulary, limits, description), description)
+        if isinstance(constraint, CompileFailure):
+            raise ConstraintError(constraint.message)
         constraint.check_budget(max_tokens)
         return constraint
 
@@ -146,13 +150,14 @@ class Constraint:
                               description=f"choice of {len(options)}")
 
     def check_budget(self, max_tokens: int | None) -> None:
-        """ConstraintError unless some accepted text fits in `max_tokens` tokens (None: no limit)."""
+        """ConstraintError unless some accepted text and its EOS fit in `max_tokens` tokens (None: no limit): an
+        output that stops within its budget, as every constrained output does."""
         if max_tokens is None:
             return
         shortest = self.min_tokens_to_accept(self.initial_state)
-        if shortest > max_tokens:
+        if shortest + 1 > max_tokens:
             raise ConstraintError(f"{self.description}: no accepted text fits in max_tokens={max_tokens} "
-                                  f"(the shortest needs {shortest} tokens)")
+                                  f"(the shortest needs {shortest} tokens and EOS)")
 
     # ---- queries
 

@@ -161,9 +161,12 @@ def class_scores(log_probs: torch.Tensor, constraint: Constraint, probs: bool = 
 
 
 def solve(scores: ClassScores, start_state: int | None = None, hard: torch.Tensor | None = None,
-          prefer: torch.Tensor | None = None, end_states: np.ndarray | None = None) -> ValidTokens:
+          prefer: torch.Tensor | None = None, end_states: np.ndarray | None = None,
+          done_from: int | None = None) -> ValidTokens:
     """Steps 2-6 over shared class scores. end_states (S,) bool: the states the canvas may end in (`completable_states`:
-    the rest of the output fits the budget and meets the later pins; None: any live state). hard (C,) long: where >= 0,
+    the rest of the output fits the budget and meets the later pins; None: any live state). done_from: the canvas
+    position from which the automaton must be in DONE (the output budget ends inside this canvas: EOS comes before
+    it, and the positions from it on, which the output never shows, are EOS or pad). hard (C,) long: where >= 0,
     the token that position must keep; any other token there costs more than every floored token elsewhere together, so
     hard tokens are kept whenever some valid sequence keeps them (held text that was valid and completable when it
     settled). prefer (C,) long: where >= 0, a token counted as certain there, every other token at PREFER_PENALTY of its
@@ -174,24 +177,7 @@ def solve(scores: ClassScores, start_state: int | None = None, hard: torch.Tenso
     if not 0 <= start < constraint.num_states:
         raise ValueError(f"start_state {start} is not a state of the constraint (0..{constraint.num_states - 1})")
     moves = _moves(constraint)
-    fixed = {}  # position -> the token it is steered to (hard or preferred)
-    if prefer is not None or hard is not None:
-        best_np = best_np.copy()
-        token_class = constraint.token_class
-        for steer, other in ((prefer, np.log(PREFER_PENALTY)), (hard, FLOOR * (canvas_length + 1))):
-            if steer is None:
-                continue
-            at = torch.nonzero(steer >= 0).squeeze(1)
-            if len(at) == 0:
-                continue
-            toks = steer[at]
-            rows, cls = at.numpy(), token_class[toks].numpy()
-            if steer is hard:
-                best_np[rows] = other
-            else:
-                best_np[rows] += other
-            best_np[rows, cls] = 0.0
-            fixed.update(zip(rows.tolist(), toks.tolist()))
+    best_np, fixed = _steered(best_np, constraint, hard, prefer)
 
     # 2. best class move per (position, state pair), via the distinct class sets
     set_value = np.maximum.reduceat(best_np.T[moves.set_members], moves.set_start, axis=0)  # (Q, C)
@@ -203,6 +189,10 @@ def solve(scores: ClassScores, start_state: int | None = None, hard: torch.Tenso
     for c in range(canvas_length):
         into = score[c, moves.pair_src] + pair_value[c]  # (P,)
         score[c + 1, moves.dst_with_pairs] = np.maximum.reduceat(into, moves.dst_pairs_start)
+        if done_from is not None and c + 1 >= done_from:  # past the budget: only DONE
+            done_score = score[c + 1, constraint.done_state]
+            score[c + 1] = -np.inf
+            score[c + 1, constraint.done_state] = done_score
 
     # 4. the best end state from which the rest of the output fits
     end_ok = score[canvas_length] > -np.inf
@@ -210,6 +200,7 @@ def solve(scores: ClassScores, start_state: int | None = None, hard: torch.Tenso
         end_ok &= end_states
     if not end_ok.any():
         fits = "" if end_states is None else " and ends where the rest of the output fits (its budget, later pins)"
+        fits += "" if done_from is None else f" with EOS within its first {done_from}"
         raise ConstraintError(f"{constraint.description}: no sequence of {canvas_length} tokens from state {start} "
                               f"is allowed{fits}")
     state = int(np.where(end_ok, score[canvas_length], -np.inf).argmax())
@@ -247,12 +238,38 @@ def solve(scores: ClassScores, start_state: int | None = None, hard: torch.Tenso
     return ValidTokens(tokens, torch.from_numpy(states), log_prob)
 
 
+def _steered(best_np: np.ndarray, constraint: Constraint, hard: torch.Tensor | None, prefer: torch.Tensor | None
+             ) -> tuple[np.ndarray, dict]:
+    """Class scores with `solve`'s held (`hard`) and preferred tokens applied, and position -> the token each
+    steered position is steered to."""
+    fixed = {}
+    if prefer is None and hard is None:
+        return best_np, fixed
+    best_np = best_np.copy()
+    for steer, other in ((prefer, np.log(PREFER_PENALTY)), (hard, FLOOR * (best_np.shape[0] + 1))):
+        if steer is None:
+            continue
+        at = torch.nonzero(steer >= 0).squeeze(1)
+        if len(at) == 0:
+            continue
+        toks = steer[at]
+        rows, cls = at.numpy(), constraint.token_class[toks].numpy()
+        if steer is hard:
+            best_np[rows] = other
+        else:
+            best_np[rows] += other
+        best_np[rows, cls] = 0.0
+        fixed.update(zip(rows.tolist(), toks.tolist()))
+    return best_np, fixed
+
+
 def completable_states(constraint: Constraint, pinned: dict[int, int], start: int,
-                       max_new: int | None) -> np.ndarray:
+                       max_new: int | None, eos: bool = False) -> np.ndarray:
     """(S,) bool: the states from which output positions [start, max_new) can hold every pin that falls there
     (output position -> token id) and the text be complete at max_new (max_new None: no budget, so after the last
-    pin any live state will do). Without pins at or after `start` this is `distance <= max_new - start`, the
-    budget rule of `best_valid_tokens`'s tokens_after. Backward from the last pin: a pinned position moves along its
+    pin any live state will do); with `eos`, complete with its EOS among those positions (in DONE at max_new: an
+    output that ends within max_tokens). Without pins at or after `start` this is `distance <= max_new - start`
+    (with `eos`, `tokens_to_done`), the budget rule of `best_valid_tokens`'s tokens_after. Backward from the last pin: a pinned position moves along its
     token's class only, any other position along every move the constraint allows; O(pairs) per position."""
     moves = _moves(constraint)
     later = [p for p in pinned if p >= start]
@@ -260,7 +277,7 @@ def completable_states(constraint: Constraint, pinned: dict[int, int], start: in
     if max_new is None:
         ok = np.ones(moves.num_states, dtype=bool)
     else:
-        ok = constraint.distance.numpy() <= max(max_new - end, 0)
+        ok = (tokens_to_done(constraint) if eos else constraint.distance.numpy()) <= max(max_new - end, 0)
     table = constraint.transitions.numpy()
     for position in range(end - 1, start - 1, -1):
         token = pinned.get(position)
@@ -272,6 +289,26 @@ def completable_states(constraint: Constraint, pinned: dict[int, int], start: in
             reach = (nxt != INVALID) & ok[np.maximum(nxt, 0)]
         ok = reach
     return ok
+
+
+def tokens_to_done(constraint: Constraint) -> np.ndarray:
+    """(S,) the fewest tokens from each state to DONE: the text completed, then its EOS (0 in DONE)."""
+    steps = constraint.distance.numpy() + 1
+    steps[constraint.done_state] = 0
+    return steps
+
+
+def canvas_rule(constraint: Constraint, pinned: dict[int, int], index: int, canvas_length: int,
+                max_new: int | None) -> tuple[np.ndarray, int | None]:
+    """How canvas `index` of an output of at most `max_new` tokens (None: no budget) must end under `constraint`:
+    the states it may end in (every later pin reachable, the text and its EOS within the budget:
+    `completable_states`), and the canvas position from which it must be in DONE when the budget ends inside it
+    (else None). So the last canvas may be partial: its text ends with EOS before the budget does."""
+    end = (index + 1) * canvas_length
+    done_from = None
+    if max_new is not None and max_new < end:
+        done_from = max(max_new - index * canvas_length, 0)
+    return completable_states(constraint, pinned, end, max_new, eos=True), done_from
 
 
 def suffix_fits(constraint: Constraint, suffix: list[int], longest: int) -> np.ndarray:
@@ -300,26 +337,29 @@ def suffix_fits(constraint: Constraint, suffix: list[int], longest: int) -> np.n
 class CanvasDP:
     """A row's constraint over one canvas, as the denoising step asks for it (step.constraint.CanvasConstraint):
     this module's DP from the automaton state where the canvas starts, ending in one of `end_states` ((S,) bool,
-    `completable_states`; None: any live state)."""
+    `completable_states`; None: any live state) and in DONE from position `done_from` on (`canvas_rule`)."""
 
-    def __init__(self, constraint: Constraint, start_state: int, end_states: np.ndarray | None):
+    def __init__(self, constraint: Constraint, start_state: int, end_states: np.ndarray | None,
+                 done_from: int | None = None):
         self.constraint, self.start_state, self.end_states = constraint, start_state, end_states
+        self.done_from = done_from
         self.end_state = start_state
 
     def read(self, probs: torch.Tensor) -> ClassScores:
         return class_scores(probs.float().cpu(), self.constraint, probs=True)  # `probs` is read, never written
 
     def best(self, read: ClassScores, held: torch.Tensor | None) -> torch.Tensor:
-        best = solve(read, self.start_state, hard=held, end_states=self.end_states)
+        best = solve(read, self.start_state, hard=held, end_states=self.end_states, done_from=self.done_from)
         self.end_state = int(best.states[-1])
         return best.tokens
 
     def nearest(self, read: ClassScores, held: torch.Tensor | None, prefer: torch.Tensor) -> torch.Tensor:
-        return solve(read, self.start_state, hard=held, prefer=prefer, end_states=self.end_states).tokens
+        return solve(read, self.start_state, hard=held, prefer=prefer, end_states=self.end_states,
+                     done_from=self.done_from).tokens
 
 
 def canvas_constraints(start: dict) -> dict:
     """What control.pins.canvas_start gives, as step.CanvasState.start takes it: each constrained row's automaton,
-    the state its canvas starts in and the states it may end in become one CanvasDP."""
-    rows = zip(start.pop("constraints"), start.pop("constraint_start"), start.pop("end_states"))
-    return dict(start, constraints=[None if c is None else CanvasDP(c, s, e) for c, s, e in rows])
+    the state its canvas starts in and how it must end (`canvas_rule`) become one CanvasDP."""
+    rows = zip(start.pop("constraints"), start.pop("constraint_start"), start.pop("end_rules"))
+    return dict(start, constraints=[None if c is None else CanvasDP(c, s, *rule) for c, s, rule in rows])

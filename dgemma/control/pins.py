@@ -82,16 +82,16 @@ class Steering:
             if self.constraint.vocab_size < vocab_size:
                 raise SteeringError(f"the constraint was built for {self.constraint.vocab_size} tokens, the model "
                                     f"has {vocab_size}", "response_format")
+            c = self.constraint
+            if self.pinned and self.suffix is not None:
+                raise SteeringError("a constraint with a suffix cannot also take pinned positions", self.pins_from)
+            if self.pinned and not completable_states(c, self.pinned, 0, max_new, eos=True)[c.initial_state]:
+                raise SteeringError(f"{c.description}: no text it allows holds the pinned tokens at their positions "
+                                    f"within max_tokens={max_new}", self.pins_from)
             try:
                 self.constraint.check_budget(max_new)
             except ConstraintError as e:
                 raise SteeringError(str(e), "max_tokens") from None
-            c = self.constraint
-            if self.pinned and self.suffix is not None:
-                raise SteeringError("a constraint with a suffix cannot also take pinned positions", self.pins_from)
-            if self.pinned and not completable_states(c, self.pinned, 0, max_new)[c.initial_state]:
-                raise SteeringError(f"{c.description}: no text it allows holds the pinned tokens at their positions "
-                                    f"within max_tokens={max_new}", self.pins_from)
         s = self.strength
         if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s) or not 0 <= s <= 1:
             raise SteeringError(f"strength must be a number in [0, 1], got {s!r}", "strength")
@@ -151,8 +151,8 @@ def canvas_start(canvas: torch.Tensor, steerings: list[Steering | None], indices
     """What step.CanvasState.start takes from the rows' steering, for rows at canvases `indices`: the seeded
     canvas, the pins, where EOS is banned, and for each constrained row the automaton state its canvas starts in
     (`automaton_states`: where the last commit left it, None before the first) and the states it may end in: the
-    text completable within the row's output budget (`max_new`), and every later pin still reachable."""
-    from .dp import completable_states
+    text and its EOS within the row's output budget (`max_new`), every later pin still reachable: dp.canvas_rule)."""
+    from .dp import canvas_rule
 
     C = canvas.shape[1]
     canvas, pinned, values = start_canvas(canvas, steerings, indices, generators)
@@ -162,8 +162,8 @@ def canvas_start(canvas: torch.Tensor, steerings: list[Steering | None], indices
                 constraints=constraints,
                 constraint_start=[c.initial_state if c is not None and a is None else a
                                   for c, a in zip(constraints, automaton_states)],
-                end_states=[None if c is None else completable_states(c, s.pinned, (k + 1) * C, m)
-                            for c, s, k, m in zip(constraints, steerings, indices, max_new)])
+                end_rules=[None if c is None else canvas_rule(c, s.pinned, k, C, m)
+                           for c, s, k, m in zip(constraints, steerings, indices, max_new)])
 
 
 def _is_int(x) -> bool:

@@ -7,7 +7,8 @@ What a spec may hold, and how build_steering reads it:
   2. a seed: `seed_tokens` or a `prediction` (text), renoised by `strength` (default 0.2 for a seed);
   3. a `suffix` (fill in the middle: resolved into pins at prefill, control/infill.py);
   4. a constraint: `constraint` (a JSON schema, JSON object, regex or choice) or a forced `tool_call`, not both,
-     compiled over the tokenizer's constraint vocabulary for the output budget `max_tokens`.
+     compiled over the tokenizer's constraint vocabulary for the output budget `max_tokens`. With `thinking` (the
+     chat was rendered with thinking on) it applies to the answer after a free thought (control/thought.py).
 Text a user wrote for the output (prediction, template literals) is plain text: "<eos>" typed in it is five
 characters, never the EOS token. A suffix is read as a prompt is (special-token text is its token).
 Every refusal is a SteeringError naming the request field it came from.
@@ -59,6 +60,7 @@ class SteeringSpec:
     constraint: ConstraintSpec | None = None
     tool_call: ToolCallSpec | None = None
     max_tokens: int | None = None  # the output budget the request asked for (None: until EOS)
+    thinking: bool = False  # the reply may open with a thought; a constraint applies to the answer after it
     pins_from: str = "pinned"  # the request field `pinned` came from, which errors name
     seed_from: str = "seed_tokens"  # the request field `seed_tokens` came from
 
@@ -97,9 +99,9 @@ def build_steering(spec: SteeringSpec, tokenizer, vocabulary: Callable[[], objec
         suffix = _encode(tokenizer, suffix, "suffix", max_text_bytes, plain=False) or None
     elif suffix is not None:
         suffix = list(suffix)
-    # 4. the constraint, for the budget the output has (a template is the whole output)
-    budget = spec.max_tokens or (max(pins) + 1 if spec.template is not None else None)
-    constraint = _constraint(spec, tokenizer, vocabulary, budget)
+    # 4. the constraint, for the budget the output has (a template's length is checked with its pins, which end
+    # in EOS, by Steering.check, so a refusal names the template)
+    constraint = _constraint(spec, tokenizer, vocabulary, spec.max_tokens)
     if pins is None and seed is None and suffix is None and constraint is None:
         return None
     strength = spec.strength
@@ -147,25 +149,51 @@ def _constraint(spec: SteeringSpec, tokenizer, vocabulary, max_tokens: int | Non
     """The compiled automaton of spec.constraint or spec.tool_call, or None."""
     if spec.constraint is None and spec.tool_call is None:
         return None
-    from .constraint import Constraint, ConstraintError
-
     asked = spec.constraint
     param = asked.param if asked is not None else "tool_choice"
     _need_tokenizer(tokenizer, param, "it cannot constrain text")
     if asked is None:
-        return _tool_call(spec.tool_call, tokenizer, vocabulary(), max_tokens)
+        answer = _tool_call(spec.tool_call, tokenizer, vocabulary())
+    else:
+        answer = _answer(asked, vocabulary)
+    from .constraint import ConstraintError
+
+    try:
+        answer.check_budget(max_tokens)  # a refusal names the budget, not the constraint
+    except ConstraintError as e:
+        raise SteeringError(str(e), "max_tokens") from None
+    return _after_thought(answer, tokenizer, param) if spec.thinking else answer
+
+
+def _after_thought(answer, tokenizer, param: str):
+    """`answer` after a free thought, when the chat was rendered with thinking on."""
+    from .thought import after_thought
+    from ..thinking import CHANNEL_CLOSE, CHANNEL_OPEN
+
+    ids = [tokenizer.token_id(m) for m in (CHANNEL_OPEN, CHANNEL_CLOSE)]
+    if None in ids:
+        raise SteeringError(f"thinking is on, but this model's tokenizer has no {CHANNEL_OPEN} and {CHANNEL_CLOSE} "
+                            f"tokens, so the constraint cannot follow a thought", param)
+    return after_thought(answer, *ids)
+
+
+def _answer(asked: ConstraintSpec, vocabulary):
+    """The compiled automaton of a response_format or structured_outputs constraint."""
+    from .constraint import Constraint, ConstraintError
+
+    param = asked.param
     build: Mapping[str, Callable] = {
-        "json_schema": lambda v, vocab: Constraint.from_json_schema(v, vocab, max_tokens=max_tokens),
-        "json_object": lambda v, vocab: Constraint.json_object(vocab, max_tokens=max_tokens),
-        "regex": lambda v, vocab: Constraint.from_regex(v, vocab, max_tokens=max_tokens),
-        "choice": lambda v, vocab: Constraint.from_choice(v, vocab, max_tokens=max_tokens)}
+        "json_schema": lambda v, vocab: Constraint.from_json_schema(v, vocab),
+        "json_object": lambda v, vocab: Constraint.json_object(vocab),
+        "regex": lambda v, vocab: Constraint.from_regex(v, vocab),
+        "choice": lambda v, vocab: Constraint.from_choice(v, vocab)}
     try:
         return build[asked.kind](asked.value, vocabulary())
     except ConstraintError as e:
         raise SteeringError(str(e), param) from None
 
 
-def _tool_call(call: ToolCallSpec, tokenizer, vocabulary, max_tokens: int | None):
+def _tool_call(call: ToolCallSpec, tokenizer, vocabulary):
     """The automaton for a forced tool call: the Gemma call syntax with arguments valid against the function's
     parameters (control/tools.py)."""
     from .constraint import Constraint, ConstraintError
@@ -182,7 +210,7 @@ def _tool_call(call: ToolCallSpec, tokenizer, vocabulary, max_tokens: int | None
     except SchemaError as e:
         raise SteeringError(f"tools: {e}", "tools") from None
     try:
-        return Constraint.from_regex(regex, tool_vocabulary(vocabulary, marker_ids), max_tokens=max_tokens,
+        return Constraint.from_regex(regex, tool_vocabulary(vocabulary, marker_ids),
                                      description=f"tool call ({call.name or call.choice})")
     except ConstraintError as e:
         raise SteeringError(str(e), "tool_choice") from None

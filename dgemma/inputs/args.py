@@ -81,7 +81,7 @@ def steering_spec(args, max_tokens: int | None) -> SteeringSpec | None:
         constraint = ConstraintSpec(kind, value, param=kind)
     return SteeringSpec(prediction=args.prediction or None, strength=getattr(args, "strength", None),
                         suffix=args.suffix or None, template=args.template or None, constraint=constraint,
-                        max_tokens=max_tokens)
+                        max_tokens=max_tokens, thinking=bool(getattr(args, "think", False)))
 
 
 def steering_plan(args, processor: InputProcessor, max_tokens: int | None) -> SteeringPlan:

@@ -87,14 +87,14 @@ def chat_input(processor: InputProcessor, body, options: ServingOptions) -> Requ
         choice=tools.choice, name=tools.name)
     # a forced call's grammar is the constraint; pins or a prediction steer the call (checked by the engine)
     read = structured_read(body, processor.canvas_length, processor.vocab_size)
-    plan = processor.steering(steering_spec(body, max_tokens, read, tool_call=call))
+    plan = processor.steering(steering_spec(body, max_tokens, read, tool_call=call, thinking=thinking))
     # the thought channel markers are special tokens: keep them in the text and split on them
     return RequestInput(prompt, sampling_params(body, plan, options, read, skip_special_tokens=False, images=images),
                         tools)
 
 
 def steering_spec(body, max_tokens: int | None, read: StructuredRead = StructuredRead(), suffix: str | None = None,
-                  tool_call: ToolCallSpec | None = None) -> SteeringSpec:
+                  tool_call: ToolCallSpec | None = None, thinking: bool = False) -> SteeringSpec:
     """The steering fields of a body (pinned, seed_tokens, prediction, strength, template, response_format,
     structured_outputs, and vLLM's diffusion_seed_canvas and diffusion_pinned as `read`) as one SteeringSpec. A
     seed canvas starts unrenoised (strength 0) unless the body sets strength."""
@@ -107,7 +107,7 @@ def steering_spec(body, max_tokens: int | None, read: StructuredRead = Structure
     return SteeringSpec(pinned=pinned, seed_tokens=tuple(seed) if seed is not None else None,
                         prediction=prediction_text(body.prediction), strength=strength, suffix=suffix,
                         template=body.template, constraint=constraint_spec(body), tool_call=tool_call,
-                        max_tokens=max_tokens, pins_from=pins_from, seed_from=seed_from)
+                        max_tokens=max_tokens, thinking=thinking, pins_from=pins_from, seed_from=seed_from)
 
 
 def sampling_params(body, plan, options: ServingOptions, read: StructuredRead, skip_special_tokens: bool,

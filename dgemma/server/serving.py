@@ -61,19 +61,33 @@ class Serving:
 
     async def process(self, adapter, body) -> RequestInput:
         """The request's input (inputs/http.py's `adapter`), built off the event loop; a refusal is a 400."""
+        from ..control.gate import CompileBusy
+
         try:
             return await run_in_threadpool(adapter, self.inputs, body, self.options)
         except InputError as e:
             raise APIError(400, str(e), param=e.param) from None
+        except CompileBusy as e:  # too many constraint compiles at once (control/gate.py)
+            raise APIError(429, str(e), type_="rate_limit_error", code="compile_busy",
+                           headers={"Retry-After": str(e.retry_after)}) from None
 
     async def chat(self, body: ChatCompletionRequest, raw: HTTPRequest):
         from .chat import chat_completion
 
         self.check_model(body.model)
+        _set_compile_client(raw)
         return await chat_completion(self, body, raw)
 
     async def completion(self, body: CompletionRequest, raw: HTTPRequest):
         from .completions import completion
 
         self.check_model(body.model)
+        _set_compile_client(raw)
         return await completion(self, body, raw)
+
+
+def _set_compile_client(raw: HTTPRequest) -> None:
+    """Constraint compiles this request starts count against its client's address (control/gate.py)."""
+    from ..control.gate import compile_client
+
+    compile_client.set(raw.client.host if raw.client is not None else None)
