@@ -2,7 +2,7 @@
 
 import sys
 
-from dgemma.bench_serve import main
+from dgemma.bench.serve import main
 
 if __name__ == "__main__":
     sys.exit(main())

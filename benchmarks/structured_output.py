@@ -58,7 +58,7 @@ def validity(requests: int, only: list[str]) -> None:
         tool_vocabulary,
     )
     from dgemma.testing import TOOL_VOCAB_SIZE, write_test_tokenizer
-    from dgemma.tokenizer import Tokenizer
+    from dgemma.text.tokenizer import Tokenizer
 
     tok = Tokenizer.from_dir(write_test_tokenizer(tempfile.mkdtemp()))
     vocab = ConstraintVocabulary.from_tokenizer(tok.backend, [1], [0], 256)

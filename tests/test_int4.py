@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from dgemma import checkpoint
+from dgemma.io import checkpoint
 from dgemma.cli import main
 from dgemma.model.moe import Experts
 from dgemma.presets import preset_config, random_model

@@ -43,10 +43,10 @@ from typing import Callable, Protocol
 
 import torch
 
-from ..checkpoint import CheckpointError
-from ..checkpoint import save as save_checkpoint_dir
+from ..io.checkpoint import CheckpointError
+from ..io.checkpoint import save as save_checkpoint_dir
 from ..config import GenerationConfig, ModelConfig
-from ..output_dir import previous_output
+from ..io.output_dir import previous_output
 from . import distributed as D
 from .batch import Example, collate
 from .lora import has_lora, merge_lora, save_adapter

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import DgemmaError
+from ..errors import DgemmaError
 
 DTYPES = {
     "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,

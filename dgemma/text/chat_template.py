@@ -22,7 +22,8 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from jinja2.utils import Namespace
 from jinja2.visitor import NodeTransformer
 
-from .errors import DgemmaError
+from ..errors import DgemmaError
+from ..package_data import TEMPLATE_DIR
 
 MAX_TEMPLATE_OUTPUT = 1_000_000  # characters of rendered prompt
 MAX_TEMPLATE_VALUE = 1_000_000  # characters any value a template builds takes as text (a list: all its items)
@@ -62,7 +63,7 @@ class TemplateLimits:
 # Unlike the release, which drops it silently, a tool message with no tool call before it is refused; a null
 # argument is written `null` (published copies of the release differ: some write `null`, some Python's `None`).
 # An image part ({"type": "image"}) renders as <|image|>, as in the release; dgemma expands it (images.py).
-GEMMA4_CHAT_TEMPLATE = (Path(__file__).parent / "templates" / "gemma4.jinja").read_text(encoding="utf-8")
+GEMMA4_CHAT_TEMPLATE = (TEMPLATE_DIR / "gemma4.jinja").read_text(encoding="utf-8")
 
 
 class TokenizerError(DgemmaError, ValueError):
