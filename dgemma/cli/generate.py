@@ -91,7 +91,7 @@ def output_record(token_ids, reason, tokenizer, eos_ids, split: bool) -> dict:
         body = [t for t in token_ids if t not in eos_ids]
         raw = tokenizer.decode(body, skip_special_tokens=False)
         if split:
-            from ..text.tokenizer import split_thinking
+            from ..text.thinking import split_thinking
 
             reasoning, content = split_thinking(raw)
             record["text"] = content

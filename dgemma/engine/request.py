@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 
 import enum
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ from typing import Callable
 import torch
 
 from ..config import GenerationConfig
+from ..config.checks import is_int, is_num
 from ..control.pins import Steering
 from ..errors import DgemmaError
 from ..sampling import temperature
@@ -63,21 +63,21 @@ class SamplingParams:
             if not ok:
                 raise RequestError(f"{param} {message}", param)
 
-        check(self.max_tokens is None or (_is_int(self.max_tokens) and self.max_tokens > 0), "max_tokens",
+        check(self.max_tokens is None or (is_int(self.max_tokens) and self.max_tokens > 0), "max_tokens",
               f"must be a positive integer, got {self.max_tokens!r}")
         check(isinstance(self.stop, list) and all(isinstance(s, str) and s for s in self.stop), "stop",
               "must be a list of non-empty strings")
-        check(self.seed is None or _is_int(self.seed), "seed", f"must be an integer, got {self.seed!r}")
-        check(_is_num(self.temperature) and 0 <= self.temperature <= 2, "temperature",
+        check(self.seed is None or is_int(self.seed), "seed", f"must be an integer, got {self.seed!r}")
+        check(is_num(self.temperature) and 0 <= self.temperature <= 2, "temperature",
               f"must be in [0, 2], got {self.temperature!r}")
-        check(self.max_denoising_steps is None or (_is_int(self.max_denoising_steps)
+        check(self.max_denoising_steps is None or (is_int(self.max_denoising_steps)
                                                    and 0 < self.max_denoising_steps <= 1024),
               "max_denoising_steps", f"must be an integer in [1, 1024], got {self.max_denoising_steps!r}")
-        check(self.entropy_bound is None or (_is_num(self.entropy_bound) and self.entropy_bound > 0),
+        check(self.entropy_bound is None or (is_num(self.entropy_bound) and self.entropy_bound > 0),
               "entropy_bound", f"must be a number > 0, got {self.entropy_bound!r}")
         for name in ("t_min", "t_max"):
             value = getattr(self, name)
-            check(value is None or (_is_num(value) and 0 <= value <= 100), name,
+            check(value is None or (is_num(value) and 0 <= value <= 100), name,
                   f"must be a number in [0, 100], got {value!r}")
 
     def generation_config(self, base: GenerationConfig) -> GenerationConfig:
@@ -91,14 +91,6 @@ class SamplingParams:
         if self.temperature not in (0, 1):
             gen = gen.replace(t_min=gen.t_min * self.temperature, t_max=gen.t_max * self.temperature)
         return gen
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _is_num(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 class Status(enum.Enum):
