@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .config import FULL, SLIDING, GenerationConfig, ModelConfig, TextConfig
+from .config import FULL, SLIDING, ConfigError, GenerationConfig, ModelConfig, TextConfig
 from .model import DiffusionGemma
 from .model.moe import Experts
 
@@ -47,7 +47,7 @@ RELEASE_PRESETS: dict[str, dict] = {
 def preset_config(name: str, **text_overrides) -> ModelConfig:
     presets = {**PRESETS, **RELEASE_PRESETS}
     if name not in presets:
-        raise ValueError(f"unknown preset {name!r}; choose from {', '.join(presets)}")
+        raise ConfigError(f"unknown preset {name!r}; choose from {', '.join(presets)}")
     spec = presets[name]
     text = dict(spec["text"])
     canvas_length = text_overrides.pop("canvas_length", spec["canvas_length"])
@@ -111,9 +111,9 @@ def build_on_device(config: ModelConfig, device: str | torch.device = "cpu", dty
     if quantize is not None:
         transform = {"fp8": fp8, "int4": int4}.get(quantize)
         if transform is None:
-            raise ValueError(f"quantize must be 'fp8' or 'int4', got {quantize!r}")
+            raise ConfigError(f"quantize must be 'fp8' or 'int4', got {quantize!r}")
         size = int4.pick_group_size(model) if quantize == "int4" else fp8.pick_block(model)
-        for parent, name, module in fp8._targets(model, True):
+        for parent, name, module in fp8.quantized_projections(model, True):
             materialise(module)
             if quantize == "int4":
                 new = (int4.Int4Experts.quantize(module, size) if isinstance(module, Experts)

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 from outlines_core.json_schema import build_regex_from_schema
 
+from ..errors import DgemmaError
 from .constraint import escape_literal
 from .schema import SchemaError, _Walker
 from .vocabulary import ConstraintVocabulary
@@ -41,7 +42,7 @@ _KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]*")
 NESTING = 2  # levels of free-form objects/arrays, as outlines' JSON-object mode
 
 
-class ToolCallError(ValueError):
+class ToolCallError(DgemmaError, ValueError):
     """Text that is not a well-formed Gemma tool call."""
 
 
