@@ -160,6 +160,31 @@ def class_scores(log_probs: torch.Tensor, constraint: Constraint, probs: bool = 
     return ClassScores(constraint, log_probs, probs, best_np, best, big_argmax)
 
 
+def _steered_best(best_np: np.ndarray, constraint, prefer: torch.Tensor | None,
+                  hard: torch.Tensor | None) -> tuple[np.ndarray, dict[int, int]]:
+    """The class scores with `prefer` and `hard` applied (see solve), and {position: the token steered there}."""
+    fixed = {}
+    if prefer is None and hard is None:
+        return best_np, fixed
+    best_np = best_np.copy()
+    canvas_length = best_np.shape[0]
+    for steer, other in ((prefer, np.log(PREFER_PENALTY)), (hard, FLOOR * (canvas_length + 1))):
+        if steer is None:
+            continue
+        at = torch.nonzero(steer >= 0).squeeze(1)
+        if len(at) == 0:
+            continue
+        toks = steer[at]
+        rows, cls = at.numpy(), constraint.token_class[toks].numpy()
+        if steer is hard:
+            best_np[rows] = other
+        else:
+            best_np[rows] += other
+        best_np[rows, cls] = 0.0
+        fixed.update(zip(rows.tolist(), toks.tolist()))
+    return best_np, fixed
+
+
 def solve(scores: ClassScores, start_state: int | None = None, hard: torch.Tensor | None = None,
           prefer: torch.Tensor | None = None, end_states: np.ndarray | None = None) -> ValidTokens:
     """Steps 2-6 over shared class scores. end_states (S,) bool: the states the canvas may end in (`completable_states`:
@@ -174,24 +199,7 @@ def solve(scores: ClassScores, start_state: int | None = None, hard: torch.Tenso
     if not 0 <= start < constraint.num_states:
         raise ValueError(f"start_state {start} is not a state of the constraint (0..{constraint.num_states - 1})")
     moves = _moves(constraint)
-    fixed = {}  # position -> the token it is steered to (hard or preferred)
-    if prefer is not None or hard is not None:
-        best_np = best_np.copy()
-        token_class = constraint.token_class
-        for steer, other in ((prefer, np.log(PREFER_PENALTY)), (hard, FLOOR * (canvas_length + 1))):
-            if steer is None:
-                continue
-            at = torch.nonzero(steer >= 0).squeeze(1)
-            if len(at) == 0:
-                continue
-            toks = steer[at]
-            rows, cls = at.numpy(), token_class[toks].numpy()
-            if steer is hard:
-                best_np[rows] = other
-            else:
-                best_np[rows] += other
-            best_np[rows, cls] = 0.0
-            fixed.update(zip(rows.tolist(), toks.tolist()))
+    best_np, fixed = _steered_best(best_np, constraint, prefer, hard)
 
     # 2. best class move per (position, state pair), via the distinct class sets
     set_value = np.maximum.reduceat(best_np.T[moves.set_members], moves.set_start, axis=0)  # (Q, C)
