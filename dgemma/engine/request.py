@@ -18,6 +18,7 @@ import torch
 
 from ..config import GenerationConfig
 from ..config.checks import is_int, is_num
+from ..config.generation import first_eos
 from ..control.pins import Steering
 from ..errors import DgemmaError
 from ..sampling import temperature
@@ -173,7 +174,7 @@ class Request:
         else:
             new = self.settled[start - num_committed:]
         new = new[: self.max_new - start]
-        cut = next((i for i, t in enumerate(new) if t in self.eos), None)
+        cut = first_eos(new, self.eos)
         return (new, False) if cut is None else (new[: cut + 1], True)
 
     def infill(self, length: int, steering) -> None:
@@ -215,7 +216,7 @@ class Request:
     def _draft(self, result) -> str:
         """The unsettled rest of the current canvas, up to EOS."""
         rest = result.argmax[result.num_pinned:]
-        cut = next((i for i, t in enumerate(rest) if t in self.eos), len(rest))
+        cut = first_eos(rest, self.eos)  # None: all of it
         if self.decode is None:
             return " ".join(map(str, rest[:cut]))
         return self.decode(rest[:cut], self.params.skip_special_tokens)
