@@ -1,4 +1,4 @@
-"""The serving benchmark, runnable from a checkout: the same as `dgemma bench-serve` (dgemma/bench_serve.py)."""
+"""The serving benchmark, runnable from a checkout: the same as `dgemma bench-serve` (dgemma/bench/serve.py)."""
 
 import sys
 
