@@ -161,7 +161,7 @@ class Tokenizer:
         backend.encode_special_tokens = True
         return backend
 
-    def encodeplain_value(self, text: str) -> list[int]:
+    def encode_plain(self, text: str) -> list[int]:
         """Token ids of `text`, special-token text in it read as plain text (for text from users)."""
         return self._plain_backend.encode_batch([text], add_special_tokens=False)[0].ids
 
