@@ -49,12 +49,13 @@ def gradient_png(side: int) -> bytes:
 
 def serve(model_dir: str, url_file: str, request_pixels: int | None) -> None:
     """The server process: the checkpoint, its vision tower, up to 8 images a request, on a free port."""
-    from dgemma import checkpoint, image_files
+    from dgemma.io import checkpoint
+    from dgemma import image_files
     from dgemma.engine import Engine
     from dgemma.images import ImageSupport
     from dgemma.server import ServerThread, Serving, build_app
     from dgemma.server import media
-    from dgemma.tokenizer import Tokenizer
+    from dgemma.text.tokenizer import Tokenizer
 
     if request_pixels:  # lifted only in this process, to measure decoding past the bound
         image_files.MAX_REQUEST_PIXELS = media.MAX_REQUEST_PIXELS = request_pixels

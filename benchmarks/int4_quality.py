@@ -53,7 +53,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from dgemma import checkpoint
+    from dgemma.io import checkpoint
     from dgemma.presets import preset_config, random_model
     from dgemma.quant import fp8, int4
 

@@ -30,8 +30,8 @@ from dgemma.server.limits import ServerLimits
 
 
 def load(model_dir: str | None):
-    from dgemma import checkpoint
-    from dgemma.tokenizer import Tokenizer
+    from dgemma.io import checkpoint
+    from dgemma.text.tokenizer import Tokenizer
 
     if model_dir is None:
         from dgemma.presets import default_generation, preset_config, random_model

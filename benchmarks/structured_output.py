@@ -57,14 +57,10 @@ TOOL = {"name": "get_weather", "parameters": {
 def validity(requests: int, only: list[str]) -> None:
     import jsonschema
 
-    from dgemma.control.tools import (
-        MARKERS,
-        call_regex,
-        split_tool_calls,
-        tool_vocabulary,
-    )
+    from dgemma.control.tool_grammar import call_regex, tool_vocabulary
+    from dgemma.control.tools import MARKERS, split_tool_calls
     from dgemma.testing import TOOL_VOCAB_SIZE, write_test_tokenizer
-    from dgemma.tokenizer import Tokenizer
+    from dgemma.text.tokenizer import Tokenizer
 
     tok = Tokenizer.from_dir(write_test_tokenizer(tempfile.mkdtemp()))
     vocab = ConstraintVocabulary.from_tokenizer(tok.backend, [1], [0], 256)
@@ -160,7 +156,8 @@ def cost(vocab_size: int, steps: int, threads: int, pairs: int = 2) -> None:
 
 
 def tool_compile(vocab_size: int) -> None:
-    from dgemma.control.tools import MARKERS, call_regex, tool_vocabulary
+    from dgemma.control.tool_grammar import call_regex, tool_vocabulary
+    from dgemma.control.tools import MARKERS
 
     base = synthetic_vocabulary(vocab_size)
     base = ConstraintVocabulary(base.token_bytes + (None,) * len(MARKERS), base.eos_token_ids, base.pad_token_ids)

@@ -18,7 +18,7 @@ import itertools
 import time
 import torch
 
-from dgemma import checkpoint
+from dgemma.io import checkpoint
 from dgemma.config import ConfigError
 from dgemma.runtime import tune_malloc
 from dgemma.tasks import sudoku as S

@@ -13,13 +13,13 @@ import time
 
 import torch
 
-from dgemma import checkpoint
+from dgemma.io import checkpoint
 from dgemma.control import Constraint, ConstraintVocabulary
 from dgemma.control.pins import Steering
 from dgemma.runtime import tune_malloc
 from dgemma.tasks import sudoku as S
 from dgemma.tasks.sudoku_cli import weights_sha256
-from dgemma.tokenizer import Tokenizer
+from dgemma.text.tokenizer import Tokenizer
 
 
 def main() -> None:

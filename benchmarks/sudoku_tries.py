@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from dgemma import checkpoint
+from dgemma.io import checkpoint
 from dgemma.control.pins import Steering
 from dgemma.runtime import tune_malloc
 from dgemma.tasks import sudoku as S

@@ -8,7 +8,7 @@ from .config import TextConfig
 
 
 class CacheFullError(RuntimeError):
-    pass
+    """More tokens than a KV cache row holds: its caller sized or reserved it wrong (a bug, not a user error)."""
 
 
 class KVCache:

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from .errors import DgemmaError
+from .package_data import SUDOKU_MODEL_DIR
 
 __all__ = ["DgemmaError", "CLIError", "DEFAULT_MODEL", "DTYPES", "HelpFormatter", "Parser", "resolve_model_dir", "parse_ids",
            "pick_device", "load_checkpoint", "load_runtime", "add_model_args", "add_sampling_args",
@@ -53,7 +54,7 @@ class Parser(argparse.ArgumentParser):
 # presets.PRESETS's names, without importing torch to build a parser (tests/test_cli.py checks they agree)
 PRESET_NAMES = ("tiny", "small", "medium")
 
-DEFAULT_MODEL = Path(__file__).parent / "assets" / "sudoku"
+DEFAULT_MODEL = SUDOKU_MODEL_DIR
 DEFAULT_MODEL_NOTE = ("the embedded default model is a Sudoku solver (its vocabulary is the digits 0-9, '.', '|', "
                       "'-', '+', space and newline), not a language model")
 
@@ -111,7 +112,7 @@ def load_checkpoint(path, **kwargs):
     """checkpoint.load for a command. The model is built on the meta device and then filled from the file, so
     nn.init's initialisers are skipped (runtime.skip_weight_init): on meta tensors they reach torch's Python
     reference ops, whose first call imports torch._dynamo (about 1.5 s of a 2 s `dgemma sudoku solve`)."""
-    from . import checkpoint
+    from .io import checkpoint
     from .runtime import skip_weight_init
 
     with skip_weight_init():
@@ -120,7 +121,7 @@ def load_checkpoint(path, **kwargs):
 
 def load_runtime(args):
     """Checkpoint (model, configs) and tokenizer (None when the checkpoint has none) for --model/--device/--dtype."""
-    from .tokenizer import Tokenizer
+    from .text.tokenizer import Tokenizer
 
     model_dir = resolve_model_dir(args.model)
     device = pick_device(args.device)

@@ -28,6 +28,7 @@ import torch
 
 from .budget import ContextLengthError, canvases_for, check_prompt
 from .config import GenerationConfig
+from .config.generation import first_eos
 from .control.infill import check_suffix, infill_steering, middle_length
 from .control.pins import Steering, canvas_start
 from .images import PromptImages
@@ -254,7 +255,7 @@ def _results(committed: list[torch.Tensor], max_new: int, eos_ids: list[int]) ->
     out_ids, reasons = [], []
     for row in generated:
         ids = row[:max_new]
-        cut = next((i for i, t in enumerate(ids) if t in eos_set), None)
+        cut = first_eos(ids, eos_set)
         if cut is not None:
             out_ids.append(ids[: cut + 1])
             reasons.append("stop")

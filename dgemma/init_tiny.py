@@ -31,7 +31,7 @@ def write_random_checkpoint(out, preset: str = "tiny", canvas_length: int = 16, 
                             seed: int = 0, std: float = 0.1, tool_tokens: bool = False) -> Path:
     """A random `preset` checkpoint (weights drawn with `std` from `seed`) with the byte-level tokenizer and the
     Gemma 4 chat template (dgemma.testing.write_test_tokenizer), saved into `out`; returns `out`."""
-    from . import checkpoint
+    from .io import checkpoint
     from .presets import default_generation, preset_config, random_model
     from .testing import TOOL_VOCAB_SIZE, write_test_tokenizer
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .config import FULL, SLIDING, GenerationConfig, ModelConfig, TextConfig
+from .config import FULL, SLIDING, ConfigError, GenerationConfig, ModelConfig, TextConfig
 from .model import DiffusionGemma
 from .model.moe import Experts
 
@@ -47,7 +47,7 @@ RELEASE_PRESETS: dict[str, dict] = {
 def preset_config(name: str, **text_overrides) -> ModelConfig:
     presets = {**PRESETS, **RELEASE_PRESETS}
     if name not in presets:
-        raise ValueError(f"unknown preset {name!r}; choose from {', '.join(presets)}")
+        raise ConfigError(f"unknown preset {name!r}; choose from {', '.join(presets)}")
     spec = presets[name]
     text = dict(spec["text"])
     canvas_length = text_overrides.pop("canvas_length", spec["canvas_length"])
@@ -112,9 +112,9 @@ def build_on_device(config: ModelConfig, device: str | torch.device = "cpu", dty
 
     if quantize is not None:
         if quantize not in ("fp8", "int4", "nvfp4"):
-            raise ValueError(f"quantize must be 'fp8', 'int4' or 'nvfp4', got {quantize!r}")
+            raise ConfigError(f"quantize must be 'fp8', 'int4' or 'nvfp4', got {quantize!r}")
         size = int4.pick_group_size(model) if quantize == "int4" else fp8.pick_block(model)
-        targets = fp8._targets(model, True)
+        targets = fp8.quantized_projections(model, True)
         while targets:  # popped, not iterated: a list holding every dense module would keep them all alive
             parent, name, module = targets.pop(0)
             if quantize == "nvfp4" and not isinstance(module, Experts):

@@ -11,7 +11,7 @@ from pathlib import Path
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as BackendTokenizer
 
-from .tokenizer import GEMMA4_CHAT_TEMPLATE
+from .text.chat_template import GEMMA4_CHAT_TEMPLATE
 
 BASE_SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>"]
 CHAT_SPECIAL_TOKENS = ["<|turn>", "<turn|>", "<|channel>", "<channel|>", "<|think|>"]

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dgemma import checkpoint
-from dgemma.checkpoint import CheckpointError
+from dgemma.io import checkpoint
+from dgemma.io.checkpoint import CheckpointError
 from dgemma.cli import main
 from dgemma.config import ConfigError
 from dgemma.presets import default_generation, preset_config, random_model
@@ -105,7 +105,7 @@ def test_convert_to_bf16_round_trips(tiny_checkpoint, tmp_path, capsys):
 
 RSS_SCRIPT = """
 import sys, torch
-from dgemma import checkpoint
+from dgemma.io import checkpoint
 
 def status(key):
     for line in open("/proc/self/status"):

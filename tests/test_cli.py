@@ -10,7 +10,7 @@ import pytest
 
 from dgemma.cli import main
 from dgemma.testing import write_test_tokenizer
-from dgemma.tokenizer import Tokenizer
+from dgemma.text.tokenizer import Tokenizer
 
 from .conftest import make_reference_checkpoint
 

@@ -9,7 +9,7 @@ import pytest
 
 from dgemma.cli import main
 from dgemma.testing import write_tiny_checkpoint
-from dgemma.tokenizer import Tokenizer
+from dgemma.text.tokenizer import Tokenizer
 
 C = 32
 

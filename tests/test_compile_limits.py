@@ -16,7 +16,7 @@ from dgemma.control.gate import COMPILES, CompileBusy, CompileFailure, CompileGa
 from dgemma.control.vocabulary import ConstraintCache
 from dgemma.server import ServerThread, Serving, build_app
 from dgemma.testing import write_test_tokenizer, write_tiny_checkpoint
-from dgemma.tokenizer import Tokenizer
+from dgemma.text.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")  # its module fixtures run a model
 

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from dgemma import checkpoint
+from dgemma.io import checkpoint
 from dgemma.config import ConfigError, GenerationConfig, TextConfig
 from dgemma.generate import generate, left_pad
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dgemma import checkpoint
+from dgemma.io import checkpoint
 from dgemma.generate import generate
 
 from .conftest import TINY_TEXT, make_reference_checkpoint

@@ -10,11 +10,11 @@ import json
 import httpx
 import pytest
 
-from dgemma import checkpoint
+from dgemma.io import checkpoint
 from dgemma.engine import Engine
 from dgemma.server import ServerThread, Serving, build_app
 from dgemma.testing import write_tiny_checkpoint
-from dgemma.tokenizer import Tokenizer
+from dgemma.text.tokenizer import Tokenizer
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402

@@ -6,11 +6,11 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from dgemma import checkpoint
+from dgemma.io import checkpoint
 from dgemma.engine import Engine
 from dgemma.server import ServerThread, Serving, build_app
 from dgemma.testing import write_tiny_checkpoint
-from dgemma.tokenizer import Tokenizer
+from dgemma.text.tokenizer import Tokenizer
 
 KEY = "test-key"
 MODEL = "tiny-test"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from dgemma.checkpoint import CheckpointError
+from dgemma.io.checkpoint import CheckpointError
 from dgemma.train.run_dir import RUN_MANIFEST, RunDirectory
 
 from .test_train_trainer import _write_jsonl, make_trainer
@@ -101,7 +101,7 @@ def test_a_long_line_is_refused_by_its_size_before_it_is_tokenized(tmp_path):
     """A line longer than any text the model can take is refused naming its line, without tokenizing it (the
     tokenizer is wrapped to count its calls) and without reading the whole line."""
     from dgemma.testing import write_test_tokenizer
-    from dgemma.tokenizer import Tokenizer
+    from dgemma.text.tokenizer import Tokenizer
     from dgemma.train.data import DataError, read_jsonl
 
     tok = Tokenizer.from_dir(write_test_tokenizer(tmp_path / "tok"))

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dgemma import checkpoint
-from dgemma.checkpoint import CheckpointError, SafetensorsFile
+from dgemma.io import checkpoint
+from dgemma.io.checkpoint import CheckpointError, SafetensorsFile
 from dgemma.cli import main
 from dgemma.config import ConfigError, GenerationConfig, ModelConfig, read_json
 

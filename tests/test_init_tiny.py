@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import json
 
-from dgemma import checkpoint
+from dgemma.io import checkpoint
 from dgemma.cli import main
 from dgemma.testing import write_tiny_checkpoint
-from dgemma.tokenizer import Tokenizer
+from dgemma.text.tokenizer import Tokenizer
 
 
 def test_init_tiny_writes_a_checkpoint_that_loads_chats_and_generates(tmp_path, capsys):

@@ -19,7 +19,7 @@ from dgemma.engine.client import EngineClient
 from dgemma.inputs import InputError, InputProcessor
 from dgemma.presets import default_generation, preset_config, random_model
 from dgemma.testing import write_tiny_checkpoint
-from dgemma.tokenizer import Tokenizer
+from dgemma.text.tokenizer import Tokenizer
 
 C = 16
 

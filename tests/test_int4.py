@@ -10,12 +10,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from dgemma import checkpoint
+from dgemma.io import checkpoint
 from dgemma.cli import main
 from dgemma.model.moe import Experts
 from dgemma.presets import preset_config, random_model
 from dgemma.quant import int4
-from dgemma.quant.fp8 import QuantError, _targets
+from dgemma.quant.fp8 import QuantError, quantized_projections
 from dgemma.testing import write_tiny_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")
@@ -105,7 +105,7 @@ def _dequantized_copy(model, group_size):
     """`model` with each quantized module replaced by the reference arithmetic on its dequantized int4 weights."""
     out = copy.deepcopy(model)
     deq = lambda w: int4.dequantize_groups(*int4.quantize_groups(w, group_size))
-    for parent, name, m in _targets(out, True):
+    for parent, name, m in quantized_projections(out, True):
         new = (_RefExperts(deq(m.gate_up_proj.data), deq(m.down_proj.data)) if isinstance(m, Experts)
                else _RefLinear(deq(m.weight.data)))
         setattr(parent, name, new)

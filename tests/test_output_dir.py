@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from dgemma import checkpoint
-from dgemma.checkpoint import CheckpointError
+from dgemma.io import checkpoint
+from dgemma.io.checkpoint import CheckpointError
 from dgemma.cli import main
-from dgemma.output_dir import MANIFEST
+from dgemma.io.output_dir import MANIFEST
 from dgemma.presets import default_generation, preset_config, random_model
 
 CFG = preset_config("tiny", vocab_size=64, canvas_length=8)
@@ -115,7 +115,7 @@ def test_failed_save_leaves_the_previous_output_whole(tmp_path, monkeypatch):
     _save(out)
     (out / "notes.txt").write_text("keep")
     before = _tree(out)
-    import dgemma.checkpoint as ck
+    import dgemma.io.checkpoint as ck
 
     def broken_save_file(tensors, filename, metadata=None):
         Path(filename).write_bytes(b"partial")

@@ -12,7 +12,7 @@ import json
 import pytest
 import torch
 
-from dgemma import checkpoint
+from dgemma.io import checkpoint
 from dgemma.cli import main
 from dgemma.generate import generate, left_pad
 

@@ -18,13 +18,13 @@ import httpx
 import openai
 import pytest
 
-from dgemma import checkpoint
+from dgemma.io import checkpoint
 from dgemma.engine import Engine
 from dgemma.server import ServerThread, Serving, build_app
 from dgemma.tasks.sudoku import ASSET_DIR
 from dgemma.tasks.sudoku_puzzles import is_solution
 from dgemma.testing import write_tiny_checkpoint
-from dgemma.tokenizer import Tokenizer
+from dgemma.text.tokenizer import Tokenizer
 
 KEY = "page-key"
 CHAT_MODEL = "tiny-test"

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from dgemma import checkpoint
+from dgemma.io import checkpoint
 from dgemma.cli import main
 from dgemma.quant.fp8 import FP8, QuantError, dequantize_blocks, quantize_blocks, quantize_model
 

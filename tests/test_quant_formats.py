@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from dgemma import checkpoint
+from dgemma.io import checkpoint
 from dgemma.model.moe import Experts
 from dgemma.quant import compressed, nvfp4
 
@@ -407,7 +407,7 @@ def test_dequantization_on_cuda_matches_the_cpu(nvfp4_release, fp8_release):
 RSS_SCRIPT = """
 import sys
 import torch
-from dgemma import checkpoint
+from dgemma.io import checkpoint
 
 def status(key):
     for line in open("/proc/self/status"):
@@ -431,7 +431,7 @@ def test_nvfp4_loading_streams_per_expert_into_packed_tensors(tmp_path, nvfp4_re
     import subprocess
     import sys
 
-    from dgemma.checkpoint import hf_state_dict
+    from dgemma.io.checkpoint import hf_state_dict
     from dgemma.presets import default_generation, preset_config, random_model
 
     cfg = preset_config("tiny", vocab_size=8_000, hidden_size=512, intermediate_size=512, num_experts=64,

@@ -1,5 +1,5 @@
 """The OpenAI-compatible server, live: uvicorn on a free 127.0.0.1 port in a thread, driven with the official
-`openai` client (and httpx for raw HTTP). The model is a tiny random checkpoint saved with dgemma.checkpoint plus the
+`openai` client (and httpx for raw HTTP). The model is a tiny random checkpoint saved with dgemma.io.checkpoint plus the
 byte-level test tokenizer, so its text is noise: tests compare texts with each other, never with expected words.
 A random model never writes thought-channel markers, so the reasoning split is tested with a scripted engine that
 emits them, through the same serving code and the real tokenizer's parser."""
@@ -15,12 +15,12 @@ import httpx
 import openai
 import pytest
 
-from dgemma import checkpoint
+from dgemma.io import checkpoint
 from dgemma.engine import Engine, RequestOutput
 from dgemma.presets import default_generation, preset_config
 from dgemma.server import ServerThread, Serving, build_app
 from dgemma.testing import write_tiny_checkpoint
-from dgemma.tokenizer import Tokenizer
+from dgemma.text.tokenizer import Tokenizer
 
 KEY = "test-key"
 MODEL = "tiny-test"

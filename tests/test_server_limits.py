@@ -12,12 +12,12 @@ import time
 import httpx
 import pytest
 
-from dgemma import checkpoint
+from dgemma.io import checkpoint
 from dgemma.engine import Engine
 from dgemma.server import ServerThread, Serving, build_app
 from dgemma.server.limits import ServerLimits
 from dgemma.testing import write_tiny_checkpoint
-from dgemma.tokenizer import Tokenizer
+from dgemma.text.tokenizer import Tokenizer
 
 from .test_server import MODEL, ScriptedEngine
 

@@ -7,12 +7,12 @@ import httpx
 import openai
 import pytest
 
-from dgemma import checkpoint
+from dgemma.io import checkpoint
 from dgemma.engine import Engine
 from dgemma.presets import default_generation, preset_config, random_model
 from dgemma.server import ServerThread, Serving, build_app
 from dgemma.testing import write_tiny_checkpoint
-from dgemma.tokenizer import Tokenizer
+from dgemma.text.tokenizer import Tokenizer
 
 MODEL = "tiny-steer"
 C = 16

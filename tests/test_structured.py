@@ -16,7 +16,7 @@ from dgemma.control.pins import Steering, SteeringError
 from dgemma.generate import generate
 from dgemma.presets import default_generation, preset_config, random_model
 from dgemma.testing import write_test_tokenizer
-from dgemma.tokenizer import Tokenizer
+from dgemma.text.tokenizer import Tokenizer
 
 C = 16
 SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 6},

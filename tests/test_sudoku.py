@@ -86,7 +86,7 @@ def test_naked_singles_solves_an_easy_puzzle():
 
 def test_formatting_and_tokenizer(tmp_path):
     from dgemma.testing import write_sudoku_tokenizer
-    from dgemma.tokenizer import Tokenizer
+    from dgemma.text.tokenizer import Tokenizer
 
     ids = S.prompt_ids(KNOWN)
     assert len(ids) == 82 and ids[0] == S.BOS and ids[1] == S.DIGIT0 + 5 and ids[3] == S.DIGIT0
@@ -190,11 +190,11 @@ def test_a_constraint_the_model_already_meets_changes_nothing():
     are the unconstrained ones, so the constraint cannot lower the solve rate."""
     import torch
 
-    from dgemma import checkpoint
+    from dgemma.io import checkpoint
     from dgemma.control import Constraint, ConstraintVocabulary
     from dgemma.control.pins import Steering
     from dgemma.generate import generate
-    from dgemma.tokenizer import Tokenizer
+    from dgemma.text.tokenizer import Tokenizer
 
     ck = checkpoint.load(S.ASSET_DIR, quiet=True)
     vocab = ConstraintVocabulary.from_tokenizer(Tokenizer.from_dir(S.ASSET_DIR).backend, [S.EOS], [S.PAD],

@@ -17,8 +17,8 @@ from dgemma.control.constraint import INVALID
 from dgemma.control.thought import after_thought
 from dgemma.server import ServerThread, Serving, build_app
 from dgemma.testing import write_test_tokenizer, write_tiny_checkpoint
-from dgemma.thinking import CHANNEL_CLOSE, CHANNEL_OPEN
-from dgemma.tokenizer import Tokenizer
+from dgemma.text.thinking import CHANNEL_CLOSE, CHANNEL_OPEN
+from dgemma.text.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")  # its module fixtures run models
 

@@ -8,10 +8,11 @@ import time
 
 import pytest
 
-from dgemma.chat_template import TemplateLimits
 from dgemma.testing import write_sudoku_tokenizer, write_test_tokenizer
-from dgemma.tokenizer import (GEMMA4_CHAT_TEMPLATE, ThinkingStreamParser, Tokenizer, TokenizerError,
-                              split_thinking)
+from dgemma.text.chat_template import GEMMA4_CHAT_TEMPLATE
+from dgemma.text.template_budget import TemplateLimits
+from dgemma.text.thinking import ThinkingStreamParser, split_thinking
+from dgemma.text.tokenizer import Tokenizer, TokenizerError
 
 TEXTS = ["", "hello world", " leading and trailing  ", "héllo wörld", "日本語 テキスト", "emoji 🎉👩‍👩‍👧 done",
          "tabs\tand\nnewlines\r\n", "\x00\x01\x7f control", "a<b>c <|turn not a marker",
@@ -393,7 +394,8 @@ AMPLIFIERS = {  # each writes gigabytes from values under the limits unless it i
 def test_a_render_allocates_at_most_a_multiple_of_its_output_limit(template):
     import tracemalloc
 
-    from dgemma.chat_template import TEMPLATE_ALLOCATION_MULTIPLE, ChatTemplate
+    from dgemma.text.chat_template import ChatTemplate
+    from dgemma.text.template_budget import TEMPLATE_ALLOCATION_MULTIPLE
 
     tracemalloc.start()
     try:
@@ -415,7 +417,7 @@ def test_a_render_allocates_at_most_a_multiple_of_its_output_limit(template):
     "{% endfor %}{% endfor %}",
 ])
 def test_a_render_stops_within_a_fifth_of_its_time_budget(template):
-    from dgemma.chat_template import ChatTemplate
+    from dgemma.text.chat_template import ChatTemplate
 
     # the slowest single operations here (wordcount of a 1 MB string) take ~0.15 s, well under a fifth of 2 s
     limits = TemplateLimits(seconds=2.0, steps=10**9)

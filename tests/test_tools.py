@@ -11,24 +11,18 @@ import openai
 import pytest
 import torch
 
-from dgemma import checkpoint
+from dgemma.io import checkpoint
 from dgemma.control import Constraint, ConstraintVocabulary
 from dgemma.control.pins import Steering
 from dgemma.control.schema import SchemaError
-from dgemma.control.tools import (
-    MARKERS,
-    ToolCallStreamParser,
-    arguments_regex,
-    call_regex,
-    split_tool_calls,
-    tool_vocabulary,
-)
+from dgemma.control.tool_grammar import arguments_regex, call_regex, tool_vocabulary
+from dgemma.control.tools import MARKERS, ToolCallStreamParser, split_tool_calls
 from dgemma.engine import Engine
 from dgemma.generate import generate
 from dgemma.presets import default_generation, preset_config, random_model
 from dgemma.server import ServerThread, Serving, build_app
 from dgemma.testing import TOOL_VOCAB_SIZE, write_test_tokenizer, write_tiny_checkpoint
-from dgemma.tokenizer import Tokenizer
+from dgemma.text.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")  # its module fixtures run models
 

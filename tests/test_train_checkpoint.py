@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dgemma.checkpoint import CheckpointError
+from dgemma.io.checkpoint import CheckpointError
 from dgemma.errors import DgemmaError
 from dgemma.train.plot import finite_points, plot_losses, rate_label
 from dgemma.train.run_dir import RUN_MANIFEST

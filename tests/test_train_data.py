@@ -8,7 +8,7 @@ import pytest
 
 from dgemma.errors import DgemmaError
 from dgemma.testing import write_test_tokenizer
-from dgemma.tokenizer import Tokenizer
+from dgemma.text.tokenizer import Tokenizer
 from dgemma.train.data import DataError, read_jsonl
 
 

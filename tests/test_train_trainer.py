@@ -207,7 +207,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
 @torch.no_grad()
 def test_trained_checkpoint_loads_in_transformers_with_equal_logits(tmp_path):
     transformers = pytest.importorskip("transformers")
-    from dgemma.checkpoint import load
+    from dgemma.io.checkpoint import load
 
     with torch.enable_grad():
         t = make_trainer(tmp_path / "run", steps=3)
@@ -233,7 +233,7 @@ def _write_jsonl(path: Path, lines: list) -> Path:
 
 def test_jsonl_pairs_and_chat(tmp_path):
     from dgemma.testing import write_test_tokenizer
-    from dgemma.tokenizer import Tokenizer
+    from dgemma.text.tokenizer import Tokenizer
     from dgemma.train.data import DataError, read_jsonl
 
     tok = Tokenizer.from_dir(write_test_tokenizer(tmp_path / "tok"))

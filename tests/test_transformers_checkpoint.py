@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from dgemma import checkpoint
+from dgemma.io import checkpoint
 from dgemma.cli import main
 from dgemma.generate import left_pad
 

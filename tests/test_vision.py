@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from dgemma import checkpoint
+from dgemma.io import checkpoint
 
 from .conftest import TINY_TEXT
 
@@ -292,7 +292,7 @@ def image_server(cli_ckpt):
     from dgemma.engine import Engine
     from dgemma.images import ImageSupport
     from dgemma.server import ServerThread, Serving, build_app
-    from dgemma.tokenizer import Tokenizer
+    from dgemma.text.tokenizer import Tokenizer
 
     path, _, files = cli_ckpt
     ckpt = checkpoint.load(path, quiet=True)
@@ -365,7 +365,7 @@ def test_server_without_a_tower_refuses_images(cli_ckpt):
 
     from dgemma.engine import Engine
     from dgemma.server import ServerThread, Serving, build_app
-    from dgemma.tokenizer import Tokenizer
+    from dgemma.text.tokenizer import Tokenizer
 
     path, _, files = cli_ckpt
     ckpt = checkpoint.load(path, quiet=True, vision=False)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dgemma.chat_template import GEMMA4_CHAT_TEMPLATE
+from dgemma.text.chat_template import GEMMA4_CHAT_TEMPLATE
 
 from .conftest import TINY_TEXT
 from .test_vision import BOI, EOI, IMAGE, add_image_tokenizer, test_image

@@ -85,7 +85,7 @@ def compare(model, gen, prompt_len: int, batch_size: int, sampler: str = "exact"
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..checkpoint import default_dtype
+    from ..io.checkpoint import default_dtype
     from ..cli_common import apply_threads
     from ..presets import default_generation, preset_config, random_model
 

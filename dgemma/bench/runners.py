@@ -117,7 +117,7 @@ def run_autoregressive(model, prompts, gen, seed) -> RunResult:
 
 
 def build_model(args):
-    from .. import checkpoint
+    from ..io import checkpoint
     from ..cli_common import load_checkpoint
     from ..presets import default_generation, preset_config, random_model
 
@@ -148,7 +148,7 @@ def build_model(args):
 def load_transformers(model, config: ModelConfig, path: Path | None, device: str, dtype: torch.dtype):
     import transformers
 
-    from .. import checkpoint
+    from ..io import checkpoint
 
     tmp = None
     if path is None:

@@ -68,7 +68,7 @@ def cmd_chat(args) -> int:
     from ..generate import generate
     from ..images import ImageError, expand_image_tokens
     from ..inputs import InputProcessor
-    from ..tokenizer import split_thinking
+    from ..text.thinking import split_thinking
 
     check_default_model(args)
     apply_threads(args.threads)

@@ -72,7 +72,7 @@ def check_default_model(args) -> None:
     if args.model:
         return
     from ..cli_common import DEFAULT_MODEL
-    from ..tokenizer import Tokenizer
+    from ..text.tokenizer import Tokenizer
 
     hint = "pass --model DIR (a DiffusionGemma checkpoint directory) for text, or use `dgemma sudoku solve PUZZLE`"
     if args.command == "chat" or getattr(args, "chat", False) or getattr(args, "think", False):
@@ -91,7 +91,7 @@ def output_record(token_ids, reason, tokenizer, eos_ids, split: bool) -> dict:
         body = [t for t in token_ids if t not in eos_ids]
         raw = tokenizer.decode(body, skip_special_tokens=False)
         if split:
-            from ..tokenizer import split_thinking
+            from ..text.thinking import split_thinking
 
             reasoning, content = split_thinking(raw)
             record["text"] = content

@@ -7,8 +7,8 @@ from __future__ import annotations
 import os
 import sys
 
-from ..cli_common import (DTYPES, DgemmaError, Parser, add_eos_arg, add_model_args, add_sampling_args, add_threads_arg,
-                          apply_threads)
+from ..cli_common import (DTYPES, CLIError, DgemmaError, Parser, add_eos_arg, add_model_args, add_sampling_args,
+                          add_threads_arg, apply_threads)
 from .generate import add_steering_args
 
 
@@ -28,8 +28,8 @@ def cmd_convert(args) -> int:
 
     import torch
 
-    from .. import checkpoint
-    from ..output_dir import previous_output
+    from ..io import checkpoint
+    from ..io.output_dir import previous_output
 
     apply_threads(args.threads)
 
@@ -106,7 +106,7 @@ def _plugins():
     """Subcommands that live with their feature (serve, train, sudoku, bench, quantize). Registering them imports
     only their parsers; their heavy imports (torch, FastAPI, the trainer) stay inside the handlers."""
     from ..bench.cli import add_bench_parser
-    from ..bench_serve import add_bench_serve_parser
+    from ..bench.serve import add_bench_serve_parser
     from ..init_tiny import add_init_tiny_parser
     from ..quant.quant_cli import add_quantize_parser
     from ..server.serve_cli import add_serve_parser

@@ -28,6 +28,12 @@ GEMMA4_VOCAB_SIZE = 262_144
 GEMMA4_EOS = [1, 106, 50]
 
 
+def first_eos(ids, eos) -> int | None:
+    """Where an output ends: the index of the first token of `ids` in `eos` (None: no EOS). What follows it is
+    padding, never output."""
+    return next((i for i, t in enumerate(ids) if t in eos), None)
+
+
 def fallback_eos(text: TextConfig) -> tuple[list[int], str]:
     """The EOS ids for a checkpoint whose generation_config.json names none, and where they come from: the
     release's on the Gemma 4 vocabulary (its config.json's eos alone would run past the end of a chat turn), else

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..config.checks import is_int
 from ..errors import DgemmaError
 
 
@@ -54,15 +55,15 @@ class Steering:
         if not isinstance(self.pinned, dict):
             raise SteeringError("pinned must map output positions to token ids", self.pins_from)
         for pos, tok in self.pinned.items():
-            if not _is_int(pos) or not 0 <= pos < max_new:
+            if not is_int(pos) or not 0 <= pos < max_new:
                 raise SteeringError(f"pinned position {pos!r} is outside the output [0, {max_new})", self.pins_from)
-            if not _is_int(tok) or not 0 <= tok < vocab_size:
+            if not is_int(tok) or not 0 <= tok < vocab_size:
                 raise SteeringError(f"pinned token id {tok!r} is outside the vocabulary [0, {vocab_size})",
                                     self.pins_from)
         if self.seed_tokens is not None:
             if not isinstance(self.seed_tokens, list) or not self.seed_tokens:
                 raise SteeringError(f"{self.seed_from} must be a non-empty list of token ids", self.seed_from)
-            bad = next((t for t in self.seed_tokens if not (_is_int(t) and 0 <= t < vocab_size)), None)
+            bad = next((t for t in self.seed_tokens if not (is_int(t) and 0 <= t < vocab_size)), None)
             if bad is not None:
                 raise SteeringError(f"seed token id {bad!r} is outside the vocabulary [0, {vocab_size})",
                                     self.seed_from)
@@ -72,7 +73,7 @@ class Steering:
         if self.suffix is not None:
             if not isinstance(self.suffix, list) or not self.suffix:
                 raise SteeringError("suffix must be a non-empty list of token ids", "suffix")
-            bad = next((t for t in self.suffix if not (_is_int(t) and 0 <= t < vocab_size)), None)
+            bad = next((t for t in self.suffix if not (is_int(t) and 0 <= t < vocab_size)), None)
             if bad is not None:
                 raise SteeringError(f"suffix token id {bad!r} is outside the vocabulary [0, {vocab_size})", "suffix")
         if self.constraint is not None:
@@ -164,7 +165,3 @@ def canvas_start(canvas: torch.Tensor, steerings: list[Steering | None], indices
                                   for c, a in zip(constraints, automaton_states)],
                 end_rules=[None if c is None else canvas_rule(c, s.pinned, k, C, m)
                            for c, s, k, m in zip(constraints, steerings, indices, max_new)])
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)

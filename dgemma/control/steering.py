@@ -168,7 +168,7 @@ def _constraint(spec: SteeringSpec, tokenizer, vocabulary, max_tokens: int | Non
 def _after_thought(answer, tokenizer, param: str):
     """`answer` after a free thought, when the chat was rendered with thinking on."""
     from .thought import after_thought
-    from ..thinking import CHANNEL_CLOSE, CHANNEL_OPEN
+    from ..text.thinking import CHANNEL_CLOSE, CHANNEL_OPEN
 
     ids = [tokenizer.token_id(m) for m in (CHANNEL_OPEN, CHANNEL_CLOSE)]
     if None in ids:
@@ -198,7 +198,8 @@ def _tool_call(call: ToolCallSpec, tokenizer, vocabulary):
     parameters (control/tools.py)."""
     from .constraint import Constraint, ConstraintError
     from .schema import SchemaError
-    from .tools import MARKERS, call_regex, tool_vocabulary
+    from .tool_grammar import call_regex, tool_vocabulary
+    from .tools import MARKERS
 
     marker_ids = {m: tokenizer.token_id(m) for m in MARKERS}
     missing = [m for m, i in marker_ids.items() if i is None]

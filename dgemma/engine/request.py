@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 
 import enum
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -18,6 +17,8 @@ from typing import Callable
 import torch
 
 from ..config import GenerationConfig
+from ..config.checks import is_int, is_num
+from ..config.generation import first_eos
 from ..control.pins import Steering
 from ..errors import DgemmaError
 from ..sampling import temperature
@@ -72,17 +73,17 @@ class SamplingParams:
             if not ok:
                 raise RequestError(f"{param} {message}", param)
 
-        check(self.max_tokens is None or (_is_int(self.max_tokens) and self.max_tokens > 0), "max_tokens",
+        check(self.max_tokens is None or (is_int(self.max_tokens) and self.max_tokens > 0), "max_tokens",
               f"must be a positive integer, got {self.max_tokens!r}")
         check(isinstance(self.stop, list) and all(isinstance(s, str) and s for s in self.stop), "stop",
               "must be a list of non-empty strings")
-        check(self.seed is None or _is_int(self.seed), "seed", f"must be an integer, got {self.seed!r}")
-        check(_is_num(self.temperature) and 0 <= self.temperature <= 2, "temperature",
+        check(self.seed is None or is_int(self.seed), "seed", f"must be an integer, got {self.seed!r}")
+        check(is_num(self.temperature) and 0 <= self.temperature <= 2, "temperature",
               f"must be in [0, 2], got {self.temperature!r}")
-        check(self.max_denoising_steps is None or (_is_int(self.max_denoising_steps)
+        check(self.max_denoising_steps is None or (is_int(self.max_denoising_steps)
                                                    and 0 < self.max_denoising_steps <= 1024),
               "max_denoising_steps", f"must be an integer in [1, 1024], got {self.max_denoising_steps!r}")
-        check(self.entropy_bound is None or (_is_num(self.entropy_bound) and self.entropy_bound > 0),
+        check(self.entropy_bound is None or (is_num(self.entropy_bound) and self.entropy_bound > 0),
               "entropy_bound", f"must be a number > 0, got {self.entropy_bound!r}")
         check(self.top_k is None or (_is_int(self.top_k) and self.top_k > 0), "top_k",
               f"must be a positive integer (leave it unset for no cut), got {self.top_k!r}")
@@ -90,7 +91,7 @@ class SamplingParams:
               f"must be a number in (0, 1] (leave it unset for no cut), got {self.top_p!r}")
         for name in ("t_min", "t_max"):
             value = getattr(self, name)
-            check(value is None or (_is_num(value) and 0 <= value <= 100), name,
+            check(value is None or (is_num(value) and 0 <= value <= 100), name,
                   f"must be a number in [0, 100], got {value!r}")
 
     def generation_config(self, base: GenerationConfig) -> GenerationConfig:
@@ -104,14 +105,6 @@ class SamplingParams:
         if self.temperature not in (0, 1):
             gen = gen.replace(t_min=gen.t_min * self.temperature, t_max=gen.t_max * self.temperature)
         return gen
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _is_num(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 class Status(enum.Enum):
@@ -196,7 +189,7 @@ class Request:
         else:
             new = self.settled[start - num_committed:]
         new = new[: self.max_new - start]
-        cut = next((i for i, t in enumerate(new) if t in self.eos), None)
+        cut = first_eos(new, self.eos)
         return (new, False) if cut is None else (new[: cut + 1], True)
 
     def infill(self, length: int, steering) -> None:
@@ -238,7 +231,7 @@ class Request:
     def _draft(self, result) -> str:
         """The unsettled rest of the current canvas, up to EOS."""
         rest = result.argmax[result.num_pinned:]
-        cut = next((i for i, t in enumerate(rest) if t in self.eos), len(rest))
+        cut = first_eos(rest, self.eos)  # None: all of it
         if self.decode is None:
             return " ".join(map(str, rest[:cut]))
         return self.decode(rest[:cut], self.params.skip_special_tokens)

@@ -99,7 +99,7 @@ class InputProcessor:
     def chat_ids(self, messages: list[dict], thinking: bool = False, template_kwargs: dict | None = None) -> list[int]:
         """The chat rendered with the generation prompt and encoded; message text is plain text (only the template
         writes control tokens). InputError naming `messages` when it cannot render or is too long."""
-        from ..tokenizer import TextTooLongError, TokenizerError
+        from ..text.tokenizer import TextTooLongError, TokenizerError
 
         self.check_can_chat()
         try:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..config.checks import is_int
 from .processor import InputError
 
 FIELDS = ("diffusion_seed_canvas", "diffusion_pinned", "diffusion_max_steps", "diffusion_read_only",
@@ -55,12 +56,12 @@ def structured_read(body, canvas_length: int | None, vocab_size: int) -> Structu
 
     width = given.get("diffusion_canvas_length")
     if width is not None:
-        check(_is_int(width) and width > 0 and (canvas_length is None or width == canvas_length),
+        check(is_int(width) and width > 0 and (canvas_length is None or width == canvas_length),
               "diffusion_canvas_length", f"diffusion_canvas_length: this server denoises canvases of "
               f"{canvas_length} tokens only; give {canvas_length} or leave it out")
     seed = given.get("diffusion_seed_canvas")
     if seed is not None:
-        check(isinstance(seed, list) and all(_is_int(t) for t in seed), "diffusion_seed_canvas",
+        check(isinstance(seed, list) and all(is_int(t) for t in seed), "diffusion_seed_canvas",
               "diffusion_seed_canvas must be a list of token ids.")
         check(all(0 <= t < vocab_size for t in seed), "diffusion_seed_canvas",
               f"diffusion_seed_canvas ids must be in [0, {vocab_size}).")
@@ -68,14 +69,14 @@ def structured_read(body, canvas_length: int | None, vocab_size: int) -> Structu
               f"diffusion_seed_canvas must hold exactly {canvas_length} ids, got {len(seed)}.")
     pins = given.get("diffusion_pinned")
     if pins is not None:
-        check(isinstance(pins, list) and all(_is_int(p) for p in pins), "diffusion_pinned",
+        check(isinstance(pins, list) and all(is_int(p) for p in pins), "diffusion_pinned",
               "diffusion_pinned must be a list of canvas positions.")
         check(seed is not None, "diffusion_pinned", "diffusion_pinned needs a diffusion_seed_canvas to hold.")
         check(all(0 <= p < len(seed) for p in pins), "diffusion_pinned",
               "diffusion_pinned positions must lie inside the canvas.")
     steps = given.get("diffusion_max_steps")
     if steps is not None:
-        check(_is_int(steps) and steps > 0, "diffusion_max_steps", "diffusion_max_steps must be a positive integer.")
+        check(is_int(steps) and steps > 0, "diffusion_max_steps", "diffusion_max_steps must be a positive integer.")
         check(steps <= 1024, "diffusion_max_steps", f"diffusion_max_steps must be at most 1024, got {steps}")
     read_only = given.get("diffusion_read_only")
     if read_only is not None:
@@ -99,7 +100,3 @@ def _check_no_clash(body, seeded: bool, pinned: bool, steps: int | None) -> None
     if steps is not None and body.max_denoising_steps is not None and steps != body.max_denoising_steps:
         raise InputError(f"diffusion_max_steps ({steps}) and max_denoising_steps ({body.max_denoising_steps}) "
                          f"disagree; give one", "diffusion_max_steps")
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)

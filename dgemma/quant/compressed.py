@@ -25,7 +25,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..model.moe import Experts
-from .fp8 import _widen
+from .fp8 import widen_e4m3
 from .layout import (
     DECODER,
     Layout,
@@ -54,7 +54,7 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torc
         return out
     s = scale.float()
     if q.device.type == "cpu" and bool(s.abs().max() < 2.0**7):
-        x, s = _widen(q), s * 2.0**120  # exact: E4M3 -> fp32 * 2^-120 in a few integer ops (fp8.py)
+        x, s = widen_e4m3(q), s * 2.0**120  # exact: E4M3 -> fp32 * 2^-120 in a few integer ops (fp8.py)
     else:
         x = q.float()
     return (x * s).to(scale.dtype).to(dtype)

@@ -39,7 +39,7 @@ def quantization_config(raw_config: dict, path: Path) -> dict | None:
 
 
 def _fp8_layout(model: nn.Module, qc: dict, where: str) -> Layout:
-    """dgemma's own format: its names are the model's, and checkpoint.py reads its FP8 weights and fp32 scales."""
+    """dgemma's own format: its names are the model's, and io/checkpoint.py reads its FP8 weights and fp32 scales."""
     block, experts = fp8.read_config(qc, where)
     fp8.quantize_model(model, block, experts)
     return Layout(config=model.quantization_config)

@@ -61,7 +61,7 @@ def dequantize_blocks(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) 
     sr, sc = scale.shape[-2:]
     s = scale.float()
     if q.device.type == "cpu" and s.abs().max() < 2.0**7:
-        x, s = _widen(q), s * 2.0**120  # exact: a power of two, and no overflow below 2^7
+        x, s = widen_e4m3(q), s * 2.0**120  # exact: a power of two, and no overflow below 2^7
     else:
         x = q.float()
     s = s.repeat_interleave(rows // sr, dim=-2)  # (..., R, C / bc): one scale per row of each block
@@ -71,7 +71,7 @@ def dequantize_blocks(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) 
 _SIGN_EXP_MANT = 0x87F0 - 0x10000  # as int16: the sign bit and the bits E4M3's exponent and mantissa land on
 
 
-def _widen(q: torch.Tensor) -> torch.Tensor:
+def widen_e4m3(q: torch.Tensor) -> torch.Tensor:
     """E4M3 -> fp32 times 2^-120, exactly, in a few vectorised integer ops (torch's own CPU conversion is a scalar
     loop, about 10x slower). Shifting the byte left by 4 into a bf16 puts E4M3's 4 exponent and 3 mantissa bits
     at the bottom of bf16's; the exponent bias differs by 127 - 7 = 120, and E4M3's subnormals land on bf16's
@@ -129,7 +129,7 @@ class FP8Experts(Experts):
                 dequantize_blocks(self.down_proj, self.down_proj_scale_inv, dtype))
 
 
-def _targets(model: nn.Module, experts: bool) -> list[tuple[nn.Module, str, nn.Module]]:
+def quantized_projections(model: nn.Module, experts: bool) -> list[tuple[nn.Module, str, nn.Module]]:
     """(parent, attribute, module) for every projection the transform quantizes, in model order."""
     out = []
     for layer in model.layers:
@@ -146,7 +146,7 @@ def _targets(model: nn.Module, experts: bool) -> list[tuple[nn.Module, str, nn.M
     return out
 
 
-def _matrices(module: nn.Module) -> list[tuple[int, int]]:
+def weight_shapes(module: nn.Module) -> list[tuple[int, int]]:
     if isinstance(module, Experts):
         return [tuple(module.gate_up_proj.shape[-2:]), tuple(module.down_proj.shape[-2:])]
     return [tuple(module.weight.shape)]
@@ -170,7 +170,7 @@ def replace_targets(targets: list[tuple[nn.Module, str, nn.Module]], convert, pr
 
 def pick_block(model: nn.Module, experts: bool = True) -> int:
     """The largest of BLOCK_SIZES that divides both sides of every matrix the transform would quantize."""
-    shapes = [s for _, _, m in _targets(model, experts) for s in _matrices(m)]
+    shapes = [s for _, _, m in quantized_projections(model, experts) for s in weight_shapes(m)]
     for b in BLOCK_SIZES:
         if all(r % b == 0 and c % b == 0 for r, c in shapes):
             return b
@@ -194,9 +194,9 @@ def quantize_model(model: nn.Module, block: int | tuple[int, int] | None = None,
     block = (block, block) if isinstance(block, int) else tuple(block)
     if len(block) != 2 or min(block) < 1:
         raise QuantError(f"block size must be one or two positive integers, got {block}")
-    targets = _targets(model, experts)
+    targets = quantized_projections(model, experts)
     for _, _, module in targets:  # check every shape before changing anything
-        for rows, cols in _matrices(module):
+        for rows, cols in weight_shapes(module):
             if rows % block[0] or cols % block[1]:
                 raise QuantError(f"a {rows} x {cols} weight does not split into {block[0]} x {block[1]} blocks; "
                                  f"pick a block size that divides it (or leave it out to choose one)")

@@ -22,7 +22,7 @@ from torch import nn
 
 from ..model.layers import gelu_tanh
 from ..model.moe import Experts
-from .fp8 import QuantError, _matrices, _targets, is_quantized, replace_targets
+from .fp8 import QuantError, is_quantized, quantized_projections, replace_targets, weight_shapes
 
 QUANT_METHOD = "dgemma-int4"
 GROUP_SIZES = (128, 64, 32)  # the automatic choice: the largest that divides every quantized matrix's input side
@@ -308,7 +308,7 @@ class Int4Experts(Experts):
 
 def pick_group_size(model: nn.Module, experts: bool = True) -> int:
     """The largest of GROUP_SIZES that divides the input side of every matrix the transform would quantize."""
-    shapes = [s for _, _, m in _targets(model, experts) for s in _matrices(m)]
+    shapes = [s for _, _, m in quantized_projections(model, experts) for s in weight_shapes(m)]
     for g in GROUP_SIZES:
         if all(k % g == 0 for _, k in shapes):
             return g
@@ -329,9 +329,9 @@ def quantize_model(model: nn.Module, group_size: int | None = None, experts: boo
     if group_size not in KERNEL_GROUP_SIZES:
         raise QuantError(f"group size must be one of {', '.join(map(str, KERNEL_GROUP_SIZES))} (what the int4 "
                          f"kernels take), got {group_size}")
-    targets = _targets(model, experts)
+    targets = quantized_projections(model, experts)
     for parent, name, module in targets:  # check every shape before changing anything
-        for n, k in _matrices(module):
+        for n, k in weight_shapes(module):
             _check_shapes(name, n, k, group_size)
     replace_targets(targets, lambda m: (Int4Experts.quantize(m, group_size) if isinstance(m, Experts)
                                         else Int4Linear.quantize(m, group_size)), progress)

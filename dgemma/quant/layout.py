@@ -22,7 +22,7 @@ from torch import nn
 
 from ..model.moe import Experts
 from .fp8 import (
-    QuantError,  # one error class for every format (checkpoint.py turns it into a CheckpointError)
+    QuantError,  # one error class for every format (io/checkpoint.py turns it into a CheckpointError)
 )
 
 DECODER = "model.decoder."  # the transformers module prefixes that matching patterns (exclude lists) are written for

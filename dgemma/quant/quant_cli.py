@@ -42,8 +42,8 @@ def _size(path: Path) -> int:
 
 
 def cmd_quantize(args) -> int:
-    from .. import checkpoint
-    from ..output_dir import previous_output
+    from ..io import checkpoint
+    from ..io.output_dir import previous_output
     from . import fp8, int4
     from .fp8 import QuantError
 

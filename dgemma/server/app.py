@@ -22,12 +22,12 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .guard import Guard, uvicorn_config
+from ..package_data import STATIC_DIR
 from .protocol import ChatCompletionRequest, CompletionRequest, error_body
 from .serving import APIError, Serving
 
 log = logging.getLogger("dgemma.server")
 
-STATIC_DIR = Path(__file__).resolve().parent / "static"
 MEDIA_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
                ".css": "text/css; charset=utf-8"}
 # The page loads nothing from elsewhere and talks only to this server; a CSP makes the browser hold it to that.

@@ -15,7 +15,7 @@ from .streaming import APIError, RequestStream, chunk_base, sse, stream_end, usa
 
 async def chat_completion(serving, body: ChatCompletionRequest, raw: HTTPRequest):
     from ..control.tools import split_tool_calls
-    from ..tokenizer import split_thinking
+    from ..text.thinking import split_thinking
 
     given = await serving.process(chat_input, body)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
@@ -50,7 +50,7 @@ class _ChoiceState:
 
     def __init__(self, parse_calls: bool):
         from ..control.tools import ToolCallStreamParser
-        from ..tokenizer import ThinkingStreamParser
+        from ..text.thinking import ThinkingStreamParser
 
         self.parser = ThinkingStreamParser()
         self.calls_parser = ToolCallStreamParser() if parse_calls else None

@@ -17,6 +17,7 @@ import torch
 from ..config import FULL, SLIDING, GenerationConfig, ModelConfig, TextConfig
 from ..control.pins import Steering
 from ..generate import generate  # imported up front: a long training run must not pick up later edits at eval
+from ..package_data import SUDOKU_MODEL_DIR as ASSET_DIR
 from ..train.batch import Example
 from .sudoku_puzzles import CELLS, generate_puzzles, is_solution, make_puzzle, minimal_puzzle, shuffle_symmetry
 
@@ -39,7 +40,6 @@ TRAIN_GIVENS = (30, 50)
 HELDOUT_SEED = 20_240_601
 HELDOUT_SIZE = 1000
 VALIDATION_OFFSET = 7_000_000  # training's periodic evals use a validation set, so choosing a run never sees the test set
-ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "sudoku"
 
 
 def sudoku_config(hidden_size: int = 192, num_layers: int = 6, vocab_size: int = VOCAB_SIZE) -> ModelConfig:

@@ -13,6 +13,7 @@ from collections import Counter
 from pathlib import Path
 
 from ..cli_common import CLIError, add_threads_arg, apply_threads, generation_config, load_checkpoint, notice
+from ..package_data import SUDOKU_MODEL_DIR as ASSET_DIR
 from ..train.train_cli import add_distributed_args, add_refinement_args
 
 # sudoku.py's constants, without its imports (torch, the generator) to build a parser; tests/test_cli.py checks
@@ -22,7 +23,6 @@ REACHABLE_GIVENS = 22  # sudoku_puzzles.REACHABLE_GIVENS: fewer takes the genera
 EVAL_PUZZLES = 200  # about a minute on a 2-core CPU; --full runs all HELDOUT_SIZE
 GOAL_STEPS = 12  # the goal's step budget (95% at 23-36 givens in <= 12 mean steps): the rate when no canvas takes more
 UNTRAINED_PUZZLES = 20  # an untrained model never converges, so each of its canvases costs the whole step cap
-ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "sudoku"
 
 
 def add_sudoku_parser(subparsers) -> argparse.ArgumentParser:
@@ -310,7 +310,7 @@ def cmd_eval(args) -> int:
 
 def cmd_ship(args) -> int:
     """Re-save the run's model with the Sudoku sampler defaults and the tokenizer, in fp32 (about 12 MB)."""
-    from ..checkpoint import save
+    from ..io.checkpoint import save
     from . import sudoku as S
 
     ckpt = _load_model(str(Path(args.run) / "model"))

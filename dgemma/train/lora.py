@@ -89,7 +89,7 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base_model: str | None =
     """PEFT-style adapter: adapter_model.safetensors with transformers' tensor names, and adapter_config.json."""
     from safetensors.torch import save_file
 
-    from ..checkpoint import DECODER
+    from ..io.checkpoint import DECODER
 
     modules = lora_modules(model)
     if not modules:

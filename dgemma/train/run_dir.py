@@ -17,7 +17,7 @@ import json
 import os
 from pathlib import Path
 
-from ..checkpoint import CheckpointError
+from ..io.checkpoint import CheckpointError
 from .state_file import STATE_KEY
 
 RUN_MANIFEST = ".dgemma-run.json"

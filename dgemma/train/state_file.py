@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import CheckpointError
+from ..io.checkpoint import CheckpointError
 from ..errors import DgemmaError
 
 STATE_KEY, CHECKSUM_KEY = "dgemma_train_state", "dgemma_train_sha256"

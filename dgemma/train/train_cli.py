@@ -109,7 +109,7 @@ def record_run(run_dir, args, step: int, dist) -> None:
 
 
 def _tokenizer(path: Path):
-    from ..tokenizer import Tokenizer
+    from ..text.tokenizer import Tokenizer
 
     tok = Tokenizer.from_dir(path)
     if tok is None:

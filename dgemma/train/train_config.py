@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from ..config.checks import ConfigError
 from .objective import LossConfig
 
 
@@ -32,17 +33,17 @@ class TrainConfig:
         for name in ("steps", "batch_size", "log_every", "eval_every", "save_every"):
             value = getattr(self, name)
             if not (isinstance(value, int) and value > 0):
-                raise ValueError(f"{name.replace('_', '-')} must be a positive integer, got {value!r}")
+                raise ConfigError(f"{name.replace('_', '-')} must be a positive integer, got {value!r}")
         if not (isinstance(self.warmup_steps, int) and self.warmup_steps >= 0):
-            raise ValueError(f"warmup-steps must be an integer >= 0, got {self.warmup_steps!r}")
+            raise ConfigError(f"warmup-steps must be an integer >= 0, got {self.warmup_steps!r}")
         if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"lr must be a number > 0, got {self.lr}")
+            raise ConfigError(f"lr must be a number > 0, got {self.lr}")
         if not 0 < self.min_lr_ratio <= 1:
-            raise ValueError(f"min_lr_ratio must be in (0, 1], got {self.min_lr_ratio}")
+            raise ConfigError(f"min_lr_ratio must be in (0, 1], got {self.min_lr_ratio}")
         if self.weight_decay < 0 or self.grad_clip <= 0:
-            raise ValueError("weight_decay must be >= 0 and grad_clip > 0")
+            raise ConfigError("weight_decay must be >= 0 and grad_clip > 0")
         if not all(0 <= b < 1 for b in self.betas):
-            raise ValueError(f"betas must be in [0, 1), got {self.betas}")
+            raise ConfigError(f"betas must be in [0, 1), got {self.betas}")
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:

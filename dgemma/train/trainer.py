@@ -43,10 +43,10 @@ from typing import Callable, Protocol
 
 import torch
 
-from ..checkpoint import CheckpointError
-from ..checkpoint import save as save_checkpoint_dir
-from ..config import GenerationConfig, ModelConfig
-from ..output_dir import previous_output
+from ..config import ConfigError, GenerationConfig, ModelConfig
+from ..io.checkpoint import CheckpointError
+from ..io.checkpoint import save as save_checkpoint_dir
+from ..io.output_dir import previous_output
 from . import distributed as D
 from .batch import Example, collate
 from .lora import has_lora, merge_lora, save_adapter
@@ -78,7 +78,7 @@ class Trainer:
                  tokenizer_dir: str | Path | None = None, base_model: str | None = None, quiet: bool = False,
                  export_on_eval: bool = False, dist: D.Distributed = D.SINGLE):
         if dist.active and cfg.batch_size % dist.world_size:
-            raise ValueError(f"batch-size {cfg.batch_size} must be a multiple of the {dist.world_size} processes")
+            raise ConfigError(f"batch-size {cfg.batch_size} must be a multiple of the {dist.world_size} processes")
         self.model, self.model_config, self.generation = model, model_config, generation
         self.cfg, self.data, self.eval_fn = cfg, data, eval_fn
         self.out_dir = Path(out_dir)
@@ -95,7 +95,7 @@ class Trainer:
         self.step_module = D.wrap(model, dist)  # FSDP swaps the parameters for shards: the optimizer comes after
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
-            raise ValueError("the model has no trainable parameters")
+            raise ConfigError("the model has no trainable parameters")
         # no weight decay on norms, scalars and other vectors
         decay = [p for p in params if p.ndim >= 2]
         no_decay = [p for p in params if p.ndim < 2]

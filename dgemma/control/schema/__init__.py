@@ -27,7 +27,6 @@ every output is still valid.
 from __future__ import annotations
 
 from .base import SchemaError, SchemaLimits
-from .subset import _Walker  # noqa: F401  (tools.py's Gemma-syntax writer still reads the narrower subset)
 from .writer import Empty, Writer
 
 __all__ = ["SchemaError", "SchemaLimits", "schema_to_regex"]

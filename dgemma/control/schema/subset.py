@@ -56,7 +56,7 @@ def schema_to_regex(schema: dict, whitespace_pattern: str | None = None) -> str:
     """The regex for `schema` (a JSON schema as a dict); SchemaError if it is invalid or unsupported."""
     if not isinstance(schema, dict):
         raise SchemaError(f"a JSON schema must be an object, got {type(schema).__name__}")
-    cleaned = _Walker(schema).clean(schema, "#", ())
+    cleaned = SubsetWalker(schema).clean(schema, "#", ())
     try:
         return build_regex_from_schema(json.dumps(cleaned), whitespace_pattern)
     except BaseException as err:  # pyo3 panics are BaseException
@@ -94,7 +94,7 @@ def _json_plain(text: str) -> bool:
     return json.dumps(text, ensure_ascii=False)[1:-1] == text
 
 
-class _Walker:
+class SubsetWalker:
     def __init__(self, root: dict):
         self.root = root
 

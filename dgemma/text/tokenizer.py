@@ -1,10 +1,10 @@
-"""Tokenizer, chat template and thought-channel parsing for a checkpoint directory.
+"""The tokenizer and chat template of a checkpoint directory.
 
 Text goes through the HF `tokenizers` library (tokenizer.json); transformers is not used. Chat templates come from
 the checkpoint and render sandboxed (chat_template.py).
 
 Reading a reply with thinking: decode with `skip_special_tokens=False` (so the `<|channel>` markers survive), then
-call `split_thinking` on the text, or feed the text deltas to a `ThinkingStreamParser` when streaming.
+call thinking.split_thinking on the text, or feed the text deltas to a thinking.ThinkingStreamParser when streaming.
 """
 
 from __future__ import annotations
@@ -17,9 +17,8 @@ from pathlib import Path
 
 import tokenizers
 
-from .chat_template import GEMMA4_CHAT_TEMPLATE, ChatTemplate, TokenizerError, _one_line, _plain  # noqa: F401
-from .thinking import (CHANNEL_CLOSE, CHANNEL_OPEN, END_MARKERS, THOUGHT_PREFIX,  # noqa: F401
-                       ThinkingStreamParser, split_thinking)
+from ..errors import one_line
+from .chat_template import GEMMA4_CHAT_TEMPLATE, ChatTemplate, TokenizerError, plain_value
 
 
 class TextTooLongError(TokenizerError):
@@ -32,7 +31,7 @@ def _read_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise TokenizerError(f"{path}: not valid JSON ({_one_line(err)})") from None
+        raise TokenizerError(f"{path}: not valid JSON ({one_line(err)})") from None
     if not isinstance(data, dict):
         raise TokenizerError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data
@@ -101,7 +100,7 @@ class Tokenizer:
         try:
             backend = tokenizers.Tokenizer.from_file(str(file))
         except Exception as err:  # noqa: BLE001 (the Rust side raises a bare Exception)
-            raise TokenizerError(f"{file}: cannot load tokenizer ({_one_line(err)})") from None
+            raise TokenizerError(f"{file}: cannot load tokenizer ({one_line(err)})") from None
         # 2.
         config_file, map_file = path / "tokenizer_config.json", path / "special_tokens_map.json"
         config, special_map = _read_json(config_file), _read_json(map_file)
@@ -121,7 +120,7 @@ class Tokenizer:
             try:
                 template, source = jinja_file.read_text(encoding="utf-8"), str(jinja_file)
             except (OSError, UnicodeDecodeError) as err:
-                raise TokenizerError(f"{jinja_file}: cannot read ({_one_line(err)})") from None
+                raise TokenizerError(f"{jinja_file}: cannot read ({one_line(err)})") from None
         elif json_file.is_file():
             source = str(json_file)
             template = _pick_template(_read_json(json_file).get("chat_template"), source)
@@ -187,8 +186,8 @@ class Tokenizer:
             return pattern.sub(lambda m: f"{nonce}{found.setdefault(m.group(0), len(found))}\ue001", text)
 
         # 2.
-        text = self.apply_chat_template(_map_strings(_plain(list(messages)), escape), add_generation_prompt,
-                                        enable_thinking, **_map_strings(_plain(template_kwargs), escape))
+        text = self.apply_chat_template(_map_strings(plain_value(list(messages)), escape), add_generation_prompt,
+                                        enable_thinking, **_map_strings(plain_value(template_kwargs), escape))
         # 3.
         restore = {f"{nonce}{k}\ue001": special for special, k in found.items()}
         alternatives = [re.escape(p) for p in restore] + ([pattern.pattern] if pattern is not None else [])
@@ -231,8 +230,8 @@ class Tokenizer:
         since the template already writes `<bos>`."""
         if not isinstance(messages, (list, tuple)) or not all(isinstance(m, dict) for m in messages):
             raise TokenizerError("apply_chat_template: messages must be a list of dicts")
-        context = {"tools": None, "documents": None, **{k: _plain(v) for k, v in template_kwargs.items()}}
-        context.update(messages=_plain(list(messages)), add_generation_prompt=bool(add_generation_prompt),
+        context = {"tools": None, "documents": None, **{k: plain_value(v) for k, v in template_kwargs.items()}}
+        context.update(messages=plain_value(list(messages)), add_generation_prompt=bool(add_generation_prompt),
                        enable_thinking=bool(enable_thinking), bos_token=self.bos_token or "",
                        eos_token=self.eos_token or "", pad_token=self.pad_token or "")
         return self.chat_template.render(**context)

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import DgemmaError
+from ..config.checks import is_int
+from ..errors import DgemmaError
 
 DTYPES = {
     "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
@@ -105,10 +106,6 @@ class SafetensorsFile:
         return self.get(name).clone()
 
 
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
 def _tensor_ref(path: Path, name: str, info, data_start: int, size: int) -> TensorRef:
     """One header entry, checked field by field: a hostile value is one line, never arithmetic on strings."""
     where = f"{path}: tensor {name}"
@@ -117,9 +114,9 @@ def _tensor_ref(path: Path, name: str, info, data_start: int, size: int) -> Tens
     dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
     if not isinstance(dtype, str) or dtype not in DTYPES:
         raise CheckpointError(f"{where}: unsupported dtype {dtype!r:.40}")
-    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+    if not isinstance(shape, list) or not all(is_int(d) and d >= 0 for d in shape):
         raise CheckpointError(f"{where}: shape must be a list of non-negative integers, got {shape!r:.80}")
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(is_int(o) for o in offsets)
             and 0 <= offsets[0] <= offsets[1]):
         raise CheckpointError(f"{where}: data_offsets must be two integers 0 <= begin <= end, got {offsets!r:.80}")
     begin, end = offsets

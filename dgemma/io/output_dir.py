@@ -21,7 +21,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .checkpoint import CheckpointError
+from .safetensors_file import CheckpointError
 
 MANIFEST = ".dgemma-output.json"
 STAGING_PREFIX = ".dgemma-staging-"  # inside an existing `out`; a leftover one (killed run) is ours to remove

@@ -16,13 +16,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .config import ConfigError, GenerationConfig, ModelConfig, read_json
-from .model import DiffusionGemma
-from .model.vision import Vision
-from .quant import formats as quant_formats
-from .quant import fp8 as quant_fp8
-from .quant import int4 as quant_int4
-# CheckpointError and SafetensorsFile are dgemma.checkpoint's names too
+from ..config import ConfigError, GenerationConfig, ModelConfig, read_json
+from ..model import DiffusionGemma
+from ..model.vision import Vision
+from ..quant import formats as quant_formats
+from ..quant import fp8 as quant_fp8
+from ..quant import int4 as quant_int4
+# CheckpointError and SafetensorsFile are dgemma.io.checkpoint's names too
+from .output_dir import commit, previous_output, staging_dir
 from .safetensors_file import DTYPE_NAMES, DTYPES, FLOAT_DTYPES, CheckpointError, SafetensorsFile, drop_pages
 
 DECODER = "model.decoder."
@@ -338,8 +339,6 @@ def save(out_dir: str | Path, model: DiffusionGemma, config: ModelConfig, genera
     Written into a temporary directory and moved into place, so a failure leaves nothing half-written. An existing
     `out_dir` must be empty or an earlier dgemma output, of which only the files dgemma wrote are replaced
     (output_dir.py)."""
-    from .output_dir import commit, previous_output, staging_dir
-
     method = (getattr(model, "quantization_config", None) or {}).get("quant_method")
     if method in quant_formats.READ_ONLY:
         raise CheckpointError(f"dgemma reads {method} checkpoints but does not write them; save from the unquantized "

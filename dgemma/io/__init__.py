@@ -1,0 +1,1 @@
+"""Reading and writing files: safetensors checkpoints and the output directories dgemma writes."""

@@ -1,0 +1,1 @@
+"""Text: the tokenizer, the chat template and the thinking channel."""
