@@ -10,7 +10,7 @@ import threading
 import httpx
 import pytest
 
-from dgemma import checkpoint
+from dgemma.io import checkpoint
 from dgemma.control import Constraint, ConstraintError, ConstraintVocabulary
 from dgemma.control.gate import COMPILES, CompileBusy, CompileFailure, CompileGate, compile_client
 from dgemma.control.vocabulary import ConstraintCache

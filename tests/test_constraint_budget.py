@@ -141,7 +141,7 @@ def test_canvas_rule_ends_the_last_partial_canvas_in_done(tok, constraints):
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    from dgemma import checkpoint
+    from dgemma.io import checkpoint
     from dgemma.engine import Engine
     from dgemma.server import ServerThread, Serving, build_app
     from dgemma.testing import write_tiny_checkpoint

@@ -11,7 +11,7 @@ import openai
 import pytest
 import torch
 
-from dgemma import checkpoint
+from dgemma.io import checkpoint
 from dgemma.control import Constraint, ConstraintVocabulary
 from dgemma.control.constraint import INVALID
 from dgemma.control.thought import after_thought

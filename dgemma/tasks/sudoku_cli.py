@@ -6,7 +6,6 @@ Also runnable without the main CLI: python -m dgemma.tasks.sudoku_cli <command> 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import time
 from collections import Counter
@@ -14,7 +13,6 @@ from pathlib import Path
 
 from ..cli_common import CLIError, add_threads_arg, apply_threads, generation_config, load_checkpoint, notice
 from ..package_data import SUDOKU_MODEL_DIR as ASSET_DIR
-from ..train.train_cli import add_distributed_args, add_refinement_args
 
 # sudoku.py's constants, without its imports (torch, the generator) to build a parser; tests/test_cli.py checks
 # that they agree
@@ -28,40 +26,20 @@ UNTRAINED_PUZZLES = 20  # an untrained model never converges, so each of its can
 def add_sudoku_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("sudoku", help="train, evaluate or run the Sudoku model",
                               description="Sudoku with a small block-diffusion model: one canvas holds the solution.")
+    from .sudoku_train_cli import add_train_parser  # it imports this module: not at the top
+
     sub = p.add_subparsers(dest="sudoku_command", required=True)
+    add_train_parser(sub)
+    _add_eval_parser(sub)
+    x = sub.add_parser("ship", help="copy a run's model into the package as the default Sudoku model")
+    x.add_argument("--run", default="runs/sudoku", help="run directory (its model/ is exported at every eval)")
+    x.add_argument("--out", default=str(ASSET_DIR), help="directory to write")
+    x.set_defaults(func=cmd_ship)
+    _add_solve_parser(sub)
+    return p
 
-    t = sub.add_parser("train", help="train a Sudoku model from scratch (resumable)")
-    t.add_argument("--out", default="runs/sudoku", help="run directory (checkpoint, metrics, loss.png, model/)")
-    t.add_argument("--steps", type=int, default=6000, help="optimizer steps")
-    t.add_argument("--batch-size", type=int, default=32, help="puzzles per step")
-    t.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
-    t.add_argument("--warmup-steps", type=int, default=200, help="linear warm-up of the learning rate")
-    t.add_argument("--weight-decay", type=float, default=1e-2, help="AdamW weight decay")
-    t.add_argument("--hidden-size", type=int, default=192, help="model width")
-    t.add_argument("--layers", type=int, default=6, help="model depth")
-    t.add_argument("--min-givens", type=int, default=TRAIN_GIVENS[0], help="fewest givens in a training puzzle")
-    t.add_argument("--max-givens", type=int, default=TRAIN_GIVENS[1], help="most givens in a training puzzle")
-    t.add_argument("--pin-givens", type=float, default=0.0, metavar="P",
-                   help="probability that a training puzzle's givens are pinned in its canvas (never noised, not "
-                        "scored), as `sudoku solve` pins them; above 0 the periodic evals also run pinned")
-    add_refinement_args(t)
-    t.add_argument("--eval-every", type=int, default=500, help="steps between held-out evaluations")
-    t.add_argument("--eval-puzzles", type=int, default=100, help="held-out puzzles per periodic eval")
-    t.add_argument("--eval-givens", default=str(GIVENS), metavar="N|LO-HI,...",
-                   help="comma-separated difficulties to eval on (givens per puzzle, or a range), on validation "
-                        "puzzles: seeded like the held-out sets, but other puzzles")
-    t.add_argument("--save-every", type=int, default=100, help="steps between resumable checkpoints")
-    t.add_argument("--seed", type=int, default=0, help="seed for initialisation and the puzzle stream")
-    t.add_argument("--init", metavar="MODEL", default=None,
-                   help="start from this Sudoku model's weights (e.g. dgemma/assets/sudoku) instead of random ones; "
-                        "its shape is used, so --hidden-size must match it; a larger --layers inserts sliding layers "
-                        "that start silent (copies with zeroed output norms), so the deeper model computes what it did")
-    t.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    add_threads_arg(t)
-    add_distributed_args(t)
-    t.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.safetensors")
-    t.set_defaults(func=cmd_train, interrupt_hint="resume with --resume")
 
+def _add_eval_parser(sub) -> None:
     e = sub.add_parser("eval", help="solve rate and denoising steps on the held-out puzzles")
     e.add_argument("--model", default=None, help=f"checkpoint directory (default: the shipped {ASSET_DIR})")
     e.add_argument("--puzzles", type=int, default=EVAL_PUZZLES,
@@ -85,11 +63,8 @@ def add_sudoku_parser(subparsers) -> argparse.ArgumentParser:
     add_threads_arg(e)
     e.set_defaults(func=cmd_eval)
 
-    x = sub.add_parser("ship", help="copy a run's model into the package as the default Sudoku model")
-    x.add_argument("--run", default="runs/sudoku", help="run directory (its model/ is exported at every eval)")
-    x.add_argument("--out", default=str(ASSET_DIR), help="directory to write")
-    x.set_defaults(func=cmd_ship)
 
+def _add_solve_parser(sub) -> None:
     s = sub.add_parser("solve", help="solve one puzzle (81 digits, 0 or . for blanks, or a 9-line grid)",
                        description="The puzzle: 81 characters (digits, 0 or . for blanks) or a grid over 9 lines with "
                                    "spaces, | and -/+ separator lines, as an argument or on stdin.")
@@ -108,10 +83,9 @@ def add_sudoku_parser(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--strength", type=float, default=0.2, help="renoise strength of --repair, in [0, 1]")
     add_threads_arg(s)
     s.set_defaults(func=cmd_solve)
-    return p
 
 
-def _load_model(path: str | None):
+def load_sudoku_model(path: str | None):
     path = Path(path) if path else ASSET_DIR
     if not (path / "config.json").is_file():
         raise CLIError(f"{path}: no Sudoku model there (config.json missing); train one with `dgemma sudoku train`")
@@ -134,98 +108,6 @@ def _fingerprint(path: str | None) -> str:
     """The model directory and its weights' sha256, so an eval names exactly the file it measured."""
     path = Path(path) if path else ASSET_DIR
     return f"{path} (model.safetensors sha256 {weights_sha256(path)})"
-
-
-def cmd_train(args) -> int:
-    import torch
-
-    from ..presets import init_weights
-    from ..model import DiffusionGemma
-    from ..train.objective import LossConfig
-    from ..train.train_cli import record_run, start_distributed
-    from ..train.trainer import CHECKPOINT, TrainConfig, Trainer
-    from . import sudoku as S
-
-    apply_threads(args.threads)
-    if not REACHABLE_GIVENS <= args.min_givens <= args.max_givens <= 80:
-        raise CLIError(f"need {REACHABLE_GIVENS} <= --min-givens <= --max-givens <= 80 (below {REACHABLE_GIVENS} "
-                       f"givens the puzzle generator takes minutes a puzzle)")
-    try:
-        eval_givens = [parse_givens(g.strip()) for g in args.eval_givens.split(",") if g.strip()]
-    except argparse.ArgumentTypeError as e:
-        raise CLIError(f"--eval-givens: {e}") from None
-    if not 0.0 <= args.pin_givens <= 1.0:
-        raise CLIError(f"--pin-givens is a probability in [0, 1], got {args.pin_givens}")
-    if args.init is not None and args.resume:
-        raise CLIError("--init starts a new run from a model; --resume continues a run from its checkpoint: not both")
-    out = Path(args.out)
-    if (out / CHECKPOINT).exists() and not args.resume:
-        raise CLIError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
-    if args.resume and not (out / CHECKPOINT).exists():
-        raise CLIError(f"{out / CHECKPOINT} not found; nothing to resume")
-    dist, device = start_distributed(args, args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    config = S.sudoku_config(args.hidden_size, args.layers)
-    if args.init is not None:
-        start = _load_model(args.init)
-        text = start.config.text
-        shape = (text.hidden_size, text.num_hidden_layers)
-        # a model with fewer layers than --layers asks is grown (grow_depth computes the same function)
-        deeper = args.layers > text.num_hidden_layers
-        same_depth = S.sudoku_config(args.hidden_size, text.num_hidden_layers) if deeper else config
-        as_asked = dataclasses.replace(text, vocab_size=config.text.vocab_size)
-        if (as_asked.to_hf(), start.config.canvas_length) != (same_depth.text.to_hf(), config.canvas_length):
-            raise CLIError(f"--init {args.init}: its shape (hidden size {shape[0]}, {shape[1]} layers) is not the one "
-                           f"asked for (--hidden-size {args.hidden_size} --layers {args.layers})")
-        if text.vocab_size > config.text.vocab_size:
-            raise CLIError(f"--init {args.init}: its vocabulary ({text.vocab_size} tokens) is larger than a Sudoku "
-                           f"model's ({config.text.vocab_size})")
-        # a model from before the vocabulary was padded (sudoku.VOCAB_SIZE) gets the unused tokens
-        model = S.grow_vocabulary(start.model, same_depth, args.seed) if text.vocab_size < config.text.vocab_size \
-            else start.model.float()
-        if deeper:
-            model = S.grow_depth(model, config)
-        model = model.to(device)
-    else:
-        model = init_weights(DiffusionGemma(config.text, config.canvas_length), seed=args.seed).to(device)
-    # The encoder loss adds a second full pass over the solution and nothing the decoder needs: w_enc = 0.
-    try:
-        cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
-                          weight_decay=args.weight_decay, eval_every=args.eval_every, save_every=args.save_every,
-                          seed=args.seed, loss=LossConfig(w_enc=0.0, self_cond_passes=args.self_cond_passes,
-                                          sampled_canvas=args.sampled_canvas))
-    except ValueError as e:  # TrainConfig's own checks name the field
-        raise CLIError(str(e)) from None
-    # Every rank draws the same stream (distributed.py, step 1); only rank 0 evaluates, so only it builds the sets.
-    data = S.SudokuStream(seed=args.seed + 1, givens=(args.min_givens, args.max_givens), pin_givens=args.pin_givens)
-    sets: dict = {}
-    gen = S.sudoku_generation()
-
-    def eval_fn(m) -> dict:
-        metrics = {}
-        if not sets:
-            sets.update({S.givens_label(g): S.heldout_set(args.eval_puzzles, g, validation=True) for g in eval_givens})
-        for g, puzzles in sets.items():
-            for suffix, steer in [("", None)] + ([("_pinned", S.pin_givens)] if args.pin_givens > 0 else []):
-                score = S.evaluate(m, puzzles, gen, steer=steer)
-                metrics[f"solve_rate_{g}{suffix}"] = round(score.solve_rate, 4)
-                metrics[f"steps_{g}{suffix}"] = round(score.mean_steps, 2)
-        return metrics
-
-    tok_dir = out / "tokenizer"
-    trainer = Trainer(model, config, gen, cfg, data, out, eval_fn, tokenizer_dir=tok_dir, export_on_eval=True,
-                      dist=dist)  # first: it refuses an --out holding files dgemma did not write
-    if dist.is_main:
-        S.write_tokenizer(trainer.run_dir.claim("tokenizer"))
-    if args.resume:
-        trainer.load()
-        if dist.is_main:
-            print(f"resumed {out} at step {trainer.step}", file=sys.stderr)
-    record_run(trainer.run_dir, args, trainer.step, dist)
-    trainer.train()
-    trainer.export()
-    if dist.is_main:
-        print(f"model written to {out / 'model'}")
-    return 0
 
 
 def _eval_line(label: str, score, seconds: float) -> str:
@@ -261,7 +143,7 @@ def cmd_eval(args) -> int:
         raise CLIError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.hard and args.givens != GIVENS:
         raise CLIError("--hard is its own set of puzzles; leave out --givens")
-    ckpt = _load_model(args.model)
+    ckpt = load_sudoku_model(args.model)
     print(f"model: {_fingerprint(args.model)}")
     which = ("the full set" if n == HELDOUT_SIZE else
              f"the first {n} of the {HELDOUT_SIZE}; --full runs all" if n < HELDOUT_SIZE else "")
@@ -313,7 +195,7 @@ def cmd_ship(args) -> int:
     from ..io.checkpoint import save
     from . import sudoku as S
 
-    ckpt = _load_model(str(Path(args.run) / "model"))
+    ckpt = load_sudoku_model(str(Path(args.run) / "model"))
     tok_dir = Path(args.run) / "tokenizer"
     S.write_tokenizer(tok_dir)
     out = save(args.out, ckpt.model, ckpt.config, S.sudoku_generation(), tokenizer_dir=tok_dir)
@@ -371,7 +253,7 @@ def cmd_solve(args) -> int:
         seed, strength = tuple(repair.seed_tokens), repair.strength
     # token ids only, no text: no tokenizer, constraint vocabulary or EOS needed
     steering = build_steering(SteeringSpec(pinned=pins, seed_tokens=seed, strength=strength), None, None, None)
-    ckpt = _load_model(args.model)
+    ckpt = load_sudoku_model(args.model)
     gen = generation_config(args, ckpt.generation, flags={"max_denoising_steps": "--steps"})
     # Each try is a fresh sample (seed, seed + 1, ...); the checker, not the model, decides when to stop.
     for attempt in range(1, args.tries + 1):

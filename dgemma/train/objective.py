@@ -23,8 +23,10 @@ Per example (numbers reused in the code):
      it did not raise the solve rate: TRAINING.md, run 8.)
   7. L_dec is the mean cross-entropy of the second pass against the clean tokens over every position of canvas b
      (corrupted or not, canvas padding included), fixed positions excepted (then it is the mean over the batch's
-     scored positions). L = w_dec * L_dec + w_enc * L_enc. The `reweighted` variant weights each example's L_dec
-     by 1 / (1 - t), clipped at `max_weight`.
+     scored positions). `fixed_positions` separates the two halves of fixing: "pin" (the default) holds the fixed
+     positions clean and leaves them out of L_dec, "clean" holds them clean and scores them, "unscored" noises them
+     like any other position and leaves them out of L_dec. L = w_dec * L_dec + w_enc * L_enc. The `reweighted`
+     variant weights each example's L_dec by 1 / (1 - t), clipped at `max_weight`.
 """
 
 from __future__ import annotations
@@ -41,6 +43,9 @@ from .corruption import sample_noise_level, uniform_corrupt
 from .masks import block_diffusion_decoder_mask, encoder_training_mask
 
 
+FIXED_POSITIONS = ("pin", "clean", "unscored")
+
+
 @dataclass
 class LossConfig:
     w_dec: float = 1.0
@@ -51,6 +56,7 @@ class LossConfig:
     sampled_canvas: float = 0.0
     reweighted: bool = False
     max_weight: float = 10.0
+    fixed_positions: str = "pin"  # Example.fixed: "pin" (clean, unscored), "clean" (clean, scored), "unscored"
 
     def __post_init__(self) -> None:
         if self.w_dec < 0 or self.w_enc < 0 or self.w_dec + self.w_enc == 0:
@@ -63,6 +69,9 @@ class LossConfig:
             raise ValueError(f"self_cond_passes must be >= 1, got {self.self_cond_passes}")
         if not 0.0 <= self.sampled_canvas <= 1.0:
             raise ValueError(f"sampled_canvas must be in [0, 1], got {self.sampled_canvas}")
+        if self.fixed_positions not in FIXED_POSITIONS:
+            raise ValueError(f"fixed_positions must be one of {', '.join(FIXED_POSITIONS)}, "
+                             f"got {self.fixed_positions!r}")
         if self.max_weight < 1.0:
             raise ValueError(f"max_weight must be >= 1, got {self.max_weight}")
 
@@ -120,6 +129,30 @@ def decoder_pass(model: DiffusionGemma, enc_kv: EncoderKV, canvas: torch.Tensor,
     return model.logits(hidden)
 
 
+def _corrupt_canvas(clean: torch.Tensor, t: torch.Tensor, vocab_size: int, fixed: torch.Tensor | None,
+                    cfg: LossConfig, generator: torch.Generator | None):
+    """Step 3 with `cfg.fixed_positions`. -> (noisy canvas, replaced mask, the positions L_dec leaves out or None)."""
+    held = None if fixed is None or cfg.fixed_positions == "unscored" else fixed  # never noised
+    noisy, replaced = uniform_corrupt(clean, t, vocab_size, None if held is None else ~held, generator=generator)
+    return noisy, replaced, None if cfg.fixed_positions == "clean" else fixed
+
+
+def _decoder_loss(logits: torch.Tensor, clean: torch.Tensor, t: torch.Tensor, fixed: torch.Tensor | None,
+                  cfg: LossConfig, share: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step 7's L_dec and argmax accuracy of `logits` (B, C, V) against `clean` (B, C), over every position or,
+    with `fixed`, over the others: then each rank's share of the mean over the batch's scored positions, times world
+    (`share` = world / scored positions in the whole batch), as the encoder loss."""
+    B, C, V = logits.shape
+    ce = F.cross_entropy(logits.reshape(-1, V), clean.reshape(-1), reduction="none").view(B, C)
+    weight = (1.0 / (1.0 - t)).clamp(max=cfg.max_weight)[:, None] if cfg.reweighted else None
+    correct = (logits.argmax(-1) == clean).float()
+    if fixed is None:
+        return (ce.mean() if weight is None else (ce * weight).mean()), correct.mean()
+    scored = (~fixed).to(logits.device)
+    per_token = ce if weight is None else ce * weight
+    return per_token[scored].sum() * share, correct[scored].sum() * share
+
+
 def block_diffusion_loss(model: DiffusionGemma, batch: Batch, cfg: LossConfig,
                          generator: torch.Generator | None = None, shard: tuple[int, int] = (0, 1)) -> LossOutput:
     """The loss of one batch. All random draws come from `generator` (a CPU generator), in a fixed order, so a
@@ -128,8 +161,7 @@ def block_diffusion_loss(model: DiffusionGemma, batch: Batch, cfg: LossConfig,
     shard = (rank, world): the draws are made for the whole batch, as one process makes them, and the model runs
     on this rank's rows only (B must divide by world). The returned loss is scaled so that its mean over the ranks,
     which DDP's gradient averaging takes, is the one-process loss; so are dec_loss, enc_loss and dec_accuracy."""
-    device, C, V = model.device, model.canvas_length, model.config.vocab_size
-    rank, world = shard
+    device, C, V, (rank, world) = model.device, model.canvas_length, model.config.vocab_size, shard
     B = batch.size
     if B % world:
         raise ValueError(f"a batch of {B} does not split evenly over {world} processes")
@@ -141,7 +173,7 @@ def block_diffusion_loss(model: DiffusionGemma, batch: Batch, cfg: LossConfig,
     starts = cpu.prompt_lengths + b * C  # (B,)
     clean = torch.gather(cpu.tokens, 1, canvas_slots(starts, C))  # (B, C)
     fixed = None if cpu.fixed is None else torch.gather(cpu.fixed, 1, canvas_slots(starts, C))  # (B, C)
-    noisy, replaced = uniform_corrupt(clean, t, V, None if fixed is None else ~fixed, generator=generator)
+    noisy, replaced, fixed = _corrupt_canvas(clean, t, V, fixed, cfg, generator)  # fixed: now the unscored
     use_signal = torch.rand(B, generator=generator) < cfg.self_cond_prob  # (B,)
     passes = 1  # no-gradient passes before the gradient pass (step 6); no draw for 1, so older runs replay
     if cfg.self_cond_passes > 1:
@@ -194,17 +226,7 @@ def block_diffusion_loss(model: DiffusionGemma, batch: Batch, cfg: LossConfig,
     logits = decoder_pass(model, enc_kv, noisy, starts, signal)  # (B, C, V)
 
     # 7. loss
-    ce = F.cross_entropy(logits.reshape(-1, V), clean.reshape(-1), reduction="none").view(B, C)
-    weight = (1.0 / (1.0 - t)).clamp(max=cfg.max_weight)[:, None] if cfg.reweighted else None
-    correct = (logits.argmax(-1) == clean).float()
-    if fixed is None:
-        dec_loss = ce.mean() if weight is None else (ce * weight).mean()
-        accuracy = correct.mean()
-    else:  # each rank's share of the mean over the batch's scored positions, times world (as the encoder loss)
-        scored = (~fixed).to(device)
-        per_token = ce if weight is None else ce * weight
-        dec_loss = per_token[scored].sum() * (world / n_scored)
-        accuracy = correct[scored].sum() * (world / n_scored)
+    dec_loss, accuracy = _decoder_loss(logits, clean, t, fixed, cfg, world / n_scored)
     loss = cfg.w_dec * dec_loss + cfg.w_enc * enc_loss
     if world > 1 and cfg.w_enc == 0:
         # The encoder's final hidden states then feed nothing, and FSDP2's backward hooks crash (SIGSEGV, torch
