@@ -38,7 +38,7 @@ def test_an_option_given_wins_over_the_dry_run_which_wins_over_the_recipe():
 
 def test_gpu_recipe_dry_run_writes_a_model_transformers_loads(tmp_path, capsys):
     transformers = pytest.importorskip("transformers")
-    from dgemma.checkpoint import load
+    from dgemma.io.checkpoint import load
 
     out = tmp_path / "run"
     assert main(["train", "--recipe", "gpu", "--dry-run", "--out", str(out), "--threads", "1"]) == 0

@@ -219,16 +219,15 @@ def cmd_train(args) -> int:
     # Every rank draws the same stream (distributed.py, step 1); only rank 0 evaluates, so only it builds the sets.
     data = S.SudokuStream(seed=args.seed + 1, givens=(args.min_givens, args.max_givens), pin_givens=args.pin_givens)
     validation = _Validation(args, eval_givens)
-    tok_dir = out / "tokenizer"
+    trainer = Trainer(model, config, S.sudoku_generation(), cfg, data, out, validation, tokenizer_dir=out / "tokenizer",
+                      export_on_eval=True, dist=dist)  # first: it refuses an --out holding files dgemma did not write
     if dist.is_main:
-        S.write_tokenizer(tok_dir)
-    trainer = Trainer(model, config, S.sudoku_generation(), cfg, data, out, validation, tokenizer_dir=tok_dir,
-                      export_on_eval=True, dist=dist)
+        S.write_tokenizer(trainer.run_dir.claim("tokenizer"))
     if args.resume:
         trainer.load()
         if dist.is_main:
             print(f"resumed {out} at step {trainer.step}", file=sys.stderr)
-    record_run(out, args, trainer.step, dist)
+    record_run(trainer.run_dir, args, trainer.step, dist)
     first = trainer.step
     stopped = _train_within(trainer, validation, started, args.time_limit)
     if stopped or not validation.last:  # the last eval is the run's figure, at whichever step it ended
@@ -265,7 +264,7 @@ def _write_result(out: Path, args, trainer, validation: _Validation, first: int,
               "stopped_by_time_limit": stopped, "presentations": steps * trainer.cfg.batch_size,
               "validation": validation.last, "model": str(out / "model"),
               "model_sha256": weights_sha256(out / "model")}
-    (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    trainer.run_dir.claim("result.json").write_text(json.dumps(result, indent=2) + "\n")
     figures = " ".join(f"{k}={v}" for k, v in validation.last.items())
     print(f"model written to {out / 'model'}: {trainer.step} steps in {seconds:.0f} s"
           + (" (stopped by --time-limit)" if stopped else "") + f"; validation {figures}")

@@ -24,7 +24,8 @@ RUN_MANIFEST = ".dgemma-run.json"
 CHECKPOINT = "checkpoint.safetensors"
 LEGACY_CHECKPOINT = "checkpoint.pt"  # older dgemma pickled its state; that file is refused, never loaded or written
 # every name a run writes; temporary files start with ".dgemma-tmp-" and are dgemma's by that prefix
-RUN_NAMES = (CHECKPOINT, "metrics.jsonl", "runs.jsonl", "loss.png", "model", "adapter", "tokenizer")
+RUN_NAMES = (CHECKPOINT, "metrics.jsonl", "runs.jsonl", "loss.png", "model", "adapter", "tokenizer",
+             "result.json")  # result.json: sudoku train --recipe's summary
 TEMP_PREFIX = ".dgemma-tmp-"
 
 
