@@ -14,6 +14,8 @@ from dgemma.engine.runner import ModelRunner
 from dgemma.presets import default_generation, preset_config, random_model
 from dgemma.sampling import random_tokens
 
+from .test_server import KEY, runtime  # noqa: F401 (runtime: the tiny checkpoint with a tokenizer, a module fixture)
+
 C = 16
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")
@@ -143,3 +145,70 @@ def test_logprobs_out_of_range_is_refused():
         with pytest.raises(RequestError) as e:
             SamplingParams(logprobs=bad)
         assert e.value.param == "logprobs"
+
+
+# -- served: OpenAI's shapes through the official client ----------------------------------------------------------
+MODEL = "tiny-logprobs"
+
+
+@pytest.fixture(scope="module")
+def client(runtime):
+    import openai
+
+    from dgemma.server import ServerThread, Serving, build_app
+
+    ckpt, tokenizer = runtime
+    e = Engine(ckpt.model, ckpt.generation, tokenizer, max_num_seqs=4, max_model_len=256, sampler="exact").start()
+    srv = ServerThread(build_app(Serving(e, tokenizer, MODEL), api_key=KEY)).start()
+    yield openai.OpenAI(base_url=srv.url + "/v1", api_key=KEY, timeout=60, max_retries=0)
+    srv.stop()
+    e.stop()
+
+CHAT = dict(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=24, seed=4)
+
+
+def check_top(top: list, n: int) -> None:
+    assert len(top) == n
+    values = [t.logprob for t in top]
+    assert values == sorted(values, reverse=True) and sum(math.exp(v) for v in values) <= 1 + 1e-5
+
+
+def test_chat_logprobs_in_openais_shape(client):
+    plain = client.chat.completions.create(**CHAT)
+    r = client.chat.completions.create(**CHAT, logprobs=True, top_logprobs=3)
+    assert r.choices[0].message.content == plain.choices[0].message.content  # asking changes no token
+    assert plain.choices[0].logprobs is None
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens > 0
+    for item in content:
+        assert item.logprob <= 0 and item.bytes == list(item.token.encode("utf-8"))
+        check_top(item.top_logprobs, 3)
+        assert item.logprob <= item.top_logprobs[0].logprob + 1e-6
+    no_top = client.chat.completions.create(**CHAT, logprobs=True)
+    assert [i.logprob for i in no_top.choices[0].logprobs.content] == [i.logprob for i in content]
+    assert all(i.top_logprobs == [] for i in no_top.choices[0].logprobs.content)
+    # streamed: each chunk carries the entries of its tokens; together the same entries
+    streamed = []
+    for chunk in client.chat.completions.create(**CHAT, logprobs=True, top_logprobs=3, stream=True):
+        if chunk.choices and chunk.choices[0].logprobs is not None:
+            streamed += chunk.choices[0].logprobs.content
+    assert [(i.token, i.logprob, [t.logprob for t in i.top_logprobs]) for i in streamed] == \
+        [(i.token, i.logprob, [t.logprob for t in i.top_logprobs]) for i in content]
+
+
+def test_completion_logprobs_in_openais_shape(client):
+    kw = dict(model=MODEL, prompt=[5, 6, 7], max_tokens=24, seed=4)
+    r = client.completions.create(**kw, logprobs=2)
+    lp, ids = r.choices[0].logprobs, r.choices[0].model_extra["token_ids"]
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == len(ids)
+    assert all(len(top) <= 2 and sum(math.exp(v) for v in top.values()) <= 1 + 1e-5 for top in lp.top_logprobs)
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(ids))]
+    as_ids = client.completions.create(**kw, logprobs=2, extra_body={"return_tokens_as_token_ids": True})
+    assert as_ids.choices[0].logprobs.tokens == [f"token_id:{t}" for t in ids]
+    assert as_ids.choices[0].logprobs.token_logprobs == lp.token_logprobs
+    streamed = {"tokens": [], "token_logprobs": [], "text_offset": []}
+    for chunk in client.completions.create(**kw, logprobs=2, stream=True):
+        if chunk.choices and chunk.choices[0].logprobs is not None:
+            for key in streamed:
+                streamed[key] += getattr(chunk.choices[0].logprobs, key)
+    assert streamed == {"tokens": lp.tokens, "token_logprobs": lp.token_logprobs, "text_offset": lp.text_offset}
