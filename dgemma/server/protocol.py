@@ -8,10 +8,12 @@ Non-standard fields, all optional:
            the settled prefix; default: the server's setting), stream_options.include_drafts,
            chat_template_kwargs (e.g. {"enable_thinking": true}), pinned / seed_tokens / strength (steer the
            canvas), OpenAI's prediction and suffix (editing, fill in the middle), response_format and vLLM's
-           structured_outputs (json, regex, choice), top_k, return_tokens_as_token_ids, vLLM's structured-read fields (diffusion_seed_canvas,
-           diffusion_pinned, diffusion_max_steps, diffusion_read_only, diffusion_canvas_length) at the top level or
-           in vllm_xargs; chat: OpenAI's tools and tool_choice (control/tools.py);
+           structured_outputs (json, regex, choice), top_k, vLLM's return_tokens_as_token_ids, vLLM's structured-read
+           fields (diffusion_seed_canvas, diffusion_pinned, diffusion_max_steps, diffusion_read_only,
+           diffusion_canvas_length) at the top level or in vllm_xargs; chat: OpenAI's tools and tool_choice
+           (control/tools.py);
   response: usage.denoising_steps, choices[0].delta.draft (drafts), choices[0].token_ids (completions).
+OpenAI's logprobs and top_logprobs (chat) and logprobs (completions) are honoured (server/logprobs.py).
 """
 
 from __future__ import annotations
