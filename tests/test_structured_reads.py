@@ -123,3 +123,18 @@ def test_vllms_refusals_hold_for_reads(server, engine):
         r = httpx.post(server.url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=60,
                        json={"model": MODEL, "prompt": PROMPT, "max_tokens": 4, "vllm_xargs": xargs})
         assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+def test_pins_and_seed_are_bounded_by_the_outputs_canvases_not_max_tokens():
+    """Steering.check: with max_tokens below the canvas, pins and a seed across the whole canvas are taken (they
+    steer it); past the canvases the output spans they are refused, naming their field."""
+    from dgemma.control.pins import Steering, SteeringError
+
+    C = 16
+    Steering(pinned={C - 1: 5}, seed_tokens=[5] * C, strength=0.0).check(256, max_new=4, span=C)
+    for steering, param in [(Steering(pinned={C: 5}), "pinned"), (Steering(seed_tokens=[5] * (C + 1)), "seed_tokens")]:
+        with pytest.raises(SteeringError) as e:
+            steering.check(256, max_new=4, span=C)
+        assert e.value.param == param
+    with pytest.raises(SteeringError):  # without the span, max_tokens bounds them (the offline checks)
+        Steering(pinned={C - 1: 5}).check(256, max_new=4)

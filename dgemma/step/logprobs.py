@@ -28,8 +28,9 @@ def record_row(state, row: int, probs: torch.Tensor, argmax: torch.Tensor, temp:
     token = torch.where(state.pinned[row], state.pin_values[row], argmax) if state.any_pins else argmax
     top_probs, top_ids = torch.topk(probs, min(TOP_LOGPROBS, V), dim=-1)  # (C, K)
     log_norm = torch.empty(C, 1, dtype=torch.float32, device=probs.device)
-    chunk = max(1, _CHUNK_ELEMENTS // V)
-    for start in range(0, C, chunk):  # a block at a time: no second (C, V) tensor
+    # on CPU a block at a time (no second (C, V) tensor, the block stays in cache); elsewhere launches are the cost
+    chunk = max(1, _CHUNK_ELEMENTS // V) if probs.device.type == "cpu" else C
+    for start in range(0, C, chunk):
         block = probs[start:start + chunk].log().mul_(temp)
         log_norm[start:start + chunk] = torch.logsumexp(block, dim=-1, keepdim=True)
     token_lp = probs.gather(-1, token[:, None]).log_().mul_(temp).sub_(log_norm)[:, 0]  # (C,)

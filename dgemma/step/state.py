@@ -91,4 +91,5 @@ class CanvasState:
         return self.logprob[row].tolist(), self.top_ids[row].tolist(), self.top_logprobs[row].tolist()
 
     def nbytes(self) -> int:
-        return sum(t.nbytes for t in [self.canvas, self.argmax, self.signal, self.pin_values, self.streak])
+        return sum(t.nbytes for t in [self.canvas, self.argmax, self.signal, self.pin_values, self.streak,
+                                      self.logprob, self.top_ids, self.top_logprobs])
