@@ -49,14 +49,18 @@ class Steering:
     pins_from: str = "pinned"  # the request field the pins came from, which errors name ("template": its literals)
     seed_from: str = "seed_tokens"  # the request field the seed came from ("prediction": its text's tokens)
 
-    def check(self, vocab_size: int, max_new: int) -> None:
-        """Refuse what cannot be run, naming the field: ids outside the vocabulary, positions outside the output,
-        a strength outside [0, 1]."""
+    def check(self, vocab_size: int, max_new: int, span: int | None = None) -> None:
+        """Refuse what cannot be run, naming the field: ids outside the vocabulary, pins and seed tokens outside
+        the canvases the output spans (`span` tokens: whole canvases; None: `max_new`), a strength outside [0, 1].
+        A pin or seed token past max_new but inside the output's last canvas steers that canvas (a vLLM structured
+        read seeds and pins its whole canvas with max_tokens below the canvas length); it is never returned."""
+        span = max_new if span is None else max(span, max_new)
         if not isinstance(self.pinned, dict):
             raise SteeringError("pinned must map output positions to token ids", self.pins_from)
         for pos, tok in self.pinned.items():
-            if not is_int(pos) or not 0 <= pos < max_new:
-                raise SteeringError(f"pinned position {pos!r} is outside the output [0, {max_new})", self.pins_from)
+            if not is_int(pos) or not 0 <= pos < span:
+                raise SteeringError(f"pinned position {pos!r} is outside the output's canvases [0, {span})",
+                                    self.pins_from)
             if not is_int(tok) or not 0 <= tok < vocab_size:
                 raise SteeringError(f"pinned token id {tok!r} is outside the vocabulary [0, {vocab_size})",
                                     self.pins_from)
@@ -67,9 +71,9 @@ class Steering:
             if bad is not None:
                 raise SteeringError(f"seed token id {bad!r} is outside the vocabulary [0, {vocab_size})",
                                     self.seed_from)
-            if len(self.seed_tokens) > max_new:
-                raise SteeringError(f"{self.seed_from} has {len(self.seed_tokens)} tokens, more than the {max_new} "
-                                    f"the output may hold", self.seed_from)
+            if len(self.seed_tokens) > span:
+                raise SteeringError(f"{self.seed_from} has {len(self.seed_tokens)} tokens, more than the {span} "
+                                    f"the output's canvases hold", self.seed_from)
         if self.suffix is not None:
             if not isinstance(self.suffix, list) or not self.suffix:
                 raise SteeringError("suffix must be a non-empty list of token ids", "suffix")

@@ -94,7 +94,7 @@ class Engine:
         if params.steering is not None:
             max_new = min(params.max_tokens or max_canvases * C, max_canvases * C)
             try:
-                params.steering.check(self.model.config.vocab_size, max_new)
+                params.steering.check(self.model.config.vocab_size, max_new, span=max_canvases * C)
                 if params.steering.suffix is not None:
                     check_suffix(params.steering.suffix, C, max_new, params.steering.constraint)
             except SteeringError as e:
@@ -185,27 +185,31 @@ class Engine:
         for request, result in zip(batch, results):
             progress = request.apply(result)
             if progress.finish_reason is not None:
-                self._finish(request, progress.finish_reason, progress.token_ids, progress.text)
+                self._finish(request, progress.finish_reason, progress.token_ids, progress.text, progress.logprobs)
                 continue
-            self._report(request, progress.token_ids, progress.text, draft=progress.draft)
+            self._report(request, progress.token_ids, progress.text, draft=progress.draft, logprobs=progress.logprobs)
             if progress.commit:
                 to_commit.append(request)
         self.runner.commit(to_commit)
 
     def _finish(self, request: Request, reason: str, ids: list[int] | None = None, text: str = "",
-                error: str | None = None) -> None:
+                logprobs: list | None = None, error: str | None = None) -> None:
         self.scheduler.finish(request)
-        self._report(request, ids if ids is not None else [], text, finish_reason=reason, error=error)
+        self._report(request, ids if ids is not None else [], text, finish_reason=reason, error=error,
+                     logprobs=logprobs)
 
     def _report(self, request: Request, ids: list[int], text: str, draft: str | None = None,
-                finish_reason: str | None = None, error: str | None = None) -> None:
+                finish_reason: str | None = None, error: str | None = None, logprobs: list | None = None) -> None:
         request.num_reported += len(ids)
         if not ids and not text and draft is None and finish_reason is None:
             return
         if ids and request.first_token_time is None:
             request.first_token_time = time.perf_counter()
+        if logprobs is None and request.records:
+            logprobs = []  # an output of a request that asked carries its (possibly empty) list
         out = RequestOutput(request.request_id, ids, text, draft, finish_reason is not None, finish_reason,
-                            error, len(request.prompt), request.num_reported, request.denoising_steps)
+                            error, len(request.prompt), request.num_reported, request.denoising_steps,
+                            logprobs=logprobs)
         if out.finished:
             now = time.perf_counter()
             out.latency = now - request.arrival

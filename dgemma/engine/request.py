@@ -22,7 +22,7 @@ from ..config.generation import first_eos
 from ..control.pins import Steering
 from ..errors import DgemmaError
 from ..sampling import temperature
-from ..step import pick_for
+from ..step import TOP_LOGPROBS, pick_for
 from .detokenizer import TextStream
 
 
@@ -50,6 +50,14 @@ class SamplingParams:
 
     pin_prefix: once a prefix of the canvas has settled (see runner.py) it is kept fixed for the rest of that
     canvas, so it can be streamed before the canvas is committed and is never retracted.
+
+    logprobs (None: off): each output token comes with its log-probability and those of the `logprobs` most
+    probable tokens at its position (0 to TOP_LOGPROBS), as step/logprobs.py records them.
+
+    read_only (vLLM's diffusion_read_only): the request reads its first canvas and ends there, after
+    max_denoising_steps steps or once the canvas has stopped: the output is the whole argmax canvas, one token per
+    canvas position (not cut at max_tokens or EOS), with the log-probabilities of every position (TOP_LOGPROBS
+    alternatives unless `logprobs` says otherwise).
     """
 
     max_tokens: int | None = None  # None: until EOS or the context limit
@@ -66,6 +74,8 @@ class SamplingParams:
     include_drafts: bool = False
     skip_special_tokens: bool = True
     steering: Steering | None = None  # pinned output positions and a seeded canvas (control/pins.py)
+    logprobs: int | None = None
+    read_only: bool = False
     images: object = None  # images.PromptImages of the prompt (its image tokens expanded); the tower runs at prefill
 
     def __post_init__(self) -> None:
@@ -87,6 +97,9 @@ class SamplingParams:
               "entropy_bound", f"must be a number > 0, got {self.entropy_bound!r}")
         check(self.top_k is None or (_is_int(self.top_k) and self.top_k > 0), "top_k",
               f"must be a positive integer (leave it unset for no cut), got {self.top_k!r}")
+        check(self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= TOP_LOGPROBS), "logprobs",
+              f"must be an integer in [0, {TOP_LOGPROBS}], got {self.logprobs!r}")
+        check(isinstance(self.read_only, bool), "read_only", f"must be a boolean, got {self.read_only!r}")
         check(self.top_p is None or (_is_num(self.top_p) and 0 < self.top_p <= 1), "top_p",
               f"must be a number in (0, 1] (leave it unset for no cut), got {self.top_p!r}")
         for name in ("t_min", "t_max"):
@@ -129,11 +142,15 @@ class RequestOutput:
     denoising_steps: int = 0
     ttft: float | None = None  # seconds from arrival to the first output token (set when finished)
     latency: float | None = None  # seconds from arrival to the end (set when finished)
+    # with SamplingParams.logprobs, per token of token_ids: (its log-probability, [(token id, log-probability) of
+    # the most probable tokens at its position, most probable first])
+    logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
 
     def merged(self, later: RequestOutput) -> RequestOutput:
         """This output followed by `later`, as one: tokens and text joined, the newest draft, `later`'s end."""
+        logprobs = None if self.logprobs is None else self.logprobs + (later.logprobs or [])
         return dataclasses.replace(later, token_ids=self.token_ids + later.token_ids, text=self.text + later.text,
-                                   draft=later.draft if later.draft is not None else self.draft)
+                                   draft=later.draft if later.draft is not None else self.draft, logprobs=logprobs)
 
 
 Sink = Callable[[RequestOutput], None]
@@ -164,10 +181,15 @@ class Request:
         # how the row picks its kept tokens, made once: the step never tests a request's parameters
         self.pick = pick_for(params.temperature == 0, params.top_k, params.top_p, vocab_size)
         self.eos = set(gen.eos_token_id)
+        # log-probabilities: recorded by the step for this row; `num_top` alternatives reported per token
+        self.records = params.logprobs is not None or params.read_only
+        self.num_top = TOP_LOGPROBS if params.logprobs is None else params.logprobs
         self.stop_at: int | None = None  # fill in the middle: the output is the middle, this many tokens
         self.automaton_state: int | None = None  # a constrained request's automaton state after its commits
         self.committed: list[int] = []  # tokens of committed canvases
         self.settled: list[int] = []  # the settled prefix of the current canvas
+        self.committed_logprobs: list = []  # with records: per token of committed / settled, RequestOutput's entry
+        self.settled_logprobs: list = []
         self.num_reported = 0  # output tokens already sent to the sink
         self.last_draft: str | None = None
         self.canvas_index = 0
@@ -202,17 +224,23 @@ class Request:
         canvas or a longer settled prefix, and say what to report and whether the request has finished."""
         self.step += 1
         self.denoising_steps += 1
+        if self.params.read_only:
+            return self._read(result)
         if result.canvas_done:
             self.committed += result.argmax
-            self.settled = []
+            self.committed_logprobs += self._entries(result)
+            self.settled, self.settled_logprobs = [], []
             self.canvas_index += 1
             self.step = 0
         elif result.num_pinned > len(self.settled):
             self.settled = result.argmax[: result.num_pinned]
+            self.settled_logprobs = self._entries(result)[: result.num_pinned]
         ids, hit_eos = self.new_output_ids()
+        logprobs = self._new_logprobs(len(ids))
         reason = None
         if self.stop_at is not None and self.num_reported + len(ids) >= self.stop_at:
             ids, reason = ids[: self.stop_at - self.num_reported], "stop"
+            logprobs = None if logprobs is None else logprobs[: len(ids)]
         elif hit_eos:
             reason = "stop"
         elif self.num_reported + len(ids) >= self.max_new or self.num_canvases_left == 0:
@@ -226,7 +254,34 @@ class Request:
         if self.params.include_drafts and reason is None and not result.canvas_done:
             draft = self._draft(result)
             draft, self.last_draft = (None if draft == self.last_draft else draft), draft
-        return Progress(ids, text, draft, reason, commit=result.canvas_done and reason is None)
+        return Progress(ids, text, draft, reason, commit=result.canvas_done and reason is None, logprobs=logprobs)
+
+    def _read(self, result) -> Progress:
+        """A read-only request (SamplingParams.read_only): nothing until its canvas has stopped, then the whole
+        argmax canvas and its log-probabilities, and the end."""
+        if not result.canvas_done:
+            return Progress([], "", None, None, False)
+        ids = result.argmax
+        text = self.text.update(ids, final=True) if self.text is not None else ""
+        return Progress(ids, text, None, "length", False, logprobs=self._entries(result))
+
+    def _entries(self, result) -> list:
+        """RequestOutput.logprobs' entries of a step's canvas, one per position ([] when the row records none)."""
+        if result.logprobs is None:
+            return []
+        logprob, top_ids, top_logprobs = result.logprobs
+        n = self.num_top
+        return [(lp, list(zip(ids[:n], lps[:n]))) for lp, ids, lps in zip(logprob, top_ids, top_logprobs)]
+
+    def _new_logprobs(self, count: int) -> list | None:
+        """The entries of the `count` output tokens after the reported ones (as new_output_ids takes them)."""
+        if not self.records:
+            return None
+        start, num_committed = self.num_reported, len(self.committed_logprobs)
+        if start < num_committed:
+            new = self.committed_logprobs[start:start + count]
+            return new + self.settled_logprobs[: count - len(new)]
+        return self.settled_logprobs[start - num_committed:start - num_committed + count]
 
     def _draft(self, result) -> str:
         """The unsettled rest of the current canvas, up to EOS."""
@@ -247,3 +302,4 @@ class Progress:
     draft: str | None
     finish_reason: str | None
     commit: bool
+    logprobs: list | None = None  # with SamplingParams.logprobs: one entry per token of token_ids

@@ -33,6 +33,7 @@ class StepResult:
     canvas_done: bool  # stopped (stable and confident, or out of steps): commit the argmax canvas
     num_pinned: int  # length of the settled prefix
     argmax: list[int]  # (C,) the argmax canvas
+    logprobs: tuple | None = None  # a row that records them: CanvasState.logprobs_of
 
 
 class ModelRunner:
@@ -81,15 +82,16 @@ class ModelRunner:
                             for r in requests])  # (R, C)
         rows = [r.row for r in requests]
         steerings = [r.params.steering for r in requests]
+        records = [r.records for r in requests]
         if all(s is None for s in steerings):
-            self.state.start(rows, canvas)
+            self.state.start(rows, canvas, records=records)
             return
         # each request is at its own canvas, with its own generator, automaton state and budget
         self.state.start(rows, eos_ids=requests[0].gen.eos_token_id,
                          **canvas_constraints(canvas_start(canvas, steerings, [r.canvas_index for r in requests],
                                                            [r.generator for r in requests],
                                                            [r.automaton_state for r in requests],
-                                                           [r.max_new for r in requests])))
+                                                           [r.max_new for r in requests])), records=records)
 
     @torch.inference_mode()
     def commit(self, requests: list[Request]) -> None:
@@ -124,4 +126,5 @@ class ModelRunner:
         # needs the settled tokens.
         host = torch.cat([done[:, None].long(), self.state.num_settled[idx][:, None], self.state.argmax[idx]],
                          dim=1).tolist()
-        return [StepResult(bool(h[0]), h[1], h[2:]) for h in host]
+        return [StepResult(bool(h[0]), h[1], h[2:], self.state.logprobs_of(r.row) if r.records else None)
+                for h, r in zip(host, requests)]

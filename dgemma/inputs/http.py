@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from ..control.steering import ConstraintSpec, SteeringSpec, ToolCallSpec
 from ..engine.request import RequestError, SamplingParams
+from ..step import TOP_LOGPROBS
 from .processor import InputError, InputProcessor
 from .structured_read import StructuredRead, structured_read
 
@@ -123,7 +124,8 @@ def sampling_params(body, plan, options: ServingOptions, read: StructuredRead, s
             max_denoising_steps=steps, entropy_bound=body.entropy_bound, t_min=body.t_min,
             t_max=body.t_max, pin_prefix=options.settled_prefix if body.settled_prefix is None else body.settled_prefix,
             include_drafts=body.stream and stream_options.include_drafts, skip_special_tokens=skip_special_tokens,
-            steering=plan.steering, images=images, **sampler_cuts(body))
+            steering=plan.steering, images=images, logprobs=logprobs_asked(body, read), read_only=read.read_only,
+            **sampler_cuts(body))
     except RequestError as e:
         raise InputError(str(e), e.param) from None
 
@@ -131,6 +133,19 @@ def sampling_params(body, plan, options: ServingOptions, read: StructuredRead, s
 def sampler_cuts(body) -> dict:
     """top_p and top_k as SamplingParams takes them: top_k -1 or 0 is no cut (as vLLM reads it)."""
     return {"top_p": body.top_p, "top_k": None if body.top_k in (-1, 0) else body.top_k}
+
+
+def logprobs_asked(body, read: StructuredRead) -> int | None:
+    """How many alternatives each output token's log-probability comes with (None: no log-probabilities): chat's
+    logprobs (a bool) and top_logprobs (which needs logprobs), or completions' logprobs (a count). A read-only
+    structured read always returns them, with TOP_LOGPROBS alternatives unless the request names a count."""
+    if hasattr(body, "top_logprobs"):  # chat
+        if not body.logprobs and body.top_logprobs:
+            raise InputError("top_logprobs needs logprobs: true", "top_logprobs")
+        asked = (body.top_logprobs or 0) if body.logprobs else None
+    else:
+        asked = body.logprobs
+    return TOP_LOGPROBS if asked is None and read.read_only else asked
 
 
 def choice_params(params: SamplingParams, n: int) -> list[SamplingParams]:

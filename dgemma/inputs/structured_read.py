@@ -6,7 +6,9 @@ sampling arguments), and gets the same refusals for a seed of the wrong length a
                          renoised (seed_tokens with strength 0, unless the request sets strength)
   diffusion_pinned       canvas positions held at the seed's token on every step (pinned: position -> seed[position])
   diffusion_max_steps    denoising steps per canvas (max_denoising_steps)
-  diffusion_read_only    true asks for the top log-probabilities at every canvas position: not supported yet
+  diffusion_read_only    true: read the first canvas and end there (after diffusion_max_steps steps, default 1):
+                         the whole argmax canvas comes back with the log-probabilities at every position
+                         (SamplingParams.read_only)
   diffusion_canvas_length  the request's canvas: only the served canvas length is accepted
 """
 
@@ -26,6 +28,7 @@ class StructuredRead:
     seed_tokens: tuple[int, ...] | None = None
     pinned: tuple[tuple[int, int], ...] | None = None
     max_steps: int | None = None
+    read_only: bool = False
 
 
 def given_fields(body) -> dict[str, object]:
@@ -82,13 +85,13 @@ def structured_read(body, canvas_length: int | None, vocab_size: int) -> Structu
     if read_only is not None:
         check(isinstance(read_only, (bool, int)) and read_only in (0, 1), "diffusion_read_only",
               "diffusion_read_only must be a boolean (or 0/1).")
-        check(not read_only, "diffusion_read_only", "diffusion_read_only: a read-only structured read (the top "
-              "log-probabilities at every canvas position) is not supported yet")
+        if read_only and steps is None and body.max_denoising_steps is None:
+            steps = 1  # a read is one step unless the request says otherwise
     _check_no_clash(body, seed is not None, pins is not None, steps)
     return StructuredRead(
         seed_tokens=tuple(seed) if seed is not None else None,
         pinned=tuple(sorted({p: seed[p] for p in pins}.items())) if pins is not None else None,
-        max_steps=steps)
+        max_steps=steps, read_only=bool(read_only))
 
 
 def _check_no_clash(body, seeded: bool, pinned: bool, steps: int | None) -> None:

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from starlette.requests import Request as HTTPRequest
 
 from ..inputs.http import chat_input, choice_params
+from .logprobs import LogprobWriter
 from .protocol import ChatChoice, ChatCompletionRequest, ChatCompletionResponse, ChatMessageOut, error_body
 from .streaming import APIError, RequestStream, chunk_base, sse, stream_end, usage
 
@@ -30,6 +31,7 @@ async def chat_completion(serving, body: ChatCompletionRequest, raw: HTTPRequest
     if body.stream:
         return _chunks(serving, stream, body, raw, parse_calls)
     choices, outs = [], []
+    writer = LogprobWriter(serving.tokenizer, bool(body.return_tokens_as_token_ids))
     for index, (text, out) in enumerate(await stream.collect(raw)):
         reasoning, content = split_thinking(text)
         calls, finish_reason = [], out.finish_reason
@@ -40,7 +42,8 @@ async def chat_completion(serving, body: ChatCompletionRequest, raw: HTTPRequest
                 finish_reason = "tool_calls" if finish_reason == "stop" else finish_reason
         message = ChatMessageOut(content=content, reasoning_content=reasoning, reasoning=reasoning,
                                  tool_calls=[c.openai() for c in calls])
-        choices.append(ChatChoice(index=index, message=message, finish_reason=finish_reason))
+        logprobs = None if out.logprobs is None else writer.chat(out.token_ids, out.logprobs)
+        choices.append(ChatChoice(index=index, message=message, logprobs=logprobs, finish_reason=finish_reason))
         outs.append(out)
     return ChatCompletionResponse(id=request_id, model=serving.model_name, usage=usage(outs), choices=choices)
 
@@ -62,9 +65,10 @@ async def _chunks(serving, stream: RequestStream, body: ChatCompletionRequest, r
                   parse_calls: bool) -> AsyncIterator[str]:
     base = chunk_base(stream.request_id, "chat.completion.chunk", serving.model_name)
     states = [_ChoiceState(parse_calls) for _ in range(body.n)]
+    writer = LogprobWriter(serving.tokenizer, bool(body.return_tokens_as_token_ids))
 
-    def chunk(index: int, delta: dict, finish_reason: str | None = None) -> str:
-        return sse(dict(base, choices=[{"index": index, "delta": delta, "logprobs": None,
+    def chunk(index: int, delta: dict, finish_reason: str | None = None, logprobs: dict | None = None) -> str:
+        return sse(dict(base, choices=[{"index": index, "delta": delta, "logprobs": logprobs,
                                         "finish_reason": finish_reason}]))
 
     try:
@@ -82,8 +86,13 @@ async def _chunks(serving, stream: RequestStream, body: ChatCompletionRequest, r
                     stream.abort()
                     yield sse("[DONE]")
                     return
-                for delta, finish_reason in _deltas(out, state):
-                    yield chunk(index, delta, finish_reason)
+                # an output's tokens' log-probabilities ride on its first chunk (a chunk of their own if it has none)
+                logprobs = None
+                if out.logprobs is not None and out.token_ids:
+                    logprobs = writer.chat(out.token_ids, out.logprobs)
+                for delta, finish_reason in _deltas(out, state) or [({}, None)] * (logprobs is not None):
+                    yield chunk(index, delta, finish_reason, logprobs)
+                    logprobs = None
             if stream.done:
                 for tail in stream_end(base, body, [s.last for s in states]):
                     yield tail

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from starlette.requests import Request as HTTPRequest
 
 from ..inputs.http import choice_params, completion_input
+from .logprobs import LogprobWriter
 from .protocol import CompletionChoice, CompletionRequest, CompletionResponse, error_body
 from .streaming import RequestStream, chunk_base, sse, stream_end, usage
 
@@ -21,10 +22,12 @@ async def completion(serving, body: CompletionRequest, raw: HTTPRequest):
     if body.stream:
         return _chunks(serving, stream, body, raw)
     choices, outs = [], []
+    writer = LogprobWriter(serving.tokenizer, bool(body.return_tokens_as_token_ids))
     for index, (text, out) in enumerate(await stream.collect(raw)):
         if serving.tokenizer is None:
             text = _ids_text(serving, out.token_ids, 0)
-        choices.append(CompletionChoice(index=index, text=text, finish_reason=out.finish_reason,
+        logprobs = None if out.logprobs is None else writer.completion(out.token_ids, out.logprobs, 0)
+        choices.append(CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=out.finish_reason,
                                         token_ids=out.token_ids))
         outs.append(out)
     return CompletionResponse(id=request_id, model=serving.model_name, choices=choices, usage=usage(outs))
@@ -33,6 +36,8 @@ async def completion(serving, body: CompletionRequest, raw: HTTPRequest):
 async def _chunks(serving, stream: RequestStream, body: CompletionRequest, raw: HTTPRequest) -> AsyncIterator[str]:
     base = chunk_base(stream.request_id, "text_completion", serving.model_name)
     sent = [0] * body.n  # token ids sent per choice
+    offsets = [0] * body.n  # characters of token text sent per choice (completion logprobs' text_offset)
+    writer = LogprobWriter(serving.tokenizer, bool(body.return_tokens_as_token_ids))
     last = [None] * body.n
     try:
         while True:
@@ -51,7 +56,11 @@ async def _chunks(serving, stream: RequestStream, body: CompletionRequest, raw: 
                     yield sse("[DONE]")
                     return
                 if text or out.token_ids or out.finished or out.draft is not None:
-                    choice = {"index": index, "text": text, "logprobs": None, "token_ids": out.token_ids,
+                    logprobs = None
+                    if out.logprobs is not None:
+                        logprobs = writer.completion(out.token_ids, out.logprobs, offsets[index])
+                        offsets[index] += sum(len(t) for t in logprobs["tokens"])
+                    choice = {"index": index, "text": text, "logprobs": logprobs, "token_ids": out.token_ids,
                               "finish_reason": out.finish_reason if out.finished else None}
                     if out.draft is not None:
                         choice["draft"] = out.draft

@@ -8,10 +8,12 @@ Non-standard fields, all optional:
            the settled prefix; default: the server's setting), stream_options.include_drafts,
            chat_template_kwargs (e.g. {"enable_thinking": true}), pinned / seed_tokens / strength (steer the
            canvas), OpenAI's prediction and suffix (editing, fill in the middle), response_format and vLLM's
-           structured_outputs (json, regex, choice), top_k, vLLM's structured-read fields (diffusion_seed_canvas,
-           diffusion_pinned, diffusion_max_steps, diffusion_read_only, diffusion_canvas_length) at the top level or
-           in vllm_xargs; chat: OpenAI's tools and tool_choice (control/tools.py);
+           structured_outputs (json, regex, choice), top_k, vLLM's return_tokens_as_token_ids, vLLM's structured-read
+           fields (diffusion_seed_canvas, diffusion_pinned, diffusion_max_steps, diffusion_read_only,
+           diffusion_canvas_length) at the top level or in vllm_xargs; chat: OpenAI's tools and tool_choice
+           (control/tools.py);
   response: usage.denoising_steps, choices[0].delta.draft (drafts), choices[0].token_ids (completions).
+OpenAI's logprobs and top_logprobs (chat) and logprobs (completions) are honoured (server/logprobs.py).
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
+
+from ..step import TOP_LOGPROBS
 
 
 class _Body(BaseModel):
@@ -131,8 +135,6 @@ NEUTRAL: dict[str, tuple[tuple, str]] = {
     "frequency_penalty": ((None, 0), "dgemma applies no frequency penalty; only 0 is accepted"),
     "presence_penalty": ((None, 0), "dgemma applies no presence penalty; only 0 is accepted"),
     "logit_bias": ((None, {}), "dgemma applies no logit bias; only an empty object is accepted"),
-    "logprobs": ((None, False), "log-probabilities are not supported yet"),
-    "top_logprobs": ((None, 0), "log-probabilities are not supported yet"),
     "service_tier": ((None, "auto", "default"), "dgemma has one service tier; only \"auto\" or \"default\""),
     "store": ((None, False), "dgemma stores no completions; only false is accepted"),
     "metadata": ((None, {}), "metadata is kept only with stored completions, which dgemma does not keep"),
@@ -185,8 +187,7 @@ class _SamplingBody(_Body):
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
     logit_bias: dict[str, Any] | None = None
-    logprobs: Any = None  # chat: a bool; completions: an int
-    top_logprobs: int | None = None
+    return_tokens_as_token_ids: bool | None = None  # vLLM's: logprobs name tokens "token_id:<id>"
     user: str | None = Field(None, max_length=256)  # an end-user id: accepted, recorded nowhere
     safety_identifier: str | None = Field(None, max_length=256)  # the same, under OpenAI's newer name
     service_tier: str | None = None
@@ -215,6 +216,8 @@ class ChatCompletionRequest(_SamplingBody):
     tools: Annotated[list[Tool], Field(max_length=256)] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
+    logprobs: bool | None = None  # each content token's log-probability (SERVING.md, "Log-probabilities")
+    top_logprobs: int | None = Field(None, ge=0, le=TOP_LOGPROBS)  # and that many alternatives (needs logprobs)
     # OpenAI's chat fields dgemma does not apply (NEUTRAL)
     audio: Any = None
     modalities: Any = None
@@ -229,6 +232,7 @@ class ChatCompletionRequest(_SamplingBody):
 class CompletionRequest(_SamplingBody):
     prompt: str | list[int] = Field(min_length=1)
     suffix: str | None = Field(None, min_length=1)  # fill in the middle: the output goes between prompt and suffix
+    logprobs: int | None = Field(None, ge=0, le=TOP_LOGPROBS)  # log-probabilities, with that many alternatives
     echo: Any = None  # NEUTRAL
     best_of: Any = None  # NEUTRAL
 
@@ -263,6 +267,7 @@ class ChatMessageOut(BaseModel):
 class ChatChoice(BaseModel):
     index: int = 0
     message: ChatMessageOut
+    logprobs: dict[str, Any] | None = None  # {"content": [{token, logprob, bytes, top_logprobs}]}
     finish_reason: str | None
 
 
@@ -283,7 +288,7 @@ class ChatCompletionResponse(_Response):
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
-    logprobs: None = None
+    logprobs: dict[str, Any] | None = None  # {tokens, token_logprobs, top_logprobs, text_offset}
     finish_reason: str | None
     token_ids: list[int] | None = None
 

@@ -104,9 +104,10 @@ class RequestStream:
 
     async def collect(self, raw: HTTPRequest) -> list[tuple[str, RequestOutput]]:
         """Gather a non-streamed response: per choice, its text and its last output, which carries all its token
-        ids and its usage."""
+        ids (and their log-probabilities) and its usage."""
         texts: list[list[str]] = [[] for _ in self.ids]
         ids: list[list[int]] = [[] for _ in self.ids]
+        logprobs: list[list | None] = [None] * len(self.ids)
         last: list[RequestOutput | None] = [None] * len(self.ids)
         try:
             while not all(out is not None and out.finished for out in last):
@@ -116,13 +117,15 @@ class RequestStream:
                 for index, out in ready:
                     texts[index].append(out.text)
                     ids[index] += out.token_ids
+                    if out.logprobs is not None:
+                        logprobs[index] = (logprobs[index] or []) + out.logprobs
                     last[index] = out
                     if out.finish_reason == "error":
                         raise APIError(500, out.error or "internal error", "internal_error")
         finally:
             self.abort()
-        for out, choice_ids in zip(last, ids):
-            out.token_ids = choice_ids
+        for out, choice_ids, choice_logprobs in zip(last, ids, logprobs):
+            out.token_ids, out.logprobs = choice_ids, choice_logprobs
         return [("".join(t), out) for t, out in zip(texts, last)]
 
 

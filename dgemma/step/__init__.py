@@ -14,16 +14,18 @@ One noun per module: `state` (CanvasState), `step` (denoise_step), and the strat
 `head` (BatchedHead | RowsHead: steps i-iii over the batch at once, or a row at a time), `draws` (SharedDraws |
 PerRowDraws, each over an ExactSampler | FastSampler), `pick` (per row: Draw, optionally cut to top-k / top-p,
 or Greedy), and `constraint`, the interface through which a row's constraint reaches the step (control
-implements it; the step never imports control).
+implements it; the step never imports control). `logprobs` records, for the rows that ask (a host flag per row:
+a batch where none asks runs no extra kernel), each position's log-probabilities.
 """
 
 from .constraint import CanvasConstraint, constrain_row
 from .draws import PerRowDraws, Sampler, SharedDraws, TokenSampler, token_sampler
+from .logprobs import TOP_LOGPROBS, record_row
 from .head import BatchedHead, RowsHead, StepRows, Strategy, default_strategy, make_head
 from .pick import DRAW, GREEDY, Draw, Greedy, Pick, pick_for
 from .state import CanvasState
 from .step import denoise_step
 
 __all__ = ["BatchedHead", "CanvasConstraint", "CanvasState", "DRAW", "Draw", "GREEDY", "Greedy", "PerRowDraws",
-           "Pick", "RowsHead", "Sampler", "SharedDraws", "StepRows", "Strategy", "TokenSampler", "constrain_row",
-           "default_strategy", "denoise_step", "make_head", "pick_for", "token_sampler"]
+           "Pick", "RowsHead", "Sampler", "SharedDraws", "StepRows", "Strategy", "TOP_LOGPROBS", "TokenSampler",
+           "constrain_row", "default_strategy", "denoise_step", "make_head", "pick_for", "record_row", "token_sampler"]

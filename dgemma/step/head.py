@@ -20,6 +20,7 @@ from ..model.model import ForwardPlan
 from ..sampling import cap_and_score_row_, entropy_bound_accept, race_matches_multinomial, score_blocks, score_whole
 from .constraint import constrain_row
 from .draws import Sampler
+from .logprobs import record_row
 from .state import CanvasState
 
 
@@ -84,6 +85,8 @@ class BatchedHead:
             if state.constraints[row] is not None:
                 drawn = sampled[i] if rows.picks[i].draws else None
                 argmax[i], sampled[i] = constrain_row(state, row, probs[i], drawn, accepted[i])
+            if state.records[row]:
+                record_row(state, row, probs[i], argmax[i], rows.temps.expand(len(rows.ids))[i])
         signal = model.embed_probs(probs)  # (R, C, H) self-conditioning for the next step
         return argmax, entropy, accepted, sampled, signal
 
@@ -136,6 +139,8 @@ class RowsHead:
             if state.constraints[row] is not None:
                 argmax[i], sampled[i] = constrain_row(state, row, probs, sampled[i] if pick.draws else None,
                                                       accepted[i])
+            if state.records[row]:
+                record_row(state, row, probs, argmax[i], temps[i])
             signal[i] = model.embed_probs(probs)
         return argmax, entropy, accepted, sampled, signal
 

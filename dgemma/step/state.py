@@ -7,6 +7,7 @@ import torch
 from ..model import DiffusionGemma
 from ..sampling import StableAndConfident
 from .constraint import CanvasConstraint
+from .logprobs import TOP_LOGPROBS
 
 
 class CanvasState:
@@ -20,6 +21,9 @@ class CanvasState:
     steps (S,)         denoising steps run this canvas
     pinned (S, C)      positions fixed by the caller; pin_values (S, C) their tokens
     streak (S, C), num_settled (S,)   the settled prefix (serving's pin_prefix): see step._pin
+    logprob (S, C), top_ids (S, C, K), top_logprobs (S, C, K)   per position, for the rows that record them (see
+        logprobs.py): the committed token's log-probability and the K most probable tokens', frozen once the
+        position joins the settled prefix
     """
 
     def __init__(self, model: DiffusionGemma, num_rows: int, stability_threshold: int,
@@ -44,18 +48,25 @@ class CanvasState:
         self.stopper = StableAndConfident(stability_threshold, confidence_threshold, S, C, dev)
         self.positions = torch.arange(C, device=dev)
         self.any_pins = False  # host flag: some row has caller pins (skips the pin work when none has)
+        self.logprob = torch.zeros(S, C, dtype=torch.float32, device=dev)
+        self.top_ids = torch.zeros(S, C, TOP_LOGPROBS, dtype=torch.long, device=dev)
+        self.top_logprobs = torch.zeros(S, C, TOP_LOGPROBS, dtype=torch.float32, device=dev)
+        self.records = [False] * S  # host, per row: record log-probabilities (a batch where none does runs as before)
         self.rows_skipped = 0  # decoder passes not run because the row had stopped (the rows head)
 
     def start(self, rows: list[int] | None, canvas: torch.Tensor, pinned: torch.Tensor | None = None,
               pin_values: torch.Tensor | None = None, eos_until: list[int] | None = None,
-              eos_ids: list[int] | None = None, constraints: list[CanvasConstraint | None] | None = None) -> None:
+              eos_ids: list[int] | None = None, constraints: list[CanvasConstraint | None] | None = None,
+              records: list[bool] | None = None) -> None:
         """Begin a canvas on `rows` (None: all) from `canvas` (R, C) (the caller draws it, in its draw order),
         optionally with pinned positions (R, C) bool and their tokens (R, C), and per row the canvas position
-        before which no EOS (`eos_ids`) may be sampled, and its constraint over this canvas."""
+        before which no EOS (`eos_ids`) may be sampled, its constraint over this canvas, and whether it records
+        log-probabilities."""
         idx = slice(None) if rows is None else torch.tensor(rows, device=self.device)
         for i, r in enumerate(range(self.num_rows) if rows is None else rows):
             self.eos_until[r] = 0 if eos_until is None else eos_until[i]
             self.constraints[r] = None if constraints is None else constraints[i]
+            self.records[r] = False if records is None else records[i]
         if eos_ids is not None:
             self.eos_ids = list(eos_ids)
         if pinned is not None:
@@ -74,5 +85,11 @@ class CanvasState:
         self.num_settled[idx] = 0
         self.stopper.reset(None if rows is None else idx)
 
+    def logprobs_of(self, row: int) -> tuple[list[float], list[list[int]], list[list[float]]]:
+        """Row `row`'s recorded log-probabilities on the host: per position, the committed token's, and the top
+        tokens' ids and log-probabilities (a host sync)."""
+        return self.logprob[row].tolist(), self.top_ids[row].tolist(), self.top_logprobs[row].tolist()
+
     def nbytes(self) -> int:
-        return sum(t.nbytes for t in [self.canvas, self.argmax, self.signal, self.pin_values, self.streak])
+        return sum(t.nbytes for t in [self.canvas, self.argmax, self.signal, self.pin_values, self.streak,
+                                      self.logprob, self.top_ids, self.top_logprobs])
