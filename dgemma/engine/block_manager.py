@@ -114,6 +114,7 @@ class BlockTable:
     images: tuple[ImageSpan, ...] = ()
     hashes: list[bytes] = field(default_factory=list)
     num_cached_tokens: int = 0
+    sealed: bool = False  # no more blocks are hashed (BlockManager.commit with register=False)
 
     @property
     def num_tokens(self) -> int:
@@ -136,6 +137,7 @@ class PrefixCacheStats:
     query_tokens: int  # prompt tokens looked up
     hit_tokens: int  # of them found in the cache
     evictions: int
+    peak_used_blocks: int = 0  # the most blocks held by sequences at once
 
     @property
     def hit_rate(self) -> float:
@@ -172,7 +174,7 @@ class BlockManager:
         self.cached: dict[bytes, int] = {}  # hash -> block id
         self.empty: list[int] = list(range(num_blocks - 1, -1, -1))  # free, no cached content; pop() takes 0 first
         self.evictable: OrderedDict[int, None] = OrderedDict()  # free and cached, least recently released first
-        self.query_tokens = self.hit_tokens = self.evictions = 0
+        self.query_tokens = self.hit_tokens = self.evictions = self.peak_used = 0
 
     @property
     def num_blocks(self) -> int:
@@ -186,9 +188,13 @@ class BlockManager:
         return -(-num_slots // self.block_size)
 
     # --- prefix lookup ---
-    def _cached_chain(self, prompt: list[int], images: tuple[ImageSpan, ...]) -> list[int]:
-        """Block ids of the prompt's longest cached run of full blocks, within the reuse rules (module docstring)."""
+    def _cached_chain(self, prompt: list[int], images: tuple[ImageSpan, ...], align: int = 0) -> list[int]:
+        """Block ids of the prompt's longest cached run of full blocks, within the reuse rules (module docstring);
+        `align` (a multiple of block_size; default block_size): the reused length is a multiple of it."""
         bs = self.block_size
+        align = align or bs
+        if align % bs:
+            raise ValueError(f"align {align} is not a multiple of the block size {bs}")
         limit = (len(prompt) - 1) // bs  # at least one token left to encode
         found: list[int] = []
         parent = None
@@ -200,15 +206,15 @@ class BlockManager:
             if bid is None or self.blocks[bid].tokens != tokens or self.blocks[bid].extras != extras:
                 break
             found.append(bid)
-        cut = len(found) * bs
+        cut = len(found) * bs // align * align
         while any(im.start < cut < im.end for im in images):  # never end inside an image
-            cut = min(im.start for im in images if im.start < cut < im.end) // bs * bs
+            cut = min(im.start for im in images if im.start < cut < im.end) // align * align
         return found[:cut // bs]
 
-    def match_prefix(self, prompt: list[int], images: tuple[ImageSpan, ...] = ()) -> int:
-        """How many leading prompt tokens are in the cache and would be reused (a multiple of block_size, at most
-        len(prompt) - 1). Changes nothing."""
-        return len(self._cached_chain(prompt, tuple(images))) * self.block_size
+    def match_prefix(self, prompt: list[int], images: tuple[ImageSpan, ...] = (), align: int = 0) -> int:
+        """How many leading prompt tokens are in the cache and would be reused (a multiple of block_size, or of
+        `align`, at most len(prompt) - 1). Changes nothing."""
+        return len(self._cached_chain(prompt, tuple(images), align)) * self.block_size
 
     # --- allocation ---
     def _take(self) -> int:
@@ -223,23 +229,31 @@ class BlockManager:
         else:
             raise OutOfBlocksError("no free KV block")
         self.blocks[bid].ref_count = 1
+        self.peak_used = max(self.peak_used, self.num_blocks - self.num_free)
         return bid
 
     def _needed(self, chain: list[int], num_slots: int) -> int:
         """Free blocks an allocation takes: its new blocks, and its cached blocks that are now free."""
         return self.blocks_for(num_slots) - len(chain) + sum(1 for b in chain if b in self.evictable)
 
-    def can_allocate(self, prompt: list[int], images: tuple[ImageSpan, ...] = (), num_slots: int = 0) -> bool:
-        """Whether a new sequence with this prompt and `num_slots` slots in all (prompt plus scratch canvas) fits."""
-        chain = self._cached_chain(prompt, tuple(images))
-        return self._needed(chain, max(num_slots, len(prompt))) <= self.num_free
+    def blocks_needed(self, prompt: list[int], images: tuple[ImageSpan, ...] = (), num_slots: int = 0,
+                      align: int = 0) -> int:
+        """The free blocks a new sequence with this prompt takes to hold `num_slots` slots in all."""
+        return self._needed(self._cached_chain(prompt, tuple(images), align), max(num_slots, len(prompt)))
 
-    def allocate(self, prompt: list[int], images: tuple[ImageSpan, ...] = (), num_slots: int = 0) -> BlockTable:
-        """A new sequence's table: the prompt's cached blocks, then fresh ones up to `num_slots` slots (at least the
-        prompt). table.tokens holds the reused tokens; the caller encodes the rest and commits them."""
+    def can_allocate(self, prompt: list[int], images: tuple[ImageSpan, ...] = (), num_slots: int = 0,
+                     align: int = 0) -> bool:
+        """Whether a new sequence with this prompt and `num_slots` slots in all (prompt plus scratch canvas) fits."""
+        return self.blocks_needed(prompt, images, num_slots, align) <= self.num_free
+
+    def allocate(self, prompt: list[int], images: tuple[ImageSpan, ...] = (), num_slots: int = 0,
+                 align: int = 0) -> BlockTable:
+        """A new sequence's table: the prompt's cached blocks (a multiple of `align` tokens, see _cached_chain),
+        then fresh ones up to `num_slots` slots (at least the prompt). table.tokens holds the reused tokens; the
+        caller encodes the rest and commits them."""
         images = tuple(images)
         num_slots = max(num_slots, len(prompt))
-        chain = self._cached_chain(prompt, images)
+        chain = self._cached_chain(prompt, images, align)
         if self._needed(chain, num_slots) > self.num_free:
             raise OutOfBlocksError(f"{self._needed(chain, num_slots)} KV blocks needed, {self.num_free} free")
         for bid in chain:
@@ -252,6 +266,7 @@ class BlockManager:
         table.blocks += [self._take() for _ in range(self.blocks_for(num_slots) - len(chain))]
         self.query_tokens += len(prompt)
         self.hit_tokens += reused
+        self.peak_used = max(self.peak_used, self.num_blocks - self.num_free)
         return table
 
     def can_reserve(self, table: BlockTable, num_slots: int) -> bool:
@@ -264,13 +279,17 @@ class BlockManager:
             raise OutOfBlocksError(f"{extra} KV blocks needed, {self.num_free} free")
         table.blocks += [self._take() for _ in range(extra)]
 
-    def commit(self, table: BlockTable, tokens: list[int]) -> None:
-        """The encoder appended `tokens` to the sequence's slots: hash and cache every block they filled."""
+    def commit(self, table: BlockTable, tokens: list[int], register: bool = True) -> None:
+        """The encoder appended `tokens` to the sequence's slots: hash and cache every block they filled.
+        register=False: these tokens and all that follow them stay out of the prefix cache (table.sealed)."""
         bs = self.block_size
         if table.num_tokens + len(tokens) > len(table.blocks) * bs:
             raise OutOfBlocksError(f"{table.num_tokens + len(tokens)} tokens committed to "
                                    f"{len(table.blocks)} blocks of {bs}: reserve first")
         table.tokens += tokens
+        table.sealed = table.sealed or not register
+        if table.sealed:
+            return
         for i in range(len(table.hashes), table.num_tokens // bs):
             block_tokens = tuple(table.tokens[i * bs:(i + 1) * bs])
             extras = _block_extras(table.images, i, bs)
@@ -295,4 +314,4 @@ class BlockManager:
 
     def stats(self) -> PrefixCacheStats:
         return PrefixCacheStats(self.num_blocks, self.num_blocks - self.num_free, len(self.evictable),
-                                self.query_tokens, self.hit_tokens, self.evictions)
+                                self.query_tokens, self.hit_tokens, self.evictions, self.peak_used)
