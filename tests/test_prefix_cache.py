@@ -84,6 +84,9 @@ def test_the_same_request_twice_hits_the_cache_and_gives_the_same_tokens(model, 
     assert eng.kv_stats().hit_tokens == 0
     assert run(eng, [job])[0] == first
     assert eng.kv_stats().hit_tokens == 40  # (43 - 1) // CHUNK * CHUNK: one token is always encoded
+    off = engine(model, gen, prefix_caching=False)
+    assert run(off, [job])[0] == run(off, [job])[0] == first
+    assert off.kv_stats().hit_tokens == 0 and off.kv_stats().evictions == 0
 
 
 def test_a_shared_prefix_gives_what_a_fresh_engine_gives(model, gen):

@@ -166,10 +166,11 @@ def _block_extras(images: tuple[ImageSpan, ...], index: int, block_size: int) ->
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int = DEFAULT_BLOCK_SIZE):
+    def __init__(self, num_blocks: int, block_size: int = DEFAULT_BLOCK_SIZE, prefix_caching: bool = True):
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"need at least one block of at least one slot, got {num_blocks} x {block_size}")
         self.block_size = block_size
+        self.prefix_caching = prefix_caching  # False: nothing is registered, so nothing is reused
         self.blocks = [Block() for _ in range(num_blocks)]
         self.cached: dict[bytes, int] = {}  # hash -> block id
         self.empty: list[int] = list(range(num_blocks - 1, -1, -1))  # free, no cached content; pop() takes 0 first
@@ -287,7 +288,7 @@ class BlockManager:
             raise OutOfBlocksError(f"{table.num_tokens + len(tokens)} tokens committed to "
                                    f"{len(table.blocks)} blocks of {bs}: reserve first")
         table.tokens += tokens
-        table.sealed = table.sealed or not register
+        table.sealed = table.sealed or not register or not self.prefix_caching
         if table.sealed:
             return
         for i in range(len(table.hashes), table.num_tokens // bs):

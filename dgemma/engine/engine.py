@@ -58,7 +58,8 @@ class Engine:
     def __init__(self, model: DiffusionGemma, generation: GenerationConfig, tokenizer=None, max_num_seqs: int = 8,
                  max_model_len: int | None = None, max_waiting: int | None = None, prefill_budget: int = 512,
                  sampler: Sampler | str = Sampler.FAST, kv_cache_gib: float | None = None,
-                 block_size: int = DEFAULT_BLOCK_SIZE, prefill_chunk: int = DEFAULT_PREFILL_CHUNK):
+                 block_size: int = DEFAULT_BLOCK_SIZE, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+                 prefix_caching: bool = True):
         cfg = model.config
         self.model = model
         self.generation = generation
@@ -76,7 +77,8 @@ class Engine:
         num_blocks = blocks_for_budget(cfg, block_size, model.dtype, kv_cache_gib, self.max_model_len)
         self.runner = ModelRunner(model, max_num_seqs, self.max_model_len, generation.stability_threshold,
                                   generation.confidence_threshold, sampler, num_blocks=num_blocks,
-                                  block_size=block_size, prefill_chunk=prefill_chunk)
+                                  block_size=block_size, prefill_chunk=prefill_chunk,
+                                  prefix_caching=prefix_caching)
         self.scheduler = Scheduler(max_num_seqs, max_waiting if max_waiting is not None else 8 * max_num_seqs,
                                    on_release=lambda request: self.runner.free(request))
         self.num_steps = 0  # engine steps (batched decoder passes)

@@ -43,7 +43,7 @@ class Prefill:
 
 class KVPool:
     def __init__(self, model: DiffusionGemma, num_blocks: int, block_size: int, max_num_seqs: int,
-                 max_model_len: int, prefill_chunk: int):
+                 max_model_len: int, prefill_chunk: int, prefix_caching: bool = True):
         if prefill_chunk < block_size or prefill_chunk % block_size:
             raise ValueError(f"prefill_chunk {prefill_chunk} must be a multiple of the block size {block_size}")
         self.model = model
@@ -51,7 +51,7 @@ class KVPool:
         self.canvas_length = model.canvas_length
         self.cache = PagedKVCache(model.config, num_blocks, block_size, max_num_seqs, max_model_len, model.dtype,
                                   model.device)
-        self.blocks = BlockManager(num_blocks, block_size)
+        self.blocks = BlockManager(num_blocks, block_size, prefix_caching)
         self.tables: dict[str, BlockTable] = {}  # request id -> its blocks
         self.totals: dict[str, int] = {}  # request id -> the most slots it may hold
 

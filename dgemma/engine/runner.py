@@ -45,14 +45,16 @@ class ModelRunner:
     def __init__(self, model: DiffusionGemma, max_num_seqs: int, max_model_len: int, stability_threshold: int,
                  confidence_threshold: float, sampler: Sampler | str = Sampler.FAST,
                  strategy: Strategy | None = None, *, num_blocks: int | None = None,
-                 block_size: int = DEFAULT_BLOCK_SIZE, prefill_chunk: int = DEFAULT_PREFILL_CHUNK):
+                 block_size: int = DEFAULT_BLOCK_SIZE, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+                 prefix_caching: bool = True):
         self.model = model
         self.device = model.device
         self.canvas_length = model.canvas_length
         self.vocab_size = model.config.vocab_size
         if num_blocks is None:  # as many slots as max_num_seqs rows of max_model_len
             num_blocks = max_num_seqs * -(-max_model_len // block_size)
-        self.kv = KVPool(model, num_blocks, block_size, max_num_seqs, max_model_len, prefill_chunk)
+        self.kv = KVPool(model, num_blocks, block_size, max_num_seqs, max_model_len, prefill_chunk,
+                         prefix_caching)
         self.cache = self.kv.cache
         self.prefills: dict[str, Prefill] = {}  # request id -> its prompt chunks left, in admission order
         self.state = CanvasState(model, max_num_seqs, stability_threshold, confidence_threshold)  # by cache row

@@ -36,6 +36,7 @@ class Metrics:
         for name, what, read in (
                 ("kv_blocks_total", "Blocks in the paged KV cache", lambda s: s.num_blocks),
                 ("kv_blocks_used", "KV blocks held by requests", lambda s: s.used_blocks),
+                ("kv_blocks_peak", "The most KV blocks held by requests at once", lambda s: s.peak_used_blocks),
                 ("kv_blocks_cached", "Free KV blocks holding a cached prefix (evictable)", lambda s: s.cached_blocks),
                 ("kv_blocks_usage", "Fraction of the KV blocks held by requests", lambda s: s.usage),
                 ("prefix_cache_queries", "Prompt tokens looked up in the prefix cache", lambda s: s.query_tokens),

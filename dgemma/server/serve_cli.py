@@ -36,6 +36,8 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--kv-cache-gib", type=float, default=None,
                    help="memory for the paged KV cache, shared by all requests and the prefix cache (default: "
                         "max-num-seqs x max-model-len tokens, at most half the memory free at start)")
+    p.add_argument("--no-prefix-caching", action="store_true",
+                   help="do not reuse the KV blocks of earlier prompts (each prompt is encoded whole)")
     p.add_argument("--prefill-budget", type=int, default=512,
                    help="prompt tokens encoded per engine step, between the running requests' denoising steps "
                         "(default 512)")
@@ -106,7 +108,8 @@ def cmd_serve(args) -> int:
                        f"{ckpt.config.canvas_length}-token canvas")
     engine = Engine(ckpt.model, ckpt.generation, tokenizer, max_num_seqs=args.max_num_seqs,
                     max_model_len=max_model_len, max_waiting=args.max_waiting, sampler=args.sampler,
-                    kv_cache_gib=args.kv_cache_gib, prefill_budget=args.prefill_budget)
+                    kv_cache_gib=args.kv_cache_gib, prefill_budget=args.prefill_budget,
+                    prefix_caching=not args.no_prefix_caching)
     name = args.served_model_name or ckpt.path.resolve().name
     images = ImageSupport.of(ckpt) if ckpt.no_images_reason is None else None
     if ckpt.vision is not None and images is None:  # a tower whose image token ids cannot be used
