@@ -30,7 +30,7 @@ Choices, documented:
   allocator) would take about 8x less memory at 32k tokens; its prefix hits then need the blocks of the window
   before the reused prefix's end. Not done yet.
 
-Runner integration (the runner and scheduler change; the model does not, paged_cache.PagedKVCache has KVCache's
+Runner integration (engine/kv.py does this; the model does not change, paged_cache.PagedKVCache has KVCache's
 interface):
 1. Admission: scheduler asks can_allocate(prompt, images, len(prompt) + canvas); allocate() returns the table
    with table.num_cached_tokens prompt tokens already in the cache. The runner binds it to a free row
@@ -39,17 +39,17 @@ interface):
 2. Canvas: the decoder writes the canvas K/V into scratch slots [length, length + canvas) of blocks reserved for
    them and never advances the length; those slots are in the row's private blocks (a shared block is full, so all
    of it is below the length). On commit the encoder overwrites the same slots: commit(table, canvas), then
-   reserve(table, table.num_tokens + canvas) and cache.assign again for the next canvas. When reserve cannot find
-   the blocks, the scheduler preempts a request (free; its hashed blocks stay cached, so re-admission re-encodes
-   little).
-3. Finish or cancel: free(table); the row is free. The committed canvases stay cached, so the next turn of a chat,
-   which resends them as its prompt, hits them (when it tokenizes them the same way).
+   reserve(table, table.num_tokens + canvas) and cache.assign again for the next canvas. Admission counts the
+   blocks a request may ever take (blocks_needed) beside what the running ones may still take, so reserve never
+   fails and nothing is preempted. kv.py commits canvases with register=False (see there: exactness).
+3. Finish or cancel: free(table); the row is free. Its registered prompt blocks stay cached.
 4. Chunked prefill (issue 30 item 2): allocate once, then encode prompt[a:b] chunk by chunk, each followed by
    commit(table, prompt[a:b]); a chunk ending on a block boundary makes its blocks reusable at once.
 5. /metrics: stats() (hit rate over prompt tokens, block usage, evictions).
 Exactness: a reused block holds, bit for bit, the K/V its first sequence computed. Encoding a prompt in two calls
 is not bit-identical to one call on a CPU (from the first layer's output on, about 1e-6 on the tiny preset), so
-"the same tokens with and without the cache" needs the cold path to encode in the chunks a warm one would.
+"the same tokens with and without the cache" needs the cold path to encode in the chunks a warm one would: kv.py
+encodes every prompt on one grid of prefill_chunk tokens and reuses prefixes in multiples of it (align).
 """
 
 from __future__ import annotations
