@@ -11,6 +11,8 @@ at once): benchmarks/paged_gather.py measures it. A paged attention kernel would
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .cache import CacheFullError
@@ -44,6 +46,25 @@ def blocks_for_budget(config: TextConfig, block_size: int, dtype: torch.dtype, g
         raise KVBudgetError(f"--kv-cache-gib {gib:g} holds {num_blocks} KV blocks of {block_size} tokens; one "
                             f"sequence of {min_slots} tokens needs {needed} ({needed * per_block / 2**30:.3g} GiB)")
     return num_blocks
+
+
+def default_kv_cache_gib(config: TextConfig, block_size: int, dtype: torch.dtype, rows: int, max_model_len: int,
+                         device: torch.device | str) -> float:
+    """The default --kv-cache-gib: what `rows` preallocated rows of `max_model_len` slots took, capped at half the
+    memory free now (on the GPU when the model is there), but never below one sequence of max_model_len."""
+    per_block = bytes_per_block(config, block_size, dtype)
+    want = rows * -(-max_model_len // block_size) * per_block
+    floor = -(-max_model_len // block_size) * per_block
+    return max(min(want, _free_bytes(torch.device(device)) // 2), floor) / 2**30
+
+
+def _free_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not a POSIX system that reports it: no cap
+        return 2**62
 
 
 class PagedKVCache:

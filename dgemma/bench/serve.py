@@ -23,6 +23,7 @@ import statistics
 import time
 from dataclasses import dataclass
 
+from dgemma.bench.serve_workloads import add_workload_arguments
 from dgemma.cli_common import add_threads_arg
 
 
@@ -99,7 +100,8 @@ def start_local_server(args):
     gen = default_generation(cfg)
     if args.max_denoising_steps:
         gen = gen.replace(max_denoising_steps=args.max_denoising_steps)
-    engine = Engine(model, gen, None, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len).start()
+    engine = Engine(model, gen, None, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
+                    kv_cache_gib=args.kv_cache_gib, prefix_caching=not args.no_prefix_caching).start()
     server = ServerThread(build_app(Serving(engine, None, args.preset))).start()
     info = (f"preset {args.preset} (random weights, std {args.std}), canvas {cfg.canvas_length}, vocab "
             f"{cfg.text.vocab_size}, {device} {str(dtype).replace('torch.', '')}, threads {torch.get_num_threads()}, "
@@ -152,6 +154,12 @@ class ServerProcess:
 
 def cmd_bench_serve(args) -> int:
     import asyncio  # here, not at the top: `dgemma --help` registers this parser
+
+    if args.workload != "concurrency":
+        from dgemma.bench import serve_workloads
+
+        {"shared-prefix": serve_workloads.shared_prefix, "long-prompt": serve_workloads.long_prompt}[args.workload](args)
+        return 0
 
     server = engine = child = None
     if args.url:
@@ -238,6 +246,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-len", type=int, default=32, help="prompt token ids per request")
     p.add_argument("--max-tokens", type=int, default=64, help="max_tokens of each request")
     p.add_argument("--temperature", type=float, default=0.05, help="temperature of each request")
+    p.add_argument("--no-prefix-caching", action="store_true", help="the local server's --no-prefix-caching")
+    add_workload_arguments(p)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,7 +30,7 @@ Choices, documented:
   allocator) would take about 8x less memory at 32k tokens; its prefix hits then need the blocks of the window
   before the reused prefix's end. Not done yet.
 
-Runner integration (the runner and scheduler change; the model does not, paged_cache.PagedKVCache has KVCache's
+Runner integration (engine/kv.py does this; the model does not change, paged_cache.PagedKVCache has KVCache's
 interface):
 1. Admission: scheduler asks can_allocate(prompt, images, len(prompt) + canvas); allocate() returns the table
    with table.num_cached_tokens prompt tokens already in the cache. The runner binds it to a free row
@@ -39,17 +39,17 @@ interface):
 2. Canvas: the decoder writes the canvas K/V into scratch slots [length, length + canvas) of blocks reserved for
    them and never advances the length; those slots are in the row's private blocks (a shared block is full, so all
    of it is below the length). On commit the encoder overwrites the same slots: commit(table, canvas), then
-   reserve(table, table.num_tokens + canvas) and cache.assign again for the next canvas. When reserve cannot find
-   the blocks, the scheduler preempts a request (free; its hashed blocks stay cached, so re-admission re-encodes
-   little).
-3. Finish or cancel: free(table); the row is free. The committed canvases stay cached, so the next turn of a chat,
-   which resends them as its prompt, hits them (when it tokenizes them the same way).
+   reserve(table, table.num_tokens + canvas) and cache.assign again for the next canvas. Admission counts the
+   blocks a request may ever take (blocks_needed) beside what the running ones may still take, so reserve never
+   fails and nothing is preempted. kv.py commits canvases with register=False (see there: exactness).
+3. Finish or cancel: free(table); the row is free. Its registered prompt blocks stay cached.
 4. Chunked prefill (issue 30 item 2): allocate once, then encode prompt[a:b] chunk by chunk, each followed by
    commit(table, prompt[a:b]); a chunk ending on a block boundary makes its blocks reusable at once.
 5. /metrics: stats() (hit rate over prompt tokens, block usage, evictions).
 Exactness: a reused block holds, bit for bit, the K/V its first sequence computed. Encoding a prompt in two calls
 is not bit-identical to one call on a CPU (from the first layer's output on, about 1e-6 on the tiny preset), so
-"the same tokens with and without the cache" needs the cold path to encode in the chunks a warm one would.
+"the same tokens with and without the cache" needs the cold path to encode in the chunks a warm one would: kv.py
+encodes every prompt on one grid of prefill_chunk tokens and reuses prefixes in multiples of it (align).
 """
 
 from __future__ import annotations
@@ -114,6 +114,7 @@ class BlockTable:
     images: tuple[ImageSpan, ...] = ()
     hashes: list[bytes] = field(default_factory=list)
     num_cached_tokens: int = 0
+    sealed: bool = False  # no more blocks are hashed (BlockManager.commit with register=False)
 
     @property
     def num_tokens(self) -> int:
@@ -136,6 +137,7 @@ class PrefixCacheStats:
     query_tokens: int  # prompt tokens looked up
     hit_tokens: int  # of them found in the cache
     evictions: int
+    peak_used_blocks: int = 0  # the most blocks held by sequences at once
 
     @property
     def hit_rate(self) -> float:
@@ -164,15 +166,16 @@ def _block_extras(images: tuple[ImageSpan, ...], index: int, block_size: int) ->
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int = DEFAULT_BLOCK_SIZE):
+    def __init__(self, num_blocks: int, block_size: int = DEFAULT_BLOCK_SIZE, prefix_caching: bool = True):
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"need at least one block of at least one slot, got {num_blocks} x {block_size}")
         self.block_size = block_size
+        self.prefix_caching = prefix_caching  # False: nothing is registered, so nothing is reused
         self.blocks = [Block() for _ in range(num_blocks)]
         self.cached: dict[bytes, int] = {}  # hash -> block id
         self.empty: list[int] = list(range(num_blocks - 1, -1, -1))  # free, no cached content; pop() takes 0 first
         self.evictable: OrderedDict[int, None] = OrderedDict()  # free and cached, least recently released first
-        self.query_tokens = self.hit_tokens = self.evictions = 0
+        self.query_tokens = self.hit_tokens = self.evictions = self.peak_used = 0
 
     @property
     def num_blocks(self) -> int:
@@ -186,9 +189,13 @@ class BlockManager:
         return -(-num_slots // self.block_size)
 
     # --- prefix lookup ---
-    def _cached_chain(self, prompt: list[int], images: tuple[ImageSpan, ...]) -> list[int]:
-        """Block ids of the prompt's longest cached run of full blocks, within the reuse rules (module docstring)."""
+    def _cached_chain(self, prompt: list[int], images: tuple[ImageSpan, ...], align: int = 0) -> list[int]:
+        """Block ids of the prompt's longest cached run of full blocks, within the reuse rules (module docstring);
+        `align` (a multiple of block_size; default block_size): the reused length is a multiple of it."""
         bs = self.block_size
+        align = align or bs
+        if align % bs:
+            raise ValueError(f"align {align} is not a multiple of the block size {bs}")
         limit = (len(prompt) - 1) // bs  # at least one token left to encode
         found: list[int] = []
         parent = None
@@ -200,15 +207,15 @@ class BlockManager:
             if bid is None or self.blocks[bid].tokens != tokens or self.blocks[bid].extras != extras:
                 break
             found.append(bid)
-        cut = len(found) * bs
+        cut = len(found) * bs // align * align
         while any(im.start < cut < im.end for im in images):  # never end inside an image
-            cut = min(im.start for im in images if im.start < cut < im.end) // bs * bs
+            cut = min(im.start for im in images if im.start < cut < im.end) // align * align
         return found[:cut // bs]
 
-    def match_prefix(self, prompt: list[int], images: tuple[ImageSpan, ...] = ()) -> int:
-        """How many leading prompt tokens are in the cache and would be reused (a multiple of block_size, at most
-        len(prompt) - 1). Changes nothing."""
-        return len(self._cached_chain(prompt, tuple(images))) * self.block_size
+    def match_prefix(self, prompt: list[int], images: tuple[ImageSpan, ...] = (), align: int = 0) -> int:
+        """How many leading prompt tokens are in the cache and would be reused (a multiple of block_size, or of
+        `align`, at most len(prompt) - 1). Changes nothing."""
+        return len(self._cached_chain(prompt, tuple(images), align)) * self.block_size
 
     # --- allocation ---
     def _take(self) -> int:
@@ -223,23 +230,31 @@ class BlockManager:
         else:
             raise OutOfBlocksError("no free KV block")
         self.blocks[bid].ref_count = 1
+        self.peak_used = max(self.peak_used, self.num_blocks - self.num_free)
         return bid
 
     def _needed(self, chain: list[int], num_slots: int) -> int:
         """Free blocks an allocation takes: its new blocks, and its cached blocks that are now free."""
         return self.blocks_for(num_slots) - len(chain) + sum(1 for b in chain if b in self.evictable)
 
-    def can_allocate(self, prompt: list[int], images: tuple[ImageSpan, ...] = (), num_slots: int = 0) -> bool:
-        """Whether a new sequence with this prompt and `num_slots` slots in all (prompt plus scratch canvas) fits."""
-        chain = self._cached_chain(prompt, tuple(images))
-        return self._needed(chain, max(num_slots, len(prompt))) <= self.num_free
+    def blocks_needed(self, prompt: list[int], images: tuple[ImageSpan, ...] = (), num_slots: int = 0,
+                      align: int = 0) -> int:
+        """The free blocks a new sequence with this prompt takes to hold `num_slots` slots in all."""
+        return self._needed(self._cached_chain(prompt, tuple(images), align), max(num_slots, len(prompt)))
 
-    def allocate(self, prompt: list[int], images: tuple[ImageSpan, ...] = (), num_slots: int = 0) -> BlockTable:
-        """A new sequence's table: the prompt's cached blocks, then fresh ones up to `num_slots` slots (at least the
-        prompt). table.tokens holds the reused tokens; the caller encodes the rest and commits them."""
+    def can_allocate(self, prompt: list[int], images: tuple[ImageSpan, ...] = (), num_slots: int = 0,
+                     align: int = 0) -> bool:
+        """Whether a new sequence with this prompt and `num_slots` slots in all (prompt plus scratch canvas) fits."""
+        return self.blocks_needed(prompt, images, num_slots, align) <= self.num_free
+
+    def allocate(self, prompt: list[int], images: tuple[ImageSpan, ...] = (), num_slots: int = 0,
+                 align: int = 0) -> BlockTable:
+        """A new sequence's table: the prompt's cached blocks (a multiple of `align` tokens, see _cached_chain),
+        then fresh ones up to `num_slots` slots (at least the prompt). table.tokens holds the reused tokens; the
+        caller encodes the rest and commits them."""
         images = tuple(images)
         num_slots = max(num_slots, len(prompt))
-        chain = self._cached_chain(prompt, images)
+        chain = self._cached_chain(prompt, images, align)
         if self._needed(chain, num_slots) > self.num_free:
             raise OutOfBlocksError(f"{self._needed(chain, num_slots)} KV blocks needed, {self.num_free} free")
         for bid in chain:
@@ -252,6 +267,7 @@ class BlockManager:
         table.blocks += [self._take() for _ in range(self.blocks_for(num_slots) - len(chain))]
         self.query_tokens += len(prompt)
         self.hit_tokens += reused
+        self.peak_used = max(self.peak_used, self.num_blocks - self.num_free)
         return table
 
     def can_reserve(self, table: BlockTable, num_slots: int) -> bool:
@@ -264,13 +280,17 @@ class BlockManager:
             raise OutOfBlocksError(f"{extra} KV blocks needed, {self.num_free} free")
         table.blocks += [self._take() for _ in range(extra)]
 
-    def commit(self, table: BlockTable, tokens: list[int]) -> None:
-        """The encoder appended `tokens` to the sequence's slots: hash and cache every block they filled."""
+    def commit(self, table: BlockTable, tokens: list[int], register: bool = True) -> None:
+        """The encoder appended `tokens` to the sequence's slots: hash and cache every block they filled.
+        register=False: these tokens and all that follow them stay out of the prefix cache (table.sealed)."""
         bs = self.block_size
         if table.num_tokens + len(tokens) > len(table.blocks) * bs:
             raise OutOfBlocksError(f"{table.num_tokens + len(tokens)} tokens committed to "
                                    f"{len(table.blocks)} blocks of {bs}: reserve first")
         table.tokens += tokens
+        table.sealed = table.sealed or not register or not self.prefix_caching
+        if table.sealed:
+            return
         for i in range(len(table.hashes), table.num_tokens // bs):
             block_tokens = tuple(table.tokens[i * bs:(i + 1) * bs])
             extras = _block_extras(table.images, i, bs)
@@ -295,4 +315,4 @@ class BlockManager:
 
     def stats(self) -> PrefixCacheStats:
         return PrefixCacheStats(self.num_blocks, self.num_blocks - self.num_free, len(self.evictable),
-                                self.query_tokens, self.hit_tokens, self.evictions)
+                                self.query_tokens, self.hit_tokens, self.evictions, self.peak_used)

@@ -2,8 +2,10 @@
 
 One engine step:
   1. drop cancelled requests (their rows are free at once);
-  2. admit waiting requests onto free cache rows and prefill them (encoder);
-  3. one batched denoising step for every running request (decoder; runner.py);
+  2. admit waiting requests onto free rows while their KV blocks fit (each reuses its prompt's cached blocks), then
+     encode up to `prefill_budget` prompt tokens in chunks (encoder; chunked prefill: a long prompt takes several
+     engine steps, and the requests already denoising keep stepping meanwhile);
+  3. one batched denoising step for every request whose prompt is in (decoder; runner.py);
   4. per request: report newly settled tokens and text; finish on EOS, a stop string, max_tokens or the context
      limit; otherwise a request whose canvas is done commits it (encoder appends) and starts the next one.
 
@@ -27,8 +29,11 @@ from ..config import ConfigError, GenerationConfig
 from ..control.infill import check_suffix
 from ..control.pins import SteeringError
 from ..model import DiffusionGemma
+from ..paged_cache import blocks_for_budget, default_kv_cache_gib
 from ..step import Sampler
+from .block_manager import DEFAULT_BLOCK_SIZE, PrefixCacheStats
 from .detokenizer import TextStream
+from .kv import DEFAULT_PREFILL_CHUNK
 from .request import Request, RequestError, RequestOutput, SamplingParams, Sink
 from .runner import ModelRunner
 from .scheduler import Scheduler, canvases_for
@@ -51,8 +56,10 @@ class Completion:
 
 class Engine:
     def __init__(self, model: DiffusionGemma, generation: GenerationConfig, tokenizer=None, max_num_seqs: int = 8,
-                 max_model_len: int | None = None, max_waiting: int | None = None, prefill_budget: int = 4096,
-                 sampler: Sampler | str = Sampler.FAST):
+                 max_model_len: int | None = None, max_waiting: int | None = None, prefill_budget: int = 512,
+                 sampler: Sampler | str = Sampler.FAST, kv_cache_gib: float | None = None,
+                 block_size: int = DEFAULT_BLOCK_SIZE, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+                 prefix_caching: bool = True):
         cfg = model.config
         self.model = model
         self.generation = generation
@@ -63,9 +70,17 @@ class Engine:
             raise ValueError(f"max_model_len={self.max_model_len} leaves no room for a prompt and a "
                              f"{model.canvas_length}-token canvas")
         self.prefill_budget = prefill_budget
+        if kv_cache_gib is None:
+            kv_cache_gib = default_kv_cache_gib(cfg, block_size, model.dtype, max_num_seqs, self.max_model_len,
+                                                model.device)
+        self.kv_cache_gib = kv_cache_gib
+        num_blocks = blocks_for_budget(cfg, block_size, model.dtype, kv_cache_gib, self.max_model_len)
         self.runner = ModelRunner(model, max_num_seqs, self.max_model_len, generation.stability_threshold,
-                                  generation.confidence_threshold, sampler)
-        self.scheduler = Scheduler(max_num_seqs, max_waiting if max_waiting is not None else 8 * max_num_seqs)
+                                  generation.confidence_threshold, sampler, num_blocks=num_blocks,
+                                  block_size=block_size, prefill_chunk=prefill_chunk,
+                                  prefix_caching=prefix_caching)
+        self.scheduler = Scheduler(max_num_seqs, max_waiting if max_waiting is not None else 8 * max_num_seqs,
+                                   on_release=lambda request: self.runner.free(request))
         self.num_steps = 0  # engine steps (batched decoder passes)
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
@@ -101,6 +116,7 @@ class Engine:
                 raise RequestError(str(e), e.param) from None
         request = Request(request_id or f"req-{next(self._ids)}", prompt, params, gen, C, max_canvases,
                           self.model.device, sink, text, decode, self.model.config.vocab_size)
+        self.runner.kv.check_fits(request)
         self.scheduler.add(request)
         return request
 
@@ -167,14 +183,14 @@ class Engine:
         running, waiting = self.scheduler.take_aborted()
         for request in running + waiting:
             self._report(request, [], "", finish_reason="abort")
-        # 2. admission and prefill
-        for request in self.scheduler.admit(self.prefill_budget):
-            try:
-                self.runner.prefill(request)
-            except Exception as e:  # noqa: BLE001 (a prompt that breaks prefill must not stop the others)
-                log.error("prefill failed:\n%s", traceback.format_exc())
-                self._finish(request, "error", error=f"prefill failed: {type(e).__name__}: {e}")
-        batch = sorted(self.scheduler.running.values(), key=lambda r: r.row)
+        # 2. admission, then this step's prompt chunks
+        while (request := self.scheduler.admit(self.runner.kv.can_admit)) is not None:
+            self._prefill(self.runner.begin, request)
+        for request in self.runner.prefill_plan(self.prefill_budget):
+            if self.runner.is_prefilling(request):  # else its prefill failed in an earlier chunk
+                self._prefill(self.runner.prefill_chunk, request)
+        batch = sorted((r for r in self.scheduler.running.values() if not self.runner.is_prefilling(r)),
+                       key=lambda r: r.row)
         if not batch:
             return
         # 3. one batched denoising step
@@ -191,6 +207,17 @@ class Engine:
             if progress.commit:
                 to_commit.append(request)
         self.runner.commit(to_commit)
+
+    def _prefill(self, stage, request: Request) -> None:
+        try:
+            stage(request)
+        except Exception as e:  # noqa: BLE001 (a prompt that breaks prefill must not stop the others)
+            log.error("prefill failed:\n%s", traceback.format_exc())
+            self._finish(request, "error", error=f"prefill failed: {type(e).__name__}: {e}")
+
+    def kv_stats(self) -> PrefixCacheStats:
+        """The paged KV cache's block usage and prefix-cache hits (for /metrics)."""
+        return self.runner.kv.stats()
 
     def _finish(self, request: Request, reason: str, ids: list[int] | None = None, text: str = "",
                 logprobs: list | None = None, error: str | None = None) -> None:

@@ -95,12 +95,12 @@ class SamplingParams:
               "max_denoising_steps", f"must be an integer in [1, 1024], got {self.max_denoising_steps!r}")
         check(self.entropy_bound is None or (is_num(self.entropy_bound) and self.entropy_bound > 0),
               "entropy_bound", f"must be a number > 0, got {self.entropy_bound!r}")
-        check(self.top_k is None or (_is_int(self.top_k) and self.top_k > 0), "top_k",
+        check(self.top_k is None or (is_int(self.top_k) and self.top_k > 0), "top_k",
               f"must be a positive integer (leave it unset for no cut), got {self.top_k!r}")
-        check(self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= TOP_LOGPROBS), "logprobs",
+        check(self.logprobs is None or (is_int(self.logprobs) and 0 <= self.logprobs <= TOP_LOGPROBS), "logprobs",
               f"must be an integer in [0, {TOP_LOGPROBS}], got {self.logprobs!r}")
         check(isinstance(self.read_only, bool), "read_only", f"must be a boolean, got {self.read_only!r}")
-        check(self.top_p is None or (_is_num(self.top_p) and 0 < self.top_p <= 1), "top_p",
+        check(self.top_p is None or (is_num(self.top_p) and 0 < self.top_p <= 1), "top_p",
               f"must be a number in (0, 1] (leave it unset for no cut), got {self.top_p!r}")
         for name in ("t_min", "t_max"):
             value = getattr(self, name)

@@ -6,6 +6,10 @@ request's generator (canvas init: randint (1, C); per step: the sample's draws, 
 renoising), so a seed gives the same tokens whatever else is batched. With the exact sampler and pinning off a
 row is token-for-token `generate` of one prompt; the default is the fast sampler.
 
+KV memory (kv.py): each request holds a block table in the paged cache, reuses the cached blocks its prompt starts
+with, and encodes the rest in grid-aligned chunks, a few per engine step (chunked prefill): begin, then
+prefill_chunk until the prompt is in, then its first canvas starts.
+
 Settled prefix (pin_prefix): see step/step.py's _pin. Settled positions are pinned for the rest of the canvas, so the
 settled prefix is final and can be streamed before the canvas is committed.
 """
@@ -23,6 +27,8 @@ from ..model import DiffusionGemma
 from ..sampling import random_tokens
 from ..step import (CanvasState, PerRowDraws, Sampler, Strategy, default_strategy, denoise_step, make_head,
                     token_sampler)
+from .block_manager import DEFAULT_BLOCK_SIZE
+from .kv import DEFAULT_PREFILL_CHUNK, KVPool, Prefill
 from .request import Request
 
 
@@ -39,12 +45,19 @@ class StepResult:
 class ModelRunner:
     def __init__(self, model: DiffusionGemma, max_num_seqs: int, max_model_len: int, stability_threshold: int,
                  confidence_threshold: float, sampler: Sampler | str = Sampler.FAST,
-                 strategy: Strategy | None = None):
+                 strategy: Strategy | None = None, *, num_blocks: int | None = None,
+                 block_size: int = DEFAULT_BLOCK_SIZE, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+                 prefix_caching: bool = True):
         self.model = model
         self.device = model.device
         self.canvas_length = model.canvas_length
         self.vocab_size = model.config.vocab_size
-        self.cache = model.new_cache(max_num_seqs, max_model_len)
+        if num_blocks is None:  # as many slots as max_num_seqs rows of max_model_len
+            num_blocks = max_num_seqs * -(-max_model_len // block_size)
+        self.kv = KVPool(model, num_blocks, block_size, max_num_seqs, max_model_len, prefill_chunk,
+                         prefix_caching)
+        self.cache = self.kv.cache
+        self.prefills: dict[str, Prefill] = {}  # request id -> its prompt chunks left, in admission order
         self.state = CanvasState(model, max_num_seqs, stability_threshold, confidence_threshold)  # by cache row
         # the step's strategies, chosen once: each row draws from its request's generator; the head by device
         self.draws = PerRowDraws(token_sampler(sampler, self.vocab_size, self.device))
@@ -55,16 +68,42 @@ class ModelRunner:
     def nbytes(self) -> int:
         return self.cache.nbytes() + self.state.nbytes() + self.head.nbytes()
 
+    def begin(self, request: Request) -> None:
+        """1a. Admission: the request's block table, with its cached prefix; its prompt chunks are queued."""
+        self.prefills[request.request_id] = self.kv.begin(request)
+
+    def is_prefilling(self, request: Request) -> bool:
+        return request.request_id in self.prefills
+
+    def prefill_plan(self, budget: int) -> list[Request]:
+        """The prompt chunks to encode this engine step, first admitted first, up to `budget` tokens (at least one
+        chunk): one entry per chunk, in order."""
+        plan: list[Request] = []
+        for prefill in self.prefills.values():
+            for a, b in prefill.chunks:
+                if plan and b - a > budget:
+                    return plan
+                plan.append(prefill.request)
+                budget -= b - a
+        return plan
+
+    def free(self, request: Request) -> None:
+        """A finished or cancelled request: its blocks go back."""
+        self.prefills.pop(request.request_id, None)
+        self.kv.free(request)
+
     @torch.inference_mode()
-    def prefill(self, request: Request) -> None:
-        """1. Encode the prompt into the request's (reset) row, then start its first canvas."""
+    def prefill_chunk(self, request: Request) -> None:
+        """1b. Encode the request's next prompt chunk; after the last one, start its first canvas."""
+        prefill = self.prefills[request.request_id]
+        self.kv.encode_chunk(prefill)
+        if not prefill.chunks:
+            del self.prefills[request.request_id]
+            self.start(request)
+
+    def start(self, request: Request) -> None:
+        """1c. The prompt is in the cache: choose an infill middle's length, then start the first canvas."""
         row = request.row
-        self.cache.reset_row(row)
-        prompt = torch.tensor([request.prompt], dtype=torch.long, device=self.device)  # (1, T)
-        if request.params.images is None:
-            self.model.encode(prompt, self.cache, rows=[row])
-        else:
-            request.params.images.encode(self.model, prompt, self.cache, rows=[row])
         steering = request.params.steering
         if steering is not None and steering.suffix is not None:  # fill in the middle (control/infill.py)
             # refused at submit if it cannot fit (Engine.add_request); middle_length applies the constraint
@@ -99,7 +138,10 @@ class ModelRunner:
         if not requests:
             return
         rows = [r.row for r in requests]
-        self.model.encode(self.state.argmax[torch.tensor(rows, device=self.device)], self.cache, rows=rows)
+        canvases = self.state.argmax[torch.tensor(rows, device=self.device)]  # (R, C)
+        self.model.encode(canvases, self.cache, rows=rows)
+        for r, tokens in zip(requests, canvases.tolist()):
+            self.kv.append(r, tokens)
         for r in requests:  # a constrained request's automaton goes on from where its canvas ended
             if self.state.constraints[r.row] is not None:
                 r.automaton_state = self.state.constraints[r.row].end_state

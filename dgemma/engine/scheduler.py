@@ -1,8 +1,9 @@
 """Admission and cache-row bookkeeping for continuous batching.
 
-Each running request owns one KV-cache row of `max_model_len` slots for its whole life. A request is admitted
-only if its prompt plus its canvases fit in a row (checked up front, so nothing runs out of room midway), waits
-in a FIFO queue for a free row, and gives the row back the moment it finishes or is cancelled.
+Each running request owns one row (its place in the batch and its block table in the paged KV cache) for its whole
+life. A request waits in a FIFO queue for a free row and for the KV blocks it may need (the runner's `fits`,
+checked up front, so nothing runs out of room midway), and gives both back the moment it finishes or is
+cancelled (`on_release`).
 The scheduler is shared between the HTTP threads (add, abort) and the engine thread, so it holds a lock.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
+from typing import Callable
 
 from .. import budget
 from .request import Request, RequestError, Status
@@ -28,8 +30,9 @@ def canvases_for(prompt_len: int, max_tokens: int | None, canvas_length: int, ma
 
 
 class Scheduler:
-    def __init__(self, max_num_seqs: int, max_waiting: int):
+    def __init__(self, max_num_seqs: int, max_waiting: int, on_release: Callable[[Request], None] | None = None):
         self.max_waiting = max_waiting
+        self.on_release = on_release
         self.waiting: deque[Request] = deque()
         self.running: dict[int, Request] = {}  # row -> request
         self.free_rows = list(range(max_num_seqs - 1, -1, -1))
@@ -70,24 +73,24 @@ class Scheduler:
             self.waiting = deque(r for r in self.waiting if r.request_id not in ids)
             return running, waiting
 
-    def admit(self, prefill_budget: int) -> list[Request]:
-        """Move waiting requests onto free rows, FIFO, up to about `prefill_budget` prompt tokens per engine step
-        (always at least one), so a burst of long prompts does not stall the requests already denoising."""
-        admitted: list[Request] = []
+    def admit(self, fits: Callable[[Request], bool]) -> Request | None:
+        """Move the first waiting request onto a free row if it `fits` (its KV blocks), else None (FIFO: the
+        others wait behind it). The caller binds its blocks before admitting the next, which `fits` then counts;
+        its prompt is encoded a few chunks per engine step (runner.prefill_plan)."""
         with self.lock:
-            budget = prefill_budget
-            while self.waiting and self.free_rows and (not admitted or budget >= len(self.waiting[0].prompt)):
-                request = self.waiting.popleft()
-                request.row = self.free_rows.pop()
-                request.status = Status.DENOISING
-                self.running[request.row] = request
-                budget -= len(request.prompt)
-                admitted.append(request)
-        return admitted
+            if not (self.waiting and self.free_rows and fits(self.waiting[0])):
+                return None
+            request = self.waiting.popleft()
+            request.row = self.free_rows.pop()
+            request.status = Status.DENOISING
+            self.running[request.row] = request
+            return request
 
     def release(self, request: Request) -> None:
         """Give a finished or cancelled request's row back (caller holds the lock or is the engine thread)."""
         if request.row is not None and self.running.get(request.row) is request:
+            if self.on_release is not None:
+                self.on_release(request)
             del self.running[request.row]
             self.free_rows.append(request.row)
         request.row = None

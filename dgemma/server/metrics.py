@@ -24,10 +24,26 @@ class Metrics:
             lambda: engine.num_running)
         Gauge("dgemma_engine_steps", "Batched denoising steps run by the engine", registry=r).set_function(
             lambda: engine.num_steps)
+        if hasattr(engine, "kv_stats"):  # an engine with a paged KV cache (Engine.kv_stats)
+            self._kv_gauges(engine.kv_stats)
         self.ttft = Histogram("dgemma_time_to_first_token_seconds", "Arrival to the first output token",
                               buckets=LATENCY_BUCKETS, registry=r)
         self.e2e = Histogram("dgemma_e2e_request_latency_seconds", "Arrival to the end of the request",
                              buckets=LATENCY_BUCKETS, registry=r)
+
+    def _kv_gauges(self, stats) -> None:
+        r = self.registry
+        for name, what, read in (
+                ("kv_blocks_total", "Blocks in the paged KV cache", lambda s: s.num_blocks),
+                ("kv_blocks_used", "KV blocks held by requests", lambda s: s.used_blocks),
+                ("kv_blocks_peak", "The most KV blocks held by requests at once", lambda s: s.peak_used_blocks),
+                ("kv_blocks_cached", "Free KV blocks holding a cached prefix (evictable)", lambda s: s.cached_blocks),
+                ("kv_blocks_usage", "Fraction of the KV blocks held by requests", lambda s: s.usage),
+                ("prefix_cache_queries", "Prompt tokens looked up in the prefix cache", lambda s: s.query_tokens),
+                ("prefix_cache_hits", "Prompt tokens found in the prefix cache", lambda s: s.hit_tokens),
+                ("prefix_cache_hit_rate", "Fraction of prompt tokens found in the prefix cache", lambda s: s.hit_rate),
+                ("kv_blocks_evicted", "Cached KV blocks evicted to make room", lambda s: s.evictions)):
+            Gauge(f"dgemma_{name}", what, registry=r).set_function(lambda read=read: read(stats()))
 
     def observe(self, finish_reason: str, prompt_tokens: int, completion_tokens: int, denoising_steps: int,
                 ttft: float | None, e2e: float) -> None:

@@ -33,6 +33,14 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-num-seqs", type=int, default=8, help="requests denoised together (KV-cache rows)")
     p.add_argument("--max-model-len", type=int, default=None,
                    help="context per request, prompt + output (default: min(model limit, 8192))")
+    p.add_argument("--kv-cache-gib", type=float, default=None,
+                   help="memory for the paged KV cache, shared by all requests and the prefix cache (default: "
+                        "max-num-seqs x max-model-len tokens, at most half the memory free at start)")
+    p.add_argument("--no-prefix-caching", action="store_true",
+                   help="do not reuse the KV blocks of earlier prompts (each prompt is encoded whole)")
+    p.add_argument("--prefill-budget", type=int, default=512,
+                   help="prompt tokens encoded per engine step, between the running requests' denoising steps "
+                        "(default 512)")
     p.add_argument("--max-waiting", type=int, default=None, help="waiting-queue bound (default 8 x max-num-seqs)")
     p.add_argument("--sampler", choices=["fast", "exact"], default="fast",
                    help="fast: one uniform per position (the same distribution); exact: torch.multinomial's draws, "
@@ -75,7 +83,7 @@ def cmd_serve(args) -> int:
     from .guard import uvicorn_config
     from .serving import Serving
 
-    for name in ("max_num_seqs", "port", "max_model_len", "max_waiting"):
+    for name in ("max_num_seqs", "port", "max_model_len", "max_waiting", "prefill_budget"):
         value = getattr(args, name)
         if value is not None and value < (0 if name == "port" else 1):
             raise CLIError(f"--{name.replace('_', '-')} must be positive, got {value}")
@@ -90,6 +98,8 @@ def cmd_serve(args) -> int:
     key = api_key(args)
     allowed_hosts = [h.strip() for h in args.allowed_hosts.split(",") if h.strip()] if args.allowed_hosts else None
     apply_threads(args.threads)
+    if args.kv_cache_gib is not None and not args.kv_cache_gib > 0:
+        raise CLIError(f"--kv-cache-gib must be positive, got {args.kv_cache_gib}")
     ckpt, tokenizer = load_runtime(args)
     text = ckpt.config.text
     max_model_len = args.max_model_len or min(text.max_position_embeddings, 8192)
@@ -97,7 +107,9 @@ def cmd_serve(args) -> int:
         raise CLIError(f"--max-model-len {max_model_len} leaves no room for a prompt and a "
                        f"{ckpt.config.canvas_length}-token canvas")
     engine = Engine(ckpt.model, ckpt.generation, tokenizer, max_num_seqs=args.max_num_seqs,
-                    max_model_len=max_model_len, max_waiting=args.max_waiting, sampler=args.sampler)
+                    max_model_len=max_model_len, max_waiting=args.max_waiting, sampler=args.sampler,
+                    kv_cache_gib=args.kv_cache_gib, prefill_budget=args.prefill_budget,
+                    prefix_caching=not args.no_prefix_caching)
     name = args.served_model_name or ckpt.path.resolve().name
     images = ImageSupport.of(ckpt) if ckpt.no_images_reason is None else None
     if ckpt.vision is not None and images is None:  # a tower whose image token ids cannot be used
@@ -105,8 +117,10 @@ def cmd_serve(args) -> int:
     serving = Serving(engine, tokenizer, name, settled_prefix=not args.no_settled_prefix, limits=limits,
                       images=images, allowed_media=media_dir, max_images=args.max_images_per_request)
     app = build_app(serving, key, allowed_hosts=allowed_hosts, public_metrics=args.public_metrics)
-    print(f"dgemma serve: {name} on {ckpt.model.device}, {args.max_num_seqs} rows x {engine.max_model_len} tokens "
-          f"({engine.runner.nbytes() / 2**20:.0f} MiB of cache), http://{args.host}:{args.port}/v1"
+    kv = engine.kv_stats()
+    print(f"dgemma serve: {name} on {ckpt.model.device}, {args.max_num_seqs} rows x {engine.max_model_len} tokens, "
+          f"KV cache {kv.num_blocks} blocks ({engine.runner.nbytes() / 2**20:.0f} MiB with the rows' state), "
+          f"http://{args.host}:{args.port}/v1"
           + (", API key required" if key else "") + f"; playground http://{args.host}:{args.port}/", file=sys.stderr)
     if not key and args.host not in LOOPBACK:
         print(f"WARNING: dgemma serve is listening on {args.host}, beyond this machine, WITHOUT an API key: anyone "
