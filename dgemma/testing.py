@@ -6,6 +6,7 @@ Both tokenizers fit a test model with vocab_size 256 and share the Gemma ids 0=<
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
@@ -100,3 +101,32 @@ def write_tiny_checkpoint(directory, canvas_length: int = 16, max_denoising_step
 
     return write_random_checkpoint(Path(directory) / "model", canvas_length=canvas_length,
                                    max_denoising_steps=max_denoising_steps, tool_tokens=tool_tokens)
+
+
+@contextmanager
+def tiny_server(model_dir, model_name: str, max_num_seqs: int = 2, max_model_len: int = 1024):
+    """A served checkpoint for tests: a started engine and a ServerThread on loopback (`.url`, `.tokenizer`), both
+    stopped on exit."""
+    from .engine import Engine
+    from .io import checkpoint
+    from .server import ServerThread, Serving, build_app
+    from .text.tokenizer import Tokenizer
+
+    ckpt = checkpoint.load(model_dir, quiet=True)
+    tokenizer = Tokenizer.from_dir(model_dir)
+    engine = Engine(ckpt.model, ckpt.generation, tokenizer, max_num_seqs=max_num_seqs,
+                    max_model_len=max_model_len).start()
+    server = ServerThread(build_app(Serving(engine, tokenizer, model_name))).start()
+    server.tokenizer = tokenizer
+    try:
+        yield server
+    finally:
+        server.stop()
+        engine.stop()
+
+
+def openai_client(server, api_key: str = "none", timeout: float = 60):
+    """The official openai client against a test server: no retries, so a failure shows at once."""
+    import openai
+
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=api_key, timeout=timeout, max_retries=0)

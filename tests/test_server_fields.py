@@ -8,16 +8,16 @@ from __future__ import annotations
 import time
 
 import httpx
-import openai
 import pytest
 
 from dgemma.engine import Engine
 from dgemma.engine.request import SamplingParams
-from dgemma.inputs import InputError, InputProcessor
+from dgemma.inputs import InputProcessor
 from dgemma.inputs.http import chat_input, choice_params, completion_input, ServingOptions
 from dgemma.server import ServerThread, Serving, build_app
 from dgemma.server.protocol import NEUTRAL, ChatCompletionRequest, CompletionRequest
 from dgemma.step import Sampler
+from dgemma.testing import openai_client
 
 from .test_server import KEY, hang_up_after_first_chunk, metric, runtime  # noqa: F401 (runtime: the tiny checkpoint, a module fixture)
 
@@ -44,7 +44,7 @@ def server(engine, runtime):
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, timeout=60, max_retries=0)
+    return openai_client(server, api_key=KEY)
 
 
 def post(server, path: str, body: dict) -> httpx.Response:

@@ -4,15 +4,10 @@ prediction (Predicted Outputs) and suffix (fill in the middle)."""
 from __future__ import annotations
 
 import httpx
-import openai
 import pytest
 
-from dgemma.io import checkpoint
-from dgemma.engine import Engine
 from dgemma.presets import default_generation, preset_config, random_model
-from dgemma.server import ServerThread, Serving, build_app
-from dgemma.testing import write_tiny_checkpoint
-from dgemma.text.tokenizer import Tokenizer
+from dgemma.testing import openai_client, tiny_server, write_tiny_checkpoint
 
 MODEL = "tiny-steer"
 C = 16
@@ -24,19 +19,13 @@ pytestmark = pytest.mark.usefixtures("one_thread_module")  # its module fixtures
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     model_dir = write_tiny_checkpoint(tmp_path_factory.mktemp("steer"), canvas_length=C, max_denoising_steps=6)
-    ckpt = checkpoint.load(model_dir, quiet=True)
-    tokenizer = Tokenizer.from_dir(model_dir)
-    engine = Engine(ckpt.model, ckpt.generation, tokenizer, max_num_seqs=2, max_model_len=256).start()
-    srv = ServerThread(build_app(Serving(engine, tokenizer, MODEL))).start()
-    srv.tokenizer = tokenizer
-    yield srv
-    srv.stop()
-    engine.stop()
+    with tiny_server(model_dir, MODEL, max_model_len=256) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="none", timeout=60, max_retries=0)
+    return openai_client(server, timeout=60)
 
 
 def test_pinned_tokens_come_back_in_place(client):

@@ -8,13 +8,13 @@ from __future__ import annotations
 import math
 
 import httpx
-import openai
 import pytest
 import torch
 
 from dgemma.engine import Engine
 from dgemma.server import ServerThread, Serving, build_app
 from dgemma.step import Sampler
+from dgemma.testing import openai_client
 
 from .test_server import KEY, runtime  # noqa: F401 (runtime: the tiny checkpoint, a module fixture)
 
@@ -40,7 +40,7 @@ def server(engine, runtime):
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, timeout=60, max_retries=0)
+    return openai_client(server, api_key=KEY)
 
 
 PROMPT = [5, 6, 7, 8]

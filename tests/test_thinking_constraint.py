@@ -7,16 +7,12 @@ from __future__ import annotations
 import json
 
 import jsonschema
-import openai
 import pytest
-import torch
 
-from dgemma.io import checkpoint
 from dgemma.control import Constraint, ConstraintVocabulary
 from dgemma.control.constraint import INVALID
 from dgemma.control.thought import after_thought
-from dgemma.server import ServerThread, Serving, build_app
-from dgemma.testing import write_test_tokenizer, write_tiny_checkpoint
+from dgemma.testing import openai_client, tiny_server, write_test_tokenizer, write_tiny_checkpoint
 from dgemma.text.thinking import CHANNEL_CLOSE, CHANNEL_OPEN
 from dgemma.text.tokenizer import Tokenizer
 
@@ -60,21 +56,13 @@ def test_the_thought_is_free_and_the_answer_constrained(tok):
 def server(tmp_path_factory):
     model_dir = write_tiny_checkpoint(tmp_path_factory.mktemp("think"), canvas_length=C, max_denoising_steps=4,
                                       tool_tokens=True)
-    ckpt = checkpoint.load(model_dir, quiet=True)
-    tokenizer = Tokenizer.from_dir(model_dir)
-    from dgemma.engine import Engine
-
-    engine = Engine(ckpt.model, ckpt.generation, tokenizer, max_num_seqs=2, max_model_len=1024).start()
-    srv = ServerThread(build_app(Serving(engine, tokenizer, MODEL))).start()
-    srv.tokenizer = tokenizer
-    yield srv
-    srv.stop()
-    engine.stop()
+    with tiny_server(model_dir, MODEL, max_model_len=1024) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="none", timeout=120, max_retries=0)
+    return openai_client(server, timeout=120)
 
 
 def _thought_pins(tokenizer, text: str) -> dict:

@@ -7,21 +7,17 @@ import json
 
 import httpx
 import jsonschema
-import openai
 import pytest
 import torch
 
-from dgemma.io import checkpoint
 from dgemma.control import Constraint, ConstraintVocabulary
 from dgemma.control.pins import Steering
 from dgemma.control.schema import SchemaError
 from dgemma.control.tool_grammar import arguments_regex, call_regex, tool_vocabulary
 from dgemma.control.tools import MARKERS, ToolCallStreamParser, split_tool_calls
-from dgemma.engine import Engine
 from dgemma.generate import generate
 from dgemma.presets import default_generation, preset_config, random_model
-from dgemma.server import ServerThread, Serving, build_app
-from dgemma.testing import TOOL_VOCAB_SIZE, write_test_tokenizer, write_tiny_checkpoint
+from dgemma.testing import TOOL_VOCAB_SIZE, openai_client, tiny_server, write_test_tokenizer, write_tiny_checkpoint
 from dgemma.text.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")  # its module fixtures run models
@@ -135,19 +131,13 @@ def test_unsupported_parameter_schemas_are_named(parameters, where):
 def server(tmp_path_factory):
     model_dir = write_tiny_checkpoint(tmp_path_factory.mktemp("tools"), canvas_length=C, max_denoising_steps=4,
                                       tool_tokens=True)
-    ckpt = checkpoint.load(model_dir, quiet=True)
-    tokenizer = Tokenizer.from_dir(model_dir)
-    engine = Engine(ckpt.model, ckpt.generation, tokenizer, max_num_seqs=2, max_model_len=1024).start()
-    srv = ServerThread(build_app(Serving(engine, tokenizer, MODEL))).start()
-    srv.tokenizer = tokenizer
-    yield srv
-    srv.stop()
-    engine.stop()
+    with tiny_server(model_dir, MODEL, max_model_len=1024) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="none", timeout=120, max_retries=0)
+    return openai_client(server, timeout=120)
 
 
 ASK = [{"role": "user", "content": "Weather in Paris?"}]
