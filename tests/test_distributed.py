@@ -129,7 +129,7 @@ def test_two_processes_follow_the_one_process_loss_curve(tmp_path, fsdp):
 
 def test_sudoku_train_cli_under_torchrun_with_fsdp(tmp_path, capsys):
     """`dgemma sudoku train --fsdp` on two processes (no encoder loss: the case FSDP2 crashed on) ends where one
-    process ends."""
+    process ends; torchrun starts it as `-m dgemma`, the package itself."""
     from dgemma.tasks.sudoku_cli import main
 
     args = ["train", "--steps", "2", "--batch-size", "4", "--hidden-size", "48", "--layers", "2", "--eval-every",
@@ -137,7 +137,7 @@ def test_sudoku_train_cli_under_torchrun_with_fsdp(tmp_path, capsys):
             "--threads", "1"]
     assert main([*args, "--out", str(tmp_path / "one")]) == 0
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
-           "dgemma.cli", "sudoku", *args, "--out", str(tmp_path / "two"), "--fsdp"]
+           "dgemma", "sudoku", *args, "--out", str(tmp_path / "two"), "--fsdp"]
     done = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
                           timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -155,7 +155,7 @@ def test_metrics_report_the_prefix_cache(model, gen):
 # -- images ---------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def vision(tmp_path_factory):
-    from dgemma import checkpoint
+    from dgemma.io import checkpoint
 
     from .test_vision import make_vision_checkpoint
 
