@@ -99,3 +99,29 @@ def test_chat_with_an_image_gives_transformers_tokens(release, capsys, tmp_path,
         assert outputs[seed] == want, (seed, sum(a == b for a, b in zip(outputs[seed], want)))
     # the image changes the answer, so the comparison above tests it
     assert _dgemma(capsys, path, None, 7) != outputs[7]
+
+
+@pytest.mark.parametrize("seed", [7, 8])
+def test_serving_engine_image_prefill_gives_generate_tokens(release, seed):
+    """The serving engine's image prefill (chunked, into the paged cache) gives generate's tokens: one request with
+    the exact sampler draws what generate's one row draws, so any difference is in the prompt's K/V."""
+    from dgemma.engine import Engine, SamplingParams
+    from dgemma.generate import generate
+    from dgemma.images import ImageSupport
+    from dgemma.io import checkpoint
+
+    path, _, _ = release
+    ckpt = checkpoint.load(path, quiet=True)
+    support = ImageSupport.of(ckpt)
+    ids, patches = support.prepare([2, IMAGE, 10, 11, 12, 13], [test_image(301, 173, 301)])
+    assert len(ids) > 64  # the image's soft tokens cross the engine's 64-token prefill chunks
+    gen = ckpt.generation.replace(max_new_tokens=NEW, max_denoising_steps=STEPS)
+    want = generate(ckpt.model, [ids], gen, generator=torch.Generator().manual_seed(seed), sampler="exact",
+                    images=support.prompt_images([patches])).token_ids[0]
+    engine = Engine(ckpt.model, gen, max_num_seqs=2, max_model_len=512, sampler="exact").start()
+    try:
+        got = engine.generate(ids, SamplingParams(max_tokens=NEW, seed=seed, pin_prefix=False,
+                                                  images=support.prompt_images([patches])), timeout=300)
+    finally:
+        engine.stop()
+    assert got.token_ids == want
