@@ -230,8 +230,8 @@ def cmd_train(args) -> int:
     record_run(trainer.run_dir, args, trainer.step, dist)
     first = trainer.step
     stopped = _train_within(trainer, validation, started, args.time_limit)
-    if stopped or not validation.last:  # the last eval is the run's figure, at whichever step it ended
-        trainer.run_eval()
+    if stopped:  # the last eval is the run's figure: train() ran one at its last step, a stopped run needs its own
+        trainer.run_eval()  # on every rank (FSDP gathers the model for it)
     trainer.export()
     if dist.is_main:
         _write_result(out, args, trainer, validation, first, time.perf_counter() - started, stopped, device)
@@ -244,12 +244,15 @@ def _train_within(trainer, validation: _Validation, started: float, minutes: flo
     if minutes is None:
         trainer.train()
         return False
+    from ..train.distributed import broadcast_object
+
     budget, chunk = 60.0 * minutes, trainer.cfg.save_every
     while trainer.step < trainer.cfg.steps:
         t0 = time.perf_counter()
         trainer.train(stop_after=chunk)
         per_chunk = time.perf_counter() - t0
-        if time.perf_counter() - started + per_chunk + validation.seconds > budget:
+        # rank 0's clock decides for every rank: ranks that disagreed would wait on each other's collectives
+        if broadcast_object(time.perf_counter() - started + per_chunk + validation.seconds > budget, trainer.dist):
             break
     return trainer.step < trainer.cfg.steps
 
