@@ -21,6 +21,7 @@ from outlines_core.json_schema import build_regex_from_schema
 
 from .constraint import escape_literal
 from .schema import SchemaError
+from .schema.containers import sequence
 from .schema.subset import SubsetWalker
 from .tools import CALL_CLOSE, CALL_OPEN, NESTING, QUOTE, SENTINEL
 from .vocabulary import ConstraintVocabulary
@@ -54,6 +55,7 @@ class _Writer:
     """A cleaned JSON schema (schema.py's walker output) -> regex over the Gemma syntax, strings in sentinels."""
 
     q = escape_literal(SENTINEL[QUOTE])
+    ws = ""  # the Gemma syntax writes no whitespace (containers.sequence reads it)
 
     def write(self, node, path: str) -> str:
         if node is True or node == {}:
@@ -86,13 +88,7 @@ class _Writer:
             return self.string(node, path)
         if kind == "array":
             item = self.write(node.get("items", {}), f"{path}/items")
-            low, high = node.get("minItems", 0), node.get("maxItems")
-            if high == 0:
-                return r"\[\]"
-            rest_high = "" if high is None else str(high - 1)
-            if low == 0:
-                return rf"\[({item}(,{item}){{0,{rest_high}}})?\]"
-            return rf"\[{item}(,{item}){{{low - 1},{rest_high}}}\]"
+            return sequence(self, item, node.get("minItems", 0), node.get("maxItems"))
         if kind == "object":
             if node.get("maxProperties") == 0:  # the walker's form of additionalProperties false
                 return r"\{\}"
