@@ -24,8 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .image_files import (DECODE_SLOTS, MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, TRIM_PIXELS,  # noqa: F401 (public)
-                          EncodedImage, ImageError, decode_image, open_image, read_image, return_freed_memory)
+from .image_files import DECODE_SLOTS, TRIM_PIXELS, EncodedImage, ImageError, return_freed_memory
 
 SUPPORTED_SOFT_TOKENS = (70, 140, 280, 560, 1120)  # the values transformers' processor accepts
 

@@ -97,7 +97,8 @@ def test_image_features_match_reference(pair):
 
 
 def test_preprocessing_matches_reference(tmp_path):
-    from dgemma.images import ImageProcessorConfig, decode_image, preprocess
+    from dgemma.image_files import decode_image
+    from dgemma.images import ImageProcessorConfig, preprocess
 
     cfg = ImageProcessorConfig(**PROCESSOR)
     # sizes that are scaled up, scaled down, left as they are (32x24 fits the grid), and thin in either direction;
@@ -205,13 +206,8 @@ def test_cli_generate_with_two_images_matches_reference(cli_ckpt, capsys):
                                  "--max-denoising-steps", "6", "--seed", "5", "--t-min", "0.4", "--t-max", "0.8",
                                  "--device", "cpu", "--json"])
     assert code == 0
-    from dgemma.images import (
-        ImageProcessorConfig,
-        ImageTokens,
-        expand_image_tokens,
-        preprocess,
-        read_image,
-    )
+    from dgemma.image_files import read_image
+    from dgemma.images import ImageProcessorConfig, ImageTokens, expand_image_tokens, preprocess
 
     images = [read_image(f) for f in files]
     prompt = expand_image_tokens(raw, [preprocess(im, ImageProcessorConfig(**PROCESSOR)) for im in images],
@@ -328,7 +324,8 @@ def test_server_takes_images_as_data_urls_and_allowed_paths(image_server):
     chat_ids = tokenizer.encode_chat([{"role": "user", "content": [{"type": "image"},
                                                                     {"type": "text", "text": "what is it?"}]}])
     assert chat_ids.count(IMAGE) == 1
-    from dgemma.images import ImageProcessorConfig, preprocess, read_image
+    from dgemma.image_files import read_image
+    from dgemma.images import ImageProcessorConfig, preprocess
 
     soft = preprocess(read_image(files[0]), ImageProcessorConfig(**PROCESSOR)).num_soft_tokens
     assert soft == 70  # 40x28 scaled to 80x56: 20 x 14 patches, pooled 2 x 2

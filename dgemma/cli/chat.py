@@ -39,7 +39,8 @@ class ChatPictures:
 
     def add(self, path: str) -> str:
         """Read a picture for the next message; the line to show (an ImageError's message if it cannot)."""
-        from ..images import ImageError, ImageSupport, read_image
+        from ..image_files import read_image
+        from ..images import ImageError, ImageSupport
 
         try:
             self.support = self.support or ImageSupport.of(self.ckpt)

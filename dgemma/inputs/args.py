@@ -50,7 +50,8 @@ def prompt_images(args, ckpt, prompts: list[list[int]]):
     gets the images before its text; a plain prompt must hold one <|image|> per image where it goes."""
     if not args.image:
         return prompts, None
-    from ..images import ImageSupport, read_image
+    from ..image_files import read_image
+    from ..images import ImageSupport
 
     if len(prompts) != 1:
         raise CLIError("--image works with one prompt")
