@@ -196,13 +196,16 @@ def markdown(report: dict) -> str:
             sweep_rows.append(f"| {d['format']} | - | skipped: {d['skipped']} | | | | |")
         for row in d.get("rows", []):
             engine_rows.append(f"| {d['preset']} | {row['batch_size']} | {row['engine_ms_per_step']:.2f} | "
+                               f"{row.get('engine_graphs_ms_per_step', float('nan')):.2f} | "
                                f"{row.get('generate_eager_ms_per_step', float('nan')):.2f} | "
                                f"{row.get('generate_graphs_ms_per_step', float('nan')):.2f} | "
                                f"{row.get('tokens_equal_generate_eager', '-')} | "
-                               f"{row.get('tokens_equal_generate_graphs', '-')} |")
+                               f"{row.get('tokens_equal_generate_graphs', '-')} | "
+                               f"{row.get('tokens_equal_engine_graphs', '-')} |")
     if engine_rows:
-        lines += ["", "| engine step | batch | engine ms/step | generate eager ms/step | generate graphs ms/step | "
-                      "tokens = eager | tokens = graphs |", "|---|---|---|---|---|---|---|", *engine_rows]
+        lines += ["", "| engine step | batch | engine ms/step | engine graphs ms/step | generate eager ms/step | "
+                      "generate graphs ms/step | tokens = generate eager | tokens = generate graphs | "
+                      "engine graphs tokens = engine eager |", "|---|---|---|---|---|---|---|---|---|", *engine_rows]
     if bench_rows:  # dgemma (graphs on CUDA), dgemma-eager (graphs off), transformers
         lines += ["", "| part: preset | engine | tokens/s | ms/step | prefill ms | dgemma peak MiB |",
                   "|---|---|---|---|---|---|", *bench_rows]

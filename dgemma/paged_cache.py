@@ -71,17 +71,20 @@ class PagedKVCache:
     """KV pools plus, per row, its block table and committed length (see the module docstring).
 
     `capacity` bounds a row's slots (the max model length); `valid` (rows, capacity) is all True (the engine never
-    left-pads). Block 0 backs a row's unassigned table entries: keys the row may gather there are masked out."""
+    left-pads). Block 0 backs a row's unassigned table entries: keys the row may gather there are masked out.
+    With `extra_blocks` 1 the pools hold one more block, `spare_block`, which the block manager never hands out:
+    engine/graphs.py's padding rows read and write there."""
 
     def __init__(self, config: TextConfig, num_blocks: int, block_size: int, batch_size: int, capacity: int,
-                 dtype: torch.dtype, device: torch.device | str):
+                 dtype: torch.dtype, device: torch.device | str, extra_blocks: int = 0):
         self.block_size = block_size
         self.num_blocks = num_blocks
+        self.spare_block = num_blocks if extra_blocks else None
         self.batch_size = batch_size
         self.capacity = capacity
         self.lengths = [0] * batch_size
         self.num_row_blocks = [0] * batch_size
-        shapes = pool_shapes(config, num_blocks, block_size)
+        shapes = pool_shapes(config, num_blocks + extra_blocks, block_size)
         self.k = [torch.zeros(s, dtype=dtype, device=device) for s in shapes]
         self.v = [torch.zeros(s, dtype=dtype, device=device) for s in shapes]
         self.tables = torch.zeros(batch_size, -(-capacity // block_size), dtype=torch.long, device=device)
@@ -121,12 +124,16 @@ class PagedKVCache:
         """Logical slots (R, S) of rows whose tables are `table` (R, max_blocks) -> (block ids, offsets), (R, S)."""
         return table.gather(1, slots // self.block_size), slots % self.block_size
 
-    def writer(self, rows: list[int] | None, slot: int | torch.Tensor, kv_start: dict[bool, int], end: int):
+    def writer(self, rows: list[int] | None, slot: int | torch.Tensor, kv_start: dict[bool, int], end: int,
+               table: torch.Tensor | None = None):
         """A K/V updater for one forward pass, as KVCache.writer: writes the new K/V (R, nkv, T, hd) at each row's
         `slot` (an int with rows=None: every row, in lockstep) and returns each row's keys/values over
-        [kv_start, end) (R, nkv, S, hd), gathered from its blocks."""
-        rows = list(range(self.batch_size)) if rows is None else rows
-        table = self.tables[torch.tensor(rows, device=self.device)]  # (R, max_blocks)
+        [kv_start, end) (R, nkv, S, hd), gathered from its blocks. `table` (R, max_blocks), with rows=None: the
+        rows' block tables themselves (engine/graphs.py's static buffers) instead of rows of `tables`."""
+        if table is None:
+            rows = list(range(self.batch_size)) if rows is None else rows
+            table = self.tables[torch.tensor(rows, device=self.device)]  # (R, max_blocks)
+        rows = range(table.shape[0])
         if not isinstance(slot, torch.Tensor):
             slot = torch.full((len(rows),), slot, dtype=torch.long, device=self.device)
         reads = {}  # is_sliding -> (block ids (R, 1, S), offsets (R, 1, S)), made once per pass

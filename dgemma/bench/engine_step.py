@@ -20,14 +20,16 @@ import torch
 from .probes import sync
 
 
-def engine_run(model, gen, prompts: list[list[int]], seeds: list[int], sampler: str) -> dict:
-    """Run `prompts` through a fresh Engine, stepped directly. -> tokens per request and ms per engine step (the
-    first step, which also prefills, left out)."""
+def engine_run(model, gen, prompts: list[list[int]], seeds: list[int], sampler: str,
+               cuda_graphs: bool = False) -> dict:
+    """Run `prompts` through a fresh Engine, stepped directly, its decoder pass eager or bucketed (`cuda_graphs`:
+    captured and replayed on CUDA). -> tokens per request and ms per engine step (the first step, which also
+    prefills, left out; the first pass of each bucket captures it)."""
     from ..engine import Engine, SamplingParams
 
     C = model.canvas_length
     engine = Engine(model, gen, max_num_seqs=len(prompts), sampler=sampler,
-                    max_model_len=max(map(len, prompts)) + gen.max_new_tokens + 2 * C)
+                    max_model_len=max(map(len, prompts)) + gen.max_new_tokens + 2 * C, cuda_graphs=cuda_graphs)
     outputs: list[list] = [[] for _ in prompts]
     for prompt, seed, sink in zip(prompts, seeds, outputs):
         engine.add_request(prompt, SamplingParams(max_tokens=gen.max_new_tokens, seed=seed, pin_prefix=False),
@@ -60,7 +62,9 @@ def generate_run(model, gen, prompts: list[list[int]], seed: int, sampler: str, 
 
 def compare(model, gen, prompt_len: int, batch_size: int, sampler: str = "exact") -> dict:
     """The report: token equality of one request, and ms per step of engine and generate, one request and a
-    batch. On CUDA generate runs both eagerly and replaying CUDA graphs; the engine runs eagerly."""
+    batch. On CUDA generate runs both eagerly and replaying CUDA graphs; the engine runs eagerly and with its
+    bucketed pass (replayed as CUDA graphs on CUDA; on a CPU the same buckets run uncaptured), whose tokens must
+    equal the eager engine's."""
     V = model.config.vocab_size
     g = torch.Generator().manual_seed(1234)
     prompts = torch.randint(3, V, (batch_size, prompt_len), generator=g).tolist()
@@ -72,6 +76,10 @@ def compare(model, gen, prompt_len: int, batch_size: int, sampler: str = "exact"
             engine_run(model, gen, batch, list(range(b)), sampler)  # warm-up
             eng = engine_run(model, gen, batch, list(range(b)), sampler)
             row = {"batch_size": b, "engine_ms_per_step": eng["ms_per_step"], "engine_steps": eng["steps"]}
+            engine_run(model, gen, batch, list(range(b)), sampler, cuda_graphs=True)  # warm-up (and capture)
+            bucketed = engine_run(model, gen, batch, list(range(b)), sampler, cuda_graphs=True)
+            row["engine_graphs_ms_per_step"] = bucketed["ms_per_step"]
+            row["tokens_equal_engine_graphs"] = bucketed["tokens"] == eng["tokens"]
             for graphs in modes:
                 name = "generate_graphs" if graphs else "generate_eager"
                 generate_run(model, gen, batch, 0, sampler, graphs)  # warm-up (and graph capture)

@@ -59,7 +59,7 @@ class Engine:
                  max_model_len: int | None = None, max_waiting: int | None = None, prefill_budget: int = 512,
                  sampler: Sampler | str = Sampler.FAST, kv_cache_gib: float | None = None,
                  block_size: int = DEFAULT_BLOCK_SIZE, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
-                 prefix_caching: bool = True):
+                 prefix_caching: bool = True, cuda_graphs: bool = False):
         cfg = model.config
         self.model = model
         self.generation = generation
@@ -78,7 +78,7 @@ class Engine:
         self.runner = ModelRunner(model, max_num_seqs, self.max_model_len, generation.stability_threshold,
                                   generation.confidence_threshold, sampler, num_blocks=num_blocks,
                                   block_size=block_size, prefill_chunk=prefill_chunk,
-                                  prefix_caching=prefix_caching)
+                                  prefix_caching=prefix_caching, cuda_graphs=cuda_graphs)
         self.scheduler = Scheduler(max_num_seqs, max_waiting if max_waiting is not None else 8 * max_num_seqs,
                                    on_release=lambda request: self.runner.free(request))
         self.num_steps = 0  # engine steps (batched decoder passes)

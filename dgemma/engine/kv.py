@@ -43,14 +43,14 @@ class Prefill:
 
 class KVPool:
     def __init__(self, model: DiffusionGemma, num_blocks: int, block_size: int, max_num_seqs: int,
-                 max_model_len: int, prefill_chunk: int, prefix_caching: bool = True):
+                 max_model_len: int, prefill_chunk: int, prefix_caching: bool = True, spare_block: bool = False):
         if prefill_chunk < block_size or prefill_chunk % block_size:
             raise ValueError(f"prefill_chunk {prefill_chunk} must be a multiple of the block size {block_size}")
         self.model = model
         self.chunk = prefill_chunk
         self.canvas_length = model.canvas_length
         self.cache = PagedKVCache(model.config, num_blocks, block_size, max_num_seqs, max_model_len, model.dtype,
-                                  model.device)
+                                  model.device, extra_blocks=int(spare_block))
         self.blocks = BlockManager(num_blocks, block_size, prefix_caching)
         self.tables: dict[str, BlockTable] = {}  # request id -> its blocks
         self.totals: dict[str, int] = {}  # request id -> the most slots it may hold

@@ -10,6 +10,9 @@ KV memory (kv.py): each request holds a block table in the paged cache, reuses t
 with, and encodes the rest in grid-aligned chunks, a few per engine step (chunked prefill): begin, then
 prefill_chunk until the prompt is in, then its first canvas starts.
 
+CUDA graphs (cuda_graphs=True, off by default): the decoder pass runs in graphs.py's buckets of static buffers,
+captured and replayed on CUDA; the head stays eager.
+
 Settled prefix (pin_prefix): see step/step.py's _pin. Settled positions are pinned for the rest of the canvas, so the
 settled prefix is final and can be streamed before the canvas is committed.
 """
@@ -28,6 +31,7 @@ from ..sampling import random_tokens
 from ..step import (CanvasState, PerRowDraws, Sampler, Strategy, default_strategy, denoise_step, make_head,
                     token_sampler)
 from .block_manager import DEFAULT_BLOCK_SIZE
+from .graphs import DecoderGraphs
 from .kv import DEFAULT_PREFILL_CHUNK, KVPool, Prefill
 from .request import Request
 
@@ -47,7 +51,7 @@ class ModelRunner:
                  confidence_threshold: float, sampler: Sampler | str = Sampler.FAST,
                  strategy: Strategy | None = None, *, num_blocks: int | None = None,
                  block_size: int = DEFAULT_BLOCK_SIZE, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
-                 prefix_caching: bool = True):
+                 prefix_caching: bool = True, cuda_graphs: bool = False):
         self.model = model
         self.device = model.device
         self.canvas_length = model.canvas_length
@@ -55,7 +59,7 @@ class ModelRunner:
         if num_blocks is None:  # as many slots as max_num_seqs rows of max_model_len
             num_blocks = max_num_seqs * -(-max_model_len // block_size)
         self.kv = KVPool(model, num_blocks, block_size, max_num_seqs, max_model_len, prefill_chunk,
-                         prefix_caching)
+                         prefix_caching, spare_block=cuda_graphs)
         self.cache = self.kv.cache
         self.prefills: dict[str, Prefill] = {}  # request id -> its prompt chunks left, in admission order
         self.state = CanvasState(model, max_num_seqs, stability_threshold, confidence_threshold)  # by cache row
@@ -63,7 +67,9 @@ class ModelRunner:
         self.draws = PerRowDraws(token_sampler(sampler, self.vocab_size, self.device))
         self.strategy = (Strategy(strategy) if strategy is not None
                          else default_strategy(self.device, self.draws.sampler.kind))
-        self.head = make_head(self.strategy, model)
+        # the decoder pass: the model's, planned per step, or bucketed on static buffers (graphs.py)
+        self.graphs = DecoderGraphs(model, self.cache, max_num_seqs) if cuda_graphs else None
+        self.head = make_head(self.strategy, model, None if self.graphs is None else self.graphs.decode)
 
     def nbytes(self) -> int:
         return self.cache.nbytes() + self.state.nbytes() + self.head.nbytes()
@@ -158,7 +164,8 @@ class ModelRunner:
                                dtype=torch.float32).to(self.device)  # (R, 4)
         temps, bounds = scalars[:, 0], scalars[:, 1]
         pin, last = (scalars[:, 2:] > 0.5).unbind(dim=1)
-        plan = self.model.plan(self.cache, rows, self.canvas_length, encoder=False)
+        plan = (self.model.plan(self.cache, rows, self.canvas_length, encoder=False) if self.graphs is None
+                else self.graphs.plan(rows))
         done = denoise_step(self.model, self.state, plan, self.head, self.draws, temps, bounds,
                             [r.generator for r in requests], [r.pick for r in requests], rows=rows,
                             settle=pin if any(r.params.pin_prefix for r in requests) else None, last=last,

@@ -38,6 +38,11 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
                         "max-num-seqs x max-model-len tokens, at most half the memory free at start)")
     p.add_argument("--no-prefix-caching", action="store_true",
                    help="do not reuse the KV blocks of earlier prompts (each prompt is encoded whole)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="run the decoder pass in buckets of static buffers (rows and context length rounded up), "
+                        "captured and replayed as CUDA graphs on a GPU (bf16, not int4 experts); off by default "
+                        "until a GPU run shows it gives the eager tokens. On a CPU it runs the same buckets "
+                        "without capture, which only costs time")
     p.add_argument("--prefill-budget", type=int, default=512,
                    help="prompt tokens encoded per engine step, between the running requests' denoising steps "
                         "(default 512)")
@@ -109,7 +114,7 @@ def cmd_serve(args) -> int:
     engine = Engine(ckpt.model, ckpt.generation, tokenizer, max_num_seqs=args.max_num_seqs,
                     max_model_len=max_model_len, max_waiting=args.max_waiting, sampler=args.sampler,
                     kv_cache_gib=args.kv_cache_gib, prefill_budget=args.prefill_budget,
-                    prefix_caching=not args.no_prefix_caching)
+                    prefix_caching=not args.no_prefix_caching, cuda_graphs=args.cuda_graphs)
     name = args.served_model_name or ckpt.path.resolve().name
     images = ImageSupport.of(ckpt) if ckpt.no_images_reason is None else None
     if ckpt.vision is not None and images is None:  # a tower whose image token ids cannot be used

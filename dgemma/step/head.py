@@ -58,8 +58,9 @@ Scored = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Ten
 
 
 class BatchedHead:
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, decode=None):
         self.score = score_blocks if torch.device(device).type == "cpu" else score_whole
+        self.decode = decode  # the decoder pass (canvas, signal, plan) -> hidden; None: the model's
 
     def nbytes(self) -> int:
         return 0  # every tensor is the step's own
@@ -67,7 +68,8 @@ class BatchedHead:
     def __call__(self, model: DiffusionGemma, state: CanvasState, plan: ForwardPlan, rows: StepRows,
                  draws) -> Scored:
         idx = rows.index
-        hidden = model.decode(state.canvas[idx], None if rows.first else state.signal[idx], plan)  # (R, C, H)
+        decode = self.decode or model.decode
+        hidden = decode(state.canvas[idx], None if rows.first else state.signal[idx], plan)  # (R, C, H)
         logits = model.logits(hidden)  # (R, C, V), soft-capped
         until = [state.eos_until[r] for r in rows.ids]
         if any(until):
@@ -92,8 +94,9 @@ class BatchedHead:
 
 
 class RowsHead:
-    def __init__(self, model: DiffusionGemma):
+    def __init__(self, model: DiffusionGemma, decode=None):
         self.softcap = model.config.final_logit_softcapping
+        self.decode = decode or model.decode  # the decoder pass (canvas, signal, plan) -> hidden
         self.buffer: torch.Tensor | None = None  # the one (C, V) fp32 buffer every row's logits and probs use
 
     def nbytes(self) -> int:
@@ -115,7 +118,7 @@ class RowsHead:
         state.rows_skipped += R - len(computed)
         if computed:
             sel = torch.tensor([rows.ids[i] for i in computed], device=dev)
-            hidden = model.decode(state.canvas[sel], None if rows.first else state.signal[sel], plan.select(computed))
+            hidden = self.decode(state.canvas[sel], None if rows.first else state.signal[sel], plan.select(computed))
         if self.buffer is None:
             self.buffer = torch.empty(C, V, dtype=torch.float32, device=dev)
         temps, bounds = rows.temps.expand(R), rows.bounds.expand(R)
@@ -145,5 +148,6 @@ class RowsHead:
         return argmax, entropy, accepted, sampled, signal
 
 
-def make_head(strategy: Strategy | str, model: DiffusionGemma) -> BatchedHead | RowsHead:
-    return RowsHead(model) if Strategy(strategy) is Strategy.ROWS else BatchedHead(model.device)
+def make_head(strategy: Strategy | str, model: DiffusionGemma, decode=None) -> BatchedHead | RowsHead:
+    """The head; `decode` replaces the model's decoder pass (the engine's DecoderGraphs.decode), None: the model's."""
+    return RowsHead(model, decode) if Strategy(strategy) is Strategy.ROWS else BatchedHead(model.device, decode)
