@@ -88,8 +88,8 @@ def cmd_chat(args) -> int:
     pictures = ChatPictures(ckpt)
 
     def render(msgs: list[dict]) -> list[int]:
-        ids = tokenizer.encode(tokenizer.apply_chat_template(msgs, add_generation_prompt=True,
-                                                             enable_thinking=args.think))
+        # what you type is plain text: only the template writes control tokens (a typed turn marker is text)
+        ids = tokenizer.encode_chat(msgs, add_generation_prompt=True, enable_thinking=args.think)
         found = pictures.of(msgs)
         return expand_image_tokens(ids, found, pictures.support.tokens) if found else ids
 

@@ -43,8 +43,7 @@ def cmd_edit(args) -> int:
     if tokenizer is None:
         raise CLIError("dgemma edit needs a checkpoint with tokenizer.json")
     request = f"{args.instruction}\n\n{text}"
-    prompt = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": request}],
-                                                            add_generation_prompt=True), add_special_tokens=False)
+    prompt = tokenizer.encode_chat([{"role": "user", "content": request}], add_generation_prompt=True)
     # the file's text is the prediction: plain text, its special-token spellings included
     steering = plan(InputProcessor(tokenizer, ckpt.generation, ckpt.config.text.vocab_size),
                     SteeringSpec(prediction=text, strength=strength)).steering

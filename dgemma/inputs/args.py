@@ -35,9 +35,10 @@ def prompt_ids(args, processor: InputProcessor) -> list[list[int]]:
         if args.chat or args.think:
             content = ([{"type": "image"} for _ in args.image] + [{"type": "text", "text": text}] if args.image
                        else text)
-            text = tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
-                                                 enable_thinking=args.think)
-            prompts.append(tokenizer.encode(text, add_special_tokens=False))
+            try:  # the prompt's text is plain text: only the template writes control tokens, as in the server
+                prompts.append(processor.chat_ids([{"role": "user", "content": content}], thinking=args.think))
+            except InputError as e:
+                raise CLIError(f"--prompt: {e}") from None
         else:
             prompts.append(tokenizer.encode(text, add_special_tokens=True))
         if not prompts[-1]:
