@@ -190,6 +190,10 @@ def test_every_invocation_of_a_run_is_recorded(tmp_path):
     runs = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
     assert [r["step"] for r in runs] == [0, 1] and [r["options"]["resume"] for r in runs] == [False, True]
     assert runs[0]["options"]["lr"] == 0.002 and runs[0]["options"]["steps"] == 1 and runs[1]["processes"] == 1
+    # resumed at its last step: nothing to train, but the result still carries the validation figures
+    assert main(["train", "--steps", "2", "--lr", "0.002", "--resume", *common]) == 0
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["steps_this_invocation"] == 0 and any(k.startswith("solve_rate_") for k in result["validation"])
 
 
 def test_train_refuses_bad_pinning_and_recycling_options(tmp_path, capsys):

@@ -230,8 +230,10 @@ def cmd_train(args) -> int:
     record_run(trainer.run_dir, args, trainer.step, dist)
     first = trainer.step
     stopped = _train_within(trainer, validation, started, args.time_limit)
-    if stopped:  # the last eval is the run's figure: train() ran one at its last step, a stopped run needs its own
-        trainer.run_eval()  # on every rank (FSDP gathers the model for it)
+    # the last eval is the run's figure: train() ran one at its last step; a stopped run, or one resumed at its last
+    # step (train() then runs nothing), needs its own, on every rank (FSDP gathers the model for it)
+    if stopped or trainer.step == first:
+        trainer.run_eval()
     trainer.export()
     if dist.is_main:
         _write_result(out, args, trainer, validation, first, time.perf_counter() - started, stopped, device)
