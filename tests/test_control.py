@@ -222,8 +222,11 @@ def test_schema_subset_rewrites():
     assert re.fullmatch(regex, '{"n":12}') and not re.fullmatch(regex, '{"n":"x"}')
     assert re.fullmatch(schema_to_regex({"type": "object", "additionalProperties": False}), "{}")
     assert re.fullmatch(schema_to_regex({"type": "string", "pattern": "^[a-z]+-[0-9]{2}$"}), '"ab-12"')
+    # a pattern with length bounds is cut to them (tests/test_schema_patterns.py), or refused when it cannot be
+    regex = schema_to_regex({"type": "string", "maxLength": 3, "pattern": "^a+$"})
+    assert re.fullmatch(regex, '"aaa"') and not re.fullmatch(regex, '"aaaa"')
     with pytest.raises(SchemaError):
-        schema_to_regex({"type": "string", "maxLength": 3, "pattern": "a"})
+        schema_to_regex({"type": "string", "minLength": 3, "pattern": "^a$"})
 
 
 # ---- the DP: every output satisfies its constraint

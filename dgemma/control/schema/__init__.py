@@ -9,7 +9,8 @@ schema is refused with a SchemaError that names it. What is enforced:
   for one member can match another (different types, a tag, a required key the other lacks or forbids);
 - integers in any range, exactly, and an integer `multipleOf` with both bounds (up to 1,000 multiples);
   bounded `number`s without an exponent;
-- strings: `minLength`/`maxLength`, an ECMA-262 `pattern` (fully matched; no lookaround or backreference), the
+- strings: `minLength`/`maxLength`, an ECMA-262 `pattern` (fully matched; no lookaround or backreference; with
+  minLength/maxLength, its repetitions raised and cut until every string written has an allowed length), the
   formats date, time, date-time (real calendar dates), uuid, email, hostname, ipv4, ipv6, uri, duration;
 - arrays: `items`, `prefixItems`/tuple `items`, `additionalItems`, `minItems`/`maxItems`, `uniqueItems` (items
   from a finite set of values in that set's order; other items at most one per array);

@@ -89,9 +89,14 @@ _CATEGORIES = {
     _c.CATEGORY_DIGIT: [(48, 57)], _c.CATEGORY_WORD: [(48, 57), (65, 90), (95, 95), (97, 122)],
     _c.CATEGORY_SPACE: [(32, 32)],  # the other spaces are control characters, which JSON escapes
 }
-_NOT_CATEGORIES = {_c.CATEGORY_NOT_DIGIT: [(48, 57)],
-                   _c.CATEGORY_NOT_WORD: _CATEGORIES[_c.CATEGORY_WORD],
-                   _c.CATEGORY_NOT_SPACE: [(9, 13), (32, 32)]}
+# \S and \W are written as characters outside \s and \w both in ECMA-262 and in Python's re (which validators such
+# as jsonschema use): no whitespace of either (ECMA adds U+FEFF, Python U+001C-U+001F and U+0085), and for \W only
+# ASCII, since Python's \w takes the letters and digits of every script; likewise \D
+_SPACES = [(9, 13), (0x1C, 0x20), (0x85, 0x85), (0xA0, 0xA0), (0x1680, 0x1680), (0x2000, 0x200A), (0x2028, 0x2029),
+           (0x202F, 0x202F), (0x205F, 0x205F), (0x3000, 0x3000), (0xFEFF, 0xFEFF)]
+_NOT_CATEGORIES = {_c.CATEGORY_NOT_DIGIT: [(48, 57), (0x80, _MAX_CODE)],
+                   _c.CATEGORY_NOT_WORD: _CATEGORIES[_c.CATEGORY_WORD] + [(0x80, _MAX_CODE)],
+                   _c.CATEGORY_NOT_SPACE: _SPACES}
 
 
 def _class(items, negate: bool = False) -> str:
@@ -119,7 +124,71 @@ def _class(items, negate: bool = False) -> str:
                          for a, b in ranges) + "]"
 
 
-def _sequence(items, max_repeat: int, repeat_cap: int) -> str:
+Fit = tuple  # (floor, cap | None): every repetition of a pattern raised to at least floor and cut to at most cap
+
+
+def _repeat(low: int, high: int, max_repeat: int, repeat_cap: int, fit: Fit | None) -> tuple[int, int | None]:
+    """A repetition's written bounds (None: unbounded): raised and cut by `fit` (a pattern under minLength /
+    maxLength), a bounded one cut to repeat_cap (or its low)."""
+    high = None if high == _c.MAXREPEAT else high
+    if fit is not None:
+        floor, cap = fit
+        low = max(low, floor) if high is None else min(max(low, floor), high)
+        if cap is not None:
+            high = max(low, cap) if high is None else min(high, max(low, cap))
+    if low > max_repeat:
+        raise ValueError(f"a repetition of at least {low}, more than the limit of {max_repeat}")
+    return low, None if high is None else min(high, max(low, repeat_cap))
+
+
+def _lengths(items, max_repeat: int, repeat_cap: int, fit: Fit | None) -> tuple[int, float]:
+    """The fewest and most characters of a string the sequence matches, as _sequence writes it under `fit`."""
+    low, high = 0, 0
+    for op, arg in items:
+        if op in (_c.LITERAL, _c.NOT_LITERAL, _c.IN, _c.ANY):
+            low, high = low + 1, high + 1
+        elif op in (_c.MAX_REPEAT, _c.MIN_REPEAT):
+            r_low, r_high = _repeat(arg[0], arg[1], max_repeat, repeat_cap, fit)
+            m, n = _lengths(arg[2], max_repeat, repeat_cap, fit)
+            low += r_low * m
+            high += 0 if n == 0 else float("inf") if r_high is None else r_high * n
+        elif op == _c.SUBPATTERN:
+            m, n = _lengths(arg[-1], max_repeat, repeat_cap, fit)
+            low, high = low + m, high + n
+        elif op == _c.BRANCH:
+            spans = [_lengths(b, max_repeat, repeat_cap, fit) for b in arg[1]]
+            low, high = low + min(m for m, _ in spans), high + max(n for _, n in spans)
+    return low, high
+
+
+def _fit(branch, low: int, high: int | None, max_repeat: int, repeat_cap: int) -> Fit | None:
+    """The mildest fit under which every string the branch matches has low to high characters: the lowest floor
+    that brings its shortest to `low`, then the highest cap that keeps its longest within `high`. None: none does."""
+    def shortest(floor: int) -> int:
+        return _lengths(branch, max_repeat, repeat_cap, (floor, None))[0]
+
+    def longest(floor: int, cap: int) -> float:
+        return _lengths(branch, max_repeat, repeat_cap, (floor, cap))[1]
+
+    top = min(low, max_repeat)
+    if shortest(top) < low:
+        return None
+    a, b = 0, top  # the lowest floor whose shortest reaches low lies in [a, b]
+    while a < b:
+        mid = (a + b) // 2
+        a, b = (a, mid) if shortest(mid) >= low else (mid + 1, b)
+    if high is None:
+        return a, None
+    if longest(a, a) > high:
+        return None
+    lo, hi = a, high  # the highest cap whose longest stays within high lies in [lo, hi]
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if longest(a, mid) <= high else (lo, mid - 1)
+    return a, lo
+
+
+def _sequence(items, max_repeat: int, repeat_cap: int, fit: Fit | None = None) -> str:
     out = []
     for op, arg in items:
         if op == _c.LITERAL:
@@ -132,17 +201,14 @@ def _sequence(items, max_repeat: int, repeat_cap: int) -> str:
             out.append(_class([(_c.LITERAL, 0x0A), (_c.LITERAL, 0x0D), (_c.LITERAL, 0x2028), (_c.LITERAL, 0x2029)],
                               negate=True))
         elif op in (_c.MAX_REPEAT, _c.MIN_REPEAT):
-            low, high, sub = arg
-            if low > max_repeat:
-                raise ValueError(f"a repetition of at least {low}, more than the limit of {max_repeat}")
-            high = None if high == _c.MAXREPEAT else min(high, max(low, repeat_cap))
-            out.append(f"({_sequence(sub, max_repeat, repeat_cap)}){{{low},{'' if high is None else high}}}")
+            low, high = _repeat(arg[0], arg[1], max_repeat, repeat_cap, fit)
+            out.append(f"({_sequence(arg[2], max_repeat, repeat_cap, fit)}){{{low},{'' if high is None else high}}}")
         elif op == _c.SUBPATTERN:
             if arg[1] or arg[2]:
                 raise ValueError("inline flags")
-            out.append(f"({_sequence(arg[-1], max_repeat, repeat_cap)})")
+            out.append(f"({_sequence(arg[-1], max_repeat, repeat_cap, fit)})")
         elif op == _c.BRANCH:
-            out.append("(" + "|".join(_sequence(b, max_repeat, repeat_cap) for b in arg[1]) + ")")
+            out.append("(" + "|".join(_sequence(b, max_repeat, repeat_cap, fit) for b in arg[1]) + ")")
         elif op in (_c.ASSERT, _c.ASSERT_NOT):
             raise ValueError("a lookaround")
         elif op == _c.GROUPREF:
@@ -152,25 +218,46 @@ def _sequence(items, max_repeat: int, repeat_cap: int) -> str:
     return "".join(out)
 
 
-def pattern_body(pattern: str, max_repeat: int, repeat_cap: int) -> str:
+_ANCHORS = (_c.AT_BEGINNING, _c.AT_BEGINNING_STRING, _c.AT_END, _c.AT_END_STRING)
+
+
+def _alternatives(items) -> list[list]:
+    """The pattern's top-level alternatives, each without its anchors: a group around a whole alternative is
+    opened ((^...$)), and an alternation left after the anchors is split (`re` writes `^$|^a+$` as ^ then $ | a+$)."""
+    items = list(items)
+    while len(items) == 1 and items[0][0] == _c.SUBPATTERN and not (items[0][1][1] or items[0][1][2]):
+        items = list(items[0][1][-1])
+    while items and items[0][0] == _c.AT and items[0][1] in _ANCHORS[:2]:
+        items.pop(0)
+    if len(items) == 1 and items[0][0] == _c.BRANCH:
+        return [alt for branch in items[0][1][1] for alt in _alternatives(branch)]
+    while items and items[-1][0] == _c.AT and items[-1][1] in _ANCHORS[2:]:
+        items.pop()
+    return [items]
+
+
+def pattern_body(pattern: str, max_repeat: int, repeat_cap: int, low: int = 0, high: int | None = None) -> str:
     """The regex of string bodies that fully match `pattern` (a JSON schema pattern searches; a full match is a
-    match, so this is a valid subset). ValueError, saying why, for what cannot be written."""
+    match, so this is a valid subset) and have `low` to `high` characters (minLength / maxLength): each top-level
+    alternative's repetitions are raised and cut uniformly until every string it matches has such a length
+    (_fit), and an alternative that cannot is left out. ValueError, saying why, for what cannot be written."""
     if not isinstance(pattern, str):
         raise ValueError("a pattern must be a string")
     try:
         parsed = list(_sre_parse.parse(pattern))
     except (re.error, RecursionError, OverflowError) as err:
         raise ValueError(f"an invalid regular expression ({err})") from None
-    anchors = (_c.AT_BEGINNING, _c.AT_BEGINNING_STRING, _c.AT_END, _c.AT_END_STRING)
-    branches = parsed[0][1][1] if len(parsed) == 1 and parsed[0][0] == _c.BRANCH else [parsed]
     written = []
-    for branch in branches:
-        branch = list(branch)
-        while branch and branch[0][0] == _c.AT and branch[0][1] in anchors[:2]:
-            branch.pop(0)
-        while branch and branch[-1][0] == _c.AT and branch[-1][1] in anchors[2:]:
-            branch.pop()
+    for branch in _alternatives(parsed):
         if any(op == _c.AT for op, _ in branch):
             raise ValueError("an anchor or word boundary inside the pattern")
-        written.append(_sequence(branch, max_repeat, repeat_cap))
+        if (low, high) == (0, None):
+            written.append(_sequence(branch, max_repeat, repeat_cap))
+            continue
+        fit = _fit(branch, low, high, max_repeat, repeat_cap)
+        if fit is not None:
+            written.append(_sequence(branch, max_repeat, repeat_cap, fit))
+    if not written:
+        raise ValueError(f"no string it matches is written with {low} to {'any' if high is None else high} "
+                         "characters (minLength/maxLength)")
     return written[0] if len(written) == 1 else "(" + "|".join(written) + ")"

@@ -172,10 +172,9 @@ class Writer:
             if shortest < low or longest > (high if high is not None else longest):
                 raise SchemaError(f"{path}: unsupported format '{fmt}' with minLength/maxLength")
         elif "pattern" in node:
-            if "minLength" in node or "maxLength" in node:
-                raise SchemaError(f"{path}: unsupported combination of 'pattern' and 'minLength'/'maxLength'")
+            cap = None if high is None else min(high, max(low, self.limits.length_cap))
             try:
-                body = pattern_body(node["pattern"], self.limits.max_count, self.limits.length_cap)
+                body = pattern_body(node["pattern"], self.limits.max_count, self.limits.length_cap, low, cap)
             except ValueError as err:
                 raise SchemaError(f"{path}/pattern: unsupported pattern ({err})") from None
         if body is None:

@@ -1,0 +1,97 @@
+"""A string's `pattern` together with minLength/maxLength: every string written matches the pattern and has an
+allowed length (the repetitions are raised and cut until it does; an alternative that cannot is left out)."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+
+import jsonschema
+import pytest
+from hypothesis import given, settings, strategies as st
+from pydantic import BaseModel, constr
+
+from dgemma.control import Constraint
+from dgemma.control.dp import best_valid_tokens
+from dgemma.control.schema import SchemaError, schema_to_regex
+from dgemma.control.schema.strings import _c, _sre_parse, pattern_body
+
+from .test_control import random_log_probs, text_of, vocab, tokenizer  # noqa: F401  (fixtures)
+
+# the commonest patterns that JSONSchemaBench combines with minLength/maxLength, and a few harder shapes
+PATTERNS = [r"^([\w\/-]|[\w-][\w\/-]*[\w-])$", r"^([a-z0-9-]+):([a-z0-9\.-]+):([a-z0-9-]+)?:([a-z0-9-]+)$",
+            r"^[A-Za-z0-9:_\-]+$", r"^(?:\S+\s+){0,9}\S+$", r"^$|(^(?:\S+\s+){0,99}\S+$)", r"^[0-9a-z-]*$",
+            r"^(\d+\.\d+\.\d+.*)$", r"[a-zA-Z0-9_.-]+", r"^[0-9]{9}$", r"^(ab|c{2,})+x?$", r'^[^"\\]{2,}$',
+            r"^\W\D\S+$", r"^[\W\d]*$", r"^$|^a+$"]
+
+
+def sample(body: str, rng: random.Random) -> str:
+    """A random string of the regex `body` (the writer's syntax, which Python's re reads), repetitions at random
+    counts between their bounds, their extremes included. (hypothesis' from_regex takes seconds a string on the
+    writer's large Unicode classes.)"""
+    def walk(items) -> str:
+        out = []
+        for op, arg in items:
+            if op == _c.LITERAL:
+                out.append(chr(arg))
+            elif op == _c.IN:
+                ranges = [(a, a) if kind == _c.LITERAL else a for kind, a in arg]
+                a, b = rng.choice(ranges)
+                out.append(chr(rng.choice([a, b, rng.randint(a, b)])))
+            elif op in (_c.MAX_REPEAT, _c.MIN_REPEAT):
+                low, high, sub = arg
+                high = low + 8 if high == _c.MAXREPEAT else high
+                out.extend(walk(sub) for _ in range(rng.choice([low, high, rng.randint(low, high)])))
+            elif op == _c.SUBPATTERN:
+                out.append(walk(arg[-1]))
+            elif op == _c.BRANCH:
+                out.append(walk(rng.choice(arg[1])))
+            else:
+                raise AssertionError(f"the writer wrote {op}")
+        return "".join(out)
+
+    text = walk(_sre_parse.parse(body))
+    assert re.fullmatch(body, text)
+    return json.loads(f'"{text}"')  # the body is JSON string text: escapes count as one character
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(pattern=st.sampled_from(PATTERNS), low=st.integers(0, 12), span=st.one_of(st.none(), st.integers(0, 40)),
+       seed=st.integers(0, 2**16))
+def test_written_strings_match_the_pattern_and_the_lengths(pattern, low, span, seed):
+    high = None if span is None else low + span
+    try:
+        body = pattern_body(pattern, 1024, 64, low, high)
+    except ValueError as err:
+        assert "minLength/maxLength" in str(err)  # only when no alternative can be cut to the lengths
+        return
+    rng = random.Random(seed)
+    for _ in range(20):
+        text = sample(body, rng)
+        assert re.search(pattern, text) and low <= len(text) <= (len(text) if high is None else high), text
+
+
+def test_a_pattern_that_cannot_meet_the_lengths_is_refused_by_name():
+    with pytest.raises(SchemaError, match="pattern.*minLength/maxLength"):
+        schema_to_regex({"type": "string", "pattern": "^[0-9]{9}$", "minLength": 10})
+    assert pattern_body("^[0-9]{9}$", 1024, 64, 9, 9) == "([0-9]){9,9}"
+    # the empty alternative is left out under minLength 1; the other is cut to fit
+    assert not re.fullmatch(pattern_body(r"^$|^a+$", 1024, 64, 1, 3), "")
+
+
+class Slug(BaseModel):
+    slug: constr(pattern=r"^[a-z0-9]+(-[a-z0-9]+)*$", min_length=3, max_length=12)
+    words: constr(pattern=r"^(?:\S+\s+){0,9}\S+$", max_length=30)
+    code: constr(pattern=r"^[A-Z]+$", min_length=4)
+
+
+def test_pydantic_constr_with_pattern_and_lengths_validates(vocab):  # noqa: F811  (a fixture)
+    schema = Slug.model_json_schema()
+    constraint = Constraint.from_json_schema(schema, vocab)
+    checker = jsonschema.Draft202012Validator(schema)
+    for seed in range(8):
+        text = text_of(vocab, best_valid_tokens(random_log_probs(seed, 200, vocab.vocab_size), constraint,
+                                                tokens_after=0).tokens)
+        checker.validate(json.loads(text))
+        Slug.model_validate_json(text)
