@@ -26,17 +26,23 @@ PATTERNS = [r"^([\w\/-]|[\w-][\w\/-]*[\w-])$", r"^([a-z0-9-]+):([a-z0-9\.-]+):([
             r"^\W\D\S+$", r"^[\W\d]*$", r"^$|^a+$"]
 
 
-def sample(body: str, rng: random.Random) -> str:
+POOL = [chr(c) for c in range(0x20, 0x7F)] + ["\x00", "\x1f", "\x85", "é", "€", "中", "\u3000", "\U0001F600"]
+
+
+def sample(body: str, rng: random.Random, decode: bool = True) -> str:
     """A random string of the regex `body` (the writer's syntax, which Python's re reads), repetitions at random
-    counts between their bounds, their extremes included. (hypothesis' from_regex takes seconds a string on the
-    writer's large Unicode classes.)"""
+    counts between their bounds, their extremes included; `decode`: read as the body of a JSON string. (hypothesis'
+    from_regex takes seconds a string on the writer's large Unicode classes.)"""
     def walk(items) -> str:
         out = []
         for op, arg in items:
             if op == _c.LITERAL:
                 out.append(chr(arg))
             elif op == _c.IN:
-                ranges = [(a, a) if kind == _c.LITERAL else a for kind, a in arg]
+                ranges = [(a, a) if kind == _c.LITERAL else a for kind, a in arg if kind in (_c.LITERAL, _c.RANGE)]
+                if any(kind == _c.NEGATE for kind, _ in arg):  # [^...]: a character of the pool outside them
+                    out.append(rng.choice([c for c in POOL if not any(a <= ord(c) <= b for a, b in ranges)]))
+                    continue
                 a, b = rng.choice(ranges)
                 out.append(chr(rng.choice([a, b, rng.randint(a, b)])))
             elif op in (_c.MAX_REPEAT, _c.MIN_REPEAT):
@@ -53,7 +59,7 @@ def sample(body: str, rng: random.Random) -> str:
 
     text = walk(_sre_parse.parse(body))
     assert re.fullmatch(body, text)
-    return json.loads(f'"{text}"')  # the body is JSON string text: escapes count as one character
+    return json.loads(f'"{text}"') if decode else text  # JSON string text: escapes count as one character
 
 
 @settings(max_examples=300, deadline=None, derandomize=True)

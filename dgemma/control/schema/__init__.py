@@ -5,8 +5,9 @@ keywords that are not validation keywords (title, description, examples, id, x-*
 nullable, ...) are annotations and are ignored; every validation keyword is enforced by construction, or the
 schema is refused with a SchemaError that names it. What is enforced:
 - types (a list or none: with no `type`, the types whose keywords appear); `enum`, `const` (filtered by their
-  sibling keywords); `anyOf`; `allOf` and `$ref` beside other keywords (merged); `oneOf` when no value written
-  for one member can match another (different types, a tag, a required key the other lacks or forbids);
+  sibling keywords); `anyOf`; `allOf` and `$ref` beside other keywords (merged); `oneOf`: the members no value
+  of which, as written, another member accepts (different types, disjoint enums, a tag, a required key the other
+  lacks or forbids), the others left out;
 - integers in any range, exactly, and an integer `multipleOf` with both bounds (up to 1,000 multiples);
   bounded `number`s without an exponent;
 - strings: `minLength`/`maxLength`, an ECMA-262 `pattern` (fully matched; no lookaround or backreference; with

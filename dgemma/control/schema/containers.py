@@ -8,7 +8,9 @@ Objects with neither have free keys (patternProperties' first pattern, or proper
 from __future__ import annotations
 
 import json
+import math
 import re
+from fractions import Fraction
 
 from .base import VALIDATION, Empty, SchemaError, literal
 from .strings import CHAR, pattern_body
@@ -274,19 +276,39 @@ def _json_types(value) -> set[str]:
     return {"string" if isinstance(value, str) else "array" if isinstance(value, list) else "object"}
 
 
-def _constant(w, sub) -> str | None:
+def canonical(value):
+    """A key equal for JSON values that JSON Schema calls equal (1 and 1.0 alike, true and 1 not)."""
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return type(value).__name__, value
+    if isinstance(value, (int, float)):
+        return "number", Fraction(value) if math.isfinite(value) else value
+    if isinstance(value, list):
+        return "array", tuple(canonical(v) for v in value)
+    return "object", tuple(sorted((k, canonical(v)) for k, v in value.items()))
+
+
+def _values(node) -> list | None:
+    """The finite values a node allows (its enum or const), or None."""
+    if not isinstance(node, dict):
+        return None
+    if "const" in node:
+        return [node["const"]]
+    return node["enum"] if isinstance(node.get("enum"), list) else None
+
+
+def _constant(w, sub):
+    """The canonical key of the one value a property allows, or None."""
     if isinstance(sub, dict) and "$ref" in sub:
         sub = w.target(sub["$ref"], "")
-    if isinstance(sub, dict):
-        if "const" in sub:
-            return json.dumps(sub["const"], sort_keys=True)
-        if isinstance(sub.get("enum"), list) and len(sub["enum"]) == 1:
-            return json.dumps(sub["enum"][0], sort_keys=True)
-    return None
+    values = _values(sub)
+    return canonical(values[0]) if values is not None and len(values) == 1 else None
 
 
 def excludes(w, a: dict, b: dict) -> bool:
     """True when no value written for `a` validates against `b` (both resolved nodes)."""
+    mine, theirs = _values(a), _values(b)
+    if mine is not None and theirs is not None and "anyOf" not in a and "oneOf" not in a:
+        return not {canonical(v) for v in mine} & {canonical(v) for v in theirs}
     allowed = b.get("type")
     if isinstance(allowed, (str, list)) and "anyOf" not in b and "oneOf" not in b:
         allowed = set(allowed if isinstance(allowed, list) else [allowed])
@@ -314,10 +336,9 @@ def excludes(w, a: dict, b: dict) -> bool:
     for name in a.get("required", []):
         mine = _constant(w, a.get("properties", {}).get(name))
         theirs = b_props.get(name)
-        if mine is not None and isinstance(theirs, dict):
-            values = [theirs["const"]] if "const" in theirs else theirs.get("enum")
-            if isinstance(values, list) and mine not in [json.dumps(v, sort_keys=True) for v in values]:
-                return True
+        values = _values(theirs)
+        if mine is not None and values is not None and mine not in {canonical(v) for v in values}:
+            return True
         if name not in b_props and b.get("additionalProperties") is False and not b.get("patternProperties"):
             return True
     return False

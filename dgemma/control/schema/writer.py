@@ -195,12 +195,7 @@ class Writer:
             raise SchemaError(f"{path}/{combinator}: members must be schemas")
         merged = [merge(rest, {} if m is True else m, path) for m in members if m is not False]
         if combinator == "oneOf":
-            resolved = [self.resolve(m, path)[0] for m in merged]
-            for i, a in enumerate(resolved):
-                for j, b in enumerate(resolved):
-                    if i != j and not containers.excludes(self, a, b):
-                        raise SchemaError(f"{path}: unsupported JSON schema feature 'oneOf' whose members may "
-                                          f"overlap ({path}/oneOf/{i} and /{j})")
+            merged = self.exclusive(merged, path)
         written, errors = [], []
         for i, member in enumerate(merged):
             try:
@@ -214,6 +209,18 @@ class Writer:
                 raise errors[0]
             raise Empty
         return "(" + "|".join(written) + ")"
+
+    def exclusive(self, members: list[dict], path: str) -> list[dict]:
+        """oneOf: the members no value of which, as written, another member accepts (so exactly one matches what
+        is written); the others are left out. SchemaError, naming a pair that may overlap, when none is left."""
+        resolved = [self.resolve(m, path)[0] for m in members]
+        overlaps = [next((j for j, b in enumerate(resolved) if j != i and not containers.excludes(self, a, b)), None)
+                    for i, a in enumerate(resolved)]
+        kept = [m for m, j in zip(members, overlaps) if j is None]
+        if not kept:
+            raise SchemaError(f"{path}: unsupported JSON schema feature 'oneOf' whose members may overlap "
+                              f"({path}/oneOf/0 and /{overlaps[0]})")
+        return kept
 
     def literals(self, node: dict, path: str) -> str:
         values = node["enum"] if "enum" in node else [node["const"]]
