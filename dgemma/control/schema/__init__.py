@@ -21,23 +21,38 @@ schema is refused with a SchemaError that names it. What is enforced:
 - recursion through `$ref` up to `SchemaLimits.max_depth` expansions of one reference.
 Refused: not, if/then/else, contains, dependentSchemas, unevaluated*, $dynamicRef, remote $refs, a fractional
 multipleOf, formats we do not write (uri-reference, iri, idn-*, regex, json-pointer, ...), minima above
-`SchemaLimits.max_count`, and any combination we cannot write exactly. Where we write less than the schema
+`SchemaLimits.max_count`, and any combination we cannot write exactly. A schema whose regex would pass
+`SchemaLimits.max_regex_chars` is written in a compact form (required keys only, free objects empty, a union's
+first member), refused only when that is still too long. Where we write less than the schema
 allows (a maxLength above `length_cap`, maxItems above `items_cap`, one optional item of a uniqueItems array),
 every output is still valid.
 """
 
 from __future__ import annotations
 
-from .base import SchemaError, SchemaLimits
+import dataclasses
+
+from .base import RegexTooLongError, SchemaError, SchemaLimits
 from .writer import Empty, Writer
 
 __all__ = ["SchemaError", "SchemaLimits", "schema_to_regex"]
 
 
 def schema_to_regex(schema, whitespace_pattern: str | None = None, limits: SchemaLimits = SchemaLimits()) -> str:
-    """The regex for `schema` (a JSON schema as a dict); SchemaError if it is invalid or unsupported."""
+    """The regex for `schema` (a JSON schema as a dict); SchemaError if it is invalid or unsupported. When the
+    regex would pass `limits.max_regex_chars`, the compact form is written instead (SchemaLimits.compact)."""
     if not isinstance(schema, (dict, bool)):
         raise SchemaError(f"a JSON schema must be an object, got {type(schema).__name__}")
+    try:
+        regex = _write(schema, whitespace_pattern, limits)
+    except RegexTooLongError:
+        if limits.compact:
+            raise
+        regex = _write(schema, whitespace_pattern, dataclasses.replace(limits, compact=True))
+    return regex
+
+
+def _write(schema, whitespace_pattern: str | None, limits: SchemaLimits) -> str:
     writer = Writer(schema if isinstance(schema, dict) else {}, limits,
                     "[ ]?" if whitespace_pattern is None else f"({whitespace_pattern})")
     try:
@@ -49,5 +64,5 @@ def schema_to_regex(schema, whitespace_pattern: str | None = None, limits: Schem
     except RecursionError:
         raise SchemaError("#: the schema nests too deeply") from None
     if len(regex) > limits.max_regex_chars:
-        raise SchemaError(f"#: the schema's regex passes the limit of {limits.max_regex_chars:,} characters")
+        raise RegexTooLongError(f"#: the schema's regex passes the limit of {limits.max_regex_chars:,} characters")
     return regex

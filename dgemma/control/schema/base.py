@@ -31,6 +31,10 @@ class SchemaError(DgemmaError, ValueError):
     """The schema is invalid or uses something we cannot enforce; the message names it and where."""
 
 
+class RegexTooLongError(SchemaError):
+    """The schema's regex would pass SchemaLimits.max_regex_chars."""
+
+
 class Empty(Exception):
     """No value of this node can be written (false, an empty range, recursion past its bound)."""
 
@@ -46,6 +50,9 @@ class SchemaLimits:
     length_cap / items_cap: a maxLength / maxItems above these is written as the cap (shorter is still valid).
     free_depth: how deep a value with no schema ({} or additionalProperties true) may nest.
     max_regex_chars: the longest regex we hand to the compiler.
+    compact: write objects with their required keys only (and free-key objects empty where they may be) and an
+        anyOf / oneOf as its first member that can be written: a narrower form, still valid, that schema_to_regex
+        tries when the full one passes max_regex_chars.
     """
 
     max_depth: int = 3
@@ -55,6 +62,7 @@ class SchemaLimits:
     items_cap: int = 16
     free_depth: int = 1
     max_regex_chars: int = 500_000
+    compact: bool = False
 
 
 def literal(value) -> str:

@@ -130,6 +130,8 @@ def listed_object(w, node: dict, path: str) -> str:
     if high is not None:
         optional = optional[:high - len(required)]
         optional = [n for n in optional if n not in depends]  # a dependency could push past maxProperties
+    if w.limits.compact:
+        optional = []
     written_required, written_optional = [], []
     for name in required + optional:
         try:
@@ -175,6 +177,8 @@ def obj(w, node: dict, path: str) -> str:
             value_schema = False
     if low > 1:  # free keys may repeat, and a repeated key counts once
         raise SchemaError(f"{path}: unsupported 'minProperties' {low} on an object without listed properties")
+    if w.limits.compact and not low:
+        return rf"\{{{w.ws}\}}"
     try:
         value = w.write(value_schema, f"{path}/additionalProperties")
     except Empty:

@@ -14,7 +14,8 @@ import json
 import re
 
 from . import containers
-from .base import REFUSED, TYPE_KEYWORDS, TYPES, VALIDATION, Empty, SchemaError, SchemaLimits, literal
+from .base import (REFUSED, TYPE_KEYWORDS, TYPES, VALIDATION, Empty, RegexTooLongError, SchemaError, SchemaLimits,
+                   literal)
 from .numbers import INTEGER, NUMBER, integer_regex, number_regex
 from .strings import CHAR, CHECKED_FORMATS, FORMATS, length_range, pattern_body
 
@@ -44,7 +45,8 @@ class Writer:
             finally:
                 self.active.subtract(used)
             if len(regex) > self.limits.max_regex_chars:  # checked as we go: $ref DAGs grow exponentially
-                raise SchemaError(f"{path}: the schema's regex passes the limit of {self.limits.max_regex_chars:,} characters")
+                raise RegexTooLongError(f"{path}: the schema's regex passes the limit of "
+                                        f"{self.limits.max_regex_chars:,} characters")
             return regex
         finally:
             self.nesting -= 1
@@ -198,6 +200,8 @@ class Writer:
             merged = self.exclusive(merged, path)
         written, errors = [], []
         for i, member in enumerate(merged):
+            if written and self.limits.compact:
+                break
             try:
                 written.append(self.write(member, f"{path}/{combinator}/{i}"))
             except Empty:

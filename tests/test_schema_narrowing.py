@@ -1,5 +1,7 @@
-"""oneOf: the members whose written values no other member accepts are written, the others left out, so every
-value written matches exactly one member; refused only when no member is left."""
+"""Where the writer writes less than a schema allows, what it writes still validates: oneOf writes the members whose
+written values no other member accepts (so every value matches exactly one member), refused only when none is
+left; a schema whose regex would pass the size limit is written in its compact form.
+"""
 
 from __future__ import annotations
 
@@ -60,3 +62,24 @@ def test_equal_json_numbers_overlap():
     with pytest.raises(SchemaError, match=r"oneOf/0 and /1"):
         schema_to_regex({"oneOf": [{"enum": [1]}, {"enum": [1.0]}]})
     assert schema_to_regex({"oneOf": [{"enum": [1]}, {"enum": [2]}]})
+
+
+def test_a_schema_too_large_to_write_whole_is_written_compact():
+    """Past max_regex_chars the writer tries the compact form: required keys only, free objects empty, a union's
+    first member. What it writes still validates; a schema still too large is refused by name."""
+    from dgemma.control.schema import SchemaLimits
+
+    leaf = {"type": "object", "properties": {f"k{i}": {"type": "string", "maxLength": 30} for i in range(12)},
+            "required": ["k0"]}
+    schema = {"type": "object", "properties": {f"p{i}": {"anyOf": [leaf, {"type": "integer"}]} for i in range(40)},
+              "required": ["p0", "p1"], "additionalProperties": {"type": "object"}}
+    limits = SchemaLimits(max_regex_chars=3000)
+    regex = schema_to_regex(schema, limits=limits)
+    assert len(regex) <= 3000 and "p2" not in regex  # optional keys left out
+    checker = jsonschema.Draft7Validator(schema)
+    rng = random.Random(1)
+    for _ in range(200):
+        checker.validate(json.loads(sample(regex, rng, decode=False)))
+    required = {**schema, "required": [f"p{i}" for i in range(40)]}
+    with pytest.raises(SchemaError, match="passes the limit"):
+        schema_to_regex(required, limits=limits)
