@@ -114,6 +114,34 @@ def test_concurrent_requests_share_blocks_and_give_their_solo_tokens(model, gen)
     assert together == [run(engine(model, gen), [job])[0] for job in jobs[1:]]
 
 
+def test_n_choices_encode_their_prompt_once_and_give_their_single_requests_tokens(model, gen):
+    """Four choices of one prompt, admitted in one engine step: the first encodes the prompt, the other three take
+    its blocks from the cache as they are committed and encode only the last chunk (as a warm request does); each
+    choice's tokens are those of a single request with its seed."""
+    from dgemma.inputs.http import choice_params
+
+    prompt = prompt_of(43, 11)  # chunks of 8: five whole ones (40 tokens) are shareable, the last 3 are encoded
+    choices = choice_params(params(30), 4)
+    eng = engine(model, gen)
+    together = run(eng, [(prompt, p) for p in choices])
+    stats = eng.kv_stats()
+    assert stats.query_tokens == 4 * 43 and stats.hit_tokens == 3 * 40  # encoded: 43 + 3 * 3 tokens
+    assert stats.used_blocks == 0
+    assert together == [run(engine(model, gen), [(prompt, p)])[0] for p in choices]
+    assert len({tuple(t) for t in together}) > 1  # independent generators
+
+
+def test_a_request_sharing_a_prefix_being_encoded_takes_its_blocks(model, gen):
+    """A request admitted while another encodes the same system prompt over several engine steps (chunked prefill)
+    takes each shared chunk from the cache once the other has encoded it, and its tokens are a fresh engine's."""
+    system = prompt_of(45, 12)
+    a, b = (system + prompt_of(7, 13), params(1)), (system + prompt_of(9, 14), params(2))
+    eng = engine(model, gen, prefill_budget=CHUNK)
+    got = run(eng, [a, b])
+    assert eng.kv_stats().hit_tokens == 40  # the system prompt's whole chunks
+    assert got == [run(engine(model, gen), [job])[0] for job in (a, b)]
+
+
 def test_eviction_under_a_tiny_pool_is_correct_and_leaks_nothing(model, gen):
     """500 short requests over a pool that holds one longest sequence (32 blocks of 4: two or three of these
     requests at once), so admission waits for blocks and cached prefixes are evicted; a sample of their tokens
@@ -142,11 +170,11 @@ def test_a_pool_that_cannot_hold_one_sequence_is_refused(model, gen):
 def test_metrics_report_the_prefix_cache(model, gen):
     eng = engine(model, gen)
     job = (prompt_of(43, 1), params(5))
-    run(eng, [job, job])  # admitted in one step, before either is encoded: no hit
+    run(eng, [job, job])  # admitted in one step: the second takes the first's blocks as they are encoded
     run(eng, [job])
     text = Metrics(eng).render().decode()
     stats = eng.kv_stats()
-    assert stats.hit_tokens == 40 and stats.query_tokens == 3 * 43
+    assert stats.hit_tokens == 2 * 40 and stats.query_tokens == 3 * 43
     assert f"dgemma_prefix_cache_hits {float(stats.hit_tokens)}" in text
     assert f"dgemma_prefix_cache_hit_rate {stats.hit_rate}" in text
     assert "dgemma_kv_blocks_total 200.0" in text and "dgemma_kv_blocks_used 0.0" in text

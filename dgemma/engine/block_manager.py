@@ -301,6 +301,39 @@ class BlockManager:
                 block.hash, block.tokens, block.extras = h, block_tokens, extras
                 self.cached[h] = table.blocks[i]
 
+    def adopt(self, table: BlockTable, tokens: list[int]) -> bool:
+        """Take `tokens`, the sequence's next whole blocks, from the cache if every one of them is there (another
+        sequence with the same prefix encoded them since this one was allocated): the fresh blocks the table holds
+        for them go back, the cached ones take their place, and it returns True; else it changes nothing. The
+        caller rebinds the table to its row (PagedKVCache.assign) and encodes the tokens only on False."""
+        bs = self.block_size
+        start = table.num_tokens // bs
+        if table.sealed or not self.prefix_caching or table.num_tokens % bs or len(tokens) % bs or not tokens:
+            return False
+        found, parent = [], table.hashes[-1] if table.hashes else None
+        for i in range(start, start + len(tokens) // bs):
+            block_tokens = tuple(tokens[(i - start) * bs:(i - start + 1) * bs])
+            extras = _block_extras(table.images, i, bs)
+            parent = block_hash(block_tokens, parent, extras)
+            bid = self.cached.get(parent)
+            if bid is None or self.blocks[bid].tokens != block_tokens or self.blocks[bid].extras != extras:
+                return False
+            found.append((i, bid, parent))
+        for i, bid, h in found:
+            if self.blocks[bid].ref_count == 0:
+                del self.evictable[bid]
+            self.blocks[bid].ref_count += 1
+            fresh = self.blocks[table.blocks[i]]  # reserved for these tokens, never written nor registered
+            fresh.ref_count -= 1
+            if fresh.ref_count == 0:
+                self.empty.append(table.blocks[i])
+            table.blocks[i] = bid
+            table.hashes.append(h)
+        table.tokens += tokens
+        table.num_cached_tokens += len(tokens)
+        self.hit_tokens += len(tokens)
+        return True
+
     def free(self, table: BlockTable) -> None:
         """Release a finished, cancelled or preempted sequence's blocks; cached ones stay until evicted."""
         for bid in reversed(table.blocks):  # tail first: evicted before the head it depends on

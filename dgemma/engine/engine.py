@@ -4,7 +4,9 @@ One engine step:
   1. drop cancelled requests (their rows are free at once);
   2. admit waiting requests onto free rows while their KV blocks fit (each reuses its prompt's cached blocks), then
      encode up to `prefill_budget` prompt tokens in chunks (encoder; chunked prefill: a long prompt takes several
-     engine steps, and the requests already denoising keep stepping meanwhile);
+     engine steps, and the requests already denoising keep stepping meanwhile; a chunk that a request admitted
+     before it with the same prefix has encoded meanwhile, as the n choices of one prompt, is taken from the
+     prefix cache instead);
   3. one batched denoising step for every request whose prompt is in (decoder; runner.py);
   4. per request: report newly settled tokens and text; finish on EOS, a stop string, max_tokens or the context
      limit; otherwise a request whose canvas is done commits it (encoder appends) and starts the next one.
@@ -186,9 +188,11 @@ class Engine:
         # 2. admission, then this step's prompt chunks
         while (request := self.scheduler.admit(self.runner.kv.can_admit)) is not None:
             self._prefill(self.runner.begin, request)
-        for request in self.runner.prefill_plan(self.prefill_budget):
-            if self.runner.is_prefilling(request):  # else its prefill failed in an earlier chunk
-                self._prefill(self.runner.prefill_chunk, request)
+        spent = 0  # this step's prompt tokens: up to prefill_budget, and at least one chunk
+        while (chunk := self.runner.next_prefill(self.prefill_budget - spent if spent else None)) is not None:
+            request, size = chunk
+            spent += size
+            self._prefill(self.runner.prefill_chunk, request)
         batch = sorted((r for r in self.scheduler.running.values() if not self.runner.is_prefilling(r)),
                        key=lambda r: r.row)
         if not batch:

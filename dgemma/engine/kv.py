@@ -118,6 +118,20 @@ class KVPool:
         bounds = [start] + cuts + [length]
         return list(zip(bounds, bounds[1:]))
 
+    def adopt_cached(self, prefill: Prefill) -> None:
+        """Take the prompt's next chunks from the prefix cache where another request encoded them after this one was
+        admitted (the n choices of one prompt, or requests sharing a prefix that arrive together): they are the very
+        calls this request would run, on the same grid, so their K/V are bit-identical. The last chunk is always
+        encoded (at least one token: block_manager.py)."""
+        request = prefill.request
+        table = self.tables[request.request_id]
+        adopted = False
+        while len(prefill.chunks) > 1 and self.blocks.adopt(table, request.prompt[slice(*prefill.chunks[0])]):
+            prefill.chunks.pop(0)
+            adopted = True
+        if adopted:
+            self.cache.assign(request.row, table.blocks, table.num_tokens)
+
     def encode_chunk(self, prefill: Prefill) -> None:
         """Encode the next chunk of the prompt into the request's blocks, with the images that start in it (they
         end in it too: no cut falls inside an image), and hash the blocks it filled."""
