@@ -9,7 +9,11 @@ shared-prefix:
     against the preallocated rows (max_num_seqs x max_model_len) they replace.
 long-prompt:
   - --chats streams running when a --long-len prompt arrives, against the same streams alone: their seconds per
-    denoising step (latency / steps), and the long prompt's time to first token.
+    denoising step (latency / steps), and the long prompt's time to first token;
+  - the wall time of single engine steps (the server's Engine.step_times, read over the child process's pipe),
+    p50/p99/max: alone, the steps that denoised the streams and encoded no prompt; with the long prompt, the steps
+    that denoised them while encoding its chunks (begun after it was sent: time.monotonic is one clock for both
+    processes on Linux).
 The ratios compare runs of one invocation (the same machine and load).
 """
 
@@ -112,7 +116,10 @@ def shared_prefix(args) -> None:
 
 
 def long_prompt(args) -> None:
+    from .serve import percentile
+
     server = _server(args)
+    step_p99 = {}
     try:
         url, model, vocab = server.url, server.model, server.vocab
         print(f"# {server.info}")
@@ -134,7 +141,7 @@ def long_prompt(args) -> None:
                     tasks.append(late())
                 results["out"] = await asyncio.gather(*tasks)
 
-            t0 = time.perf_counter()
+            t0, sent = time.perf_counter(), time.monotonic()
             asyncio.run(both())
             (samples, _), *long = results["out"]
             per_step = [s.latency / s.steps for s in samples if s.steps]
@@ -143,8 +150,22 @@ def long_prompt(args) -> None:
             if long:
                 line += f"; the long prompt's TTFT {long[0][0][0].ttft:.2f}s"
             print(line + f" ({time.perf_counter() - t0:.1f}s)", flush=True)
+            steps = [t for t in server.step_times() if t.start >= sent + (1.0 if with_long else 0.0) and t.rows]
+            steps = [t.seconds for t in steps if (t.prefill_tokens > 0) == with_long]
+            print(f"  engine steps {'encoding the long prompt' if with_long else 'encoding no prompt'}: "
+                  f"{_spread(steps)}", flush=True)
+            step_p99[with_long] = percentile(steps, 99)
     finally:
         server.stop()
+    print(f"p99 engine step while the long prompt is encoded / alone: {step_p99[True] / step_p99[False]:.2f}x")
+
+
+def _spread(seconds: list[float]) -> str:
+    """p50, p99 and max of step times, and how many."""
+    from .serve import percentile
+
+    return (f"p50 {percentile(seconds, 50) * 1000:.0f} ms, p99 {percentile(seconds, 99) * 1000:.0f} ms, "
+            f"max {max(seconds, default=float('nan')) * 1000:.0f} ms ({len(seconds)} steps)")
 
 
 def _dtype(args):

@@ -23,6 +23,7 @@ import queue
 import threading
 import time
 import traceback
+from collections import deque
 from dataclasses import dataclass
 
 
@@ -56,6 +57,20 @@ class Completion:
     error: str | None = None
 
 
+@dataclass(frozen=True)
+class StepTime:
+    """One engine step's wall time (Engine.step_times): when it began (time.monotonic), how long it took, the prompt
+    tokens it encoded and the rows it denoised."""
+
+    start: float
+    seconds: float
+    prefill_tokens: int
+    rows: int
+
+
+STEP_TIMES_KEPT = 10_000  # the most recent engine steps Engine.step_times keeps
+
+
 class Engine:
     def __init__(self, model: DiffusionGemma, generation: GenerationConfig, tokenizer=None, max_num_seqs: int = 8,
                  max_model_len: int | None = None, max_waiting: int | None = None, prefill_budget: int = 512,
@@ -84,6 +99,7 @@ class Engine:
         self.scheduler = Scheduler(max_num_seqs, max_waiting if max_waiting is not None else 8 * max_num_seqs,
                                    on_release=lambda request: self.runner.free(request))
         self.num_steps = 0  # engine steps (batched decoder passes)
+        self.step_times: deque[StepTime] = deque(maxlen=STEP_TIMES_KEPT)  # the steps that encoded or denoised
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -181,6 +197,7 @@ class Engine:
 
     def step(self) -> None:
         """One engine step (see the module docstring). Runs on the engine thread, or directly in tests."""
+        start = time.monotonic()
         # 1. cancelled requests
         running, waiting = self.scheduler.take_aborted()
         for request in running + waiting:
@@ -195,8 +212,13 @@ class Engine:
             self._prefill(self.runner.prefill_chunk, request)
         batch = sorted((r for r in self.scheduler.running.values() if not self.runner.is_prefilling(r)),
                        key=lambda r: r.row)
-        if not batch:
-            return
+        if batch:
+            self._denoise(batch)
+        if batch or spent:
+            self.step_times.append(StepTime(start, time.monotonic() - start, spent, len(batch)))
+
+    def _denoise(self, batch: list[Request]) -> None:
+        """Steps 3 and 4 for the requests whose prompt is in."""
         # 3. one batched denoising step
         results = self.runner.step(batch)
         self.num_steps += 1
