@@ -60,11 +60,12 @@ class Completion:
 @dataclass(frozen=True)
 class StepTime:
     """One engine step's wall time (Engine.step_times): when it began (time.monotonic), how long it took, the prompt
-    tokens it encoded and the rows it denoised."""
+    tokens it encoded and the seconds that took (admission included), and the rows it denoised."""
 
     start: float
     seconds: float
     prefill_tokens: int
+    prefill_seconds: float
     rows: int
 
 
@@ -210,12 +211,13 @@ class Engine:
             request, size = chunk
             spent += size
             self._prefill(self.runner.prefill_chunk, request)
+        prefilled = time.monotonic()
         batch = sorted((r for r in self.scheduler.running.values() if not self.runner.is_prefilling(r)),
                        key=lambda r: r.row)
         if batch:
             self._denoise(batch)
         if batch or spent:
-            self.step_times.append(StepTime(start, time.monotonic() - start, spent, len(batch)))
+            self.step_times.append(StepTime(start, time.monotonic() - start, spent, prefilled - start, len(batch)))
 
     def _denoise(self, batch: list[Request]) -> None:
         """Steps 3 and 4 for the requests whose prompt is in."""
