@@ -145,8 +145,6 @@ def _describe(split: tuple[float, float, int, int, float]) -> str:
 
 
 def long_prompt(args) -> None:
-    from .serve import percentile
-
     server = _server(args)
     step_p99 = {}
     try:
@@ -179,19 +177,27 @@ def long_prompt(args) -> None:
             if long:
                 line += f"; the long prompt's TTFT {long[0][0][0].ttft:.2f}s"
             print(line + f" ({time.perf_counter() - t0:.1f}s)", flush=True)
-            steps = [t for t in server.step_times() if t.start >= sent + (1.0 if with_long else 0.0) and t.rows]
-            steps = [t for t in steps if (t.prefill_tokens > 0) == with_long]
-            seconds = [t.seconds for t in steps]
-            line = (f"  engine steps {'encoding the long prompt' if with_long else 'encoding no prompt'}: "
-                    f"{_spread(seconds)}")
-            if with_long:
-                chunk = percentile([t.prefill_seconds for t in steps], 50)
-                line += f"; their prompt chunks took p50 {chunk * 1000:.0f} ms"
-            print(line, flush=True)
-            step_p99[with_long] = percentile(seconds, 99)
+            step_p99[with_long] = _step_spread(server.step_times(), sent + (1.0 if with_long else 0.0), with_long)
     finally:
         server.stop()
     print(f"p99 engine step while the long prompt is encoded / alone: {step_p99[True] / step_p99[False]:.2f}x")
+
+
+def _step_spread(records: list, since: float, with_long: bool) -> float:
+    """Print the spread of the engine steps begun after `since` that denoised the streams: alone, those that encoded
+    no prompt; with the long prompt, those that encoded its chunks, and the same steps less the seconds of their
+    chunks (a within-step comparison that the machine's load over minutes does not skew). -> their p99."""
+    from .serve import percentile
+
+    steps = [t for t in records if t.start >= since and t.rows and (t.prefill_tokens > 0) == with_long]
+    seconds = [t.seconds for t in steps]
+    print(f"  engine steps {'encoding the long prompt' if with_long else 'encoding no prompt'}: {_spread(seconds)}")
+    if with_long:
+        rest = [t.seconds - t.prefill_seconds for t in steps]
+        chunks = percentile([t.prefill_seconds for t in steps], 50)
+        print(f"  the same steps less their prompt chunks (p50 {chunks * 1000:.0f} ms): {_spread(rest)}; p99 with / "
+              f"without the chunks {percentile(seconds, 99) / percentile(rest, 99):.2f}x", flush=True)
+    return percentile(seconds, 99)
 
 
 def _spread(seconds: list[float]) -> str:
