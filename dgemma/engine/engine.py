@@ -60,13 +60,15 @@ class Completion:
 @dataclass(frozen=True)
 class StepTime:
     """One engine step's wall time (Engine.step_times): when it began (time.monotonic), how long it took, the prompt
-    tokens it encoded and the seconds that took (admission included), and the rows it denoised."""
+    tokens it encoded and the seconds that took (admission included), the rows it denoised, and the seconds the
+    encoder took to append the canvases they committed."""
 
     start: float
     seconds: float
     prefill_tokens: int
     prefill_seconds: float
     rows: int
+    commit_seconds: float = 0.0
 
 
 STEP_TIMES_KEPT = 10_000  # the most recent engine steps Engine.step_times keeps
@@ -214,13 +216,13 @@ class Engine:
         prefilled = time.monotonic()
         batch = sorted((r for r in self.scheduler.running.values() if not self.runner.is_prefilling(r)),
                        key=lambda r: r.row)
-        if batch:
-            self._denoise(batch)
+        committed = self._denoise(batch) if batch else 0.0
         if batch or spent:
-            self.step_times.append(StepTime(start, time.monotonic() - start, spent, prefilled - start, len(batch)))
+            self.step_times.append(StepTime(start, time.monotonic() - start, spent, prefilled - start, len(batch),
+                                            committed))
 
-    def _denoise(self, batch: list[Request]) -> None:
-        """Steps 3 and 4 for the requests whose prompt is in."""
+    def _denoise(self, batch: list[Request]) -> float:
+        """Steps 3 and 4 for the requests whose prompt is in -> the seconds their commits took."""
         # 3. one batched denoising step
         results = self.runner.step(batch)
         self.num_steps += 1
@@ -234,7 +236,11 @@ class Engine:
             self._report(request, progress.token_ids, progress.text, draft=progress.draft, logprobs=progress.logprobs)
             if progress.commit:
                 to_commit.append(request)
+        if not to_commit:
+            return 0.0
+        start = time.monotonic()
         self.runner.commit(to_commit)
+        return time.monotonic() - start
 
     def _prefill(self, stage, request: Request) -> None:
         try:
