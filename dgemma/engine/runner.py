@@ -81,6 +81,8 @@ class ModelRunner:
         cache meanwhile are taken from it first, at no cost (KVPool.adopt_cached)."""
         for prefill in self.prefills.values():
             self.kv.adopt_cached(prefill)
+            if not prefill.chunks:  # all of it was in the cache: prefill_chunk starts its canvas
+                return prefill.request, 0
             a, b = prefill.chunks[0]
             return None if budget is not None and b - a > budget else (prefill.request, b - a)
         return None
@@ -92,9 +94,11 @@ class ModelRunner:
 
     @torch.inference_mode()
     def prefill_chunk(self, request: Request) -> None:
-        """1b. Encode the request's next prompt chunk; after the last one, start its first canvas."""
+        """1b. Encode the request's next prompt chunk (if one is left: next_prefill); after the last one, start its
+        first canvas."""
         prefill = self.prefills[request.request_id]
-        self.kv.encode_chunk(prefill)
+        if prefill.chunks:
+            self.kv.encode_chunk(prefill)
         if not prefill.chunks:
             del self.prefills[request.request_id]
             self.start(request)
