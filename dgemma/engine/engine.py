@@ -6,7 +6,7 @@ One engine step:
      encode up to `prefill_budget` prompt tokens in chunks (encoder; chunked prefill: a long prompt takes several
      engine steps, and the requests already denoising keep stepping meanwhile; a chunk that a request admitted
      before it with the same prefix has encoded meanwhile, as the n choices of one prompt, is taken from the
-     prefix cache instead);
+     prefix cache instead, and the same prompt's last chunk from that request: kv.py);
   3. one batched denoising step for every request whose prompt is in (decoder; runner.py);
   4. per request: report newly settled tokens and text; finish on EOS, a stop string, max_tokens or the context
      limit; otherwise a request whose canvas is done commits it (encoder appends) and starts the next one.
