@@ -109,6 +109,12 @@ class PagedKVCache:
         self.num_row_blocks[row] = len(blocks)
         self.lengths[row] = length
 
+    def copy_block(self, source: int, target: int) -> None:
+        """Copy one block's K/V in every layer (a prompt's partial last block, shared by copy: the rest of it takes
+        each sequence's own canvas)."""
+        for pool in self.k + self.v:
+            pool[target] = pool[source]
+
     def reset_row(self, row: int) -> None:
         """Unbind a row (its blocks go back through the block manager)."""
         self.assign(row, [], 0)

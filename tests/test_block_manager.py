@@ -57,6 +57,50 @@ def test_full_blocks_are_shared_and_the_last_token_is_always_encoded():
     assert bm.stats().used_blocks == 0 and bm.stats().cached_blocks == 2
 
 
+def test_adopt_swaps_fresh_blocks_for_cached_ones_only_when_all_are_cached():
+    """Two sequences with one prompt allocated before either encodes: the second takes the first's blocks once they
+    are committed, a run of blocks only partly cached is left alone, and every count stays consistent."""
+    bm = BlockManager(16, BS)
+    prompt = list(range(10, 23))  # 13 tokens: three full blocks
+    a = bm.allocate(prompt, (), len(prompt) + 4)
+    b = bm.allocate(prompt, (), len(prompt) + 4)
+    assert b.num_cached_tokens == 0 and bm.num_free == 6  # five blocks each
+    bm.commit(a, prompt[:4])
+    assert not bm.adopt(b, prompt[:8])  # the second block is not cached yet: nothing changes
+    assert b.num_tokens == 0 and bm.num_free == 6
+    assert bm.adopt(b, prompt[:4])
+    bm.commit(a, prompt[4:])
+    assert bm.adopt(b, prompt[4:12]) and not bm.adopt(b, prompt[12:])  # a partial block is never adopted
+    assert b.blocks[:3] == a.blocks[:3] and b.num_cached_tokens == 12 and b.hashes == a.hashes[:3]
+    assert bm.num_free == 9 and bm.stats().hit_tokens == 12
+    check_consistent(bm, [a, b])
+    bm.commit(b, prompt[12:])
+    bm.free(a)
+    bm.free(b)
+    check_consistent(bm, [])
+
+
+def test_a_prompts_last_tokens_are_shared_with_a_sequence_that_encoded_them():
+    """share: the full blocks of the same last tokens after the same prefix are taken by reference, and the source's
+    partial block is returned for the caller to copy; tail_key tells the same tokens after the same prefix apart."""
+    bm = BlockManager(16, BS)
+    prompt = list(range(10, 23))  # 13 tokens: three full blocks and one of a single token
+    a = bm.allocate(prompt, (), len(prompt) + 4)
+    b = bm.allocate(prompt, (), len(prompt) + 4)
+    key = bm.tail_key(a, prompt)
+    assert key == bm.tail_key(b, prompt) and key != bm.tail_key(b, prompt[:12] + [99])
+    bm.commit(a, prompt, register=False)
+    assert bm.share(b, a, prompt) == a.blocks[3]
+    assert b.blocks[:3] == a.blocks[:3] and b.blocks[3] != a.blocks[3] and b.num_cached_tokens == 13
+    assert b.sealed and not bm.cached and bm.num_free == 16 - 10 + 3
+    check_consistent(bm, [a, b])
+    bm.free(a)
+    check_consistent(bm, [b])
+    bm.free(b)
+    check_consistent(bm, [])
+    assert bm.num_free == 16
+
+
 def test_the_hash_chains_through_predecessors():
     bm = BlockManager(16, BS)
     run(bm, [1, 2, 3, 4, 5, 6, 7, 8, 9])

@@ -40,6 +40,11 @@ def test_running_requests_keep_stepping_while_a_long_prompt_prefills(model, gen)
     assert long.denoising_steps == 1  # its first decoder pass ran in the step that encoded its last chunk
     # the running requests stepped once per engine step meanwhile (or finished their canvas and committed)
     assert [r.denoising_steps - s for r, s in zip(running, steps_before)] == [prefill_steps] * 2
+    # each engine step's record: the prompt tokens it encoded and the rows it denoised (Engine.step_times)
+    times = list(eng.step_times)
+    assert [(t.prefill_tokens, t.rows) for t in times] == [(9, 1), (10, 2)] + [(16, 2)] * 9 + [(6, 3)]
+    assert all(t.seconds > t.prefill_seconds + t.commit_seconds and t.prefill_seconds > 0 for t in times)
+    assert any(t.commit_seconds > 0 for t in times)  # the running requests' canvases committed meanwhile and all(a.start + a.seconds <= b.start for a, b in zip(times, times[1:]))
 
 
 @pytest.mark.parametrize("budget", [CHUNK, 3 * CHUNK])

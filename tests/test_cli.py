@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -109,6 +110,21 @@ def test_bench_serve_runs_against_a_local_server(capsys):
     rows = [line.split() for line in capsys.readouterr().out.splitlines() if line and not line.startswith("#")]
     assert rows[0][:2] == ["concurrency", "settled"]
     assert [(r[0], r[1], r[2]) for r in rows[1:]] == [("2", "on", "2"), ("2", "off", "2")]  # every request done
+
+
+def test_bench_serve_shared_prefix_splits_times_by_the_engines_step_records():
+    """The shared-prefix workload, in its own process as a user runs it (its servers are child processes): the
+    prompt tokens each part encoded, read from the server engine's step records, are what the prefix cache allows."""
+    args = ["bench-serve", "--workload", "shared-prefix", "--preset", "tiny", "--prefix-len", "200", "--system-len",
+            "100", "--chats", "2", "--requests", "1", "--max-tokens", "8", "--max-model-len", "512", "--max-num-seqs",
+            "2", "--max-denoising-steps", "4", "--threads", "1"]
+    proc = subprocess.run([sys.executable, "-m", "dgemma.cli", *args], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    encoded = [int(n) for n in re.findall(r"prefill [\d.]+s \((\d+) tokens\)", proc.stdout)]
+    # cold 216 tokens; warm: 24 after the cold one's three whole chunks; 2 chats of 124 tokens after the warm-up
+    # cached their system prompt's first chunk (60 each), and without the cache (124 each)
+    assert encoded == [216, 24, 120, 248], proc.stdout
+    assert "throughput with the prefix cache / without" in proc.stdout
 
 
 def test_bench_compares_engines_on_the_same_weights():

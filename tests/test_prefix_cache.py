@@ -104,6 +104,21 @@ def test_a_shared_prefix_gives_what_a_fresh_engine_gives(model, gen):
     assert all(torch.equal(x, y) for x, y in zip(warm_kv, fresh_kv))
 
 
+def test_a_prompts_last_chunk_is_not_reused_by_a_longer_prompt(model, gen):
+    """A prompt's last chunk is encoded in a call of its own length, which a longer prompt sharing it does not make
+    (it encodes a whole chunk there), and the two calls' K/V of the same positions may differ in the last bits. So
+    the last chunk's blocks are not registered: a prompt whose cached chain would pass through them (here once a
+    third request has filled the rest of that chunk) gets a fresh engine's K/V, bit for bit."""
+    p = prompt_of(80, 21)
+    eng = engine(model, gen)
+    run(eng, [(p[:52], params(1))])  # its last chunk [48, 52) fills one block in a call of 4 tokens
+    run(eng, [(p[:70], params(2))])  # encodes [48, 56) in a call of 8, and its last chunk [64, 70) in one of 6
+    assert eng.kv_stats().hit_tokens == 48
+    warm = prompt_kv(eng, p)
+    assert eng.kv_stats().hit_tokens == 48 + 64
+    assert all(torch.equal(x, y) for x, y in zip(warm, prompt_kv(engine(model, gen), p)))
+
+
 def test_concurrent_requests_share_blocks_and_give_their_solo_tokens(model, gen):
     system = prompt_of(50, 6)
     jobs = [(system + prompt_of(5 + i, 10 + i), params(20 + i)) for i in range(4)]
@@ -112,6 +127,34 @@ def test_concurrent_requests_share_blocks_and_give_their_solo_tokens(model, gen)
     together = run(eng, jobs[1:])
     assert eng.kv_stats().hit_tokens == 3 * 48
     assert together == [run(engine(model, gen), [job])[0] for job in jobs[1:]]
+
+
+def test_n_choices_encode_their_prompt_once_and_give_their_single_requests_tokens(model, gen):
+    """Four choices of one prompt, admitted in one engine step: the first encodes the prompt, the other three take
+    its whole chunks from the prefix cache as they are committed and share its last chunk (its full block, and a
+    copy of its partial one); each choice's tokens are those of a single request with its seed."""
+    from dgemma.inputs.http import choice_params
+
+    prompt = prompt_of(43, 11)  # chunks of 8: five whole ones, then [40, 43) in a block of its own
+    choices = choice_params(params(30), 4)
+    eng = engine(model, gen)
+    together = run(eng, [(prompt, p) for p in choices])
+    stats = eng.kv_stats()
+    assert stats.query_tokens == 4 * 43 and stats.hit_tokens == 3 * 43  # the prompt is encoded once
+    assert stats.used_blocks == 0
+    assert together == [run(engine(model, gen), [(prompt, p)])[0] for p in choices]
+    assert len({tuple(t) for t in together}) > 1  # independent generators
+
+
+def test_a_request_sharing_a_prefix_being_encoded_takes_its_blocks(model, gen):
+    """A request admitted while another encodes the same system prompt over several engine steps (chunked prefill)
+    takes each shared chunk from the cache once the other has encoded it, and its tokens are a fresh engine's."""
+    system = prompt_of(45, 12)
+    a, b = (system + prompt_of(7, 13), params(1)), (system + prompt_of(9, 14), params(2))
+    eng = engine(model, gen, prefill_budget=CHUNK)
+    got = run(eng, [a, b])
+    assert eng.kv_stats().hit_tokens == 40  # the system prompt's whole chunks
+    assert got == [run(engine(model, gen), [job])[0] for job in (a, b)]
 
 
 def test_eviction_under_a_tiny_pool_is_correct_and_leaks_nothing(model, gen):
@@ -142,11 +185,11 @@ def test_a_pool_that_cannot_hold_one_sequence_is_refused(model, gen):
 def test_metrics_report_the_prefix_cache(model, gen):
     eng = engine(model, gen)
     job = (prompt_of(43, 1), params(5))
-    run(eng, [job, job])  # admitted in one step, before either is encoded: no hit
-    run(eng, [job])
+    run(eng, [job, job])  # admitted in one step: the second takes all of the first's prompt
+    run(eng, [job])  # later, alone: the cached whole chunks
     text = Metrics(eng).render().decode()
     stats = eng.kv_stats()
-    assert stats.hit_tokens == 40 and stats.query_tokens == 3 * 43
+    assert stats.hit_tokens == 43 + 40 and stats.query_tokens == 3 * 43
     assert f"dgemma_prefix_cache_hits {float(stats.hit_tokens)}" in text
     assert f"dgemma_prefix_cache_hit_rate {stats.hit_rate}" in text
     assert "dgemma_kv_blocks_total 200.0" in text and "dgemma_kv_blocks_used 0.0" in text
@@ -197,3 +240,14 @@ def test_requests_with_the_same_image_share_its_blocks(vision):
     got_other = run(eng, [other])[0]
     assert eng.kv_stats().hit_tokens - hits == 0  # the image starts in the first chunk: nothing reusable
     assert got_other == run(image_engine(vision), [other])[0]
+
+
+def test_choices_of_an_image_prompt_encode_it_once_and_give_their_single_tokens(vision):
+    import dataclasses
+
+    prompt, first = image_job(vision, 7, list(range(70, 82)) + [50, 51, 52] * 4, seed=1)
+    jobs = [(prompt, first), (prompt, dataclasses.replace(first, seed=2))]
+    eng = image_engine(vision)
+    together = run(eng, jobs)
+    assert eng.kv_stats().hit_tokens == len(prompt)  # the second choice encoded nothing, the image included
+    assert together == [run(image_engine(vision), [job])[0] for job in jobs]

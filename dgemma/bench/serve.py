@@ -110,14 +110,16 @@ def start_local_server(args):
 
 
 def _server_process(args, conn) -> None:
-    """Child process: start the server, send its address, serve until the parent closes the pipe."""
+    """Child process: start the server, send its address, answer each "step_times" with the engine's step records
+    (Engine.step_times), and serve until the parent closes the pipe."""
     from dgemma.runtime import tune_malloc
 
     tune_malloc()  # as `dgemma serve` does
     server, engine, model, vocab, info = start_local_server(args)
     conn.send((server.url, model, vocab, info))
     try:
-        conn.recv()
+        while conn.recv() == "step_times":
+            conn.send(list(engine.step_times))
     except EOFError:
         pass
     finally:
@@ -144,6 +146,11 @@ class ServerProcess:
         except EOFError:
             self.stop()
             raise RuntimeError("the server process did not start (its traceback, if any, is above)") from None
+
+    def step_times(self) -> list:
+        """The server engine's records of its recent steps (engine.StepTime), oldest first."""
+        self.conn.send("step_times")
+        return self.conn.recv()
 
     def stop(self) -> None:
         self.conn.close()

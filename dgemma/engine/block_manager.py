@@ -19,7 +19,8 @@ Choices, documented:
 - At least one prompt token is encoded: a prompt reuses at most (len - 1) // block_size full blocks. DiffusionGemma
   reads no logits from the encoder, so the whole prompt could be reused; keeping one token means prefill always
   runs the encoder (one code path: images, infill and positions need no zero-token case), at the cost of one block
-  encoded again when a prompt ends on a block boundary. That block is a duplicate and stays unregistered.
+  encoded again when a prompt ends on a block boundary. That block is a duplicate and stays unregistered. (A
+  request admitted while another with the same prompt runs takes even its last tokens from it: share, kv.py.)
 - Images: a block's hash includes the content key of every image overlapping it (image_spans: a key of its
   preprocessed patches, which fix its features and number of soft tokens) and the image's offset. Reuse never ends
   strictly inside an image, so the suffix holds whole images: the vision tower runs on whole images, and each
@@ -160,9 +161,13 @@ def block_hash(tokens: tuple[int, ...], parent: bytes | None, extras: tuple) -> 
     return h.digest()
 
 
-def _block_extras(images: tuple[ImageSpan, ...], index: int, block_size: int) -> tuple:
-    lo, hi = index * block_size, (index + 1) * block_size
+def _span_extras(images: tuple[ImageSpan, ...], lo: int, hi: int) -> tuple:
+    """(image key, image start relative to lo) of each image overlapping [lo, hi)."""
     return tuple((im.key, im.start - lo) for im in images if im.start < hi and im.end > lo)
+
+
+def _block_extras(images: tuple[ImageSpan, ...], index: int, block_size: int) -> tuple:
+    return _span_extras(images, index * block_size, (index + 1) * block_size)
 
 
 class BlockManager:
@@ -300,6 +305,71 @@ class BlockManager:
                 block = self.blocks[table.blocks[i]]
                 block.hash, block.tokens, block.extras = h, block_tokens, extras
                 self.cached[h] = table.blocks[i]
+
+    def adopt(self, table: BlockTable, tokens: list[int]) -> bool:
+        """Take `tokens`, the sequence's next whole blocks, from the cache if every one of them is there (another
+        sequence with the same prefix encoded them since this one was allocated): the fresh blocks the table holds
+        for them go back, the cached ones take their place, and it returns True; else it changes nothing. The
+        caller rebinds the table to its row (PagedKVCache.assign) and encodes the tokens only on False."""
+        bs = self.block_size
+        start = table.num_tokens // bs
+        if table.sealed or not self.prefix_caching or table.num_tokens % bs or len(tokens) % bs or not tokens:
+            return False
+        found, parent = [], table.hashes[-1] if table.hashes else None
+        for i in range(start, start + len(tokens) // bs):
+            block_tokens = tuple(tokens[(i - start) * bs:(i - start + 1) * bs])
+            extras = _block_extras(table.images, i, bs)
+            parent = block_hash(block_tokens, parent, extras)
+            bid = self.cached.get(parent)
+            if bid is None or self.blocks[bid].tokens != block_tokens or self.blocks[bid].extras != extras:
+                return False
+            found.append((i, bid, parent))
+        for i, bid, h in found:
+            self._swap(table, i, bid)
+            table.hashes.append(h)
+        table.tokens += tokens
+        table.num_cached_tokens += len(tokens)
+        self.hit_tokens += len(tokens)
+        return True
+
+    def tail_key(self, table: BlockTable, tokens: list[int]) -> bytes | None:
+        """A key of `tokens`, a prompt's last ones, after what the table holds: its chain hash, the tokens and the
+        images they overlap. Two sequences with one key encode them in the same call (kv.py). None without prefix
+        caching or where the table's tokens do not end on a block boundary."""
+        lo = table.num_tokens
+        if not self.prefix_caching or table.sealed or lo % self.block_size:
+            return None
+        return block_hash(tuple(tokens), table.hashes[-1] if table.hashes else None,
+                          _span_extras(table.images, lo, lo + len(tokens)))
+
+    def share(self, table: BlockTable, source: BlockTable, tokens: list[int]) -> int | None:
+        """Take `tokens`, the sequence's last prompt tokens, from `source`, which holds them after the same prefix,
+        encoded in the same call (tail_key): the full blocks they fill are shared, reference-counted and not
+        registered. -> source's block holding the rest, for the caller to copy into the table's own (None when
+        the tokens end on a block boundary)."""
+        bs = self.block_size
+        start, end = table.num_tokens, table.num_tokens + len(tokens)
+        if start % bs or source.tokens[start:end] != tokens:
+            raise ValueError("share: the source does not hold these tokens after a block boundary")
+        for i in range(start // bs, end // bs):
+            self._swap(table, i, source.blocks[i])
+        table.tokens += tokens
+        table.sealed = True  # as the source's last chunk (kv.py): nothing after it is registered
+        table.num_cached_tokens += len(tokens)
+        self.hit_tokens += len(tokens)
+        return source.blocks[end // bs] if end % bs else None
+
+    def _swap(self, table: BlockTable, index: int, bid: int) -> None:
+        """The table's fresh block at `index` (reserved, never written nor registered) goes back; `bid` replaces it."""
+        block = self.blocks[bid]
+        if block.ref_count == 0:
+            del self.evictable[bid]
+        block.ref_count += 1
+        fresh = self.blocks[table.blocks[index]]
+        fresh.ref_count -= 1
+        if fresh.ref_count == 0:
+            self.empty.append(table.blocks[index])
+        table.blocks[index] = bid
 
     def free(self, table: BlockTable) -> None:
         """Release a finished, cancelled or preempted sequence's blocks; cached ones stay until evicted."""

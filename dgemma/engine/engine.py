@@ -4,7 +4,9 @@ One engine step:
   1. drop cancelled requests (their rows are free at once);
   2. admit waiting requests onto free rows while their KV blocks fit (each reuses its prompt's cached blocks), then
      encode up to `prefill_budget` prompt tokens in chunks (encoder; chunked prefill: a long prompt takes several
-     engine steps, and the requests already denoising keep stepping meanwhile);
+     engine steps, and the requests already denoising keep stepping meanwhile; a chunk that a request admitted
+     before it with the same prefix has encoded meanwhile, as the n choices of one prompt, is taken from the
+     prefix cache instead, and the same prompt's last chunk from that request: kv.py);
   3. one batched denoising step for every request whose prompt is in (decoder; runner.py);
   4. per request: report newly settled tokens and text; finish on EOS, a stop string, max_tokens or the context
      limit; otherwise a request whose canvas is done commits it (encoder appends) and starts the next one.
@@ -21,6 +23,7 @@ import queue
 import threading
 import time
 import traceback
+from collections import deque
 from dataclasses import dataclass
 
 
@@ -54,6 +57,23 @@ class Completion:
     error: str | None = None
 
 
+@dataclass(frozen=True)
+class StepTime:
+    """One engine step's wall time (Engine.step_times): when it began (time.monotonic), how long it took, the prompt
+    tokens it encoded and the seconds that took (admission included), the rows it denoised, and the seconds the
+    encoder took to append the canvases they committed."""
+
+    start: float
+    seconds: float
+    prefill_tokens: int
+    prefill_seconds: float
+    rows: int
+    commit_seconds: float = 0.0
+
+
+STEP_TIMES_KEPT = 10_000  # the most recent engine steps Engine.step_times keeps
+
+
 class Engine:
     def __init__(self, model: DiffusionGemma, generation: GenerationConfig, tokenizer=None, max_num_seqs: int = 8,
                  max_model_len: int | None = None, max_waiting: int | None = None, prefill_budget: int = 512,
@@ -82,6 +102,7 @@ class Engine:
         self.scheduler = Scheduler(max_num_seqs, max_waiting if max_waiting is not None else 8 * max_num_seqs,
                                    on_release=lambda request: self.runner.free(request))
         self.num_steps = 0  # engine steps (batched decoder passes)
+        self.step_times: deque[StepTime] = deque(maxlen=STEP_TIMES_KEPT)  # the steps that encoded or denoised
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -179,6 +200,7 @@ class Engine:
 
     def step(self) -> None:
         """One engine step (see the module docstring). Runs on the engine thread, or directly in tests."""
+        start = time.monotonic()
         # 1. cancelled requests
         running, waiting = self.scheduler.take_aborted()
         for request in running + waiting:
@@ -186,13 +208,21 @@ class Engine:
         # 2. admission, then this step's prompt chunks
         while (request := self.scheduler.admit(self.runner.kv.can_admit)) is not None:
             self._prefill(self.runner.begin, request)
-        for request in self.runner.prefill_plan(self.prefill_budget):
-            if self.runner.is_prefilling(request):  # else its prefill failed in an earlier chunk
-                self._prefill(self.runner.prefill_chunk, request)
+        spent = 0  # this step's prompt tokens: up to prefill_budget, and at least one chunk
+        while (chunk := self.runner.next_prefill(self.prefill_budget - spent if spent else None)) is not None:
+            request, size = chunk
+            spent += size
+            self._prefill(self.runner.prefill_chunk, request)
+        prefilled = time.monotonic()
         batch = sorted((r for r in self.scheduler.running.values() if not self.runner.is_prefilling(r)),
                        key=lambda r: r.row)
-        if not batch:
-            return
+        committed = self._denoise(batch) if batch else 0.0
+        if batch or spent:
+            self.step_times.append(StepTime(start, time.monotonic() - start, spent, prefilled - start, len(batch),
+                                            committed))
+
+    def _denoise(self, batch: list[Request]) -> float:
+        """Steps 3 and 4 for the requests whose prompt is in -> the seconds their commits took."""
         # 3. one batched denoising step
         results = self.runner.step(batch)
         self.num_steps += 1
@@ -206,7 +236,11 @@ class Engine:
             self._report(request, progress.token_ids, progress.text, draft=progress.draft, logprobs=progress.logprobs)
             if progress.commit:
                 to_commit.append(request)
+        if not to_commit:
+            return 0.0
+        start = time.monotonic()
         self.runner.commit(to_commit)
+        return time.monotonic() - start
 
     def _prefill(self, stage, request: Request) -> None:
         try:

@@ -6,6 +6,10 @@ in chunks on one fixed grid: cut at every multiple of `prefill_chunk` (a multipl
 strictly inside an image, whatever is cached. A prefix reused from the cache is itself a multiple of
 `prefill_chunk` long and never ends inside an image (BlockManager align), so a warm request runs the very calls
 the cold one runs after that point, on bit-identical K/V: the tokens are the same with and without the cache.
+A prompt's last chunk [a, len) is a call of its own length, while a longer prompt sharing those tokens encodes a
+whole chunk from a, and calls of different lengths give the same positions K/V that differ in the last bits (about
+1e-6 on the tiny preset, 1e-5 on small): so the last chunk's blocks are registered only when len is on the grid,
+else a third prompt could reuse them beside blocks of the other call (tests/test_prefix_cache.py).
 Committed canvases are encoded in calls of their own (at the sequence's length, one per canvas), which a later
 prompt resending them would not repeat; so their blocks are not registered in the prefix cache (commit with
 register=False) and a prompt's reuse ends where its previous turn's output began.
@@ -54,6 +58,8 @@ class KVPool:
         self.blocks = BlockManager(num_blocks, block_size, prefix_caching)
         self.tables: dict[str, BlockTable] = {}  # request id -> its blocks
         self.totals: dict[str, int] = {}  # request id -> the most slots it may hold
+        self.tails: dict[bytes, str] = {}  # a prompt's last chunk (BlockManager.tail_key) -> a request that encoded it
+        self.tail_keys: dict[str, bytes] = {}  # request id -> the key it holds in tails
 
     def nbytes(self) -> int:
         return self.cache.nbytes()
@@ -118,10 +124,36 @@ class KVPool:
         bounds = [start] + cuts + [length]
         return list(zip(bounds, bounds[1:]))
 
+    def adopt_cached(self, prefill: Prefill) -> None:
+        """Take the prompt's next chunks from the prefix cache where another request encoded them after this one was
+        admitted (the n choices of one prompt, or requests sharing a prefix that arrive together): they are the very
+        calls this request would run, on the same grid, so their K/V are bit-identical. The last chunk, which is
+        not in the prefix cache (module docstring), is taken from a running request whose prompt is the same up to
+        its end: its full blocks are shared and its partial block copied (the rest of that block takes this
+        request's own canvas)."""
+        request = prefill.request
+        table = self.tables[request.request_id]
+        adopted = False
+        while len(prefill.chunks) > 1 and self.blocks.adopt(table, request.prompt[slice(*prefill.chunks[0])]):
+            prefill.chunks.pop(0)
+            adopted = True
+        if len(prefill.chunks) == 1:
+            a, b = prefill.chunks[0]
+            holder = self.tails.get(self.blocks.tail_key(table, request.prompt[a:b]))
+            if holder is not None:
+                partial = self.blocks.share(table, self.tables[holder], request.prompt[a:b])
+                if partial is not None:
+                    self.cache.copy_block(partial, table.blocks[b // self.blocks.block_size])
+                prefill.chunks.pop(0)
+                adopted = True
+        if adopted:
+            self.cache.assign(request.row, table.blocks, table.num_tokens)
+
     def encode_chunk(self, prefill: Prefill) -> None:
         """Encode the next chunk of the prompt into the request's blocks, with the images that start in it (they
         end in it too: no cut falls inside an image), and hash the blocks it filled."""
         a, b = prefill.chunks.pop(0)
+        last = not prefill.chunks
         request = prefill.request
         tokens = torch.tensor([request.prompt[a:b]], dtype=torch.long, device=self.model.device)  # (1, b - a)
         images = request.params.images
@@ -130,7 +162,13 @@ class KVPool:
         else:
             inside = [p for p, s in zip(prefill.patches, prefill.spans) if a <= s.start < b]
             dataclasses.replace(images, rows=[inside]).encode(self.model, tokens, self.cache, rows=[request.row])
-        self.blocks.commit(self.tables[request.request_id], request.prompt[a:b])
+        table = self.tables[request.request_id]
+        key = self.blocks.tail_key(table, request.prompt[a:b]) if last else None
+        on_grid = not last or b % self.chunk == 0  # the call a longer prompt sharing these tokens makes too
+        self.blocks.commit(table, request.prompt[a:b], register=on_grid)
+        if key is not None:  # the same prompt's requests admitted meanwhile share its last chunk (adopt_cached)
+            self.tails[key] = request.request_id
+            self.tail_keys[request.request_id] = key
 
     def append(self, request: Request, tokens: list[int]) -> None:
         """A committed canvas was encoded into the request's scratch slots: account for it (unregistered, see the
@@ -144,6 +182,9 @@ class KVPool:
         """A finished or cancelled request's blocks go back (its cached prompt blocks stay until evicted)."""
         table = self.tables.pop(request.request_id, None)
         self.totals.pop(request.request_id, None)
+        key = self.tail_keys.pop(request.request_id, None)
+        if key is not None and self.tails.get(key) == request.request_id:
+            del self.tails[key]
         if table is not None:
             self.blocks.free(table)
             if request.row is not None:

@@ -81,17 +81,17 @@ class ModelRunner:
     def is_prefilling(self, request: Request) -> bool:
         return request.request_id in self.prefills
 
-    def prefill_plan(self, budget: int) -> list[Request]:
-        """The prompt chunks to encode this engine step, first admitted first, up to `budget` tokens (at least one
-        chunk): one entry per chunk, in order."""
-        plan: list[Request] = []
+    def next_prefill(self, budget: int | None) -> tuple[Request, int] | None:
+        """The request whose prompt chunk is encoded next, first admitted first, and that chunk's tokens; None when
+        no prompt is left or the next chunk exceeds `budget` (None: any chunk fits). Chunks found in the prefix
+        cache meanwhile are taken from it first, at no cost (KVPool.adopt_cached)."""
         for prefill in self.prefills.values():
-            for a, b in prefill.chunks:
-                if plan and b - a > budget:
-                    return plan
-                plan.append(prefill.request)
-                budget -= b - a
-        return plan
+            self.kv.adopt_cached(prefill)
+            if not prefill.chunks:  # all of it was in the cache: prefill_chunk starts its canvas
+                return prefill.request, 0
+            a, b = prefill.chunks[0]
+            return None if budget is not None and b - a > budget else (prefill.request, b - a)
+        return None
 
     def free(self, request: Request) -> None:
         """A finished or cancelled request: its blocks go back."""
@@ -100,9 +100,11 @@ class ModelRunner:
 
     @torch.inference_mode()
     def prefill_chunk(self, request: Request) -> None:
-        """1b. Encode the request's next prompt chunk; after the last one, start its first canvas."""
+        """1b. Encode the request's next prompt chunk (if one is left: next_prefill); after the last one, start its
+        first canvas."""
         prefill = self.prefills[request.request_id]
-        self.kv.encode_chunk(prefill)
+        if prefill.chunks:
+            self.kv.encode_chunk(prefill)
         if not prefill.chunks:
             del self.prefills[request.request_id]
             self.start(request)

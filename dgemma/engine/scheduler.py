@@ -76,7 +76,7 @@ class Scheduler:
     def admit(self, fits: Callable[[Request], bool]) -> Request | None:
         """Move the first waiting request onto a free row if it `fits` (its KV blocks), else None (FIFO: the
         others wait behind it). The caller binds its blocks before admitting the next, which `fits` then counts;
-        its prompt is encoded a few chunks per engine step (runner.prefill_plan)."""
+        its prompt is encoded a few chunks per engine step (runner.next_prefill)."""
         with self.lock:
             if not (self.waiting and self.free_rows and fits(self.waiting[0])):
                 return None
