@@ -93,23 +93,41 @@ def _trie(flat: np.ndarray, offsets: np.ndarray, lengths: np.ndarray, alphabet: 
     return np.concatenate(parent), np.concatenate(label), level_start, node
 
 
-def compile_regex(regex: str, token_bytes: list, max_states: int) -> dict:
-    # 1. the byte-level DFA
+def byte_dfa(regex: str) -> tuple[np.ndarray, int, list[int]]:
+    """Step 1: the regex's byte-level DFA from outlines (table (S, 256) int32, -1 = dead; initial; finals).
+    ValueError for a regex outlines refuses."""
     try:
         index = Index(regex, Vocabulary(256, {bytes([b]): [b] for b in range(256)}))
     except BaseException as err:  # outlines raises ValueError, or pyo3's PanicException (a BaseException)
         if isinstance(err, (KeyboardInterrupt, SystemExit)):
             raise
-        return {"error": f"invalid regular expression ({_one_line(err)})"}
-    byte_table, initial, finals = _byte_dfa(index)
+        raise ValueError(f"invalid regular expression ({_one_line(err)})") from None
+    return _byte_dfa(index)
+
+
+def minimal_dfa(byte_table: np.ndarray, initial: int, finals: list[int]) -> tuple[np.ndarray, int, list[int]]:
+    """Step 1, continued: the same DFA minimized (Moore)."""
     state_class = _minimize(byte_table, finals)
     num_states = int(state_class.max()) + 1
-    if num_states > max_states:
-        return {"error": f"needs {num_states} automaton states, more than the limit of {max_states}"}
     first_of = np.zeros(num_states, dtype=np.int64)
     first_of[state_class[::-1]] = np.arange(len(state_class))[::-1]
     byte_table = np.where(byte_table[first_of] < 0, -1, state_class[np.maximum(byte_table[first_of], 0)])
-    initial, finals = int(state_class[initial]), sorted(set(state_class[finals].tolist()))
+    return byte_table.astype(np.int32), int(state_class[initial]), sorted(set(state_class[finals].tolist()))
+
+
+def compile_regex(regex: str, token_bytes: list, max_states: int) -> dict:
+    try:
+        byte_table, initial, finals = minimal_dfa(*byte_dfa(regex))
+    except ValueError as err:
+        return {"error": str(err)}
+    if byte_table.shape[0] > max_states:
+        return {"error": f"needs {byte_table.shape[0]} automaton states, more than the limit of {max_states}"}
+    return token_automaton(byte_table, initial, finals, token_bytes)
+
+
+def token_automaton(byte_table: np.ndarray, initial: int, finals: list[int], token_bytes: list) -> dict:
+    """Steps 2-4 over a minimized byte DFA: the reply (see the module docstring)."""
+    num_states = byte_table.shape[0]
 
     # 2. byte classes, and token groups spelled alike in them
     class_columns, byte_class = np.unique(byte_table.T, axis=0, return_inverse=True)
