@@ -58,7 +58,7 @@ def worker(builder: str, tokenizer_file: str) -> None:
             print(json.dumps({"regex_chars": len(regex)}), flush=True)
             table, initial, finals = stage("dfa", build, regex)
             print(json.dumps({"dfa_states": table.shape[0]}), flush=True)
-            table, initial, finals = stage("minimize", cw.minimal_dfa, table, initial, finals)
+            table, initial, finals = stage("minimize", cw.minimize, table, initial, finals)
             print(json.dumps({"min_states": table.shape[0]}), flush=True)
             if table.shape[0] > CompileLimits().max_states:
                 raise ValueError(f"{table.shape[0]} states, more than the limit")

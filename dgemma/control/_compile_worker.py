@@ -2,13 +2,13 @@
 
 Run as a script (`python _compile_worker.py`), never imported by dgemma: the parent kills it when the time limit
 passes, which is the only way to stop a regex whose DFA grows exponentially inside Rust. It reads one JSON
-request on stdin and writes one JSON reply on stdout (bytes as base64); it imports only outlines_core and numpy
-(and dgemma.control.schema for a schema).
+request on stdin and writes one JSON reply on stdout (bytes as base64); it imports only outlines_core, numpy and
+dgemma.control's dfa and schema.
 
 outlines-core builds the regex's DFA; we walk the tokens through it ourselves, because outlines' token index
 walks every token from every state one byte at a time (about 100 s for JSON-object mode on a 262k vocabulary).
 1. outlines' index over the 256 single bytes: the byte-level DFA (S, 256), counting a byte into a state that
-   can neither match nor go on as dead, as outlines does; then minimized (Moore), which the size limit counts.
+   can neither match nor go on as dead, as outlines does; then minimized (dfa.minimize: Moore, hashed), which the size limit counts.
 2. Bytes no state tells apart form byte classes; tokens spelled alike in byte classes form one group.
 3. The groups' spellings form a trie; a chunk of states walks down it together, one trie level at a time, so
    shared prefixes are walked once: (S, trie nodes) gathers in all.
@@ -35,6 +35,9 @@ from pathlib import Path
 import numpy as np
 from outlines_core import Index, Vocabulary
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the dgemma that started us
+from dgemma.control.dfa import minimize  # noqa: E402
+
 _CELLS_PER_CHUNK = 1 << 23  # (states, trie nodes) int64 cells walked at once: 64 MiB
 
 
@@ -57,24 +60,6 @@ def _byte_dfa(index: Index) -> tuple[np.ndarray, int, list[int]]:
             if byte < 256:  # outlines adds EOS (id 256) self-loops on final states
                 table[row_of[state], byte] = row_of[nxt]
     return table, row_of[index.get_initial_state()], sorted(row_of[s] for s in index.get_final_states())
-
-
-def _minimize(table: np.ndarray, finals: list[int]) -> np.ndarray:
-    """Moore's partition refinement of a DFA (S, B) with -1 = dead: (S,) the class of equivalent states.
-    outlines' DFA is not minimal: JSON-object mode has 1,623 states, 293 of them distinct."""
-    num_states = table.shape[0]
-    sink = np.vstack([np.where(table < 0, num_states, table), np.full((1, table.shape[1]), num_states)])
-    part = np.zeros(num_states + 1, dtype=np.int64)
-    part[finals] = 1
-    part[num_states] = 2  # the dead sink
-    count = len(np.unique(part))
-    while True:
-        _, refined = np.unique(np.hstack([part[:, None], part[sink]]), axis=0, return_inverse=True)
-        refined = refined.reshape(-1)
-        if refined.max() + 1 == count:
-            break
-        part, count = refined, refined.max() + 1
-    return part[:num_states] - (part[:num_states] > part[num_states])  # renumber without the sink
 
 
 def _trie(flat: np.ndarray, offsets: np.ndarray, lengths: np.ndarray, alphabet: int):
@@ -105,19 +90,9 @@ def byte_dfa(regex: str) -> tuple[np.ndarray, int, list[int]]:
     return _byte_dfa(index)
 
 
-def minimal_dfa(byte_table: np.ndarray, initial: int, finals: list[int]) -> tuple[np.ndarray, int, list[int]]:
-    """Step 1, continued: the same DFA minimized (Moore)."""
-    state_class = _minimize(byte_table, finals)
-    num_states = int(state_class.max()) + 1
-    first_of = np.zeros(num_states, dtype=np.int64)
-    first_of[state_class[::-1]] = np.arange(len(state_class))[::-1]
-    byte_table = np.where(byte_table[first_of] < 0, -1, state_class[np.maximum(byte_table[first_of], 0)])
-    return byte_table.astype(np.int32), int(state_class[initial]), sorted(set(state_class[finals].tolist()))
-
-
 def compile_regex(regex: str, token_bytes: list, max_states: int) -> dict:
     try:
-        byte_table, initial, finals = minimal_dfa(*byte_dfa(regex))
+        byte_table, initial, finals = minimize(*byte_dfa(regex))
     except ValueError as err:
         return {"error": str(err)}
     if byte_table.shape[0] > max_states:
@@ -204,7 +179,6 @@ def _bound_this_process(max_memory_mb: int, max_cpu_s: int) -> None:
 
 def _regex_of(request: dict) -> dict:
     """{"regex": ...} or {"error": ...} for a request that carries a JSON schema."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the dgemma that started us
     from dgemma.control.schema import SchemaError, SchemaLimits, schema_to_regex
     try:
         return {"regex": schema_to_regex(request["schema"], limits=SchemaLimits(**request["schema_limits"]))}
