@@ -85,3 +85,41 @@ def _regexes():
 @given(_regexes())
 def test_minimize_on_drawn_regexes(regex):
     check_minimize(regex)
+
+
+# ---- the token walk: every (state, token) against walking the token's bytes one at a time
+
+TOKENS = [bytes([b]) for b in range(256)] + [
+    b"ab", b"abc", b"ba", b"aa", b"aaa", b"a.", b"\\.", b"12", b"2026-", b"-12-07T", b'{"', b'":', b'",', b'"}',
+    b'{"name', b'":"', b"null", b"true", b"\xc3\xa9", b"a\xc3", b"\xa9b", b"\xc3\xa9\xc3", b"  ", b"[0", b"e+",
+    b"0.5", b"-0", b"k0", b'"k1":', b"xyz", b"ccc", b"bcbc"]
+SPARSE = [None, b"ab", None, b"a", b"\xc3\xa9", b"ba", None] * 3  # no-text ids, and tokens spelled alike
+
+
+def check_token_walk(regex: str, tokens: list) -> None:
+    table, initial, finals = minimize(*worker.byte_dfa(regex))
+    reply = worker.token_automaton(table, initial, finals, tokens)
+    classes = np.frombuffer(reply["token_class"], dtype=np.int32)
+    nexts = np.frombuffer(reply["table"], dtype=np.int32).reshape(reply["num_states"], reply["num_classes"])
+    assert (reply["initial"], reply["finals"]) == (initial, finals) and reply["num_states"] == table.shape[0]
+    for state in range(table.shape[0]):
+        for token_id, text in enumerate(tokens):
+            at = state if text else -1
+            for byte in text or b"":
+                at = int(table[at, byte]) if at >= 0 else -1
+            assert nexts[state, classes[token_id]] == at, (state, text)
+    # classes are as few as they can be: no two columns alike (the last is the class of no-text tokens)
+    assert len(np.unique(nexts[:, :-1].T, axis=0)) == reply["num_classes"] - 1
+
+
+@pytest.mark.parametrize("regex", REGEXES)
+def test_token_walk_matches_a_byte_by_byte_walk(regex):
+    check_token_walk(regex, TOKENS)
+    check_token_walk(regex, SPARSE)
+
+
+@settings(max_examples=40, deadline=None)
+@given(_regexes(), st.lists(st.binary(min_size=1, max_size=5).map(lambda b: b.replace(b"\x00", b"a")),
+                            min_size=1, max_size=40))
+def test_token_walk_on_drawn_regexes_and_tokens(regex, drawn):
+    check_token_walk(regex, [bytes([b]) for b in b"abc\xc3\xa90.\\"] + drawn)

@@ -13,10 +13,28 @@ from __future__ import annotations
 import numpy as np
 
 
+def byte_classes(table: np.ndarray) -> np.ndarray:
+    """(256,) the class of each byte: bytes whose columns are equal in every state share one, numbered by first
+    byte. A random-weighted sum per column finds them; columns are then compared exactly (whole columns on a
+    collision)."""
+    weights = np.random.default_rng(0).integers(1, 2**62, size=table.shape[0], dtype=np.int64)
+    _, first, byte_class = np.unique(weights @ (table.astype(np.int64) + 1), return_index=True,
+                                     return_inverse=True)
+    byte_class = byte_class.reshape(-1)
+    if not np.array_equal(table[:, first[byte_class]], table):
+        _, first, byte_class = np.unique(table.T, axis=0, return_index=True, return_inverse=True)
+        byte_class = byte_class.reshape(-1)
+    _, byte_class = np.unique(first[byte_class], return_inverse=True)  # numbered by first byte
+    return byte_class.reshape(-1)
+
+
 def _successor_columns(table: np.ndarray) -> np.ndarray:
-    """(S + 1, C) int64: the next state per distinct byte column, with the dead state as row and id S."""
+    """(S + 1, C) int64: the next state per byte class, with the dead state as row and id S."""
     num_states = table.shape[0]
-    columns = np.unique(table.T, axis=0).T
+    byte_class = byte_classes(table)
+    first_byte = np.zeros(int(byte_class.max()) + 1, dtype=np.int64)
+    first_byte[byte_class[::-1]] = np.arange(256)[::-1]
+    columns = table[:, first_byte]
     return np.vstack([np.where(columns < 0, num_states, columns),
                       np.full((1, columns.shape[1]), num_states)]).astype(np.int64)
 
