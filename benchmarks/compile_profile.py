@@ -1,19 +1,22 @@
 """Where compiling a JSON schema into a token automaton spends its time, stage by stage, over JSONSchemaBench.
 
     python benchmarks/compile_profile.py --data DIR [--per-subset 8] [--vocab 32000] [--timeout 60]
-        [--builder outlines|ours ...] [--out profile.json]
+        [--e2e ROOT ...] [--out profile.json]
 
 DIR is JSONSchemaBench's `data/` folder, sampled as benchmarks/jsonschemabench.py samples it (seed 0, the same
 files), with the same byte-level BPE. Each schema runs in a worker process that reports each stage as it ends and
 is killed after --timeout seconds (the stage it was in is then the one that timed out). Stages:
 - regex: the schema writer (`schema_to_regex`);
-- dfa: the regex's byte DFA (--builder: outlines-core's `Index` over the 256 single bytes plus
-  `get_transitions()`, or dgemma's own builder);
-- minimize: Moore refinement of that DFA;
+- dfa: the regex's byte DFA (outlines-core's `Index` over the 256 single bytes, read with `get_transitions()`);
+- minimize: the minimal DFA (dgemma.control.dfa);
 - tokens: the token walk and token classes (`token_automaton`).
 Printed: per schema and per stage, p50/p95/max of each stage's seconds over the schemas that finished it, the
 regex length and the DFA's states before and after minimizing, and the share that finished within 10 s and
-within --timeout. With several --builder values the workers alternate schema by schema.
+within --timeout.
+
+With --e2e ROOT ..., each ROOT is a dgemma source tree (for example an older commit, `git archive`d), and the
+one stage timed is the whole `Constraint.from_json_schema` (compile child, limits and all, CompileLimits with
+twice --timeout, as benchmarks/jsonschemabench.py sets them), the trees alternating schema by schema.
 """
 
 from __future__ import annotations
@@ -29,22 +32,22 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from jsonschemabench import percentile, sample, tokenizer_path  # noqa: E402
 
 STAGES = ("regex", "dfa", "minimize", "tokens")
 
 
-def worker(builder: str, tokenizer_file: str) -> None:
+def worker(mode: str, tokenizer_file: str, timeout: float) -> None:
     """Reads schema paths on stdin; writes one JSON line per finished stage, then {"done": ...}."""
     from tokenizers import Tokenizer
     from dgemma.control import CompileLimits, ConstraintVocabulary
-    from dgemma.control import _compile_worker as cw
-    from dgemma.control.schema import SchemaError, schema_to_regex
     tok = Tokenizer.from_file(tokenizer_file)
     vocab = ConstraintVocabulary.from_tokenizer(tok, [tok.token_to_id("<eos>")], [tok.token_to_id("<pad>")])
-    build = cw.byte_dfa if builder == "outlines" else cw.our_byte_dfa
     print(json.dumps({"ready": True}), flush=True)
+    if mode == "e2e":
+        return _e2e_worker(vocab, CompileLimits(timeout_s=2 * timeout))
+    from dgemma.control import _compile_worker as cw
+    from dgemma.control.schema import SchemaError, schema_to_regex
     for line in sys.stdin:
         schema = json.loads(Path(line.strip()).read_text())
 
@@ -56,7 +59,7 @@ def worker(builder: str, tokenizer_file: str) -> None:
         try:
             regex = stage("regex", schema_to_regex, schema)
             print(json.dumps({"regex_chars": len(regex)}), flush=True)
-            table, initial, finals = stage("dfa", build, regex)
+            table, initial, finals = stage("dfa", cw.byte_dfa, regex)
             print(json.dumps({"dfa_states": table.shape[0]}), flush=True)
             table, initial, finals = stage("minimize", cw.minimize, table, initial, finals)
             print(json.dumps({"min_states": table.shape[0]}), flush=True)
@@ -69,14 +72,33 @@ def worker(builder: str, tokenizer_file: str) -> None:
             print(json.dumps({"done": False, "error": f"{type(err).__name__}: {str(err)[:100]}"}), flush=True)
 
 
+def _e2e_worker(vocab, limits) -> None:
+    from dgemma.control import Constraint, ConstraintError
+    for line in sys.stdin:
+        schema = json.loads(Path(line.strip()).read_text())
+        start = time.perf_counter()
+        try:
+            constraint = Constraint.from_json_schema(schema, vocab, limits=limits)
+        except ConstraintError as err:
+            print(json.dumps({"done": False, "error": f"{type(err).__name__}: {str(err)[:100]}"}), flush=True)
+            continue
+        print(json.dumps({"stage": "compile", "seconds": time.perf_counter() - start}), flush=True)
+        print(json.dumps({"done": True, "min_states": constraint.num_states, "classes": constraint.num_classes}),
+              flush=True)
+
+
 class Worker:
-    def __init__(self, builder: str, tokenizer_file: Path, timeout: float):
-        self.command = [sys.executable, __file__, "--worker", builder, "--tokenizer", str(tokenizer_file)]
+    def __init__(self, root: Path | None, tokenizer_file: Path, timeout: float):
+        mode = "stages" if root is None else "e2e"
+        self.command = [sys.executable, __file__, "--worker", mode, "--tokenizer", str(tokenizer_file),
+                        "--timeout", str(timeout)]
+        self.env = None if root is None else {**os.environ, "PYTHONPATH": str(root)}
         self.timeout, self.proc = timeout, None
 
     def run(self, path: Path) -> dict:
         if self.proc is None:
-            self.proc = subprocess.Popen(self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            self.proc = subprocess.Popen(self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                         env=self.env)
             self.lines = queue.Queue()
             threading.Thread(target=_pump, args=(self.proc.stdout, self.lines), daemon=True).start()
             assert json.loads(self.lines.get())["ready"]
@@ -111,18 +133,18 @@ def _pump(stream, lines: queue.Queue) -> None:
     lines.put("")
 
 
-def summarize(name: str, results: list[dict]) -> None:
+def summarize(name: str, results: list[dict], stages: tuple[str, ...]) -> None:
     n = len(results)
     done = [r for r in results if r["done"]]
     refused = [r for r in results if not r["done"] and r.get("error") != "timeout"]
     timeouts = [r for r in results if r.get("error") == "timeout"]
     print(f"\n{name}: {n} schemas; finished {len(done)}, refused {len(refused)}, timed out {len(timeouts)}"
-          f" (in stage: {', '.join(_stage_of(r) for r in timeouts) or '-'})")
+          f" (in stage: {', '.join(_stage_of(r, stages) for r in timeouts) or '-'})")
     within = sum(1 for r in done if r["seconds"] <= 10)
     print(f"  finished within 10 s: {within}/{n} = {within / max(1, n):.1%} of all, "
           f"{within / max(1, n - len(refused)):.1%} of those not refused")
     print(f"  {'stage':10} {'n':>4} {'p50 s':>8} {'p95 s':>8} {'max s':>8} {'total s':>8}")
-    for stage in STAGES:
+    for stage in stages:
         times = [r["stages"][stage] for r in results if stage in r["stages"]]
         print(f"  {stage:10} {len(times):4} {percentile(times, .5):8.3f} {percentile(times, .95):8.3f} "
               f"{max(times, default=float('nan')):8.3f} {sum(times):8.1f}")
@@ -135,8 +157,8 @@ def summarize(name: str, results: list[dict]) -> None:
               f"max {max(values, default=0):>9}")
 
 
-def _stage_of(result: dict) -> str:
-    return next((s for s in STAGES if s not in result["stages"]), "?")
+def _stage_of(result: dict, stages: tuple[str, ...]) -> str:
+    return next((s for s in stages if s not in result["stages"]), "?")
 
 
 def main() -> None:
@@ -145,30 +167,33 @@ def main() -> None:
     parser.add_argument("--per-subset", type=int, default=8)
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--timeout", type=float, default=60.0)
-    parser.add_argument("--builder", nargs="+", default=["outlines"], choices=["outlines", "ours"])
+    parser.add_argument("--e2e", nargs="+", type=Path, help="dgemma source trees to time end to end")
     parser.add_argument("--subsets", nargs="*")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--worker")
     parser.add_argument("--tokenizer")
     args = parser.parse_args()
     if args.worker:
-        return worker(args.worker, args.tokenizer)
+        return worker(args.worker, args.tokenizer, args.timeout)
     tokenizer_file = tokenizer_path(args.data, args.vocab)
-    workers = {b: Worker(b, tokenizer_file, args.timeout) for b in args.builder}
+    roots = args.e2e or [None]
+    names = ["stages"] if args.e2e is None else [str(r) for r in roots]
+    workers = {n: Worker(r, tokenizer_file, args.timeout) for n, r in zip(names, roots)}
     subsets = args.subsets or sorted(p.name for p in args.data.iterdir() if p.is_dir())
     paths = [p for s in subsets for p in sample(args.data, s, args.per_subset)[0]]
     print(f"{len(paths)} schemas, vocab {args.vocab}, timeout {args.timeout:g} s, load average "
           f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
-    results = {b: {} for b in args.builder}
+    results = {n: {} for n in names}
+    stages = STAGES if args.e2e is None else ("compile",)
     for path in paths:
-        for builder, w in workers.items():
-            r = results[builder][f"{path.parent.name}/{path.name}"] = w.run(path)
-            print(f"{builder:8} {path.parent.name + '/' + path.name:60.60} "
-                  + " ".join(f"{s}={r['stages'][s]:.3f}" for s in STAGES if s in r["stages"])
+        for name, w in workers.items():
+            r = results[name][f"{path.parent.name}/{path.name}"] = w.run(path)
+            print(f"{name[-12:]:12} {path.parent.name + '/' + path.name:56.56} "
+                  + " ".join(f"{s}={r['stages'][s]:.3f}" for s in stages if s in r["stages"])
                   + f" chars={r.get('regex_chars')} states={r.get('dfa_states')}->{r.get('min_states')}"
                   + ("" if r["done"] else f" FAIL {r.get('error', '')[:60]}"), flush=True)
-    for builder in args.builder:
-        summarize(builder, list(results[builder].values()))
+    for name in names:
+        summarize(name, list(results[name].values()), stages)
     print(f"load average at the end {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     if args.out:
         args.out.write_text(json.dumps(results, indent=1))
