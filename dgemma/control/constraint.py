@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .dfa import distinct_columns
 from .schema import SchemaLimits, schema_to_regex
 from .vocabulary import ConstraintVocabulary
 from ..errors import DgemmaError
@@ -238,21 +239,32 @@ def _run_worker(source: dict, vocabulary: ConstraintVocabulary, limits: CompileL
     return reply
 
 
-def _bfs(table: np.ndarray, sources: np.ndarray, backward: bool) -> np.ndarray:
-    """(S,) int64: BFS distance in tokens from `sources` over the (S, K) next-state table (backward: to
-    `sources`); -1 where unreachable."""
-    src, cls = np.nonzero(table >= 0)
-    dst = table[src, cls]
-    pairs = np.unique(src.astype(np.int64) * table.shape[0] + dst)
-    src, dst = pairs // table.shape[0], pairs % table.shape[0]
+def _state_pairs(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct (state, next state) pairs of the (S, K) next-state table, sorted by state."""
+    ordered = np.sort(table, axis=1)
+    keep = ordered >= 0
+    keep[:, 1:] &= ordered[:, 1:] != ordered[:, :-1]
+    src, col = np.nonzero(keep)
+    return src, ordered[src, col].astype(np.int64)
+
+
+def _bfs(pairs: tuple[np.ndarray, np.ndarray], num_states: int, sources: np.ndarray, backward: bool
+         ) -> np.ndarray:
+    """(S,) int64: BFS distance in tokens from `sources` over the (state, next state) pairs (backward: to
+    `sources`); -1 where unreachable. Each state's pairs are read once."""
+    src, dst = pairs
     if backward:
-        src, dst = dst, src
-    dist = np.full(table.shape[0], -1, dtype=np.int64)
+        order = np.argsort(dst, kind="stable")
+        src, dst = dst[order], src[order]
+    start = np.searchsorted(src, np.arange(num_states + 1))
+    dist = np.full(num_states, -1, dtype=np.int64)
     dist[sources] = 0
     level, d = np.asarray(sources), 0
     while level.size:
         d += 1
-        reached = np.unique(dst[np.isin(src, level)])
+        count = start[level + 1] - start[level]
+        index = np.repeat(start[level] - (np.cumsum(count) - count), count) + np.arange(count.sum())
+        reached = np.unique(dst[index])
         level = reached[dist[reached] < 0]
         dist[level] = d
     return dist
@@ -266,10 +278,11 @@ def _compile(source: dict, vocabulary: ConstraintVocabulary, limits: CompileLimi
     finals = np.asarray(reply["finals"], dtype=np.int64)
 
     # 3. drop states that cannot reach a final state, and the transitions into them
-    dist = _bfs(table, finals, backward=True)
+    pairs = _state_pairs(table)
+    dist = _bfs(pairs, table.shape[0], finals, backward=True)
     if dist[reply["initial"]] < 0:
         raise ConstraintError(f"{description}: no text the tokenizer can spell satisfies it")
-    alive = (dist >= 0) & (_bfs(table, np.array([reply["initial"]]), backward=False) >= 0)
+    alive = (dist >= 0) & (_bfs(pairs, table.shape[0], np.array([reply["initial"]]), backward=False) >= 0)
     new_id = np.cumsum(alive) - 1
     table = table[alive]
     table = np.where((table >= 0) & alive[np.maximum(table, 0)], new_id[np.maximum(table, 0)], -1)
@@ -291,13 +304,12 @@ def _compile(source: dict, vocabulary: ConstraintVocabulary, limits: CompileLimi
 
     # 2. classes that became alike once dead states went, merged with the three special columns
     columns = np.hstack([table, eos_col[:, None], pad_col[:, None], never_col[:, None]])
-    unique_columns, column_class = np.unique(columns.T, axis=0, return_inverse=True)
-    column_class = column_class.reshape(-1)
+    first, column_class = distinct_columns(columns)
     eos_class, pad_class = column_class[-3:-1]
     token_class = column_class[worker_class]
     token_class[list(vocabulary.pad_token_ids)] = pad_class
     token_class[list(vocabulary.eos_token_ids)] = eos_class
 
     return Constraint(description, torch.from_numpy(token_class.astype(np.int32)),
-                      torch.from_numpy(np.ascontiguousarray(unique_columns.T).astype(np.int64)),
+                      torch.from_numpy(columns[:, first].astype(np.int64)),
                       torch.from_numpy(dist), torch.from_numpy(final), initial, done, vocabulary)

@@ -13,19 +13,27 @@ from __future__ import annotations
 import numpy as np
 
 
-def byte_classes(table: np.ndarray) -> np.ndarray:
-    """(256,) the class of each byte: bytes whose columns are equal in every state share one, numbered by first
-    byte. A random-weighted sum per column finds them; columns are then compared exactly (whole columns on a
-    collision)."""
+def distinct_columns(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(first column of each distinct column, in order of first appearance; the class of each column). A
+    random-weighted sum per column finds them; columns are then compared exactly (whole columns on a
+    collision). np.unique(table.T, axis=0) sorts whole columns: 4 s for a (9,383, 1,705) table."""
     weights = np.random.default_rng(0).integers(1, 2**62, size=table.shape[0], dtype=np.int64)
-    _, first, byte_class = np.unique(weights @ (table.astype(np.int64) + 1), return_index=True,
-                                     return_inverse=True)
-    byte_class = byte_class.reshape(-1)
-    if not np.array_equal(table[:, first[byte_class]], table):
-        _, first, byte_class = np.unique(table.T, axis=0, return_index=True, return_inverse=True)
-        byte_class = byte_class.reshape(-1)
-    _, byte_class = np.unique(first[byte_class], return_inverse=True)  # numbered by first byte
-    return byte_class.reshape(-1)
+    _, first, column_class = np.unique(weights @ (table.astype(np.int64) + 1), return_index=True,
+                                       return_inverse=True)
+    column_class = column_class.reshape(-1)
+    if not np.array_equal(table[:, first[column_class]], table):
+        _, first, column_class = np.unique(table.T, axis=0, return_index=True, return_inverse=True)
+        column_class = column_class.reshape(-1)
+    order = np.argsort(first)
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    return first[order], rank[column_class]
+
+
+def byte_classes(table: np.ndarray) -> np.ndarray:
+    """(256,) the class of each byte of a (S, 256) DFA table: bytes whose columns are equal in every state share
+    one, numbered by first byte."""
+    return distinct_columns(table)[1]
 
 
 def _successor_columns(table: np.ndarray) -> np.ndarray:
