@@ -2,9 +2,8 @@
 
 Run as a script (`python _compile_worker.py`), never imported by dgemma: the parent kills it when the time limit
 passes, which is the only way to stop a regex whose DFA grows exponentially inside Rust. It reads one JSON
-request on stdin and writes one JSON reply on stdout (bytes as base64); it imports only outlines_core, numpy and
-dgemma.control's
-dfa, token_walk and schema.
+request on stdin and writes one JSON reply line on stdout, then the reply's arrays as raw bytes; it imports only
+outlines_core, numpy and dgemma.control's dfa, token_walk and schema.
 
 outlines-core builds the regex's DFA; we walk the tokens through it ourselves, because outlines' token index
 walks every token from every state one byte at a time (about 100 s for JSON-object mode on a 262k vocabulary).
@@ -18,10 +17,10 @@ The child dies with its parent (a parent-death signal on Linux) and has a CPU-ti
 leaves nothing running. A JSON schema is turned into its regex here too (dgemma.control.schema), inside the same
 limits, so a huge or deeply nested schema cannot stall the server.
 
-Request: {"regex": str, or "schema": a JSON schema with "schema_limits": SchemaLimits' fields, "token_bytes": list[base64 | None] (None: never allowed), "max_states": int,
-"max_memory_mb": int, "max_cpu_s": int}.
-Reply: {"error": str} or {"initial": int, "finals": list[int], "table": base64 of int32 (S, K) row-major
-(-1: not allowed), "num_states": S, "num_classes": K, "token_class": base64 of int32 (V,)}.
+Request: {"regex": str, or "schema": a JSON schema with "schema_limits": SchemaLimits' fields, "token_bytes":
+list[base64 | None] (None: never allowed), "max_states": int, "max_memory_mb": int, "max_cpu_s": int}.
+Reply: one line, {"error": str} or {"initial": int, "finals": list[int], "num_states": S, "num_classes": K}, then
+for the latter the bytes of the int32 (S, K) row-major table (-1: not allowed) and of the int32 (V,) token_class.
 """
 
 import base64
@@ -134,10 +133,10 @@ def main() -> None:
     reply = _regex_of(request) if "schema" in request else {"regex": request["regex"]}
     if "regex" in reply:
         reply = compile_regex(reply["regex"], request["token_bytes"], request["max_states"])
-    for key in ("table", "token_class"):
-        if key in reply:
-            reply[key] = base64.b64encode(reply[key]).decode("ascii")
-    sys.stdout.buffer.write(json.dumps(reply).encode("utf-8"))
+    arrays = [reply.pop(key) for key in ("table", "token_class") if key in reply]
+    sys.stdout.buffer.write(json.dumps(reply).encode("utf-8") + b"\n")
+    for data in arrays:  # raw, not base64 in JSON: a (9,383, 1,702) table is 64 MB
+        sys.stdout.buffer.write(data)
     sys.stdout.buffer.flush()
 
 

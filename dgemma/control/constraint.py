@@ -231,11 +231,14 @@ def _run_worker(source: dict, vocabulary: ConstraintVocabulary, limits: CompileL
         if done.returncode < 0 or "memory" in last.lower():
             last = f"{last} (memory limit {limits.max_memory_mb} MiB)"
         raise ConstraintError(f"{description}: compiling failed: {last[:300]}")
-    reply = json.loads(done.stdout)  # JSON, not pickle: nothing is unpickled
+    head, _, arrays = done.stdout.partition(b"\n")
+    reply = json.loads(head)  # JSON and raw int32 arrays, not pickle: nothing is unpickled
     if "error" in reply:
         raise ConstraintError(reply["error"] if reply.get("schema_error") else f"{description}: {reply['error']}")
-    for key in ("table", "token_class"):
-        reply[key] = base64.b64decode(reply[key])
+    table_bytes = 4 * reply["num_states"] * reply["num_classes"]
+    if len(arrays) != table_bytes + 4 * vocabulary.vocab_size:
+        raise ConstraintError(f"{description}: compiling failed: a truncated reply")
+    reply["table"], reply["token_class"] = arrays[:table_bytes], arrays[table_bytes:]
     return reply
 
 
@@ -283,27 +286,23 @@ def _compile(source: dict, vocabulary: ConstraintVocabulary, limits: CompileLimi
     if dist[reply["initial"]] < 0:
         raise ConstraintError(f"{description}: no text the tokenizer can spell satisfies it")
     alive = (dist >= 0) & (_bfs(pairs, table.shape[0], np.array([reply["initial"]]), backward=False) >= 0)
-    new_id = np.cumsum(alive) - 1
-    table = table[alive]
-    table = np.where((table >= 0) & alive[np.maximum(table, 0)], new_id[np.maximum(table, 0)], -1)
+    num_live = int(alive.sum())
+    new_id = np.full(table.shape[0] + 1, -1, dtype=np.int32)  # the last entry maps -1 (not allowed) to -1
+    new_id[np.flatnonzero(alive)] = np.arange(num_live)
     dist, initial = dist[alive], int(new_id[reply["initial"]])
-    num_live = table.shape[0]
     final = np.zeros(num_live + 1, dtype=bool)
     final[new_id[finals[alive[finals]]]] = True
 
-    # 4. the DONE state and the EOS / pad / never-allowed columns
-    done = num_live
-    eos_col = np.where(final, done, -1).astype(np.int32)
-    eos_col[done] = done
-    pad_col = np.full(num_live + 1, -1, dtype=np.int32)
-    pad_col[done] = done
-    never_col = np.full(num_live + 1, -1, dtype=np.int32)
-    table = np.vstack([table, np.full((1, table.shape[1]), -1, dtype=np.int32)])
+    # 4. the DONE state (the last row) and the EOS / pad / never-allowed columns (the last three)
+    done, num_classes = num_live, table.shape[1]
+    columns = np.full((num_live + 1, num_classes + 3), -1, dtype=np.int32)
+    columns[:num_live, :num_classes] = new_id[table[alive]]  # a state that went is not allowed
     final[done] = True
+    columns[final, num_classes] = done
+    columns[done, num_classes + 1] = done
     dist = np.append(dist, 0)
 
     # 2. classes that became alike once dead states went, merged with the three special columns
-    columns = np.hstack([table, eos_col[:, None], pad_col[:, None], never_col[:, None]])
     first, column_class = distinct_columns(columns)
     eos_class, pad_class = column_class[-3:-1]
     token_class = column_class[worker_class]
