@@ -27,6 +27,7 @@ import base64
 import json
 import os
 import sys
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
@@ -42,19 +43,25 @@ def _one_line(err: BaseException) -> str:
 
 
 def _byte_dfa(index: Index) -> tuple[np.ndarray, int, list[int]]:
-    """outlines' index over single bytes -> (table (S, 256) int32, -1 = dead; initial row; final rows)."""
+    """outlines' index over single bytes -> (table (S, 256) int32, -1 = dead; initial row; final rows). States
+    are numbered in the order of outlines' ids; the dicts are read with np.fromiter, not a loop per edge."""
     transitions = index.get_transitions()
-    ids = set(transitions) | {index.get_initial_state()} | set(index.get_final_states())
-    for row in transitions.values():
-        ids.update(row.values())
-    order = sorted(ids)
-    row_of = {state: i for i, state in enumerate(order)}
+    rows = list(transitions.values())
+    count = sum(map(len, rows))
+    keys = np.fromiter(transitions.keys(), dtype=np.int64, count=len(rows))
+    src = np.repeat(keys, np.fromiter(map(len, rows), dtype=np.int64, count=len(rows)))
+    byte = np.fromiter(chain.from_iterable(map(dict.keys, rows)), dtype=np.int64, count=count)
+    dst = np.fromiter(chain.from_iterable(map(dict.values, rows)), dtype=np.int64, count=count)
+    initial, finals = index.get_initial_state(), sorted(index.get_final_states())
+    order = np.unique(np.concatenate([keys, [initial], finals]))
+    missing = ~np.isin(dst, order)  # states with no way out are not keys
+    if missing.any():
+        order = np.union1d(order, dst[missing])
     table = np.full((len(order), 256), -1, dtype=np.int32)
-    for state, row in transitions.items():
-        for byte, nxt in row.items():
-            if byte < 256:  # outlines adds EOS (id 256) self-loops on final states
-                table[row_of[state], byte] = row_of[nxt]
-    return table, row_of[index.get_initial_state()], sorted(row_of[s] for s in index.get_final_states())
+    edge = byte < 256  # outlines adds EOS (id 256) self-loops on final states
+    table[np.searchsorted(order, src[edge]), byte[edge]] = np.searchsorted(order, dst[edge])
+    row_of = np.searchsorted(order, [initial, *finals])
+    return table, int(row_of[0]), sorted(row_of[1:].tolist())
 
 
 def byte_dfa(regex: str) -> tuple[np.ndarray, int, list[int]]:
