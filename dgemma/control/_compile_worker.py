@@ -103,16 +103,20 @@ def token_automaton(byte_table: np.ndarray, initial: int, finals: list[int], tok
             "token_class": token_class.astype(np.int32).tobytes()}
 
 
-def _bound_this_process(max_memory_mb: int, max_cpu_s: int) -> None:
-    """Die with the parent; cap the address space and CPU time. Set here rather than in a preexec_fn, which is
-    unsafe in a threaded parent."""
+def _die_with_parent() -> None:
+    """The kernel kills us when the parent (the thread that started us) ends (PR_SET_PDEATHSIG, Linux)."""
     try:
         import ctypes
         import signal
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: the kernel kills us when the parent dies
+        libc.prctl(1, signal.SIGKILL)
     except (OSError, AttributeError):  # not Linux
         pass
+
+
+def _bound_this_process(max_memory_mb: int, max_cpu_s: int) -> None:
+    """Cap the address space and CPU time. Set here rather than in a preexec_fn, which is unsafe in a threaded
+    parent."""
     try:
         import resource
         size = max_memory_mb * 2**20
@@ -132,10 +136,15 @@ def _regex_of(request: dict) -> dict:
 
 
 def main() -> None:
+    """argv[1], when given, is the parent's pid: started ahead of time (spare.py), we may wait a while for the
+    request, so the death signal is set first."""
+    _die_with_parent()
+    if len(sys.argv) > 1 and int(sys.argv[1]) != os.getppid():
+        return  # the parent died before the death signal was set
     request = json.loads(sys.stdin.buffer.read())  # JSON both ways: nothing is unpickled on either side
     _bound_this_process(request["max_memory_mb"], request["max_cpu_s"])
     if request.get("ppid") is not None and request["ppid"] != os.getppid():
-        return  # the parent died before the death signal was set
+        return
     request["token_bytes"] = [None if t is None else base64.b64decode(t) for t in request["token_bytes"]]
     reply = _regex_of(request) if "schema" in request else {"regex": request["regex"]}
     if "regex" in reply:

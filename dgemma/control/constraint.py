@@ -6,7 +6,8 @@ That is what a diffusion step needs: it scores whole canvases, not one next toke
 
 Compiling (`_compile`):
 1. The pattern goes to a child process (`_compile_worker.py`: outlines-core's DFA, then our own token walk),
-   which we kill at the time limit; the child refuses a DFA with more states than the size limit.
+   which we kill at the time limit; the child refuses a DFA with more states than the size limit. The child was
+   started ahead of time (spare.py), so it has its imports done.
 2. Tokens that lead to the same state from every state share a class: a table (S, K) of next states plus a
    class for each token id (V,) replaces a (S, V) table. JSON-object mode on a 32k vocabulary has K = 206.
 3. States that no token sequence reaches, or from which no final state is reachable, are dropped, and the
@@ -33,10 +34,12 @@ import torch
 
 from .dfa import distinct_columns
 from .schema import SchemaLimits, schema_to_regex
+from .spare import SpareChild
 from .vocabulary import ConstraintVocabulary
 from ..errors import DgemmaError
 
 _WORKER = Path(__file__).with_name("_compile_worker.py")
+_SPARE = SpareChild([sys.executable, str(_WORKER)])  # a compile child started ahead of time
 INVALID = -1  # next_state of a token that is not allowed
 
 
@@ -219,19 +222,23 @@ def _run_worker(source: dict, vocabulary: ConstraintVocabulary, limits: CompileL
     request = json.dumps({**source, "token_bytes": token_bytes, "max_states": limits.max_states,
                           "max_memory_mb": limits.max_memory_mb, "max_cpu_s": math.ceil(limits.timeout_s) + 1,
                           "ppid": os.getpid()}).encode("utf-8")
+    child = _SPARE.take()
     try:
-        done = subprocess.run([sys.executable, str(_WORKER)], input=request, capture_output=True,
-                              timeout=limits.timeout_s)
+        stdout, stderr = child.communicate(request, timeout=limits.timeout_s)
     except subprocess.TimeoutExpired:
         raise ConstraintError(f"{description}: compiling took longer than the limit of {limits.timeout_s:g} s"
                               ) from None
-    if done.returncode != 0:
-        lines = done.stderr.decode("utf-8", "replace").strip().splitlines()
-        last = lines[-1] if lines else f"exit status {done.returncode}"
-        if done.returncode < 0 or "memory" in last.lower():
+    finally:
+        if child.poll() is None:  # the time limit, or an exception here (KeyboardInterrupt)
+            child.kill()
+            child.communicate()
+    if child.returncode != 0:
+        lines = stderr.decode("utf-8", "replace").strip().splitlines()
+        last = lines[-1] if lines else f"exit status {child.returncode}"
+        if child.returncode < 0 or "memory" in last.lower():
             last = f"{last} (memory limit {limits.max_memory_mb} MiB)"
         raise ConstraintError(f"{description}: compiling failed: {last[:300]}")
-    head, _, arrays = done.stdout.partition(b"\n")
+    head, _, arrays = stdout.partition(b"\n")
     reply = json.loads(head)  # JSON and raw int32 arrays, not pickle: nothing is unpickled
     if "error" in reply:
         raise ConstraintError(reply["error"] if reply.get("schema_error") else f"{description}: {reply['error']}")

@@ -14,6 +14,7 @@ Returns the (S, K) next-state table (-1: not allowed) and each group's class; `t
 from __future__ import annotations
 
 import numpy as np
+from numpy.random import default_rng  # imported with the module: a spare child has it ready
 
 from .dfa import byte_classes
 
@@ -95,7 +96,7 @@ def token_table(byte_table: np.ndarray, byte_class: np.ndarray, spellings: list[
     if the exact check fails."""
     walk = _Walk(byte_table, byte_class, spellings)
     num_states, num_groups = byte_table.shape[0], len(spellings)
-    weights = np.random.default_rng(0).integers(1, 2**63 - 1, size=num_states + 1, dtype=np.int64)
+    weights = default_rng(0).integers(1, 2**63 - 1, size=num_states + 1, dtype=np.int64)
     weights = weights.astype(np.uint64)
     group_class = np.zeros(num_groups, dtype=np.int64)
     done: list[tuple[np.ndarray, np.ndarray]] = []  # per chunk: (rows (chunk, K then), group_class then)
