@@ -1,11 +1,12 @@
 """Byte-level DFAs as numpy tables: (S, 256) int32, the next state of each (state, byte), -1 = dead.
 
 Minimizing (`minimize`) is Moore's partition refinement, made fast: bytes that no state tells apart are one
-column, and each round reads a state's row of successor classes as one 64-bit random-weighted sum, so a round is
-a gather, a sum and a sort of S numbers (np.unique over whole rows sorted (S, 257) rows per round: 14 s for a
-9,570-state DFA that now takes 0.65 s). A sum can collide, so the partition found is checked exactly at the
-end (every state's successors agree with its class's first state's, class by class); a failed check falls back
-to comparing whole rows, round by round.
+column; a state's row of successor classes is read as one 64-bit random-weighted sum; and a round looks only at
+the classes that can split, those holding a predecessor of a state that changed class in the round before (a class
+that splits keeps its id for one part). np.unique over whole rows, every state every round, took 16.9 s for a
+9,570-state DFA that now takes 0.25 s, and 8 s for a 131,201-state one that passed 30 s before. A sum can
+collide, so the partition found is checked exactly at the end (every state's successors agree with its class's
+first state's); a failed check falls back to comparing whole rows, round by round.
 """
 
 from __future__ import annotations
@@ -49,17 +50,39 @@ def _successor_columns(table: np.ndarray) -> np.ndarray:
 
 
 def _refine_hashed(nxt: np.ndarray, part: np.ndarray) -> np.ndarray:
-    weights = default_rng(0).integers(1, 2**63 - 1, size=nxt.shape[1] + 1, dtype=np.int64)
-    weights = weights.astype(np.uint64)
-    count = int(part.max()) + 1
-    while True:
-        signature = part.astype(np.uint64) * weights[-1]
-        signature += (part[nxt].astype(np.uint64) * weights[:-1]).sum(axis=1, dtype=np.uint64)
-        _, refined = np.unique(signature, return_inverse=True)
-        refined = refined.reshape(-1)
-        if refined.max() + 1 == count:
-            return part
-        part, count = refined, int(refined.max()) + 1
+    """Moore's rounds, each over only the classes that can split: those holding a state one of whose successors
+    changed class in the round before. A class that splits keeps its id for its first group, so an unchanged
+    state keeps its id; a round costs the states of the classes it touches, not all S."""
+    num_rows, width = nxt.shape
+    weights = default_rng(0).integers(1, 2**63 - 1, size=width, dtype=np.int64).astype(np.uint64)
+    successor = nxt.reshape(-1)
+    order = np.argsort(successor, kind="stable")
+    pred_start = np.searchsorted(successor[order], np.arange(num_rows + 1))
+    pred = order // width  # the predecessors of each state, grouped by state
+    part = part.copy()
+    next_id = int(part.max()) + 1
+    changed = np.arange(num_rows)
+    while changed.size:
+        count = pred_start[changed + 1] - pred_start[changed]
+        index = np.repeat(pred_start[changed] - (np.cumsum(count) - count), count) + np.arange(count.sum())
+        touched = np.zeros(next_id, dtype=bool)
+        touched[part[pred[index]]] = True
+        members = np.flatnonzero(touched[part])
+        signature = (part[nxt[members]].astype(np.uint64) * weights).sum(axis=1, dtype=np.uint64)
+        old = part[members]
+        by = np.lexsort((signature, old))
+        members, old, signature = members[by], old[by], signature[by]
+        group_starts = np.ones(len(members), dtype=bool)
+        group_starts[1:] = (old[1:] != old[:-1]) | (signature[1:] != signature[:-1])
+        class_starts = np.ones(len(members), dtype=bool)
+        class_starts[1:] = old[1:] != old[:-1]
+        keeps = class_starts[group_starts]  # per group: the first of its class keeps the class's id
+        ids = np.where(keeps, old[group_starts], next_id + np.cumsum(~keeps) - 1)
+        next_id += int((~keeps).sum())
+        new = ids[np.cumsum(group_starts) - 1]
+        changed = members[new != old]
+        part[members] = new
+    return part
 
 
 def _refine_exact(nxt: np.ndarray, part: np.ndarray) -> np.ndarray:
