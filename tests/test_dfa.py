@@ -123,3 +123,23 @@ def test_token_walk_matches_a_byte_by_byte_walk(regex):
                             min_size=1, max_size=40))
 def test_token_walk_on_drawn_regexes_and_tokens(regex, drawn):
     check_token_walk(regex, [bytes([b]) for b in b"abc\xc3\xa90.\\"] + drawn)
+
+
+# ---- the schema writer's object chain: the tail after the openers is written once, with the same language
+
+@pytest.mark.parametrize("count", [1, 3, 8, 9, 12])
+def test_optional_keys_chain_keeps_its_language(count):
+    from dgemma.control.schema import containers
+
+    class W:
+        ws = "[ ]?"
+    items = [f'"k{i}":(1|22)' for i in range(count)]
+    sep = "[ ]?,[ ]?"
+    # the plain form: each opener followed by every later item (what the writer wrote before)
+    plain = "|".join(item + "".join(f"({sep}{o})?" for o in items[i + 1:])
+                     for i, item in enumerate(items[:containers.OPENERS]))
+    plain = r"\{[ ]?(" + plain + r")?[ ]?\}"
+    ours = containers.chain(W(), [], items, (r"\{", r"\}"))
+    assert same_language(minimize(*worker.byte_dfa(plain)), minimize(*worker.byte_dfa(ours)))
+    if count > containers.OPENERS:
+        assert len(ours) < len(plain)
