@@ -1,11 +1,12 @@
 """Where compiling a JSON schema into a token automaton spends its time, stage by stage, over JSONSchemaBench.
 
     python benchmarks/compile_profile.py --data DIR [--per-subset 8] [--vocab 32000] [--timeout 60]
-        [--e2e ROOT ...] [--out profile.json]
+        [--pad-vocab 262144] [--e2e ROOT ...] [--out profile.json]
 
 DIR is JSONSchemaBench's `data/` folder, sampled as benchmarks/jsonschemabench.py samples it (seed 0, the same
-files), with the same byte-level BPE. Each schema runs in a worker process that reports each stage as it ends and
-is killed after --timeout seconds (the stage it was in is then the one that timed out). Stages:
+files), with the same byte-level BPE (--pad-vocab: padded with synthetic tokens, for the 262k figures). Each
+schema runs in a worker process that reports each stage as it ends and is killed after --timeout seconds (the
+stage it was in is then the one that timed out). Stages:
 - regex: the schema writer (`schema_to_regex`);
 - dfa: the regex's byte DFA (outlines-core's `Index` over the 256 single bytes, read with `get_transitions()`);
 - minimize: the minimal DFA (dgemma.control.dfa);
@@ -37,12 +38,25 @@ from jsonschemabench import percentile, sample, tokenizer_path  # noqa: E402
 STAGES = ("regex", "dfa", "minimize", "tokens")
 
 
-def worker(mode: str, tokenizer_file: str, timeout: float) -> None:
+def padded(vocab, size: int):
+    """The vocabulary padded to `size` ids with structured_output.py's synthetic tokens (random short strings of
+    letters, digits and JSON punctuation), as our 262k figures are measured."""
+    from dgemma.control import ConstraintVocabulary
+    from structured_output import synthetic_vocabulary
+    seen = set(vocab.token_bytes)
+    extra = [t for t in synthetic_vocabulary(size + 40_000).token_bytes if t is not None and t not in seen]
+    return ConstraintVocabulary(tuple([*vocab.token_bytes, *extra[:size - vocab.vocab_size]]), vocab.eos_token_ids,
+                                vocab.pad_token_ids)
+
+
+def worker(mode: str, tokenizer_file: str, timeout: float, pad_vocab: int) -> None:
     """Reads schema paths on stdin; writes one JSON line per finished stage, then {"done": ...}."""
     from tokenizers import Tokenizer
     from dgemma.control import CompileLimits, ConstraintVocabulary
     tok = Tokenizer.from_file(tokenizer_file)
     vocab = ConstraintVocabulary.from_tokenizer(tok, [tok.token_to_id("<eos>")], [tok.token_to_id("<pad>")])
+    if pad_vocab > vocab.vocab_size:
+        vocab = padded(vocab, pad_vocab)
     print(json.dumps({"ready": True}), flush=True)
     if mode == "e2e":
         return _e2e_worker(vocab, CompileLimits(timeout_s=2 * timeout))
@@ -88,10 +102,10 @@ def _e2e_worker(vocab, limits) -> None:
 
 
 class Worker:
-    def __init__(self, root: Path | None, tokenizer_file: Path, timeout: float):
+    def __init__(self, root: Path | None, tokenizer_file: Path, timeout: float, pad_vocab: int):
         mode = "stages" if root is None else "e2e"
         self.command = [sys.executable, __file__, "--worker", mode, "--tokenizer", str(tokenizer_file),
-                        "--timeout", str(timeout)]
+                        "--timeout", str(timeout), "--pad-vocab", str(pad_vocab)]
         self.env = None if root is None else {**os.environ, "PYTHONPATH": str(root)}
         self.timeout, self.proc = timeout, None
 
@@ -166,6 +180,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path)
     parser.add_argument("--per-subset", type=int, default=8)
     parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--pad-vocab", type=int, default=0, help="pad the BPE with synthetic tokens to this size")
     parser.add_argument("--timeout", type=float, default=60.0)
     parser.add_argument("--e2e", nargs="+", type=Path, help="dgemma source trees to time end to end")
     parser.add_argument("--subsets", nargs="*")
@@ -174,14 +189,14 @@ def main() -> None:
     parser.add_argument("--tokenizer")
     args = parser.parse_args()
     if args.worker:
-        return worker(args.worker, args.tokenizer, args.timeout)
+        return worker(args.worker, args.tokenizer, args.timeout, args.pad_vocab)
     tokenizer_file = tokenizer_path(args.data, args.vocab)
     roots = args.e2e or [None]
     names = ["stages"] if args.e2e is None else [str(r) for r in roots]
-    workers = {n: Worker(r, tokenizer_file, args.timeout) for n, r in zip(names, roots)}
+    workers = {n: Worker(r, tokenizer_file, args.timeout, args.pad_vocab) for n, r in zip(names, roots)}
     subsets = args.subsets or sorted(p.name for p in args.data.iterdir() if p.is_dir())
     paths = [p for s in subsets for p in sample(args.data, s, args.per_subset)[0]]
-    print(f"{len(paths)} schemas, vocab {args.vocab}, timeout {args.timeout:g} s, load average "
+    print(f"{len(paths)} schemas, vocab {max(args.vocab, args.pad_vocab)}, timeout {args.timeout:g} s, load average "
           f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     results = {n: {} for n in names}
     stages = STAGES if args.e2e is None else ("compile",)
