@@ -20,7 +20,8 @@ limits, so a huge or deeply nested schema cannot stall the server.
 Request: {"regex": str, or "schema": a JSON schema with "schema_limits": SchemaLimits' fields, "token_bytes":
 list[base64 | None] (None: never allowed), "max_states": int, "max_memory_mb": int, "max_cpu_s": int}.
 Reply: one line, {"error": str} or {"initial": int, "finals": list[int], "num_states": S, "num_classes": K}, then
-for the latter the bytes of the int32 (S, K) row-major table (-1: not allowed) and of the int32 (V,) token_class.
+for the latter the bytes of the int32 (S, K) row-major table (-1: not allowed) and of the int32 (V,) token_class
+(K for a token that spells no text: never allowed).
 """
 
 import base64
@@ -97,10 +98,8 @@ def token_automaton(byte_table: np.ndarray, initial: int, finals: list[int], tok
     table, group_class = classes
     num_states, num_classes = table.shape
     token_class = np.where(token_group >= 0, group_class[np.maximum(token_group, 0)], num_classes)
-    table = np.hstack([table, np.full((num_states, 1), -1, dtype=np.int32)])  # the class of no-text tokens
-    return {"initial": initial, "finals": finals, "table": table.astype(np.int32).tobytes(),
-            "num_states": num_states, "num_classes": num_classes + 1,
-            "token_class": token_class.astype(np.int32).tobytes()}
+    return {"initial": initial, "finals": finals, "table": np.ascontiguousarray(table, dtype=np.int32),
+            "num_states": num_states, "num_classes": num_classes, "token_class": token_class.astype(np.int32)}
 
 
 def _die_with_parent() -> None:
@@ -152,7 +151,7 @@ def main() -> None:
     arrays = [reply.pop(key) for key in ("table", "token_class") if key in reply]
     sys.stdout.buffer.write(json.dumps(reply).encode("utf-8") + b"\n")
     for data in arrays:  # raw, not base64 in JSON: a (9,383, 1,702) table is 64 MB
-        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.write(memoryview(data).cast("B"))
     sys.stdout.buffer.flush()
 
 

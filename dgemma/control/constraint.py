@@ -300,13 +300,14 @@ def _compile(source: dict, vocabulary: ConstraintVocabulary, limits: CompileLimi
     final = np.zeros(num_live + 1, dtype=bool)
     final[new_id[finals[alive[finals]]]] = True
 
-    # 4. the DONE state (the last row) and the EOS / pad / never-allowed columns (the last three)
+    # 4. the DONE state (the last row) and four more columns: tokens that spell no text (the child's class K),
+    # EOS, pad, and never allowed
     done, num_classes = num_live, table.shape[1]
-    columns = np.full((num_live + 1, num_classes + 3), -1, dtype=np.int32)
+    columns = np.full((num_live + 1, num_classes + 4), -1, dtype=np.int32)
     columns[:num_live, :num_classes] = new_id[table[alive]]  # a state that went is not allowed
     final[done] = True
-    columns[final, num_classes] = done
-    columns[done, num_classes + 1] = done
+    columns[final, num_classes + 1] = done
+    columns[done, num_classes + 2] = done
     dist = np.append(dist, 0)
 
     # 2. classes that became alike once dead states went, merged with the three special columns
