@@ -6,7 +6,8 @@ That is what a diffusion step needs: it scores whole canvases, not one next toke
 
 Compiling (`_compile`):
 1. The pattern goes to a child process (`_compile_worker.py`: outlines-core's DFA, then our own token walk),
-   which we kill at the time limit; the child refuses a DFA with more states than the size limit.
+   which we kill at the time limit; the child refuses a DFA with more states than the size limit. The child was
+   started ahead of time (spare.py), so it has its imports done.
 2. Tokens that lead to the same state from every state share a class: a table (S, K) of next states plus a
    class for each token id (V,) replaces a (S, V) table. JSON-object mode on a 32k vocabulary has K = 206.
 3. States that no token sequence reaches, or from which no final state is reachable, are dropped, and the
@@ -31,11 +32,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .dfa import distinct_columns
 from .schema import SchemaLimits, schema_to_regex
+from .spare import SpareChild
 from .vocabulary import ConstraintVocabulary
 from ..errors import DgemmaError
 
 _WORKER = Path(__file__).with_name("_compile_worker.py")
+_SPARE = SpareChild([sys.executable, str(_WORKER)])  # a compile child started ahead of time
 INVALID = -1  # next_state of a token that is not allowed
 
 
@@ -218,41 +222,59 @@ def _run_worker(source: dict, vocabulary: ConstraintVocabulary, limits: CompileL
     request = json.dumps({**source, "token_bytes": token_bytes, "max_states": limits.max_states,
                           "max_memory_mb": limits.max_memory_mb, "max_cpu_s": math.ceil(limits.timeout_s) + 1,
                           "ppid": os.getpid()}).encode("utf-8")
+    child = _SPARE.take()
     try:
-        done = subprocess.run([sys.executable, str(_WORKER)], input=request, capture_output=True,
-                              timeout=limits.timeout_s)
+        stdout, stderr = child.communicate(request, timeout=limits.timeout_s)
     except subprocess.TimeoutExpired:
         raise ConstraintError(f"{description}: compiling took longer than the limit of {limits.timeout_s:g} s"
                               ) from None
-    if done.returncode != 0:
-        lines = done.stderr.decode("utf-8", "replace").strip().splitlines()
-        last = lines[-1] if lines else f"exit status {done.returncode}"
-        if done.returncode < 0 or "memory" in last.lower():
+    finally:
+        if child.poll() is None:  # the time limit, or an exception here (KeyboardInterrupt)
+            child.kill()
+            child.communicate()
+    if child.returncode != 0:
+        lines = stderr.decode("utf-8", "replace").strip().splitlines()
+        last = lines[-1] if lines else f"exit status {child.returncode}"
+        if child.returncode < 0 or "memory" in last.lower():
             last = f"{last} (memory limit {limits.max_memory_mb} MiB)"
         raise ConstraintError(f"{description}: compiling failed: {last[:300]}")
-    reply = json.loads(done.stdout)  # JSON, not pickle: nothing is unpickled
+    head, _, arrays = stdout.partition(b"\n")
+    reply = json.loads(head)  # JSON and raw int32 arrays, not pickle: nothing is unpickled
     if "error" in reply:
         raise ConstraintError(reply["error"] if reply.get("schema_error") else f"{description}: {reply['error']}")
-    for key in ("table", "token_class"):
-        reply[key] = base64.b64decode(reply[key])
+    table_bytes = 4 * reply["num_states"] * reply["num_classes"]
+    if len(arrays) != table_bytes + 4 * vocabulary.vocab_size:
+        raise ConstraintError(f"{description}: compiling failed: a truncated reply")
+    reply["table"], reply["token_class"] = arrays[:table_bytes], arrays[table_bytes:]
     return reply
 
 
-def _bfs(table: np.ndarray, sources: np.ndarray, backward: bool) -> np.ndarray:
-    """(S,) int64: BFS distance in tokens from `sources` over the (S, K) next-state table (backward: to
-    `sources`); -1 where unreachable."""
-    src, cls = np.nonzero(table >= 0)
-    dst = table[src, cls]
-    pairs = np.unique(src.astype(np.int64) * table.shape[0] + dst)
-    src, dst = pairs // table.shape[0], pairs % table.shape[0]
+def _state_pairs(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct (state, next state) pairs of the (S, K) next-state table, sorted by state."""
+    ordered = np.sort(table, axis=1)
+    keep = ordered >= 0
+    keep[:, 1:] &= ordered[:, 1:] != ordered[:, :-1]
+    src, col = np.nonzero(keep)
+    return src, ordered[src, col].astype(np.int64)
+
+
+def _bfs(pairs: tuple[np.ndarray, np.ndarray], num_states: int, sources: np.ndarray, backward: bool
+         ) -> np.ndarray:
+    """(S,) int64: BFS distance in tokens from `sources` over the (state, next state) pairs (backward: to
+    `sources`); -1 where unreachable. Each state's pairs are read once."""
+    src, dst = pairs
     if backward:
-        src, dst = dst, src
-    dist = np.full(table.shape[0], -1, dtype=np.int64)
+        order = np.argsort(dst, kind="stable")
+        src, dst = dst[order], src[order]
+    start = np.searchsorted(src, np.arange(num_states + 1))
+    dist = np.full(num_states, -1, dtype=np.int64)
     dist[sources] = 0
     level, d = np.asarray(sources), 0
     while level.size:
         d += 1
-        reached = np.unique(dst[np.isin(src, level)])
+        count = start[level + 1] - start[level]
+        index = np.repeat(start[level] - (np.cumsum(count) - count), count) + np.arange(count.sum())
+        reached = np.unique(dst[index])
         level = reached[dist[reached] < 0]
         dist[level] = d
     return dist
@@ -266,38 +288,35 @@ def _compile(source: dict, vocabulary: ConstraintVocabulary, limits: CompileLimi
     finals = np.asarray(reply["finals"], dtype=np.int64)
 
     # 3. drop states that cannot reach a final state, and the transitions into them
-    dist = _bfs(table, finals, backward=True)
+    pairs = _state_pairs(table)
+    dist = _bfs(pairs, table.shape[0], finals, backward=True)
     if dist[reply["initial"]] < 0:
         raise ConstraintError(f"{description}: no text the tokenizer can spell satisfies it")
-    alive = (dist >= 0) & (_bfs(table, np.array([reply["initial"]]), backward=False) >= 0)
-    new_id = np.cumsum(alive) - 1
-    table = table[alive]
-    table = np.where((table >= 0) & alive[np.maximum(table, 0)], new_id[np.maximum(table, 0)], -1)
+    alive = (dist >= 0) & (_bfs(pairs, table.shape[0], np.array([reply["initial"]]), backward=False) >= 0)
+    num_live = int(alive.sum())
+    new_id = np.full(table.shape[0] + 1, -1, dtype=np.int32)  # the last entry maps -1 (not allowed) to -1
+    new_id[np.flatnonzero(alive)] = np.arange(num_live)
     dist, initial = dist[alive], int(new_id[reply["initial"]])
-    num_live = table.shape[0]
     final = np.zeros(num_live + 1, dtype=bool)
     final[new_id[finals[alive[finals]]]] = True
 
-    # 4. the DONE state and the EOS / pad / never-allowed columns
-    done = num_live
-    eos_col = np.where(final, done, -1).astype(np.int32)
-    eos_col[done] = done
-    pad_col = np.full(num_live + 1, -1, dtype=np.int32)
-    pad_col[done] = done
-    never_col = np.full(num_live + 1, -1, dtype=np.int32)
-    table = np.vstack([table, np.full((1, table.shape[1]), -1, dtype=np.int32)])
+    # 4. the DONE state (the last row) and four more columns: tokens that spell no text (the child's class K),
+    # EOS, pad, and never allowed
+    done, num_classes = num_live, table.shape[1]
+    columns = np.full((num_live + 1, num_classes + 4), -1, dtype=np.int32)
+    columns[:num_live, :num_classes] = new_id[table[alive]]  # a state that went is not allowed
     final[done] = True
+    columns[final, num_classes + 1] = done
+    columns[done, num_classes + 2] = done
     dist = np.append(dist, 0)
 
     # 2. classes that became alike once dead states went, merged with the three special columns
-    columns = np.hstack([table, eos_col[:, None], pad_col[:, None], never_col[:, None]])
-    unique_columns, column_class = np.unique(columns.T, axis=0, return_inverse=True)
-    column_class = column_class.reshape(-1)
+    first, column_class = distinct_columns(columns)
     eos_class, pad_class = column_class[-3:-1]
     token_class = column_class[worker_class]
     token_class[list(vocabulary.pad_token_ids)] = pad_class
     token_class[list(vocabulary.eos_token_ids)] = eos_class
 
     return Constraint(description, torch.from_numpy(token_class.astype(np.int32)),
-                      torch.from_numpy(np.ascontiguousarray(unique_columns.T).astype(np.int64)),
+                      torch.from_numpy(columns[:, first].astype(np.int64)),
                       torch.from_numpy(dist), torch.from_numpy(final), initial, done, vocabulary)

@@ -41,11 +41,14 @@ def chain(w, required: list[str], optional: list[str], brace: tuple[str, str]) -
     if required:
         body = sep.join(required) + tail
     else:  # nothing yet: the first written item opens the list, the rest are comma-led; only the first
-        # OPENERS may open it, which keeps the regex linear in the number of keys (later ones still follow)
-        options = []
-        for i, item in enumerate(optional[:OPENERS]):
-            options.append(item + "".join(f"({sep}{o})?" for o in optional[i + 1:]))
-        body = "(" + "|".join(options) + ")?" if options else ""
+        # OPENERS may open it, which keeps the regex linear in the number of keys (later ones still follow).
+        # The items after the openers are written once, after the alternation, not once per opener: the same
+        # language, and an 8x smaller regex and DFA when they are many (Github_hard o67450: 38,490 DFA states
+        # and 15 s in outlines-core, against 4,593 and 0.4 s; the minimal DFA is the same)
+        openers, rest = optional[:OPENERS], optional[OPENERS:]
+        options = [item + "".join(f"({sep}{o})?" for o in openers[i + 1:]) for i, item in enumerate(openers)]
+        rest_tail = "".join(f"({sep}{o})?" for o in rest)
+        body = "((" + "|".join(options) + ")" + rest_tail + ")?" if options else ""
     return f"{brace[0]}{ws}{body}{ws}{brace[1]}"
 
 

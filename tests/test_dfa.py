@@ -1,0 +1,145 @@
+"""Byte DFAs (dgemma.control.dfa): minimizing keeps the language and is minimal, checked against a plain
+reference over many regexes (hand-picked, written by the schema writer, and drawn by hypothesis)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from dgemma.control import _compile_worker as worker
+from dgemma.control.dfa import minimize
+from dgemma.control.schema import schema_to_regex
+
+SCHEMAS = [
+    {"type": "object"},
+    {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8}, "age": {"type": "integer",
+     "minimum": 0, "maximum": 130}, "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 3}},
+     "required": ["name"]},
+    {"type": "string", "format": "date-time"},
+    {"anyOf": [{"type": "number", "minimum": -2.5, "maximum": 10}, {"type": "null"}, {"type": "boolean"}]},
+    {"type": "object", "properties": {f"k{i}": {"type": "string", "maxLength": 3} for i in range(6)}},
+]
+REGEXES = [r"(a|b)*a(a|b)", r"[0-9]{2,5}(\.[0-9]+)?", r"(ab|abc|b)*c?", r"é[^a-z]{1,3}", r"x", r"(a{3})*",
+           *(schema_to_regex(s) for s in SCHEMAS)]
+
+
+def reference_classes(table: np.ndarray, finals: list[int]) -> int:
+    """The number of Myhill-Nerode classes of the DFA's states (dead kept apart), by plain Moore over tuples."""
+    num_states = table.shape[0]
+    part = [1 if s in set(finals) else 0 for s in range(num_states)] + [2]
+    nxt = [[num_states if t < 0 else int(t) for t in row] for row in table] + [[num_states] * table.shape[1]]
+    while True:
+        keys = [(part[s], tuple(part[t] for t in nxt[s])) for s in range(num_states + 1)]
+        ids = {k: i for i, k in enumerate(sorted(set(keys)))}
+        refined = [ids[k] for k in keys]
+        if len(ids) == len(set(part)):
+            return len(ids) - 1
+        part = refined
+
+
+def same_language(a: tuple, b: tuple) -> bool:
+    """Two DFAs (table, initial, finals) accept the same bytes: no reachable pair disagrees on finality."""
+    (ta, ia, fa), (tb, ib, fb) = a, b
+    fa, fb = set(fa), set(fb)
+    seen, todo = {(ia, ib)}, [(ia, ib)]
+    while todo:
+        x, y = todo.pop()
+        if (x >= 0 and x in fa) != (y >= 0 and y in fb):
+            return False
+        for byte in range(256):
+            pair = (int(ta[x, byte]) if x >= 0 else -1, int(tb[y, byte]) if y >= 0 else -1)
+            if pair != (-1, -1) and pair not in seen:
+                seen.add(pair)
+                todo.append(pair)
+    return True
+
+
+def check_minimize(regex: str) -> None:
+    dfa = worker.byte_dfa(regex)
+    small = minimize(*dfa)
+    assert small[0].shape[0] == reference_classes(dfa[0], dfa[2])
+    assert same_language(dfa, small)
+
+
+@pytest.mark.parametrize("regex", REGEXES)
+def test_minimize_keeps_the_language_and_is_minimal(regex):
+    check_minimize(regex)
+
+
+ATOMS = st.sampled_from(["a", "b", "ab", "[a-c]", "[^a]", "é", r"\.", "[0-9]", "(a|bc)"])
+
+
+def _regexes():
+    def extend(inner):
+        return st.one_of(
+            st.tuples(inner, inner).map(lambda p: p[0] + p[1]),
+            st.tuples(inner, inner).map(lambda p: f"({p[0]}|{p[1]})"),
+            st.tuples(inner, st.integers(0, 3), st.integers(0, 3)).map(
+                lambda p: f"({p[0]}){{{min(p[1], p[2])},{max(p[1], p[2])}}}"),
+            inner.map(lambda r: f"({r})*"), inner.map(lambda r: f"({r})?"))
+    return st.recursive(ATOMS, extend, max_leaves=8)
+
+
+@settings(max_examples=60, deadline=None)
+@given(_regexes())
+def test_minimize_on_drawn_regexes(regex):
+    check_minimize(regex)
+
+
+# ---- the token walk: every (state, token) against walking the token's bytes one at a time
+
+TOKENS = [bytes([b]) for b in range(256)] + [
+    b"ab", b"abc", b"ba", b"aa", b"aaa", b"a.", b"\\.", b"12", b"2026-", b"-12-07T", b'{"', b'":', b'",', b'"}',
+    b'{"name', b'":"', b"null", b"true", b"\xc3\xa9", b"a\xc3", b"\xa9b", b"\xc3\xa9\xc3", b"  ", b"[0", b"e+",
+    b"0.5", b"-0", b"k0", b'"k1":', b"xyz", b"ccc", b"bcbc"]
+SPARSE = [None, b"ab", None, b"a", b"\xc3\xa9", b"ba", None] * 3  # no-text ids, and tokens spelled alike
+
+
+def check_token_walk(regex: str, tokens: list) -> None:
+    table, initial, finals = minimize(*worker.byte_dfa(regex))
+    reply = worker.token_automaton(table, initial, finals, tokens)
+    classes = reply["token_class"]
+    nexts = np.hstack([reply["table"], np.full((reply["num_states"], 1), -1)])  # class K: no text, never allowed
+    assert (reply["initial"], reply["finals"]) == (initial, finals) and reply["num_states"] == table.shape[0]
+    for state in range(table.shape[0]):
+        for token_id, text in enumerate(tokens):
+            at = state if text else -1
+            for byte in text or b"":
+                at = int(table[at, byte]) if at >= 0 else -1
+            assert nexts[state, classes[token_id]] == at, (state, text)
+    # classes are as few as they can be: no two columns alike
+    assert len(np.unique(reply["table"].T, axis=0)) == reply["num_classes"]
+
+
+@pytest.mark.parametrize("regex", REGEXES)
+def test_token_walk_matches_a_byte_by_byte_walk(regex):
+    check_token_walk(regex, TOKENS)
+    check_token_walk(regex, SPARSE)
+
+
+@settings(max_examples=40, deadline=None)
+@given(_regexes(), st.lists(st.binary(min_size=1, max_size=5).map(lambda b: b.replace(b"\x00", b"a")),
+                            min_size=1, max_size=40))
+def test_token_walk_on_drawn_regexes_and_tokens(regex, drawn):
+    check_token_walk(regex, [bytes([b]) for b in b"abc\xc3\xa90.\\"] + drawn)
+
+
+# ---- the schema writer's object chain: the tail after the openers is written once, with the same language
+
+@pytest.mark.parametrize("count", [1, 3, 8, 9, 12])
+def test_optional_keys_chain_keeps_its_language(count):
+    from dgemma.control.schema import containers
+
+    class W:
+        ws = "[ ]?"
+    items = [f'"k{i}":(1|22)' for i in range(count)]
+    sep = "[ ]?,[ ]?"
+    # the plain form: each opener followed by every later item (what the writer wrote before)
+    plain = "|".join(item + "".join(f"({sep}{o})?" for o in items[i + 1:])
+                     for i, item in enumerate(items[:containers.OPENERS]))
+    plain = r"\{[ ]?(" + plain + r")?[ ]?\}"
+    ours = containers.chain(W(), [], items, (r"\{", r"\}"))
+    assert same_language(minimize(*worker.byte_dfa(plain)), minimize(*worker.byte_dfa(ours)))
+    if count > containers.OPENERS:
+        assert len(ours) < len(plain)
