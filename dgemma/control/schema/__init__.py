@@ -20,8 +20,9 @@ schema is refused with a SchemaError that names it. What is enforced:
 Refused: not, if/then/else, contains, dependentSchemas, unevaluated*, $dynamicRef, remote $refs, a fractional
 multipleOf, formats we do not write (uri-reference, iri, idn-*, regex, json-pointer, ...), minima above
 `SchemaLimits.max_count`, and any combination we cannot write exactly. Where we write less than the schema
-allows (a maxLength above `length_cap`, maxItems above `items_cap`, one optional item of a uniqueItems array),
-every output is still valid.
+allows (a maxLength above `length_cap`, maxItems above `items_cap`, one optional item of a uniqueItems array,
+only the number of an anyOf of a number and a free string, as pydantic writes `Decimal`), every output is still
+valid.
 """
 
 from __future__ import annotations
