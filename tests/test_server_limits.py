@@ -233,13 +233,14 @@ def test_slow_clients_are_cut_off(runtime):
     (["--header-timeout", "-1"], "--header-timeout must be a positive number"),
     (["--api-key-file", "/nonexistent/key"], "--api-key-file: cannot read /nonexistent/key"),
     (["--api-key", "a", "--api-key-file", "f"], "give --api-key or --api-key-file, not both"),
-    (["--compile-timeout", "0"], "--compile-timeout must be positive, got 0.0"),
+    (["--compile-timeout", "0"], "--compile-timeout must be a finite positive number, got 0.0"),
     (["--max-compiles", "0"], "--max-compiles must be a positive whole number, got 0"),
     (["--max-compiles-per-client", "-2"], "--max-compiles-per-client must be a positive whole number"),
-    (["--compile-wait", "-1"], "--compile-wait must be 0 or more, got -1.0"),
+    (["--compile-wait", "-1"], "--compile-wait must be a finite number, 0 or more, got -1.0"),
     (["--compile-memory-mb", "0"], "--compile-memory-mb must be a positive whole number"),
     (["--compile-max-states", "0"], "--compile-max-states must be a positive whole number"),
-    (["--compile-timeout", "nan"], "--compile-timeout must be positive, got nan"),
+    (["--compile-timeout", "nan"], "--compile-timeout must be a finite positive number, got nan"),
+    (["--compile-wait", "inf"], "--compile-wait must be a finite number, 0 or more, got inf"),
 ])
 def test_serve_flag_errors_are_one_line(capsys, argv, message):
     from dgemma.cli import main

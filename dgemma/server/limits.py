@@ -75,7 +75,8 @@ class CompileSettings:
             number = not isinstance(value, bool) and isinstance(value, int if whole else (int, float))
             if not number or value != value or value == float("inf") or \
                     not (value > 0 or (f.name == "compile_wait" and value == 0)):
-                need = "0 or more" if f.name == "compile_wait" else "a positive whole number" if whole else "positive"
+                need = ("a finite number, 0 or more" if f.name == "compile_wait" else
+                        "a positive whole number" if whole else "a finite positive number")
                 raise LimitError(f"--{f.name.replace('_', '-')} must be {need}, got {value!r}")
 
     def gate(self) -> dict:
