@@ -94,16 +94,15 @@ class Compiler:
             self.xgr.compile_json_schema(json.dumps(schema))
 
 
-def worker(library: str, tokenizer_file: str, timeout: float) -> None:
-    """Reads schema file paths on stdin, writes one JSON result per line."""
-    compiler = Compiler(library, tokenizer_file, timeout)
+def serve(run) -> None:
+    """A worker's loop: reads schema file paths on stdin, writes `run(schema)` (a dict) plus its seconds as one JSON
+    line each. An exception is a failure: {"ok": False, "error": its type and first 160 characters}."""
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
         schema = json.loads(Path(line.strip()).read_text())
         start = time.perf_counter()
         try:
-            compiler.compile(schema)
-            result = {"ok": True}
+            result = run(schema)
         except BaseException as err:  # pyo3 panics are BaseException
             if isinstance(err, KeyboardInterrupt):
                 raise
@@ -112,13 +111,18 @@ def worker(library: str, tokenizer_file: str, timeout: float) -> None:
         print(json.dumps(result), flush=True)
 
 
-class Pool:
-    """A worker process; restarted after a timeout."""
+def worker(library: str, tokenizer_file: str, timeout: float) -> None:
+    compiler = Compiler(library, tokenizer_file, timeout)
+    serve(lambda schema: compiler.compile(schema) or {"ok": True})
 
-    def __init__(self, args, tokenizer_file: Path):
-        self.command = [sys.executable, __file__, "--worker", args.library, "--tokenizer", str(tokenizer_file),
-                        "--timeout", str(args.timeout)]
-        self.timeout = args.timeout
+
+class Pool:
+    """A worker process (`command`, which answers with `serve`); killed and restarted when one schema takes longer
+    than `timeout` seconds."""
+
+    def __init__(self, command: list[str], timeout: float):
+        self.command = command
+        self.timeout = timeout
         self.proc = None
 
     def start(self) -> None:
@@ -182,7 +186,8 @@ def main() -> None:
     if args.worker:
         return worker(args.worker, args.tokenizer, args.timeout)
     tokenizer_file = tokenizer_path(args.data, args.vocab)
-    pool = Pool(args, tokenizer_file)
+    pool = Pool([sys.executable, __file__, "--worker", args.library, "--tokenizer", str(tokenizer_file),
+                 "--timeout", str(args.timeout)], args.timeout)
     subsets = args.subsets or sorted(p.name for p in args.data.iterdir() if p.is_dir())
     report = {}
     print(f"{args.library}, vocab {args.vocab}, timeout {args.timeout:g} s, per subset {args.per_subset or 'all'}")

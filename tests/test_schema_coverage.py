@@ -64,9 +64,11 @@ class Shapes(BaseModel):
 
 
 class Priced(BaseModel):
-    """pydantic 2.14 writes Decimal (validation mode) as anyOf number | string, with no pattern: a string that is
-    no decimal is valid against the schema, so only jsonschema can be asked to accept every output here."""
+    """pydantic 2.14 writes Decimal (validation mode) as anyOf number | string, the bounds on the number member only
+    and no pattern on the string; the writer writes the number (test_decimal_is_written_as_a_finite_number)."""
     price: Decimal
+    discount: Decimal = Field(ge=0, le=100)
+    tip: Optional[Decimal] = None
 
 
 class Cat(BaseModel):
@@ -114,9 +116,31 @@ def test_pydantic_models_validate_by_construction(model, vocab):
         result = best_valid_tokens(random_log_probs(seed, 200, vocab.vocab_size), constraint, tokens_after=0)
         text = text_of(vocab, result.tokens)
         checker.validate(json.loads(text))
-        if model is not Priced:
-            model.model_validate_json(text)
+        model.model_validate_json(text)
         _check_formats(json.loads(text), schema)
+
+
+def test_decimal_is_written_as_a_finite_number():
+    """What pydantic writes for Decimal admits strings pydantic refuses ("abc"; "500" over le=100) and numbers it
+    refuses (1e999 overflows to infinity); the writer writes only numbers within +-10**15 where no bound is set."""
+    from pydantic import ValidationError
+
+    schema = Priced.model_json_schema()
+    assert schema["properties"]["price"] == {"anyOf": [{"type": "number"}, {"type": "string"}], "title": "Price"}
+    checker = jsonschema.Draft202012Validator(schema, format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER)
+    regex = re.compile(schema_to_regex(schema))
+    for text in ['{"price":"abc","discount":1}', '{"price":1,"discount":"500"}', '{"price":1e999,"discount":1}']:
+        checker.validate(json.loads(text))  # the schema allows it ...
+        with pytest.raises(ValidationError):  # ... pydantic refuses it ...
+            Priced.model_validate_json(text)
+        assert regex.fullmatch(text) is None  # ... and it is never written
+    assert regex.fullmatch('{"price":"5","discount":1}') is None  # a decimal string too: the number is written
+    for text in ['{"price":1.5,"discount":100}', '{"price":-3,"discount":0.25,"tip":null}',
+                 '{"price":1000000000000000,"discount":7,"tip":-999999999999999.75}']:
+        assert regex.fullmatch(text), text
+        Priced.model_validate_json(text)
+    assert regex.fullmatch('{"price":1000000000000001,"discount":1}') is None
+    assert re.fullmatch(schema_to_regex({"anyOf": [{"type": "number"}, {"type": "string", "maxLength": 3}]}), '"ab"')
 
 
 def test_integer_ranges_are_exact():

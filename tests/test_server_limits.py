@@ -233,6 +233,14 @@ def test_slow_clients_are_cut_off(runtime):
     (["--header-timeout", "-1"], "--header-timeout must be a positive number"),
     (["--api-key-file", "/nonexistent/key"], "--api-key-file: cannot read /nonexistent/key"),
     (["--api-key", "a", "--api-key-file", "f"], "give --api-key or --api-key-file, not both"),
+    (["--compile-timeout", "0"], "--compile-timeout must be a finite positive number, got 0.0"),
+    (["--max-compiles", "0"], "--max-compiles must be a positive whole number, got 0"),
+    (["--max-compiles-per-client", "-2"], "--max-compiles-per-client must be a positive whole number"),
+    (["--compile-wait", "-1"], "--compile-wait must be a finite number, 0 or more, got -1.0"),
+    (["--compile-memory-mb", "0"], "--compile-memory-mb must be a positive whole number"),
+    (["--compile-max-states", "0"], "--compile-max-states must be a positive whole number"),
+    (["--compile-timeout", "nan"], "--compile-timeout must be a finite positive number, got nan"),
+    (["--compile-wait", "inf"], "--compile-wait must be a finite number, 0 or more, got inf"),
 ])
 def test_serve_flag_errors_are_one_line(capsys, argv, message):
     from dgemma.cli import main
@@ -279,6 +287,46 @@ def test_serve_reads_the_key_from_a_file_and_warns_when_open_without_one(runtime
     try:
         assert any("WARNING" in line and "WITHOUT an API key" in line for line in lines), lines
         assert any("playground http://0.0.0.0:" in line for line in lines), lines  # where a browser goes
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def test_the_compile_flags_default_to_the_gate_and_compile_limits(capsys):
+    from dgemma.cli import main
+    from dgemma.control import CompileLimits
+    from dgemma.control.gate import CompileGate
+    from dgemma.server.limits import COMPILE_FLAGS, CompileSettings
+
+    settings, gate = CompileSettings(), CompileGate()
+    assert settings.limits() == CompileLimits()
+    assert settings.gate() == {"max_total": gate.max_total, "max_per_client": gate.max_per_client,
+                               "wait_s": gate.wait_s}
+    assert main(["serve", "--help"]) == 0
+    shown = " ".join(capsys.readouterr().out.split())
+    for name in COMPILE_FLAGS:
+        assert f"--{name.replace('_', '-')} " in shown and f"(default {getattr(settings, name)})" in shown, name
+
+
+def test_compile_timeout_flag_refuses_a_slow_schema_with_a_400_naming_it(runtime):
+    """The same schema compiles under the default limits, and is a 400 naming response_format with
+    --compile-timeout 0.05 (a compile child alone takes longer to start)."""
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
+                                               "age": {"type": "integer", "minimum": 0, "maximum": 130}},
+              "required": ["name", "age"], "additionalProperties": False}
+    body = chat_body(max_tokens=64, response_format={"type": "json_schema",
+                                                     "json_schema": {"name": "person", "schema": schema}})
+    with serve(runtime) as srv:
+        assert httpx.post(srv.url + "/v1/chat/completions", json=body, timeout=120).status_code == 200
+    ckpt, _ = runtime
+    proc, url, _ = _serve(ckpt.path, "--compile-timeout", "0.05", "--served-model-name", MODEL,
+                          env={"DGEMMA_API_KEY": ""})
+    try:
+        r = httpx.post(url + "/v1/chat/completions", json=body, timeout=60)
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["param"] == "response_format"
+        assert "compiling took longer than the limit of 0.05 s" in error["message"], error
     finally:
         proc.terminate()
         proc.wait(30)

@@ -70,11 +70,12 @@ class SteeringSpec:
 
 
 def build_steering(spec: SteeringSpec, tokenizer, vocabulary: Callable[[], object] | None, generation,
-                   max_text_bytes: int | None = None) -> Steering | None:
+                   max_text_bytes: int | None = None, limits=None) -> Steering | None:
     """The Steering `spec` asks for, or None when it asks for nothing. `tokenizer` (None: the model has none) encodes
     its text; `vocabulary()` gives the constraint vocabulary (built only when a constraint is asked for);
     `generation` (a GenerationConfig) gives EOS. Text longer than `max_text_bytes` (UTF-8) is refused before it is
-    encoded. SteeringError names the field of any refusal."""
+    encoded. A constraint compiles under `limits` (a CompileLimits; None: its defaults). SteeringError names the
+    field of any refusal."""
     _check_combinations(spec)
     # 1. pins
     pins, pins_from = None, spec.pins_from
@@ -101,7 +102,7 @@ def build_steering(spec: SteeringSpec, tokenizer, vocabulary: Callable[[], objec
         suffix = list(suffix)
     # 4. the constraint, for the budget the output has (a template's length is checked with its pins, which end
     # in EOS, by Steering.check, so a refusal names the template)
-    constraint = _constraint(spec, tokenizer, vocabulary, spec.max_tokens)
+    constraint = _constraint(spec, tokenizer, vocabulary, spec.max_tokens, limits)
     if pins is None and seed is None and suffix is None and constraint is None:
         return None
     strength = spec.strength
@@ -145,17 +146,20 @@ def _encode(tokenizer, text: str, param: str, max_text_bytes: int | None, plain:
     return tokenizer.encode_plain(text) if plain else tokenizer.encode(text, add_special_tokens=False)
 
 
-def _constraint(spec: SteeringSpec, tokenizer, vocabulary, max_tokens: int | None):
+def _constraint(spec: SteeringSpec, tokenizer, vocabulary, max_tokens: int | None, limits):
     """The compiled automaton of spec.constraint or spec.tool_call, or None."""
     if spec.constraint is None and spec.tool_call is None:
         return None
+    from .constraint import CompileLimits
+
+    limits = limits or CompileLimits()
     asked = spec.constraint
     param = asked.param if asked is not None else "tool_choice"
     _need_tokenizer(tokenizer, param, "it cannot constrain text")
     if asked is None:
-        answer = _tool_call(spec.tool_call, tokenizer, vocabulary())
+        answer = _tool_call(spec.tool_call, tokenizer, vocabulary(), limits)
     else:
-        answer = _answer(asked, vocabulary)
+        answer = _answer(asked, vocabulary, limits)
     from .constraint import ConstraintError
 
     try:
@@ -177,23 +181,23 @@ def _after_thought(answer, tokenizer, param: str):
     return after_thought(answer, *ids)
 
 
-def _answer(asked: ConstraintSpec, vocabulary):
+def _answer(asked: ConstraintSpec, vocabulary, limits):
     """The compiled automaton of a response_format or structured_outputs constraint."""
     from .constraint import Constraint, ConstraintError
 
     param = asked.param
     build: Mapping[str, Callable] = {
-        "json_schema": lambda v, vocab: Constraint.from_json_schema(v, vocab),
-        "json_object": lambda v, vocab: Constraint.json_object(vocab),
-        "regex": lambda v, vocab: Constraint.from_regex(v, vocab),
-        "choice": lambda v, vocab: Constraint.from_choice(v, vocab)}
+        "json_schema": lambda v, vocab: Constraint.from_json_schema(v, vocab, limits=limits),
+        "json_object": lambda v, vocab: Constraint.json_object(vocab, limits=limits),
+        "regex": lambda v, vocab: Constraint.from_regex(v, vocab, limits=limits),
+        "choice": lambda v, vocab: Constraint.from_choice(v, vocab, limits=limits)}
     try:
         return build[asked.kind](asked.value, vocabulary())
     except ConstraintError as e:
         raise SteeringError(str(e), param) from None
 
 
-def _tool_call(call: ToolCallSpec, tokenizer, vocabulary):
+def _tool_call(call: ToolCallSpec, tokenizer, vocabulary, limits):
     """The automaton for a forced tool call: the Gemma call syntax with arguments valid against the function's
     parameters (control/tools.py)."""
     from .constraint import Constraint, ConstraintError
@@ -211,7 +215,7 @@ def _tool_call(call: ToolCallSpec, tokenizer, vocabulary):
     except SchemaError as e:
         raise SteeringError(f"tools: {e}", "tools") from None
     try:
-        return Constraint.from_regex(regex, tool_vocabulary(vocabulary, marker_ids),
+        return Constraint.from_regex(regex, tool_vocabulary(vocabulary, marker_ids), limits=limits,
                                      description=f"tool call ({call.name or call.choice})")
     except ConstraintError as e:
         raise SteeringError(str(e), "tool_choice") from None

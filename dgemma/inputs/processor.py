@@ -38,11 +38,15 @@ class SteeringPlan:
 class InputProcessor:
     """Prompt and steering building over one model's tokenizer (None: the model has none) and generation config.
     `vocab_size`: the model's (it may exceed the tokenizer's); `max_model_len`: the context a request may fill,
-    which bounds the text it may send (None: unbounded); `canvas_length`: the model's (None: not checked)."""
+    which bounds the text it may send (None: unbounded); `canvas_length`: the model's (None: not checked);
+    `compile_limits`: the CompileLimits every constraint compiles under (None: CompileLimits' defaults)."""
 
     def __init__(self, tokenizer, generation, vocab_size: int, max_model_len: int | None = None,
-                 canvas_length: int | None = None):
+                 canvas_length: int | None = None, compile_limits=None):
+        from ..control.constraint import CompileLimits
+
         self.tokenizer = tokenizer
+        self.compile_limits = compile_limits or CompileLimits()
         self.canvas_length = canvas_length
         self.generation = generation
         self.vocab_size = vocab_size
@@ -113,7 +117,8 @@ class InputProcessor:
     def steering(self, spec: SteeringSpec) -> SteeringPlan:
         """build_steering over this model; InputError naming the field of a refusal."""
         try:
-            steering = build_steering(spec, self.tokenizer, self.vocabulary, self.generation, self.max_text_bytes)
+            steering = build_steering(spec, self.tokenizer, self.vocabulary, self.generation, self.max_text_bytes,
+                                      self.compile_limits)
         except SteeringError as e:
             raise InputError(str(e), e.param) from None
         return SteeringPlan(steering, steering_budget(spec, steering))

@@ -10,7 +10,7 @@ import threading
 from pathlib import Path
 
 from ..cli_common import CLIError, add_model_args, apply_threads, load_runtime
-from .limits import FLAGS, ServerLimits
+from .limits import COMPILE_FLAGS, FLAGS, CompileSettings, ServerLimits
 
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
@@ -56,10 +56,11 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
                    help="images in one chat request (more is refused with 400 before any is decoded)")
     p.add_argument("--no-settled-prefix", action="store_true",
                    help="do not pin and stream the settled prefix by default (text then streams per canvas)")
-    for name, what in FLAGS.items():
-        default = getattr(ServerLimits, name)
-        p.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default,
-                       help=f"{what} (default {default})")
+    for flags, settings in ((FLAGS, ServerLimits), (COMPILE_FLAGS, CompileSettings)):
+        for name, what in flags.items():
+            default = getattr(settings, name)
+            p.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default,
+                           help=f"{what} (default {default})")
     p.set_defaults(func=cmd_serve)
     return p
 
@@ -84,6 +85,7 @@ def cmd_serve(args) -> int:
 
     from ..engine import Engine
     from ..images import ImageSupport
+    from ..control.gate import COMPILES
     from .app import build_app
     from .guard import uvicorn_config
     from .serving import Serving
@@ -93,6 +95,7 @@ def cmd_serve(args) -> int:
         if value is not None and value < (0 if name == "port" else 1):
             raise CLIError(f"--{name.replace('_', '-')} must be positive, got {value}")
     limits = ServerLimits(**{name: getattr(args, name) for name in FLAGS})
+    compiles = CompileSettings(**{name: getattr(args, name) for name in COMPILE_FLAGS})
     if args.max_images_per_request < 0:
         raise CLIError(f"--max-images-per-request must be 0 or more, got {args.max_images_per_request}")
     media_dir = None
@@ -120,7 +123,9 @@ def cmd_serve(args) -> int:
     if ckpt.vision is not None and images is None:  # a tower whose image token ids cannot be used
         print(f"dgemma serve: text only, images are refused ({ckpt.no_images_reason})", file=sys.stderr)
     serving = Serving(engine, tokenizer, name, settled_prefix=not args.no_settled_prefix, limits=limits,
-                      images=images, allowed_media=media_dir, max_images=args.max_images_per_request)
+                      images=images, allowed_media=media_dir, max_images=args.max_images_per_request,
+                      compile_limits=compiles.limits())
+    COMPILES.configure(**compiles.gate())
     app = build_app(serving, key, allowed_hosts=allowed_hosts, public_metrics=args.public_metrics)
     kv = engine.kv_stats()
     print(f"dgemma serve: {name} on {ckpt.model.device}, {args.max_num_seqs} rows x {engine.max_model_len} tokens, "

@@ -21,7 +21,8 @@ __all__ = ["APIError", "Serving"]
 
 class Serving:
     def __init__(self, engine: EngineClient, tokenizer, model_name: str, settled_prefix: bool = True,
-                 limits: ServerLimits | None = None, images=None, allowed_media=None, max_images: int = 8):
+                 limits: ServerLimits | None = None, images=None, allowed_media=None, max_images: int = 8,
+                 compile_limits=None):
         self.engine = engine
         self.tokenizer = tokenizer
         self.model_name = model_name
@@ -30,7 +31,7 @@ class Serving:
                                       max_content_chars=self.limits.max_content_chars, images=images,
                                       allowed_media=allowed_media, max_images=max_images)
         self.inputs = InputProcessor(tokenizer, engine.generation, engine.vocab_size, engine.max_model_len,
-                                     engine.canvas_length)
+                                     engine.canvas_length, compile_limits)
         self.metrics = Metrics(engine)
 
     def models(self) -> ModelList:
@@ -54,7 +55,7 @@ class Serving:
         if self.tokenizer is None:
             return False
         try:
-            Constraint.json_object(self.vocabulary())
+            Constraint.json_object(self.vocabulary(), limits=self.inputs.compile_limits)
         except ConstraintError:
             return False
         return True

@@ -23,9 +23,9 @@ Refused: not, if/then/else, contains, dependentSchemas, unevaluated*, $dynamicRe
 multipleOf, formats we do not write (uri-reference, iri, idn-*, regex, json-pointer, ...), minima above
 `SchemaLimits.max_count`, and any combination we cannot write exactly. A schema whose regex would pass
 `SchemaLimits.max_regex_chars` is written in a compact form (required keys only, free objects empty, a union's
-first member), refused only when that is still too long. Where we write less than the schema
-allows (a maxLength above `length_cap`, maxItems above `items_cap`, one optional item of a uniqueItems array),
-every output is still valid.
+first member), refused only when that is still too long. Where we write less than the schema allows (a maxLength
+above `length_cap`, maxItems above `items_cap`, one optional item of a uniqueItems array, only the number of an
+anyOf of a number and a free string, as pydantic writes `Decimal`), every output is still valid.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import json
+import math
 import re
 
 from . import containers
@@ -196,6 +197,8 @@ class Writer:
         if not all(isinstance(m, (dict, bool)) for m in members):
             raise SchemaError(f"{path}/{combinator}: members must be schemas")
         merged = [merge(rest, {} if m is True else m, path) for m in members if m is not False]
+        if combinator == "anyOf":
+            merged = prefer_number(merged)
         if combinator == "oneOf":
             merged = self.exclusive(merged, path)
         written, errors = [], []
@@ -253,6 +256,39 @@ class Writer:
 
     def any_object(self, depth: int) -> str:
         return containers.pairs(self, f'"{CHAR}*"', self.any_value(depth - 1), 0, None)
+
+
+DECIMAL_CAP = 10**15  # the magnitude a Decimal is written within, on the sides the schema leaves open
+
+
+def prefer_number(members: list) -> list:
+    """anyOf members, less a free string (`{"type": "string"}` and nothing else to check) beside a number member.
+    That pair is how pydantic writes `Decimal` (validation mode): the field's bounds go on the number member only and
+    the string member has no pattern, yet pydantic reads a string as a decimal and checks it against the bounds, so
+    most strings the schema allows are values pydantic refuses. Writing the number alone is still valid (anyOf may
+    write fewer members). pydantic reads a JSON number for a Decimal as a float and refuses one that overflows to
+    infinity (1e999), so the number is written within +-DECIMAL_CAP where the schema sets no bound: without an
+    exponent and with at most 16 integer digits."""
+    free_string = [m for m in members if m.get("type") == "string" and not (set(m) & VALIDATION) - {"type"}]
+    if not free_string or not any(m.get("type") == "number" for m in members):
+        return members
+    return [_capped(m) if m.get("type") == "number" else m for m in members if not any(m is f for f in free_string)]
+
+
+def _capped(number: dict) -> dict:
+    """A number member with +-DECIMAL_CAP (or beyond the bound it has) on the sides it leaves open."""
+    def bound(*keys):
+        values = [number[k] for k in keys if isinstance(number.get(k), (int, float)) and
+                  not isinstance(number.get(k), bool) and math.isfinite(number[k])]
+        return values[0] if values else None
+
+    low, high = bound("minimum", "exclusiveMinimum"), bound("maximum", "exclusiveMaximum")
+    capped = dict(number)
+    if high is None:
+        capped["maximum"] = DECIMAL_CAP + max(0, math.ceil(low)) if low is not None else DECIMAL_CAP
+    if low is None:
+        capped["minimum"] = -DECIMAL_CAP + min(0, math.floor(high)) if high is not None else -DECIMAL_CAP
+    return capped
 
 
 def merge(a: dict, b: dict, path: str) -> dict:
