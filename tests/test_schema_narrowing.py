@@ -83,3 +83,47 @@ def test_a_schema_too_large_to_write_whole_is_written_compact():
     required = {**schema, "required": [f"p{i}" for i in range(40)]}
     with pytest.raises(SchemaError, match="passes the limit"):
         schema_to_regex(required, limits=limits)
+
+
+NEGATIONS = [
+    {"type": "object", "properties": {"body": {"type": "string", "maxLength": 4},
+                                      "bodyValue": {"type": "integer", "maximum": 9}},
+     "not": {"required": ["body", "bodyValue"]}},
+    {"type": "object", "properties": {"a": {"type": "integer", "maximum": 3}, "gone": {"not": {}}},
+     "required": ["a"]},
+    {"type": ["string", "null", "boolean"], "maxLength": 3, "not": {"type": "null"}},
+    {"enum": ["red", "green", 1, 1.5], "not": {"enum": ["green", 1.0]}},
+    {"anyOf": [{"type": "integer", "minimum": 0, "maximum": 5}, {"type": "string", "maxLength": 2}],
+     "not": {"type": "string"}},
+]
+
+
+@pytest.mark.parametrize("schema", NEGATIONS, ids=range(len(NEGATIONS)))
+def test_not_in_the_forms_a_regex_can_honour(schema):
+    regex = schema_to_regex(schema)
+    checker = jsonschema.Draft7Validator(schema)
+    rng = random.Random(2)
+    for _ in range(200):
+        checker.validate(json.loads(sample(regex, rng, decode=False)))
+
+
+def test_other_forms_of_not_are_refused_by_name():
+    for schema in ({"type": "string", "not": {"pattern": "^a"}}, {"type": "number", "not": {"type": "integer"}},
+                   {"type": "string", "not": {"enum": ["a"]}}):
+        with pytest.raises(SchemaError, match="'not'"):
+            schema_to_regex(schema)
+    with pytest.raises(SchemaError, match="no JSON value"):
+        schema_to_regex({"type": "object", "properties": {"a": {}}, "required": ["a"], "not": {"required": ["a"]}})
+
+
+def test_types_meet_only_where_both_sides_allow():
+    """allOf of [number, integer] and string has no value (it wrote integers, which the string member refuses); an
+    anyOf member its siblings leave no value to is left out, not the whole anyOf."""
+    with pytest.raises(SchemaError, match="no JSON value"):
+        schema_to_regex({"allOf": [{"type": ["number", "integer"]}, {"type": "string"}]})
+    schema = {"type": ["integer", "number"], "anyOf": [{"type": "integer", "minimum": 0, "maximum": 3},
+                                                      {"type": "string"}]}
+    regex = schema_to_regex(schema)
+    rng = random.Random(3)
+    for _ in range(50):
+        jsonschema.validate(json.loads(sample(regex, rng, decode=False)), schema)

@@ -19,7 +19,8 @@ schema is refused with a SchemaError that names it. What is enforced:
   patternProperties, propertyNames, min/maxProperties, dependentRequired and array-form dependencies (a key
   written brings what it depends on);
 - recursion through `$ref` up to `SchemaLimits.max_depth` expansions of one reference.
-Refused: not, if/then/else, contains, dependentSchemas, unevaluated*, $dynamicRef, remote $refs, a fractional
+`not` in the forms negation.py lists (not {}, a type, required keys, enum values) narrows the node.
+Refused: other forms of not, if/then/else, contains, dependentSchemas, unevaluated*, $dynamicRef, remote $refs, a fractional
 multipleOf, formats we do not write (uri-reference, iri, idn-*, regex, json-pointer, ...), minima above
 `SchemaLimits.max_count`, and any combination we cannot write exactly. A schema whose regex would pass
 `SchemaLimits.max_regex_chars` is written in a compact form (required keys only, free objects empty, a union's

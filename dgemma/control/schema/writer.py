@@ -14,7 +14,7 @@ import json
 import math
 import re
 
-from . import containers
+from . import containers, negation
 from .base import (REFUSED, TYPE_KEYWORDS, TYPES, VALIDATION, Empty, RegexTooLongError, SchemaError, SchemaLimits,
                    literal)
 from .numbers import INTEGER, NUMBER, integer_regex, number_regex
@@ -105,6 +105,8 @@ class Writer:
     # ---- one node
 
     def node(self, node: dict, path: str) -> str:
+        if "not" in node:
+            return self.node(negation.without_not(self, node, path), path)
         refused = [k for k in REFUSED if k in node]
         if refused:
             raise SchemaError(f"{path}: unsupported JSON schema feature '{refused[0]}'")
@@ -196,7 +198,12 @@ class Writer:
         rest = {k: v for k, v in node.items() if k != combinator}
         if not all(isinstance(m, (dict, bool)) for m in members):
             raise SchemaError(f"{path}/{combinator}: members must be schemas")
-        merged = [merge(rest, {} if m is True else m, path) for m in members if m is not False]
+        merged = []
+        for m in (m for m in members if m is not False):
+            try:  # a member its siblings leave no value to (type string beside type number) matches nothing
+                merged.append(merge(rest, {} if m is True else m, path))
+            except Empty:
+                continue
         if combinator == "anyOf":
             merged = prefer_number(merged)
         if combinator == "oneOf":
@@ -310,9 +317,10 @@ def merge(a: dict, b: dict, path: str) -> dict:
             out[key] = list(dict.fromkeys(old + value))
         elif key == "type":
             mine, theirs = (set(v) if isinstance(v, list) else {v} for v in (old, value))
-            both = (mine & theirs) | ({"integer"} if {"integer", "number"} <= mine | theirs and
-                                      ("integer" in mine or "integer" in theirs) and
-                                      ("number" in mine or "number" in theirs) else set())
+            # an integer is a number: integer and number meet in integer (and only where each side has one)
+            numeric = {"integer", "number"}
+            integral = ("integer" in mine and theirs & numeric) or ("integer" in theirs and mine & numeric)
+            both = (mine & theirs) | ({"integer"} if integral else set())
             if not both:
                 raise Empty
             out[key] = sorted(both)

@@ -1,0 +1,77 @@
+"""`not`, in the forms a regex can honour: the node is narrowed so that nothing written validates against the
+negated schema, or refused.
+
+- `not: {}` / `not: true` (every value matches it): no value can be written (a property so marked is left out);
+- `not: false`: no constraint;
+- `not: {"type": T}`: the node's types less T (less `integer` too when T holds `number`);
+- `not: {"required": [k, ...]}`: an object (only objects can fail `required`) that never writes the last of those
+  keys the node does not itself require;
+- `not: {"enum": [...]}` / `not: {"const": v}` on a node with finite values: those values less the negated ones.
+Any other form is refused by name.
+"""
+
+from __future__ import annotations
+
+from .base import VALIDATION, Empty, SchemaError
+from .containers import canonical
+
+
+def without_not(w, node: dict, path: str) -> dict:
+    """`node` less its `not`, narrowed so that nothing written validates against the negated schema."""
+    negated = node["not"]
+    rest = {k: v for k, v in node.items() if k != "not"}
+    if negated is False:
+        return rest
+    if negated is True or (isinstance(negated, dict) and not set(negated) & VALIDATION):
+        raise Empty
+    if not isinstance(negated, dict):
+        raise SchemaError(f"{path}/not: must be a schema")
+    words = set(negated) & VALIDATION
+    if words == {"type"}:
+        return _other_types(w, rest, negated["type"], path)
+    if words == {"required"} and isinstance(negated["required"], list):
+        return _lacking(w, rest, negated["required"], path)
+    if words <= {"enum", "const"}:
+        return _other_values(rest, negated, path)
+    raise SchemaError(f"{path}: unsupported JSON schema feature 'not' (with {', '.join(sorted(words))})")
+
+
+def _other_types(w, rest: dict, excluded, path: str) -> dict:
+    excluded = set(excluded if isinstance(excluded, list) else [excluded])
+    if "number" in excluded:
+        excluded.add("integer")
+    kinds = [k for k in w.types(rest, path) if k not in excluded]
+    if "integer" in excluded and "number" in kinds:  # a number written may be integral
+        raise SchemaError(f"{path}: unsupported JSON schema feature 'not' (integer excluded from number)")
+    if not kinds:
+        raise Empty
+    return {**rest, "type": kinds}
+
+
+def _lacking(w, rest: dict, keys: list, path: str) -> dict:
+    if "object" not in w.types(rest, path):
+        raise Empty
+    required = rest.get("required", [])
+    free = [k for k in keys if k not in required]
+    if not free:
+        raise Empty
+    properties = dict(rest.get("properties") or {})
+    properties[free[-1]] = False
+    return {**rest, "type": "object", "properties": properties}
+
+
+def _other_values(rest: dict, negated: dict, path: str) -> dict:
+    if "enum" not in rest and "const" not in rest:
+        raise SchemaError(f"{path}: unsupported JSON schema feature 'not' (with enum or const, on a node without "
+                          "its own enum or const)")
+    values = [rest["const"]] if "const" in rest else rest["enum"]
+    banned = negated.get("enum", [])
+    if not isinstance(values, list) or not isinstance(banned, list):
+        raise SchemaError(f"{path}/not/enum: must be a list")
+    banned = banned + ([negated["const"]] if "const" in negated else [])
+    banned_keys = {canonical(v) for v in banned}
+    kept = [v for v in values if canonical(v) not in banned_keys]
+    if not kept:
+        raise Empty
+    out = {k: v for k, v in rest.items() if k not in ("enum", "const")}
+    return {**out, "enum": kept}
