@@ -127,3 +127,23 @@ def test_types_meet_only_where_both_sides_allow():
     rng = random.Random(3)
     for _ in range(50):
         jsonschema.validate(json.loads(sample(regex, rng, decode=False)), schema)
+
+
+def test_a_multiple_of_one_kth_is_written_as_whole_numbers():
+    """multipleOf 0.01 (money) or 0.5: every integer is a multiple, and jsonschema's floating-point division
+    agrees; such numbers are written as integers. A step like 0.3 is still refused."""
+    from pydantic import BaseModel, Field
+
+    class Price(BaseModel):
+        amount: float = Field(ge=0, le=10**6, multiple_of=0.01)
+        half: float = Field(multiple_of=0.5)
+
+    schema = Price.model_json_schema()
+    regex = schema_to_regex(schema)
+    rng = random.Random(4)
+    for _ in range(200):
+        text = sample(regex, rng, decode=False)
+        jsonschema.validate(json.loads(text), schema)
+        Price.model_validate_json(text)
+    with pytest.raises(SchemaError, match="'multipleOf' 0.3"):
+        schema_to_regex({"type": "number", "multipleOf": 0.3, "minimum": 0, "maximum": 3})

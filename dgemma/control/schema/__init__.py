@@ -20,8 +20,8 @@ schema is refused with a SchemaError that names it. What is enforced:
   written brings what it depends on);
 - recursion through `$ref` up to `SchemaLimits.max_depth` expansions of one reference.
 `not` in the forms negation.py lists (not {}, a type, required keys, enum values) narrows the node.
-Refused: other forms of not, if/then/else, contains, dependentSchemas, unevaluated*, $dynamicRef, remote $refs, a fractional
-multipleOf, formats we do not write (uri-reference, iri, idn-*, regex, json-pointer, ...), minima above
+Refused: other forms of not, if/then/else, contains, dependentSchemas, unevaluated*, $dynamicRef, remote $refs, a multipleOf neither whole nor 1/k (0.01 or 0.5 write
+whole numbers), formats we do not write (uri-reference, iri, idn-*, regex, json-pointer, ...), minima above
 `SchemaLimits.max_count`, and any combination we cannot write exactly. A schema whose regex would pass
 `SchemaLimits.max_regex_chars` is written in a compact form (required keys only, free objects empty, a union's
 first member), refused only when that is still too long. Where we write less than the schema allows (a maxLength

@@ -108,16 +108,25 @@ def _integer_bounds(low, low_ex, high, high_ex) -> tuple[int | None, int | None]
     return lo, hi
 
 
+def _divides_one(step) -> bool:
+    """Whether `step` is 1/k for a whole k > 1, as its decimal text reads (0.01, 0.25, 0.5; not 0.3)."""
+    if isinstance(step, bool) or not isinstance(step, float) or not 0 < step < 1:
+        return False
+    return Fraction(repr(step)).numerator == 1
+
+
 def integer_regex(node: dict, error) -> str | None:
     """An `integer` node with bounds and an integer multipleOf; None when no integer qualifies."""
     lo, hi = _integer_bounds(*bounds(node, error))
     step = node.get("multipleOf")
     if step is not None and not (isinstance(step, (int, float)) and not isinstance(step, bool) and step > 0):
         raise error(f"'multipleOf' must be a positive number, got {step!r}")
-    if step is None or step == 1:
+    if step is None or step == 1 or _divides_one(step):
+        # every integer is a multiple of 1/k (0.01, 0.5, ...): write integers, and validators that divide in floating
+        # point still get whole quotients (the step's own rounding is under half a unit of 1/step's last place)
         return integer_range(lo, hi)
     if step != int(step):
-        raise error(f"unsupported 'multipleOf' {step!r} that is not an integer")
+        raise error(f"unsupported 'multipleOf' {step!r} that is neither an integer nor 1/k")
     step = int(step)
     if lo is None or hi is None:
         raise error(f"unsupported 'multipleOf' {step} without both 'minimum' and 'maximum'")
