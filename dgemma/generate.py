@@ -289,11 +289,7 @@ class LockstepDenoiser:
         self.head = make_head(self.strategy, model)
         self.generators = [generator] * batch_size
         self.picks = [GREEDY if greedy else DRAW] * batch_size
-        # The MoE's grouped GEMM keeps its group sizes on the device only in the native bf16 kernel; in fp32 torch
-        # falls back to a loop that reads them on the host, which a graph cannot capture.
-        # int4 experts read their group sizes on the host too (torch has no grouped int4 kernel).
-        graphable = (device.type == "cuda" and generator is None and model.dtype == torch.bfloat16
-                     and self.strategy is Strategy.BATCHED and getattr(model, "cuda_graph_capturable", True))
+        graphable = model.graphs_capturable() and generator is None and self.strategy is Strategy.BATCHED
         if cuda_graphs is None:
             cuda_graphs = graphable
         if cuda_graphs and not graphable:

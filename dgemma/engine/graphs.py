@@ -23,7 +23,7 @@ and the constraint's DP runs on the host between them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -58,8 +58,7 @@ def length_buckets(canvas_length: int, capacity: int) -> list[int]:
 
 def check_capturable(model: DiffusionGemma) -> None:
     """GraphsError unless the decoder pass of `model` can be captured on its device (CUDA, bf16, no host reads)."""
-    if model.device.type == "cuda" and (model.dtype != torch.bfloat16
-                                        or not getattr(model, "cuda_graph_capturable", True)):
+    if model.device.type == "cuda" and not model.graphs_capturable():
         raise GraphsError("--cuda-graphs needs a bf16 model whose experts keep their token counts on the device "
                           "(not int4 experts)")
 
@@ -85,7 +84,7 @@ class _Bucket:
     valid: torch.Tensor  # (Rb, length) all True (the engine never left-pads)
     graph: object = None  # torch.cuda.CUDAGraph once captured
     out: torch.Tensor | None = None  # the captured pass's output (Rb, C, H)
-    passes: int = field(default=0)
+    passes: int = 0
 
 
 class DecoderGraphs:

@@ -272,5 +272,12 @@ class DiffusionGemma(nn.Module):
         x = self.self_conditioning(self.embed(canvas), signal)
         return self.run_layers(x, plan.positions, plan.masks, plan.writer, encoder=False, spans=plan.spans)
 
+    def graphs_capturable(self) -> bool:
+        """Whether a CUDA graph can capture this model's passes: on CUDA, in bf16 (torch's grouped GEMM keeps the
+        MoE's group sizes on the device only in its native bf16 kernel), and with experts that do not read their
+        token counts on the host (int4 experts do: presets and quant/int4.py set `cuda_graph_capturable`)."""
+        return (self.device.type == "cuda" and self.dtype == torch.bfloat16
+                and getattr(self, "cuda_graph_capturable", True))
+
     def new_cache(self, batch_size: int, capacity: int) -> KVCache:
         return KVCache(self.config, batch_size, capacity, self.dtype, self.device)

@@ -294,7 +294,7 @@ def canonical(value):
     return "object", tuple(sorted((k, canonical(v)) for k, v in value.items()))
 
 
-def _values(node) -> list | None:
+def finite_values(node) -> list | None:
     """The finite values a node allows (its enum or const), or None."""
     if not isinstance(node, dict):
         return None
@@ -307,13 +307,13 @@ def _constant(w, sub):
     """The canonical key of the one value a property allows, or None."""
     if isinstance(sub, dict) and "$ref" in sub:
         sub = w.target(sub["$ref"], "")
-    values = _values(sub)
+    values = finite_values(sub)
     return canonical(values[0]) if values is not None and len(values) == 1 else None
 
 
 def excludes(w, a: dict, b: dict) -> bool:
     """True when no value written for `a` validates against `b` (both resolved nodes)."""
-    mine, theirs = _values(a), _values(b)
+    mine, theirs = finite_values(a), finite_values(b)
     if mine is not None and theirs is not None and "anyOf" not in a and "oneOf" not in a:
         return not {canonical(v) for v in mine} & {canonical(v) for v in theirs}
     allowed = b.get("type")
@@ -343,7 +343,7 @@ def excludes(w, a: dict, b: dict) -> bool:
     for name in a.get("required", []):
         mine = _constant(w, a.get("properties", {}).get(name))
         theirs = b_props.get(name)
-        values = _values(theirs)
+        values = finite_values(theirs)
         if mine is not None and values is not None and mine not in {canonical(v) for v in values}:
             return True
         if name not in b_props and b.get("additionalProperties") is False and not b.get("patternProperties"):

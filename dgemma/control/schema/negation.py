@@ -13,7 +13,7 @@ Any other form is refused by name.
 from __future__ import annotations
 
 from .base import VALIDATION, Empty, SchemaError
-from .containers import canonical
+from .containers import canonical, finite_values
 
 
 def without_not(w, node: dict, path: str) -> dict:
@@ -61,12 +61,12 @@ def _lacking(w, rest: dict, keys: list, path: str) -> dict:
 
 
 def _other_values(rest: dict, negated: dict, path: str) -> dict:
-    if "enum" not in rest and "const" not in rest:
+    values = finite_values(rest)
+    if values is None:
         raise SchemaError(f"{path}: unsupported JSON schema feature 'not' (with enum or const, on a node without "
                           "its own enum or const)")
-    values = [rest["const"]] if "const" in rest else rest["enum"]
     banned = negated.get("enum", [])
-    if not isinstance(values, list) or not isinstance(banned, list):
+    if not isinstance(banned, list):
         raise SchemaError(f"{path}/not/enum: must be a list")
     banned = banned + ([negated["const"]] if "const" in negated else [])
     banned_keys = {canonical(v) for v in banned}
