@@ -29,7 +29,7 @@ import torch
 
 from ..errors import DgemmaError
 from ..model import DiffusionGemma
-from ..model.masks import decoder_mask, sliding_kv_start
+from ..model.masks import decoder_mask, row_key_starts
 from ..model.model import ForwardPlan
 from ..paged_cache import PagedKVCache
 
@@ -154,8 +154,8 @@ class DecoderGraphs:
         if self.device.type != "cpu":
             return None
         C, pad = self.canvas_length, [(0, self.canvas_length)] * (b.rows - len(lengths))
-        return {True: [(sliding_kv_start(n, self.window), n + C) for n in lengths] + pad,
-                False: [(0, n + C) for n in lengths] + pad}
+        return {s: [(a, n + C) for a, n in zip(starts, lengths)] + pad
+                for s, starts in row_key_starts(lengths, self.window).items()}
 
     def _forward(self, b: _Bucket, spans: dict[bool, list[tuple[int, int]]] | None) -> torch.Tensor:
         """The bucket's pass, from its buffers alone (so that a graph can replay it)."""

@@ -59,3 +59,8 @@ def sliding_kv_start(cache_len: int, window: int) -> int:
     """First cached slot a sliding layer reads when appending at `cache_len`: the last `window - 1` cached tokens
     (each new token then sees at most `window` keys including itself)."""
     return max(0, cache_len - (window - 1))
+
+
+def row_key_starts(lengths: list[int], window: int) -> dict[bool, list[int]]:
+    """Keyed by is_sliding: the first cached slot each row attends when it runs alone, appending at its length."""
+    return {True: [sliding_kv_start(n, window) for n in lengths], False: [0] * len(lengths)}

@@ -18,7 +18,7 @@ from ..cache import KVCache
 from ..config import TextConfig
 from .attention import Attention, RowSpans
 from .layers import GatedMLP, RMSNorm, default_inv_freq, proportional_inv_freq, rope_cos_sin
-from .masks import decoder_mask, encoder_mask, open_image_blocks, sliding_kv_start
+from .masks import decoder_mask, encoder_mask, open_image_blocks, row_key_starts
 from .moe import Experts, Router
 
 # (layer_idx, is_sliding, k, v) -> (keys, values) the layer attends over
@@ -208,7 +208,7 @@ class DiffusionGemma(nn.Module):
         if lockstep and len(set(lengths)) != 1:
             raise ValueError("rows have different lengths; pass rows=")
         kv_end = max(lengths) + num_new
-        row_start = {True: [sliding_kv_start(n, window) for n in lengths], False: [0] * len(lengths)}  # as alone
+        row_start = row_key_starts(lengths, window)  # as alone
         kv_start = {s: min(firsts) for s, firsts in row_start.items()}
         starts = torch.tensor(lengths, device=device)
         valid = cache.valid if lockstep else cache.valid[torch.tensor(rows_list, device=device)]
