@@ -171,8 +171,8 @@ def test_bad_inputs_raise_constraint_error(vocab):
         (lambda: Constraint.from_json_schema({"oneOf": [TAGGED["$defs"]["Cat"], TAGGED["$defs"]["Cat"]]}, vocab),
          "'oneOf' whose members may overlap"),  # the same tag twice
         (lambda: Constraint.from_json_schema({"type": "object", "not": {"minProperties": 1}}, vocab), "'not'"),
-        (lambda: Constraint.from_json_schema({"type": "string", "format": "uri-reference"}, vocab),
-         "format 'uri-reference'"),
+        (lambda: Constraint.from_json_schema({"type": "string", "format": "uri", "pattern": "^https"}, vocab),
+         "'format' and 'pattern'"),
         (lambda: Constraint.from_json_schema({"if": {"type": "string"}, "then": {"minLength": 2}}, vocab), "'if'"),
         (lambda: Constraint.from_json_schema({"$ref": "#/$defs/A", "$defs": {"A": {"$ref": "#/$defs/A"}}}, vocab),
          "recursive $ref"),

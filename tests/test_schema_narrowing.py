@@ -32,12 +32,48 @@ SCHEMAS = [
                 "additionalProperties": False},
                {"type": "null"}]},
 ]
+# oneOf members that overlap as the schema gives them, each narrowed until no other member accepts what it writes
+OVERLAPPING = [
+    # one of two keys (JSONSchemaBench Github_easy o68337): each member leaves out the other's key
+    {"type": "object", "properties": {"tagid": {"type": "string"}, "tagId": {"type": "string"},
+                                      "bidfloor": {"type": "number"}},
+     "oneOf": [{"required": ["tagid"]}, {"required": ["tagId"]}]},
+    # one key set of three (Glaiveai2K calculate_area): the others' first missing key is left out
+    {"type": "object", "required": ["shape"],
+     "properties": {**{k: {"type": "number"} for k in ("radius", "length", "width", "base", "height")},
+                    "shape": {"enum": ["circle", "rectangle", "triangle"]}},
+     "oneOf": [{"required": ["radius"]}, {"required": ["length", "width"]}, {"required": ["base", "height"]}]},
+    # a member whose keys include another's: the smaller leaves the extra key out, the larger is left out
+    {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+     "oneOf": [{"required": ["a"]}, {"required": ["a", "b"]}]},
+    # closed objects with different optional keys (JsonSchemaStore pyrseas): each requires a key the others forbid
+    {"oneOf": [{"type": "object", "additionalProperties": False, "properties": {k: {"type": "boolean"}}}
+               for k in ("all", "insert", "delete")]},
+    # an optional tag: requiring it, with its own const, refuses the other members' values
+    {"type": "object", "properties": {"shape": {"enum": ["square", "circle"]}, "side": {"type": "number"},
+                                      "radius": {"type": "number"}},
+     "oneOf": [{"properties": {"shape": {"const": "square"}}, "required": ["side"]},
+               {"properties": {"shape": {"const": "circle"}}, "required": ["side"]}]},
+    # lengths that cannot meet: strings (Github_hard o58458), arrays, and a key's value compared inside objects
+    {"type": "string", "oneOf": [{"maxLength": 0}, {"minLength": 1, "maxLength": 5}]},
+    {"type": "object", "required": ["from"],
+     "oneOf": [{"properties": {"from": {"type": "array", "items": {"type": "integer"}, "minItems": 1,
+                                        "maxItems": 1}}},
+               {"properties": {"from": {"type": "array", "items": {"type": "integer"}, "minItems": 2}}}]},
+    # number ranges that cannot meet, draft 4's exclusiveMinimum flag included
+    {"$schema": "http://json-schema.org/draft-04/schema#", "type": "number",
+     "oneOf": [{"maximum": 2}, {"minimum": 2, "exclusiveMinimum": True, "maximum": 9}]},
+]
 
 
-@pytest.mark.parametrize("schema", SCHEMAS, ids=range(len(SCHEMAS)))
+def validator(schema: dict):
+    return jsonschema.validators.validator_for(schema, default=jsonschema.Draft7Validator)(schema)
+
+
+@pytest.mark.parametrize("schema", SCHEMAS + OVERLAPPING, ids=range(len(SCHEMAS + OVERLAPPING)))
 def test_every_written_value_matches_exactly_one_member(schema):
     regex = schema_to_regex(schema)
-    checker = jsonschema.Draft7Validator(schema)
+    checker = validator(schema)
     rng = random.Random(0)
     seen = set()
     for _ in range(300):
@@ -54,6 +90,32 @@ def test_what_is_written_and_left_out():
     assert all(word in enums for word in ("whitelist", "none"))
     mixed = schema_to_regex(SCHEMAS[2])
     assert 'x' in mixed and not any(d in mixed for d in "0123456789")
+
+
+@pytest.mark.parametrize("schema", OVERLAPPING, ids=range(len(OVERLAPPING)))
+def test_overlapping_members_are_narrowed_not_refused(schema):
+    """Every member that can be narrowed is written: across samples, each one is the member a value matches."""
+    regex, members = schema_to_regex(schema), schema["oneOf"]
+    rest = {k: v for k, v in schema.items() if k != "oneOf"}
+    rng, matched = random.Random(1), set()
+    for _ in range(400):
+        value = json.loads(sample(regex, rng, decode=False))
+        hits = [i for i, m in enumerate(members) if validator({**rest, **m}).is_valid(value)]
+        assert len(hits) == 1
+        matched.add(hits[0])
+    expected = {0} if schema is OVERLAPPING[2] else set(range(len(members)))
+    assert matched == expected
+
+
+def test_a_member_that_may_write_another_type_does_not_exclude_by_its_keys():
+    """`required` binds objects only: a member that may write a string cannot be told apart by its keys, so it is
+    left out (a string would match both); the object member, which the other's required key refuses, is kept."""
+    schema = {"oneOf": [{"type": ["string", "object"], "required": ["x"]}, {"required": ["y"]}]}
+    regex, rng = schema_to_regex(schema), random.Random(2)
+    for _ in range(200):
+        value = json.loads(sample(regex, rng, decode=False))
+        jsonschema.Draft7Validator(schema).validate(value)
+        assert isinstance(value, dict) and "y" in value
 
 
 def test_equal_json_numbers_overlap():

@@ -5,14 +5,16 @@ keywords that are not validation keywords (title, description, examples, id, x-*
 nullable, ...) are annotations and are ignored; every validation keyword is enforced by construction, or the
 schema is refused with a SchemaError that names it. What is enforced:
 - types (a list or none: with no `type`, the types whose keywords appear); `enum`, `const` (filtered by their
-  sibling keywords); `anyOf`; `allOf` and `$ref` beside other keywords (merged); `oneOf`: the members no value
-  of which, as written, another member accepts (different types, disjoint enums, a tag, a required key the other
-  lacks or forbids), the others left out;
+  sibling keywords); `anyOf`; `allOf` and `$ref` beside other keywords (merged); `oneOf`: each member narrowed
+  until no value written for it validates against another (exclusion.py: different types, disjoint enums,
+  lengths or ranges, a tag, a key another member requires left out, a key it forbids required), the members
+  that cannot be left out;
 - integers in any range, exactly, and an integer `multipleOf` with both bounds (up to 1,000 multiples);
   bounded `number`s without an exponent;
 - strings: `minLength`/`maxLength`, an ECMA-262 `pattern` (fully matched; no lookaround or backreference; with
-  minLength/maxLength, its repetitions raised and cut until every string written has an allowed length), the
-  formats date, time, date-time (real calendar dates), uuid, email, hostname, ipv4, ipv6, uri, duration;
+  minLength/maxLength, its repetitions raised and cut until every string written has an allowed length), every
+  format a validator checks, as a narrow valid form (strings.FORMATS: date, time, date-time as real calendar
+  values, uuid, email, hostname, ipv4, ipv6, uri, duration, uri-reference, iri, json-pointer, regex, ...);
 - arrays: `items`, `prefixItems`/tuple `items`, `additionalItems`, `minItems`/`maxItems`, `uniqueItems` (items
   from a finite set of values in that set's order; other items at most one per array);
 - objects: `properties`, `required` (required keys first), optional keys in any combination, additionalProperties,
@@ -21,7 +23,7 @@ schema is refused with a SchemaError that names it. What is enforced:
 - recursion through `$ref` up to `SchemaLimits.max_depth` expansions of one reference.
 `not` in the forms negation.py lists (not {}, a type, required keys, enum values) narrows the node.
 Refused: other forms of not, if/then/else, contains, dependentSchemas, unevaluated*, $dynamicRef, remote $refs, a multipleOf neither whole nor 1/k (0.01 or 0.5 write
-whole numbers), formats we do not write (uri-reference, iri, idn-*, regex, json-pointer, ...), minima above
+whole numbers), a format beside a pattern, minima above
 `SchemaLimits.max_count`, and any combination we cannot write exactly. A schema whose regex would pass
 `SchemaLimits.max_regex_chars` is written in a compact form (required keys only, free objects empty, a union's
 first member), refused only when that is still too long. Where we write less than the schema allows (a maxLength

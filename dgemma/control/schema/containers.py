@@ -1,4 +1,4 @@
-"""Objects and arrays for writer.py, and when two schemas exclude each other (for oneOf).
+"""Objects and arrays for writer.py.
 
 Objects with `properties` or `required` are written with only those keys, required keys first (their order in
 the schema), then each optional key at most once; additionalProperties then allows no more than it forbids.
@@ -8,9 +8,7 @@ Objects with neither have free keys (patternProperties' first pattern, or proper
 from __future__ import annotations
 
 import json
-import math
 import re
-from fractions import Fraction
 
 from .base import VALIDATION, Empty, SchemaError, literal
 from .strings import CHAR, pattern_body
@@ -269,83 +267,3 @@ def _unique(w, items, low: int, cap: int | None, path: str) -> str:
         options = [item + "".join(f"({w.ws},{w.ws}{o})?" for o in written[i + 1:]) for i, item in enumerate(written)]
         return rf"\[{w.ws}(" + "|".join(options) + rf"){w.ws}\]"
     return chain(w, [], written, (r"\[", r"\]"))
-
-
-def _json_types(value) -> set[str]:
-    if value is None:
-        return {"null"}
-    if isinstance(value, bool):
-        return {"boolean"}
-    if isinstance(value, int) or (isinstance(value, float) and value.is_integer()):
-        return {"integer", "number"}
-    if isinstance(value, float):
-        return {"number"}
-    return {"string" if isinstance(value, str) else "array" if isinstance(value, list) else "object"}
-
-
-def canonical(value):
-    """A key equal for JSON values that JSON Schema calls equal (1 and 1.0 alike, true and 1 not)."""
-    if isinstance(value, bool) or value is None or isinstance(value, str):
-        return type(value).__name__, value
-    if isinstance(value, (int, float)):
-        return "number", Fraction(value) if math.isfinite(value) else value
-    if isinstance(value, list):
-        return "array", tuple(canonical(v) for v in value)
-    return "object", tuple(sorted((k, canonical(v)) for k, v in value.items()))
-
-
-def finite_values(node) -> list | None:
-    """The finite values a node allows (its enum or const), or None."""
-    if not isinstance(node, dict):
-        return None
-    if "const" in node:
-        return [node["const"]]
-    return node["enum"] if isinstance(node.get("enum"), list) else None
-
-
-def _constant(w, sub):
-    """The canonical key of the one value a property allows, or None."""
-    if isinstance(sub, dict) and "$ref" in sub:
-        sub = w.target(sub["$ref"], "")
-    values = finite_values(sub)
-    return canonical(values[0]) if values is not None and len(values) == 1 else None
-
-
-def excludes(w, a: dict, b: dict) -> bool:
-    """True when no value written for `a` validates against `b` (both resolved nodes)."""
-    mine, theirs = finite_values(a), finite_values(b)
-    if mine is not None and theirs is not None and "anyOf" not in a and "oneOf" not in a:
-        return not {canonical(v) for v in mine} & {canonical(v) for v in theirs}
-    allowed = b.get("type")
-    if isinstance(allowed, (str, list)) and "anyOf" not in b and "oneOf" not in b:
-        allowed = set(allowed if isinstance(allowed, list) else [allowed])
-        if "number" in allowed:
-            allowed.add("integer")
-        if "anyOf" in a or "oneOf" in a:
-            emitted = None
-        elif "enum" in a or "const" in a:
-            values = a["enum"] if "enum" in a else [a["const"]]
-            emitted = set().union(*(_json_types(v) for v in values)) if isinstance(values, list) else None
-        else:
-            emitted = set(w.types(a, ""))
-            if "integer" in emitted:
-                emitted.add("number")
-            if "number" in emitted:
-                emitted.add("integer")
-        if emitted is not None and not emitted & allowed:
-            return True
-    if not ("properties" in a or "required" in a) or "anyOf" in a or "oneOf" in a:
-        return False
-    listed = set(a.get("properties", {})) | set(a.get("required", []))
-    if any(r not in listed for r in b.get("required", [])):
-        return True
-    b_props = b.get("properties", {}) if isinstance(b.get("properties"), dict) else {}
-    for name in a.get("required", []):
-        mine = _constant(w, a.get("properties", {}).get(name))
-        theirs = b_props.get(name)
-        values = finite_values(theirs)
-        if mine is not None and values is not None and mine not in {canonical(v) for v in values}:
-            return True
-        if name not in b_props and b.get("additionalProperties") is False and not b.get("patternProperties"):
-            return True
-    return False

@@ -28,7 +28,7 @@ _LEAP = "([1-9][0-9](0[48]|[2468][048]|[13579][26])|([2468][048]|[13579][26])00)
 _DATE = (f"({_YEAR}-((0[13578]|1[02])-(0[1-9]|[12][0-9]|3[01])|(0[469]|11)-(0[1-9]|[12][0-9]|30)"
          f"|02-(0[1-9]|1[0-9]|2[0-8]))|{_LEAP}-02-29)")
 _TIME = r"([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\.[0-9]{1,6})?(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])"
-_LABEL = "[a-z0-9]([a-z0-9-]{0,20}[a-z0-9])?"
+_LABEL = "[a-z0-9]{1,10}(-[a-z0-9]{1,11})?"  # no "--" (IDNA reserves it at positions 3-4: xn--)
 _DOMAIN = f"({_LABEL}\\.){{1,3}}(com|org|net|io|dev)"
 _OCTET = "(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
 _HEX4 = "[0-9a-f]{1,4}"
@@ -47,9 +47,20 @@ FORMATS = {
     "duration": (r"P([0-9]{1,4}D|([0-9]{1,4}D)?T([0-9]{1,2}H)?([0-9]{1,2}M)?[0-9]{1,2}S)", 3, 20),
 }
 FORMATS["uuid"] = (FORMATS["uuid"], 36, 36)
-# formats that validators check but that we do not write: refused, not ignored
-CHECKED_FORMATS = {"idn-email", "idn-hostname", "uri-reference", "iri", "iri-reference", "uri-template",
-                   "json-pointer", "relative-json-pointer", "regex", "color"}
+# formats whose narrow form is another's: an http(s) URI is also a URI reference, an IRI (reference) and a URI template
+# without variables; an ASCII email or hostname is also an internationalized one
+FORMATS.update({name: FORMATS["uri"] for name in ("uri-reference", "iri", "iri-reference", "uri-template")})
+FORMATS.update({"idn-email": FORMATS["email"], "idn-hostname": FORMATS["hostname"]})
+_POINTER = "(/[a-z0-9]{1,16}){0,6}"
+FORMATS.update({
+    "json-pointer": (_POINTER, 0, 102),
+    "relative-json-pointer": (f"[0-9]{_POINTER}", 1, 103),  # one digit: jsonschema 4.26 refuses some longer
+    "regex": ("[a-zA-Z0-9]{0,32}", 0, 32),  # letters and digits: a regex that matches itself, in every dialect
+    "color": ("#[0-9a-f]{6}", 7, 7),  # draft 3's CSS 2.1 color, as #rrggbb
+    "host-name": FORMATS["hostname"], "ip-address": FORMATS["ipv4"],  # draft 3's names
+})
+# every format a validator checks (jsonschema with its format-nongpl extras, drafts 3 to 2020-12) is written;
+# any other format is an annotation
 
 
 def length_range(low: int, high: int | None) -> str:

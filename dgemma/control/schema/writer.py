@@ -14,11 +14,11 @@ import json
 import math
 import re
 
-from . import containers, negation
+from . import containers, exclusion, negation
 from .base import (REFUSED, TYPE_KEYWORDS, TYPES, VALIDATION, Empty, RegexTooLongError, SchemaError, SchemaLimits,
                    literal)
 from .numbers import INTEGER, NUMBER, integer_regex, number_regex
-from .strings import CHAR, CHECKED_FORMATS, FORMATS, length_range, pattern_body
+from .strings import CHAR, FORMATS, length_range, pattern_body
 
 class Writer:
     def __init__(self, root: dict, limits: SchemaLimits, whitespace: str):
@@ -167,8 +167,6 @@ class Writer:
         if high is not None and low > high:
             return None
         fmt = node.get("format")
-        if fmt in CHECKED_FORMATS:
-            raise SchemaError(f"{path}: unsupported string format '{fmt}' (supported: {', '.join(FORMATS)})")
         body = None
         if fmt in FORMATS:
             body, shortest, longest = FORMATS[fmt]
@@ -191,7 +189,7 @@ class Writer:
 
     def union(self, node: dict, combinator: str, path: str) -> str:
         """anyOf: every member we can write (a member left out only narrows it). oneOf: the same, when no value
-        written for one member can match another (see containers.excludes), so exactly one matches."""
+        written for one member can match another (see exclusion.narrowed), so exactly one matches."""
         members = node[combinator]
         if not isinstance(members, list) or not members:
             raise SchemaError(f"{path}/{combinator}: must be a non-empty list")
@@ -225,15 +223,17 @@ class Writer:
         return "(" + "|".join(written) + ")"
 
     def exclusive(self, members: list[dict], path: str) -> list[dict]:
-        """oneOf: the members no value of which, as written, another member accepts (so exactly one matches what
-        is written); the others are left out. SchemaError, naming a pair that may overlap, when none is left."""
+        """oneOf: each member narrowed so that no value written for it validates against another member (see
+        exclusion.narrowed), so exactly one matches what is written; a member that cannot be is left out.
+        SchemaError, naming a pair that may overlap, when none is left."""
         resolved = [self.resolve(m, path)[0] for m in members]
-        overlaps = [next((j for j, b in enumerate(resolved) if j != i and not containers.excludes(self, a, b)), None)
-                    for i, a in enumerate(resolved)]
-        kept = [m for m, j in zip(members, overlaps) if j is None]
+        kept = [exclusion.narrowed(self, m, a, resolved[:i] + resolved[i + 1:])
+                for i, (m, a) in enumerate(zip(members, resolved))]
+        kept = [m for m in kept if m is not None]
         if not kept:
+            other = next(j for j in range(1, len(resolved)) if not exclusion.excludes(self, resolved[0], resolved[j]))
             raise SchemaError(f"{path}: unsupported JSON schema feature 'oneOf' whose members may overlap "
-                              f"({path}/oneOf/0 and /{overlaps[0]})")
+                              f"({path}/oneOf/0 and /{other})")
         return kept
 
     def literals(self, node: dict, path: str) -> str:
