@@ -209,3 +209,43 @@ def test_a_multiple_of_one_kth_is_written_as_whole_numbers():
         Price.model_validate_json(text)
     with pytest.raises(SchemaError, match="'multipleOf' 0.3"):
         schema_to_regex({"type": "number", "multipleOf": 0.3, "minimum": 0, "maximum": 3})
+
+
+CONDITIONAL = [
+    # if/then/else on a tag (JSONSchemaBench Github_easy o4834): both branches written
+    {"type": "object", "properties": {"c": {"enum": ["ghi", "x"]}, "a": {"type": "integer"}, "b": {"type": "integer"}},
+     "if": {"properties": {"c": {"enum": ["ghi"]}}}, "then": {"required": ["a", "b", "c"]},
+     "else": {"required": ["a", "c"]}},
+    # two conditions in allOf (Github_hard o32451's shape), the tag required: each branch pair that can hold
+    {"type": "object", "required": ["kind"],
+     "properties": {"kind": {"enum": ["a", "b", "c"]}, "x": {"type": "integer"}, "y": {"type": "string"}},
+     "allOf": [{"if": {"properties": {"kind": {"const": "a"}}}, "then": {"required": ["x"]}},
+               {"if": {"properties": {"kind": {"const": "b"}}}, "then": {"required": ["y"]}}]},
+    # not with properties: an object whose key holds another value
+    {"type": "object", "properties": {"mode": {"enum": ["on", "off", "auto"]}},
+     "not": {"properties": {"mode": {"const": "on"}}}},
+    # two anyOf met by allOf (once an endless loop): (string or integer) and (short string or null)
+    {"anyOf": [{"type": "string"}, {"type": "integer"}],
+     "allOf": [{"anyOf": [{"type": "string", "maxLength": 3}, {"type": "null"}]}]},
+]
+
+
+@pytest.mark.parametrize("schema", CONDITIONAL, ids=range(len(CONDITIONAL)))
+def test_conditions_are_written_branch_by_branch(schema):
+    regex, checker, rng = schema_to_regex(schema), validator(schema), random.Random(4)
+    values = [json.loads(sample(regex, rng, decode=False)) for _ in range(300)]
+    for value in values:
+        checker.validate(value)
+    if schema is CONDITIONAL[0]:  # both branches are written
+        assert {v["c"] for v in values} == {"ghi", "x"}
+    if schema is CONDITIONAL[1]:  # every tag, each with what its condition requires
+        assert {v["kind"] for v in values} == {"a", "b", "c"}
+    if schema is CONDITIONAL[2]:
+        assert all(v["mode"] in ("off", "auto") for v in values)
+
+
+def test_a_condition_no_branch_of_which_can_be_written_is_refused_by_name():
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"],
+              "if": {"properties": {"n": {"minimum": 3}}}, "then": {"properties": {"n": {"maximum": 1}}}}
+    with pytest.raises(SchemaError, match="'not'"):
+        schema_to_regex(schema)

@@ -15,8 +15,8 @@ VALIDATION = frozenset({
     "patternProperties", "additionalProperties", "unevaluatedProperties", "propertyNames", "required",
     "dependentRequired", "dependentSchemas", "dependencies", "maxProperties", "minProperties", "allOf", "anyOf",
     "oneOf", "not", "if", "then", "else", "$ref", "$dynamicRef", "$recursiveRef"})
-REFUSED = ("contains", "minContains", "maxContains", "unevaluatedItems", "unevaluatedProperties", "not", "if",
-           "then", "else", "$dynamicRef", "$recursiveRef", "dependentSchemas")
+REFUSED = ("contains", "minContains", "maxContains", "unevaluatedItems", "unevaluatedProperties", "not",
+           "$dynamicRef", "$recursiveRef", "dependentSchemas")  # then/else without if have no effect
 TYPE_KEYWORDS = {
     "object": {"properties", "required", "additionalProperties", "patternProperties", "propertyNames",
                "minProperties", "maxProperties", "dependentRequired", "dependencies"},

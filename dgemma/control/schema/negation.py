@@ -6,7 +6,10 @@ negated schema, or refused.
 - `not: {"type": T}`: the node's types less T (less `integer` too when T holds `number`);
 - `not: {"required": [k, ...]}`: an object (only objects can fail `required`) that never writes the last of those
   keys the node does not itself require;
-- `not: {"enum": [...]}` / `not: {"const": v}` on a node with finite values: those values less the negated ones.
+- `not: {"enum": [...]}` / `not: {"const": v}` on a node with finite values: those values less the negated ones;
+- `not: {"anyOf": [A, B, ...]}` (how two `not`s merge): not A, then not B, ... in these same forms;
+- `not: {"properties": {k: S, ...}}`: an object holding one of those keys with a value that fails its S (an anyOf
+  over the keys, each written with `not: S` on the key's value, in these same forms).
 Any other form is refused by name.
 """
 
@@ -33,6 +36,12 @@ def without_not(w, node: dict, path: str) -> dict:
         return _lacking(w, rest, negated["required"], path)
     if words <= {"enum", "const"}:
         return _other_values(rest, negated, path)
+    if words == {"anyOf"} and isinstance(negated["anyOf"], list) and negated["anyOf"]:
+        for member in negated["anyOf"]:
+            rest = without_not(w, {**rest, "not": member}, path)
+        return rest
+    if words == {"properties"} and isinstance(negated["properties"], dict):
+        return _failing_property(w, rest, negated["properties"], path)
     raise SchemaError(f"{path}: unsupported JSON schema feature 'not' (with {', '.join(sorted(words))})")
 
 
@@ -75,3 +84,18 @@ def _other_values(rest: dict, negated: dict, path: str) -> dict:
         raise Empty
     out = {k: v for k, v in rest.items() if k not in ("enum", "const")}
     return {**out, "enum": kept}
+
+
+def _failing_property(w, rest: dict, properties: dict, path: str) -> dict:
+    """Only an object can fail `properties`, by holding a key whose value fails that key's schema."""
+    if "object" not in w.types(rest, path):
+        raise Empty
+    members = []
+    for name, sub in properties.items():
+        if sub is False:
+            members.append({"required": [name]})
+        elif isinstance(sub, dict) and set(sub) & VALIDATION:
+            members.append({"required": [name], "properties": {name: {"not": sub}}})
+    if not members:  # every value of every key matches: nothing fails it
+        raise Empty
+    return {**rest, "type": "object", "allOf": list(rest.get("allOf", [])) + [{"anyOf": members}]}

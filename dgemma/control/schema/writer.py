@@ -55,8 +55,10 @@ class Writer:
     def resolve(self, node: dict, path: str) -> tuple[dict, list[str]]:
         """`node` with its $ref and allOf merged in; the refs expanded (each counts toward max_depth)."""
         used = []
-        while "$ref" in node or "allOf" in node:
-            if "$ref" in node:
+        while "$ref" in node or "allOf" in node or "if" in node:
+            if "if" in node and "$ref" not in node and "allOf" not in node:
+                node = conditional(node, path)
+            elif "$ref" in node:
                 ref = node["$ref"]
                 if self.active[ref] + used.count(ref) >= self.limits.max_depth:
                     raise Empty
@@ -105,8 +107,8 @@ class Writer:
     # ---- one node
 
     def node(self, node: dict, path: str) -> str:
-        if "not" in node:
-            return self.node(negation.without_not(self, node, path), path)
+        if "not" in node:  # written again: the narrowed node may bring an allOf to merge
+            return self.write(negation.without_not(self, node, path), path)
         refused = [k for k in REFUSED if k in node]
         if refused:
             raise SchemaError(f"{path}: unsupported JSON schema feature '{refused[0]}'")
@@ -298,6 +300,15 @@ def _capped(number: dict) -> dict:
     return capped
 
 
+def conditional(node: dict, path: str) -> dict:
+    """if/then/else as the anyOf it means: (if and then) or (not if, and else); each branch is written in the forms
+    the writer can (`not` in negation.py's), and a branch it cannot write is left out like any anyOf member."""
+    rest = {k: v for k, v in node.items() if k not in ("if", "then", "else")}
+    condition, then, otherwise = node["if"], node.get("then", True), node.get("else", True)
+    branches = [{"allOf": [condition, then]}, {"allOf": [{"not": condition}, otherwise]}]
+    return merge(rest, {"anyOf": branches}, path)
+
+
 def merge(a: dict, b: dict, path: str) -> dict:
     """Both schemas at once (allOf), as one node; SchemaError for keywords we cannot combine."""
     out = dict(a)
@@ -332,12 +343,18 @@ def merge(a: dict, b: dict, path: str) -> dict:
             out[key] = min(old, value)
         elif key == "allOf" and isinstance(old, list) and isinstance(value, list):
             out[key] = old + value
-        elif key in ("anyOf", "oneOf"):
-            out["allOf"] = out.get("allOf", []) + [{key: value}]
+        elif key in ("anyOf", "oneOf") and isinstance(old, list):
+            # A and (x1 or x2 ...) is (A and x1) or (A and x2) ...; for oneOf too: exactly one xi and A holds
+            out[key] = [{key: value} if m is True else {"allOf": [m, {key: value}]} for m in old if m is not False]
         elif key in ("items", "additionalProperties", "propertyNames", "additionalItems"):
             out[key] = {"allOf": [old, value]}
         elif key == "uniqueItems":
             out[key] = bool(old or value)
+        elif key == "not":  # not A and not B: not (A or B)
+            out[key] = {"anyOf": [old, value]}
+        elif key == "const":
+            if exclusion.canonical(old) != exclusion.canonical(value):
+                raise Empty
         else:
             raise SchemaError(f"{path}: unsupported combination of two different '{key}' (in allOf or beside $ref)")
     for mine, theirs in ((a, b), (b, a)):  # a property one side lists must meet the other's additionalProperties
