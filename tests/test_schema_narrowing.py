@@ -224,6 +224,11 @@ CONDITIONAL = [
     # not with properties: an object whose key holds another value
     {"type": "object", "properties": {"mode": {"enum": ["on", "off", "auto"]}},
      "not": {"properties": {"mode": {"const": "on"}}}},
+    # dependentSchemas and draft 7's schema-valued dependencies: a key present brings its schema
+    {"type": "object", "properties": {"card": {"type": "integer"}, "billing": {"type": "string"}},
+     "dependentSchemas": {"card": {"required": ["billing"], "properties": {"billing": {"minLength": 3}}}}},
+    {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"enum": ["x", "y"]}, "c": {"type": "null"}},
+     "dependencies": {"a": {"properties": {"b": {"const": "y"}}}, "c": ["a"]}},
     # two anyOf met by allOf (once an endless loop): (string or integer) and (short string or null)
     {"anyOf": [{"type": "string"}, {"type": "integer"}],
      "allOf": [{"anyOf": [{"type": "string", "maxLength": 3}, {"type": "null"}]}]},
@@ -242,6 +247,8 @@ def test_conditions_are_written_branch_by_branch(schema):
         assert {v["kind"] for v in values} == {"a", "b", "c"}
     if schema is CONDITIONAL[2]:
         assert all(v["mode"] in ("off", "auto") for v in values)
+    if schema is CONDITIONAL[3]:  # the card is written, with its billing, and left out
+        assert {"card" in v for v in values} == {True, False}
 
 
 def test_a_condition_no_branch_of_which_can_be_written_is_refused_by_name():

@@ -16,7 +16,7 @@ VALIDATION = frozenset({
     "dependentRequired", "dependentSchemas", "dependencies", "maxProperties", "minProperties", "allOf", "anyOf",
     "oneOf", "not", "if", "then", "else", "$ref", "$dynamicRef", "$recursiveRef"})
 REFUSED = ("contains", "minContains", "maxContains", "unevaluatedItems", "unevaluatedProperties", "not",
-           "$dynamicRef", "$recursiveRef", "dependentSchemas")  # then/else without if have no effect
+           "$dynamicRef", "$recursiveRef")  # then/else without if have no effect
 TYPE_KEYWORDS = {
     "object": {"properties", "required", "additionalProperties", "patternProperties", "propertyNames",
                "minProperties", "maxProperties", "dependentRequired", "dependencies"},

@@ -100,8 +100,8 @@ def listed_object(w, node: dict, path: str) -> str:
     required = list(dict.fromkeys(required))
     depends = dict(node.get("dependentRequired") or {})
     for key, value in (node.get("dependencies") or {}).items():
-        if not isinstance(value, list):
-            raise SchemaError(f"{path}/dependencies/{key}: unsupported schema form (dependentSchemas)")
+        if not isinstance(value, list):  # writer.dependent_conditions takes the schema form out first
+            raise SchemaError(f"{path}/dependencies/{key}: must be a list or a schema")
         depends[key] = value
     names = list(dict.fromkeys(list(props) + required))
     kept = [n for n in names if _names_ok(w, node.get("propertyNames"), n, path)]
