@@ -147,6 +147,28 @@ def test_a_schema_too_large_to_write_whole_is_written_compact():
         schema_to_regex(required, limits=limits)
 
 
+def test_a_ref_graph_written_many_times_stops_at_the_work_limit_and_is_written_compact():
+    """Each node's regex is small but a $ref graph inlined at every level is written exponentially many times
+    (JSONSchemaBench WashingtonPost took 170 s before it passed max_regex_chars): past max_work_chars the compact
+    form is written instead, and it validates."""
+    from dgemma.control.schema import SchemaLimits
+
+    defs = {f"n{i}": {"type": "object", "properties": {"a": {"$ref": f"#/$defs/n{i + 1}"},
+                                                        "b": {"$ref": f"#/$defs/n{i + 1}"}}, "required": ["id"]}
+            for i in range(9)}
+    defs["n9"] = {"type": "string", "maxLength": 3}
+    for node in list(defs.values())[:9]:
+        node["properties"]["id"] = {"type": "integer"}
+    schema = {"$defs": defs, "$ref": "#/$defs/n0"}
+    whole = schema_to_regex(schema)
+    limits = SchemaLimits(max_work_chars=len(whole))
+    compact = schema_to_regex(schema, limits=limits)
+    assert len(compact) < len(whole) // 10
+    checker, rng = jsonschema.Draft202012Validator(schema), random.Random(5)
+    for _ in range(100):
+        checker.validate(json.loads(sample(compact, rng, decode=False)))
+
+
 NEGATIONS = [
     {"type": "object", "properties": {"body": {"type": "string", "maxLength": 4},
                                       "bodyValue": {"type": "integer", "maximum": 9}},

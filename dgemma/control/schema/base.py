@@ -50,6 +50,9 @@ class SchemaLimits:
     length_cap / items_cap: a maxLength / maxItems above these is written as the cap (shorter is still valid).
     free_depth: how deep a value with no schema ({} or additionalProperties true) may nest.
     max_regex_chars: the longest regex we hand to the compiler.
+    max_work_chars: the characters written in all, each node's regex counted once per time it is written (a
+        $ref graph inlined many times, or explored and then left out, costs this much before any regex passes
+        max_regex_chars); past it the schema is treated as too long (the compact form is tried).
     compact: write objects with their required keys only (and free-key objects empty where they may be) and an
         anyOf / oneOf as its first member that can be written: a narrower form, still valid, that schema_to_regex
         tries when the full one passes max_regex_chars.
@@ -62,6 +65,7 @@ class SchemaLimits:
     items_cap: int = 16
     free_depth: int = 1
     max_regex_chars: int = 500_000
+    max_work_chars: int = 32_000_000
     compact: bool = False
 
 

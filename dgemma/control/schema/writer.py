@@ -26,6 +26,7 @@ class Writer:
         self.root, self.limits, self.ws = root, limits, whitespace
         self.active = collections.Counter()  # $refs being expanded on the current path
         self.nesting = 0
+        self.work = 0  # characters written so far, every node counted (SchemaLimits.max_work_chars)
 
     # ---- entry
 
@@ -49,6 +50,10 @@ class Writer:
             if len(regex) > self.limits.max_regex_chars:  # checked as we go: $ref DAGs grow exponentially
                 raise RegexTooLongError(f"{path}: the schema's regex passes the limit of "
                                         f"{self.limits.max_regex_chars:,} characters")
+            self.work += len(regex)
+            if self.work > self.limits.max_work_chars:
+                raise RegexTooLongError(f"{path}: writing the schema's regex passes the limit of "
+                                        f"{self.limits.max_work_chars:,} characters written in all")
             return regex
         finally:
             self.nesting -= 1
