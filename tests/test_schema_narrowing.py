@@ -60,6 +60,11 @@ OVERLAPPING = [
      "oneOf": [{"properties": {"from": {"type": "array", "items": {"type": "integer"}, "minItems": 1,
                                         "maxItems": 1}}},
                {"properties": {"from": {"type": "array", "items": {"type": "integer"}, "minItems": 2}}}]},
+    # a member that is itself a oneOf (Github_easy o9959) is apart when each of its members is
+    {"oneOf": [{"oneOf": [{"enum": ["a", "b"]}, {"enum": ["c"]}]}, {"type": "integer", "minimum": 0, "maximum": 9}]},
+    # a member compared as written: its not takes the string away
+    {"type": ["string", "integer"], "maxLength": 3, "minimum": 0, "maximum": 9,
+     "oneOf": [{"not": {"type": "string"}}, {"type": "string"}]},
     # number ranges that cannot meet, draft 4's exclusiveMinimum flag included
     {"$schema": "http://json-schema.org/draft-04/schema#", "type": "number",
      "oneOf": [{"maximum": 2}, {"minimum": 2, "exclusiveMinimum": True, "maximum": 9}]},

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
+from fractions import Fraction
 
 from ...errors import DgemmaError
 
@@ -73,3 +75,23 @@ def literal(value) -> str:
     """The regex that matches exactly `value`'s compact JSON text."""
     text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
     return "".join("\\" + c if c.isascii() and not c.isalnum() and c != " " else c for c in text)
+
+
+def canonical(value):
+    """A key equal for JSON values that JSON Schema calls equal (1 and 1.0 alike, true and 1 not)."""
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return type(value).__name__, value
+    if isinstance(value, (int, float)):
+        return "number", Fraction(value) if math.isfinite(value) else value
+    if isinstance(value, list):
+        return "array", tuple(canonical(v) for v in value)
+    return "object", tuple(sorted((k, canonical(v)) for k, v in value.items()))
+
+
+def finite_values(node) -> list | None:
+    """The finite values a node allows (its enum or const), or None."""
+    if not isinstance(node, dict):
+        return None
+    if "const" in node:
+        return [node["const"]]
+    return node["enum"] if isinstance(node.get("enum"), list) else None

@@ -3,8 +3,7 @@
 
 from __future__ import annotations
 
-from .base import VALIDATION, Empty, SchemaError
-from .exclusion import canonical
+from .base import VALIDATION, Empty, SchemaError, canonical
 
 
 def schema_dependencies(node: dict) -> bool:

@@ -9,32 +9,12 @@ Every narrowing only takes values away, so what is written still validates again
 from __future__ import annotations
 
 import math
-from fractions import Fraction
 
-from .base import Empty, SchemaError
+from .base import VALIDATION, Empty, SchemaError, canonical, finite_values
+from .combine import merge
 from .numbers import bounds
 
 DEPTH = 3  # how deep excludes compares the values of a key both members require
-
-
-def canonical(value):
-    """A key equal for JSON values that JSON Schema calls equal (1 and 1.0 alike, true and 1 not)."""
-    if isinstance(value, bool) or value is None or isinstance(value, str):
-        return type(value).__name__, value
-    if isinstance(value, (int, float)):
-        return "number", Fraction(value) if math.isfinite(value) else value
-    if isinstance(value, list):
-        return "array", tuple(canonical(v) for v in value)
-    return "object", tuple(sorted((k, canonical(v)) for k, v in value.items()))
-
-
-def finite_values(node) -> list | None:
-    """The finite values a node allows (its enum or const), or None."""
-    if not isinstance(node, dict):
-        return None
-    if "const" in node:
-        return [node["const"]]
-    return node["enum"] if isinstance(node.get("enum"), list) else None
 
 
 def absent(sub) -> bool:
@@ -118,18 +98,69 @@ def _forbids(b: dict, name: str) -> bool:
 
 def excludes(w, a: dict, b: dict, depth: int = DEPTH) -> bool:
     """True when no value written for `a` validates against `b` (both resolved nodes)."""
-    if "anyOf" in a or "oneOf" in a:
-        return False
+    for key in ("anyOf", "oneOf"):
+        if key in a:  # what a writes is what its members write, each with a's other keywords
+            members = _members(w, a, key, written=True) if depth > 0 else None
+            return members is not None and all(excludes(w, m, b, depth - 1) for m in members)
+    if _plain_excludes(w, a, b, depth):
+        return True
+    for key in ("anyOf", "oneOf"):
+        if key in b and depth > 0:  # b refuses what none of its members accepts
+            members = _members(w, b, key, written=False)
+            return members is not None and all(excludes(w, a, m, depth - 1) for m in members)
+    return False
+
+
+def _members(w, node: dict, key: str, written: bool) -> list[dict] | None:
+    """The members of node's anyOf/oneOf, each merged with node's other keywords and resolved; None when one cannot
+    be read. written: for the side whose values are written, where a member we cannot write writes nothing and
+    is skipped; on the accepting side such a member might still accept, so it gives None."""
+    members = node[key]
+    if not isinstance(members, list):
+        return None
+    rest = {k: v for k, v in node.items() if k != key}
+    out = []
+    for member in members:
+        if member is False:
+            continue
+        try:
+            merged = merge(rest, {} if member is True else member, "")
+        except Empty:  # the member and the rest meet in no value: it neither writes nor accepts anything
+            continue
+        except SchemaError:
+            return None
+        try:
+            out.append(w.resolve(merged, "")[0])
+        except Empty:
+            if not written:
+                return None
+        except SchemaError:
+            return None
+    return out
+
+
+def _plain_excludes(w, a: dict, b: dict, depth: int) -> bool:
+    """excludes, for an `a` with no anyOf/oneOf, from b's own keywords."""
     mine, theirs = finite_values(a), finite_values(b)
     if mine is not None and theirs is not None:
         return not {canonical(v) for v in mine} & {canonical(v) for v in theirs}
     emitted = _emitted(w, a)
+    if theirs is not None and not emitted & _emitted(w, b):  # b's values are of types a never writes
+        return True
     allowed = b.get("type")
     if isinstance(allowed, (str, list)) and "anyOf" not in b and "oneOf" not in b:
         allowed = set(allowed if isinstance(allowed, list) else [allowed])
         if "number" in allowed:
             allowed.add("integer")
         if not emitted & allowed:
+            return True
+    negated = b.get("not")
+    if isinstance(negated, dict) and set(negated) & VALIDATION == {"type"}:  # b refuses those types
+        refused = negated["type"] if isinstance(negated["type"], list) else [negated["type"]]
+        refused = {t for t in refused if isinstance(t, str)}
+        if "number" in refused:
+            refused.add("integer")
+        if set(w.types(a, "") if mine is None else emitted) <= refused:
             return True
     if mine is not None:
         return False

@@ -15,8 +15,7 @@ Any other form is refused by name.
 
 from __future__ import annotations
 
-from .base import VALIDATION, Empty, SchemaError
-from .exclusion import canonical, finite_values
+from .base import VALIDATION, Empty, SchemaError, canonical, finite_values
 
 
 def without_not(w, node: dict, path: str) -> dict:

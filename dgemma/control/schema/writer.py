@@ -237,7 +237,7 @@ class Writer:
         exclusion.narrowed), so exactly one matches what is written; a member that cannot be is left out.
         SchemaError, naming a pair that may overlap, when none is left."""
         resolved = [self.resolve(m, path)[0] for m in members]
-        kept = [exclusion.narrowed(self, m, a, resolved[:i] + resolved[i + 1:])
+        kept = [exclusion.narrowed(self, m, self.as_written(a, path), resolved[:i] + resolved[i + 1:])
                 for i, (m, a) in enumerate(zip(members, resolved))]
         kept = [m for m in kept if m is not None]
         if not kept:
@@ -245,6 +245,14 @@ class Writer:
             raise SchemaError(f"{path}: unsupported JSON schema feature 'oneOf' whose members may overlap "
                               f"({path}/oneOf/0 and /{other})")
         return kept
+
+    def as_written(self, node: dict, path: str) -> dict:
+        """A resolved node with its `not` applied, as `node()` writes it (for comparing what is written); the node
+        itself where the `not` cannot be applied here (writing it will say why)."""
+        try:
+            return negation.without_not(self, node, path) if "not" in node else node
+        except (Empty, SchemaError):
+            return node
 
     def literals(self, node: dict, path: str) -> str:
         values = node["enum"] if "enum" in node else [node["const"]]
