@@ -23,7 +23,7 @@ from .test_control import random_log_probs, text_of, vocab, tokenizer  # noqa: F
 PATTERNS = [r"^([\w\/-]|[\w-][\w\/-]*[\w-])$", r"^([a-z0-9-]+):([a-z0-9\.-]+):([a-z0-9-]+)?:([a-z0-9-]+)$",
             r"^[A-Za-z0-9:_\-]+$", r"^(?:\S+\s+){0,9}\S+$", r"^$|(^(?:\S+\s+){0,99}\S+$)", r"^[0-9a-z-]*$",
             r"^(\d+\.\d+\.\d+.*)$", r"[a-zA-Z0-9_.-]+", r"^[0-9]{9}$", r"^(ab|c{2,})+x?$", r'^[^"\\]{2,}$',
-            r"^\W\D\S+$", r"^[\W\d]*$", r"^$|^a+$"]
+            r"^\W\D\S+$", r"^[\W\d]*$", r"^$|^a+$", r"^[^@\s]+$", r"^[^\d_]+$", r"^[^\w]+$", r"^[^\S]+$"]
 
 
 POOL = [chr(c) for c in range(0x20, 0x7F)] + ["\x00", "\x1f", "\x85", "é", "€", "中", "\u3000", "\U0001F600"]
@@ -76,6 +76,19 @@ def test_written_strings_match_the_pattern_and_the_lengths(pattern, low, span, s
     for _ in range(20):
         text = sample(body, rng)
         assert re.search(pattern, text) and low <= len(text) <= (len(text) if high is None else high), text
+
+
+@pytest.mark.parametrize("pattern", [r"^[^@\s]$", r"^[^\d]$", r"^[^\w]$", r"^[^\S]$", r"^[^\D]$", r"^[^\W]$",
+                                     r"^[\s]$", r"^[\d]$", r"^[\w]$", r"^[\S\d]$"])
+def test_classes_write_only_what_both_dialects_put_in_them(pattern):
+    r"""A character the written class takes must match the pattern in Python's re (jsonschema's): Unicode spaces,
+    digits and letters that Python's \s, \d, \w take and ECMA-262's do not (or the reverse) stay out of every
+    class, negated ones included (JSONSchemaBench Github_easy o21149 wrote U+00A0 for [^@\s])."""
+    body = pattern_body(pattern, 1024, 64)
+    probes = [chr(c) for c in range(0x20, 0x7F)] + ["\xa0", "\u1680", "\u2003", "\u3000", "\ufeff", "\u0663",
+                                                       "\u0966", "é", "ß", "中", "\U0001F600"]
+    taken = [c for c in probes if re.fullmatch(body, c)]
+    assert taken and all(re.search(pattern, c) for c in taken), [c for c in taken if not re.search(pattern, c)]
 
 
 def test_a_pattern_that_cannot_meet_the_lengths_is_refused_by_name():

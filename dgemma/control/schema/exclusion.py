@@ -203,16 +203,19 @@ def _values_apart(w, mine, theirs, depth: int) -> bool:
         return False
 
 
-def narrowed(w, member, a: dict, others: list[dict]):
-    """`member` (as the schema gives it, `a` resolved), narrowed so that no value written for it validates against
-    any of `others` (resolved members), or None when leaving out or requiring keys cannot make it so."""
-    dropped, required = {}, []
-    for b in others:
+def narrowed(w, member, a: dict, others: list[dict], raw: list[dict]):
+    """`member` (as the schema gives it, `a` resolved) narrowed so that no value written for it validates against
+    any of `others` (resolved members; `raw`, the same members as the schema gives them): by leaving out or
+    requiring keys where that suffices, else by adding `not` that member, which is exact where the writer can write
+    it (negation.py's forms; writing the member fails otherwise, and it is left out)."""
+    dropped, required, negated = {}, [], []
+    for b, b_raw in zip(others, raw):
         if excludes(w, a, b):
             continue
         step = _step(w, a, b)
         if step is None:
-            return None
+            negated.append(b_raw)
+            continue
         kind, name = step
         if kind == "drop":
             dropped[name] = False
@@ -221,12 +224,14 @@ def narrowed(w, member, a: dict, others: list[dict]):
             required.append(name)
             a = {**a, "required": list(a.get("required", [])) + [name]}
         if not excludes(w, a, b):
-            return None
-    if not dropped and not required:
+            negated.append(b_raw)
+    if not dropped and not required and not negated:
         return member
     extra = {"properties": dropped} if dropped else {}
     if required:
         extra["required"] = required
+    if negated:
+        extra["not"] = negated[0] if len(negated) == 1 else {"anyOf": negated}
     return {"allOf": [member, extra]}
 
 

@@ -8,6 +8,8 @@ negated schema, or refused.
   keys the node does not itself require;
 - `not: {"enum": [...]}` / `not: {"const": v}` on a node with finite values: those values less the negated ones;
 - `not: {"anyOf": [A, B, ...]}` (how two `not`s merge): not A, then not B, ... in these same forms;
+- `not` with keywords that hold apart (`{"type": "object", "required": [k]}`): (not type) or (not required), each
+  in these same forms, as an anyOf;
 - `not: {"properties": {k: S, ...}}`: an object holding one of those keys with a value that fails its S (an anyOf
   over the keys, each written with `not: S` on the key's value, in these same forms).
 Any other form is refused by name.
@@ -16,6 +18,12 @@ Any other form is refused by name.
 from __future__ import annotations
 
 from .base import VALIDATION, Empty, SchemaError, canonical, finite_values
+
+
+# keywords that are read together (one qualifies another); any other validation keyword holds on its own
+GROUPS = [{"properties", "patternProperties", "additionalProperties"}, {"items", "prefixItems", "additionalItems"},
+          {"minimum", "exclusiveMinimum"}, {"maximum", "exclusiveMaximum"}, {"enum", "const"},
+          {"contains", "minContains", "maxContains"}, {"if", "then", "else"}]
 
 
 def without_not(w, node: dict, path: str) -> dict:
@@ -28,7 +36,16 @@ def without_not(w, node: dict, path: str) -> dict:
         raise Empty
     if not isinstance(negated, dict):
         raise SchemaError(f"{path}/not: must be a schema")
+    if set(negated) & {"$ref", "allOf", "if", "dependentSchemas"}:
+        try:
+            negated = w.resolve(negated, path)[0]
+        except Empty:  # past the recursion bound we cannot say what the negated schema accepts
+            raise SchemaError(f"{path}: unsupported JSON schema feature 'not' (with a recursive $ref)") from None
     words = set(negated) & VALIDATION
+    groups = [g for g in (GROUPS + [{w_} for w_ in words if not any(w_ in g for g in GROUPS)]) if g & words]
+    if len(groups) > 1:  # keywords hold together: not (A and B) is (not A) or (not B)
+        either = [{"not": {k: negated[k] for k in g if k in negated}} for g in groups]
+        return {**rest, "allOf": list(rest.get("allOf", [])) + [{"anyOf": either}]}
     if words == {"type"}:
         return _other_types(w, rest, negated["type"], path)
     if words == {"required"} and isinstance(negated["required"], list):

@@ -110,16 +110,31 @@ _NOT_CATEGORIES = {_c.CATEGORY_NOT_DIGIT: [(48, 57), (0x80, _MAX_CODE)],
                    _c.CATEGORY_NOT_SPACE: _SPACES}
 
 
+_BOTH_SPACES = [(9, 13), (32, 32), (0xA0, 0xA0), (0x1680, 0x1680), (0x2000, 0x200A), (0x2028, 0x2029),
+                (0x202F, 0x202F), (0x205F, 0x205F), (0x3000, 0x3000)]  # spaces to ECMA-262 and to Python alike
+# inside a negated class an item must take away every character either dialect puts in it
+_WIDE = {_c.CATEGORY_DIGIT: [(48, 57), (0x80, _MAX_CODE)],
+         _c.CATEGORY_WORD: _CATEGORIES[_c.CATEGORY_WORD] + [(0x80, _MAX_CODE)],
+         _c.CATEGORY_SPACE: _SPACES,
+         _c.CATEGORY_NOT_DIGIT: _complement([(48, 57)]),
+         _c.CATEGORY_NOT_WORD: _complement(_CATEGORIES[_c.CATEGORY_WORD]),
+         _c.CATEGORY_NOT_SPACE: _complement(_BOTH_SPACES)}
+
+
 def _class(items, negate: bool = False) -> str:
-    """A character class (sre items) as a regex class of the characters JSON writes unescaped."""
+    """A character class (sre items) as a regex class of the characters JSON writes unescaped, that ECMA-262 and
+    Python's re both read as in the class (narrow items in a class, wide ones in a negated class)."""
     ranges = []
+    negate = negate or any(op == _c.NEGATE for op, _ in items)
     for op, arg in items:
         if op == _c.NEGATE:
-            negate = True
-        elif op == _c.LITERAL:
+            continue
+        if op == _c.LITERAL:
             ranges.append((arg, arg))
         elif op == _c.RANGE:
             ranges.append(arg)
+        elif op == _c.CATEGORY and negate and arg in _WIDE:
+            ranges.extend(_WIDE[arg])
         elif op == _c.CATEGORY and arg in _CATEGORIES:
             ranges.extend(_CATEGORIES[arg])
         elif op == _c.CATEGORY and arg in _NOT_CATEGORIES:

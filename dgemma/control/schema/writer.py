@@ -206,16 +206,19 @@ class Writer:
         rest = {k: v for k, v in node.items() if k != combinator}
         if not all(isinstance(m, (dict, bool)) for m in members):
             raise SchemaError(f"{path}/{combinator}: members must be schemas")
-        merged = []
+        raw, merged = [], []
         for m in (m for m in members if m is not False):
             try:  # a member its siblings leave no value to (type string beside type number) matches nothing
                 merged.append(merge(rest, {} if m is True else m, path))
+                raw.append({} if m is True else m)
             except Empty:
                 continue
         if combinator == "anyOf":
             merged = prefer_number(merged)
+        resolved = [self.resolve(m, path)[0] for m in merged] if combinator == "oneOf" else []
         if combinator == "oneOf":
-            merged = self.exclusive(merged, path)
+            merged = [exclusion.narrowed(self, m, self.as_written(a, path), resolved[:i] + resolved[i + 1:],
+                                         raw[:i] + raw[i + 1:]) for i, (m, a) in enumerate(zip(merged, resolved))]
         written, errors = [], []
         for i, member in enumerate(merged):
             if written and self.limits.compact:
@@ -227,24 +230,16 @@ class Writer:
             except SchemaError as err:
                 errors.append(err)
         if not written:
+            if errors and combinator == "oneOf":
+                other = next((j for j in range(1, len(resolved)) if not exclusion.excludes(self, resolved[0],
+                                                                                           resolved[j])), None)
+                if other is not None:
+                    raise SchemaError(f"{path}: unsupported JSON schema feature 'oneOf' whose members may overlap "
+                                      f"({path}/oneOf/0 and /{other}) and cannot be written apart ({errors[0]})")
             if errors:
                 raise errors[0]
             raise Empty
         return "(" + "|".join(written) + ")"
-
-    def exclusive(self, members: list[dict], path: str) -> list[dict]:
-        """oneOf: each member narrowed so that no value written for it validates against another member (see
-        exclusion.narrowed), so exactly one matches what is written; a member that cannot be is left out.
-        SchemaError, naming a pair that may overlap, when none is left."""
-        resolved = [self.resolve(m, path)[0] for m in members]
-        kept = [exclusion.narrowed(self, m, self.as_written(a, path), resolved[:i] + resolved[i + 1:])
-                for i, (m, a) in enumerate(zip(members, resolved))]
-        kept = [m for m in kept if m is not None]
-        if not kept:
-            other = next(j for j in range(1, len(resolved)) if not exclusion.excludes(self, resolved[0], resolved[j]))
-            raise SchemaError(f"{path}: unsupported JSON schema feature 'oneOf' whose members may overlap "
-                              f"({path}/oneOf/0 and /{other})")
-        return kept
 
     def as_written(self, node: dict, path: str) -> dict:
         """A resolved node with its `not` applied, as `node()` writes it (for comparing what is written); the node
