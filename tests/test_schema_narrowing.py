@@ -175,6 +175,22 @@ def test_a_ref_graph_written_many_times_stops_at_the_work_limit_and_is_written_c
         checker.validate(json.loads(sample(compact, rng, decode=False)))
 
 
+def test_a_schema_past_the_node_limit_is_written_compact_or_refused():
+    """Nodes count even when they write nothing (a union explored and left out): past max_nodes the compact form is
+    tried, and a schema that needs more nodes even then is refused as too large."""
+    from dgemma.control.schema import SchemaLimits
+
+    leaf = {"anyOf": [{"type": "integer", "minimum": 5, "maximum": 1}, {"type": "string", "maxLength": 2}]}
+    schema = {"type": "object", "properties": {f"p{i}": leaf for i in range(30)}, "required": ["p0"]}
+    compact = schema_to_regex(schema, limits=SchemaLimits(max_nodes=40))
+    assert "p1" not in compact and "p0" in compact
+    checker, rng = jsonschema.Draft202012Validator(schema), random.Random(6)
+    for _ in range(50):
+        checker.validate(json.loads(sample(compact, rng, decode=False)))
+    with pytest.raises(SchemaError, match="nodes written"):
+        schema_to_regex(schema, limits=SchemaLimits(max_nodes=3))
+
+
 NEGATIONS = [
     {"type": "object", "properties": {"body": {"type": "string", "maxLength": 4},
                                       "bodyValue": {"type": "integer", "maximum": 9}},

@@ -55,6 +55,8 @@ class SchemaLimits:
     max_work_chars: the characters written in all, each node's regex counted once per time it is written (a
         $ref graph inlined many times, or explored and then left out, costs this much before any regex passes
         max_regex_chars); past it the schema is treated as too long (the compact form is tried).
+    max_nodes: the schema nodes written in all (a node left out counts too: unions whose members end in Empty can be
+        explored exponentially often while writing almost nothing); past it, the same.
     compact: write objects with their required keys only (and free-key objects empty where they may be) and an
         anyOf / oneOf as its first member that can be written: a narrower form, still valid, that schema_to_regex
         tries when the full one passes max_regex_chars.
@@ -68,6 +70,7 @@ class SchemaLimits:
     free_depth: int = 1
     max_regex_chars: int = 500_000
     max_work_chars: int = 32_000_000
+    max_nodes: int = 20_000
     compact: bool = False
 
 

@@ -27,6 +27,7 @@ class Writer:
         self.active = collections.Counter()  # $refs being expanded on the current path
         self.nesting = 0
         self.work = 0  # characters written so far, every node counted (SchemaLimits.max_work_chars)
+        self.nodes = 0  # nodes written so far (SchemaLimits.max_nodes)
 
     # ---- entry
 
@@ -37,6 +38,10 @@ class Writer:
             raise Empty
         if not isinstance(node, dict):
             raise SchemaError(f"{path}: a schema must be an object or a boolean, got {json.dumps(node)[:60]}")
+        self.nodes += 1
+        if self.nodes > self.limits.max_nodes:
+            raise RegexTooLongError(f"{path}: writing the schema's regex passes the limit of "
+                                    f"{self.limits.max_nodes:,} nodes written in all")
         self.nesting += 1
         if self.nesting > self.limits.max_nesting:
             raise SchemaError(f"{path}: the schema nests deeper than {self.limits.max_nesting} levels")
