@@ -125,6 +125,6 @@ def test_every_written_format_passes_jsonschemas_format_checker(fmt):
     schema = {"type": "string", "format": fmt}
     regex, checker = schema_to_regex(schema), draft(schema, format_checker=draft.FORMAT_CHECKER)
     rng = random.Random(3)
-    for _ in range(100):
+    for _ in range(20 if fmt.startswith("iri") else 100):  # jsonschema's iri checker takes 0.1 s a string
         text = sample(regex, rng, decode=False)
         checker.validate(json.loads(text))
