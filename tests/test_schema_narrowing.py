@@ -255,7 +255,7 @@ def test_a_multiple_of_one_kth_is_written_as_whole_numbers():
         schema_to_regex({"type": "number", "multipleOf": 0.3, "minimum": 0, "maximum": 3})
 
 
-CONDITIONAL = [
+COMBINED = [
     # if/then/else on a tag (JSONSchemaBench Github_easy o4834): both branches written
     {"type": "object", "properties": {"c": {"enum": ["ghi", "x"]}, "a": {"type": "integer"}, "b": {"type": "integer"}},
      "if": {"properties": {"c": {"enum": ["ghi"]}}}, "then": {"required": ["a", "b", "c"]},
@@ -273,25 +273,31 @@ CONDITIONAL = [
      "dependentSchemas": {"card": {"required": ["billing"], "properties": {"billing": {"minLength": 3}}}}},
     {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"enum": ["x", "y"]}, "c": {"type": "null"}},
      "dependencies": {"a": {"properties": {"b": {"const": "y"}}}, "c": ["a"]}},
+    # propertyNames through a $ref (JsonSchemaStore tokenlist, aerleon): the keys follow the referenced pattern
+    {"type": "object", "$defs": {"token": {"type": "string", "pattern": "^[a-z_]+$", "minLength": 1}},
+     "propertyNames": {"$ref": "#/$defs/token"}, "additionalProperties": {"type": "integer"}, "maxProperties": 3},
+    {"type": "object", "$defs": {"kind": {"enum": ["core", "format"]}},
+     "properties": {"core": {"type": "integer"}, "other": {"type": "integer"}},
+     "propertyNames": {"$ref": "#/$defs/kind"}},
     # two anyOf met by allOf (once an endless loop): (string or integer) and (short string or null)
     {"anyOf": [{"type": "string"}, {"type": "integer"}],
      "allOf": [{"anyOf": [{"type": "string", "maxLength": 3}, {"type": "null"}]}]},
 ]
 
 
-@pytest.mark.parametrize("schema", CONDITIONAL, ids=range(len(CONDITIONAL)))
-def test_conditions_are_written_branch_by_branch(schema):
+@pytest.mark.parametrize("schema", COMBINED, ids=range(len(COMBINED)))
+def test_conditions_references_and_unions_are_written_exactly(schema):
     regex, checker, rng = schema_to_regex(schema), validator(schema), random.Random(4)
     values = [json.loads(sample(regex, rng, decode=False)) for _ in range(300)]
     for value in values:
         checker.validate(value)
-    if schema is CONDITIONAL[0]:  # both branches are written
+    if schema is COMBINED[0]:  # both branches are written
         assert {v["c"] for v in values} == {"ghi", "x"}
-    if schema is CONDITIONAL[1]:  # every tag, each with what its condition requires
+    if schema is COMBINED[1]:  # every tag, each with what its condition requires
         assert {v["kind"] for v in values} == {"a", "b", "c"}
-    if schema is CONDITIONAL[2]:
+    if schema is COMBINED[2]:
         assert all(v["mode"] in ("off", "auto") for v in values)
-    if schema is CONDITIONAL[3]:  # the card is written, with its billing, and left out
+    if schema is COMBINED[3]:  # the card is written, with its billing, and left out
         assert {"card" in v for v in values} == {True, False}
 
 

@@ -11,6 +11,7 @@ import json
 import re
 
 from .base import VALIDATION, Empty, SchemaError, literal
+from .combine import merge
 from .strings import CHAR, pattern_body
 
 OPENERS = 8  # an object with no required key starts with one of its first 8 optional keys
@@ -58,6 +59,10 @@ def _names_ok(w, names_schema, name: str, path: str) -> bool:
         return False
     if not isinstance(names_schema, dict):
         raise SchemaError(f"{path}/propertyNames: must be a schema")
+    try:
+        names_schema = w.resolve(names_schema, f"{path}/propertyNames")[0]
+    except Empty:
+        return False
     known = {"enum", "const", "pattern", "minLength", "maxLength", "type"}
     extra = sorted(k for k in names_schema if k not in known and k in VALIDATION)
     if extra:
@@ -172,8 +177,12 @@ def obj(w, node: dict, path: str) -> str:
         else:
             value_schema = extra
         names = node.get("propertyNames")
-        key = w.string(names if isinstance(names, dict) else {}, f"{path}/propertyNames") if names not in (
-            None, True) else f'"{CHAR}*"'
+        key = f'"{CHAR}*"'
+        if isinstance(names, dict) and names:  # a key is a string: the names schema ($ref and all) as a string
+            try:
+                key = w.write(merge(names, {"type": "string"}, path), f"{path}/propertyNames")
+            except Empty:
+                names = False
         if names is False:
             value_schema = False
     if low > 1:  # free keys may repeat, and a repeated key counts once
