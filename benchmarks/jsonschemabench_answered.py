@@ -1,7 +1,7 @@
 """JSONSchemaBench, answered: for which share of real-world JSON schemas dgemma returns output that validates.
 
     python benchmarks/jsonschemabench_answered.py --data DIR [--per-subset 10] [--max-tokens 512] [--canvas 64]
-        [--steps 8] [--timeout 10] [--subsets Glaiveai2K Kubernetes ...] [--out results.json]
+        [--steps 8] [--timeout 10] [--subsets Glaiveai2K Kubernetes ...] [--out results.json] [--log progress.jsonl]
 
 DIR is the `data/` folder of github.com/guidance-ai/jsonschemabench (fetch it yourself; nothing is downloaded here).
 Each schema goes through dgemma's real path: `Constraint.from_json_schema` under `CompileLimits(timeout_s=--timeout)`,
@@ -168,6 +168,7 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=10.0)
     parser.add_argument("--subsets", nargs="*")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--log", type=Path, help="append one JSON line per schema as it finishes")
     parser.add_argument("--worker", action="store_true")
     parser.add_argument("--tokenizer")
     args = parser.parse_args()
@@ -185,7 +186,12 @@ def main() -> None:
     report, bugs = {}, []
     for subset in subsets:
         paths, total = sample(args.data, subset, args.per_subset)
-        results = [pool.run(p) for p in paths]
+        results = []
+        for path in paths:
+            results.append(pool.run(path))
+            if args.log:
+                with args.log.open("a") as log:
+                    log.write(json.dumps({"subset": subset, "file": path.name, **results[-1]}) + "\n")
         report[subset] = {**tally(total, results), "results": {p.name: r for p, r in zip(paths, results)}}
         print(format_row(subset, report[subset]), flush=True)
         bugs += [f"{r.get('outcome', 'error')}: {subset}/{p.name}: {r.get('detail') or r.get('error')}"
