@@ -255,6 +255,18 @@ def test_a_multiple_of_one_kth_is_written_as_whole_numbers():
         schema_to_regex({"type": "number", "multipleOf": 0.3, "minimum": 0, "maximum": 3})
 
 
+def test_a_multiple_of_one_kth_stays_within_what_a_float_holds():
+    """Validators divide by a fractional step in floating point: jsonschema raises OverflowError on an integer past
+    1e308 (a random model wrote one for JSONSchemaBench Github_medium o46411), so open sides stop at 10**15."""
+    import re
+
+    regex = schema_to_regex({"type": "number", "multipleOf": 0.01})
+    assert re.fullmatch(regex, str(10**15)) and re.fullmatch(regex, str(-10**15))
+    assert not re.fullmatch(regex, str(10**15 + 1)) and not re.fullmatch(regex, "1" * 400)
+    jsonschema.validate(10**15, {"type": "number", "multipleOf": 0.01})
+    assert re.fullmatch(schema_to_regex({"type": "integer", "multipleOf": 0.5, "minimum": 10**20}), str(10**20 + 5))
+
+
 COMBINED = [
     # if/then/else on a tag (JSONSchemaBench Github_easy o4834): both branches written
     {"type": "object", "properties": {"c": {"enum": ["ghi", "x"]}, "a": {"type": "integer"}, "b": {"type": "integer"}},

@@ -108,6 +108,9 @@ def _integer_bounds(low, low_ex, high, high_ex) -> tuple[int | None, int | None]
     return lo, hi
 
 
+FRACTION_CAP = 10**15  # how far past 0 (or its other bound) a multipleOf of 1/k is written, on a side the schema leaves open
+
+
 def _divides_one(step) -> bool:
     """Whether `step` is 1/k for a whole k > 1, as its decimal text reads (0.01, 0.25, 0.5; not 0.3)."""
     if isinstance(step, bool) or not isinstance(step, float) or not 0 < step < 1:
@@ -121,10 +124,15 @@ def integer_regex(node: dict, error) -> str | None:
     step = node.get("multipleOf")
     if step is not None and not (isinstance(step, (int, float)) and not isinstance(step, bool) and step > 0):
         raise error(f"'multipleOf' must be a positive number, got {step!r}")
-    if step is None or step == 1 or _divides_one(step):
-        # every integer is a multiple of 1/k (0.01, 0.5, ...): write integers, and validators that divide in floating
-        # point still get whole quotients (the step's own rounding is under half a unit of 1/step's last place)
+    if step is None or step == 1:
         return integer_range(lo, hi)
+    if _divides_one(step):
+        # every integer is a multiple of 1/k (0.01, 0.5, ...): write integers, and validators that divide in floating
+        # point still get whole quotients (the step's own rounding is under half a unit of 1/step's last place).
+        # Open sides stop at +-FRACTION_CAP: such validators turn the value into a float (jsonschema fails with an
+        # OverflowError past 1e308, and precision goes past 2**53)
+        top = FRACTION_CAP + max(0, lo or 0) if hi is None else hi
+        return integer_range(-FRACTION_CAP + min(0, hi or 0) if lo is None else lo, top)
     if step != int(step):
         raise error(f"unsupported 'multipleOf' {step!r} that is neither an integer nor 1/k")
     step = int(step)
