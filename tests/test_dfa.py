@@ -87,6 +87,40 @@ def test_minimize_on_drawn_regexes(regex):
     check_minimize(regex)
 
 
+# ---- the NUL-prefixed build: the same DFA as outlines builds for the regex alone
+
+ODD = [r"a|b", r"(?i)ab|c", "(?x)a b # a comment (with a parenthesis\n|c", r"[]a]+\)", r"[^]a]{1,3}", r"\(a\)",
+       r"[a-z&&[^b]]x", r"([a-c]|\[)*", r"\x00a|\x00\x00", r"[\x00-\x02]{0,3}b"]
+
+
+@pytest.mark.parametrize("regex", REGEXES + ODD)
+def test_prefixed_build_keeps_the_language(regex):
+    plain = worker._outlines_dfa(regex)
+    ours = worker.byte_dfa(regex)
+    assert same_language(plain, ours)
+    assert ours[0].shape[0] == plain[0].shape[0]  # the NUL's state is dropped, nothing else changes
+
+
+@settings(max_examples=40, deadline=None)
+@given(_regexes())
+def test_prefixed_build_on_drawn_regexes(regex):
+    assert same_language(worker._outlines_dfa(regex), worker.byte_dfa(regex))
+
+
+@pytest.mark.parametrize("regex", [r"a)(b", r"(a", r"a)|(b", r"[a"])
+def test_prefixed_build_refuses_what_outlines_refuses(regex):
+    with pytest.raises(ValueError, match="invalid regular expression"):
+        worker.byte_dfa(regex)
+
+
+def test_balanced_scan():
+    assert worker._balanced(r'"([^"\\\x00-\x1F]|\\["\\/bfnrt]){0,64}"')
+    assert worker._balanced(r"[)]\)(a)")
+    assert not worker._balanced(r"a)(b")
+    assert not worker._balanced(r"(?x)a#)")
+    assert not worker._balanced(r"[a-z&&[^b]]")
+
+
 # ---- the token walk: every (state, token) against walking the token's bytes one at a time
 
 TOKENS = [bytes([b]) for b in range(256)] + [

@@ -27,6 +27,7 @@ for the latter the bytes of the int32 (S, K) row-major table (-1: not allowed) a
 import base64
 import json
 import os
+import re
 import sys
 from itertools import chain
 from pathlib import Path
@@ -65,16 +66,77 @@ def _byte_dfa(index: Index) -> tuple[np.ndarray, int, list[int]]:
     return table, int(row_of[0]), sorted(row_of[1:].tolist())
 
 
-def byte_dfa(regex: str) -> tuple[np.ndarray, int, list[int]]:
-    """Step 1: the regex's byte-level DFA from outlines (table (S, 256) int32, -1 = dead; initial; finals).
-    ValueError for a regex outlines refuses."""
+_BYTES = None  # outlines' Vocabulary of the 256 single bytes, built on first use
+
+
+def _outlines_dfa(pattern: str) -> tuple[np.ndarray, int, list[int]]:
+    """outlines' DFA of `pattern` (ValueError for a pattern outlines refuses)."""
+    global _BYTES
+    if _BYTES is None:
+        _BYTES = Vocabulary(256, {bytes([b]): [b] for b in range(256)})
     try:
-        index = Index(regex, Vocabulary(256, {bytes([b]): [b] for b in range(256)}))
+        index = Index(pattern, _BYTES)
     except BaseException as err:  # outlines raises ValueError, or pyo3's PanicException (a BaseException)
         if isinstance(err, (KeyboardInterrupt, SystemExit)):
             raise
         raise ValueError(f"invalid regular expression ({_one_line(err)})") from None
     return _byte_dfa(index)
+
+
+def _balanced(regex: str) -> bool:
+    """No `)` of `regex` closes a group that `regex` did not open, and no verbose flag (whose comments could hide
+    one), as far as a scan that skips escapes and classes sees: then `(?:regex)` parses as `regex` does."""
+    if _VERBOSE.search(regex):
+        return False
+    depth, i, in_class = 0, 0, False
+    while i < len(regex):
+        c = regex[i]
+        if c == "\\":
+            i += 1
+        elif in_class:
+            if c == "[":
+                return False  # a nested class: not worth following
+            in_class = c != "]"
+        elif c == "[":
+            in_class = True
+            i += 1 + (regex[i + 1:i + 2] == "^")
+            i += regex[i:i + 1] == "]"  # a first ']' is a member
+            continue
+        elif c in "()":
+            depth += 1 if c == "(" else -1
+            if depth < 0:
+                return False
+        i += 1
+    return depth == 0 and not in_class
+
+
+_VERBOSE = re.compile(r"\(\?[a-zA-Z-]*x")
+
+
+def byte_dfa(regex: str) -> tuple[np.ndarray, int, list[int]]:
+    """Step 1: the regex's byte-level DFA from outlines (table (S, 256) int32, -1 = dead; initial; finals).
+    ValueError for a regex outlines refuses.
+
+    outlines builds regex-automata's dense DFA with both start kinds, so it also determinizes the unanchored search
+    (any prefix, then the regex), which it never uses and which can grow exponentially: a string of up to 16
+    characters alone took 6.5 s for 163 states, 20 characters 148 s. Written as `\\x00(?:regex)`, an unanchored
+    match can start only at a NUL byte, so that part stays as small as the anchored one; the state after the NUL
+    is the regex's own anchored start (the same ordered set of NFA states), and the first state, which only the
+    NUL leaves, is dropped. A regex that the scan cannot vouch for, or whose prefixed form fails, is built as is.
+    """
+    if _balanced(regex):
+        try:
+            table, start, finals = _outlines_dfa(f"\\x00(?:{regex})")
+        except ValueError:
+            pass
+        else:
+            initial = int(table[start, 0])
+            if initial >= 0 and start not in finals and not (table == start).any():
+                keep = np.delete(np.arange(len(table)), start)
+                table = table[keep]
+                table[table > start] -= 1
+                return table, initial - (initial > start), [f - (f > start) for f in finals]
+    return _outlines_dfa(regex)
 
 
 def compile_regex(regex: str, token_bytes: list, max_states: int) -> dict:
