@@ -159,6 +159,64 @@ def test_token_walk_on_drawn_regexes_and_tokens(regex, drawn):
     check_token_walk(regex, [bytes([b]) for b in b"abc\xc3\xa90.\\"] + drawn)
 
 
+# ---- counting chains (dgemma.control.chains) and the walk that derives them
+
+CHAINY = {"type": "object", "properties": {
+    "a": {"type": "string", "maxLength": 20},
+    "b": {"type": "array", "items": {"type": "string", "maxLength": 12}, "maxItems": 3},
+    "c": {"type": "string", "format": "uri"}, "d": {"type": ["string", "null"], "maxLength": 9},
+    "e": {"type": "string", "pattern": "^[a-z]{2,8}$"}}, "required": ["a"]}
+CHAIN_TOKENS = TOKENS + [b"abcdefgh", b"abcdefghijklmnop", b'","', b'", "', b'":"', b'"]', b"\\n", b'\\"', b"\xe2\x82",
+                         b"\xac", b"\xe2\x82\xac", b"\xf0\x9f\x98\x80", b"x\xf0\x9f", b"\n", b"a\tb", b"null", b'null,',
+                         b"://", b"http", b"https://", b".com", b"/x"]
+
+
+def minimal_table(regex: str) -> np.ndarray:
+    return minimize(*worker.byte_dfa(regex))[0]
+
+
+def check_shift(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """shift_map's promise, checked over all 256 bytes: (*) holds, injective, no cycle, levels count it."""
+    from dgemma.control.chains import shift_map
+    from dgemma.control.dfa import byte_classes
+    byte_class = byte_classes(table)
+    first = np.array([int(np.flatnonzero(byte_class == c)[0]) for c in range(byte_class.max() + 1)])
+    shift, level = shift_map(table[:, first])
+    has = np.flatnonzero(shift >= 0)
+    assert len(set(shift[has].tolist())) == len(has)
+    for p in has:
+        q = int(shift[p])
+        for byte in range(256):
+            x = int(table[p, byte])
+            if x >= 0:
+                assert table[q, byte] == (shift[x] if shift[x] >= 0 else x), (p, q, byte)
+        at, steps = q, 1
+        while shift[at] >= 0:
+            at, steps = int(shift[at]), steps + 1
+            assert steps <= len(shift)
+        assert level[p] == steps
+    assert (level[shift < 0] == 0).all()
+    return shift, level
+
+
+@pytest.mark.parametrize("regex", REGEXES + [schema_to_regex(CHAINY)])
+def test_shift_map_keeps_its_promise(regex):
+    check_shift(minimal_table(regex))
+
+
+def test_chains_cover_bounded_strings_and_the_walk_stays_exact():
+    table = minimal_table(schema_to_regex(CHAINY))
+    shift, level = check_shift(table)
+    assert (shift >= 0).mean() > 0.5 and level.max() >= 20  # most states are derived, not walked
+    check_token_walk(schema_to_regex(CHAINY), CHAIN_TOKENS)
+
+
+@settings(max_examples=40, deadline=None)
+@given(_regexes())
+def test_shift_map_on_drawn_regexes(regex):
+    check_shift(minimal_table(regex))
+
+
 # ---- the schema writer's object chain: the tail after the openers is written once, with the same language
 
 @pytest.mark.parametrize("count", [1, 3, 8, 9, 12])
