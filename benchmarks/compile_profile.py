@@ -1,16 +1,17 @@
 """Where compiling a JSON schema into a token automaton spends its time, stage by stage, over JSONSchemaBench.
 
     python benchmarks/compile_profile.py --data DIR [--per-subset 8] [--vocab 32000] [--timeout 60]
-        [--pad-vocab 262144] [--e2e ROOT ...] [--out profile.json]
+        [--pad-vocab 262144] [--e2e ROOT ...] [--files FILE ...] [--out profile.json]
 
 DIR is JSONSchemaBench's `data/` folder, sampled as benchmarks/jsonschemabench.py samples it (seed 0, the same
-files), with the same byte-level BPE (--pad-vocab: padded with synthetic tokens, for the 262k figures). Each
-schema runs in a worker process that reports each stage as it ends and is killed after --timeout seconds (the
+files; --files: those schema files instead), with the same byte-level BPE (--pad-vocab: padded with synthetic
+tokens, for the 262k figures). Each schema runs in a worker process that reports each stage as it ends and is killed after --timeout seconds (the
 stage it was in is then the one that timed out). Stages:
 - regex: the schema writer (`schema_to_regex`);
 - dfa: the regex's byte DFA (outlines-core's `Index` over the 256 single bytes, read with `get_transitions()`);
 - minimize: the minimal DFA (dgemma.control.dfa);
-- tokens: the token walk and token classes (`token_automaton`).
+- tokens: the token walk and token classes (`token_automaton`);
+- parent: what the server's process does with the child's tables (pruning, EOS, classes: `constraint.from_reply`).
 Printed: per schema and per stage, p50/p95/max of each stage's seconds over the schemas that finished it, the
 regex length and the DFA's states before and after minimizing, and the share that finished within 10 s and
 within --timeout.
@@ -35,7 +36,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from jsonschemabench import percentile, sample, tokenizer_path  # noqa: E402
 
-STAGES = ("regex", "dfa", "minimize", "tokens")
+STAGES = ("regex", "dfa", "minimize", "tokens", "parent")
 
 
 def padded(vocab, size: int):
@@ -61,6 +62,7 @@ def worker(mode: str, tokenizer_file: str, timeout: float, pad_vocab: int) -> No
     if mode == "e2e":
         return _e2e_worker(vocab, CompileLimits(timeout_s=2 * timeout))
     from dgemma.control import _compile_worker as cw
+    from dgemma.control.constraint import from_reply
     from dgemma.control.schema import SchemaError, schema_to_regex
     for line in sys.stdin:
         schema = json.loads(Path(line.strip()).read_text())
@@ -80,6 +82,8 @@ def worker(mode: str, tokenizer_file: str, timeout: float, pad_vocab: int) -> No
             if table.shape[0] > CompileLimits().max_states:
                 raise ValueError(f"{table.shape[0]} states, more than the limit")
             reply = stage("tokens", cw.token_automaton, table, initial, finals, vocab.token_bytes)
+            if "error" not in reply:
+                stage("parent", from_reply, reply, vocab, "JSON schema")
             print(json.dumps({"done": "error" not in reply, "classes": reply.get("num_classes"),
                               "error": reply.get("error")}), flush=True)
         except (SchemaError, ValueError, MemoryError) as err:
@@ -184,6 +188,7 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=60.0)
     parser.add_argument("--e2e", nargs="+", type=Path, help="dgemma source trees to time end to end")
     parser.add_argument("--subsets", nargs="*")
+    parser.add_argument("--files", nargs="+", type=Path, help="these schema files instead of the sample")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--worker")
     parser.add_argument("--tokenizer")
@@ -195,7 +200,7 @@ def main() -> None:
     names = ["stages"] if args.e2e is None else [str(r) for r in roots]
     workers = {n: Worker(r, tokenizer_file, args.timeout, args.pad_vocab) for n, r in zip(names, roots)}
     subsets = args.subsets or sorted(p.name for p in args.data.iterdir() if p.is_dir())
-    paths = [p for s in subsets for p in sample(args.data, s, args.per_subset)[0]]
+    paths = args.files or [p for s in subsets for p in sample(args.data, s, args.per_subset)[0]]
     print(f"{len(paths)} schemas, vocab {max(args.vocab, args.pad_vocab)}, timeout {args.timeout:g} s, load average "
           f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     results = {n: {} for n in names}

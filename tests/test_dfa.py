@@ -3,12 +3,16 @@ reference over many regexes (hand-picked, written by the schema writer, and draw
 
 from __future__ import annotations
 
+import itertools
+import re
+
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
 from dgemma.control import _compile_worker as worker
 from dgemma.control.dfa import minimize
+from dgemma.control.regex_factor import factor_suffixes
 from dgemma.control.schema import schema_to_regex
 
 SCHEMAS = [
@@ -20,6 +24,11 @@ SCHEMAS = [
     {"anyOf": [{"type": "number", "minimum": -2.5, "maximum": 10}, {"type": "null"}, {"type": "boolean"}]},
     {"type": "object", "properties": {f"k{i}": {"type": "string", "maxLength": 3} for i in range(6)}},
 ]
+CHAINY = {"type": "object", "properties": {
+    "a": {"type": "string", "maxLength": 20},
+    "b": {"type": "array", "items": {"type": "string", "maxLength": 12}, "maxItems": 3},
+    "c": {"type": "string", "format": "uri"}, "d": {"type": ["string", "null"], "maxLength": 9},
+    "e": {"type": "string", "pattern": "^[a-z]{2,8}$"}}, "required": ["a"]}
 REGEXES = [r"(a|b)*a(a|b)", r"[0-9]{2,5}(\.[0-9]+)?", r"(ab|abc|b)*c?", r"é[^a-z]{1,3}", r"x", r"(a{3})*",
            *(schema_to_regex(s) for s in SCHEMAS)]
 
@@ -87,6 +96,131 @@ def test_minimize_on_drawn_regexes(regex):
     check_minimize(regex)
 
 
+# ---- the framed build (a NUL before, an end marker after, suffixes factored): the regex's own language
+
+ODD = [r"a|b", r"(?i)ab|c", "(?x)a b # a comment (with a parenthesis\n|c", r"[]a]+\)", r"[^]a]{1,3}", r"\(a\)",
+       r"[a-z&&[^b]]x", r"([a-c]|\[)*", r"\x00a|\x00\x00", r"[\x00-\x02]{0,3}b", r"a|ab", r"([0-9]|10)"]
+ALPHABET = ["a", "b", "c", "é", ".", "0", "1", "\\"]
+
+
+def accepts(dfa: tuple, text: bytes) -> bool:
+    table, state, finals = dfa
+    for byte in text:
+        state = int(table[state, byte])
+        if state < 0:
+            return False
+    return state in set(finals)
+
+
+def includes(big: tuple, small: tuple) -> bool:
+    """Every text `small` accepts, `big` accepts."""
+    (tb, ib, fb), (ts, is_, fs) = big, small
+    fb, fs = set(fb), set(fs)
+    seen, todo = {(ib, is_)}, [(ib, is_)]
+    while todo:
+        x, y = todo.pop()
+        if y in fs and (x < 0 or x not in fb):
+            return False
+        for byte in np.flatnonzero(ts[y] >= 0):
+            pair = (int(tb[x, byte]) if x >= 0 else -1, int(ts[y, byte]))
+            if pair not in seen:
+                seen.add(pair)
+                todo.append(pair)
+    return True
+
+
+def texts_up_to(length: int):
+    for n in range(length + 1):
+        yield from ("".join(p) for p in itertools.product(ALPHABET, repeat=n))
+
+
+def sample_texts(dfa: tuple, count: int, seed: int = 0) -> list[bytes]:
+    """Random texts the DFA accepts: random bytes that keep a final state in reach, then, past 60 bytes, the
+    shortest way to one."""
+    table, initial, finals = dfa
+    dist = np.full(len(table), -1)
+    dist[finals] = 0
+    for d in range(1, len(table) + 1):
+        step = (dist < 0) & ((table >= 0) & (dist[np.maximum(table, 0)] == d - 1)).any(axis=1)
+        if not step.any():
+            break
+        dist[step] = d
+    rng, out = np.random.default_rng(seed), []
+    for _ in range(count):
+        state, text = initial, bytearray()
+        while not (state in finals and (rng.random() < 0.3 or len(text) > 60)):
+            nxt = np.maximum(table[state], 0)
+            ok = (table[state] >= 0) & (dist[nxt] >= 0)
+            if len(text) > 60:
+                ok &= dist[nxt] < dist[state]
+            if not ok.any():
+                break  # a final state that allows nothing more
+            byte = int(rng.choice(np.flatnonzero(ok)))
+            text.append(byte)
+            state = int(table[state, byte])
+        out.append(bytes(text))
+    return out
+
+
+@pytest.mark.parametrize("regex", REGEXES + ODD + [schema_to_regex(CHAINY)])
+def test_framed_build_accepts_the_texts_of_the_regex(regex):
+    plain = worker._outlines_dfa(regex)
+    ours = worker.byte_dfa(regex)
+    assert includes(ours, plain)  # all that outlines accepted, and what its leftmost-first rule cut short
+    if worker._balanced(regex) and worker._framed(factor_suffixes(regex), True) is not None:  # Python's syntax
+        for text in sample_texts(ours, 30):
+            assert re.fullmatch(regex, text.decode("utf-8"), re.DOTALL), text
+
+
+def test_framed_build_fills_the_leftmost_first_gap():
+    for regex, text in [(r"a|ab", "ab"), (r"([0-9]|10)", "10"), (r"(a|b)*a(a|b)", "abaa")]:
+        assert not accepts(worker._outlines_dfa(regex), text.encode())
+        assert accepts(worker.byte_dfa(regex), text.encode())
+
+
+@settings(max_examples=40, deadline=None)
+@given(_regexes())
+def test_framed_build_is_the_regex_language(regex):
+    ours = worker.byte_dfa(regex)
+    exact = worker._framed(factor_suffixes(regex), True) is not None
+    for text in texts_up_to(3):
+        matches = bool(re.fullmatch(regex, text))
+        assert accepts(ours, text.encode()) == matches if exact else (not accepts(ours, text.encode()) or matches)
+
+
+@settings(max_examples=80, deadline=None)
+@given(_regexes())
+def test_factor_suffixes_keeps_the_language(regex):
+    factored = factor_suffixes(regex)
+    for text in texts_up_to(4):
+        assert bool(re.fullmatch(regex, text)) == bool(re.fullmatch(factored, text)), (regex, factored, text)
+
+
+def test_factor_suffixes_writes_each_suffix_once():
+    assert factor_suffixes("ax|bx") == "(a|b)x"
+    assert factor_suffixes("a(b|c)yz|dyz|e") == "(a(b|c)|d)yz|e"
+    assert factor_suffixes("ab|b") == "(a)?b"
+    for kept in [r"a|b", r"^a|b", r"(?i)a|a", r"a*?b|b", r"[[:alpha:]]x|x", "a)(b"]:
+        assert factor_suffixes(kept) == kept
+    schema = {"type": "object", "properties": {f"k{i}": {"type": "string", "maxLength": 4} for i in range(8)}}
+    regex = schema_to_regex(schema)
+    assert len(factor_suffixes(regex)) < len(regex) / 2  # the openers' tails, once
+
+
+@pytest.mark.parametrize("regex", [r"a)(b", r"(a", r"a)|(b", r"[a"])
+def test_prefixed_build_refuses_what_outlines_refuses(regex):
+    with pytest.raises(ValueError, match="invalid regular expression"):
+        worker.byte_dfa(regex)
+
+
+def test_balanced_scan():
+    assert worker._balanced(r'"([^"\\\x00-\x1F]|\\["\\/bfnrt]){0,64}"')
+    assert worker._balanced(r"[)]\)(a)")
+    assert not worker._balanced(r"a)(b")
+    assert not worker._balanced(r"(?x)a#)")
+    assert not worker._balanced(r"[a-z&&[^b]]")
+
+
 # ---- the token walk: every (state, token) against walking the token's bytes one at a time
 
 TOKENS = [bytes([b]) for b in range(256)] + [
@@ -94,6 +228,9 @@ TOKENS = [bytes([b]) for b in range(256)] + [
     b'{"name', b'":"', b"null", b"true", b"\xc3\xa9", b"a\xc3", b"\xa9b", b"\xc3\xa9\xc3", b"  ", b"[0", b"e+",
     b"0.5", b"-0", b"k0", b'"k1":', b"xyz", b"ccc", b"bcbc"]
 SPARSE = [None, b"ab", None, b"a", b"\xc3\xa9", b"ba", None] * 3  # no-text ids, and tokens spelled alike
+CHAIN_TOKENS = TOKENS + [b"abcdefgh", b"abcdefghijklmnop", b'","', b'", "', b'":"', b'"]', b"\\n", b'\\"', b"\xe2\x82",
+                         b"\xac", b"\xe2\x82\xac", b"\xf0\x9f\x98\x80", b"x\xf0\x9f", b"\n", b"a\tb", b"null", b'null,',
+                         b"://", b"http", b"https://", b".com", b"/x"]
 
 
 def check_token_walk(regex: str, tokens: list) -> None:
@@ -123,6 +260,56 @@ def test_token_walk_matches_a_byte_by_byte_walk(regex):
                             min_size=1, max_size=40))
 def test_token_walk_on_drawn_regexes_and_tokens(regex, drawn):
     check_token_walk(regex, [bytes([b]) for b in b"abc\xc3\xa90.\\"] + drawn)
+
+
+# ---- counting chains (dgemma.control.chains) and the walk that derives them
+
+
+
+def minimal_table(regex: str) -> np.ndarray:
+    return minimize(*worker.byte_dfa(regex))[0]
+
+
+def check_shift(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """shift_map's promise, checked over all 256 bytes: (*) holds, injective, no cycle, levels count it."""
+    from dgemma.control.chains import shift_map
+    from dgemma.control.dfa import byte_classes
+    byte_class = byte_classes(table)
+    first = np.array([int(np.flatnonzero(byte_class == c)[0]) for c in range(byte_class.max() + 1)])
+    shift, level = shift_map(table[:, first])
+    has = np.flatnonzero(shift >= 0)
+    assert len(set(shift[has].tolist())) == len(has)
+    for p in has:
+        q = int(shift[p])
+        for byte in range(256):
+            x = int(table[p, byte])
+            if x >= 0:
+                assert table[q, byte] == (shift[x] if shift[x] >= 0 else x), (p, q, byte)
+        at, steps = q, 1
+        while shift[at] >= 0:
+            at, steps = int(shift[at]), steps + 1
+            assert steps <= len(shift)
+        assert level[p] == steps
+    assert (level[shift < 0] == 0).all()
+    return shift, level
+
+
+@pytest.mark.parametrize("regex", REGEXES + [schema_to_regex(CHAINY)])
+def test_shift_map_keeps_its_promise(regex):
+    check_shift(minimal_table(regex))
+
+
+def test_chains_cover_bounded_strings_and_the_walk_stays_exact():
+    table = minimal_table(schema_to_regex(CHAINY))
+    shift, level = check_shift(table)
+    assert (shift >= 0).mean() > 0.5 and level.max() >= 20  # most states are derived, not walked
+    check_token_walk(schema_to_regex(CHAINY), CHAIN_TOKENS)
+
+
+@settings(max_examples=40, deadline=None)
+@given(_regexes())
+def test_shift_map_on_drawn_regexes(regex):
+    check_shift(minimal_table(regex))
 
 
 # ---- the schema writer's object chain: the tail after the openers is written once, with the same language

@@ -282,7 +282,12 @@ def _bfs(pairs: tuple[np.ndarray, np.ndarray], num_states: int, sources: np.ndar
 
 def _compile(source: dict, vocabulary: ConstraintVocabulary, limits: CompileLimits, description: str
              ) -> Constraint:
-    reply = _run_worker(source, vocabulary, limits, description)
+    return from_reply(_run_worker(source, vocabulary, limits, description), vocabulary, description)
+
+
+def from_reply(reply: dict, vocabulary: ConstraintVocabulary, description: str) -> Constraint:
+    """Steps 2-4 in this process, over the child's reply (its "table" and "token_class" as int32 bytes or arrays).
+    """
     table = np.frombuffer(reply["table"], dtype=np.int32).reshape(reply["num_states"], reply["num_classes"])
     worker_class = np.frombuffer(reply["token_class"], dtype=np.int32)
     finals = np.asarray(reply["finals"], dtype=np.int64)

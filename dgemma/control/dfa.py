@@ -20,8 +20,10 @@ def distinct_columns(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     random-weighted sum per column finds them; columns are then compared exactly (whole columns on a
     collision). np.unique(table.T, axis=0) sorts whole columns: 4 s for a (9,383, 1,705) table."""
     weights = default_rng(0).integers(1, 2**62, size=table.shape[0], dtype=np.int64)
-    _, first, column_class = np.unique(weights @ (table.astype(np.int64) + 1), return_index=True,
-                                       return_inverse=True)
+    hashes = np.zeros(table.shape[1], dtype=np.int64)
+    for lo in range(0, table.shape[0], 2048):  # in blocks: no (S, K) int64 copy
+        hashes += weights[lo:lo + 2048] @ (table[lo:lo + 2048].astype(np.int64) + 1)
+    _, first, column_class = np.unique(hashes, return_index=True, return_inverse=True)
     column_class = column_class.reshape(-1)
     if not np.array_equal(table[:, first[column_class]], table):
         _, first, column_class = np.unique(table.T, axis=0, return_index=True, return_inverse=True)

@@ -1,24 +1,35 @@
 """Token transitions of a minimized byte DFA, in token classes: where each token leads from each state.
 
 1. Bytes that no state tells apart form byte classes; tokens spelled alike in byte classes form one group.
-2. The groups' spellings form a trie. A chunk of states walks down it one level at a time, keeping only the
+2. The groups' spellings form a trie. A batch of states walks down it one level at a time, keeping only the
    (state, trie node) pairs still alive: from most states most tokens die within a byte or two (4-9% of the
    pairs live on JSONSchemaBench schemas), so the walk costs the live pairs, not states x trie nodes.
-3. Groups that lead to the same state from every state share a class. After each chunk the classes are refined
-   by its live pairs: a random 64-bit signature per group (its class so far plus, per live state,
-   weight(state) * (next state + 1)), then an exact check that every group's live pairs are its class's first
-   group's (the same count, and each pair found in the class's row).
+3. Counting chains (chains.py): a state q = shift(p) allows what p allows and a little more (one more character
+   of a string with maxLength, say). Only the states that are no state's shift are walked in full; the others
+   are derived, chain level by chain level, from the state below: a token alive from p ends at shift(its end from
+   p) if every state it passed has a shift, else at its end from p; the walk from q goes on only where p's died
+   (the frontier), which over a whole chain is about one walk of the trie. A string of up to 64 characters is
+   about 640 states (positions, times the states inside a UTF-8 character or an escape) walked as about 10.
+4. Groups that lead to the same state from every state share a class. After each batch the classes are refined
+   by what the batch found: a random 64-bit signature per group (its class so far plus, per state found,
+   weight(state) * (value + 1), the value packing the end state and the lowest chain level on the way), then an
+   exact check that every group's findings are its class's first group's (the same count, each one found in the
+   class's row). For a derived state only the frontier is new: groups alive from p in one class stay together.
 Returns the (S, K) next-state table (-1: not allowed) and each group's class; `token_automaton` puts it together.
 """
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 from numpy.random import default_rng  # imported with the module: a spare child has it ready
 
+from .chains import shift_map
 from .dfa import byte_classes
 
-_PAIRS_PER_CHUNK = 1 << 22  # (state, trie node) pairs a chunk of states may reach at most: about 100 MiB
+_PAIRS_PER_CHUNK = 1 << 22  # (state, trie node) pairs a batch of states may reach at most: about 100 MiB
+_NO_STATE_YET = 1 << 40  # the lowest chain level on a path that has passed no state yet
 
 
 def _trie(flat: np.ndarray, offsets: np.ndarray, lengths: np.ndarray, alphabet: int):
@@ -58,9 +69,9 @@ class _Walk:
         num_states, num_byte_classes = byte_table.shape[0], int(byte_class.max()) + 1
         first_byte = np.zeros(num_byte_classes, dtype=np.int64)
         first_byte[byte_class[::-1]] = np.arange(256)[::-1]
-        columns = byte_table[:, first_byte]  # (S, B)
+        self.columns = byte_table[:, first_byte]  # (S, B)
         self.dead, self.num_byte_classes = num_states, num_byte_classes
-        self.step = np.vstack([np.where(columns < 0, num_states, columns),  # ((S + 1) * B,): dead stays dead
+        self.step = np.vstack([np.where(self.columns < 0, num_states, self.columns),  # dead stays dead
                                np.full((1, num_byte_classes), num_states)]).astype(np.int32).reshape(-1)
         lengths = np.fromiter((len(t) for t in spellings), dtype=np.int64, count=len(spellings))
         offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]])
@@ -73,56 +84,175 @@ class _Walk:
         self.group_at = np.full(len(parent), -1, dtype=np.int32)
         self.group_at[node_of_group] = np.arange(len(spellings))
 
-    def live_pairs(self, states: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(origin state, group, next state) for every group that stays alive from a state of `states`."""
-        origin, node, at = states, np.zeros(len(states), dtype=np.int32), states
-        found = []
+    def walk(self, origin, node, at, low, level: np.ndarray, carry: np.ndarray):
+        """From live pairs (origin state, trie node, the state there, the lowest chain level passed since the
+        origin), down the trie. Returns what it found, (origin, group, end state, lowest level) for every group
+        at or below the nodes, and where it died, (origin, child node, state at the child's parent, lowest level)
+        for each child that dies from an origin with `carry` and a lowest level of at least 1: there the
+        origin's shift goes on (step 3)."""
+        empty = (origin[:0], node[:0], at[:0], low[:0])
+        found, dying = [empty], [empty]
         while len(node):
-            count = self.num_children[node]
-            base = self.first_child[node] - (np.cumsum(count) - count)
-            child = np.repeat(base, count) + np.arange(int(count.sum()), dtype=np.int32)
-            after = self.step[np.repeat(at * self.num_byte_classes, count) + self.label[child]]
-            live = after != self.dead
-            origin, node, at = np.repeat(origin, count)[live], child[live], after[live]
             group = self.group_at[node]
             ends = group >= 0
-            found.append((origin[ends], group[ends], at[ends]))
-        return tuple(np.concatenate([f[i] for f in found]) for i in range(3))
+            found.append((origin[ends], group[ends], at[ends], low[ends]))
+            count = self.num_children[node]
+            first = self.first_child[node] - (np.cumsum(count) - count)
+            child = np.repeat(first, count) + np.arange(int(count.sum()), dtype=np.int32)
+            at = np.repeat(at, count)
+            after = self.step[at * self.num_byte_classes + self.label[child]]
+            origin, low = np.repeat(origin, count), np.repeat(low, count)
+            live = after != self.dead
+            dies = ~live & carry[origin] & (low >= 1)
+            dying.append((origin[dies], child[dies], at[dies], low[dies]))
+            origin, node, at = origin[live], child[live], after[live]
+            low = np.minimum(low[live], level[at])
+        return [np.concatenate(part) for part in zip(*found)], [np.concatenate(part) for part in zip(*dying)]
+
+    def go_on(self, dying, shift: np.ndarray, level: np.ndarray, carry: np.ndarray):
+        """Step 3: where the origins died, their shifts go on. Returns the live pairs to walk from (the shifted
+        origin, the child, the state there, the lowest level) and the places the shifted origins die too."""
+        origin, child, at, low = dying
+        origin, at, low = shift[origin], shift[at], low - 1  # every state passed has a shift: low >= 1
+        after = self.step[at * self.num_byte_classes + self.label[child]]
+        live = after != self.dead
+        dies = ~live & carry[origin] & (low >= 1)
+        starts = (origin[live], child[live], after[live], np.minimum(low[live], level[after[live]]))
+        return starts, (origin[dies], child[dies], at[dies], low[dies])
+
+
+class _Classes:
+    """Step 4: the classes of the groups, refined batch by batch, and what each batch found, by class."""
+
+    def __init__(self, num_states: int, num_groups: int, bits: int):
+        weights = default_rng(0).integers(1, 2**63 - 1, size=num_states + 1, dtype=np.int64)
+        self.weights = weights.astype(np.uint64)
+        self.group_class = np.zeros(num_groups, dtype=np.int64)
+        self.bits = bits  # value = (end state + 1) << bits | lowest level
+        self.done: list[tuple] = []  # per batch: (states, rows (n, K then) of values or -1, classes then)
+        self.walked = 0  # how many batches of `done` are states walked in full (the rest: chain levels)
+
+    def add(self, states: np.ndarray, origin, group, value) -> bool:
+        """Refines by one batch's findings (origins among `states`, each found once per group); False if the
+        exact check fails."""
+        num_groups = len(self.group_class)
+        signature = self.group_class.astype(np.uint64) * self.weights[-1]
+        np.add.at(signature, group, self.weights[origin] * (value.astype(np.uint64) + np.uint64(1)))
+        refined = np.unique(signature, return_inverse=True)[1].reshape(-1)
+        first = np.zeros(refined.max() + 1, dtype=np.int64)
+        first[refined[::-1]] = np.arange(num_groups)[::-1]  # the first group of each refined class
+        row_of = np.zeros(int(states.max()) + 1, dtype=np.int64)
+        row_of[states] = np.arange(len(states))
+        row = row_of[origin]
+        rows = np.full((len(states), len(first)), -1, dtype=np.int64)  # (batch, K)
+        is_first = first[refined[group]] == group
+        rows[row[is_first], refined[group[is_first]]] = value[is_first]
+        live = np.bincount(group, minlength=num_groups)
+        if not (np.array_equal(live, live[first][refined])
+                and np.array_equal(self.group_class[first][refined], self.group_class)
+                and np.array_equal(rows[row, refined[group]], value)):
+            return False  # two groups shared a signature but not their findings: not expected of 64-bit sums
+        self.done.append((states, rows, refined))
+        self.group_class = refined
+        return True
+
+    def final_rows(self):
+        """Per batch: (states, (n, K) values or -1 in the final classes)."""
+        first = np.zeros(self.group_class.max() + 1, dtype=np.int64)
+        first[self.group_class[::-1]] = np.arange(len(self.group_class))[::-1]
+        for states, rows, then in self.done:
+            yield states, rows[:, then[first]]
+
+
+def _batches(pairs, limit: int):
+    """Splits per-origin pairs (origin, ...) into batches of whole origins with at most about `limit` pairs."""
+    origin = pairs[0]
+    if len(origin) <= limit:
+        if len(origin):
+            yield pairs
+        return
+    order = np.argsort(origin, kind="stable")
+    sorted_origin = origin[order]
+    cuts = np.searchsorted(sorted_origin, sorted_origin[::limit][1:], side="left")
+    for part in np.split(order, np.unique(cuts[cuts > 0])):
+        yield tuple(a[part] for a in pairs)
 
 
 def token_table(byte_table: np.ndarray, byte_class: np.ndarray, spellings: list[bytes]
                 ) -> tuple[np.ndarray, np.ndarray] | None:
-    """Steps 2-3: ((S, K) int32 next state per class, -1 = not allowed; (G,) the class of each group), or None
+    """Steps 2-4: ((S, K) int32 next state per class, -1 = not allowed; (G,) the class of each group), or None
     if the exact check fails."""
     walk = _Walk(byte_table, byte_class, spellings)
-    num_states, num_groups = byte_table.shape[0], len(spellings)
-    weights = default_rng(0).integers(1, 2**63 - 1, size=num_states + 1, dtype=np.int64)
-    weights = weights.astype(np.uint64)
-    group_class = np.zeros(num_groups, dtype=np.int64)
-    done: list[tuple[np.ndarray, np.ndarray]] = []  # per chunk: (rows (chunk, K then), group_class then)
+    num_states = byte_table.shape[0]
+    shift, level = shift_map(walk.columns)
+    level = np.append(level, 0)  # the dead state's
+    carry = shift >= 0
+    classes = _Classes(num_states, len(spellings), int(level.max()).bit_length())
+    is_shift = np.zeros(num_states, dtype=bool)
+    is_shift[shift[carry]] = True
+    base = np.flatnonzero(~is_shift).astype(np.int32)
+    dying, waves = [], []
     lo, chunk = 0, max(1, _PAIRS_PER_CHUNK // len(walk.label))
-    while lo < num_states:
-        states = np.arange(lo, min(lo + chunk, num_states), dtype=np.int32)
-        origin, group, after = walk.live_pairs(states)
-        signature = group_class.astype(np.uint64) * weights[-1]
-        np.add.at(signature, group, weights[origin] * (after.astype(np.uint64) + np.uint64(1)))
-        _, refined = np.unique(signature, return_inverse=True)
-        refined = refined.reshape(-1)
-        first = np.zeros(refined.max() + 1, dtype=np.int64)
-        first[refined[::-1]] = np.arange(num_groups)[::-1]  # the first group of each refined class
-        rows = np.full((len(states), len(first)), -1, dtype=np.int32)  # (chunk, K)
-        is_first = first[refined[group]] == group
-        rows[origin[is_first] - lo, refined[group[is_first]]] = after[is_first]
-        live = np.bincount(group, minlength=num_groups)
-        if not (np.array_equal(live, live[first][refined]) and np.array_equal(group_class[first][refined],
-                                                                              group_class)
-                and np.array_equal(rows[origin - lo, refined[group]], after)):
-            return None  # two groups shared a signature but not their transitions: not expected of 64-bit sums
-        done.append((rows, refined))
-        group_class = refined
+    while lo < len(base):  # the states walked in full
+        states = base[lo:lo + chunk]
+        found, died = walk.walk(states, np.zeros(len(states), dtype=np.int32), states,
+                                np.full(len(states), _NO_STATE_YET, dtype=np.int64), level, carry)
+        if not _add(classes, states, found, level):
+            return None
+        dying.append(died)
+        classes.walked += 1
         lo += len(states)
-        chunk = max(1, min(4 * chunk, int(_PAIRS_PER_CHUNK * len(states) / max(1, 4 * len(origin)))))
-    first = np.zeros(group_class.max() + 1, dtype=np.int64)
-    first[group_class[::-1]] = np.arange(num_groups)[::-1]
-    table = np.vstack([rows[:, then[first]] for rows, then in done])
-    return table, group_class
+        chunk = max(1, min(4 * chunk, int(_PAIRS_PER_CHUNK * len(states) / max(1, 4 * len(found[0])))))
+    parents = base[carry[base]]
+    dying = [np.concatenate(part) for part in zip(*dying)]
+    fan_out = 256  # pairs found per pair started, at first a guess, then the last batch's
+    while len(parents):  # the derived states, one chain level at a time
+        starts, inherited = walk.go_on(dying, shift, level, carry)
+        died, batches = [inherited], len(classes.done)
+        for batch in _batches(starts, _PAIRS_PER_CHUNK // fan_out):
+            found, more = walk.walk(*batch, level, carry)
+            if len(found[0]) and not _add(classes, np.unique(found[0]), found, level):
+                return None
+            died.append(more)
+            fan_out = max(1, len(found[0]) // len(batch[0]))
+        dying = [np.concatenate(part) for part in zip(*died)]
+        waves.append((parents, shift[parents], len(classes.done) - batches))
+        parents = shift[parents][carry[shift[parents]]]
+    return _assemble(classes, waves, shift)
+
+
+def _add(classes: _Classes, states: np.ndarray, found, level: np.ndarray) -> bool:
+    """Step 4 for one batch: each finding's value packs its end state and its lowest chain level, counted only
+    as far as the origin's own level (the chain above the origin is all a level is used for)."""
+    origin, group, end, low = found
+    value = (end.astype(np.int64) + 1) << classes.bits | np.minimum(low, level[origin])
+    return classes.add(states, origin, group, value)
+
+
+def _assemble(classes: _Classes, waves: list, shift: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The table in the final classes: the walked rows, then each chain level from the one below (a token alive
+    from p with lowest level >= 1 ends at the shift of its end from p, else at that end; the level drops by one),
+    under the frontier's own findings. No two classes end alike everywhere: two groups whose lowest levels differ
+    from p (both at most p's level) end at different shifts of the same state from the chain above p."""
+    bits, carry = classes.bits, shift >= 0
+    table = np.full((len(shift), int(classes.group_class.max()) + 1), -1, dtype=np.int32)
+    low_row = np.cumsum(carry) - 1  # the row in `lows` of a state that has a shift
+    lows = np.zeros((int(carry.sum()), table.shape[1]), dtype=np.int32)
+
+    def put(states, values, over):
+        alive = values >= 0
+        table[states] = np.where(alive, (values >> bits) - 1, table[states] if over else -1)
+        keep = carry[states]
+        lows[low_row[states[keep]]] = np.where(alive[keep], values[keep] & ((1 << bits) - 1), lows[low_row[states[keep]]])
+
+    batches = classes.final_rows()
+    for states, values in itertools.islice(batches, classes.walked):
+        put(states, values, over=False)
+    for parents, children, count in waves:
+        end, low = table[parents], lows[low_row[parents]]
+        table[children] = np.where(low >= 1, shift[np.maximum(end, 0)], end) * (end >= 0) - (end < 0)
+        keep = carry[children]
+        lows[low_row[children[keep]]] = np.maximum(low[keep] - 1, 0)
+        for states, values in itertools.islice(batches, count):
+            put(states, values, over=True)
+    return table, classes.group_class
