@@ -128,3 +128,15 @@ def test_every_written_format_passes_jsonschemas_format_checker(fmt):
     for _ in range(20 if fmt.startswith("iri") else 100):  # jsonschema's iri checker takes 0.1 s a string
         text = sample(regex, rng, decode=False)
         checker.validate(json.loads(text))
+
+
+def test_angle_brackets_compile_and_match_themselves(vocab):  # noqa: F811  (a fixture)
+    """outlines-core's Rust regex reads \\< and \\> as word boundaries and cannot build a DFA with them
+    (JSONSchemaBench Github_medium o66152: an enum holding "<", ">=", ...): they are written plain."""
+    schema = {"type": "object", "properties": {"op": {"enum": ["<", ">=", "<>"]},
+                                               "tag": {"type": "string", "pattern": "^<[a-z]+>$"}},
+              "required": ["op", "tag"]}
+    constraint = Constraint.from_json_schema(schema, vocab)
+    regex = schema_to_regex(schema)
+    assert re.fullmatch(regex, '{"op":">=","tag":"<ab>"}') and not re.fullmatch(regex, '{"op":">","tag":"<ab>"}')
+    assert constraint.num_states > 0

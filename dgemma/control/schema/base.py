@@ -74,10 +74,15 @@ class SchemaLimits:
     compact: bool = False
 
 
+def escaped(char: str) -> str:
+    """A character as regex text that Python's re and outlines-core's Rust regex both read as itself, inside or
+    outside a class: ASCII punctuation escaped, except < and > (to Rust's regex \\< and \\> are word boundaries)."""
+    return "\\" + char if char.isascii() and not char.isalnum() and char not in " <>" else char
+
+
 def literal(value) -> str:
     """The regex that matches exactly `value`'s compact JSON text."""
-    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
-    return "".join("\\" + c if c.isascii() and not c.isalnum() and c != " " else c for c in text)
+    return "".join(escaped(c) for c in json.dumps(value, ensure_ascii=False, separators=(",", ":")))
 
 
 def canonical(value):

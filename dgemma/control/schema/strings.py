@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import re
 
+from .base import escaped
+
 try:
     import re._parser as _sre_parse  # Python >= 3.11
     from re import _constants as _c
@@ -68,9 +70,7 @@ def length_range(low: int, high: int | None) -> str:
 
 
 def _escape_char(code: int) -> str:
-    """A character as regex text, inside or outside a class (ASCII punctuation escaped)."""
-    char = chr(code)
-    return "\\" + char if char.isascii() and not char.isalnum() and char != " " else char
+    return escaped(chr(code))
 
 
 def _literal(code: int) -> str:
