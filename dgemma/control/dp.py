@@ -52,7 +52,8 @@ class ValidTokens:
 
 class _Moves:
     """A constraint's transitions as (state, next state) pairs, each with the set of classes that moves along
-    it; pairs sorted by next state, identical class sets stored once. numpy arrays, cached on the constraint."""
+    it; pairs sorted by next state, identical class sets stored once; and the forward layout (`_Forward`). numpy
+    arrays, cached on the constraint."""
 
     def __init__(self, constraint: Constraint):
         table = constraint.transitions.numpy()  # (S, K)
@@ -65,37 +66,103 @@ class _Moves:
         order = np.argsort(edge_pair.reshape(-1), kind="stable")
         edge_class, edge_pair = cls[order], edge_pair.reshape(-1)[order]  # grouped by pair
         bounds = np.searchsorted(edge_pair, np.arange(len(pair_key) + 1))
-        set_of: dict[bytes, int] = {}
-        set_classes: list[np.ndarray] = []
-        self.pair_set = np.empty(len(pair_key), dtype=np.int64)  # (P,) class set of each pair
-        for p in range(len(pair_key)):
-            classes = edge_class[bounds[p]:bounds[p + 1]]
-            key = classes.tobytes()
-            if key not in set_of:
-                set_of[key] = len(set_classes)
-                set_classes.append(classes)
-            self.pair_set[p] = set_of[key]
-        self.set_classes = set_classes  # per set, its classes (sorted)
-        self.set_members = np.concatenate(set_classes)  # (E',) classes of all sets, set after set
-        self.set_start = np.cumsum([0] + [len(c) for c in set_classes[:-1]])  # (Q,)
+        self.pair_set, self.set_classes = _class_sets(edge_class, bounds)  # (P,) class set of each pair; per set,
+        # its classes (sorted)
+        self.set_members = np.concatenate(self.set_classes)  # (E',) classes of all sets, set after set
+        self.set_start = np.cumsum([0] + [len(c) for c in self.set_classes[:-1]])  # (Q,)
         self.pair_src = pair_key % num_states  # (P,) sorted by pair_dst
         self.pair_dst = pair_key // num_states  # (P,)
         self.dst_with_pairs, self.dst_pairs_start = np.unique(self.pair_dst, return_index=True)
         self.dst_pairs_end = np.append(self.dst_pairs_start[1:], len(pair_key))
         self.slot_of_dst = np.full(num_states, -1)
         self.slot_of_dst[self.dst_with_pairs] = np.arange(len(self.dst_with_pairs))
+        self.num_states = num_states
+        self.forward = _Forward(self)
         class_order = np.argsort(token_class, kind="stable")
         class_bounds = np.searchsorted(token_class[class_order], np.arange(table.shape[1] + 1))
         self.class_tokens = [torch.from_numpy(class_order[a:b]) for a, b in zip(class_bounds[:-1], class_bounds[1:])]
         # step 1 reads big classes (text inside a JSON string) from the row maxima, which also give the
-        # argmax; the remaining columns are gathered once and scattered into their classes
+        # argmax; the remaining columns are gathered, sorted by class, and reduced class by class
         sizes = np.diff(class_bounds)
         self.big_classes = np.flatnonzero(sizes * BIG_CLASS_SHARE >= len(token_class)).tolist()
         self.outside_big = [torch.from_numpy(token_class != k) for k in self.big_classes]  # (V,) bool each
-        small = ~np.isin(token_class, self.big_classes)
-        self.small_tokens = torch.from_numpy(np.flatnonzero(small))  # (Vs,)
-        self.small_class = torch.from_numpy(token_class[small])  # (Vs,)
-        self.num_states = num_states
+        small = np.flatnonzero((sizes > 0) & ~np.isin(np.arange(len(sizes)), self.big_classes))  # (Ks,) classes
+        self.small_classes = torch.from_numpy(small)
+        self.small_tokens = torch.from_numpy(np.concatenate([class_order[class_bounds[k]:class_bounds[k + 1]]
+                                                             for k in small] or [np.zeros(0, np.int64)]))  # (Vs,)
+        self.small_starts = np.cumsum(np.concatenate([[0], sizes[small][:-1]])).astype(np.int64)  # (Ks,)
+
+
+def _class_sets(edge_class: np.ndarray, bounds: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The class set of each pair (edge_class[bounds[p]:bounds[p + 1]]), identical sets numbered once: (P,) set
+    ids and, per set, its classes. A pair of one class (most of them) needs no Python loop."""
+    counts = np.diff(bounds)
+    pair_set = np.empty(len(counts), dtype=np.int64)
+    single = counts == 1
+    lone, pair_set[single] = np.unique(edge_class[bounds[:-1][single]], return_inverse=True)
+    set_classes = [lone[i:i + 1] for i in range(len(lone))]
+    set_of: dict[bytes, int] = {}
+    for p in np.flatnonzero(~single).tolist():
+        classes = edge_class[bounds[p]:bounds[p + 1]]
+        key = classes.tobytes()
+        if key not in set_of:
+            set_of[key] = len(set_classes)
+            set_classes.append(classes)
+        pair_set[p] = set_of[key]
+    return pair_set, set_classes
+
+
+class _Forward:
+    """Step 3's layout: the states renumbered by how many pairs lead into them, so that the states of one
+    group are contiguous, and each group's incoming pairs laid out (width, count), one column per state, padded
+    with a pair from an extra state whose score is always -inf. A step then gathers every pair's source score
+    and class-set value at once and takes each group's maximum down its columns; a group costs one call, a
+    padded pair one element, so the groups' widths are chosen to minimise elements + GROUP_COST * groups."""
+
+    def __init__(self, moves: _Moves):
+        num_states = moves.num_states
+        degree = np.bincount(moves.pair_dst, minlength=num_states)  # (S,) pairs into each state
+        degrees, counts = np.unique(degree[degree > 0], return_counts=True)
+        width_of = np.zeros(degree.max(initial=0) + 1, dtype=np.int64)  # in-degree -> its group's padded width
+        for lo, hi in _group_widths(degrees, counts):
+            width_of[degrees[lo]:degrees[hi - 1] + 1] = degrees[hi - 1]
+        width = width_of[degree]  # (S,) 0 for states no pair leads into
+        self.order = np.argsort(width, kind="stable")  # (S,) new state -> old
+        self.internal = np.append(np.argsort(self.order), num_states)  # (S + 1,) old -> new; S stays the padding
+        self.src = np.full(int(width.sum()), num_states, dtype=np.int64)  # (P',) new source state of each slot
+        self.set = np.zeros(len(self.src), dtype=np.int64)  # (P',) class set of each slot (any, for padding)
+        self.groups = []  # (first slot, width, count, first new state) per group
+        rank = np.arange(len(moves.pair_dst)) - moves.dst_pairs_start[moves.slot_of_dst[moves.pair_dst]]
+        dst_new = self.internal[moves.pair_dst]  # (P,)
+        slot, first = 0, int((width == 0).sum())
+        for w in np.unique(width[width > 0]).tolist():
+            count = int((width == w).sum())
+            mine = (dst_new >= first) & (dst_new < first + count)  # (P,) the pairs into this group
+            at = slot + rank[mine] * count + dst_new[mine] - first  # row = rank among the state's pairs
+            self.src[at] = self.internal[moves.pair_src[mine]]
+            self.set[at] = moves.pair_set[mine]
+            self.groups.append((slot, w, count, first))
+            slot, first = slot + w * count, first + count
+        self.pair_src = self.internal[moves.pair_src]  # (P,) new source state of each pair (step 5)
+
+
+GROUP_COST = 1024  # a group's reduction call, in gathered elements
+
+
+def _group_widths(degrees: np.ndarray, counts: np.ndarray) -> list[tuple[int, int]]:
+    """Split the sorted distinct in-degrees (`counts` states each) into groups [lo, hi), each padded to its
+    largest, minimising padded pairs + GROUP_COST per group (a shortest path over the distinct degrees)."""
+    states = np.concatenate([[0], np.cumsum(counts)])
+    cost, cut = np.zeros(len(degrees) + 1), np.zeros(len(degrees) + 1, dtype=np.int64)
+    for hi in range(1, len(degrees) + 1):
+        c = cost[:hi] + degrees[hi - 1] * (states[hi] - states[:hi]) + GROUP_COST
+        cut[hi] = int(c.argmin())
+        cost[hi] = c[cut[hi]]
+    groups, hi = [], len(degrees)
+    while hi > 0:
+        groups.append((int(cut[hi]), hi))
+        hi = int(cut[hi])
+    return groups[::-1]
 
 
 def _moves(constraint: Constraint) -> _Moves:
@@ -142,17 +209,24 @@ def class_scores(log_probs: torch.Tensor, constraint: Constraint, probs: bool = 
 
     # 1. best log-prob per (position, class); the argmax too for big classes
     best = torch.full((canvas_length, num_classes), float("-inf"), dtype=log_probs.dtype)
-    small = log_probs.index_select(1, moves.small_tokens)  # (C, Vs)
-    best.scatter_reduce_(1, moves.small_class.expand(canvas_length, -1), small, "amax")  # (C, K)
+    if len(moves.small_starts):
+        small = log_probs.index_select(1, moves.small_tokens).numpy()  # (C, Vs) sorted by class
+        best[:, moves.small_classes] = torch.from_numpy(np.maximum.reduceat(small, moves.small_starts, axis=1))
     big_argmax = {}
     if moves.big_classes:
         row_max, row_argmax = log_probs.max(1)  # (C,), (C,): the first maximum of each row
     for cls, outside in zip(moves.big_classes, moves.outside_big):
-        # where the row's first maximum lies in the class it is the class's; mask and rescan the other rows
-        value, index = row_max.clone(), row_argmax.clone()
+        # where the row's first maximum lies in the class it is the class's; mask and rescan the other rows, or,
+        # when that reads more (a second big class, whose rows' maxima lie elsewhere), read the class's columns
         rows = outside[row_argmax].nonzero().squeeze(1)
-        for chunk in rows.split(RESCAN_ROWS):  # a few rows at a time: the copy stays in cache
-            value[chunk], index[chunk] = log_probs[chunk].masked_fill_(outside, float("-inf")).max(1)
+        members = moves.class_tokens[cls]
+        if len(rows) * vocab_size > canvas_length * len(members):
+            value, at = log_probs.index_select(1, members).max(1)  # members ascend: the first maximum
+            index = members[at]
+        else:
+            value, index = row_max.clone(), row_argmax.clone()
+            for chunk in rows.split(RESCAN_ROWS):  # a few rows at a time: the copy stays in cache
+                value[chunk], index[chunk] = log_probs[chunk].masked_fill_(outside, float("-inf")).max(1)
         best[:, cls], big_argmax[cls] = value, index
     if probs:  # given probabilities: the log is monotonic, so maxima and argmaxima are the same; log only (C, K)
         best = best.log()
@@ -179,23 +253,30 @@ def solve(scores: ClassScores, start_state: int | None = None, hard: torch.Tenso
     moves = _moves(constraint)
     best_np, fixed = _steered(best_np, constraint, hard, prefer)
 
-    # 2. best class move per (position, state pair), via the distinct class sets
-    set_value = np.maximum.reduceat(best_np.T[moves.set_members], moves.set_start, axis=0)  # (Q, C)
-    pair_value = np.ascontiguousarray(set_value.T)[:, moves.pair_set]  # (C, P)
+    # 2. best class move per (position, class set): a pair's value is its set's
+    set_value = np.ascontiguousarray(np.maximum.reduceat(best_np[:, moves.set_members], moves.set_start, axis=1))
+    # (C, Q)
 
-    # 3. forward over positions: a segment max over the pairs into each state
-    score = np.full((canvas_length + 1, moves.num_states), -np.inf)  # (C+1, S)
-    score[0, start] = 0.0
+    # 3. forward over positions: gather each pair's source score and value, then each state's maximum (_Forward)
+    fwd = moves.forward
+    score = np.full((canvas_length + 1, moves.num_states + 1), -np.inf)  # (C+1, S+1), states renumbered
+    score[0, fwd.internal[start]] = 0.0
+    into, value = np.empty(len(fwd.src)), np.empty(len(fwd.src))  # (P',)
+    done = fwd.internal[constraint.done_state]
     for c in range(canvas_length):
-        into = score[c, moves.pair_src] + pair_value[c]  # (P,)
-        score[c + 1, moves.dst_with_pairs] = np.maximum.reduceat(into, moves.dst_pairs_start)
+        np.take(score[c], fwd.src, out=into)
+        into += np.take(set_value[c], fwd.set, out=value)
+        row = score[c + 1]
+        for slot, width, count, first in fwd.groups:
+            np.maximum.reduce(into[slot:slot + width * count].reshape(width, count), axis=0,
+                              out=row[first:first + count])
         if done_from is not None and c + 1 >= done_from:  # past the budget: only DONE
-            done_score = score[c + 1, constraint.done_state]
-            score[c + 1] = -np.inf
-            score[c + 1, constraint.done_state] = done_score
+            done_score = row[done]
+            row[:] = -np.inf
+            row[done] = done_score
 
     # 4. the best end state from which the rest of the output fits
-    end_ok = score[canvas_length] > -np.inf
+    end_ok = score[canvas_length, fwd.internal[:-1]] > -np.inf  # (S,) old numbering from here on
     if end_states is not None:
         end_ok &= end_states
     if not end_ok.any():
@@ -203,7 +284,7 @@ def solve(scores: ClassScores, start_state: int | None = None, hard: torch.Tenso
         fits += "" if done_from is None else f" with EOS within its first {done_from}"
         raise ConstraintError(f"{constraint.description}: no sequence of {canvas_length} tokens from state {start} "
                               f"is allowed{fits}")
-    state = int(np.where(end_ok, score[canvas_length], -np.inf).argmax())
+    state = int(np.where(end_ok, score[canvas_length, fwd.internal[:-1]], -np.inf).argmax())
 
     # 5. backward: recover the pair, then the class, at each position
     states = np.empty(canvas_length, dtype=np.int64)
@@ -211,11 +292,12 @@ def solve(scores: ClassScores, start_state: int | None = None, hard: torch.Tenso
     for c in range(canvas_length - 1, -1, -1):
         states[c] = state
         slot = moves.slot_of_dst[state]
-        pairs = np.arange(moves.dst_pairs_start[slot], moves.dst_pairs_end[slot])
-        hit = score[c, moves.pair_src[pairs]] + pair_value[c, pairs] == score[c + 1, state]
-        pair = int(pairs[hit.argmax()])
+        lo, hi = moves.dst_pairs_start[slot], moves.dst_pairs_end[slot]
+        values = set_value[c, moves.pair_set[lo:hi]]
+        hit = score[c, fwd.pair_src[lo:hi]] + values == score[c + 1, fwd.internal[state]]
+        pair = lo + int(hit.argmax())
         candidates = moves.set_classes[moves.pair_set[pair]]
-        classes[c] = candidates[(best_np[c, candidates] == pair_value[c, pair]).argmax()]
+        classes[c] = candidates[(best_np[c, candidates] == values[pair - lo]).argmax()]
         state = int(moves.pair_src[pair])
 
     # 6. at each position, the first token of the chosen class with the class's best log-prob (a steered
