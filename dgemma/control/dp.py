@@ -195,6 +195,9 @@ class ClassScores:
     best: np.ndarray
     best_torch: torch.Tensor  # (C, K) before flooring (for -inf rows of big classes)
     big_argmax: dict
+    # the last solve's (start, done_from, steered class scores, forward scores): the next solve on these scores
+    # (a sampler's draws preferred) starts its forward pass at the first row whose steered scores differ
+    forward: tuple | None = None
 
 
 def class_scores(log_probs: torch.Tensor, constraint: Constraint, probs: bool = False) -> ClassScores:
@@ -261,9 +264,13 @@ def solve(scores: ClassScores, start_state: int | None = None, hard: torch.Tenso
     fwd = moves.forward
     score = np.full((canvas_length + 1, moves.num_states + 1), -np.inf)  # (C+1, S+1), states renumbered
     score[0, fwd.internal[start]] = 0.0
+    first = _reusable_rows(scores.forward, start, done_from, best_np)
+    if first:
+        score[:first + 1] = scores.forward[3][:first + 1]
+    scores.forward = (start, done_from, best_np, score)
     into, value = np.empty(len(fwd.src)), np.empty(len(fwd.src))  # (P',)
     done = fwd.internal[constraint.done_state]
-    for c in range(canvas_length):
+    for c in range(first, canvas_length):
         np.take(score[c], fwd.src, out=into)
         into += np.take(set_value[c], fwd.set, out=value)
         row = score[c + 1]
@@ -318,6 +325,15 @@ def solve(scores: ClassScores, start_state: int | None = None, hard: torch.Tenso
     chosen = log_probs.gather(1, tokens[:, None]).double()
     log_prob = float((chosen.log() if scores.probs else chosen).clamp(min=FLOOR).sum())
     return ValidTokens(tokens, torch.from_numpy(states), log_prob)
+
+
+def _reusable_rows(last: tuple | None, start: int, done_from: int | None, best_np: np.ndarray) -> int:
+    """How many forward rows of the last solve on the same class scores this one shares: up to the first position
+    whose steered class scores differ (bit for bit), given the same start and done_from; 0 otherwise."""
+    if last is None or last[0] != start or last[1] != done_from:
+        return 0
+    differs = (last[2].view(np.int64) != best_np.view(np.int64)).any(axis=1)  # (C,)
+    return int(differs.argmax()) if differs.any() else len(differs)
 
 
 def _steered(best_np: np.ndarray, constraint: Constraint, hard: torch.Tensor | None, prefer: torch.Tensor | None
