@@ -47,11 +47,11 @@ def vocabulary(data: Path, size: int, pad_vocab: int):
 def compile_all(paths: list[Path], vocab, timeout: float) -> tuple[dict, dict]:
     """name -> (states, token classes) of each file that compiles; name -> error of the rest."""
     from dgemma.control import CompileLimits, Constraint, ConstraintError
-    sizes, errors = {}, {}
+    sizes, errors, limits = {}, {}, CompileLimits(timeout_s=timeout)
     for path in paths:
         name = f"{path.parent.name}/{path.name}"
         try:
-            c = Constraint.from_json_schema(json.loads(path.read_text()), vocab, limits=CompileLimits(timeout_s=timeout))
+            c = Constraint.from_json_schema(json.loads(path.read_text()), vocab, limits=limits)
         except ConstraintError as err:
             errors[name] = str(err)
             continue
@@ -69,7 +69,7 @@ def pick(sizes: dict, count: int) -> list[str]:
 
 def time_schema(path: Path, vocab, timeout: float, model, gen, prompt, pairs: int) -> dict:
     from dgemma.control import CompileLimits, Constraint
-    from dgemma.control.dp import _moves
+    from dgemma.control.moves import moves_of
     constraint = Constraint.from_json_schema(json.loads(path.read_text()), vocab,
                                              limits=CompileLimits(timeout_s=timeout))
     C = model.canvas_length
@@ -79,7 +79,7 @@ def time_schema(path: Path, vocab, timeout: float, model, gen, prompt, pairs: in
             for r in step_cost_pairs(model, gen, prompt, constraint, pairs)]
     ratios = sorted(w / wo for wo, w, _ in runs)
     return {"states": constraint.num_states, "classes": constraint.num_classes,
-            "pairs": len(_moves(constraint).pair_src), "budget_canvases": canvases,
+            "pairs": len(moves_of(constraint).pair_src), "budget_canvases": canvases,
             "canvases_with": [n for _, _, n in runs], "ms_without": [wo for wo, _, _ in runs],
             "ms_with": [w for _, w, _ in runs], "ratio": ratios[len(ratios) // 2]}
 
@@ -124,8 +124,9 @@ def main() -> None:
               f"({'/'.join(map(str, r['canvases_with']))}) {' '.join(f'{x:8.1f}' for x in r['ms_without']):>17} "
               f"{' '.join(f'{x:8.1f}' for x in r['ms_with']):>17} {r['ratio']:5.2f}", flush=True)
     ratios = [r["ratio"] for r in results.values()]
-    print(f"with/without over {len(ratios)} schemas: p50 {percentile(ratios, .5):.2f}, p95 {percentile(ratios, .95):.2f}"
-          f", max {max(ratios):.2f}; above 1.25: {sum(x > 1.25 for x in ratios)}; load average {load()}")
+    print(f"with/without over {len(ratios)} schemas: p50 {percentile(ratios, .5):.2f}, "
+          f"p95 {percentile(ratios, .95):.2f}, max {max(ratios):.2f}; above 1.25: {sum(x > 1.25 for x in ratios)}; "
+          f"load average {load()}")
     if args.out:
         args.out.write_text(json.dumps(results, indent=1))
 

@@ -331,12 +331,12 @@ def brute_force(log_probs, constraint, start, tokens_after):
 
 @pytest.fixture(params=[None, 0, 10**9], ids=["groups", "one-group-per-degree", "one-group"])
 def group_cost(request, monkeypatch):
-    """The DP's forward pass groups states by how many pairs lead into them (dp._Forward); the answer must not
+    """The DP's forward pass groups states by how many pairs lead into them (moves.Forward); the answer must not
     depend on the grouping. The layout is cached on each constraint: tests drop it before and after."""
-    from dgemma.control import dp
+    from dgemma.control import moves
 
     if request.param is not None:
-        monkeypatch.setattr(dp, "GROUP_COST", request.param)
+        monkeypatch.setattr(moves, "GROUP_COST", request.param)
 
 
 @pytest.mark.parametrize("pattern", [r'(ab|a|b)+1?', r'\{("(a|b)*":1)?\}', r'a*b*(ab)?'])

@@ -33,10 +33,9 @@ import numpy as np
 import torch
 
 from .constraint import INVALID, Constraint, ConstraintError
+from .moves import moves_of
 
 FLOOR = -1e30  # stands for -inf log-probs: finite so that a valid sequence is always found
-BIG_CLASS_SHARE = 8  # a class with at least 1/8 of the vocabulary is read from the row maxima (step 1)
-RESCAN_ROWS = 8  # rows masked and rescanned at a time in step 1
 PREFER_PENALTY = 1e-3  # solve(prefer=): a token other than the preferred one counts at this share of its probability
 
 
@@ -48,128 +47,6 @@ class ValidTokens:
     tokens: torch.Tensor
     states: torch.Tensor
     log_prob: float
-
-
-class _Moves:
-    """A constraint's transitions as (state, next state) pairs, each with the set of classes that moves along
-    it; pairs sorted by next state, identical class sets stored once; and the forward layout (`_Forward`). numpy
-    arrays, cached on the constraint."""
-
-    def __init__(self, constraint: Constraint):
-        table = constraint.transitions.numpy()  # (S, K)
-        num_states = table.shape[0]
-        token_class = constraint.token_class.numpy()
-        has_tokens = np.bincount(token_class, minlength=table.shape[1]) > 0
-        src, cls = np.nonzero((table != INVALID) & has_tokens[None, :])
-        dst = table[src, cls]
-        pair_key, edge_pair = np.unique(dst * num_states + src, return_inverse=True)  # (P,), (E,)
-        order = np.argsort(edge_pair.reshape(-1), kind="stable")
-        edge_class, edge_pair = cls[order], edge_pair.reshape(-1)[order]  # grouped by pair
-        bounds = np.searchsorted(edge_pair, np.arange(len(pair_key) + 1))
-        self.pair_set, self.set_classes = _class_sets(edge_class, bounds)  # (P,) class set of each pair; per set,
-        # its classes (sorted)
-        self.set_members = np.concatenate(self.set_classes)  # (E',) classes of all sets, set after set
-        self.set_start = np.cumsum([0] + [len(c) for c in self.set_classes[:-1]])  # (Q,)
-        self.pair_src = pair_key % num_states  # (P,) sorted by pair_dst
-        self.pair_dst = pair_key // num_states  # (P,)
-        self.dst_with_pairs, self.dst_pairs_start = np.unique(self.pair_dst, return_index=True)
-        self.dst_pairs_end = np.append(self.dst_pairs_start[1:], len(pair_key))
-        self.slot_of_dst = np.full(num_states, -1)
-        self.slot_of_dst[self.dst_with_pairs] = np.arange(len(self.dst_with_pairs))
-        self.num_states = num_states
-        self.forward = _Forward(self)
-        class_order = np.argsort(token_class, kind="stable")
-        class_bounds = np.searchsorted(token_class[class_order], np.arange(table.shape[1] + 1))
-        self.class_tokens = [torch.from_numpy(class_order[a:b]) for a, b in zip(class_bounds[:-1], class_bounds[1:])]
-        # step 1 reads big classes (text inside a JSON string) from the row maxima, which also give the
-        # argmax; the remaining columns are gathered, sorted by class, and reduced class by class
-        sizes = np.diff(class_bounds)
-        self.big_classes = np.flatnonzero(sizes * BIG_CLASS_SHARE >= len(token_class)).tolist()
-        self.outside_big = [torch.from_numpy(token_class != k) for k in self.big_classes]  # (V,) bool each
-        small = np.flatnonzero((sizes > 0) & ~np.isin(np.arange(len(sizes)), self.big_classes))  # (Ks,) classes
-        self.small_classes = torch.from_numpy(small)
-        self.small_tokens = torch.from_numpy(np.concatenate([class_order[class_bounds[k]:class_bounds[k + 1]]
-                                                             for k in small] or [np.zeros(0, np.int64)]))  # (Vs,)
-        self.small_starts = np.cumsum(np.concatenate([[0], sizes[small][:-1]])).astype(np.int64)  # (Ks,)
-
-
-def _class_sets(edge_class: np.ndarray, bounds: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
-    """The class set of each pair (edge_class[bounds[p]:bounds[p + 1]]), identical sets numbered once: (P,) set
-    ids and, per set, its classes. A pair of one class (most of them) needs no Python loop."""
-    counts = np.diff(bounds)
-    pair_set = np.empty(len(counts), dtype=np.int64)
-    single = counts == 1
-    lone, pair_set[single] = np.unique(edge_class[bounds[:-1][single]], return_inverse=True)
-    set_classes = [lone[i:i + 1] for i in range(len(lone))]
-    set_of: dict[bytes, int] = {}
-    for p in np.flatnonzero(~single).tolist():
-        classes = edge_class[bounds[p]:bounds[p + 1]]
-        key = classes.tobytes()
-        if key not in set_of:
-            set_of[key] = len(set_classes)
-            set_classes.append(classes)
-        pair_set[p] = set_of[key]
-    return pair_set, set_classes
-
-
-class _Forward:
-    """Step 3's layout: the states renumbered by how many pairs lead into them, so that the states of one
-    group are contiguous, and each group's incoming pairs laid out (width, count), one column per state, padded
-    with a pair from an extra state whose score is always -inf. A step then gathers every pair's source score
-    and class-set value at once and takes each group's maximum down its columns; a group costs one call, a
-    padded pair one element, so the groups' widths are chosen to minimise elements + GROUP_COST * groups."""
-
-    def __init__(self, moves: _Moves):
-        num_states = moves.num_states
-        degree = np.bincount(moves.pair_dst, minlength=num_states)  # (S,) pairs into each state
-        degrees, counts = np.unique(degree[degree > 0], return_counts=True)
-        width_of = np.zeros(degree.max(initial=0) + 1, dtype=np.int64)  # in-degree -> its group's padded width
-        for lo, hi in _group_widths(degrees, counts):
-            width_of[degrees[lo]:degrees[hi - 1] + 1] = degrees[hi - 1]
-        width = width_of[degree]  # (S,) 0 for states no pair leads into
-        self.order = np.argsort(width, kind="stable")  # (S,) new state -> old
-        self.internal = np.append(np.argsort(self.order), num_states)  # (S + 1,) old -> new; S stays the padding
-        self.src = np.full(int(width.sum()), num_states, dtype=np.int64)  # (P',) new source state of each slot
-        self.set = np.zeros(len(self.src), dtype=np.int64)  # (P',) class set of each slot (any, for padding)
-        self.groups = []  # (first slot, width, count, first new state) per group
-        rank = np.arange(len(moves.pair_dst)) - moves.dst_pairs_start[moves.slot_of_dst[moves.pair_dst]]
-        dst_new = self.internal[moves.pair_dst]  # (P,)
-        slot, first = 0, int((width == 0).sum())
-        for w in np.unique(width[width > 0]).tolist():
-            count = int((width == w).sum())
-            mine = (dst_new >= first) & (dst_new < first + count)  # (P,) the pairs into this group
-            at = slot + rank[mine] * count + dst_new[mine] - first  # row = rank among the state's pairs
-            self.src[at] = self.internal[moves.pair_src[mine]]
-            self.set[at] = moves.pair_set[mine]
-            self.groups.append((slot, w, count, first))
-            slot, first = slot + w * count, first + count
-        self.pair_src = self.internal[moves.pair_src]  # (P,) new source state of each pair (step 5)
-
-
-GROUP_COST = 1024  # a group's reduction call, in gathered elements
-
-
-def _group_widths(degrees: np.ndarray, counts: np.ndarray) -> list[tuple[int, int]]:
-    """Split the sorted distinct in-degrees (`counts` states each) into groups [lo, hi), each padded to its
-    largest, minimising padded pairs + GROUP_COST per group (a shortest path over the distinct degrees)."""
-    states = np.concatenate([[0], np.cumsum(counts)])
-    cost, cut = np.zeros(len(degrees) + 1), np.zeros(len(degrees) + 1, dtype=np.int64)
-    for hi in range(1, len(degrees) + 1):
-        c = cost[:hi] + degrees[hi - 1] * (states[hi] - states[:hi]) + GROUP_COST
-        cut[hi] = int(c.argmin())
-        cost[hi] = c[cut[hi]]
-    groups, hi = [], len(degrees)
-    while hi > 0:
-        groups.append((int(cut[hi]), hi))
-        hi = int(cut[hi])
-    return groups[::-1]
-
-
-def _moves(constraint: Constraint) -> _Moves:
-    moves = getattr(constraint, "_dp_moves", None)
-    if moves is None:
-        moves = constraint._dp_moves = _Moves(constraint)
-    return moves
 
 
 def best_valid_tokens(log_probs: torch.Tensor, constraint: Constraint, start_state: int | None = None,
@@ -193,8 +70,7 @@ class ClassScores:
     log_probs: torch.Tensor  # (C, V) as given (probabilities when `probs`)
     probs: bool
     best: np.ndarray
-    best_torch: torch.Tensor  # (C, K) before flooring (for -inf rows of big classes)
-    big_argmax: dict
+    by_class: np.ndarray  # (C, V) log_probs with columns in Moves.class_order (step 6 reads its argmaxima)
     # the last solve's (start, done_from, steered class scores, forward scores): the next solve on these scores
     # (a sampler's draws preferred) starts its forward pass at the first row whose steered scores differ
     forward: tuple | None = None
@@ -202,39 +78,23 @@ class ClassScores:
 
 def class_scores(log_probs: torch.Tensor, constraint: Constraint, probs: bool = False) -> ClassScores:
     if log_probs.dtype not in (torch.float32, torch.float64):
-        log_probs = log_probs.float()  # half-precision scatter/max are slow or missing on the CPU
+        log_probs = log_probs.float()  # half-precision max is slow or missing on the CPU
     canvas_length, vocab_size = log_probs.shape
     if vocab_size != constraint.vocab_size:
         raise ValueError(f"log_probs has {vocab_size} columns but the constraint's vocabulary has "
                          f"{constraint.vocab_size}")
-    moves = _moves(constraint)
-    num_classes = constraint.num_classes
+    moves = moves_of(constraint)
 
-    # 1. best log-prob per (position, class); the argmax too for big classes
-    best = torch.full((canvas_length, num_classes), float("-inf"), dtype=log_probs.dtype)
-    if len(moves.small_starts):
-        small = log_probs.index_select(1, moves.small_tokens).numpy()  # (C, Vs) sorted by class
-        best[:, moves.small_classes] = torch.from_numpy(np.maximum.reduceat(small, moves.small_starts, axis=1))
-    big_argmax = {}
-    if moves.big_classes:
-        row_max, row_argmax = log_probs.max(1)  # (C,), (C,): the first maximum of each row
-    for cls, outside in zip(moves.big_classes, moves.outside_big):
-        # where the row's first maximum lies in the class it is the class's; mask and rescan the other rows, or,
-        # when that reads more (a second big class, whose rows' maxima lie elsewhere), read the class's columns
-        rows = outside[row_argmax].nonzero().squeeze(1)
-        members = moves.class_tokens[cls]
-        if len(rows) * vocab_size > canvas_length * len(members):
-            value, at = log_probs.index_select(1, members).max(1)  # members ascend: the first maximum
-            index = members[at]
-        else:
-            value, index = row_max.clone(), row_argmax.clone()
-            for chunk in rows.split(RESCAN_ROWS):  # a few rows at a time: the copy stays in cache
-                value[chunk], index[chunk] = log_probs[chunk].masked_fill_(outside, float("-inf")).max(1)
-        best[:, cls], big_argmax[cls] = value, index
+    # 1. best log-prob per (position, class): one copy of the (C, V) scores grouped by class, one reduction
+    # (numpy from here: small torch ops would each wake torch's thread pool)
+    by_class = log_probs.index_select(1, moves.class_order).numpy()  # (C, V)
+    best = np.full((canvas_length, constraint.num_classes), -np.inf, dtype=by_class.dtype)
+    best[:, moves.classes_with_tokens] = np.maximum.reduceat(by_class, moves.class_bounds[moves.classes_with_tokens],
+                                                             axis=1)  # (C, K)
     if probs:  # given probabilities: the log is monotonic, so maxima and argmaxima are the same; log only (C, K)
-        best = best.log()
-    best_np = best.double().clamp(min=FLOOR).numpy()  # (C, K); classes without tokens have no edges
-    return ClassScores(constraint, log_probs, probs, best_np, best, big_argmax)
+        best = torch.from_numpy(best).log().numpy()
+    best_np = np.maximum(best.astype(np.float64), FLOOR)  # (C, K); classes without tokens have no edges
+    return ClassScores(constraint, log_probs, probs, best_np, by_class)
 
 
 def solve(scores: ClassScores, start_state: int | None = None, hard: torch.Tensor | None = None,
@@ -253,14 +113,14 @@ def solve(scores: ClassScores, start_state: int | None = None, hard: torch.Tenso
     start = constraint.initial_state if start_state is None else int(start_state)
     if not 0 <= start < constraint.num_states:
         raise ValueError(f"start_state {start} is not a state of the constraint (0..{constraint.num_states - 1})")
-    moves = _moves(constraint)
+    moves = moves_of(constraint)
     best_np, fixed = _steered(best_np, constraint, hard, prefer)
 
     # 2. best class move per (position, class set): a pair's value is its set's
     set_value = np.ascontiguousarray(np.maximum.reduceat(best_np[:, moves.set_members], moves.set_start, axis=1))
     # (C, Q)
 
-    # 3. forward over positions: gather each pair's source score and value, then each state's maximum (_Forward)
+    # 3. forward over positions: gather each pair's source score and value, then each state's maximum (moves.Forward)
     fwd = moves.forward
     score = np.full((canvas_length + 1, moves.num_states + 1), -np.inf)  # (C+1, S+1), states renumbered
     score[0, fwd.internal[start]] = 0.0
@@ -274,9 +134,8 @@ def solve(scores: ClassScores, start_state: int | None = None, hard: torch.Tenso
         np.take(score[c], fwd.src, out=into)
         into += np.take(set_value[c], fwd.set, out=value)
         row = score[c + 1]
-        for slot, width, count, first in fwd.groups:
-            np.maximum.reduce(into[slot:slot + width * count].reshape(width, count), axis=0,
-                              out=row[first:first + count])
+        for slot, width, count, lo in fwd.groups:
+            np.maximum.reduce(into[slot:slot + width * count].reshape(width, count), axis=0, out=row[lo:lo + count])
         if done_from is not None and c + 1 >= done_from:  # past the budget: only DONE
             done_score = row[done]
             row[:] = -np.inf
@@ -311,14 +170,9 @@ def solve(scores: ClassScores, start_state: int | None = None, hard: torch.Tenso
     # position whose chosen class holds its token: that token)
     tokens = torch.empty(canvas_length, dtype=torch.long)
     for cls in np.unique(classes).tolist():
-        positions = torch.from_numpy(np.flatnonzero(classes == cls))
-        members = moves.class_tokens[cls]
-        if cls in scores.big_argmax:
-            # a row of -inf has its argmax outside the class; any member is as good
-            found = scores.big_argmax[cls][positions]
-            tokens[positions] = torch.where(scores.best_torch[positions, cls] > float("-inf"), found, members[0])
-        else:
-            tokens[positions] = members[log_probs[positions[:, None], members[None, :]].argmax(1)]
+        at = np.flatnonzero(classes == cls)
+        lo, hi = moves.class_bounds[cls], moves.class_bounds[cls + 1]
+        tokens[at] = moves.class_order[torch.from_numpy(lo + scores.by_class[at, lo:hi].argmax(1))]  # ties: the first
     for c, token in fixed.items():
         if int(constraint.token_class[token]) == classes[c]:
             tokens[c] = token
@@ -369,7 +223,7 @@ def completable_states(constraint: Constraint, pinned: dict[int, int], start: in
     output that ends within max_tokens). Without pins at or after `start` this is `distance <= max_new - start`
     (with `eos`, `tokens_to_done`), the budget rule of `best_valid_tokens`'s tokens_after. Backward from the last pin: a pinned position moves along its
     token's class only, any other position along every move the constraint allows; O(pairs) per position."""
-    moves = _moves(constraint)
+    moves = moves_of(constraint)
     later = [p for p in pinned if p >= start]
     end = max(later) + 1 if later else start
     if max_new is None:
@@ -414,7 +268,7 @@ def suffix_fits(constraint: Constraint, suffix: list[int], longest: int) -> np.n
     of middle, then `suffix`, complete there (so an EOS may follow): fill in the middle under a constraint.
     Forward from the initial state over the middle (every allowed move), and once over the states, the suffix's
     walk from each."""
-    moves = _moves(constraint)
+    moves = moves_of(constraint)
     table = constraint.transitions.numpy()
     walked = np.arange(moves.num_states)
     for token in suffix:
