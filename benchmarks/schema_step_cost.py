@@ -15,8 +15,10 @@ Each picked schema is timed as `structured_output.py cost` times the JSON-object
 (canvas 256, batch 1) over the vocabulary, --steps fixed steps per canvas, runs without and with the constraint
 alternating in one process (--pairs of each). max_tokens is one canvas, or as many whole canvases as the shortest
 valid output and its EOS need. Printed per schema: states, token classes, (state, next state) pairs of the DP,
-canvases run, ms per step without and with, and the median of the with/without ratios over its pairs; then
-p50/p95/max of those medians over the schemas.
+canvases (of the budget; run with the constraint), ms per step without and with, the median of the with/without
+ratios over its pairs, and "in DP": ms per step spent in the constraint's calls (step.head's `constrain_row`: one
+read of the probabilities and the DP's solves; less sensitive to the machine's load than the ratio of two runs);
+then p50/p95/max of the ratios over the schemas.
 """
 
 from __future__ import annotations
@@ -67,6 +69,29 @@ def pick(sizes: dict, count: int) -> list[str]:
     return [ranked[round(i * (len(ranked) - 1) / (count - 1))] for i in range(count)] if count > 1 else ranked[:1]
 
 
+class ConstraintClock:
+    """Seconds the step spends in the constraint (step.head's calls of `constrain_row`: one read of the row's
+    probabilities, the DP's solves), summed while installed."""
+
+    def __init__(self):
+        import dgemma.step.head as head
+        self.head, self.seconds, self.inner = head, 0.0, head.constrain_row
+
+    def __call__(self, *args):
+        start = time.perf_counter()
+        try:
+            return self.inner(*args)
+        finally:
+            self.seconds += time.perf_counter() - start
+
+    def __enter__(self):
+        self.head.constrain_row = self
+        return self
+
+    def __exit__(self, *exc):
+        self.head.constrain_row = self.inner
+
+
 def time_schema(path: Path, vocab, timeout: float, model, gen, prompt, pairs: int) -> dict:
     from dgemma.control import CompileLimits, Constraint
     from dgemma.control.moves import moves_of
@@ -75,13 +100,15 @@ def time_schema(path: Path, vocab, timeout: float, model, gen, prompt, pairs: in
     C = model.canvas_length
     canvases = -(-(constraint.min_tokens_to_accept(constraint.initial_state) + 1) // C)
     gen = gen.replace(max_new_tokens=canvases * C)
-    runs = [tuple(map(ms_per_step, r)) + (r[1].stats.canvases,)
-            for r in step_cost_pairs(model, gen, prompt, constraint, pairs)]
-    ratios = sorted(w / wo for wo, w, _ in runs)
+    with ConstraintClock() as clock:
+        runs = list(step_cost_pairs(model, gen, prompt, constraint, pairs))
+    ms = [tuple(map(ms_per_step, r)) for r in runs]
+    ratios = sorted(w / wo for wo, w in ms)
     return {"states": constraint.num_states, "classes": constraint.num_classes,
             "pairs": len(moves_of(constraint).pair_src), "budget_canvases": canvases,
-            "canvases_with": [n for _, _, n in runs], "ms_without": [wo for wo, _, _ in runs],
-            "ms_with": [w for _, w, _ in runs], "ratio": ratios[len(ratios) // 2]}
+            "canvases_with": [r[1].stats.canvases for r in runs], "ms_without": [wo for wo, _ in ms],
+            "ms_with": [w for _, w in ms], "ratio": ratios[len(ratios) // 2],
+            "ms_in_constraint": clock.seconds * 1e3 / sum(r[1].stats.denoising_steps for r in runs)}
 
 
 def main() -> None:
@@ -116,13 +143,15 @@ def main() -> None:
                   f"[{time.perf_counter() - t:.0f} s]; states of those that compile: "
                   f"{sorted((s for s, _ in sizes.values()), reverse=True)}", flush=True)
     model, gen, prompt = cost_model(vocab.vocab_size, args.steps, vocab.eos_token_ids[0], vocab.pad_token_ids[0])
-    print(f"{'schema':44} {'states':>6} {'classes':>7} {'pairs':>7} canvases {'ms without':>17} {'ms with':>17} ratio")
+    print(f"{'schema':44} {'states':>6} {'classes':>7} {'pairs':>7} canvases {'ms without':>17} {'ms with':>17} ratio"
+          f" {'in DP':>6}")
     results = {}
     for name in picked:
         r = results[name] = time_schema(args.data / name, vocab, args.timeout, model, gen, prompt, args.pairs)
         print(f"{name[:44]:44} {r['states']:6} {r['classes']:7} {r['pairs']:7} {r['budget_canvases']:2} "
               f"({'/'.join(map(str, r['canvases_with']))}) {' '.join(f'{x:8.1f}' for x in r['ms_without']):>17} "
-              f"{' '.join(f'{x:8.1f}' for x in r['ms_with']):>17} {r['ratio']:5.2f}", flush=True)
+              f"{' '.join(f'{x:8.1f}' for x in r['ms_with']):>17} {r['ratio']:5.2f} {r['ms_in_constraint']:6.1f}",
+              flush=True)
     ratios = [r["ratio"] for r in results.values()]
     print(f"with/without over {len(ratios)} schemas: p50 {percentile(ratios, .5):.2f}, "
           f"p95 {percentile(ratios, .95):.2f}, max {max(ratios):.2f}; above 1.25: {sum(x > 1.25 for x in ratios)}; "
