@@ -128,8 +128,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     load = lambda: " ".join(f"{x:.1f}" for x in os.getloadavg())  # noqa: E731
     vocab = vocabulary(args.data, args.vocab, args.pad_vocab)
+    import dgemma
     print(f"vocab {vocab.vocab_size}, {args.steps} steps per canvas, {args.pairs} pairs, compile limit "
-          f"{args.timeout:g} s, load average {load()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+          f"{args.timeout:g} s, load average {load()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
+          f"dgemma from {Path(dgemma.__file__).parent}")
     if args.only:
         picked = args.only
     else:
