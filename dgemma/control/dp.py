@@ -10,8 +10,9 @@ must end complete). EOS may stand only where the text is complete; after it ever
 (the automaton's DONE state), and those positions score their own EOS/pad log-probabilities.
 
 Exact, with no top-k cut: tokens that behave alike in every state share a class (constraint.py), so the best
-token of a class at a position stands for the whole class. The cost is one pass over (C, V) for the class
-maxima (step 1) plus a loop over positions whose size is the number of (state, next state) pairs, not V.
+token of a class at a position stands for the whole class. The cost is one copy of (C, V) grouped by class for
+the class maxima (step 1) plus a loop over positions whose size is the number of (state, next state) pairs, not V
+(moves.py lays the pairs out for it).
 
 1. best[c, k]: the largest log-prob at position c among the tokens of class k.
 2. pair[c, p]: the best class move for each (state, next state) pair p: max over classes leading along p.
