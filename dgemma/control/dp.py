@@ -37,6 +37,7 @@ from .constraint import INVALID, Constraint, ConstraintError
 from .moves import moves_of
 
 FLOOR = -1e30  # stands for -inf log-probs: finite so that a valid sequence is always found
+RESCAN_ROWS = 8  # rows masked and rescanned at a time in step 1
 PREFER_PENALTY = 1e-3  # solve(prefer=): a token other than the preferred one counts at this share of its probability
 
 
@@ -71,7 +72,9 @@ class ClassScores:
     log_probs: torch.Tensor  # (C, V) as given (probabilities when `probs`)
     probs: bool
     best: np.ndarray
-    by_class: np.ndarray  # (C, V) log_probs with columns in Moves.class_order (step 6 reads its argmaxima)
+    best_raw: np.ndarray  # (C, K) before flooring (for -inf rows of big classes)
+    small: np.ndarray  # (C, Vs) the columns of the small classes, grouped by class (Moves.small_tokens)
+    big_argmax: dict  # big class -> (C,) its first best token at each position
     # the last solve's (start, done_from, steered class scores, forward scores): the next solve on these scores
     # (a sampler's draws preferred) starts its forward pass at the first row whose steered scores differ
     forward: tuple | None = None
@@ -86,16 +89,32 @@ def class_scores(log_probs: torch.Tensor, constraint: Constraint, probs: bool = 
                          f"{constraint.vocab_size}")
     moves = moves_of(constraint)
 
-    # 1. best log-prob per (position, class): one copy of the (C, V) scores grouped by class, one reduction
-    # (numpy from here: small torch ops would each wake torch's thread pool)
-    by_class = log_probs.index_select(1, moves.class_order).numpy()  # (C, V)
-    best = np.full((canvas_length, constraint.num_classes), -np.inf, dtype=by_class.dtype)
-    best[:, moves.classes_with_tokens] = np.maximum.reduceat(by_class, moves.class_bounds[moves.classes_with_tokens],
-                                                             axis=1)  # (C, K)
+    # 1. best log-prob per (position, class); the argmax too for big classes. numpy: torch would run these
+    # small operations on its thread pool, whose every wake-up stalls on a busy machine
+    lp = log_probs.numpy()  # (C, V)
+    best = np.full((canvas_length, constraint.num_classes), -np.inf, dtype=lp.dtype)
+    small = np.take(lp, moves.small_tokens, axis=1)  # (C, Vs), grouped by class
+    if len(moves.small_classes):
+        best[:, moves.small_classes] = np.maximum.reduceat(small, moves.small_start[moves.small_classes], axis=1)
+    big_argmax, rows_all = {}, np.arange(canvas_length)
+    if moves.big_classes:
+        row_argmax = lp.argmax(1)  # (C,): the first maximum of each row
+    for cls in moves.big_classes:
+        # where the row's first maximum lies in the class it is the class's; mask and rescan the other rows, or,
+        # when that reads more (a second big class, whose rows' maxima lie elsewhere), read the class's columns
+        members, outside = moves.big_members[cls], moves.outside_big[cls]
+        rows = np.flatnonzero(outside[row_argmax])
+        if len(rows) * vocab_size > canvas_length * len(members):
+            index = members[np.take(lp, members, axis=1).argmax(1)]  # members ascend: the first maximum
+        else:
+            index = row_argmax.copy()
+            for chunk in np.array_split(rows, -(-len(rows) // RESCAN_ROWS)) if len(rows) else []:
+                index[chunk] = np.where(outside, -np.inf, lp[chunk]).argmax(1)  # a few rows: stays in cache
+        best[:, cls], big_argmax[cls] = lp[rows_all, index], index
     if probs:  # given probabilities: the log is monotonic, so maxima and argmaxima are the same; log only (C, K)
         best = torch.from_numpy(best).log().numpy()
     best_np = np.maximum(best.astype(np.float64), FLOOR)  # (C, K); classes without tokens have no edges
-    return ClassScores(constraint, log_probs, probs, best_np, by_class)
+    return ClassScores(constraint, log_probs, probs, best_np, best, small, big_argmax)
 
 
 def solve(scores: ClassScores, start_state: int | None = None, hard: torch.Tensor | None = None,
@@ -118,8 +137,7 @@ def solve(scores: ClassScores, start_state: int | None = None, hard: torch.Tenso
     best_np, fixed = _steered(best_np, constraint, hard, prefer)
 
     # 2. best class move per (position, class set): a pair's value is its set's
-    set_value = np.ascontiguousarray(np.maximum.reduceat(best_np[:, moves.set_members], moves.set_start, axis=1))
-    # (C, Q)
+    set_value = np.maximum.reduceat(np.take(best_np, moves.set_members, axis=1), moves.set_start, axis=1)  # (C, Q)
 
     # 3. forward over positions: gather each pair's source score and value, then each state's maximum (moves.Forward)
     fwd = moves.forward
@@ -169,11 +187,16 @@ def solve(scores: ClassScores, start_state: int | None = None, hard: torch.Tenso
 
     # 6. at each position, the first token of the chosen class with the class's best log-prob (a steered
     # position whose chosen class holds its token: that token)
-    tokens = torch.empty(canvas_length, dtype=torch.long)
+    tokens = np.empty(canvas_length, dtype=np.int64)
     for cls in np.unique(classes).tolist():
         at = np.flatnonzero(classes == cls)
-        lo, hi = moves.class_bounds[cls], moves.class_bounds[cls + 1]
-        tokens[at] = moves.class_order[torch.from_numpy(lo + scores.by_class[at, lo:hi].argmax(1))]  # ties: the first
+        if cls in scores.big_argmax:  # a row of -inf has its argmax outside the class; any member is as good
+            members = moves.big_members[cls]
+            tokens[at] = np.where(scores.best_raw[at, cls] > -np.inf, scores.big_argmax[cls][at], members[0])
+        else:  # the first maximum among the class's columns (ids ascend)
+            lo, hi = moves.small_start[cls], moves.small_start[cls + 1]
+            tokens[at] = moves.small_tokens[lo + scores.small[at, lo:hi].argmax(1)]
+    tokens = torch.from_numpy(tokens)
     for c, token in fixed.items():
         if int(constraint.token_class[token]) == classes[c]:
             tokens[c] = token

@@ -5,7 +5,6 @@ constraint and cached on it."""
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from .constraint import INVALID, Constraint
 
@@ -38,12 +37,22 @@ class Moves:
         self.slot_of_dst[self.dst_with_pairs] = np.arange(len(self.dst_with_pairs))
         self.num_states = num_states
         self.forward = Forward(self)
-        # step 1 reads the (C, V) scores once, columns grouped by class (ids ascending within each class), and
-        # reduces each class's run; step 6 takes its argmax from the same copy
+        # step 1 reads big classes (text inside a JSON string) from the row maxima, which also give the argmax;
+        # the other columns are copied grouped by class (ids ascending within each) and reduced class by class
         class_order = np.argsort(token_class, kind="stable")
-        self.class_order = torch.from_numpy(class_order)  # (V,)
-        self.class_bounds = np.searchsorted(token_class[class_order], np.arange(table.shape[1] + 1))  # (K+1,)
-        self.classes_with_tokens = np.flatnonzero(np.diff(self.class_bounds) > 0)  # (K',)
+        class_bounds = np.searchsorted(token_class[class_order], np.arange(table.shape[1] + 1))  # (K+1,)
+        sizes = np.diff(class_bounds)
+        self.big_classes = np.flatnonzero(sizes * BIG_CLASS_SHARE >= len(token_class)).tolist()
+        self.big_members = {k: class_order[class_bounds[k]:class_bounds[k + 1]] for k in self.big_classes}
+        self.outside_big = {k: token_class != k for k in self.big_classes}  # (V,) bool each
+        self.small_classes = np.flatnonzero((sizes > 0) & ~np.isin(np.arange(len(sizes)), self.big_classes))
+        self.small_tokens = class_order[~np.isin(token_class[class_order], self.big_classes)]  # (Vs,) by class
+        self.small_start = np.zeros(len(sizes) + 1, dtype=np.int64)  # (K+1,) each small class's first column
+        self.small_start[self.small_classes + 1] = sizes[self.small_classes]
+        self.small_start = np.cumsum(self.small_start)
+
+
+BIG_CLASS_SHARE = 8  # a class with at least 1/8 of the vocabulary is read from the row maxima (step 1)
 
 
 def _class_sets(edge_class: np.ndarray, bounds: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
