@@ -135,24 +135,41 @@ def cost(vocab_size: int, steps: int, threads: int, pairs: int = 2) -> None:
     constraint = Constraint.json_object(vocab)
     print(f"vocabulary {vocab_size}: JSON-object constraint compiled in {time.perf_counter() - t:.1f} s "
           f"({constraint.num_states} states, {constraint.num_classes} token classes)")
+    model, gen, prompt = cost_model(vocab_size, steps)
+    ratios = []
+    for runs in step_cost_pairs(model, gen, prompt, constraint, pairs):
+        without, with_ = map(ms_per_step, runs)
+        print(f"  without the constraint: {without:7.1f} ms per denoising step", flush=True)
+        print(f"  with    the constraint: {with_:7.1f} ms per denoising step", flush=True)
+        ratios.append(with_ / without)
+    ratios.sort()
+    print(f"  with/without per pair: {', '.join(f'{r:.2f}' for r in ratios)}; median {ratios[len(ratios) // 2]:.2f}")
+
+
+def cost_model(vocab_size: int, steps: int, eos: int = 1, pad: int = 0):
+    """The `small` preset (canvas 256) over `vocab_size` tokens, random weights, warmed up; a generation config of
+    `steps` fixed steps per canvas and a prompt of 128 tokens: what `cost` times."""
     cfg = preset_config("small", vocab_size=vocab_size)
     model = random_model(cfg, std=0.02, seed=0)
     C = model.canvas_length
     gen = default_generation(cfg).replace(max_new_tokens=C, max_denoising_steps=steps,
-                                                   confidence_threshold=1e-30, eos_token_id=[1], pad_token_id=0)
+                                          confidence_threshold=1e-30, eos_token_id=[eos], pad_token_id=pad)
     prompt = [[2] + list(range(300, 427))]
     generate(model, prompt, gen.replace(max_denoising_steps=1))  # warm up
-    ratios = []
+    return model, gen, prompt
+
+
+def step_cost_pairs(model, gen, prompt, constraint, pairs: int):
+    """Yields, `pairs` times, the outputs of a run without `constraint` and of one with it, batch 1, from the same
+    seed: the two alternate in this process."""
     for _ in range(pairs):
-        pair = []
-        for label, steering in (("without", None), ("with", [Steering(constraint=constraint)])):
-            out = generate(model, prompt, gen, generator=torch.Generator().manual_seed(0), steering=steering)
-            ms = (out.stats.seconds - out.stats.prefill_seconds) / out.stats.denoising_steps * 1e3
-            pair.append(ms)
-            print(f"  {label:7s} the constraint: {ms:7.1f} ms per denoising step", flush=True)
-        ratios.append(pair[1] / pair[0])
-    ratios.sort()
-    print(f"  with/without per pair: {', '.join(f'{r:.2f}' for r in ratios)}; median {ratios[len(ratios) // 2]:.2f}")
+        yield tuple(generate(model, prompt, gen, generator=torch.Generator().manual_seed(0), steering=steering)
+                    for steering in (None, [Steering(constraint=constraint)]))
+
+
+def ms_per_step(out) -> float:
+    """A run's milliseconds per denoising step: the prefill left out, each canvas's commit in."""
+    return (out.stats.seconds - out.stats.prefill_seconds) / out.stats.denoising_steps * 1e3
 
 
 def tool_compile(vocab_size: int) -> None:

@@ -329,9 +329,27 @@ def brute_force(log_probs, constraint, start, tokens_after):
     return best
 
 
+@pytest.fixture(params=[None, 0, 10**9], ids=["groups", "one-group-per-degree", "one-group"])
+def group_cost(request, monkeypatch):
+    """The DP's forward pass groups states by how many pairs lead into them (moves.Forward); the answer must not
+    depend on the grouping. The layout is cached on each constraint: tests drop it before and after."""
+    from dgemma.control import moves
+
+    if request.param is not None:
+        monkeypatch.setattr(moves, "GROUP_COST", request.param)
+
+
 @pytest.mark.parametrize("pattern", [r'(ab|a|b)+1?', r'\{("(a|b)*":1)?\}', r'a*b*(ab)?'])
-def test_dp_equals_brute_force(tiny, pattern):
+def test_dp_equals_brute_force(tiny, pattern, group_cost):
     constraint = Constraint.from_regex(pattern, tiny)
+    constraint.__dict__.pop("_dp_moves", None)
+    try:
+        check_dp_against_brute_force(constraint, tiny)
+    finally:
+        constraint.__dict__.pop("_dp_moves", None)
+
+
+def check_dp_against_brute_force(constraint, tiny):
     for seed in range(6):
         log_probs = random_log_probs(seed, 4, tiny.vocab_size).double()
         for tokens_after in (None, 0, 2):
@@ -469,3 +487,27 @@ def test_a_valid_draw_is_kept_and_an_invalid_one_projected(tokenizer, vocab):
     argmax, sampled = _constrain(state, 0, probs, torch.tensor([b, x, a, eos]), accepted)
     assert sampled.tolist() == [b, b, a, eos]  # "x" is projected to the likeliest allowed token; "b" at 0 stays
     assert _constrain(state, 0, probs, None, accepted)[1].tolist() == [a, b, a, eos]  # greedy: the argmax
+
+
+def test_solves_that_share_a_read_equal_solves_on_their_own_read(vocab):
+    """The step solves twice on one read of a row's probabilities (the argmax, then the draws preferred); the second
+    solve starts its forward pass where its steered scores first differ from the first's. Each answer equals the
+    same solve on a fresh read."""
+    from dgemma.control.dp import class_scores, completable_states, solve
+
+    c = Constraint.from_json_schema(PERSON, vocab)
+    C_ = 40
+    ends = completable_states(c, {}, C_, 2 * C_, eos=True)
+    for seed in range(6):
+        g = torch.Generator().manual_seed(seed)
+        probs = torch.softmax(torch.randn(C_, c.vocab_size, generator=g) * 3, -1)
+        read = class_scores(probs, c, probs=True)
+        held = torch.where(torch.arange(C_) < 2 * seed, solve(read, None, end_states=ends).tokens, -1)
+        for prefer_from in (C_, 30, 7, 0):
+            drawn = torch.randint(0, c.vocab_size, (C_,), generator=g)
+            prefer = torch.where((torch.arange(C_) >= prefer_from) & (torch.rand(C_, generator=g) < 0.5), drawn, -1)
+            for hard in (None, held):
+                got = solve(read, None, hard=hard, prefer=prefer, end_states=ends)
+                want = solve(class_scores(probs, c, probs=True), None, hard=hard, prefer=prefer, end_states=ends)
+                assert torch.equal(got.tokens, want.tokens) and torch.equal(got.states, want.states)
+                assert got.log_prob == want.log_prob

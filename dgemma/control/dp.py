@@ -10,8 +10,9 @@ must end complete). EOS may stand only where the text is complete; after it ever
 (the automaton's DONE state), and those positions score their own EOS/pad log-probabilities.
 
 Exact, with no top-k cut: tokens that behave alike in every state share a class (constraint.py), so the best
-token of a class at a position stands for the whole class. The cost is one pass over (C, V) for the class
-maxima (step 1) plus a loop over positions whose size is the number of (state, next state) pairs, not V.
+token of a class at a position stands for the whole class. The cost is one copy of (C, V) grouped by class for
+the class maxima (step 1) plus a loop over positions whose size is the number of (state, next state) pairs, not V
+(moves.py lays the pairs out for it).
 
 1. best[c, k]: the largest log-prob at position c among the tokens of class k.
 2. pair[c, p]: the best class move for each (state, next state) pair p: max over classes leading along p.
@@ -33,9 +34,9 @@ import numpy as np
 import torch
 
 from .constraint import INVALID, Constraint, ConstraintError
+from .moves import moves_of
 
 FLOOR = -1e30  # stands for -inf log-probs: finite so that a valid sequence is always found
-BIG_CLASS_SHARE = 8  # a class with at least 1/8 of the vocabulary is read from the row maxima (step 1)
 RESCAN_ROWS = 8  # rows masked and rescanned at a time in step 1
 PREFER_PENALTY = 1e-3  # solve(prefer=): a token other than the preferred one counts at this share of its probability
 
@@ -48,61 +49,6 @@ class ValidTokens:
     tokens: torch.Tensor
     states: torch.Tensor
     log_prob: float
-
-
-class _Moves:
-    """A constraint's transitions as (state, next state) pairs, each with the set of classes that moves along
-    it; pairs sorted by next state, identical class sets stored once. numpy arrays, cached on the constraint."""
-
-    def __init__(self, constraint: Constraint):
-        table = constraint.transitions.numpy()  # (S, K)
-        num_states = table.shape[0]
-        token_class = constraint.token_class.numpy()
-        has_tokens = np.bincount(token_class, minlength=table.shape[1]) > 0
-        src, cls = np.nonzero((table != INVALID) & has_tokens[None, :])
-        dst = table[src, cls]
-        pair_key, edge_pair = np.unique(dst * num_states + src, return_inverse=True)  # (P,), (E,)
-        order = np.argsort(edge_pair.reshape(-1), kind="stable")
-        edge_class, edge_pair = cls[order], edge_pair.reshape(-1)[order]  # grouped by pair
-        bounds = np.searchsorted(edge_pair, np.arange(len(pair_key) + 1))
-        set_of: dict[bytes, int] = {}
-        set_classes: list[np.ndarray] = []
-        self.pair_set = np.empty(len(pair_key), dtype=np.int64)  # (P,) class set of each pair
-        for p in range(len(pair_key)):
-            classes = edge_class[bounds[p]:bounds[p + 1]]
-            key = classes.tobytes()
-            if key not in set_of:
-                set_of[key] = len(set_classes)
-                set_classes.append(classes)
-            self.pair_set[p] = set_of[key]
-        self.set_classes = set_classes  # per set, its classes (sorted)
-        self.set_members = np.concatenate(set_classes)  # (E',) classes of all sets, set after set
-        self.set_start = np.cumsum([0] + [len(c) for c in set_classes[:-1]])  # (Q,)
-        self.pair_src = pair_key % num_states  # (P,) sorted by pair_dst
-        self.pair_dst = pair_key // num_states  # (P,)
-        self.dst_with_pairs, self.dst_pairs_start = np.unique(self.pair_dst, return_index=True)
-        self.dst_pairs_end = np.append(self.dst_pairs_start[1:], len(pair_key))
-        self.slot_of_dst = np.full(num_states, -1)
-        self.slot_of_dst[self.dst_with_pairs] = np.arange(len(self.dst_with_pairs))
-        class_order = np.argsort(token_class, kind="stable")
-        class_bounds = np.searchsorted(token_class[class_order], np.arange(table.shape[1] + 1))
-        self.class_tokens = [torch.from_numpy(class_order[a:b]) for a, b in zip(class_bounds[:-1], class_bounds[1:])]
-        # step 1 reads big classes (text inside a JSON string) from the row maxima, which also give the
-        # argmax; the remaining columns are gathered once and scattered into their classes
-        sizes = np.diff(class_bounds)
-        self.big_classes = np.flatnonzero(sizes * BIG_CLASS_SHARE >= len(token_class)).tolist()
-        self.outside_big = [torch.from_numpy(token_class != k) for k in self.big_classes]  # (V,) bool each
-        small = ~np.isin(token_class, self.big_classes)
-        self.small_tokens = torch.from_numpy(np.flatnonzero(small))  # (Vs,)
-        self.small_class = torch.from_numpy(token_class[small])  # (Vs,)
-        self.num_states = num_states
-
-
-def _moves(constraint: Constraint) -> _Moves:
-    moves = getattr(constraint, "_dp_moves", None)
-    if moves is None:
-        moves = constraint._dp_moves = _Moves(constraint)
-    return moves
 
 
 def best_valid_tokens(log_probs: torch.Tensor, constraint: Constraint, start_state: int | None = None,
@@ -126,38 +72,49 @@ class ClassScores:
     log_probs: torch.Tensor  # (C, V) as given (probabilities when `probs`)
     probs: bool
     best: np.ndarray
-    best_torch: torch.Tensor  # (C, K) before flooring (for -inf rows of big classes)
-    big_argmax: dict
+    best_raw: np.ndarray  # (C, K) before flooring (for -inf rows of big classes)
+    small: np.ndarray  # (C, Vs) the columns of the small classes, grouped by class (Moves.small_tokens)
+    big_argmax: dict  # big class -> (C,) its first best token at each position
+    # the last solve's (start, done_from, steered class scores, forward scores): the next solve on these scores
+    # (a sampler's draws preferred) starts its forward pass at the first row whose steered scores differ
+    forward: tuple | None = None
 
 
 def class_scores(log_probs: torch.Tensor, constraint: Constraint, probs: bool = False) -> ClassScores:
     if log_probs.dtype not in (torch.float32, torch.float64):
-        log_probs = log_probs.float()  # half-precision scatter/max are slow or missing on the CPU
+        log_probs = log_probs.float()  # half-precision max is slow or missing on the CPU
     canvas_length, vocab_size = log_probs.shape
     if vocab_size != constraint.vocab_size:
         raise ValueError(f"log_probs has {vocab_size} columns but the constraint's vocabulary has "
                          f"{constraint.vocab_size}")
-    moves = _moves(constraint)
-    num_classes = constraint.num_classes
+    moves = moves_of(constraint)
 
-    # 1. best log-prob per (position, class); the argmax too for big classes
-    best = torch.full((canvas_length, num_classes), float("-inf"), dtype=log_probs.dtype)
-    small = log_probs.index_select(1, moves.small_tokens)  # (C, Vs)
-    best.scatter_reduce_(1, moves.small_class.expand(canvas_length, -1), small, "amax")  # (C, K)
-    big_argmax = {}
+    # 1. best log-prob per (position, class); the argmax too for big classes. numpy: torch would run these
+    # small operations on its thread pool, whose every wake-up stalls on a busy machine
+    lp = log_probs.numpy()  # (C, V)
+    best = np.full((canvas_length, constraint.num_classes), -np.inf, dtype=lp.dtype)
+    small = np.take(lp, moves.small_tokens, axis=1)  # (C, Vs), grouped by class
+    if len(moves.small_classes):
+        best[:, moves.small_classes] = np.maximum.reduceat(small, moves.small_start[moves.small_classes], axis=1)
+    big_argmax, rows_all = {}, np.arange(canvas_length)
     if moves.big_classes:
-        row_max, row_argmax = log_probs.max(1)  # (C,), (C,): the first maximum of each row
-    for cls, outside in zip(moves.big_classes, moves.outside_big):
-        # where the row's first maximum lies in the class it is the class's; mask and rescan the other rows
-        value, index = row_max.clone(), row_argmax.clone()
-        rows = outside[row_argmax].nonzero().squeeze(1)
-        for chunk in rows.split(RESCAN_ROWS):  # a few rows at a time: the copy stays in cache
-            value[chunk], index[chunk] = log_probs[chunk].masked_fill_(outside, float("-inf")).max(1)
-        best[:, cls], big_argmax[cls] = value, index
+        row_argmax = lp.argmax(1)  # (C,): the first maximum of each row
+    for cls in moves.big_classes:
+        # where the row's first maximum lies in the class it is the class's; mask and rescan the other rows, or,
+        # when that reads more (a second big class, whose rows' maxima lie elsewhere), read the class's columns
+        members, outside = moves.big_members[cls], moves.outside_big[cls]
+        rows = np.flatnonzero(outside[row_argmax])
+        if len(rows) * vocab_size > canvas_length * len(members):
+            index = members[np.take(lp, members, axis=1).argmax(1)]  # members ascend: the first maximum
+        else:
+            index = row_argmax.copy()
+            for chunk in np.array_split(rows, -(-len(rows) // RESCAN_ROWS)) if len(rows) else []:
+                index[chunk] = np.where(outside, -np.inf, lp[chunk]).argmax(1)  # a few rows: stays in cache
+        best[:, cls], big_argmax[cls] = lp[rows_all, index], index
     if probs:  # given probabilities: the log is monotonic, so maxima and argmaxima are the same; log only (C, K)
-        best = best.log()
-    best_np = best.double().clamp(min=FLOOR).numpy()  # (C, K); classes without tokens have no edges
-    return ClassScores(constraint, log_probs, probs, best_np, best, big_argmax)
+        best = torch.from_numpy(best).log().numpy()
+    best_np = np.maximum(best.astype(np.float64), FLOOR)  # (C, K); classes without tokens have no edges
+    return ClassScores(constraint, log_probs, probs, best_np, best, small, big_argmax)
 
 
 def solve(scores: ClassScores, start_state: int | None = None, hard: torch.Tensor | None = None,
@@ -176,26 +133,35 @@ def solve(scores: ClassScores, start_state: int | None = None, hard: torch.Tenso
     start = constraint.initial_state if start_state is None else int(start_state)
     if not 0 <= start < constraint.num_states:
         raise ValueError(f"start_state {start} is not a state of the constraint (0..{constraint.num_states - 1})")
-    moves = _moves(constraint)
+    moves = moves_of(constraint)
     best_np, fixed = _steered(best_np, constraint, hard, prefer)
 
-    # 2. best class move per (position, state pair), via the distinct class sets
-    set_value = np.maximum.reduceat(best_np.T[moves.set_members], moves.set_start, axis=0)  # (Q, C)
-    pair_value = np.ascontiguousarray(set_value.T)[:, moves.pair_set]  # (C, P)
+    # 2. best class move per (position, class set): a pair's value is its set's
+    set_value = np.maximum.reduceat(np.take(best_np, moves.set_members, axis=1), moves.set_start, axis=1)  # (C, Q)
 
-    # 3. forward over positions: a segment max over the pairs into each state
-    score = np.full((canvas_length + 1, moves.num_states), -np.inf)  # (C+1, S)
-    score[0, start] = 0.0
-    for c in range(canvas_length):
-        into = score[c, moves.pair_src] + pair_value[c]  # (P,)
-        score[c + 1, moves.dst_with_pairs] = np.maximum.reduceat(into, moves.dst_pairs_start)
+    # 3. forward over positions: gather each pair's source score and value, then each state's maximum (moves.Forward)
+    fwd = moves.forward
+    score = np.full((canvas_length + 1, moves.num_states + 1), -np.inf)  # (C+1, S+1), states renumbered
+    score[0, fwd.internal[start]] = 0.0
+    first = _reusable_rows(scores.forward, start, done_from, best_np)
+    if first:
+        score[:first + 1] = scores.forward[3][:first + 1]
+    scores.forward = (start, done_from, best_np, score)
+    into, value = np.empty(len(fwd.src)), np.empty(len(fwd.src))  # (P',)
+    done = fwd.internal[constraint.done_state]
+    for c in range(first, canvas_length):
+        np.take(score[c], fwd.src, out=into)
+        into += np.take(set_value[c], fwd.set, out=value)
+        row = score[c + 1]
+        for slot, width, count, lo in fwd.groups:
+            np.maximum.reduce(into[slot:slot + width * count].reshape(width, count), axis=0, out=row[lo:lo + count])
         if done_from is not None and c + 1 >= done_from:  # past the budget: only DONE
-            done_score = score[c + 1, constraint.done_state]
-            score[c + 1] = -np.inf
-            score[c + 1, constraint.done_state] = done_score
+            done_score = row[done]
+            row[:] = -np.inf
+            row[done] = done_score
 
     # 4. the best end state from which the rest of the output fits
-    end_ok = score[canvas_length] > -np.inf
+    end_ok = score[canvas_length, fwd.internal[:-1]] > -np.inf  # (S,) old numbering from here on
     if end_states is not None:
         end_ok &= end_states
     if not end_ok.any():
@@ -203,7 +169,7 @@ def solve(scores: ClassScores, start_state: int | None = None, hard: torch.Tenso
         fits += "" if done_from is None else f" with EOS within its first {done_from}"
         raise ConstraintError(f"{constraint.description}: no sequence of {canvas_length} tokens from state {start} "
                               f"is allowed{fits}")
-    state = int(np.where(end_ok, score[canvas_length], -np.inf).argmax())
+    state = int(np.where(end_ok, score[canvas_length, fwd.internal[:-1]], -np.inf).argmax())
 
     # 5. backward: recover the pair, then the class, at each position
     states = np.empty(canvas_length, dtype=np.int64)
@@ -211,31 +177,41 @@ def solve(scores: ClassScores, start_state: int | None = None, hard: torch.Tenso
     for c in range(canvas_length - 1, -1, -1):
         states[c] = state
         slot = moves.slot_of_dst[state]
-        pairs = np.arange(moves.dst_pairs_start[slot], moves.dst_pairs_end[slot])
-        hit = score[c, moves.pair_src[pairs]] + pair_value[c, pairs] == score[c + 1, state]
-        pair = int(pairs[hit.argmax()])
+        lo, hi = moves.dst_pairs_start[slot], moves.dst_pairs_end[slot]
+        values = set_value[c, moves.pair_set[lo:hi]]
+        hit = score[c, fwd.pair_src[lo:hi]] + values == score[c + 1, fwd.internal[state]]
+        pair = lo + int(hit.argmax())
         candidates = moves.set_classes[moves.pair_set[pair]]
-        classes[c] = candidates[(best_np[c, candidates] == pair_value[c, pair]).argmax()]
+        classes[c] = candidates[(best_np[c, candidates] == values[pair - lo]).argmax()]
         state = int(moves.pair_src[pair])
 
     # 6. at each position, the first token of the chosen class with the class's best log-prob (a steered
     # position whose chosen class holds its token: that token)
-    tokens = torch.empty(canvas_length, dtype=torch.long)
+    tokens = np.empty(canvas_length, dtype=np.int64)
     for cls in np.unique(classes).tolist():
-        positions = torch.from_numpy(np.flatnonzero(classes == cls))
-        members = moves.class_tokens[cls]
-        if cls in scores.big_argmax:
-            # a row of -inf has its argmax outside the class; any member is as good
-            found = scores.big_argmax[cls][positions]
-            tokens[positions] = torch.where(scores.best_torch[positions, cls] > float("-inf"), found, members[0])
-        else:
-            tokens[positions] = members[log_probs[positions[:, None], members[None, :]].argmax(1)]
+        at = np.flatnonzero(classes == cls)
+        if cls in scores.big_argmax:  # a row of -inf has its argmax outside the class; any member is as good
+            members = moves.big_members[cls]
+            tokens[at] = np.where(scores.best_raw[at, cls] > -np.inf, scores.big_argmax[cls][at], members[0])
+        else:  # the first maximum among the class's columns (ids ascend)
+            lo, hi = moves.small_start[cls], moves.small_start[cls + 1]
+            tokens[at] = moves.small_tokens[lo + scores.small[at, lo:hi].argmax(1)]
+    tokens = torch.from_numpy(tokens)
     for c, token in fixed.items():
         if int(constraint.token_class[token]) == classes[c]:
             tokens[c] = token
     chosen = log_probs.gather(1, tokens[:, None]).double()
     log_prob = float((chosen.log() if scores.probs else chosen).clamp(min=FLOOR).sum())
     return ValidTokens(tokens, torch.from_numpy(states), log_prob)
+
+
+def _reusable_rows(last: tuple | None, start: int, done_from: int | None, best_np: np.ndarray) -> int:
+    """How many forward rows of the last solve on the same class scores this one shares: up to the first position
+    whose steered class scores differ (bit for bit), given the same start and done_from; 0 otherwise."""
+    if last is None or last[0] != start or last[1] != done_from:
+        return 0
+    differs = (last[2].view(np.int64) != best_np.view(np.int64)).any(axis=1)  # (C,)
+    return int(differs.argmax()) if differs.any() else len(differs)
 
 
 def _steered(best_np: np.ndarray, constraint: Constraint, hard: torch.Tensor | None, prefer: torch.Tensor | None
@@ -271,7 +247,7 @@ def completable_states(constraint: Constraint, pinned: dict[int, int], start: in
     output that ends within max_tokens). Without pins at or after `start` this is `distance <= max_new - start`
     (with `eos`, `tokens_to_done`), the budget rule of `best_valid_tokens`'s tokens_after. Backward from the last pin: a pinned position moves along its
     token's class only, any other position along every move the constraint allows; O(pairs) per position."""
-    moves = _moves(constraint)
+    moves = moves_of(constraint)
     later = [p for p in pinned if p >= start]
     end = max(later) + 1 if later else start
     if max_new is None:
@@ -316,7 +292,7 @@ def suffix_fits(constraint: Constraint, suffix: list[int], longest: int) -> np.n
     of middle, then `suffix`, complete there (so an EOS may follow): fill in the middle under a constraint.
     Forward from the initial state over the middle (every allowed move), and once over the states, the suffix's
     walk from each."""
-    moves = _moves(constraint)
+    moves = moves_of(constraint)
     table = constraint.transitions.numpy()
     walked = np.arange(moves.num_states)
     for token in suffix:

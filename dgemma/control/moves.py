@@ -1,0 +1,134 @@
+"""A constraint's transitions as the canvas DP (dp.py) reads them: (state, next state) pairs with the class sets
+that move along them, the forward pass's layout, and the token columns grouped by class. Built once per
+constraint and cached on it."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .constraint import INVALID, Constraint
+
+
+class Moves:
+    """A constraint's transitions as (state, next state) pairs, each with the set of classes that moves along
+    it; pairs sorted by next state, identical class sets stored once; and the forward layout (`Forward`). numpy
+    arrays, cached on the constraint."""
+
+    def __init__(self, constraint: Constraint):
+        table = constraint.transitions.numpy()  # (S, K)
+        num_states = table.shape[0]
+        token_class = constraint.token_class.numpy()
+        has_tokens = np.bincount(token_class, minlength=table.shape[1]) > 0
+        src, cls = np.nonzero((table != INVALID) & has_tokens[None, :])
+        dst = table[src, cls]
+        pair_key, edge_pair = np.unique(dst * num_states + src, return_inverse=True)  # (P,), (E,)
+        order = np.argsort(edge_pair.reshape(-1), kind="stable")
+        edge_class, edge_pair = cls[order], edge_pair.reshape(-1)[order]  # grouped by pair
+        bounds = np.searchsorted(edge_pair, np.arange(len(pair_key) + 1))
+        self.pair_set, self.set_classes = _class_sets(edge_class, bounds)  # (P,) class set of each pair; per set,
+        # its classes (sorted)
+        self.set_members = np.concatenate(self.set_classes)  # (E',) classes of all sets, set after set
+        self.set_start = np.cumsum([0] + [len(c) for c in self.set_classes[:-1]])  # (Q,)
+        self.pair_src = pair_key % num_states  # (P,) sorted by pair_dst
+        self.pair_dst = pair_key // num_states  # (P,)
+        self.dst_with_pairs, self.dst_pairs_start = np.unique(self.pair_dst, return_index=True)
+        self.dst_pairs_end = np.append(self.dst_pairs_start[1:], len(pair_key))
+        self.slot_of_dst = np.full(num_states, -1)
+        self.slot_of_dst[self.dst_with_pairs] = np.arange(len(self.dst_with_pairs))
+        self.num_states = num_states
+        self.forward = Forward(self)
+        # step 1 reads big classes (text inside a JSON string) from the row maxima, which also give the argmax;
+        # the other columns are copied grouped by class (ids ascending within each) and reduced class by class
+        class_order = np.argsort(token_class, kind="stable")
+        class_bounds = np.searchsorted(token_class[class_order], np.arange(table.shape[1] + 1))  # (K+1,)
+        sizes = np.diff(class_bounds)
+        self.big_classes = np.flatnonzero(sizes * BIG_CLASS_SHARE >= len(token_class)).tolist()
+        self.big_members = {k: class_order[class_bounds[k]:class_bounds[k + 1]] for k in self.big_classes}
+        self.outside_big = {k: token_class != k for k in self.big_classes}  # (V,) bool each
+        self.small_classes = np.flatnonzero((sizes > 0) & ~np.isin(np.arange(len(sizes)), self.big_classes))
+        self.small_tokens = class_order[~np.isin(token_class[class_order], self.big_classes)]  # (Vs,) by class
+        self.small_start = np.zeros(len(sizes) + 1, dtype=np.int64)  # (K+1,) each small class's first column
+        self.small_start[self.small_classes + 1] = sizes[self.small_classes]
+        self.small_start = np.cumsum(self.small_start)
+
+
+BIG_CLASS_SHARE = 8  # a class with at least 1/8 of the vocabulary is read from the row maxima (step 1)
+
+
+def _class_sets(edge_class: np.ndarray, bounds: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The class set of each pair (edge_class[bounds[p]:bounds[p + 1]]), identical sets numbered once: (P,) set
+    ids and, per set, its classes. A pair of one class (most of them) needs no Python loop."""
+    counts = np.diff(bounds)
+    pair_set = np.empty(len(counts), dtype=np.int64)
+    single = counts == 1
+    lone, pair_set[single] = np.unique(edge_class[bounds[:-1][single]], return_inverse=True)
+    set_classes = [lone[i:i + 1] for i in range(len(lone))]
+    set_of: dict[bytes, int] = {}
+    for p in np.flatnonzero(~single).tolist():
+        classes = edge_class[bounds[p]:bounds[p + 1]]
+        key = classes.tobytes()
+        if key not in set_of:
+            set_of[key] = len(set_classes)
+            set_classes.append(classes)
+        pair_set[p] = set_of[key]
+    return pair_set, set_classes
+
+
+class Forward:
+    """Step 3's layout: the states renumbered by how many pairs lead into them, so that the states of one
+    group are contiguous, and each group's incoming pairs laid out (width, count), one column per state, padded
+    with a pair from an extra state whose score is always -inf. A step then gathers every pair's source score
+    and class-set value at once and takes each group's maximum down its columns; a group costs one call, a
+    padded pair one element, so the groups' widths are chosen to minimise elements + GROUP_COST * groups."""
+
+    def __init__(self, moves: Moves):
+        num_states = moves.num_states
+        degree = np.bincount(moves.pair_dst, minlength=num_states)  # (S,) pairs into each state
+        degrees, counts = np.unique(degree[degree > 0], return_counts=True)
+        width_of = np.zeros(degree.max(initial=0) + 1, dtype=np.int64)  # in-degree -> its group's padded width
+        for lo, hi in _group_widths(degrees, counts):
+            width_of[degrees[lo]:degrees[hi - 1] + 1] = degrees[hi - 1]
+        width = width_of[degree]  # (S,) 0 for states no pair leads into
+        self.order = np.argsort(width, kind="stable")  # (S,) new state -> old
+        self.internal = np.append(np.argsort(self.order), num_states)  # (S + 1,) old -> new; S stays the padding
+        self.src = np.full(int(width.sum()), num_states, dtype=np.int64)  # (P',) new source state of each slot
+        self.set = np.zeros(len(self.src), dtype=np.int64)  # (P',) class set of each slot (any, for padding)
+        self.groups = []  # (first slot, width, count, first new state) per group
+        rank = np.arange(len(moves.pair_dst)) - moves.dst_pairs_start[moves.slot_of_dst[moves.pair_dst]]
+        dst_new = self.internal[moves.pair_dst]  # (P,)
+        slot, first = 0, int((width == 0).sum())
+        for w in np.unique(width[width > 0]).tolist():
+            count = int((width == w).sum())
+            mine = (dst_new >= first) & (dst_new < first + count)  # (P,) the pairs into this group
+            at = slot + rank[mine] * count + dst_new[mine] - first  # row = rank among the state's pairs
+            self.src[at] = self.internal[moves.pair_src[mine]]
+            self.set[at] = moves.pair_set[mine]
+            self.groups.append((slot, w, count, first))
+            slot, first = slot + w * count, first + count
+        self.pair_src = self.internal[moves.pair_src]  # (P,) new source state of each pair (step 5)
+
+
+GROUP_COST = 1024  # a group's reduction call, in gathered elements
+
+
+def _group_widths(degrees: np.ndarray, counts: np.ndarray) -> list[tuple[int, int]]:
+    """Split the sorted distinct in-degrees (`counts` states each) into groups [lo, hi), each padded to its
+    largest, minimising padded pairs + GROUP_COST per group (a shortest path over the distinct degrees)."""
+    states = np.concatenate([[0], np.cumsum(counts)])
+    cost, cut = np.zeros(len(degrees) + 1), np.zeros(len(degrees) + 1, dtype=np.int64)
+    for hi in range(1, len(degrees) + 1):
+        c = cost[:hi] + degrees[hi - 1] * (states[hi] - states[:hi]) + GROUP_COST
+        cut[hi] = int(c.argmin())
+        cost[hi] = c[cut[hi]]
+    groups, hi = [], len(degrees)
+    while hi > 0:
+        groups.append((int(cut[hi]), hi))
+        hi = int(cut[hi])
+    return groups[::-1]
+
+
+def moves_of(constraint: Constraint) -> Moves:
+    moves = getattr(constraint, "_dp_moves", None)
+    if moves is None:
+        moves = constraint._dp_moves = Moves(constraint)
+    return moves
