@@ -185,9 +185,16 @@ def solve(scores: ClassScores, start_state: int | None = None, hard: torch.Tenso
         classes[c] = candidates[(best_np[c, candidates] == values[pair - lo]).argmax()]
         state = int(moves.pair_src[pair])
 
-    # 6. at each position, the first token of the chosen class with the class's best log-prob (a steered
-    # position whose chosen class holds its token: that token)
-    tokens = np.empty(canvas_length, dtype=np.int64)
+    tokens = _tokens_of(scores, moves, classes, fixed)
+    chosen = log_probs.gather(1, tokens[:, None]).double()
+    log_prob = float((chosen.log() if scores.probs else chosen).clamp(min=FLOOR).sum())
+    return ValidTokens(tokens, torch.from_numpy(states), log_prob)
+
+
+def _tokens_of(scores: ClassScores, moves, classes: np.ndarray, fixed: dict) -> torch.Tensor:
+    """6. At each position, the first token of the chosen class with the class's best log-prob (a steered position
+    whose chosen class holds its token: that token)."""
+    tokens = np.empty(len(classes), dtype=np.int64)
     for cls in np.unique(classes).tolist():
         at = np.flatnonzero(classes == cls)
         if cls in scores.big_argmax:  # a row of -inf has its argmax outside the class; any member is as good
@@ -198,11 +205,9 @@ def solve(scores: ClassScores, start_state: int | None = None, hard: torch.Tenso
             tokens[at] = moves.small_tokens[lo + scores.small[at, lo:hi].argmax(1)]
     tokens = torch.from_numpy(tokens)
     for c, token in fixed.items():
-        if int(constraint.token_class[token]) == classes[c]:
+        if int(scores.constraint.token_class[token]) == classes[c]:
             tokens[c] = token
-    chosen = log_probs.gather(1, tokens[:, None]).double()
-    log_prob = float((chosen.log() if scores.probs else chosen).clamp(min=FLOOR).sum())
-    return ValidTokens(tokens, torch.from_numpy(states), log_prob)
+    return tokens
 
 
 def _reusable_rows(last: tuple | None, start: int, done_from: int | None, best_np: np.ndarray) -> int:
