@@ -3,15 +3,17 @@
 Run as a script (`python _compile_worker.py`), never imported by dgemma: the parent kills it when the time limit
 passes, which is the only way to stop a regex whose DFA grows exponentially inside Rust. It reads one JSON
 request on stdin and writes one JSON reply line on stdout, then the reply's arrays as raw bytes; it imports only
-outlines_core, numpy and dgemma.control's dfa, token_walk and schema.
+outlines_core, numpy and dgemma.control's dfa, regex_factor, chains, token_walk and schema.
 
 outlines-core builds the regex's DFA; we walk the tokens through it ourselves, because outlines' token index
 walks every token from every state one byte at a time (about 100 s for JSON-object mode on a 262k vocabulary).
 1. outlines' index over the 256 single bytes: the byte-level DFA (S, 256), counting a byte into a state that
    can neither match nor go on as dead, as outlines does; then minimized (dfa.py), which the size limit counts.
+   The regex goes in framed and factored (`byte_dfa`): `\x00(?:regex)\x01`, common suffixes written once.
 2. The token walk and token classes (token_walk.py): bytes no state tells apart form byte classes, tokens spelled
-   alike in them form groups, the groups' spellings form a trie that chunks of states walk down keeping only
-   live (state, node) pairs, and groups that lead to the same state from every state share a class.
+   alike in them form groups, the groups' spellings form a trie that batches of states walk down keeping only
+   live (state, node) pairs, states of counting chains (chains.py) are derived from the state below, and groups
+   that lead to the same state from every state share a class.
 
 The child dies with its parent (a parent-death signal on Linux) and has a CPU-time limit, so a killed server
 leaves nothing running. A JSON schema is turned into its regex here too (dgemma.control.schema), inside the same
