@@ -226,7 +226,7 @@ def token_table(byte_table: np.ndarray, byte_class: np.ndarray, spellings: list[
             died.append(more)
             fan_out = max(1, len(found[0]) // len(batch[0]))
         dying = [np.concatenate(part) for part in zip(*died)]
-        waves.append((parents, shift[parents], len(classes.done) - batches))
+        waves.append(len(classes.done) - batches)  # the batches of this chain level
         parents = shift[parents][carry[shift[parents]]]
     return _assemble(classes, waves, shift), int(classes.group_class.max()) + 1, classes.group_class
 
@@ -257,7 +257,7 @@ def _assemble(classes: _Classes, waves: list, shift: np.ndarray) -> tuple:
     batches = classes.final_entries()
     level = _concat([next(batches) for _ in range(classes.walked)])
     out = []
-    for _, _, count in waves:
+    for count in waves:
         out.append(level)
         origin, column, value = (a[carry[level[0]]] for a in level)  # the entries of this wave's parents
         end, low = (value >> bits) - 1, value & ((1 << bits) - 1)
