@@ -94,6 +94,8 @@ class _Walk:
         origin's shift goes on (step 3)."""
         empty = (origin[:0], node[:0], at[:0], low[:0])
         found, dying = [empty], [empty]
+        if not carry[origin].any():  # no origin has a shift: levels count for nothing, and nothing goes on
+            low = np.zeros(len(origin), dtype=low.dtype)
         while len(node):
             group = self.group_at[node]
             ends = group >= 0
@@ -105,10 +107,13 @@ class _Walk:
             after = self.step[at * self.num_byte_classes + self.label[child]]
             origin, low = np.repeat(origin, count), np.repeat(low, count)
             live = after != self.dead
-            dies = ~live & carry[origin] & (low >= 1)
-            dying.append((origin[dies], child[dies], at[dies], low[dies]))
+            if low.any():
+                dies = ~live & carry[origin] & (low >= 1)
+                dying.append((origin[dies], child[dies], at[dies], low[dies]))
+                low = np.minimum(low[live], level[after[live]])
+            else:
+                low = low[live]
             origin, node, at = origin[live], child[live], after[live]
-            low = np.minimum(low[live], level[at])
         return [np.concatenate(part) for part in zip(*found)], [np.concatenate(part) for part in zip(*dying)]
 
     def go_on(self, dying, shift: np.ndarray, level: np.ndarray, carry: np.ndarray):
