@@ -91,29 +91,29 @@ class _Walk:
         origin), down the trie. Returns what it found, (origin, group, end state, lowest level) for every group
         at or below the nodes, and where it died, (origin, child node, state at the child's parent, lowest level)
         for each child that dies from an origin with `carry` and a lowest level of at least 1: there the
-        origin's shift goes on (step 3)."""
-        empty = (origin[:0], node[:0], at[:0], low[:0])
+        origin's shift goes on (step 3). With `low` None (no origin has a shift) levels are not followed and
+        count as 0."""
+        empty = (origin[:0], node[:0], at[:0], node[:0].astype(np.int64))
         found, dying = [empty], [empty]
-        if not carry[origin].any():  # no origin has a shift: levels count for nothing, and nothing goes on
-            low = np.zeros(len(origin), dtype=low.dtype)
         while len(node):
             group = self.group_at[node]
             ends = group >= 0
-            found.append((origin[ends], group[ends], at[ends], low[ends]))
+            found.append((origin[ends], group[ends], at[ends], None if low is None else low[ends]))
             count = self.num_children[node]
             first = self.first_child[node] - (np.cumsum(count) - count)
             child = np.repeat(first, count) + np.arange(int(count.sum()), dtype=np.int32)
             at = np.repeat(at, count)
             after = self.step[at * self.num_byte_classes + self.label[child]]
-            origin, low = np.repeat(origin, count), np.repeat(low, count)
+            origin = np.repeat(origin, count)
             live = after != self.dead
-            if low.any():
+            if low is not None:
+                low = np.repeat(low, count)
                 dies = ~live & carry[origin] & (low >= 1)
                 dying.append((origin[dies], child[dies], at[dies], low[dies]))
                 low = np.minimum(low[live], level[after[live]])
-            else:
-                low = low[live]
             origin, node, at = origin[live], child[live], after[live]
+        if low is None:
+            found = [(o, g, a, np.zeros(len(o), dtype=np.int64)) for o, g, a, _ in found]
         return [np.concatenate(part) for part in zip(*found)], [np.concatenate(part) for part in zip(*dying)]
 
     def go_on(self, dying, shift: np.ndarray, level: np.ndarray, carry: np.ndarray):
@@ -206,12 +206,13 @@ def token_table(byte_table: np.ndarray, byte_class: np.ndarray, spellings: list[
     is_shift = np.zeros(num_states, dtype=bool)
     is_shift[shift[carry]] = True
     base = np.flatnonzero(~is_shift).astype(np.int32)
+    base = np.concatenate([base[~carry[base]], base[carry[base]]])  # batches without a chain need no levels
     dying, waves = [], []
     lo, chunk = 0, max(1, _PAIRS_PER_CHUNK // len(walk.label))
     while lo < len(base):  # the states walked in full
         states = base[lo:lo + chunk]
-        found, died = walk.walk(states, np.zeros(len(states), dtype=np.int32), states,
-                                np.full(len(states), _NO_STATE_YET, dtype=np.int64), level, carry)
+        low = np.full(len(states), _NO_STATE_YET, dtype=np.int64) if carry[states].any() else None
+        found, died = walk.walk(states, np.zeros(len(states), dtype=np.int32), states, low, level, carry)
         if not _add(classes, states, found, level):
             return None
         dying.append(died)
