@@ -237,7 +237,9 @@ def check_token_walk(regex: str, tokens: list) -> None:
     table, initial, finals = minimize(*worker.byte_dfa(regex))
     reply = worker.token_automaton(table, initial, finals, tokens)
     classes = reply["token_class"]
-    nexts = np.hstack([reply["table"], np.full((reply["num_states"], 1), -1)])  # class K: no text, never allowed
+    nexts = np.full((reply["num_states"], reply["num_classes"] + 1), -1)  # class K: no text, never allowed
+    nexts[reply["state"], reply["class"]] = reply["next"]
+    assert len(set(zip(reply["state"].tolist(), reply["class"].tolist()))) == reply["num_entries"]  # each once
     assert (reply["initial"], reply["finals"]) == (initial, finals) and reply["num_states"] == table.shape[0]
     for state in range(table.shape[0]):
         for token_id, text in enumerate(tokens):
@@ -246,7 +248,7 @@ def check_token_walk(regex: str, tokens: list) -> None:
                 at = int(table[at, byte]) if at >= 0 else -1
             assert nexts[state, classes[token_id]] == at, (state, text)
     # classes are as few as they can be: no two columns alike
-    assert len(np.unique(reply["table"].T, axis=0)) == reply["num_classes"]
+    assert len(np.unique(nexts[:, :-1].T, axis=0)) == reply["num_classes"]
 
 
 @pytest.mark.parametrize("regex", REGEXES)
@@ -330,3 +332,19 @@ def test_optional_keys_chain_keeps_its_language(count):
     assert same_language(minimize(*worker.byte_dfa(plain)), minimize(*worker.byte_dfa(ours)))
     if count > containers.OPENERS:
         assert len(ours) < len(plain)
+
+
+# ---- distinct columns of a table given by its set entries, as of the dense table
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 6), st.integers(1, 8), st.lists(st.tuples(st.integers(0, 5), st.integers(0, 7),
+                                                               st.integers(0, 2)), max_size=30))
+def test_distinct_entry_columns_is_distinct_columns(rows, columns, entries):
+    from dgemma.control.dfa import distinct_columns, distinct_entry_columns
+    dense = np.full((rows, columns), -1, dtype=np.int64)
+    for r, c, v in entries:
+        dense[r % rows, c % columns] = v
+    row, column = np.nonzero(dense >= 0)
+    ours = distinct_entry_columns(row, column, dense[row, column], columns)
+    theirs = distinct_columns(dense)
+    assert all(np.array_equal(a, b) for a, b in zip(ours, theirs))

@@ -3,15 +3,17 @@
 Run as a script (`python _compile_worker.py`), never imported by dgemma: the parent kills it when the time limit
 passes, which is the only way to stop a regex whose DFA grows exponentially inside Rust. It reads one JSON
 request on stdin and writes one JSON reply line on stdout, then the reply's arrays as raw bytes; it imports only
-outlines_core, numpy and dgemma.control's dfa, token_walk and schema.
+outlines_core, numpy and dgemma.control's dfa, regex_factor, chains, token_walk and schema.
 
 outlines-core builds the regex's DFA; we walk the tokens through it ourselves, because outlines' token index
 walks every token from every state one byte at a time (about 100 s for JSON-object mode on a 262k vocabulary).
 1. outlines' index over the 256 single bytes: the byte-level DFA (S, 256), counting a byte into a state that
    can neither match nor go on as dead, as outlines does; then minimized (dfa.py), which the size limit counts.
+   The regex goes in framed and factored (`byte_dfa`): `\x00(?:regex)\x01`, common suffixes written once.
 2. The token walk and token classes (token_walk.py): bytes no state tells apart form byte classes, tokens spelled
-   alike in them form groups, the groups' spellings form a trie that chunks of states walk down keeping only
-   live (state, node) pairs, and groups that lead to the same state from every state share a class.
+   alike in them form groups, the groups' spellings form a trie that batches of states walk down keeping only
+   live (state, node) pairs, states of counting chains (chains.py) are derived from the state below, and groups
+   that lead to the same state from every state share a class.
 
 The child dies with its parent (a parent-death signal on Linux) and has a CPU-time limit, so a killed server
 leaves nothing running. A JSON schema is turned into its regex here too (dgemma.control.schema), inside the same
@@ -19,9 +21,10 @@ limits, so a huge or deeply nested schema cannot stall the server.
 
 Request: {"regex": str, or "schema": a JSON schema with "schema_limits": SchemaLimits' fields, "token_bytes":
 list[base64 | None] (None: never allowed), "max_states": int, "max_memory_mb": int, "max_cpu_s": int}.
-Reply: one line, {"error": str} or {"initial": int, "finals": list[int], "num_states": S, "num_classes": K}, then
-for the latter the bytes of the int32 (S, K) row-major table (-1: not allowed) and of the int32 (V,) token_class
-(K for a token that spells no text: never allowed).
+Reply: one line, {"error": str} or {"initial": int, "finals": list[int], "num_states": S, "num_classes": K,
+"num_entries": E}, then for the latter the bytes of int32 arrays: the E allowed (state, class, next state)
+entries of the (S, K) table as three arrays (every other entry is "not allowed"), and the (V,) token_class (K for
+a token that spells no text: never allowed).
 """
 
 import base64
@@ -39,6 +42,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the dgemma that 
 from dgemma.control.dfa import minimize  # noqa: E402
 from dgemma.control.regex_factor import factor_suffixes  # noqa: E402
 from dgemma.control.token_walk import token_groups, token_table  # noqa: E402
+
+ARRAYS = ("state", "class", "next", "token_class")  # the reply's arrays, in the order they are written
+
 
 def _one_line(err: BaseException) -> str:
     text = " ".join(str(err).split())
@@ -185,11 +191,11 @@ def token_automaton(byte_table: np.ndarray, initial: int, finals: list[int], tok
     classes = token_table(byte_table, byte_class, spellings)
     if classes is None:
         return {"error": "internal error: token classes collided (please report)"}
-    table, group_class = classes
-    num_states, num_classes = table.shape
+    (state, column, target), num_classes, group_class = classes
     token_class = np.where(token_group >= 0, group_class[np.maximum(token_group, 0)], num_classes)
-    return {"initial": initial, "finals": finals, "table": np.ascontiguousarray(table, dtype=np.int32),
-            "num_states": num_states, "num_classes": num_classes, "token_class": token_class.astype(np.int32)}
+    return {"initial": initial, "finals": finals, "num_states": byte_table.shape[0], "num_classes": num_classes,
+            "num_entries": len(state), "state": state, "class": column, "next": target,
+            "token_class": token_class.astype(np.int32)}
 
 
 def _die_with_parent() -> None:
@@ -238,9 +244,9 @@ def main() -> None:
     reply = _regex_of(request) if "schema" in request else {"regex": request["regex"]}
     if "regex" in reply:
         reply = compile_regex(reply["regex"], request["token_bytes"], request["max_states"])
-    arrays = [reply.pop(key) for key in ("table", "token_class") if key in reply]
+    arrays = [np.ascontiguousarray(reply.pop(key), dtype=np.int32) for key in ARRAYS if key in reply]
     sys.stdout.buffer.write(json.dumps(reply).encode("utf-8") + b"\n")
-    for data in arrays:  # raw, not base64 in JSON: a (9,383, 1,702) table is 64 MB
+    for data in arrays:  # raw, not base64 in JSON
         sys.stdout.buffer.write(memoryview(data).cast("B"))
     sys.stdout.buffer.flush()
 

@@ -16,7 +16,8 @@ Finding it:
 1. Seeds: (p, q) with p = step(q, b) for some byte and the same bytes alive from both (the chain "k+1 left"
    steps to "k left" on a character).
 2. Closure: a pair needs, for every byte alive from p, the pair of its successors (unless they are equal, or the
-   successor of q is dead: then the pair fails). Needed pairs are added, up to a bound.
+   successor of q is dead: then the pair fails). Needed pairs are added, up to a bound on pairs and rounds (past
+   it, a needed pair that is missing fails the pair that needs it).
 3. The pairs that hold are the greatest set whose needs hold (failures spread back to the pairs that need them).
 4. One shift per state (the first pair), one source per target, then (*) is checked exactly on the map itself and
    states that fail lose their shift until every one left holds; states on a cycle lose theirs too.
@@ -28,7 +29,8 @@ from __future__ import annotations
 import numpy as np
 from numpy.random import default_rng
 
-_MAX_PAIRS_PER_STATE = 4  # the closure's bound: pairs per state of the DFA
+_MAX_PAIRS_PER_STATE = 4  # the closure's bounds: pairs per state of the DFA,
+_CLOSURE_ROUNDS = 16  # and rounds (a chain's pairs come within 2-3 rounds: every level of a string is a seed)
 
 
 def _seed_pairs(columns: np.ndarray) -> np.ndarray:
@@ -51,11 +53,17 @@ def _closed_pairs(columns: np.ndarray, seeds: np.ndarray) -> np.ndarray:
     num_states = columns.shape[0]
     codes = seeds[:, 0] * num_states + seeds[:, 1]
     new = codes
-    while len(new) and len(codes) < _MAX_PAIRS_PER_STATE * num_states:
+    for _ in range(_CLOSURE_ROUNDS):
+        if not len(new) or len(codes) >= _MAX_PAIRS_PER_STATE * num_states:
+            break
         x, y = columns[new // num_states], columns[new % num_states]
         need = (x >= 0) & (y >= 0) & (x != y)
-        more = np.setdiff1d(x[need].astype(np.int64) * num_states + y[need], codes)
-        codes, new = np.union1d(codes, more), more
+        x, y = x[need].astype(np.int64), y[need].astype(np.int64)
+        holds = ~((columns[x] >= 0) & (columns[y] < 0)).any(axis=1)  # a pair that fails at once needs nothing
+        more = np.unique(x[holds] * num_states + y[holds])
+        more = more[~np.isin(more, codes, assume_unique=True)]
+        codes, new = np.concatenate([codes, more]), more
+    codes = np.sort(codes)
     p, q = codes // num_states, codes % num_states
     x, y = columns[p], columns[q]  # (n, C)
     fails = ((x >= 0) & (y < 0)).any(axis=1)

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .dfa import distinct_columns
+from .dfa import distinct_entry_columns
 from .schema import SchemaLimits, schema_to_regex
 from .spare import SpareChild
 from .vocabulary import ConstraintVocabulary
@@ -242,20 +242,18 @@ def _run_worker(source: dict, vocabulary: ConstraintVocabulary, limits: CompileL
     reply = json.loads(head)  # JSON and raw int32 arrays, not pickle: nothing is unpickled
     if "error" in reply:
         raise ConstraintError(reply["error"] if reply.get("schema_error") else f"{description}: {reply['error']}")
-    table_bytes = 4 * reply["num_states"] * reply["num_classes"]
-    if len(arrays) != table_bytes + 4 * vocabulary.vocab_size:
+    sizes = [4 * reply["num_entries"]] * 3 + [4 * vocabulary.vocab_size]  # state, class, next; token_class
+    if len(arrays) != sum(sizes):
         raise ConstraintError(f"{description}: compiling failed: a truncated reply")
-    reply["table"], reply["token_class"] = arrays[:table_bytes], arrays[table_bytes:]
+    for key, start, size in zip(("state", "class", "next", "token_class"), np.cumsum([0] + sizes[:-1]), sizes):
+        reply[key] = arrays[start:start + size]
     return reply
 
 
-def _state_pairs(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The distinct (state, next state) pairs of the (S, K) next-state table, sorted by state."""
-    ordered = np.sort(table, axis=1)
-    keep = ordered >= 0
-    keep[:, 1:] &= ordered[:, 1:] != ordered[:, :-1]
-    src, col = np.nonzero(keep)
-    return src, ordered[src, col].astype(np.int64)
+def _state_pairs(src: np.ndarray, dst: np.ndarray, num_states: int) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct (state, next state) pairs of the table's entries, sorted by state."""
+    codes = np.unique(src * num_states + dst)
+    return codes // num_states, codes % num_states
 
 
 def _bfs(pairs: tuple[np.ndarray, np.ndarray], num_states: int, sources: np.ndarray, backward: bool
@@ -286,42 +284,45 @@ def _compile(source: dict, vocabulary: ConstraintVocabulary, limits: CompileLimi
 
 
 def from_reply(reply: dict, vocabulary: ConstraintVocabulary, description: str) -> Constraint:
-    """Steps 2-4 in this process, over the child's reply (its "table" and "token_class" as int32 bytes or arrays).
-    """
-    table = np.frombuffer(reply["table"], dtype=np.int32).reshape(reply["num_states"], reply["num_classes"])
+    """Steps 2-4 in this process, over the child's reply (its arrays as int32 bytes or arrays)."""
+    src, cls, dst = (np.frombuffer(reply[key], dtype=np.int32).astype(np.int64) for key in ("state", "class", "next"))
     worker_class = np.frombuffer(reply["token_class"], dtype=np.int32)
     finals = np.asarray(reply["finals"], dtype=np.int64)
+    num_states, num_classes = reply["num_states"], reply["num_classes"]
 
     # 3. drop states that cannot reach a final state, and the transitions into them
-    pairs = _state_pairs(table)
-    dist = _bfs(pairs, table.shape[0], finals, backward=True)
+    pairs = _state_pairs(src, dst, num_states)
+    dist = _bfs(pairs, num_states, finals, backward=True)
     if dist[reply["initial"]] < 0:
         raise ConstraintError(f"{description}: no text the tokenizer can spell satisfies it")
-    alive = (dist >= 0) & (_bfs(pairs, table.shape[0], np.array([reply["initial"]]), backward=False) >= 0)
+    alive = (dist >= 0) & (_bfs(pairs, num_states, np.array([reply["initial"]]), backward=False) >= 0)
     num_live = int(alive.sum())
-    new_id = np.full(table.shape[0] + 1, -1, dtype=np.int32)  # the last entry maps -1 (not allowed) to -1
+    new_id = np.full(num_states, -1, dtype=np.int64)
     new_id[np.flatnonzero(alive)] = np.arange(num_live)
     dist, initial = dist[alive], int(new_id[reply["initial"]])
     final = np.zeros(num_live + 1, dtype=bool)
     final[new_id[finals[alive[finals]]]] = True
+    kept = alive[src] & alive[dst]  # a state that went is not allowed
+    src, cls, dst = new_id[src[kept]], cls[kept], new_id[dst[kept]]
 
     # 4. the DONE state (the last row) and four more columns: tokens that spell no text (the child's class K),
-    # EOS, pad, and never allowed
-    done, num_classes = num_live, table.shape[1]
-    columns = np.full((num_live + 1, num_classes + 4), -1, dtype=np.int32)
-    columns[:num_live, :num_classes] = new_id[table[alive]]  # a state that went is not allowed
+    # EOS (from every final state to DONE), pad (DONE to DONE), and never allowed
+    done = num_live
     final[done] = True
-    columns[final, num_classes + 1] = done
-    columns[done, num_classes + 2] = done
+    ends = np.flatnonzero(final)
+    src = np.concatenate([src, ends, [done]])
+    cls = np.concatenate([cls, np.full(len(ends), num_classes + 1), [num_classes + 2]])
+    dst = np.concatenate([dst, np.full(len(ends) + 1, done)])
     dist = np.append(dist, 0)
 
-    # 2. classes that became alike once dead states went, merged with the three special columns
-    first, column_class = distinct_columns(columns)
-    eos_class, pad_class = column_class[-3:-1]
+    # 2. classes that became alike once dead states went, merged with the special columns
+    first, column_class = distinct_entry_columns(src, cls, dst, num_classes + 4)
+    eos_class, pad_class = column_class[num_classes + 1:num_classes + 3]
     token_class = column_class[worker_class]
     token_class[list(vocabulary.pad_token_ids)] = pad_class
     token_class[list(vocabulary.eos_token_ids)] = eos_class
+    table = np.full((num_live + 1, len(first)), INVALID, dtype=np.int64)  # what the DP reads: (S, K) long
+    table[src, column_class[cls]] = dst
 
-    return Constraint(description, torch.from_numpy(token_class.astype(np.int32)),
-                      torch.from_numpy(columns[:, first].astype(np.int64)),
+    return Constraint(description, torch.from_numpy(token_class.astype(np.int32)), torch.from_numpy(table),
                       torch.from_numpy(dist), torch.from_numpy(final), initial, done, vocabulary)

@@ -34,6 +34,35 @@ def distinct_columns(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return first[order], rank[column_class]
 
 
+def distinct_entry_columns(row: np.ndarray, column: np.ndarray, value: np.ndarray, num_columns: int
+                           ) -> tuple[np.ndarray, np.ndarray]:
+    """distinct_columns of a table given by its set entries (row, column, value), every other entry unset: (first
+    column of each distinct column, in order of first appearance; the class of each column). A random-weighted
+    sum and the count per column find them; columns are then compared entry by entry (sorted by row), and on a
+    collision they are compared as a dense table."""
+    weights = default_rng(0).integers(1, 2**62, size=int(row.max(initial=0)) + 1, dtype=np.int64)
+    sums = np.zeros(num_columns, dtype=np.int64)
+    np.add.at(sums, column, weights[row] * (value.astype(np.int64) + 2))
+    count = np.bincount(column, minlength=num_columns)
+    _, first, column_class = np.unique(np.stack([sums, count], axis=1), axis=0, return_index=True,
+                                       return_inverse=True)
+    column_class = column_class.reshape(-1)
+    order = np.lexsort((row, column))  # the entries column by column, by row
+    start = np.cumsum(count) - count
+    other = np.flatnonzero(first[column_class] != np.arange(num_columns))  # columns merged into an earlier one
+    size = count[other]
+    at = np.repeat(start[other] - (np.cumsum(size) - size), size) + np.arange(int(size.sum()))
+    rep = np.repeat(start[first[column_class[other]]] - (np.cumsum(size) - size), size) + np.arange(int(size.sum()))
+    mine, theirs = order[at], order[rep]
+    if not (np.array_equal(row[mine], row[theirs]) and np.array_equal(value[mine], value[theirs])):
+        dense = np.full((int(row.max(initial=0)) + 1, num_columns), -1, dtype=np.int64)
+        dense[row, column] = value
+        return distinct_columns(dense)
+    rank = np.empty(len(first), dtype=np.int64)
+    rank[np.argsort(first)] = np.arange(len(first))
+    return np.sort(first), rank[column_class]
+
+
 def byte_classes(table: np.ndarray) -> np.ndarray:
     """(256,) the class of each byte of a (S, 256) DFA table: bytes whose columns are equal in every state share
     one, numbered by first byte."""

@@ -15,7 +15,9 @@
    weight(state) * (value + 1), the value packing the end state and the lowest chain level on the way), then an
    exact check that every group's findings are its class's first group's (the same count, each one found in the
    class's row). For a derived state only the frontier is new: groups alive from p in one class stay together.
-Returns the (S, K) next-state table (-1: not allowed) and each group's class; `token_automaton` puts it together.
+Returns the allowed (state, class, next state) entries (a dense (S, K) table is mostly "not allowed": 2-3% of
+it is set on the largest JSONSchemaBench tables), the number of classes and each group's class;
+`token_automaton` puts it together.
 """
 
 from __future__ import annotations
@@ -89,24 +91,29 @@ class _Walk:
         origin), down the trie. Returns what it found, (origin, group, end state, lowest level) for every group
         at or below the nodes, and where it died, (origin, child node, state at the child's parent, lowest level)
         for each child that dies from an origin with `carry` and a lowest level of at least 1: there the
-        origin's shift goes on (step 3)."""
-        empty = (origin[:0], node[:0], at[:0], low[:0])
+        origin's shift goes on (step 3). With `low` None (no origin has a shift) levels are not followed and
+        count as 0."""
+        empty = (origin[:0], node[:0], at[:0], node[:0].astype(np.int64))
         found, dying = [empty], [empty]
         while len(node):
             group = self.group_at[node]
             ends = group >= 0
-            found.append((origin[ends], group[ends], at[ends], low[ends]))
+            found.append((origin[ends], group[ends], at[ends], None if low is None else low[ends]))
             count = self.num_children[node]
             first = self.first_child[node] - (np.cumsum(count) - count)
             child = np.repeat(first, count) + np.arange(int(count.sum()), dtype=np.int32)
             at = np.repeat(at, count)
             after = self.step[at * self.num_byte_classes + self.label[child]]
-            origin, low = np.repeat(origin, count), np.repeat(low, count)
+            origin = np.repeat(origin, count)
             live = after != self.dead
-            dies = ~live & carry[origin] & (low >= 1)
-            dying.append((origin[dies], child[dies], at[dies], low[dies]))
+            if low is not None:
+                low = np.repeat(low, count)
+                dies = ~live & carry[origin] & (low >= 1)
+                dying.append((origin[dies], child[dies], at[dies], low[dies]))
+                low = np.minimum(low[live], level[after[live]])
             origin, node, at = origin[live], child[live], after[live]
-            low = np.minimum(low[live], level[at])
+        if low is None:
+            found = [(o, g, a, np.zeros(len(o), dtype=np.int64)) for o, g, a, _ in found]
         return [np.concatenate(part) for part in zip(*found)], [np.concatenate(part) for part in zip(*dying)]
 
     def go_on(self, dying, shift: np.ndarray, level: np.ndarray, carry: np.ndarray):
@@ -129,7 +136,8 @@ class _Classes:
         self.weights = weights.astype(np.uint64)
         self.group_class = np.zeros(num_groups, dtype=np.int64)
         self.bits = bits  # value = (end state + 1) << bits | lowest level
-        self.done: list[tuple] = []  # per batch: (states, rows (n, K then) of values or -1, classes then)
+        self.value_type = np.int32 if (num_states + 1) << bits < 2**31 else np.int64
+        self.done: list[tuple] = []  # per batch: its findings of first groups (origin, class then, value), classes then
         self.walked = 0  # how many batches of `done` are states walked in full (the rest: chain levels)
 
     def add(self, states: np.ndarray, origin, group, value) -> bool:
@@ -143,25 +151,33 @@ class _Classes:
         first[refined[::-1]] = np.arange(num_groups)[::-1]  # the first group of each refined class
         row_of = np.zeros(int(states.max()) + 1, dtype=np.int64)
         row_of[states] = np.arange(len(states))
-        row = row_of[origin]
-        rows = np.full((len(states), len(first)), -1, dtype=np.int64)  # (batch, K)
-        is_first = first[refined[group]] == group
-        rows[row[is_first], refined[group[is_first]]] = value[is_first]
+        row, column = row_of[origin], refined[group]
+        rows = np.full((len(states), len(first)), -1, dtype=value.dtype)  # (batch, K), for the check only
+        is_first = first[column] == group
+        rows[row[is_first], column[is_first]] = value[is_first]
         live = np.bincount(group, minlength=num_groups)
         if not (np.array_equal(live, live[first][refined])
                 and np.array_equal(self.group_class[first][refined], self.group_class)
-                and np.array_equal(rows[row, refined[group]], value)):
+                and np.array_equal(rows[row, column], value)):
             return False  # two groups shared a signature but not their findings: not expected of 64-bit sums
-        self.done.append((states, rows, refined))
+        self.done.append(((origin[is_first], column[is_first], value[is_first]), refined))
         self.group_class = refined
         return True
 
-    def final_rows(self):
-        """Per batch: (states, (n, K) values or -1 in the final classes)."""
+    def final_entries(self):
+        """Per batch: its findings (origin, class, value) in the final classes (a class then stands for each
+        final class it split into)."""
         first = np.zeros(self.group_class.max() + 1, dtype=np.int64)
         first[self.group_class[::-1]] = np.arange(len(self.group_class))[::-1]
-        for states, rows, then in self.done:
-            yield states, rows[:, then[first]]
+        for (origin, column, value), then in self.done:
+            parent = then[first]  # (K,) the class then of each final class
+            order = np.argsort(parent, kind="stable")
+            count = np.bincount(parent, minlength=int(then.max()) + 1)
+            start = np.cumsum(count) - count
+            repeat = count[column]
+            entry = np.repeat(np.arange(len(column)), repeat)
+            offset = np.arange(int(repeat.sum())) - np.repeat(np.cumsum(repeat) - repeat, repeat)
+            yield origin[entry], order[start[column][entry] + offset], value[entry]
 
 
 def _batches(pairs, limit: int):
@@ -178,10 +194,9 @@ def _batches(pairs, limit: int):
         yield tuple(a[part] for a in pairs)
 
 
-def token_table(byte_table: np.ndarray, byte_class: np.ndarray, spellings: list[bytes]
-                ) -> tuple[np.ndarray, np.ndarray] | None:
-    """Steps 2-4: ((S, K) int32 next state per class, -1 = not allowed; (G,) the class of each group), or None
-    if the exact check fails."""
+def token_table(byte_table: np.ndarray, byte_class: np.ndarray, spellings: list[bytes]) -> tuple | None:
+    """Steps 2-4: ((state, class, next state) int32 arrays, one entry per allowed (state, class), in no order;
+    the number of classes K; (G,) the class of each group), or None if the exact check fails."""
     walk = _Walk(byte_table, byte_class, spellings)
     num_states = byte_table.shape[0]
     shift, level = shift_map(walk.columns)
@@ -191,12 +206,13 @@ def token_table(byte_table: np.ndarray, byte_class: np.ndarray, spellings: list[
     is_shift = np.zeros(num_states, dtype=bool)
     is_shift[shift[carry]] = True
     base = np.flatnonzero(~is_shift).astype(np.int32)
+    base = np.concatenate([base[~carry[base]], base[carry[base]]])  # batches without a chain need no levels
     dying, waves = [], []
     lo, chunk = 0, max(1, _PAIRS_PER_CHUNK // len(walk.label))
     while lo < len(base):  # the states walked in full
         states = base[lo:lo + chunk]
-        found, died = walk.walk(states, np.zeros(len(states), dtype=np.int32), states,
-                                np.full(len(states), _NO_STATE_YET, dtype=np.int64), level, carry)
+        low = np.full(len(states), _NO_STATE_YET, dtype=np.int64) if carry[states].any() else None
+        found, died = walk.walk(states, np.zeros(len(states), dtype=np.int32), states, low, level, carry)
         if not _add(classes, states, found, level):
             return None
         dying.append(died)
@@ -216,9 +232,9 @@ def token_table(byte_table: np.ndarray, byte_class: np.ndarray, spellings: list[
             died.append(more)
             fan_out = max(1, len(found[0]) // len(batch[0]))
         dying = [np.concatenate(part) for part in zip(*died)]
-        waves.append((parents, shift[parents], len(classes.done) - batches))
+        waves.append(len(classes.done) - batches)  # the batches of this chain level
         parents = shift[parents][carry[shift[parents]]]
-    return _assemble(classes, waves, shift)
+    return _assemble(classes, waves, shift), int(classes.group_class.max()) + 1, classes.group_class
 
 
 def _add(classes: _Classes, states: np.ndarray, found, level: np.ndarray) -> bool:
@@ -226,33 +242,33 @@ def _add(classes: _Classes, states: np.ndarray, found, level: np.ndarray) -> boo
     as far as the origin's own level (the chain above the origin is all a level is used for)."""
     origin, group, end, low = found
     value = (end.astype(np.int64) + 1) << classes.bits | np.minimum(low, level[origin])
+    value = value.astype(classes.value_type)
     return classes.add(states, origin, group, value)
 
 
-def _assemble(classes: _Classes, waves: list, shift: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The table in the final classes: the walked rows, then each chain level from the one below (a token alive
-    from p with lowest level >= 1 ends at the shift of its end from p, else at that end; the level drops by one),
-    under the frontier's own findings. No two classes end alike everywhere: two groups whose lowest levels differ
-    from p (both at most p's level) end at different shifts of the same state from the chain above p."""
+def _concat(parts: list) -> tuple:
+    parts = [p for p in parts if len(p[0])]
+    if not parts:
+        return tuple(np.zeros(0, dtype=np.int64) for _ in range(3))
+    return tuple(np.concatenate([p[i] for p in parts]) for i in range(3))
+
+
+def _assemble(classes: _Classes, waves: list, shift: np.ndarray) -> tuple:
+    """The table's entries in the final classes, (state, class, next state): the walked states' findings, then
+    each chain level from the one below (a token alive from p with lowest level >= 1 ends at the shift of its end
+    from p, else at that end; the level drops by one) beside the frontier's own findings, which are for classes
+    dead from p. No two classes end alike everywhere: two groups whose lowest levels differ from p (both at most
+    p's level) end at different shifts of the same state from the chain above p."""
     bits, carry = classes.bits, shift >= 0
-    table = np.full((len(shift), int(classes.group_class.max()) + 1), -1, dtype=np.int32)
-    low_row = np.cumsum(carry) - 1  # the row in `lows` of a state that has a shift
-    lows = np.zeros((int(carry.sum()), table.shape[1]), dtype=np.int32)
-
-    def put(states, values, over):
-        alive = values >= 0
-        table[states] = np.where(alive, (values >> bits) - 1, table[states] if over else -1)
-        keep = carry[states]
-        lows[low_row[states[keep]]] = np.where(alive[keep], values[keep] & ((1 << bits) - 1), lows[low_row[states[keep]]])
-
-    batches = classes.final_rows()
-    for states, values in itertools.islice(batches, classes.walked):
-        put(states, values, over=False)
-    for parents, children, count in waves:
-        end, low = table[parents], lows[low_row[parents]]
-        table[children] = np.where(low >= 1, shift[np.maximum(end, 0)], end) * (end >= 0) - (end < 0)
-        keep = carry[children]
-        lows[low_row[children[keep]]] = np.maximum(low[keep] - 1, 0)
-        for states, values in itertools.islice(batches, count):
-            put(states, values, over=True)
-    return table, classes.group_class
+    batches = classes.final_entries()
+    level = _concat([next(batches) for _ in range(classes.walked)])
+    out = []
+    for count in waves:
+        out.append(level)
+        origin, column, value = (a[carry[level[0]]] for a in level)  # the entries of this wave's parents
+        end, low = (value >> bits) - 1, value & ((1 << bits) - 1)
+        end = np.where(low >= 1, shift[end], end)
+        derived = (shift[origin], column, ((end + 1) << bits) | np.maximum(low - 1, 0))
+        level = _concat([derived, *(next(batches) for _ in range(count))])
+    state, column, value = _concat(out + [level])
+    return state.astype(np.int32), column.astype(np.int32), ((value >> bits) - 1).astype(np.int32)
