@@ -148,13 +148,15 @@ def solve(scores: ClassScores, start_state: int | None = None, hard: torch.Tenso
         score[:first + 1] = scores.forward[3][:first + 1]
     scores.forward = (start, done_from, best_np, score)
     into, value = np.empty(len(fwd.src)), np.empty(len(fwd.src))  # (P',)
-    done = fwd.internal[constraint.done_state]
+    blocks = [(into[slot:slot + width * count].reshape(width, count), lo, lo + count)  # (width, count) views
+              for slot, width, count, lo in fwd.groups]
+    take, reduce, done = np.take, np.maximum.reduce, fwd.internal[constraint.done_state]
     for c in range(first, canvas_length):
-        np.take(score[c], fwd.src, out=into)
-        into += np.take(set_value[c], fwd.set, out=value)
+        take(score[c], fwd.src, out=into)
+        into += take(set_value[c], fwd.set, out=value)
         row = score[c + 1]
-        for slot, width, count, lo in fwd.groups:
-            np.maximum.reduce(into[slot:slot + width * count].reshape(width, count), axis=0, out=row[lo:lo + count])
+        for block, lo, hi in blocks:
+            reduce(block, axis=0, out=row[lo:hi])
         if done_from is not None and c + 1 >= done_from:  # past the budget: only DONE
             done_score = row[done]
             row[:] = -np.inf
