@@ -198,8 +198,14 @@ def test_compile_limits(vocab):
         Constraint.from_regex("(a|b)*a(a|b){16}", vocab, limits=CompileLimits(timeout_s=0.5, max_states=10**7))
     with pytest.raises(ConstraintError, match="memory limit 100 MiB"):
         Constraint.from_regex(exploding, vocab, limits=CompileLimits(max_states=10**6, max_memory_mb=100))
+    with pytest.raises(ConstraintError, match=r"token table needs 2 MiB \(7,502 states x 69 token classes\), more "
+                                              r"than the limit of 1 MiB"):
+        Constraint.from_regex("\\d{1,300}", vocab, limits=CompileLimits(max_table_mb=1))
+    assert Constraint.from_regex("\\d{1,300}", vocab).nbytes < 3 * 2**20  # int32 tables: 2 MiB under the default
     with pytest.raises(ValueError):
         CompileLimits(max_states=0)
+    with pytest.raises(ValueError):
+        CompileLimits(max_table_mb=0)
 
 
 def test_a_tagged_union_is_a_oneof_every_output_meets(vocab):

@@ -54,14 +54,17 @@ class CompileLimits:
     max_states: states of the pattern's minimized DFA (JSON-object mode needs 294).
     timeout_s: wall time of the compiling child process.
     max_memory_mb: address space of the child (a DFA can grow exponentially with the pattern).
+    max_table_mb: the token table this process keeps, states x token classes x 4 bytes (JSONSchemaBench's largest
+    within 100,000 states, Snowplow sp_334: 55,026 x 1,300, 273 MiB).
     """
 
-    max_states: int = 50_000
+    max_states: int = 100_000
     timeout_s: float = 60.0
     max_memory_mb: int = 8192
+    max_table_mb: int = 512
 
     def __post_init__(self):
-        for name in ("max_states", "timeout_s", "max_memory_mb"):
+        for name in ("max_states", "timeout_s", "max_memory_mb", "max_table_mb"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"CompileLimits.{name} must be positive, got {getattr(self, name)}")
 
@@ -74,8 +77,9 @@ def escape_literal(text: str) -> str:
 class Constraint:
     """Token-level automaton. States are ints in [0, num_states); `done_state` is the state after EOS.
 
-    Tensors (CPU): `token_class` (V,) int32, the class of each token id; `transitions` (S, K) long, the next
-    state per (state, class) or INVALID; `distance` (S,) long, min tokens to a final state; `final` (S,) bool.
+    Tensors (CPU): `token_class` (V,) int32, the class of each token id; `transitions` (S, K) int32 (whatever
+    is given: half the memory of long), the next state per (state, class) or INVALID; `distance` (S,) long, min
+    tokens to a final state; `final` (S,) bool.
     """
 
     def __init__(self, description: str, token_class: torch.Tensor, transitions: torch.Tensor,
@@ -83,7 +87,7 @@ class Constraint:
                  vocabulary: ConstraintVocabulary):
         self.description = description
         self.token_class = token_class
-        self.transitions = transitions
+        self.transitions = transitions.to(torch.int32)
         self.distance = distance
         self.final = final
         self.initial_state = initial_state
@@ -280,11 +284,13 @@ def _bfs(pairs: tuple[np.ndarray, np.ndarray], num_states: int, sources: np.ndar
 
 def _compile(source: dict, vocabulary: ConstraintVocabulary, limits: CompileLimits, description: str
              ) -> Constraint:
-    return from_reply(_run_worker(source, vocabulary, limits, description), vocabulary, description)
+    return from_reply(_run_worker(source, vocabulary, limits, description), vocabulary, description, limits)
 
 
-def from_reply(reply: dict, vocabulary: ConstraintVocabulary, description: str) -> Constraint:
-    """Steps 2-4 in this process, over the child's reply (its arrays as int32 bytes or arrays)."""
+def from_reply(reply: dict, vocabulary: ConstraintVocabulary, description: str,
+               limits: CompileLimits = CompileLimits()) -> Constraint:
+    """Steps 2-4 in this process, over the child's reply (its arrays as int32 bytes or arrays); ConstraintError
+    before the token table is made when it would pass `limits.max_table_mb`."""
     src, cls, dst = (np.frombuffer(reply[key], dtype=np.int32).astype(np.int64) for key in ("state", "class", "next"))
     worker_class = np.frombuffer(reply["token_class"], dtype=np.int32)
     finals = np.asarray(reply["finals"], dtype=np.int64)
@@ -321,7 +327,11 @@ def from_reply(reply: dict, vocabulary: ConstraintVocabulary, description: str) 
     token_class = column_class[worker_class]
     token_class[list(vocabulary.pad_token_ids)] = pad_class
     token_class[list(vocabulary.eos_token_ids)] = eos_class
-    table = np.full((num_live + 1, len(first)), INVALID, dtype=np.int64)  # what the DP reads: (S, K) long
+    table_mb = 4 * (num_live + 1) * len(first) / 2**20
+    if table_mb > limits.max_table_mb:
+        raise ConstraintError(f"{description}: its token table needs {table_mb:,.0f} MiB ({num_live + 1:,} states x "
+                              f"{len(first):,} token classes), more than the limit of {limits.max_table_mb:,} MiB")
+    table = np.full((num_live + 1, len(first)), INVALID, dtype=np.int32)  # (S, K): what the DP reads
     table[src, column_class[cls]] = dst
 
     return Constraint(description, torch.from_numpy(token_class.astype(np.int32)), torch.from_numpy(table),

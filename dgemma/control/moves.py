@@ -20,7 +20,7 @@ class Moves:
         token_class = constraint.token_class.numpy()
         has_tokens = np.bincount(token_class, minlength=table.shape[1]) > 0
         src, cls = np.nonzero((table != INVALID) & has_tokens[None, :])
-        dst = table[src, cls]
+        dst = table[src, cls].astype(np.int64)  # int32 in the table: pair keys pass 2**31
         pair_key, edge_pair = np.unique(dst * num_states + src, return_inverse=True)  # (P,), (E,)
         order = np.argsort(edge_pair.reshape(-1), kind="stable")
         edge_class, edge_pair = cls[order], edge_pair.reshape(-1)[order]  # grouped by pair

@@ -61,7 +61,7 @@ def _build(answer: Constraint, open_id: int, close_id: int) -> Constraint:
     final = answer.final.numpy()
     return Constraint(f"{answer.description} after a thought",
                       torch.from_numpy(token_class.reshape(-1).astype(np.int32)),
-                      torch.from_numpy(np.ascontiguousarray(table).astype(np.int64)),
+                      torch.from_numpy(np.ascontiguousarray(table)),
                       torch.from_numpy(np.concatenate([[start_distance, start_distance + 1], distance])),
                       torch.from_numpy(np.concatenate([[final[answer.initial_state], False], final])),
                       OPEN, answer.done_state + shift, answer.vocabulary)

@@ -21,6 +21,7 @@ COMPILE_FLAGS = {
     "compile_timeout": "seconds one constraint may take to compile, then the request gets 400",
     "compile_memory_mb": "MiB of address space one compile may take, then the request gets 400",
     "compile_max_states": "states of one constraint's automaton; more is a 400",
+    "compile_max_table_mb": "MiB of one constraint's token table (states x token classes x 4 bytes); more is a 400",
 }
 
 
@@ -59,7 +60,7 @@ class ServerLimits:
 @dataclass(frozen=True)
 class CompileSettings:
     """The server's bounds on constraint compiles: the first three configure control/gate.py's CompileGate, the
-    last three are control/constraint.py's CompileLimits. The defaults are theirs, written here so that --help
+    last four are control/constraint.py's CompileLimits. The defaults are theirs, written here so that --help
     imports no torch (tests/test_server_limits.py checks that they agree)."""
 
     max_compiles: int = 2
@@ -67,7 +68,8 @@ class CompileSettings:
     compile_wait: float = 5.0
     compile_timeout: float = 60.0
     compile_memory_mb: int = 8192
-    compile_max_states: int = 50_000
+    compile_max_states: int = 100_000
+    compile_max_table_mb: int = 512
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -89,4 +91,4 @@ class CompileSettings:
         from ..control import CompileLimits
 
         return CompileLimits(max_states=self.compile_max_states, timeout_s=self.compile_timeout,
-                             max_memory_mb=self.compile_memory_mb)
+                             max_memory_mb=self.compile_memory_mb, max_table_mb=self.compile_max_table_mb)
