@@ -256,7 +256,8 @@ def _run_worker(source: dict, vocabulary: ConstraintVocabulary, limits: CompileL
 
 def _state_pairs(src: np.ndarray, dst: np.ndarray, num_states: int) -> tuple[np.ndarray, np.ndarray]:
     """The distinct (state, next state) pairs of the table's entries, sorted by state."""
-    codes = np.unique(src * num_states + dst)
+    codes = np.sort(src * num_states + dst)  # sorted, then duplicates dropped: quicker than np.unique here
+    codes = codes[np.append(True, codes[1:] != codes[:-1])] if len(codes) else codes
     return codes // num_states, codes % num_states
 
 

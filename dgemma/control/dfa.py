@@ -38,8 +38,8 @@ def distinct_entry_columns(row: np.ndarray, column: np.ndarray, value: np.ndarra
                            ) -> tuple[np.ndarray, np.ndarray]:
     """distinct_columns of a table given by its set entries (row, column, value), every other entry unset: (first
     column of each distinct column, in order of first appearance; the class of each column). A random-weighted
-    sum and the count per column find them; columns are then compared entry by entry (sorted by row), and on a
-    collision they are compared as a dense table."""
+    sum and the count per column find them; columns found alike are then compared entry by entry (sorted by row),
+    and on a collision the whole table is compared as a dense one."""
     weights = default_rng(0).integers(1, 2**62, size=int(row.max(initial=0)) + 1, dtype=np.int64)
     sums = np.zeros(num_columns, dtype=np.int64)
     np.add.at(sums, column, weights[row] * (value.astype(np.int64) + 2))
@@ -47,9 +47,13 @@ def distinct_entry_columns(row: np.ndarray, column: np.ndarray, value: np.ndarra
     _, first, column_class = np.unique(np.stack([sums, count], axis=1), axis=0, return_index=True,
                                        return_inverse=True)
     column_class = column_class.reshape(-1)
-    order = np.lexsort((row, column))  # the entries column by column, by row
-    start = np.cumsum(count) - count
     other = np.flatnonzero(first[column_class] != np.arange(num_columns))  # columns merged into an earlier one
+    involved = np.zeros(num_columns, dtype=bool)  # those and the columns they merged into: only their entries
+    involved[other] = involved[first[column_class[other]]] = True  # are compared (few, of millions of entries)
+    picked = np.flatnonzero(involved[column])
+    order = picked[np.lexsort((row[picked], column[picked]))]  # their entries column by column, by row
+    count = np.where(involved, count, 0)
+    start = np.cumsum(count) - count
     size = count[other]
     at = np.repeat(start[other] - (np.cumsum(size) - size), size) + np.arange(int(size.sum()))
     rep = np.repeat(start[first[column_class[other]]] - (np.cumsum(size) - size), size) + np.arange(int(size.sum()))
