@@ -1,7 +1,8 @@
 """JSONSchemaBench, answered: for which share of real-world JSON schemas dgemma returns output that validates.
 
     python benchmarks/jsonschemabench_answered.py --data DIR [--per-subset 10] [--max-tokens 512] [--canvas 64]
-        [--steps 8] [--timeout 10] [--subsets Glaiveai2K Kubernetes ...] [--out results.json] [--log progress.jsonl]
+        [--steps 8] [--timeout 10] [--subsets Glaiveai2K Kubernetes ...] [--only Subset/file.json ...]
+        [--out results.json] [--log progress.jsonl]
 
 DIR is the `data/` folder of github.com/guidance-ai/jsonschemabench (fetch it yourself; nothing is downloaded here).
 Each schema goes through dgemma's real path: `Constraint.from_json_schema` under `CompileLimits(timeout_s=--timeout)`,
@@ -23,7 +24,7 @@ Each schema has exactly one outcome:
 INVALID and error outcomes are printed with their file names. llguidance's compile rate on the same files
 (`LLMatcher(tokenizer, grammar_from_json_schema(schema))` without error, as jsonschemabench.py counts it) is printed
 beside, when llguidance is installed, then the p50 seconds of compiling and of generating. Files are sampled as jsonschemabench.py samples them (seed 0, --per-subset per
-subset, the same files for the same size; 0 = all), and a schema runs in a worker process that is killed (outcome
+subset, the same files for the same size; 0 = all; --only names files instead), and a schema runs in a worker process that is killed (outcome
 error) if one schema takes longer than --timeout + 300 s in all.
 """
 
@@ -136,7 +137,8 @@ class Answerer:
 def compile_outcome(message: str) -> str:
     if "took longer than the limit" in message:
         return "timeout"
-    if any(k in message for k in ("regex passes the limit", "automaton states, more than", "memory limit")):
+    if any(k in message for k in ("regex passes the limit", "automaton states, more than", "memory limit",
+                                  "token table needs")):
         return "too big"
     return "refused"
 
@@ -167,6 +169,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--timeout", type=float, default=10.0)
     parser.add_argument("--subsets", nargs="*")
+    parser.add_argument("--only", nargs="+", help="answer these files (Subset/name.json) instead of a sample")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--log", type=Path, help="append one JSON line per schema as it finishes")
     parser.add_argument("--worker", action="store_true")
@@ -179,13 +182,18 @@ def main() -> None:
     pool = Pool([sys.executable, __file__, "--worker", "--tokenizer", str(tokenizer_file)] + sys.argv[1:],
                 args.timeout + 300)
     subsets = args.subsets or sorted(p.name for p in args.data.iterdir() if p.is_dir())
+    chosen = collections.defaultdict(list)  # --only: subset -> its files
+    for name in args.only or []:
+        subset, _, file = name.partition("/")
+        chosen[subset].append(args.data / subset / file)
     print(f"vocab {args.vocab}, max_tokens {args.max_tokens}, canvas {args.canvas}, steps {args.steps}, "
           f"compile limit {args.timeout:g} s, per subset {args.per_subset or 'all'} (seed 0)")
     print(f"{'subset':16} {'files':>6} {'sample':>6} " + " ".join(f"{o:>7}" for o in OUTCOMES) +
           f" {'answered':>9} {'llg':>6} {'compile':>8} {'generate':>8}")
     report, bugs = {}, []
-    for subset in subsets:
-        paths, total = sample(args.data, subset, args.per_subset)
+    for subset in chosen or subsets:
+        paths, total = (chosen[subset], len(list((args.data / subset).glob("*.json")))) if chosen else \
+            sample(args.data, subset, args.per_subset)
         results = []
         for path in paths:
             results.append(pool.run(path))
