@@ -495,11 +495,10 @@ def test_a_valid_draw_is_kept_and_an_invalid_one_projected(tokenizer, vocab):
     assert _constrain(state, 0, probs, None, accepted)[1].tolist() == [a, b, a, eos]  # greedy: the argmax
 
 
-def test_solves_that_share_a_read_equal_solves_on_their_own_read(vocab):
-    """The step solves twice on one read of a row's probabilities (the argmax, then the draws preferred); the second
-    solve starts its forward pass where its steered scores first differ from the first's. Each answer equals the
-    same solve on a fresh read."""
-    from dgemma.control.dp import class_scores, completable_states, solve
+def test_lanes_of_one_forward_pass_equal_solves_on_their_own(vocab):
+    """A sampled step solves for the argmax and for the draws preferred as two lanes of one forward pass
+    (solve_each); each lane's answer equals the same solve alone, on a fresh read."""
+    from dgemma.control.dp import class_scores, completable_states, solve, solve_each
 
     c = Constraint.from_json_schema(PERSON, vocab)
     C_ = 40
@@ -513,7 +512,8 @@ def test_solves_that_share_a_read_equal_solves_on_their_own_read(vocab):
             drawn = torch.randint(0, c.vocab_size, (C_,), generator=g)
             prefer = torch.where((torch.arange(C_) >= prefer_from) & (torch.rand(C_, generator=g) < 0.5), drawn, -1)
             for hard in (None, held):
-                got = solve(read, None, hard=hard, prefer=prefer, end_states=ends)
-                want = solve(class_scores(probs, c, probs=True), None, hard=hard, prefer=prefer, end_states=ends)
-                assert torch.equal(got.tokens, want.tokens) and torch.equal(got.states, want.states)
-                assert got.log_prob == want.log_prob
+                lanes = solve_each(read, [None, prefer, prefer], None, hard, ends)
+                for got, steer in zip(lanes, (None, prefer, prefer)):
+                    want = solve(class_scores(probs, c, probs=True), None, hard=hard, prefer=steer, end_states=ends)
+                    assert torch.equal(got.tokens, want.tokens) and torch.equal(got.states, want.states)
+                    assert got.log_prob == want.log_prob

@@ -106,6 +106,32 @@ class Forward:
             self.groups.append((slot, w, count, first))
             slot, first = slot + w * count, first + count
         self.pair_src = self.internal[moves.pair_src]  # (P,) new source state of each pair (step 5)
+        self.num_states = num_states
+
+    def run(self, set_value: np.ndarray, start: int, done: int, done_from: int | None) -> np.ndarray:
+        """Step 3 for L lanes at once: score (C+1, S+1, L), the best score of reaching each (renumbered) state
+        after each position from `start` (old numbering), given each class set's value per position and lane
+        set_value (C, Q, L); from position `done_from` on only `done` (old numbering) stays reachable. Lanes
+        share every gather's indices, so a second lane costs far less than a second pass."""
+        canvas_length, _, lanes = set_value.shape
+        score = np.full((canvas_length + 1, self.num_states + 1, lanes), -np.inf, set_value.dtype)
+        score[0, self.internal[start]] = 0.0
+        into = np.empty((len(self.src), lanes), set_value.dtype)  # (P', L)
+        value = np.empty_like(into)
+        blocks = [(into[slot:slot + width * count].reshape(width, count, lanes), lo, lo + count)
+                  for slot, width, count, lo in self.groups]  # (width, count, L) views
+        take, reduce, done = np.take, np.maximum.reduce, self.internal[done]
+        for c in range(canvas_length):
+            take(score[c], self.src, axis=0, out=into)
+            into += take(set_value[c], self.set, axis=0, out=value)
+            row = score[c + 1]
+            for block, lo, hi in blocks:
+                reduce(block, axis=0, out=row[lo:hi])
+            if done_from is not None and c + 1 >= done_from:  # past the budget: only DONE
+                done_score = row[done].copy()
+                row[:] = -np.inf
+                row[done] = done_score
+        return score
 
 
 GROUP_COST = 1024  # a group's reduction call, in gathered elements
