@@ -65,6 +65,11 @@ OVERLAPPING = [
     # a member compared as written: its not takes the string away
     {"type": ["string", "integer"], "maxLength": 3, "minimum": 0, "maximum": 9,
      "oneOf": [{"not": {"type": "string"}}, {"type": "string"}]},
+    # a repository or one disabled name (JSONSchemaBench Github_ultra's composer schemas): apart by how many keys
+    {"oneOf": [{"type": "object", "required": ["type", "url"],
+                "properties": {"type": {"enum": ["vcs", "git"]}, "url": {"type": "string", "maxLength": 8}}},
+               {"type": "object", "additionalProperties": {"type": "boolean", "enum": [False]}, "minProperties": 1,
+                "maxProperties": 1}]},
     # number ranges that cannot meet, draft 4's exclusiveMinimum flag included
     {"$schema": "http://json-schema.org/draft-04/schema#", "type": "number",
      "oneOf": [{"maximum": 2}, {"minimum": 2, "exclusiveMinimum": True, "maximum": 9}]},

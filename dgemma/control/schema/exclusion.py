@@ -170,9 +170,26 @@ def _plain_excludes(w, a: dict, b: dict, depth: int) -> bool:
         return _disjoint_numbers(a, b)
     if emitted == {"array"}:
         return _disjoint_counts(a, b, "minItems", "maxItems")
-    if emitted != {"object"} or not ("properties" in a or "required" in a):
+    if emitted != {"object"}:
         return False
-    return _objects_apart(w, a, b, depth)
+    low, high = _property_counts(a)
+    b_low, b_high = _span(b, "minProperties", "maxProperties")
+    if high < max(b_low, len(_names(b.get("required")))) or low > b_high:  # b wants more or fewer keys
+        return True
+    return ("properties" in a or "required" in a) and _objects_apart(w, a, b, depth)
+
+
+def _names(required) -> set[str]:
+    return {r for r in required if isinstance(r, str)} if isinstance(required, list) else set()
+
+
+def _property_counts(a: dict) -> tuple[int, float]:
+    """The fewest and the most distinct keys of an object written for `a`: with listed properties only those
+    (containers.py), at least the required ones; free keys may repeat, so only one of them counts for sure."""
+    low, high = _span(a, "minProperties", "maxProperties")
+    if "properties" in a or "required" in a:
+        return max(low, len(_names(a.get("required")))), min(high, len(_listed(a)))
+    return min(low, 1), high
 
 
 def _objects_apart(w, a: dict, b: dict, depth: int) -> bool:
