@@ -22,7 +22,7 @@ SCHEMAS = [
      "oneOf": [{"$ref": "#/definitions/repository"}, {"type": "boolean", "enum": [False]}]},
     # string enums that share no value: both written
     {"oneOf": [{"type": "string", "enum": ["all", "whitelist", "blacklist"]}, {"type": "string", "enum": ["none"]}]},
-    # the integers overlap the enum's 5, so both are left out; the string enum is kept
+    # the integers overlap the enum's 5: the integers are written less 5, the enum is left out (5 matches both)
     {"oneOf": [{"type": "string", "enum": ["x", "y"]}, {"type": "integer", "minimum": 0, "maximum": 9},
                {"enum": [5]}]},
     # tagged objects (const tags) and null
@@ -99,7 +99,7 @@ def test_what_is_written_and_left_out():
     enums = schema_to_regex(SCHEMAS[1])
     assert all(word in enums for word in ("whitelist", "none"))
     mixed = schema_to_regex(SCHEMAS[2])
-    assert 'x' in mixed and not any(d in mixed for d in "0123456789")
+    assert 'x' in mixed and "[0-4]" in mixed and "5" not in mixed
 
 
 @pytest.mark.parametrize("schema", OVERLAPPING, ids=range(len(OVERLAPPING)))
@@ -206,6 +206,12 @@ NEGATIONS = [
     {"enum": ["red", "green", 1, 1.5], "not": {"enum": ["green", 1.0]}},
     {"anyOf": [{"type": "integer", "minimum": 0, "maximum": 5}, {"type": "string", "maxLength": 2}],
      "not": {"type": "string"}},
+    # values left out of a node without finite values (JSONSchemaBench Github_hard o83707, o57622): strings that
+    # are none of them, integers in the gaps, the other boolean
+    {"type": "string", "maxLength": 3, "not": {"enum": ["a", "ab", "a.b", "", "\\", "[x]"]}},
+    {"type": "integer", "minimum": 1, "maximum": 9, "not": {"enum": [1, 3, 4.0, 9]}},
+    {"type": ["string", "integer", "boolean", "null"], "minLength": 1, "maxLength": 2,
+     "not": {"enum": ["b", 0, True, None]}},
 ]
 
 
@@ -218,9 +224,26 @@ def test_not_in_the_forms_a_regex_can_honour(schema):
         checker.validate(json.loads(sample(regex, rng, decode=False)))
 
 
+def test_a_string_less_some_values_is_exactly_the_other_strings():
+    """The pattern written for a string that is none of some words (under minLength/maxLength) takes every other
+    string of those lengths: checked over all strings of up to 4 characters of an alphabet that holds the words'
+    characters, JSON's escapes and the pattern's special characters."""
+    import itertools
+    import re
+
+    from dgemma.control.schema.negation import _differing
+
+    for words, low, high in ((["ab", "abc", "b"], 1, 3), (["", "a.b", "-"], 0, None), (["a\\b", "[x]", "^"], 1, 4)):
+        pattern = re.compile(_differing(words, low, high))
+        for n in range(5):
+            for text in map("".join, itertools.product('ab.-x"\\[]^\n', repeat=n)):
+                assert bool(pattern.fullmatch(text)) == (low <= len(text) <= (high or n) and text not in words)
+
+
 def test_other_forms_of_not_are_refused_by_name():
     for schema in ({"type": "string", "not": {"pattern": "^a"}}, {"type": "number", "not": {"type": "integer"}},
-                   {"type": "string", "not": {"enum": ["a"]}}):
+                   {"type": "number", "not": {"enum": [1]}}, {"type": "string", "pattern": "^[ab]$",
+                                                               "not": {"enum": ["a"]}}):
         with pytest.raises(SchemaError, match="'not'"):
             schema_to_regex(schema)
     with pytest.raises(SchemaError, match="no JSON value"):

@@ -29,6 +29,19 @@ TYPE_KEYWORDS = {
 TYPES = ("null", "boolean", "object", "array", "string", "number", "integer")
 
 
+def json_types(value) -> set[str]:
+    """The JSON Schema types a JSON value has (an integral number is both integer and number)."""
+    if value is None:
+        return {"null"}
+    if isinstance(value, bool):
+        return {"boolean"}
+    if isinstance(value, int) or (isinstance(value, float) and value.is_integer()):
+        return {"integer", "number"}
+    if isinstance(value, float):
+        return {"number"}
+    return {"string" if isinstance(value, str) else "array" if isinstance(value, list) else "object"}
+
+
 class SchemaError(DgemmaError, ValueError):
     """The schema is invalid or uses something we cannot enforce; the message names it and where."""
 

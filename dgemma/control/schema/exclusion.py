@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 
-from .base import VALIDATION, Empty, SchemaError, canonical, finite_values
+from .base import VALIDATION, Empty, SchemaError, canonical, finite_values, json_types
 from .combine import merge
 from .numbers import bounds
 
@@ -20,18 +20,6 @@ DEPTH = 3  # how deep excludes compares the values of a key both members require
 def absent(sub) -> bool:
     """Whether a property schema admits no value (false, or an allOf with false: how narrowing drops a key)."""
     return sub is False or (isinstance(sub, dict) and isinstance(sub.get("allOf"), list) and False in sub["allOf"])
-
-
-def _json_types(value) -> set[str]:
-    if value is None:
-        return {"null"}
-    if isinstance(value, bool):
-        return {"boolean"}
-    if isinstance(value, int) or (isinstance(value, float) and value.is_integer()):
-        return {"integer", "number"}
-    if isinstance(value, float):
-        return {"number"}
-    return {"string" if isinstance(value, str) else "array" if isinstance(value, list) else "object"}
 
 
 def _values(w, sub) -> list | None:
@@ -54,7 +42,7 @@ def _emitted(w, a: dict) -> set[str]:
     """The JSON types of the values written for `a` (integer and number both named when either is)."""
     values = finite_values(a)
     if values is not None:
-        kinds = set().union(*(_json_types(v) for v in values))
+        kinds = set().union(*(json_types(v) for v in values))
     else:
         kinds = set(w.types(a, ""))
     if kinds & {"integer", "number"}:

@@ -6,7 +6,9 @@ negated schema, or refused.
 - `not: {"type": T}`: the node's types less T (less `integer` too when T holds `number`);
 - `not: {"required": [k, ...]}`: an object (only objects can fail `required`) that never writes the last of those
   keys the node does not itself require;
-- `not: {"enum": [...]}` / `not: {"const": v}` on a node with finite values: those values less the negated ones;
+- `not: {"enum": [...]}` / `not: {"const": v}`: on a node with finite values, those values less the negated ones;
+  otherwise each type of the node less the negated values of that type: a string not among them (a pattern that
+  spells the strings that differ from each), integers in the gaps between them, the other boolean;
 - `not: {"anyOf": [A, B, ...]}` (how two `not`s merge): not A, then not B, ... in these same forms;
 - `not` with keywords that hold apart (`{"type": "object", "required": [k]}`): (not type) or (not required), each
   in these same forms, as an anyOf;
@@ -17,7 +19,8 @@ Any other form is refused by name.
 
 from __future__ import annotations
 
-from .base import VALIDATION, Empty, SchemaError, canonical, finite_values
+from .base import VALIDATION, Empty, SchemaError, canonical, finite_values, json_types
+from .combine import merge
 
 
 # keywords that are read together (one qualifies another); any other validation keyword holds on its own
@@ -51,7 +54,7 @@ def without_not(w, node: dict, path: str) -> dict:
     if words == {"required"} and isinstance(negated["required"], list):
         return _lacking(w, rest, negated["required"], path)
     if words <= {"enum", "const"}:
-        return _other_values(rest, negated, path)
+        return _other_values(w, rest, negated, path)
     if words == {"anyOf"} and isinstance(negated["anyOf"], list) and negated["anyOf"]:
         for member in negated["anyOf"]:
             rest = without_not(w, {**rest, "not": member}, path)
@@ -85,21 +88,90 @@ def _lacking(w, rest: dict, keys: list, path: str) -> dict:
     return {**rest, "type": "object", "properties": properties}
 
 
-def _other_values(rest: dict, negated: dict, path: str) -> dict:
-    values = finite_values(rest)
-    if values is None:
-        raise SchemaError(f"{path}: unsupported JSON schema feature 'not' (with enum or const, on a node without "
-                          "its own enum or const)")
+def _other_values(w, rest: dict, negated: dict, path: str) -> dict:
     banned = negated.get("enum", [])
     if not isinstance(banned, list):
         raise SchemaError(f"{path}/not/enum: must be a list")
     banned = banned + ([negated["const"]] if "const" in negated else [])
+    values = finite_values(rest)
+    if values is None:
+        return _each_type_less(w, rest, banned, path)
     banned_keys = {canonical(v) for v in banned}
     kept = [v for v in values if canonical(v) not in banned_keys]
     if not kept:
         raise Empty
     out = {k: v for k, v in rest.items() if k not in ("enum", "const")}
     return {**out, "enum": kept}
+
+
+def _each_type_less(w, rest: dict, banned: list, path: str) -> dict:
+    """A node without finite values, less `banned`: an anyOf over its types, each less the banned values it holds."""
+    members = []
+    for kind in w.types(rest, path):
+        mine = [v for v in banned if kind in json_types(v)]
+        node = {**rest, "type": kind}
+        if not mine:
+            members.append(node)
+        elif kind == "boolean":
+            members += [{**node, "enum": [b]} for b in (False, True) if b not in mine]
+        elif kind == "integer":
+            members += _gaps(node, sorted({int(v) for v in mine}), path)
+        elif kind == "string" and "pattern" not in rest and rest.get("format") is None:
+            low, high = w.count(rest, "minLength", path, 0), w.count(rest, "maxLength", path)
+            lengths = {"minLength", "maxLength"}
+            members.append({**{k: v for k, v in node.items() if k not in lengths},  # the pattern holds them
+                            "pattern": "^" + _differing(mine, low, high) + "$"})
+        elif kind != "null":
+            raise SchemaError(f"{path}: unsupported JSON schema feature 'not' (with enum or const, on a {kind}"
+                              f"{' with a pattern or format' if kind == 'string' else ''})")
+    if not members:
+        raise Empty
+    return members[0] if len(members) == 1 else {"anyOf": members}
+
+
+def _gaps(node: dict, points: list[int], path: str) -> list[dict]:
+    """The node's integers between the points (sorted, distinct), a member a gap."""
+    members = []
+    for low, high in zip([None] + [p + 1 for p in points], [p - 1 for p in points] + [None]):
+        bound = {**({} if low is None else {"minimum": low}), **({} if high is None else {"maximum": high})}
+        try:
+            members.append(merge(node, bound, path))
+        except Empty:
+            pass
+    return members
+
+
+_SPECIAL = set("\\^$.|?*+()[]{}/-")
+
+
+def _differing(words: list[str], low: int, high: int | None) -> str:
+    """An ECMA-262 pattern body (without anchors) for the strings of low to high characters (high None: no bound)
+    that are none of `words`: down their trie, a string ends where no word does, or leaves the trie by a character
+    no word has there (then anything may follow), or goes on into a child."""
+    trie: dict = {}
+    for word in words:
+        node = trie
+        for char in word:
+            node = node.setdefault(char, {})
+        node[""] = {}  # a word ends here
+
+    def body(node: dict, depth: int) -> str | None:  # None: no string goes on from here
+        options = [] if "" in node or depth < low else [""]
+        if high is None or depth < high:
+            chars = sorted(c for c in node if c)
+            tail = f"[\\s\\S]{{{max(low - depth - 1, 0)},{'' if high is None else high - depth - 1}}}"
+            escaped = "".join("\\" + c if c in _SPECIAL else c for c in chars)
+            options.append(f"[^{escaped}]{tail}" if chars else f"[\\s\\S]{tail}")
+            for c in chars:
+                rest = body(node[c], depth + 1)
+                if rest is not None:
+                    options.append(("\\" + c if c in _SPECIAL else c) + rest)
+        return "(?:" + "|".join(options) + ")" if options else None
+
+    pattern = body(trie, 0)
+    if pattern is None:
+        raise Empty
+    return pattern
 
 
 def _failing_property(w, rest: dict, properties: dict, path: str) -> dict:
