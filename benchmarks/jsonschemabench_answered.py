@@ -187,7 +187,8 @@ def main() -> None:
         subset, _, file = name.partition("/")
         chosen[subset].append(args.data / subset / file)
     print(f"vocab {args.vocab}, max_tokens {args.max_tokens}, canvas {args.canvas}, steps {args.steps}, "
-          f"compile limit {args.timeout:g} s, per subset {args.per_subset or 'all'} (seed 0)")
+          f"compile limit {args.timeout:g} s, " +
+          (f"{len(args.only)} named files" if chosen else f"per subset {args.per_subset or 'all'} (seed 0)"))
     print(f"{'subset':16} {'files':>6} {'sample':>6} " + " ".join(f"{o:>7}" for o in OUTCOMES) +
           f" {'answered':>9} {'llg':>6} {'compile':>8} {'generate':>8}")
     report, bugs = {}, []
