@@ -103,3 +103,28 @@ def test_the_constraint_cache_is_a_bounded_lru(vocab):
     first = Constraint.from_regex("a+", small)
     Constraint.from_regex("b+", small)
     assert len(small.cache) == 1 and Constraint.from_regex("a+", small) is not first  # evicted, compiled again
+
+
+def test_a_schema_past_the_state_limit_is_written_again_with_half_the_caps(vocab):
+    """Caps multiply where arrays and strings nest (Snowplow sp_202: 187,876 states). Past max_states the compile
+    child writes the schema again with half the length and item caps, shorter strings and arrays that are still
+    valid, at most twice; then the state limit's 400 stands."""
+    import json
+
+    import jsonschema
+
+    from dgemma.control.dp import best_valid_tokens
+
+    from .test_control import random_log_probs, text_of
+
+    schema = {"type": "array", "maxItems": 100, "items": {"type": "string", "maxLength": 100}}
+    assert Constraint.from_json_schema(schema, vocab).num_states > 10_000  # caps 64 and 16
+    narrower = Constraint.from_json_schema(schema, vocab, limits=CompileLimits(max_states=5_000))  # 32 and 8
+    assert 1_000 < narrower.num_states <= 5_001
+    for seed in range(4):
+        tokens = best_valid_tokens(random_log_probs(seed, 320, narrower.vocab_size), narrower, tokens_after=0).tokens
+        value = json.loads(text_of(vocab, tokens))
+        jsonschema.validate(value, schema)
+        assert len(value) <= 8 and all(len(item) <= 32 for item in value)
+    with pytest.raises(ConstraintError, match="needs 662 automaton states, more than the limit of 500"):
+        Constraint.from_json_schema(schema, vocab, limits=CompileLimits(max_states=500))  # 16 and 4 still pass it

@@ -17,7 +17,8 @@ walks every token from every state one byte at a time (about 100 s for JSON-obje
 
 The child dies with its parent (a parent-death signal on Linux) and has a CPU-time limit, so a killed server
 leaves nothing running. A JSON schema is turned into its regex here too (dgemma.control.schema), inside the same
-limits, so a huge or deeply nested schema cannot stall the server.
+limits, so a huge or deeply nested schema cannot stall the server; one whose automaton passes max_states is
+written again with half the length and item caps, at most CAP_RETRIES times (compile_schema).
 
 Request: {"regex": str, or "schema": a JSON schema with "schema_limits": SchemaLimits' fields, "token_bytes":
 list[base64 | None] (None: never allowed), "max_states": int, "max_memory_mb": int, "max_cpu_s": int}.
@@ -179,7 +180,8 @@ def compile_regex(regex: str, token_bytes: list, max_states: int) -> dict:
     except ValueError as err:
         return {"error": str(err)}
     if byte_table.shape[0] > max_states:
-        return {"error": f"needs {byte_table.shape[0]} automaton states, more than the limit of {max_states}"}
+        return {"error": f"needs {byte_table.shape[0]} automaton states, more than the limit of {max_states}",
+                "too_many_states": True}
     return token_automaton(byte_table, initial, finals, token_bytes)
 
 
@@ -221,13 +223,33 @@ def _bound_this_process(max_memory_mb: int, max_cpu_s: int) -> None:
         pass
 
 
-def _regex_of(request: dict) -> dict:
-    """{"regex": ...} or {"error": ...} for a request that carries a JSON schema."""
+CAP_RETRIES = 2  # how often a schema whose automaton passes max_states is written again with half the caps
+
+
+def _regex_of(schema, limits: dict) -> dict:
+    """{"regex": ...} or {"error": ...} for a JSON schema under SchemaLimits' fields `limits`."""
     from dgemma.control.schema import SchemaError, SchemaLimits, schema_to_regex
     try:
-        return {"regex": schema_to_regex(request["schema"], limits=SchemaLimits(**request["schema_limits"]))}
+        return {"regex": schema_to_regex(schema, limits=SchemaLimits(**limits))}
     except SchemaError as err:
         return {"error": str(err), "schema_error": True}
+
+
+def compile_schema(request: dict) -> dict:
+    """A schema written and compiled; when its automaton passes max_states, written again with half the length
+    and item caps (SchemaLimits.length_cap, items_cap: shorter strings and arrays, still valid), at most
+    CAP_RETRIES times. Caps multiply where arrays and strings nest: Snowplow sp_202, 64 items of 64-character
+    strings inside 16 items, needs 187,876 states with caps 64 and 16, and 27,220 with 32 and 8."""
+    limits = dict(request["schema_limits"])
+    for retry in range(CAP_RETRIES + 1):
+        reply = _regex_of(request["schema"], limits)
+        if "regex" not in reply:
+            return reply
+        reply = compile_regex(reply["regex"], request["token_bytes"], request["max_states"])
+        if not reply.pop("too_many_states", False) or retry == CAP_RETRIES:
+            return reply
+        limits.update(length_cap=max(1, limits["length_cap"] // 2), items_cap=max(1, limits["items_cap"] // 2))
+    return reply
 
 
 def main() -> None:
@@ -241,9 +263,11 @@ def main() -> None:
     if request.get("ppid") is not None and request["ppid"] != os.getppid():
         return
     request["token_bytes"] = [None if t is None else base64.b64decode(t) for t in request["token_bytes"]]
-    reply = _regex_of(request) if "schema" in request else {"regex": request["regex"]}
-    if "regex" in reply:
-        reply = compile_regex(reply["regex"], request["token_bytes"], request["max_states"])
+    if "schema" in request:
+        reply = compile_schema(request)
+    else:
+        reply = compile_regex(request["regex"], request["token_bytes"], request["max_states"])
+        reply.pop("too_many_states", None)
     arrays = [np.ascontiguousarray(reply.pop(key), dtype=np.int32) for key in ARRAYS if key in reply]
     sys.stdout.buffer.write(json.dumps(reply).encode("utf-8") + b"\n")
     for data in arrays:  # raw, not base64 in JSON
