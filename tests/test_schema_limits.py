@@ -106,9 +106,9 @@ def test_the_constraint_cache_is_a_bounded_lru(vocab):
 
 
 def test_a_schema_past_the_state_limit_is_written_again_with_half_the_caps(vocab):
-    """Caps multiply where arrays and strings nest (Snowplow sp_202: 187,876 states). Past max_states the compile
-    child writes the schema again with half the length and item caps, shorter strings and arrays that are still
-    valid, at most twice; then the state limit's 400 stands."""
+    """Caps multiply where arrays and strings nest (Snowplow sp_202: 187,876 states). Past max_states, or past
+    max_table_mb, the compile child writes the schema again with half the length and item caps, shorter strings
+    and arrays that are still valid, at most twice; then the limit's 400 stands."""
     import json
 
     import jsonschema
@@ -128,3 +128,6 @@ def test_a_schema_past_the_state_limit_is_written_again_with_half_the_caps(vocab
         assert len(value) <= 8 and all(len(item) <= 32 for item in value)
     with pytest.raises(ConstraintError, match="needs 662 automaton states, more than the limit of 500"):
         Constraint.from_json_schema(schema, vocab, limits=CompileLimits(max_states=500))  # 16 and 4 still pass it
+    # the same for a token table past its limit: 10,323 states x 43 classes (1.7 MiB) at caps 64 and 16
+    smaller = Constraint.from_json_schema(schema, vocab, limits=CompileLimits(max_table_mb=1))
+    assert smaller.num_states == narrower.num_states and smaller.transitions.nbytes < 2**20

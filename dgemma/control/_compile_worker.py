@@ -17,11 +17,13 @@ walks every token from every state one byte at a time (about 100 s for JSON-obje
 
 The child dies with its parent (a parent-death signal on Linux) and has a CPU-time limit, so a killed server
 leaves nothing running. A JSON schema is turned into its regex here too (dgemma.control.schema), inside the same
-limits, so a huge or deeply nested schema cannot stall the server; one whose automaton passes max_states is
-written again with half the length and item caps, at most CAP_RETRIES times (compile_schema).
+limits, so a huge or deeply nested schema cannot stall the server; one whose automaton passes max_states (or
+whose table may pass max_table_mb) is written again with half the length and item caps, at most CAP_RETRIES
+times (compile_schema).
 
 Request: {"regex": str, or "schema": a JSON schema with "schema_limits": SchemaLimits' fields, "token_bytes":
-list[base64 | None] (None: never allowed), "max_states": int, "max_memory_mb": int, "max_cpu_s": int}.
+list[base64 | None] (None: never allowed), "max_states": int, "max_table_mb": number, "max_memory_mb": int,
+"max_cpu_s": int}.
 Reply: one line, {"error": str} or {"initial": int, "finals": list[int], "num_states": S, "num_classes": K,
 "num_entries": E}, then for the latter the bytes of int32 arrays: the E allowed (state, class, next state)
 entries of the (S, K) table as three arrays (every other entry is "not allowed"), and the (V,) token_class (K for
@@ -223,7 +225,7 @@ def _bound_this_process(max_memory_mb: int, max_cpu_s: int) -> None:
         pass
 
 
-CAP_RETRIES = 2  # how often a schema whose automaton passes max_states is written again with half the caps
+CAP_RETRIES = 2  # how often a schema past max_states or max_table_mb is written again with half the caps
 
 
 def _regex_of(schema, limits: dict) -> dict:
@@ -236,17 +238,21 @@ def _regex_of(schema, limits: dict) -> dict:
 
 
 def compile_schema(request: dict) -> dict:
-    """A schema written and compiled; when its automaton passes max_states, written again with half the length
-    and item caps (SchemaLimits.length_cap, items_cap: shorter strings and arrays, still valid), at most
-    CAP_RETRIES times. Caps multiply where arrays and strings nest: Snowplow sp_202, 64 items of 64-character
-    strings inside 16 items, needs 187,876 states with caps 64 and 16, and 27,220 with 32 and 8."""
-    limits = dict(request["schema_limits"])
+    """A schema written and compiled; when its automaton passes max_states, or its token table may pass
+    max_table_mb (counted here as (S + 1) x (K + 4) entries, at least what the parent makes of it), written again
+    with half the length and item caps (SchemaLimits.length_cap, items_cap: shorter strings and arrays, still
+    valid), at most CAP_RETRIES times. Caps multiply where arrays and strings nest: Snowplow sp_202, 64 items of
+    64-character strings inside 16 items, needs 187,876 states with caps 64 and 16, and 27,220 with 32 and 8."""
+    limits, last = dict(request["schema_limits"]), None
     for retry in range(CAP_RETRIES + 1):
-        reply = _regex_of(request["schema"], limits)
-        if "regex" not in reply:
-            return reply
-        reply = compile_regex(reply["regex"], request["token_bytes"], request["max_states"])
-        if not reply.pop("too_many_states", False) or retry == CAP_RETRIES:
+        written = _regex_of(request["schema"], limits)
+        if "regex" not in written or written["regex"] == last:  # (a retry that writes the same regex: no cap
+            return written if last is None else reply  # bound anything, so the same automaton again)
+        last = written["regex"]
+        reply = compile_regex(last, request["token_bytes"], request["max_states"])
+        too_big = reply.pop("too_many_states", False) or ("error" not in reply and 4 * (reply["num_states"] + 1) *
+                                                          (reply["num_classes"] + 4) > request["max_table_mb"] * 2**20)
+        if not too_big or retry == CAP_RETRIES:
             return reply
         limits.update(length_cap=max(1, limits["length_cap"] // 2), items_cap=max(1, limits["items_cap"] // 2))
     return reply

@@ -224,6 +224,7 @@ def _run_worker(source: dict, vocabulary: ConstraintVocabulary, limits: CompileL
     """Step 1: the child process, bounded in time, CPU time and memory, and killed with us."""
     token_bytes = [None if t is None else base64.b64encode(t).decode("ascii") for t in vocabulary.token_bytes]
     request = json.dumps({**source, "token_bytes": token_bytes, "max_states": limits.max_states,
+                          "max_table_mb": limits.max_table_mb,
                           "max_memory_mb": limits.max_memory_mb, "max_cpu_s": math.ceil(limits.timeout_s) + 1,
                           "ppid": os.getpid()}).encode("utf-8")
     child = _SPARE.take()
