@@ -23,9 +23,10 @@ Each schema has exactly one outcome:
 - error: any other exception (a bug).
 INVALID and error outcomes are printed with their file names. llguidance's compile rate on the same files
 (`LLMatcher(tokenizer, grammar_from_json_schema(schema))` without error, as jsonschemabench.py counts it) is printed
-beside, when llguidance is installed, then the p50 seconds of compiling and of generating. Files are sampled as jsonschemabench.py samples them (seed 0, --per-subset per
-subset, the same files for the same size; 0 = all; --only names files instead), and a schema runs in a worker process that is killed (outcome
-error) if one schema takes longer than --timeout + 300 s in all.
+beside, when llguidance is installed, then the p50 seconds of compiling and of generating. Files are sampled as
+jsonschemabench.py samples them (seed 0, --per-subset per subset, the same files for the same size; 0 = all;
+--only names files instead), and a schema runs in a worker process that is killed (outcome error) if one schema
+takes longer than --timeout + 300 s in all.
 """
 
 from __future__ import annotations

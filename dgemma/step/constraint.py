@@ -19,7 +19,8 @@ class CanvasConstraint(Protocol):
     end_state: int  # where the last canvas `best` returned leaves the constraint (the next canvas starts there)
 
     def read(self, probs: torch.Tensor) -> object:
-        """One pass over the row's probabilities (C, V) (read, never written); what `best` and `best_and_nearest` take."""
+        """One pass over the row's probabilities (C, V) (read, never written); what `best` and `best_and_nearest`
+        take."""
 
     def best(self, read: object, held: torch.Tensor | None) -> torch.Tensor:
         """The most probable allowed canvas (C,) (CPU), with the held tokens (held (C,), -1: free) in place.
