@@ -47,21 +47,25 @@ def reference_classes(table: np.ndarray, finals: list[int]) -> int:
         part = refined
 
 
-def same_language(a: tuple, b: tuple) -> bool:
-    """Two DFAs (table, initial, finals) accept the same bytes: no reachable pair disagrees on finality."""
-    (ta, ia, fa), (tb, ib, fb) = a, b
-    fa, fb = set(fa), set(fb)
+def _product(a: tuple, b: tuple):
+    """The pairs of states two DFAs (table, initial, finals) reach on the same bytes (-1: dead), from their initial
+    states; a pair of dead states is not followed."""
+    (ta, ia, _), (tb, ib, _) = a, b
     seen, todo = {(ia, ib)}, [(ia, ib)]
     while todo:
         x, y = todo.pop()
-        if (x >= 0 and x in fa) != (y >= 0 and y in fb):
-            return False
+        yield x, y
         for byte in range(256):
             pair = (int(ta[x, byte]) if x >= 0 else -1, int(tb[y, byte]) if y >= 0 else -1)
             if pair != (-1, -1) and pair not in seen:
                 seen.add(pair)
                 todo.append(pair)
-    return True
+
+
+def same_language(a: tuple, b: tuple) -> bool:
+    """Two DFAs accept the same bytes: no reachable pair disagrees on finality."""
+    fa, fb = set(a[2]), set(b[2])
+    return all((x >= 0 and x in fa) == (y >= 0 and y in fb) for x, y in _product(a, b))
 
 
 def check_minimize(regex: str) -> None:
@@ -114,19 +118,8 @@ def accepts(dfa: tuple, text: bytes) -> bool:
 
 def includes(big: tuple, small: tuple) -> bool:
     """Every text `small` accepts, `big` accepts."""
-    (tb, ib, fb), (ts, is_, fs) = big, small
-    fb, fs = set(fb), set(fs)
-    seen, todo = {(ib, is_)}, [(ib, is_)]
-    while todo:
-        x, y = todo.pop()
-        if y in fs and (x < 0 or x not in fb):
-            return False
-        for byte in np.flatnonzero(ts[y] >= 0):
-            pair = (int(tb[x, byte]) if x >= 0 else -1, int(ts[y, byte]))
-            if pair not in seen:
-                seen.add(pair)
-                todo.append(pair)
-    return True
+    fb, fs = set(big[2]), set(small[2])
+    return all(x >= 0 and x in fb for x, y in _product(big, small) if y >= 0 and y in fs)
 
 
 def texts_up_to(length: int):

@@ -120,7 +120,7 @@ class Forward:
         value = np.empty_like(into)
         blocks = [(into[slot:slot + width * count].reshape(width, count, lanes), lo, lo + count)
                   for slot, width, count, lo in self.groups]  # (width, count, L) views
-        take, reduce, done = np.take, np.maximum.reduce, self.internal[done]
+        take, reduce, done_row = np.take, np.maximum.reduce, self.internal[done]
         for c in range(canvas_length):
             take(score[c], self.src, axis=0, out=into)
             into += take(set_value[c], self.set, axis=0, out=value)
@@ -128,9 +128,9 @@ class Forward:
             for block, lo, hi in blocks:
                 reduce(block, axis=0, out=row[lo:hi])
             if done_from is not None and c + 1 >= done_from:  # past the budget: only DONE
-                done_score = row[done].copy()
+                done_score = row[done_row].copy()
                 row[:] = -np.inf
-                row[done] = done_score
+                row[done_row] = done_score
         return score
 
 

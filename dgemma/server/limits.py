@@ -20,8 +20,10 @@ COMPILE_FLAGS = {
     "compile_wait": "seconds a compile waits for a free slot, then the request gets 429 (0: no wait)",
     "compile_timeout": "seconds one constraint may take to compile, then the request gets 400",
     "compile_memory_mb": "MiB of address space one compile may take, then the request gets 400",
-    "compile_max_states": "states of one constraint's automaton; more is a 400",
-    "compile_max_table_mb": "MiB of one constraint's token table (states x token classes x 4 bytes); more is a 400",
+    "compile_max_states": "states of one constraint's automaton; past it a schema is written again with half the "
+                          "length and item caps (twice at most), then the request gets 400",
+    "compile_max_table_mb": "MiB of one constraint's token table (states x token classes x 4 bytes); past it as "
+                            "--compile-max-states",
 }
 
 

@@ -144,6 +144,11 @@ def _gaps(node: dict, points: list[int], path: str) -> list[dict]:
 _SPECIAL = set("\\^$.|?*+()[]{}/-")
 
 
+def _literal(char: str) -> str:
+    """`char` as an ECMA-262 pattern reads it literally, in or out of a class."""
+    return "\\" + char if char in _SPECIAL else char
+
+
 def _differing(words: list[str], low: int, high: int | None) -> str:
     """An ECMA-262 pattern body (without anchors) for the strings of low to high characters (high None: no bound)
     that are none of `words`: down their trie, a string ends where no word does, or leaves the trie by a character
@@ -160,12 +165,11 @@ def _differing(words: list[str], low: int, high: int | None) -> str:
         if high is None or depth < high:
             chars = sorted(c for c in node if c)
             tail = f"[\\s\\S]{{{max(low - depth - 1, 0)},{'' if high is None else high - depth - 1}}}"
-            escaped = "".join("\\" + c if c in _SPECIAL else c for c in chars)
-            options.append(f"[^{escaped}]{tail}" if chars else f"[\\s\\S]{tail}")
+            options.append(f"[^{''.join(map(_literal, chars))}]{tail}" if chars else f"[\\s\\S]{tail}")
             for c in chars:
                 rest = body(node[c], depth + 1)
                 if rest is not None:
-                    options.append(("\\" + c if c in _SPECIAL else c) + rest)
+                    options.append(_literal(c) + rest)
         return "(?:" + "|".join(options) + ")" if options else None
 
     pattern = body(trie, 0)
