@@ -151,11 +151,46 @@ def solve_each(scores: ClassScores, prefers: list, start_state: int | None = Non
     # 2. best class move per (position, class set): a pair's value is its set's
     set_value = np.stack([np.maximum.reduceat(np.take(best, moves.set_members, axis=1), moves.set_start, axis=1)
                           for best, _ in steered], axis=-1)  # (C, Q, L)
-    # 3. forward over positions: each state's best score after each position, every lane at once
-    score = moves.forward.run(set_value, start, constraint.done_state, done_from)  # (C+1, S+1, L)
+    walk = _held_walk(constraint, start, hard, done_from)
+    if len(walk) > 1:  # a held prefix: the pass starts after it, unless some held token has to go
+        try:
+            answers = _answers(scores, moves, steered, set_value, walk, end_states, done_from)
+            if all(bool(((hard < 0) | (a.tokens == hard)).all()) for a in answers):
+                return answers
+        except ConstraintError:
+            pass
+    return _answers(scores, moves, steered, set_value, [start], end_states, done_from)
+
+
+def _held_walk(constraint: Constraint, start: int, hard: torch.Tensor | None, done_from: int | None) -> list[int]:
+    """The states at positions 0..n of the canvas's held prefix (hard >= 0 at positions 0..n-1: pins, the
+    settled prefix), from `start`, when every one of its tokens is allowed there (in DONE from done_from on);
+    else [start]. When some valid sequence keeps every held token, each keeps this prefix (the automaton is
+    deterministic), so the best one is the best from position n on: a forward pass over the free positions only.
+    A step in the settled part of a canvas then costs the DP its unsettled share."""
+    if hard is None:
+        return [start]
+    table, token_class = constraint.transitions.numpy(), constraint.token_class.numpy()
+    walk = [start]
+    for position, token in enumerate(hard.tolist()):
+        if token < 0:
+            break
+        state = int(table[walk[-1], token_class[token]])
+        if state == INVALID or (done_from is not None and position + 1 >= done_from
+                                and state != constraint.done_state):
+            return [start]  # not every held token can stay: the whole pass decides which goes
+        walk.append(state)
+    return walk
+
+
+def _answers(scores: ClassScores, moves, steered: list, set_value: np.ndarray, walk: list[int],
+             end_states: np.ndarray | None, done_from: int | None) -> list[ValidTokens]:
+    """3-6 for every lane, the forward pass from the end of `walk` (Forward.run)."""
+    constraint = scores.constraint
+    score = moves.forward.run(set_value, walk, done_from)  # (C+1, S+1, L)
     answers = []
     for lane, (best, fixed) in enumerate(steered):
-        state = _end_state(constraint, moves, score[:, :, lane], start, end_states, done_from)
+        state = _end_state(constraint, moves, score[:, :, lane], walk[0], end_states, done_from)
         states, classes = _backward(moves, score[:, :, lane], set_value[:, :, lane], best, state)
         tokens = _tokens_of(scores, moves, classes, fixed)
         chosen = scores.log_probs.gather(1, tokens[:, None]).double()

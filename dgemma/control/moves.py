@@ -36,7 +36,7 @@ class Moves:
         self.slot_of_dst = np.full(num_states, -1)
         self.slot_of_dst[self.dst_with_pairs] = np.arange(len(self.dst_with_pairs))
         self.num_states = num_states
-        self.forward = Forward(self)
+        self.forward = Forward(self, constraint.done_state)
         # step 1 reads big classes (text inside a JSON string) from the row maxima, which also give the argmax;
         # the other columns are copied grouped by class (ids ascending within each) and reduced class by class
         class_order = np.argsort(token_class, kind="stable")
@@ -81,7 +81,7 @@ class Forward:
     and class-set value at once and takes each group's maximum down its columns; a group costs one call, a
     padded pair one element, so the groups' widths are chosen to minimise elements + GROUP_COST * groups."""
 
-    def __init__(self, moves: Moves):
+    def __init__(self, moves: Moves, done: int):
         num_states = moves.num_states
         degree = np.bincount(moves.pair_dst, minlength=num_states)  # (S,) pairs into each state
         degrees, counts = np.unique(degree[degree > 0], return_counts=True)
@@ -106,31 +106,41 @@ class Forward:
             self.groups.append((slot, w, count, first))
             slot, first = slot + w * count, first + count
         self.pair_src = self.internal[moves.pair_src]  # (P,) new source state of each pair (step 5)
-        self.num_states = num_states
+        self.num_states, self.done = num_states, done
+        loop = np.flatnonzero((moves.pair_src == done) & (moves.pair_dst == done))
+        self.done_loop = int(moves.pair_set[loop[0]]) if len(loop) else -1  # the class set of DONE -> DONE
 
-    def run(self, set_value: np.ndarray, start: int, done: int, done_from: int | None) -> np.ndarray:
+    def run(self, set_value: np.ndarray, walk: list[int], done_from: int | None) -> np.ndarray:
         """Step 3 for L lanes at once: score (C+1, S+1, L), the best score of reaching each (renumbered) state
-        after each position from `start` (old numbering), given each class set's value per position and lane
-        set_value (C, Q, L); from position `done_from` on only `done` (old numbering) stays reachable. Lanes
-        share every gather's indices, so a second lane costs far less than a second pass."""
+        after each position, given each class set's value per position and lane set_value (C, Q, L). walk: the
+        states (old numbering) at positions 0..n, [start] or a held prefix's forced states (dp._held_walk), each
+        scored 0 there; the pass runs from position n. From position `done_from` on only DONE stays reachable,
+        so past it the pass is DONE's own loop. Lanes share every gather's indices, so a second lane costs far
+        less than a second pass."""
         canvas_length, _, lanes = set_value.shape
         score = np.full((canvas_length + 1, self.num_states + 1, lanes), -np.inf, set_value.dtype)
-        score[0, self.internal[start]] = 0.0
+        for c, state in enumerate(walk):
+            score[c, self.internal[state]] = 0.0
         into = np.empty((len(self.src), lanes), set_value.dtype)  # (P', L)
         value = np.empty_like(into)
         blocks = [(into[slot:slot + width * count].reshape(width, count, lanes), lo, lo + count)
                   for slot, width, count, lo in self.groups]  # (width, count, L) views
-        take, reduce, done_row = np.take, np.maximum.reduce, self.internal[done]
-        for c in range(canvas_length):
+        take, reduce, done = np.take, np.maximum.reduce, self.internal[self.done]
+        only_done_from = canvas_length + 1 if done_from is None else max(done_from, 1)  # rows from here: DONE only
+        for c in range(len(walk) - 1, canvas_length):
+            row = score[c + 1]
+            if c >= only_done_from:
+                if self.done_loop >= 0:
+                    row[done] = score[c, done] + set_value[c, self.done_loop]
+                continue
             take(score[c], self.src, axis=0, out=into)
             into += take(set_value[c], self.set, axis=0, out=value)
-            row = score[c + 1]
             for block, lo, hi in blocks:
                 reduce(block, axis=0, out=row[lo:hi])
-            if done_from is not None and c + 1 >= done_from:  # past the budget: only DONE
-                done_score = row[done_row].copy()
+            if c + 1 >= only_done_from:  # past the budget: only DONE
+                done_score = row[done].copy()
                 row[:] = -np.inf
-                row[done_row] = done_score
+                row[done] = done_score
         return score
 
 

@@ -1,0 +1,119 @@
+"""The canvas DP with held tokens and a budget that ends inside the canvas: the forward pass starts after a held
+prefix the automaton can walk (dp._held_walk) and is DONE's own loop past the budget (moves.Forward.run); the
+answers equal exhaustive search and the whole pass."""
+
+import pytest
+import torch
+
+from dgemma.control import INVALID, Constraint
+from dgemma.control import dp
+from dgemma.control.dp import class_scores, completable_states, solve_each
+from tests.test_control import tiny  # noqa: F401 (a fixture: the 10-token vocabulary)
+
+C = 4
+
+
+def brute_force(log_probs, constraint, start, hard, end_states, done_from):
+    """(held tokens dropped, tokens) of the best sequence by the DP's rule: fewest held tokens dropped, then the
+    largest sum of log-probs; states after positions from done_from on are DONE, the last in end_states."""
+    vocab_size = log_probs.shape[1]
+    values = log_probs.tolist()
+    best = [(float("-inf"), float("-inf")), None]
+
+    def search(c, state, dropped, score, tokens):
+        if done_from is not None and c >= max(done_from, 1) and state != constraint.done_state:
+            return
+        if c == C:
+            if (end_states is None or end_states[state]) and (-dropped, score) > best[0]:
+                best[:] = [(-dropped, score), list(tokens)]
+            return
+        for token in range(vocab_size):
+            nxt = constraint.next_state(state, token)
+            if nxt == INVALID:
+                continue
+            held = int(hard[c])
+            drop = int(held >= 0 and token != held)
+            tokens.append(token)
+            search(c + 1, nxt, dropped + drop, score + (0.0 if held >= 0 else values[c][token]), tokens)
+            tokens.pop()
+
+    search(0, start, 0, 0.0, [])
+    return (None, None) if best[1] is None else (-best[0][0], best[1])
+
+
+def whole_pass(monkeypatch, *args):
+    """solve_each without the held-prefix start: the forward pass over every position."""
+    with monkeypatch.context() as m:
+        m.setattr(dp, "_held_walk", lambda constraint, start, hard, done_from: [start])
+        return solve_each(*args)
+
+
+@pytest.mark.parametrize("pattern", [r'(ab|a|b)+1?', r'\{("(a|b)*":1)?\}', r'a*b*(ab)?'])
+def test_held_prefix_and_budget_equal_brute_force_and_the_whole_pass(tiny, pattern, monkeypatch):  # noqa: F811
+    c = Constraint.from_regex(pattern, tiny)
+    walks = []  # the length of each forward pass's walk: 1 when it starts at position 0
+    forward = dp.moves_of(c).forward
+    real_run = forward.run
+    monkeypatch.setattr(forward, "run", lambda sv, walk, done_from: walks.append(len(walk)) or
+                        real_run(sv, walk, done_from))
+    rng = torch.Generator().manual_seed(0)
+    kept = dropped = 0
+    for seed in range(24):
+        log_probs = torch.randn(C, tiny.vocab_size, generator=rng).log_softmax(-1)
+        read = class_scores(log_probs, c)
+        free = solve_each(read, [None], c.initial_state)[0].tokens
+        for hard_kind in ("prefix of an answer", "random prefix", "prefix and a pin", "none"):
+            hard = torch.full((C,), -1)
+            n = int(torch.randint(1, C + 1, (1,), generator=rng))
+            if hard_kind == "prefix of an answer":
+                hard[:n] = free[:n]
+            elif hard_kind == "random prefix":
+                hard[:n] = torch.randint(0, tiny.vocab_size, (n,), generator=rng)
+            elif hard_kind == "prefix and a pin":
+                hard[:1], hard[C - 1] = free[:1], int(torch.randint(0, tiny.vocab_size, (1,), generator=rng))
+            for done_from in (None, 0, 2, 3):
+                for ends in (None, completable_states(c, {}, 0, 1, eos=True)):
+                    want_dropped, want = brute_force(log_probs, c, c.initial_state, hard, ends, done_from)
+                    args = (read, [None, torch.where(hard < 0, free, -1)], c.initial_state, hard, ends, done_from)
+                    try:
+                        got = solve_each(*args)
+                    except dp.ConstraintError:
+                        assert want is None
+                        continue
+                    whole = whole_pass(monkeypatch, *args)
+                    for a, b in zip(got, whole):
+                        assert torch.equal(a.tokens, b.tokens) and torch.equal(a.states, b.states)
+                        assert a.log_prob == b.log_prob
+                    assert int(((hard >= 0) & (got[0].tokens != hard)).sum()) == want_dropped
+                    if want_dropped == 0:
+                        assert got[0].tokens.tolist() == want
+                        kept += 1
+                    else:
+                        dropped += 1
+    assert kept and dropped  # both kinds of case came up
+    assert max(walks) > 1 and min(walks) == 1  # the pass started after a held prefix, and from position 0
+
+
+def test_a_step_in_a_settled_canvas_passes_over_its_free_positions_only(tiny, monkeypatch):  # noqa: F811
+    """The forward pass starts where the held prefix ends: it runs over the canvas's free positions only, and the
+    answer keeps the prefix."""
+    c = Constraint.from_regex(r"(ab|a|b)+", tiny)
+    forward = dp.moves_of(c).forward
+    real_run, positions = forward.run, []
+    monkeypatch.setattr(forward, "run", lambda sv, walk, done_from: positions.append(len(sv) - len(walk) + 1) or
+                        real_run(sv, walk, done_from))
+    log_probs = torch.randn(16, c.vocab_size, generator=torch.Generator().manual_seed(1)).log_softmax(-1)
+    read = class_scores(log_probs, c)
+    free = solve_each(read, [None])[0].tokens
+    held = torch.where(torch.arange(16) < 10, free, -1)
+    assert torch.equal(solve_each(read, [None], None, held)[0].tokens, free) and positions == [16, 6]
+
+
+def test_a_held_prefix_that_costs_more_held_tokens_later_is_dropped(tiny):  # noqa: F811
+    """Keeping the held "a" forces "a1" and drops both held "1"s after it; dropping it keeps them ("b111"): the
+    pass after the prefix drops held tokens, so the whole pass decides, and drops the one."""
+    c = Constraint.from_regex(r"a1|b111", tiny)
+    a, b, one = (tiny.token_bytes.index(t.encode()) for t in ("a", "b", "1"))
+    read = class_scores(torch.zeros(C, c.vocab_size).log_softmax(-1), c)
+    got = solve_each(read, [None], None, torch.tensor([a, -1, one, one]))[0]
+    assert got.tokens.tolist() == [b, one, one, one]
