@@ -212,6 +212,9 @@ NEGATIONS = [
     {"type": "integer", "minimum": 1, "maximum": 9, "not": {"enum": [1, 3, 4.0, 9]}},
     {"type": ["string", "integer", "boolean", "null"], "minLength": 1, "maxLength": 2,
      "not": {"enum": ["b", 0, True, None]}},
+    # a format no validator checks is an annotation; a checked format's written form is none of the values
+    {"type": "string", "format": "wikidata-id", "maxLength": 3, "not": {"enum": ["a", "ab"]}},
+    {"type": "string", "format": "email", "not": {"enum": ["", "n/a", "none"]}},
 ]
 
 
@@ -243,7 +246,8 @@ def test_a_string_less_some_values_is_exactly_the_other_strings():
 def test_other_forms_of_not_are_refused_by_name():
     for schema in ({"type": "string", "not": {"pattern": "^a"}}, {"type": "number", "not": {"type": "integer"}},
                    {"type": "number", "not": {"enum": [1]}}, {"type": "string", "pattern": "^[ab]$",
-                                                               "not": {"enum": ["a"]}}):
+                                                               "not": {"enum": ["a"]}},
+                   {"type": "string", "format": "date", "not": {"const": "2024-02-29"}}):
         with pytest.raises(SchemaError, match="'not'"):
             schema_to_regex(schema)
     with pytest.raises(SchemaError, match="no JSON value"):

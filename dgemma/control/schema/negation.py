@@ -8,7 +8,8 @@ negated schema, or refused.
   keys the node does not itself require;
 - `not: {"enum": [...]}` / `not: {"const": v}`: on a node with finite values, those values less the negated ones;
   otherwise each type of the node less the negated values of that type: a string not among them (a pattern that
-  spells the strings that differ from each), integers in the gaps between them, the other boolean;
+  spells the strings that differ from each; with a checked format, its written form when none of them takes it),
+  integers in the gaps between them, the other boolean;
 - `not: {"anyOf": [A, B, ...]}` (how two `not`s merge): not A, then not B, ... in these same forms;
 - `not` with keywords that hold apart (`{"type": "object", "required": [k]}`): (not type) or (not required), each
   in these same forms, as an anyOf;
@@ -19,8 +20,11 @@ Any other form is refused by name.
 
 from __future__ import annotations
 
+import re
+
 from .base import VALIDATION, Empty, SchemaError, canonical, finite_values, json_types
 from .combine import merge
+from .strings import FORMATS
 
 
 # keywords that are read together (one qualifies another); any other validation keyword holds on its own
@@ -116,14 +120,19 @@ def _each_type_less(w, rest: dict, banned: list, path: str) -> dict:
             members += [{**node, "enum": [b]} for b in (False, True) if b not in mine]
         elif kind == "integer":
             members += _gaps(node, sorted({int(v) for v in mine}), path)
-        elif kind == "string" and "pattern" not in rest and rest.get("format") is None:
+        elif kind == "string" and rest.get("format") in FORMATS and "pattern" not in rest:
+            if any(re.fullmatch(FORMATS[rest["format"]][0], v) for v in mine):
+                raise SchemaError(f"{path}: unsupported JSON schema feature 'not' (with enum or const, on a string "
+                                  f"of format '{rest['format']}' that the values take)")
+            members.append(node)  # the format's written form is none of them
+        elif kind == "string" and "pattern" not in rest:  # a format no validator checks is an annotation
             low, high = w.count(rest, "minLength", path, 0), w.count(rest, "maxLength", path)
             lengths = {"minLength", "maxLength"}
             members.append({**{k: v for k, v in node.items() if k not in lengths},  # the pattern holds them
                             "pattern": "^" + _differing(mine, low, high) + "$"})
         elif kind != "null":
             raise SchemaError(f"{path}: unsupported JSON schema feature 'not' (with enum or const, on a {kind}"
-                              f"{' with a pattern or format' if kind == 'string' else ''})")
+                              f"{' with a pattern' if kind == 'string' else ''})")
     if not members:
         raise Empty
     return members[0] if len(members) == 1 else {"anyOf": members}
