@@ -133,8 +133,8 @@ class Forward:
                 if self.done_loop >= 0:
                     row[done] = score[c, done] + set_value[c, self.done_loop]
                 continue
-            take(score[c], self.src, axis=0, out=into)
-            into += take(set_value[c], self.set, axis=0, out=value)
+            take(score[c], self.src, axis=0, out=into, mode="clip")  # every index is in range: "clip" writes
+            into += take(set_value[c], self.set, axis=0, out=value, mode="clip")  # into `out` unbuffered
             for block, lo, hi in blocks:
                 reduce(block, axis=0, out=row[lo:hi])
             if c + 1 >= only_done_from:  # past the budget: only DONE
