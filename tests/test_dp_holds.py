@@ -2,13 +2,14 @@
 prefix the automaton can walk (dp._held_walk) and is DONE's own loop past the budget (moves.Forward.run); the
 answers equal exhaustive search and the whole pass."""
 
+import numpy as np
 import pytest
 import torch
 
 from dgemma.control import INVALID, Constraint
 from dgemma.control import dp
 from dgemma.control.dp import class_scores, completable_states, solve_each
-from tests.test_control import tiny  # noqa: F401 (a fixture: the 10-token vocabulary)
+from tests.test_control import PERSON, tiny, tokenizer, vocab  # noqa: F401 (fixtures: a 10-token vocabulary, a trained one)
 
 C = 4
 
@@ -54,8 +55,7 @@ def test_held_prefix_and_budget_equal_brute_force_and_the_whole_pass(tiny, patte
     walks = []  # the length of each forward pass's walk: 1 when it starts at position 0
     forward = dp.moves_of(c).forward
     real_run = forward.run
-    monkeypatch.setattr(forward, "run", lambda sv, walk, done_from: walks.append(len(walk)) or
-                        real_run(sv, walk, done_from))
+    monkeypatch.setattr(forward, "run", lambda sv, walk, *rest: walks.append(len(walk)) or real_run(sv, walk, *rest))
     rng = torch.Generator().manual_seed(0)
     kept = dropped = 0
     for seed in range(24):
@@ -100,8 +100,8 @@ def test_a_step_in_a_settled_canvas_passes_over_its_free_positions_only(tiny, mo
     c = Constraint.from_regex(r"(ab|a|b)+", tiny)
     forward = dp.moves_of(c).forward
     real_run, positions = forward.run, []
-    monkeypatch.setattr(forward, "run", lambda sv, walk, done_from: positions.append(len(sv) - len(walk) + 1) or
-                        real_run(sv, walk, done_from))
+    monkeypatch.setattr(forward, "run", lambda sv, walk, *rest: positions.append(len(sv) - len(walk) + 1) or
+                        real_run(sv, walk, *rest))
     log_probs = torch.randn(16, c.vocab_size, generator=torch.Generator().manual_seed(1)).log_softmax(-1)
     read = class_scores(log_probs, c)
     free = solve_each(read, [None])[0].tokens
@@ -117,3 +117,23 @@ def test_a_held_prefix_that_costs_more_held_tokens_later_is_dropped(tiny):  # no
     read = class_scores(torch.zeros(C, c.vocab_size).log_softmax(-1), c)
     got = solve_each(read, [None], None, torch.tensor([a, -1, one, one]))[0]
     assert got.tokens.tolist() == [b, one, one, one]
+
+
+@pytest.mark.parametrize("threads", [2, 3, 7])
+def test_the_forward_pass_on_threads_equals_one_thread(vocab, threads, monkeypatch):
+    """moves.Forward.run splits a position's groups into runs, one a thread (PART_ELEMENTS and GROUP_COST lowered so
+    that a small automaton splits): every score equals the one-thread pass, bit for bit (max and + are exact either way)."""
+    from dgemma.control import moves
+
+    monkeypatch.setattr(moves, "GROUP_COST", 0)  # a group for each in-degree: runs to cut
+    c = Constraint.from_json_schema(PERSON, vocab)
+    c.__dict__.pop("_dp_moves", None)  # the layout is cached on the (cached) constraint
+    forward = dp.moves_of(c).forward
+    c.__dict__.pop("_dp_moves", None)
+    assert len(forward.groups) >= threads  # each thread has a group of its own
+    g = torch.Generator().manual_seed(0)
+    set_value = torch.randn(24, int(forward.set.max()) + 1, 2, generator=g).numpy()
+    one = forward.run(set_value, [c.initial_state], 20)
+    monkeypatch.setattr(moves, "PART_ELEMENTS", 1)
+    assert len(forward._parts(threads, set_value.dtype, 2)) == threads
+    assert np.array_equal(forward.run(set_value, [c.initial_state], 20, threads), one)

@@ -187,7 +187,7 @@ def _answers(scores: ClassScores, moves, steered: list, set_value: np.ndarray, w
              end_states: np.ndarray | None, done_from: int | None) -> list[ValidTokens]:
     """3-6 for every lane, the forward pass from the end of `walk` (Forward.run)."""
     constraint = scores.constraint
-    score = moves.forward.run(set_value, walk, done_from)  # (C+1, S+1, L)
+    score = moves.forward.run(set_value, walk, done_from, torch.get_num_threads())  # (C+1, S+1, L)
     answers = []
     for lane, (best, fixed) in enumerate(steered):
         state = _end_state(constraint, moves, score[:, :, lane], walk[0], end_states, done_from)

@@ -110,22 +110,21 @@ class Forward:
         loop = np.flatnonzero((moves.pair_src == done) & (moves.pair_dst == done))
         self.done_loop = int(moves.pair_set[loop[0]]) if len(loop) else -1  # the class set of DONE -> DONE
 
-    def run(self, set_value: np.ndarray, walk: list[int], done_from: int | None) -> np.ndarray:
+    def run(self, set_value: np.ndarray, walk: list[int], done_from: int | None, threads: int = 1) -> np.ndarray:
         """Step 3 for L lanes at once: score (C+1, S+1, L), the best score of reaching each (renumbered) state
         after each position, given each class set's value per position and lane set_value (C, Q, L). walk: the
         states (old numbering) at positions 0..n, [start] or a held prefix's forced states (dp._held_walk), each
         scored 0 there; the pass runs from position n. From position `done_from` on only DONE stays reachable,
         so past it the pass is DONE's own loop. Lanes share every gather's indices, so a second lane costs far
-        less than a second pass."""
+        less than a second pass. With `threads`, a position's groups are split into that many runs of about
+        equal size (at least PART_ELEMENTS gathered elements each), one a thread: numpy lets go of the GIL."""
         canvas_length, _, lanes = set_value.shape
         score = np.full((canvas_length + 1, self.num_states + 1, lanes), -np.inf, set_value.dtype)
         for c, state in enumerate(walk):
             score[c, self.internal[state]] = 0.0
-        into = np.empty((len(self.src), lanes), set_value.dtype)  # (P', L)
-        value = np.empty_like(into)
-        blocks = [(into[slot:slot + width * count].reshape(width, count, lanes), lo, lo + count)
-                  for slot, width, count, lo in self.groups]  # (width, count, L) views
-        take, reduce, done = np.take, np.maximum.reduce, self.internal[self.done]
+        parts = self._parts(min(threads, max(1, len(self.src) * lanes // PART_ELEMENTS)), set_value.dtype, lanes)
+        pool = _pool(len(parts) - 1)
+        done = self.internal[self.done]
         only_done_from = canvas_length + 1 if done_from is None else max(done_from, 1)  # rows from here: DONE only
         for c in range(len(walk) - 1, canvas_length):
             row = score[c + 1]
@@ -133,15 +132,59 @@ class Forward:
                 if self.done_loop >= 0:
                     row[done] = score[c, done] + set_value[c, self.done_loop]
                 continue
-            take(score[c], self.src, axis=0, out=into, mode="clip")  # every index is in range: "clip" writes
-            into += take(set_value[c], self.set, axis=0, out=value, mode="clip")  # into `out` unbuffered
-            for block, lo, hi in blocks:
-                reduce(block, axis=0, out=row[lo:hi])
+            others = [pool.submit(_pass, part, score[c], set_value[c], row) for part in parts[1:]]
+            _pass(parts[0], score[c], set_value[c], row)
+            for other in others:
+                other.result()
             if c + 1 >= only_done_from:  # past the budget: only DONE
                 done_score = row[done].copy()
                 row[:] = -np.inf
                 row[done] = done_score
         return score
+
+    def _parts(self, count: int, dtype, lanes: int) -> list[tuple]:
+        """The groups cut into `count` runs of about equal slots, each with its own buffers: (source states, class
+        sets, gathered scores (slots, L), gathered values, [(block (width, count, L), first state, end state)])."""
+        ends, total = np.cumsum([w * n for _, w, n, _ in self.groups]), len(self.src)
+        cuts = [0] + [int(np.searchsorted(ends, total * k / count)) + 1 for k in range(1, count)] + [len(self.groups)]
+        parts = []
+        for lo, hi in zip(cuts[:-1], cuts[1:]):
+            if lo >= hi:
+                continue
+            first, (last, w, n, _) = self.groups[lo][0], self.groups[hi - 1]
+            into = np.empty((last + w * n - first, lanes), dtype)
+            blocks = [(into[slot - first:slot - first + width * num].reshape(width, num, lanes), state, state + num)
+                      for slot, width, num, state in self.groups[lo:hi]]
+            parts.append((self.src[first:last + w * n], self.set[first:last + w * n], into, np.empty_like(into),
+                          blocks))
+        return parts
+
+
+def _pass(part: tuple, score: np.ndarray, set_value: np.ndarray, row: np.ndarray) -> None:
+    """One position of Forward.run over one run of groups: gather each slot's source score and class-set value
+    (mode "clip": every index is in range, and numpy writes into `out` unbuffered only then), add, and take each
+    state's maximum down its column into `row`."""
+    src, sets, into, value, blocks = part
+    np.take(score, src, axis=0, out=into, mode="clip")
+    into += np.take(set_value, sets, axis=0, out=value, mode="clip")
+    for block, lo, hi in blocks:
+        np.maximum.reduce(block, axis=0, out=row[lo:hi])
+
+
+PART_ELEMENTS = 1 << 17  # the fewest gathered elements (slots x lanes) a thread takes in Forward.run
+_POOL: dict = {"pool": None, "workers": 0}
+
+
+def _pool(workers: int):
+    """A thread pool of at least `workers` threads, kept between calls (None when none is needed)."""
+    if workers <= 0:
+        return None
+    if _POOL["workers"] < workers:
+        from concurrent.futures import ThreadPoolExecutor
+        if _POOL["pool"] is not None:
+            _POOL["pool"].shutdown(wait=False)
+        _POOL.update(pool=ThreadPoolExecutor(workers, thread_name_prefix="dgemma-dp"), workers=workers)
+    return _POOL["pool"]
 
 
 GROUP_COST = 1024  # a group's reduction call, in gathered elements
