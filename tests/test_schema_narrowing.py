@@ -297,6 +297,12 @@ def test_a_multiple_of_one_kth_stays_within_what_a_float_holds():
     assert not re.fullmatch(regex, str(10**15 + 1)) and not re.fullmatch(regex, "1" * 400)
     jsonschema.validate(10**15, {"type": "number", "multipleOf": 0.01})
     assert re.fullmatch(schema_to_regex({"type": "integer", "multipleOf": 0.5, "minimum": 10**20}), str(10**20 + 5))
+    # so does a step of 1.0 (Github_trivial o41773, draft 4's "multipleOf": 1.0 on an integer); a step of 1 does not
+    one = schema_to_regex({"type": "integer", "multipleOf": 1.0, "minimum": 0})
+    assert re.fullmatch(one, str(10**15)) and not re.fullmatch(one, str(10**15 + 1))
+    with pytest.raises(OverflowError):
+        jsonschema.validate(10**400, {"type": "integer", "multipleOf": 1.0})
+    assert re.fullmatch(schema_to_regex({"type": "integer", "multipleOf": 1, "minimum": 0}), "1" * 400)
 
 
 COMBINED = [
