@@ -137,3 +137,42 @@ def test_the_forward_pass_on_threads_equals_one_thread(vocab, threads, monkeypat
     monkeypatch.setattr(moves, "PART_ELEMENTS", 1)
     assert len(forward._parts(threads, set_value.dtype, 2)) == threads
     assert np.array_equal(forward.run(set_value, [c.initial_state], 20, threads), one)
+
+
+@pytest.mark.parametrize("probs", [False, True], ids=["log-probs", "probabilities"])
+def test_the_scatter_read_gives_the_tokens_of_the_numpy_read(vocab, probs):  # noqa: F811
+    """class_scores(scatter=True) (what a canvas on an accelerator takes: one scatter-max, (C, K) to the host) and
+    the numpy read give the same class maxima, tokens, states and log-prob, on the CPU: with masked (-inf) rows and
+    columns, ties inside classes, held and preferred tokens, and a big class (JSON string text)."""
+    c = Constraint.from_json_schema(PERSON, vocab)
+    assert dp.moves_of(c).big_classes  # a class read from the row maxima on the numpy side
+    g = torch.Generator().manual_seed(0)
+    for seed in range(8):
+        lp = (torch.randn(24, c.vocab_size, generator=g) * 3).log_softmax(-1)
+        lp[:, torch.randperm(c.vocab_size, generator=g)[:c.vocab_size // 3]] = -torch.inf  # masked tokens
+        lp[seed % 24] = -torch.inf  # a masked row
+        lp[:, 40:60] = lp[:, 40:41]  # ties
+        given = lp.exp() if probs else lp
+        numpy_read, scatter_read = (class_scores(given, c, probs=probs, scatter=s) for s in (False, True))
+        assert np.array_equal(numpy_read.best, scatter_read.best)
+        free = solve_each(numpy_read, [None])[0].tokens
+        held = torch.where(torch.arange(24) < seed, free, -1)
+        prefer = torch.where(torch.rand(24, generator=g) < 0.5, torch.randint(0, c.vocab_size, (24,), generator=g), -1)
+        for a, b in zip(solve_each(numpy_read, [None, prefer], None, held), solve_each(scatter_read, [None, prefer], None, held)):
+            assert torch.equal(a.tokens, b.tokens) and torch.equal(a.states, b.states) and a.log_prob == b.log_prob
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_canvas_on_cuda_is_read_there_with_the_tokens_of_the_cpu(vocab):  # noqa: F811
+    """Log-probs on a CUDA device are read by scatter there (the default): the tokens and states of the numpy read
+    of the same log-probs on the CPU."""
+    c = Constraint.from_json_schema(PERSON, vocab)
+    g = torch.Generator().manual_seed(0)
+    for seed in range(4):
+        lp = (torch.randn(24, c.vocab_size, generator=g) * 3).log_softmax(-1)
+        held = torch.where(torch.arange(24) < 2 * seed, solve_each(class_scores(lp, c), [None])[0].tokens, -1)
+        on_cuda = class_scores(lp.cuda(), c)
+        assert on_cuda.token_class is not None and on_cuda.log_probs.is_cuda
+        a, b = solve_each(class_scores(lp, c), [None], None, held)[0], solve_each(on_cuda, [None], None, held)[0]
+        assert torch.equal(a.tokens, b.tokens) and torch.equal(a.states, b.states)

@@ -35,10 +35,8 @@ import torch
 
 from .constraint import INVALID, Constraint, ConstraintError
 from .moves import moves_of
+from .reading import FLOOR, ClassScores, class_scores, tokens_of
 
-FLOOR = -1e30  # stands for -inf log-probs: finite so that a valid sequence is always found
-RESCAN_ROWS = 8  # rows masked and rescanned at a time in step 1
-SINGLE_UP_TO = 1024  # canvases of at most this many positions score in float32 (score_dtype)
 PREFER_PENALTY = 1e-3  # solve(prefer=): a token other than the preferred one counts at this share of its probability
 
 
@@ -62,65 +60,6 @@ def best_valid_tokens(log_probs: torch.Tensor, constraint: Constraint, start_sta
     is too short to finish and tokens_after is 0)."""
     ends = None if tokens_after is None else completable_states(constraint, {}, 0, tokens_after)
     return solve(class_scores(log_probs, constraint, probs), start_state, hard, prefer, ends)
-
-
-@dataclass
-class ClassScores:
-    """Step 1 for one canvas: the best log-prob of each token class at each position, which several solves
-    (different start states, held or preferred tokens) can share. best (C, K) numpy (score_dtype), floored."""
-
-    constraint: Constraint
-    log_probs: torch.Tensor  # (C, V) as given (probabilities when `probs`)
-    probs: bool
-    best: np.ndarray
-    best_raw: np.ndarray  # (C, K) before flooring (for -inf rows of big classes)
-    small: np.ndarray  # (C, Vs) the columns of the small classes, grouped by class (Moves.small_tokens)
-    big_argmax: dict  # big class -> (C,) its first best token at each position
-
-
-def class_scores(log_probs: torch.Tensor, constraint: Constraint, probs: bool = False) -> ClassScores:
-    if log_probs.dtype not in (torch.float32, torch.float64):
-        log_probs = log_probs.float()  # half-precision max is slow or missing on the CPU
-    canvas_length, vocab_size = log_probs.shape
-    if vocab_size != constraint.vocab_size:
-        raise ValueError(f"log_probs has {vocab_size} columns but the constraint's vocabulary has "
-                         f"{constraint.vocab_size}")
-    moves = moves_of(constraint)
-
-    # 1. best log-prob per (position, class); the argmax too for big classes. numpy: torch would run these
-    # small operations on its thread pool, whose every wake-up stalls on a busy machine
-    lp = log_probs.numpy()  # (C, V)
-    best = np.full((canvas_length, constraint.num_classes), -np.inf, dtype=lp.dtype)
-    small = np.take(lp, moves.small_tokens, axis=1)  # (C, Vs), grouped by class
-    if len(moves.small_classes):
-        best[:, moves.small_classes] = np.maximum.reduceat(small, moves.small_start[moves.small_classes], axis=1)
-    big_argmax, rows_all = {}, np.arange(canvas_length)
-    if moves.big_classes:
-        row_argmax = lp.argmax(1)  # (C,): the first maximum of each row
-    for cls in moves.big_classes:
-        # where the row's first maximum lies in the class it is the class's; mask and rescan the other rows, or,
-        # when that reads more (a second big class, whose rows' maxima lie elsewhere), read the class's columns
-        members, outside = moves.big_members[cls], moves.outside_big[cls]
-        rows = np.flatnonzero(outside[row_argmax])
-        if len(rows) * vocab_size > canvas_length * len(members):
-            index = members[np.take(lp, members, axis=1).argmax(1)]  # members ascend: the first maximum
-        else:
-            index = row_argmax.copy()
-            for chunk in np.array_split(rows, -(-len(rows) // RESCAN_ROWS)) if len(rows) else []:
-                index[chunk] = np.where(outside, -np.inf, lp[chunk]).argmax(1)  # a few rows: stays in cache
-        best[:, cls], big_argmax[cls] = lp[rows_all, index], index
-    if probs:  # given probabilities: the log is monotonic, so maxima and argmaxima are the same; log only (C, K)
-        best = torch.from_numpy(best).log().numpy()
-    best_np = np.maximum(best.astype(score_dtype(canvas_length)), FLOOR)  # (C, K); tokenless classes: no edges
-    return ClassScores(constraint, log_probs, probs, best_np, best, small, big_argmax)
-
-
-def score_dtype(canvas_length: int) -> type:
-    """float32 for canvases of up to SINGLE_UP_TO positions, float64 beyond. The forward pass gathers P' scores a
-    position; in single precision a solve over Snowplow sp_87's 124k pairs took 120 ms, not 133 ms. Its rounding over
-    a path's sum stays far below the 1/(C+1) that tells a path that drops a held token (C+1 floors) from one that
-    keeps it (at most C), and sums stay finite (C (C+1) 1e30 < 3.4e38)."""
-    return np.float32 if canvas_length <= SINGLE_UP_TO else np.float64
 
 
 def solve(scores: ClassScores, start_state: int | None = None, hard: torch.Tensor | None = None,
@@ -192,8 +131,8 @@ def _answers(scores: ClassScores, moves, steered: list, set_value: np.ndarray, w
     for lane, (best, fixed) in enumerate(steered):
         state = _end_state(constraint, moves, score[:, :, lane], walk[0], end_states, done_from)
         states, classes = _backward(moves, score[:, :, lane], set_value[:, :, lane], best, state)
-        tokens = _tokens_of(scores, moves, classes, fixed)
-        chosen = scores.log_probs.gather(1, tokens[:, None]).double()
+        tokens = tokens_of(scores, moves, classes, fixed)
+        chosen = scores.log_probs.gather(1, tokens[:, None].to(scores.log_probs.device)).double().cpu()
         log_prob = float((chosen.log() if scores.probs else chosen).clamp(min=FLOOR).sum())
         answers.append(ValidTokens(tokens, torch.from_numpy(states), log_prob))
     return answers
@@ -235,25 +174,6 @@ def _backward(moves, score: np.ndarray, set_value: np.ndarray, best: np.ndarray,
         classes[c] = candidates[(best[c, candidates] == values[pair - lo]).argmax()]
         state = int(moves.pair_src[pair])
     return states, classes
-
-
-def _tokens_of(scores: ClassScores, moves, classes: np.ndarray, fixed: dict) -> torch.Tensor:
-    """6. At each position, the first token of the chosen class with the class's best log-prob (a steered position
-    whose chosen class holds its token: that token)."""
-    tokens = np.empty(len(classes), dtype=np.int64)
-    for cls in np.unique(classes).tolist():
-        at = np.flatnonzero(classes == cls)
-        if cls in scores.big_argmax:  # a row of -inf has its argmax outside the class; any member is as good
-            members = moves.big_members[cls]
-            tokens[at] = np.where(scores.best_raw[at, cls] > -np.inf, scores.big_argmax[cls][at], members[0])
-        else:  # the first maximum among the class's columns (ids ascend)
-            lo, hi = moves.small_start[cls], moves.small_start[cls + 1]
-            tokens[at] = moves.small_tokens[lo + scores.small[at, lo:hi].argmax(1)]
-    tokens = torch.from_numpy(tokens)
-    for c, token in fixed.items():
-        if int(scores.constraint.token_class[token]) == classes[c]:
-            tokens[c] = token
-    return tokens
 
 
 def _steered(best_np: np.ndarray, constraint: Constraint, hard: torch.Tensor | None, prefer: torch.Tensor | None
@@ -364,7 +284,7 @@ class CanvasDP:
         self.end_state = start_state
 
     def read(self, probs: torch.Tensor) -> ClassScores:
-        return class_scores(probs.float().cpu(), self.constraint, probs=True)  # `probs` is read, never written
+        return class_scores(probs.float(), self.constraint, probs=True)  # `probs` is read, never written
 
     def best(self, read: ClassScores, held: torch.Tensor | None) -> torch.Tensor:
         best = solve(read, self.start_state, hard=held, end_states=self.end_states, done_from=self.done_from)
