@@ -11,8 +11,10 @@ recorded and the next one runs:
     3. bench-small                   `dgemma bench --preset small` against transformers, CUDA graphs on and off
     4. 26b-a4b-fp8                   the release's shapes built on the device, batch 1, 4 and 8, prompt 128,
                                      512 new tokens, 16 fixed steps (tokens/s, ms per step, prefill, peak memory)
-    5. bench-medium                  as 3 on `medium`
-    6. 26b-a4b-int4, -nvfp4, -bf16   as 4, for each format whose weights fit the device (bf16 needs ~80 GB)
+    5. constrained-step              `small` at the release's 262,144-token vocabulary, a step with and without a
+                                     JSON constraint (structured_output.py cost: its canvas read on the device)
+    6. bench-medium                  as 3 on `medium`
+    7. 26b-a4b-int4, -nvfp4, -bf16   as 4, for each format whose weights fit the device (bf16 needs ~80 GB)
 
 It writes gpu_check.json (every part: status, seconds, why it failed, its figures) and gpu_check.md (the tables)
 to --out, and prints the markdown. The exit status is 0 only if every part passed.
@@ -41,7 +43,7 @@ class Part:
     name: str
     argv: list[str]
     timeout: float
-    kind: str  # "pytest", "engine", "bench" or "sweep": how its output is read
+    kind: str  # "pytest", "engine", "bench", "sweep" or "constrained": how its output is read
     result: dict = field(default_factory=dict)
 
 
@@ -67,10 +69,14 @@ def parts(dry: bool, device: str, py: str) -> list[Part]:
                                     "--json", *work], 60, "engine"),
                Part("bench-small", [*bench, "--preset", "small", *graphs, *work], 60, "bench")]
         sweep = [py, me, "--sweep", "--preset", "26b-a4b", "--device", device, "--batch-sizes", "1", "4", "8", *work]
+    constrained = Part("constrained-step", [py, str(ROOT / "benchmarks" / "structured_output.py"), "cost", "--device",
+                                            device, "--json", *(["--vocab", "4096", "--steps", "1", "--pairs", "1"]
+                                                                if dry else ["--vocab", "262144", "--steps", "8"])],
+                       90 if dry else 150, "constrained")
     medium = Part("bench-medium", [*bench, "--preset", "tiny" if dry else "medium",
                                    *(["--repeats", "1"] if dry else graphs), *work], 60 if dry else 75, "bench")
     sweeps = [Part(f"26b-a4b-{f}", [*sweep, "--format", f], 90 if dry else 100, "sweep") for f in FORMATS]
-    return [*out, sweeps[0], medium, *sweeps[1:]]
+    return [*out, sweeps[0], constrained, medium, *sweeps[1:]]
 
 
 def fits(fmt: str, preset: str, device: str) -> tuple[bool, str]:
@@ -178,7 +184,7 @@ def markdown(report: dict) -> str:
     for name, r in report["parts"].items():
         note = r.get("why") or r.get("summary") or ""
         lines.append(f"| {name} | {r['status']} | {r.get('seconds', 0):.0f} | {note.replace('|', '/')} |")
-    bench_rows, sweep_rows, engine_rows = [], [], []
+    bench_rows, sweep_rows, engine_rows, constrained_rows = [], [], [], []
     for name, r in report["parts"].items():
         d = r.get("data") or {}
         if "results" in d:
@@ -194,6 +200,11 @@ def markdown(report: dict) -> str:
                               f"{m['weights_mb']:.0f} |")
         if d.get("skipped"):
             sweep_rows.append(f"| {d['format']} | - | skipped: {d['skipped']} | | | | |")
+        if "constrained" in d:
+            k = d["constrained"]
+            constrained_rows += [f"| {k['device']} | {k['vocab']} | {r['constraint']} | {r['states']} | {r['pairs']} | "
+                                 f"{min(r['ms_without']):.1f} | {min(r['ms_with']):.1f} | {r['ratio']:.2f} |"
+                                 for r in k["rows"]]
         for row in d.get("rows", []):
             engine_rows.append(f"| {d['preset']} | {row['batch_size']} | {row['engine_ms_per_step']:.2f} | "
                                f"{row.get('engine_graphs_ms_per_step', float('nan')):.2f} | "
@@ -206,6 +217,9 @@ def markdown(report: dict) -> str:
         lines += ["", "| engine step | batch | engine ms/step | engine graphs ms/step | generate eager ms/step | "
                       "generate graphs ms/step | tokens = generate eager | tokens = generate graphs | "
                       "engine graphs tokens = engine eager |", "|---|---|---|---|---|---|---|---|---|", *engine_rows]
+    if constrained_rows:  # `small`, one canvas of fixed steps, with and without a constraint
+        lines += ["", "| constrained step: device | vocab | constraint | states | pairs | ms/step without | "
+                      "ms/step with | with/without |", "|---|---|---|---|---|---|---|---|", *constrained_rows]
     if bench_rows:  # dgemma (graphs on CUDA), dgemma-eager (graphs off), transformers
         lines += ["", "| part: preset | engine | tokens/s | ms/step | prefill ms | dgemma peak MiB |",
                   "|---|---|---|---|---|---|", *bench_rows]

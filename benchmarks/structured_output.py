@@ -1,7 +1,7 @@
 """Structured output: validity on random-weight models, and what a constraint adds to a denoising step.
 
     python benchmarks/structured_output.py validity [--requests 200] [--kinds regex choice schema object tool]
-    python benchmarks/structured_output.py cost --vocab 32000 [--steps 8] [--threads 2]
+    python benchmarks/structured_output.py cost --vocab 32000 [--steps 8] [--threads 2] [--device cuda] [--json]
     python benchmarks/structured_output.py cost --vocab 262144
     python benchmarks/structured_output.py tool-compile --vocab 262144
     python benchmarks/structured_output.py cache-hit --vocab 32000 [--hits 2000]
@@ -14,7 +14,9 @@ that function and nothing else, whose arguments `jsonschema` validates against i
 
 cost: the `small` preset (canvas 256) with its vocabulary set to --vocab, a byte-level vocabulary of that size
 (the 256 byte tokens plus random strings of letters, digits and JSON punctuation), one canvas of --steps fixed
-steps at batch 1, with and without the JSON-object constraint; ms per step of each, in one process.
+steps at batch 1, with and without a constraint (the JSON-object one, then `WIDE`: 24 required strings of up to 64
+characters; as many canvases as its shortest output needs); ms per step of each, in one process, on --device (cuda: the model in bfloat16, the canvas read there;
+gpu_check.py runs it at 262,144 tokens).
 
 tool-compile: the named-tool constraint of `validity` compiled over the synthetic vocabulary of --vocab tokens plus
 the three tool marker tokens (what a server pays on the first forced call of a function; cached afterwards).
@@ -128,29 +130,49 @@ def synthetic_vocabulary(size: int, eos: int = 1, pad: int = 0) -> ConstraintVoc
     return ConstraintVocabulary(tuple(tokens), (eos,), (pad,))
 
 
-def cost(vocab_size: int, steps: int, threads: int, pairs: int = 2) -> None:
+WIDE = {"type": "object", "properties": {f"field_{i}": {"type": "string", "maxLength": 64} for i in range(24)},
+        "required": [f"field_{i}" for i in range(24)], "additionalProperties": False}  # cost's larger automaton
+
+
+def cost(vocab_size: int, steps: int, threads: int, pairs: int = 2, device: str = "cpu", as_json: bool = False
+         ) -> None:
     torch.set_num_threads(threads)
-    t = time.perf_counter()
+    from dgemma.control.moves import moves_of
     vocab = synthetic_vocabulary(vocab_size)
-    constraint = Constraint.json_object(vocab)
-    print(f"vocabulary {vocab_size}: JSON-object constraint compiled in {time.perf_counter() - t:.1f} s "
-          f"({constraint.num_states} states, {constraint.num_classes} token classes)")
-    model, gen, prompt = cost_model(vocab_size, steps)
-    ratios = []
-    for runs in step_cost_pairs(model, gen, prompt, constraint, pairs):
-        without, with_ = map(ms_per_step, runs)
-        print(f"  without the constraint: {without:7.1f} ms per denoising step", flush=True)
-        print(f"  with    the constraint: {with_:7.1f} ms per denoising step", flush=True)
-        ratios.append(with_ / without)
-    ratios.sort()
-    print(f"  with/without per pair: {', '.join(f'{r:.2f}' for r in ratios)}; median {ratios[len(ratios) // 2]:.2f}")
+    model, gen, prompt = cost_model(vocab_size, steps, device=device)
+    rows = []
+    for name, make in (("JSON object", lambda: Constraint.json_object(vocab)),
+                       ("24 strings of up to 64", lambda: Constraint.from_json_schema(WIDE, vocab))):
+        t = time.perf_counter()
+        constraint = make()
+        row = {"constraint": name, "states": constraint.num_states, "classes": constraint.num_classes,
+               "pairs": len(moves_of(constraint).pair_src), "compile_s": time.perf_counter() - t,
+               "ms_without": [], "ms_with": []}
+        print(f"vocabulary {vocab_size} on {device}: {name} constraint compiled in {row['compile_s']:.1f} s "
+              f"({row['states']} states, {row['classes']} token classes, {row['pairs']} pairs)")
+        shortest = constraint.min_tokens_to_accept(constraint.initial_state) + 1  # and its EOS
+        canvases = -(-shortest // model.canvas_length)
+        for runs in step_cost_pairs(model, gen.replace(max_new_tokens=canvases * model.canvas_length), prompt,
+                                    constraint, pairs):
+            without, with_ = map(ms_per_step, runs)
+            print(f"  without the constraint: {without:7.1f} ms per denoising step", flush=True)
+            print(f"  with    the constraint: {with_:7.1f} ms per denoising step", flush=True)
+            row["ms_without"].append(without)
+            row["ms_with"].append(with_)
+        ratios = sorted(w / wo for wo, w in zip(row["ms_without"], row["ms_with"]))
+        row["ratio"] = ratios[len(ratios) // 2]
+        print(f"  with/without per pair: {', '.join(f'{r:.2f}' for r in ratios)}; median {row['ratio']:.2f}")
+        rows.append(row)
+    if as_json:
+        print(json.dumps({"constrained": {"device": device, "vocab": vocab_size, "steps": steps, "rows": rows}}))
 
 
-def cost_model(vocab_size: int, steps: int, eos: int = 1, pad: int = 0):
-    """The `small` preset (canvas 256) over `vocab_size` tokens, random weights, warmed up; a generation config of
-    `steps` fixed steps per canvas and a prompt of 128 tokens: what `cost` times."""
+def cost_model(vocab_size: int, steps: int, eos: int = 1, pad: int = 0, device: str = "cpu"):
+    """The `small` preset (canvas 256) over `vocab_size` tokens, random weights (bf16 on a GPU), warmed up; a
+    generation config of `steps` fixed steps per canvas and a prompt of 128 tokens: what `cost` times."""
     cfg = preset_config("small", vocab_size=vocab_size)
-    model = random_model(cfg, std=0.02, seed=0)
+    model = random_model(cfg, std=0.02, seed=0, device=device,
+                         dtype=torch.bfloat16 if device.startswith("cuda") else torch.float32)
     C = model.canvas_length
     gen = default_generation(cfg).replace(max_new_tokens=C, max_denoising_steps=steps,
                                           confidence_threshold=1e-30, eos_token_id=[eos], pad_token_id=pad)
@@ -163,8 +185,8 @@ def step_cost_pairs(model, gen, prompt, constraint, pairs: int):
     """Yields, `pairs` times, the outputs of a run without `constraint` and of one with it, batch 1, from the same
     seed: the two alternate in this process."""
     for _ in range(pairs):
-        yield tuple(generate(model, prompt, gen, generator=torch.Generator().manual_seed(0), steering=steering)
-                    for steering in (None, [Steering(constraint=constraint)]))
+        yield tuple(generate(model, prompt, gen, generator=torch.Generator(model.device).manual_seed(0),
+                             steering=steering) for steering in (None, [Steering(constraint=constraint)]))
 
 
 def ms_per_step(out) -> float:
@@ -221,6 +243,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--pairs", type=int, default=2, help="cost: alternating without/with runs")
+    ap.add_argument("--device", default="cpu", help="cost: where the model runs (cuda: in bfloat16)")
+    ap.add_argument("--json", action="store_true", help="cost: a JSON line of the figures last")
     args = ap.parse_args()
     if args.what == "validity":
         torch.set_num_threads(1)
@@ -230,7 +254,7 @@ def main() -> None:
     elif args.what == "cache-hit":
         cache_hit(args.vocab, args.hits)
     else:
-        cost(args.vocab, args.steps, args.threads, args.pairs)
+        cost(args.vocab, args.steps, args.threads, args.pairs, args.device, args.json)
 
 
 if __name__ == "__main__":

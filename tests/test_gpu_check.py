@@ -49,13 +49,16 @@ def test_dry_run_engine_step_and_one_26b_format(tmp_path):
 def test_dry_run_every_part(tmp_path):
     p, report, md = dry_run(tmp_path)
     assert p.returncode == 0, p.stderr[-2000:]
-    names = ["pytest-gpu", "engine-step", "bench-small", "26b-a4b-fp8", "bench-medium", "26b-a4b-int4",
-             "26b-a4b-nvfp4", "26b-a4b-bf16"]
+    names = ["pytest-gpu", "engine-step", "bench-small", "26b-a4b-fp8", "constrained-step", "bench-medium",
+             "26b-a4b-int4", "26b-a4b-nvfp4", "26b-a4b-bf16"]
     assert list(report["parts"]) == names and report["failed"] == []
     bench = report["parts"]["bench-small"]["data"]
     assert {r["engine"] for r in bench["results"]} == {"dgemma", "transformers"}
     for fmt in ("fp8", "int4", "nvfp4", "bf16"):
         assert f"| {fmt} | 1 |" in md
+    constrained = report["parts"]["constrained-step"]["data"]["constrained"]["rows"]
+    assert [r["constraint"] for r in constrained] == ["JSON object", "24 strings of up to 64"]
+    assert all(min(r["ms_with"]) > 0 and r["pairs"] > 0 for r in constrained) and "| cpu | 4096 | JSON object |" in md
     assert md == load().markdown(report)
 
 
