@@ -12,7 +12,8 @@ recorded and the next one runs:
     4. 26b-a4b-fp8                   the release's shapes built on the device, batch 1, 4 and 8, prompt 128,
                                      512 new tokens, 16 fixed steps (tokens/s, ms per step, prefill, peak memory)
     5. constrained-step              `small` at the release's 262,144-token vocabulary, a step with and without a
-                                     JSON constraint (structured_output.py cost: its canvas read on the device)
+                                     JSON constraint (structured_output.py cost: the canvas read on the device, the
+                                     DP's forward pass there and, once more, on the host)
     6. bench-medium                  as 3 on `medium`
     7. 26b-a4b-int4, -nvfp4, -bf16   as 4, for each format whose weights fit the device (bf16 needs ~80 GB)
 

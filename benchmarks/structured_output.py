@@ -15,8 +15,9 @@ that function and nothing else, whose arguments `jsonschema` validates against i
 cost: the `small` preset (canvas 256) with its vocabulary set to --vocab, a byte-level vocabulary of that size
 (the 256 byte tokens plus random strings of letters, digits and JSON punctuation), one canvas of --steps fixed
 steps at batch 1, with and without a constraint (the JSON-object one, then `WIDE`: 24 required strings of up to 64
-characters; as many canvases as its shortest output needs); ms per step of each, in one process, on --device (cuda: the model in bfloat16, the canvas read there;
-gpu_check.py runs it at 262,144 tokens).
+characters; as many canvases as its shortest output needs); ms per step of each, in one process, on --device
+(cuda: the model in bfloat16, the canvas read there, and `WIDE` once more with the DP's forward pass kept on the
+host: dp.DEVICE_PAIRS). gpu_check.py runs it at 262,144 tokens.
 
 tool-compile: the named-tool constraint of `validity` compiled over the synthetic vocabulary of --vocab tokens plus
 the three tool marker tokens (what a server pays on the first forced call of a function; cached afterwards).
@@ -140,9 +141,14 @@ def cost(vocab_size: int, steps: int, threads: int, pairs: int = 2, device: str 
     from dgemma.control.moves import moves_of
     vocab = synthetic_vocabulary(vocab_size)
     model, gen, prompt = cost_model(vocab_size, steps, device=device)
+    from dgemma.control import dp
     rows = []
-    for name, make in (("JSON object", lambda: Constraint.json_object(vocab)),
-                       ("24 strings of up to 64", lambda: Constraint.from_json_schema(WIDE, vocab))):
+    cases = [("JSON object", lambda: Constraint.json_object(vocab), dp.DEVICE_PAIRS),
+             ("24 strings of up to 64", lambda: Constraint.from_json_schema(WIDE, vocab), dp.DEVICE_PAIRS)]
+    if device != "cpu":  # the canvas is read on the device either way; the forward pass there or on the host
+        cases += [("24 strings of up to 64, forward pass on the host", cases[1][1], 1 << 62)]
+    for name, make, device_pairs in cases:
+        dp.DEVICE_PAIRS = device_pairs
         t = time.perf_counter()
         constraint = make()
         row = {"constraint": name, "states": constraint.num_states, "classes": constraint.num_classes,

@@ -176,3 +176,28 @@ def test_a_canvas_on_cuda_is_read_there_with_the_tokens_of_the_cpu(vocab):  # no
         assert on_cuda.token_class is not None and on_cuda.log_probs.is_cuda
         a, b = solve_each(class_scores(lp, c), [None], None, held)[0], solve_each(on_cuda, [None], None, held)[0]
         assert torch.equal(a.tokens, b.tokens) and torch.equal(a.states, b.states)
+
+
+def test_the_forward_pass_in_torch_gives_the_numpy_scores(vocab, monkeypatch):  # noqa: F811
+    """A canvas read by scatter runs its forward pass where it was read (torch; here the CPU, with DEVICE_PAIRS
+    lowered): the answers of the numpy pass, bit for bit, with held prefixes, preferred draws and a budget that ends
+    inside the canvas."""
+    c = Constraint.from_json_schema(PERSON, vocab)
+    ends, done_from = dp.canvas_rule(c, {}, 0, 24, 20)
+    g = torch.Generator().manual_seed(1)
+    devices = []
+    real_run = dp.moves_of(c).forward.run
+    monkeypatch.setattr(dp.moves_of(c).forward, "run", lambda *a: devices.append(a[-1]) or real_run(*a))
+    for seed in range(6):
+        lp = (torch.randn(24, c.vocab_size, generator=g) * 3).log_softmax(-1)
+        free = solve_each(class_scores(lp, c), [None], None, None, ends, done_from)[0].tokens
+        held = torch.where(torch.arange(24) < 3 * seed, free, -1)
+        prefer = torch.where(torch.rand(24, generator=g) < 0.5, torch.randint(0, c.vocab_size, (24,), generator=g), -1)
+        args = ([None, prefer], None, held, ends, done_from)
+        want = solve_each(class_scores(lp, c), *args)
+        with monkeypatch.context() as m:
+            m.setattr(dp, "DEVICE_PAIRS", 0)
+            got = solve_each(class_scores(lp, c, scatter=True), *args)
+        for a, b in zip(want, got):
+            assert torch.equal(a.tokens, b.tokens) and torch.equal(a.states, b.states) and a.log_prob == b.log_prob
+    assert None in devices and torch.device("cpu") in devices  # both passes ran

@@ -38,6 +38,9 @@ from .moves import moves_of
 from .reading import FLOOR, ClassScores, class_scores, tokens_of
 
 PREFER_PENALTY = 1e-3  # solve(prefer=): a token other than the preferred one counts at this share of its probability
+# (pairs x lanes) from which a canvas read on its accelerator (reading.py's scatter) runs the forward pass there too
+# rather than in numpy on the host. Not yet timed on a GPU: gpu_check.py's constrained-step part times both sides
+DEVICE_PAIRS = 1 << 15
 
 
 @dataclass(frozen=True)
@@ -126,7 +129,9 @@ def _answers(scores: ClassScores, moves, steered: list, set_value: np.ndarray, w
              end_states: np.ndarray | None, done_from: int | None) -> list[ValidTokens]:
     """3-6 for every lane, the forward pass from the end of `walk` (Forward.run)."""
     constraint = scores.constraint
-    score = moves.forward.run(set_value, walk, done_from, torch.get_num_threads())  # (C+1, S+1, L)
+    on_device = scores.token_class is not None and len(moves.pair_src) * len(steered) >= DEVICE_PAIRS
+    score = moves.forward.run(set_value, walk, done_from, torch.get_num_threads(),  # (C+1, S+1, L)
+                              scores.log_probs.device if on_device else None)
     answers = []
     for lane, (best, fixed) in enumerate(steered):
         state = _end_state(constraint, moves, score[:, :, lane], walk[0], end_states, done_from)

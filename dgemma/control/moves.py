@@ -5,6 +5,7 @@ constraint and cached on it."""
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from .constraint import INVALID, Constraint
 
@@ -106,24 +107,68 @@ class Forward:
             self.groups.append((slot, w, count, first))
             slot, first = slot + w * count, first + count
         self.pair_src = self.internal[moves.pair_src]  # (P,) new source state of each pair (step 5)
+        self.pair_set, self.pair_dst = moves.pair_set, self.internal[moves.pair_dst]  # (P,) each, for _on_device
+        self._device_indices: dict = {}  # device -> (pair_src, pair_set, pair_dst) there
         self.num_states, self.done = num_states, done
         loop = np.flatnonzero((moves.pair_src == done) & (moves.pair_dst == done))
         self.done_loop = int(moves.pair_set[loop[0]]) if len(loop) else -1  # the class set of DONE -> DONE
 
-    def run(self, set_value: np.ndarray, walk: list[int], done_from: int | None, threads: int = 1) -> np.ndarray:
+    def run(self, set_value: np.ndarray, walk: list[int], done_from: int | None, threads: int = 1,
+            device: torch.device | None = None) -> np.ndarray:
         """Step 3 for L lanes at once: score (C+1, S+1, L), the best score of reaching each (renumbered) state
         after each position, given each class set's value per position and lane set_value (C, Q, L). walk: the
         states (old numbering) at positions 0..n, [start] or a held prefix's forced states (dp._held_walk), each
         scored 0 there; the pass runs from position n. From position `done_from` on only DONE stays reachable,
         so past it the pass is DONE's own loop. Lanes share every gather's indices, so a second lane costs far
         less than a second pass. With `threads`, a position's groups are split into that many runs of about
-        equal size (at least PART_ELEMENTS gathered elements each), one a thread: numpy lets go of the GIL."""
+        equal size (at least PART_ELEMENTS gathered elements each), one a thread: numpy lets go of the GIL. With
+        `device`, the pass runs there in torch (`_on_device`); the scores are the same, bit for bit."""
         canvas_length, _, lanes = set_value.shape
+        if device is not None:
+            return self._on_device(device, set_value, walk, done_from)
         score = np.full((canvas_length + 1, self.num_states + 1, lanes), -np.inf, set_value.dtype)
-        for c, state in enumerate(walk):
-            score[c, self.internal[state]] = 0.0
         parts = self._parts(min(threads, max(1, len(self.src) * lanes // PART_ELEMENTS)), set_value.dtype, lanes)
         pool = _pool(len(parts) - 1)
+
+        def position(c: int) -> None:
+            others = [pool.submit(_pass, part, score[c], set_value[c], score[c + 1]) for part in parts[1:]]
+            _pass(parts[0], score[c], set_value[c], score[c + 1])
+            for other in others:
+                other.result()
+
+        self._positions(score, set_value, walk, done_from, position)
+        return score
+
+    def _on_device(self, device: torch.device, set_value: np.ndarray, walk: list[int], done_from: int | None
+                   ) -> np.ndarray:
+        """Step 3 in torch on `device`, pair by pair: a position gathers each pair's source score and class-set
+        value and scatters their sum into its next state with a maximum (max and + are exact, so the order of
+        the scatter does not matter); a few kernels a position, and the scores come back to the host once."""
+        indices = self._device_indices.get(device)
+        if indices is None:
+            indices = self._device_indices[device] = tuple(
+                torch.from_numpy(a).to(device) for a in (self.pair_src, self.pair_set, self.pair_dst))
+        src, sets, dst = indices
+        canvas_length, _, lanes = set_value.shape
+        values = torch.from_numpy(set_value).to(device)
+        score = torch.full((canvas_length + 1, self.num_states + 1, lanes), -torch.inf, dtype=values.dtype,
+                           device=device)
+        into = dst[:, None].expand(-1, lanes)
+
+        def position(c: int) -> None:
+            moves = score[c].index_select(0, src) + values[c].index_select(0, sets)  # (P, L)
+            score[c + 1].scatter_reduce_(0, into, moves, "amax")
+
+        self._positions(score, values, walk, done_from, position)
+        return score.cpu().numpy()
+
+    def _positions(self, score, set_value, walk: list[int], done_from: int | None, position) -> None:
+        """The loop over positions that `run` and `_on_device` share (score and set_value: numpy arrays or
+        tensors): the walk's states score 0, then each position is `position(c)`, or DONE's own loop past the
+        budget, where only DONE stays."""
+        canvas_length = set_value.shape[0]
+        for c, state in enumerate(walk):
+            score[c, self.internal[state]] = 0.0
         done = self.internal[self.done]
         only_done_from = canvas_length + 1 if done_from is None else max(done_from, 1)  # rows from here: DONE only
         for c in range(len(walk) - 1, canvas_length):
@@ -132,15 +177,11 @@ class Forward:
                 if self.done_loop >= 0:
                     row[done] = score[c, done] + set_value[c, self.done_loop]
                 continue
-            others = [pool.submit(_pass, part, score[c], set_value[c], row) for part in parts[1:]]
-            _pass(parts[0], score[c], set_value[c], row)
-            for other in others:
-                other.result()
+            position(c)
             if c + 1 >= only_done_from:  # past the budget: only DONE
-                done_score = row[done].copy()
+                done_score = row[done] + 0
                 row[:] = -np.inf
                 row[done] = done_score
-        return score
 
     def _parts(self, count: int, dtype, lanes: int) -> list[tuple]:
         """The groups cut into `count` runs of about equal slots, each with its own buffers: (source states, class
