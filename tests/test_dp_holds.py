@@ -164,9 +164,11 @@ def test_the_scatter_read_gives_the_tokens_of_the_numpy_read(vocab, probs):  # n
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_a_canvas_on_cuda_is_read_there_with_the_tokens_of_the_cpu(vocab):  # noqa: F811
-    """Log-probs on a CUDA device are read by scatter there (the default): the tokens and states of the numpy read
-    of the same log-probs on the CPU."""
+@pytest.mark.parametrize("device_pairs", [dp.DEVICE_PAIRS, 0], ids=["forward-on-host", "forward-on-cuda"])
+def test_a_canvas_on_cuda_is_read_there_with_the_tokens_of_the_cpu(vocab, device_pairs, monkeypatch):  # noqa: F811
+    """Log-probs on a CUDA device are read by scatter there (the default), and the forward pass runs there too past
+    DEVICE_PAIRS: the tokens and states of the numpy read and pass over the same log-probs on the CPU."""
+    monkeypatch.setattr(dp, "DEVICE_PAIRS", device_pairs)
     c = Constraint.from_json_schema(PERSON, vocab)
     g = torch.Generator().manual_seed(0)
     for seed in range(4):
