@@ -15,7 +15,8 @@ from pydantic import BaseModel, constr
 from dgemma.control import Constraint
 from dgemma.control.dp import best_valid_tokens
 from dgemma.control.schema import SchemaError, schema_to_regex
-from dgemma.control.schema.strings import _c, _sre_parse, pattern_body
+from dgemma.control.schema.charsets import sre, sre_parse
+from dgemma.control.schema.strings import pattern_body
 
 from .test_control import random_log_probs, text_of, vocab, tokenizer  # noqa: F401  (fixtures)
 
@@ -23,7 +24,10 @@ from .test_control import random_log_probs, text_of, vocab, tokenizer  # noqa: F
 PATTERNS = [r"^([\w\/-]|[\w-][\w\/-]*[\w-])$", r"^([a-z0-9-]+):([a-z0-9\.-]+):([a-z0-9-]+)?:([a-z0-9-]+)$",
             r"^[A-Za-z0-9:_\-]+$", r"^(?:\S+\s+){0,9}\S+$", r"^$|(^(?:\S+\s+){0,99}\S+$)", r"^[0-9a-z-]*$",
             r"^(\d+\.\d+\.\d+.*)$", r"[a-zA-Z0-9_.-]+", r"^[0-9]{9}$", r"^(ab|c{2,})+x?$", r'^[^"\\]{2,}$',
-            r"^\W\D\S+$", r"^[\W\d]*$", r"^$|^a+$", r"^[^@\s]+$", r"^[^\d_]+$", r"^[^\w]+$", r"^[^\S]+$"]
+            r"^\W\D\S+$", r"^[\W\d]*$", r"^$|^a+$", r"^[^@\s]+$", r"^[^\d_]+$", r"^[^\w]+$", r"^[^\S]+$",
+            # negative lookaheads at the start (JSONSchemaStore's reserved words)
+            r"^(?!@@)[\w@]+$", r"^(?!interactive|name|style).+$", r"^(?!pattern$).*$", r"(?!ab)(a|b){2,3}c?",
+            r"^(?!io\.papermc\.)([a-zA-Z_$][a-zA-Z\d_$]*\.)*[a-zA-Z_$][a-zA-Z\d_$]*$", r"^(?![ \t\n]*\(default(.*)\))[\s\S]*"]
 
 
 POOL = [chr(c) for c in range(0x20, 0x7F)] + ["\x00", "\x1f", "\x85", "é", "€", "中", "\u3000", "\U0001F600"]
@@ -36,28 +40,28 @@ def sample(body: str, rng: random.Random, decode: bool = True) -> str:
     def walk(items) -> str:
         out = []
         for op, arg in items:
-            if op == _c.LITERAL:
+            if op == sre.LITERAL:
                 out.append(chr(arg))
-            elif op == _c.IN:
-                ranges = [(a, a) if kind == _c.LITERAL else a for kind, a in arg if kind in (_c.LITERAL, _c.RANGE)]
-                if any(kind == _c.NEGATE for kind, _ in arg):  # [^...]: a character of the pool outside them
+            elif op == sre.IN:
+                ranges = [(a, a) if kind == sre.LITERAL else a for kind, a in arg if kind in (sre.LITERAL, sre.RANGE)]
+                if any(kind == sre.NEGATE for kind, _ in arg):  # [^...]: a character of the pool outside them
                     out.append(rng.choice([c for c in POOL if not any(a <= ord(c) <= b for a, b in ranges)]))
                     continue
                 a, b = rng.choice(ranges)
                 out.append(chr(rng.choice([a, b, rng.randint(a, b)])))
-            elif op in (_c.MAX_REPEAT, _c.MIN_REPEAT):
+            elif op in (sre.MAX_REPEAT, sre.MIN_REPEAT):
                 low, high, sub = arg
-                high = low + 8 if high == _c.MAXREPEAT else high
+                high = low + 8 if high == sre.MAXREPEAT else high
                 out.extend(walk(sub) for _ in range(rng.choice([low, high, rng.randint(low, high)])))
-            elif op == _c.SUBPATTERN:
+            elif op == sre.SUBPATTERN:
                 out.append(walk(arg[-1]))
-            elif op == _c.BRANCH:
+            elif op == sre.BRANCH:
                 out.append(walk(rng.choice(arg[1])))
             else:
                 raise AssertionError(f"the writer wrote {op}")
         return "".join(out)
 
-    text = walk(_sre_parse.parse(body))
+    text = walk(sre_parse.parse(body))
     assert re.fullmatch(body, text)
     return json.loads(f'"{text}"') if decode else text  # JSON string text: escapes count as one character
 
@@ -140,3 +144,21 @@ def test_angle_brackets_compile_and_match_themselves(vocab):  # noqa: F811  (a f
     regex = schema_to_regex(schema)
     assert re.fullmatch(regex, '{"op":">=","tag":"<ab>"}') and not re.fullmatch(regex, '{"op":">","tag":"<ab>"}')
     assert constraint.num_states > 0
+
+
+@pytest.mark.parametrize("pattern", [r"^(?!@@)[@a-z]+$", r"^(?!ab|b)(a|b)*$", r"(?!a?b)[abc]{1,3}", r"^(?!a)(?!b)[abc]*$",
+                                     r"^(?!(ab)+)(a|b|ab)*c?$", r"^(?!a)^[ab]+"])
+def test_a_negative_lookahead_writes_only_strings_that_match_the_pattern(pattern):
+    """Every string of up to 5 characters of a small alphabet that the written body takes matches the pattern
+    (Python's re), and the body takes some string the pattern's lookahead allows."""
+    import itertools
+
+    body = re.compile(pattern_body(pattern, 1024, 64))
+    taken = [t for n in range(6) for t in map("".join, itertools.product("abc@", repeat=n)) if body.fullmatch(t)]
+    assert taken and all(re.search(pattern, t) for t in taken), [t for t in taken if not re.search(pattern, t)]
+
+
+@pytest.mark.parametrize("pattern", [r"^(?!a?)b", r"^(?!.*x)[ab]+$", r"(?=a)b", r"(?<!a)b", r"^(a(?!b))+$"])
+def test_other_lookarounds_are_refused_by_name(pattern):
+    with pytest.raises(ValueError, match="lookahead|lookaround"):
+        pattern_body(pattern, 1024, 64)

@@ -12,18 +12,13 @@ import re
 
 from .base import escaped
 
-try:
-    import re._parser as _sre_parse  # Python >= 3.11
-    from re import _constants as _c
-except ImportError:  # Python 3.10
-    import sre_constants as _c
-    import sre_parse as _sre_parse
+from .charsets import MAX_CODE, class_ranges, complement, sre, sre_parse, subtract
+from .lookahead import avoiding_lookaheads
 
 # one character of a JSON string: any character JSON writes plain, or a short escape. No \uXXXX: every character
 # can be written plain, and the escape's 4 digits would multiply the states of every counted string
 CHAR = r'([^"\\\x00-\x1F\x7F-\x9F]|\\["\\/bfnrt])'
 _UNSAFE = [(0, 0x1F), (0x22, 0x22), (0x5C, 0x5C), (0x7F, 0x9F), (0xD800, 0xDFFF)]
-_MAX_CODE = 0x10FFFF
 
 _YEAR = "[1-9][0-9]{3}"
 _LEAP = "([1-9][0-9](0[48]|[2468][048]|[13579][26])|([2468][048]|[13579][26])00)"
@@ -82,68 +77,10 @@ def _literal(code: int) -> str:
     return "".join(_escape_char(ord(c)) for c in json.dumps(chr(code))[1:-1])
 
 
-def _subtract(ranges: list[tuple[int, int]], cut: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    out = []
-    for lo, hi in ranges:
-        pieces = [(lo, hi)]
-        for c_lo, c_hi in cut:
-            pieces = [p for a, b in pieces for p in ((a, min(b, c_lo - 1)), (max(a, c_hi + 1), b)) if p[0] <= p[1]]
-        out.extend(pieces)
-    return sorted(out)
-
-
-def _complement(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    return _subtract([(0, _MAX_CODE)], ranges)
-
-
-_CATEGORIES = {
-    _c.CATEGORY_DIGIT: [(48, 57)], _c.CATEGORY_WORD: [(48, 57), (65, 90), (95, 95), (97, 122)],
-    _c.CATEGORY_SPACE: [(32, 32)],  # the other spaces are control characters, which JSON escapes
-}
-# \S and \W are written as characters outside \s and \w both in ECMA-262 and in Python's re (which validators such
-# as jsonschema use): no whitespace of either (ECMA adds U+FEFF, Python U+001C-U+001F and U+0085), and for \W only
-# ASCII, since Python's \w takes the letters and digits of every script; likewise \D
-_SPACES = [(9, 13), (0x1C, 0x20), (0x85, 0x85), (0xA0, 0xA0), (0x1680, 0x1680), (0x2000, 0x200A), (0x2028, 0x2029),
-           (0x202F, 0x202F), (0x205F, 0x205F), (0x3000, 0x3000), (0xFEFF, 0xFEFF)]
-_NOT_CATEGORIES = {_c.CATEGORY_NOT_DIGIT: [(48, 57), (0x80, _MAX_CODE)],
-                   _c.CATEGORY_NOT_WORD: _CATEGORIES[_c.CATEGORY_WORD] + [(0x80, _MAX_CODE)],
-                   _c.CATEGORY_NOT_SPACE: _SPACES}
-
-
-_BOTH_SPACES = [(9, 13), (32, 32), (0xA0, 0xA0), (0x1680, 0x1680), (0x2000, 0x200A), (0x2028, 0x2029),
-                (0x202F, 0x202F), (0x205F, 0x205F), (0x3000, 0x3000)]  # spaces to ECMA-262 and to Python alike
-# inside a negated class an item must take away every character either dialect puts in it
-_WIDE = {_c.CATEGORY_DIGIT: [(48, 57), (0x80, _MAX_CODE)],
-         _c.CATEGORY_WORD: _CATEGORIES[_c.CATEGORY_WORD] + [(0x80, _MAX_CODE)],
-         _c.CATEGORY_SPACE: _SPACES,
-         _c.CATEGORY_NOT_DIGIT: _complement([(48, 57)]),
-         _c.CATEGORY_NOT_WORD: _complement(_CATEGORIES[_c.CATEGORY_WORD]),
-         _c.CATEGORY_NOT_SPACE: _complement(_BOTH_SPACES)}
-
-
 def _class(items, negate: bool = False) -> str:
     """A character class (sre items) as a regex class of the characters JSON writes unescaped, that ECMA-262 and
-    Python's re both read as in the class (narrow items in a class, wide ones in a negated class)."""
-    ranges = []
-    negate = negate or any(op == _c.NEGATE for op, _ in items)
-    for op, arg in items:
-        if op == _c.NEGATE:
-            continue
-        if op == _c.LITERAL:
-            ranges.append((arg, arg))
-        elif op == _c.RANGE:
-            ranges.append(arg)
-        elif op == _c.CATEGORY and negate and arg in _WIDE:
-            ranges.extend(_WIDE[arg])
-        elif op == _c.CATEGORY and arg in _CATEGORIES:
-            ranges.extend(_CATEGORIES[arg])
-        elif op == _c.CATEGORY and arg in _NOT_CATEGORIES:
-            ranges.extend(_complement(_NOT_CATEGORIES[arg]))
-        else:
-            raise ValueError(f"character class item {str(op).lower()} {str(arg).lower()}")
-    if negate:
-        ranges = _complement(ranges)
-    ranges = _subtract(ranges, _UNSAFE)
+    Python's re both read as in the class."""
+    ranges = subtract(class_ranges(items, negate), _UNSAFE)
     if not ranges:
         raise ValueError("a character class that matches no character a JSON string holds unescaped")
     return "[" + "".join(_escape_char(a) if a == b else f"{_escape_char(a)}-{_escape_char(b)}"
@@ -156,7 +93,7 @@ Fit = tuple  # (floor, cap | None): every repetition of a pattern raised to at l
 def _repeat(low: int, high: int, max_repeat: int, repeat_cap: int, fit: Fit | None) -> tuple[int, int | None]:
     """A repetition's written bounds (None: unbounded): raised and cut by `fit` (a pattern under minLength /
     maxLength), a bounded one cut to repeat_cap (or its low)."""
-    high = None if high == _c.MAXREPEAT else high
+    high = None if high == sre.MAXREPEAT else high
     if fit is not None:
         floor, cap = fit
         low = max(low, floor) if high is None else min(max(low, floor), high)
@@ -171,17 +108,17 @@ def _lengths(items, max_repeat: int, repeat_cap: int, fit: Fit | None) -> tuple[
     """The fewest and most characters of a string the sequence matches, as _sequence writes it under `fit`."""
     low, high = 0, 0
     for op, arg in items:
-        if op in (_c.LITERAL, _c.NOT_LITERAL, _c.IN, _c.ANY):
+        if op in (sre.LITERAL, sre.NOT_LITERAL, sre.IN, sre.ANY):
             low, high = low + 1, high + 1
-        elif op in (_c.MAX_REPEAT, _c.MIN_REPEAT):
+        elif op in (sre.MAX_REPEAT, sre.MIN_REPEAT):
             r_low, r_high = _repeat(arg[0], arg[1], max_repeat, repeat_cap, fit)
             m, n = _lengths(arg[2], max_repeat, repeat_cap, fit)
             low += r_low * m
             high += 0 if n == 0 else float("inf") if r_high is None else r_high * n
-        elif op == _c.SUBPATTERN:
+        elif op == sre.SUBPATTERN:
             m, n = _lengths(arg[-1], max_repeat, repeat_cap, fit)
             low, high = low + m, high + n
-        elif op == _c.BRANCH:
+        elif op == sre.BRANCH:
             spans = [_lengths(b, max_repeat, repeat_cap, fit) for b in arg[1]]
             low, high = low + min(m for m, _ in spans), high + max(n for _, n in spans)
     return low, high
@@ -217,47 +154,47 @@ def _fit(branch, low: int, high: int | None, max_repeat: int, repeat_cap: int) -
 def _sequence(items, max_repeat: int, repeat_cap: int, fit: Fit | None = None) -> str:
     out = []
     for op, arg in items:
-        if op == _c.LITERAL:
+        if op == sre.LITERAL:
             out.append(_literal(arg))
-        elif op == _c.NOT_LITERAL:
-            out.append(_class([(_c.LITERAL, arg)], negate=True))
-        elif op == _c.IN:
+        elif op == sre.NOT_LITERAL:
+            out.append(_class([(sre.LITERAL, arg)], negate=True))
+        elif op == sre.IN:
             out.append(_class(arg))
-        elif op == _c.ANY:
-            out.append(_class([(_c.LITERAL, 0x0A), (_c.LITERAL, 0x0D), (_c.LITERAL, 0x2028), (_c.LITERAL, 0x2029)],
+        elif op == sre.ANY:
+            out.append(_class([(sre.LITERAL, 0x0A), (sre.LITERAL, 0x0D), (sre.LITERAL, 0x2028), (sre.LITERAL, 0x2029)],
                               negate=True))
-        elif op in (_c.MAX_REPEAT, _c.MIN_REPEAT):
+        elif op in (sre.MAX_REPEAT, sre.MIN_REPEAT):
             low, high = _repeat(arg[0], arg[1], max_repeat, repeat_cap, fit)
             out.append(f"({_sequence(arg[2], max_repeat, repeat_cap, fit)}){{{low},{'' if high is None else high}}}")
-        elif op == _c.SUBPATTERN:
+        elif op == sre.SUBPATTERN:
             if arg[1] or arg[2]:
                 raise ValueError("inline flags")
             out.append(f"({_sequence(arg[-1], max_repeat, repeat_cap, fit)})")
-        elif op == _c.BRANCH:
+        elif op == sre.BRANCH:
             out.append("(" + "|".join(_sequence(b, max_repeat, repeat_cap, fit) for b in arg[1]) + ")")
-        elif op in (_c.ASSERT, _c.ASSERT_NOT):
+        elif op in (sre.ASSERT, sre.ASSERT_NOT):
             raise ValueError("a lookaround")
-        elif op == _c.GROUPREF:
+        elif op == sre.GROUPREF:
             raise ValueError("a backreference")
         else:
             raise ValueError(f"{str(op).lower()} {str(arg).lower()}")
     return "".join(out)
 
 
-_ANCHORS = (_c.AT_BEGINNING, _c.AT_BEGINNING_STRING, _c.AT_END, _c.AT_END_STRING)
+_ANCHORS = (sre.AT_BEGINNING, sre.AT_BEGINNING_STRING, sre.AT_END, sre.AT_END_STRING)
 
 
 def _alternatives(items) -> list[list]:
     """The pattern's top-level alternatives, each without its anchors: a group around a whole alternative is
     opened ((^...$)), and an alternation left after the anchors is split (`re` writes `^$|^a+$` as ^ then $ | a+$)."""
     items = list(items)
-    while len(items) == 1 and items[0][0] == _c.SUBPATTERN and not (items[0][1][1] or items[0][1][2]):
+    while len(items) == 1 and items[0][0] == sre.SUBPATTERN and not (items[0][1][1] or items[0][1][2]):
         items = list(items[0][1][-1])
-    while items and items[0][0] == _c.AT and items[0][1] in _ANCHORS[:2]:
+    while items and items[0][0] == sre.AT and items[0][1] in _ANCHORS[:2]:
         items.pop(0)
-    if len(items) == 1 and items[0][0] == _c.BRANCH:
+    if len(items) == 1 and items[0][0] == sre.BRANCH:
         return [alt for branch in items[0][1][1] for alt in _alternatives(branch)]
-    while items and items[-1][0] == _c.AT and items[-1][1] in _ANCHORS[2:]:
+    while items and items[-1][0] == sre.AT and items[-1][1] in _ANCHORS[2:]:
         items.pop()
     return [items]
 
@@ -266,16 +203,20 @@ def pattern_body(pattern: str, max_repeat: int, repeat_cap: int, low: int = 0, h
     """The regex of string bodies that fully match `pattern` (a JSON schema pattern searches; a full match is a
     match, so this is a valid subset) and have `low` to `high` characters (minLength / maxLength): each top-level
     alternative's repetitions are raised and cut uniformly until every string it matches has such a length
-    (_fit), and an alternative that cannot is left out. ValueError, saying why, for what cannot be written."""
+    (_fit), and an alternative that cannot is left out; negative lookaheads at an alternative's start are written
+    as lookahead.py says. ValueError, saying why, for what cannot be written."""
     if not isinstance(pattern, str):
         raise ValueError("a pattern must be a string")
     try:
-        parsed = list(_sre_parse.parse(pattern))
+        tree = sre_parse.parse(pattern)
     except (re.error, RecursionError, OverflowError) as err:
         raise ValueError(f"an invalid regular expression ({err})") from None
     written = []
-    for branch in _alternatives(parsed):
-        if any(op == _c.AT for op, _ in branch):
+    for branch in _alternatives(list(tree)):
+        if branch and branch[0][0] == sre.ASSERT_NOT and tree.state.flags & re.IGNORECASE:
+            raise ValueError("a lookaround under the i flag")
+        branch = avoiding_lookaheads(branch)  # lookahead.py: a negative lookahead at the start
+        if any(op == sre.AT for op, _ in branch):
             raise ValueError("an anchor or word boundary inside the pattern")
         if (low, high) == (0, None):
             written.append(_sequence(branch, max_repeat, repeat_cap))
