@@ -217,13 +217,12 @@ _POOL: dict = {"pool": None, "workers": 0}
 
 
 def _pool(workers: int):
-    """A thread pool of at least `workers` threads, kept between calls (None when none is needed)."""
+    """A thread pool of at least `workers` threads, kept between calls (None when none is needed). A larger one
+    replaces it when asked for; the old one is left to finish what another caller gave it."""
     if workers <= 0:
         return None
     if _POOL["workers"] < workers:
         from concurrent.futures import ThreadPoolExecutor
-        if _POOL["pool"] is not None:
-            _POOL["pool"].shutdown(wait=False)
         _POOL.update(pool=ThreadPoolExecutor(workers, thread_name_prefix="dgemma-dp"), workers=workers)
     return _POOL["pool"]
 
