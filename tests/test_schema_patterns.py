@@ -162,3 +162,29 @@ def test_a_negative_lookahead_writes_only_strings_that_match_the_pattern(pattern
 def test_other_lookarounds_are_refused_by_name(pattern):
     with pytest.raises(ValueError, match="lookahead|lookaround"):
         pattern_body(pattern, 1024, 64)
+
+
+PYDANTIC_FORMATS = ["IPvAnyAddress", "IPvAnyInterface", "IPvAnyNetwork", "UUID1", "UUID3", "UUID4", "UUID5",
+                    "Base64Str", "Base64Bytes", "ipaddress.IPv4Network", "ipaddress.IPv6Interface"]
+
+
+@pytest.mark.parametrize("name", PYDANTIC_FORMATS)
+def test_pydantics_own_formats_are_written_as_values_pydantic_takes(name):
+    """pydantic writes formats of its own for these types (ipvanyaddress, uuid4, base64, ipv4network, ...), which
+    JSON Schema validators take as annotations and pydantic checks: every written value passes the model and
+    jsonschema (format checking on). Before, any string was written, and pydantic refused every one."""
+    import ipaddress
+
+    import pydantic
+
+    module, _, attr = name.rpartition(".")
+    field_type = getattr(ipaddress if module == "ipaddress" else pydantic, attr)
+    model = pydantic.create_model("Model", value=(field_type, ...))
+    schema = model.model_json_schema()
+    regex = schema_to_regex(schema)
+    checker = jsonschema.Draft202012Validator(schema, format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER)
+    rng = random.Random(0)
+    for _ in range(100):
+        text = sample(regex, rng, decode=False)
+        model.model_validate_json(text)
+        checker.validate(json.loads(text))

@@ -56,8 +56,19 @@ FORMATS.update({
     "color": ("#[0-9a-f]{6}", 7, 7),  # draft 3's CSS 2.1 color, as #rrggbb
     "host-name": FORMATS["hostname"], "ip-address": FORMATS["ipv4"],  # draft 3's names
 })
-# every format a validator checks (jsonschema with its format-nongpl extras, drafts 3 to 2020-12) is written;
-# any other format is an annotation
+# pydantic's own formats, which JSON Schema validators take as annotations and pydantic checks: an IPv4 address is
+# also a valid IPvAny address, interface and network (a /32); a UUID of version n has n and the RFC 4122 variant in
+# place; base64 is written as the encoding of ASCII text (Base64Str decodes it to a str), whole 4-character groups
+_UUID_V = "[0-9a-f]{{8}}-[0-9a-f]{{4}}-{}[0-9a-f]{{3}}-[89ab][0-9a-f]{{3}}-[0-9a-f]{{12}}"
+FORMATS.update({
+    **{name: FORMATS["ipv4"] for name in ("ipvanyaddress", "ipvanyinterface", "ipvanynetwork", "ipv4network",
+                                          "ipv4interface")},
+    **{name: FORMATS["ipv6"] for name in ("ipv6network", "ipv6interface")},
+    **{f"uuid{n}": (_UUID_V.format(n), 36, 36) for n in range(1, 9)},
+    "base64": ("([A-Za-f][0-3A-HQ-Xg-nw-z][014589ABEFIJMNQRUVYZcdghklopstwx][A-Za-z0-9+/]){0,16}", 0, 64),
+})
+# every format a validator checks (jsonschema with its format-nongpl extras, drafts 3 to 2020-12) and pydantic's
+# are written; any other format is an annotation
 
 
 def length_range(low: int, high: int | None) -> str:
