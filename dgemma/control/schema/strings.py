@@ -60,13 +60,14 @@ FORMATS.update({
 # also a valid IPvAny address, interface and network (a /32); a UUID of version n has n and the RFC 4122 variant in
 # place; base64 is written as the encoding of ASCII text (Base64Str decodes it to a str), whole 4-character groups
 _UUID_V = "[0-9a-f]{{8}}-[0-9a-f]{{4}}-{}[0-9a-f]{{3}}-[89ab][0-9a-f]{{3}}-[0-9a-f]{{12}}"
-FORMATS.update({
+PYDANTIC_FORMATS = {
     **{name: FORMATS["ipv4"] for name in ("ipvanyaddress", "ipvanyinterface", "ipvanynetwork", "ipv4network",
                                           "ipv4interface")},
     **{name: FORMATS["ipv6"] for name in ("ipv6network", "ipv6interface")},
     **{f"uuid{n}": (_UUID_V.format(n), 36, 36) for n in range(1, 9)},
     "base64": ("([A-Za-f][0-3A-HQ-Xg-nw-z][014589ABEFIJMNQRUVYZcdghklopstwx][A-Za-z0-9+/]){0,16}", 0, 64),
-})
+}
+FORMATS.update(PYDANTIC_FORMATS)
 # every format a validator checks (jsonschema with its format-nongpl extras, drafts 3 to 2020-12) and pydantic's
 # are written; any other format is an annotation
 
