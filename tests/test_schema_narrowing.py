@@ -73,6 +73,11 @@ OVERLAPPING = [
     # number ranges that cannot meet, draft 4's exclusiveMinimum flag included
     {"$schema": "http://json-schema.org/draft-04/schema#", "type": "number",
      "oneOf": [{"maximum": 2}, {"minimum": 2, "exclusiveMinimum": True, "maximum": 9}]},
+    # patterns anchored at the start (Github_easy's repository URLs, a UUID in either case): each member is narrowed
+    # by not the other, as strings that do not start the way the other's pattern does
+    {"oneOf": [{"pattern": "^https?://", "type": "string"}, {"pattern": "^git://", "type": "string"}]},
+    {"oneOf": [{"pattern": "^[0-9a-f]{8}-([0-9a-f]{4}-){3}[0-9a-f]{12}$"},
+               {"pattern": "^[0-9A-F]{8}-([0-9A-F]{4}-){3}[0-9A-F]{12}$"}]},
 ]
 
 
@@ -215,6 +220,10 @@ NEGATIONS = [
     # a format no validator checks is an annotation; a checked format's written form is none of the values
     {"type": "string", "format": "wikidata-id", "maxLength": 3, "not": {"enum": ["a", "ab"]}},
     {"type": "string", "format": "email", "not": {"enum": ["", "n/a", "none"]}},
+    # a pattern anchored at its start: strings that do not start so (a pattern takes every value but a string)
+    {"type": "string", "pattern": "^[a-z]+$", "minLength": 2, "not": {"pattern": "^ab"}},
+    {"type": ["string", "integer"], "maxLength": 4, "not": {"pattern": "^(a|bc)"}},
+    {"type": "string", "pattern": "^b1|^c2|^d$", "not": {"pattern": "^b"}},  # alternatives kept together
 ]
 
 
@@ -244,10 +253,12 @@ def test_a_string_less_some_values_is_exactly_the_other_strings():
 
 
 def test_other_forms_of_not_are_refused_by_name():
-    for schema in ({"type": "string", "not": {"pattern": "^a"}}, {"type": "number", "not": {"type": "integer"}},
+    for schema in ({"type": "number", "not": {"type": "integer"}},
                    {"type": "number", "not": {"enum": [1]}}, {"type": "string", "pattern": "^[ab]$",
                                                                "not": {"enum": ["a"]}},
-                   {"type": "string", "format": "date", "not": {"const": "2024-02-29"}}):
+                   {"type": "string", "format": "date", "not": {"const": "2024-02-29"}},
+                   {"type": "string", "not": {"pattern": "ab"}}, {"type": "string", "not": {"pattern": "^a|b"}},
+                   {"type": "string", "pattern": "a1", "not": {"pattern": "^b"}}):
         with pytest.raises(SchemaError, match="'not'"):
             schema_to_regex(schema)
     with pytest.raises(SchemaError, match="no JSON value"):

@@ -10,6 +10,9 @@ negated schema, or refused.
   otherwise each type of the node less the negated values of that type: a string not among them (a pattern that
   spells the strings that differ from each; with a checked format, its written form when none of them takes it),
   integers in the gaps between them, the other boolean;
+- `not: {"pattern": "^X"}` (one alternative, anchored at its start): strings whose first character no match of X
+  starts with, as a negative lookahead before the node's own pattern (lookahead.py; a pattern takes every value
+  that is not a string, so only strings are left);
 - `not: {"anyOf": [A, B, ...]}` (how two `not`s merge): not A, then not B, ... in these same forms;
 - `not` with keywords that hold apart (`{"type": "object", "required": [k]}`): (not type) or (not required), each
   in these same forms, as an anyOf;
@@ -24,6 +27,7 @@ import re
 
 from .base import VALIDATION, Empty, SchemaError, canonical, finite_values, json_types
 from .combine import merge
+from .charsets import sre, sre_parse
 from .strings import FORMATS
 
 
@@ -65,6 +69,8 @@ def without_not(w, node: dict, path: str) -> dict:
         return rest
     if words == {"properties"} and isinstance(negated["properties"], dict):
         return _failing_property(w, rest, negated["properties"], path)
+    if words == {"pattern"} and isinstance(negated["pattern"], str) and negated["pattern"].startswith("^"):
+        return _not_starting(w, rest, negated["pattern"], path)
     raise SchemaError(f"{path}: unsupported JSON schema feature 'not' (with {', '.join(sorted(words))})")
 
 
@@ -136,6 +142,35 @@ def _each_type_less(w, rest: dict, banned: list, path: str) -> dict:
     if not members:
         raise Empty
     return members[0] if len(members) == 1 else {"anyOf": members}
+
+
+ANY_TEXT = r"[\s\S]*"  # a pattern's tail that takes any string
+
+
+def _not_starting(w, rest: dict, pattern: str, path: str) -> dict:
+    """`not: {"pattern": "^X"}` (anchored at the start): strings only (a pattern takes every value that is not a
+    string), those that do not begin with a match of X, written as a negative lookahead before the node's own
+    pattern (lookahead.py: strings whose first character no match of X starts with)."""
+    parsed = list(sre_parse.parse(pattern)) if _parses(pattern) else []
+    if not parsed or parsed[0] != (sre.AT, sre.AT_BEGINNING) or any(op == sre.BRANCH for op, _ in parsed):
+        raise SchemaError(f"{path}: unsupported JSON schema feature 'not' (with a pattern that is not one "
+                          "alternative anchored at its start)")
+    if "string" not in w.types(rest, path):
+        raise Empty
+    own = rest.get("pattern", "^" + ANY_TEXT)
+    if rest.get("format") in FORMATS or not isinstance(own, str) or not own.startswith("^"):
+        raise SchemaError(f"{path}: unsupported JSON schema feature 'not' (with pattern, on a string with a format "
+                          "or a pattern not anchored at its start)")
+    body, end = (own[1:-1], "$") if own.endswith("$") and not own.endswith("\\$") else (own[1:], "")
+    return {**rest, "type": "string", "pattern": f"^(?!{pattern[1:]})(?:{body}){end}"}  # an anchor inside: refused
+
+
+def _parses(pattern: str) -> bool:
+    try:
+        sre_parse.parse(pattern)
+    except (re.error, RecursionError, OverflowError):
+        return False
+    return True
 
 
 def _gaps(node: dict, points: list[int], path: str) -> list[dict]:
