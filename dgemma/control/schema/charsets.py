@@ -12,6 +12,7 @@ except ImportError:  # Python 3.10
     import sre_parse
 
 MAX_CODE = 0x10FFFF
+NEWLINES = [(0x0A, 0x0A), (0x0D, 0x0D), (0x2028, 0x2029)]  # what `.` takes in neither dialect
 
 
 def subtract(ranges: list[tuple[int, int]], cut: list[tuple[int, int]]) -> list[tuple[int, int]]:

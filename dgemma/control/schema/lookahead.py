@@ -11,9 +11,7 @@ JSONSchemaStore writes reserved words this way (`^(?!@@)[\\w@]+$`, `^(?!org\\.bu
 
 from __future__ import annotations
 
-from .charsets import MAX_CODE, class_ranges, complement, sre, subtract
-
-_NEWLINES = [(0x0A, 0x0A), (0x0D, 0x0D), (0x2028, 0x2029)]  # what `.` never takes
+from .charsets import MAX_CODE, NEWLINES, class_ranges, complement, sre, subtract
 
 
 def avoiding_lookaheads(branch: list) -> list:
@@ -91,7 +89,7 @@ def _item_outside(op, arg, avoid: list[tuple[int, int]]) -> list[list]:
         elif op == sre.IN:
             written = class_ranges(arg)
         else:
-            written = complement(_NEWLINES)
+            written = complement(NEWLINES)
         left = subtract(written, avoid)
         return [[(sre.IN, [(sre.RANGE, r) for r in left])]] if left else []
     if op in (sre.MAX_REPEAT, sre.MIN_REPEAT):

@@ -151,7 +151,10 @@ def _not_starting(w, rest: dict, pattern: str, path: str) -> dict:
     """`not: {"pattern": "^X"}` (anchored at the start): strings only (a pattern takes every value that is not a
     string), those that do not begin with a match of X, written as a negative lookahead before the node's own
     pattern (lookahead.py: strings whose first character no match of X starts with)."""
-    parsed = list(sre_parse.parse(pattern)) if _parses(pattern) else []
+    try:
+        parsed = list(sre_parse.parse(pattern))
+    except (re.error, RecursionError, OverflowError):
+        parsed = []
     if not parsed or parsed[0] != (sre.AT, sre.AT_BEGINNING) or any(op == sre.BRANCH for op, _ in parsed):
         raise SchemaError(f"{path}: unsupported JSON schema feature 'not' (with a pattern that is not one "
                           "alternative anchored at its start)")
@@ -163,14 +166,6 @@ def _not_starting(w, rest: dict, pattern: str, path: str) -> dict:
                           "or a pattern not anchored at its start)")
     body, end = (own[1:-1], "$") if own.endswith("$") and not own.endswith("\\$") else (own[1:], "")
     return {**rest, "type": "string", "pattern": f"^(?!{pattern[1:]})(?:{body}){end}"}  # an anchor inside: refused
-
-
-def _parses(pattern: str) -> bool:
-    try:
-        sre_parse.parse(pattern)
-    except (re.error, RecursionError, OverflowError):
-        return False
-    return True
 
 
 def _gaps(node: dict, points: list[int], path: str) -> list[dict]:

@@ -127,8 +127,9 @@ def integer_regex(node: dict, error) -> str | None:
     if step is None or (step == 1 and not isinstance(step, float)):
         return integer_range(lo, hi)
     if step == 1 or _divides_one(step):
-        # every integer is a multiple of 1.0 or of 1/k (0.01, 0.5, ...): write integers, and validators that divide in floating
-        # point still get whole quotients (the step's own rounding is under half a unit of 1/step's last place).
+        # every integer is a multiple of 1.0 or of 1/k (0.01, 0.5, ...): write integers, and validators that divide
+        # in floating point still get whole quotients (the step's own rounding is under half a unit of 1/step's last
+        # place).
         # Open sides stop at +-FRACTION_CAP: such validators turn the value into a float (jsonschema fails with an
         # OverflowError past 1e308, and precision goes past 2**53)
         top = FRACTION_CAP + max(0, lo or 0) if hi is None else hi

@@ -12,7 +12,7 @@ import re
 
 from .base import escaped
 
-from .charsets import MAX_CODE, class_ranges, complement, sre, sre_parse, subtract
+from .charsets import MAX_CODE, NEWLINES, class_ranges, complement, sre, sre_parse, subtract
 from .lookahead import avoiding_lookaheads
 
 # one character of a JSON string: any character JSON writes plain, or a short escape. No \uXXXX: every character
@@ -173,8 +173,7 @@ def _sequence(items, max_repeat: int, repeat_cap: int, fit: Fit | None = None) -
         elif op == sre.IN:
             out.append(_class(arg))
         elif op == sre.ANY:
-            out.append(_class([(sre.LITERAL, 0x0A), (sre.LITERAL, 0x0D), (sre.LITERAL, 0x2028), (sre.LITERAL, 0x2029)],
-                              negate=True))
+            out.append(_class([(sre.RANGE, r) for r in NEWLINES], negate=True))
         elif op in (sre.MAX_REPEAT, sre.MIN_REPEAT):
             low, high = _repeat(arg[0], arg[1], max_repeat, repeat_cap, fit)
             out.append(f"({_sequence(arg[2], max_repeat, repeat_cap, fit)}){{{low},{'' if high is None else high}}}")
