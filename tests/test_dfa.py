@@ -1,5 +1,5 @@
-"""Byte DFAs (dgemma.control.dfa): minimizing keeps the language and is minimal, checked against a plain
-reference over many regexes (hand-picked, written by the schema writer, and drawn by hypothesis)."""
+"""Byte DFAs (dgemma.control.byte_dfa, dgemma.control.dfa): minimizing keeps the language and is minimal, checked
+against a plain reference over many regexes (hand-picked, written by the schema writer, and drawn by hypothesis)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from dgemma.control import _compile_worker as worker
+from dgemma.control import byte_dfa as bd
 from dgemma.control.dfa import minimize
 from dgemma.control.regex_factor import factor_suffixes
 from dgemma.control.schema import schema_to_regex
@@ -69,7 +70,7 @@ def same_language(a: tuple, b: tuple) -> bool:
 
 
 def check_minimize(regex: str) -> None:
-    dfa = worker.byte_dfa(regex)
+    dfa = bd.byte_dfa(regex)
     small = minimize(*dfa)
     assert small[0].shape[0] == reference_classes(dfa[0], dfa[2])
     assert same_language(dfa, small)
@@ -157,25 +158,25 @@ def sample_texts(dfa: tuple, count: int, seed: int = 0) -> list[bytes]:
 
 @pytest.mark.parametrize("regex", REGEXES + ODD + [schema_to_regex(CHAINY)])
 def test_framed_build_accepts_the_texts_of_the_regex(regex):
-    plain = worker._outlines_dfa(regex)
-    ours = worker.byte_dfa(regex)
+    plain = bd._outlines_dfa(regex)
+    ours = bd.byte_dfa(regex)
     assert includes(ours, plain)  # all that outlines accepted, and what its leftmost-first rule cut short
-    if worker._balanced(regex) and worker._framed(factor_suffixes(regex), True) is not None:  # Python's syntax
+    if bd._balanced(regex) and bd._framed(factor_suffixes(regex), True) is not None:  # Python's syntax
         for text in sample_texts(ours, 30):
             assert re.fullmatch(regex, text.decode("utf-8"), re.DOTALL), text
 
 
 def test_framed_build_fills_the_leftmost_first_gap():
     for regex, text in [(r"a|ab", "ab"), (r"([0-9]|10)", "10"), (r"(a|b)*a(a|b)", "abaa")]:
-        assert not accepts(worker._outlines_dfa(regex), text.encode())
-        assert accepts(worker.byte_dfa(regex), text.encode())
+        assert not accepts(bd._outlines_dfa(regex), text.encode())
+        assert accepts(bd.byte_dfa(regex), text.encode())
 
 
 @settings(max_examples=40, deadline=None)
 @given(_regexes())
 def test_framed_build_is_the_regex_language(regex):
-    ours = worker.byte_dfa(regex)
-    exact = worker._framed(factor_suffixes(regex), True) is not None
+    ours = bd.byte_dfa(regex)
+    exact = bd._framed(factor_suffixes(regex), True) is not None
     for text in texts_up_to(3):
         matches = bool(re.fullmatch(regex, text))
         assert accepts(ours, text.encode()) == matches if exact else (not accepts(ours, text.encode()) or matches)
@@ -203,15 +204,15 @@ def test_factor_suffixes_writes_each_suffix_once():
 @pytest.mark.parametrize("regex", [r"a)(b", r"(a", r"a)|(b", r"[a"])
 def test_prefixed_build_refuses_what_outlines_refuses(regex):
     with pytest.raises(ValueError, match="invalid regular expression"):
-        worker.byte_dfa(regex)
+        bd.byte_dfa(regex)
 
 
 def test_balanced_scan():
-    assert worker._balanced(r'"([^"\\\x00-\x1F]|\\["\\/bfnrt]){0,64}"')
-    assert worker._balanced(r"[)]\)(a)")
-    assert not worker._balanced(r"a)(b")
-    assert not worker._balanced(r"(?x)a#)")
-    assert not worker._balanced(r"[a-z&&[^b]]")
+    assert bd._balanced(r'"([^"\\\x00-\x1F]|\\["\\/bfnrt]){0,64}"')
+    assert bd._balanced(r"[)]\)(a)")
+    assert not bd._balanced(r"a)(b")
+    assert not bd._balanced(r"(?x)a#)")
+    assert not bd._balanced(r"[a-z&&[^b]]")
 
 
 # ---- the token walk: every (state, token) against walking the token's bytes one at a time
@@ -227,7 +228,7 @@ CHAIN_TOKENS = TOKENS + [b"abcdefgh", b"abcdefghijklmnop", b'","', b'", "', b'":
 
 
 def check_token_walk(regex: str, tokens: list) -> None:
-    table, initial, finals = minimize(*worker.byte_dfa(regex))
+    table, initial, finals = minimize(*bd.byte_dfa(regex))
     reply = worker.token_automaton(table, initial, finals, tokens)
     classes = reply["token_class"]
     nexts = np.full((reply["num_states"], reply["num_classes"] + 1), -1)  # class K: no text, never allowed
@@ -262,7 +263,7 @@ def test_token_walk_on_drawn_regexes_and_tokens(regex, drawn):
 
 
 def minimal_table(regex: str) -> np.ndarray:
-    return minimize(*worker.byte_dfa(regex))[0]
+    return minimize(*bd.byte_dfa(regex))[0]
 
 
 def check_shift(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -322,7 +323,7 @@ def test_optional_keys_chain_keeps_its_language(count):
                      for i, item in enumerate(items[:containers.OPENERS]))
     plain = r"\{[ ]?(" + plain + r")?[ ]?\}"
     ours = containers.chain(W(), [], items, (r"\{", r"\}"))
-    assert same_language(minimize(*worker.byte_dfa(plain)), minimize(*worker.byte_dfa(ours)))
+    assert same_language(minimize(*bd.byte_dfa(plain)), minimize(*bd.byte_dfa(ours)))
     if count > containers.OPENERS:
         assert len(ours) < len(plain)
 

@@ -3,13 +3,13 @@
 Run as a script (`python _compile_worker.py`), never imported by dgemma: the parent kills it when the time limit
 passes, which is the only way to stop a regex whose DFA grows exponentially inside Rust. It reads one JSON
 request on stdin and writes one JSON reply line on stdout, then the reply's arrays as raw bytes; it imports only
-outlines_core, numpy and dgemma.control's dfa, regex_factor, chains, token_walk and schema.
+outlines_core, numpy and dgemma.control's byte_dfa, dfa, regex_factor, chains, token_walk and schema.
 
 outlines-core builds the regex's DFA; we walk the tokens through it ourselves, because outlines' token index
 walks every token from every state one byte at a time (about 100 s for JSON-object mode on a 262k vocabulary).
 1. outlines' index over the 256 single bytes: the byte-level DFA (S, 256), counting a byte into a state that
    can neither match nor go on as dead, as outlines does; then minimized (dfa.py), which the size limit counts.
-   The regex goes in framed and factored (`byte_dfa`): `\x00(?:regex)\x01`, common suffixes written once.
+   The regex goes in framed and factored (byte_dfa.py): `\x00(?:regex)\x01`, common suffixes written once.
 2. The token walk and token classes (token_walk.py): bytes no state tells apart form byte classes, tokens spelled
    alike in them form groups, the groups' spellings form a trie that batches of states walk down keeping only
    live (state, node) pairs, states of counting chains (chains.py) are derived from the state below, and groups
@@ -33,147 +33,17 @@ a token that spells no text: never allowed).
 import base64
 import json
 import os
-import re
 import sys
-from itertools import chain
 from pathlib import Path
 
 import numpy as np
-from outlines_core import Index, Vocabulary
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the dgemma that started us
+from dgemma.control.byte_dfa import byte_dfa  # noqa: E402
 from dgemma.control.dfa import minimize  # noqa: E402
-from dgemma.control.regex_factor import factor_suffixes  # noqa: E402
 from dgemma.control.token_walk import token_groups, token_table  # noqa: E402
 
 ARRAYS = ("state", "class", "next", "token_class")  # the reply's arrays, in the order they are written
-
-
-def _one_line(err: BaseException) -> str:
-    text = " ".join(str(err).split())
-    return text if len(text) <= 300 else text[:297] + "..."
-
-
-def _byte_dfa(index: Index) -> tuple[np.ndarray, int, list[int]]:
-    """outlines' index over single bytes -> (table (S, 256) int32, -1 = dead; initial row; final rows). States
-    are numbered in the order of outlines' ids; the dicts are read with np.fromiter, not a loop per edge."""
-    transitions = index.get_transitions()
-    rows = list(transitions.values())
-    count = sum(map(len, rows))
-    keys = np.fromiter(transitions.keys(), dtype=np.int64, count=len(rows))
-    src = np.repeat(keys, np.fromiter(map(len, rows), dtype=np.int64, count=len(rows)))
-    byte = np.fromiter(chain.from_iterable(map(dict.keys, rows)), dtype=np.int64, count=count)
-    dst = np.fromiter(chain.from_iterable(map(dict.values, rows)), dtype=np.int64, count=count)
-    initial, finals = index.get_initial_state(), sorted(index.get_final_states())
-    order = np.unique(np.concatenate([keys, [initial], finals]))
-    missing = ~np.isin(dst, order)  # states with no way out are not keys
-    if missing.any():
-        order = np.union1d(order, dst[missing])
-    table = np.full((len(order), 256), -1, dtype=np.int32)
-    edge = byte < 256  # outlines adds EOS (id 256) self-loops on final states
-    table[np.searchsorted(order, src[edge]), byte[edge]] = np.searchsorted(order, dst[edge])
-    row_of = np.searchsorted(order, [initial, *finals])
-    return table, int(row_of[0]), sorted(row_of[1:].tolist())
-
-
-_BYTES = None  # outlines' Vocabulary of the 256 single bytes, built on first use
-
-
-def _outlines_dfa(pattern: str) -> tuple[np.ndarray, int, list[int]]:
-    """outlines' DFA of `pattern` (ValueError for a pattern outlines refuses)."""
-    global _BYTES
-    if _BYTES is None:
-        _BYTES = Vocabulary(256, {bytes([b]): [b] for b in range(256)})
-    try:
-        index = Index(pattern, _BYTES)
-    except BaseException as err:  # outlines raises ValueError, or pyo3's PanicException (a BaseException)
-        if isinstance(err, (KeyboardInterrupt, SystemExit)):
-            raise
-        raise ValueError(f"invalid regular expression ({_one_line(err)})") from None
-    return _byte_dfa(index)
-
-
-def _balanced(regex: str) -> bool:
-    """No `)` of `regex` closes a group that `regex` did not open, and no verbose flag (whose comments could hide
-    one), as far as a scan that skips escapes and classes sees: then `(?:regex)` parses as `regex` does."""
-    if _VERBOSE.search(regex):
-        return False
-    depth, i, in_class = 0, 0, False
-    while i < len(regex):
-        c = regex[i]
-        if c == "\\":
-            i += 1
-        elif in_class:
-            if c == "[":
-                return False  # a nested class: not worth following
-            in_class = c != "]"
-        elif c == "[":
-            in_class = True
-            i += 1 + (regex[i + 1:i + 2] == "^")
-            i += regex[i:i + 1] == "]"  # a first ']' is a member
-            continue
-        elif c in "()":
-            depth += 1 if c == "(" else -1
-            if depth < 0:
-                return False
-        i += 1
-    return depth == 0 and not in_class
-
-
-_VERBOSE = re.compile(r"\(\?[a-zA-Z-]*x")
-
-
-def _framed(regex: str, marked: bool) -> tuple[np.ndarray, int, list[int]] | None:
-    """outlines' DFA of `\\x00(?:regex)`, followed by `\\x01` when `marked`, with the frame taken off: the NUL's
-    state dropped and, when marked, the states the end marker enters dropped and the states it leaves from made
-    final. None when outlines refuses it or the frame does not come off cleanly (the marker must enter only final
-    states that allow nothing more, and every final state only through it: then no text of the regex holds the
-    byte 0x01)."""
-    try:
-        table, start, finals = _outlines_dfa(f"\\x00(?:{regex})" + ("\\x01" if marked else ""))
-    except ValueError:
-        return None
-    initial = int(table[start, 0])
-    if initial < 0 or start in finals or (table == start).any():
-        return None
-    drop = [start]
-    if marked:
-        marks = np.unique(table[:, 1][table[:, 1] >= 0])
-        if set(marks.tolist()) != set(finals) or (table[marks] >= 0).any():
-            return None
-        finals = np.flatnonzero(table[:, 1] >= 0).tolist()
-        table[:, 1] = -1
-        drop.extend(marks.tolist())
-    new_id = np.full(len(table) + 1, -1, dtype=np.int32)  # the last entry keeps -1 (dead) dead
-    keep = np.setdiff1d(np.arange(len(table)), drop)
-    new_id[keep] = np.arange(len(keep))
-    return new_id[table[keep]], int(new_id[initial]), sorted(new_id[finals].tolist())
-
-
-def byte_dfa(regex: str) -> tuple[np.ndarray, int, list[int]]:
-    """Step 1: the regex's byte-level DFA from outlines (table (S, 256) int32, -1 = dead; initial; finals).
-    ValueError for a regex outlines refuses.
-
-    outlines builds regex-automata's dense DFA with both start kinds, so it also determinizes the unanchored search
-    (any prefix, then the regex), which it never uses and which can grow exponentially: a string of up to 16
-    characters alone took 6.5 s for 163 states, 20 characters 148 s. Written as `\\x00(?:regex)`, an unanchored
-    match can start only at a NUL byte, so that part stays as small as the anchored one; the state after the NUL
-    is the regex's own anchored start (the same ordered set of NFA states).
-
-    With the byte 0x01 after it as an end marker, no match can end inside the text, so regex-automata's
-    leftmost-first rule (a match drops the threads that rank below it) never cuts the language short: the DFA
-    accepts every text of the regex (`a|ab` accepts `ab`, which outlines alone does not). That makes the order of
-    alternatives irrelevant, so the regex is first written with common suffixes once (regex_factor.py), which
-    shrinks what outlines builds (Snowplow sp_152: 119,310 states before minimizing, 37,581 after; the same
-    11,463 minimal). A regex whose texts may hold 0x01 is built with the NUL alone, as written; one that the
-    scan cannot vouch for, or whose framed forms fail, is built as is.
-    """
-    if _balanced(regex):
-        for text, marked in ((factor_suffixes(regex), True), (regex, False)):
-            framed = _framed(text, marked)
-            if framed is not None:
-                return framed
-    return _outlines_dfa(regex)
 
 
 def compile_regex(regex: str, token_bytes: list, max_states: int) -> dict:

@@ -22,13 +22,14 @@ schema is refused with a SchemaError that names it. What is enforced:
   written brings what it depends on);
 - recursion through `$ref` up to `SchemaLimits.max_depth` expansions of one reference.
 `not` in the forms negation.py lists (not {}, a type, required keys, enum values) narrows the node.
-Refused: other forms of not, if/then/else, contains, dependentSchemas, unevaluated*, $dynamicRef, remote $refs, a multipleOf neither whole nor 1/k (0.01 or 0.5 write
-whole numbers), a format beside a pattern, minima above
-`SchemaLimits.max_count`, and any combination we cannot write exactly. A schema whose regex would pass
-`SchemaLimits.max_regex_chars` is written in a compact form (required keys only, free objects empty, a union's
-first member), refused only when that is still too long. Where we write less than the schema allows (a maxLength
-above `length_cap`, maxItems above `items_cap`, one optional item of a uniqueItems array, only the number of an
-anyOf of a number and a free string, as pydantic writes `Decimal`), every output is still valid.
+Refused: other forms of not, if/then/else, contains, dependentSchemas, unevaluated*, $dynamicRef, remote $refs, a
+multipleOf neither whole nor 1/k (0.01 or 0.5 write whole numbers), a format beside a pattern that no narrow form
+of the format meets (strings.format_body), minima above `SchemaLimits.max_count`, and any combination we cannot
+write exactly. A schema whose regex would pass `SchemaLimits.max_regex_chars` is written in a compact form
+(required keys only, free objects empty, a union's first member), refused only when that is still too long. Where
+we write less than the schema allows (a maxLength above `length_cap`, maxItems above `items_cap`, one optional item
+of a uniqueItems array, only the number of an anyOf of a number and a free string, as pydantic writes `Decimal`),
+every output is still valid.
 """
 
 from __future__ import annotations

@@ -127,7 +127,7 @@ def _each_type_less(w, rest: dict, banned: list, path: str) -> dict:
         elif kind == "integer":
             members += _gaps(node, sorted({int(v) for v in mine}), path)
         elif kind == "string" and rest.get("format") in FORMATS and "pattern" not in rest:
-            if any(re.fullmatch(FORMATS[rest["format"]][0], v) for v in mine):
+            if any(re.fullmatch(form, v) for form in FORMATS[rest["format"]] for v in mine):
                 raise SchemaError(f"{path}: unsupported JSON schema feature 'not' (with enum or const, on a string "
                                   f"of format '{rest['format']}' that the values take)")
             members.append(node)  # the format's written form is none of them

@@ -7,12 +7,13 @@ an escape sequence counts as one character. Formats are written as narrow, valid
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 
 from .base import escaped
 
-from .charsets import MAX_CODE, NEWLINES, class_ranges, complement, sre, sre_parse, subtract
+from .charsets import MAX_CODE, NEWLINES, class_ranges, sre, sre_parse, subtract
 from .lookahead import avoiding_lookaheads
 
 # one character of a JSON string: any character JSON writes plain, or a short escape. No \uXXXX: every character
@@ -24,36 +25,45 @@ _YEAR = "[1-9][0-9]{3}"
 _LEAP = "([1-9][0-9](0[48]|[2468][048]|[13579][26])|([2468][048]|[13579][26])00)"
 _DATE = (f"({_YEAR}-((0[13578]|1[02])-(0[1-9]|[12][0-9]|3[01])|(0[469]|11)-(0[1-9]|[12][0-9]|30)"
          f"|02-(0[1-9]|1[0-9]|2[0-8]))|{_LEAP}-02-29)")
-_TIME = r"([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\.[0-9]{1,6})?(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])"
+_HMS = "([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9]"
+_OFFSET = "[+-]([01][0-9]|2[0-3]):[0-5][0-9]"
+_TIME = f"{_HMS}(\\.[0-9]{{1,6}})?(Z|{_OFFSET})"
 _LABEL = "[a-z0-9]{1,10}(-[a-z0-9]{1,11})?"  # no "--" (IDNA reserves it at positions 3-4: xn--)
 _DOMAIN = f"({_LABEL}\\.){{1,3}}(com|org|net|io|dev)"
+_LOCAL = "[a-z0-9]{1,20}"
+_EMAIL = f"{_LOCAL}([._+-]{_LOCAL}){{0,2}}@{_DOMAIN}"
+_PATH = "(/[a-zA-Z0-9._~-]{1,16}){0,6}"
+_SOME_PATH = "(/[a-zA-Z0-9._~-]{1,16}){1,6}"
 _OCTET = "(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
 _HEX4 = "[0-9a-f]{1,4}"
-# format -> (body regex, fewest characters, most characters or None); each a narrow form that every checker
-# (jsonschema's, pydantic's, Python's own parsers) accepts
+# format -> its narrow forms (body regexes), each accepted by every checker (jsonschema's, pydantic's, Python's own
+# parsers); the writer takes the first whose lengths fit the node's minLength/maxLength and whose every string its
+# `pattern` matches (strings.format_body)
 FORMATS = {
-    "date": (_DATE, 10, 10),
-    "time": (_TIME, 9, 21),
-    "date-time": (f"{_DATE}T{_TIME}", 20, 32),
-    "uuid": "[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}",
-    "email": (f"[a-z0-9]{{1,20}}([._+-][a-z0-9]{{1,20}}){{0,2}}@{_DOMAIN}", 7, 62 + 71 + 3),
-    "hostname": (_DOMAIN, 5, 71 + 3),
-    "ipv4": (f"{_OCTET}(\\.{_OCTET}){{3}}", 7, 15),
-    "ipv6": (f"{_HEX4}(:{_HEX4}){{7}}", 15, 39),
-    "uri": (f"https?://{_DOMAIN}(/[a-zA-Z0-9._~-]{{1,16}}){{0,6}}", 12, 8 + 74 + 102),
-    "duration": (r"P([0-9]{1,4}D|([0-9]{1,4}D)?T([0-9]{1,2}H)?([0-9]{1,2}M)?[0-9]{1,2}S)", 3, 20),
+    "date": [_DATE],
+    "time": [_TIME, f"{_HMS}Z", f"{_HMS}{_OFFSET}"],
+    "date-time": [f"{_DATE}T{_TIME}", f"{_DATE}T{_HMS}Z", f"{_DATE}T{_HMS}{_OFFSET}"],
+    "uuid": ["[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"],
+    "email": [_EMAIL, f"{_LOCAL}([._-]{_LOCAL}){{0,2}}@{_DOMAIN}", f"{_LOCAL}@{_DOMAIN}"],
+    "hostname": [_DOMAIN],
+    "ipv4": [f"{_OCTET}(\\.{_OCTET}){{3}}"],
+    "ipv6": [f"{_HEX4}(:{_HEX4}){{7}}"],
+    "uri": [f"https?://{_DOMAIN}{_PATH}", f"https?://{_DOMAIN}", f"https?://{_DOMAIN}{_SOME_PATH}",
+            *(f"{scheme}://{_DOMAIN}{_PATH}" for scheme in ("https", "http", "ftp", "wss", "ws")),
+            f"file://{_SOME_PATH}", f"mailto:{_EMAIL}"],
+    "duration": [r"P([0-9]{1,4}D|([0-9]{1,4}D)?T([0-9]{1,2}H)?([0-9]{1,2}M)?[0-9]{1,2}S)"],
 }
-FORMATS["uuid"] = (FORMATS["uuid"], 36, 36)
-# formats whose narrow form is another's: an http(s) URI is also a URI reference, an IRI (reference) and a URI template
+# formats whose narrow forms are another's: a URI is also a URI reference, an IRI (reference) and a URI template
 # without variables; an ASCII email or hostname is also an internationalized one
 FORMATS.update({name: FORMATS["uri"] for name in ("uri-reference", "iri", "iri-reference", "uri-template")})
 FORMATS.update({"idn-email": FORMATS["email"], "idn-hostname": FORMATS["hostname"]})
 _POINTER = "(/[a-z0-9]{1,16}){0,6}"
 FORMATS.update({
-    "json-pointer": (_POINTER, 0, 102),
-    "relative-json-pointer": (f"[0-9]{_POINTER}", 1, 103),  # one digit: jsonschema 4.26 refuses some longer
-    "regex": ("[a-zA-Z0-9]{0,32}", 0, 32),  # letters and digits: a regex that matches itself, in every dialect
-    "color": ("#[0-9a-f]{6}", 7, 7),  # draft 3's CSS 2.1 color, as #rrggbb
+    "json-pointer": [_POINTER],
+    "relative-json-pointer": [f"[0-9]{_POINTER}"],  # one digit: jsonschema 4.26 refuses some longer
+    # letters and digits: a regex that matches itself, in every dialect; or those between slashes
+    "regex": ["[a-zA-Z0-9]{0,32}", "/[a-zA-Z0-9]{1,30}/"],
+    "color": ["#[0-9a-f]{6}"],  # draft 3's CSS 2.1 color, as #rrggbb
     "host-name": FORMATS["hostname"], "ip-address": FORMATS["ipv4"],  # draft 3's names
 })
 # pydantic's own formats, which JSON Schema validators take as annotations and pydantic checks: an IPv4 address is
@@ -64,10 +74,15 @@ PYDANTIC_FORMATS = {
     **{name: FORMATS["ipv4"] for name in ("ipvanyaddress", "ipvanyinterface", "ipvanynetwork", "ipv4network",
                                           "ipv4interface")},
     **{name: FORMATS["ipv6"] for name in ("ipv6network", "ipv6interface")},
-    **{f"uuid{n}": (_UUID_V.format(n), 36, 36) for n in range(1, 9)},
-    "base64": ("([A-Za-f][0-3A-HQ-Xg-nw-z][014589ABEFIJMNQRUVYZcdghklopstwx][A-Za-z0-9+/]){0,16}", 0, 64),
+    **{f"uuid{n}": [_UUID_V.format(n)] for n in range(1, 9)},
+    "base64": ["([A-Za-f][0-3A-HQ-Xg-nw-z][014589ABEFIJMNQRUVYZcdghklopstwx][A-Za-z0-9+/]){0,16}"],
 }
 FORMATS.update(PYDANTIC_FORMATS)
+# format -> a wide form, every string of which its checkers accept: a pattern whose every string is of it is written
+# as the pattern (a URI of one host: http://edamontology.org/operation_[0-9]{4}). A URI of RFC 3986's generic syntax
+# with a registered host name, an optional port, a path and a query of unreserved characters
+_WIDE_URI = r"(https?|ftp|wss?)://[a-zA-Z0-9._~-]+(:[0-9]{1,5})?(/[a-zA-Z0-9._~-]*)*(\?[a-zA-Z0-9._~=&-]*)?"
+WIDE_FORMATS = {name: _WIDE_URI for name in ("uri", "uri-reference", "iri", "iri-reference", "uri-template")}
 # every format a validator checks (jsonschema with its format-nongpl extras, drafts 3 to 2020-12) and pydantic's
 # are written; any other format is an annotation
 
@@ -195,19 +210,43 @@ def _sequence(items, max_repeat: int, repeat_cap: int, fit: Fit | None = None) -
 _ANCHORS = (sre.AT_BEGINNING, sre.AT_BEGINNING_STRING, sre.AT_END, sre.AT_END_STRING)
 
 
-def _alternatives(items) -> list[list]:
-    """The pattern's top-level alternatives, each without its anchors: a group around a whole alternative is
-    opened ((^...$)), and an alternation left after the anchors is split (`re` writes `^$|^a+$` as ^ then $ | a+$)."""
+def _alternatives(items, start: bool = False) -> list[tuple[list, bool, bool]]:
+    """The pattern's top-level alternatives, each without its anchors, and whether it was anchored at its start and
+    at its end: a group around a whole alternative is opened ((^...$)), and an alternation left after the anchors
+    is split (`re` writes `^$|^a+$` as ^ then $ | a+$)."""
     items = list(items)
     while len(items) == 1 and items[0][0] == sre.SUBPATTERN and not (items[0][1][1] or items[0][1][2]):
         items = list(items[0][1][-1])
     while items and items[0][0] == sre.AT and items[0][1] in _ANCHORS[:2]:
         items.pop(0)
+        start = True
     if len(items) == 1 and items[0][0] == sre.BRANCH:
-        return [alt for branch in items[0][1][1] for alt in _alternatives(branch)]
+        return [alt for branch in items[0][1][1] for alt in _alternatives(branch, start)]
+    end = False
     while items and items[-1][0] == sre.AT and items[-1][1] in _ANCHORS[2:]:
         items.pop()
-    return [items]
+        end = True
+    return [(items, start, end)]
+
+
+def _branches(pattern: str) -> list[tuple[list, bool, bool]]:
+    """`_alternatives` of the parsed pattern, each with a negative lookahead at its start rewritten (lookahead.py);
+    ValueError for what cannot be written."""
+    if not isinstance(pattern, str):
+        raise ValueError("a pattern must be a string")
+    try:
+        tree = sre_parse.parse(pattern)
+    except (re.error, RecursionError, OverflowError) as err:
+        raise ValueError(f"an invalid regular expression ({err})") from None
+    branches = []
+    for branch, start, end in _alternatives(list(tree)):
+        if branch and branch[0][0] == sre.ASSERT_NOT and tree.state.flags & re.IGNORECASE:
+            raise ValueError("a lookaround under the i flag")
+        branch = avoiding_lookaheads(branch)  # lookahead.py: a negative lookahead at the start
+        if any(op == sre.AT for op, _ in branch):
+            raise ValueError("an anchor or word boundary inside the pattern")
+        branches.append((branch, start, end))
+    return branches
 
 
 def pattern_body(pattern: str, max_repeat: int, repeat_cap: int, low: int = 0, high: int | None = None) -> str:
@@ -216,19 +255,8 @@ def pattern_body(pattern: str, max_repeat: int, repeat_cap: int, low: int = 0, h
     alternative's repetitions are raised and cut uniformly until every string it matches has such a length
     (_fit), and an alternative that cannot is left out; negative lookaheads at an alternative's start are written
     as lookahead.py says. ValueError, saying why, for what cannot be written."""
-    if not isinstance(pattern, str):
-        raise ValueError("a pattern must be a string")
-    try:
-        tree = sre_parse.parse(pattern)
-    except (re.error, RecursionError, OverflowError) as err:
-        raise ValueError(f"an invalid regular expression ({err})") from None
     written = []
-    for branch in _alternatives(list(tree)):
-        if branch and branch[0][0] == sre.ASSERT_NOT and tree.state.flags & re.IGNORECASE:
-            raise ValueError("a lookaround under the i flag")
-        branch = avoiding_lookaheads(branch)  # lookahead.py: a negative lookahead at the start
-        if any(op == sre.AT for op, _ in branch):
-            raise ValueError("an anchor or word boundary inside the pattern")
+    for branch, _, _ in _branches(pattern):
         if (low, high) == (0, None):
             written.append(_sequence(branch, max_repeat, repeat_cap))
             continue
@@ -239,3 +267,40 @@ def pattern_body(pattern: str, max_repeat: int, repeat_cap: int, low: int = 0, h
         raise ValueError(f"no string it matches is written with {low} to {'any' if high is None else high} "
                          "characters (minLength/maxLength)")
     return written[0] if len(written) == 1 else "(" + "|".join(written) + ")"
+
+
+def pattern_search(pattern: str, max_repeat: int, repeat_cap: int) -> str:
+    """The regex of string bodies in which `pattern` finds a match, as a JSON schema pattern searches: each
+    alternative as pattern_body writes it, with any text before it unless anchored at the start and after it unless
+    anchored at the end (a subset where repetitions are cut). ValueError as for pattern_body."""
+    return "(" + "|".join(("" if start else f"{CHAR}*") + _sequence(branch, max_repeat, repeat_cap)
+                          + ("" if end else f"{CHAR}*") for branch, start, end in _branches(pattern)) + ")"
+
+
+def format_body(fmt: str, low: int, high: int | None, pattern: str | None, max_repeat: int, repeat_cap: int
+                ) -> str:
+    """The first of format `fmt`'s narrow forms (FORMATS) whose every string has `low` to `high` characters and,
+    when a `pattern` sits beside the format, is one the pattern matches (byte_dfa.texts_within: the form's texts
+    within the pattern's search, pattern_search); else the pattern's own body when its every string is of the
+    format's wide form (WIDE_FORMATS). ValueError, saying why, when neither is."""
+    from ..byte_dfa import texts_within
+    search = None if pattern is None else pattern_search(pattern, max_repeat, repeat_cap)
+    fits = [form for form in FORMATS[fmt] if _span(form)[0] >= low and (high is None or _span(form)[1] <= high)]
+    if not fits:
+        raise ValueError(f"no narrow form of format {fmt!r} that dgemma writes has {low} to "
+                         f"{'any' if high is None else high} characters (minLength/maxLength)")
+    for form in fits:
+        if search is None or texts_within(form, search):
+            return form
+    if fmt in WIDE_FORMATS:
+        body = pattern_body(pattern, max_repeat, repeat_cap, low, high)
+        if texts_within(body, WIDE_FORMATS[fmt]):
+            return body
+    raise ValueError(f"the pattern does not match every string of any narrow form of format {fmt!r} that dgemma "
+                     "writes, nor are the pattern's strings all of the format")
+
+
+@functools.lru_cache(maxsize=None)
+def _span(form: str) -> tuple[int, float]:
+    """The fewest and most characters of a narrow form's strings (ASCII: one character a byte)."""
+    return _lengths(sre_parse.parse(form), MAX_CODE, MAX_CODE, None)

@@ -18,8 +18,8 @@ from . import containers, exclusion, negation
 from .combine import conditional, dependent_conditions, merge, schema_dependencies
 from .base import (REFUSED, TYPE_KEYWORDS, TYPES, VALIDATION, Empty, RegexTooLongError, SchemaError, SchemaLimits,
                    literal)
-from .numbers import INTEGER, NUMBER, integer_regex, number_regex
-from .strings import CHAR, FORMATS, length_range, pattern_body
+from .numbers import NUMBER, integer_regex, number_regex
+from .strings import CHAR, FORMATS, format_body, length_range, pattern_body
 
 class Writer:
     def __init__(self, root: dict, limits: SchemaLimits, whitespace: str):
@@ -184,11 +184,11 @@ class Writer:
         fmt = node.get("format")
         body = None
         if fmt in FORMATS:
-            body, shortest, longest = FORMATS[fmt]
-            if "pattern" in node:
-                raise SchemaError(f"{path}: unsupported combination of 'format' and 'pattern'")
-            if shortest < low or longest > (high if high is not None else longest):
-                raise SchemaError(f"{path}: unsupported format '{fmt}' with minLength/maxLength")
+            try:
+                body = format_body(fmt, low, high, node.get("pattern"), self.limits.max_count, self.limits.length_cap)
+            except ValueError as err:
+                keywords = "'format' and 'pattern'" if "pattern" in node else f"format '{fmt}' with minLength/maxLength"
+                raise SchemaError(f"{path}: unsupported combination of {keywords} ({err})") from None
         elif "pattern" in node:
             cap = None if high is None else min(high, max(low, self.limits.length_cap))
             try:
