@@ -122,6 +122,35 @@ def test_overlapping_members_are_narrowed_not_refused(schema):
     assert matched == expected
 
 
+TAGGED_BY_PATTERN = {"$ref": "#/definitions/rule", "definitions": {"rule": {"oneOf": [
+    {"type": "object", "properties": {"type": {"type": "string", "pattern": "^(SEQ|SEQ_LEFT)$"},
+                                      "members": {"type": "array", "items": {"$ref": "#/definitions/rule"}}},
+     "required": ["type", "members"]},
+    {"type": "object", "properties": {"type": {"type": "string", "pattern": "^CHOICE$"},
+                                      "members": {"type": "array", "items": {"$ref": "#/definitions/rule"}}},
+     "required": ["type", "members"]},
+    {"type": "object", "properties": {"type": {"type": "string", "pattern": "^STRING$"}, "value": {"type": "string"}},
+     "required": ["type", "value"]}]}}}
+
+
+def test_members_tagged_by_patterns_of_literals_are_written_as_they_are():
+    """tree-sitter's grammar schema (JSONSchemaBench Github_hard o82273) tags its rules with `"pattern": "^ALIAS$"`:
+    no string one tag's pattern matches fully is another's, so the members are apart as written, as with const tags
+    (before, each was narrowed against the others, and the narrowing of 12 recursive members passed the 64-level
+    nesting limit). Every value written matches exactly one member."""
+    rule = TAGGED_BY_PATTERN["definitions"]["rule"]
+    as_they_are = {**TAGGED_BY_PATTERN, "definitions": {"rule": {"anyOf": rule["oneOf"]}}}
+    regex = schema_to_regex(TAGGED_BY_PATTERN)
+    assert regex == schema_to_regex(as_they_are)
+    checker, rng = validator(TAGGED_BY_PATTERN), random.Random(2)
+    for _ in range(200):
+        value = json.loads(sample(regex, rng, decode=False))
+        checker.validate(value)
+    # a pattern that is not all literals, or that matches another's tag, still needs telling apart
+    loose = {"oneOf": [{"type": "string", "pattern": "^S[A-Z]*$"}, {"type": "string", "pattern": "^(STRING|X)$"}]}
+    assert schema_to_regex(loose) != schema_to_regex({"anyOf": loose["oneOf"]})
+
+
 def test_a_member_that_may_write_another_type_does_not_exclude_by_its_keys():
     """`required` binds objects only: a member that may write a string is not apart from the other by its keys (a
     string would match both), so it is written with `not` the other member: objects with x and without y."""

@@ -13,6 +13,7 @@ import math
 from .base import VALIDATION, Empty, SchemaError, canonical, finite_values, json_types
 from .combine import merge
 from .numbers import bounds
+from .strings import literal_strings
 
 DEPTH = 3  # how deep excludes compares the values of a key both members require
 
@@ -151,9 +152,9 @@ def _plain_excludes(w, a: dict, b: dict, depth: int) -> bool:
         if set(w.types(a, "") if mine is None else emitted) <= refused:
             return True
     if mine is not None:
-        return False
+        return emitted == {"string"} and _disjoint_strings(a, b)
     if emitted == {"string"}:
-        return _disjoint_counts(a, b, "minLength", "maxLength")
+        return _disjoint_counts(a, b, "minLength", "maxLength") or _disjoint_strings(a, b)
     if emitted == {"integer", "number"}:
         return _disjoint_numbers(a, b)
     if emitted == {"array"}:
@@ -165,6 +166,18 @@ def _plain_excludes(w, a: dict, b: dict, depth: int) -> bool:
     if high < max(b_low, len(_names(b.get("required")))) or low > b_high:  # b wants more or fewer keys
         return True
     return ("properties" in a or "required" in a) and _objects_apart(w, a, b, depth)
+
+
+def _disjoint_strings(a: dict, b: dict) -> bool:
+    """The strings a writes (its enum, or the strings its pattern of literals fully matches) are none of those b's
+    pattern of literals accepts (`^ALIAS$` and `^STRING$`: the tags of tree-sitter's grammar schema)."""
+    accepted = literal_strings(b["pattern"]) if "pattern" in b else None
+    written = finite_values(a) if finite_values(a) is not None else (
+        literal_strings(a["pattern"]) if "pattern" in a else None)
+    if accepted is None or written is None:
+        return False
+    accepted = set(accepted) | {s + "\n" for s in accepted}  # Python's $ matches before a final newline
+    return not any(isinstance(v, str) and v in accepted for v in written)
 
 
 def _names(required) -> set[str]:

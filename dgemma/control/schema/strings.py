@@ -304,3 +304,41 @@ def format_body(fmt: str, low: int, high: int | None, pattern: str | None, max_r
 def _span(form: str) -> tuple[int, float]:
     """The fewest and most characters of a narrow form's strings (ASCII: one character a byte)."""
     return _lengths(sre_parse.parse(form), MAX_CODE, MAX_CODE, None)
+
+
+def literal_strings(pattern, limit: int = 256) -> list[str] | None:
+    """The strings a pattern of literals and alternatives anchored at both ends fully matches (`^(PREC|PREC_LEFT)$`),
+    at most `limit` of them; None for any other pattern. Python's `$` also matches before a final newline, so a
+    string the pattern accepts is one of these, or one of these and a newline."""
+    def expand(items) -> list[str] | None:
+        out = [""]
+        for op, arg in items:
+            if op == sre.LITERAL:
+                tails = [chr(arg)]
+            elif op == sre.IN and all(o == sre.LITERAL for o, _ in arg):
+                tails = [chr(a) for _, a in arg]
+            elif op == sre.SUBPATTERN and not (arg[1] or arg[2]):
+                tails = expand(arg[-1])
+            elif op == sre.BRANCH:
+                tails = [t for branch in arg[1] for t in (expand(branch) or [None])]
+                tails = None if None in tails else tails
+            else:
+                return None
+            if tails is None or len(out) * len(tails) > limit:
+                return None
+            out = [head + tail for head in out for tail in tails]
+        return out
+
+    try:
+        branches = _branches(pattern)
+        if sre_parse.parse(pattern).state.flags & re.IGNORECASE:
+            return None
+    except ValueError:
+        return None
+    strings: list[str] = []
+    for branch, start, end in branches:
+        texts = expand(branch) if start and end else None
+        if texts is None or len(strings) + len(texts) > limit:
+            return None
+        strings += texts
+    return strings
