@@ -9,7 +9,10 @@ jsonschemabench.py (`Constraint.from_json_schema`, 60 s limit). For each, one ca
 the free positions draw a random token) run as lanes of one forward pass (`solve_each`), as step.head asks for
 them, with the first --settled positions held to the argmax's tokens (serving's settled prefix: pinned for the
 rest of the canvas) and the output budget ending --budget-ends tokens into the canvas (the last canvas of an
-output; 256: at its end). Printed: the thread's CPU milliseconds of the solves, the best of --repeats.
+output; 256: at its end). Last, "allowed": nothing held, but the log-probabilities raised by 20 at the argmax's
+tokens and the draws equal to them, so that each lane's best tokens are allowed (a confident model whose tokens
+already obey the constraint: dp._allowed_walk takes them without the forward pass). Printed: the thread's CPU
+milliseconds of the solves, the best of --repeats.
 """
 
 from __future__ import annotations
@@ -53,12 +56,14 @@ def main() -> None:
     vocab = vocabulary(args.data, 32000, 0)
     C = args.canvas
     print(f"canvas {C}, two lanes, CPU ms (best of {args.repeats}), {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
-    print(f"{'schema':36} {'pairs':>7} {'budget ends':>11} " + " ".join(f"{f'settled {n}':>11}" for n in args.settled))
+    print(f"{'schema':36} {'pairs':>7} {'budget ends':>11} " + " ".join(f"{f'settled {n}':>11}" for n in args.settled)
+          + f" {'allowed':>8}")
     for name in args.only:
         c = Constraint.from_json_schema(json.loads((args.data / name).read_text()), vocab,
                                         limits=CompileLimits(timeout_s=60))
         g = torch.Generator().manual_seed(0)
-        read = class_scores(torch.log_softmax(torch.randn(C, c.vocab_size, generator=g) * 3, -1), c)
+        log_probs = torch.log_softmax(torch.randn(C, c.vocab_size, generator=g) * 3, -1)
+        read = class_scores(log_probs, c)
         draws = torch.randint(0, c.vocab_size, (C,), generator=g)
         coin = torch.rand(C, generator=g) < 0.5
         for budget in args.budget_ends:
@@ -76,8 +81,12 @@ def main() -> None:
                 assert torch.equal(lanes[0].tokens, argmax)  # the held prefix is the argmax's own
                 row.append(cpu_ms(lambda: solve_each(read, [None, prefer], None, held, ends, done_from),
                                   args.repeats))
-            print(f"{name[:36]:36} {len(moves_of(c).pair_src):7} {budget:11} " + " ".join(f"{ms:11.0f}" for ms in row),
-                  flush=True)
+            sure = class_scores(log_probs.index_put((torch.arange(C), argmax), torch.tensor(20.0), accumulate=True), c)
+            agree = torch.where(coin, argmax, -1)
+            assert torch.equal(solve_each(sure, [None, agree], None, None, ends, done_from)[1].tokens, argmax)
+            row.append(cpu_ms(lambda: solve_each(sure, [None, agree], None, None, ends, done_from), args.repeats))
+            print(f"{name[:36]:36} {len(moves_of(c).pair_src):7} {budget:11} " + " ".join(f"{ms:11.0f}" for ms in row[:-1])
+                  + f" {row[-1]:8.1f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -203,3 +203,28 @@ def test_the_forward_pass_in_torch_gives_the_numpy_scores(vocab, monkeypatch):  
         for a, b in zip(want, got):
             assert torch.equal(a.tokens, b.tokens) and torch.equal(a.states, b.states) and a.log_prob == b.log_prob
     assert None in devices and torch.device("cpu") in devices  # both passes ran
+
+
+def test_a_canvas_whose_best_tokens_are_allowed_takes_them_without_the_pass(tiny, monkeypatch):  # noqa: F811
+    """When the best class at every position already makes an allowed sequence (a confident model's tokens obey
+    the constraint), that sequence is the answer, found by one walk (dp._allowed_walk); a lane whose best tokens are
+    not allowed still takes the pass, alone. Every answer equals the pass's."""
+    c = Constraint.from_regex(r"(ab|a|b)+", tiny)
+    forward = dp.moves_of(c).forward
+    real_run, lanes = forward.run, []
+    monkeypatch.setattr(forward, "run", lambda sv, *rest: lanes.append(sv.shape[2]) or real_run(sv, *rest))
+    g = torch.Generator().manual_seed(3)
+    log_probs = torch.randn(16, c.vocab_size, generator=g).log_softmax(-1)
+    free = solve_each(class_scores(log_probs, c), [None])[0].tokens
+    assert lanes == [1]  # random log-probs: their best tokens are not allowed
+    confident = log_probs.clone()
+    confident[torch.arange(16), free] += 20  # the allowed answer is now the best token everywhere
+    read = class_scores(confident.log_softmax(-1), c)
+    anything = torch.randint(0, c.vocab_size, (16,), generator=g)  # a draw the constraint does not allow
+    got = solve_each(read, [None, anything])
+    assert lanes == [1, 1] and torch.equal(got[0].tokens, free)  # the second lane alone took the pass
+    with monkeypatch.context() as m:
+        m.setattr(dp, "_allowed_walk", lambda *args: None)
+        passed = solve_each(read, [None, anything])
+    for a, b in zip(got, passed):
+        assert torch.equal(a.tokens, b.tokens) and torch.equal(a.states, b.states) and a.log_prob == b.log_prob

@@ -21,6 +21,8 @@ the class maxima (step 1) plus a loop over positions whose size is the number of
 5. Backward: at each position, the first pair into the current state that attains its score, then the first
    class along that pair that attains the pair's value.
 6. Tokens: at each position, the first token of the chosen class with the class's best log-prob.
+When the best class at every position already makes a sequence the automaton allows (a confident model whose tokens
+obey the constraint), that sequence is the answer, and steps 2-5 are one walk along it (`_allowed_walk`).
 
 Log-probs of -inf (masked or pinned-away tokens) count as a finite floor (-1e30), so when the automaton admits
 any sequence one is returned, taking the fewest such tokens (next to 1e30 the finite log-probs barely count).
@@ -89,19 +91,15 @@ def solve_each(scores: ClassScores, prefers: list, start_state: int | None = Non
         raise ValueError(f"start_state {start} is not a state of the constraint (0..{constraint.num_states - 1})")
     moves = moves_of(constraint)
     steered = [_steered(scores.best, constraint, hard, prefer) for prefer in prefers]  # (class scores, fixed)
-
-    # 2. best class move per (position, class set): a pair's value is its set's
-    set_value = np.stack([np.maximum.reduceat(np.take(best, moves.set_members, axis=1), moves.set_start, axis=1)
-                          for best, _ in steered], axis=-1)  # (C, Q, L)
     walk = _held_walk(constraint, start, hard, done_from)
     if len(walk) > 1:  # a held prefix: the pass starts after it, unless some held token has to go
         try:
-            answers = _answers(scores, moves, steered, set_value, walk, end_states, done_from)
+            answers = _answers(scores, moves, steered, walk, end_states, done_from)
             if all(bool(((hard < 0) | (a.tokens == hard)).all()) for a in answers):
                 return answers
         except ConstraintError:
             pass
-    return _answers(scores, moves, steered, set_value, [start], end_states, done_from)
+    return _answers(scores, moves, steered, [start], end_states, done_from)
 
 
 def _held_walk(constraint: Constraint, start: int, hard: torch.Tensor | None, done_from: int | None) -> list[int]:
@@ -125,22 +123,59 @@ def _held_walk(constraint: Constraint, start: int, hard: torch.Tensor | None, do
     return walk
 
 
-def _answers(scores: ClassScores, moves, steered: list, set_value: np.ndarray, walk: list[int],
-             end_states: np.ndarray | None, done_from: int | None) -> list[ValidTokens]:
-    """3-6 for every lane, the forward pass from the end of `walk` (Forward.run)."""
+def _answers(scores: ClassScores, moves, steered: list, walk: list[int], end_states: np.ndarray | None,
+             done_from: int | None) -> list[ValidTokens]:
+    """3-6 for every lane, the forward pass from the end of `walk` (Forward.run); a lane whose best class at each
+    position already makes a sequence the constraint allows (`_allowed_walk`) takes it without the pass."""
     constraint = scores.constraint
-    on_device = scores.token_class is not None and len(moves.pair_src) * len(steered) >= DEVICE_PAIRS
-    score = moves.forward.run(set_value, walk, done_from, torch.get_num_threads(),  # (C+1, S+1, L)
-                              scores.log_probs.device if on_device else None)
     answers = []
-    for lane, (best, fixed) in enumerate(steered):
-        state = _end_state(constraint, moves, score[:, :, lane], walk[0], end_states, done_from)
-        states, classes = _backward(moves, score[:, :, lane], set_value[:, :, lane], best, state)
-        tokens = tokens_of(scores, moves, classes, fixed)
-        chosen = scores.log_probs.gather(1, tokens[:, None].to(scores.log_probs.device)).double().cpu()
-        log_prob = float((chosen.log() if scores.probs else chosen).clamp(min=FLOOR).sum())
-        answers.append(ValidTokens(tokens, torch.from_numpy(states), log_prob))
+    for best, fixed in steered:
+        classes = best.argmax(axis=1)
+        states = _allowed_walk(constraint, best, classes, walk[0], end_states, done_from)
+        answers.append(None if states is None else _answer(scores, moves, states, classes, fixed))
+    rest = [lane for lane, answer in enumerate(answers) if answer is None]
+    if not rest:
+        return answers
+    on_device = scores.token_class is not None and len(moves.pair_src) * len(rest) >= DEVICE_PAIRS
+    # 2. best class move per (position, class set): a pair's value is its set's
+    values = np.stack([np.maximum.reduceat(np.take(steered[lane][0], moves.set_members, axis=1), moves.set_start,
+                                           axis=1) for lane in rest], axis=-1)  # (C, Q, L)
+    score = moves.forward.run(values, walk, done_from, torch.get_num_threads(),  # (C+1, S+1, len(rest))
+                              scores.log_probs.device if on_device else None)
+    for i, lane in enumerate(rest):
+        best, fixed = steered[lane]
+        state = _end_state(constraint, moves, score[:, :, i], walk[0], end_states, done_from)
+        states, classes = _backward(moves, score[:, :, i], values[:, :, i], best, state)
+        answers[lane] = _answer(scores, moves, states, classes, fixed)
     return answers
+
+
+def _answer(scores: ClassScores, moves, states: np.ndarray, classes: np.ndarray, fixed: dict) -> ValidTokens:
+    """6. The tokens of the chosen classes, and their log-prob."""
+    tokens = tokens_of(scores, moves, classes, fixed)
+    chosen = scores.log_probs.gather(1, tokens[:, None].to(scores.log_probs.device)).double().cpu()
+    log_prob = float((chosen.log() if scores.probs else chosen).clamp(min=FLOOR).sum())
+    return ValidTokens(tokens, torch.from_numpy(states), log_prob)
+
+
+def _allowed_walk(constraint: Constraint, best: np.ndarray, classes: np.ndarray, start: int,
+                  end_states: np.ndarray | None, done_from: int | None) -> np.ndarray | None:
+    """The states after each position when the best class at every position (`classes`, above the floor) makes a
+    sequence the constraint allows from `start`, in DONE from `done_from` on and ending in `end_states`; else
+    None. That sequence is then the best valid one (no valid sequence scores more than the best of each position):
+    one walk instead of the forward pass, as when a confident model's tokens already obey the constraint."""
+    canvas_length = len(classes)
+    if not (best[np.arange(canvas_length), classes] > FLOOR).all():
+        return None
+    table, states = constraint.transitions.numpy(), np.empty(canvas_length, dtype=np.int64)
+    only_done_from = canvas_length + 1 if done_from is None else max(done_from, 1)
+    state = start
+    for c, cls in enumerate(classes.tolist()):
+        state = int(table[state, cls])
+        if state == INVALID or (c + 1 >= only_done_from and state != constraint.done_state):
+            return None
+        states[c] = state
+    return states if end_states is None or end_states[state] else None
 
 
 def _end_state(constraint: Constraint, moves, score: np.ndarray, start: int, end_states: np.ndarray | None,
