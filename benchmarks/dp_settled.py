@@ -85,8 +85,8 @@ def main() -> None:
             agree = torch.where(coin, argmax, -1)
             assert torch.equal(solve_each(sure, [None, agree], None, None, ends, done_from)[1].tokens, argmax)
             row.append(cpu_ms(lambda: solve_each(sure, [None, agree], None, None, ends, done_from), args.repeats))
-            print(f"{name[:36]:36} {len(moves_of(c).pair_src):7} {budget:11} " + " ".join(f"{ms:11.0f}" for ms in row[:-1])
-                  + f" {row[-1]:8.1f}", flush=True)
+            print(f"{name[:36]:36} {len(moves_of(c).pair_src):7} {budget:11} "
+                  + " ".join(f"{ms:11.0f}" for ms in row[:-1]) + f" {row[-1]:8.1f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -247,8 +247,9 @@ def completable_states(constraint: Constraint, pinned: dict[int, int], start: in
     (output position -> token id) and the text be complete at max_new (max_new None: no budget, so after the last
     pin any live state will do); with `eos`, complete with its EOS among those positions (in DONE at max_new: an
     output that ends within max_tokens). Without pins at or after `start` this is `distance <= max_new - start`
-    (with `eos`, `tokens_to_done`), the budget rule of `best_valid_tokens`'s tokens_after. Backward from the last pin: a pinned position moves along its
-    token's class only, any other position along every move the constraint allows; O(pairs) per position."""
+    (with `eos`, `tokens_to_done`), the budget rule of `best_valid_tokens`'s tokens_after. Backward from the last
+    pin: a pinned position moves along its token's class only, any other position along every move the constraint
+    allows; O(pairs) per position."""
     moves = moves_of(constraint)
     later = [p for p in pinned if p >= start]
     end = max(later) + 1 if later else start
