@@ -196,8 +196,16 @@ def _sequence(items, max_repeat: int, repeat_cap: int, fit: Fit | None = None) -
             if arg[1] or arg[2]:
                 raise ValueError("inline flags")
             out.append(f"({_sequence(arg[-1], max_repeat, repeat_cap, fit)})")
-        elif op == sre.BRANCH:
-            out.append("(" + "|".join(_sequence(b, max_repeat, repeat_cap, fit) for b in arg[1]) + ")")
+        elif op == sre.BRANCH:  # an alternative that cannot be written is left out (`($|/)` writes `/`): a subset
+            written, errors = [], []
+            for branch in arg[1]:
+                try:
+                    written.append(_sequence(branch, max_repeat, repeat_cap, fit))
+                except ValueError as err:
+                    errors.append(err)
+            if not written:
+                raise errors[0]
+            out.append("(" + "|".join(written) + ")")
         elif op in (sre.ASSERT, sre.ASSERT_NOT):
             raise ValueError("a lookaround")
         elif op == sre.GROUPREF:
@@ -212,16 +220,20 @@ _ANCHORS = (sre.AT_BEGINNING, sre.AT_BEGINNING_STRING, sre.AT_END, sre.AT_END_ST
 
 def _alternatives(items, start: bool = False) -> list[tuple[list, bool, bool]]:
     """The pattern's top-level alternatives, each without its anchors, and whether it was anchored at its start and
-    at its end: a group around a whole alternative is opened ((^...$)), and an alternation left after the anchors
-    is split (`re` writes `^$|^a+$` as ^ then $ | a+$)."""
+    at its end: a group around a whole alternative is opened ((^...$)), an alternation left after the anchors
+    is split (`re` writes `^$|^a+$` as ^ then $ | a+$), and so is a last alternation whose alternatives hold
+    anchors, after what comes before it (`re` writes `^01$|^07$` as ^0 then (1$|7$): ^01$ | ^07$)."""
     items = list(items)
     while len(items) == 1 and items[0][0] == sre.SUBPATTERN and not (items[0][1][1] or items[0][1][2]):
         items = list(items[0][1][-1])
     while items and items[0][0] == sre.AT and items[0][1] in _ANCHORS[:2]:
         items.pop(0)
         start = True
-    if len(items) == 1 and items[0][0] == sre.BRANCH:
-        return [alt for branch in items[0][1][1] for alt in _alternatives(branch, start)]
+    last = items[-1] if items else (None, None)
+    if last[0] == sre.SUBPATTERN and not (last[1][1] or last[1][2]) and len(last[1][-1]) == 1:
+        last = list(last[1][-1])[0]
+    if last[0] == sre.BRANCH and (len(items) == 1 or any(op == sre.AT for b in last[1][1] for op, _ in b)):
+        return [alt for branch in last[1][1] for alt in _alternatives(items[:-1] + list(branch), start)]
     end = False
     while items and items[-1][0] == sre.AT and items[-1][1] in _ANCHORS[2:]:
         items.pop()
@@ -229,23 +241,31 @@ def _alternatives(items, start: bool = False) -> list[tuple[list, bool, bool]]:
     return [(items, start, end)]
 
 
-def _branches(pattern: str) -> list[tuple[list, bool, bool]]:
+def _branches(pattern: str, drop: bool = True) -> list[tuple[list, bool, bool]]:
     """`_alternatives` of the parsed pattern, each with a negative lookahead at its start rewritten (lookahead.py);
-    ValueError for what cannot be written."""
+    with `drop`, an alternative that cannot be written is left out (a subset). ValueError for what cannot be
+    written (with `drop`: when no alternative can)."""
     if not isinstance(pattern, str):
         raise ValueError("a pattern must be a string")
     try:
         tree = sre_parse.parse(pattern)
     except (re.error, RecursionError, OverflowError) as err:
         raise ValueError(f"an invalid regular expression ({err})") from None
-    branches = []
+    branches, errors = [], []
     for branch, start, end in _alternatives(list(tree)):
-        if branch and branch[0][0] == sre.ASSERT_NOT and tree.state.flags & re.IGNORECASE:
-            raise ValueError("a lookaround under the i flag")
-        branch = avoiding_lookaheads(branch)  # lookahead.py: a negative lookahead at the start
-        if any(op == sre.AT for op, _ in branch):
-            raise ValueError("an anchor or word boundary inside the pattern")
-        branches.append((branch, start, end))
+        try:
+            if branch and branch[0][0] == sre.ASSERT_NOT and tree.state.flags & re.IGNORECASE:
+                raise ValueError("a lookaround under the i flag")
+            branch = avoiding_lookaheads(branch)  # lookahead.py: a negative lookahead at the start
+            if any(op == sre.AT for op, _ in branch):
+                raise ValueError("an anchor or word boundary inside the pattern")
+            branches.append((branch, start, end))
+        except ValueError as err:
+            if not drop:
+                raise
+            errors.append(err)
+    if errors and not branches:
+        raise errors[0]
     return branches
 
 
@@ -255,14 +275,19 @@ def pattern_body(pattern: str, max_repeat: int, repeat_cap: int, low: int = 0, h
     alternative's repetitions are raised and cut uniformly until every string it matches has such a length
     (_fit), and an alternative that cannot is left out; negative lookaheads at an alternative's start are written
     as lookahead.py says. ValueError, saying why, for what cannot be written."""
-    written = []
+    written, errors = [], []
     for branch, _, _ in _branches(pattern):
-        if (low, high) == (0, None):
-            written.append(_sequence(branch, max_repeat, repeat_cap))
-            continue
-        fit = _fit(branch, low, high, max_repeat, repeat_cap)
-        if fit is not None:
-            written.append(_sequence(branch, max_repeat, repeat_cap, fit))
+        try:
+            if (low, high) == (0, None):
+                written.append(_sequence(branch, max_repeat, repeat_cap))
+                continue
+            fit = _fit(branch, low, high, max_repeat, repeat_cap)
+            if fit is not None:
+                written.append(_sequence(branch, max_repeat, repeat_cap, fit))
+        except ValueError as err:  # an alternative that cannot be written is left out
+            errors.append(err)
+    if errors and not written:
+        raise errors[0]
     if not written:
         raise ValueError(f"no string it matches is written with {low} to {'any' if high is None else high} "
                          "characters (minLength/maxLength)")
@@ -273,8 +298,16 @@ def pattern_search(pattern: str, max_repeat: int, repeat_cap: int) -> str:
     """The regex of string bodies in which `pattern` finds a match, as a JSON schema pattern searches: each
     alternative as pattern_body writes it, with any text before it unless anchored at the start and after it unless
     anchored at the end (a subset where repetitions are cut). ValueError as for pattern_body."""
-    return "(" + "|".join(("" if start else f"{CHAR}*") + _sequence(branch, max_repeat, repeat_cap)
-                          + ("" if end else f"{CHAR}*") for branch, start, end in _branches(pattern)) + ")"
+    written, errors = [], []
+    for branch, start, end in _branches(pattern):
+        try:
+            written.append(("" if start else f"{CHAR}*") + _sequence(branch, max_repeat, repeat_cap)
+                           + ("" if end else f"{CHAR}*"))
+        except ValueError as err:
+            errors.append(err)
+    if not written:
+        raise errors[0]
+    return "(" + "|".join(written) + ")"
 
 
 def format_body(fmt: str, low: int, high: int | None, pattern: str | None, max_repeat: int, repeat_cap: int
@@ -330,7 +363,7 @@ def literal_strings(pattern, limit: int = 256) -> list[str] | None:
         return out
 
     try:
-        branches = _branches(pattern)
+        branches = _branches(pattern, drop=False)
         if sre_parse.parse(pattern).state.flags & re.IGNORECASE:
             return None
     except ValueError:
