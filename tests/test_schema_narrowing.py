@@ -249,6 +249,8 @@ NEGATIONS = [
     # a format no validator checks is an annotation; a checked format's written form is none of the values
     {"type": "string", "format": "wikidata-id", "maxLength": 3, "not": {"enum": ["a", "ab"]}},
     {"type": "string", "format": "email", "not": {"enum": ["", "n/a", "none"]}},
+    # a pattern none of whose written strings is a value (JSONStore's openfin: a version pattern less "")
+    {"type": "string", "pattern": "^[0-9]+(\\.[0-9]+)*$", "not": {"enum": ["", "latest", "1.x"]}},
     # a pattern anchored at its start: strings that do not start so (a pattern takes every value but a string)
     {"type": "string", "pattern": "^[a-z]+$", "minLength": 2, "not": {"pattern": "^ab"}},
     {"type": ["string", "integer"], "maxLength": 4, "not": {"pattern": "^(a|bc)"}},

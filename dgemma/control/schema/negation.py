@@ -23,6 +23,7 @@ Any other form is refused by name.
 
 from __future__ import annotations
 
+import json
 import re
 
 from .base import VALIDATION, Empty, SchemaError, canonical, finite_values, json_types
@@ -126,11 +127,12 @@ def _each_type_less(w, rest: dict, banned: list, path: str) -> dict:
             members += [{**node, "enum": [b]} for b in (False, True) if b not in mine]
         elif kind == "integer":
             members += _gaps(node, sorted({int(v) for v in mine}), path)
-        elif kind == "string" and rest.get("format") in FORMATS and "pattern" not in rest:
-            if any(re.fullmatch(form, v) for form in FORMATS[rest["format"]] for v in mine):
+        elif kind == "string" and ("pattern" in rest or rest.get("format") in FORMATS):
+            written = w.string(node, path)  # the string's regex, as the writer writes it (None: no string)
+            if written is not None and any(_text(v) is None or re.fullmatch(written, _text(v)) for v in mine):
                 raise SchemaError(f"{path}: unsupported JSON schema feature 'not' (with enum or const, on a string "
-                                  f"of format '{rest['format']}' that the values take)")
-            members.append(node)  # the format's written form is none of them
+                                  f"with a pattern or format that the values may take)")
+            members.append(node)  # no string written for it is one of them
         elif kind == "string" and "pattern" not in rest:  # a format no validator checks is an annotation
             low, high = w.count(rest, "minLength", path, 0), w.count(rest, "maxLength", path)
             lengths = {"minLength", "maxLength"}
@@ -142,6 +144,15 @@ def _each_type_less(w, rest: dict, banned: list, path: str) -> dict:
     if not members:
         raise Empty
     return members[0] if len(members) == 1 else {"anyOf": members}
+
+
+def _text(value: str) -> str | None:
+    """The one JSON text of string `value` that a pattern's or a format's regex can write (strings.pattern_body
+    writes a character plain, or escaped as json.dumps escapes it; formats are plain ASCII), or None for a value
+    with a character it may write otherwise (C1 controls, lone surrogates)."""
+    if any(0x7F <= ord(c) <= 0x9F or 0xD800 <= ord(c) <= 0xDFFF for c in value):
+        return None
+    return json.dumps(value, ensure_ascii=False)
 
 
 ANY_TEXT = r"[\s\S]*"  # a pattern's tail that takes any string
