@@ -53,10 +53,11 @@ def without_not(w, node: dict, path: str) -> dict:
             negated = w.resolve(negated, path)[0]
         except Empty:  # past the recursion bound we cannot say what the negated schema accepts
             raise SchemaError(f"{path}: unsupported JSON schema feature 'not' (with a recursive $ref)") from None
-    words = set(negated) & VALIDATION
-    groups = [g for g in (GROUPS + [{w_} for w_ in words if not any(w_ in g for g in GROUPS)]) if g & words]
+    order = [k for k in negated if k in VALIDATION]  # the schema's order, not a set's: the same regex every run
+    words = set(order)
+    groups = [g for g in (GROUPS + [{w_} for w_ in order if not any(w_ in g for g in GROUPS)]) if g & words]
     if len(groups) > 1:  # keywords hold together: not (A and B) is (not A) or (not B)
-        either = [{"not": {k: negated[k] for k in g if k in negated}} for g in groups]
+        either = [{"not": {k: negated[k] for k in order if k in g}} for g in groups]
         return {**rest, "allOf": list(rest.get("allOf", [])) + [{"anyOf": either}]}
     if words == {"type"}:
         return _other_types(w, rest, negated["type"], path)
