@@ -1,6 +1,6 @@
 """A regex's byte-level DFA from outlines-core, built so that it accepts every text of the regex and stays small
 (`byte_dfa`); the compile child (_compile_worker.py) starts from it, and the schema writer asks it whether one
-regex's texts are all another's (schema/inclusion.py)."""
+regex's texts are all another's (`texts_within`: a format's narrow form beside a pattern, schema/strings.py)."""
 
 import re
 from itertools import chain

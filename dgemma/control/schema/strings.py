@@ -37,8 +37,8 @@ _SOME_PATH = "(/[a-zA-Z0-9._~-]{1,16}){1,6}"
 _OCTET = "(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
 _HEX4 = "[0-9a-f]{1,4}"
 # format -> its narrow forms (body regexes), each accepted by every checker (jsonschema's, pydantic's, Python's own
-# parsers); the writer takes the first whose lengths fit the node's minLength/maxLength and whose every string its
-# `pattern` matches (strings.format_body)
+# parsers; of pydantic's URL types, HttpUrl takes only the http(s) forms, which come first); the writer takes the
+# first whose lengths fit the node's minLength/maxLength and whose every string its `pattern` matches (format_body)
 FORMATS = {
     "date": [_DATE],
     "time": [_TIME, f"{_HMS}Z", f"{_HMS}{_OFFSET}"],
