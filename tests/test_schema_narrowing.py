@@ -401,6 +401,23 @@ def test_a_condition_no_branch_of_which_can_be_written_is_refused_by_name():
         schema_to_regex(schema)
 
 
+def test_an_empty_enum_takes_no_value():
+    """`enum: []` is valid JSON Schema (the specification says it SHOULD have an element) and takes no value, like
+    a false schema: an optional property with it is left out, a required one leaves nothing to write (JSONSchemaBench
+    Github_easy o58619, Github_hard o55320: refused before as "must be a non-empty list")."""
+    schema = {"type": "object", "properties": {"never": {"enum": []}, "n": {"type": "integer", "maximum": 3}},
+              "required": ["n"]}
+    regex, checker, rng = schema_to_regex(schema), validator(schema), random.Random(0)
+    for _ in range(50):
+        value = json.loads(sample(regex, rng, decode=False))
+        checker.validate(value)
+        assert "never" not in value
+    with pytest.raises(SchemaError, match="no JSON value"):
+        schema_to_regex({**schema, "required": ["n", "never"]})
+    with pytest.raises(SchemaError, match="no JSON value"):
+        schema_to_regex({"enum": ["a"], "const": "b"})
+
+
 def test_the_regex_does_not_depend_on_the_hash_seed():
     """`not` over several keywords became an anyOf in the order of a set of keyword names, so the regex changed with
     PYTHONHASHSEED from one process to the next (JSONSchemaBench JsonSchemaStore aiproj-1.1: a oneOf member that

@@ -258,8 +258,10 @@ class Writer:
         values = node["enum"] if "enum" in node else [node["const"]]
         if "enum" in node and "const" in node:
             values = [v for v in values if v == node["const"]]
-        if not isinstance(values, list) or not values:
-            raise SchemaError(f"{path}/enum: must be a non-empty list")
+        if not isinstance(values, list):
+            raise SchemaError(f"{path}/enum: must be a list")
+        if not values:  # an empty enum (the specification allows it) takes no value, like a false schema
+            raise Empty
         rest = {k: v for k, v in node.items() if k not in ("enum", "const") and k in VALIDATION}
         check = re.compile(self.node(rest, path)) if rest else None
         kept = [literal(v) for v in values if check is None or check.fullmatch(json.dumps(v, separators=(",", ":"),
