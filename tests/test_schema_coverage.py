@@ -203,6 +203,21 @@ def test_recursion_is_bounded_and_deep_chains_are_refused():
         schema_to_regex(chain)
 
 
+def test_refs_by_plain_name_reach_their_anchors():
+    """`$ref: "#name"` points at the subschema that declares the name: `$anchor` (2019-09 on), `$id: "#name"`
+    (drafts 6 and 7), draft 4's `id: "#name"` (JSONSchemaBench Github_easy o35904: refused before as pointing
+    nowhere). A name nothing declares, or one only data holds (an enum value), is still refused."""
+    for key, name in (("$anchor", "gate"), ("$id", "#gate"), ("id", "#gate")):
+        schema = {"definitions": {"gate": {key: name, "type": "integer", "minimum": 3, "maximum": 5}},
+                  "type": "object", "properties": {"g": {"$ref": "#gate"}}, "required": ["g"]}
+        regex = schema_to_regex(schema)
+        assert re.fullmatch(regex, '{"g":4}') and not re.fullmatch(regex, '{"g":6}')
+    for schema in ({"properties": {"g": {"$ref": "#gate"}}},
+                   {"properties": {"g": {"$ref": "#gate"}, "h": {"enum": [{"id": "#gate", "type": "string"}]}}}):
+        with pytest.raises(SchemaError, match="points nowhere"):
+            schema_to_regex(schema)
+
+
 def test_one_of_is_exact_or_refused():
     disjoint = {"oneOf": [{"type": "string", "maxLength": 2}, {"type": "integer"}, {"type": "null"}]}
     regex = schema_to_regex(disjoint)

@@ -21,6 +21,9 @@ from .base import (REFUSED, TYPE_KEYWORDS, TYPES, VALIDATION, Empty, RegexTooLon
 from .numbers import NUMBER, integer_regex, number_regex
 from .strings import CHAR, FORMATS, format_body, length_range, pattern_body
 
+_DATA = ("enum", "const", "default", "examples", "example")  # keywords whose values are JSON data, not schemas
+
+
 class Writer:
     def __init__(self, root: dict, limits: SchemaLimits, whitespace: str):
         self.root, self.limits, self.ws = root, limits, whitespace
@@ -28,6 +31,7 @@ class Writer:
         self.nesting = 0
         self.work = 0  # characters written so far, every node counted (SchemaLimits.max_work_chars)
         self.nodes = 0  # nodes written so far (SchemaLimits.max_nodes)
+        self._anchors: dict | None = None  # plain-name fragment -> subschema (`anchors`)
 
     # ---- entry
 
@@ -100,7 +104,11 @@ class Writer:
         if not isinstance(ref, str) or not ref.startswith("#"):
             raise SchemaError(f"{path}: unsupported $ref {ref!r} (only local references like #/$defs/Name)")
         target = self.root
-        for part in ref[1:].split("/"):
+        if ref[1:] and not ref.startswith("#/"):  # a plain name: `$anchor`, or `$id`/draft 4's `id` "#name"
+            target = self.anchors().get(ref[1:])
+            if target is None:
+                raise SchemaError(f"{path}: $ref {ref!r} points nowhere")
+        for part in ref[1:].split("/") if ref.startswith("#/") else []:
             if part:
                 part = part.replace("~1", "/").replace("~0", "~")
                 if isinstance(target, list) and part.isdigit() and int(part) < len(target):
@@ -116,6 +124,23 @@ class Writer:
         if not isinstance(target, dict):
             raise SchemaError(f"{path}: $ref {ref!r} is not a schema")
         return target
+
+    def anchors(self) -> dict:
+        """Plain-name fragments -> the subschemas that declare them (`"$anchor": "name"`, `"$id": "#name"`, draft
+        4's `"id": "#name"`), found once over the whole schema (iteratively: it may nest deeply)."""
+        if self._anchors is None:
+            self._anchors, stack = {}, [self.root]
+            while stack:
+                node = stack.pop()
+                if isinstance(node, dict):
+                    for key in ("$anchor", "$id", "id"):
+                        name = node.get(key)
+                        if isinstance(name, str) and (key == "$anchor" or name.startswith("#")):
+                            self._anchors.setdefault(name.removeprefix("#") if key != "$anchor" else name, node)
+                    stack.extend(v for k, v in node.items() if k not in _DATA)
+                elif isinstance(node, list):
+                    stack.extend(node)
+        return self._anchors
 
     # ---- one node
 
