@@ -242,3 +242,25 @@ def test_dependent_required_and_pattern_properties():
     regex = schema_to_regex(free)
     assert re.fullmatch(regex, '{"x-a":1,"x-b":2}') and not re.fullmatch(regex, '{"y":1}')
     assert not re.fullmatch(regex, '{"x-a":-1}')
+
+
+def test_property_names_with_pattern_properties():
+    """Keys as propertyNames writes them, when each is one the first pattern of patternProperties matches, so its
+    value meets that pattern's schema (JSONSchemaBench Github_hard o12459: pipette names as a `$ref`ed enum over
+    `".*"`; 8 files refused before). A name that may match no pattern is still refused by name."""
+    import random
+
+    from .test_schema_patterns import sample
+
+    names = {"enum": ["p10_single", "p300_multi"]}
+    for schema in ({"type": "object", "propertyNames": names, "patternProperties": {".*": {"type": "number"}},
+                    "additionalProperties": False},
+                   {"type": "object", "propertyNames": {"pattern": "^x-[a-z]{1,4}$"},
+                    "patternProperties": {"^x-": {"type": "integer", "minimum": 0}}}):
+        regex, rng = schema_to_regex(schema), random.Random(0)
+        checker = jsonschema.Draft202012Validator(schema)
+        for _ in range(40):
+            checker.validate(json.loads(sample(regex, rng, decode=False)))
+    with pytest.raises(SchemaError, match="'propertyNames' with 'patternProperties'"):
+        schema_to_regex({"type": "object", "propertyNames": {"pattern": "^[a-z]+$"},
+                         "patternProperties": {"^x": {"type": "integer"}}})

@@ -12,7 +12,7 @@ import re
 
 from .base import VALIDATION, Empty, SchemaError, literal
 from .combine import merge
-from .strings import CHAR, pattern_body
+from .strings import CHAR, pattern_body, pattern_search
 
 OPENERS = 8  # an object with no required key starts with one of its first 8 optional keys
 
@@ -161,11 +161,11 @@ def obj(w, node: dict, path: str) -> str:
     if not isinstance(patterns, dict):
         raise SchemaError(f"{path}/patternProperties: must be an object")
     if patterns:
-        if "propertyNames" in node:
-            raise SchemaError(f"{path}: unsupported 'propertyNames' with 'patternProperties'")
         first = next(iter(patterns))
         try:
             key = '"' + pattern_body(first, w.limits.max_count, w.limits.length_cap) + '"'
+            if "propertyNames" in node:
+                key = _named_key(w, node["propertyNames"], first, path)
         except ValueError as err:
             raise SchemaError(f"{path}/patternProperties: unsupported pattern {first!r} ({err})") from None
         # a key matching the first pattern may match others too: its value meets them all
@@ -197,6 +197,20 @@ def obj(w, node: dict, path: str) -> str:
         return rf"\{{{w.ws}\}}"
     cap = None if high is None else min(high, w.limits.items_cap)
     return pairs(w, key, value, low, cap)
+
+
+def _named_key(w, names, first: str, path: str) -> str:
+    """The key of an object with both propertyNames and patternProperties: a name as propertyNames writes it, when
+    every such name is one the first pattern matches (byte_dfa.texts_within over the JSON texts), so that its value
+    meets that pattern's schema; refused otherwise."""
+    from ..byte_dfa import texts_within
+    if not isinstance(names, dict):
+        raise SchemaError(f"{path}/propertyNames: unsupported {names!r} with 'patternProperties'")
+    key = w.write(merge(names, {"type": "string"}, path), f"{path}/propertyNames")
+    if not texts_within(key, '"' + pattern_search(first, w.limits.max_count, w.limits.length_cap) + '"'):
+        raise SchemaError(f"{path}: unsupported 'propertyNames' with 'patternProperties' (a name it allows may match "
+                          f"no pattern)")
+    return key
 
 
 def array(w, node: dict, path: str) -> str:
