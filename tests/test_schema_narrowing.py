@@ -256,6 +256,10 @@ NEGATIONS = [
     {"type": "string", "pattern": "^[a-z]+$", "minLength": 2, "not": {"pattern": "^ab"}},
     {"type": ["string", "integer"], "maxLength": 4, "not": {"pattern": "^(a|bc)"}},
     {"type": "string", "pattern": "^b1|^c2|^d$", "not": {"pattern": "^b"}},  # alternatives kept together
+    # a pattern of one character class: strings holding none of its characters (Github_easy o1327, Github_hard
+    # o57762)
+    {"type": "string", "maxLength": 6, "not": {"pattern": "[^a-zA-Z0-9.,()@&' -]"}},
+    {"type": ["string", "integer"], "not": {"pattern": "(\\$)"}},
 ]
 
 
@@ -290,7 +294,8 @@ def test_other_forms_of_not_are_refused_by_name():
                                                                "not": {"enum": ["a"]}},
                    {"type": "string", "format": "date", "not": {"const": "2024-02-29"}},
                    {"type": "string", "not": {"pattern": "ab"}}, {"type": "string", "not": {"pattern": "^a|b"}},
-                   {"type": "string", "pattern": "a1", "not": {"pattern": "^b"}}):
+                   {"type": "string", "pattern": "a1", "not": {"pattern": "^b"}},
+                   {"type": "string", "pattern": "^a", "not": {"pattern": "[0-9]"}}):
         with pytest.raises(SchemaError, match="'not'"):
             schema_to_regex(schema)
     with pytest.raises(SchemaError, match="no JSON value"):

@@ -28,7 +28,7 @@ import re
 
 from .base import VALIDATION, Empty, SchemaError, canonical, finite_values, json_types
 from .combine import merge
-from .charsets import sre, sre_parse
+from .charsets import class_ranges, complement, sre, sre_parse
 from .strings import FORMATS
 
 
@@ -73,6 +73,8 @@ def without_not(w, node: dict, path: str) -> dict:
         return _failing_property(w, rest, negated["properties"], path)
     if words == {"pattern"} and isinstance(negated["pattern"], str) and negated["pattern"].startswith("^"):
         return _not_starting(w, rest, negated["pattern"], path)
+    if words == {"pattern"} and isinstance(negated["pattern"], str) and _one_class(negated["pattern"]) is not None:
+        return _without_characters(w, rest, _one_class(negated["pattern"]), path)
     raise SchemaError(f"{path}: unsupported JSON schema feature 'not' (with {', '.join(sorted(words))})")
 
 
@@ -178,6 +180,42 @@ def _not_starting(w, rest: dict, pattern: str, path: str) -> dict:
                           "or a pattern not anchored at its start)")
     body, end = (own[1:-1], "$") if own.endswith("$") and not own.endswith("\\$") else (own[1:], "")
     return {**rest, "type": "string", "pattern": f"^(?!{pattern[1:]})(?:{body}){end}"}  # an anchor inside: refused
+
+
+def _one_class(pattern: str) -> list | None:
+    """The class (sre items) of a pattern that is one character class, literal or negated literal (in a group or
+    not, unanchored, no flags): `[^a-z0-9 -]`, `(\\$)`; else None."""
+    try:
+        tree = sre_parse.parse(pattern)
+    except (re.error, RecursionError, OverflowError):
+        return None
+    items = list(tree)
+    while len(items) == 1 and items[0][0] == sre.SUBPATTERN and not (items[0][1][1] or items[0][1][2]):
+        items = list(items[0][1][-1])
+    if len(items) != 1 or tree.state.flags & re.IGNORECASE:
+        return None
+    op, arg = items[0]
+    if op == sre.LITERAL:
+        return [(sre.LITERAL, arg)]
+    if op == sre.NOT_LITERAL:
+        return [(sre.NEGATE, None), (sre.LITERAL, arg)]
+    return list(arg) if op == sre.IN else None
+
+
+def _without_characters(w, rest: dict, banned: list, path: str) -> dict:
+    """`not: {"pattern": C}` for C one character class: strings only (a pattern takes every value that is not a
+    string), holding no character C takes in either ECMA-262 or Python's re, as a pattern of the others."""
+    if "string" not in w.types(rest, path):
+        raise Empty
+    if "pattern" in rest or rest.get("format") in FORMATS:
+        raise SchemaError(f"{path}: unsupported JSON schema feature 'not' (with a pattern of one character class, "
+                          "on a string with a pattern or format)")
+    try:
+        allowed = complement(class_ranges(banned, superset=True))
+    except ValueError as err:
+        raise SchemaError(f"{path}/not/pattern: unsupported pattern ({err})") from None
+    chars = "".join(f"\\U{a:08x}" + ("" if a == b else f"-\\U{b:08x}") for a, b in allowed)
+    return {**rest, "type": "string", "pattern": f"^[{chars}]*$" if chars else "^$"}
 
 
 def _gaps(node: dict, points: list[int], path: str) -> list[dict]:
