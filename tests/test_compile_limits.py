@@ -21,7 +21,7 @@ from dgemma.text.tokenizer import Tokenizer
 pytestmark = pytest.mark.usefixtures("one_thread_module")  # its module fixtures run a model
 
 MODEL = "tiny-gate"
-BAD = {"type": "object", "properties": {"a": {"not": {"pattern": "x"}}}, "required": ["a"]}  # a refused form of not
+BAD = {"type": "object", "properties": {"a": {"not": {"pattern": "xy"}}}, "required": ["a"]}  # a refused form of not
 
 
 class Held:
