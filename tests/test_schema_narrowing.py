@@ -79,6 +79,13 @@ OVERLAPPING = [
     {"oneOf": [{"pattern": "^https?://", "type": "string"}, {"pattern": "^git://", "type": "string"}]},
     {"oneOf": [{"pattern": "^[0-9a-f]{8}-([0-9a-f]{4}-){3}[0-9a-f]{12}$"},
                {"pattern": "^[0-9A-F]{8}-([0-9A-F]{4}-){3}[0-9A-F]{12}$"}]},
+    # arrays whose items are apart meet only in []: each member is written with at least one item (GeoJSON's
+    # coordinates, Github_hard o4413; Vega-Lite's scale domain, Github_ultra o19343)
+    {"oneOf": [{"type": "array", "maxItems": 3, "items": {"type": "number", "maximum": 9}},
+               {"type": "array", "maxItems": 3,
+                "items": {"type": "array", "maxItems": 2, "items": {"type": "number"}}}]},
+    {"oneOf": [{"type": "array", "maxItems": 4, "items": {"enum": ["a", "b"]}},
+               {"type": "array", "maxItems": 4, "items": {"enum": ["c", "d"]}}]},
 ]
 
 

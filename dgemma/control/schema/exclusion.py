@@ -158,7 +158,8 @@ def _plain_excludes(w, a: dict, b: dict, depth: int) -> bool:
     if emitted == {"integer", "number"}:
         return _disjoint_numbers(a, b)
     if emitted == {"array"}:
-        return _disjoint_counts(a, b, "minItems", "maxItems")
+        return _disjoint_counts(a, b, "minItems", "maxItems") or (
+            _span(a, "minItems", "maxItems")[0] >= 1 and _items_apart(w, a, b, depth))
     if emitted != {"object"}:
         return False
     low, high = _property_counts(a)
@@ -178,6 +179,16 @@ def _disjoint_strings(a: dict, b: dict) -> bool:
         return False
     accepted = set(accepted) | {s + "\n" for s in accepted}  # Python's $ matches before a final newline
     return not any(isinstance(v, str) and v in accepted for v in written)
+
+
+def _items_apart(w, a: dict, b: dict, depth: int) -> bool:
+    """No item a writes validates against b's `items` (one schema for every item on both sides): then b refuses every
+    array a writes that holds an item (GeoJSON's coordinates: an array of numbers or an array of arrays)."""
+    mine, theirs = a.get("items"), b.get("items")
+    if depth <= 0 or not isinstance(mine, dict) or not isinstance(theirs, dict) or "prefixItems" in a or (
+            "prefixItems" in b):
+        return False
+    return _values_apart(w, mine, theirs, depth - 1)
 
 
 def _names(required) -> set[str]:
@@ -226,7 +237,7 @@ def narrowed(w, member, a: dict, others: list[dict], raw: list[dict]):
     any of `others` (resolved members; `raw`, the same members as the schema gives them): by leaving out or
     requiring keys where that suffices, else by adding `not` that member, which is exact where the writer can write
     it (negation.py's forms; writing the member fails otherwise, and it is left out)."""
-    dropped, required, negated = {}, [], []
+    dropped, required, negated, nonempty = {}, [], [], False
     for b, b_raw in zip(others, raw):
         if excludes(w, a, b):
             continue
@@ -235,7 +246,10 @@ def narrowed(w, member, a: dict, others: list[dict], raw: list[dict]):
             negated.append(b_raw)
             continue
         kind, name = step
-        if kind == "drop":
+        if kind == "nonempty":
+            nonempty = True
+            a = {**a, "minItems": max(1, _span(a, "minItems", "maxItems")[0])}
+        elif kind == "drop":
             dropped[name] = False
             a = {**a, "properties": {**a.get("properties", {}), name: False}}
         else:
@@ -243,9 +257,11 @@ def narrowed(w, member, a: dict, others: list[dict], raw: list[dict]):
             a = {**a, "required": list(a.get("required", [])) + [name]}
         if not excludes(w, a, b):
             negated.append(b_raw)
-    if not dropped and not required and not negated:
+    if not dropped and not required and not negated and not nonempty:
         return member
     extra = {"properties": dropped} if dropped else {}
+    if nonempty:
+        extra["minItems"] = 1
     if required:
         extra["required"] = required
     if negated:
@@ -255,7 +271,11 @@ def narrowed(w, member, a: dict, others: list[dict], raw: list[dict]):
 
 def _step(w, a: dict, b: dict) -> tuple[str, str] | None:
     """One key to leave out of `a` (one that b requires) or to require in it (one that b forbids or fixes to other
-    values) so that b refuses every object written for `a`; None if there is none."""
+    values) so that b refuses every object written for `a`, or, for arrays whose items b's `items` refuses, at least
+    one item ("nonempty"); None if there is none."""
+    if _emitted(w, a) == {"array"}:
+        apart = _span(a, "minItems", "maxItems")[0] < 1 and _items_apart(w, a, b, DEPTH)
+        return ("nonempty", "") if apart else None
     if _emitted(w, a) != {"object"} or not ("properties" in a or "required" in a) or "anyOf" in a or "oneOf" in a:
         return None
     props = a.get("properties", {}) if isinstance(a.get("properties"), dict) else {}
