@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from .constraint import INVALID, Constraint, ConstraintError
-from .moves import moves_of
+from .moves import done_only_from, moves_of
 from .reading import FLOOR, ClassScores, class_scores, tokens_of
 
 PREFER_PENALTY = 1e-3  # solve(prefer=): a token other than the preferred one counts at this share of its probability
@@ -168,7 +168,7 @@ def _allowed_walk(constraint: Constraint, best: np.ndarray, classes: np.ndarray,
     if not (best[np.arange(canvas_length), classes] > FLOOR).all():
         return None
     table, states = constraint.transitions.numpy(), np.empty(canvas_length, dtype=np.int64)
-    only_done_from = canvas_length + 1 if done_from is None else max(done_from, 1)
+    only_done_from = done_only_from(canvas_length, done_from)
     state = start
     for c, cls in enumerate(classes.tolist()):
         state = int(table[state, cls])

@@ -170,7 +170,7 @@ class Forward:
         for c, state in enumerate(walk):
             score[c, self.internal[state]] = 0.0
         done = self.internal[self.done]
-        only_done_from = canvas_length + 1 if done_from is None else max(done_from, 1)  # rows from here: DONE only
+        only_done_from = done_only_from(canvas_length, done_from)  # rows from here: DONE only
         for c in range(len(walk) - 1, canvas_length):
             row = score[c + 1]
             if c >= only_done_from:
@@ -244,6 +244,12 @@ def _group_widths(degrees: np.ndarray, counts: np.ndarray) -> list[tuple[int, in
         groups.append((int(cut[hi]), hi))
         hi = int(cut[hi])
     return groups[::-1]
+
+
+def done_only_from(canvas_length: int, done_from: int | None) -> int:
+    """The first row of scores (the state after position row - 1) in which only DONE may stand: `done_from`
+    (at least 1: the start state is given), or past the canvas when the budget does not end inside it."""
+    return canvas_length + 1 if done_from is None else max(done_from, 1)
 
 
 def moves_of(constraint: Constraint) -> Moves:

@@ -173,8 +173,9 @@ def _disjoint_strings(a: dict, b: dict) -> bool:
     """The strings a writes (its enum, or the strings its pattern of literals fully matches) are none of those b's
     pattern of literals accepts (`^ALIAS$` and `^STRING$`: the tags of tree-sitter's grammar schema)."""
     accepted = literal_strings(b["pattern"]) if "pattern" in b else None
-    written = finite_values(a) if finite_values(a) is not None else (
-        literal_strings(a["pattern"]) if "pattern" in a else None)
+    written = finite_values(a)
+    if written is None and "pattern" in a:
+        written = literal_strings(a["pattern"])
     if accepted is None or written is None:
         return False
     accepted = set(accepted) | {s + "\n" for s in accepted}  # Python's $ matches before a final newline

@@ -29,7 +29,7 @@ import re
 from .base import VALIDATION, Empty, SchemaError, canonical, finite_values, json_types
 from .combine import merge
 from .charsets import class_ranges, complement, sre, sre_parse
-from .strings import FORMATS
+from .strings import FORMATS, ungrouped
 
 
 # keywords that are read together (one qualifies another); any other validation keyword holds on its own
@@ -71,10 +71,12 @@ def without_not(w, node: dict, path: str) -> dict:
         return rest
     if words == {"properties"} and isinstance(negated["properties"], dict):
         return _failing_property(w, rest, negated["properties"], path)
-    if words == {"pattern"} and isinstance(negated["pattern"], str) and negated["pattern"].startswith("^"):
-        return _not_starting(w, rest, negated["pattern"], path)
-    if words == {"pattern"} and isinstance(negated["pattern"], str) and _one_class(negated["pattern"]) is not None:
-        return _without_characters(w, rest, _one_class(negated["pattern"]), path)
+    if words == {"pattern"} and isinstance(negated["pattern"], str):
+        if negated["pattern"].startswith("^"):
+            return _not_starting(w, rest, negated["pattern"], path)
+        banned = _one_class(negated["pattern"])
+        if banned is not None:
+            return _without_characters(w, rest, banned, path)
     raise SchemaError(f"{path}: unsupported JSON schema feature 'not' (with {', '.join(sorted(words))})")
 
 
@@ -189,9 +191,7 @@ def _one_class(pattern: str) -> list | None:
         tree = sre_parse.parse(pattern)
     except (re.error, RecursionError, OverflowError):
         return None
-    items = list(tree)
-    while len(items) == 1 and items[0][0] == sre.SUBPATTERN and not (items[0][1][1] or items[0][1][2]):
-        items = list(items[0][1][-1])
+    items = ungrouped(tree)
     if len(items) != 1 or tree.state.flags & re.IGNORECASE:
         return None
     op, arg = items[0]

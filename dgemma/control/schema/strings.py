@@ -197,15 +197,7 @@ def _sequence(items, max_repeat: int, repeat_cap: int, fit: Fit | None = None) -
                 raise ValueError("inline flags")
             out.append(f"({_sequence(arg[-1], max_repeat, repeat_cap, fit)})")
         elif op == sre.BRANCH:  # an alternative that cannot be written is left out (`($|/)` writes `/`): a subset
-            written, errors = [], []
-            for branch in arg[1]:
-                try:
-                    written.append(_sequence(branch, max_repeat, repeat_cap, fit))
-                except ValueError as err:
-                    errors.append(err)
-            if not written:
-                raise errors[0]
-            out.append("(" + "|".join(written) + ")")
+            out.append("(" + "|".join(_written(arg[1], lambda b: _sequence(b, max_repeat, repeat_cap, fit))) + ")")
         elif op in (sre.ASSERT, sre.ASSERT_NOT):
             raise ValueError("a lookaround")
         elif op == sre.GROUPREF:
@@ -218,14 +210,37 @@ def _sequence(items, max_repeat: int, repeat_cap: int, fit: Fit | None = None) -
 _ANCHORS = (sre.AT_BEGINNING, sre.AT_BEGINNING_STRING, sre.AT_END, sre.AT_END_STRING)
 
 
+def _written(alternatives, write) -> list:
+    """`write(alternative)` for each, leaving out those it raises ValueError for (a subset of the alternation) and
+    those it gives None for; the first error when it raised for every one."""
+    written, errors = [], []
+    for alternative in alternatives:
+        try:
+            text = write(alternative)
+        except ValueError as err:
+            errors.append(err)
+            continue
+        if text is not None:
+            written.append(text)
+    if errors and not written:
+        raise errors[0]
+    return written
+
+
+def ungrouped(items) -> list:
+    """Items without the plain groups (no flags) around all of them: ((a|b)) -> a|b."""
+    items = list(items)
+    while len(items) == 1 and items[0][0] == sre.SUBPATTERN and not (items[0][1][1] or items[0][1][2]):
+        items = list(items[0][1][-1])
+    return items
+
+
 def _alternatives(items, start: bool = False) -> list[tuple[list, bool, bool]]:
     """The pattern's top-level alternatives, each without its anchors, and whether it was anchored at its start and
     at its end: a group around a whole alternative is opened ((^...$)), an alternation left after the anchors
     is split (`re` writes `^$|^a+$` as ^ then $ | a+$), and so is a last alternation whose alternatives hold
     anchors, after what comes before it (`re` writes `^01$|^07$` as ^0 then (1$|7$): ^01$ | ^07$)."""
-    items = list(items)
-    while len(items) == 1 and items[0][0] == sre.SUBPATTERN and not (items[0][1][1] or items[0][1][2]):
-        items = list(items[0][1][-1])
+    items = ungrouped(items)
     while items and items[0][0] == sre.AT and items[0][1] in _ANCHORS[:2]:
         items.pop(0)
         start = True
@@ -241,32 +256,31 @@ def _alternatives(items, start: bool = False) -> list[tuple[list, bool, bool]]:
     return [(items, start, end)]
 
 
-def _branches(pattern: str, drop: bool = True) -> list[tuple[list, bool, bool]]:
-    """`_alternatives` of the parsed pattern, each with a negative lookahead at its start rewritten (lookahead.py);
-    with `drop`, an alternative that cannot be written is left out (a subset). ValueError for what cannot be
-    written (with `drop`: when no alternative can)."""
+def _parsed(pattern: str):
+    """The pattern's sre tree; ValueError for a pattern that is not a string or not a regular expression."""
     if not isinstance(pattern, str):
         raise ValueError("a pattern must be a string")
     try:
-        tree = sre_parse.parse(pattern)
+        return sre_parse.parse(pattern)
     except (re.error, RecursionError, OverflowError) as err:
         raise ValueError(f"an invalid regular expression ({err})") from None
-    branches, errors = [], []
-    for branch, start, end in _alternatives(list(tree)):
-        try:
-            if branch and branch[0][0] == sre.ASSERT_NOT and tree.state.flags & re.IGNORECASE:
-                raise ValueError("a lookaround under the i flag")
-            branch = avoiding_lookaheads(branch)  # lookahead.py: a negative lookahead at the start
-            if any(op == sre.AT for op, _ in branch):
-                raise ValueError("an anchor or word boundary inside the pattern")
-            branches.append((branch, start, end))
-        except ValueError as err:
-            if not drop:
-                raise
-            errors.append(err)
-    if errors and not branches:
-        raise errors[0]
-    return branches
+
+
+def _branches(tree, drop: bool = True) -> list[tuple[list, bool, bool]]:
+    """`_alternatives` of a parsed pattern, each with a negative lookahead at its start rewritten (lookahead.py);
+    with `drop`, an alternative that cannot be written is left out (a subset). ValueError for what cannot be
+    written (with `drop`: when no alternative can)."""
+    def checked(alternative: tuple) -> tuple:
+        branch, start, end = alternative
+        if branch and branch[0][0] == sre.ASSERT_NOT and tree.state.flags & re.IGNORECASE:
+            raise ValueError("a lookaround under the i flag")
+        branch = avoiding_lookaheads(branch)  # lookahead.py: a negative lookahead at the start
+        if any(op == sre.AT for op, _ in branch):
+            raise ValueError("an anchor or word boundary inside the pattern")
+        return branch, start, end
+
+    alternatives = _alternatives(list(tree))
+    return _written(alternatives, checked) if drop else [checked(a) for a in alternatives]
 
 
 def pattern_body(pattern: str, max_repeat: int, repeat_cap: int, low: int = 0, high: int | None = None) -> str:
@@ -275,19 +289,14 @@ def pattern_body(pattern: str, max_repeat: int, repeat_cap: int, low: int = 0, h
     alternative's repetitions are raised and cut uniformly until every string it matches has such a length
     (_fit), and an alternative that cannot is left out; negative lookaheads at an alternative's start are written
     as lookahead.py says. ValueError, saying why, for what cannot be written."""
-    written, errors = [], []
-    for branch, _, _ in _branches(pattern):
-        try:
-            if (low, high) == (0, None):
-                written.append(_sequence(branch, max_repeat, repeat_cap))
-                continue
-            fit = _fit(branch, low, high, max_repeat, repeat_cap)
-            if fit is not None:
-                written.append(_sequence(branch, max_repeat, repeat_cap, fit))
-        except ValueError as err:  # an alternative that cannot be written is left out
-            errors.append(err)
-    if errors and not written:
-        raise errors[0]
+    def write(alternative: tuple) -> str | None:  # None: no string of it has such a length
+        branch = alternative[0]
+        if (low, high) == (0, None):
+            return _sequence(branch, max_repeat, repeat_cap)
+        fit = _fit(branch, low, high, max_repeat, repeat_cap)
+        return None if fit is None else _sequence(branch, max_repeat, repeat_cap, fit)
+
+    written = _written(_branches(_parsed(pattern)), write)
     if not written:
         raise ValueError(f"no string it matches is written with {low} to {'any' if high is None else high} "
                          "characters (minLength/maxLength)")
@@ -298,16 +307,11 @@ def pattern_search(pattern: str, max_repeat: int, repeat_cap: int) -> str:
     """The regex of string bodies in which `pattern` finds a match, as a JSON schema pattern searches: each
     alternative as pattern_body writes it, with any text before it unless anchored at the start and after it unless
     anchored at the end (a subset where repetitions are cut). ValueError as for pattern_body."""
-    written, errors = [], []
-    for branch, start, end in _branches(pattern):
-        try:
-            written.append(("" if start else f"{CHAR}*") + _sequence(branch, max_repeat, repeat_cap)
-                           + ("" if end else f"{CHAR}*"))
-        except ValueError as err:
-            errors.append(err)
-    if not written:
-        raise errors[0]
-    return "(" + "|".join(written) + ")"
+    def write(alternative: tuple) -> str:
+        branch, start, end = alternative
+        return ("" if start else f"{CHAR}*") + _sequence(branch, max_repeat, repeat_cap) + ("" if end else f"{CHAR}*")
+
+    return "(" + "|".join(_written(_branches(_parsed(pattern)), write)) + ")"
 
 
 def format_body(fmt: str, low: int, high: int | None, pattern: str | None, max_repeat: int, repeat_cap: int
@@ -363,9 +367,10 @@ def literal_strings(pattern, limit: int = 256) -> list[str] | None:
         return out
 
     try:
-        branches = _branches(pattern, drop=False)
-        if sre_parse.parse(pattern).state.flags & re.IGNORECASE:
+        tree = _parsed(pattern)
+        if tree.state.flags & re.IGNORECASE:
             return None
+        branches = _branches(tree, drop=False)
     except ValueError:
         return None
     strings: list[str] = []

@@ -103,20 +103,21 @@ class Writer:
     def target(self, ref, path: str) -> dict:
         if not isinstance(ref, str) or not ref.startswith("#"):
             raise SchemaError(f"{path}: unsupported $ref {ref!r} (only local references like #/$defs/Name)")
-        target = self.root
-        if ref[1:] and not ref.startswith("#/"):  # a plain name: `$anchor`, or `$id`/draft 4's `id` "#name"
+        if ref != "#" and not ref.startswith("#/"):  # a plain name: `$anchor`, or `$id`/draft 4's `id` "#name"
             target = self.anchors().get(ref[1:])
             if target is None:
                 raise SchemaError(f"{path}: $ref {ref!r} points nowhere")
-        for part in ref[1:].split("/") if ref.startswith("#/") else []:
-            if part:
-                part = part.replace("~1", "/").replace("~0", "~")
-                if isinstance(target, list) and part.isdigit() and int(part) < len(target):
-                    target = target[int(part)]
-                elif isinstance(target, dict) and part in target:
-                    target = target[part]
-                else:
-                    raise SchemaError(f"{path}: $ref {ref!r} points nowhere")
+        else:
+            target = self.root
+            for part in ref[1:].split("/"):
+                if part:
+                    part = part.replace("~1", "/").replace("~0", "~")
+                    if isinstance(target, list) and part.isdigit() and int(part) < len(target):
+                        target = target[int(part)]
+                    elif isinstance(target, dict) and part in target:
+                        target = target[part]
+                    else:
+                        raise SchemaError(f"{path}: $ref {ref!r} points nowhere")
         if target is True:
             return {}
         if target is False:
