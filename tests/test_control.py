@@ -169,7 +169,7 @@ def test_bad_inputs_raise_constraint_error(vocab):
         (lambda: Constraint.from_json_schema({"oneOf": [{"type": "number"}, {"type": "integer"}]}, vocab),
          "'oneOf' whose members may overlap"),
         (lambda: Constraint.from_json_schema({"oneOf": [TAGGED["$defs"]["Cat"], TAGGED["$defs"]["Cat"]]}, vocab),
-         "no JSON value satisfies"),  # the same member twice: no value matches exactly one
+         "no value satisfies"),  # the same member twice: no value matches exactly one
         (lambda: Constraint.from_json_schema({"type": "object", "not": {"minProperties": 1}}, vocab), "'not'"),
         (lambda: Constraint.from_json_schema({"type": "string", "format": "uri", "pattern": "^git@"}, vocab),
          "'format' and 'pattern'"),

@@ -225,7 +225,7 @@ def test_one_of_is_exact_or_refused():
     by_required = {"oneOf": [{"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]},
                              {"type": "object", "properties": {"b": {"type": "integer"}}, "required": ["b"]}]}
     schema_to_regex(by_required)
-    with pytest.raises(SchemaError, match="no JSON value satisfies"):  # both accept every object: none is exact
+    with pytest.raises(SchemaError, match="no value satisfies"):  # both accept every object: none is exact
         schema_to_regex({"oneOf": [{"type": "object"}, {"type": "object", "properties": {"b": {}}}]})
     with pytest.raises(SchemaError, match="'oneOf' whose members may overlap"):  # number less integer: not written
         schema_to_regex({"oneOf": [{"type": "number"}, {"type": "integer"}]})

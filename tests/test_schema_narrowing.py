@@ -174,7 +174,7 @@ def test_a_member_that_may_write_another_type_does_not_exclude_by_its_keys():
 def test_equal_json_numbers_overlap():
     """1 and 1.0 are the same JSON number to JSON Schema: such enums overlap, so no value matches exactly one member
     (each member less the other is empty) and the schema is refused as admitting no value."""
-    with pytest.raises(SchemaError, match=r"no JSON value satisfies"):
+    with pytest.raises(SchemaError, match=r"no value satisfies"):
         schema_to_regex({"oneOf": [{"enum": [1]}, {"enum": [1.0]}]})
     assert schema_to_regex({"oneOf": [{"enum": [1]}, {"enum": [2]}]})
 
@@ -305,14 +305,14 @@ def test_other_forms_of_not_are_refused_by_name():
                    {"type": "string", "pattern": "^a", "not": {"pattern": "[0-9]"}}):
         with pytest.raises(SchemaError, match="'not'"):
             schema_to_regex(schema)
-    with pytest.raises(SchemaError, match="no JSON value"):
+    with pytest.raises(SchemaError, match="no value satisfies"):
         schema_to_regex({"type": "object", "properties": {"a": {}}, "required": ["a"], "not": {"required": ["a"]}})
 
 
 def test_types_meet_only_where_both_sides_allow():
     """allOf of [number, integer] and string has no value (it wrote integers, which the string member refuses); an
     anyOf member its siblings leave no value to is left out, not the whole anyOf."""
-    with pytest.raises(SchemaError, match="no JSON value"):
+    with pytest.raises(SchemaError, match="no value satisfies"):
         schema_to_regex({"allOf": [{"type": ["number", "integer"]}, {"type": "string"}]})
     schema = {"type": ["integer", "number"], "anyOf": [{"type": "integer", "minimum": 0, "maximum": 3},
                                                       {"type": "string"}]}
@@ -424,9 +424,9 @@ def test_an_empty_enum_takes_no_value():
         value = json.loads(sample(regex, rng, decode=False))
         checker.validate(value)
         assert "never" not in value
-    with pytest.raises(SchemaError, match="no JSON value"):
+    with pytest.raises(SchemaError, match="no value satisfies"):
         schema_to_regex({**schema, "required": ["n", "never"]})
-    with pytest.raises(SchemaError, match="no JSON value"):
+    with pytest.raises(SchemaError, match="no value satisfies"):
         schema_to_regex({"enum": ["a"], "const": "b"})
 
 

@@ -3,7 +3,8 @@
 Run as a script (`python _compile_worker.py`), never imported by dgemma: the parent kills it when the time limit
 passes, which is the only way to stop a regex whose DFA grows exponentially inside Rust. It reads one JSON
 request on stdin and writes one JSON reply line on stdout, then the reply's arrays as raw bytes; it imports only
-outlines_core, numpy and dgemma.control's byte_dfa, dfa, regex_factor, chains, token_walk and schema.
+outlines_core, numpy and dgemma.control's byte_dfa, dfa, regex_factor, chains, token_walk, schema, tools and
+tool_grammar.
 
 outlines-core builds the regex's DFA; we walk the tokens through it ourselves, because outlines' token index
 walks every token from every state one byte at a time (about 100 s for JSON-object mode on a 262k vocabulary).
@@ -17,11 +18,13 @@ walks every token from every state one byte at a time (about 100 s for JSON-obje
 
 The child dies with its parent (a parent-death signal on Linux) and has a CPU-time limit, so a killed server
 leaves nothing running. A JSON schema is turned into its regex here too (dgemma.control.schema), inside the same
-limits, so a huge or deeply nested schema cannot stall the server; one whose automaton passes max_states (or
+limits, so a huge or deeply nested schema cannot stall the server (and a forced tool call's functions,
+tool_grammar.call_regex); one whose automaton passes max_states (or
 whose table may pass max_table_mb) is written again with half the length and item caps, at most CAP_RETRIES
 times (compile_schema).
 
-Request: {"regex": str, or "schema": a JSON schema with "schema_limits": SchemaLimits' fields, "token_bytes":
+Request: {"regex": str, or "schema": a JSON schema, or "tool_call": {"functions": [{"name", "parameters"}],
+"repeat": bool}, the last two with "schema_limits": SchemaLimits' fields, "token_bytes":
 list[base64 | None] (None: never allowed), "max_states": int, "max_table_mb": number, "max_memory_mb": int,
 "max_cpu_s": int}.
 Reply: one line, {"error": str} or {"initial": int, "finals": list[int], "num_states": S, "num_classes": K,
@@ -98,24 +101,29 @@ def _bound_this_process(max_memory_mb: int, max_cpu_s: int) -> None:
 CAP_RETRIES = 2  # how often a schema past max_states or max_table_mb is written again with half the caps
 
 
-def _regex_of(schema, limits: dict) -> dict:
-    """{"regex": ...} or {"error": ...} for a JSON schema under SchemaLimits' fields `limits`."""
+def _regex_of(request: dict, limits: dict) -> dict:
+    """{"regex": ...} or {"error": ...} for the request's JSON schema, or its forced tool call's functions
+    (tool_grammar.call_regex), under SchemaLimits' fields `limits`."""
     from dgemma.control.schema import SchemaError, SchemaLimits, schema_to_regex
+    from dgemma.control.tool_grammar import call_regex
     try:
-        return {"regex": schema_to_regex(schema, limits=SchemaLimits(**limits))}
+        if "tool_call" in request:
+            call = request["tool_call"]
+            return {"regex": call_regex(call["functions"], call["repeat"], SchemaLimits(**limits))}
+        return {"regex": schema_to_regex(request["schema"], limits=SchemaLimits(**limits))}
     except SchemaError as err:
         return {"error": str(err), "schema_error": True}
 
 
 def compile_schema(request: dict) -> dict:
-    """A schema written and compiled; when its automaton passes max_states, or its token table may pass
+    """A schema (or a tool call's) written and compiled; when its automaton passes max_states, or its token table may pass
     max_table_mb (counted here as (S + 1) x (K + 4) entries, at least what the parent makes of it), written again
     with half the length and item caps (SchemaLimits.length_cap, items_cap: shorter strings and arrays, still
     valid), at most CAP_RETRIES times. Caps multiply where arrays and strings nest: Snowplow sp_202, 64 items of
     64-character strings inside 16 items, needs 187,876 states with caps 64 and 16, and 27,220 with 32 and 8."""
     limits, last = dict(request["schema_limits"]), None
     for retry in range(CAP_RETRIES + 1):
-        written = _regex_of(request["schema"], limits)
+        written = _regex_of(request, limits)
         if "regex" not in written or written["regex"] == last:  # (a retry that writes the same regex: no cap
             return written if last is None else reply  # bound anything, so the same automaton again)
         last = written["regex"]
@@ -139,7 +147,7 @@ def main() -> None:
     if request.get("ppid") is not None and request["ppid"] != os.getppid():
         return
     request["token_bytes"] = [None if t is None else base64.b64decode(t) for t in request["token_bytes"]]
-    if "schema" in request:
+    if "schema" in request or "tool_call" in request:
         reply = compile_schema(request)
     else:
         reply = compile_regex(request["regex"], request["token_bytes"], request["max_states"])

@@ -140,6 +140,24 @@ class Constraint:
                            "JSON schema")
 
     @classmethod
+    def from_tool_call(cls, functions: list[dict], repeat: bool, vocabulary: ConstraintVocabulary, *,
+                       limits: CompileLimits = CompileLimits(), schema_limits: SchemaLimits = SchemaLimits(),
+                       description: str = "tool call") -> "Constraint":
+        """A reply that is one call of one of `functions` ({"name", "parameters"}), or one or more calls when
+        `repeat`, in the Gemma syntax with arguments valid against their parameters (tool_grammar.py); `vocabulary`
+        spells the markers (tool_grammar.tool_vocabulary). Written inside the compiling child, as a schema is."""
+        functions = [{"name": f["name"], "parameters": f.get("parameters")} for f in functions]
+        try:
+            text = json.dumps(functions, sort_keys=True, allow_nan=False)
+        except (ValueError, TypeError, RecursionError):
+            raise ConstraintError("a function's parameters must be JSON (no NaN, no cycles, not nested too "
+                                  "deeply)") from None
+        source = {"tool_call": {"functions": functions, "repeat": bool(repeat)},
+                  "schema_limits": dataclasses.asdict(schema_limits)}
+        return cls._cached(("tool-call", text, bool(repeat), limits, schema_limits), source, vocabulary, None,
+                           limits, description)
+
+    @classmethod
     def json_object(cls, vocabulary: ConstraintVocabulary, *, max_tokens: int | None = None,
                     limits: CompileLimits = CompileLimits()) -> "Constraint":
         """Any JSON object (`{"type": "json_object"}`), nested up to outlines' default depth of 2."""

@@ -201,8 +201,7 @@ def _tool_call(call: ToolCallSpec, tokenizer, vocabulary, limits):
     """The automaton for a forced tool call: the Gemma call syntax with arguments valid against the function's
     parameters (control/tools.py)."""
     from .constraint import Constraint, ConstraintError
-    from .schema import SchemaError
-    from .tool_grammar import call_regex, tool_vocabulary
+    from .tool_grammar import tool_vocabulary
     from .tools import MARKERS
 
     marker_ids = {m: tokenizer.token_id(m) for m in MARKERS}
@@ -211,11 +210,10 @@ def _tool_call(call: ToolCallSpec, tokenizer, vocabulary, limits):
         raise SteeringError(f"tool_choice {call.choice!r} constrains the reply to a tool call, but this model's "
                             f"tokenizer has no {missing[0]} token", "tool_choice")
     try:
-        regex = call_regex(list(call.functions), repeat=call.repeat)
-    except SchemaError as e:
-        raise SteeringError(f"tools: {e}", "tools") from None
-    try:
-        return Constraint.from_regex(regex, tool_vocabulary(vocabulary, marker_ids), limits=limits,
-                                     description=f"tool call ({call.name or call.choice})")
-    except ConstraintError as e:
-        raise SteeringError(str(e), "tool_choice") from None
+        return Constraint.from_tool_call(list(call.functions), call.repeat, tool_vocabulary(vocabulary, marker_ids),
+                                         limits=limits, description=f"tool call ({call.name or call.choice})")
+    except ConstraintError as e:  # a schema refused names where: tools[i].function.parameters...
+        message = str(e)
+        if message.startswith("tools["):
+            raise SteeringError(f"tools: {message}", "tools") from None
+        raise SteeringError(message, "tool_choice") from None

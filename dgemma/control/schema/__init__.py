@@ -37,36 +37,40 @@ from __future__ import annotations
 import dataclasses
 
 from .base import RegexTooLongError, SchemaError, SchemaLimits
+from .syntax import JSON, JsonSyntax
 from .writer import Empty, Writer
 
 __all__ = ["SchemaError", "SchemaLimits", "schema_to_regex"]
 
 
-def schema_to_regex(schema, whitespace_pattern: str | None = None, limits: SchemaLimits = SchemaLimits()) -> str:
+def schema_to_regex(schema, whitespace_pattern: str | None = None, limits: SchemaLimits = SchemaLimits(),
+                    syntax: JsonSyntax = JSON, path: str = "#") -> str:
     """The regex for `schema` (a JSON schema as a dict); SchemaError if it is invalid or unsupported. When the
-    regex would pass `limits.max_regex_chars`, the compact form is written instead (SchemaLimits.compact)."""
+    regex would pass `limits.max_regex_chars`, the compact form is written instead (SchemaLimits.compact).
+    whitespace_pattern: what may stand between tokens (None: one optional space; "": none). syntax: how values are
+    spelled (syntax.py; JSON text by default). path: the schema's name in errors."""
     if not isinstance(schema, (dict, bool)):
         raise SchemaError(f"a JSON schema must be an object, got {type(schema).__name__}")
     try:
-        regex = _write(schema, whitespace_pattern, limits)
+        regex = _write(schema, whitespace_pattern, limits, syntax, path)
     except RegexTooLongError:
         if limits.compact:
             raise
-        regex = _write(schema, whitespace_pattern, dataclasses.replace(limits, compact=True))
+        regex = _write(schema, whitespace_pattern, dataclasses.replace(limits, compact=True), syntax, path)
     return regex
 
 
-def _write(schema, whitespace_pattern: str | None, limits: SchemaLimits) -> str:
-    writer = Writer(schema if isinstance(schema, dict) else {}, limits,
-                    "[ ]?" if whitespace_pattern is None else f"({whitespace_pattern})")
+def _write(schema, whitespace_pattern: str | None, limits: SchemaLimits, syntax: JsonSyntax, path: str) -> str:
+    whitespace = "[ ]?" if whitespace_pattern is None else f"({whitespace_pattern})" if whitespace_pattern else ""
+    writer = Writer(schema if isinstance(schema, dict) else {}, limits, whitespace, syntax)
     try:
-        regex = writer.write(schema, "#")
+        regex = writer.write(schema, path)
     except Empty:
-        raise SchemaError("#: no JSON value satisfies the schema within the limits (a false schema, an empty "
+        raise SchemaError(f"{path}: no value satisfies the schema within the limits (a false schema, an empty "
                           f"range, or a recursive $ref that never ends within max_depth={limits.max_depth})"
                           ) from None
     except RecursionError:
-        raise SchemaError("#: the schema nests too deeply") from None
+        raise SchemaError(f"{path}: the schema nests too deeply") from None
     if len(regex) > limits.max_regex_chars:
-        raise RegexTooLongError(f"#: the schema's regex passes the limit of {limits.max_regex_chars:,} characters")
+        raise RegexTooLongError(f"{path}: the schema's regex passes the limit of {limits.max_regex_chars:,} characters")
     return regex

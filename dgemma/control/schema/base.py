@@ -1,8 +1,7 @@
-"""What the schema writer's modules share: the keyword lists, the errors, the limits, literal regexes."""
+"""What the schema writer's modules share: the keyword lists, the errors, the limits, JSON values compared."""
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from fractions import Fraction
@@ -85,17 +84,6 @@ class SchemaLimits:
     max_work_chars: int = 32_000_000
     max_nodes: int = 20_000
     compact: bool = False
-
-
-def escaped(char: str) -> str:
-    """A character as regex text that Python's re and outlines-core's Rust regex both read as itself, inside or
-    outside a class: ASCII punctuation escaped, except < and > (to Rust's regex \\< and \\> are word boundaries)."""
-    return "\\" + char if char.isascii() and not char.isalnum() and char not in " <>" else char
-
-
-def literal(value) -> str:
-    """The regex that matches exactly `value`'s compact JSON text."""
-    return "".join(escaped(c) for c in json.dumps(value, ensure_ascii=False, separators=(",", ":")))
 
 
 def canonical(value):

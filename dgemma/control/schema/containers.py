@@ -1,7 +1,7 @@
 """Objects and arrays for writer.py.
 
 Objects with `properties` or `required` are written with only those keys, required keys first (their order in
-the schema), then each optional key at most once; additionalProperties then allows no more than it forbids.
+the schema; in sorted order where the syntax wants it), then each optional key at most once; additionalProperties then allows no more than it forbids.
 Objects with neither have free keys (patternProperties' first pattern, or propertyNames) and values.
 """
 
@@ -10,9 +10,9 @@ from __future__ import annotations
 import json
 import re
 
-from .base import VALIDATION, Empty, SchemaError, literal
+from .base import VALIDATION, Empty, SchemaError
 from .combine import merge
-from .strings import CHAR, pattern_body, pattern_search
+from .strings import pattern_body, pattern_search
 
 OPENERS = 8  # an object with no required key starts with one of its first 8 optional keys
 
@@ -33,17 +33,20 @@ def pairs(w, key: str, value: str, low: int, high: int | None) -> str:
     return sequence(w, f"{key}{w.ws}:{w.ws}{value}", low, high, (r"\{", r"\}"))
 
 
-def chain(w, required: list[str], optional: list[str], brace: tuple[str, str]) -> str:
-    """The required items in order, then any subset of the optional ones in order, comma-separated."""
+def chain(w, items: list[tuple[str, bool]], brace: tuple[str, str]) -> str:
+    """The items (text, required) in order, comma-separated: each required one always, each other at most once."""
     ws, sep = w.ws, f"{w.ws},{w.ws}"
-    tail = "".join(f"({sep}{item})?" for item in optional)
-    if required:
-        body = sep.join(required) + tail
-    else:  # nothing yet: the first written item opens the list, the rest are comma-led; only the first
-        # OPENERS may open it, which keeps the regex linear in the number of keys (later ones still follow).
-        # The items after the openers are written once, after the alternation, not once per opener: the same
-        # language, and an 8x smaller regex and DFA when they are many (Github_hard o67450: 38,490 DFA states
-        # and 15 s in outlines-core, against 4,593 and 0.4 s; the minimal DFA is the same)
+    first = next((i for i, (_, needed) in enumerate(items) if needed), None)
+    if first is not None:  # optional items before the first required one end with a comma, later ones start with one
+        body = "".join(f"({text}{sep})?" for text, _ in items[:first]) + items[first][0] + \
+            "".join(f"{sep}{text}" if needed else f"({sep}{text})?" for text, needed in items[first + 1:])
+    else:
+        optional = [text for text, _ in items]
+        # nothing yet: the first written item opens the list, the rest are comma-led; only the first OPENERS may
+        # open it, which keeps the regex linear in the number of keys (later ones still follow). The items after
+        # the openers are written once, after the alternation, not once per opener: the same language, and an 8x
+        # smaller regex and DFA when they are many (Github_hard o67450: 38,490 DFA states and 15 s in
+        # outlines-core, against 4,593 and 0.4 s; the minimal DFA is the same)
         openers, rest = optional[:OPENERS], optional[OPENERS:]
         options = [item + "".join(f"({sep}{o})?" for o in openers[i + 1:]) for i, item in enumerate(openers)]
         rest_tail = "".join(f"({sep}{o})?" for o in rest)
@@ -138,7 +141,7 @@ def listed_object(w, node: dict, path: str) -> str:
         optional = [n for n in optional if n not in depends]  # a dependency could push past maxProperties
     if w.limits.compact:
         optional = []
-    written_required, written_optional = [], []
+    written = []  # (name, its key and value, whether required)
     for name in required + optional:
         try:
             value = w.write(_value_schema(node, name, path), f"{path}/properties/{name}")
@@ -146,8 +149,10 @@ def listed_object(w, node: dict, path: str) -> str:
             if name in required:
                 raise
             continue
-        (written_required if name in required else written_optional).append(f"{literal(name)}{w.ws}:{w.ws}{value}")
-    return chain(w, written_required, written_optional, (r"\{", r"\}"))
+        written.append((name, f"{w.syntax.key(name)}{w.ws}:{w.ws}{value}", name in required))
+    if w.syntax.sorted_keys:
+        written.sort(key=lambda item: item[0])
+    return chain(w, [(text, needed) for _, text, needed in written], (r"\{", r"\}"))
 
 
 def obj(w, node: dict, path: str) -> str:
@@ -163,7 +168,7 @@ def obj(w, node: dict, path: str) -> str:
     if patterns:
         first = next(iter(patterns))
         try:
-            key = '"' + pattern_body(first, w.limits.max_count, w.limits.length_cap) + '"'
+            key = w.syntax.string(pattern_body(first, w.limits.max_count, w.limits.length_cap, syntax=w.syntax))
             if "propertyNames" in node:
                 key = _named_key(w, node["propertyNames"], first, path)
         except ValueError as err:
@@ -177,7 +182,7 @@ def obj(w, node: dict, path: str) -> str:
         else:
             value_schema = extra
         names = node.get("propertyNames")
-        key = f'"{CHAR}*"'
+        key = w.syntax.free_key
         if isinstance(names, dict) and names:  # a key is a string: the names schema ($ref and all) as a string
             try:
                 key = w.write(merge(names, {"type": "string"}, path), f"{path}/propertyNames")
@@ -207,7 +212,8 @@ def _named_key(w, names, first: str, path: str) -> str:
     if not isinstance(names, dict):
         raise SchemaError(f"{path}/propertyNames: unsupported {names!r} with 'patternProperties'")
     key = w.write(merge(names, {"type": "string"}, path), f"{path}/propertyNames")
-    if not texts_within(key, '"' + pattern_search(first, w.limits.max_count, w.limits.length_cap) + '"'):
+    if not texts_within(key, w.syntax.string(pattern_search(first, w.limits.max_count, w.limits.length_cap,
+                                                            w.syntax))):
         raise SchemaError(f"{path}: unsupported 'propertyNames' with 'patternProperties' (a name it allows may match "
                           f"no pattern)")
     return key
@@ -289,4 +295,4 @@ def _unique(w, items, low: int, cap: int | None, path: str) -> str:
     if low == 1:
         options = [item + "".join(f"({w.ws},{w.ws}{o})?" for o in written[i + 1:]) for i, item in enumerate(written)]
         return rf"\[{w.ws}(" + "|".join(options) + rf"){w.ws}\]"
-    return chain(w, [], written, (r"\[", r"\]"))
+    return chain(w, [(item, False) for item in written], (r"\[", r"\]"))

@@ -23,7 +23,6 @@ Any other form is refused by name.
 
 from __future__ import annotations
 
-import json
 import re
 
 from .base import VALIDATION, Empty, SchemaError, canonical, finite_values, json_types
@@ -134,7 +133,7 @@ def _each_type_less(w, rest: dict, banned: list, path: str) -> dict:
             members += _gaps(node, sorted({int(v) for v in mine}), path)
         elif kind == "string" and ("pattern" in rest or rest.get("format") in FORMATS):
             written = w.string(node, path)  # the string's regex, as the writer writes it (None: no string)
-            if written is not None and any(_text(v) is None or re.fullmatch(written, _text(v)) for v in mine):
+            if written is not None and any(_text(w, v) is None or re.fullmatch(written, _text(w, v)) for v in mine):
                 raise SchemaError(f"{path}: unsupported JSON schema feature 'not' (with enum or const, on a string "
                                   f"with a pattern or format that the values may take)")
             members.append(node)  # no string written for it is one of them
@@ -151,13 +150,13 @@ def _each_type_less(w, rest: dict, banned: list, path: str) -> dict:
     return members[0] if len(members) == 1 else {"anyOf": members}
 
 
-def _text(value: str) -> str | None:
-    """The one JSON text of string `value` that a pattern's or a format's regex can write (strings.pattern_body
-    writes a character plain, or escaped as json.dumps escapes it; formats are plain ASCII), or None for a value
-    with a character it may write otherwise (C1 controls, lone surrogates)."""
+def _text(w, value: str) -> str | None:
+    """The one text of string `value` that a pattern's or a format's regex can write (strings.pattern_body writes a
+    character plain, or in JSON escaped as json.dumps escapes it; formats are plain ASCII), or None for a value with
+    a character it may write otherwise (C1 controls, lone surrogates)."""
     if any(0x7F <= ord(c) <= 0x9F or 0xD800 <= ord(c) <= 0xDFFF for c in value):
         return None
-    return json.dumps(value, ensure_ascii=False)
+    return w.syntax.text(value)
 
 
 ANY_TEXT = r"[\s\S]*"  # a pattern's tail that takes any string

@@ -1,25 +1,19 @@
-"""Regexes for JSON strings: any character, lengths, formats, and ECMA-262 patterns rewritten for JSON text.
+"""Regexes for strings: any character, lengths, formats, and ECMA-262 patterns rewritten for the text a syntax writes.
 
 Everything here is the regex of a string's body (between the quotes), in the syntax both Rust's regex (which
-outlines-core compiles) and Python's `re` read. A body never holds a raw quote, backslash or control character;
-an escape sequence counts as one character. Formats are written as narrow, valid forms (see FORMATS).
+outlines-core compiles) and Python's `re` read. A body holds only the characters its syntax (syntax.py) writes
+plain, and in JSON the short escapes, each counted as one character. Formats are written as narrow, valid forms (see
+FORMATS), plain ASCII in every syntax.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import re
-
-from .base import escaped
 
 from .charsets import MAX_CODE, NEWLINES, class_ranges, sre, sre_parse, subtract
 from .lookahead import avoiding_lookaheads
-
-# one character of a JSON string: any character JSON writes plain, or a short escape. No \uXXXX: every character
-# can be written plain, and the escape's 4 digits would multiply the states of every counted string
-CHAR = r'([^"\\\x00-\x1F\x7F-\x9F]|\\["\\/bfnrt])'
-_UNSAFE = [(0, 0x1F), (0x22, 0x22), (0x5C, 0x5C), (0x7F, 0x9F), (0xD800, 0xDFFF)]
+from .syntax import JSON, JsonSyntax, escaped
 
 _YEAR = "[1-9][0-9]{3}"
 _LEAP = "([1-9][0-9](0[48]|[2468][048]|[13579][26])|([2468][048]|[13579][26])00)"
@@ -87,30 +81,18 @@ WIDE_FORMATS = {name: _WIDE_URI for name in ("uri", "uri-reference", "iri", "iri
 # are written; any other format is an annotation
 
 
-def length_range(low: int, high: int | None) -> str:
-    return f"{CHAR}{{{low},{'' if high is None else high}}}" if (low, high) != (0, None) else f"{CHAR}*"
+def length_range(low: int, high: int | None, syntax: JsonSyntax = JSON) -> str:
+    char = syntax.char
+    return f"{char}{{{low},{'' if high is None else high}}}" if (low, high) != (0, None) else f"{char}*"
 
 
-def _escape_char(code: int) -> str:
-    return escaped(chr(code))
-
-
-def _literal(code: int) -> str:
-    """The regex for a pattern's literal character, as JSON writes it (escaped when JSON must)."""
-    if code >= 0x20 and code not in (0x22, 0x5C) and not 0x7F <= code <= 0x9F:
-        return _escape_char(code)
-    if 0xD800 <= code <= 0xDFFF:
-        raise ValueError("a lone surrogate")
-    return "".join(_escape_char(ord(c)) for c in json.dumps(chr(code))[1:-1])
-
-
-def _class(items, negate: bool = False) -> str:
-    """A character class (sre items) as a regex class of the characters JSON writes unescaped, that ECMA-262 and
+def _class(items, syntax: JsonSyntax, negate: bool = False) -> str:
+    """A character class (sre items) as a regex class of the characters the syntax writes plain, that ECMA-262 and
     Python's re both read as in the class."""
-    ranges = subtract(class_ranges(items, negate), _UNSAFE)
+    ranges = subtract(class_ranges(items, negate), list(syntax.unsafe))
     if not ranges:
-        raise ValueError("a character class that matches no character a JSON string holds unescaped")
-    return "[" + "".join(_escape_char(a) if a == b else f"{_escape_char(a)}-{_escape_char(b)}"
+        raise ValueError("a character class that matches no character a string holds unescaped")
+    return "[" + "".join(escaped(chr(a)) if a == b else f"{escaped(chr(a))}-{escaped(chr(b))}"
                          for a, b in ranges) + "]"
 
 
@@ -178,26 +160,28 @@ def _fit(branch, low: int, high: int | None, max_repeat: int, repeat_cap: int) -
     return a, lo
 
 
-def _sequence(items, max_repeat: int, repeat_cap: int, fit: Fit | None = None) -> str:
+def _sequence(items, syntax: JsonSyntax, max_repeat: int, repeat_cap: int, fit: Fit | None = None) -> str:
     out = []
     for op, arg in items:
         if op == sre.LITERAL:
-            out.append(_literal(arg))
+            out.append(syntax.character(arg))
         elif op == sre.NOT_LITERAL:
-            out.append(_class([(sre.LITERAL, arg)], negate=True))
+            out.append(_class([(sre.LITERAL, arg)], syntax, negate=True))
         elif op == sre.IN:
-            out.append(_class(arg))
+            out.append(_class(arg, syntax))
         elif op == sre.ANY:
-            out.append(_class([(sre.RANGE, r) for r in NEWLINES], negate=True))
+            out.append(_class([(sre.RANGE, r) for r in NEWLINES], syntax, negate=True))
         elif op in (sre.MAX_REPEAT, sre.MIN_REPEAT):
             low, high = _repeat(arg[0], arg[1], max_repeat, repeat_cap, fit)
-            out.append(f"({_sequence(arg[2], max_repeat, repeat_cap, fit)}){{{low},{'' if high is None else high}}}")
+            inner = _sequence(arg[2], syntax, max_repeat, repeat_cap, fit)
+            out.append(f"({inner}){{{low},{'' if high is None else high}}}")
         elif op == sre.SUBPATTERN:
             if arg[1] or arg[2]:
                 raise ValueError("inline flags")
-            out.append(f"({_sequence(arg[-1], max_repeat, repeat_cap, fit)})")
+            out.append(f"({_sequence(arg[-1], syntax, max_repeat, repeat_cap, fit)})")
         elif op == sre.BRANCH:  # an alternative that cannot be written is left out (`($|/)` writes `/`): a subset
-            out.append("(" + "|".join(_written(arg[1], lambda b: _sequence(b, max_repeat, repeat_cap, fit))) + ")")
+            written = _written(arg[1], lambda b: _sequence(b, syntax, max_repeat, repeat_cap, fit))
+            out.append("(" + "|".join(written) + ")")
         elif op in (sre.ASSERT, sre.ASSERT_NOT):
             raise ValueError("a lookaround")
         elif op == sre.GROUPREF:
@@ -283,7 +267,8 @@ def _branches(tree, drop: bool = True) -> list[tuple[list, bool, bool]]:
     return _written(alternatives, checked) if drop else [checked(a) for a in alternatives]
 
 
-def pattern_body(pattern: str, max_repeat: int, repeat_cap: int, low: int = 0, high: int | None = None) -> str:
+def pattern_body(pattern: str, max_repeat: int, repeat_cap: int, low: int = 0, high: int | None = None,
+                 syntax: JsonSyntax = JSON) -> str:
     """The regex of string bodies that fully match `pattern` (a JSON schema pattern searches; a full match is a
     match, so this is a valid subset) and have `low` to `high` characters (minLength / maxLength): each top-level
     alternative's repetitions are raised and cut uniformly until every string it matches has such a length
@@ -292,9 +277,9 @@ def pattern_body(pattern: str, max_repeat: int, repeat_cap: int, low: int = 0, h
     def write(alternative: tuple) -> str | None:  # None: no string of it has such a length
         branch = alternative[0]
         if (low, high) == (0, None):
-            return _sequence(branch, max_repeat, repeat_cap)
+            return _sequence(branch, syntax, max_repeat, repeat_cap)
         fit = _fit(branch, low, high, max_repeat, repeat_cap)
-        return None if fit is None else _sequence(branch, max_repeat, repeat_cap, fit)
+        return None if fit is None else _sequence(branch, syntax, max_repeat, repeat_cap, fit)
 
     written = _written(_branches(_parsed(pattern)), write)
     if not written:
@@ -303,25 +288,27 @@ def pattern_body(pattern: str, max_repeat: int, repeat_cap: int, low: int = 0, h
     return written[0] if len(written) == 1 else "(" + "|".join(written) + ")"
 
 
-def pattern_search(pattern: str, max_repeat: int, repeat_cap: int) -> str:
+def pattern_search(pattern: str, max_repeat: int, repeat_cap: int, syntax: JsonSyntax = JSON) -> str:
     """The regex of string bodies in which `pattern` finds a match, as a JSON schema pattern searches: each
     alternative as pattern_body writes it, with any text before it unless anchored at the start and after it unless
     anchored at the end (a subset where repetitions are cut). ValueError as for pattern_body."""
     def write(alternative: tuple) -> str:
         branch, start, end = alternative
-        return ("" if start else f"{CHAR}*") + _sequence(branch, max_repeat, repeat_cap) + ("" if end else f"{CHAR}*")
+        anything = f"{syntax.char}*"
+        return ("" if start else anything) + _sequence(branch, syntax, max_repeat, repeat_cap) + \
+            ("" if end else anything)
 
     return "(" + "|".join(_written(_branches(_parsed(pattern)), write)) + ")"
 
 
-def format_body(fmt: str, low: int, high: int | None, pattern: str | None, max_repeat: int, repeat_cap: int
-                ) -> str:
+def format_body(fmt: str, low: int, high: int | None, pattern: str | None, max_repeat: int, repeat_cap: int,
+                syntax: JsonSyntax = JSON) -> str:
     """The first of format `fmt`'s narrow forms (FORMATS) whose every string has `low` to `high` characters and,
     when a `pattern` sits beside the format, is one the pattern matches (byte_dfa.texts_within: the form's texts
     within the pattern's search, pattern_search); else the pattern's own body when its every string is of the
     format's wide form (WIDE_FORMATS). ValueError, saying why, when neither is."""
     from ..byte_dfa import texts_within
-    search = None if pattern is None else pattern_search(pattern, max_repeat, repeat_cap)
+    search = None if pattern is None else pattern_search(pattern, max_repeat, repeat_cap, syntax)
     fits = [form for form in FORMATS[fmt] if _span(form)[0] >= low and (high is None or _span(form)[1] <= high)]
     if not fits:
         raise ValueError(f"no narrow form of format {fmt!r} that dgemma writes has {low} to "
@@ -330,7 +317,7 @@ def format_body(fmt: str, low: int, high: int | None, pattern: str | None, max_r
         if search is None or texts_within(form, search):
             return form
     if fmt in WIDE_FORMATS:
-        body = pattern_body(pattern, max_repeat, repeat_cap, low, high)
+        body = pattern_body(pattern, max_repeat, repeat_cap, low, high, syntax)
         if texts_within(body, WIDE_FORMATS[fmt]):
             return body
     raise ValueError(f"the pattern does not match every string of any narrow form of format {fmt!r} that dgemma "

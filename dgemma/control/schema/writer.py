@@ -16,17 +16,17 @@ import re
 
 from . import containers, exclusion, negation
 from .combine import conditional, dependent_conditions, merge, schema_dependencies
-from .base import (REFUSED, TYPE_KEYWORDS, TYPES, VALIDATION, Empty, RegexTooLongError, SchemaError, SchemaLimits,
-                   literal)
+from .base import REFUSED, TYPE_KEYWORDS, TYPES, VALIDATION, Empty, RegexTooLongError, SchemaError, SchemaLimits
 from .numbers import NUMBER, integer_regex, number_regex
-from .strings import CHAR, FORMATS, format_body, length_range, pattern_body
+from .strings import FORMATS, format_body, length_range, pattern_body
+from .syntax import JSON, JsonSyntax
 
 _DATA = ("enum", "const", "default", "examples", "example")  # keywords whose values are JSON data, not schemas
 
 
 class Writer:
-    def __init__(self, root: dict, limits: SchemaLimits, whitespace: str):
-        self.root, self.limits, self.ws = root, limits, whitespace
+    def __init__(self, root: dict, limits: SchemaLimits, whitespace: str, syntax: JsonSyntax = JSON):
+        self.root, self.limits, self.ws, self.syntax = root, limits, whitespace, syntax
         self.active = collections.Counter()  # $refs being expanded on the current path
         self.nesting = 0
         self.work = 0  # characters written so far, every node counted (SchemaLimits.max_work_chars)
@@ -211,20 +211,22 @@ class Writer:
         body = None
         if fmt in FORMATS:
             try:
-                body = format_body(fmt, low, high, node.get("pattern"), self.limits.max_count, self.limits.length_cap)
+                body = format_body(fmt, low, high, node.get("pattern"), self.limits.max_count, self.limits.length_cap,
+                                   self.syntax)
             except ValueError as err:
                 keywords = "'format' and 'pattern'" if "pattern" in node else f"format '{fmt}' with minLength/maxLength"
                 raise SchemaError(f"{path}: unsupported combination of {keywords} ({err})") from None
         elif "pattern" in node:
             cap = None if high is None else min(high, max(low, self.limits.length_cap))
             try:
-                body = pattern_body(node["pattern"], self.limits.max_count, self.limits.length_cap, low, cap)
+                body = pattern_body(node["pattern"], self.limits.max_count, self.limits.length_cap, low, cap,
+                                    self.syntax)
             except ValueError as err:
                 raise SchemaError(f"{path}/pattern: unsupported pattern ({err})") from None
         if body is None:
             cap = None if high is None else min(high, max(low, self.limits.length_cap))
-            body = length_range(low, cap)
-        return f'"{body}"'
+            body = length_range(low, cap, self.syntax)
+        return self.syntax.string(body)
 
     # ---- combinators and literals
 
@@ -290,8 +292,8 @@ class Writer:
             raise Empty
         rest = {k: v for k, v in node.items() if k not in ("enum", "const") and k in VALIDATION}
         check = re.compile(self.node(rest, path)) if rest else None
-        kept = [literal(v) for v in values if check is None or check.fullmatch(json.dumps(v, separators=(",", ":"),
-                                                                                           ensure_ascii=False))]
+        kept = [self.syntax.literal(v) for v in values
+                if self.syntax.writable(v) and (check is None or check.fullmatch(self.syntax.text(v)))]
         if not kept:
             raise Empty
         return "(" + "|".join(dict.fromkeys(kept)) + ")"
@@ -299,7 +301,7 @@ class Writer:
     # ---- values with no schema
 
     def any_value(self, depth: int) -> str:
-        leaf = f'(null|true|false|{NUMBER}|"{CHAR}*")'
+        leaf = f"(null|true|false|{NUMBER}|{self.syntax.string(self.syntax.char + '*')})"
         if depth <= 0:
             return leaf
         return f"({leaf}|{self.any_array(depth)}|{self.any_object(depth)})"
@@ -308,7 +310,7 @@ class Writer:
         return containers.sequence(self, self.any_value(depth - 1), 0, None)
 
     def any_object(self, depth: int) -> str:
-        return containers.pairs(self, f'"{CHAR}*"', self.any_value(depth - 1), 0, None)
+        return containers.pairs(self, self.syntax.free_key, self.any_value(depth - 1), 0, None)
 
 
 DECIMAL_CAP = 10**15  # the magnitude a Decimal is written within, on the sides the schema leaves open
