@@ -2,7 +2,7 @@
 
     python benchmarks/jsonschemabench_answered.py --data DIR [--per-subset 10] [--max-tokens 512] [--canvas 64]
         [--steps 8] [--timeout 10] [--subsets Glaiveai2K Kubernetes ...] [--only Subset/file.json ...]
-        [--out results.json] [--log progress.jsonl]
+        [--tool-call] [--out results.json] [--log progress.jsonl]
 
 DIR is the `data/` folder of github.com/guidance-ai/jsonschemabench (fetch it yourself; nothing is downloaded here).
 Each schema goes through dgemma's real path: `Constraint.from_json_schema` under `CompileLimits(timeout_s=--timeout)`,
@@ -27,6 +27,11 @@ beside, when llguidance is installed, then the p50 seconds of compiling and of g
 jsonschemabench.py samples them (seed 0, --per-subset per subset, the same files for the same size; 0 = all;
 --only names files instead), and a schema runs in a worker process that is killed (outcome error) if one schema
 takes longer than --timeout + 300 s in all.
+
+With --tool-call each schema is a function's `parameters` instead, as a forced tool call sends it
+(`Constraint.from_tool_call`, the Gemma call syntax over the tokenizer with the three tool marker tokens added): the
+output must be exactly one call (`split_tool_calls`), whose arguments validate. A schema that is not of type object
+cannot be a function's parameters: refused.
 """
 
 from __future__ import annotations
@@ -71,7 +76,14 @@ class Answerer:
 
         tok = Tokenizer.from_file(tokenizer_file)
         self.eos, pad = tok.token_to_id("<eos>"), tok.token_to_id("<pad>")
+        self.tool_call = args.tool_call
+        if self.tool_call:
+            from dgemma.control.tool_grammar import tool_vocabulary
+            from dgemma.control.tools import MARKERS
+            tok.add_special_tokens(list(MARKERS))
         self.vocab = ConstraintVocabulary.from_tokenizer(tok, [self.eos], [pad])
+        if self.tool_call:
+            self.vocab = tool_vocabulary(self.vocab, {m: tok.token_to_id(m) for m in MARKERS})
         cfg = preset_config("tiny", canvas_length=args.canvas, vocab_size=tok.get_vocab_size(),
                             eos_token_id=[self.eos], pad_token_id=pad)
         self.model = random_model(cfg, std=0.3, seed=0)
@@ -106,7 +118,11 @@ class Answerer:
         result = {"llguidance": self.llguidance_compiles(schema)}
         start = time.perf_counter()
         try:
-            constraint = Constraint.from_json_schema(schema, self.vocab, limits=self.limits)
+            if self.tool_call:
+                constraint = Constraint.from_tool_call([{"name": "f", "parameters": schema}], False, self.vocab,
+                                                       limits=self.limits)
+            else:
+                constraint = Constraint.from_json_schema(schema, self.vocab, limits=self.limits)
         except ConstraintError as err:
             return {**result, "outcome": compile_outcome(str(err)), "detail": " ".join(str(err).split())[:160]}
         result.update(compile_s=time.perf_counter() - start, states=constraint.num_states)
@@ -126,13 +142,24 @@ class Answerer:
             return f"finish_reason {reason!r}, {len(ids)} tokens"
         text = b"".join(self.vocab.token_bytes[i] or b"" for i in ids[:-1])
         try:
-            value = json.loads(text.decode("utf-8"))
+            value = self.tool_arguments(text.decode("utf-8")) if self.tool_call else json.loads(text.decode("utf-8"))
         except ValueError as err:
-            return f"not JSON ({err}): {text[:120]!r}"
+            return f"not {'one call' if self.tool_call else 'JSON'} ({err}): {text[:120]!r}"
         error = next(iter(validator_for(schema).iter_errors(value)), None)
         if error is not None:
             return f"{'/'.join(map(str, error.absolute_path))}: {error.message[:120]} in {text[:200]!r}"
         return None
+
+
+    @staticmethod
+    def tool_arguments(text: str) -> dict:
+        """The arguments of the one call `text` (markers spelled as their sentinels) makes; ValueError else."""
+        from dgemma.control.tools import SENTINEL, split_tool_calls
+        marks = {sentinel: marker for marker, sentinel in SENTINEL.items()}
+        content, calls = split_tool_calls("".join(marks.get(c, c) for c in text))
+        if content or len(calls) != 1:
+            raise ValueError(f"{len(calls)} calls and content {content[:40]!r}")
+        return calls[0].arguments
 
 
 def compile_outcome(message: str) -> str:
@@ -171,6 +198,7 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=10.0)
     parser.add_argument("--subsets", nargs="*")
     parser.add_argument("--only", nargs="+", help="answer these files (Subset/name.json) instead of a sample")
+    parser.add_argument("--tool-call", action="store_true", help="each schema as a forced tool call's parameters")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--log", type=Path, help="append one JSON line per schema as it finishes")
     parser.add_argument("--worker", action="store_true")
@@ -187,7 +215,7 @@ def main() -> None:
     for name in args.only or []:
         subset, _, file = name.partition("/")
         chosen[subset].append(args.data / subset / file)
-    print(f"vocab {args.vocab}, max_tokens {args.max_tokens}, canvas {args.canvas}, steps {args.steps}, "
+    print(("forced tool calls, " if args.tool_call else "") + f"vocab {args.vocab}, max_tokens {args.max_tokens}, canvas {args.canvas}, steps {args.steps}, "
           f"compile limit {args.timeout:g} s, " +
           (f"{len(args.only)} named files" if chosen else f"per subset {args.per_subset or 'all'} (seed 0)"))
     print(f"{'subset':16} {'files':>6} {'sample':>6} " + " ".join(f"{o:>7}" for o in OUTCOMES) +
