@@ -322,10 +322,31 @@ def test_optional_keys_chain_keeps_its_language(count):
     plain = "|".join(item + "".join(f"({sep}{o})?" for o in items[i + 1:])
                      for i, item in enumerate(items[:containers.OPENERS]))
     plain = r"\{[ ]?(" + plain + r")?[ ]?\}"
-    ours = containers.chain(W(), [], items, (r"\{", r"\}"))
+    ours = containers.chain(W(), [(item, False) for item in items], (r"\{", r"\}"))
     assert same_language(minimize(*bd.byte_dfa(plain)), minimize(*bd.byte_dfa(ours)))
     if count > containers.OPENERS:
         assert len(ours) < len(plain)
+
+
+@pytest.mark.parametrize("needed", ["", "r", "or", "ro", "oro", "oorro", "rrr", "ooo"])
+def test_a_chain_writes_its_items_in_order_required_ones_always(needed):
+    """Items in the given order (a tool call's sorted keys put optional items before required ones too): every
+    subset of the optional items with all the required ones, comma-separated, and nothing else."""
+    from dgemma.control.schema import containers
+
+    class W:
+        ws = ""
+    items = [(f"k{i}", flag == "r") for i, flag in enumerate(needed)]
+    regex = re.compile(containers.chain(W(), items, (r"\{", r"\}")))
+    for kept in itertools.product([False, True], repeat=len(items)):
+        text = "{" + ",".join(name for (name, required), keep in zip(items, kept) if keep or required) + "}"
+        assert regex.fullmatch(text), text
+        assert not regex.fullmatch(text.replace("{", "{,")) and not regex.fullmatch(text.replace("}", ",}"))
+        words = text[1:-1].split(",")
+        if len(words) > 1 and words[0]:
+            assert not regex.fullmatch("{" + ",".join(words[::-1]) + "}"), words[::-1]
+    if "r" in needed:
+        assert not regex.fullmatch("{" + ",".join(name for name, required in items if not required) + "}")
 
 
 # ---- distinct columns of a table given by its set entries, as of the dense table
