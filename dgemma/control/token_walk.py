@@ -22,7 +22,6 @@ it is set on the largest JSONSchemaBench tables), the number of classes and each
 
 from __future__ import annotations
 
-import itertools
 
 import numpy as np
 from numpy.random import default_rng  # imported with the module: a spare child has it ready
