@@ -1,7 +1,8 @@
 """Forced tool calls take what response_format takes: a function's parameters are written by the one schema writer,
 in the Gemma argument syntax (tool_grammar.GemmaSyntax). Calls sampled from the automaton's regex, and calls a
 random model writes under the constraint, parse and validate (jsonschema with format checking; pydantic for the
-model it wrote); keys come in the template's sorted order; the regex is written inside the compile child."""
+model it wrote), and through the server the official openai client parses a forced call of a pydantic model into
+that model; keys come in the template's sorted order; the regex is written inside the compile child."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import uuid
 from typing import Literal, Optional, Union
 
 import jsonschema
+import openai
 import pytest
 import torch
 from pydantic import BaseModel, Field
@@ -25,7 +27,7 @@ from dgemma.control.tool_grammar import arguments_regex, call_regex
 from dgemma.control.tools import SENTINEL, split_tool_calls
 from dgemma.generate import generate
 from dgemma.presets import default_generation, preset_config, random_model
-from dgemma.testing import TOOL_VOCAB_SIZE
+from dgemma.testing import TOOL_VOCAB_SIZE, openai_client, tiny_server, write_tiny_checkpoint
 
 from .test_schema_patterns import sample
 from .test_tools import tok, vocab  # noqa: F401  (fixtures)
@@ -143,3 +145,24 @@ def test_a_huge_parameters_schema_stays_within_the_compile_limits(vocab):  # noq
     except ConstraintError as err:
         assert "limit" in str(err)
     assert time.monotonic() - start < 3 + 2  # the limit, plus the child's start and the reply
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    model_dir = write_tiny_checkpoint(tmp_path_factory.mktemp("tool-schemas"), canvas_length=32,
+                                      max_denoising_steps=4, tool_tokens=True)
+    with tiny_server(model_dir, "tiny-tool-schemas", max_model_len=2048) as srv:
+        yield srv
+
+
+def test_the_openai_client_parses_a_forced_call_into_the_pydantic_model(server):
+    """What an app writes: `pydantic_function_tool` (a strict schema: every key required, Optional as anyOf with
+    null, $defs) and the client's `parse`, which validates the call's arguments with the model itself."""
+    client = openai_client(server, timeout=300)
+    for seed in (0, 1):
+        out = client.chat.completions.parse(
+            model="tiny-tool-schemas", messages=[{"role": "user", "content": "Book a room"}], max_tokens=1024,
+            tools=[openai.pydantic_function_tool(Booking)], seed=seed,
+            tool_choice={"type": "function", "function": {"name": "Booking"}})
+        call, = out.choices[0].message.tool_calls
+        assert out.choices[0].finish_reason == "tool_calls" and isinstance(call.function.parsed_arguments, Booking)
