@@ -93,3 +93,15 @@ def test_pattern_search_is_where_the_pattern_finds_a_match(pattern, inside, outs
     search = pattern_search(pattern, 1024, 64)
     assert re.fullmatch(search, inside) and re.search(pattern, inside)
     assert not re.fullmatch(search, outside) and not re.search(pattern, outside)
+
+
+def test_a_uri_pattern_under_a_length_no_narrow_form_fits_is_written_as_the_pattern():
+    """No narrow URI form has at most 8 characters, so this was refused by length before the pattern was tried;
+    every string of the pattern is a URI (WIDE_FORMATS), so the pattern is written."""
+    schema = {"type": "string", "format": "uri", "pattern": "^http://[a-z]$", "maxLength": 8}
+    checker = jsonschema.Draft202012Validator(schema, format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER)
+    regex, rng = schema_to_regex(schema), random.Random(2)
+    for _ in range(20):
+        checker.validate(json.loads(sample(regex, rng, decode=False)))
+    with pytest.raises(SchemaError, match="minLength/maxLength"):  # nor the pattern's strings fit: refused by length
+        schema_to_regex({**schema, "pattern": "^http://[a-z]{3}$"})

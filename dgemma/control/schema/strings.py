@@ -310,16 +310,19 @@ def format_body(fmt: str, low: int, high: int | None, pattern: str | None, max_r
     from ..byte_dfa import texts_within
     search = None if pattern is None else pattern_search(pattern, max_repeat, repeat_cap, syntax)
     fits = [form for form in FORMATS[fmt] if _span(form)[0] >= low and (high is None or _span(form)[1] <= high)]
-    if not fits:
-        raise ValueError(f"no narrow form of format {fmt!r} that dgemma writes has {low} to "
-                         f"{'any' if high is None else high} characters (minLength/maxLength)")
     for form in fits:
         if search is None or texts_within(form, search):
             return form
-    if fmt in WIDE_FORMATS:
-        body = pattern_body(pattern, max_repeat, repeat_cap, low, high, syntax)
-        if texts_within(body, WIDE_FORMATS[fmt]):
+    if pattern is not None and fmt in WIDE_FORMATS:
+        try:
+            body = pattern_body(pattern, max_repeat, repeat_cap, low, high, syntax)
+        except ValueError:
+            body = None
+        if body is not None and texts_within(body, WIDE_FORMATS[fmt]):
             return body
+    if not fits:
+        raise ValueError(f"no narrow form of format {fmt!r} that dgemma writes has {low} to "
+                         f"{'any' if high is None else high} characters (minLength/maxLength)")
     raise ValueError(f"the pattern does not match every string of any narrow form of format {fmt!r} that dgemma "
                      "writes, nor are the pattern's strings all of the format")
 
