@@ -7,6 +7,8 @@ DIR is the `data/` folder of github.com/guidance-ai/jsonschemabench (one folder 
 fetch it yourself, nothing is downloaded here). --library is one of:
 - dgemma: `Constraint.from_json_schema` (dgemma's schema walker, then the token automaton over the vocabulary);
 - dgemma-regex: dgemma's schema walker alone (`schema_to_regex`): which schemas it takes, without the automaton;
+- dgemma-tool-regex: the same walker writing the schema as a forced tool call's `parameters`
+  (`tool_grammar.arguments_regex`, the Gemma call syntax; a schema not of type object is refused);
 - outlines: outlines-core's `build_regex_from_schema`, then the same token automaton (what dgemma would do with
   outlines' own schema walker, which drops keywords it does not know);
 - llguidance: `LLMatcher(tokenizer, grammar_from_json_schema(schema))` without error;
@@ -59,6 +61,9 @@ class Compiler:
         if library == "dgemma-regex":
             from dgemma.control.schema import schema_to_regex
             self.schema_to_regex = schema_to_regex
+        elif library == "dgemma-tool-regex":
+            from dgemma.control.tool_grammar import arguments_regex
+            self.schema_to_regex = arguments_regex
         elif library in ("dgemma", "outlines"):
             from dgemma.control import CompileLimits, Constraint, ConstraintVocabulary
             self.vocab = ConstraintVocabulary.from_tokenizer(tok, [eos], [pad])
@@ -78,7 +83,7 @@ class Compiler:
             raise SystemExit(f"unknown library {library!r}")
 
     def compile(self, schema: dict) -> None:
-        if self.library == "dgemma-regex":
+        if self.library in ("dgemma-regex", "dgemma-tool-regex"):
             self.schema_to_regex(schema)
         elif self.library == "dgemma":
             self.constraint.from_json_schema(schema, self.vocab, limits=self.limits)
@@ -174,7 +179,8 @@ def percentile(values: list[float], q: float) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", type=Path)
-    parser.add_argument("--library", choices=["dgemma", "dgemma-regex", "outlines", "llguidance", "xgrammar"])
+    parser.add_argument("--library", choices=["dgemma", "dgemma-regex", "dgemma-tool-regex", "outlines", "llguidance",
+                                                   "xgrammar"])
     parser.add_argument("--per-subset", type=int, default=60)
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--timeout", type=float, default=10.0)
