@@ -215,7 +215,8 @@ def main() -> None:
     for name in args.only or []:
         subset, _, file = name.partition("/")
         chosen[subset].append(args.data / subset / file)
-    print(("forced tool calls, " if args.tool_call else "") + f"vocab {args.vocab}, max_tokens {args.max_tokens}, canvas {args.canvas}, steps {args.steps}, "
+    print(("forced tool calls, " if args.tool_call else "") +
+          f"vocab {args.vocab}, max_tokens {args.max_tokens}, canvas {args.canvas}, steps {args.steps}, "
           f"compile limit {args.timeout:g} s, " +
           (f"{len(args.only)} named files" if chosen else f"per subset {args.per_subset or 'all'} (seed 0)"))
     print(f"{'subset':16} {'files':>6} {'sample':>6} " + " ".join(f"{o:>7}" for o in OUTCOMES) +

@@ -116,10 +116,10 @@ def _regex_of(request: dict, limits: dict) -> dict:
 
 
 def compile_schema(request: dict) -> dict:
-    """A schema (or a tool call's) written and compiled; when its automaton passes max_states, or its token table may pass
-    max_table_mb (counted here as (S + 1) x (K + 4) entries, at least what the parent makes of it), written again
-    with half the length and item caps (SchemaLimits.length_cap, items_cap: shorter strings and arrays, still
-    valid), at most CAP_RETRIES times. Caps multiply where arrays and strings nest: Snowplow sp_202, 64 items of
+    """A schema (or a tool call's) written and compiled; when its automaton passes max_states, or its token table
+    may pass max_table_mb (counted here as (S + 1) x (K + 4) entries, at least what the parent makes of it),
+    written again with half the length and item caps (SchemaLimits.length_cap, items_cap: shorter strings and
+    arrays, still valid), at most CAP_RETRIES times. Caps multiply where arrays and strings nest: Snowplow sp_202, 64 items of
     64-character strings inside 16 items, needs 187,876 states with caps 64 and 16, and 27,220 with 32 and 8."""
     limits, last = dict(request["schema_limits"]), None
     for retry in range(CAP_RETRIES + 1):

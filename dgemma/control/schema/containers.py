@@ -1,7 +1,8 @@
 """Objects and arrays for writer.py.
 
 Objects with `properties` or `required` are written with only those keys, required keys first (their order in
-the schema; in sorted order where the syntax wants it), then each optional key at most once; additionalProperties then allows no more than it forbids.
+the schema), then each optional key at most once, or all in sorted order where the syntax wants it (a Gemma tool
+call); additionalProperties then allows no more than it forbids.
 Objects with neither have free keys (patternProperties' first pattern, or propertyNames) and values.
 """
 
