@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 
 import jsonschema
 import pytest
@@ -284,7 +285,6 @@ def test_a_string_less_some_values_is_exactly_the_other_strings():
     string of those lengths: checked over all strings of up to 4 characters of an alphabet that holds the words'
     characters, JSON's escapes and the pattern's special characters."""
     import itertools
-    import re
 
     from dgemma.control.schema.negation import _differing
 
@@ -345,7 +345,6 @@ def test_a_multiple_of_one_kth_is_written_as_whole_numbers():
 def test_a_multiple_of_one_kth_stays_within_what_a_float_holds():
     """Validators divide by a fractional step in floating point: jsonschema raises OverflowError on an integer past
     1e308 (a random model wrote one for JSONSchemaBench Github_medium o46411), so open sides stop at 10**15."""
-    import re
 
     regex = schema_to_regex({"type": "number", "multipleOf": 0.01})
     assert re.fullmatch(regex, str(10**15)) and re.fullmatch(regex, str(-10**15))
@@ -448,3 +447,21 @@ def test_the_regex_does_not_depend_on_the_hash_seed():
                               check=True, env={**os.environ, "PYTHONHASHSEED": str(seed)}).stdout
                for seed in range(1, 7)}
     assert len(written) == 1
+
+
+@pytest.mark.parametrize("schema", [{"type": "integer", "multipleOf": 3}, {"type": "integer", "multipleOf": 10,
+                                                                             "minimum": 5},
+                                    {"type": "integer", "multipleOf": 12, "exclusiveMaximum": -7},
+                                    {"type": "number", "multipleOf": 7, "minimum": -10, "maximum": None}])
+def test_an_integer_multipleof_with_an_open_side_writes_the_nearest_thousand_multiples(schema):
+    """Refused before ("without both 'minimum' and 'maximum'": Github_hard o41232, Github_trivial o25195 and
+    o83695): on the open side the writer takes the 1,000 multiples next to the bound, or around 0."""
+    schema = {k: v for k, v in schema.items() if v is not None}
+    regex = re.compile(schema_to_regex(schema))
+    step = schema["multipleOf"]
+    written = [n for n in range(-20_000, 20_000) if regex.fullmatch(str(n))]
+    assert 999 <= len(written) <= 1000
+    for n in written:
+        jsonschema.validate(n, schema)
+    assert 0 in written or "minimum" in schema or "exclusiveMaximum" in schema
+    assert not regex.fullmatch(str(step + 1)) and not regex.fullmatch("1.5")

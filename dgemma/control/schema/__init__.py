@@ -9,7 +9,8 @@ schema is refused with a SchemaError that names it. What is enforced:
   until no value written for it validates against another (exclusion.py: different types, disjoint enums,
   lengths or ranges, a tag, a key another member requires left out, a key it forbids required), the members
   that cannot be left out;
-- integers in any range, exactly, and an integer `multipleOf` with both bounds (up to 1,000 multiples);
+- integers in any range, exactly, and an integer `multipleOf` (up to 1,000 multiples; on an open side the 1,000
+  next to the other bound, or around 0);
   bounded `number`s without an exponent;
 - strings: `minLength`/`maxLength`, an ECMA-262 `pattern` (fully matched; no lookaround or backreference; with
   minLength/maxLength, its repetitions raised and cut until every string written has an allowed length), every

@@ -119,7 +119,8 @@ def _divides_one(step) -> bool:
 
 
 def integer_regex(node: dict, error) -> str | None:
-    """An `integer` node with bounds and an integer multipleOf; None when no integer qualifies."""
+    """An `integer` node with bounds and an integer multipleOf (on a side left open, only the nearest
+    MAX_ENUMERATED_MULTIPLES multiples); None when no integer qualifies."""
     lo, hi = _integer_bounds(*bounds(node, error))
     step = node.get("multipleOf")
     if step is not None and not (isinstance(step, (int, float)) and not isinstance(step, bool) and step > 0):
@@ -137,8 +138,12 @@ def integer_regex(node: dict, error) -> str | None:
     if step != int(step):
         raise error(f"unsupported 'multipleOf' {step!r} that is neither an integer nor 1/k")
     step = int(step)
-    if lo is None or hi is None:
-        raise error(f"unsupported 'multipleOf' {step} without both 'minimum' and 'maximum'")
+    if lo is None or hi is None:  # an open side: the MAX_ENUMERATED_MULTIPLES multiples next to the bound, or
+        # around 0 (a narrower set, still valid, as a maxLength above length_cap is written as the cap)
+        span = step * (MAX_ENUMERATED_MULTIPLES - 1)
+        if lo is None and hi is None:
+            lo = -step * (MAX_ENUMERATED_MULTIPLES // 2)
+        lo, hi = (hi - span, hi) if lo is None else (lo, lo + span if hi is None else hi)
     first = -(-lo // step) * step
     if first > hi:
         return None
