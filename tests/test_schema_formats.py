@@ -32,12 +32,18 @@ MET = [("uri", "^https://"), ("uri", "^https?://.+"), ("uri", "^(https?|ftp|file
        # a pattern whose every string is a URI (WIDE_FORMATS) is written as the pattern
        ("uri", "^http://[a-z][a-z0-9-]{3,30}\\.herokuapp\\.com/$"),
        ("uri",
-        "^https?:\\/\\/(specif\\.de\\/v1\\.1\\/schema|json\\.schemastore\\.org\\/specif-1\\.1)\\.json$")]
-# pairs neither meets: a scp-style git address is no URI; URIs with any character in a path or a host name (".")
-# anywhere; every email holding "a"
-REFUSED = [("uri", "http://edamontology.org/operation_[0-9]{4}"), ("email", "a"),
-           ("uri", "^git@heroku\\.com:[a-z][a-z0-9-]{3,30}\\.git$"),
-           ("uri", "^https://images-fe\\.ssl-images-amazon\\.com/images/.*?(no-image-no-ciu)?\\.(gif|jpg)$")]
+        "^https?:\\/\\/(specif\\.de\\/v1\\.1\\/schema|json\\.schemastore\\.org\\/specif-1\\.1)\\.json$"),
+       # ... with its classes cut to the wide form's characters (`.*?` as characters of a path, an unescaped `.` in a
+       # host name as a host name's character): Github_hard o64008, and a timespan pattern whose strings are all valid
+       # regexes (o21780)
+       ("uri", "http://edamontology.org/operation_[0-9]{4}"),
+       ("uri", "^https://images-fe\\.ssl-images-amazon\\.com/images/.*?(no-image-no-ciu)?\\.(gif|jpg)$"),
+       ("regex", "^((?:-?0*\\d+\\.)?(?:0*)(?:2[0-3]|1[0-9]|[0-9]))(?::0*([0-5]?[0-9]))?(?::0*((?:[0-5]?[0-9])"
+                 "(?:\\.\\d{0,7})?))?$")]
+# pairs neither meets: a scp-style git address is no URI; every email holding "a"; a regex opening a group it never
+# closes
+REFUSED = [("email", "a"),
+           ("uri", "^git@heroku\\.com:[a-z][a-z0-9-]{3,30}\\.git$"), ("regex", "^a[(]")]
 
 
 @pytest.mark.parametrize("fmt, pattern", MET)

@@ -76,7 +76,13 @@ FORMATS.update(PYDANTIC_FORMATS)
 # as the pattern (a URI of one host: http://edamontology.org/operation_[0-9]{4}). A URI of RFC 3986's generic syntax
 # with a registered host name, an optional port, a path and a query of unreserved characters
 _WIDE_URI = r"(https?|ftp|wss?)://[a-zA-Z0-9._~-]+(:[0-9]{1,5})?(/[a-zA-Z0-9._~-]*)*(\?[a-zA-Z0-9._~=&-]*)?"
-WIDE_FORMATS = {name: _WIDE_URI for name in ("uri", "uri-reference", "iri", "iri-reference", "uri-template")}
+_ALNUM = [(0x30, 0x39), (0x41, 0x5A), (0x61, 0x7A)]
+# ... with, beside each wide form, the characters a pattern's classes are cut to before it is checked to lie within
+# the form (`.*` in a URI pattern is written as characters of a path). A regex of letters, digits and ` _,:.-` (no
+# other metacharacter) is valid in every dialect
+WIDE_FORMATS = {name: (_WIDE_URI, _ALNUM + [(ord(c), ord(c)) for c in "._~-/"])
+                for name in ("uri", "uri-reference", "iri", "iri-reference", "uri-template")}
+WIDE_FORMATS["regex"] = ("[a-zA-Z0-9 _,:.-]*", _ALNUM + [(ord(c), ord(c)) for c in " _,:.-"])
 # every format a validator checks (jsonschema with its format-nongpl extras, drafts 3 to 2020-12) and pydantic's
 # are written; any other format is an annotation
 
@@ -314,11 +320,12 @@ def format_body(fmt: str, low: int, high: int | None, pattern: str | None, max_r
         if search is None or texts_within(form, search):
             return form
     if pattern is not None and fmt in WIDE_FORMATS:
+        wide, characters = WIDE_FORMATS[fmt]
         try:
-            body = pattern_body(pattern, max_repeat, repeat_cap, low, high, syntax)
+            body = pattern_body(pattern, max_repeat, repeat_cap, low, high, syntax.only(characters))
         except ValueError:
             body = None
-        if body is not None and texts_within(body, WIDE_FORMATS[fmt]):
+        if body is not None and texts_within(body, wide):
             return body
     if not fits:
         raise ValueError(f"no narrow form of format {fmt!r} that dgemma writes has {low} to "

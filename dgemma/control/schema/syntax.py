@@ -9,7 +9,10 @@ read.
 
 from __future__ import annotations
 
+import copy
 import json
+
+from .charsets import complement
 
 
 def escaped(char: str) -> str:
@@ -68,6 +71,17 @@ class JsonSyntax:
         if not any(lo <= code <= hi for lo, hi in self.unsafe):
             return escaped(chr(code))
         return "".join(escaped(c) for c in json.dumps(chr(code))[1:-1])
+
+
+    def only(self, allowed: list[tuple[int, int]]) -> "JsonSyntax":
+        """This syntax with a string's classes (any character, a pattern's classes) cut to `allowed` (code point
+        ranges, plain in this syntax); literal characters stay as written (strings.format_body, writing a pattern
+        within a format's wide form)."""
+        cut = copy.copy(self)
+        cut.unsafe = (*self.unsafe, *complement(sorted(allowed)))
+        cut.char = "[" + "".join(escaped(chr(a)) if a == b else f"{escaped(chr(a))}-{escaped(chr(b))}"
+                                 for a, b in sorted(allowed)) + "]"
+        return cut
 
 
 JSON = JsonSyntax()
