@@ -178,3 +178,16 @@ def test_a_calls_strings_leave_the_byte_dfas_frame_alone():
     assert byte_dfa._framed(factor_suffixes(regex), True) is not None
     assert re.fullmatch(regex, "\ue010call:f{s:\ue012a\tb\nc\ue012}\ue011")
     assert not re.fullmatch(regex, "\ue010call:f{s:\ue012a\x01\ue012}\ue011")
+
+
+@pytest.mark.parametrize("parameters, words", [
+    ({"type": "object", "properties": {"n": {"type": "string", "minLength": 2**64}}}, "'minLength'"),
+    ({"type": "object", "properties": {"n": {"type": "array", "minItems": 10**30}}, "required": ["n"]}, "'minItems'"),
+    ({"type": "object", "$defs": {**{f"D{i}": {"type": "object", "properties": {"x": {"$ref": f"#/$defs/D{i + 1}"}},
+                                               "required": ["x"]} for i in range(500)}, "D500": {"type": "integer"}},
+      "properties": {"a": {"$ref": "#/$defs/D0"}}, "required": ["a"]}, "nests deeper")])
+def test_hostile_parameters_are_refused_by_name(parameters, words, vocab):  # noqa: F811
+    """The hostile schemas response_format refuses, as a function's parameters: a clear error naming where, from
+    the compile child (a 500-deep $ref chain raised RecursionError in the server process before)."""
+    with pytest.raises(ConstraintError, match=r"^tools\[0\]\.function\.parameters.*" + words.replace("$", r"\$")):
+        Constraint.from_tool_call([{"name": "f", "parameters": parameters}], False, vocab)
