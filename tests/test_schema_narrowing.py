@@ -160,6 +160,28 @@ def test_members_tagged_by_patterns_of_literals_are_written_as_they_are():
     assert schema_to_regex(loose) != schema_to_regex({"anyOf": loose["oneOf"]})
 
 
+@pytest.mark.parametrize("members, apart", [
+    ([{"pattern": "APPROVER"}, {"pattern": "SIGNER"}], True),  # Github_hard o12278: roles, each pattern a search
+    ([{"pattern": "(GET|POST)"}, {"pattern": "^PUT$"}, {"enum": ["HEAD"]}], True),
+    ([{"pattern": "A"}, {"pattern": "AB"}], False),  # AB holds A: the first member is narrowed, not written as is
+    ([{"pattern": "https", "format": "uri"}, {"pattern": "SIGNER"}], False)])  # a format writes its own strings
+    # (an https URI's path may hold SIGNER)
+def test_members_whose_patterns_of_literals_search_are_apart_when_no_written_string_holds_another(members, apart):
+    """An unanchored pattern of literals writes its literals (a full match is a match), so two such members are
+    apart when no string one writes holds a match of the other's pattern; refused before ('oneOf' whose members may
+    overlap, as `not` with an unanchored pattern cannot be written)."""
+    schema = {"oneOf": members}
+    try:
+        regex = schema_to_regex(schema)
+    except SchemaError:
+        assert not apart
+        return
+    assert (regex == schema_to_regex({"anyOf": members})) == apart
+    checker, rng = validator(schema), random.Random(3)
+    for _ in range(100):
+        checker.validate(json.loads(sample(regex, rng, decode=False)))
+
+
 def test_a_member_that_may_write_another_type_does_not_exclude_by_its_keys():
     """`required` binds objects only: a member that may write a string is not apart from the other by its keys (a
     string would match both), so it is written with `not` the other member: objects with x and without y."""

@@ -9,11 +9,12 @@ Every narrowing only takes values away, so what is written still validates again
 from __future__ import annotations
 
 import math
+import re
 
 from .base import VALIDATION, Empty, SchemaError, canonical, finite_values, json_types
 from .combine import merge
 from .numbers import bounds
-from .strings import literal_strings
+from .strings import FORMATS, literal_strings
 
 DEPTH = 3  # how deep excludes compares the values of a key both members require
 
@@ -170,16 +171,16 @@ def _plain_excludes(w, a: dict, b: dict, depth: int) -> bool:
 
 
 def _disjoint_strings(a: dict, b: dict) -> bool:
-    """The strings a writes (its enum, or the strings its pattern of literals fully matches) are none of those b's
-    pattern of literals accepts (`^ALIAS$` and `^STRING$`: the tags of tree-sitter's grammar schema)."""
-    accepted = literal_strings(b["pattern"]) if "pattern" in b else None
-    written = finite_values(a)
-    if written is None and "pattern" in a:
-        written = literal_strings(a["pattern"])
-    if accepted is None or written is None:
+    """The strings a writes (its enum, or the strings its pattern of literals fully matches, as pattern_body writes
+    them) are none of those b's pattern of literals accepts: `^ALIAS$` and `^STRING$` (the tags of tree-sitter's
+    grammar schema), or `APPROVER` and `SIGNER`, which search. For a pattern of literals a search with Python's re
+    (which takes `$` before a final newline too) accepts whatever ECMA-262's accepts."""
+    if not isinstance(b.get("pattern"), str) or literal_strings(b["pattern"], anchored=False) is None:
         return False
-    accepted = set(accepted) | {s + "\n" for s in accepted}  # Python's $ matches before a final newline
-    return not any(isinstance(v, str) and v in accepted for v in written)
+    written = finite_values(a)
+    if written is None and isinstance(a.get("pattern"), str) and a.get("format") not in FORMATS:
+        written = literal_strings(a["pattern"], anchored=False)
+    return written is not None and not any(isinstance(v, str) and re.search(b["pattern"], v) for v in written)
 
 
 def _items_apart(w, a: dict, b: dict, depth: int) -> bool:

@@ -340,10 +340,12 @@ def _span(form: str) -> tuple[int, float]:
     return _lengths(sre_parse.parse(form), MAX_CODE, MAX_CODE, None)
 
 
-def literal_strings(pattern, limit: int = 256) -> list[str] | None:
+def literal_strings(pattern, limit: int = 256, anchored: bool = True) -> list[str] | None:
     """The strings a pattern of literals and alternatives anchored at both ends fully matches (`^(PREC|PREC_LEFT)$`),
     at most `limit` of them; None for any other pattern. Python's `$` also matches before a final newline, so a
-    string the pattern accepts is one of these, or one of these and a newline."""
+    string the pattern accepts is one of these, or one of these and a newline. Without `anchored`, a pattern of
+    literals need not be anchored (`APPROVER`): the strings that match it in full, which is what pattern_body
+    writes for it."""
     def expand(items) -> list[str] | None:
         out = [""]
         for op, arg in items:
@@ -372,7 +374,7 @@ def literal_strings(pattern, limit: int = 256) -> list[str] | None:
         return None
     strings: list[str] = []
     for branch, start, end in branches:
-        texts = expand(branch) if start and end else None
+        texts = expand(branch) if (start and end) or not anchored else None
         if texts is None or len(strings) + len(texts) > limit:
             return None
         strings += texts
