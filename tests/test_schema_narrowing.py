@@ -290,6 +290,11 @@ NEGATIONS = [
     # o57762)
     {"type": "string", "maxLength": 6, "not": {"pattern": "[^a-zA-Z0-9.,()@&' -]"}},
     {"type": ["string", "integer"], "not": {"pattern": "(\\$)"}},
+    # a pattern of one class repeated, anchored at both ends: strings holding another character, or empty when the
+    # class must repeat at least once (Github_ultra o65416: a name that is not only punctuation and spaces)
+    {"type": "string", "minLength": 1, "not": {"pattern": "^[\\.\\,\\*\\\\\\-\\s\\{\\}\\(\\)]+$"}},
+    {"type": "string", "maxLength": 3, "not": {"pattern": "^[a-c]*$"}},
+    {"type": ["string", "null"], "maxLength": 2, "not": {"pattern": "^(x)+$"}},
 ]
 
 

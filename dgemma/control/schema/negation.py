@@ -27,7 +27,7 @@ import re
 
 from .base import VALIDATION, Empty, SchemaError, canonical, finite_values, json_types
 from .combine import merge
-from .charsets import class_ranges, complement, sre, sre_parse
+from .charsets import NEWLINES, class_ranges, complement, sre, sre_parse, subtract
 from .strings import FORMATS, ungrouped
 
 
@@ -71,6 +71,9 @@ def without_not(w, node: dict, path: str) -> dict:
     if words == {"properties"} and isinstance(negated["properties"], dict):
         return _failing_property(w, rest, negated["properties"], path)
     if words == {"pattern"} and isinstance(negated["pattern"], str):
+        only = _only_class(negated["pattern"])
+        if only is not None:
+            return _not_only(w, rest, *only, path)
         if negated["pattern"].startswith("^"):
             return _not_starting(w, rest, negated["pattern"], path)
         banned = _one_class(negated["pattern"])
@@ -199,6 +202,44 @@ def _one_class(pattern: str) -> list | None:
     if op == sre.NOT_LITERAL:
         return [(sre.NEGATE, None), (sre.LITERAL, arg)]
     return list(arg) if op == sre.IN else None
+
+
+def _only_class(pattern: str) -> tuple[list, int] | None:
+    """(the class, its fewest repeats 0 or 1) of a pattern that is one class repeated, anchored at both ends
+    (`^[.,*\\s-]+$`: strings of those characters only); else None."""
+    try:
+        tree = sre_parse.parse(pattern)
+    except (re.error, RecursionError, OverflowError):
+        return None
+    items = ungrouped(tree)
+    if len(items) != 3 or tree.state.flags & re.IGNORECASE or items[0] != (sre.AT, sre.AT_BEGINNING) or \
+            items[2] != (sre.AT, sre.AT_END) or items[1][0] != sre.MAX_REPEAT:
+        return None
+    low, high, inner = items[1][1]
+    inner = ungrouped(inner)
+    if low > 1 or high != sre.MAXREPEAT or len(inner) != 1 or inner[0][0] not in (sre.IN, sre.LITERAL):
+        return None
+    op, arg = inner[0]
+    return (list(arg) if op == sre.IN else [(sre.LITERAL, arg)]), low
+
+
+def _not_only(w, rest: dict, items: list, low: int, path: str) -> dict:
+    """`not: {"pattern": "^C+$"}` (or `C*`): strings only, each holding a character C takes in neither ECMA-262 nor
+    Python's re, other than a newline (Python's `$` matches before a final one), or empty where C+ wants one."""
+    if "string" not in w.types(rest, path):
+        raise Empty
+    if "pattern" in rest or rest.get("format") in FORMATS:
+        raise SchemaError(f"{path}: unsupported JSON schema feature 'not' (with a pattern of one repeated class, "
+                          "on a string with a pattern or format)")
+    try:
+        others = subtract(complement(class_ranges(items, superset=True)), NEWLINES)
+    except ValueError as err:
+        raise SchemaError(f"{path}/not/pattern: unsupported pattern ({err})") from None
+    chars = "".join(f"\\U{a:08x}" + ("" if a == b else f"-\\U{b:08x}") for a, b in others)
+    if not chars and low == 0:
+        raise Empty
+    holding = f"{ANY_TEXT}[{chars}]{ANY_TEXT}" if chars else "(?!)"
+    return {**rest, "type": "string", "pattern": f"^({holding})?$" if low == 1 else f"^{holding}$"}
 
 
 def _without_characters(w, rest: dict, banned: list, path: str) -> dict:
