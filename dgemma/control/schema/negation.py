@@ -10,6 +10,9 @@ negated schema, or refused.
   otherwise each type of the node less the negated values of that type: a string not among them (a pattern that
   spells the strings that differ from each; with a checked format, its written form when none of them takes it),
   integers in the gaps between them, the other boolean;
+- `not: {"pattern": "^C+$"}` (one class repeated, anchored at both ends; or `C*`): strings holding a character C
+  does not take (or empty, for `+`), on a string node with no pattern or format of its own;
+- `not: {"pattern": "[^C]"}` (one class): strings holding none of its characters, likewise;
 - `not: {"pattern": "^X"}` (one alternative, anchored at its start): strings whose first character no match of X
   starts with, as a negative lookahead before the node's own pattern (lookahead.py; a pattern takes every value
   that is not a string, so only strings are left);
