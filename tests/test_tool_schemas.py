@@ -191,3 +191,22 @@ def test_hostile_parameters_are_refused_by_name(parameters, words, vocab):  # no
     the compile child (a 500-deep $ref chain raised RecursionError in the server process before)."""
     with pytest.raises(ConstraintError, match=r"^tools\[0\]\.function\.parameters.*" + words.replace("$", r"\$")):
         Constraint.from_tool_call([{"name": "f", "parameters": parameters}], False, vocab)
+
+
+@pytest.mark.parametrize("value_schema", [
+    {"type": "string", "format": "uri", "pattern": "^http://localhost:8080/.*$"},  # a port's literal ':' stays
+    {"type": "string", "pattern": '^say "[a-z]{1,4}"$'},  # a quote needs no escape between the marks
+    {"enum": ['a "b"', "c\\d", "tab\there"]},
+    {"type": "string", "format": "date-time"}])
+def test_a_calls_strings_are_written_as_json_writes_them(value_schema):
+    """What response_format writes for a string, a call writes too, raw between the marks (a syntax's classes cut
+    for a format's wide form must not cut the pattern's literal characters)."""
+    from dgemma.control.schema import schema_to_regex
+    schema_to_regex(value_schema)  # JSON writes it
+    parameters = {"type": "object", "properties": {"v": value_schema}, "required": ["v"]}
+    regex, rng = call_regex([{"name": "f", "parameters": parameters}]), random.Random(4)
+    draft = jsonschema.validators.validator_for(parameters)
+    checker = draft(parameters, format_checker=draft.FORMAT_CHECKER)
+    for _ in range(30):
+        call, = _calls(sample(regex, rng, decode=False))
+        checker.validate(call.arguments)

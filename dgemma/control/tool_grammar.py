@@ -49,8 +49,8 @@ def gemma_text(value, quote: str = QUOTE) -> str:
 class GemmaSyntax(JsonSyntax):
     """A tool call's arguments in the Gemma syntax, marks as their sentinels: a string is raw text (any character
     but the sentinels' private-use block and the control characters other than tab, newline and return) between
-    quote marks, a key is bare when it is a word (quoted
-    otherwise, which the parser reads too), keys come sorted, numbers, true, false and null as in JSON."""
+    quote marks, a key is bare when it is a word (quoted otherwise, which the parser reads too), keys come sorted,
+    numbers, true, false and null as in JSON."""
 
     quote = SENTINEL[QUOTE]
     # no control characters but tab, newline and return: NUL and 0x01 frame the byte DFA's build (byte_dfa.py), and
@@ -68,7 +68,7 @@ class GemmaSyntax(JsonSyntax):
         return _escaped(name) if _KEY.fullmatch(name) else self.literal(name)
 
     def character(self, code: int) -> str:
-        if any(lo <= code <= hi for lo, hi in self.unsafe):
+        if 0xD800 <= code <= 0xDFFF or any(lo <= code <= hi for lo, hi in self.unwritable):
             raise ValueError(f"a character (U+{code:04X}) a tool call's string cannot hold")
         return escaped(chr(code))
 

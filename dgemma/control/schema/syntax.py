@@ -72,7 +72,6 @@ class JsonSyntax:
             return escaped(chr(code))
         return "".join(escaped(c) for c in json.dumps(chr(code))[1:-1])
 
-
     def only(self, allowed: list[tuple[int, int]]) -> "JsonSyntax":
         """This syntax with a string's classes (any character, a pattern's classes) cut to `allowed` (code point
         ranges, plain in this syntax); literal characters stay as written (strings.format_body, writing a pattern
