@@ -282,6 +282,11 @@ NEGATIONS = [
     {"type": "string", "format": "email", "not": {"enum": ["", "n/a", "none"]}},
     # a pattern none of whose written strings is a value (JSONStore's openfin: a version pattern less "")
     {"type": "string", "pattern": "^[0-9]+(\\.[0-9]+)*$", "not": {"enum": ["", "latest", "1.x"]}},
+    # ... or, where the pattern (anchored at its start) may write some of them, its strings whose first character
+    # none of them starts with (Github_medium o24621: a module name that is not a reserved word)
+    {"type": "string", "pattern": "^[a-z]+[a-z0-9-]*$", "minLength": 2, "maxLength": 8,
+     "not": {"enum": ["test", "source", "yotta_modules", "include"]}},
+    {"type": "string", "pattern": "^[ab]$", "not": {"enum": ["a"]}},
     # a pattern anchored at its start: strings that do not start so (a pattern takes every value but a string)
     {"type": "string", "pattern": "^[a-z]+$", "minLength": 2, "not": {"pattern": "^ab"}},
     {"type": ["string", "integer"], "maxLength": 4, "not": {"pattern": "^(a|bc)"}},
@@ -324,8 +329,9 @@ def test_a_string_less_some_values_is_exactly_the_other_strings():
 
 def test_other_forms_of_not_are_refused_by_name():
     for schema in ({"type": "number", "not": {"type": "integer"}},
-                   {"type": "number", "not": {"enum": [1]}}, {"type": "string", "pattern": "^[ab]$",
+                   {"type": "number", "not": {"enum": [1]}}, {"type": "string", "pattern": "[ab]",
                                                                "not": {"enum": ["a"]}},
+                   {"type": "string", "pattern": "^[ab]*$", "not": {"enum": ["", "a"]}},
                    {"type": "string", "format": "date", "not": {"const": "2024-02-29"}},
                    {"type": "string", "not": {"pattern": "ab"}}, {"type": "string", "not": {"pattern": "^a|b"}},
                    {"type": "string", "pattern": "a1", "not": {"pattern": "^b"}},

@@ -140,8 +140,7 @@ def _each_type_less(w, rest: dict, banned: list, path: str) -> dict:
         elif kind == "string" and ("pattern" in rest or rest.get("format") in FORMATS):
             written = w.string(node, path)  # the string's regex, as the writer writes it (None: no string)
             if written is not None and any(_text(w, v) is None or re.fullmatch(written, _text(w, v)) for v in mine):
-                raise SchemaError(f"{path}: unsupported JSON schema feature 'not' (with enum or const, on a string "
-                                  f"with a pattern or format that the values may take)")
+                node = _starting_unlike(w, node, mine, path)
             members.append(node)  # no string written for it is one of them
         elif kind == "string" and "pattern" not in rest:  # a format no validator checks is an annotation
             low, high = w.count(rest, "minLength", path, 0), w.count(rest, "maxLength", path)
@@ -163,6 +162,20 @@ def _text(w, value: str) -> str | None:
     if any(0x7F <= ord(c) <= 0x9F or 0xD800 <= ord(c) <= 0xDFFF for c in value):
         return None
     return w.syntax.text(value)
+
+
+def _starting_unlike(w, node: dict, words: list[str], path: str) -> dict:
+    """A string node whose own pattern (anchored at its start, no format) may write some of `words`: its strings
+    whose first character none of the words starts with (`_not_starting`'s lookahead), a narrower set that holds
+    none of them; refused when that cannot be written (an empty word, a format)."""
+    refusal = SchemaError(f"{path}: unsupported JSON schema feature 'not' (with enum or const, on a string with a "
+                          f"pattern or format that the values may take)")
+    if "" in words or node.get("format") in FORMATS or any(_text(w, v) is None for v in words):
+        raise refusal
+    try:
+        return _not_starting(w, node, "^(" + "|".join("".join(map(_literal, v)) for v in words) + ")", path)
+    except SchemaError:
+        raise refusal from None
 
 
 ANY_TEXT = r"[\s\S]*"  # a pattern's tail that takes any string
