@@ -8,7 +8,8 @@ negated schema, or refused.
   keys the node does not itself require;
 - `not: {"enum": [...]}` / `not: {"const": v}`: on a node with finite values, those values less the negated ones;
   otherwise each type of the node less the negated values of that type: a string not among them (a pattern that
-  spells the strings that differ from each; with a checked format, its written form when none of them takes it),
+  spells the strings that differ from each; with a checked format, its written form when none of them takes it;
+  with a pattern anchored at its start that may write some of them, its strings that start unlike them),
   integers in the gaps between them, the other boolean;
 - `not: {"pattern": "^C+$"}` (one class repeated, anchored at both ends; or `C*`): strings holding a character C
   does not take (or empty, for `+`), on a string node with no pattern or format of its own;
