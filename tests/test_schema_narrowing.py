@@ -498,3 +498,24 @@ def test_an_integer_multipleof_with_an_open_side_writes_the_nearest_thousand_mul
         jsonschema.validate(n, schema)
     assert 0 in written or "minimum" in schema or "exclusiveMaximum" in schema
     assert not regex.fullmatch(str(step + 1)) and not regex.fullmatch("1.5")
+
+
+@pytest.mark.parametrize("schema", [
+    {"type": "object", "minProperties": 6, "additionalProperties": True},  # Github_medium o48619: feeds
+    {"type": "object", "minProperties": 2, "additionalProperties": False,  # Github_hard o74560: terrains
+     "patternProperties": {"^[0-9a-zA-Z_-]+$": {"type": "integer", "minimum": 0}}},
+    {"type": "object", "minProperties": 2, "maxProperties": 4, "propertyNames": {"pattern": "^x+$"},
+     "additionalProperties": {"type": "boolean"}}])
+def test_free_keys_under_minproperties_are_written_with_distinct_lengths(schema):
+    """Refused before (a repeated free key counts once): the keys are written with distinct lengths, so each one
+    counts; every value written has at least minProperties keys (and at most maxProperties)."""
+    regex, rng = schema_to_regex(schema), random.Random(5)
+    checker = jsonschema.Draft202012Validator(schema)
+    counts = set()
+    for _ in range(100):
+        text = sample(regex, rng, decode=False)
+        value = json.loads(text)
+        checker.validate(value)
+        counts.add(len(value))
+        assert len(value) == len(json.loads(text, object_pairs_hook=list))  # no key written twice
+    assert min(counts) >= schema["minProperties"]

@@ -168,6 +168,7 @@ def obj(w, node: dict, path: str) -> str:
         raise SchemaError(f"{path}/patternProperties: must be an object")
     if patterns:
         first = next(iter(patterns))
+        key_schema = None if "propertyNames" in node else {"type": "string", "pattern": first}
         try:
             key = w.syntax.string(pattern_body(first, w.limits.max_count, w.limits.length_cap, syntax=w.syntax))
             if "propertyNames" in node:
@@ -183,16 +184,17 @@ def obj(w, node: dict, path: str) -> str:
         else:
             value_schema = extra
         names = node.get("propertyNames")
-        key = w.syntax.free_key
+        key, key_schema = w.syntax.free_key, {"type": "string"}
         if isinstance(names, dict) and names:  # a key is a string: the names schema ($ref and all) as a string
             try:
-                key = w.write(merge(names, {"type": "string"}, path), f"{path}/propertyNames")
+                key_schema = merge(names, {"type": "string"}, path)
+                key = w.write(key_schema, f"{path}/propertyNames")
             except Empty:
                 names = False
         if names is False:
             value_schema = False
-    if low > 1:  # free keys may repeat, and a repeated key counts once
-        raise SchemaError(f"{path}: unsupported 'minProperties' {low} on an object without listed properties")
+    if low > 1 and key_schema is None:
+        raise SchemaError(f"{path}: unsupported 'minProperties' {low} with 'propertyNames' and 'patternProperties'")
     if w.limits.compact and not low:
         return rf"\{{{w.ws}\}}"
     try:
@@ -202,7 +204,28 @@ def obj(w, node: dict, path: str) -> str:
             raise
         return rf"\{{{w.ws}\}}"
     cap = None if high is None else min(high, w.limits.items_cap)
+    if low > 1:  # free keys may repeat, and a repeated key counts once: keys of distinct lengths instead
+        return _distinct_keys(w, key_schema, value, low, low if cap is None else max(low, cap), path)
     return pairs(w, key, value, low, cap)
+
+
+def _distinct_keys(w, key_schema: dict, value: str, low: int, count: int, path: str) -> str:
+    """An object of free keys with at least `low` of them (minProperties above 1): up to `count` keys of distinct
+    lengths, the shortest lengths `key_schema` can write, so no two are equal and each counts; the first `low`
+    always. Narrower than the schema (one key a length), and exact about the count."""
+    items = []
+    for length in range(1, w.limits.length_cap + 1):
+        if len(items) == count:
+            break
+        try:
+            key = w.write(merge(key_schema, {"minLength": length, "maxLength": length}, path), f"{path}/propertyNames")
+        except (Empty, SchemaError):
+            continue
+        items.append((f"{key}{w.ws}:{w.ws}{value}", len(items) < low))
+    if len(items) < low:
+        raise SchemaError(f"{path}: unsupported 'minProperties' {low}: fewer keys of distinct lengths can be written "
+                          f"(at most {w.limits.length_cap} characters)")
+    return chain(w, items, (r"\{", r"\}"))
 
 
 def _named_key(w, names, first: str, path: str) -> str:
