@@ -18,15 +18,11 @@ import json
 import re
 
 from .schema import SchemaError, SchemaLimits, schema_to_regex
-from .schema.syntax import JsonSyntax, escaped
+from .schema.syntax import JsonSyntax, escaped, escaped_text
 from .tools import CALL_CLOSE, CALL_OPEN, QUOTE, SENTINEL
 
 _SENTINEL_LEAD_BYTE = 0xEE  # of U+E000..U+EFFF, the sentinels' private-use block
 _KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]*")  # a key the Gemma syntax writes bare
-
-
-def _escaped(text: str) -> str:
-    return "".join(escaped(c) for c in text)
 
 
 def gemma_text(value, quote: str = QUOTE) -> str:
@@ -65,7 +61,7 @@ class GemmaSyntax(JsonSyntax):
         return gemma_text(value, SENTINEL[QUOTE])
 
     def key(self, name: str) -> str:
-        return _escaped(name) if _KEY.fullmatch(name) else self.literal(name)
+        return escaped_text(name) if _KEY.fullmatch(name) else self.literal(name)
 
     def character(self, code: int) -> str:
         if 0xD800 <= code <= 0xDFFF or any(lo <= code <= hi for lo, hi in self.unwritable):
@@ -92,8 +88,8 @@ def call_regex(functions: list[dict], repeat: bool = False, limits: SchemaLimits
     options = []
     for i, f in enumerate(functions):
         args = arguments_regex(f.get("parameters"), f"tools[{i}].function.parameters", limits)
-        options.append(f"call:{_escaped(f['name'])}{args}")
-    one = _escaped(SENTINEL[CALL_OPEN]) + "(" + "|".join(options) + ")" + _escaped(SENTINEL[CALL_CLOSE])
+        options.append(f"call:{escaped_text(f['name'])}{args}")
+    one = escaped_text(SENTINEL[CALL_OPEN]) + "(" + "|".join(options) + ")" + escaped_text(SENTINEL[CALL_CLOSE])
     return f"({one})+" if repeat else one
 
 

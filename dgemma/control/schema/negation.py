@@ -203,15 +203,21 @@ def _not_starting(w, rest: dict, pattern: str, path: str) -> dict:
     return {**rest, "type": "string", "pattern": f"^(?!{pattern[1:]})(?:{body}){end}"}  # an anchor inside: refused
 
 
-def _one_class(pattern: str) -> list | None:
-    """The class (sre items) of a pattern that is one character class, literal or negated literal (in a group or
-    not, unanchored, no flags): `[^a-z0-9 -]`, `(\\$)`; else None."""
+def _items(pattern: str) -> list | None:
+    """The pattern's sre items without the plain groups around them, or None for a pattern that does not parse or
+    ignores case."""
     try:
         tree = sre_parse.parse(pattern)
     except (re.error, RecursionError, OverflowError):
         return None
-    items = ungrouped(tree)
-    if len(items) != 1 or tree.state.flags & re.IGNORECASE:
+    return None if tree.state.flags & re.IGNORECASE else ungrouped(tree)
+
+
+def _one_class(pattern: str) -> list | None:
+    """The class (sre items) of a pattern that is one character class, literal or negated literal (in a group or
+    not, unanchored, no flags): `[^a-z0-9 -]`, `(\\$)`; else None."""
+    items = _items(pattern)
+    if items is None or len(items) != 1:
         return None
     op, arg = items[0]
     if op == sre.LITERAL:
@@ -224,12 +230,8 @@ def _one_class(pattern: str) -> list | None:
 def _only_class(pattern: str) -> tuple[list, int] | None:
     """(the class, its fewest repeats 0 or 1) of a pattern that is one class repeated, anchored at both ends
     (`^[.,*\\s-]+$`: strings of those characters only); else None."""
-    try:
-        tree = sre_parse.parse(pattern)
-    except (re.error, RecursionError, OverflowError):
-        return None
-    items = ungrouped(tree)
-    if len(items) != 3 or tree.state.flags & re.IGNORECASE or items[0] != (sre.AT, sre.AT_BEGINNING) or \
+    items = _items(pattern)
+    if items is None or len(items) != 3 or items[0] != (sre.AT, sre.AT_BEGINNING) or \
             items[2] != (sre.AT, sre.AT_END) or items[1][0] != sre.MAX_REPEAT:
         return None
     low, high, inner = items[1][1]
@@ -243,16 +245,7 @@ def _only_class(pattern: str) -> tuple[list, int] | None:
 def _not_only(w, rest: dict, items: list, low: int, path: str) -> dict:
     """`not: {"pattern": "^C+$"}` (or `C*`): strings only, each holding a character C takes in neither ECMA-262 nor
     Python's re, other than a newline (Python's `$` matches before a final one), or empty where C+ wants one."""
-    if "string" not in w.types(rest, path):
-        raise Empty
-    if "pattern" in rest or rest.get("format") in FORMATS:
-        raise SchemaError(f"{path}: unsupported JSON schema feature 'not' (with a pattern of one repeated class, "
-                          "on a string with a pattern or format)")
-    try:
-        others = subtract(complement(class_ranges(items, superset=True)), NEWLINES)
-    except ValueError as err:
-        raise SchemaError(f"{path}/not/pattern: unsupported pattern ({err})") from None
-    chars = "".join(f"\\U{a:08x}" + ("" if a == b else f"-\\U{b:08x}") for a, b in others)
+    chars = _outside(w, rest, items, "one repeated class", path, NEWLINES)
     if not chars and low == 0:
         raise Empty
     holding = f"{ANY_TEXT}[{chars}]{ANY_TEXT}" if chars else "(?!)"
@@ -262,17 +255,25 @@ def _not_only(w, rest: dict, items: list, low: int, path: str) -> dict:
 def _without_characters(w, rest: dict, banned: list, path: str) -> dict:
     """`not: {"pattern": C}` for C one character class: strings only (a pattern takes every value that is not a
     string), holding no character C takes in either ECMA-262 or Python's re, as a pattern of the others."""
+    chars = _outside(w, rest, banned, "one character class", path)
+    return {**rest, "type": "string", "pattern": f"^[{chars}]*$" if chars else "^$"}
+
+
+def _outside(w, rest: dict, items: list, form: str, path: str, also: list = ()) -> str:
+    """What `_not_only` and `_without_characters` share: Empty unless the node may be a string, refused when it has
+    a pattern or format of its own (`form` names the negated pattern's), else the body of an ECMA-262 class of the
+    characters the class (sre items) takes in neither ECMA-262 nor Python's re, less `also` (code point ranges);
+    "" when there is none."""
     if "string" not in w.types(rest, path):
         raise Empty
     if "pattern" in rest or rest.get("format") in FORMATS:
-        raise SchemaError(f"{path}: unsupported JSON schema feature 'not' (with a pattern of one character class, "
-                          "on a string with a pattern or format)")
+        raise SchemaError(f"{path}: unsupported JSON schema feature 'not' (with a pattern of {form}, on a string "
+                          "with a pattern or format)")
     try:
-        allowed = complement(class_ranges(banned, superset=True))
+        ranges = subtract(complement(class_ranges(items, superset=True)), list(also))
     except ValueError as err:
         raise SchemaError(f"{path}/not/pattern: unsupported pattern ({err})") from None
-    chars = "".join(f"\\U{a:08x}" + ("" if a == b else f"-\\U{b:08x}") for a, b in allowed)
-    return {**rest, "type": "string", "pattern": f"^[{chars}]*$" if chars else "^$"}
+    return "".join(f"\\U{a:08x}" + ("" if a == b else f"-\\U{b:08x}") for a, b in ranges)
 
 
 def _gaps(node: dict, points: list[int], path: str) -> list[dict]:

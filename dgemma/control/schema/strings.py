@@ -13,7 +13,7 @@ import re
 
 from .charsets import MAX_CODE, NEWLINES, class_ranges, sre, sre_parse, subtract
 from .lookahead import avoiding_lookaheads
-from .syntax import JSON, JsonSyntax, escaped
+from .syntax import JSON, JsonSyntax, class_text
 
 _YEAR = "[1-9][0-9]{3}"
 _LEAP = "([1-9][0-9](0[48]|[2468][048]|[13579][26])|([2468][048]|[13579][26])00)"
@@ -98,8 +98,7 @@ def _class(items, syntax: JsonSyntax, negate: bool = False) -> str:
     ranges = subtract(class_ranges(items, negate), list(syntax.unsafe))
     if not ranges:
         raise ValueError("a character class that matches no character a string holds unescaped")
-    return "[" + "".join(escaped(chr(a)) if a == b else f"{escaped(chr(a))}-{escaped(chr(b))}"
-                         for a, b in ranges) + "]"
+    return class_text(ranges)
 
 
 Fit = tuple  # (floor, cap | None): every repetition of a pattern raised to at least floor and cut to at most cap

@@ -24,6 +24,17 @@ def escaped(char: str) -> str:
     return "\\" + char if char.isascii() and not char.isalnum() and char not in " <>" else char
 
 
+def escaped_text(text: str) -> str:
+    """`text` as regex text that matches exactly it (each character `escaped`)."""
+    return "".join(escaped(c) for c in text)
+
+
+def class_text(ranges: list[tuple[int, int]]) -> str:
+    """A regex class of the code point ranges (sorted, inclusive), each end `escaped`."""
+    return "[" + "".join(escaped(chr(a)) if a == b else f"{escaped(chr(a))}-{escaped(chr(b))}"
+                         for a, b in ranges) + "]"
+
+
 class JsonSyntax:
     """JSON text, compact (the writer adds its whitespace between tokens)."""
 
@@ -53,7 +64,7 @@ class JsonSyntax:
 
     def literal(self, value) -> str:
         """The regex that matches exactly `value`'s text."""
-        return "".join(escaped(c) for c in self.text(value))
+        return escaped_text(self.text(value))
 
     def key(self, name: str) -> str:
         """The regex of a listed key."""
@@ -70,7 +81,7 @@ class JsonSyntax:
             raise ValueError("a lone surrogate")
         if not any(lo <= code <= hi for lo, hi in self.unsafe):
             return escaped(chr(code))
-        return "".join(escaped(c) for c in json.dumps(chr(code))[1:-1])
+        return escaped_text(json.dumps(chr(code))[1:-1])
 
     def only(self, allowed: list[tuple[int, int]]) -> "JsonSyntax":
         """This syntax with a string's classes (any character, a pattern's classes) cut to `allowed` (code point
@@ -78,8 +89,7 @@ class JsonSyntax:
         within a format's wide form)."""
         cut = copy.copy(self)
         cut.unsafe = (*self.unsafe, *complement(sorted(allowed)))
-        cut.char = "[" + "".join(escaped(chr(a)) if a == b else f"{escaped(chr(a))}-{escaped(chr(b))}"
-                                 for a, b in sorted(allowed)) + "]"
+        cut.char = class_text(sorted(allowed))
         return cut
 
 
