@@ -69,6 +69,15 @@ class CompileLimits:
                 raise ValueError(f"CompileLimits.{name} must be positive, got {getattr(self, name)}")
 
 
+def _json_text(value, what: str) -> str:
+    """`value` as canonical JSON text (a cache key, and what the compiling child reads); ConstraintError naming
+    `what` when it is not JSON."""
+    try:
+        return json.dumps(value, sort_keys=True, allow_nan=False)
+    except (ValueError, TypeError, RecursionError):
+        raise ConstraintError(f"{what} must be JSON (no NaN, no cycles, not nested too deeply)") from None
+
+
 def escape_literal(text: str) -> str:
     """`text` as a regex (outlines uses Rust's regex syntax) that matches exactly it."""
     return "".join("\\" + c if c in "\\.+*?()|[]{}^$#&-~" else c for c in text)
@@ -131,10 +140,7 @@ class Constraint:
         inside the compiling child, under the same time and memory limits."""
         if not isinstance(schema, (dict, bool)):
             raise ConstraintError(f"a JSON schema must be an object, got {type(schema).__name__}")
-        try:
-            text = json.dumps(schema, sort_keys=True, allow_nan=False)
-        except (ValueError, TypeError, RecursionError):
-            raise ConstraintError("a JSON schema must be JSON (no NaN, no cycles, not nested too deeply)") from None
+        text = _json_text(schema, "a JSON schema")
         source = {"schema": schema, "schema_limits": dataclasses.asdict(schema_limits)}
         return cls._cached(("json-schema", text, limits, schema_limits), source, vocabulary, max_tokens, limits,
                            "JSON schema")
@@ -147,11 +153,7 @@ class Constraint:
         `repeat`, in the Gemma syntax with arguments valid against their parameters (tool_grammar.py); `vocabulary`
         spells the markers (tool_grammar.tool_vocabulary). Written inside the compiling child, as a schema is."""
         functions = [{"name": f["name"], "parameters": f.get("parameters")} for f in functions]
-        try:
-            text = json.dumps(functions, sort_keys=True, allow_nan=False)
-        except (ValueError, TypeError, RecursionError):
-            raise ConstraintError("a function's parameters must be JSON (no NaN, no cycles, not nested too "
-                                  "deeply)") from None
+        text = _json_text(functions, "a function's parameters")
         source = {"tool_call": {"functions": functions, "repeat": bool(repeat)},
                   "schema_limits": dataclasses.asdict(schema_limits)}
         return cls._cached(("tool-call", text, bool(repeat), limits, schema_limits), source, vocabulary, None,
