@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .dfa import distinct_entry_columns
+from .dfa import distinct_entry_columns, ranges
 from .schema import SchemaLimits, schema_to_regex
 from .spare import SpareChild
 from .vocabulary import ConstraintVocabulary
@@ -297,7 +297,7 @@ def _bfs(pairs: tuple[np.ndarray, np.ndarray], num_states: int, sources: np.ndar
     while level.size:
         d += 1
         count = start[level + 1] - start[level]
-        index = np.repeat(start[level] - (np.cumsum(count) - count), count) + np.arange(count.sum())
+        index = ranges(start[level], count)
         reached = np.unique(dst[index])
         level = reached[dist[reached] < 0]
         dist[level] = d

@@ -15,6 +15,12 @@ import numpy as np
 from numpy.random import default_rng  # imported with the module: a spare child has it ready
 
 
+def ranges(first: np.ndarray, count: np.ndarray) -> np.ndarray:
+    """first[i], first[i] + 1, ..., first[i] + count[i] - 1 for each i, one run after another: the entries of
+    some rows of a table laid out row after row (rows starting at `first`)."""
+    return np.repeat(first - (np.cumsum(count) - count), count) + np.arange(int(count.sum()))
+
+
 def distinct_columns(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(first column of each distinct column, in order of first appearance; the class of each column). A
     random-weighted sum per column finds them; columns are then compared exactly (whole columns on a
@@ -55,8 +61,7 @@ def distinct_entry_columns(row: np.ndarray, column: np.ndarray, value: np.ndarra
     count = np.where(involved, count, 0)
     start = np.cumsum(count) - count
     size = count[other]
-    at = np.repeat(start[other] - (np.cumsum(size) - size), size) + np.arange(int(size.sum()))
-    rep = np.repeat(start[first[column_class[other]]] - (np.cumsum(size) - size), size) + np.arange(int(size.sum()))
+    at, rep = ranges(start[other], size), ranges(start[first[column_class[other]]], size)
     mine, theirs = order[at], order[rep]
     if not (np.array_equal(row[mine], row[theirs]) and np.array_equal(value[mine], value[theirs])):
         dense = np.full((int(row.max(initial=0)) + 1, num_columns), -1, dtype=np.int64)
@@ -99,7 +104,7 @@ def _refine_hashed(nxt: np.ndarray, part: np.ndarray) -> np.ndarray:
     changed = np.arange(num_rows)
     while changed.size:
         count = pred_start[changed + 1] - pred_start[changed]
-        index = np.repeat(pred_start[changed] - (np.cumsum(count) - count), count) + np.arange(count.sum())
+        index = ranges(pred_start[changed], count)
         touched = np.zeros(next_id, dtype=bool)
         touched[part[pred[index]]] = True
         members = np.flatnonzero(touched[part])

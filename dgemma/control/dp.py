@@ -17,6 +17,7 @@ the class maxima (step 1) plus a loop over positions whose size is the number of
 1. best[c, k]: the largest log-prob at position c among the tokens of class k.
 2. pair[c, p]: the best class move for each (state, next state) pair p: max over classes leading along p.
 3. Forward: score[c + 1, t] = max over pairs p = (s, t) of score[c, s] + pair[c, p]; score[0] is 0 at the start.
+   For a large automaton, by branch and bound (bounded.py): only where a best sequence can pass, the same scores.
 4. End: the best state that meets the budget rule above.
 5. Backward: at each position, the first pair into the current state that attains its score, then the first
    class along that pair that attains the pair's value.
@@ -35,6 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .bounded import BOUNDED_PAIRS, bounded_scores, layout_of
 from .constraint import INVALID, Constraint, ConstraintError
 from .moves import done_only_from, moves_of
 from .reading import FLOOR, ClassScores, class_scores, tokens_of
@@ -140,14 +142,36 @@ def _answers(scores: ClassScores, moves, steered: list, walk: list[int], end_sta
     # 2. best class move per (position, class set): a pair's value is its set's
     values = np.stack([np.maximum.reduceat(np.take(steered[lane][0], moves.set_members, axis=1), moves.set_start,
                                            axis=1) for lane in rest], axis=-1)  # (C, Q, L)
-    score = moves.forward.run(values, walk, done_from, torch.get_num_threads(),  # (C+1, S+1, len(rest))
-                              scores.log_probs.device if on_device else None)
+    lane_scores = _forward(constraint, moves, values, walk, end_states, done_from,
+                           scores.log_probs.device if on_device else None)
     for i, lane in enumerate(rest):
         best, fixed = steered[lane]
-        state = _end_state(constraint, moves, score[:, :, i], walk[0], end_states, done_from)
-        states, classes = _backward(moves, score[:, :, i], values[:, :, i], best, state)
+        state = _end_state(constraint, moves, lane_scores[i], walk[0], end_states, done_from)
+        states, classes = _backward(moves, lane_scores[i], values[:, :, i], best, state)
         answers[lane] = _answer(scores, moves, states, classes, fixed)
     return answers
+
+
+def _forward(constraint: Constraint, moves, values: np.ndarray, walk: list[int], end_states: np.ndarray | None,
+             done_from: int | None, device: torch.device | None) -> list[np.ndarray]:
+    """3. Each lane's forward scores (C+1, S+1): by branch and bound (bounded.py) for an automaton of at least
+    BOUNDED_PAIRS pairs on the host, where the bound holds; the full pass (Forward.run, the lanes left together)
+    for the rest. values (C, Q, L)."""
+    lanes = values.shape[2]
+    found: list = [None] * lanes
+    if device is None and len(moves.pair_src) >= BOUNDED_PAIRS:
+        layout, internal = layout_of(moves, tokens_to_done(constraint)), moves.forward.internal
+        end_ok = np.zeros(moves.num_states + 1, dtype=bool)
+        end_ok[internal[:-1]] = True if end_states is None else end_states
+        renumbered = [int(internal[state]) for state in walk]
+        found = [bounded_scores(layout, np.ascontiguousarray(values[:, :, i]), renumbered, done_from, end_ok)
+                 for i in range(lanes)]
+    rest = [i for i, score in enumerate(found) if score is None]
+    if rest:
+        full = moves.forward.run(values[:, :, rest], walk, done_from, torch.get_num_threads(), device)
+        for j, i in enumerate(rest):
+            found[i] = full[:, :, j]
+    return found
 
 
 def _answer(scores: ClassScores, moves, states: np.ndarray, classes: np.ndarray, fixed: dict) -> ValidTokens:

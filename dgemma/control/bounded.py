@@ -1,0 +1,172 @@
+"""Step 3 of the canvas DP (dp.py) by branch and bound: the same answer from a small share of a large automaton's
+pairs.
+
+The full forward pass (moves.Forward) reads every (state, next state) pair at every position, so it is linear in
+the pairs: about 300 ms a lane over Snowplow sp_338's 525,849 pairs and a 256-position canvas on one CPU core,
+as long as a `small`-preset step. Most of those pairs extend prefixes that no best sequence goes through: every
+set value is a log-prob (<= 0), so a prefix only loses score, and one that is already further behind than the
+rest of the canvas could make up is done with. So:
+
+1. Bound: U[r], the most any sequence can still gain from row r on (the sum of each later position's best set
+   value; float64).
+2. Incumbent: a beam (BEAM states a row, the best-scoring, among the states that can still meet the end rule in
+   time) finds a sequence the constraint allows; its score T bounds the best from below. Its scores are sums
+   taken in the order the pass takes them, so T is a sequence's score exactly as the pass would score it.
+3. Pass: only from states whose score plus U reaches T (less MARGIN for float32 rounding) and that can still meet
+   the end rule in time (`_limits`: the fewest tokens to DONE, `tokens_to_done`, within what the canvas and
+   the budget leave). A best sequence's prefixes all qualify, and so do the prefixes of any sequence that ties
+   it, so the states kept score as in the full pass, bit for bit (max and + of the same numbers), and the
+   others are -inf: the end state and the backward walk (dp.py, steps 4-5) are the same, ties included.
+Where the bound is weak (the pass would read more than PASS_SHARE of the full pass's pairs) or the beam finds no
+sequence, `bounded_scores` gives None and the full pass runs. Over the first canvas of sp_338 under a random
+`small` model (8 solves), the pass read 0.06% to 3.6% of the pairs: 15-95 ms where the full pass took 300.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .dfa import ranges
+from .moves import Moves, done_only_from
+
+BOUNDED_PAIRS = 1 << 16  # the fewest pairs for which the DP tries this pass before the full one
+BEAM = 128  # states kept a row by the incumbent's beam
+PASS_SHARE = 1 / 8  # the most pairs the bounded pass reads, as a share of the full pass's, before giving up
+MAX_SKIP = 64  # after k passes in a row that gave up, the next min(2**k, MAX_SKIP) lanes run the full pass
+MARGIN = 2 * 2.0 ** -24  # per position, relative to the score: twice float32's rounding of a sum that only falls
+
+
+class Layout:
+    """A constraint's pairs grouped by source state, in the forward pass's numbering (Forward.internal), with
+    each pair's next state and class set, and each state's fewest tokens to DONE. Cached on its Moves."""
+
+    def __init__(self, moves: Moves, tokens_to_done: np.ndarray):
+        fwd = moves.forward
+        order = np.argsort(fwd.pair_src, kind="stable")
+        self.dst, self.set = fwd.pair_dst[order], fwd.pair_set[order]  # (P,) each
+        self.src_start = np.searchsorted(fwd.pair_src[order], np.arange(moves.num_states + 2))  # (S+2,)
+        to_done = np.zeros(moves.num_states + 1, dtype=np.int64)  # the padding state S: 0, it has no pairs
+        to_done[fwd.internal[:-1]] = np.maximum(tokens_to_done, 0)  # unreachable (-1): never ruled out
+        self.dst_to_done = to_done[self.dst]  # (P,)
+        self.to_done = to_done
+        self.num_rows = moves.num_states + 1
+        self.done, self.done_loop = int(fwd.internal[fwd.done]), fwd.done_loop
+        self.misses = self.skip = 0  # passes given up in a row; lanes still to give the full pass
+
+
+def layout_of(moves: Moves, tokens_to_done: np.ndarray) -> Layout:
+    layout = getattr(moves, "_bounded_layout", None)
+    if layout is None:
+        layout = moves._bounded_layout = Layout(moves, tokens_to_done)
+    return layout
+
+
+def bounded_scores(layout: Layout, set_value: np.ndarray, walk: list[int], done_from: int | None,
+                   end_ok: np.ndarray) -> np.ndarray | None:
+    """One lane's forward scores (C+1, S+1) in the pass's numbering, as Forward.run gives them where a best
+    sequence (or one tying it) can pass and -inf elsewhere; or None (weak bound, no incumbent: run the full
+    pass). set_value (C, Q) float, every value <= 0; walk: the held prefix's states, new numbering (dp._held_walk
+    renumbered); end_ok (S+1,) bool: the states the canvas may end in, new numbering. An automaton whose bound
+    keeps failing (Snowplow sp_87: most prefixes stay within reach of the best) is given the full pass for a
+    while (MAX_SKIP): the answers are the same either way, only the time differs."""
+    if layout.skip:
+        layout.skip -= 1
+        return None
+    score = _bounded(layout, set_value, walk, done_from, end_ok)
+    layout.misses = 0 if score is not None else layout.misses + 1
+    layout.skip = min(2 ** layout.misses, MAX_SKIP) if layout.misses else 0
+    return score
+
+
+def _bounded(layout: Layout, set_value: np.ndarray, walk: list[int], done_from: int | None, end_ok: np.ndarray
+             ) -> np.ndarray | None:
+    canvas_length = set_value.shape[0]
+    if not len(layout.dst) or set_value.max(initial=0.0) > 0:
+        return None  # the bound needs scores that only fall
+    first = len(walk) - 1
+    limit, only_done = _limits(canvas_length, done_from, layout.to_done[end_ok])
+    gain = np.append(np.cumsum(set_value.max(axis=1)[::-1], dtype=np.float64)[::-1], 0.0)  # (C+1,) U
+    incumbent = _beam(layout, set_value, walk[-1], first, limit, only_done, end_ok)
+    if incumbent is None:
+        return None
+    floor = incumbent - MARGIN * canvas_length * max(abs(incumbent), 1.0) - gain  # (C+1,) the least kept score
+    score = np.full((canvas_length + 1, layout.num_rows), -np.inf, dtype=set_value.dtype)
+    for row, state in enumerate(walk):
+        score[row, state] = 0.0
+    budget = PASS_SHARE * len(layout.dst) * (canvas_length - first)
+    frontier, seen, read = np.array(walk[-1:]), np.zeros(layout.num_rows, dtype=bool), 0
+    for row in range(first, canvas_length):
+        if row >= only_done:  # DONE's own loop: nothing to prune
+            if layout.done_loop >= 0:
+                score[row + 1, layout.done] = score[row, layout.done] + set_value[row, layout.done_loop]
+            continue
+        count = layout.src_start[frontier + 1] - layout.src_start[frontier]
+        read += int(count.sum())
+        if read > budget:
+            return None
+        pair = ranges(layout.src_start[frontier], count)
+        moved = np.repeat(score[row, frontier], count) + set_value[row, layout.set[pair]]
+        keep = (moved >= floor[row + 1]) & _in_time(layout, pair, row + 1, limit, only_done)
+        into = layout.dst[pair[keep]]
+        np.maximum.at(score[row + 1], into, moved[keep])
+        seen[into] = True
+        frontier = np.flatnonzero(seen)
+        seen[frontier] = False
+    return score
+
+
+def _limits(canvas_length: int, done_from: int | None, end_to_done: np.ndarray) -> tuple[np.ndarray, int]:
+    """(C+1,) the most tokens to DONE a state may need after each row and still end the canvas where the rule
+    allows (in `end_ok`, whose states need at most max(end_to_done) more; in DONE from `done_from` on), and the
+    first row in which only DONE stands. A state needing more cannot make it: each token brings DONE one nearer
+    at most."""
+    only_done = done_only_from(canvas_length, done_from)
+    rows = np.arange(canvas_length + 1)
+    after = int(end_to_done.max()) if len(end_to_done) else -(canvas_length + 1)
+    limit = canvas_length - rows + after
+    if done_from is not None:
+        limit = np.where(rows < only_done, np.minimum(limit, only_done - rows), 0)
+    return limit, only_done
+
+
+def _in_time(layout: Layout, pair: np.ndarray, row: int, limit: np.ndarray, only_done: int) -> np.ndarray:
+    """Whether each of `pair`'s next states can still meet the end rule after `row` (DONE itself from
+    only_done on)."""
+    if row >= only_done:
+        return layout.dst[pair] == layout.done
+    return layout.dst_to_done[pair] <= limit[row]
+
+
+def _beam(layout: Layout, set_value: np.ndarray, start: int, first: int, limit: np.ndarray, only_done: int,
+          end_ok: np.ndarray) -> float | None:
+    """The score of a sequence the constraint allows from `start` at row `first` to a state of `end_ok`: each row
+    keeps the BEAM best states that can still make it (`limit`). None when the beam finds none."""
+    canvas_length = set_value.shape[0]
+    states, scores = np.array([start]), np.zeros(1, dtype=set_value.dtype)
+    best = np.full(layout.num_rows, -np.inf, dtype=set_value.dtype)
+    seen = np.zeros(layout.num_rows, dtype=bool)
+    for row in range(first, canvas_length):
+        if row >= only_done:
+            at_done = states == layout.done
+            if layout.done_loop < 0 or not at_done.any():
+                return None
+            states, scores = states[at_done], scores[at_done] + set_value[row, layout.done_loop]
+            continue
+        count = layout.src_start[states + 1] - layout.src_start[states]
+        pair = ranges(layout.src_start[states], count)
+        moved = np.repeat(scores, count) + set_value[row, layout.set[pair]]
+        keep = _in_time(layout, pair, row + 1, limit, only_done)
+        into = layout.dst[pair[keep]]
+        np.maximum.at(best, into, moved[keep])
+        seen[into] = True
+        states = np.flatnonzero(seen)
+        seen[states] = False
+        scores = best[states]
+        best[states] = -np.inf
+        if len(states) > BEAM:
+            top = np.sort(np.argpartition(-scores, BEAM)[:BEAM])
+            states, scores = states[top], scores[top]
+        if not len(states):
+            return None
+    ends = end_ok[states]
+    return float(scores[ends].max()) if ends.any() else None
