@@ -62,9 +62,9 @@ def layout_of(moves: Moves, tokens_to_done: np.ndarray) -> Layout:
 
 
 def bounded_scores(layout: Layout, set_value: np.ndarray, walk: list[int], done_from: int | None,
-                   end_ok: np.ndarray) -> np.ndarray | None:
-    """One lane's forward scores (C+1, S+1) in the pass's numbering, as Forward.run gives them where a best
-    sequence (or one tying it) can pass and -inf elsewhere; or None (weak bound, no incumbent: run the full
+                   end_ok: np.ndarray) -> KeptScores | None:
+    """One lane's forward scores (C+1, S+1) in the pass's numbering (`KeptScores`), as Forward.run gives them
+    where a best sequence (or one tying it) can pass and -inf elsewhere; or None (weak bound, no incumbent: run the full
     pass). set_value (C, Q) float, every value <= 0; walk: the held prefix's states, new numbering (dp._held_walk
     renumbered); end_ok (S+1,) bool: the states the canvas may end in, new numbering. An automaton whose bound
     keeps failing (Snowplow sp_87: most prefixes stay within reach of the best) is given the full pass for a
@@ -79,7 +79,7 @@ def bounded_scores(layout: Layout, set_value: np.ndarray, walk: list[int], done_
 
 
 def _bounded(layout: Layout, set_value: np.ndarray, walk: list[int], done_from: int | None, end_ok: np.ndarray
-             ) -> np.ndarray | None:
+             ) -> KeptScores | None:
     canvas_length = set_value.shape[0]
     if not len(layout.dst) or set_value.max(initial=0.0) > 0:
         return None  # the bound needs scores that only fall
@@ -90,29 +90,58 @@ def _bounded(layout: Layout, set_value: np.ndarray, walk: list[int], done_from: 
     if incumbent is None:
         return None
     floor = incumbent - MARGIN * canvas_length * max(abs(incumbent), 1.0) - gain  # (C+1,) the least kept score
-    score = np.full((canvas_length + 1, layout.num_rows), -np.inf, dtype=set_value.dtype)
-    for row, state in enumerate(walk):
-        score[row, state] = 0.0
+    rows = [(np.array([state]), np.zeros(1, dtype=set_value.dtype)) for state in walk]
     budget = PASS_SHARE * len(layout.dst) * (canvas_length - first)
-    frontier, seen, read = np.array(walk[-1:]), np.zeros(layout.num_rows, dtype=bool), 0
+    merge, read = Merge(layout.num_rows, set_value.dtype), 0
     for row in range(first, canvas_length):
+        frontier, scores = rows[-1]
         if row >= only_done:  # DONE's own loop: nothing to prune
-            if layout.done_loop >= 0:
-                score[row + 1, layout.done] = score[row, layout.done] + set_value[row, layout.done_loop]
+            at_done = (frontier == layout.done) & (layout.done_loop >= 0)
+            rows.append((frontier[at_done], scores[at_done] + set_value[row, layout.done_loop]))
             continue
         count = layout.src_start[frontier + 1] - layout.src_start[frontier]
         read += int(count.sum())
         if read > budget:
             return None
         pair = ranges(layout.src_start[frontier], count)
-        moved = np.repeat(score[row, frontier], count) + set_value[row, layout.set[pair]]
+        moved = np.repeat(scores, count) + set_value[row, layout.set[pair]]
         keep = (moved >= floor[row + 1]) & _in_time(layout, pair, row + 1, limit, only_done)
-        into = layout.dst[pair[keep]]
-        np.maximum.at(score[row + 1], into, moved[keep])
-        seen[into] = True
-        frontier = np.flatnonzero(seen)
-        seen[frontier] = False
-    return score
+        rows.append(merge(layout.dst[pair[keep]], moved[keep]))
+    return KeptScores(rows, layout.num_rows)
+
+
+class Merge:
+    """Moves into the same state merged by their best score: (states ascending, their best scores), through a
+    dense row kept at -inf between calls."""
+
+    def __init__(self, num_rows: int, dtype):
+        self.best, self.seen = np.full(num_rows, -np.inf, dtype=dtype), np.zeros(num_rows, dtype=bool)
+
+    def __call__(self, into: np.ndarray, moved: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        np.maximum.at(self.best, into, moved)
+        self.seen[into] = True
+        states = np.flatnonzero(self.seen)
+        self.seen[states] = False
+        scores = self.best[states]
+        self.best[states] = -np.inf
+        return states, scores
+
+
+class KeptScores:
+    """The bounded pass's scores, read as the (C+1, S+1) array of Forward.run is (score[row, states]): each row's
+    kept states (ascending) with their scores, -inf for every other state. No (C+1, S+1) array is made: for
+    sp_338 that was 52 MB to fill with -inf, a lane."""
+
+    def __init__(self, rows: list[tuple[np.ndarray, np.ndarray]], num_rows: int):
+        self.rows, self.shape = rows, (len(rows), num_rows)
+
+    def __getitem__(self, key):
+        row, index = key
+        states, scores = self.rows[row]
+        if not len(states):
+            return np.full(np.shape(index), -np.inf, dtype=scores.dtype)[()]
+        at = np.minimum(np.searchsorted(states, index), len(states) - 1)
+        return np.where(states[at] == index, scores[at], scores.dtype.type(-np.inf))[()]
 
 
 def _limits(canvas_length: int, done_from: int | None, end_to_done: np.ndarray) -> tuple[np.ndarray, int]:
@@ -143,8 +172,7 @@ def _beam(layout: Layout, set_value: np.ndarray, start: int, first: int, limit: 
     keeps the BEAM best states that can still make it (`limit`). None when the beam finds none."""
     canvas_length = set_value.shape[0]
     states, scores = np.array([start]), np.zeros(1, dtype=set_value.dtype)
-    best = np.full(layout.num_rows, -np.inf, dtype=set_value.dtype)
-    seen = np.zeros(layout.num_rows, dtype=bool)
+    merge = Merge(layout.num_rows, set_value.dtype)
     for row in range(first, canvas_length):
         if row >= only_done:
             at_done = states == layout.done
@@ -156,13 +184,7 @@ def _beam(layout: Layout, set_value: np.ndarray, start: int, first: int, limit: 
         pair = ranges(layout.src_start[states], count)
         moved = np.repeat(scores, count) + set_value[row, layout.set[pair]]
         keep = _in_time(layout, pair, row + 1, limit, only_done)
-        into = layout.dst[pair[keep]]
-        np.maximum.at(best, into, moved[keep])
-        seen[into] = True
-        states = np.flatnonzero(seen)
-        seen[states] = False
-        scores = best[states]
-        best[states] = -np.inf
+        states, scores = merge(layout.dst[pair[keep]], moved[keep])
         if len(states) > BEAM:
             top = np.sort(np.argpartition(-scores, BEAM)[:BEAM])
             states, scores = states[top], scores[top]
