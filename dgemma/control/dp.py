@@ -160,7 +160,7 @@ def _forward(constraint: Constraint, moves, values: np.ndarray, walk: list[int],
     lanes = values.shape[2]
     found: list = [None] * lanes
     if device is None and len(moves.pair_src) >= BOUNDED_PAIRS:
-        layout, internal = layout_of(moves, tokens_to_done(constraint)), moves.forward.internal
+        layout, internal = layout_of(moves, tokens_to_done(constraint)), moves.forward.internal  # (CanvasDP made it)
         end_ok = np.zeros(moves.num_states + 1, dtype=bool)
         end_ok[internal[:-1]] = True if end_states is None else end_states
         renumbered = [int(internal[state]) for state in walk]
@@ -347,6 +347,8 @@ class CanvasDP:
         self.constraint, self.start_state, self.end_states = constraint, start_state, end_states
         self.done_from = done_from
         self.end_state = start_state
+        if len(moves_of(constraint).pair_src) >= BOUNDED_PAIRS:  # laid out once, with the canvas, not in a step
+            layout_of(moves_of(constraint), tokens_to_done(constraint))
 
     def read(self, probs: torch.Tensor) -> ClassScores:
         return class_scores(probs.float(), self.constraint, probs=True)  # `probs` is read, never written
