@@ -15,11 +15,13 @@ rest of the canvas could make up is done with. So:
 3. Pass: only from states whose score plus U reaches T (less MARGIN for float32 rounding) and that can still meet
    the end rule in time (`_limits`: the fewest tokens to DONE, `tokens_to_done`, within what the canvas and
    the budget leave). A best sequence's prefixes all qualify, and so do the prefixes of any sequence that ties
-   it, so the states kept score as in the full pass, bit for bit (max and + of the same numbers), and the
-   others are -inf: the end state and the backward walk (dp.py, steps 4-5) are the same, ties included.
-Where the bound is weak (the pass would read more than PASS_SHARE of the full pass's pairs) or the beam finds no
-sequence, `bounded_scores` gives None and the full pass runs. Over the first canvas of sp_338 under a random
-`small` model (8 solves), the pass read 0.06% to 3.6% of the pairs: 15-95 ms where the full pass took 300.
+   it, so the states on those score as in the full pass, bit for bit (max and + of the same numbers), and every
+   other state no more than there (or -inf): the end state and the backward walk (dp.py, steps 4-5) are the
+   same, ties included.
+Where the bound is weak (the pass would read more than PASS_SHARE of the full pass's pairs, or ROW_SHARE in one
+row) or the beam finds no sequence, `bounded_scores` gives None and the full pass runs. Over the first canvas of
+sp_338 under a random `small` model (8 solves), the pass read 0.06% to 3.6% of the pairs; a two-lane solve took
+85-110 ms on one thread where the full pass took 450-550.
 """
 
 from __future__ import annotations
@@ -134,7 +136,7 @@ class Merge:
 
 class KeptScores:
     """The bounded pass's scores, read as the (C+1, S+1) array of Forward.run is (score[row, states]): each row's
-    kept states (ascending) with their scores, -inf for every other state. No (C+1, S+1) array is made: for
+    kept states (ascending) with their scores, -inf for every other state (`_bounded` says which are exact). No (C+1, S+1) array is made: for
     sp_338 that was 52 MB to fill with -inf, a lane."""
 
     def __init__(self, rows: list[tuple[np.ndarray, np.ndarray]], num_rows: int):
