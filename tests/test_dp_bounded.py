@@ -126,7 +126,7 @@ def test_a_bound_that_keeps_failing_backs_off_and_tries_again(vocab, monkeypatch
     """With a pass that always gives up (PASS_SHARE 0), lanes run the full pass 2, 4, 8 ... at most MAX_SKIP lanes
     between tries, and the answers stay the full pass's; one pass that holds resets the count."""
     c = Constraint.from_json_schema(SCHEMA, vocab)
-    layout = bounded.layout_of(dp.moves_of(c), dp.tokens_to_done(c))
+    layout = bounded.layout_of(c)
     layout.misses = layout.skip = 0
     monkeypatch.setattr(bounded, "PASS_SHARE", 0.0)
     monkeypatch.setattr(bounded, "MAX_SKIP", 4)
@@ -152,7 +152,7 @@ def test_scores_that_can_rise_are_left_to_the_full_pass(vocab):  # noqa: F811
     """The bound holds only when no step can raise a score (log-probs, <= 0): a positive value gives None."""
     c = Constraint.from_json_schema(SCHEMA, vocab)
     moves = dp.moves_of(c)
-    layout = bounded.layout_of(moves, dp.tokens_to_done(c))
+    layout = bounded.layout_of(c)
     layout.skip = 0
     values = np.zeros((8, len(moves.set_classes)), dtype=np.float32)
     values[3, 0] = 0.5

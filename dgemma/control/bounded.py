@@ -29,9 +29,9 @@ from __future__ import annotations
 import numpy as np
 
 from .dfa import ranges
-from .moves import Moves, done_only_from
+from .constraint import Constraint
+from .moves import done_only_from, moves_of, tokens_to_done
 
-BOUNDED_PAIRS = 1 << 16  # the fewest pairs for which the DP tries this pass before the full one
 BEAM = 128  # states kept a row by the incumbent's beam
 PASS_SHARE = 1 / 16  # the most pairs the bounded pass reads, as a share of the full pass's, before giving up
 # (a pair read here costs about 8 of the full pass's: 1/16 of its reads is about half its time) ...
@@ -44,24 +44,26 @@ class Layout:
     """A constraint's pairs grouped by source state, in the forward pass's numbering (Forward.internal), with
     each pair's next state and class set, and each state's fewest tokens to DONE. Cached on its Moves."""
 
-    def __init__(self, moves: Moves, tokens_to_done: np.ndarray):
+    def __init__(self, constraint: Constraint):
+        moves = moves_of(constraint)
         fwd = moves.forward
         order = np.argsort(fwd.pair_src, kind="stable")
         self.dst, self.set = fwd.pair_dst[order], fwd.pair_set[order]  # (P,) each
         self.src_start = np.searchsorted(fwd.pair_src[order], np.arange(moves.num_states + 2))  # (S+2,)
         to_done = np.zeros(moves.num_states + 1, dtype=np.int64)  # the padding state S: 0, it has no pairs
-        to_done[fwd.internal[:-1]] = np.maximum(tokens_to_done, 0)  # unreachable (-1): never ruled out
+        to_done[fwd.internal[:-1]] = tokens_to_done(constraint)
         self.dst_to_done = to_done[self.dst]  # (P,)
         self.to_done = to_done
-        self.num_rows = moves.num_states + 1
+        self.width = moves.num_states + 1  # a row of scores: the states and the forward pass's padding state
         self.done, self.done_loop = int(fwd.internal[fwd.done]), fwd.done_loop
         self.misses = self.skip = 0  # passes given up in a row; lanes still to give the full pass
 
 
-def layout_of(moves: Moves, tokens_to_done: np.ndarray) -> Layout:
+def layout_of(constraint: Constraint) -> Layout:
+    moves = moves_of(constraint)
     layout = getattr(moves, "_bounded_layout", None)
     if layout is None:
-        layout = moves._bounded_layout = Layout(moves, tokens_to_done)
+        layout = moves._bounded_layout = Layout(constraint)
     return layout
 
 
@@ -85,18 +87,19 @@ def bounded_scores(layout: Layout, set_value: np.ndarray, walk: list[int], done_
 def _bounded(layout: Layout, set_value: np.ndarray, walk: list[int], done_from: int | None, end_ok: np.ndarray
              ) -> KeptScores | None:
     canvas_length = set_value.shape[0]
-    if not len(layout.dst) or set_value.max(initial=0.0) > 0:
+    row_best = set_value.max(axis=1)
+    if not len(layout.dst) or row_best.max(initial=0.0) > 0:
         return None  # the bound needs scores that only fall
     first = len(walk) - 1
     limit, only_done = _limits(canvas_length, done_from, layout.to_done[end_ok])
-    gain = np.append(np.cumsum(set_value.max(axis=1)[::-1], dtype=np.float64)[::-1], 0.0)  # (C+1,) U
+    gain = np.append(np.cumsum(row_best[::-1], dtype=np.float64)[::-1], 0.0)  # (C+1,) U
     incumbent = _beam(layout, set_value, walk[-1], first, limit, only_done, end_ok)
     if incumbent is None:
         return None
     floor = incumbent - MARGIN * canvas_length * max(abs(incumbent), 1.0) - gain  # (C+1,) the least kept score
     rows = [(np.array([state]), np.zeros(1, dtype=set_value.dtype)) for state in walk]
     budget = PASS_SHARE * len(layout.dst) * (canvas_length - first)
-    merge, read = Merge(layout.num_rows, set_value.dtype), 0
+    merge, read = Merge(layout.width, set_value.dtype), 0
     for row in range(first, canvas_length):
         frontier, scores = rows[-1]
         if row >= only_done:  # DONE's own loop: nothing to prune
@@ -108,21 +111,20 @@ def _bounded(layout: Layout, set_value: np.ndarray, walk: list[int], done_from: 
         read += int(count.sum())
         if read > budget or (row >= first + 8 and count.sum() > ROW_SHARE * len(layout.dst)):
             return None
-        pair = ranges(layout.src_start[frontier], count)
-        moved = np.repeat(scores, count) + set_value[row, layout.set[pair]]
+        pair, moved = _moved(layout, frontier, scores, count, set_value[row])
         keep = moved >= floor[row + 1]
         if row + 1 >= only_done:
-            keep &= layout.dst[pair] == layout.done
+            keep &= _in_time(layout, pair, row + 1, limit, only_done)
         rows.append(merge(layout.dst[pair[keep]], moved[keep]))
-    return KeptScores(rows, layout.num_rows)
+    return KeptScores(rows, layout.width)
 
 
 class Merge:
     """Moves into the same state merged by their best score: (states ascending, their best scores), through a
     dense row kept at -inf between calls."""
 
-    def __init__(self, num_rows: int, dtype):
-        self.best, self.seen = np.full(num_rows, -np.inf, dtype=dtype), np.zeros(num_rows, dtype=bool)
+    def __init__(self, width: int, dtype):
+        self.best, self.seen = np.full(width, -np.inf, dtype=dtype), np.zeros(width, dtype=bool)
 
     def __call__(self, into: np.ndarray, moved: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         np.maximum.at(self.best, into, moved)
@@ -136,11 +138,11 @@ class Merge:
 
 class KeptScores:
     """The bounded pass's scores, read as the (C+1, S+1) array of Forward.run is (score[row, states]): each row's
-    kept states (ascending) with their scores, -inf for every other state (`_bounded` says which are exact). No (C+1, S+1) array is made: for
-    sp_338 that was 52 MB to fill with -inf, a lane."""
+    kept states (ascending) with their scores, -inf for every other state (the module's step 3 says which are
+    exact). No (C+1, S+1) array is made: for sp_338 that was 52 MB to fill with -inf, a lane."""
 
-    def __init__(self, rows: list[tuple[np.ndarray, np.ndarray]], num_rows: int):
-        self.rows, self.shape = rows, (len(rows), num_rows)
+    def __init__(self, rows: list[tuple[np.ndarray, np.ndarray]], width: int):
+        self.rows, self.shape = rows, (len(rows), width)
 
     def __getitem__(self, key):
         row, index = key
@@ -165,6 +167,14 @@ def _limits(canvas_length: int, done_from: int | None, end_to_done: np.ndarray) 
     return limit, only_done
 
 
+def _moved(layout: Layout, states: np.ndarray, scores: np.ndarray, count: np.ndarray, values: np.ndarray
+           ) -> tuple[np.ndarray, np.ndarray]:
+    """The first `count` pairs out of each of `states` (all of them, or none for a state ruled out), and the score
+    of each move: its state's score plus its class set's value in `values` (one row)."""
+    pair = ranges(layout.src_start[states], count)
+    return pair, np.repeat(scores, count) + values[layout.set[pair]]
+
+
 def _in_time(layout: Layout, pair: np.ndarray, row: int, limit: np.ndarray, only_done: int) -> np.ndarray:
     """Whether each of `pair`'s next states can still meet the end rule after `row` (DONE itself from
     only_done on)."""
@@ -179,7 +189,7 @@ def _beam(layout: Layout, set_value: np.ndarray, start: int, first: int, limit: 
     keeps the BEAM best states that can still make it (`limit`). None when the beam finds none."""
     canvas_length = set_value.shape[0]
     states, scores = np.array([start]), np.zeros(1, dtype=set_value.dtype)
-    merge = Merge(layout.num_rows, set_value.dtype)
+    merge = Merge(layout.width, set_value.dtype)
     for row in range(first, canvas_length):
         if row >= only_done:
             at_done = states == layout.done
@@ -187,9 +197,8 @@ def _beam(layout: Layout, set_value: np.ndarray, start: int, first: int, limit: 
                 return None
             states, scores = states[at_done], scores[at_done] + set_value[row, layout.done_loop]
             continue
-        count = layout.src_start[states + 1] - layout.src_start[states]
-        pair = ranges(layout.src_start[states], count)
-        moved = np.repeat(scores, count) + set_value[row, layout.set[pair]]
+        pair, moved = _moved(layout, states, scores, layout.src_start[states + 1] - layout.src_start[states],
+                             set_value[row])
         keep = _in_time(layout, pair, row + 1, limit, only_done)
         states, scores = merge(layout.dst[pair[keep]], moved[keep])
         if len(states) > BEAM:

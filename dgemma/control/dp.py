@@ -36,9 +36,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .bounded import BOUNDED_PAIRS, bounded_scores, layout_of
+from .bounded import Layout, bounded_scores, layout_of
 from .constraint import INVALID, Constraint, ConstraintError
-from .moves import done_only_from, moves_of
+from .moves import done_only_from, moves_of, tokens_to_done
 from .reading import FLOOR, ClassScores, class_scores, tokens_of
 
 PREFER_PENALTY = 1e-3  # solve(prefer=): a token other than the preferred one counts at this share of its probability
@@ -159,8 +159,9 @@ def _forward(constraint: Constraint, moves, values: np.ndarray, walk: list[int],
     for the rest. values (C, Q, L)."""
     lanes = values.shape[2]
     found: list = [None] * lanes
-    if device is None and len(moves.pair_src) >= BOUNDED_PAIRS:
-        layout, internal = layout_of(moves, tokens_to_done(constraint)), moves.forward.internal  # (CanvasDP made it)
+    layout = None if device is not None else _bounded_layout(constraint)
+    if layout is not None:
+        internal = moves.forward.internal
         end_ok = np.zeros(moves.num_states + 1, dtype=bool)
         end_ok[internal[:-1]] = True if end_states is None else end_states
         renumbered = [int(internal[state]) for state in walk]
@@ -172,6 +173,14 @@ def _forward(constraint: Constraint, moves, values: np.ndarray, walk: list[int],
         for j, i in enumerate(rest):
             found[i] = full[:, :, j]
     return found
+
+
+BOUNDED_PAIRS = 1 << 16  # the fewest pairs for which the forward pass is tried by branch and bound (bounded.py)
+
+
+def _bounded_layout(constraint: Constraint) -> Layout | None:
+    """The branch and bound's layout of `constraint` (made once), when it has at least BOUNDED_PAIRS pairs."""
+    return layout_of(constraint) if len(moves_of(constraint).pair_src) >= BOUNDED_PAIRS else None
 
 
 def _answer(scores: ClassScores, moves, states: np.ndarray, classes: np.ndarray, fixed: dict) -> ValidTokens:
@@ -294,13 +303,6 @@ def completable_states(constraint: Constraint, pinned: dict[int, int], start: in
     return ok
 
 
-def tokens_to_done(constraint: Constraint) -> np.ndarray:
-    """(S,) the fewest tokens from each state to DONE: the text completed, then its EOS (0 in DONE)."""
-    steps = constraint.distance.numpy() + 1
-    steps[constraint.done_state] = 0
-    return steps
-
-
 def canvas_rule(constraint: Constraint, pinned: dict[int, int], index: int, canvas_length: int,
                 max_new: int | None) -> tuple[np.ndarray, int | None]:
     """How canvas `index` of an output of at most `max_new` tokens (None: no budget) must end under `constraint`:
@@ -347,8 +349,7 @@ class CanvasDP:
         self.constraint, self.start_state, self.end_states = constraint, start_state, end_states
         self.done_from = done_from
         self.end_state = start_state
-        if len(moves_of(constraint).pair_src) >= BOUNDED_PAIRS:  # laid out once, with the canvas, not in a step
-            layout_of(moves_of(constraint), tokens_to_done(constraint))
+        _bounded_layout(constraint)  # made with the canvas, not in its first step
 
     def read(self, probs: torch.Tensor) -> ClassScores:
         return class_scores(probs.float(), self.constraint, probs=True)  # `probs` is read, never written

@@ -252,6 +252,13 @@ def done_only_from(canvas_length: int, done_from: int | None) -> int:
     return canvas_length + 1 if done_from is None else max(done_from, 1)
 
 
+def tokens_to_done(constraint: Constraint) -> np.ndarray:
+    """(S,) the fewest tokens from each state to DONE: the text completed, then its EOS (0 in DONE)."""
+    steps = constraint.distance.numpy() + 1
+    steps[constraint.done_state] = 0
+    return steps
+
+
 def moves_of(constraint: Constraint) -> Moves:
     moves = getattr(constraint, "_dp_moves", None)
     if moves is None:
