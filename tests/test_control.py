@@ -348,11 +348,11 @@ def group_cost(request, monkeypatch):
 @pytest.mark.parametrize("pattern", [r'(ab|a|b)+1?', r'\{("(a|b)*":1)?\}', r'a*b*(ab)?'])
 def test_dp_equals_brute_force(tiny, pattern, group_cost):
     constraint = Constraint.from_regex(pattern, tiny)
-    constraint.__dict__.pop("_dp_moves", None)
+    constraint.forget("moves")
     try:
         check_dp_against_brute_force(constraint, tiny)
     finally:
-        constraint.__dict__.pop("_dp_moves", None)
+        constraint.forget("moves")
 
 
 def check_dp_against_brute_force(constraint, tiny):

@@ -131,3 +131,32 @@ def test_a_schema_past_the_state_limit_is_written_again_with_half_the_caps(vocab
     # the same for a token table past its limit: 10,323 states x 43 classes (1.7 MiB) at caps 64 and 16
     smaller = Constraint.from_json_schema(schema, vocab, limits=CompileLimits(max_table_mb=1))
     assert smaller.num_states == narrower.num_states and smaller.transitions.nbytes < 2**20
+
+
+def test_what_is_kept_with_a_constraint_counts_in_the_cache(vocab):
+    """The DP's layout and a thought's automaton live as long as their constraint (kept.py): the cache counts them
+    as they are made, evicts the least recently used to stay within its bound, and forgets what it dropped."""
+    from dgemma.control.moves import moves_of
+    from dgemma.control.thought import after_thought
+
+    mine = ConstraintVocabulary(vocab.token_bytes, vocab.eos_token_ids, vocab.pad_token_ids,
+                                cache=ConstraintCache(max_bytes=2**30))
+    answer = Constraint.from_regex("[ab]{1,9}", mine)
+    tables = answer.nbytes
+    assert mine.cache.nbytes == tables and answer.kept_bytes == 0
+    moves = moves_of(answer)
+    assert moves.nbytes > 0 and answer.nbytes == tables + moves.nbytes == mine.cache.nbytes
+    thought = after_thought(answer, 0, 2)  # two ids that spell no text stand for the channel markers
+    own = thought.nbytes
+    moves_of(thought)  # grows the thought's automaton, and so its answer, and so the cache
+    assert thought.nbytes > own and answer.nbytes == tables + moves.nbytes + thought.nbytes == mine.cache.nbytes
+    answer.forget("moves")
+    assert answer.nbytes == tables + thought.nbytes == mine.cache.nbytes
+
+    first, second = (Constraint.from_regex(p, mine) for p in ("c{1,5}", "d{1,5}"))
+    cache = ConstraintCache(max_bytes=first.nbytes + second.nbytes + 1024)
+    cache["first"], cache["second"] = first, second
+    moves_of(second)  # now past the bound: the older entry goes, the one that grew stays
+    assert "first" not in cache and cache.get("second") is second and cache.nbytes == second.nbytes
+    moves_of(first)  # an evicted constraint's growth is no longer this cache's
+    assert cache.nbytes == second.nbytes

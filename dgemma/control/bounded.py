@@ -30,6 +30,7 @@ import numpy as np
 
 from .dfa import ranges
 from .constraint import Constraint
+from .kept import array_bytes
 from .moves import done_only_from, moves_of, tokens_to_done
 
 BEAM = 128  # states kept a row by the incumbent's beam
@@ -42,7 +43,7 @@ MARGIN = 2 * 2.0 ** -24  # per position, relative to the score: twice float32's 
 
 class Layout:
     """A constraint's pairs grouped by source state, in the forward pass's numbering (Forward.internal), with
-    each pair's next state and class set, and each state's fewest tokens to DONE. Cached on its Moves."""
+    each pair's next state and class set, and each state's fewest tokens to DONE. Kept with the constraint."""
 
     def __init__(self, constraint: Constraint):
         moves = moves_of(constraint)
@@ -58,13 +59,13 @@ class Layout:
         self.done, self.done_loop = int(fwd.internal[fwd.done]), fwd.done_loop
         self.misses = self.skip = 0  # passes given up in a row; lanes still to give the full pass
 
+    @property
+    def nbytes(self) -> int:
+        return array_bytes(vars(self))
+
 
 def layout_of(constraint: Constraint) -> Layout:
-    moves = moves_of(constraint)
-    layout = getattr(moves, "_bounded_layout", None)
-    if layout is None:
-        layout = moves._bounded_layout = Layout(constraint)
-    return layout
+    return constraint.derived("bounded layout", lambda: Layout(constraint))
 
 
 def bounded_scores(layout: Layout, set_value: np.ndarray, walk: list[int], done_from: int | None,

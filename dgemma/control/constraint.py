@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from .dfa import distinct_entry_columns, ranges
+from .kept import Kept
 from .schema import SchemaLimits, schema_to_regex
 from .spare import SpareChild
 from .vocabulary import ConstraintVocabulary
@@ -83,12 +84,13 @@ def escape_literal(text: str) -> str:
     return "".join("\\" + c if c in "\\.+*?()|[]{}^$#&-~" else c for c in text)
 
 
-class Constraint:
+class Constraint(Kept):
     """Token-level automaton. States are ints in [0, num_states); `done_state` is the state after EOS.
 
     Tensors (CPU): `token_class` (V,) int32, the class of each token id; `transitions` (S, K) int32 (whatever
     is given: half the memory of long), the next state per (state, class) or INVALID; `distance` (S,) long, min
-    tokens to a final state; `final` (S,) bool.
+    tokens to a final state; `final` (S,) bool. What is made from them once (the DP's layout, a thought's automaton)
+    is kept with it by `derived` (kept.py) and counted in `nbytes`.
     """
 
     def __init__(self, description: str, token_class: torch.Tensor, transitions: torch.Tensor,
@@ -102,6 +104,7 @@ class Constraint:
         self.initial_state = initial_state
         self.done_state = done_state
         self.vocabulary = vocabulary
+        self._keep()
 
     def __repr__(self) -> str:
         return (f"Constraint({self.description}, states={self.num_states}, classes={self.num_classes}, "
@@ -195,9 +198,9 @@ class Constraint:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by the tables (what the constraint cache counts)."""
-        return sum(t.numel() * t.element_size() for t in (self.token_class, self.transitions, self.distance,
-                                                          self.final))
+        """Bytes held by the tables and what is kept with them (`derived`): what the constraint cache counts."""
+        return self.kept_bytes + sum(t.numel() * t.element_size() for t in (self.token_class, self.transitions,
+                                                                            self.distance, self.final))
 
     @property
     def num_states(self) -> int:

@@ -169,7 +169,9 @@ def _forward(constraint: Constraint, moves, values: np.ndarray, walk: list[int],
                  for i in range(lanes)]
     rest = [i for i, score in enumerate(found) if score is None]
     if rest:
-        full = moves.forward.run(values[:, :, rest], walk, done_from, torch.get_num_threads(), device)
+        on_device = None if device is None else constraint.derived(("pairs on", device),
+                                                                    lambda: moves.forward.on(device))
+        full = moves.forward.run(values[:, :, rest], walk, done_from, torch.get_num_threads(), on_device)
         for j, i in enumerate(rest):
             found[i] = full[:, :, j]
     return found

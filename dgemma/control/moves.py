@@ -1,6 +1,6 @@
 """A constraint's transitions as the canvas DP (dp.py) reads them: (state, next state) pairs with the class sets
 that move along them, the forward pass's layout, and the token columns grouped by class. Built once per
-constraint and cached on it."""
+constraint and kept with it (kept.py)."""
 
 from __future__ import annotations
 
@@ -8,12 +8,13 @@ import numpy as np
 import torch
 
 from .constraint import INVALID, Constraint
+from .kept import array_bytes
 
 
 class Moves:
     """A constraint's transitions as (state, next state) pairs, each with the set of classes that moves along
     it; pairs sorted by next state, identical class sets stored once; and the forward layout (`Forward`). numpy
-    arrays, cached on the constraint."""
+    arrays, kept with the constraint."""
 
     def __init__(self, constraint: Constraint):
         table = constraint.transitions.numpy()  # (S, K)
@@ -51,6 +52,10 @@ class Moves:
         self.small_start = np.zeros(len(sizes) + 1, dtype=np.int64)  # (K+1,) each small class's first column
         self.small_start[self.small_classes + 1] = sizes[self.small_classes]
         self.small_start = np.cumsum(self.small_start)
+
+    @property
+    def nbytes(self) -> int:
+        return array_bytes(vars(self), vars(self.forward))
 
 
 BIG_CLASS_SHARE = 8  # a class with at least 1/8 of the vocabulary is read from the row maxima (step 1)
@@ -108,13 +113,12 @@ class Forward:
             slot, first = slot + w * count, first + count
         self.pair_src = self.internal[moves.pair_src]  # (P,) new source state of each pair (step 5)
         self.pair_set, self.pair_dst = moves.pair_set, self.internal[moves.pair_dst]  # (P,) each, for _on_device
-        self._device_indices: dict = {}  # device -> (pair_src, pair_set, pair_dst) there
         self.num_states, self.done = num_states, done
         loop = np.flatnonzero((moves.pair_src == done) & (moves.pair_dst == done))
         self.done_loop = int(moves.pair_set[loop[0]]) if len(loop) else -1  # the class set of DONE -> DONE
 
     def run(self, set_value: np.ndarray, walk: list[int], done_from: int | None, threads: int = 1,
-            device: torch.device | None = None) -> np.ndarray:
+            on_device: tuple | None = None) -> np.ndarray:
         """Step 3 for L lanes at once: score (C+1, S+1, L), the best score of reaching each (renumbered) state
         after each position, given each class set's value per position and lane set_value (C, Q, L). walk: the
         states (old numbering) at positions 0..n, [start] or a held prefix's forced states (dp._held_walk), each
@@ -122,10 +126,11 @@ class Forward:
         so past it the pass is DONE's own loop. Lanes share every gather's indices, so a second lane costs far
         less than a second pass. With `threads`, a position's groups are split into that many runs of about
         equal size (at least PART_ELEMENTS gathered elements each), one a thread: numpy lets go of the GIL. With
-        `device`, the pass runs there in torch (`_on_device`); the scores are the same, bit for bit."""
+        `on_device` (`on(device)`), the pass runs on that device in torch (`_on_device`); the scores are the same,
+        bit for bit."""
         canvas_length, _, lanes = set_value.shape
-        if device is not None:
-            return self._on_device(device, set_value, walk, done_from)
+        if on_device is not None:
+            return self._on_device(on_device, set_value, walk, done_from)
         score = np.full((canvas_length + 1, self.num_states + 1, lanes), -np.inf, set_value.dtype)
         parts = self._parts(min(threads, max(1, len(self.src) * lanes // PART_ELEMENTS)), set_value.dtype, lanes)
         pool = _pool(len(parts) - 1)
@@ -139,16 +144,19 @@ class Forward:
         self._positions(score, set_value, walk, done_from, position)
         return score
 
-    def _on_device(self, device: torch.device, set_value: np.ndarray, walk: list[int], done_from: int | None
+    def on(self, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """The pairs' (source, class set, next state) on `device`, for `run`'s on_device (kept with the
+        constraint: dp._forward)."""
+        return tuple(torch.from_numpy(a).to(device) for a in (self.pair_src, self.pair_set, self.pair_dst))
+
+    def _on_device(self, indices: tuple, set_value: np.ndarray, walk: list[int], done_from: int | None
                    ) -> np.ndarray:
-        """Step 3 in torch on `device`, pair by pair: a position gathers each pair's source score and class-set
-        value and scatters their sum into its next state with a maximum (max and + are exact, so the order of
-        the scatter does not matter); a few kernels a position, and the scores come back to the host once."""
-        indices = self._device_indices.get(device)
-        if indices is None:
-            indices = self._device_indices[device] = tuple(
-                torch.from_numpy(a).to(device) for a in (self.pair_src, self.pair_set, self.pair_dst))
+        """Step 3 in torch on the device of `indices` (`on`), pair by pair: a position gathers each pair's source
+        score and class-set value and scatters their sum into its next state with a maximum (max and + are exact,
+        so the order of the scatter does not matter); a few kernels a position, and the scores come back to the
+        host once."""
         src, sets, dst = indices
+        device = src.device
         canvas_length, _, lanes = set_value.shape
         values = torch.from_numpy(set_value).to(device)
         score = torch.full((canvas_length + 1, self.num_states + 1, lanes), -torch.inf, dtype=values.dtype,
@@ -260,7 +268,4 @@ def tokens_to_done(constraint: Constraint) -> np.ndarray:
 
 
 def moves_of(constraint: Constraint) -> Moves:
-    moves = getattr(constraint, "_dp_moves", None)
-    if moves is None:
-        moves = constraint._dp_moves = Moves(constraint)
-    return moves
+    return constraint.derived("moves", lambda: Moves(constraint))

@@ -82,10 +82,8 @@ def class_scores(log_probs: torch.Tensor, constraint: Constraint, probs: bool = 
 
 def _scattered(log_probs: torch.Tensor, constraint: Constraint, probs: bool) -> ClassScores:
     """Step 1 where log_probs lie: each class's maximum by one scatter-max over the columns, (C, K) copied out."""
-    token_class = getattr(constraint, "_token_class_on", {}).get(log_probs.device)
-    if token_class is None:
-        token_class = constraint.token_class.long().to(log_probs.device)
-        constraint._token_class_on = {**getattr(constraint, "_token_class_on", {}), log_probs.device: token_class}
+    token_class = constraint.derived(("token classes on", log_probs.device),
+                                     lambda: constraint.token_class.long().to(log_probs.device))
     canvas_length = log_probs.shape[0]
     best = torch.full((canvas_length, constraint.num_classes), -torch.inf, dtype=log_probs.dtype,
                       device=log_probs.device)

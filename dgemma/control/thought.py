@@ -29,14 +29,8 @@ _TEXT, _OPEN, _CLOSE, _OTHER = range(4)
 
 def after_thought(answer: Constraint, open_id: int, close_id: int) -> Constraint:
     """`answer` after an optional thought opened by token `open_id` and closed by `close_id` (built once per
-    answer automaton and marker pair, kept on it)."""
-    built = getattr(answer, "_after_thought", None)
-    if built is None:
-        built = answer._after_thought = {}
-    key = (open_id, close_id)
-    if key not in built:
-        built[key] = _build(answer, open_id, close_id)
-    return built[key]
+    answer automaton and marker pair, kept with it)."""
+    return answer.derived(("after a thought", open_id, close_id), lambda: _build(answer, open_id, close_id))
 
 
 def _build(answer: Constraint, open_id: int, close_id: int) -> Constraint:

@@ -56,14 +56,16 @@ def _decoder_kinds(decoder: dict | None) -> set[str]:
 
 
 class ConstraintCache:
-    """Compiled constraints, least recently used first out once their tables pass `max_bytes` together (the
-    entry just added always stays). An entry's size is its `nbytes` (0 for entries without one). Thread-safe."""
+    """Compiled constraints, least recently used first out once they pass `max_bytes` together (the entry just
+    added or grown always stays). An entry's size is its `nbytes` (0 for entries without one): a constraint's
+    tables and what is later kept with it (kept.py: the DP's layout, a thought's automaton), which it reports as
+    it grows. Thread-safe."""
 
     def __init__(self, max_bytes: int = 512 * 2**20):
         if max_bytes <= 0:
             raise ValueError(f"ConstraintCache max_bytes must be positive, got {max_bytes}")
         self.max_bytes = max_bytes
-        self._entries: OrderedDict = OrderedDict()
+        self._entries: OrderedDict = OrderedDict()  # key -> [value, its bytes as counted, its growth watcher]
         self._bytes = 0
         self._lock = threading.Lock()
 
@@ -76,17 +78,42 @@ class ConstraintCache:
             if key not in self._entries:
                 return default
             self._entries.move_to_end(key)
-            return self._entries[key]
+            return self._entries[key][0]
 
     def __setitem__(self, key, value) -> None:
         with self._lock:
             if key in self._entries:
-                self._bytes -= getattr(self._entries.pop(key), "nbytes", 0)
-            self._entries[key] = value
-            self._bytes += getattr(value, "nbytes", 0)
-            while self._bytes > self.max_bytes and len(self._entries) > 1:
-                _, dropped = self._entries.popitem(last=False)
-                self._bytes -= getattr(dropped, "nbytes", 0)
+                self._drop(key)
+            watcher = None
+            if hasattr(value, "watch"):  # a constraint tells of what it keeps later (kept.py)
+                watcher = lambda nbytes: self._grew(key, value, nbytes)  # noqa: E731
+                value.watch(watcher)
+            self._entries[key] = [value, getattr(value, "nbytes", 0), watcher]
+            self._bytes += self._entries[key][1]
+            self._evict(key)
+
+    def _grew(self, key, value, nbytes: int) -> None:
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None or entry[0] is not value:
+                return
+            entry[1] += nbytes
+            self._bytes += nbytes
+            self._evict(key)
+
+    def _evict(self, keep) -> None:
+        """Least recently used first, every entry but `keep`, until the entries fit (called holding the lock)."""
+        for key in list(self._entries):
+            if self._bytes <= self.max_bytes:
+                return
+            if key != keep:
+                self._drop(key)
+
+    def _drop(self, key) -> None:
+        value, nbytes, watcher = self._entries.pop(key)
+        self._bytes -= nbytes
+        if watcher is not None:
+            value.unwatch(watcher)
 
     def __contains__(self, key) -> bool:
         return key in self._entries
@@ -96,7 +123,7 @@ class ConstraintCache:
 
     def values(self) -> list:
         with self._lock:
-            return list(self._entries.values())
+            return [value for value, _, _ in self._entries.values()]
 
 
 @dataclass(frozen=True, eq=False)
