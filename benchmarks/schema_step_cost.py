@@ -15,13 +15,17 @@ Each picked schema is timed as `structured_output.py cost` times the JSON-object
 (canvas 256, batch 1) over the vocabulary, --steps fixed steps per canvas, runs without and with the constraint
 alternating in one process (--pairs of each). max_tokens is one canvas, or as many whole canvases as the shortest
 valid output and its EOS need. Printed per schema: states, token classes, (state, next state) pairs of the DP,
-canvases (of the budget; run with the constraint), ms per step without and with, the median of the with/without
-ratios over its pairs, and "DP ms": ms per step spent in the constraint's calls (step.head's `constrain_row`: one
-read of the probabilities and the DP's solves), wall and, in brackets, the process's CPU time (the DP's forward
-pass runs on torch's thread count), which other processes on a shared machine change far less than they change
-the ratio of two runs; then p50/p95/max of the ratios over the schemas, and of 1 + DP ms / the quickest step
-without the constraint in the whole run, by wall time (what a quiet machine shows) and by CPU time (the DP's
-threads added up: what a busy machine still shows, and an upper bound of the wall).
+"layout", the seconds the DP's layout of the automaton takes (made once per constraint, before the timed runs; a
+server makes it with the first canvas that uses it), canvases (of the budget; run with the constraint), ms per
+step without and with, the median of the with/without ratios over its pairs, and "DP ms": ms per step spent in
+the constraint's calls (step.head's `constrain_row`: one read of the probabilities and the DP's solves), wall
+and, in brackets, the process's CPU time (the DP's forward pass runs on torch's thread count), which other
+processes on a shared machine change far less than they change the ratio of two runs; then the wall ms split
+into the read (step 1 of dp.py), the forward passes (step 3: the bounded pass's tries and the full pass) and
+the rest (the class-set values, the backward walk, the tokens); then p50/p95/max of the ratios over the
+schemas, and of 1 + DP ms / the quickest step without the constraint in the whole run, by wall time (what a quiet
+machine shows) and by CPU time (the DP's threads added up: what a busy machine still shows, and an upper bound of
+the wall).
 """
 
 from __future__ import annotations
@@ -72,49 +76,63 @@ def pick(sizes: dict, count: int) -> list[str]:
     return [ranked[round(i * (len(ranked) - 1) / (count - 1))] for i in range(count)] if count > 1 else ranked[:1]
 
 
-class ConstraintClock:
-    """Time the step spends in the constraint (step.head's calls of `constrain_row`: one read of the row's
-    probabilities, the DP's solves), summed while installed: wall seconds, and CPU seconds of the process (the
-    DP's numpy work and its threads; what other processes on the machine barely change)."""
+class Stopwatch:
+    """Time spent in `module.name`, summed while installed: wall seconds, and CPU seconds of the process (the DP's
+    numpy work and its threads; what other processes on the machine barely change)."""
 
-    def __init__(self):
-        import dgemma.step.head as head
-        self.head, self.seconds, self.cpu, self.inner = head, 0.0, 0.0, head.constrain_row
+    def __init__(self, module, name: str):
+        self.module, self.name, self.seconds, self.cpu = module, name, 0.0, 0.0
+        self.inner = getattr(module, name)
 
-    def __call__(self, *args):
+    def __call__(self, *args, **kwargs):
         start, cpu = time.perf_counter(), time.process_time()
         try:
-            return self.inner(*args)
+            return self.inner(*args, **kwargs)
         finally:
             self.seconds += time.perf_counter() - start
             self.cpu += time.process_time() - cpu
 
     def __enter__(self):
-        self.head.constrain_row = self
+        setattr(self.module, self.name, self)
         return self
 
     def __exit__(self, *exc):
-        self.head.constrain_row = self.inner
+        setattr(self.module, self.name, self.inner)
+
+
+def constraint_clocks():
+    """Stopwatches on what the step spends in a row's constraint: all of it (step.head's calls of `constrain_row`:
+    one read of the row's probabilities, the DP's solves), the read (dp.class_scores, step 1) and the forward
+    passes (dp._forward, step 3: the bounded pass's tries and the full pass)."""
+    import dgemma.control.dp as dp
+    import dgemma.step.head as head
+    return Stopwatch(head, "constrain_row"), Stopwatch(dp, "class_scores"), Stopwatch(dp, "_forward")
 
 
 def time_schema(path: Path, vocab, timeout: float, model, gen, prompt, pairs: int) -> dict:
     from dgemma.control import CompileLimits, Constraint
+    from dgemma.control.dp import CanvasDP
     from dgemma.control.moves import moves_of
     constraint = Constraint.from_json_schema(json.loads(path.read_text()), vocab,
                                              limits=CompileLimits(timeout_s=timeout))
     C = model.canvas_length
     canvases = -(-(constraint.min_tokens_to_accept(constraint.initial_state) + 1) // C)
     gen = gen.replace(max_new_tokens=canvases * C)
-    with ConstraintClock() as clock:
+    start = time.perf_counter()
+    CanvasDP(constraint, constraint.initial_state, None)  # the DP's layout, made once per constraint: not a step's
+    layout_s = time.perf_counter() - start
+    clocks = constraint_clocks()
+    with clocks[0], clocks[1], clocks[2]:
         runs = list(step_cost_pairs(model, gen, prompt, constraint, pairs))
     ms = [tuple(map(ms_per_step, r)) for r in runs]
     ratios = sorted(w / wo for wo, w in ms)
+    steps = sum(r[1].stats.denoising_steps for r in runs)
+    total, read, passes = (clock.seconds * 1e3 / steps for clock in clocks)
     return {"states": constraint.num_states, "classes": constraint.num_classes,
-            "pairs": len(moves_of(constraint).pair_src), "budget_canvases": canvases,
+            "pairs": len(moves_of(constraint).pair_src), "budget_canvases": canvases, "layout_s": layout_s,
             "canvases_with": [r[1].stats.canvases for r in runs], "ms_without": [wo for wo, _ in ms],
-            "ms_with": [w for _, w in ms], "ratio": ratios[len(ratios) // 2],
-            "dp_ms": clock.seconds * 1e3 / sum(r[1].stats.denoising_steps for r in runs),
-            "dp_cpu_ms": clock.cpu * 1e3 / sum(r[1].stats.denoising_steps for r in runs)}
+            "ms_with": [w for _, w in ms], "ratio": ratios[len(ratios) // 2], "dp_ms": total,
+            "dp_read_ms": read, "dp_pass_ms": passes, "dp_cpu_ms": clocks[0].cpu * 1e3 / steps}
 
 
 def main() -> None:
@@ -151,15 +169,17 @@ def main() -> None:
                   f"[{time.perf_counter() - t:.0f} s]; states of those that compile: "
                   f"{sorted((s for s, _ in sizes.values()), reverse=True)}", flush=True)
     model, gen, prompt = cost_model(vocab.vocab_size, args.steps, vocab.eos_token_ids[0], vocab.pad_token_ids[0])
-    print(f"{'schema':44} {'states':>6} {'classes':>7} {'pairs':>7} canvases {'ms without':>17} {'ms with':>17} ratio"
-          f"  DP ms (CPU)")
+    print(f"{'schema':44} {'states':>6} {'classes':>7} {'pairs':>7} layout canvases {'ms without':>17} {'ms with':>17} "
+          f"ratio  DP ms (CPU) = read + pass + rest")
     results = {}
     for name in picked:
         r = results[name] = time_schema(args.data / name, vocab, args.timeout, model, gen, prompt, args.pairs)
-        print(f"{name[:44]:44} {r['states']:6} {r['classes']:7} {r['pairs']:7} {r['budget_canvases']:2} "
-              f"({'/'.join(map(str, r['canvases_with']))}) {' '.join(f'{x:8.1f}' for x in r['ms_without']):>17} "
-              f"{' '.join(f'{x:8.1f}' for x in r['ms_with']):>17} {r['ratio']:5.2f} {r['dp_ms']:6.1f} ({r['dp_cpu_ms']:5.1f})",
-              flush=True)
+        rest = r["dp_ms"] - r["dp_read_ms"] - r["dp_pass_ms"]
+        print(f"{name[:44]:44} {r['states']:6} {r['classes']:7} {r['pairs']:7} {r['layout_s']:5.2f}s "
+              f"{r['budget_canvases']:2} ({'/'.join(map(str, r['canvases_with']))}) "
+              f"{' '.join(f'{x:8.1f}' for x in r['ms_without']):>17} {' '.join(f'{x:8.1f}' for x in r['ms_with']):>17} "
+              f"{r['ratio']:5.2f} {r['dp_ms']:6.1f} ({r['dp_cpu_ms']:5.1f}) = {r['dp_read_ms']:5.1f} + "
+              f"{r['dp_pass_ms']:5.1f} + {rest:5.1f}", flush=True)
     ratios = [r["ratio"] for r in results.values()]
     print(f"with/without over {len(ratios)} schemas: p50 {percentile(ratios, .5):.2f}, "
           f"p95 {percentile(ratios, .95):.2f}, max {max(ratios):.2f}; above 1.25: {sum(x > 1.25 for x in ratios)}; "
