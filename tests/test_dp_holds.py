@@ -55,7 +55,8 @@ def test_held_prefix_and_budget_equal_brute_force_and_the_whole_pass(tiny, patte
     walks = []  # the length of each forward pass's walk: 1 when it starts at position 0
     forward = dp.moves_of(c).forward
     real_run = forward.run
-    monkeypatch.setattr(forward, "run", lambda sv, walk, *rest: walks.append(len(walk)) or real_run(sv, walk, *rest))
+    monkeypatch.setattr(forward, "run", lambda sv, walk, *rest, **kw: walks.append(len(walk)) or
+                        real_run(sv, walk, *rest, **kw))
     rng = torch.Generator().manual_seed(0)
     kept = dropped = 0
     for seed in range(24):
@@ -100,8 +101,8 @@ def test_a_step_in_a_settled_canvas_passes_over_its_free_positions_only(tiny, mo
     c = Constraint.from_regex(r"(ab|a|b)+", tiny)
     forward = dp.moves_of(c).forward
     real_run, positions = forward.run, []
-    monkeypatch.setattr(forward, "run", lambda sv, walk, *rest: positions.append(len(sv) - len(walk) + 1) or
-                        real_run(sv, walk, *rest))
+    monkeypatch.setattr(forward, "run", lambda sv, walk, *rest, **kw: positions.append(len(sv) - len(walk) + 1) or
+                        real_run(sv, walk, *rest, **kw))
     log_probs = torch.randn(16, c.vocab_size, generator=torch.Generator().manual_seed(1)).log_softmax(-1)
     read = class_scores(log_probs, c)
     free = solve_each(read, [None])[0].tokens
@@ -189,7 +190,7 @@ def test_the_forward_pass_in_torch_gives_the_numpy_scores(vocab, monkeypatch):  
     g = torch.Generator().manual_seed(1)
     devices = []
     real_run = dp.moves_of(c).forward.run
-    monkeypatch.setattr(dp.moves_of(c).forward, "run", lambda *a: devices.append(a[-1]) or real_run(*a))
+    monkeypatch.setattr(dp.moves_of(c).forward, "run", lambda *a, **kw: devices.append(a[-1]) or real_run(*a, **kw))
     for seed in range(6):
         lp = (torch.randn(24, c.vocab_size, generator=g) * 3).log_softmax(-1)
         free = solve_each(class_scores(lp, c), [None], None, None, ends, done_from)[0].tokens
@@ -212,7 +213,7 @@ def test_a_canvas_whose_best_tokens_are_allowed_takes_them_without_the_pass(tiny
     c = Constraint.from_regex(r"(ab|a|b)+", tiny)
     forward = dp.moves_of(c).forward
     real_run, lanes = forward.run, []
-    monkeypatch.setattr(forward, "run", lambda sv, *rest: lanes.append(sv.shape[2]) or real_run(sv, *rest))
+    monkeypatch.setattr(forward, "run", lambda sv, *rest, **kw: lanes.append(sv.shape[2]) or real_run(sv, *rest, **kw))
     g = torch.Generator().manual_seed(3)
     log_probs = torch.randn(16, c.vocab_size, generator=g).log_softmax(-1)
     free = solve_each(class_scores(log_probs, c), [None])[0].tokens

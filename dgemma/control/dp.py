@@ -171,7 +171,7 @@ def _forward(constraint: Constraint, moves, values: np.ndarray, walk: list[int],
     if rest:
         on_device = None if device is None else constraint.derived(("pairs on", device),
                                                                     lambda: moves.forward.on(device))
-        full = moves.forward.run(values[:, :, rest], walk, done_from, torch.get_num_threads(), on_device)
+        full = moves.forward.run(values[:, :, rest], walk, done_from, torch.get_num_threads(), on_device, reuse=True)
         for j, i in enumerate(rest):
             found[i] = full[:, :, j]
     return found
@@ -354,7 +354,7 @@ class CanvasDP:
         _bounded_layout(constraint)  # made with the canvas, not in its first step
 
     def read(self, probs: torch.Tensor) -> ClassScores:
-        return class_scores(probs.float(), self.constraint, probs=True)  # `probs` is read, never written
+        return class_scores(probs.float(), self.constraint, probs=True, reuse=True)  # `probs` is read, never written
 
     def best(self, read: ClassScores, held: torch.Tensor | None) -> torch.Tensor:
         best = solve(read, self.start_state, hard=held, end_states=self.end_states, done_from=self.done_from)

@@ -9,6 +9,7 @@ import torch
 
 from .constraint import INVALID, Constraint
 from .kept import array_bytes
+from .scratch import scratch
 
 
 class Moves:
@@ -118,7 +119,7 @@ class Forward:
         self.done_loop = int(moves.pair_set[loop[0]]) if len(loop) else -1  # the class set of DONE -> DONE
 
     def run(self, set_value: np.ndarray, walk: list[int], done_from: int | None, threads: int = 1,
-            on_device: tuple | None = None) -> np.ndarray:
+            on_device: tuple | None = None, reuse: bool = False) -> np.ndarray:
         """Step 3 for L lanes at once: score (C+1, S+1, L), the best score of reaching each (renumbered) state
         after each position, given each class set's value per position and lane set_value (C, Q, L). walk: the
         states (old numbering) at positions 0..n, [start] or a held prefix's forced states (dp._held_walk), each
@@ -127,12 +128,16 @@ class Forward:
         less than a second pass. With `threads`, a position's groups are split into that many runs of about
         equal size (at least PART_ELEMENTS gathered elements each), one a thread: numpy lets go of the GIL. With
         `on_device` (`on(device)`), the pass runs on that device in torch (`_on_device`); the scores are the same,
-        bit for bit."""
+        bit for bit. With `reuse`, the scores and buffers are this thread's scratch memory (scratch.py): valid
+        until the next such pass."""
         canvas_length, _, lanes = set_value.shape
         if on_device is not None:
             return self._on_device(on_device, set_value, walk, done_from)
-        score = np.full((canvas_length + 1, self.num_states + 1, lanes), -np.inf, set_value.dtype)
-        parts = self._parts(min(threads, max(1, len(self.src) * lanes // PART_ELEMENTS)), set_value.dtype, lanes)
+        shape = (canvas_length + 1, self.num_states + 1, lanes)
+        score = scratch("forward scores", shape, set_value.dtype) if reuse else np.empty(shape, set_value.dtype)
+        score.fill(-np.inf)
+        parts = self._parts(min(threads, max(1, len(self.src) * lanes // PART_ELEMENTS)), set_value.dtype, lanes,
+                            reuse)
         pool = _pool(len(parts) - 1)
 
         def position(c: int) -> None:
@@ -191,9 +196,10 @@ class Forward:
                 row[:] = -np.inf
                 row[done] = done_score
 
-    def _parts(self, count: int, dtype, lanes: int) -> list[tuple]:
-        """The groups cut into `count` runs of about equal slots, each with its own buffers: (source states, class
-        sets, gathered scores (slots, L), gathered values, [(block (width, count, L), first state, end state)])."""
+    def _parts(self, count: int, dtype, lanes: int, reuse: bool = False) -> list[tuple]:
+        """The groups cut into `count` runs of about equal slots, each with its own buffers (with `reuse`, in
+        scratch memory): (source states, class sets, gathered scores (slots, L), gathered values, [(block (width,
+        count, L), first state, end state)])."""
         ends, total = np.cumsum([w * n for _, w, n, _ in self.groups]), len(self.src)
         cuts = [0] + [int(np.searchsorted(ends, total * k / count)) + 1 for k in range(1, count)] + [len(self.groups)]
         parts = []
@@ -201,11 +207,12 @@ class Forward:
             if lo >= hi:
                 continue
             first, (last, w, n, _) = self.groups[lo][0], self.groups[hi - 1]
-            into = np.empty((last + w * n - first, lanes), dtype)
+            shape = (last + w * n - first, lanes)
+            into, value = (scratch(f"forward part {len(parts)} {name}", shape, dtype) if reuse
+                           else np.empty(shape, dtype) for name in ("scores", "values"))
             blocks = [(into[slot - first:slot - first + width * num].reshape(width, num, lanes), state, state + num)
                       for slot, width, num, state in self.groups[lo:hi]]
-            parts.append((self.src[first:last + w * n], self.set[first:last + w * n], into, np.empty_like(into),
-                          blocks))
+            parts.append((self.src[first:last + w * n], self.set[first:last + w * n], into, value, blocks))
         return parts
 
 

@@ -15,6 +15,7 @@ import torch
 
 from .constraint import Constraint
 from .moves import moves_of
+from .scratch import scratch
 
 FLOOR = -1e30  # stands for -inf log-probs: finite so that a valid sequence is always found
 RESCAN_ROWS = 8  # rows masked and rescanned at a time in step 1
@@ -37,11 +38,12 @@ class ClassScores:
 
 
 def class_scores(log_probs: torch.Tensor, constraint: Constraint, probs: bool = False,
-                 scatter: bool | None = None) -> ClassScores:
+                 scatter: bool | None = None, reuse: bool = False) -> ClassScores:
     """Step 1 for one canvas's log_probs (C, V) (probabilities with `probs`). With `scatter` (default: when
     log_probs is off the CPU), the class maxima are one scatter-max on log_probs' device, and only they, (C, K),
     come to the host; otherwise numpy reads log_probs on the CPU, class by class. The same maxima either way
-    (max is exact), and step 6 (`tokens_of`) picks the same tokens."""
+    (max is exact), and step 6 (`tokens_of`) picks the same tokens. With `reuse`, the read's copy of the columns
+    is kept in this thread's scratch memory (scratch.py): the answer is valid until the next such read."""
     if log_probs.dtype not in (torch.float32, torch.float64):
         log_probs = log_probs.float()  # half-precision max is slow or missing on the CPU
     canvas_length, vocab_size = log_probs.shape
@@ -56,7 +58,8 @@ def class_scores(log_probs: torch.Tensor, constraint: Constraint, probs: bool = 
     # small operations on its thread pool, whose every wake-up stalls on a busy machine
     lp = log_probs.numpy()  # (C, V)
     best = np.full((canvas_length, constraint.num_classes), -np.inf, dtype=lp.dtype)
-    small = np.take(lp, moves.small_tokens, axis=1)  # (C, Vs), grouped by class
+    out = scratch("read", (canvas_length, len(moves.small_tokens)), lp.dtype) if reuse else None
+    small = np.take(lp, moves.small_tokens, axis=1, out=out, mode="clip")  # (C, Vs), grouped by class
     if len(moves.small_classes):
         best[:, moves.small_classes] = np.maximum.reduceat(small, moves.small_start[moves.small_classes], axis=1)
     big_argmax, rows_all = {}, np.arange(canvas_length)
