@@ -146,6 +146,7 @@ def test_what_is_kept_with_a_constraint_counts_in_the_cache(vocab):
     assert mine.cache.nbytes == tables and answer.kept_bytes == 0
     moves = moves_of(answer)
     assert moves.nbytes > 0 and answer.nbytes == tables + moves.nbytes == mine.cache.nbytes
+    assert all(classes.base is None for classes in moves.set_classes)  # no view holds the edges' arrays alive
     thought = after_thought(answer, 0, 2)  # two ids that spell no text stand for the channel markers
     own = thought.nbytes
     moves_of(thought)  # grows the thought's automaton, and so its answer, and so the cache

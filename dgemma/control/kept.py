@@ -3,7 +3,7 @@
 The canvas DP lays a constraint's pairs out on first use (moves.Moves, bounded.Layout), a thought's automaton is
 built from an answer's (thought.py), and a GPU reads copies of its tables. These live as long as the constraint,
 so the constraint cache, which bounds its entries' bytes, must count them: for Snowplow sp_338 at a 32k vocabulary
-the DP's layout takes 87 MiB beside 209 MiB of tables, and a thought's automaton doubles both. `Kept.derived` builds
+the DP's layout takes 44 MiB beside 209 MiB of tables, and a thought's automaton doubles both. `Kept.derived` builds
 such a thing once, adds its bytes to the constraint's `nbytes`, and tells whoever watches the constraint (the
 cache holding it, or the constraint it was made from) that it grew.
 """

@@ -69,14 +69,14 @@ def _class_sets(edge_class: np.ndarray, bounds: np.ndarray) -> tuple[np.ndarray,
     pair_set = np.empty(len(counts), dtype=np.int64)
     single = counts == 1
     lone, pair_set[single] = np.unique(edge_class[bounds[:-1][single]], return_inverse=True)
-    set_classes = [lone[i:i + 1] for i in range(len(lone))]
+    set_classes = [np.array([k]) for k in lone.tolist()]  # each set owns its classes (no view of a larger array)
     set_of: dict[bytes, int] = {}
     for p in np.flatnonzero(~single).tolist():
         classes = edge_class[bounds[p]:bounds[p + 1]]
         key = classes.tobytes()
         if key not in set_of:
             set_of[key] = len(set_classes)
-            set_classes.append(classes)
+            set_classes.append(classes.copy())  # a view keeps every edge's class alive (sp_338: 45 MB)
         pair_set[p] = set_of[key]
     return pair_set, set_classes
 
