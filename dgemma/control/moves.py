@@ -23,11 +23,12 @@ class Moves:
         token_class = constraint.token_class.numpy()
         has_tokens = np.bincount(token_class, minlength=table.shape[1]) > 0
         src, cls = np.nonzero((table != INVALID) & has_tokens[None, :])
-        dst = table[src, cls].astype(np.int64)  # int32 in the table: pair keys pass 2**31
-        pair_key, edge_pair = np.unique(dst * num_states + src, return_inverse=True)  # (P,), (E,)
-        order = np.argsort(edge_pair.reshape(-1), kind="stable")
-        edge_class, edge_pair = cls[order], edge_pair.reshape(-1)[order]  # grouped by pair
-        bounds = np.searchsorted(edge_pair, np.arange(len(pair_key) + 1))
+        dst = table[src, cls]
+        order = np.argsort(dst, kind="stable")  # the edges come by source: now by (next state, source), one sort
+        key = dst[order].astype(np.int64) * num_states + src[order]  # int64: pair keys pass 2**31
+        edge_class = cls[order]  # grouped by pair, ascending within each
+        first = np.flatnonzero(np.concatenate(([True], key[1:] != key[:-1])))[:len(key)]  # each pair's first edge
+        pair_key, bounds = key[first], np.append(first, len(key))
         self.pair_set, self.set_classes = _class_sets(edge_class, bounds)  # (P,) class set of each pair; per set,
         # its classes (sorted)
         self.set_members = np.concatenate(self.set_classes)  # (E',) classes of all sets, set after set
