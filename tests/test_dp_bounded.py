@@ -157,4 +157,29 @@ def test_scores_that_can_rise_are_left_to_the_full_pass(vocab):  # noqa: F811
     values = np.zeros((8, len(moves.set_classes)), dtype=np.float32)
     values[3, 0] = 0.5
     end_ok = np.ones(moves.num_states + 1, dtype=bool)
-    assert bounded._bounded(layout, values, [int(moves.forward.internal[c.initial_state])], None, end_ok) is None
+    assert bounded._bounded(layout, values, [int(moves.forward.internal[c.initial_state])], None, end_ok, None) is None
+
+
+def test_the_second_lane_is_bounded_by_the_first_lanes_answer(vocab, monkeypatch):  # noqa: F811
+    """A step's two lanes differ where draws are preferred (here one position): the second lane's bar is the first
+    lane's answer scored under its values, so one beam runs for the two, and both answers are the full pass's.
+    (A budget that ends inside the canvas, where the bound holds for this small automaton.)"""
+    c = Constraint.from_json_schema(SCHEMA, vocab)
+    ends, done_from = dp.canvas_rule(c, {}, 0, 32, 16)
+    monkeypatch.setattr(bounded, "MAX_SKIP", 0)
+    beams, bars = [], []
+    real_beam, real_scores = bounded._beam, bounded.bounded_scores
+    monkeypatch.setattr(bounded, "_beam", lambda *a: beams.append(1) or real_beam(*a))
+    monkeypatch.setattr(dp, "bounded_scores", lambda *a: bars.append(a[-1]) or real_scores(*a))
+    g = torch.Generator().manual_seed(5)
+    for k in range(6):
+        read = class_scores((torch.randn(32, c.vocab_size, generator=g) * 4).log_softmax(-1), c)
+        prefer = torch.full((32,), -1)
+        prefer[k * 5] = int(torch.randint(0, c.vocab_size, (1,), generator=g))
+        monkeypatch.setattr(dp, "BOUNDED_PAIRS", 1 << 40)
+        want = solve_each(read, [None, prefer], None, None, ends, done_from)
+        monkeypatch.setattr(dp, "BOUNDED_PAIRS", 0)
+        beams.clear()
+        bars.clear()
+        assert same(solve_each(read, [None, prefer], None, None, ends, done_from), want)
+        assert bars[0] is None and bars[1] is not None and len(beams) == 1, (k, bars, beams)

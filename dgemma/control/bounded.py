@@ -11,7 +11,9 @@ rest of the canvas could make up is done with. So:
    value; float64).
 2. Incumbent: a beam (BEAM states a row, the best-scoring, among the states that can still meet the end rule in
    time) finds a sequence the constraint allows; its score T bounds the best from below. Its scores are sums
-   taken in the order the pass takes them, so T is a sequence's score exactly as the pass would score it.
+   taken in the order the pass takes them, so T is a sequence's score exactly as the pass would score it. A
+   step's second lane (its draws preferred, dp.solve_each) differs from the first at a few positions only: the
+   first lane's answer, scored under the second's values (`path_score`), is its bar, and its beam is not run.
 3. Pass: only from states whose score plus U reaches T (less MARGIN for float32 rounding) and that can still meet
    the end rule in time (`_limits`: the fewest tokens to DONE, `tokens_to_done`, within what the canvas and
    the budget leave). A best sequence's prefixes all qualify, and so do the prefixes of any sequence that ties
@@ -69,24 +71,25 @@ def layout_of(constraint: Constraint) -> Layout:
 
 
 def bounded_scores(layout: Layout, set_value: np.ndarray, walk: list[int], done_from: int | None,
-                   end_ok: np.ndarray) -> KeptScores | None:
+                   end_ok: np.ndarray, incumbent: float | None = None) -> KeptScores | None:
     """One lane's forward scores (C+1, S+1) in the pass's numbering (`KeptScores`), as Forward.run gives them
     where a best sequence (or one tying it) can pass and -inf elsewhere; or None (weak bound, no incumbent: run the full
     pass). set_value (C, Q) float, every value <= 0; walk: the held prefix's states, new numbering (dp._held_walk
-    renumbered); end_ok (S+1,) bool: the states the canvas may end in, new numbering. An automaton whose bound
+    renumbered); end_ok (S+1,) bool: the states the canvas may end in, new numbering. incumbent: the score of a
+    sequence the constraint allows there (`path_score`), the bar in place of the beam's. An automaton whose bound
     keeps failing (Snowplow sp_87: most prefixes stay within reach of the best) is given the full pass for a
     while (MAX_SKIP): the answers are the same either way, only the time differs."""
     if layout.skip:
         layout.skip -= 1
         return None
-    score = _bounded(layout, set_value, walk, done_from, end_ok)
+    score = _bounded(layout, set_value, walk, done_from, end_ok, incumbent)
     layout.misses = 0 if score is not None else layout.misses + 1
     layout.skip = min(2 ** layout.misses, MAX_SKIP) if layout.misses else 0
     return score
 
 
-def _bounded(layout: Layout, set_value: np.ndarray, walk: list[int], done_from: int | None, end_ok: np.ndarray
-             ) -> KeptScores | None:
+def _bounded(layout: Layout, set_value: np.ndarray, walk: list[int], done_from: int | None, end_ok: np.ndarray,
+             incumbent: float | None) -> KeptScores | None:
     canvas_length = set_value.shape[0]
     row_best = set_value.max(axis=1)
     if not len(layout.dst) or row_best.max(initial=0.0) > 0:
@@ -94,7 +97,8 @@ def _bounded(layout: Layout, set_value: np.ndarray, walk: list[int], done_from: 
     first = len(walk) - 1
     limit, only_done = _limits(canvas_length, done_from, layout.to_done[end_ok])
     gain = np.append(np.cumsum(row_best[::-1], dtype=np.float64)[::-1], 0.0)  # (C+1,) U
-    incumbent = _beam(layout, set_value, walk[-1], first, limit, only_done, end_ok)
+    if incumbent is None:
+        incumbent = _beam(layout, set_value, walk[-1], first, limit, only_done, end_ok)
     if incumbent is None:
         return None
     floor = incumbent - MARGIN * canvas_length * max(abs(incumbent), 1.0) - gain  # (C+1,) the least kept score
@@ -152,6 +156,15 @@ class KeptScores:
             return np.full(np.shape(index), -np.inf, dtype=scores.dtype)[()]
         at = np.minimum(np.searchsorted(states, index), len(states) - 1)
         return np.where(states[at] == index, scores[at], scores.dtype.type(-np.inf))[()]
+
+
+def path_score(set_value: np.ndarray, sets: np.ndarray, first: int) -> float:
+    """The score the pass gives a sequence whose move at each row r from `first` on is along class set sets[r]:
+    its set values added row by row in set_value's dtype, as the pass adds them. set_value (C, Q), sets (C,)."""
+    total = set_value.dtype.type(0)
+    for row in range(first, len(sets)):
+        total = total + set_value[row, sets[row]]
+    return float(total)
 
 
 def _limits(canvas_length: int, done_from: int | None, end_to_done: np.ndarray) -> tuple[np.ndarray, int]:

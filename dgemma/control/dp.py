@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .bounded import Layout, bounded_scores, layout_of
+from .bounded import Layout, bounded_scores, layout_of, path_score
 from .constraint import INVALID, Constraint, ConstraintError
 from .moves import done_only_from, moves_of, tokens_to_done
 from .reading import FLOOR, ClassScores, class_scores, tokens_of
@@ -142,21 +142,21 @@ def _answers(scores: ClassScores, moves, steered: list, walk: list[int], end_sta
     # 2. best class move per (position, class set): a pair's value is its set's
     values = np.stack([np.maximum.reduceat(np.take(steered[lane][0], moves.set_members, axis=1), moves.set_start,
                                            axis=1) for lane in rest], axis=-1)  # (C, Q, L)
-    lane_scores = _forward(constraint, moves, values, walk, end_states, done_from,
-                           scores.log_probs.device if on_device else None)
-    for i, lane in enumerate(rest):
-        best, fixed = steered[lane]
-        state = _end_state(constraint, moves, lane_scores[i], walk[0], end_states, done_from)
-        states, classes = _backward(moves, lane_scores[i], values[:, :, i], best, state)
-        answers[lane] = _answer(scores, moves, states, classes, fixed)
+    bests = [steered[lane][0] for lane in rest]
+    paths = _paths(constraint, moves, values, bests, walk, end_states, done_from,
+                   scores.log_probs.device if on_device else None)
+    for lane, (states, classes, _) in zip(rest, paths):
+        answers[lane] = _answer(scores, moves, states, classes, steered[lane][1])
     return answers
 
 
-def _forward(constraint: Constraint, moves, values: np.ndarray, walk: list[int], end_states: np.ndarray | None,
-             done_from: int | None, device: torch.device | None) -> list[np.ndarray]:
-    """3. Each lane's forward scores (C+1, S+1): by branch and bound (bounded.py) for an automaton of at least
-    BOUNDED_PAIRS pairs on the host, where the bound holds; the full pass (Forward.run, the lanes left together)
-    for the rest. values (C, Q, L)."""
+def _paths(constraint: Constraint, moves, values: np.ndarray, bests: list, walk: list[int],
+           end_states: np.ndarray | None, done_from: int | None, device: torch.device | None) -> list[tuple]:
+    """3-5 for each lane: (states, classes, pairs), each (C,). The forward scores come by branch and bound
+    (bounded.py) for an automaton of at least BOUNDED_PAIRS pairs on the host, where the bound holds, and from the
+    full pass (Forward.run, the lanes left together) for the rest. A lane solved by branch and bound hands the next
+    lane its path's score under that lane's values as the bar to beat, in place of a beam: the lanes differ where
+    draws are preferred (a few positions), so that path is nearly the next lane's best. values (C, Q, L)."""
     lanes = values.shape[2]
     found: list = [None] * lanes
     layout = None if device is not None else _bounded_layout(constraint)
@@ -165,16 +165,30 @@ def _forward(constraint: Constraint, moves, values: np.ndarray, walk: list[int],
         end_ok = np.zeros(moves.num_states + 1, dtype=bool)
         end_ok[internal[:-1]] = True if end_states is None else end_states
         renumbered = [int(internal[state]) for state in walk]
-        found = [bounded_scores(layout, np.ascontiguousarray(values[:, :, i]), renumbered, done_from, end_ok)
-                 for i in range(lanes)]
-    rest = [i for i, score in enumerate(found) if score is None]
+        for i in range(lanes):
+            lane_values = np.ascontiguousarray(values[:, :, i])
+            bar = None  # the previous lane's path, scored under this lane's values
+            if i and found[i - 1] is not None:
+                bar = path_score(lane_values, moves.pair_set[found[i - 1][2]], len(walk) - 1)
+            score = bounded_scores(layout, lane_values, renumbered, done_from, end_ok, bar)
+            if score is not None:
+                found[i] = _walk_back(constraint, moves, score, lane_values, bests[i], walk[0], end_states, done_from)
+    rest = [i for i, path in enumerate(found) if path is None]
     if rest:
         on_device = None if device is None else constraint.derived(("pairs on", device),
                                                                     lambda: moves.forward.on(device))
         full = moves.forward.run(values[:, :, rest], walk, done_from, torch.get_num_threads(), on_device, reuse=True)
         for j, i in enumerate(rest):
-            found[i] = full[:, :, j]
+            found[i] = _walk_back(constraint, moves, full[:, :, j], values[:, :, i], bests[i], walk[0], end_states,
+                                  done_from)
     return found
+
+
+def _walk_back(constraint: Constraint, moves, score, set_value: np.ndarray, best: np.ndarray, start: int,
+               end_states: np.ndarray | None, done_from: int | None) -> tuple:
+    """4-5 for one lane's forward scores: (states, classes, pairs)."""
+    state = _end_state(constraint, moves, score, start, end_states, done_from)
+    return _backward(moves, score, set_value, best, state)
 
 
 BOUNDED_PAIRS = 1 << 16  # the fewest pairs for which the forward pass is tried by branch and bound (bounded.py)
@@ -231,24 +245,23 @@ def _end_state(constraint: Constraint, moves, score: np.ndarray, start: int, end
 
 
 def _backward(moves, score: np.ndarray, set_value: np.ndarray, best: np.ndarray, state: int
-              ) -> tuple[np.ndarray, np.ndarray]:
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """5. Backward from `state`: at each position the first pair into the current state that attains its score,
-    then the first class along that pair that attains the pair's value. (states, classes), each (C,)."""
+    then the first class along that pair that attains the pair's value. (states, classes, pairs), each (C,)."""
     fwd = moves.forward
     canvas_length = len(best)
-    states = np.empty(canvas_length, dtype=np.int64)
-    classes = np.empty(canvas_length, dtype=np.int64)
+    states, classes, pairs = (np.empty(canvas_length, dtype=np.int64) for _ in range(3))
     for c in range(canvas_length - 1, -1, -1):
         states[c] = state
         slot = moves.slot_of_dst[state]
         lo, hi = moves.dst_pairs_start[slot], moves.dst_pairs_end[slot]
         values = set_value[c, moves.pair_set[lo:hi]]
         hit = score[c, fwd.pair_src[lo:hi]] + values == score[c + 1, fwd.internal[state]]
-        pair = lo + int(hit.argmax())
+        pair = pairs[c] = lo + int(hit.argmax())
         candidates = moves.set_classes[moves.pair_set[pair]]
         classes[c] = candidates[(best[c, candidates] == values[pair - lo]).argmax()]
         state = int(moves.pair_src[pair])
-    return states, classes
+    return states, classes, pairs
 
 
 def _steered(best_np: np.ndarray, constraint: Constraint, hard: torch.Tensor | None, prefer: torch.Tensor | None
