@@ -53,6 +53,7 @@ class Layout:
         order = np.argsort(fwd.pair_src, kind="stable")
         self.dst, self.set = fwd.pair_dst[order], fwd.pair_set[order]  # (P,) each
         self.src_start = np.searchsorted(fwd.pair_src[order], np.arange(moves.num_states + 2))  # (S+2,)
+        self.out_count = np.diff(self.src_start)  # (S+1,) pairs out of each state
         to_done = np.zeros(moves.num_states + 1, dtype=np.int64)  # the padding state S: 0, it has no pairs
         to_done[fwd.internal[:-1]] = tokens_to_done(constraint)
         self.dst_to_done = to_done[self.dst]  # (P,)
@@ -111,10 +112,11 @@ def _bounded(layout: Layout, set_value: np.ndarray, walk: list[int], done_from: 
             at_done = (frontier == layout.done) & (layout.done_loop >= 0)
             rows.append((frontier[at_done], scores[at_done] + set_value[row, layout.done_loop]))
             continue
-        count = layout.src_start[frontier + 1] - layout.src_start[frontier]
+        count = layout.out_count[frontier]
         count[layout.to_done[frontier] > limit[row]] = 0  # too far from DONE: so is every state before it
-        read += int(count.sum())
-        if read > budget or (row >= first + 8 and count.sum() > ROW_SHARE * len(layout.dst)):
+        reads = int(count.sum())
+        read += reads
+        if read > budget or (row >= first + 8 and reads > ROW_SHARE * len(layout.dst)):
             return None
         pair, moved = _moved(layout, frontier, scores, count, set_value[row])
         keep = moved >= floor[row + 1]
@@ -211,7 +213,7 @@ def _beam(layout: Layout, set_value: np.ndarray, start: int, first: int, limit: 
                 return None
             states, scores = states[at_done], scores[at_done] + set_value[row, layout.done_loop]
             continue
-        pair, moved = _moved(layout, states, scores, layout.src_start[states + 1] - layout.src_start[states],
+        pair, moved = _moved(layout, states, scores, layout.out_count[states],
                              set_value[row])
         keep = _in_time(layout, pair, row + 1, limit, only_done)
         states, scores = merge(layout.dst[pair[keep]], moved[keep])
