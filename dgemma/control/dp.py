@@ -251,16 +251,18 @@ def _backward(moves, score: np.ndarray, set_value: np.ndarray, best: np.ndarray,
     fwd = moves.forward
     canvas_length = len(best)
     states, classes, pairs = (np.empty(canvas_length, dtype=np.int64) for _ in range(3))
+    target = score[canvas_length, fwd.internal[state]]  # the current state's score; then the chosen source's
     for c in range(canvas_length - 1, -1, -1):
         states[c] = state
         slot = moves.slot_of_dst[state]
         lo, hi = moves.dst_pairs_start[slot], moves.dst_pairs_end[slot]
         values = set_value[c, moves.pair_set[lo:hi]]
-        hit = score[c, fwd.pair_src[lo:hi]] + values == score[c + 1, fwd.internal[state]]
-        pair = pairs[c] = lo + int(hit.argmax())
+        sources = score[c, fwd.pair_src[lo:hi]]
+        k = int((sources + values == target).argmax())
+        pair = pairs[c] = lo + k
         candidates = moves.set_classes[moves.pair_set[pair]]
-        classes[c] = candidates[(best[c, candidates] == values[pair - lo]).argmax()]
-        state = int(moves.pair_src[pair])
+        classes[c] = candidates[(best[c, candidates] == values[k]).argmax()]
+        state, target = int(moves.pair_src[pair]), sources[k]
     return states, classes, pairs
 
 
