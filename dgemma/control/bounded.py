@@ -213,8 +213,7 @@ def _beam(layout: Layout, set_value: np.ndarray, start: int, first: int, limit: 
                 return None
             states, scores = states[at_done], scores[at_done] + set_value[row, layout.done_loop]
             continue
-        pair, moved = _moved(layout, states, scores, layout.out_count[states],
-                             set_value[row])
+        pair, moved = _moved(layout, states, scores, layout.out_count[states], set_value[row])
         keep = _in_time(layout, pair, row + 1, limit, only_done)
         states, scores = merge(layout.dst[pair[keep]], moved[keep])
         if len(states) > BEAM:

@@ -152,7 +152,7 @@ class Forward:
 
     def on(self, device: torch.device) -> tuple[torch.Tensor, ...]:
         """The pairs' (source, class set, next state) on `device`, for `run`'s on_device (kept with the
-        constraint: dp._forward)."""
+        constraint: dp._paths)."""
         return tuple(torch.from_numpy(a).to(device) for a in (self.pair_src, self.pair_set, self.pair_dst))
 
     def _on_device(self, indices: tuple, set_value: np.ndarray, walk: list[int], done_from: int | None
